@@ -1,0 +1,1 @@
+"""What every StudioFleet role shares: contracts, config, the client library and fleetctl."""

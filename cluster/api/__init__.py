@@ -1,0 +1,24 @@
+"""The gRPC contracts, generated from proto/ by `python -m cluster.protogen`."""
+
+from cluster.api.studiofleet.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
+
+API_VERSION = "studiofleet.v1"
+INFERENCE_SERVICE = "studiofleet.v1.Inference"
+NODE_SERVICE = "studiofleet.v1.Node"
+
+__all__ = [
+    "API_VERSION",
+    "INFERENCE_SERVICE",
+    "NODE_SERVICE",
+    "common_pb2",
+    "inference_pb2",
+    "inference_pb2_grpc",
+    "node_pb2",
+    "node_pb2_grpc",
+]

@@ -1,0 +1,80 @@
+"""The client library's exception tree; gRPC status codes are mapped here and only here."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+
+class FleetError(Exception):
+    """Any failure of a StudioFleet call; `code` is the gRPC status name."""
+
+    code = "UNKNOWN"
+
+    def __init__(self, message: str, *, retry_after_ms: Optional[int] = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+class InvalidRequestError(FleetError):
+    code = "INVALID_ARGUMENT"
+
+
+class UnauthenticatedError(FleetError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(FleetError):
+    code = "PERMISSION_DENIED"
+
+
+class OverloadedError(FleetError):
+    """The fleet is at capacity; `retry_after_ms` says when to try again."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class UnavailableError(FleetError):
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceededError(FleetError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class CancelledError(FleetError):
+    code = "CANCELLED"
+
+
+class PreconditionError(FleetError):
+    """The request needs something the target lacks (e.g. other model weights)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class DuplicateRequestError(FleetError):
+    code = "ALREADY_EXISTS"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (InvalidRequestError, UnauthenticatedError, PermissionDeniedError, OverloadedError,
+                UnavailableError, DeadlineExceededError, CancelledError, PreconditionError,
+                DuplicateRequestError)
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> FleetError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    retry = None
+    for key, value in (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ():
+        if key == "grpc-retry-pushback-ms" and str(value).isdigit():
+            retry = int(value)
+    cls = _BY_CODE.get(code.name, FleetError)
+    exc = cls(details or code.name, retry_after_ms=retry)
+    if cls is FleetError:
+        exc.code = code.name
+    return exc

@@ -1,0 +1,53 @@
+"""Daemon configuration: one frozen object per role, from flags + environment.
+
+Flags win over `STUDIOFLEET_NODE_*` environment variables, which win over defaults.
+Units are in the field names. Loaded once at start and passed down explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port); raises ValueError with the bad value."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT (port 0-65535), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class NodeSettings(BaseSettings):
+    """Everything `fleet-node` needs to serve one model."""
+
+    model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_NODE_", frozen=True, extra="forbid")
+
+    model_path: Path
+    listen: str = "127.0.0.1:7700"
+    node_id: Optional[str] = None
+    model_id: Optional[str] = None
+    model_version: str = ""
+    engine: str = "mlx"
+    max_running: int = Field(32, ge=1, le=1024)
+    max_queued: int = Field(64, ge=0, le=100_000)
+    max_tokens_limit: int = Field(4096, ge=1)
+    max_context_tokens: Optional[int] = Field(None, ge=16)
+    prefill_batch_size: int = Field(8, ge=1)
+    # Each engine step prefills at most this many prompt tokens per batch: smaller keeps
+    # running decodes flowing (inter-token latency), larger gives faster first tokens.
+    prefill_step_size: int = Field(512, ge=16)
+    max_stop_sequences: int = Field(8, ge=0)
+    warmup_tokens: int = Field(4, ge=1)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    retry_after_ms: int = Field(500, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value

@@ -1,0 +1,23 @@
+"""`fleetctl`: the StudioFleet ops CLI. Exit codes: 0 ok, 1 error, 2 bad input,
+3 target unavailable, 4 overloaded, 5 deadline exceeded."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cluster.fleetctl import generate_cmd, model_cmd, node_cmd
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(model_cmd.app, name="model")
+app.add_typer(node_cmd.app, name="node")
+app.command("generate")(generate_cmd.generate)
+
+
+def main() -> None:
+    app(prog_name="fleetctl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`fleetctl generate`: an operator's smoke test against a node or coordinator."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+from cluster.client import FleetClient, build_request
+from cluster.client.errors import FleetError
+from cluster.fleetctl.exits import fail
+
+
+def generate(
+    target: str = typer.Option(..., help="HOST:PORT of a node agent (or coordinator)."),
+    prompt: str = typer.Option(..., help="Prompt text (sent as one user chat message unless --raw)."),
+    max_tokens: int = typer.Option(64, help="Tokens to generate."),
+    raw: bool = typer.Option(False, help="Send the prompt as raw text, without the chat template."),
+    system: Optional[str] = typer.Option(None, help="System message to put before the prompt."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
+    top_p: Optional[float] = typer.Option(None),
+    top_k: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
+    stop: List[str] = typer.Option([], help="Stop sequence (repeatable)."),
+    request_id: str = typer.Option("", help="Request id to trace in node logs."),
+    timeout_s: float = typer.Option(120.0, help="Deadline for the whole request."),
+    output: str = typer.Option("text", "--output", "-o", help="text (stream) or json (one object)."),
+) -> None:
+    """Stream a completion to the terminal, or print one JSON object with text, counts and timings."""
+    messages = None
+    if not raw:
+        messages = ([("system", system)] if system else []) + [("user", prompt)]
+    req = build_request(prompt=prompt if raw else None, messages=messages, max_tokens=max_tokens,
+                        request_id=request_id, temperature=temperature, top_p=top_p, top_k=top_k,
+                        seed=seed, stop=stop)
+    with FleetClient(target) as client:
+        try:
+            if output == "json":
+                result = client.generate(req, timeout_s=timeout_s)
+                typer.echo(json.dumps(result.as_dict()))
+                return
+            final = None
+            for chunk in client.stream(req, timeout_s=timeout_s):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                if chunk.HasField("final"):
+                    final = chunk.final
+        except FleetError as err:
+            if output != "json":
+                sys.stdout.write("\n")
+            raise fail(err, target)
+    if final is not None:
+        t, u = final.timings, final.usage
+        typer.echo(
+            f"\n-- {final.request_id} on {final.node_id}: {u.completion_tokens} tokens, "
+            f"finish={inference_finish(final.finish_reason)}, ttft {t.time_to_first_token_ms:.0f} ms, "
+            f"{t.decode_tokens_per_s:.1f} tok/s, total {t.total_ms:.0f} ms, "
+            f"model {final.model.model_id} {final.model.weights_digest[:19]}", err=True)
+
+
+def inference_finish(value: int) -> str:
+    from cluster.api import inference_pb2
+
+    return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()

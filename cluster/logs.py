@@ -1,0 +1,15 @@
+"""One log format for every daemon: key=value lines on stderr, never payloads."""
+
+import logging
+import sys
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    # Third-party libraries can log request payloads at DEBUG; keep them quiet.
+    for name in ("grpc", "httpx", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,178 @@
+"""The node agent: one gRPC server, one engine, one lifecycle; run() and shutdown()."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+import time
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from cluster.api import (
+    INFERENCE_SERVICE,
+    NODE_SERVICE,
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    node_pb2_grpc,
+)
+from cluster.config import NodeSettings
+from node_agent.engine import Engine, EngineRequest, ModelFacts
+from node_agent.inference_service import InferenceService
+from node_agent.lifecycle import Lifecycle, State
+from node_agent.node_service import NodeService
+from node_agent.prompts import build_prompt_tokens
+from node_agent.requests import NodeStopping, Outcome, RequestRegistry
+from node_agent.sampling import SamplingSpec
+from node_agent.validation import Limits, ValidRequest
+
+log = logging.getLogger(__name__)
+
+WARMUP_TIMEOUT_S = 300.0
+
+# Coordinator <-> node keepalive (shared/RELIABILITY.md): clients ping every ~10 s, so
+# the server must allow pings that often, also on idle channels.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def default_node_id(listen: str) -> str:
+    """Stable per host and port, without publishing the hostname itself."""
+    digest = hashlib.sha256(f"{socket.gethostname()}|{listen}".encode()).hexdigest()
+    return f"node-{digest[:8]}"
+
+
+class NodeAgent:
+    """Serves one engine's model; the lifecycle is the source of truth for readiness."""
+
+    def __init__(self, *, settings: NodeSettings, engine: Engine):
+        self.settings = settings
+        self.node_id = settings.node_id or default_node_id(settings.listen)
+        self.engine = engine
+        self.lifecycle = Lifecycle(node_id=self.node_id)
+        self.registry = RequestRegistry(node_id=self.node_id)
+        self.facts: Optional[ModelFacts] = None
+        self.model_info = common_pb2.ModelInfo()
+        self.limits = Limits(settings.max_tokens_limit, 0, 0, settings.max_stop_sequences)
+        self.started_at = time.monotonic()
+        self.stopping = False
+        self.port: Optional[int] = None
+        self._server: Optional[grpc.aio.Server] = None
+        self._health = HealthServicer()
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind and serve status and health at once; returns the bound port."""
+        self.registry.bind_loop(asyncio.get_running_loop())
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self), server)
+        node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, NODE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(self.settings.listen)
+        if not self.port:
+            raise OSError(f"node {self.node_id}: cannot listen on {self.settings.listen}")
+        await self._set_health(State.STARTING)
+        await server.start()
+        self._server = server
+        self.engine.start(self.registry.emit_threadsafe)
+        return self.port
+
+    async def load_and_warm(self) -> bool:
+        """LOADING -> WARMING -> READY, or FAILED with the reason; never raises."""
+        await self._enter(State.LOADING, f"loading {self.settings.model_path}")
+        try:
+            facts = await asyncio.to_thread(self.engine.load)
+        except Exception as exc:  # noqa: BLE001 - reported through the lifecycle
+            log.exception("node=%s model load failed", self.node_id)
+            await self._enter(State.FAILED, f"model load failed: {type(exc).__name__}: {exc}")
+            return False
+        self.facts = facts
+        self.limits = Limits(self.settings.max_tokens_limit, facts.context_length,
+                             facts.vocab_size, self.settings.max_stop_sequences)
+        self.model_info = common_pb2.ModelInfo(
+            model_id=facts.model_id, version=self.settings.model_version,
+            weights_digest=facts.weights_digest, context_length=facts.context_length,
+            engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size)
+        await self._enter(State.WARMING, f"warming up {facts.model_id} {facts.weights_digest[:19]}")
+        try:
+            await self._warm_up()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("node=%s warm-up failed", self.node_id)
+            await self._enter(State.FAILED, f"warm-up generation failed: {type(exc).__name__}: {exc}")
+            return False
+        await self._enter(State.READY, "model loaded and warmed up")
+        return True
+
+    async def _warm_up(self) -> None:
+        """A real chat generation through the whole request path, as a canary."""
+        req = ValidRequest(
+            request_id="warmup", messages=(("user", "Warm-up: write one word."),), prompt=None,
+            sampling=SamplingSpec(), seed_given=True, max_tokens=self.settings.warmup_tokens,
+            stop=(), prefix_token_ids=(), require_weights_digest="")
+        tokens = build_prompt_tokens(self.engine.tokenizer, req)
+        stream = self.registry.open(req, prompt_len=len(tokens),
+                                    detokenizer=self.engine.tokenizer.detokenizer,
+                                    eos_token_ids=self.facts.eos_token_ids, internal=True)
+        outcome = Outcome.FAILED
+        try:
+            self.engine.submit(EngineRequest(stream.key, tokens, 0, req.max_tokens, req.sampling))
+            while stream.finish is None:
+                await asyncio.wait_for(stream.next_chunk(), timeout=WARMUP_TIMEOUT_S)
+            outcome = Outcome.COMPLETED
+        finally:
+            if outcome is not Outcome.COMPLETED:
+                self.engine.cancel(stream.key)
+            self.registry.close(stream, outcome)
+
+    async def _enter(self, state: State, reason: str) -> None:
+        self.lifecycle.transition(state, reason)
+        await self._set_health(state)
+
+    async def _set_health(self, state: State) -> None:
+        serving = state is State.READY and not self.stopping
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", INFERENCE_SERVICE):
+            await self._health.set(service, status)
+
+    async def shutdown(self, grace_s: Optional[float] = None) -> None:
+        """Stop accepting, let in-flight requests finish within the grace, end the rest."""
+        if self.stopping:
+            return
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.stopping = True
+        await self._health.enter_graceful_shutdown()
+        n = len(self.registry)
+        log.info("node=%s shutting down: %d requests in flight, grace %.1fs", self.node_id, n, grace)
+        try:
+            await asyncio.wait_for(self.registry.wait_idle(), timeout=grace)
+        except asyncio.TimeoutError:
+            ended = self.registry.abort_all(
+                lambda s: NodeStopping(f"shutdown grace period of {grace:g}s expired"))
+            log.warning("node=%s grace expired; ending %d requests", self.node_id, ended)
+            try:
+                await asyncio.wait_for(self.registry.wait_idle(), timeout=5)
+            except asyncio.TimeoutError:
+                log.error("node=%s %d requests did not end", self.node_id, len(self.registry))
+        if self._server is not None:
+            await self._server.stop(1.0)
+        await asyncio.to_thread(self.engine.close)
+        self._stopped.set()
+        log.info("node=%s stopped", self.node_id)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

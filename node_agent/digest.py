@@ -1,0 +1,77 @@
+"""The weights digest: sha256 over the files that decide what a model generates.
+
+Hashing 40 GB takes minutes, so the result is cached beside the model (or in the user
+cache when the model directory is read-only), keyed by each file's name, size and mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PATTERNS = ("*.safetensors", "config.json", "generation_config.json", "tokenizer*.json",
+             "special_tokens_map.json", "*.jinja", "*.model", "vocab.json", "merges.txt")
+CACHE_NAME = ".studiofleet-digest.json"
+_CHUNK = 8 << 20
+
+
+def digest_files(model_dir: Path) -> list[Path]:
+    found = {p for pattern in _PATTERNS for p in model_dir.glob(pattern) if p.is_file()}
+    return sorted(found, key=lambda p: p.name)
+
+
+def _fingerprint(files: list[Path]) -> list[list]:
+    return [[p.name, (s := p.stat()).st_size, s.st_mtime_ns] for p in files]
+
+
+def _fallback_cache(model_dir: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "studiofleet" / "digests"
+    key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]
+    return base / f"{key}.json"
+
+
+def compute_digest(model_dir: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                done += len(chunk)
+                if total > (1 << 30) and done % (1 << 30) < _CHUNK:
+                    log.info("hashing weights in %s: %d%%", model_dir, 100 * done // total)
+    return f"sha256:{h.hexdigest()}"
+
+
+def weights_digest(model_dir: Path) -> str:
+    """The model's digest, from the cache when no file changed since it was computed."""
+    files = digest_files(model_dir)
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no model files (config.json, *.safetensors)")
+    fingerprint = _fingerprint(files)
+    for cache in (model_dir / CACHE_NAME, _fallback_cache(model_dir)):
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("files") == fingerprint:
+                return cached["digest"]
+        except (OSError, ValueError, KeyError):
+            continue
+    digest = compute_digest(model_dir, files)
+    record = json.dumps({"digest": digest, "files": fingerprint})
+    for cache in (model_dir / CACHE_NAME, _fallback_cache(model_dir)):
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(record)
+            tmp.replace(cache)
+            break
+        except OSError:
+            continue
+    return digest

@@ -1,0 +1,86 @@
+"""The narrow interface between the agent and an inference engine (MLX, vLLM).
+
+The agent owns admission, validation, text, stops and outcomes; an engine owns the
+model and turns token prompts into token events. Engines call `emit` from their own
+thread, once per step, with every request's new events.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+from node_agent.sampling import SamplingSpec
+
+
+class EventKind(enum.Enum):
+    ADMITTED = "admitted"    # joined the running batch (queue wait ends)
+    TOKEN = "token"          # one generated token; `finish` set on the last
+    FAILED = "failed"        # the engine could not continue this request
+
+
+@dataclass(frozen=True, slots=True)
+class EngineEvent:
+    kind: EventKind
+    token: int = -1
+    finish: Optional[str] = None   # "stop" (EOS) or "length", on the last TOKEN
+    message: str = ""              # FAILED only; never request content
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    key: str                        # unique while in flight
+    prompt_tokens: Sequence[int]    # template + prompt + prefix tokens, in order
+    prefix_len: int                 # how many of prompt_tokens were generated before
+    max_tokens: int
+    sampling: SamplingSpec
+
+
+Emit = Callable[[list[tuple[str, list[EngineEvent]]]], None]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_id: str
+    weights_digest: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    engine: str
+    engine_version: str
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    decode_tokens_per_s: float = 0.0
+    active_memory_bytes: int = 0
+    peak_memory_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    name: str
+
+    def load(self) -> ModelFacts:
+        """Load weights (blocking, off the event loop)."""
+
+    @property
+    def tokenizer(self):
+        """The model's mlx-lm TokenizerWrapper (encode, chat template, detokenizer)."""
+
+    def start(self, emit: Emit) -> None:
+        """Start generating; `emit` receives events from the engine's thread."""
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request; thread-safe; never blocks."""
+
+    def cancel(self, key: str) -> None:
+        """Stop a request and free its slot; thread-safe; unknown keys are ignored."""
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None:
+        """Stop the engine thread and release the model; idempotent."""

@@ -1,0 +1,34 @@
+"""Engines are plug-ins selected by name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cluster.config import NodeSettings
+from node_agent.engine import Engine
+
+
+def _mlx(settings: NodeSettings) -> Engine:
+    from node_agent.engines.mlx_engine import MlxEngine
+
+    return MlxEngine(
+        model_path=settings.model_path,
+        model_id=settings.model_id,
+        max_running=settings.max_running,
+        prefill_batch_size=settings.prefill_batch_size,
+        prefill_step_size=settings.prefill_step_size,
+        max_context_tokens=settings.max_context_tokens,
+    )
+
+
+ENGINES: dict[str, Callable[[NodeSettings], Engine]] = {"mlx": _mlx}
+
+
+def make_engine(settings: NodeSettings) -> Engine:
+    try:
+        factory = ENGINES[settings.engine]
+    except KeyError:
+        raise ValueError(
+            f"unknown engine {settings.engine!r}; available: {', '.join(sorted(ENGINES))}"
+        ) from None
+    return factory(settings)

@@ -1,0 +1,299 @@
+"""The MLX engine: mlx-lm's BatchGenerator on one thread that owns every MLX object.
+
+Requests reach the thread through an inbox; a new request joins the running batch at
+the next step (continuous batching). Events leave through `emit`, once per step.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Optional
+
+from node_agent.digest import weights_digest
+from node_agent.engine import (
+    EngineEvent,
+    EngineRequest,
+    EngineStats,
+    Emit,
+    EventKind,
+    ModelFacts,
+)
+from node_agent.sampling import make_processors, make_sampler
+
+log = logging.getLogger(__name__)
+
+_RATE_WINDOW_S = 10.0
+
+
+class EngineClosed(RuntimeError):
+    """The engine thread has stopped."""
+
+
+class MlxEngine:
+    """Engine over mlx-lm; construct, `start(emit)`, then `load()`."""
+
+    name = "mlx"
+
+    def __init__(
+        self,
+        *,
+        model_path: Path,
+        model_id: Optional[str] = None,
+        max_running: int = 32,
+        prefill_batch_size: int = 8,
+        prefill_step_size: int = 512,
+        max_context_tokens: Optional[int] = None,
+    ):
+        self._path = Path(model_path)
+        self._model_id = model_id or self._path.name
+        self._max_running = max_running
+        self._prefill_batch_size = min(prefill_batch_size, max_running)
+        self._prefill_step_size = prefill_step_size
+        self._max_context = max_context_tokens
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._emit: Optional[Emit] = None
+        self._closed = threading.Event()
+        # Engine-thread state.
+        self._model = None
+        self._tokenizer = None
+        self._gen = None
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._uid_of: dict[str, int] = {}
+        self._key_of: dict[int, str] = {}
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._stats = EngineStats()
+        self._extra: dict = {}
+
+    # -- called from other threads -------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def start(self, emit: Emit) -> None:
+        self._emit = emit
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread.start()
+
+    def load(self) -> ModelFacts:
+        """Load the model on the engine thread; blocks until loaded."""
+        fut: Future = Future()
+        self._send(("load", fut))
+        return fut.result()
+
+    def submit(self, request: EngineRequest) -> None:
+        self._send(("submit", request))
+
+    def cancel(self, key: str) -> None:
+        if not self._closed.is_set():
+            self._inbox.put(("cancel", key))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def close(self) -> None:
+        if self._thread is None or self._closed.is_set():
+            return
+        self._inbox.put(("close", None))
+        self._thread.join(timeout=30)
+
+    def _send(self, item) -> None:
+        if self._closed.is_set() or self._thread is None:
+            raise EngineClosed("the MLX engine is not running")
+        self._inbox.put(item)
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                busy = bool(self._waiting or self._key_of)
+                if not self._handle(self._take(block=not busy)):
+                    break
+                self._admit()
+                if self._key_of:
+                    self._step()
+                self._publish_stats()
+        except BaseException:  # noqa: BLE001 - the thread must report, not vanish
+            log.exception("mlx engine thread crashed")
+            self._fail_all("the MLX engine thread crashed")
+        finally:
+            self._closed.set()
+            if self._gen is not None:
+                self._gen.close()
+            self._fail_pending_commands()
+
+    def _take(self, block: bool) -> list:
+        items = []
+        if block:
+            items.append(self._inbox.get())
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _handle(self, items: list) -> bool:
+        for kind, arg in items:
+            if kind == "submit":
+                self._waiting.append(arg)
+            elif kind == "cancel":
+                self._drop(arg)
+            elif kind == "load":
+                self._load(arg)
+            elif kind == "close":
+                self._fail_all("the node is shutting down")
+                return False
+        return True
+
+    def _load(self, fut: Future) -> None:
+        try:
+            facts = self._do_load()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            fut.set_exception(exc)
+        else:
+            fut.set_result(facts)
+
+    def _do_load(self) -> ModelFacts:
+        import mlx.core as mx
+        import mlx_lm
+        from mlx_lm.generate import BatchGenerator
+
+        if not (self._path / "config.json").is_file():
+            raise FileNotFoundError(f"{self._path} has no config.json; is it an MLX model directory?")
+        config = json.loads((self._path / "config.json").read_text())
+        model, tokenizer = mlx_lm.load(str(self._path))
+        digest = weights_digest(self._path)
+        context = int(config.get("max_position_embeddings") or 32768)
+        if self._max_context:
+            context = min(context, self._max_context)
+        vocab = int(config.get("vocab_size") or len(tokenizer.vocab))
+        working_set = mx.device_info().get("max_recommended_working_set_size")
+        self._extra = {"recommended_working_set_bytes": int(working_set)} if working_set else {}
+        if self._gen is not None:
+            self._gen.close()
+        self._model, self._tokenizer = model, tokenizer
+        self._gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=self._max_running,
+            prefill_batch_size=self._prefill_batch_size,
+            prefill_step_size=self._prefill_step_size,
+        )
+        return ModelFacts(
+            model_id=self._model_id,
+            weights_digest=digest,
+            context_length=context,
+            vocab_size=vocab,
+            eos_token_ids=frozenset(tokenizer.eos_token_ids),
+            engine=self.name,
+            engine_version=f"mlx-lm {mlx_lm.__version__} / mlx {mx.__version__}",
+        )
+
+    def _admit(self) -> None:
+        room = self._max_running - len(self._key_of)
+        if room <= 0 or not self._waiting:
+            return
+        if self._gen is None:
+            while self._waiting:
+                req = self._waiting.popleft()
+                self._emit([(req.key, [EngineEvent(EventKind.FAILED, message="no model is loaded")])])
+            return
+        batch = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        uids = self._gen.insert(
+            [list(r.prompt_tokens) for r in batch],
+            max_tokens=[r.max_tokens for r in batch],
+            samplers=[make_sampler(r.sampling, start_step=r.prefix_len) for r in batch],
+            logits_processors=[make_processors(r.sampling) for r in batch],
+        )
+        admitted = []
+        for req, uid in zip(batch, uids):
+            self._uid_of[req.key] = uid
+            self._key_of[uid] = req.key
+            admitted.append((req.key, [EngineEvent(EventKind.ADMITTED)]))
+        self._emit(admitted)
+
+    def _step(self) -> None:
+        try:
+            _, responses = self._gen.next()
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the node alive
+            log.exception("mlx engine step failed; failing %d running requests", len(self._key_of))
+            self._fail_running(f"the engine failed during generation ({type(exc).__name__})")
+            return
+        if not responses:
+            return
+        out: dict[str, list[EngineEvent]] = {}
+        for r in responses:
+            key = self._key_of.get(r.uid)
+            if key is None:
+                continue
+            out.setdefault(key, []).append(EngineEvent(EventKind.TOKEN, r.token, r.finish_reason))
+            if r.finish_reason is not None:
+                del self._key_of[r.uid]
+                del self._uid_of[key]
+        self._rate.append((time.monotonic(), len(responses)))
+        self._emit(list(out.items()))
+
+    def _drop(self, key: str) -> None:
+        uid = self._uid_of.pop(key, None)
+        if uid is not None:
+            del self._key_of[uid]
+            self._gen.remove([uid])
+            return
+        for req in self._waiting:
+            if req.key == key:
+                self._waiting.remove(req)
+                return
+
+    def _fail_running(self, message: str) -> None:
+        keys = list(self._uid_of)
+        if self._gen is not None and keys:
+            try:
+                self._gen.remove([self._uid_of[k] for k in keys])
+            except Exception:  # noqa: BLE001
+                log.exception("could not clear the failed batch")
+        self._uid_of.clear()
+        self._key_of.clear()
+        if keys:
+            self._emit([(k, [EngineEvent(EventKind.FAILED, message=message)]) for k in keys])
+
+    def _fail_all(self, message: str) -> None:
+        self._fail_running(message)
+        waiting = [r.key for r in self._waiting]
+        self._waiting.clear()
+        if waiting and self._emit is not None:
+            self._emit([(k, [EngineEvent(EventKind.FAILED, message=message)]) for k in waiting])
+
+    def _fail_pending_commands(self) -> None:
+        for kind, arg in self._take(block=False):
+            if kind == "load":
+                arg.set_exception(EngineClosed("the MLX engine stopped before loading"))
+            elif kind == "submit":
+                self._emit([(arg.key, [EngineEvent(EventKind.FAILED, message="the engine stopped")])])
+
+    def _publish_stats(self) -> None:
+        import mlx.core as mx
+
+        now = time.monotonic()
+        while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
+            self._rate.popleft()
+        rate = 0.0
+        if len(self._rate) > 1:
+            span = now - self._rate[0][0]
+            rate = sum(n for _, n in self._rate) / span if span > 0 else 0.0
+        self._stats = EngineStats(
+            running=len(self._key_of),
+            waiting=len(self._waiting),
+            decode_tokens_per_s=rate,
+            active_memory_bytes=mx.get_active_memory(),
+            peak_memory_bytes=mx.get_peak_memory(),
+            extra=self._extra,
+        )

@@ -1,0 +1,116 @@
+"""The Inference service on a node: validate, admit, stream, and end each request once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, AsyncIterator
+
+import grpc
+
+from cluster.api import inference_pb2, inference_pb2_grpc
+from node_agent.engine import EngineRequest
+from node_agent.lifecycle import State
+from node_agent.prompts import PromptError, build_prompt_tokens
+from node_agent.requests import EngineFailed, NodeStopping, Outcome
+from node_agent.validation import InvalidRequest, check_length, validate
+
+if TYPE_CHECKING:
+    from node_agent.agent import NodeAgent
+
+log = logging.getLogger(__name__)
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, agent: "NodeAgent"):
+        self._agent = agent
+
+    async def _reject(self, context, request_id: str, code: grpc.StatusCode, message: str,
+                      trailing=()) -> None:
+        self._agent.registry.reject(request_id, code.name, message)
+        await context.abort(code, message, trailing_metadata=trailing)
+
+    async def Generate(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        agent = self._agent
+        node = agent.node_id
+        rid = request.request_id
+        state = agent.lifecycle.state
+        if agent.stopping:
+            await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
+                               f"node {node} is shutting down; send the request to another node")
+        if state is not State.READY:
+            await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
+                               f"node {node} is {state.value} ({agent.lifecycle.snapshot.reason}); "
+                               "retry shortly or send the request to another node")
+        facts = agent.facts
+        try:
+            req = validate(request, agent.limits)
+            if req.require_weights_digest and req.require_weights_digest != facts.weights_digest:
+                await self._reject(
+                    context, req.request_id, grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {node} serves weights {facts.weights_digest[:19]}, request "
+                    f"{req.request_id} requires {req.require_weights_digest[:19]}; "
+                    "send it to a node serving those weights")
+            prompt_tokens = build_prompt_tokens(agent.engine.tokenizer, req)
+            check_length(len(prompt_tokens), len(req.prefix_token_ids), req.max_tokens, agent.limits)
+        except (InvalidRequest, PromptError) as exc:
+            await self._reject(context, rid, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request {rid or '(no id)'} on node {node}: {exc}")
+        if agent.registry.in_flight(req.request_id):
+            await self._reject(context, req.request_id, grpc.StatusCode.ALREADY_EXISTS,
+                               f"request {req.request_id} is already running on node {node}; "
+                               "use a new request_id per request")
+        if len(agent.registry) >= agent.settings.max_running + agent.settings.max_queued:
+            retry_ms = agent.settings.retry_after_ms
+            await self._reject(
+                context, req.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"node {node} is at capacity ({agent.settings.max_running} running, "
+                f"{agent.settings.max_queued} queued); retry after {retry_ms} ms or use another node",
+                trailing=((PUSHBACK_KEY, str(retry_ms)),))
+
+        stream = agent.registry.open(
+            req, prompt_len=len(prompt_tokens), detokenizer=agent.engine.tokenizer.detokenizer,
+            eos_token_ids=facts.eos_token_ids)
+        agent.engine.submit(EngineRequest(
+            key=stream.key,
+            prompt_tokens=prompt_tokens + list(req.prefix_token_ids),
+            prefix_len=len(req.prefix_token_ids),
+            max_tokens=req.max_tokens,
+            sampling=req.sampling,
+        ))
+        outcome, detail = Outcome.CANCELLED, "caller cancelled"
+        try:
+            while True:
+                chunk = await stream.next_chunk()
+                if chunk is None:
+                    continue
+                if stream.finish is not None:
+                    chunk.final.CopyFrom(stream.final_info(node_id=node, model=agent.model_info))
+                    outcome, detail = Outcome.COMPLETED, ""
+                    yield chunk
+                    return
+                yield chunk
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                outcome, detail = Outcome.DEADLINE, "caller deadline passed"
+            raise
+        except EngineFailed as exc:
+            outcome, detail = Outcome.FAILED, str(exc)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"node {node} failed request {req.request_id} after {stream.completion_tokens} "
+                f"tokens: {exc}; retry or resume on another node")
+        except NodeStopping as exc:
+            outcome, detail = Outcome.CANCELLED, str(exc)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"node {node} stopped request {req.request_id} after {stream.completion_tokens} "
+                f"tokens: {exc}; retry or resume on another node")
+        finally:
+            if stream.finish is None or outcome is not Outcome.COMPLETED:
+                agent.engine.cancel(stream.key)
+            agent.registry.close(stream, outcome, detail)

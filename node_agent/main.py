@@ -1,0 +1,108 @@
+"""`fleet-node`: serve a local model over gRPC until SIGTERM (first drains, second exits)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from cluster.offline import force_offline
+
+log = logging.getLogger("node_agent")
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+async def _serve(settings) -> int:
+    from node_agent.agent import NodeAgent
+    from node_agent.engines import make_engine
+
+    agent = NodeAgent(settings=settings, engine=make_engine(settings))
+    port = await agent.start()
+    host = settings.listen.rpartition(":")[0]
+    print(json.dumps({"event": "listening", "node_id": agent.node_id,
+                      "address": f"{host}:{port}", "port": port}), flush=True)
+    log.info("node=%s listening on %s:%d", agent.node_id, host, port)
+
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        name = signal.Signals(signum).name
+        if signals == 1:
+            log.info("node=%s %s: draining (grace %.1fs); send again to stop now",
+                     agent.node_id, name, settings.shutdown_grace_s)
+            loop.create_task(agent.shutdown())
+        else:
+            log.warning("node=%s second %s: ending in-flight requests now", agent.node_id, name)
+            agent.registry.abort_all(lambda s: _stopping(f"second {name}"))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loading = loop.create_task(agent.load_and_warm())
+    await agent.wait_stopped()
+    loading.cancel()
+    return 0
+
+
+def _stopping(reason: str):
+    from node_agent.requests import NodeStopping
+
+    return NodeStopping(reason)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="Local MLX model directory (config.json, *.safetensors, tokenizer)."),
+    listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7700]"),
+    node_id: Optional[str] = typer.Option(None, help="Unique node id. [default: derived from host and port]"),
+    model_id: Optional[str] = typer.Option(None, help="Model name to report. [default: directory name]"),
+    model_version: Optional[str] = typer.Option(None, help="Version label to report."),
+    engine: Optional[str] = typer.Option(None, help="Engine plug-in. [default: mlx]"),
+    max_running: Optional[int] = typer.Option(None, help="Sequences decoded together. [default: 32]"),
+    max_queued: Optional[int] = typer.Option(None, help="Requests waiting for a slot before RESOURCE_EXHAUSTED. [default: 64]"),
+    max_tokens_limit: Optional[int] = typer.Option(None, help="Largest max_tokens accepted. [default: 4096]"),
+    max_context_tokens: Optional[int] = typer.Option(None, help="Cap the model's context length."),
+    prefill_step_size: Optional[int] = typer.Option(None, help="Prompt tokens prefilled per step. [default: 512]"),
+    shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
+    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
+) -> None:
+    flags = {k: v for k, v in locals().items() if v is not None and k != "model"}
+    force_offline()
+    from cluster.config import NodeSettings
+    from cluster.logs import setup_logging
+
+    try:
+        settings = NodeSettings(model_path=model, **flags)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        typer.echo(f"fleet-node: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
+        raise typer.Exit(2)
+    if not settings.model_path.is_dir():
+        typer.echo(f"fleet-node: --model {settings.model_path} is not a directory; point it at a "
+                   "local MLX model (make one with `fleetctl model make-tiny DIR`)", err=True)
+        raise typer.Exit(2)
+    setup_logging(settings.log_level)
+    try:
+        code = asyncio.run(_serve(settings))
+    except OSError as exc:
+        typer.echo(f"fleet-node: {exc}", err=True)
+        raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="fleet-node")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
