@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -21,6 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# A caller cancelling this close to its deadline is counted as a deadline: the caller's
+# timer fires first and cancels, a little before the server's copy of the deadline.
+DEADLINE_SLACK_S = 0.5
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -93,11 +95,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     yield chunk
                     return
                 yield chunk
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                outcome, detail = Outcome.DEADLINE, "caller deadline passed"
-            raise
         except EngineFailed as exc:
             outcome, detail = Outcome.FAILED, str(exc)
             await context.abort(
@@ -111,6 +108,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"node {node} stopped request {req.request_id} after {stream.completion_tokens} "
                 f"tokens: {exc}; retry or resume on another node")
         finally:
+            # Cancelled while awaiting (CancelledError) or while suspended at a yield
+            # (GeneratorExit): either way the caller went away or its deadline passed.
+            remaining = context.time_remaining()
+            if (detail == "caller cancelled" and remaining is not None
+                    and remaining < DEADLINE_SLACK_S):
+                outcome, detail = Outcome.DEADLINE, "caller deadline passed"
             if stream.finish is None or outcome is not Outcome.COMPLETED:
                 agent.engine.cancel(stream.key)
             agent.registry.close(stream, outcome, detail)

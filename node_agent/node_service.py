@@ -45,6 +45,8 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
             requests_failed_total=c.failed,
             requests_rejected_total=c.rejected,
             decode_tokens_per_s=engine.decode_tokens_per_s,
+            engine_sequences=engine.running,
+            engine_waiting=engine.waiting,
         ),
         memory=node_pb2.Memory(
             total_bytes=mem.total_bytes,

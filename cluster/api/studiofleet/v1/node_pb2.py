@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cluster.api.studiofleet.v1 import common_pb2 as studiofleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19studiofleet/v1/node.proto\x12\x0estudiofleet.v1\x1a\x1bstudiofleet/v1/common.proto\"\x12\n\x10GetStatusRequest\"n\n\x08\x43\x61pacity\x12\x13\n\x0bmax_running\x18\x01 \x01(\r\x12\x12\n\nmax_queued\x18\x02 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\x03 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\r\"\xe5\x02\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x03 \x01(\x04\x12\x1e\n\x16tokens_generated_total\x18\x04 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x05 \x01(\x04\x12\x1f\n\x17requests_accepted_total\x18\x06 \x01(\x04\x12 \n\x18requests_completed_total\x18\x07 \x01(\x04\x12 \n\x18requests_cancelled_total\x18\x08 \x01(\x04\x12\x1f\n\x17requests_deadline_total\x18\t \x01(\x04\x12\x1d\n\x15requests_failed_total\x18\n \x01(\x04\x12\x1f\n\x17requests_rejected_total\x18\x0b \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x0c \x01(\x01\"\xc5\x01\n\x06Memory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x02 \x01(\x04\x12\x19\n\x11process_rss_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13\x65ngine_active_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x65ngine_peak_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07unified\x18\x06 \x01(\x08\x12)\n!gpu_recommended_working_set_bytes\x18\x07 \x01(\x04\"\xfe\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12,\n\tlifecycle\x18\x02 \x01(\x0e\x32\x19.studiofleet.v1.Lifecycle\x12\x18\n\x10lifecycle_reason\x18\x03 \x01(\t\x12\x10\n\x08\x63ordoned\x18\x04 \x01(\x08\x12(\n\x05model\x18\x05 \x01(\x0b\x32\x19.studiofleet.v1.ModelInfo\x12*\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x18.studiofleet.v1.Capacity\x12\"\n\x04load\x18\x07 \x01(\x0b\x32\x14.studiofleet.v1.Load\x12&\n\x06memory\x18\x08 \x01(\x0b\x32\x16.studiofleet.v1.Memory\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x15\n\ragent_version\x18\n \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x0b \x01(\t\x12\x10\n\x08hostname\x18\x0c \x01(\t\x12\x13\n\x0b\x63pu_load_1m\x18\r \x01(\x01\x32Q\n\x04Node\x12I\n\tGetStatus\x12 .studiofleet.v1.GetStatusRequest\x1a\x1a.studiofleet.v1.NodeStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19studiofleet/v1/node.proto\x12\x0estudiofleet.v1\x1a\x1bstudiofleet/v1/common.proto\"\x12\n\x10GetStatusRequest\"n\n\x08\x43\x61pacity\x12\x13\n\x0bmax_running\x18\x01 \x01(\r\x12\x12\n\nmax_queued\x18\x02 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\x03 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\r\"\x97\x03\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x1c\n\x14queued_prompt_tokens\x18\x03 \x01(\x04\x12\x1e\n\x16tokens_generated_total\x18\x04 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x05 \x01(\x04\x12\x1f\n\x17requests_accepted_total\x18\x06 \x01(\x04\x12 \n\x18requests_completed_total\x18\x07 \x01(\x04\x12 \n\x18requests_cancelled_total\x18\x08 \x01(\x04\x12\x1f\n\x17requests_deadline_total\x18\t \x01(\x04\x12\x1d\n\x15requests_failed_total\x18\n \x01(\x04\x12\x1f\n\x17requests_rejected_total\x18\x0b \x01(\x04\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x0c \x01(\x01\x12\x18\n\x10\x65ngine_sequences\x18\r \x01(\r\x12\x16\n\x0e\x65ngine_waiting\x18\x0e \x01(\r\"\xc5\x01\n\x06Memory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x02 \x01(\x04\x12\x19\n\x11process_rss_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13\x65ngine_active_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x65ngine_peak_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07unified\x18\x06 \x01(\x08\x12)\n!gpu_recommended_working_set_bytes\x18\x07 \x01(\x04\"\xfe\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12,\n\tlifecycle\x18\x02 \x01(\x0e\x32\x19.studiofleet.v1.Lifecycle\x12\x18\n\x10lifecycle_reason\x18\x03 \x01(\t\x12\x10\n\x08\x63ordoned\x18\x04 \x01(\x08\x12(\n\x05model\x18\x05 \x01(\x0b\x32\x19.studiofleet.v1.ModelInfo\x12*\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x18.studiofleet.v1.Capacity\x12\"\n\x04load\x18\x07 \x01(\x0b\x32\x14.studiofleet.v1.Load\x12&\n\x06memory\x18\x08 \x01(\x0b\x32\x16.studiofleet.v1.Memory\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x15\n\ragent_version\x18\n \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x0b \x01(\t\x12\x10\n\x08hostname\x18\x0c \x01(\t\x12\x13\n\x0b\x63pu_load_1m\x18\r \x01(\x01\x32Q\n\x04Node\x12I\n\tGetStatus\x12 .studiofleet.v1.GetStatusRequest\x1a\x1a.studiofleet.v1.NodeStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAPACITY']._serialized_start=94
   _globals['_CAPACITY']._serialized_end=204
   _globals['_LOAD']._serialized_start=207
-  _globals['_LOAD']._serialized_end=564
-  _globals['_MEMORY']._serialized_start=567
-  _globals['_MEMORY']._serialized_end=764
-  _globals['_NODESTATUS']._serialized_start=767
-  _globals['_NODESTATUS']._serialized_end=1149
-  _globals['_NODE']._serialized_start=1151
-  _globals['_NODE']._serialized_end=1232
+  _globals['_LOAD']._serialized_end=614
+  _globals['_MEMORY']._serialized_start=617
+  _globals['_MEMORY']._serialized_end=814
+  _globals['_NODESTATUS']._serialized_start=817
+  _globals['_NODESTATUS']._serialized_end=1199
+  _globals['_NODE']._serialized_start=1201
+  _globals['_NODE']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)

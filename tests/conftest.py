@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tests.procs import NodeProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The default generated Qwen2 model (hidden 128, 2 layers, head_dim 64)."""
+    from cluster.tinymodel import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def node(tiny_model, tmp_path_factory):
+    """One READY node agent shared by a module's tests (they must leave it serving)."""
+    proc = NodeProcess(tiny_model, "--max-running", "32", "--max-queued", "64", node_id="shared-node")
+    with proc:
+        proc.start(tmp_path_factory.mktemp("logs"))
+        proc.wait_serving()
+        yield proc
+
+
+@pytest.fixture
+def start_node(tiny_model, tmp_path):
+    """Start extra node agents with their own flags; all are stopped after the test."""
+    started: list[NodeProcess] = []
+
+    def start(*args: str, node_id: str = "node-under-test", model: Path | None = None,
+              wait: bool = True, env: dict | None = None) -> NodeProcess:
+        proc = NodeProcess(model or tiny_model, *args, node_id=node_id, env=env)
+        started.append(proc)
+        proc.start(tmp_path / "logs")
+        if wait:
+            proc.wait_serving()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,49 @@
+"""fleetctl as an operator runs it: make a model, smoke-test a node, read its status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.procs import ROOT, NodeProcess
+
+
+def fleetctl(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_make_tiny_then_generate_json_and_status(tmp_path):
+    out = fleetctl("model", "make-tiny", str(tmp_path / "m"), "--hidden", "64", "--heads", "2",
+                   "--kv-heads", "1", "--layers", "1", "--vocab", "400", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["spec"]["hidden_size"] == 64
+    with NodeProcess(tmp_path / "m", node_id="cli-node") as node:
+        node.start(tmp_path / "logs")
+        node.wait_serving()
+        res = fleetctl("generate", "--target", node.address, "--prompt", "Write a note", "--max-tokens", "12",
+                       "--seed", "4", "--temperature", "0.5", "-o", "json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["node_id"] == "cli-node"
+        assert doc["completion_tokens"] == len(doc["token_ids"]) <= 12
+        assert doc["weights_digest"].startswith("sha256:")
+        assert doc["time_to_first_token_ms"] > 0
+
+        streamed = fleetctl("generate", "--target", node.address, "--prompt", "Write a note",
+                            "--max-tokens", "12", "--seed", "4", "--temperature", "0.5")
+        assert streamed.returncode == 0
+        assert streamed.stdout == doc["text"]
+        assert "on cli-node" in streamed.stderr
+
+        bad = fleetctl("generate", "--target", node.address, "--prompt", "x", "--max-tokens", "0")
+        assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+
+        status = fleetctl("node", "status", "--target", node.address, "-o", "json")
+        assert json.loads(status.stdout)["lifecycle"] == "LIFECYCLE_READY"
+        table = fleetctl("node", "status", "--target", node.address)
+        assert "READY" in table.stdout and "cli-node" in table.stdout
+
+    gone = fleetctl("node", "status", "--target", node.address, "--timeout-s", "2")
+    assert gone.returncode == 3 and "UNAVAILABLE" in gone.stderr
