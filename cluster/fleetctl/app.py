@@ -7,12 +7,13 @@ import sys
 
 import typer
 
-from cluster.fleetctl import generate_cmd, model_cmd, node_cmd
+from cluster.fleetctl import demo_cmd, generate_cmd, model_cmd, node_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(node_cmd.app, name="node")
 app.command("generate")(generate_cmd.generate)
+app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:

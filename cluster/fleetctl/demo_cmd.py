@@ -1,0 +1,22 @@
+"""`fleetctl demo`: run the main job on this machine with a generated model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def demo(
+    workdir: Path = typer.Option(Path(".demo"), help="Where the model and logs go."),
+    notes: int = typer.Option(12, help="Clinical-note requests to send."),
+    concurrency: int = typer.Option(8, help="Requests in flight at once."),
+    max_tokens: int = typer.Option(96, help="Tokens per note."),
+) -> None:
+    """Make a tiny model, start a node agent, stream concurrent clinical notes, stop cleanly."""
+    from cluster.offline import force_offline
+
+    force_offline()
+    from cluster.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir, notes=notes, concurrency=concurrency, max_tokens=max_tokens))
