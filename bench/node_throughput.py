@@ -1,0 +1,215 @@
+"""Aggregate output tokens/s through the node agent vs mlx-lm in-process and mlx_lm.server.
+
+All three run in this one invocation, on the same generated models, prompts (chat
+template applied) and greedy settings, interleaved per cell so machine noise hits them
+alike. Ratios are against in-process `batch_generate` measured in the same run.
+
+    .venv/bin/python bench/node_throughput.py            # tiny + larger model
+    .venv/bin/python bench/node_throughput.py --quick    # tiny model only, fewer tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+import grpc  # noqa: E402
+
+from cluster.api import inference_pb2, inference_pb2_grpc  # noqa: E402
+from cluster.localfleet import NodeProcess  # noqa: E402
+from cluster.tinymodel import TinyModelSpec, make_tiny_model  # noqa: E402
+
+SYSTEM = "You are a clinical documentation assistant."
+CONCURRENCY = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    spec: TinyModelSpec
+    max_tokens: int
+
+
+def prompts(n: int) -> list[list[tuple[str, str]]]:
+    return [[("system", SYSTEM), ("user", f"Synthetic visit {i}: follow-up, vitals stable, plan review.")]
+            for i in range(n)]
+
+
+def timed(fn) -> tuple[float, int]:
+    start = time.perf_counter()
+    tokens = fn()
+    return time.perf_counter() - start, tokens
+
+
+# -- in-process baseline ---------------------------------------------------------------
+
+class InProcess:
+    def __init__(self, model_dir: Path, max_running: int, prefill_step: int):
+        import mlx_lm
+
+        self.model, self.tok = mlx_lm.load(str(model_dir))
+        self.max_running, self.prefill_step = max_running, prefill_step
+
+    def run(self, chats, max_tokens: int) -> int:
+        from mlx_lm import batch_generate
+
+        ids = [self.tok.apply_chat_template([{"role": r, "content": c} for r, c in chat],
+                                            add_generation_prompt=True) for chat in chats]
+        out = batch_generate(self.model, self.tok, ids, max_tokens=max_tokens, return_token_ids=True,
+                             completion_batch_size=self.max_running, prefill_batch_size=8,
+                             prefill_step_size=self.prefill_step)
+        return sum(len(t) for t in out.token_ids)
+
+
+# -- the node agent over gRPC (asyncio client, one stream per request) ----------------------
+
+async def _node_round(address: str, chats, max_tokens: int) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        async def one(i, chat):
+            req = inference_pb2.GenerateRequest(request_id=f"bench-{i}-{time.monotonic_ns()}",
+                                                max_tokens=max_tokens)
+            req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in chat)
+            n = 0
+            async for chunk in stub.Generate(req, timeout=600):
+                if chunk.HasField("final"):
+                    n = chunk.final.usage.completion_tokens
+            return n
+
+        return sum(await asyncio.gather(*(one(i, c) for i, c in enumerate(chats))))
+
+
+# -- mlx_lm.server over HTTP ------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlxServer:
+    def __init__(self, model_dir: Path, log: Path, max_running: int, prefill_step: int):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(self.port),
+             "--decode-concurrency", str(max_running), "--prompt-concurrency", "8",
+             "--prefill-step-size", str(prefill_step)],
+            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env={**os.environ})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # mlx_lm.server has no readiness signal but its port
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"mlx_lm.server did not start; see {log}")
+
+    def one(self, chat, max_tokens: int) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        body = json.dumps({"messages": [{"role": r, "content": c} for r, c in chat],
+                           "max_tokens": max_tokens, "temperature": 0.0})
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = json.loads(conn.getresponse().read())
+        return resp["usage"]["completion_tokens"]
+
+    def run(self, chats, max_tokens: int) -> int:
+        with ThreadPoolExecutor(len(chats)) as pool:
+            return sum(pool.map(lambda c: self.one(c, max_tokens), chats))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# -- the table --------------------------------------------------------------------------------
+
+def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> None:
+    model_dir = workdir / case.name
+    if not (model_dir / "config.json").exists():
+        print(f"  generating {case.name} model ({case.spec.hidden_size} hidden, "
+              f"{case.spec.num_hidden_layers} layers)", flush=True)
+        make_tiny_model(model_dir, case.spec)
+    max_running, prefill_step = 32, 512
+    inproc = InProcess(model_dir, max_running, prefill_step)
+    server = MlxServer(model_dir, workdir / f"{case.name}-mlx_lm.server.log", max_running, prefill_step)
+    node = NodeProcess(model_dir, "--max-running", str(max_running), "--max-queued", "64",
+                       "--prefill-step-size", str(prefill_step), node_id=f"bench-{case.name}")
+    try:
+        node.start(workdir / "logs")
+        node.wait_serving()
+        systems = {
+            "inproc": lambda chats: inproc.run(chats, case.max_tokens),
+            "node": lambda chats: asyncio.run(_node_round(node.address, chats, case.max_tokens)),
+            "server": lambda chats: server.run(chats, case.max_tokens),
+        }
+        for fn in systems.values():  # warm every path once
+            fn(prompts(2))
+        for conc in CONCURRENCY:
+            chats = prompts(conc)
+            rounds = max(1, 8 // conc)  # concurrency 1 runs several requests back to back
+            rates: dict[str, list[float]] = {k: [] for k in systems}
+            for _ in range(repeats):
+                for name, fn in systems.items():
+                    secs, toks = timed(lambda: sum(fn(chats) for _ in range(rounds)))
+                    rates[name].append(toks / secs)
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            rows.append((case.name, conc, med["inproc"], med["node"], med["server"]))
+            print(f"  {case.name} c={conc}: inproc {med['inproc']:.0f}, node {med['node']:.0f}, "
+                  f"mlx_lm.server {med['server']:.0f} tok/s", flush=True)
+    finally:
+        node.stop()
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model only, one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".bench")
+    args = parser.parse_args()
+    cases = [ModelCase("tiny", TinyModelSpec(), 64)]
+    if not args.quick:
+        cases.append(ModelCase("large", TinyModelSpec(hidden_size=1024, num_hidden_layers=8,
+                                                      num_attention_heads=16, num_key_value_heads=4,
+                                                      intermediate_size=2816), 24))
+    repeats = 1 if args.quick else args.repeats
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows: list = []
+    for case in cases:
+        print(f"benchmarking {case.name} ({case.max_tokens} tokens per request, {repeats} repeats)", flush=True)
+        bench_model(case, args.workdir, repeats, rows)
+
+    print()
+    print("| model | concurrency | in-process batch_generate tok/s | node agent tok/s | node / in-process "
+          "| mlx_lm.server tok/s | node / mlx_lm.server |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, conc, inproc, node, server in rows:
+        print(f"| {name} | {conc} | {inproc:.0f} | {node:.0f} | {node / inproc:.2f}x | {server:.0f} "
+              f"| {node / server:.2f}x |")
+    print("\ngoal: node >= 0.85x in-process at concurrency 8 and 32, and ahead of mlx_lm.server")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
