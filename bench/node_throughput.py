@@ -78,21 +78,38 @@ class InProcess:
 
 # -- the node agent over gRPC (asyncio client, one stream per request) ----------------------
 
-async def _node_round(address: str, chats, max_tokens: int) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
+class NodeClient:
+    """One persistent channel and event loop, as a long-lived clinical app would hold."""
 
-        async def one(i, chat):
-            req = inference_pb2.GenerateRequest(request_id=f"bench-{i}-{time.monotonic_ns()}",
-                                                max_tokens=max_tokens)
-            req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in chat)
-            n = 0
-            async for chunk in stub.Generate(req, timeout=600):
-                if chunk.HasField("final"):
-                    n = chunk.final.usage.completion_tokens
-            return n
+    def __init__(self, address: str):
+        self.loop = asyncio.new_event_loop()
+        self.channel = self.loop.run_until_complete(self._open(address))
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
 
-        return sum(await asyncio.gather(*(one(i, c) for i, c in enumerate(chats))))
+    @staticmethod
+    async def _open(address: str):
+        channel = grpc.aio.insecure_channel(address)
+        await channel.channel_ready()
+        return channel
+
+    async def _one(self, i: int, chat, max_tokens: int) -> int:
+        req = inference_pb2.GenerateRequest(request_id=f"bench-{i}-{time.monotonic_ns()}", max_tokens=max_tokens)
+        req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in chat)
+        n = 0
+        async for chunk in self.stub.Generate(req, timeout=600):
+            if chunk.HasField("final"):
+                n = chunk.final.usage.completion_tokens
+        return n
+
+    async def _round(self, chats, max_tokens: int) -> int:
+        return sum(await asyncio.gather(*(self._one(i, c, max_tokens) for i, c in enumerate(chats))))
+
+    def run(self, chats, max_tokens: int) -> int:
+        return self.loop.run_until_complete(self._round(chats, max_tokens))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.channel.close())
+        self.loop.close()
 
 
 # -- mlx_lm.server over HTTP ------------------------------------------------------------------
@@ -106,6 +123,7 @@ def free_port() -> int:
 class MlxServer:
     def __init__(self, model_dir: Path, log: Path, max_running: int, prefill_step: int):
         self.port = free_port()
+        self.resets = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port", str(self.port),
              "--decode-concurrency", str(max_running), "--prompt-concurrency", "8",
@@ -122,17 +140,36 @@ class MlxServer:
                 time.sleep(0.2)
         raise RuntimeError(f"mlx_lm.server did not start; see {log}")
 
-    def one(self, chat, max_tokens: int) -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        body = json.dumps({"messages": [{"role": r, "content": c} for r, c in chat],
-                           "max_tokens": max_tokens, "temperature": 0.0})
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        resp = json.loads(conn.getresponse().read())
-        return resp["usage"]["completion_tokens"]
+    def one(self, chat, max_tokens: int, stream: bool) -> int:
+        body = {"messages": [{"role": r, "content": c} for r, c in chat],
+                "max_tokens": max_tokens, "temperature": 0.0}
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        for attempt in range(50):
+            # Its ThreadingHTTPServer keeps the default listen backlog of 5: under 32 concurrent
+            # connects some are reset, and a real client retries them.
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+                conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                             {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                if not stream:
+                    return json.loads(resp.read())["usage"]["completion_tokens"]
+                tokens = 0
+                for line in resp:
+                    if line.startswith(b"data: {"):
+                        usage = json.loads(line[6:]).get("usage")
+                        if usage:
+                            tokens = usage["completion_tokens"]
+                return tokens
+            except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+                self.resets += 1
+                time.sleep(0.05)
+        raise RuntimeError("mlx_lm.server kept resetting connections")
 
-    def run(self, chats, max_tokens: int) -> int:
+    def run(self, chats, max_tokens: int, stream: bool) -> int:
         with ThreadPoolExecutor(len(chats)) as pool:
-            return sum(pool.map(lambda c: self.one(c, max_tokens), chats))
+            return sum(pool.map(lambda c: self.one(c, max_tokens, stream), chats))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -158,10 +195,12 @@ def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> Non
     try:
         node.start(workdir / "logs")
         node.wait_serving()
+        client = NodeClient(node.address)
         systems = {
             "inproc": lambda chats: inproc.run(chats, case.max_tokens),
-            "node": lambda chats: asyncio.run(_node_round(node.address, chats, case.max_tokens)),
-            "server": lambda chats: server.run(chats, case.max_tokens),
+            "node": lambda chats: client.run(chats, case.max_tokens),
+            "server": lambda chats: server.run(chats, case.max_tokens, stream=False),
+            "server_stream": lambda chats: server.run(chats, case.max_tokens, stream=True),
         }
         for fn in systems.values():  # warm every path once
             fn(prompts(2))
@@ -174,9 +213,11 @@ def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> Non
                     secs, toks = timed(lambda: sum(fn(chats) for _ in range(rounds)))
                     rates[name].append(toks / secs)
             med = {k: statistics.median(v) for k, v in rates.items()}
-            rows.append((case.name, conc, med["inproc"], med["node"], med["server"]))
+            rows.append((case.name, conc, med["inproc"], med["node"], med["server"], med["server_stream"]))
             print(f"  {case.name} c={conc}: inproc {med['inproc']:.0f}, node {med['node']:.0f}, "
-                  f"mlx_lm.server {med['server']:.0f} tok/s", flush=True)
+                  f"mlx_lm.server {med['server']:.0f} (streaming {med['server_stream']:.0f}) tok/s, "
+                  f"{server.resets} connection resets retried so far", flush=True)
+        client.close()
     finally:
         node.stop()
         server.stop()
@@ -184,7 +225,7 @@ def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> Non
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model only, one repeat")
+    parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench")
     args = parser.parse_args()
@@ -193,7 +234,7 @@ def main() -> int:
         cases.append(ModelCase("large", TinyModelSpec(hidden_size=1024, num_hidden_layers=8,
                                                       num_attention_heads=16, num_key_value_heads=4,
                                                       intermediate_size=2816), 24))
-    repeats = 1 if args.quick else args.repeats
+    repeats = args.repeats
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows: list = []
     for case in cases:
@@ -201,12 +242,13 @@ def main() -> int:
         bench_model(case, args.workdir, repeats, rows)
 
     print()
-    print("| model | concurrency | in-process batch_generate tok/s | node agent tok/s | node / in-process "
-          "| mlx_lm.server tok/s | node / mlx_lm.server |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, conc, inproc, node, server in rows:
+    print("| model | concurrency | in-process batch_generate | node agent (streaming) | node / in-process "
+          "| mlx_lm.server | node / server | mlx_lm.server streaming | node / server streaming |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, conc, inproc, node, server, server_stream in rows:
         print(f"| {name} | {conc} | {inproc:.0f} | {node:.0f} | {node / inproc:.2f}x | {server:.0f} "
-              f"| {node / server:.2f}x |")
+              f"| {node / server:.2f}x | {server_stream:.0f} | {node / server_stream:.2f}x |")
+    print("(aggregate output tokens/s; median of the repeats)")
     print("\ngoal: node >= 0.85x in-process at concurrency 8 and 32, and ahead of mlx_lm.server")
     return 0
 

@@ -30,6 +30,7 @@ from node_agent.sampling import make_processors, make_sampler
 log = logging.getLogger(__name__)
 
 _RATE_WINDOW_S = 10.0
+_STATS_PERIOD_S = 0.05
 
 
 class EngineClosed(RuntimeError):
@@ -69,6 +70,8 @@ class MlxEngine:
         self._uid_of: dict[str, int] = {}
         self._key_of: dict[int, str] = {}
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._rate_tokens = 0
+        self._stats_at = 0.0
         self._stats = EngineStats()
         self._extra: dict = {}
 
@@ -135,11 +138,9 @@ class MlxEngine:
         items = []
         if block:
             items.append(self._inbox.get())
-        while True:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return items
+        while not self._inbox.empty():
+            items.append(self._inbox.get_nowait())
+        return items
 
     def _handle(self, items: list) -> bool:
         for kind, arg in items:
@@ -240,6 +241,7 @@ class MlxEngine:
                 del self._key_of[r.uid]
                 del self._uid_of[key]
         self._rate.append((time.monotonic(), len(responses)))
+        self._rate_tokens += len(responses)
         self._emit(list(out.items()))
 
     def _drop(self, key: str) -> None:
@@ -280,19 +282,21 @@ class MlxEngine:
                 self._emit([(arg.key, [EngineEvent(EventKind.FAILED, message="the engine stopped")])])
 
     def _publish_stats(self) -> None:
+        """Refresh the stats snapshot, at most every _STATS_PERIOD_S (cheap per step)."""
         import mlx.core as mx
 
         now = time.monotonic()
+        idle = not self._key_of and not self._waiting
+        if not idle and now - self._stats_at < _STATS_PERIOD_S:
+            return
+        self._stats_at = now
         while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
-            self._rate.popleft()
-        rate = 0.0
-        if len(self._rate) > 1:
-            span = now - self._rate[0][0]
-            rate = sum(n for _, n in self._rate) / span if span > 0 else 0.0
+            self._rate_tokens -= self._rate.popleft()[1]
+        span = now - self._rate[0][0] if self._rate else 0.0
         self._stats = EngineStats(
             running=len(self._key_of),
             waiting=len(self._waiting),
-            decode_tokens_per_s=rate,
+            decode_tokens_per_s=self._rate_tokens / span if span > 0 else 0.0,
             active_memory_bytes=mx.get_active_memory(),
             peak_memory_bytes=mx.get_peak_memory(),
             extra=self._extra,
