@@ -72,6 +72,7 @@ class MlxEngine:
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._rate_tokens = 0
         self._stats_at = 0.0
+        self._stats_counts = (0, 0)
         self._stats = EngineStats()
         self._extra: dict = {}
 
@@ -282,13 +283,14 @@ class MlxEngine:
                 self._emit([(arg.key, [EngineEvent(EventKind.FAILED, message="the engine stopped")])])
 
     def _publish_stats(self) -> None:
-        """Refresh the stats snapshot, at most every _STATS_PERIOD_S (cheap per step)."""
+        """Refresh the stats snapshot when counts change, else at most every _STATS_PERIOD_S."""
         import mlx.core as mx
 
         now = time.monotonic()
-        idle = not self._key_of and not self._waiting
-        if not idle and now - self._stats_at < _STATS_PERIOD_S:
+        counts = (len(self._key_of), len(self._waiting))
+        if counts == self._stats_counts and now - self._stats_at < _STATS_PERIOD_S:
             return
+        self._stats_counts = counts
         self._stats_at = now
         while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
             self._rate_tokens -= self._rate.popleft()[1]
