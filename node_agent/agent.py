@@ -11,7 +11,7 @@ from typing import Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cluster.api import (
@@ -69,7 +69,7 @@ class NodeAgent:
         self.stopping = False
         self.port: Optional[int] = None
         self._server: Optional[grpc.aio.Server] = None
-        self._health = HealthServicer()
+        self._health = health_aio.HealthServicer()
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -137,6 +137,12 @@ class NodeAgent:
             if outcome is not Outcome.COMPLETED:
                 self.engine.cancel(stream.key)
             self.registry.close(stream, outcome)
+
+    async def engine_died(self, reason: str) -> None:
+        """The engine thread is gone: the node can no longer serve until restarted."""
+        if self.lifecycle.state is not State.FAILED:
+            log.error("node=%s engine stopped: %s", self.node_id, reason)
+            await self._enter(State.FAILED, f"engine stopped: {reason}; restart the node agent")
 
     async def _enter(self, state: State, reason: str) -> None:
         self.lifecycle.transition(state, reason)

@@ -37,6 +37,10 @@ class EngineRequest:
     sampling: SamplingSpec
 
 
+class EngineClosed(RuntimeError):
+    """The engine is not running (never started, closed, or its thread crashed)."""
+
+
 Emit = Callable[[list[tuple[str, list[EngineEvent]]]], None]
 
 
@@ -64,6 +68,10 @@ class EngineStats:
 class Engine(Protocol):
     name: str
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine's thread has stopped, for whatever reason."""
+
     def load(self) -> ModelFacts:
         """Load weights (blocking, off the event loop)."""
 
@@ -75,7 +83,7 @@ class Engine(Protocol):
         """Start generating; `emit` receives events from the engine's thread."""
 
     def submit(self, request: EngineRequest) -> None:
-        """Queue a request; thread-safe; never blocks."""
+        """Queue a request; thread-safe; never blocks; raises EngineClosed."""
 
     def cancel(self, key: str) -> None:
         """Stop a request and free its slot; thread-safe; unknown keys are ignored."""

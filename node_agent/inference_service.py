@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import grpc
 
 from cluster.api import inference_pb2, inference_pb2_grpc
-from node_agent.engine import EngineRequest
+from node_agent.engine import EngineClosed, EngineRequest
 from node_agent.lifecycle import State
 from node_agent.prompts import PromptError, build_prompt_tokens
 from node_agent.requests import EngineFailed, NodeStopping, Outcome
@@ -31,6 +31,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _reject(self, context, request_id: str, code: grpc.StatusCode, message: str,
                       trailing=()) -> None:
+        """Count, log and end the call with `code`; never returns (abort raises)."""
         self._agent.registry.reject(request_id, code.name, message)
         await context.abort(code, message, trailing_metadata=trailing)
 
@@ -76,15 +77,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         stream = agent.registry.open(
             req, prompt_len=len(prompt_tokens), detokenizer=agent.engine.tokenizer.detokenizer,
             eos_token_ids=facts.eos_token_ids)
-        agent.engine.submit(EngineRequest(
-            key=stream.key,
-            prompt_tokens=prompt_tokens + list(req.prefix_token_ids),
-            prefix_len=len(req.prefix_token_ids),
-            max_tokens=req.max_tokens,
-            sampling=req.sampling,
-        ))
         outcome, detail = Outcome.CANCELLED, "caller cancelled"
         try:
+            agent.engine.submit(EngineRequest(
+                key=stream.key,
+                prompt_tokens=prompt_tokens + list(req.prefix_token_ids),
+                prefix_len=len(req.prefix_token_ids),
+                max_tokens=req.max_tokens,
+                sampling=req.sampling,
+            ))
             while True:
                 chunk = await stream.next_chunk()
                 if chunk is None:
@@ -95,8 +96,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     yield chunk
                     return
                 yield chunk
-        except EngineFailed as exc:
+        except (EngineFailed, EngineClosed) as exc:
             outcome, detail = Outcome.FAILED, str(exc)
+            if not agent.engine.alive:
+                await agent.engine_died(str(exc))
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"node {node} failed request {req.request_id} after {stream.completion_tokens} "

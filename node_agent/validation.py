@@ -96,9 +96,10 @@ def _messages(chat: inference_pb2.ChatInput) -> tuple[tuple[str, str], ...]:
     out = []
     for i, m in enumerate(chat.messages):
         if m.role not in ROLES:
-            shown = m.role if len(m.role) <= 32 and m.role.isprintable() else "<unprintable>"
+            # Echo the role only when it looks like a role name, never free text.
+            shown = f" {m.role!r}" if len(m.role) <= 16 and m.role.isidentifier() else ""
             raise InvalidRequest(
-                f"chat.messages[{i}].role {shown!r} is unknown; use one of {', '.join(ROLES)}"
+                f"chat.messages[{i}].role{shown} is unknown; use one of {', '.join(ROLES)}"
             )
         out.append((m.role, m.content))
     if not any(content.strip() for _, content in out):

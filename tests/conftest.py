@@ -27,6 +27,13 @@ def node(tiny_model, tmp_path_factory):
         proc.start(tmp_path_factory.mktemp("logs"))
         proc.wait_serving()
         yield proc
+        # Every accepted request ended exactly once, and nothing is left running.
+        st, _ = proc.wait_until(lambda s: s.load.running == s.load.queued == s.load.engine_sequences == 0,
+                                timeout_s=5, what="idle after the module")
+        load = st.load
+        ended = (load.requests_completed_total + load.requests_cancelled_total
+                 + load.requests_deadline_total + load.requests_failed_total)
+        assert load.requests_accepted_total == ended, f"outcomes do not add up: {load}"
 
 
 @pytest.fixture

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -51,6 +54,29 @@ def test_reflection_lists_the_services(node):
     assert {"studiofleet.v1.Inference", "studiofleet.v1.Node", "grpc.health.v1.Health"} <= services
     method = db.FindFileContainingSymbol("studiofleet.v1.Inference")
     assert method.name == "studiofleet/v1/inference.proto"
+
+
+def _grpcurl():
+    exe = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("grpcurl is not installed (dev extra on Linux x86-64 only)")
+    return exe
+
+
+def test_grpcurl_lists_and_calls_through_reflection(node):
+    exe = _grpcurl()
+    listed = subprocess.run([exe, "-plaintext", node.address, "list"], capture_output=True, text=True,
+                            timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert {"studiofleet.v1.Inference", "studiofleet.v1.Node"} <= set(listed.stdout.split())
+    body = json.dumps({"prompt": "Plan:", "maxTokens": 5, "requestId": "from-grpcurl"})
+    called = subprocess.run([exe, "-plaintext", "-d", body, node.address, "studiofleet.v1.Inference/Generate"],
+                            capture_output=True, text=True, timeout=30)
+    assert called.returncode == 0, called.stderr
+    assert '"request_id": "from-grpcurl"' in called.stdout
+    bad = subprocess.run([exe, "-plaintext", "-d", '{"prompt": "x"}', node.address,
+                          "studiofleet.v1.Inference/Generate"], capture_output=True, text=True, timeout=30)
+    assert "InvalidArgument" in bad.stderr and "max_tokens must be between" in bad.stderr
 
 
 def test_sigterm_lets_in_flight_requests_finish(start_node):

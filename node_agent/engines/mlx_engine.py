@@ -18,6 +18,7 @@ from typing import Optional
 
 from node_agent.digest import weights_digest
 from node_agent.engine import (
+    EngineClosed,
     EngineEvent,
     EngineRequest,
     EngineStats,
@@ -31,10 +32,6 @@ log = logging.getLogger(__name__)
 
 _RATE_WINDOW_S = 10.0
 _STATS_PERIOD_S = 0.05
-
-
-class EngineClosed(RuntimeError):
-    """The engine thread has stopped."""
 
 
 class MlxEngine:
@@ -81,6 +78,10 @@ class MlxEngine:
     @property
     def tokenizer(self):
         return self._tokenizer
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and not self._closed.is_set()
 
     def start(self, emit: Emit) -> None:
         self._emit = emit
@@ -167,7 +168,6 @@ class MlxEngine:
     def _do_load(self) -> ModelFacts:
         import mlx.core as mx
         import mlx_lm
-        from mlx_lm.generate import BatchGenerator
 
         if not (self._path / "config.json").is_file():
             raise FileNotFoundError(f"{self._path} has no config.json; is it an MLX model directory?")
@@ -183,13 +183,7 @@ class MlxEngine:
         if self._gen is not None:
             self._gen.close()
         self._model, self._tokenizer = model, tokenizer
-        self._gen = BatchGenerator(
-            model,
-            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-            completion_batch_size=self._max_running,
-            prefill_batch_size=self._prefill_batch_size,
-            prefill_step_size=self._prefill_step_size,
-        )
+        self._gen = self._new_generator()
         return ModelFacts(
             model_id=self._model_id,
             weights_digest=digest,
@@ -198,6 +192,17 @@ class MlxEngine:
             eos_token_ids=frozenset(tokenizer.eos_token_ids),
             engine=self.name,
             engine_version=f"mlx-lm {mlx_lm.__version__} / mlx {mx.__version__}",
+        )
+
+    def _new_generator(self):
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            self._model,
+            stop_tokens=[[t] for t in self._tokenizer.eos_token_ids],
+            completion_batch_size=self._max_running,
+            prefill_batch_size=self._prefill_batch_size,
+            prefill_step_size=self._prefill_step_size,
         )
 
     def _admit(self) -> None:
@@ -256,20 +261,20 @@ class MlxEngine:
                 self._waiting.remove(req)
                 return
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_running(self, message: str, *, reset: bool = True) -> None:
+        """Fail every admitted request and start from a fresh BatchGenerator: after an
+        error inside a step its batch state cannot be trusted."""
         keys = list(self._uid_of)
-        if self._gen is not None and keys:
-            try:
-                self._gen.remove([self._uid_of[k] for k in keys])
-            except Exception:  # noqa: BLE001
-                log.exception("could not clear the failed batch")
+        if reset and self._gen is not None and keys:
+            self._gen.close()
+            self._gen = self._new_generator()
         self._uid_of.clear()
         self._key_of.clear()
         if keys:
             self._emit([(k, [EngineEvent(EventKind.FAILED, message=message)]) for k in keys])
 
     def _fail_all(self, message: str) -> None:
-        self._fail_running(message)
+        self._fail_running(message, reset=False)
         waiting = [r.key for r in self._waiting]
         self._waiting.clear()
         if waiting and self._emit is not None:
