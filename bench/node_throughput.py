@@ -45,8 +45,10 @@ class ModelCase:
     max_tokens: int
 
 
-def prompts(n: int) -> list[list[tuple[str, str]]]:
-    return [[("system", SYSTEM), ("user", f"Synthetic visit {i}: follow-up, vitals stable, plan review.")]
+def prompts(n: int, salt: str = "") -> list[list[tuple[str, str]]]:
+    """n chats that share the system prompt (as a clinic's do) and differ after it; a new
+    salt gives prompts no system has seen, so nothing is a whole-prompt cache hit."""
+    return [[("system", SYSTEM), ("user", f"Synthetic visit {salt}{i}: follow-up, vitals stable, plan review.")]
             for i in range(n)]
 
 
@@ -203,14 +205,14 @@ def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> Non
             "server_stream": lambda chats: server.run(chats, case.max_tokens, stream=True),
         }
         for fn in systems.values():  # warm every path once
-            fn(prompts(2))
+            fn(prompts(2, "warm-"))
         for conc in CONCURRENCY:
-            chats = prompts(conc)
             rounds = max(1, 8 // conc)  # concurrency 1 runs several requests back to back
             rates: dict[str, list[float]] = {k: [] for k in systems}
-            for _ in range(repeats):
+            for rep in range(repeats):
+                batches = [prompts(conc, f"c{conc}r{rep}b{b}-") for b in range(rounds)]
                 for name, fn in systems.items():
-                    secs, toks = timed(lambda: sum(fn(chats) for _ in range(rounds)))
+                    secs, toks = timed(lambda: sum(fn(chats) for chats in batches))
                     rates[name].append(toks / secs)
             med = {k: statistics.median(v) for k, v in rates.items()}
             rows.append((case.name, conc, med["inproc"], med["node"], med["server"], med["server_stream"]))

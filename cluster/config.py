@@ -40,6 +40,10 @@ class NodeSettings(BaseSettings):
     # Each engine step prefills at most this many prompt tokens per batch: smaller keeps
     # running decodes flowing (inter-token latency), larger gives faster first tokens.
     prefill_step_size: int = Field(512, ge=16)
+    # Reused prompt prefixes (KV caches) kept in memory; they hold PHI-derived state, are
+    # never written to disk and are dropped with the model. 0 entries turns caching off.
+    prompt_cache_entries: int = Field(16, ge=0)
+    prompt_cache_bytes: int = Field(4 << 30, ge=0)
     max_stop_sequences: int = Field(8, ge=0)
     warmup_tokens: int = Field(4, ge=1)
     shutdown_grace_s: float = Field(30.0, ge=0)

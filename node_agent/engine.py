@@ -26,6 +26,7 @@ class EngineEvent:
     token: int = -1
     finish: Optional[str] = None   # "stop" (EOS) or "length", on the last TOKEN
     message: str = ""              # FAILED only; never request content
+    cached_tokens: int = 0         # ADMITTED only: prompt tokens reused from the prompt cache
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class EngineStats:
     decode_tokens_per_s: float = 0.0
     active_memory_bytes: int = 0
     peak_memory_bytes: int = 0
+    prompt_cache_entries: int = 0
+    prompt_cache_bytes: int = 0
+    cached_prompt_tokens_total: int = 0
     extra: dict = field(default_factory=dict)
 
 

@@ -110,6 +110,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"node {node} stopped request {req.request_id} after {stream.completion_tokens} "
                 f"tokens: {exc}; retry or resume on another node")
+        except Exception as exc:  # noqa: BLE001 - a bug here must not look like a caller cancel
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            outcome, detail = Outcome.FAILED, f"internal error ({type(exc).__name__})"
+            log.exception("node=%s request=%s internal error", node, req.request_id)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"node {node} hit an internal error on request {req.request_id} after "
+                f"{stream.completion_tokens} tokens; retry on another node and report the node log")
         finally:
             # Cancelled while awaiting (CancelledError) or while suspended at a yield
             # (GeneratorExit): either way the caller went away or its deadline passed.
@@ -117,6 +126,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if (detail == "caller cancelled" and remaining is not None
                     and remaining < DEADLINE_SLACK_S):
                 outcome, detail = Outcome.DEADLINE, "caller deadline passed"
-            if stream.finish is None or outcome is not Outcome.COMPLETED:
+            if not stream.engine_done:  # a stop sequence, a cancel or an error ended it early
                 agent.engine.cancel(stream.key)
             agent.registry.close(stream, outcome, detail)

@@ -73,6 +73,7 @@ def serve(
     max_tokens_limit: Optional[int] = typer.Option(None, help="Largest max_tokens accepted. [default: 4096]"),
     max_context_tokens: Optional[int] = typer.Option(None, help="Cap the model's context length."),
     prefill_step_size: Optional[int] = typer.Option(None, help="Prompt tokens prefilled per step. [default: 512]"),
+    prompt_cache_entries: Optional[int] = typer.Option(None, help="Prompt prefixes kept for reuse (0 = off). [default: 16]"),
     shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:

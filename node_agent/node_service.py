@@ -47,6 +47,9 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
             decode_tokens_per_s=engine.decode_tokens_per_s,
             engine_sequences=engine.running,
             engine_waiting=engine.waiting,
+            prompt_cache_entries=engine.prompt_cache_entries,
+            prompt_cache_bytes=engine.prompt_cache_bytes,
+            cached_prompt_tokens_total=engine.cached_prompt_tokens_total,
         ),
         memory=node_pb2.Memory(
             total_bytes=mem.total_bytes,

@@ -63,7 +63,9 @@ class RequestStream:
         self.outcome: Optional[Outcome] = None
         self.admitted = False
         self.finish: Optional[str] = None
+        self.engine_done = False  # the engine finished or dropped this request itself
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self._clock = clock
         self._detok = detokenizer
         self._eos = eos_token_ids
@@ -104,18 +106,22 @@ class RequestStream:
             if ev.kind is EventKind.ADMITTED:
                 self.admitted = True
                 self.t_admit = now
-            elif ev.kind is EventKind.FAILED:
+                self.cached_tokens = ev.cached_tokens
+                continue
+            self.engine_done = self.engine_done or ev.kind is EventKind.FAILED or ev.finish is not None
+            if ev.kind is EventKind.FAILED:
                 raise EngineFailed(ev.message)
-            elif self.finish is None:
-                if self.t_first is None:
-                    self.t_first = now
-                self.t_last = now
-                if not (ev.finish == "stop" and ev.token in self._eos):
-                    ids.append(ev.token)
-                    self._detok.add_token(ev.token)
-                    self.completion_tokens += 1
-                if ev.finish is not None:
-                    self.finish = ev.finish
+            if self.finish is not None:  # ended here (stop sequence); the engine is catching up
+                continue
+            if self.t_first is None:
+                self.t_first = now
+            self.t_last = now
+            if not (ev.finish == "stop" and ev.token in self._eos):
+                ids.append(ev.token)
+                self._detok.add_token(ev.token)
+                self.completion_tokens += 1
+            if ev.finish is not None:
+                self.finish = ev.finish
         if not ids and self.finish is None:
             return None
         if self.finish is not None:
@@ -147,6 +153,7 @@ class RequestStream:
                 prompt_tokens=self.prompt_len,
                 prefix_tokens=len(self.req.prefix_token_ids),
                 completion_tokens=self.completion_tokens,
+                cached_prompt_tokens=self.cached_tokens,
             ),
             timings=self.timings(),
             node_id=node_id,

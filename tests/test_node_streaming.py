@@ -132,10 +132,14 @@ def test_stop_sequence_cuts_text_and_ends_stream(node):
     ids, text, final, _ = _run(node, build_request(messages=NOTE, max_tokens=64, request_id="nostop"))
     assert len(text) > 6
     stop = text[3:6]
-    _, cut, final, _ = _run(node, build_request(messages=NOTE, max_tokens=64, stop=[stop],
+    _, cut, final, _ = _run(node, build_request(messages=NOTE, max_tokens=1500, stop=[stop],
                                                 request_id="withstop"))
     assert final.finish_reason == inference_pb2.FINISH_REASON_STOP
     assert cut == text[: text.index(stop)]
+    # The engine stops too: its slot is free long before 1500 tokens could be generated.
+    _, waited = node.wait_until(lambda s: s.load.engine_sequences == 0, timeout_s=2.0,
+                                what="engine slot freed after a stop sequence")
+    assert waited < 0.5
 
 
 def test_client_generate_returns_metadata(node):
@@ -154,3 +158,24 @@ def test_duplicate_request_id_in_flight_is_refused(node):
         _run(node, build_request(prompt="Note:", max_tokens=4, request_id="dup"))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     call.cancel()
+
+
+def test_prompt_cache_reuses_a_shared_prefix_without_changing_tokens(node, start_node):
+    system = ("system", "Synthetic clinic 4471 house style: SOAP sections, short sentences, metric units.")
+    first = build_request(messages=[system, ("user", "Visit A: cough for three days.")], max_tokens=16,
+                          request_id="cache-a")
+    _, _, fa, _ = _run(node, first)
+    second = lambda rid: build_request(messages=[system, ("user", "Visit B: knee pain after a fall.")],  # noqa: E731
+                                       max_tokens=24, request_id=rid, temperature=0.8, seed=3)
+    ids_b, _, fb, _ = _run(node, second("cache-b"))
+    assert fb.usage.cached_prompt_tokens >= fa.usage.cached_prompt_tokens + 10, "the system prompt is reused"
+    assert fb.usage.cached_prompt_tokens < fb.usage.prompt_tokens
+    st = node.status().load
+    assert st.prompt_cache_entries >= 1 and st.prompt_cache_bytes > 0
+    assert st.cached_prompt_tokens_total >= fb.usage.cached_prompt_tokens
+
+    uncached = start_node("--prompt-cache-entries", "0", node_id="no-cache")
+    ids_plain, _, fp, _ = _run(uncached, second("plain-b"))
+    assert fp.usage.cached_prompt_tokens == 0
+    assert ids_plain == ids_b, "a cached prefix must not change what is generated"
+    assert uncached.status().load.prompt_cache_entries == 0

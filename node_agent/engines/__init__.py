@@ -18,6 +18,8 @@ def _mlx(settings: NodeSettings) -> Engine:
         prefill_batch_size=settings.prefill_batch_size,
         prefill_step_size=settings.prefill_step_size,
         max_context_tokens=settings.max_context_tokens,
+        prompt_cache_entries=settings.prompt_cache_entries,
+        prompt_cache_bytes=settings.prompt_cache_bytes,
     )
 
 

@@ -48,6 +48,8 @@ class MlxEngine:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 512,
         max_context_tokens: Optional[int] = None,
+        prompt_cache_entries: int = 16,
+        prompt_cache_bytes: int = 4 << 30,
     ):
         self._path = Path(model_path)
         self._model_id = model_id or self._path.name
@@ -55,6 +57,11 @@ class MlxEngine:
         self._prefill_batch_size = min(prefill_batch_size, max_running)
         self._prefill_step_size = prefill_step_size
         self._max_context = max_context_tokens
+        self._cache_entries = prompt_cache_entries
+        self._cache_bytes = prompt_cache_bytes
+        self._prompt_cache = None  # LRUPromptCache of finished sequences, keyed by digest
+        self._digest = ""
+        self._cached_total = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._emit: Optional[Emit] = None
@@ -132,6 +139,7 @@ class MlxEngine:
             self._fail_all("the MLX engine thread crashed")
         finally:
             self._closed.set()
+            self._prompt_cache = None  # PHI-derived state goes with the engine
             if self._gen is not None:
                 self._gen.close()
             self._fail_pending_commands()
@@ -182,8 +190,9 @@ class MlxEngine:
         self._extra = {"recommended_working_set_bytes": int(working_set)} if working_set else {}
         if self._gen is not None:
             self._gen.close()
-        self._model, self._tokenizer = model, tokenizer
+        self._model, self._tokenizer, self._digest = model, tokenizer, digest
         self._gen = self._new_generator()
+        self._prompt_cache = self._new_prompt_cache()  # never reuse state across models
         return ModelFacts(
             model_id=self._model_id,
             weights_digest=digest,
@@ -193,6 +202,26 @@ class MlxEngine:
             engine=self.name,
             engine_version=f"mlx-lm {mlx_lm.__version__} / mlx {mx.__version__}",
         )
+
+    def _new_prompt_cache(self):
+        from mlx_lm.models.cache import LRUPromptCache
+
+        return LRUPromptCache(max_size=self._cache_entries, max_bytes=self._cache_bytes) \
+            if self._cache_entries > 0 else None
+
+    def _reuse(self, tokens: list[int]) -> tuple[Optional[list], list[int]]:
+        """The longest cached prefix of `tokens` (a KV cache copy) and the tokens left to prefill."""
+        if self._prompt_cache is None:
+            return None, tokens
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self._prompt_cache.fetch_nearest_cache(self._digest, tokens)
+        if cache is not None and not rest:  # exact hit: recompute the last token to get logits
+            if not can_trim_prompt_cache(cache):
+                return None, tokens
+            trim_prompt_cache(cache, 1)
+            rest = tokens[-1:]
+        return cache, rest
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
@@ -215,17 +244,23 @@ class MlxEngine:
                 self._emit([(req.key, [EngineEvent(EventKind.FAILED, message="no model is loaded")])])
             return
         batch = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        reused = [self._reuse(list(r.prompt_tokens)) for r in batch]
         uids = self._gen.insert(
-            [list(r.prompt_tokens) for r in batch],
+            [rest for _, rest in reused],
             max_tokens=[r.max_tokens for r in batch],
+            caches=[cache for cache, _ in reused],
+            all_tokens=[list(r.prompt_tokens[: len(r.prompt_tokens) - len(rest)]) for r, (_, rest) in
+                        zip(batch, reused)],
             samplers=[make_sampler(r.sampling, start_step=r.prefix_len) for r in batch],
             logits_processors=[make_processors(r.sampling) for r in batch],
         )
         admitted = []
-        for req, uid in zip(batch, uids):
+        for req, uid, (_, rest) in zip(batch, uids, reused):
             self._uid_of[req.key] = uid
             self._key_of[uid] = req.key
-            admitted.append((req.key, [EngineEvent(EventKind.ADMITTED)]))
+            cached = len(req.prompt_tokens) - len(rest)
+            self._cached_total += cached
+            admitted.append((req.key, [EngineEvent(EventKind.ADMITTED, cached_tokens=cached)]))
         self._emit(admitted)
 
     def _step(self) -> None:
@@ -246,6 +281,8 @@ class MlxEngine:
             if r.finish_reason is not None:
                 del self._key_of[r.uid]
                 del self._uid_of[key]
+                if self._prompt_cache is not None and r.prompt_cache is not None:
+                    self._prompt_cache.insert_cache(self._digest, list(r.all_tokens), r.prompt_cache)
         self._rate.append((time.monotonic(), len(responses)))
         self._rate_tokens += len(responses)
         self._emit(list(out.items()))
@@ -306,5 +343,8 @@ class MlxEngine:
             decode_tokens_per_s=self._rate_tokens / span if span > 0 else 0.0,
             active_memory_bytes=mx.get_active_memory(),
             peak_memory_bytes=mx.get_peak_memory(),
+            prompt_cache_entries=len(self._prompt_cache) if self._prompt_cache is not None else 0,
+            prompt_cache_bytes=self._prompt_cache.nbytes if self._prompt_cache is not None else 0,
+            cached_prompt_tokens_total=self._cached_total,
             extra=self._extra,
         )

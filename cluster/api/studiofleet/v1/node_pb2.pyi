@@ -23,7 +23,7 @@ class Capacity(_message.Message):
     def __init__(self, max_running: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running", "queued", "queued_prompt_tokens", "tokens_generated_total", "prompt_tokens_total", "requests_accepted_total", "requests_completed_total", "requests_cancelled_total", "requests_deadline_total", "requests_failed_total", "requests_rejected_total", "decode_tokens_per_s", "engine_sequences", "engine_waiting")
+    __slots__ = ("running", "queued", "queued_prompt_tokens", "tokens_generated_total", "prompt_tokens_total", "requests_accepted_total", "requests_completed_total", "requests_cancelled_total", "requests_deadline_total", "requests_failed_total", "requests_rejected_total", "decode_tokens_per_s", "engine_sequences", "engine_waiting", "prompt_cache_entries", "prompt_cache_bytes", "cached_prompt_tokens_total")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,9 @@ class Load(_message.Message):
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     ENGINE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     queued_prompt_tokens: int
@@ -52,7 +55,10 @@ class Load(_message.Message):
     decode_tokens_per_s: float
     engine_sequences: int
     engine_waiting: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tokens_generated_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., requests_accepted_total: _Optional[int] = ..., requests_completed_total: _Optional[int] = ..., requests_cancelled_total: _Optional[int] = ..., requests_deadline_total: _Optional[int] = ..., requests_failed_total: _Optional[int] = ..., requests_rejected_total: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., engine_sequences: _Optional[int] = ..., engine_waiting: _Optional[int] = ...) -> None: ...
+    prompt_cache_entries: int
+    prompt_cache_bytes: int
+    cached_prompt_tokens_total: int
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tokens_generated_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., requests_accepted_total: _Optional[int] = ..., requests_completed_total: _Optional[int] = ..., requests_cancelled_total: _Optional[int] = ..., requests_deadline_total: _Optional[int] = ..., requests_failed_total: _Optional[int] = ..., requests_rejected_total: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., engine_sequences: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., prompt_cache_entries: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ...) -> None: ...
 
 class Memory(_message.Message):
     __slots__ = ("total_bytes", "available_bytes", "process_rss_bytes", "engine_active_bytes", "engine_peak_bytes", "unified", "gpu_recommended_working_set_bytes")
