@@ -192,15 +192,18 @@ def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> Non
     max_running, prefill_step = 32, 512
     inproc = InProcess(model_dir, max_running, prefill_step)
     server = MlxServer(model_dir, workdir / f"{case.name}-mlx_lm.server.log", max_running, prefill_step)
-    node = NodeProcess(model_dir, "--max-running", str(max_running), "--max-queued", "64",
-                       "--prefill-step-size", str(prefill_step), node_id=f"bench-{case.name}")
+    flags = ("--max-running", str(max_running), "--max-queued", "64", "--prefill-step-size", str(prefill_step))
+    node = NodeProcess(model_dir, *flags, node_id=f"bench-{case.name}")
+    bare = NodeProcess(model_dir, *flags, "--prompt-cache-entries", "0", node_id=f"bench-{case.name}-nocache")
     try:
-        node.start(workdir / "logs")
-        node.wait_serving()
-        client = NodeClient(node.address)
+        for proc in (node, bare):
+            proc.start(workdir / "logs")
+            proc.wait_serving()
+        client, bare_client = NodeClient(node.address), NodeClient(bare.address)
         systems = {
             "inproc": lambda chats: inproc.run(chats, case.max_tokens),
             "node": lambda chats: client.run(chats, case.max_tokens),
+            "node_nocache": lambda chats: bare_client.run(chats, case.max_tokens),
             "server": lambda chats: server.run(chats, case.max_tokens, stream=False),
             "server_stream": lambda chats: server.run(chats, case.max_tokens, stream=True),
         }
@@ -210,18 +213,24 @@ def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> Non
             rounds = max(1, 8 // conc)  # concurrency 1 runs several requests back to back
             rates: dict[str, list[float]] = {k: [] for k in systems}
             for rep in range(repeats):
-                batches = [prompts(conc, f"c{conc}r{rep}b{b}-") for b in range(rounds)]
-                for name, fn in systems.items():
+                for tag, (name, fn) in enumerate(systems.items()):
+                    # Each system gets prompts it has never seen (same shape and length), so
+                    # a prompt cache can reuse the shared system prompt but no whole prompt.
+                    batches = [prompts(conc, f"c{conc}r{rep}b{b}s{tag}-") for b in range(rounds)]
                     secs, toks = timed(lambda: sum(fn(chats) for chats in batches))
                     rates[name].append(toks / secs)
             med = {k: statistics.median(v) for k, v in rates.items()}
-            rows.append((case.name, conc, med["inproc"], med["node"], med["server"], med["server_stream"]))
-            print(f"  {case.name} c={conc}: inproc {med['inproc']:.0f}, node {med['node']:.0f}, "
+            rows.append((case.name, conc, med["inproc"], med["node"], med["node_nocache"], med["server"],
+                         med["server_stream"]))
+            print(f"  {case.name} c={conc}: inproc {med['inproc']:.0f}, node {med['node']:.0f} "
+                  f"(cache off {med['node_nocache']:.0f}), "
                   f"mlx_lm.server {med['server']:.0f} (streaming {med['server_stream']:.0f}) tok/s, "
                   f"{server.resets} connection resets retried so far", flush=True)
         client.close()
+        bare_client.close()
     finally:
         node.stop()
+        bare.stop()
         server.stop()
 
 
@@ -250,13 +259,16 @@ def main() -> int:
         bench_model(case, args.workdir, repeats, rows)
 
     print()
-    print("| model | concurrency | in-process batch_generate | node agent (streaming) | node / in-process "
-          "| mlx_lm.server | node / server | mlx_lm.server streaming | node / server streaming |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, conc, inproc, node, server, server_stream in rows:
-        print(f"| {name} | {conc} | {inproc:.0f} | {node:.0f} | {node / inproc:.2f}x | {server:.0f} "
-              f"| {node / server:.2f}x | {server_stream:.0f} | {node / server_stream:.2f}x |")
-    print("(aggregate output tokens/s; median of the repeats)")
+    print("| model | conc | in-process batch_generate | node agent | node / in-process | node, prompt cache off "
+          "| cache off / in-process | mlx_lm.server | node / server | mlx_lm.server streaming "
+          "| node / server streaming |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, conc, inproc, node, bare, server, server_stream in rows:
+        print(f"| {name} | {conc} | {inproc:.0f} | {node:.0f} | {node / inproc:.2f}x | {bare:.0f} "
+              f"| {bare / inproc:.2f}x | {server:.0f} | {node / server:.2f}x | {server_stream:.0f} "
+              f"| {node / server_stream:.2f}x |")
+    print("(aggregate output tokens/s, median of the repeats; the node streams over gRPC, in-process has no "
+          "prompt cache, mlx_lm.server and the node reuse the shared system prompt)")
     print("\ngoal: node >= 0.85x in-process at concurrency 8 and 32, and ahead of mlx_lm.server")
     return 0
 

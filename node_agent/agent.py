@@ -7,6 +7,7 @@ import hashlib
 import logging
 import socket
 import time
+import uuid
 from typing import Optional
 
 import grpc
@@ -48,7 +49,9 @@ SERVER_OPTIONS = [
 
 
 def default_node_id(listen: str) -> str:
-    """Stable per host and port, without publishing the hostname itself."""
+    """Stable per host and port, without publishing the hostname itself; random for port 0."""
+    if listen.endswith(":0"):
+        return f"node-{uuid.uuid4().hex[:8]}"
     digest = hashlib.sha256(f"{socket.gethostname()}|{listen}".encode()).hexdigest()
     return f"node-{digest[:8]}"
 
@@ -88,7 +91,11 @@ class NodeAgent:
         await self._set_health(State.STARTING)
         await server.start()
         self._server = server
-        self.engine.start(self.registry.emit_threadsafe)
+        loop = asyncio.get_running_loop()
+        self.engine.start(
+            self.registry.emit_threadsafe,
+            on_exit=lambda reason: loop.call_soon_threadsafe(
+                lambda: loop.create_task(self.engine_died(reason))))
         return self.port
 
     async def load_and_warm(self) -> bool:
@@ -102,7 +109,7 @@ class NodeAgent:
             return False
         self.facts = facts
         self.limits = Limits(self.settings.max_tokens_limit, facts.context_length,
-                             facts.vocab_size, self.settings.max_stop_sequences)
+                             facts.decodable_vocab_size, self.settings.max_stop_sequences)
         self.model_info = common_pb2.ModelInfo(
             model_id=facts.model_id, version=self.settings.model_version,
             weights_digest=facts.weights_digest, context_length=facts.context_length,
@@ -162,6 +169,9 @@ class NodeAgent:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self.stopping = True
         await self._health.enter_graceful_shutdown()
+        draining = self.lifecycle.state is State.READY
+        if draining:
+            self.lifecycle.transition(State.DRAINING, "shutting down (SIGTERM)")
         n = len(self.registry)
         log.info("node=%s shutting down: %d requests in flight, grace %.1fs", self.node_id, n, grace)
         try:
@@ -174,6 +184,8 @@ class NodeAgent:
                 await asyncio.wait_for(self.registry.wait_idle(), timeout=5)
             except asyncio.TimeoutError:
                 log.error("node=%s %d requests did not end", self.node_id, len(self.registry))
+        if draining:
+            self.lifecycle.transition(State.DRAINED, "shut down; no requests in flight")
         if self._server is not None:
             await self._server.stop(1.0)
         await asyncio.to_thread(self.engine.close)

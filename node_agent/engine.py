@@ -50,7 +50,8 @@ class ModelFacts:
     model_id: str
     weights_digest: str
     context_length: int
-    vocab_size: int
+    vocab_size: int                 # rows of the embedding (may exceed the tokenizer's)
+    decodable_vocab_size: int       # ids the tokenizer can turn back into text
     eos_token_ids: frozenset[int]
     engine: str
     engine_version: str
@@ -83,8 +84,9 @@ class Engine(Protocol):
     def tokenizer(self):
         """The model's mlx-lm TokenizerWrapper (encode, chat template, detokenizer)."""
 
-    def start(self, emit: Emit) -> None:
-        """Start generating; `emit` receives events from the engine's thread."""
+    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None) -> None:
+        """Start generating; `emit` receives events from the engine's thread, `on_exit(reason)`
+        is called from that thread if the engine stops by itself (a crash)."""
 
     def submit(self, request: EngineRequest) -> None:
         """Queue a request; thread-safe; never blocks; raises EngineClosed."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import traceback
 from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
@@ -11,8 +13,8 @@ from cluster.api import inference_pb2, inference_pb2_grpc
 from node_agent.engine import EngineClosed, EngineRequest
 from node_agent.lifecycle import State
 from node_agent.prompts import PromptError, build_prompt_tokens
-from node_agent.requests import EngineFailed, NodeStopping, Outcome
-from node_agent.validation import InvalidRequest, check_length, validate
+from node_agent.requests import EngineFailed, NodeStopping, Outcome, RequestStream
+from node_agent.validation import InvalidRequest, ValidRequest, check_length, display_id, validate
 
 if TYPE_CHECKING:
     from node_agent.agent import NodeAgent
@@ -39,7 +41,88 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
         agent = self._agent
         node = agent.node_id
-        rid = request.request_id
+        rid = display_id(request.request_id)
+        try:
+            req, prompt_tokens = await self._admit(request, context, rid)
+            stream = agent.registry.open(
+                req, prompt_len=len(prompt_tokens), detokenizer=agent.engine.tokenizer.detokenizer,
+                eos_token_ids=agent.facts.eos_token_ids)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never UNKNOWN, never request text in logs
+            log.error("node=%s request=%s internal error before accepting: %s\n%s", node, rid,
+                      type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+            await self._reject(context, rid, grpc.StatusCode.INTERNAL,
+                               f"node {node} hit an internal error on request {rid}; retry on another "
+                               "node and report the node log")
+        # Whatever ends the RPC (cancel, deadline, a stalled writer at shutdown), the engine
+        # slot is freed and the outcome recorded, even if this generator is never resumed.
+        context.add_done_callback(lambda _ctx: self._finish(stream, context, Outcome.CANCELLED, "caller cancelled"))
+        try:
+            agent.engine.submit(EngineRequest(
+                key=stream.key,
+                prompt_tokens=prompt_tokens + list(req.prefix_token_ids),
+                prefix_len=len(req.prefix_token_ids),
+                max_tokens=req.max_tokens,
+                sampling=req.sampling,
+            ))
+            while True:
+                chunk = await stream.next_chunk()
+                if chunk is None:
+                    continue
+                if stream.finish is None:
+                    yield chunk
+                    continue
+                chunk.final.CopyFrom(stream.final_info(node_id=node, model=agent.model_info))
+                yield chunk
+                self._finish(stream, context, Outcome.COMPLETED, "")
+                return
+        except NodeStopping as exc:
+            message = (f"node {node} stopped request {req.request_id} after {stream.completion_tokens} "
+                       f"tokens: {exc}; resume it on another node with prefix_token_ids")
+            self._finish(stream, context, Outcome.CANCELLED, str(exc))
+            yield stream.node_final(inference_pb2.FINISH_REASON_CANCELLED, message, node_id=node,
+                                    model=agent.model_info)
+        except (EngineFailed, EngineClosed) as exc:
+            message = (f"node {node} failed request {req.request_id} after {stream.completion_tokens} "
+                       f"tokens: {exc}; retry or resume it on another node")
+            self._finish(stream, context, Outcome.FAILED, str(exc))
+            if not agent.engine.alive:
+                await agent.engine_died(str(exc))
+            yield stream.node_final(inference_pb2.FINISH_REASON_ERROR, message, node_id=node,
+                                    model=agent.model_info)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not look like a caller cancel
+            if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)):
+                raise
+            log.error("node=%s request=%s internal error: %s\n%s", node, req.request_id,
+                      type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+            self._finish(stream, context, Outcome.FAILED, f"internal error ({type(exc).__name__})")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"node {node} hit an internal error on request {req.request_id} after "
+                f"{stream.completion_tokens} tokens; retry on another node and report the node log")
+        finally:
+            self._finish(stream, context, Outcome.CANCELLED, "caller cancelled")
+
+    def _finish(self, stream: RequestStream, context, outcome: Outcome, detail: str) -> None:
+        """Record the request's one outcome (first call wins) and free its engine slot."""
+        if stream.outcome is not None:
+            return
+        if outcome is Outcome.CANCELLED and detail == "caller cancelled":
+            if stream.aborted is not None:  # the node ended it, the writer never got to say so
+                detail = str(stream.aborted)
+            else:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining < DEADLINE_SLACK_S:
+                    outcome, detail = Outcome.DEADLINE, "caller deadline passed"
+        if not stream.engine_done:  # a stop sequence, a cancel or an error ended it early
+            self._agent.engine.cancel(stream.key)
+        self._agent.registry.close(stream, outcome, detail)
+
+    async def _admit(self, request, context, rid: str) -> tuple[ValidRequest, list[int]]:
+        """Every check before a request is accepted; rejects (aborts) with the right status."""
+        agent = self._agent
+        node = agent.node_id
         state = agent.lifecycle.state
         if agent.stopping:
             await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
@@ -55,13 +138,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 await self._reject(
                     context, req.request_id, grpc.StatusCode.FAILED_PRECONDITION,
                     f"node {node} serves weights {facts.weights_digest[:19]}, request "
-                    f"{req.request_id} requires {req.require_weights_digest[:19]}; "
+                    f"{req.request_id} requires {display_id(req.require_weights_digest)[:19]}; "
                     "send it to a node serving those weights")
             prompt_tokens = build_prompt_tokens(agent.engine.tokenizer, req)
             check_length(len(prompt_tokens), len(req.prefix_token_ids), req.max_tokens, agent.limits)
         except (InvalidRequest, PromptError) as exc:
             await self._reject(context, rid, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"request {rid or '(no id)'} on node {node}: {exc}")
+                               f"request {rid} on node {node}: {exc}")
         if agent.registry.in_flight(req.request_id):
             await self._reject(context, req.request_id, grpc.StatusCode.ALREADY_EXISTS,
                                f"request {req.request_id} is already running on node {node}; "
@@ -73,59 +156,4 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"node {node} is at capacity ({agent.settings.max_running} running, "
                 f"{agent.settings.max_queued} queued); retry after {retry_ms} ms or use another node",
                 trailing=((PUSHBACK_KEY, str(retry_ms)),))
-
-        stream = agent.registry.open(
-            req, prompt_len=len(prompt_tokens), detokenizer=agent.engine.tokenizer.detokenizer,
-            eos_token_ids=facts.eos_token_ids)
-        outcome, detail = Outcome.CANCELLED, "caller cancelled"
-        try:
-            agent.engine.submit(EngineRequest(
-                key=stream.key,
-                prompt_tokens=prompt_tokens + list(req.prefix_token_ids),
-                prefix_len=len(req.prefix_token_ids),
-                max_tokens=req.max_tokens,
-                sampling=req.sampling,
-            ))
-            while True:
-                chunk = await stream.next_chunk()
-                if chunk is None:
-                    continue
-                if stream.finish is not None:
-                    chunk.final.CopyFrom(stream.final_info(node_id=node, model=agent.model_info))
-                    outcome, detail = Outcome.COMPLETED, ""
-                    yield chunk
-                    return
-                yield chunk
-        except (EngineFailed, EngineClosed) as exc:
-            outcome, detail = Outcome.FAILED, str(exc)
-            if not agent.engine.alive:
-                await agent.engine_died(str(exc))
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"node {node} failed request {req.request_id} after {stream.completion_tokens} "
-                f"tokens: {exc}; retry or resume on another node")
-        except NodeStopping as exc:
-            outcome, detail = Outcome.CANCELLED, str(exc)
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"node {node} stopped request {req.request_id} after {stream.completion_tokens} "
-                f"tokens: {exc}; retry or resume on another node")
-        except Exception as exc:  # noqa: BLE001 - a bug here must not look like a caller cancel
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            outcome, detail = Outcome.FAILED, f"internal error ({type(exc).__name__})"
-            log.exception("node=%s request=%s internal error", node, req.request_id)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"node {node} hit an internal error on request {req.request_id} after "
-                f"{stream.completion_tokens} tokens; retry on another node and report the node log")
-        finally:
-            # Cancelled while awaiting (CancelledError) or while suspended at a yield
-            # (GeneratorExit): either way the caller went away or its deadline passed.
-            remaining = context.time_remaining()
-            if (detail == "caller cancelled" and remaining is not None
-                    and remaining < DEADLINE_SLACK_S):
-                outcome, detail = Outcome.DEADLINE, "caller deadline passed"
-            if not stream.engine_done:  # a stop sequence, a cancel or an error ended it early
-                agent.engine.cancel(stream.key)
-            agent.registry.close(stream, outcome, detail)
+        return req, prompt_tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from cluster.offline import force_offline
 log = logging.getLogger("node_agent")
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+HARD_EXIT_S = 10.0
 
 
 async def _serve(settings) -> int:
@@ -43,8 +46,11 @@ async def _serve(settings) -> int:
                      agent.node_id, name, settings.shutdown_grace_s)
             loop.create_task(agent.shutdown())
         else:
-            log.warning("node=%s second %s: ending in-flight requests now", agent.node_id, name)
+            log.warning("node=%s second %s: ending in-flight requests now; exiting within %.0fs",
+                        agent.node_id, name, HARD_EXIT_S)
             agent.registry.abort_all(lambda s: _stopping(f"second {name}"))
+            # A shutdown stuck behind a model load or a hung engine must not outlive this.
+            loop.call_later(HARD_EXIT_S, _hard_exit, agent.node_id)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -52,6 +58,12 @@ async def _serve(settings) -> int:
     await agent.wait_stopped()
     loading.cancel()
     return 0
+
+
+def _hard_exit(node_id: str) -> None:
+    log.error("node=%s did not stop in time after the second signal; exiting now", node_id)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _stopping(reason: str):

@@ -82,6 +82,16 @@ class RequestStream:
         _ = detokenizer.last_segment  # the caller already has the prefix's text
 
     def push(self, events: list[EngineEvent]) -> None:
+        """Events from the engine, timestamped as they reach the event loop."""
+        now = self._clock()
+        for ev in events:
+            if ev.kind is EventKind.ADMITTED:
+                self.admitted = True
+                self.t_admit = now
+                self.cached_tokens = ev.cached_tokens
+            elif ev.kind is EventKind.TOKEN and self.finish is None:
+                self.t_first = self.t_first or now
+                self.t_last = now
         self._events.extend(events)
         self._wake.set()
 
@@ -89,6 +99,10 @@ class RequestStream:
         """End the stream from the node's side at the next wake-up."""
         self._abort = exc
         self._wake.set()
+
+    @property
+    def aborted(self) -> Optional[BaseException]:
+        return self._abort
 
     async def next_chunk(self) -> Optional[inference_pb2.GenerateChunk]:
         """Wait for events; return a chunk (None if nothing to send yet)."""
@@ -101,37 +115,41 @@ class RequestStream:
 
     def _render(self, events: list[EngineEvent]) -> Optional[inference_pb2.GenerateChunk]:
         ids: list[int] = []
-        now = self._clock()
+        text: list[str] = []
         for ev in events:
             if ev.kind is EventKind.ADMITTED:
-                self.admitted = True
-                self.t_admit = now
-                self.cached_tokens = ev.cached_tokens
                 continue
             self.engine_done = self.engine_done or ev.kind is EventKind.FAILED or ev.finish is not None
             if ev.kind is EventKind.FAILED:
                 raise EngineFailed(ev.message)
             if self.finish is not None:  # ended here (stop sequence); the engine is catching up
                 continue
-            if self.t_first is None:
-                self.t_first = now
-            self.t_last = now
             if not (ev.finish == "stop" and ev.token in self._eos):
                 ids.append(ev.token)
-                self._detok.add_token(ev.token)
                 self.completion_tokens += 1
+                self._detok.add_token(ev.token)
+                if ev.finish is not None:
+                    self._detok.finalize()
+                delta, matched = self._stops.feed(self._detok.last_segment)
+                text.append(delta)
+                if matched:  # ids after the one that completed the stop are never sent
+                    self.finish = "stop"
+                    continue
             if ev.finish is not None:
                 self.finish = ev.finish
+                if ev.finish == "stop":
+                    self._detok.finalize()
+                    text.append(self._stops.feed(self._detok.last_segment)[0])
+                text.append(self._stops.flush())
         if not ids and self.finish is None:
             return None
-        if self.finish is not None:
-            self._detok.finalize()
-        text, matched = self._stops.feed(self._detok.last_segment)
-        if matched and self.finish is None:
-            self.finish = "stop"
-        elif self.finish is not None and not matched:
-            text += self._stops.flush()
-        return inference_pb2.GenerateChunk(text=text, token_ids=ids)
+        return inference_pb2.GenerateChunk(text="".join(text), token_ids=ids)
+
+    def node_final(self, reason: int, message: str, *, node_id: str, model) -> inference_pb2.GenerateChunk:
+        """The last chunk of a stream the node ends itself (shutdown, engine failure)."""
+        info = self.final_info(node_id=node_id, model=model, reason=reason)
+        info.message = message
+        return inference_pb2.GenerateChunk(final=info)
 
     def timings(self) -> inference_pb2.Timings:
         now = self._clock()
@@ -146,9 +164,9 @@ class RequestStream:
             decode_tokens_per_s=decode,
         )
 
-    def final_info(self, *, node_id: str, model) -> inference_pb2.FinalInfo:
+    def final_info(self, *, node_id: str, model, reason: Optional[int] = None) -> inference_pb2.FinalInfo:
         return inference_pb2.FinalInfo(
-            finish_reason=_FINISH[self.finish],
+            finish_reason=_FINISH[self.finish] if reason is None else reason,
             usage=inference_pb2.Usage(
                 prompt_tokens=self.prompt_len,
                 prefix_tokens=len(self.req.prefix_token_ids),

@@ -17,6 +17,7 @@ from node_agent.sampling import SamplingSpec, draw_seed
 ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_LEN = 128
 MAX_STOP_LEN = 64
+MAX_CHARS_PER_TOKEN = 16  # generous: English averages ~4 characters per token
 
 
 class InvalidRequest(ValueError):
@@ -48,10 +49,21 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
 
 
+def _valid_id(raw: str) -> bool:
+    return len(raw) <= MAX_REQUEST_ID_LEN and raw.isascii() and raw.isprintable()
+
+
+def display_id(raw: str) -> str:
+    """A caller-supplied id as it may appear in logs and messages (never free text)."""
+    if not raw:
+        return "(no id)"
+    return raw if _valid_id(raw) else "(invalid id)"
+
+
 def _request_id(raw: str) -> str:
     if not raw:
         return new_request_id()
-    if len(raw) > MAX_REQUEST_ID_LEN or not raw.isascii() or not raw.isprintable():
+    if not _valid_id(raw):
         raise InvalidRequest(
             f"request_id must be at most {MAX_REQUEST_ID_LEN} printable ASCII characters"
         )
@@ -96,10 +108,9 @@ def _messages(chat: inference_pb2.ChatInput) -> tuple[tuple[str, str], ...]:
     out = []
     for i, m in enumerate(chat.messages):
         if m.role not in ROLES:
-            # Echo the role only when it looks like a role name, never free text.
-            shown = f" {m.role!r}" if len(m.role) <= 16 and m.role.isidentifier() else ""
+            # The role is not echoed: a caller may have put a name or other text there.
             raise InvalidRequest(
-                f"chat.messages[{i}].role{shown} is unknown; use one of {', '.join(ROLES)}"
+                f"chat.messages[{i}].role is not one of {', '.join(ROLES)}"
             )
         out.append((m.role, m.content))
     if not any(content.strip() for _, content in out):
@@ -120,6 +131,12 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
         prompt = request.prompt
     else:
         raise InvalidRequest("no input: set either chat (messages) or prompt")
+    # Refuse text that cannot fit before spending event-loop time tokenizing it.
+    chars = len(prompt) if prompt is not None else sum(len(c) for _, c in messages)
+    if chars > limits.context_length * MAX_CHARS_PER_TOKEN:
+        raise InvalidRequest(
+            f"prompt is {chars} characters, far beyond this node's context of "
+            f"{limits.context_length} tokens; shorten the prompt")
 
     if not 1 <= request.max_tokens <= limits.max_tokens:
         raise InvalidRequest(

@@ -90,3 +90,46 @@ def test_a_failed_step_fails_only_the_running_batch(engine, monkeypatch):
     seen = _until_finished(engine, ["survivor"])
     assert seen["survivor"][-1].finish in ("length", "stop")
     assert engine.alive
+
+
+def test_a_failed_admission_fails_that_batch_only(engine, monkeypatch):
+    # As above: a stand-in error where BatchGenerator.insert or a cache copy could raise.
+    real_insert = engine._insert
+
+    def broken(batch):
+        monkeypatch.setattr(engine, "_insert", real_insert)
+        raise ValueError("simulated insert failure")
+
+    monkeypatch.setattr(engine, "_insert", broken)
+    engine.submit(_req("rejected", max_tokens=4))
+    seen = _until_finished(engine, ["rejected"])
+    assert seen["rejected"][0].kind is EventKind.FAILED
+    assert "could not start" in seen["rejected"][0].message
+    engine.submit(_req("next", max_tokens=4))
+    assert _until_finished(engine, ["next"])["next"][-1].kind is EventKind.TOKEN
+
+
+def test_engine_thread_death_is_reported(tiny_model):
+    events: "queue.Queue" = queue.Queue()
+    exits: "queue.Queue[str]" = queue.Queue()
+    eng = MlxEngine(model_path=tiny_model, max_running=2)
+    eng.start(lambda batch: [events.put((k, ev)) for k, evs in batch for ev in evs], on_exit=exits.put)
+    eng.load()
+
+    def crash():
+        if eng._key_of:  # once the request is running
+            raise SystemError("simulated crash of the engine loop")
+
+    eng._publish_stats = crash  # the next loop iteration dies outside any per-request guard
+    eng.submit(_req("in-flight", max_tokens=50))
+    reason = exits.get(timeout=30)
+    assert "crashed (SystemError)" in reason
+    assert not eng.alive
+    failed = []
+    while not events.empty():
+        key, ev = events.get_nowait()
+        if key == "in-flight" and ev.kind is EventKind.FAILED:
+            failed.append(ev)
+    assert failed, "the request in flight is told, not left hanging"
+    with pytest.raises(Exception, match="not running"):
+        eng.submit(_req("too-late"))

@@ -121,22 +121,25 @@ def test_sigterm_refuses_new_work_while_draining(start_node):
     assert node.wait_exit(30) == 0
 
 
-def test_sigterm_past_grace_ends_the_rest_with_unavailable(start_node):
+def test_sigterm_past_grace_ends_the_rest_with_a_cancelled_final_chunk(start_node):
     node = start_node("--shutdown-grace-s", "0.5", node_id="impatient")
     calls = [node.inference.Generate(build_request(prompt=f"Long {i}:", max_tokens=2000,
                                                    request_id=f"cut-{i}"), timeout=60) for i in range(3)]
-    for call in calls:
-        next(call)
+    firsts = [next(call) for call in calls]
     node.signal(signal.SIGTERM)
-    for call in calls:
-        with pytest.raises(grpc.RpcError) as err:
-            list(call)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "grace period of 0.5s expired" in err.value.details()
-        assert "resume on another node" in err.value.details()
+    assert node.status().lifecycle == common_pb2.LIFECYCLE_DRAINING
+    for first, call in zip(firsts, calls):
+        chunks = [first, *call]
+        final = chunks[-1].final
+        assert final.finish_reason == inference_pb2.FINISH_REASON_CANCELLED
+        assert "grace period of 0.5s expired" in final.message
+        assert "resume it on another node with prefix_token_ids" in final.message
+        streamed = sum(len(c.token_ids) for c in chunks)
+        assert 0 < streamed == final.usage.completion_tokens < 2000
     assert node.wait_exit(30) == 0
     logs = node.stderr()
     assert logs.count("outcome=cancelled") == 3
+    assert "DRAINING -> DRAINED" in logs
 
 
 def test_second_sigterm_skips_the_grace(start_node):
@@ -144,11 +147,11 @@ def test_second_sigterm_skips_the_grace(start_node):
     call = node.inference.Generate(build_request(prompt="Long:", max_tokens=2000, request_id="cut"), timeout=60)
     next(call)
     node.signal(signal.SIGTERM)
-    node.wait_until(lambda s: True, what="still answering")
+    node.wait_until(lambda s: s.lifecycle == common_pb2.LIFECYCLE_DRAINING, what="draining")
     node.signal(signal.SIGTERM)
-    with pytest.raises(grpc.RpcError) as err:
-        list(call)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    final = list(call)[-1].final
+    assert final.finish_reason == inference_pb2.FINISH_REASON_CANCELLED
+    assert "second SIGTERM" in final.message
     assert node.wait_exit(30) == 0
 
 

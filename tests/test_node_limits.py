@@ -30,7 +30,7 @@ BAD_INPUTS = {
     "empty prompt": (_msg(prompt="", max_tokens=5), "prompt is empty"),
     "blank prompt": (_msg(prompt="   \n", max_tokens=5), "prompt is empty"),
     "empty chat": (_chat(max_tokens=5), "chat.messages is empty"),
-    "unknown role": (_chat(("doctor", f"note for {PHI_MARKER}"), max_tokens=5), "role 'doctor' is unknown"),
+    "unknown role": (_chat(("doctor", f"note for {PHI_MARKER}"), max_tokens=5), "role is not one of system"),
     "max_tokens zero": (_msg(prompt=PHI_MARKER, max_tokens=0), "max_tokens must be between 1 and"),
     "max_tokens too big": (_msg(prompt=PHI_MARKER, max_tokens=100_000), "max_tokens must be between 1 and"),
     "negative temperature": (
@@ -54,13 +54,15 @@ BAD_INPUTS = {
     "zero repetition penalty": (
         _msg(prompt=PHI_MARKER, max_tokens=5, sampling=inference_pb2.SamplingParams(repetition_penalty=0.0)),
         "repetition_penalty must be > 0"),
-    "prompt longer than context": (_msg(prompt=(PHI_MARKER + " ") * 2000, max_tokens=5),
+    "prompt longer than context": (_msg(prompt=(PHI_MARKER + " ") * 1000, max_tokens=5),
                                    "longer than this node's context"),
+    "prompt far beyond context": (_msg(prompt=(PHI_MARKER + " ") * 2000, max_tokens=5),
+                                  "characters, far beyond this node's context"),
     "prompt plus max_tokens over context": (_msg(prompt=(PHI_MARKER + " ") * 40, max_tokens=1500),
                                             "exceeds the context"),
     "prefix outside vocabulary": (_msg(prompt=PHI_MARKER, max_tokens=5, prefix_token_ids=[10**6]),
                                   "outside this model's vocabulary"),
-    "bad request id": (_msg(request_id="bad\nid", prompt=PHI_MARKER, max_tokens=5),
+    "bad request id": (_msg(request_id=f"bad\n{PHI_MARKER}", prompt=PHI_MARKER, max_tokens=5),
                        "request_id must be at most"),
     "empty stop": (_msg(prompt=PHI_MARKER, max_tokens=5, stop=[""]), "stop[0] must be"),
 }

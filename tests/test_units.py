@@ -138,3 +138,11 @@ def test_settings_flags_beat_environment(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="HOST:PORT"):
         NodeSettings(model_path=tmp_path, listen="nope")
     assert split_host_port("[::1]:80") == ("::1", 80)
+
+
+def test_default_node_ids_are_unique_for_port_zero_and_stable_otherwise():
+    from node_agent.agent import default_node_id
+
+    assert default_node_id("127.0.0.1:0") != default_node_id("127.0.0.1:0")
+    assert default_node_id("127.0.0.1:7700") == default_node_id("127.0.0.1:7700")
+    assert default_node_id("127.0.0.1:7700") != default_node_id("127.0.0.1:7701")

@@ -13,9 +13,9 @@ from typing import Iterator, Optional, Sequence
 import grpc
 
 from cluster.api import inference_pb2, inference_pb2_grpc
-from cluster.client.errors import FleetError, from_rpc_error
+from cluster.client.errors import FleetError, GenerationInterruptedError, from_rpc_error
 
-__all__ = ["FleetClient", "GenerateResult", "FleetError", "build_request"]
+__all__ = ["FleetClient", "GenerateResult", "FleetError", "GenerationInterruptedError", "build_request"]
 
 _FINISH_NAMES = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -44,6 +44,7 @@ class GenerateResult:
     total_ms: float
     decode_tokens_per_s: float
     client_total_ms: float = 0.0
+    message: str = ""
     chunks: int = field(default=0, repr=False)
 
     def as_dict(self) -> dict:
@@ -108,7 +109,8 @@ class FleetClient:
 
     def generate(self, request: Optional[inference_pb2.GenerateRequest] = None, *,
                  timeout_s: Optional[float] = None, **kwargs) -> GenerateResult:
-        """Run one request to the end and return its text and metadata."""
+        """Run one request to the end and return its text and metadata; raises
+        GenerationInterruptedError (with the partial result) if the node ended it early."""
         request = request if request is not None else build_request(**kwargs)
         start = time.perf_counter()
         text, ids, final, chunks = [], [], None, 0
@@ -120,7 +122,7 @@ class FleetClient:
                 final = chunk.final
         if final is None:
             raise FleetError(f"stream for request {request.request_id or '(no id)'} ended without a final chunk")
-        return GenerateResult(
+        result = GenerateResult(
             text="".join(text),
             token_ids=ids,
             finish_reason=_FINISH_NAMES.get(final.finish_reason, "unspecified"),
@@ -137,4 +139,9 @@ class FleetClient:
             decode_tokens_per_s=final.timings.decode_tokens_per_s,
             client_total_ms=(time.perf_counter() - start) * 1000.0,
             chunks=chunks,
+            message=final.message,
         )
+        if result.finish_reason in ("cancelled", "error"):
+            raise GenerationInterruptedError(final.message or f"generation ended: {result.finish_reason}",
+                                             partial=result, finish_reason=result.finish_reason)
+        return result

@@ -40,6 +40,16 @@ class UnavailableError(FleetError):
     code = "UNAVAILABLE"
 
 
+class GenerationInterruptedError(UnavailableError):
+    """The node ended the stream early (shutdown, engine failure); `partial` holds what
+    was generated, so the request can be resumed elsewhere with its token ids."""
+
+    def __init__(self, message: str, *, partial=None, finish_reason: str = ""):
+        super().__init__(message)
+        self.partial = partial
+        self.finish_reason = finish_reason
+
+
 class DeadlineExceededError(FleetError):
     code = "DEADLINE_EXCEEDED"
 

@@ -10,7 +10,7 @@ import typer
 
 from cluster.client import FleetClient, build_request
 from cluster.client.errors import FleetError
-from cluster.fleetctl.exits import fail
+from cluster.fleetctl.exits import EXIT_UNAVAILABLE, fail
 
 
 def generate(
@@ -51,6 +51,9 @@ def generate(
             if output != "json":
                 sys.stdout.write("\n")
             raise fail(err, target)
+    if final is not None and final.message:
+        typer.echo(f"\nfleetctl: {target}: {final.message}", err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE)
     if final is not None:
         t, u = final.timings, final.usage
         typer.echo(

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from node_agent.digest import weights_digest
 from node_agent.engine import (
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _RATE_WINDOW_S = 10.0
 _STATS_PERIOD_S = 0.05
+_IDLE_WAKE_S = 1.0
 
 
 class MlxEngine:
@@ -66,6 +67,8 @@ class MlxEngine:
         self._thread: Optional[threading.Thread] = None
         self._emit: Optional[Emit] = None
         self._closed = threading.Event()
+        self._gate = threading.Lock()
+        self._on_exit: Optional[Callable[[str], None]] = None
         # Engine-thread state.
         self._model = None
         self._tokenizer = None
@@ -90,8 +93,10 @@ class MlxEngine:
     def alive(self) -> bool:
         return self._thread is not None and not self._closed.is_set()
 
-    def start(self, emit: Emit) -> None:
+    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None) -> None:
+        """Start the engine thread; `on_exit(reason)` is called if it stops on its own."""
         self._emit = emit
+        self._on_exit = on_exit
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
 
@@ -105,26 +110,32 @@ class MlxEngine:
         self._send(("submit", request))
 
     def cancel(self, key: str) -> None:
-        if not self._closed.is_set():
-            self._inbox.put(("cancel", key))
+        with self._gate:
+            if not self._closed.is_set():
+                self._inbox.put(("cancel", key))
 
     def stats(self) -> EngineStats:
         return self._stats
 
     def close(self) -> None:
-        if self._thread is None or self._closed.is_set():
-            return
-        self._inbox.put(("close", None))
+        with self._gate:
+            if self._thread is None or self._closed.is_set():
+                return
+            self._inbox.put(("close", None))
         self._thread.join(timeout=30)
 
     def _send(self, item) -> None:
-        if self._closed.is_set() or self._thread is None:
-            raise EngineClosed("the MLX engine is not running")
-        self._inbox.put(item)
+        # The gate makes "not closed, then enqueue" atomic against the thread's final drain,
+        # so nothing enqueued is ever left unanswered.
+        with self._gate:
+            if self._closed.is_set() or self._thread is None:
+                raise EngineClosed("the MLX engine is not running")
+            self._inbox.put(item)
 
     # -- engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        reason = ""
         try:
             while True:
                 busy = bool(self._waiting or self._key_of)
@@ -134,25 +145,34 @@ class MlxEngine:
                 if self._key_of:
                     self._step()
                 self._publish_stats()
-        except BaseException:  # noqa: BLE001 - the thread must report, not vanish
+        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
+            reason = f"the MLX engine thread crashed ({type(exc).__name__})"
             log.exception("mlx engine thread crashed")
-            self._fail_all("the MLX engine thread crashed")
         finally:
-            self._closed.set()
+            with self._gate:
+                self._closed.set()
+            self._fail_all(reason or "the node is shutting down")
+            self._fail_pending_commands()
             self._prompt_cache = None  # PHI-derived state goes with the engine
             if self._gen is not None:
                 self._gen.close()
-            self._fail_pending_commands()
+            if reason and self._on_exit is not None:
+                self._on_exit(reason)
 
     def _take(self, block: bool) -> list:
         items = []
         if block:
-            items.append(self._inbox.get())
+            try:  # wake at least every second so idle stats (decode rate) stay current
+                items.append(self._inbox.get(timeout=_IDLE_WAKE_S))
+            except queue.Empty:
+                return items
         while not self._inbox.empty():
             items.append(self._inbox.get_nowait())
         return items
 
     def _handle(self, items: list) -> bool:
+        """Apply commands in order; a close is applied after everything that came with it."""
+        closing = False
         for kind, arg in items:
             if kind == "submit":
                 self._waiting.append(arg)
@@ -161,9 +181,8 @@ class MlxEngine:
             elif kind == "load":
                 self._load(arg)
             elif kind == "close":
-                self._fail_all("the node is shutting down")
-                return False
-        return True
+                closing = True
+        return not closing
 
     def _load(self, fut: Future) -> None:
         try:
@@ -198,6 +217,7 @@ class MlxEngine:
             weights_digest=digest,
             context_length=context,
             vocab_size=vocab,
+            decodable_vocab_size=min(vocab, len(tokenizer._tokenizer)),
             eos_token_ids=frozenset(tokenizer.eos_token_ids),
             engine=self.name,
             engine_version=f"mlx-lm {mlx_lm.__version__} / mlx {mx.__version__}",
@@ -244,6 +264,23 @@ class MlxEngine:
                 self._emit([(req.key, [EngineEvent(EventKind.FAILED, message="no model is loaded")])])
             return
         batch = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        try:
+            uids = self._insert(batch)
+        except Exception as exc:  # noqa: BLE001 - insert validates before it changes state
+            log.exception("mlx engine could not admit %d requests", len(batch))
+            message = f"the engine could not start the request ({type(exc).__name__})"
+            self._emit([(r.key, [EngineEvent(EventKind.FAILED, message=message)]) for r in batch])
+            return
+        admitted = []
+        for req, (uid, cached) in zip(batch, uids):
+            self._uid_of[req.key] = uid
+            self._key_of[uid] = req.key
+            self._cached_total += cached
+            admitted.append((req.key, [EngineEvent(EventKind.ADMITTED, cached_tokens=cached)]))
+        self._emit(admitted)
+
+    def _insert(self, batch: list[EngineRequest]) -> list[tuple[int, int]]:
+        """Insert into the BatchGenerator, reusing cached prefixes; [(uid, cached tokens)]."""
         reused = [self._reuse(list(r.prompt_tokens)) for r in batch]
         uids = self._gen.insert(
             [rest for _, rest in reused],
@@ -254,14 +291,7 @@ class MlxEngine:
             samplers=[make_sampler(r.sampling, start_step=r.prefix_len) for r in batch],
             logits_processors=[make_processors(r.sampling) for r in batch],
         )
-        admitted = []
-        for req, uid, (_, rest) in zip(batch, uids, reused):
-            self._uid_of[req.key] = uid
-            self._key_of[uid] = req.key
-            cached = len(req.prompt_tokens) - len(rest)
-            self._cached_total += cached
-            admitted.append((req.key, [EngineEvent(EventKind.ADMITTED, cached_tokens=cached)]))
-        self._emit(admitted)
+        return [(uid, len(r.prompt_tokens) - len(rest)) for uid, r, (_, rest) in zip(uids, batch, reused)]
 
     def _step(self) -> None:
         try:
