@@ -127,7 +127,7 @@ def test_sigterm_past_grace_ends_the_rest_with_a_cancelled_final_chunk(start_nod
                                                    request_id=f"cut-{i}"), timeout=60) for i in range(3)]
     firsts = [next(call) for call in calls]
     node.signal(signal.SIGTERM)
-    assert node.status().lifecycle == common_pb2.LIFECYCLE_DRAINING
+    node.wait_until(lambda s: s.lifecycle == common_pb2.LIFECYCLE_DRAINING, what="DRAINING after SIGTERM")
     for first, call in zip(firsts, calls):
         chunks = [first, *call]
         final = chunks[-1].final
