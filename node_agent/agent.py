@@ -107,6 +107,8 @@ class NodeAgent:
             log.exception("node=%s model load failed", self.node_id)
             await self._enter(State.FAILED, f"model load failed: {type(exc).__name__}: {exc}")
             return False
+        if self.stopping:  # SIGTERM arrived while loading: do not come up
+            return False
         self.facts = facts
         self.limits = Limits(self.settings.max_tokens_limit, facts.context_length,
                              facts.decodable_vocab_size, self.settings.max_stop_sequences)
@@ -120,6 +122,8 @@ class NodeAgent:
         except Exception as exc:  # noqa: BLE001
             log.exception("node=%s warm-up failed", self.node_id)
             await self._enter(State.FAILED, f"warm-up generation failed: {type(exc).__name__}: {exc}")
+            return False
+        if self.stopping:
             return False
         await self._enter(State.READY, "model loaded and warmed up")
         return True
