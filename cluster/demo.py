@@ -82,14 +82,16 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
 
 def _table(results) -> Table:
     t = Table(title="clinical notes (synthetic)")
-    for col in ("request", "node", "prompt", "tokens", "finish", "queue ms", "ttft ms", "total ms", "tok/s"):
+    for col in ("request", "node", "prompt", "cached", "tokens", "finish", "queue ms", "ttft ms", "total ms",
+                "tok/s"):
         t.add_column(col, no_wrap=True,
                      justify="left" if col in ("request", "node", "finish") else "right")
     for r in results:
         if isinstance(r, FleetError):
-            t.add_row("?", "-", "-", "-", f"[red]{r.code}[/]", "-", "-", "-", "-")
+            t.add_row("?", "-", "-", "-", "-", f"[red]{r.code}[/]", "-", "-", "-", "-")
             continue
-        t.add_row(r.request_id, r.node_id, str(r.prompt_tokens), str(r.completion_tokens), r.finish_reason,
+        t.add_row(r.request_id, r.node_id, str(r.prompt_tokens), str(r.cached_prompt_tokens),
+                  str(r.completion_tokens), r.finish_reason,
                   f"{r.queue_wait_ms:.1f}", f"{r.time_to_first_token_ms:.1f}", f"{r.total_ms:.1f}",
                   f"{r.decode_tokens_per_s:.0f}")
     return t

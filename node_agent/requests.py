@@ -260,10 +260,10 @@ class RequestRegistry:
             c.failed += 1
         t = stream.timings()
         log.info(
-            "node=%s request=%s outcome=%s finish=%s prompt_tokens=%d completion_tokens=%d "
-            "queue_ms=%.1f ttft_ms=%.1f total_ms=%.1f%s",
+            "node=%s request=%s outcome=%s finish=%s prompt_tokens=%d cached_tokens=%d "
+            "completion_tokens=%d queue_ms=%.1f ttft_ms=%.1f total_ms=%.1f%s",
             self._node_id, stream.req.request_id, outcome.value, stream.finish or "-",
-            stream.prompt_len, stream.completion_tokens, t.queue_wait_ms,
+            stream.prompt_len, stream.cached_tokens, stream.completion_tokens, t.queue_wait_ms,
             t.time_to_first_token_ms, t.total_ms, f" detail={detail!r}" if detail else "",
         )
 

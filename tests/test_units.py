@@ -146,3 +146,21 @@ def test_default_node_ids_are_unique_for_port_zero_and_stable_otherwise():
     assert default_node_id("127.0.0.1:0") != default_node_id("127.0.0.1:0")
     assert default_node_id("127.0.0.1:7700") == default_node_id("127.0.0.1:7700")
     assert default_node_id("127.0.0.1:7700") != default_node_id("127.0.0.1:7701")
+
+
+def test_fast_prompt_encoding_matches_transformers(tiny_model):
+    import mlx_lm
+
+    from node_agent.prompts import _encoder, build_prompt_tokens
+    from node_agent.sampling import SamplingSpec
+    from node_agent.validation import ValidRequest
+
+    _, tok = mlx_lm.load(str(tiny_model))
+    fast = _encoder(tok)
+    for text in ("Synthetic visit: BP 132/84, é ü 中文", "<|im_start|>user\nhi<|im_end|>\n", "  a\n\n b  "):
+        assert fast(text) == list(tok.encode(text, add_special_tokens=False))
+    req = ValidRequest("r", (("system", "Be brief."), ("user", "Cough for 3 days.")), None, SamplingSpec(),
+                       True, 5, (), (), "")
+    rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in req.messages],
+                                       add_generation_prompt=True, tokenize=False)
+    assert build_prompt_tokens(tok, req) == list(tok.encode(rendered, add_special_tokens=False))

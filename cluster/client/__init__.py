@@ -38,6 +38,7 @@ class GenerateResult:
     weights_digest: str
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int
     seed: int
     queue_wait_ms: float
     time_to_first_token_ms: float
@@ -132,6 +133,7 @@ class FleetClient:
             weights_digest=final.model.weights_digest,
             prompt_tokens=final.usage.prompt_tokens,
             completion_tokens=final.usage.completion_tokens,
+            cached_prompt_tokens=final.usage.cached_prompt_tokens,
             seed=final.seed,
             queue_wait_ms=final.timings.queue_wait_ms,
             time_to_first_token_ms=final.timings.time_to_first_token_ms,
