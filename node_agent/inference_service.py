@@ -25,6 +25,9 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # A caller cancelling this close to its deadline is counted as a deadline: the caller's
 # timer fires first and cancels, a little before the server's copy of the deadline.
 DEADLINE_SLACK_S = 0.5
+# The outcome recorded when the RPC ends without the handler deciding one: the caller
+# went away, its deadline passed, or the node's abort never reached a stalled writer.
+CALLER_GONE = "caller cancelled"
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -57,7 +60,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                "node and report the node log")
         # Whatever ends the RPC (cancel, deadline, a stalled writer at shutdown), the engine
         # slot is freed and the outcome recorded, even if this generator is never resumed.
-        context.add_done_callback(lambda _ctx: self._finish(stream, context, Outcome.CANCELLED, "caller cancelled"))
+        context.add_done_callback(
+            lambda _ctx: self._finish(stream, context, Outcome.CANCELLED, CALLER_GONE))
         try:
             agent.engine.submit(EngineRequest(
                 key=stream.key,
@@ -102,13 +106,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"node {node} hit an internal error on request {req.request_id} after "
                 f"{stream.completion_tokens} tokens; retry on another node and report the node log")
         finally:
-            self._finish(stream, context, Outcome.CANCELLED, "caller cancelled")
+            self._finish(stream, context, Outcome.CANCELLED, CALLER_GONE)
 
     def _finish(self, stream: RequestStream, context, outcome: Outcome, detail: str) -> None:
         """Record the request's one outcome (first call wins) and free its engine slot."""
         if stream.outcome is not None:
             return
-        if outcome is Outcome.CANCELLED and detail == "caller cancelled":
+        if detail is CALLER_GONE:
             if stream.aborted is not None:  # the node ended it, the writer never got to say so
                 detail = str(stream.aborted)
             else:
