@@ -19,7 +19,6 @@ from cluster.api import (
     INFERENCE_SERVICE,
     NODE_SERVICE,
     common_pb2,
-    inference_pb2,
     inference_pb2_grpc,
     node_pb2_grpc,
 )

@@ -8,7 +8,7 @@ thread, once per step, with every request's new events.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
 from node_agent.sampling import SamplingSpec
@@ -67,7 +67,7 @@ class EngineStats:
     prompt_cache_entries: int = 0
     prompt_cache_bytes: int = 0
     cached_prompt_tokens_total: int = 0
-    extra: dict = field(default_factory=dict)
+    recommended_working_set_bytes: int = 0  # Metal's limit on macOS; 0 elsewhere
 
 
 class Engine(Protocol):

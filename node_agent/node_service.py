@@ -58,7 +58,7 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
             engine_active_bytes=engine.active_memory_bytes,
             engine_peak_bytes=engine.peak_memory_bytes,
             unified=mem.unified,
-            gpu_recommended_working_set_bytes=engine.extra.get("recommended_working_set_bytes", 0),
+            gpu_recommended_working_set_bytes=engine.recommended_working_set_bytes,
         ),
         uptime_s=time.monotonic() - agent.started_at,
         agent_version=__version__,

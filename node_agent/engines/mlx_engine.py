@@ -81,7 +81,7 @@ class MlxEngine:
         self._stats_at = 0.0
         self._stats_counts = (0, 0)
         self._stats = EngineStats()
-        self._extra: dict = {}
+        self._working_set = 0
 
     # -- called from other threads -------------------------------------------------
 
@@ -206,7 +206,7 @@ class MlxEngine:
             context = min(context, self._max_context)
         vocab = int(config.get("vocab_size") or len(tokenizer.vocab))
         working_set = mx.device_info().get("max_recommended_working_set_size")
-        self._extra = {"recommended_working_set_bytes": int(working_set)} if working_set else {}
+        self._working_set = int(working_set or 0)
         if self._gen is not None:
             self._gen.close()
         self._model, self._tokenizer, self._digest = model, tokenizer, digest
@@ -376,5 +376,5 @@ class MlxEngine:
             prompt_cache_entries=len(self._prompt_cache) if self._prompt_cache is not None else 0,
             prompt_cache_bytes=self._prompt_cache.nbytes if self._prompt_cache is not None else 0,
             cached_prompt_tokens_total=self._cached_total,
-            extra=self._extra,
+            recommended_working_set_bytes=self._working_set,
         )
