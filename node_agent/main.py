@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -105,12 +106,28 @@ def serve(
                    "local MLX model (make one with `fleetctl model make-tiny DIR`)", err=True)
         raise typer.Exit(2)
     setup_logging(settings.log_level)
+    faulthandler.enable()  # a native crash prints every thread's Python stack to stderr
     try:
         code = asyncio.run(_serve(settings))
     except OSError as exc:
         typer.echo(f"fleet-node: {exc}", err=True)
         raise typer.Exit(1)
-    raise typer.Exit(code)
+    _exit_after_shutdown(code)
+
+
+def _exit_after_shutdown(code: int) -> None:
+    """Exit without interpreter teardown once the orderly shutdown has finished.
+
+    By now the server is stopped, every request has its terminal outcome and the engine
+    thread is joined; nothing is left to clean up. Python's teardown would still free gRPC's
+    and MLX's native objects in whatever order the garbage collector picks, and that has
+    aborted the process (SIGABRT, seen once in CI), turning a clean drain into a crash exit
+    that a supervisor (launchd) would report and restart.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def test_sigterm_lets_in_flight_requests_finish(start_node):
         final = chunks[-1].final
         assert final.finish_reason in (inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_STOP)
         assert final.usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
-    assert node.wait_exit(30) == 0
+    assert node.wait_exit(30) == 0, node.stderr()
     assert "shutting down: 4 requests in flight" in node.stderr()
 
 
@@ -118,7 +118,7 @@ def test_sigterm_refuses_new_work_while_draining(start_node):
     assert "shutting down" in err.value.details()
     rest = list(call)
     assert rest[-1].HasField("final")
-    assert node.wait_exit(30) == 0
+    assert node.wait_exit(30) == 0, node.stderr()
 
 
 def test_sigterm_past_grace_ends_the_rest_with_a_cancelled_final_chunk(start_node):
@@ -136,7 +136,7 @@ def test_sigterm_past_grace_ends_the_rest_with_a_cancelled_final_chunk(start_nod
         assert "resume it on another node with prefix_token_ids" in final.message
         streamed = sum(len(c.token_ids) for c in chunks)
         assert 0 < streamed == final.usage.completion_tokens < 2000
-    assert node.wait_exit(30) == 0
+    assert node.wait_exit(30) == 0, node.stderr()
     logs = node.stderr()
     assert logs.count("outcome=cancelled") == 3
     assert "DRAINING -> DRAINED" in logs
@@ -152,7 +152,7 @@ def test_second_sigterm_skips_the_grace(start_node):
     final = list(call)[-1].final
     assert final.finish_reason == inference_pb2.FINISH_REASON_CANCELLED
     assert "second SIGTERM" in final.message
-    assert node.wait_exit(30) == 0
+    assert node.wait_exit(30) == 0, node.stderr()
 
 
 def test_bad_model_path_exits_with_a_clear_error(tmp_path):
