@@ -63,8 +63,7 @@ async def _serve(settings) -> int:
 
 def _hard_exit(node_id: str) -> None:
     log.error("node=%s did not stop in time after the second signal; exiting now", node_id)
-    logging.shutdown()
-    os._exit(1)
+    _exit_now(1)
 
 
 def _stopping(reason: str):
@@ -112,17 +111,17 @@ def serve(
     except OSError as exc:
         typer.echo(f"fleet-node: {exc}", err=True)
         raise typer.Exit(1)
-    _exit_after_shutdown(code)
+    _exit_now(code)
 
 
-def _exit_after_shutdown(code: int) -> None:
-    """Exit without interpreter teardown once the orderly shutdown has finished.
+def _exit_now(code: int) -> None:
+    """Flush logs and stdio, then exit without interpreter teardown.
 
-    By now the server is stopped, every request has its terminal outcome and the engine
-    thread is joined; nothing is left to clean up. Python's teardown would still free gRPC's
-    and MLX's native objects in whatever order the garbage collector picks, and that has
-    aborted the process (SIGABRT, seen once in CI), turning a clean drain into a crash exit
-    that a supervisor (launchd) would report and restart.
+    Used after an orderly shutdown (server stopped, every request at its terminal outcome,
+    engine thread joined) and when the second signal's deadline passes. Python's teardown
+    would free gRPC's and MLX's native objects in whatever order the garbage collector
+    picks; that has aborted the process (SIGABRT, seen once in CI), turning a clean drain
+    into a crash exit that a supervisor (launchd) would report and restart.
     """
     logging.shutdown()
     sys.stdout.flush()
