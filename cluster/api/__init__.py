@@ -2,6 +2,8 @@
 
 from cluster.api.studiofleet.v1 import (
     common_pb2,
+    fleet_pb2,
+    fleet_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     node_pb2,
@@ -11,12 +13,16 @@ from cluster.api.studiofleet.v1 import (
 API_VERSION = "studiofleet.v1"
 INFERENCE_SERVICE = "studiofleet.v1.Inference"
 NODE_SERVICE = "studiofleet.v1.Node"
+FLEET_SERVICE = "studiofleet.v1.Fleet"
 
 __all__ = [
     "API_VERSION",
+    "FLEET_SERVICE",
     "INFERENCE_SERVICE",
     "NODE_SERVICE",
     "common_pb2",
+    "fleet_pb2",
+    "fleet_pb2_grpc",
     "inference_pb2",
     "inference_pb2_grpc",
     "node_pb2",

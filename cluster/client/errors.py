@@ -68,11 +68,18 @@ class DuplicateRequestError(FleetError):
     code = "ALREADY_EXISTS"
 
 
+class ResumeImpossibleError(FleetError):
+    """The coordinator could not finish a request it had started streaming: no node
+    serving the same weights was left, or its failover budget ran out. Retry it whole."""
+
+    code = "ABORTED"
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidRequestError, UnauthenticatedError, PermissionDeniedError, OverloadedError,
                 UnavailableError, DeadlineExceededError, CancelledError, PreconditionError,
-                DuplicateRequestError)
+                DuplicateRequestError, ResumeImpossibleError)
 }
 
 
