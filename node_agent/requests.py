@@ -79,7 +79,11 @@ class RequestStream:
         self.t_last: Optional[float] = None
         for token in req.prefix_token_ids:
             detokenizer.add_token(token)
-        _ = detokenizer.last_segment  # the caller already has the prefix's text
+        primed = detokenizer.last_segment
+        # The caller already has the prefix's text, or the first prefix_text_chars of it:
+        # the rest (held back by a stop check or an unfinished character) is sent first.
+        chars = req.prefix_text_chars
+        self._carry = primed[chars:] if chars is not None else ""
 
     def push(self, events: list[EngineEvent]) -> None:
         """Events from the engine, timestamped as they reach the event loop."""
@@ -130,7 +134,7 @@ class RequestStream:
                 self._detok.add_token(ev.token)
                 if ev.finish is not None:
                     self._detok.finalize()
-                delta, matched = self._stops.feed(self._detok.last_segment)
+                delta, matched = self._stops.feed(self._segment())
                 text.append(delta)
                 if matched:  # ids after the one that completed the stop are never sent
                     self.finish = "stop"
@@ -139,11 +143,16 @@ class RequestStream:
                 self.finish = ev.finish
                 if ev.finish == "stop":
                     self._detok.finalize()
-                    text.append(self._stops.feed(self._detok.last_segment)[0])
+                    text.append(self._stops.feed(self._segment())[0])
                 text.append(self._stops.flush())
         if not ids and self.finish is None:
             return None
         return inference_pb2.GenerateChunk(text="".join(text), token_ids=ids)
+
+    def _segment(self) -> str:
+        """New decoded text, after any held-back prefix text."""
+        segment, self._carry = self._carry + self._detok.last_segment, ""
+        return segment
 
     def node_final(self, reason: int, message: str, *, node_id: str, model) -> inference_pb2.GenerateChunk:
         """The last chunk of a stream the node ends itself (shutdown, engine failure)."""

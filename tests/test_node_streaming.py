@@ -128,6 +128,40 @@ def test_prefix_token_ids_resume_the_same_sequence(node):
     assert full[:k] + rest == full
 
 
+def test_prefix_text_chars_splices_the_text_exactly(node):
+    """A resumed stream sends the prefix's text the caller has not seen yet, then the rest:
+    old text[:c] + new text equals the uninterrupted text, wherever the cut falls."""
+    chunks = list(node.inference.Generate(build_request(messages=NOTE, max_tokens=40, temperature=0.9,
+                                                        seed=9, request_id="whole-text"), timeout=60))
+    full = [t for c in chunks for t in c.token_ids]
+    full_text = "".join(c.text for c in chunks)
+    # What a caller holds when the node dies after k tokens: the chunks sent so far.
+    seen, seen_text = [], ""
+    for chunk in chunks:
+        if len(seen) >= 17:
+            break
+        seen.extend(chunk.token_ids)
+        seen_text += chunk.text
+    k = len(seen)
+    for chars in sorted({0, len(seen_text) // 2, len(seen_text)}):
+        req = build_request(messages=NOTE, max_tokens=40 - k, temperature=0.9, seed=9,
+                            request_id=f"splice-{chars}")
+        req.prefix_token_ids.extend(seen)
+        req.prefix_text_chars = chars
+        rest, rest_text, _, _ = _run(node, req)
+        assert full[:k] + rest == full
+        assert seen_text[:chars] + rest_text == full_text
+
+
+def test_prefix_text_chars_without_prefix_is_invalid(node):
+    req = build_request(prompt="Plan:", max_tokens=4)
+    req.prefix_text_chars = 3
+    with pytest.raises(grpc.RpcError) as err:
+        _run(node, req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prefix_text_chars" in err.value.details()
+
+
 def test_stop_sequence_cuts_text_and_ends_stream(node):
     ids, text, final, _ = _run(node, build_request(messages=NOTE, max_tokens=64, request_id="nostop"))
     assert len(text) > 6
