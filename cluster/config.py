@@ -48,10 +48,59 @@ class NodeSettings(BaseSettings):
     warmup_tokens: int = Field(4, ge=1)
     shutdown_grace_s: float = Field(30.0, ge=0)
     retry_after_ms: int = Field(500, ge=0)
+    # Announce over mDNS (zero-config discovery); `fleet` keeps fleets on one LAN apart.
+    mdns: bool = True
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     log_level: str = "INFO"
 
     @field_validator("listen")
     @classmethod
     def _listen_is_host_port(cls, value: str) -> str:
         split_host_port(value)
+        return value
+
+
+class CoordinatorSettings(BaseSettings):
+    """Everything `fleet-coordinator` needs: where to listen, how to find and judge nodes,
+    and how to admit and move requests. The health policy is written out in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_COORDINATOR_", frozen=True, extra="forbid")
+
+    listen: str = "127.0.0.1:7800"
+    coordinator_id: str = "coordinator"
+    nodes: tuple[str, ...] = ()            # static HOST:PORT list, for networks without multicast
+    mdns: bool = True
+    mdns_interface: str = "0.0.0.0"        # the address to browse on (127.0.0.1 for a local fleet)
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    # Health policy (shared/RELIABILITY.md anchors: probe period 10 s, 3 failures; Envoy
+    # ejects for 30 s x n after 5). Tighter here: a clinical stream must not stall for long.
+    poll_interval_s: float = Field(1.0, gt=0)
+    poll_jitter: float = Field(0.2, ge=0, lt=1)    # +- fraction of the interval
+    probe_timeout_s: float = Field(1.0, gt=0)
+    eject_after_failures: int = Field(3, ge=1)
+    eject_base_s: float = Field(2.0, gt=0)         # ejection n lasts base x n, capped
+    eject_max_s: float = Field(60.0, gt=0)
+    readmit_after_probes: int = Field(3, ge=1)     # passing probes after the backoff
+    # Routing and admission.
+    affinity_load_factor: float = Field(1.25, ge=1.0)  # bounded-load consistent hashing
+    queue_max_depth: int = Field(256, ge=0)
+    queue_max_wait_s: float = Field(10.0, ge=0)
+    retry_after_ms: int = Field(500, ge=0)
+    max_failovers: int = Field(3, ge=0)            # node moves per request
+    max_tokens_limit: int = Field(4096, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes_are_host_port(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            split_host_port(address)
         return value

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,9 +25,14 @@ from cluster.api import inference_pb2_grpc, node_pb2, node_pb2_grpc
 class NodeProcess:
     """A `fleet-node` subprocess; use as a context manager."""
 
-    def __init__(self, model: Path, *args: str, node_id: str = "test-node", env: Optional[dict] = None):
+    def __init__(self, model: Path, *args: str, node_id: str = "test-node", env: Optional[dict] = None,
+                 fleet: Optional[str] = None, listen: str = "127.0.0.1:0", wrapper: Sequence[str] = ()):
+        """`fleet` turns mDNS announcement on (off by default); `wrapper` prefixes the
+        command (e.g. `ip netns exec NS`)."""
         self.model = model
-        self.args = ["--node-id", node_id, *args]
+        self.listen = listen
+        self.wrapper = list(wrapper)
+        self.args = ["--node-id", node_id, *(("--fleet", fleet) if fleet else ("--no-mdns",)), *args]
         self.node_id = node_id
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: Optional[subprocess.Popen] = None
@@ -41,8 +46,8 @@ class NodeProcess:
         """Start and wait until it listens (not until READY: see wait_serving)."""
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stderr_path = log_dir / f"{self.node_id}.stderr.log"
-        cmd = [sys.executable, "-m", "node_agent.main", "--model", str(self.model),
-               "--listen", "127.0.0.1:0", *self.args]
+        cmd = [*self.wrapper, sys.executable, "-m", "node_agent.main", "--model", str(self.model),
+               "--listen", self.listen, *self.args]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
                                      stderr=open(self.stderr_path, "wb"), text=True)
         threading.Thread(target=self._pump, daemon=True).start()

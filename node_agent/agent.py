@@ -23,6 +23,8 @@ from cluster.api import (
     node_pb2_grpc,
 )
 from cluster.config import NodeSettings
+from cluster.mdns import Advert
+from node_agent.advertiser import Advertiser
 from node_agent.engine import Engine, EngineRequest, ModelFacts
 from node_agent.inference_service import InferenceService
 from node_agent.lifecycle import Lifecycle, State
@@ -73,6 +75,8 @@ class NodeAgent:
         self._server: Optional[grpc.aio.Server] = None
         self._health = health_aio.HealthServicer()
         self._stopped = asyncio.Event()
+        self._advertiser: Optional[Advertiser] = None
+        self._announcing: Optional[asyncio.Task] = None
 
     async def start(self) -> int:
         """Bind and serve status and health at once; returns the bound port."""
@@ -95,7 +99,33 @@ class NodeAgent:
             self.registry.emit_threadsafe,
             on_exit=lambda reason: loop.call_soon_threadsafe(
                 lambda: loop.create_task(self.engine_died(reason))))
+        if self.settings.mdns:  # in the background: mDNS probing takes ~1 s, loading need not wait
+            self._announcing = loop.create_task(self._announce())
         return self.port
+
+    def advert(self) -> Advert:
+        """The mDNS summary of this node's state (the whole is in GetStatus)."""
+        info = self.model_info
+        return Advert(node_id=self.node_id, engine=info.engine or self.settings.engine,
+                      model_id=info.model_id, digest=info.weights_digest[:19],
+                      state=self.lifecycle.state.value, fleet=self.settings.fleet)
+
+    async def _announce(self) -> None:
+        host = self.settings.listen.rpartition(":")[0].strip("[]")
+        self._advertiser = Advertiser(host=host, port=self.port)
+        try:
+            await self._advertiser.start(self.advert())
+        except Exception as exc:  # noqa: BLE001 - no multicast here: static node lists still work
+            log.warning("node=%s mDNS announcement failed (%s: %s); coordinators need it in --node",
+                        self.node_id, type(exc).__name__, exc)
+            return
+        loop = asyncio.get_running_loop()
+        self.lifecycle.subscribe(lambda _snap: loop.call_soon_threadsafe(
+            lambda: loop.create_task(self._readvertise())))
+
+    async def _readvertise(self) -> None:
+        if self._advertiser is not None:
+            await self._advertiser.update(self.advert())
 
     async def load_and_warm(self) -> bool:
         """LOADING -> WARMING -> READY, or FAILED with the reason; never raises."""
@@ -172,6 +202,11 @@ class NodeAgent:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self.stopping = True
         await self._health.enter_graceful_shutdown()
+        if self._announcing is not None:
+            self._announcing.cancel()
+        if self._advertiser is not None:
+            await self._advertiser.close()  # goodbye: coordinators stop sending new work
+            self._advertiser = None
         draining = self.lifecycle.state is State.READY
         if draining:
             self.lifecycle.transition(State.DRAINING, "shutting down (SIGTERM)")

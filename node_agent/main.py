@@ -87,6 +87,8 @@ def serve(
     prefill_step_size: Optional[int] = typer.Option(None, help="Prompt tokens prefilled per step. [default: 512]"),
     prompt_cache_entries: Optional[int] = typer.Option(None, help="Prompt prefixes kept for reuse (0 = off). [default: 16]"),
     shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
+    mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Announce over mDNS for zero-config discovery. [default: on]"),
+    fleet: Optional[str] = typer.Option(None, help="Fleet name announced over mDNS; coordinators take only their own. [default: default]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
     flags = {k: v for k, v in locals().items() if v is not None and k != "model"}
