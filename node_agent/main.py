@@ -6,7 +6,6 @@ import asyncio
 import faulthandler
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Optional
 
 import typer
 from pydantic import ValidationError
+
+from cluster.daemon import exit_now
 
 from cluster.offline import force_offline
 
@@ -63,7 +64,7 @@ async def _serve(settings) -> int:
 
 def _hard_exit(node_id: str) -> None:
     log.error("node=%s did not stop in time after the second signal; exiting now", node_id)
-    _exit_now(1)
+    exit_now(1)
 
 
 def _stopping(reason: str):
@@ -113,22 +114,7 @@ def serve(
     except OSError as exc:
         typer.echo(f"fleet-node: {exc}", err=True)
         raise typer.Exit(1)
-    _exit_now(code)
-
-
-def _exit_now(code: int) -> None:
-    """Flush logs and stdio, then exit without interpreter teardown.
-
-    Used after an orderly shutdown (server stopped, every request at its terminal outcome,
-    engine thread joined) and when the second signal's deadline passes. Python's teardown
-    would free gRPC's and MLX's native objects in whatever order the garbage collector
-    picks; that has aborted the process (SIGABRT, seen once in CI), turning a clean drain
-    into a crash exit that a supervisor (launchd) would report and restart.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 def main() -> None:

@@ -1,0 +1,113 @@
+"""AsyncFleetClient: the asyncio client (grpc.aio), with FleetClient's API and retry rules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator, Optional, Sequence, Union
+
+import grpc
+import grpc.aio
+
+from cluster.api import inference_pb2, inference_pb2_grpc
+from cluster.client.results import GenerateResult, ResultBuilder, build_request, with_request_id
+from cluster.client.retry import Attempts, RetryPolicy, parse_targets
+
+__all__ = ["AsyncFleetClient"]
+
+
+class AsyncFleetClient:
+    """An asyncio client of one or more Inference endpoints (coordinators or nodes).
+
+        async with AsyncFleetClient(["10.0.0.1:7700", "10.0.0.2:7700"]) as client:
+            result = await client.generate(prompt="...", max_tokens=400, timeout_s=60)
+            async for chunk in client.stream(request, timeout_s=60): ...
+
+    Retries as FleetClient does. Cancelling the task that awaits a call cancels the RPC:
+    the server sees the cancel and frees the slot. Channels are made on first use, in the
+    running event loop; use one client per event loop.
+    """
+
+    def __init__(self, targets: Union[str, Sequence[str]], *, channel: Optional[grpc.aio.Channel] = None,
+                 max_attempts: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
+                 channel_options: Sequence[tuple] = ()):
+        self.targets = parse_targets(targets)
+        if channel is not None and len(self.targets) != 1:
+            raise ValueError("channel= needs exactly one target address")
+        policy = retry_policy or RetryPolicy()
+        if max_attempts is not None:
+            policy = RetryPolicy(**{**policy.__dict__, "max_attempts": max_attempts})
+        self.retry_policy = policy
+        self._options = list(channel_options)
+        self._channels: list[Optional[grpc.aio.Channel]] = [channel] if channel is not None else \
+            [None] * len(self.targets)
+        self._stubs: list[Optional[inference_pb2_grpc.InferenceStub]] = [None] * len(self.targets)
+        self._preferred = 0
+
+    @property
+    def target(self) -> str:
+        """The address the next call starts with: the one that last worked."""
+        return self.targets[self._preferred]
+
+    def _stub(self, index: int) -> inference_pb2_grpc.InferenceStub:
+        if self._stubs[index] is None:
+            if self._channels[index] is None:
+                self._channels[index] = grpc.aio.insecure_channel(self.targets[index], options=self._options)
+            self._stubs[index] = inference_pb2_grpc.InferenceStub(self._channels[index])
+        return self._stubs[index]
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, [None] * len(self.targets)
+        self._stubs = [None] * len(self.targets)
+        for channel in channels:
+            if channel is not None:
+                await channel.close()
+
+    async def __aenter__(self) -> "AsyncFleetClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _attempts(self, request: inference_pb2.GenerateRequest, timeout_s: Optional[float]) -> Attempts:
+        return Attempts(self.targets, self._preferred, self.retry_policy, timeout_s, request.request_id)
+
+    def stream(self, request: inference_pb2.GenerateRequest, *,
+               timeout_s: Optional[float] = None) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """`async for` over the chunks as they arrive; raises a FleetError subclass on
+        failure. The deadline starts now. To stop early, break inside
+        `async with contextlib.aclosing(client.stream(...))` so the RPC is cancelled at
+        once rather than when the generator is collected."""
+        request = with_request_id(request)
+        return self._stream(request, self._attempts(request, timeout_s))
+
+    async def _stream(self, request: inference_pb2.GenerateRequest,
+                      attempts: Attempts) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        while True:
+            timeout = attempts.begin()
+            index = attempts.index
+            call = self._stub(index).Generate(request, timeout=timeout)
+            received = False
+            try:
+                async for chunk in call:
+                    if not received:
+                        received = True
+                        self._preferred = index
+                    yield chunk
+                return
+            except grpc.RpcError as err:  # grpc.aio.AioRpcError included
+                delay = attempts.failed(err, received_chunk=received)  # raises if no retry is left
+            finally:
+                call.cancel()  # no-op when done; on task cancellation, tells the server
+            await asyncio.sleep(delay)
+
+    async def generate(self, request: Optional[inference_pb2.GenerateRequest] = None, *,
+                       timeout_s: Optional[float] = None, **kwargs) -> GenerateResult:
+        """Run one request to the end; as FleetClient.generate."""
+        request = with_request_id(request if request is not None else build_request(**kwargs))
+        attempts = self._attempts(request, timeout_s)
+        builder = ResultBuilder(request.request_id)
+        async with contextlib.aclosing(self._stream(request, attempts)) as chunks:
+            async for chunk in chunks:
+                builder.add(chunk)
+        return builder.result(target=attempts.target, attempts=attempts.attempt)

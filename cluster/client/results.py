@@ -1,0 +1,158 @@
+"""Requests in, results out: shared by the sync and the async client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from cluster.api import inference_pb2
+from cluster.client.errors import FleetError, GenerationInterruptedError, add_context
+
+__all__ = ["GenerateResult", "ResultBuilder", "build_request", "with_request_id"]
+
+_FINISH_NAMES = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    inference_pb2.FINISH_REASON_ERROR: "error",
+}
+_PRIORITIES = {
+    "interactive": inference_pb2.PRIORITY_INTERACTIVE,
+    "batch": inference_pb2.PRIORITY_BATCH,
+}
+
+
+@dataclass
+class GenerateResult:
+    """A whole completion with the final record's metadata."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    request_id: str
+    node_id: str
+    model_id: str
+    weights_digest: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    seed: int
+    queue_wait_ms: float
+    time_to_first_token_ms: float
+    total_ms: float
+    decode_tokens_per_s: float
+    client_total_ms: float = 0.0
+    message: str = ""
+    chunks: int = field(default=0, repr=False)
+    failovers: int = 0                                 # times the coordinator moved the request
+    nodes: list[str] = field(default_factory=list)     # nodes that served it, in order
+    target: str = ""                                   # the address that answered
+    attempts: int = 1                                  # client attempts, this one included
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "chunks"}
+
+
+def build_request(
+    *,
+    prompt: Optional[str] = None,
+    messages: Optional[Sequence[tuple[str, str]]] = None,
+    max_tokens: int,
+    request_id: str = "",
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    min_p: Optional[float] = None,
+    repetition_penalty: Optional[float] = None,
+    seed: Optional[int] = None,
+    stop: Sequence[str] = (),
+    priority: Optional[str] = None,
+    session_key: str = "",
+) -> inference_pb2.GenerateRequest:
+    """A GenerateRequest; `priority` is "interactive" (default) or "batch", `session_key`
+    an opaque affinity hint for routers (e.g. a conversation id; never logged)."""
+    sampling = inference_pb2.SamplingParams()
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                        ("min_p", min_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, name, value)
+    if priority is not None and priority not in _PRIORITIES:
+        raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, got {priority!r}")
+    req = inference_pb2.GenerateRequest(
+        request_id=request_id, sampling=sampling, max_tokens=max_tokens, stop=list(stop),
+        priority=_PRIORITIES.get(priority, inference_pb2.PRIORITY_UNSPECIFIED), session_key=session_key)
+    if messages is not None:
+        req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in messages)
+    elif prompt is not None:
+        req.prompt = prompt
+    return req
+
+
+def with_request_id(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRequest:
+    """The request itself if it has an id; else a copy with a new one, so every attempt
+    and every error message names the same request."""
+    if request.request_id:
+        return request
+    copy = inference_pb2.GenerateRequest()
+    copy.CopyFrom(request)
+    copy.request_id = f"req-{uuid.uuid4().hex[:16]}"
+    return copy
+
+
+class ResultBuilder:
+    """Collects a stream's chunks into a GenerateResult."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.started = time.perf_counter()
+        self._text: list[str] = []
+        self._ids: list[int] = []
+        self._final: Optional[inference_pb2.FinalInfo] = None
+        self._chunks = 0
+
+    def add(self, chunk: inference_pb2.GenerateChunk) -> None:
+        self._chunks += 1
+        self._text.append(chunk.text)
+        self._ids.extend(chunk.token_ids)
+        if chunk.HasField("final"):
+            self._final = chunk.final
+
+    def result(self, *, target: str = "", attempts: int = 1) -> GenerateResult:
+        """The result; raises FleetError if the stream had no final chunk and
+        GenerationInterruptedError (with the partial result) if the node ended it early."""
+        final = self._final
+        if final is None:
+            raise add_context(FleetError("the stream ended without a final chunk"), target=target,
+                              request_id=self.request_id, attempts=attempts)
+        result = GenerateResult(
+            text="".join(self._text),
+            token_ids=list(self._ids),
+            finish_reason=_FINISH_NAMES.get(final.finish_reason, "unspecified"),
+            request_id=final.request_id,
+            node_id=final.node_id,
+            model_id=final.model.model_id,
+            weights_digest=final.model.weights_digest,
+            prompt_tokens=final.usage.prompt_tokens,
+            completion_tokens=final.usage.completion_tokens,
+            cached_prompt_tokens=final.usage.cached_prompt_tokens,
+            seed=final.seed,
+            queue_wait_ms=final.timings.queue_wait_ms,
+            time_to_first_token_ms=final.timings.time_to_first_token_ms,
+            total_ms=final.timings.total_ms,
+            decode_tokens_per_s=final.timings.decode_tokens_per_s,
+            client_total_ms=(time.perf_counter() - self.started) * 1000.0,
+            message=final.message,
+            chunks=self._chunks,
+            failovers=final.failovers,
+            nodes=list(final.nodes) or ([final.node_id] if final.node_id else []),
+            target=target,
+            attempts=attempts,
+        )
+        if result.finish_reason in ("cancelled", "error"):
+            exc = GenerationInterruptedError(final.message or f"generation ended: {result.finish_reason}",
+                                             partial=result, finish_reason=result.finish_reason)
+            raise add_context(exc, target=target, request_id=result.request_id or self.request_id,
+                              attempts=attempts)
+        return result

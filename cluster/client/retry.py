@@ -1,0 +1,139 @@
+"""When to try a Generate call again: one pure decision shared by both clients.
+
+gRPC A6 semantics, narrowed to what is safe for a token stream:
+  * never after a chunk was received (tokens were delivered; a retry would repeat them);
+  * UNAVAILABLE: on the next address, after an exponential backoff (0.1 s, x2, at most
+    1 s; jittered as in A6 unless the policy turns jitter off);
+  * RESOURCE_EXHAUSTED: on the same address, after the server's grpc-retry-pushback-ms
+    hint, only if the hint is present, at most `max_pushback_s`, and still fits in the
+    caller's deadline;
+  * anything else (INVALID_ARGUMENT, DEADLINE_EXCEEDED, CANCELLED, FAILED_PRECONDITION,
+    ABORTED, ...): never;
+  * at most `max_attempts` attempts in all, within one overall deadline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import grpc
+
+from cluster.client.errors import from_rpc_error
+
+__all__ = ["Attempts", "Deadline", "RetryDecision", "RetryPolicy", "decide_retry", "parse_targets"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 1.0
+    backoff_multiplier: float = 2.0
+    max_pushback_s: float = 2.0
+    # An attempt needs at least this much of the deadline left to be worth starting.
+    min_attempt_s: float = 0.05
+    jitter: bool = True
+
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    retry: bool
+    delay_s: float = 0.0
+    next_target: bool = False   # move on to the next address (round robin)
+    reason: str = ""
+
+
+def decide_retry(code: Union[str, grpc.StatusCode], *, received_chunk: bool, attempt: int,
+                 time_left_s: Optional[float], pushback_ms: Optional[int] = None,
+                 policy: RetryPolicy = RetryPolicy(), jitter: float = 1.0) -> RetryDecision:
+    """Whether to make another attempt after attempt number `attempt` (1-based) failed.
+
+    `time_left_s` is what remains of the overall deadline (None: no deadline); `jitter`
+    in [0, 1] scales the UNAVAILABLE backoff (pass random.random(), or 1.0 for none).
+    """
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if received_chunk:
+        return RetryDecision(False, reason="chunks were already received; a retry would repeat tokens")
+    if name == "UNAVAILABLE":
+        delay = min(policy.initial_backoff_s * policy.backoff_multiplier ** max(attempt - 1, 0),
+                    policy.max_backoff_s) * min(max(jitter, 0.0), 1.0)
+        next_target = True
+    elif name == "RESOURCE_EXHAUSTED":
+        if pushback_ms is None:
+            return RetryDecision(False, reason="overloaded and the server gave no retry hint")
+        delay = pushback_ms / 1000.0
+        if delay > policy.max_pushback_s:
+            return RetryDecision(False, reason=f"the server asks to wait {pushback_ms} ms, "
+                                               f"more than the client's {policy.max_pushback_s:g} s cap")
+        next_target = False
+    else:
+        return RetryDecision(False, reason=f"{name} is not retryable")
+    if attempt >= policy.max_attempts:
+        return RetryDecision(False, reason=f"all {policy.max_attempts} attempts used")
+    if time_left_s is not None and delay + policy.min_attempt_s > time_left_s:
+        return RetryDecision(False, reason=f"waiting {delay:.3f} s would not leave time for another "
+                                           f"attempt before the deadline ({time_left_s:.3f} s left)")
+    return RetryDecision(True, delay_s=delay, next_target=next_target, reason=f"{name}: attempt {attempt + 1}")
+
+
+class Deadline:
+    """One overall deadline across attempts; None means none."""
+
+    def __init__(self, timeout_s: Optional[float]):
+        self._end = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def remaining(self) -> Optional[float]:
+        return None if self._end is None else max(self._end - time.monotonic(), 0.0)
+
+
+def parse_targets(targets: Union[str, Sequence[str]]) -> list[str]:
+    """'HOST:PORT', 'A:1,B:2' or a list of them -> a non-empty list of addresses."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    out = [t.strip() for t in items if t and t.strip()]
+    if not out:
+        raise ValueError(f"expected one or more HOST:PORT addresses, got {targets!r}")
+    return out
+
+
+class Attempts:
+    """The bookkeeping of one call across attempts: which address, how many tries, how
+    much time is left, and the error to raise when no retry is left."""
+
+    def __init__(self, targets: Sequence[str], start: int, policy: RetryPolicy,
+                 timeout_s: Optional[float], request_id: str):
+        self.targets, self.index, self.policy = list(targets), start % len(targets), policy
+        self.deadline = Deadline(timeout_s)
+        self.request_id = request_id
+        self.attempt = 0
+        self.tried: list[str] = []
+
+    @property
+    def target(self) -> str:
+        return self.targets[self.index]
+
+    def begin(self) -> Optional[float]:
+        """Start the next attempt; returns its timeout (what is left of the deadline)."""
+        self.attempt += 1
+        self.tried.append(self.target)
+        return self.deadline.remaining()
+
+    def failed(self, err: grpc.RpcError, *, received_chunk: bool) -> float:
+        """The delay before the next attempt; raises the mapped FleetError if there is none."""
+        exc = from_rpc_error(err, target=self.target, request_id=self.request_id,
+                             attempts=self.attempt, targets_tried=self.tried)
+        decision = decide_retry(exc.code, received_chunk=received_chunk, attempt=self.attempt,
+                                time_left_s=self.deadline.remaining(), pushback_ms=exc.retry_after_ms,
+                                policy=self.policy, jitter=random.random() if self.policy.jitter else 1.0)
+        exc.retry_decision = decision
+        if not decision.retry:
+            raise exc from None
+        if decision.next_target:
+            self.index = (self.index + 1) % len(self.targets)
+        return decision.delay_s

@@ -1,0 +1,106 @@
+"""FleetClient: the blocking client, over one channel per coordinator (or node) address."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator, Optional, Sequence, Union
+
+import grpc
+
+from cluster.api import inference_pb2, inference_pb2_grpc
+from cluster.client.results import GenerateResult, ResultBuilder, build_request, with_request_id
+from cluster.client.retry import Attempts, RetryPolicy, parse_targets
+
+__all__ = ["FleetClient"]
+
+
+class FleetClient:
+    """A synchronous client of one or more Inference endpoints (coordinators or nodes).
+
+        client = FleetClient(["10.0.0.1:7700", "10.0.0.2:7700"])
+        result = client.generate(prompt="...", max_tokens=400, timeout_s=60)
+
+    A call that fails before its first chunk is retried as `retry.decide_retry` says:
+    UNAVAILABLE on the next address, RESOURCE_EXHAUSTED after the server's hint; at most
+    `max_attempts` attempts within the one `timeout_s`. Safe to share between threads.
+    """
+
+    def __init__(self, targets: Union[str, Sequence[str]], *, channel: Optional[grpc.Channel] = None,
+                 max_attempts: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
+                 channel_options: Sequence[tuple] = ()):
+        self.targets = parse_targets(targets)
+        if channel is not None and len(self.targets) != 1:
+            raise ValueError("channel= needs exactly one target address")
+        policy = retry_policy or RetryPolicy()
+        if max_attempts is not None:
+            policy = RetryPolicy(**{**policy.__dict__, "max_attempts": max_attempts})
+        self.retry_policy = policy
+        self._channels = [channel] if channel is not None else [
+            grpc.insecure_channel(t, options=list(channel_options)) for t in self.targets]
+        self._stubs = [inference_pb2_grpc.InferenceStub(c) for c in self._channels]
+        self._preferred = 0
+        self._lock = threading.Lock()
+
+    @property
+    def target(self) -> str:
+        """The address the next call starts with: the one that last worked."""
+        return self.targets[self._preferred]
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> "FleetClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stream(self, request: inference_pb2.GenerateRequest, *,
+               timeout_s: Optional[float] = None) -> Iterator[inference_pb2.GenerateChunk]:
+        """Iterate over the chunks as they arrive; raises a FleetError subclass on failure.
+        The deadline starts now. A request without request_id gets one here, so every
+        attempt and error names it. Stop early with `contextlib.closing(...)` to cancel at once."""
+        request = with_request_id(request)
+        return self._stream(request, self._attempts(request, timeout_s))
+
+    def _attempts(self, request: inference_pb2.GenerateRequest, timeout_s: Optional[float]) -> Attempts:
+        with self._lock:
+            start = self._preferred
+        return Attempts(self.targets, start, self.retry_policy, timeout_s, request.request_id)
+
+    def _stream(self, request: inference_pb2.GenerateRequest,
+                attempts: Attempts) -> Iterator[inference_pb2.GenerateChunk]:
+        while True:
+            timeout = attempts.begin()
+            index = attempts.index
+            call = self._stubs[index].Generate(request, timeout=timeout)
+            received = False
+            try:
+                for chunk in call:
+                    if not received:
+                        received = True
+                        with self._lock:
+                            self._preferred = index
+                    yield chunk
+                return
+            except grpc.RpcError as err:
+                delay = attempts.failed(err, received_chunk=received)  # raises if no retry is left
+            finally:
+                call.cancel()
+            time.sleep(delay)
+
+    def generate(self, request: Optional[inference_pb2.GenerateRequest] = None, *,
+                 timeout_s: Optional[float] = None, **kwargs) -> GenerateResult:
+        """Run one request to the end and return its text and metadata; raises
+        GenerationInterruptedError (with the partial result) if the node ended it early.
+        Without `request`, the keyword arguments go to build_request."""
+        request = with_request_id(request if request is not None else build_request(**kwargs))
+        attempts = self._attempts(request, timeout_s)
+        builder = ResultBuilder(request.request_id)
+        with contextlib.closing(self._stream(request, attempts)) as chunks:
+            for chunk in chunks:
+                builder.add(chunk)
+        return builder.result(target=attempts.target, attempts=attempts.attempt)

@@ -1,0 +1,116 @@
+"""Admission: place a request on a node now, or queue it (bounded depth, bounded wait).
+
+Resumes of interrupted streams go first, then interactive, then batch; FIFO within a
+class. A place is reserved (in_flight, outstanding tokens) until `release`. Everything
+runs on the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from coordinator.fleet import Fleet, NodeEntry
+from coordinator.router import Want, pick
+
+log = logging.getLogger(__name__)
+
+RESUME, INTERACTIVE, BATCH = 0, 1, 2
+
+
+class QueueFull(Exception):
+    """Beyond the queue's depth: answer RESOURCE_EXHAUSTED with a retry hint."""
+
+
+class WaitExpired(Exception):
+    """Waited the queue's limit (or the caller's deadline) for a node; `routable` says if any existed."""
+
+    def __init__(self, waited_s: float, routable: int):
+        super().__init__(f"waited {waited_s:.1f}s")
+        self.waited_s = waited_s
+        self.routable = routable
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: int
+    seq: int
+    want: Want = field(compare=False)
+    tokens: int = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+
+
+class Admission:
+    def __init__(self, *, fleet: Fleet, max_depth: int, max_wait_s: float, load_factor: float):
+        self._fleet = fleet
+        self._max_depth = max_depth
+        self._max_wait_s = max_wait_s
+        self._load_factor = load_factor
+        self._heap: list[_Waiter] = []
+        self._seq = itertools.count()
+
+    @property
+    def depth(self) -> int:
+        return sum(1 for w in self._heap if not w.future.done())
+
+    def _place(self, want: Want, tokens: int) -> Optional[NodeEntry]:
+        entries = {e.node_id: e for e in self._fleet.routable()}
+        node_id = pick([e.candidate() for e in entries.values()], want, load_factor=self._load_factor)
+        if node_id is None:
+            return None
+        entry = entries[node_id]
+        entry.in_flight += 1
+        entry.outstanding_tokens += tokens
+        entry.routed_total += 1
+        return entry
+
+    async def acquire(self, want: Want, *, priority: int, tokens: int, timeout_s: Optional[float]) -> NodeEntry:
+        """A node with a reserved place; raises QueueFull or WaitExpired."""
+        if not self._heap:
+            entry = self._place(want, tokens)
+            if entry is not None:
+                return entry
+        if priority != RESUME and self.depth >= self._max_depth:
+            raise QueueFull()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(priority, next(self._seq), want, tokens, loop.create_future())
+        heapq.heappush(self._heap, waiter)
+        self.dispatch()
+        wait = self._max_wait_s if timeout_s is None else min(self._max_wait_s, timeout_s)
+        start = loop.time()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout=wait)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result(), tokens)  # placed as we gave up
+            waiter.future.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise WaitExpired(loop.time() - start, len(self._fleet.routable())) from None
+
+    def release(self, entry: NodeEntry, unused_tokens: int) -> None:
+        """The request left the node; `unused_tokens` of its reservation are returned."""
+        entry.in_flight -= 1
+        entry.outstanding_tokens = max(0, entry.outstanding_tokens - unused_tokens)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Place queued requests in priority order while nodes have room."""
+        if not self._heap:
+            return
+        kept = []
+        while self._heap:
+            waiter = heapq.heappop(self._heap)
+            if waiter.future.done():
+                continue
+            entry = self._place(waiter.want, waiter.tokens)
+            if entry is None:
+                kept.append(waiter)
+            else:
+                waiter.future.set_result(entry)
+        for waiter in kept:
+            heapq.heappush(self._heap, waiter)

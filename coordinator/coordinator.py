@@ -1,0 +1,101 @@
+"""The coordinator: one gRPC server (Inference + Fleet admin + health), the fleet view,
+discovery, admission and the relay; start() and shutdown()."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
+from cluster.config import CoordinatorSettings
+from coordinator.admin import FleetAdmin
+from coordinator.admission import Admission
+from coordinator.discovery import MdnsDiscovery
+from coordinator.events import EventLog
+from coordinator.fleet import Fleet
+from coordinator.relay import Relay
+
+log = logging.getLogger(__name__)
+
+# Clients (apps, fleetctl) may keep idle channels with pings, like the node allows.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class Coordinator:
+    def __init__(self, *, settings: CoordinatorSettings):
+        self.settings = settings
+        self.events = EventLog()
+        self.fleet = Fleet(settings=settings, events=self.events, on_change=self._fleet_changed)
+        self.admission = Admission(fleet=self.fleet, max_depth=settings.queue_max_depth,
+                                   max_wait_s=settings.queue_max_wait_s,
+                                   load_factor=settings.affinity_load_factor)
+        self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events)
+        self.discovery: Optional[MdnsDiscovery] = None
+        self._health = health_aio.HealthServicer()
+        self._server: Optional[grpc.aio.Server] = None
+        self._stopped = asyncio.Event()
+        self.stopping = False
+
+    def _fleet_changed(self) -> None:
+        self.admission.dispatch()
+
+    async def start(self) -> int:
+        """Bind, serve, and start finding nodes; returns the bound port."""
+        s = self.settings
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        inference_pb2_grpc.add_InferenceServicer_to_server(self.relay, server)
+        fleet_pb2_grpc.add_FleetServicer_to_server(
+            FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(s.listen)
+        if not port:
+            raise OSError(f"coordinator {s.coordinator_id}: cannot listen on {s.listen}")
+        await server.start()
+        self._server = server
+        for service in ("", INFERENCE_SERVICE, FLEET_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        for address in s.nodes:
+            self.fleet.add(address, source="static")
+        if s.mdns:
+            self.discovery = MdnsDiscovery(fleet=self.fleet, fleet_name=s.fleet, interface=s.mdns_interface)
+            try:
+                await self.discovery.start()
+            except Exception as exc:  # noqa: BLE001 - static nodes still work without multicast
+                log.warning("mDNS discovery unavailable (%s: %s); only --node addresses are used",
+                            type(exc).__name__, exc)
+                self.discovery = None
+        return port
+
+    async def shutdown(self, grace_s: Optional[float] = None) -> None:
+        """Stop taking requests, let in-flight ones finish within the grace, then stop."""
+        if self.stopping:
+            return
+        self.stopping = True
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self._health.enter_graceful_shutdown()
+        log.info("coordinator=%s shutting down: %d requests in flight, grace %.1fs",
+                 self.settings.coordinator_id, self.relay.in_flight, grace)
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.discovery is not None:
+            await self.discovery.close()
+        await self.fleet.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

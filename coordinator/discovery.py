@@ -1,0 +1,77 @@
+"""Find node agents over mDNS: every announcement becomes a candidate address to verify.
+
+Only this fleet's announcements are taken (TXT `fleet`). A node that moves keeps its
+instance name: the old address is dropped once the new one is seen. A goodbye makes the
+fleet probe the node and forget it if it stopped answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from zeroconf import ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from cluster.mdns import IP_VERSION, SERVICE_TYPE, Advert, interfaces_for
+from coordinator.fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+RESOLVE_TIMEOUT_MS = 3000
+
+
+class MdnsDiscovery:
+    def __init__(self, *, fleet: Fleet, fleet_name: str, interface: str):
+        self._fleet = fleet
+        self._fleet_name = fleet_name
+        self._interface = interface
+        self._zc: Optional[AsyncZeroconf] = None
+        self._browser: Optional[AsyncServiceBrowser] = None
+        self._where: dict[str, str] = {}   # instance name -> address
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        interfaces, _ = interfaces_for(self._interface)
+        self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IP_VERSION)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        log.info("browsing mDNS for %s (fleet %s) on %s", SERVICE_TYPE, self._fleet_name, self._interface)
+
+    def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            address = self._where.pop(name, None)
+            if address:
+                self._fleet.goodbye(address, f"mDNS goodbye from {name}")
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS):
+            log.info("mDNS: %s did not resolve in %d ms", name, RESOLVE_TIMEOUT_MS)
+            return
+        advert = Advert.from_txt(info.properties or {})
+        addresses = info.parsed_addresses(IP_VERSION)
+        if advert is None or not addresses or not info.port:
+            return
+        if advert.fleet != self._fleet_name:
+            log.debug("mDNS: %s belongs to fleet %s, not %s; ignored", name, advert.fleet, self._fleet_name)
+            return
+        address = f"{addresses[0]}:{info.port}"
+        old = self._where.get(name)
+        self._where[name] = address
+        self._fleet.add(address, source="mdns", mdns_name=name)
+        if old and old != address:
+            self._fleet.goodbye(old, f"{name} moved to {address}")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self._zc is not None:
+            await self._zc.async_close()
+        self._browser = self._zc = None

@@ -1,0 +1,299 @@
+"""The coordinator's fleet view: one entry per node address, kept current by a monitor.
+
+Each entry has a monitor task (status poll with jitter; verification on first contact)
+and, once verified, a health Watch task (pushed readiness). Routing reads entries;
+failures seen while routing come back through `report_failure`. The node stays the
+source of truth for its own state (DESIGN invariant 1): this is a cache with verdicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import grpc
+
+from cluster.api import API_VERSION, common_pb2, fleet_pb2, node_pb2
+from coordinator import health_policy as hp
+from coordinator.events import EventLog
+from coordinator.node_link import SERVING, NodeLink
+from coordinator.router import Candidate
+
+log = logging.getLogger(__name__)
+
+K = fleet_pb2
+READY = common_pb2.LIFECYCLE_READY
+# An announced node unreachable this long (and no longer announced) is forgotten.
+FORGET_UNREACHABLE_S = 300.0
+WATCH_BACKOFF_S = (0.2, 2.0)
+
+
+@dataclass(eq=False)
+class NodeEntry:
+    address: str
+    source: str                      # "static" or "mdns"
+    link: NodeLink
+    mdns_name: str = ""
+    node_id: str = ""                # set once verified over gRPC
+    status: Optional[node_pb2.NodeStatus] = None
+    status_at: float = 0.0
+    serving: bool = False            # the health Watch's latest word
+    health: hp.Health = field(default_factory=hp.Health)
+    in_flight: int = 0
+    outstanding_tokens: int = 0
+    routed_total: int = 0
+    failovers_total: int = 0
+    goodbye: bool = False            # mDNS said it left
+    unreachable_since: Optional[float] = None
+    attempts: set = field(default_factory=set)   # live relay attempts, evicted on ejection
+    poke: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.node_id or self.address
+
+    @property
+    def digest(self) -> str:
+        return self.status.model.weights_digest if self.status else ""
+
+    @property
+    def ready(self) -> bool:
+        st = self.status
+        return st is not None and st.lifecycle == READY and not st.cordoned and self.serving
+
+    @property
+    def routable(self) -> bool:
+        return self.health.verdict in hp.ACCEPTING and self.ready
+
+    def candidate(self) -> Candidate:
+        cap = self.status.capacity
+        return Candidate(self.node_id, self.digest, self.in_flight, self.outstanding_tokens,
+                         self.status.load.queued, cap.max_running, cap.max_running + cap.max_queued,
+                         self.routed_total)
+
+
+class Fleet:
+    """Entries by address; verified ones also by node id. Runs on the event loop only."""
+
+    def __init__(self, *, settings, events: EventLog, on_change: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self._s = settings
+        self._events = events
+        self._on_change = on_change
+        self._clock = clock
+        self._policy = hp.Policy.from_settings(settings)
+        self.entries: dict[str, NodeEntry] = {}
+        self._closed = False
+
+    # -- membership -------------------------------------------------------------------
+    def add(self, address: str, *, source: str, mdns_name: str = "") -> NodeEntry:
+        """A node is (claimed to be) at `address`; connect and verify before routing to it."""
+        entry = self.entries.get(address)
+        if entry is not None:
+            entry.goodbye = False
+            entry.mdns_name = mdns_name or entry.mdns_name
+            entry.poke.set()
+            return entry
+        entry = NodeEntry(address=address, source=source, link=NodeLink(address), mdns_name=mdns_name)
+        self.entries[address] = entry
+        self._events.emit(K.EVENT_KIND_DISCOVERED, address=address,
+                          reason=f"{source}{' ' + mdns_name if mdns_name else ''}")
+        entry.tasks.append(asyncio.get_running_loop().create_task(self._monitor(entry)))
+        return entry
+
+    def goodbye(self, address: str, reason: str) -> None:
+        """mDNS says the node left: confirm with a probe; remove it if it stopped answering."""
+        entry = self.entries.get(address)
+        if entry is not None and entry.source == "mdns":
+            entry.goodbye = True
+            log.info("node=%s address=%s mDNS goodbye (%s); probing", entry.label, address, reason)
+            entry.poke.set()
+
+    async def remove(self, entry: NodeEntry, reason: str) -> None:
+        if self.entries.get(entry.address) is not entry:
+            return
+        del self.entries[entry.address]
+        self._evict(entry, f"node {entry.label} left the fleet: {reason}")
+        for task in entry.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        await entry.link.close()
+        self._events.emit(K.EVENT_KIND_LEFT, node_id=entry.node_id, address=entry.address, reason=reason)
+        self._on_change()
+
+    async def close(self) -> None:
+        self._closed = True
+        for entry in list(self.entries.values()):
+            for task in entry.tasks:
+                task.cancel()
+            await entry.link.close()
+        self.entries.clear()
+
+    # -- reads ------------------------------------------------------------------------
+    def by_id(self, node_id: str) -> Optional[NodeEntry]:
+        return next((e for e in self.entries.values() if e.node_id == node_id), None)
+
+    def routable(self) -> list[NodeEntry]:
+        return [e for e in self.entries.values() if e.routable]
+
+    # -- signals ----------------------------------------------------------------------
+    def report_failure(self, entry: NodeEntry, reason: str, *, hard: bool) -> None:
+        """A failure seen while routing (passive health)."""
+        if self.entries.get(entry.address) is entry:
+            last = not any(e is not entry and e.routable for e in self.entries.values())
+            self._set_health(entry, hp.on_failure(entry.health, reason=reason, hard=hard, now=self._clock(),
+                                                  last_healthy=last, policy=self._policy))
+            entry.poke.set()
+
+    def report_success(self, entry: NodeEntry) -> None:
+        if entry.health.verdict is hp.Verdict.SUSPECT:
+            self._set_health(entry, hp.on_success(entry.health, policy=self._policy))
+
+    def _set_health(self, entry: NodeEntry, new: hp.Health) -> None:
+        old, entry.health = entry.health, new
+        if new.verdict is old.verdict:
+            return
+        kind = {hp.Verdict.EJECTED: K.EVENT_KIND_EJECTED, hp.Verdict.REJECTED: K.EVENT_KIND_REJECTED}.get(
+            new.verdict, K.EVENT_KIND_STATE_CHANGED)
+        if new.verdict is hp.Verdict.HEALTHY and old.verdict is hp.Verdict.PROBING:
+            kind = K.EVENT_KIND_READMITTED
+        if kind != K.EVENT_KIND_STATE_CHANGED or old.verdict is not hp.Verdict.PENDING:
+            self._events.emit(kind, node_id=entry.node_id, address=entry.address,
+                              reason=f"{old.verdict.value} -> {new.verdict.value}: {new.reason}")
+        if new.verdict is hp.Verdict.EJECTED:
+            self._evict(entry, f"node {entry.label} was ejected: {new.reason}")
+        self._on_change()
+
+    def _evict(self, entry: NodeEntry, reason: str) -> None:
+        """Move the requests running on a node that is ejected or gone to other nodes."""
+        for attempt in list(entry.attempts):
+            attempt.evict(reason)
+
+    # -- the monitor ------------------------------------------------------------------
+    async def _monitor(self, entry: NodeEntry) -> None:
+        """Probe until the entry is removed; survives any single error."""
+        while not self._closed:
+            try:
+                if await self._probe(entry):
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must outlive a bug in one probe
+                log.exception("node=%s address=%s monitor error", entry.label, entry.address)
+            await self._wait(entry)
+
+    async def _wait(self, entry: NodeEntry) -> None:
+        interval = self._s.poll_interval_s * (1 + random.uniform(-1, 1) * self._s.poll_jitter)
+        h = entry.health
+        if h.verdict is hp.Verdict.EJECTED:
+            interval = max(0.0, h.ejected_until - self._clock())
+        entry.poke.clear()
+        try:
+            await asyncio.wait_for(entry.poke.wait(), timeout=interval)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _probe(self, entry: NodeEntry) -> bool:
+        """One status read and its verdict; True when the entry was removed."""
+        self._set_health(entry, hp.on_tick(entry.health, now=self._clock()))
+        if entry.health.verdict is hp.Verdict.EJECTED and not entry.goodbye:
+            return False
+        try:
+            st = await entry.link.status(self._s.probe_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            now = self._clock()
+            entry.unreachable_since = entry.unreachable_since or now
+            gone_for = now - entry.unreachable_since
+            if entry.source == "mdns" and (entry.goodbye or gone_for > FORGET_UNREACHABLE_S):
+                await self.remove(entry, "said goodbye and stopped answering" if entry.goodbye
+                                  else f"unreachable for {gone_for:.0f}s")
+                return True
+            # Refused or reset: nothing listens there (a crash). A timeout may be a slow link.
+            hard = err.code() == grpc.StatusCode.UNAVAILABLE
+            self.report_failure(entry, f"status probe failed: {err.code().name}: {err.details()}", hard=hard)
+            return False
+        entry.unreachable_since = None
+        await self._observe(entry, st)
+        return False
+
+    async def _observe(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> None:
+        if entry.node_id != st.node_id:
+            if not await self._verify(entry, st):
+                return
+        old = entry.status
+        entry.status, entry.status_at = st, self._clock()
+        if old is None or (old.lifecycle, old.cordoned) != (st.lifecycle, st.cordoned):
+            if not entry.tasks[1:]:  # no Watch yet: trust the status until it pushes
+                entry.serving = st.lifecycle == READY
+            if old is not None:
+                self._events.emit(K.EVENT_KIND_STATE_CHANGED, node_id=entry.node_id, address=entry.address,
+                                  reason=f"{_state(old)} -> {_state(st)}: {st.lifecycle_reason}")
+            self._on_change()
+        if entry.health.verdict is not hp.Verdict.REJECTED:
+            self._set_health(entry, hp.on_success(entry.health, policy=self._policy))
+
+    async def _verify(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> bool:
+        """First contact (or a new node id at a known address): may it join?"""
+        if st.api_version != API_VERSION:
+            self._set_health(entry, hp.rejected(f"speaks {st.api_version or 'an unknown API'}, "
+                                                f"this coordinator {API_VERSION}; upgrade one of them"))
+            return False
+        other = self.by_id(st.node_id)
+        if other is not None and other is not entry:
+            if other.health.verdict in (*hp.ACCEPTING, hp.Verdict.PROBING) and not other.goodbye:
+                self._set_health(entry, hp.rejected(
+                    f"duplicate node id {st.node_id}: already serving at {other.address}; "
+                    "give each node agent a unique --node-id"))
+                return False
+            self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
+                              reason=f"moved from {other.address}")
+            entry.routed_total, entry.failovers_total = other.routed_total, other.failovers_total
+            await self.remove(other, f"moved to {entry.address}")
+        if entry.node_id:  # a different node now answers at this address
+            self._events.emit(K.EVENT_KIND_LEFT, node_id=entry.node_id, address=entry.address,
+                              reason=f"replaced at this address by {st.node_id}")
+        entry.node_id = st.node_id
+        entry.health = hp.Health()
+        self._events.emit(K.EVENT_KIND_JOINED, node_id=st.node_id, address=entry.address,
+                          reason=f"{_state(st)} {st.model.model_id} {st.model.weights_digest[:19]} "
+                                 f"({entry.source})")
+        if len(entry.tasks) == 1:
+            entry.tasks.append(asyncio.get_running_loop().create_task(self._watch(entry)))
+        return True
+
+    async def _watch(self, entry: NodeEntry) -> None:
+        """Pushed readiness: NOT_SERVING stops routing at once; a broken stream is a signal."""
+        backoff = WATCH_BACKOFF_S[0]
+        while not self._closed:
+            call = entry.link.watch()
+            try:
+                async for resp in call:
+                    backoff = WATCH_BACKOFF_S[0]
+                    self._serving(entry, resp.status == SERVING, "health watch")
+            except grpc.aio.AioRpcError as err:
+                self._serving(entry, False, f"health watch broke ({err.code().name})")
+                if err.code() == grpc.StatusCode.UNAVAILABLE and entry.health.verdict in hp.ACCEPTING:
+                    self.report_failure(entry, f"health watch stream broke: {err.details()}", hard=True)
+            finally:
+                call.cancel()
+            await asyncio.sleep(backoff)  # reconnect pacing, not synchronisation
+            backoff = min(backoff * 2, WATCH_BACKOFF_S[1])
+
+    def _serving(self, entry: NodeEntry, serving: bool, source: str) -> None:
+        if serving == entry.serving:
+            return
+        entry.serving = serving
+        self._events.emit(K.EVENT_KIND_STATE_CHANGED, node_id=entry.node_id, address=entry.address,
+                          reason=f"{source}: {'SERVING' if serving else 'NOT_SERVING'}")
+        entry.poke.set()  # read the details
+        self._on_change()
+
+
+def _state(st: node_pb2.NodeStatus) -> str:
+    name = common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_")
+    return f"{name}{' (cordoned)' if st.cordoned else ''}"

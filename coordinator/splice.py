@@ -1,0 +1,92 @@
+"""One request's progress across nodes: what the caller has received, and what to ask next."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cluster.api import inference_pb2
+
+
+class Splice:
+    """Token ids and text already delivered, the nodes used, the weights it is pinned to."""
+
+    def __init__(self, request: inference_pb2.GenerateRequest, *, clock: Callable[[], float]):
+        self.request = request
+        self._clock = clock
+        self.t_accept = clock()
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.base_prefix = list(request.prefix_token_ids)
+        self.delivered: list[int] = []
+        self.text_chars = 0
+        self.digest = request.require_weights_digest
+        self.nodes: list[str] = []
+        self.excluded: set[str] = set()
+        self.failovers = 0       # moves after the first token
+        self.retries = 0         # moves before it
+        self._pinning = ""
+        self.t_routed = 0.0
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_tokens - len(self.delivered)
+
+    def request_for_node(self) -> inference_pb2.GenerateRequest:
+        """The original request, or its continuation after the tokens already delivered."""
+        if not self.delivered:
+            return self.request
+        r = inference_pb2.GenerateRequest()
+        r.CopyFrom(self.request)
+        r.prefix_token_ids[:] = self.base_prefix + self.delivered
+        r.max_tokens = self.remaining
+        r.require_weights_digest = self.digest
+        if self.base_prefix:  # the caller's own prefix: how much of its text they hold is theirs to say
+            r.ClearField("prefix_text_chars")
+        else:
+            r.prefix_text_chars = self.text_chars
+        return r
+
+    def routed(self, node_id: str, digest: str) -> None:
+        self.t_routed = self.t_routed or self._clock()
+        if not self.nodes or self.nodes[-1] != node_id:
+            self.nodes.append(node_id)
+        self._pinning = digest
+
+    def absorb(self, chunk: inference_pb2.GenerateChunk) -> int:
+        """Count what this chunk delivers; returns its number of tokens."""
+        n = len(chunk.token_ids)
+        if n:
+            if not self.delivered:
+                self.t_first = self._clock()
+                self.digest = self.digest or self._pinning  # pinned from the first token on
+            self.delivered.extend(chunk.token_ids)
+            self.t_last = self._clock()
+        self.text_chars += len(chunk.text)
+        return n
+
+    def failed(self, node_id: str) -> None:
+        self.excluded.add(node_id)
+        if self.delivered:
+            self.failovers += 1
+        else:
+            self.retries += 1
+
+    def elapsed_ms(self) -> float:
+        return (self._clock() - self.t_accept) * 1000.0
+
+    def final(self, chunk: inference_pb2.GenerateChunk) -> inference_pb2.GenerateChunk:
+        """The node's final chunk, rewritten to describe the whole request."""
+        out = inference_pb2.GenerateChunk()
+        out.CopyFrom(chunk)
+        f = out.final
+        f.usage.completion_tokens = len(self.delivered)
+        f.usage.prefix_tokens = len(self.base_prefix)
+        f.failovers = self.failovers
+        f.nodes[:] = self.nodes
+        t = f.timings
+        t.queue_wait_ms += (self.t_routed - self.t_accept) * 1000.0  # the coordinator's queue, then the node's
+        t.time_to_first_token_ms = (self.t_first - self.t_accept) * 1000.0 if self.t_first else 0.0
+        t.total_ms = self.elapsed_ms()
+        span = self.t_last - self.t_first
+        t.decode_tokens_per_s = (len(self.delivered) - 1) / span if span > 0 else 0.0
+        return out
