@@ -1,0 +1,123 @@
+"""The coordinator's decisions as pure functions: health verdicts, routing, splicing."""
+
+from __future__ import annotations
+
+import itertools
+
+from cluster.api import inference_pb2
+from coordinator import health_policy as hp
+from coordinator.router import Candidate, Want, pick
+from coordinator.splice import Splice
+
+POLICY = hp.Policy(eject_after_failures=3, eject_base_s=2.0, eject_max_s=5.0, readmit_after_probes=3)
+
+
+def _fail(h, *, hard=False, now=0.0, last=False):
+    return hp.on_failure(h, reason="probe timed out", hard=hard, now=now, last_healthy=last, policy=POLICY)
+
+
+def _healthy():
+    return hp.on_success(hp.Health(), policy=POLICY)
+
+
+def test_n_consecutive_soft_failures_eject_and_a_success_resets_the_count():
+    h = _healthy()
+    assert h.verdict is hp.Verdict.HEALTHY
+    h = _fail(_fail(h))
+    assert h.verdict is hp.Verdict.SUSPECT and h.failures == 2
+    h = hp.on_success(h, policy=POLICY)
+    assert h.verdict is hp.Verdict.HEALTHY and h.failures == 0
+    h = _fail(_fail(_fail(h, now=10), now=11), now=12)
+    assert h.verdict is hp.Verdict.EJECTED
+    assert h.ejected_until == 12 + 2.0
+    assert "3 consecutive failures" in h.reason
+
+
+def test_a_hard_signal_ejects_at_once_even_the_last_healthy_node():
+    h = _fail(_healthy(), hard=True, last=True, now=1)
+    assert h.verdict is hp.Verdict.EJECTED and h.ejections == 1
+
+
+def test_the_last_healthy_node_is_never_ejected_on_soft_signals():
+    h = _healthy()
+    for _ in range(10):
+        h = _fail(h, last=True)
+    assert h.verdict is hp.Verdict.SUSPECT
+    assert "last healthy node" in h.reason
+
+
+def test_readmission_needs_the_backoff_then_passing_probes_and_backoff_grows_to_its_cap():
+    h = _fail(_healthy(), hard=True, now=0)
+    assert hp.on_tick(h, now=1.9).verdict is hp.Verdict.EJECTED
+    h = hp.on_tick(h, now=2.0)
+    assert h.verdict is hp.Verdict.PROBING
+    h = hp.on_success(hp.on_success(h, policy=POLICY), policy=POLICY)
+    assert h.verdict is hp.Verdict.PROBING and h.passes == 2
+    h = _fail(h, now=3)  # a failed probe while probing: ejected again, for longer
+    assert h.verdict is hp.Verdict.EJECTED and h.ejections == 2 and h.ejected_until == 3 + 4.0
+    h = _fail(hp.on_tick(h, now=7), now=7)
+    assert h.ejected_until == 7 + 5.0, "capped at eject_max_s"
+    h = hp.on_tick(h, now=12)
+    for _ in range(3):
+        h = hp.on_success(h, policy=POLICY)
+    assert h.verdict is hp.Verdict.HEALTHY and "readmitted after 3 passing probes" in h.reason
+
+
+def _cand(node_id, *, in_flight=0, tokens=0, queued=0, max_running=8, slots=16, digest="sha256:a"):
+    return Candidate(node_id, digest, in_flight, tokens, queued, max_running, slots)
+
+
+def test_least_outstanding_work_per_slot_wins():
+    nodes = [_cand("a", in_flight=2, tokens=800), _cand("b", in_flight=3, tokens=300),
+             _cand("c", in_flight=1, tokens=900, max_running=32)]
+    assert pick(nodes, Want()) == "c"   # 900/32 < 300/8 < 800/8
+    assert pick(nodes, Want(exclude=frozenset({"c"}))) == "b"
+
+
+def test_full_nodes_other_weights_and_failed_nodes_are_never_picked():
+    nodes = [_cand("full", in_flight=16), _cand("other", digest="sha256:b"), _cand("failed")]
+    assert pick(nodes, Want(digest="sha256:a", exclude=frozenset({"failed"}))) is None
+    assert pick(nodes, Want(digest="sha256:b")) == "other"
+
+
+def test_session_affinity_is_sticky_and_load_bounded():
+    nodes = [_cand(n) for n in "abcd"]
+    keys = [f"patient-session-{i}" for i in range(400)]
+    first = {k: pick(nodes, Want(session_key=k)) for k in keys}
+    assert all(pick(nodes, Want(session_key=k)) == first[k] for k in keys)
+    spread = {n: sum(v == n for v in first.values()) for n in "abcd"}
+    assert min(spread.values()) > 40, spread
+    # The key's home node is far above the average: the key moves on, not piles on.
+    home = first[keys[0]]
+    busy = [_cand(n, in_flight=10 if n == home else 0) for n in "abcd"]
+    assert pick(busy, Want(session_key=keys[0])) != home
+    # Removing one node only moves the keys that lived on it.
+    rest = [c for c in nodes if c.node_id != "d"]
+    moved = [k for k in keys if first[k] != "d" and pick(rest, Want(session_key=k)) != first[k]]
+    assert not moved
+
+
+def test_splice_resumes_after_the_delivered_tokens_with_the_same_settings():
+    req = inference_pb2.GenerateRequest(request_id="r1", prompt="Plan:", max_tokens=10,
+                                        sampling=inference_pb2.SamplingParams(temperature=0.7, seed=42))
+    clock = itertools.count(0.0, 0.01).__next__
+    run = Splice(req, clock=clock)
+    assert run.request_for_node() is req
+    run.routed("n1", "sha256:abc")
+    assert run.absorb(inference_pb2.GenerateChunk(text="ab", token_ids=[5, 6])) == 2
+    assert run.absorb(inference_pb2.GenerateChunk(text="c", token_ids=[7])) == 1
+    run.failed("n1")
+    nxt = run.request_for_node()
+    assert list(nxt.prefix_token_ids) == [5, 6, 7] and nxt.max_tokens == 7
+    assert nxt.require_weights_digest == "sha256:abc" and nxt.prefix_text_chars == 3
+    assert nxt.sampling.seed == 42 and nxt.sampling.temperature == req.sampling.temperature
+    assert run.failovers == 1 and run.excluded == {"n1"}
+    run.routed("n2", "sha256:abc")
+    last = inference_pb2.GenerateChunk(text="d", token_ids=[8])
+    last.final.usage.completion_tokens = 1
+    last.final.finish_reason = inference_pb2.FINISH_REASON_LENGTH
+    run.absorb(last)
+    out = run.final(last)
+    assert out.final.usage.completion_tokens == 4
+    assert out.final.failovers == 1 and list(out.final.nodes) == ["n1", "n2"]
+    assert out.text == "d" and list(out.token_ids) == [8]
