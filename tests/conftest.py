@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tests.procs import NodeProcess  # noqa: E402
+from tests.procs import CoordinatorProcess, NodeProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +43,38 @@ def start_node(tiny_model, tmp_path):
     started: list[NodeProcess] = []
 
     def start(*args: str, node_id: str = "node-under-test", model: Path | None = None,
-              wait: bool = True, env: dict | None = None) -> NodeProcess:
-        proc = NodeProcess(model or tiny_model, *args, node_id=node_id, env=env)
+              wait: bool = True, env: dict | None = None, fleet: str | None = None) -> NodeProcess:
+        proc = NodeProcess(model or tiny_model, *args, node_id=node_id, env=env, fleet=fleet)
         started.append(proc)
         proc.start(tmp_path / "logs")
         if wait:
             proc.wait_serving()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def fleet_name() -> str:
+    """An mDNS fleet name no other test (or stray node on this host) announces."""
+    return f"t{os.getpid()}-{next(_FLEETS)}"
+
+
+_FLEETS = itertools.count()
+
+
+@pytest.fixture
+def start_coordinator(tmp_path):
+    """Start coordinators (mDNS on loopback when given a fleet); all stopped after the test."""
+    started: list[CoordinatorProcess] = []
+
+    def start(*args: str, nodes=(), fleet: str | None = None, name: str = "coordinator") -> CoordinatorProcess:
+        proc = CoordinatorProcess(*args, nodes=nodes, fleet=fleet, name=name)
+        started.append(proc)
+        proc.start(tmp_path / "logs")
+        proc.wait_serving()
         return proc
 
     yield start

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cluster.localfleet import NodeProcess as _NodeProcess
+from cluster.localfleet import CoordinatorProcess, NodeProcess as _NodeProcess
+
+__all__ = ["CoordinatorProcess", "NodeProcess"]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,15 @@ import sys
 
 import typer
 
-from cluster.fleetctl import demo_cmd, generate_cmd, model_cmd, node_cmd
+from cluster.fleetctl import demo_cmd, generate_cmd, model_cmd, node_cmd, nodes_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(node_cmd.app, name="node")
 app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)
+app.command("nodes")(nodes_cmd.nodes)
+app.command("events")(nodes_cmd.events)
 
 
 def main() -> None:

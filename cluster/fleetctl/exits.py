@@ -18,5 +18,6 @@ _BY_CODE = {
 
 def fail(err: FleetError, target: str) -> "typer.Exit":
     hint = f" (retry after {err.retry_after_ms} ms)" if err.retry_after_ms else ""
-    typer.echo(f"fleetctl: {target}: {err.code}: {err.message}{hint}", err=True)
+    where = "" if getattr(err, "target", "") else f"{target}: "  # the client already named it
+    typer.echo(f"fleetctl: {where}{err.code}: {err.message}{hint}", err=True)
     return typer.Exit(_BY_CODE.get(err.code, EXIT_ERROR))

@@ -1,0 +1,103 @@
+"""Helpers for tests that drive a coordinator: collect streams, follow events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import grpc
+
+from cluster.api import fleet_pb2, fleet_pb2_grpc, inference_pb2
+from cluster.client import build_request
+
+NOTE = [("system", "You are a clinical documentation assistant."),
+        ("user", "Write a SOAP note for a synthetic follow-up visit.")]
+
+
+@dataclass
+class Stream:
+    """One request's stream as the caller saw it."""
+
+    request: inference_pb2.GenerateRequest
+    ids: list = field(default_factory=list)
+    text: str = ""
+    final: Optional[inference_pb2.FinalInfo] = None
+    error: Optional[grpc.RpcError] = None
+    times: list = field(default_factory=list)
+    started: threading.Event = field(default_factory=threading.Event)
+
+
+def note(i: int, max_tokens: int, **kw) -> inference_pb2.GenerateRequest:
+    kw.setdefault("temperature", 0.0)
+    return build_request(messages=[NOTE[0], ("user", f"{NOTE[1][1]} Visit {i}.")], max_tokens=max_tokens,
+                         request_id=kw.pop("request_id", f"note-{i}"), **kw)
+
+
+def collect(stub, request, timeout_s: float = 120.0, on_chunk: Callable[[Stream], None] = None) -> Stream:
+    s = Stream(request)
+    try:
+        for chunk in stub.Generate(request, timeout=timeout_s):
+            s.times.append(time.monotonic())
+            s.ids.extend(chunk.token_ids)
+            s.text += chunk.text
+            if chunk.token_ids:
+                s.started.set()
+            if chunk.HasField("final"):
+                assert s.final is None, "only the last chunk carries final"
+                s.final = chunk.final
+            if on_chunk:
+                on_chunk(s)
+    except grpc.RpcError as err:
+        s.error = err
+    s.started.set()
+    return s
+
+
+def in_threads(fn, items) -> list:
+    out = [None] * len(items)
+
+    def run(i, item):
+        out[i] = fn(item)
+
+    threads = [threading.Thread(target=run, args=(i, it), daemon=True) for i, it in enumerate(items)]
+    for t in threads:
+        t.start()
+    return out, threads
+
+
+class EventWatch:
+    """Follow a coordinator's events in a thread; wait for one that matches."""
+
+    def __init__(self, address: str):
+        self._channel = grpc.insecure_channel(address)
+        self._call = fleet_pb2_grpc.FleetStub(self._channel).WatchEvents(fleet_pb2.WatchEventsRequest(replay=True))
+        self.events: list[fleet_pb2.FleetEvent] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            for ev in self._call:
+                with self._cond:
+                    self.events.append(ev)
+                    self._cond.notify_all()
+        except grpc.RpcError:
+            pass
+
+    def wait_for(self, kind: int, node_id: str = "", timeout_s: float = 30.0, after: float = 0.0):
+        """The first event of `kind` (for `node_id`) at or after unix time `after`."""
+        def match():
+            return next((e for e in self.events if e.kind == kind and (not node_id or e.node_id == node_id)
+                         and e.time_unix_s >= after), None)
+        with self._cond:
+            if not self._cond.wait_for(match, timeout=timeout_s):
+                kinds = [(fleet_pb2.EventKind.Name(e.kind), e.node_id, e.reason) for e in self.events[-15:]]
+                raise AssertionError(f"no {fleet_pb2.EventKind.Name(kind)} for {node_id or 'any node'} "
+                                     f"in {timeout_s}s; recent events: {kinds}")
+            return match()
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._channel.close()
