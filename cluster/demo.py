@@ -1,10 +1,11 @@
-"""The main job, locally: a generated model, a node agent, concurrent clinical-note requests.
-
-Everything is synthetic: no patient data, no network beyond loopback.
+"""The main job, locally: a generated model, a coordinator and two node agents that find
+each other over mDNS on loopback, and concurrent clinical-note requests through the
+client library. Everything is synthetic: no patient data, no network beyond loopback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,8 @@ from rich.table import Table
 
 from cluster.client import FleetClient, GenerateResult, build_request
 from cluster.client.errors import FleetError
-from cluster.localfleet import NodeProcess
+from cluster.fleetctl.nodes_cmd import fleet_table
+from cluster.localfleet import CoordinatorProcess, NodeProcess
 
 SYSTEM = "You are a clinical documentation assistant. Write concise SOAP notes."
 VISITS = [
@@ -37,29 +39,40 @@ def _request(i: int, max_tokens: int):
 
 
 def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens: int = 96,
-             console: Console | None = None) -> int:
-    """Returns 0 when every note completed and the node stopped cleanly."""
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
+             nodes: int = 2, console: Console | None = None) -> int:
+    """Returns 0 when every note completed and every daemon stopped cleanly."""
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     model = workdir / "model"
     if not (model / "config.json").exists():
         from cluster.tinymodel import make_tiny_model
 
-        console.print(f"[bold]1/4[/] generating a tiny Qwen2 model in {model}")
+        console.print(f"[bold]1/5[/] generating a tiny Qwen2 model in {model}")
         make_tiny_model(model)
     else:
-        console.print(f"[bold]1/4[/] using the generated model in {model}")
+        console.print(f"[bold]1/5[/] using the generated model in {model}")
 
-    with NodeProcess(model, "--max-running", str(concurrency), node_id="demo-node-1") as node:
-        node.start(workdir / "logs")
-        console.print(f"[bold]2/4[/] node agent {node.node_id} listening on {node.address}; waiting for READY")
-        node.wait_serving()
-        st = node.status()
-        console.print(f"      READY: {st.model.model_id} {st.model.weights_digest[:19]} on {st.model.engine_version}")
-
-        console.print(f"[bold]3/4[/] sending {notes} clinical-note requests, {concurrency} at a time")
+    fleet = f"demo-{os.getpid()}"  # this demo's nodes only, whatever else is on the network
+    logs = workdir / "logs"
+    coordinator = CoordinatorProcess(fleet=fleet, name="demo-coordinator")
+    agents = [NodeProcess(model, "--max-running", str(concurrency), node_id=f"demo-node-{i + 1}", fleet=fleet)
+              for i in range(nodes)]
+    try:
+        coordinator.start(logs)
+        console.print(f"[bold]2/5[/] coordinator on {coordinator.address}, browsing mDNS on 127.0.0.1 "
+                      f"(fleet {fleet})")
+        for agent in agents:
+            agent.start(logs)
+        console.print(f"      {nodes} node agents announcing themselves: "
+                      + ", ".join(f"{a.node_id} on {a.address}" for a in agents))
         started = time.perf_counter()
-        results: list[GenerateResult | FleetError] = []
-        with FleetClient(node.address) as client, ThreadPoolExecutor(concurrency) as pool:
+        listing = coordinator.wait_routable(nodes, timeout_s=60)
+        console.print(f"      all {nodes} discovered, verified and READY in {time.perf_counter() - started:.1f} s")
+        console.print(fleet_table(listing))
+
+        console.print(f"[bold]3/5[/] sending {notes} clinical-note requests through the coordinator, "
+                      f"{concurrency} at a time")
+        started = time.perf_counter()
+        with FleetClient(coordinator.address) as client, ThreadPoolExecutor(concurrency) as pool:
             def one(i):
                 try:
                     return client.generate(_request(i, max_tokens), timeout_s=120)
@@ -70,28 +83,34 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
         console.print(_table(results))
         ok = [r for r in results if isinstance(r, GenerateResult)]
         tokens = sum(r.completion_tokens for r in ok)
+        per_node = {a.node_id: sum(r.node_id == a.node_id for r in ok) for a in agents}
         console.print(f"      {len(ok)}/{notes} notes, {tokens} tokens in {wall:.2f} s "
-                      f"= {tokens / wall:.0f} tokens/s aggregate")
+                      f"= {tokens / wall:.0f} tokens/s aggregate; per node: {per_node}")
 
-        console.print(f"[bold]4/4[/] stopping {node.node_id} (SIGTERM, graceful)")
-        node.stop()
-        code = node.proc.returncode
-        console.print(f"      exited with {code}; node log: {node.stderr_path}")
-    return 0 if len(ok) == notes and code == 0 else 1
+        console.print("[bold]4/5[/] the fleet as `fleetctl nodes` shows it")
+        console.print(fleet_table(coordinator.nodes()))
+    finally:
+        console.print("[bold]5/5[/] stopping (SIGTERM, graceful): nodes, then the coordinator")
+        for proc in [*agents, coordinator]:
+            proc.stop()
+    codes = {p.name: p.proc.returncode if p.proc else None for p in [*agents, coordinator]}
+    console.print(f"      exit codes {codes}; logs in {logs}")
+    return 0 if len(ok) == notes and all(c == 0 for c in codes.values()) else 1
 
 
 def _table(results) -> Table:
     t = Table(title="clinical notes (synthetic)")
-    for col in ("request", "node", "prompt", "cached", "tokens", "finish", "queue ms", "ttft ms", "total ms",
-                "tok/s"):
+    for col in ("request", "node", "prompt", "cached", "tokens", "finish", "failovers", "queue ms", "ttft ms",
+                "total ms", "tok/s"):
         t.add_column(col, no_wrap=True,
                      justify="left" if col in ("request", "node", "finish") else "right")
     for r in results:
         if isinstance(r, FleetError):
-            t.add_row("?", "-", "-", "-", "-", f"[red]{r.code}[/]", "-", "-", "-", "-")
+            t.add_row(getattr(r, "request_id", "") or "?", "-", "-", "-", "-", f"[red]{r.code}[/]", "-", "-", "-",
+                      "-", "-")
             continue
         t.add_row(r.request_id, r.node_id, str(r.prompt_tokens), str(r.cached_prompt_tokens),
-                  str(r.completion_tokens), r.finish_reason,
+                  str(r.completion_tokens), r.finish_reason, str(r.failovers),
                   f"{r.queue_wait_ms:.1f}", f"{r.time_to_first_token_ms:.1f}", f"{r.total_ms:.1f}",
                   f"{r.decode_tokens_per_s:.0f}")
     return t

@@ -12,11 +12,13 @@ def demo(
     notes: int = typer.Option(12, help="Clinical-note requests to send."),
     concurrency: int = typer.Option(8, help="Requests in flight at once."),
     max_tokens: int = typer.Option(96, help="Tokens per note."),
+    nodes: int = typer.Option(2, help="Node agents to start."),
 ) -> None:
-    """Make a tiny model, start a node agent, stream concurrent clinical notes, stop cleanly."""
+    """Make a tiny model, start a coordinator and node agents (mDNS on loopback), stream
+    concurrent clinical notes through the client library, show the fleet, stop cleanly."""
     from cluster.offline import force_offline
 
     force_offline()
     from cluster.demo import run_demo
 
-    raise typer.Exit(run_demo(workdir, notes=notes, concurrency=concurrency, max_tokens=max_tokens))
+    raise typer.Exit(run_demo(workdir, notes=notes, concurrency=concurrency, max_tokens=max_tokens, nodes=nodes))

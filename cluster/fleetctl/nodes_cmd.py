@@ -24,7 +24,8 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
                     f"{listing.in_flight} in flight, {listing.queued} queued")
     for col in ("node", "address", "source", "state", "health", "route", "model", "digest",
                 "run/queue", "in flight", "tok/s", "routed", "failovers", "reason"):
-        t.add_column(col, no_wrap=col != "reason",
+        t.add_column(col, no_wrap=col != "reason", overflow="fold" if col == "reason" else "ellipsis",
+                     min_width=20 if col == "reason" else None,
                      justify="right" if col in ("in flight", "tok/s", "routed", "failovers") else "left")
     for n in listing.nodes:
         st = n.status
