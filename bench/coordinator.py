@@ -1,0 +1,227 @@
+"""What the coordinator costs and what it buys: one run, one table.
+
+- overhead: time to first token p50/p99 and aggregate tokens/s at 1, 16 and 64
+  concurrent streams, through the coordinator vs straight to the same node, the two
+  interleaved per repeat so machine noise hits both alike (goal: >= 0.95x throughput,
+  <= 2 ms added p50 TTFT);
+- failover gap: SIGKILL a node under load; for each stream it was serving, the time
+  from the kill to that stream's next token (goal: p99 < 1 s);
+- discovery: a node agent announces itself over mDNS on loopback; the time from its
+  READY (its own log) to the first token of a request routed to it (goal: < 2 s).
+
+    .venv/bin/python bench/coordinator.py             # ~4 min on 2 cores
+    .venv/bin/python bench/coordinator.py --quick     # fewer repeats, ~1.5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+import grpc  # noqa: E402
+
+from cluster.api import inference_pb2, inference_pb2_grpc  # noqa: E402
+from cluster.client import build_request  # noqa: E402
+from cluster.localfleet import CoordinatorProcess, NodeProcess  # noqa: E402
+from cluster.tinymodel import make_tiny_model  # noqa: E402
+
+SYSTEM = "You are a clinical documentation assistant."
+NODE_ARGS = ("--max-running", "64", "--max-queued", "64")
+
+
+def request(i: int, max_tokens: int, tag: str) -> inference_pb2.GenerateRequest:
+    return build_request(messages=[("system", SYSTEM), ("user", f"Synthetic visit {tag}-{i}: follow-up.")],
+                         max_tokens=max_tokens, request_id=f"{tag}-{i}", temperature=0.0)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def load(address: str, streams: int, per_stream: int, max_tokens: int, tag: str) -> tuple[float, list[float]]:
+    """`streams` callers, each sending `per_stream` requests back to back; (tokens/s, TTFTs ms)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        ttfts: list[float] = []
+        tokens = 0
+
+        async def caller(c: int) -> None:
+            nonlocal tokens
+            for k in range(per_stream):
+                start = time.perf_counter()
+                first = None
+                async for chunk in stub.Generate(request(c * per_stream + k, max_tokens, tag), timeout=300):
+                    if first is None and chunk.token_ids:
+                        first = time.perf_counter()
+                    tokens += len(chunk.token_ids)
+                ttfts.append((first - start) * 1000.0)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller(c) for c in range(streams)))
+        return tokens / (time.perf_counter() - start), ttfts
+
+
+def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64)) -> list[tuple]:
+    rows = []
+    with NodeProcess(model, *NODE_ARGS, node_id="bench-node") as node:
+        node.start(logs)
+        node.wait_serving()
+        with CoordinatorProcess(nodes=[node.address], name="bench-coordinator") as co:
+            co.start(logs)
+            co.wait_routable(1)
+            for streams in levels:
+                per_stream, max_tokens = max(2, 32 // streams), 64
+                asyncio.run(load(node.address, streams, 1, 8, "warm"))  # warm both paths
+                asyncio.run(load(co.address, streams, 1, 8, "warm"))
+                direct_tps, via_tps, direct_ttft, via_ttft = [], [], [], []
+                for r in range(repeats):
+                    order = [(node.address, direct_tps, direct_ttft), (co.address, via_tps, via_ttft)]
+                    for address, tps, ttft in (order if r % 2 == 0 else order[::-1]):
+                        t, lat = asyncio.run(load(address, streams, per_stream, max_tokens, f"r{r}"))
+                        tps.append(t)
+                        ttft.extend(lat)
+                    print(f"  {streams:>2} streams, repeat {r + 1}/{repeats}: direct {direct_tps[-1]:.0f} tok/s, "
+                          f"coordinator {via_tps[-1]:.0f} tok/s", flush=True)
+                ratios = [v / d for v, d in zip(via_tps, direct_tps)]
+                rows.append((streams, statistics.median(direct_tps), statistics.median(via_tps),
+                             statistics.median(ratios), pct(direct_ttft, .5), pct(via_ttft, .5),
+                             pct(direct_ttft, .99), pct(via_ttft, .99)))
+    return rows
+
+
+def failover_gaps(model: Path, logs: Path, rounds: int, streams: int = 16) -> list[float]:
+    """Kill one of two nodes while `streams` run; the gap each interrupted stream saw."""
+    gaps: list[float] = []
+    for r in range(rounds):
+        with NodeProcess(model, *NODE_ARGS, node_id=f"gap-a{r}") as a, \
+                NodeProcess(model, *NODE_ARGS, node_id=f"gap-b{r}") as b:
+            a.start(logs)
+            b.start(logs)
+            a.wait_serving()
+            b.wait_serving()
+            with CoordinatorProcess(nodes=[a.address, b.address], name=f"gap-coordinator{r}") as co:
+                co.start(logs)
+                co.wait_routable(2)
+                gaps.extend(asyncio.run(_kill_and_time(co.address, a, streams, r)))
+        print(f"  failover round {r + 1}/{rounds}: {len(gaps)} interrupted streams so far", flush=True)
+    return gaps
+
+
+async def _kill_and_time(address: str, victim: NodeProcess, streams: int, r: int) -> list[float]:
+    """Each stream records its token arrival times; the final chunk says which ones moved."""
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    moved: list[bool] = [False] * streams
+    flowing = asyncio.Event()
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        async def one(i: int) -> None:
+            async for chunk in stub.Generate(request(i, 1200, f"gap{r}"), timeout=120):
+                if chunk.token_ids:
+                    arrivals[i].append(time.perf_counter())
+                    if min(len(a) for a in arrivals) >= 8:
+                        flowing.set()
+                if chunk.HasField("final"):
+                    moved[i] = victim.node_id in chunk.final.nodes and chunk.final.failovers > 0
+
+        tasks = [asyncio.create_task(one(i)) for i in range(streams)]
+        await asyncio.wait_for(flowing.wait(), 60)
+        killed_at = time.perf_counter()
+        victim.proc.kill()
+        await asyncio.gather(*tasks)
+    return [(next(t for t in arrivals[i] if t > killed_at) - killed_at) * 1000.0
+            for i in range(streams) if moved[i]]
+
+
+def discovery(model: Path, logs: Path, rounds: int) -> list[float]:
+    """Node READY (its log line) -> first token of a request that was waiting for it."""
+    out = []
+    for r in range(rounds):
+        fleet = f"bench-{os.getpid()}-{r}"
+        with CoordinatorProcess(fleet=fleet, name=f"disc-coordinator{r}") as co:
+            co.start(logs)
+            co.wait_serving()
+
+            async def first_token() -> float:
+                async with grpc.aio.insecure_channel(co.address) as channel:
+                    stub = inference_pb2_grpc.InferenceStub(channel)
+                    async for chunk in stub.Generate(request(r, 4, "disc"), timeout=60):
+                        if chunk.token_ids:
+                            return time.time()
+                raise RuntimeError("no token")
+
+            async def scenario() -> float:
+                waiting = asyncio.create_task(first_token())  # queued in the coordinator: no node yet
+                await asyncio.sleep(0.2)
+                with NodeProcess(model, node_id=f"disc-node{r}", fleet=fleet) as node:
+                    await asyncio.to_thread(node.start, logs)
+                    t_token = await waiting
+                    ready = _ready_time(node)
+                return (t_token - ready) * 1000.0
+
+            out.append(asyncio.run(scenario()))
+        print(f"  discovery round {r + 1}/{rounds}: {out[-1]:.0f} ms", flush=True)
+    return out
+
+
+def _ready_time(node: NodeProcess) -> float:
+    """The wall-clock time of the node's own 'WARMING -> READY' log line."""
+    for line in node.stderr().splitlines():
+        if "-> READY" in line:
+            stamp = re.match(r"(\S+ \S+)", line).group(1)
+            return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise RuntimeError(f"{node.node_id} never logged READY")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--streams", type=int, nargs="*", default=[1, 16, 64],
+                        help="concurrency levels for the overhead rows")
+    parser.add_argument("--only-overhead", action="store_true")
+    args = parser.parse_args()
+    repeats, rounds = (2, 2) if args.quick else (4, 4)
+    with tempfile.TemporaryDirectory(prefix="bench-coordinator-") as tmp:
+        tmp = Path(tmp)
+        model = make_tiny_model(tmp / "model")
+        logs = tmp / "logs"
+        print(f"overhead ({repeats} interleaved repeats per cell)", flush=True)
+        rows = overhead(model, logs, repeats, args.streams)
+        gaps, disc = [], []
+        if not args.only_overhead:
+            print(f"failover ({rounds} rounds, 16 streams over 2 nodes, one SIGKILLed)", flush=True)
+            gaps = failover_gaps(model, logs, rounds)
+            print(f"discovery ({rounds} rounds)", flush=True)
+            disc = discovery(model, logs, rounds)
+
+    print("\n| measure | direct | via coordinator | ratio / added | goal |")
+    print("|---|---|---|---|---|")
+    for streams, d_tps, v_tps, ratio, d50, v50, d99, v99 in rows:
+        print(f"| {streams} streams: tokens/s | {d_tps:.0f} | {v_tps:.0f} | {ratio:.3f}x | >= 0.95x |")
+        print(f"| {streams} streams: TTFT p50 | {d50:.1f} ms | {v50:.1f} ms | {v50 - d50:+.1f} ms | <= +2 ms |")
+        print(f"| {streams} streams: TTFT p99 | {d99:.1f} ms | {v99:.1f} ms | {v99 - d99:+.1f} ms | |")
+    if gaps:
+        print(f"| failover gap, SIGKILL -> next token ({len(gaps)} streams) | | p50 {pct(gaps, .5):.0f} ms, "
+              f"p99 {pct(gaps, .99):.0f} ms, max {max(gaps):.0f} ms | | p99 < 1000 ms |")
+    if disc:
+        print(f"| discovery, READY -> first routed token ({len(disc)} nodes) | | p50 {pct(disc, .5):.0f} ms, "
+              f"max {max(disc):.0f} ms | | < 2000 ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
