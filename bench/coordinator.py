@@ -9,6 +9,11 @@
 - discovery: a node agent announces itself over mDNS on loopback; the time from its
   READY (its own log) to the first token of a request routed to it (goal: < 2 s).
 
+By default node, coordinator and callers share this machine's cores, so every CPU-second
+the coordinator spends is taken from the node's decode: the worst case. `--pin` gives
+the node CPU 0 and puts the coordinator and callers on CPU 1, as when the coordinator
+runs on its own control host (Linux only).
+
     .venv/bin/python bench/coordinator.py             # ~4 min on 2 cores
     .venv/bin/python bench/coordinator.py --quick     # fewer repeats, ~1.5 min
 """
@@ -74,7 +79,13 @@ async def load(address: str, streams: int, per_stream: int, max_tokens: int, tag
         return tokens / (time.perf_counter() - start), ttfts
 
 
-def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64)) -> list[tuple]:
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64), pinned: bool = False) -> list[tuple]:
     rows = []
     with NodeProcess(model, *NODE_ARGS, node_id="bench-node") as node:
         node.start(logs)
@@ -82,6 +93,10 @@ def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64)) -> list[
         with CoordinatorProcess(nodes=[node.address], name="bench-coordinator") as co:
             co.start(logs)
             co.wait_routable(1)
+            if pinned:  # the node gets CPU 0 to itself; coordinator and callers share CPU 1
+                pin(node.proc.pid, {0})
+                pin(co.proc.pid, {1})
+                pin(os.getpid(), {1})
             for streams in levels:
                 per_stream, max_tokens = max(2, 32 // streams), 64
                 asyncio.run(load(node.address, streams, 1, 8, "warm"))  # warm both paths
@@ -193,6 +208,8 @@ def main() -> int:
     parser.add_argument("--streams", type=int, nargs="*", default=[1, 16, 64],
                         help="concurrency levels for the overhead rows")
     parser.add_argument("--only-overhead", action="store_true")
+    parser.add_argument("--pin", action="store_true",
+                        help="node on CPU 0, coordinator and callers on CPU 1 (a control host's view)")
     args = parser.parse_args()
     repeats, rounds = (2, 2) if args.quick else (4, 4)
     with tempfile.TemporaryDirectory(prefix="bench-coordinator-") as tmp:
@@ -200,7 +217,7 @@ def main() -> int:
         model = make_tiny_model(tmp / "model")
         logs = tmp / "logs"
         print(f"overhead ({repeats} interleaved repeats per cell)", flush=True)
-        rows = overhead(model, logs, repeats, args.streams)
+        rows = overhead(model, logs, repeats, args.streams, args.pin)
         gaps, disc = [], []
         if not args.only_overhead:
             print(f"failover ({rounds} rounds, 16 streams over 2 nodes, one SIGKILLed)", flush=True)
