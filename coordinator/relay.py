@@ -94,6 +94,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             raise
         finally:
             self.in_flight -= 1
+            if outcome == "cancelled" and (context.time_remaining() or 1.0) <= 0:
+                outcome = "deadline"
             log.info("request=%s outcome=%s tokens=%d nodes=%s failovers=%d total_ms=%.1f", req.request_id,
                      outcome, len(run.delivered), ",".join(run.nodes) or "-", run.failovers, run.elapsed_ms())
 
@@ -134,7 +136,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                 failure = await self._classify(err, run, context)
             finally:
                 entry.attempts.discard(attempt)
-                call.cancel()
+                if not call.done():  # a failover or the caller leaving: the node stops generating
+                    call.cancel()
                 self._admission.release(entry, max(0, reserved - got))
             reason, hard, penalise = failure or ("the stream ended without a final chunk", False, True)
             if penalise:
