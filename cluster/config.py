@@ -7,9 +7,9 @@ Units are in the field names. Loaded once at start and passed down explicitly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,13 +21,21 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
 class NodeSettings(BaseSettings):
     """Everything `fleet-node` needs to serve one model."""
 
     model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_NODE_", frozen=True, extra="forbid")
 
     model_path: Path
-    listen: str = "127.0.0.1:7700"
+    listen: HostPort = "127.0.0.1:7700"
     node_id: Optional[str] = None
     model_id: Optional[str] = None
     model_version: str = ""
@@ -53,11 +61,6 @@ class NodeSettings(BaseSettings):
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     log_level: str = "INFO"
 
-    @field_validator("listen")
-    @classmethod
-    def _listen_is_host_port(cls, value: str) -> str:
-        split_host_port(value)
-        return value
 
 
 class CoordinatorSettings(BaseSettings):
@@ -66,9 +69,9 @@ class CoordinatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_COORDINATOR_", frozen=True, extra="forbid")
 
-    listen: str = "127.0.0.1:7800"
+    listen: HostPort = "127.0.0.1:7800"
     coordinator_id: str = "coordinator"
-    nodes: tuple[str, ...] = ()            # static HOST:PORT list, for networks without multicast
+    nodes: tuple[HostPort, ...] = ()       # static HOST:PORT list, for networks without multicast
     mdns: bool = True
     mdns_interface: str = "0.0.0.0"        # the address to browse on (127.0.0.1 for a local fleet)
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
@@ -91,16 +94,3 @@ class CoordinatorSettings(BaseSettings):
     max_stop_sequences: int = Field(8, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
     log_level: str = "INFO"
-
-    @field_validator("listen")
-    @classmethod
-    def _listen_is_host_port(cls, value: str) -> str:
-        split_host_port(value)
-        return value
-
-    @field_validator("nodes")
-    @classmethod
-    def _nodes_are_host_port(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for address in value:
-            split_host_port(address)
-        return value

@@ -1,10 +1,54 @@
-"""What every StudioFleet daemon does on its way out."""
+"""What every StudioFleet daemon shares: its gRPC keepalive policy, start-up and exit."""
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import logging
 import os
 import sys
+from typing import Awaitable, Callable, NoReturn, Optional, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+S = TypeVar("S")
+
+# Coordinator <-> node and app <-> coordinator keepalive (shared/RELIABILITY.md): clients
+# ping every ~10 s, so servers must allow pings that often, also on idle channels.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], Awaitable[int]], *,
+               check: Optional[Callable[[S], Optional[str]]] = None) -> NoReturn:
+    """Settings (exit 2 with the first bad one named), logging, `serve` until it returns,
+    then exit with its code (1 if the address cannot be bound)."""
+    from cluster.logs import setup_logging
+
+    try:
+        settings = make_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        typer.echo(f"{prog}: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
+        raise typer.Exit(2)
+    problem = check(settings) if check else None
+    if problem:
+        typer.echo(f"{prog}: {problem}", err=True)
+        raise typer.Exit(2)
+    setup_logging(settings.log_level)
+    faulthandler.enable()  # a native crash prints every thread's Python stack to stderr
+    try:
+        code = asyncio.run(serve(settings))
+    except OSError as exc:
+        typer.echo(f"{prog}: {exc}", err=True)
+        raise typer.Exit(1)
+    exit_now(code)
 
 
 def exit_now(code: int) -> None:

@@ -24,7 +24,8 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Checked sampling settings; `seed` is None when the caller left it to the server."""
+    """Checked sampling settings; `seed` is None when the caller left it to the server
+    (a node then draws one: its requests always carry a seed)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -32,6 +33,10 @@ class Sampling:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 def new_request_id() -> str:

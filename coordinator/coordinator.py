@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
 from cluster.config import CoordinatorSettings
+from cluster.daemon import SERVER_OPTIONS
 from coordinator.admin import FleetAdmin
 from coordinator.admission import Admission
 from coordinator.discovery import MdnsDiscovery
@@ -23,14 +24,6 @@ from coordinator.relay import Relay
 
 log = logging.getLogger(__name__)
 
-# Clients (apps, fleetctl) may keep idle channels with pings, like the node allows.
-SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 class Coordinator:

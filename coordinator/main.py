@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import json
 import logging
 import signal
@@ -11,9 +10,8 @@ import sys
 from typing import List, Optional
 
 import typer
-from pydantic import ValidationError
 
-from cluster.daemon import exit_now
+from cluster.daemon import exit_now, run_daemon
 
 log = logging.getLogger("coordinator")
 
@@ -76,22 +74,8 @@ def serve(
     if node:
         flags["nodes"] = tuple(node)
     from cluster.config import CoordinatorSettings
-    from cluster.logs import setup_logging
 
-    try:
-        settings = CoordinatorSettings(**flags)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        typer.echo(f"fleet-coordinator: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
-        raise typer.Exit(2)
-    setup_logging(settings.log_level)
-    faulthandler.enable()
-    try:
-        code = asyncio.run(_serve(settings))
-    except OSError as exc:
-        typer.echo(f"fleet-coordinator: {exc}", err=True)
-        raise typer.Exit(1)
-    exit_now(code)
+    run_daemon("fleet-coordinator", lambda: CoordinatorSettings(**flags), _serve)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from cluster.api import (
     node_pb2_grpc,
 )
 from cluster.config import NodeSettings
+from cluster.daemon import SERVER_OPTIONS
 from cluster.mdns import Advert
 from node_agent.advertiser import Advertiser
 from node_agent.engine import Engine, EngineRequest, ModelFacts
@@ -38,15 +39,6 @@ log = logging.getLogger(__name__)
 
 WARMUP_TIMEOUT_S = 300.0
 
-# Coordinator <-> node keepalive (shared/RELIABILITY.md): clients ping every ~10 s, so
-# the server must allow pings that often, also on idle channels.
-SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 def default_node_id(listen: str) -> str:

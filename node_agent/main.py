@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import json
 import logging
 import signal
@@ -12,10 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from pydantic import ValidationError
 
-from cluster.daemon import exit_now
-
+from cluster.daemon import exit_now, run_daemon
 from cluster.offline import force_offline
 
 log = logging.getLogger("node_agent")
@@ -95,26 +92,14 @@ def serve(
     flags = {k: v for k, v in locals().items() if v is not None and k != "model"}
     force_offline()
     from cluster.config import NodeSettings
-    from cluster.logs import setup_logging
 
-    try:
-        settings = NodeSettings(model_path=model, **flags)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        typer.echo(f"fleet-node: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
-        raise typer.Exit(2)
-    if not settings.model_path.is_dir():
-        typer.echo(f"fleet-node: --model {settings.model_path} is not a directory; point it at a "
-                   "local MLX model (make one with `fleetctl model make-tiny DIR`)", err=True)
-        raise typer.Exit(2)
-    setup_logging(settings.log_level)
-    faulthandler.enable()  # a native crash prints every thread's Python stack to stderr
-    try:
-        code = asyncio.run(_serve(settings))
-    except OSError as exc:
-        typer.echo(f"fleet-node: {exc}", err=True)
-        raise typer.Exit(1)
-    exit_now(code)
+    def check(settings) -> Optional[str]:
+        if not settings.model_path.is_dir():
+            return (f"--model {settings.model_path} is not a directory; point it at a local MLX model "
+                    "(make one with `fleetctl model make-tiny DIR`)")
+        return None
+
+    run_daemon("fleet-node", lambda: NodeSettings(model_path=model, **flags), _serve, check=check)
 
 
 def main() -> None:

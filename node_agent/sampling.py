@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
+from cluster.validation import Sampling
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -23,18 +23,7 @@ from mlx_lm.sample_utils import (
 )
 
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+SamplingSpec = Sampling  # the node's requests always carry a seed (drawn if the caller sent none)
 
 
 def draw_seed() -> int:

@@ -6,7 +6,7 @@ limits (context, vocabulary) and builds the node's ValidRequest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from cluster.api import inference_pb2
@@ -69,8 +69,7 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
     checked = check_sampling(request.sampling)
     seed_given = checked.seed is not None
     seed = checked.seed if seed_given else draw_seed()
-    sampling = SamplingSpec(checked.temperature, checked.top_p, checked.top_k, checked.min_p,
-                            checked.repetition_penalty, seed & ((1 << 63) - 1))
+    sampling = replace(checked, seed=seed & ((1 << 63) - 1))
     return ValidRequest(
         request_id=request_id,
         messages=messages,

@@ -3,7 +3,6 @@ routing, validation, admission, deadlines, and failover when a node dies mid-str
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -11,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from cluster.api import fleet_pb2, inference_pb2
-from cluster.client import FleetClient, build_request
+from cluster.api import fleet_pb2
+from cluster.client import build_request
 from tests.fleet_helpers import EventWatch, collect, in_threads, note
 
 K = fleet_pb2

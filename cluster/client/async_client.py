@@ -11,7 +11,7 @@ import grpc.aio
 
 from cluster.api import inference_pb2, inference_pb2_grpc
 from cluster.client.results import GenerateResult, ResultBuilder, build_request, with_request_id
-from cluster.client.retry import Attempts, RetryPolicy, parse_targets
+from cluster.client.retry import Attempts, RetryPolicy, client_setup
 
 __all__ = ["AsyncFleetClient"]
 
@@ -31,13 +31,7 @@ class AsyncFleetClient:
     def __init__(self, targets: Union[str, Sequence[str]], *, channel: Optional[grpc.aio.Channel] = None,
                  max_attempts: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
                  channel_options: Sequence[tuple] = ()):
-        self.targets = parse_targets(targets)
-        if channel is not None and len(self.targets) != 1:
-            raise ValueError("channel= needs exactly one target address")
-        policy = retry_policy or RetryPolicy()
-        if max_attempts is not None:
-            policy = RetryPolicy(**{**policy.__dict__, "max_attempts": max_attempts})
-        self.retry_policy = policy
+        self.targets, self.retry_policy = client_setup(targets, channel, retry_policy, max_attempts)
         self._options = list(channel_options)
         self._channels: list[Optional[grpc.aio.Channel]] = [channel] if channel is not None else \
             [None] * len(self.targets)

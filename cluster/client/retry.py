@@ -102,6 +102,18 @@ def parse_targets(targets: Union[str, Sequence[str]]) -> list[str]:
     return out
 
 
+def client_setup(targets: Union[str, Sequence[str]], channel, retry_policy: Optional["RetryPolicy"],
+                 max_attempts: Optional[int]) -> tuple[list[str], "RetryPolicy"]:
+    """The addresses and retry policy both clients start from; `channel` needs one address."""
+    addresses = parse_targets(targets)
+    if channel is not None and len(addresses) != 1:
+        raise ValueError("channel= needs exactly one target address")
+    policy = retry_policy or RetryPolicy()
+    if max_attempts is not None:
+        policy = RetryPolicy(**{**policy.__dict__, "max_attempts": max_attempts})
+    return addresses, policy
+
+
 class Attempts:
     """The bookkeeping of one call across attempts: which address, how many tries, how
     much time is left, and the error to raise when no retry is left."""
