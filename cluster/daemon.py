@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import json
 import logging
 import os
+import signal
 import sys
 from typing import Awaitable, Callable, NoReturn, Optional, TypeVar
 
@@ -23,6 +25,28 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+def print_listening(key: str, ident: str, listen: str, port: int) -> str:
+    """The one JSON line on stdout a supervisor or test waits for; returns HOST:PORT."""
+    address = f"{listen.rpartition(':')[0]}:{port}"
+    print(json.dumps({"event": "listening", key: ident, "address": address, "port": port}), flush=True)
+    return address
+
+
+def on_stop_signals(first: Callable[[str], None], second: Callable[[str], None]) -> None:
+    """SIGTERM/SIGINT on the running loop: the first calls `first` (drain), any later one
+    `second` (stop now); each gets the signal's name."""
+    loop = asyncio.get_running_loop()
+    count = 0
+
+    def handle(signum: int) -> None:
+        nonlocal count
+        count += 1
+        (first if count == 1 else second)(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
 
 
 def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], Awaitable[int]], *,

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import sys
 from typing import List, Optional
 
 import typer
 
-from cluster.daemon import exit_now, run_daemon
+from cluster.daemon import exit_now, on_stop_signals, print_listening, run_daemon
 
 log = logging.getLogger("coordinator")
 
@@ -25,29 +23,22 @@ async def _serve(settings) -> int:
 
     coordinator = Coordinator(settings=settings)
     port = await coordinator.start()
-    host = settings.listen.rpartition(":")[0]
-    print(json.dumps({"event": "listening", "coordinator_id": settings.coordinator_id,
-                      "address": f"{host}:{port}", "port": port}), flush=True)
-    log.info("coordinator=%s listening on %s:%d (mDNS %s, %d static nodes)", settings.coordinator_id,
-             host, port, "on" if settings.mdns else "off", len(settings.nodes))
+    address = print_listening("coordinator_id", settings.coordinator_id, settings.listen, port)
+    log.info("coordinator=%s listening on %s (mDNS %s, %d static nodes)", settings.coordinator_id,
+             address, "on" if settings.mdns else "off", len(settings.nodes))
     loop = asyncio.get_running_loop()
-    signals = 0
 
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        name = signal.Signals(signum).name
-        if signals == 1:
-            log.info("%s: finishing in-flight requests (grace %.1fs); send again to stop now",
-                     name, settings.shutdown_grace_s)
-            loop.create_task(coordinator.shutdown())
-        else:
-            log.warning("second %s: stopping now", name)
-            loop.create_task(coordinator.shutdown(0))
-            loop.call_later(HARD_EXIT_S, exit_now, 1)
+    def drain(name: str) -> None:
+        log.info("%s: finishing in-flight requests (grace %.1fs); send again to stop now",
+                 name, settings.shutdown_grace_s)
+        loop.create_task(coordinator.shutdown())
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    def stop_now(name: str) -> None:
+        log.warning("second %s: stopping now", name)
+        loop.create_task(coordinator.shutdown(0))
+        loop.call_later(HARD_EXIT_S, exit_now, 1)
+
+    on_stop_signals(drain, stop_now)
     await coordinator.wait_stopped()
     return 0
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cluster.daemon import exit_now, run_daemon
+from cluster.daemon import exit_now, on_stop_signals, print_listening, run_daemon
 from cluster.offline import force_offline
 
 log = logging.getLogger("node_agent")
@@ -28,31 +26,23 @@ async def _serve(settings) -> int:
 
     agent = NodeAgent(settings=settings, engine=make_engine(settings))
     port = await agent.start()
-    host = settings.listen.rpartition(":")[0]
-    print(json.dumps({"event": "listening", "node_id": agent.node_id,
-                      "address": f"{host}:{port}", "port": port}), flush=True)
-    log.info("node=%s listening on %s:%d", agent.node_id, host, port)
-
+    address = print_listening("node_id", agent.node_id, settings.listen, port)
+    log.info("node=%s listening on %s", agent.node_id, address)
     loop = asyncio.get_running_loop()
-    signals = 0
 
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        name = signal.Signals(signum).name
-        if signals == 1:
-            log.info("node=%s %s: draining (grace %.1fs); send again to stop now",
-                     agent.node_id, name, settings.shutdown_grace_s)
-            loop.create_task(agent.shutdown())
-        else:
-            log.warning("node=%s second %s: ending in-flight requests now; exiting within %.0fs",
-                        agent.node_id, name, HARD_EXIT_S)
-            agent.registry.abort_all(lambda s: _stopping(f"second {name}"))
-            # A shutdown stuck behind a model load or a hung engine must not outlive this.
-            loop.call_later(HARD_EXIT_S, _hard_exit, agent.node_id)
+    def drain(name: str) -> None:
+        log.info("node=%s %s: draining (grace %.1fs); send again to stop now",
+                 agent.node_id, name, settings.shutdown_grace_s)
+        loop.create_task(agent.shutdown())
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    def stop_now(name: str) -> None:
+        log.warning("node=%s second %s: ending in-flight requests now; exiting within %.0fs",
+                    agent.node_id, name, HARD_EXIT_S)
+        agent.registry.abort_all(lambda s: _stopping(f"second {name}"))
+        # A shutdown stuck behind a model load or a hung engine must not outlive this.
+        loop.call_later(HARD_EXIT_S, _hard_exit, agent.node_id)
+
+    on_stop_signals(drain, stop_now)
     loading = loop.create_task(agent.load_and_warm())
     await agent.wait_stopped()
     loading.cancel()
