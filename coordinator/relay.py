@@ -89,8 +89,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             async for chunk in self._run(run, context):
                 yield chunk
             outcome = "completed"
-        except grpc.aio.AbortError as exc:
-            outcome = f"failed ({exc})" if str(exc) else "failed"
+        except grpc.aio.AbortError:
+            code = context.code()
+            outcome = f"failed code={getattr(code, 'name', code)}"
             raise
         finally:
             self.in_flight -= 1
@@ -156,9 +157,15 @@ class Relay(inference_pb2_grpc.InferenceServicer):
 
     async def _admit(self, run: Splice, context, base: int, failed: list[str]) -> NodeEntry:
         want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key)
-        if run.delivered and not any(e.digest == run.digest and e.node_id not in run.excluded
-                                     for e in self._fleet.routable()):
-            await self._give_up(run, context, failed, f"no other node serves weights {run.digest[:19]}")
+        if run.digest:
+            routable = self._fleet.routable()
+            if not any(e.digest == run.digest and e.node_id not in run.excluded for e in routable):
+                if run.delivered:
+                    await self._give_up(run, context, failed, f"no other node serves weights {run.digest[:19]}")
+                if routable:  # the caller pinned weights that no READY node serves
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"request {run.request.request_id}: no READY node serves the required "
+                                        "weights; check `fleetctl nodes` for the digests served")
         try:
             return await self._admission.acquire(want, priority=RESUME if run.delivered else base,
                                                  tokens=run.remaining, timeout_s=context.time_remaining())
