@@ -84,12 +84,16 @@ class CoordinatorSettings(BaseSettings):
     eject_base_s: float = Field(2.0, gt=0)         # ejection n lasts base x n, capped
     eject_max_s: float = Field(60.0, gt=0)
     readmit_after_probes: int = Field(3, ge=1)     # passing probes after the backoff
+    ejection_decay_s: float = Field(300.0, gt=0)   # healthy this long: ejection count resets
     # Routing and admission.
     affinity_load_factor: float = Field(1.25, ge=1.0)  # bounded-load consistent hashing
     queue_max_depth: int = Field(256, ge=0)
     queue_max_wait_s: float = Field(10.0, ge=0)
     retry_after_ms: int = Field(500, ge=0)
     max_failovers: int = Field(3, ge=0)            # node moves per request
+    # A node call with no first token / no next token for this long moves elsewhere.
+    first_token_timeout_s: float = Field(120.0, gt=0)
+    stall_timeout_s: float = Field(30.0, gt=0)
     max_tokens_limit: int = Field(4096, ge=1)
     max_stop_sequences: int = Field(8, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0)

@@ -83,14 +83,22 @@ class Admission:
         wait = self._max_wait_s if timeout_s is None else min(self._max_wait_s, timeout_s)
         start = loop.time()
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout=wait)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            if waiter.future.done() and not waiter.future.cancelled():
-                self.release(waiter.future.result(), tokens)  # placed as we gave up
-            waiter.future.cancel()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise WaitExpired(loop.time() - start, len(self._fleet.routable())) from None
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for can return a result that
+            # arrived together with the caller's cancel, and swallow the cancel.
+            await asyncio.wait((waiter.future,), timeout=wait)
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+        if waiter.future.done():
+            return waiter.future.result()
+        self._abandon(waiter)
+        raise WaitExpired(loop.time() - start, len(self._fleet.routable()))
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """The waiter leaves the queue; a place it was given meanwhile goes back."""
+        if waiter.future.done() and not waiter.future.cancelled():
+            self.release(waiter.future.result(), waiter.tokens)
+        waiter.future.cancel()
 
     def release(self, entry: NodeEntry, unused_tokens: int) -> None:
         """The request left the node; `unused_tokens` of its reservation are returned."""

@@ -77,6 +77,8 @@ class Coordinator:
     async def shutdown(self, grace_s: Optional[float] = None) -> None:
         """Stop taking requests, let in-flight ones finish within the grace, then stop."""
         if self.stopping:
+            if grace_s == 0 and self._server is not None:  # a second signal: cut the grace short
+                await self._server.stop(0)
             return
         self.stopping = True
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s

@@ -29,7 +29,8 @@ class MdnsDiscovery:
         self._interface = interface
         self._zc: Optional[AsyncZeroconf] = None
         self._browser: Optional[AsyncServiceBrowser] = None
-        self._where: dict[str, str] = {}   # instance name -> address
+        self._where: dict[str, str] = {}   # instance name -> address in use
+        self._removals: dict[str, int] = {}  # instance name -> goodbyes seen (a resolve in flight checks it)
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -40,6 +41,7 @@ class MdnsDiscovery:
 
     def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed:
+            self._removals[name] = self._removals.get(name, 0) + 1
             address = self._where.pop(name, None)
             if address:
                 self._fleet.goodbye(address, f"mDNS goodbye from {name}")
@@ -49,19 +51,25 @@ class MdnsDiscovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, name: str) -> None:
+        removals = self._removals.get(name, 0)
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS):
             log.info("mDNS: %s did not resolve in %d ms", name, RESOLVE_TIMEOUT_MS)
             return
+        if self._removals.get(name, 0) != removals:
+            return  # it said goodbye while we were resolving
         advert = Advert.from_txt(info.properties or {})
-        addresses = info.parsed_addresses(IP_VERSION)
-        if advert is None or not addresses or not info.port:
+        addresses = [a for a in info.parsed_addresses(IP_VERSION) if info.port]
+        if advert is None or not addresses:
             return
         if advert.fleet != self._fleet_name:
             log.debug("mDNS: %s belongs to fleet %s, not %s; ignored", name, advert.fleet, self._fleet_name)
             return
-        address = f"{addresses[0]}:{info.port}"
+        announced = [f"{a}:{info.port}" for a in addresses]
         old = self._where.get(name)
+        # A host announces every interface's address: keep the one in use while it is still
+        # announced, so a TXT update never looks like a move; else prefer a routable one.
+        address = old if old in announced else min(announced, key=lambda a: a.startswith("169.254."))
         self._where[name] = address
         self._fleet.add(address, source="mdns", mdns_name=name)
         if old and old != address:

@@ -136,23 +136,25 @@ class Fleet:
 
     # -- reads ------------------------------------------------------------------------
     def by_id(self, node_id: str) -> Optional[NodeEntry]:
-        return next((e for e in self.entries.values() if e.node_id == node_id), None)
+        """The verified entry with this id that is not REJECTED."""
+        return next((e for e in self.entries.values()
+                     if e.node_id == node_id and e.health.verdict is not hp.Verdict.REJECTED), None)
 
     def routable(self) -> list[NodeEntry]:
         return [e for e in self.entries.values() if e.routable]
 
     # -- signals ----------------------------------------------------------------------
-    def report_failure(self, entry: NodeEntry, reason: str, *, hard: bool) -> None:
-        """A failure seen while routing (passive health)."""
+    def report_failure(self, entry: NodeEntry, reason: str, *, hard: bool,
+                       source: hp.Source = hp.Source.REQUEST) -> None:
+        """A failure seen while routing (passive health), or by the monitor (`source`)."""
         if self.entries.get(entry.address) is entry:
             last = not any(e is not entry and e.routable for e in self.entries.values())
-            self._set_health(entry, hp.on_failure(entry.health, reason=reason, hard=hard, now=self._clock(),
-                                                  last_healthy=last, policy=self._policy))
+            self._set_health(entry, hp.on_failure(entry.health, source=source, reason=reason, hard=hard,
+                                                  now=self._clock(), last_healthy=last, policy=self._policy))
             entry.poke.set()
 
-    def report_success(self, entry: NodeEntry) -> None:
-        if entry.health.verdict is hp.Verdict.SUSPECT:
-            self._set_health(entry, hp.on_success(entry.health, policy=self._policy))
+    def report_success(self, entry: NodeEntry, source: hp.Source = hp.Source.REQUEST) -> None:
+        self._set_health(entry, hp.on_success(entry.health, source=source, now=self._clock(), policy=self._policy))
 
     def _set_health(self, entry: NodeEntry, new: hp.Health) -> None:
         old, entry.health = entry.health, new
@@ -213,16 +215,18 @@ class Fleet:
                 await self.remove(entry, "said goodbye and stopped answering" if entry.goodbye
                                   else f"unreachable for {gone_for:.0f}s")
                 return True
-            # Refused or reset: nothing listens there (a crash). A timeout may be a slow link.
-            hard = err.code() == grpc.StatusCode.UNAVAILABLE
-            self.report_failure(entry, f"status probe failed: {err.code().name}: {err.details()}", hard=hard)
+            # Soft: a probe can fail on a reconnect blip. A crash breaks the Watch stream
+            # (hard) and running streams (hard) before the next probe would notice.
+            self.report_failure(entry, f"status probe failed: {err.code().name}: {err.details()}", hard=False,
+                                source=hp.Source.PROBE)
             return False
         entry.unreachable_since = None
         await self._observe(entry, st)
         return False
 
     async def _observe(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> None:
-        if entry.node_id != st.node_id:
+        if (entry.node_id != st.node_id or st.api_version != API_VERSION
+                or entry.health.verdict is hp.Verdict.REJECTED):  # a refusal is re-examined each probe
             if not await self._verify(entry, st):
                 return
         old = entry.status
@@ -235,7 +239,7 @@ class Fleet:
                                   reason=f"{_state(old)} -> {_state(st)}: {st.lifecycle_reason}")
             self._on_change()
         if entry.health.verdict is not hp.Verdict.REJECTED:
-            self._set_health(entry, hp.on_success(entry.health, policy=self._policy))
+            self.report_success(entry, hp.Source.PROBE)
 
     async def _verify(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> bool:
         """First contact (or a new node id at a known address): may it join?"""
@@ -253,8 +257,9 @@ class Fleet:
             self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
                               reason=f"moved from {other.address}")
             entry.routed_total, entry.failovers_total = other.routed_total, other.failovers_total
-            await self.remove(other, f"moved to {entry.address}")
-        if entry.node_id:  # a different node now answers at this address
+            if other.source == "mdns":  # a configured address stays, probing, until the config changes
+                await self.remove(other, f"moved to {entry.address}")
+        if entry.node_id and entry.node_id != st.node_id:  # a different node now answers here
             self._events.emit(K.EVENT_KIND_LEFT, node_id=entry.node_id, address=entry.address,
                               reason=f"replaced at this address by {st.node_id}")
         entry.node_id = st.node_id

@@ -11,6 +11,7 @@ and a final record of the failovers and the nodes involved (DESIGN invariant 4).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -21,6 +22,7 @@ import grpc
 from cluster.api import fleet_pb2, inference_pb2, inference_pb2_grpc
 from cluster.validation import (InvalidRequest, check_counts, check_input, check_request_id,
                                 check_sampling, display_id, new_request_id)
+from coordinator.attempt import Attempt
 from coordinator.admission import BATCH, INTERACTIVE, RESUME, Admission, QueueFull, WaitExpired
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
@@ -37,21 +39,6 @@ PASS_THROUGH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS
                 grpc.StatusCode.PERMISSION_DENIED)
 # Not the node's fault (its state moved on since our last read): retry elsewhere, no penalty.
 STALE_VIEW = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
-
-
-class Attempt:
-    """One node call of a request; the fleet evicts it when its node is ejected or leaves."""
-
-    __slots__ = ("entry", "call", "evicted")
-
-    def __init__(self, entry: NodeEntry, call):
-        self.entry = entry
-        self.call = call
-        self.evicted: Optional[str] = None
-
-    def evict(self, reason: str) -> None:
-        self.evicted = reason
-        self.call.cancel()
 
 
 class Relay(inference_pb2_grpc.InferenceServicer):
@@ -86,8 +73,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         self.in_flight += 1
         outcome = "cancelled"
         try:
-            async for chunk in self._run(run, context):
-                yield chunk
+            async with contextlib.aclosing(self._run(run, context)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             outcome = "completed"
         except grpc.aio.AbortError:
             code = context.code()
@@ -95,7 +83,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             raise
         finally:
             self.in_flight -= 1
-            if outcome == "cancelled" and (context.time_remaining() or 1.0) <= 0:
+            left = context.time_remaining()
+            if outcome == "cancelled" and left is not None and left <= 0.05:
                 outcome = "deadline"
             log.info("request=%s outcome=%s tokens=%d nodes=%s failovers=%d total_ms=%.1f", req.request_id,
                      outcome, len(run.delivered), ",".join(run.nodes) or "-", run.failovers, run.elapsed_ms())
@@ -109,36 +98,41 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             reserved = run.remaining
             run.routed(entry.node_id, entry.digest)
             t_routed = time.monotonic()
-            call = entry.link.generate(run.request_for_node(), context.time_remaining())
-            attempt = Attempt(entry, call)
+            attempt = Attempt(entry, first_token_s=self._s.first_token_timeout_s, stall_s=self._s.stall_timeout_s)
             entry.attempts.add(attempt)
             got = 0
             failure: Optional[tuple[str, bool, bool]] = None  # (reason, hard, penalise)
             try:
+                attempt.call = call = entry.link.generate(run.request_for_node(entry.digest),
+                                                          context.time_remaining())
                 async for chunk in call:
+                    n = len(chunk.token_ids)
+                    attempt.progress(n)
                     if chunk.HasField("final"):
                         if chunk.final.finish_reason in NODE_ENDED:
                             failure = (f"node ended the stream: {chunk.final.message}", False, True)
                             break
-                        got += run.absorb(chunk)
+                        run.absorb(chunk)
+                        got += n
+                        entry.outstanding_tokens -= n
                         self._fleet.report_success(entry)
                         yield run.final(chunk)
                         return
-                    n = run.absorb(chunk)
-                    if n:
-                        got += n
-                        entry.outstanding_tokens -= n
+                    run.absorb(chunk)
+                    got += n
+                    entry.outstanding_tokens -= n
                     yield chunk
             except asyncio.CancelledError:
                 if attempt.evicted is None or asyncio.current_task().cancelling():
                     raise
-                failure = (attempt.evicted, False, False)
+                failure = (attempt.evicted, False, attempt.penalise)
             except grpc.aio.AioRpcError as err:
                 failure = await self._classify(err, run, context)
+            except grpc.aio.UsageError as exc:  # the node's channel closed as it left the fleet
+                failure = (f"node {entry.node_id} left the fleet ({exc})", False, False)
             finally:
                 entry.attempts.discard(attempt)
-                if not call.done():  # a failover or the caller leaving: the node stops generating
-                    call.cancel()
+                attempt.close()
                 self._admission.release(entry, max(0, reserved - got))
             reason, hard, penalise = failure or ("the stream ended without a final chunk", False, True)
             if penalise:
@@ -157,15 +151,18 @@ class Relay(inference_pb2_grpc.InferenceServicer):
 
     async def _admit(self, run: Splice, context, base: int, failed: list[str]) -> NodeEntry:
         want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key)
-        if run.digest:
-            routable = self._fleet.routable()
-            if not any(e.digest == run.digest and e.node_id not in run.excluded for e in routable):
-                if run.delivered:
-                    await self._give_up(run, context, failed, f"no other node serves weights {run.digest[:19]}")
-                if routable:  # the caller pinned weights that no READY node serves
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"request {run.request.request_id}: no READY node serves the required "
-                                        "weights; check `fleetctl nodes` for the digests served")
+        routable = self._fleet.routable()
+        if not any(e.node_id not in run.excluded and (not run.digest or e.digest == run.digest) for e in routable):
+            # Nothing could take it now. Wait only if nothing has been tried yet (a fleet
+            # starting up): a retry or resume with no candidate left ends here, with why.
+            if run.delivered:
+                await self._give_up(run, context, failed, f"no other READY node serves weights {run.digest[:19]}")
+            if failed:
+                await self._give_up(run, context, failed, "no other READY node is left to try")
+            if run.digest and routable:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"request {run.request.request_id}: no READY node serves the required "
+                                    "weights; check `fleetctl nodes` for the digests served")
         try:
             return await self._admission.acquire(want, priority=RESUME if run.delivered else base,
                                                  tokens=run.remaining, timeout_s=context.time_remaining())

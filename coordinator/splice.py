@@ -31,19 +31,23 @@ class Splice:
     def remaining(self) -> int:
         return self.request.max_tokens - len(self.delivered)
 
-    def request_for_node(self) -> inference_pb2.GenerateRequest:
-        """The original request, or its continuation after the tokens already delivered."""
-        if not self.delivered:
-            return self.request
+    def request_for_node(self, node_digest: str) -> inference_pb2.GenerateRequest:
+        """The request for a node serving `node_digest`: the original (pinned to the weights
+        the router chose, so a stale fleet view fails fast), or its continuation after the
+        tokens already delivered."""
         r = inference_pb2.GenerateRequest()
         r.CopyFrom(self.request)
+        r.require_weights_digest = self.digest or node_digest
+        if not self.delivered:
+            return r
         r.prefix_token_ids[:] = self.base_prefix + self.delivered
         r.max_tokens = self.remaining
-        r.require_weights_digest = self.digest
-        if self.base_prefix:  # the caller's own prefix: how much of its text they hold is theirs to say
-            r.ClearField("prefix_text_chars")
-        else:
+        if not self.base_prefix:
             r.prefix_text_chars = self.text_chars
+        elif self.request.HasField("prefix_text_chars"):
+            r.prefix_text_chars = self.request.prefix_text_chars + self.text_chars
+        else:  # the caller holds all of its own prefix's text, which only a node can measure
+            r.ClearField("prefix_text_chars")
         return r
 
     def routed(self, node_id: str, digest: str) -> None:

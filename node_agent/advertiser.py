@@ -58,10 +58,14 @@ class Advertiser:
             try:
                 if info is not None:
                     await asyncio.wait_for(_settled(zc.async_unregister_service(info)), GOODBYE_TIMEOUT_S)
-            except (asyncio.TimeoutError, OSError) as exc:
-                log.warning("mDNS goodbye for %s not sent: %s", info.name if info else "?", exc)
+            except Exception as exc:  # noqa: BLE001 - a lost goodbye must never block the drain
+                log.warning("mDNS goodbye for %s not sent: %s: %s", info.name if info else "?",
+                            type(exc).__name__, exc)
             finally:
-                await zc.async_close()
+                try:
+                    await asyncio.wait_for(zc.async_close(), GOODBYE_TIMEOUT_S)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("mDNS close failed: %s: %s", type(exc).__name__, exc)
 
 
 async def _settled(call) -> None:

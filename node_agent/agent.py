@@ -116,8 +116,13 @@ class NodeAgent:
             lambda: loop.create_task(self._readvertise())))
 
     async def _readvertise(self) -> None:
-        if self._advertiser is not None:
+        """Best effort: a failed TXT update is logged; coordinators read GetStatus anyway."""
+        if self._advertiser is None:
+            return
+        try:
             await self._advertiser.update(self.advert())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("node=%s mDNS update failed: %s: %s", self.node_id, type(exc).__name__, exc)
 
     async def load_and_warm(self) -> bool:
         """LOADING -> WARMING -> READY, or FAILED with the reason; never raises."""

@@ -9,15 +9,22 @@ from coordinator import health_policy as hp
 from coordinator.router import Candidate, Want, pick
 from coordinator.splice import Splice
 
-POLICY = hp.Policy(eject_after_failures=3, eject_base_s=2.0, eject_max_s=5.0, readmit_after_probes=3)
+POLICY = hp.Policy(eject_after_failures=3, eject_base_s=2.0, eject_max_s=5.0, readmit_after_probes=3,
+                   ejection_decay_s=100.0)
+PROBE, REQUEST = hp.Source.PROBE, hp.Source.REQUEST
 
 
-def _fail(h, *, hard=False, now=0.0, last=False):
-    return hp.on_failure(h, reason="probe timed out", hard=hard, now=now, last_healthy=last, policy=POLICY)
+def _fail(h, *, hard=False, now=0.0, last=False, source=PROBE):
+    return hp.on_failure(h, source=source, reason="probe timed out", hard=hard, now=now, last_healthy=last,
+                         policy=POLICY)
+
+
+def _ok(h, source=PROBE, now=0.0):
+    return hp.on_success(h, source=source, now=now, policy=POLICY)
 
 
 def _healthy():
-    return hp.on_success(hp.Health(), policy=POLICY)
+    return _ok(hp.Health())
 
 
 def test_n_consecutive_soft_failures_eject_and_a_success_resets_the_count():
@@ -25,12 +32,34 @@ def test_n_consecutive_soft_failures_eject_and_a_success_resets_the_count():
     assert h.verdict is hp.Verdict.HEALTHY
     h = _fail(_fail(h))
     assert h.verdict is hp.Verdict.SUSPECT and h.failures == 2
-    h = hp.on_success(h, policy=POLICY)
+    h = _ok(h)
     assert h.verdict is hp.Verdict.HEALTHY and h.failures == 0
     h = _fail(_fail(_fail(h, now=10), now=11), now=12)
     assert h.verdict is hp.Verdict.EJECTED
     assert h.ejected_until == 12 + 2.0
-    assert "3 consecutive failures" in h.reason
+    assert "3 consecutive probe failures" in h.reason
+
+
+def test_a_node_that_answers_status_but_fails_requests_is_still_ejected():
+    h = _healthy()
+    for now in range(3):
+        h = _fail(h, source=REQUEST, now=now)
+        if h.verdict is not hp.Verdict.EJECTED:
+            h = _ok(h, PROBE)  # its status probes keep passing in between
+    assert h.verdict is hp.Verdict.EJECTED
+    assert "3 consecutive request failures" in h.reason
+    h = _fail(_fail(_healthy(), source=REQUEST), source=REQUEST)
+    assert _ok(h, REQUEST).verdict is hp.Verdict.HEALTHY, "a completed request clears request failures"
+
+
+def test_the_ejection_count_decays_after_a_long_healthy_spell():
+    h = _fail(_healthy(), hard=True, now=0)
+    h = hp.on_tick(h, now=2)
+    for _ in range(3):
+        h = _ok(h, now=2)
+    assert h.verdict is hp.Verdict.HEALTHY and h.ejections == 1
+    assert _ok(h, now=50).ejections == 1
+    assert _ok(h, now=102).ejections == 0
 
 
 def test_a_hard_signal_ejects_at_once_even_the_last_healthy_node():
@@ -51,7 +80,7 @@ def test_readmission_needs_the_backoff_then_passing_probes_and_backoff_grows_to_
     assert hp.on_tick(h, now=1.9).verdict is hp.Verdict.EJECTED
     h = hp.on_tick(h, now=2.0)
     assert h.verdict is hp.Verdict.PROBING
-    h = hp.on_success(hp.on_success(h, policy=POLICY), policy=POLICY)
+    h = _ok(_ok(h))
     assert h.verdict is hp.Verdict.PROBING and h.passes == 2
     h = _fail(h, now=3)  # a failed probe while probing: ejected again, for longer
     assert h.verdict is hp.Verdict.EJECTED and h.ejections == 2 and h.ejected_until == 3 + 4.0
@@ -59,7 +88,7 @@ def test_readmission_needs_the_backoff_then_passing_probes_and_backoff_grows_to_
     assert h.ejected_until == 7 + 5.0, "capped at eject_max_s"
     h = hp.on_tick(h, now=12)
     for _ in range(3):
-        h = hp.on_success(h, policy=POLICY)
+        h = _ok(h)
     assert h.verdict is hp.Verdict.HEALTHY and "readmitted after 3 passing probes" in h.reason
 
 
@@ -102,12 +131,14 @@ def test_splice_resumes_after_the_delivered_tokens_with_the_same_settings():
                                         sampling=inference_pb2.SamplingParams(temperature=0.7, seed=42))
     clock = itertools.count(0.0, 0.01).__next__
     run = Splice(req, clock=clock)
-    assert run.request_for_node() is req
+    first = run.request_for_node("sha256:abc")
+    assert first.require_weights_digest == "sha256:abc", "pinned to the weights the router chose"
+    assert first.prompt == req.prompt and not first.prefix_token_ids and first.max_tokens == 10
     run.routed("n1", "sha256:abc")
     assert run.absorb(inference_pb2.GenerateChunk(text="ab", token_ids=[5, 6])) == 2
     assert run.absorb(inference_pb2.GenerateChunk(text="c", token_ids=[7])) == 1
     run.failed("n1")
-    nxt = run.request_for_node()
+    nxt = run.request_for_node("sha256:other")
     assert list(nxt.prefix_token_ids) == [5, 6, 7] and nxt.max_tokens == 7
     assert nxt.require_weights_digest == "sha256:abc" and nxt.prefix_text_chars == 3
     assert nxt.sampling.seed == 42 and nxt.sampling.temperature == req.sampling.temperature
@@ -121,3 +152,50 @@ def test_splice_resumes_after_the_delivered_tokens_with_the_same_settings():
     assert out.final.usage.completion_tokens == 4
     assert out.final.failovers == 1 and list(out.final.nodes) == ["n1", "n2"]
     assert out.text == "d" and list(out.token_ids) == [8]
+
+
+def test_a_caller_prefix_with_its_text_offset_is_carried_into_a_resume():
+    req = inference_pb2.GenerateRequest(request_id="r2", prompt="Plan:", max_tokens=10, prefix_token_ids=[1, 2],
+                                        prefix_text_chars=4)
+    run = Splice(req, clock=itertools.count(0.0, 0.01).__next__)
+    run.routed("n1", "sha256:abc")
+    run.absorb(inference_pb2.GenerateChunk(text="xyz", token_ids=[9]))
+    nxt = run.request_for_node("sha256:abc")
+    assert list(nxt.prefix_token_ids) == [1, 2, 9] and nxt.prefix_text_chars == 4 + 3
+
+
+def test_a_stalled_attempt_is_evicted_and_a_flowing_one_is_not():
+    """Attempt's watchdog on a real event loop; the node call is a stand-in that records
+    cancel(), since a node that accepts a call and then never sends cannot be made on demand."""
+    import asyncio
+
+    from coordinator.attempt import Attempt
+
+    class Call:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+        def done(self):
+            return self.cancelled
+
+    class Entry:
+        node_id = "n-stall"
+
+    async def scenario():
+        stalled = Attempt(Entry(), first_token_s=0.05, stall_s=0.05)
+        stalled.call = Call()
+        flowing = Attempt(Entry(), first_token_s=0.05, stall_s=0.05)
+        flowing.call = Call()
+        for _ in range(8):
+            await asyncio.sleep(0.02)
+            flowing.progress(1)
+        stalled.close()
+        flowing.close()
+        return stalled, flowing
+
+    stalled, flowing = asyncio.run(scenario())
+    assert stalled.call.cancelled and "no first token from node n-stall" in stalled.evicted
+    assert not stalled.penalise, "a slow first token may be the node's queue: no penalty"
+    assert flowing.evicted is None

@@ -122,7 +122,7 @@ def test_no_node_with_the_same_weights_left_fails_with_aborted(start_node, start
 
     (result,) = _run_with(co, [req], kill)
     assert result.error is not None and result.error.code() == grpc.StatusCode.ABORTED
-    assert "no other node serves weights" in result.error.details()
+    assert "no other READY node serves weights" in result.error.details()
     assert len(result.ids) >= 5
 
 
