@@ -71,9 +71,7 @@ class MdnsDiscovery:
         # announced, so a TXT update never looks like a move; else prefer a routable one.
         address = old if old in announced else min(announced, key=lambda a: a.startswith("169.254."))
         self._where[name] = address
-        self._fleet.add(address, source="mdns", mdns_name=name)
-        if old and old != address:
-            self._fleet.goodbye(old, f"{name} moved to {address}")
+        self._fleet.add(address, source="mdns", mdns_name=name, moved_from=old if old != address else "")
 
     async def close(self) -> None:
         for task in list(self._tasks):

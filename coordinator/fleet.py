@@ -48,6 +48,7 @@ class NodeEntry:
     routed_total: int = 0
     failovers_total: int = 0
     goodbye: bool = False            # mDNS said it left
+    moved_from: tuple = ()           # (address, node id) this announcement says it moved from
     unreachable_since: Optional[float] = None
     attempts: set = field(default_factory=set)   # live relay attempts, evicted on ejection
     poke: asyncio.Event = field(default_factory=asyncio.Event)
@@ -91,15 +92,20 @@ class Fleet:
         self._closed = False
 
     # -- membership -------------------------------------------------------------------
-    def add(self, address: str, *, source: str, mdns_name: str = "") -> NodeEntry:
-        """A node is (claimed to be) at `address`; connect and verify before routing to it."""
+    def add(self, address: str, *, source: str, mdns_name: str = "", moved_from: str = "") -> NodeEntry:
+        """A node is (claimed to be) at `address`; connect and verify before routing to it.
+        `moved_from`: the address the same announcement used before (mDNS)."""
+        previous = self.entries.get(moved_from) if moved_from else None
+        if previous is not None:
+            self.goodbye(moved_from, f"{mdns_name} now announces {address}")
         entry = self.entries.get(address)
         if entry is not None:
             entry.goodbye = False
             entry.mdns_name = mdns_name or entry.mdns_name
             entry.poke.set()
             return entry
-        entry = NodeEntry(address=address, source=source, link=NodeLink(address), mdns_name=mdns_name)
+        entry = NodeEntry(address=address, source=source, link=NodeLink(address), mdns_name=mdns_name,
+                          moved_from=(moved_from, previous.node_id) if previous is not None else ())
         self.entries[address] = entry
         self._events.emit(K.EVENT_KIND_DISCOVERED, address=address,
                           reason=f"{source}{' ' + mdns_name if mdns_name else ''}")
@@ -248,6 +254,9 @@ class Fleet:
                                                 f"this coordinator {API_VERSION}; upgrade one of them"))
             return False
         other = self.by_id(st.node_id)
+        if other is None and entry.moved_from[1:] == (st.node_id,):  # the old entry is already gone
+            self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
+                              reason=f"moved from {entry.moved_from[0]}")
         if other is not None and other is not entry:
             if other.health.verdict in (*hp.ACCEPTING, hp.Verdict.PROBING) and not other.goodbye:
                 self._set_health(entry, hp.rejected(

@@ -225,3 +225,38 @@ def test_interactive_requests_leave_the_queue_before_batch(start_node, start_coo
         t.join(30)
     assert batch[0].error is None and inter[0].error is None
     assert order == ["interactive-1", "batch-1"]
+
+
+def test_a_node_back_at_a_new_address_is_an_address_change(start_node, start_coordinator, fleet_name):
+    co = start_coordinator(fleet=fleet_name)
+    first = start_node(node_id="mover", fleet=fleet_name)
+    co.wait_routable(1)
+    watch = EventWatch(co.address)
+    try:
+        old_address = first.address
+        first.proc.kill()  # no goodbye: the process is gone
+        watch.wait_for(K.EVENT_KIND_EJECTED, "mover", timeout_s=10)
+        again = start_node(node_id="mover", fleet=fleet_name)  # same id, new port
+        assert again.address != old_address
+        moved = watch.wait_for(K.EVENT_KIND_ADDRESS_CHANGED, "mover", timeout_s=20)
+        assert moved.address == again.address and old_address in moved.reason
+        co.wait_routable(1)
+        assert [(n.status.node_id, n.address) for n in co.nodes().nodes] == [("mover", again.address)]
+        assert collect(co.inference, note(30, 4)).final.node_id == "mover"
+    finally:
+        watch.close()
+
+
+def test_two_nodes_announcing_the_same_name_over_mdns_get_one_place(start_node, start_coordinator, fleet_name):
+    co = start_coordinator(fleet=fleet_name)
+    start_node(node_id="twin", fleet=fleet_name)
+    start_node(node_id="twin", fleet=fleet_name)  # zeroconf renames the second instance
+    watch = EventWatch(co.address)
+    try:
+        ev = watch.wait_for(K.EVENT_KIND_REJECTED, "", timeout_s=20)
+        assert "duplicate node id twin" in ev.reason
+    finally:
+        watch.close()
+    listing = co.nodes()
+    assert len({n.mdns_name for n in listing.nodes}) == 2, "two instance names on the wire"
+    assert sum(n.routable for n in listing.nodes) == 1
