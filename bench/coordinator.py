@@ -136,9 +136,12 @@ def failover_gaps(model: Path, logs: Path, rounds: int, streams: int = 16) -> li
 
 
 async def _kill_and_time(address: str, victim: NodeProcess, streams: int, r: int) -> list[float]:
-    """Each stream records its token arrival times; the final chunk says which ones moved."""
+    """Each stream records its token arrival times; the coordinator's FAILOVER events say
+    which streams moved and after how many tokens, so the gap is measured to the first
+    token the new node generated (not to a token already in flight at the kill)."""
+    from cluster.api import fleet_pb2, fleet_pb2_grpc
+
     arrivals: list[list[float]] = [[] for _ in range(streams)]
-    moved: list[bool] = [False] * streams
     flowing = asyncio.Event()
 
     async with grpc.aio.insecure_channel(address) as channel:
@@ -146,20 +149,26 @@ async def _kill_and_time(address: str, victim: NodeProcess, streams: int, r: int
 
         async def one(i: int) -> None:
             async for chunk in stub.Generate(request(i, 1200, f"gap{r}"), timeout=120):
-                if chunk.token_ids:
-                    arrivals[i].append(time.perf_counter())
-                    if min(len(a) for a in arrivals) >= 8:
-                        flowing.set()
-                if chunk.HasField("final"):
-                    moved[i] = victim.node_id in chunk.final.nodes and chunk.final.failovers > 0
+                now = time.perf_counter()
+                arrivals[i].extend([now] * len(chunk.token_ids))
+                if min(len(a) for a in arrivals) >= 8:
+                    flowing.set()
 
         tasks = [asyncio.create_task(one(i)) for i in range(streams)]
         await asyncio.wait_for(flowing.wait(), 60)
         killed_at = time.perf_counter()
         victim.proc.kill()
         await asyncio.gather(*tasks)
-    return [(next(t for t in arrivals[i] if t > killed_at) - killed_at) * 1000.0
-            for i in range(streams) if moved[i]]
+        moved: dict[int, int] = {}
+        events = fleet_pb2_grpc.FleetStub(channel).WatchEvents(fleet_pb2.WatchEventsRequest(replay=True), timeout=1)
+        try:
+            async for ev in events:
+                if ev.kind == fleet_pb2.EVENT_KIND_FAILOVER and ev.request_id.startswith(f"gap{r}-"):
+                    moved[int(ev.request_id.rsplit("-", 1)[1])] = ev.tokens_delivered
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+    return [(arrivals[i][k] - killed_at) * 1000.0 for i, k in moved.items()]
 
 
 def discovery(model: Path, logs: Path, rounds: int) -> list[float]:
