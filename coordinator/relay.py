@@ -167,11 +167,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             return await self._admission.acquire(want, priority=RESUME if run.delivered else base,
                                                  tokens=run.remaining, timeout_s=context.time_remaining())
         except QueueFull:
-            ms = self._s.retry_after_ms
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"request {run.request.request_id}: the coordinator's queue is full "
-                                f"({self._s.queue_max_depth} waiting); retry after {ms} ms",
-                                trailing_metadata=((PUSHBACK_KEY, str(ms)),))
+            await self._busy(context, f"request {run.request.request_id}: the coordinator's queue is full "
+                                      f"({self._s.queue_max_depth} waiting)")
         except WaitExpired as exc:
             rid = run.request.request_id
             if run.delivered:
@@ -181,11 +178,14 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     f"request {rid}: no READY node in the fleet after waiting "
                                     f"{exc.waited_s:.1f}s{tried}; check `fleetctl nodes`")
-            ms = self._s.retry_after_ms
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"request {rid}: every node is busy; waited {exc.waited_s:.1f}s in the "
-                                f"coordinator's queue; retry after {ms} ms",
-                                trailing_metadata=((PUSHBACK_KEY, str(ms)),))
+            await self._busy(context, f"request {rid}: every node is busy; waited {exc.waited_s:.1f}s in the "
+                                      "coordinator's queue")
+
+    async def _busy(self, context, message: str) -> None:
+        """RESOURCE_EXHAUSTED with the retry hint in the trailer and the message."""
+        ms = self._s.retry_after_ms
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{message}; retry after {ms} ms",
+                            trailing_metadata=((PUSHBACK_KEY, str(ms)),))
 
     async def _give_up(self, run: Splice, context, failed: list[str], why: str) -> None:
         rid = run.request.request_id
@@ -194,6 +194,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"request {rid} was interrupted after {len(run.delivered)} tokens and cannot "
                                 f"be resumed: {why} (nodes tried: {tried}); retry the whole request")
+        if run.last_failure == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full, not broken
+            await self._busy(context, f"request {rid}: every node that could serve it is at capacity "
+                                      f"(nodes tried: {tried})")
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             f"request {rid} could not be served: {why} (nodes tried: {tried}); "
                             "retry later and check `fleetctl nodes`")
@@ -201,6 +204,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
     async def _classify(self, err: grpc.aio.AioRpcError, run: Splice, context) -> tuple[str, bool, bool]:
         """(reason, hard, penalise) for a failed node call; ends the caller's call if it must."""
         code, details = err.code(), err.details() or ""
+        run.last_failure = code
         if code in PASS_THROUGH:
             await context.abort(code, details)
         left = context.time_remaining()

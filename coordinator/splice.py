@@ -22,6 +22,7 @@ class Splice:
         self.digest = request.require_weights_digest
         self.nodes: list[str] = []
         self.excluded: set[str] = set()
+        self.last_failure = None  # the status code of the last failed node call, if any
         self.failovers = 0       # moves after the first token
         self.retries = 0         # moves before it
         self._pinning = ""

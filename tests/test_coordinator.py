@@ -260,3 +260,21 @@ def test_two_nodes_announcing_the_same_name_over_mdns_get_one_place(start_node, 
     listing = co.nodes()
     assert len({n.mdns_name for n in listing.nodes}) == 2, "two instance names on the wire"
     assert sum(n.routable for n in listing.nodes) == 1
+
+
+def test_a_node_filled_by_another_coordinator_answers_resource_exhausted_promptly(start_node, start_coordinator):
+    node = start_node("--max-running", "1", "--max-queued", "0", node_id="shared-slot")
+    a = start_coordinator(nodes=[node.address], name="coord-a")
+    b = start_coordinator(nodes=[node.address], name="coord-b")
+    a.wait_routable(1)
+    b.wait_routable(1)
+    hog = b.inference.Generate(note(31, 1500, request_id="b-hog"), timeout=60)
+    next(hog)
+    started = time.monotonic()
+    s = collect(a.inference, note(32, 4, request_id="a-late"), timeout_s=20)
+    assert s.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, s.error
+    assert "at capacity" in s.error.details()
+    assert dict(s.error.trailing_metadata())["grpc-retry-pushback-ms"] == "500"
+    assert time.monotonic() - started < 2, "not after the queue's wait limit"
+    hog.cancel()
+    assert a.nodes().nodes[0].health == K.NODE_HEALTH_HEALTHY, "a full node is not a failed node"
