@@ -55,6 +55,14 @@ def collect(stub, request, timeout_s: float = 120.0, on_chunk: Callable[[Stream]
     return s
 
 
+def wait_queued(co, count: int, timeout_s: float = 10.0) -> None:
+    """Re-read the coordinator's listing until `count` requests wait in its queue."""
+    deadline = time.monotonic() + timeout_s
+    while co.nodes().queued < count:
+        assert time.monotonic() < deadline, f"{count} queued requests not seen in {timeout_s}s"
+        time.sleep(0.01)
+
+
 def in_threads(fn, items) -> list:
     out = [None] * len(items)
 

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.api import fleet_pb2
 from cluster.client import build_request
-from tests.fleet_helpers import EventWatch, collect, in_threads, note
+from tests.fleet_helpers import EventWatch, collect, in_threads, note, wait_queued
 
 K = fleet_pb2
 
@@ -186,9 +186,7 @@ def test_queue_depth_and_wait_limits_answer_resource_exhausted_with_a_hint(start
     busy = co.inference.Generate(note(9, 1500, request_id="hog"), timeout=60)
     next(busy)  # running on the only slot
     waiting, threads = in_threads(lambda r: collect(co.inference, r, timeout_s=30), [note(10, 4, request_id="queued")])
-    deadline = time.monotonic() + 5
-    while co.nodes().queued < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_queued(co, 1)
     full = collect(co.inference, note(11, 4, request_id="over"), timeout_s=10)
     assert full.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue is full" in full.error.details()
@@ -215,11 +213,9 @@ def test_interactive_requests_leave_the_queue_before_batch(start_node, start_coo
         return s
 
     batch, bt = in_threads(run, [note(14, 8, request_id="batch-1", priority="batch")])
-    while co.nodes().queued < 1:
-        time.sleep(0.01)
+    wait_queued(co, 1)
     inter, it = in_threads(run, [note(15, 8, request_id="interactive-1", priority="interactive")])
-    while co.nodes().queued < 2:
-        time.sleep(0.01)
+    wait_queued(co, 2)
     hog.cancel()
     for t in bt + it:
         t.join(30)

@@ -16,7 +16,7 @@ import pytest
 
 from cluster.api import fleet_pb2
 from cluster.localfleet import CoordinatorProcess
-from tests.fleet_helpers import EventWatch, collect, in_threads, note
+from tests.fleet_helpers import EventWatch, collect, in_threads, note, wait_queued
 from tests.netns import NetnsLab, netns_unavailable
 from tests.procs import NodeProcess
 
@@ -184,10 +184,7 @@ def test_queue_full_and_bad_requests(fleet):
     hog = co.inference.Generate(note(2, 1500, request_id="hog"), timeout=60)
     next(hog)
     queued, threads = in_threads(lambda r: collect(co.inference, r), [note(3, 4, request_id="queued")])
-    deadline = time.monotonic() + 10
-    while co.nodes().queued < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_queued(co, 1)
     over = collect(co.inference, note(4, 4, request_id="over"))
     assert over.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert int(dict(over.error.trailing_metadata())["grpc-retry-pushback-ms"]) > 0
