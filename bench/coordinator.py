@@ -1,9 +1,10 @@
 """What the coordinator costs and what it buys: one run, one table.
 
 - overhead: time to first token p50/p99 and aggregate tokens/s at 1, 16 and 64
-  concurrent streams, through the coordinator vs straight to the same node, the two
-  interleaved per repeat so machine noise hits both alike (goal: >= 0.95x throughput,
-  <= 2 ms added p50 TTFT);
+  concurrent streams, through the coordinator vs straight to the same node, with a bare
+  grpc.aio pass-through (bench/bare_relay.py) beside them to show what any Python gRPC
+  hop costs; the three interleaved per repeat so machine noise hits them alike (goal:
+  >= 0.95x throughput, <= 2 ms added p50 TTFT);
 - failover gap: SIGKILL a node under load; for each stream it was serving, the time
   from the kill to that stream's next token (goal: p99 < 1 s);
 - discovery: a node agent announces itself over mDNS on loopback; the time from its
@@ -25,6 +26,7 @@ import asyncio
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +88,8 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 
 def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64), pinned: bool = False) -> list[tuple]:
+    """Per level: {path: (median tokens/s, TTFTs)} for direct, bare relay and coordinator,
+    interleaved per repeat (rotating the order)."""
     rows = []
     with NodeProcess(model, *NODE_ARGS, node_id="bench-node") as node:
         node.start(logs)
@@ -93,28 +97,38 @@ def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64), pinned: 
         with CoordinatorProcess(nodes=[node.address], name="bench-coordinator") as co:
             co.start(logs)
             co.wait_routable(1)
-            if pinned:  # the node gets CPU 0 to itself; coordinator and callers share CPU 1
-                pin(node.proc.pid, {0})
-                pin(co.proc.pid, {1})
-                pin(os.getpid(), {1})
-            for streams in levels:
-                per_stream, max_tokens = max(2, 32 // streams), 64
-                asyncio.run(load(node.address, streams, 1, 8, "warm"))  # warm both paths
-                asyncio.run(load(co.address, streams, 1, 8, "warm"))
-                direct_tps, via_tps, direct_ttft, via_ttft = [], [], [], []
-                for r in range(repeats):
-                    order = [(node.address, direct_tps, direct_ttft), (co.address, via_tps, via_ttft)]
-                    for address, tps, ttft in (order if r % 2 == 0 else order[::-1]):
-                        t, lat = asyncio.run(load(address, streams, per_stream, max_tokens, f"r{r}"))
-                        tps.append(t)
-                        ttft.extend(lat)
-                    print(f"  {streams:>2} streams, repeat {r + 1}/{repeats}: direct {direct_tps[-1]:.0f} tok/s, "
-                          f"coordinator {via_tps[-1]:.0f} tok/s", flush=True)
-                ratios = [v / d for v, d in zip(via_tps, direct_tps)]
-                rows.append((streams, statistics.median(direct_tps), statistics.median(via_tps),
-                             statistics.median(ratios), pct(direct_ttft, .5), pct(via_ttft, .5),
-                             pct(direct_ttft, .99), pct(via_ttft, .99)))
+            relay = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_relay.py"), node.address],
+                                     stdout=subprocess.PIPE, text=True)
+            try:
+                paths = {"direct": node.address, "bare": f"127.0.0.1:{int(relay.stdout.readline())}",
+                         "coordinator": co.address}
+                if pinned:  # the node gets CPU 0 to itself; relays and callers share CPU 1
+                    pin(node.proc.pid, {0})
+                    for pid in (co.proc.pid, relay.pid, os.getpid()):
+                        pin(pid, {1})
+                for streams in levels:
+                    rows.append((streams, _level(paths, streams, repeats)))
+            finally:
+                relay.kill()
+                relay.wait()
     return rows
+
+
+def _level(paths: dict[str, str], streams: int, repeats: int) -> dict[str, tuple[float, list[float]]]:
+    per_stream, max_tokens = max(2, 32 // streams), 64
+    tps = {k: [] for k in paths}
+    ttft = {k: [] for k in paths}
+    for address in paths.values():
+        asyncio.run(load(address, streams, 1, 8, "warm"))
+    names = list(paths)
+    for r in range(repeats):
+        for name in names[r % 3:] + names[:r % 3]:
+            t, lat = asyncio.run(load(paths[name], streams, per_stream, max_tokens, f"r{r}"))
+            tps[name].append(t)
+            ttft[name].extend(lat)
+        print(f"  {streams:>2} streams, repeat {r + 1}/{repeats}: "
+              + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in tps.items()), flush=True)
+    return {k: (statistics.median(tps[k]), ttft[k]) for k in paths}
 
 
 def failover_gaps(model: Path, logs: Path, rounds: int, streams: int = 16) -> list[float]:
@@ -234,17 +248,21 @@ def main() -> int:
             print(f"discovery ({rounds} rounds)", flush=True)
             disc = discovery(model, logs, rounds)
 
-    print("\n| measure | direct | via coordinator | ratio / added | goal |")
-    print("|---|---|---|---|---|")
-    for streams, d_tps, v_tps, ratio, d50, v50, d99, v99 in rows:
-        print(f"| {streams} streams: tokens/s | {d_tps:.0f} | {v_tps:.0f} | {ratio:.3f}x | >= 0.95x |")
-        print(f"| {streams} streams: TTFT p50 | {d50:.1f} ms | {v50:.1f} ms | {v50 - d50:+.1f} ms | <= +2 ms |")
-        print(f"| {streams} streams: TTFT p99 | {d99:.1f} ms | {v99:.1f} ms | {v99 - d99:+.1f} ms | |")
+    print("\n| measure | direct | bare gRPC relay | via coordinator | coordinator vs direct | goal |")
+    print("|---|---|---|---|---|---|")
+    for streams, cell in rows:
+        (d_tps, d_lat), (b_tps, b_lat), (v_tps, v_lat) = cell["direct"], cell["bare"], cell["coordinator"]
+        print(f"| {streams} streams: tokens/s | {d_tps:.0f} | {b_tps:.0f} ({b_tps / d_tps:.3f}x) | {v_tps:.0f} | "
+              f"{v_tps / d_tps:.3f}x | >= 0.95x |")
+        for q, goal in ((.5, "<= +2 ms"), (.99, "")):
+            d, b, v = pct(d_lat, q), pct(b_lat, q), pct(v_lat, q)
+            print(f"| {streams} streams: TTFT p{int(q * 100)} | {d:.1f} ms | {b:.1f} ms ({b - d:+.1f}) | "
+                  f"{v:.1f} ms | {v - d:+.1f} ms | {goal} |")
     if gaps:
-        print(f"| failover gap, SIGKILL -> next token ({len(gaps)} streams) | | p50 {pct(gaps, .5):.0f} ms, "
+        print(f"| failover gap, SIGKILL -> next token ({len(gaps)} streams) | | | p50 {pct(gaps, .5):.0f} ms, "
               f"p99 {pct(gaps, .99):.0f} ms, max {max(gaps):.0f} ms | | p99 < 1000 ms |")
     if disc:
-        print(f"| discovery, READY -> first routed token ({len(disc)} nodes) | | p50 {pct(disc, .5):.0f} ms, "
+        print(f"| discovery, READY -> first routed token ({len(disc)} nodes) | | | p50 {pct(disc, .5):.0f} ms, "
               f"max {max(disc):.0f} ms | | < 2000 ms |")
     return 0
 
