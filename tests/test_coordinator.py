@@ -168,15 +168,21 @@ def test_a_duplicate_node_id_is_rejected(start_node, start_coordinator):
     a = start_node(node_id="same-id")
     b = start_node(node_id="same-id")
     co = start_coordinator(nodes=[a.address, b.address])
+    listing = _one_place_for(co, "same-id")
+    assert sum(n.health == K.NODE_HEALTH_REJECTED for n in listing.nodes) == 1
+
+
+def _one_place_for(co, node_id: str):
+    """Wait for the duplicate's rejection; exactly one of the two takes traffic."""
     watch = EventWatch(co.address)
     try:
-        ev = watch.wait_for(K.EVENT_KIND_REJECTED, "", timeout_s=15)
-        assert "duplicate node id same-id" in ev.reason
+        ev = watch.wait_for(K.EVENT_KIND_REJECTED, "", timeout_s=20)
+        assert f"duplicate node id {node_id}" in ev.reason
     finally:
         watch.close()
     listing = co.nodes()
     assert sum(n.routable for n in listing.nodes) == 1
-    assert sum(n.health == K.NODE_HEALTH_REJECTED for n in listing.nodes) == 1
+    return listing
 
 
 def test_queue_depth_and_wait_limits_answer_resource_exhausted_with_a_hint(start_node, start_coordinator):
@@ -247,15 +253,8 @@ def test_two_nodes_announcing_the_same_name_over_mdns_get_one_place(start_node, 
     co = start_coordinator(fleet=fleet_name)
     start_node(node_id="twin", fleet=fleet_name)
     start_node(node_id="twin", fleet=fleet_name)  # zeroconf renames the second instance
-    watch = EventWatch(co.address)
-    try:
-        ev = watch.wait_for(K.EVENT_KIND_REJECTED, "", timeout_s=20)
-        assert "duplicate node id twin" in ev.reason
-    finally:
-        watch.close()
-    listing = co.nodes()
+    listing = _one_place_for(co, "twin")
     assert len({n.mdns_name for n in listing.nodes}) == 2, "two instance names on the wire"
-    assert sum(n.routable for n in listing.nodes) == 1
 
 
 def test_a_node_filled_by_another_coordinator_answers_resource_exhausted_promptly(start_node, start_coordinator):

@@ -66,14 +66,20 @@ def test_validate_accepts_or_explains(req):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(requests())
 def test_live_node_survives_arbitrary_requests(node, req):
+    served_or_refused(node.inference, req)
+
+
+def served_or_refused(stub, req):
+    """A completed stream (its final chunk, returned) or a named client error without caller text."""
     try:
-        chunks = list(node.inference.Generate(req, timeout=30))
+        chunks = list(stub.Generate(req, timeout=30))
     except grpc.RpcError as err:
         assert err.code() in CLIENT_ERRORS, (err.code(), err.details())
         assert MARK not in (err.details() or "")
-        return
+        return None
     assert chunks and chunks[-1].HasField("final")
     assert chunks[-1].final.finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
+    return chunks[-1].final
 
 
 def test_fuzzed_text_never_reached_the_node_log(node):
