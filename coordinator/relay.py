@@ -108,19 +108,17 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                 async for chunk in call:
                     n = len(chunk.token_ids)
                     attempt.progress(n)
-                    if chunk.HasField("final"):
-                        if chunk.final.finish_reason in NODE_ENDED:
-                            failure = (f"node ended the stream: {chunk.final.message}", False, True)
-                            break
-                        run.absorb(chunk)
-                        got += n
-                        entry.outstanding_tokens -= n
-                        self._fleet.report_success(entry)
-                        yield run.final(chunk)
-                        return
+                    last = chunk.HasField("final")
+                    if last and chunk.final.finish_reason in NODE_ENDED:  # carries no tokens: resume
+                        failure = (f"node ended the stream: {chunk.final.message}", False, True)
+                        break
                     run.absorb(chunk)
                     got += n
                     entry.outstanding_tokens -= n
+                    if last:
+                        self._fleet.report_success(entry)
+                        yield run.final(chunk)
+                        return
                     yield chunk
             except asyncio.CancelledError:
                 if attempt.evicted is None or asyncio.current_task().cancelling():
