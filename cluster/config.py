@@ -59,6 +59,11 @@ class NodeSettings(BaseSettings):
     # Announce over mDNS (zero-config discovery); `fleet` keeps fleets on one LAN apart.
     mdns: bool = True
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    # Security (README "Security"): mTLS with DIR/ca.pem, DIR/crl.pem, DIR/NAME.pem+key;
+    # STUDIOFLEET_TLS_DIR also sets the directory. `plaintext` is loopback development only.
+    tls_dir: Optional[Path] = None
+    tls_name: Optional[str] = None       # the certificate's name; default: the node id
+    plaintext: bool = False
     log_level: str = "INFO"
 
 
@@ -97,4 +102,20 @@ class CoordinatorSettings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1)
     max_stop_sequences: int = Field(8, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # Security (README "Security"): mTLS with DIR/ca.pem, DIR/crl.pem, DIR/NAME.pem+key;
+    # STUDIOFLEET_TLS_DIR also sets the directory. `plaintext` is loopback development only.
+    tls_dir: Optional[Path] = None
+    tls_name: Optional[str] = None       # the certificate's name; default: the coordinator id
+    plaintext: bool = False
+    # Each caller identity may have this many requests in flight (queued included).
+    max_concurrent_per_caller: int = Field(64, ge=1)
+    # The audit chain (README "Audit"): one record per request and admin action, fsynced
+    # before the final chunk goes out. Keys default to AUDIT_DIR/keys; keep them apart
+    # from the data in production. Off only in plaintext development mode.
+    audit: bool = True
+    audit_dir: Path = Path("studiofleet-audit")
+    audit_key_dir: Optional[Path] = None
+    audit_checkpoint_every: int = Field(1000, ge=1)
+    audit_checkpoint_interval_s: float = Field(60.0, gt=0)
+    audit_max_file_mb: int = Field(64, ge=1)
     log_level: str = "INFO"

@@ -18,6 +18,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc, inference_pb2_grpc, node_pb2, node_pb2_grpc
+from cluster.security.identity import Role, dns_name
+from cluster.security.tls import ENV_DIR, ClientTLS, open_channel
+
+HARNESS_OPERATOR, HARNESS_APP = "operator", "app"   # the certificates this harness calls with
+
+
+def ensure_cert(tls_dir: Path, role: Role, name: str) -> None:
+    """Issue NAME's certificate from the CA in `tls_dir` if it has none (a test or demo CA)."""
+    if not (tls_dir / f"{name}.pem").exists() and (tls_dir / "ca.key").exists():
+        from cluster.security.ca import issue
+
+        issue(tls_dir, role, name)
 
 
 
@@ -25,10 +37,20 @@ class DaemonProcess:
     """A daemon subprocess that prints a JSON "listening" line; use as a context manager."""
 
     module = ""
+    role = Role.NODE
 
     def __init__(self, name: str, args: Sequence[str], *, env: Optional[dict] = None,
-                 wrapper: Sequence[str] = ()):
+                 wrapper: Sequence[str] = (), tls_dir: Optional[Path] = None, plaintext: bool = False):
+        """mTLS from `tls_dir` (default: $STUDIOFLEET_TLS_DIR; certificates are issued there
+        on demand when it holds the CA key), plaintext when neither is given."""
         self.name = name
+        found = os.environ.get(ENV_DIR)
+        self.tls_dir: Optional[Path] = None if plaintext else (Path(tls_dir) if tls_dir else Path(found) if found else None)
+        if self.tls_dir is not None:
+            ensure_cert(self.tls_dir, self.role, name)
+            args = [*args, "--tls-dir", str(self.tls_dir), "--tls-name", name]
+        else:
+            args = [*args, "--plaintext"]
         self.args = list(args)
         self.wrapper = list(wrapper)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -38,12 +60,13 @@ class DaemonProcess:
         self.stderr_path: Optional[Path] = None
         self._stdout: "queue.Queue[str]" = queue.Queue()
         self._channel: Optional[grpc.Channel] = None
+        self._app_channel: Optional[grpc.Channel] = None
 
     def start(self, log_dir: Path, timeout_s: float = 60.0) -> "DaemonProcess":
         """Start and wait until it listens (not until READY: see wait_serving)."""
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stderr_path = log_dir / f"{self.name}.stderr.log"
-        cmd = [*self.wrapper, sys.executable, "-m", self.module, *self.args]
+        cmd = [*self.wrapper, sys.executable, "-m", self.module, *self.args, *self.late_args(log_dir)]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
                                      stderr=open(self.stderr_path, "wb"), text=True)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -63,15 +86,33 @@ class DaemonProcess:
             self._stdout.put(line)
         self._stdout.put("")
 
+    def late_args(self, log_dir: Path) -> list[str]:
+        return []
+
+    def credentials(self, name: str, role: Role) -> Optional[ClientTLS]:
+        """A caller's credentials from this daemon's CA directory (None in plaintext)."""
+        if self.tls_dir is None:
+            return None
+        ensure_cert(self.tls_dir, role, name)
+        return ClientTLS(self.tls_dir, name)
+
+    def dial(self, name: str = HARNESS_OPERATOR, role: Role = Role.OPERATOR) -> grpc.Channel:
+        """A new channel to this daemon as `name` (checking its certificate names it)."""
+        return open_channel(self.address, self.credentials(name, role), server_name=dns_name(self.role, self.name))
+
     @property
     def channel(self) -> grpc.Channel:
+        """The operator's channel: status, health, admin."""
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = self.dial()
         return self._channel
 
     @property
     def inference(self) -> inference_pb2_grpc.InferenceStub:
-        return inference_pb2_grpc.InferenceStub(self.channel)
+        """Inference as the harness's app identity."""
+        if self._app_channel is None:
+            self._app_channel = self.dial(HARNESS_APP, Role.APP)
+        return inference_pb2_grpc.InferenceStub(self._app_channel)
 
     def health_watch(self, timeout_s: float):
         """Iterate health statuses pushed by the node (Watch), until timeout_s."""
@@ -99,9 +140,10 @@ class DaemonProcess:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path and self.stderr_path.exists() else ""
 
     def stop(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        for channel in (self._channel, self._app_channel):
+            if channel is not None:
+                channel.close()
+        self._channel = self._app_channel = None
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -124,12 +166,13 @@ class NodeProcess(DaemonProcess):
     module = "node_agent.main"
 
     def __init__(self, model: Path, *args: str, node_id: str = "test-node", env: Optional[dict] = None,
-                 fleet: Optional[str] = None, listen: str = "127.0.0.1:0", wrapper: Sequence[str] = ()):
+                 fleet: Optional[str] = None, listen: str = "127.0.0.1:0", wrapper: Sequence[str] = (),
+                 tls_dir: Optional[Path] = None, plaintext: bool = False):
         """`fleet` turns mDNS announcement on (off by default); `wrapper` prefixes the
         command (e.g. `ip netns exec NS`)."""
         super().__init__(node_id, ["--model", str(model), "--listen", listen, "--node-id", node_id,
                                    *(("--fleet", fleet) if fleet else ("--no-mdns",)), *args],
-                         env=env, wrapper=wrapper)
+                         env=env, wrapper=wrapper, tls_dir=tls_dir, plaintext=plaintext)
         self.model = model
         self.node_id = node_id
 
@@ -141,13 +184,24 @@ class CoordinatorProcess(DaemonProcess):
     """A `fleet-coordinator`; `nodes` are static addresses, `fleet` turns mDNS browsing on."""
 
     module = "coordinator.main"
+    role = Role.COORDINATOR
 
     def __init__(self, *args: str, nodes: Sequence[str] = (), fleet: Optional[str] = None,
                  listen: str = "127.0.0.1:0", mdns_interface: str = "127.0.0.1", name: str = "coordinator",
-                 env: Optional[dict] = None, wrapper: Sequence[str] = ()):
+                 env: Optional[dict] = None, wrapper: Sequence[str] = (), tls_dir: Optional[Path] = None,
+                 plaintext: bool = False, audit_dir: Optional[Path] = None):
+        """The audit chain goes to `audit_dir` (default: LOG_DIR/NAME-audit)."""
         mdns = ("--fleet", fleet, "--mdns-interface", mdns_interface) if fleet else ("--no-mdns",)
         super().__init__(name, ["--listen", listen, "--coordinator-id", name, *mdns,
-                                *(a for n in nodes for a in ("--node", n)), *args], env=env, wrapper=wrapper)
+                                *(a for n in nodes for a in ("--node", n)), *args], env=env, wrapper=wrapper,
+                         tls_dir=tls_dir, plaintext=plaintext)
+        self.audit_dir = audit_dir
+
+    def late_args(self, log_dir: Path) -> list[str]:
+        if "--no-audit" in self.args or "--audit-dir" in self.args:
+            return []
+        self.audit_dir = self.audit_dir or log_dir / f"{self.name}-audit"
+        return ["--audit-dir", str(self.audit_dir)]
 
     def nodes(self, timeout_s: float = 5.0) -> fleet_pb2.ListNodesResponse:
         return fleet_pb2_grpc.FleetStub(self.channel).ListNodes(fleet_pb2.ListNodesRequest(), timeout=timeout_s)

@@ -13,3 +13,11 @@ def setup_logging(level: str = "INFO") -> None:
     # Third-party libraries can log request payloads at DEBUG; keep them quiet.
     for name in ("grpc", "httpx", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def without_text(exc: BaseException) -> str:
+    """An exception for the log without its message, which may quote request content
+    (a tokenizer or template error): the type and where it was raised, nothing else."""
+    import traceback
+
+    return f"{type(exc).__name__}\n{''.join(traceback.format_tb(exc.__traceback__))}"

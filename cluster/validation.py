@@ -7,6 +7,7 @@ allowed range only. Limits that depend on a model (context, vocabulary) stay on 
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Optional
@@ -43,8 +44,13 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
 
 
+_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+-]+$")
+
+
 def _valid_id(raw: str) -> bool:
-    return len(raw) <= MAX_REQUEST_ID_LEN and raw.isascii() and raw.isprintable()
+    """Letters, digits and . _ : @ / + - only: an id lands in key=value log lines, where a
+    space or '=' could forge fields."""
+    return len(raw) <= MAX_REQUEST_ID_LEN and bool(_ID_RE.match(raw))
 
 
 def display_id(raw: str) -> str:
@@ -59,7 +65,7 @@ def check_request_id(raw: str) -> str:
     if not raw:
         return new_request_id()
     if not _valid_id(raw):
-        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_LEN} printable ASCII characters")
+        raise InvalidRequest(f"request_id must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 . _ : @ / + -")
     return raw
 
 

@@ -25,6 +25,8 @@ from cluster.api import (
 from cluster.config import NodeSettings
 from cluster.daemon import SERVER_OPTIONS
 from cluster.mdns import Advert
+from cluster.security.daemon import DaemonSecurity
+from cluster.security.roles import NODE_TABLE
 from node_agent.advertiser import Advertiser
 from node_agent.engine import Engine, EngineRequest, ModelFacts
 from node_agent.inference_service import InferenceService
@@ -52,9 +54,12 @@ def default_node_id(listen: str) -> str:
 class NodeAgent:
     """Serves one engine's model; the lifecycle is the source of truth for readiness."""
 
-    def __init__(self, *, settings: NodeSettings, engine: Engine):
+    def __init__(self, *, settings: NodeSettings, engine: Engine, security: DaemonSecurity):
         self.settings = settings
-        self.node_id = settings.node_id or default_node_id(settings.listen)
+        self.security = security
+        # With TLS the certificate names the node (main checked it matches any --node-id).
+        ident = security.identity
+        self.node_id = ident.name if ident else (settings.node_id or default_node_id(settings.listen))
         self.engine = engine
         self.lifecycle = Lifecycle(node_id=self.node_id)
         self.registry = RequestRegistry(node_id=self.node_id)
@@ -73,14 +78,15 @@ class NodeAgent:
     async def start(self) -> int:
         """Bind and serve status and health at once; returns the bound port."""
         self.registry.bind_loop(asyncio.get_running_loop())
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        authz = self.security.authorizer(NODE_TABLE, where=f"node {self.node_id}")
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[authz])
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self), server)
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, NODE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(self.settings.listen)
+        self.port = self.security.bind(server, self.settings.listen)
         if not self.port:
             raise OSError(f"node {self.node_id}: cannot listen on {self.settings.listen}")
         await self._set_health(State.STARTING)

@@ -8,7 +8,7 @@ thread, once per step, with every request's new events.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 from node_agent.sampling import SamplingSpec
@@ -32,7 +32,7 @@ class EngineEvent:
 @dataclass(frozen=True)
 class EngineRequest:
     key: str                        # unique while in flight
-    prompt_tokens: Sequence[int]    # template + prompt + prefix tokens, in order
+    prompt_tokens: Sequence[int] = field(repr=False)  # template + prompt + prefix tokens, in order
     prefix_len: int                 # how many of prompt_tokens were generated before
     max_tokens: int
     sampling: SamplingSpec

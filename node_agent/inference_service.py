@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import traceback
 from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
 from cluster.api import inference_pb2, inference_pb2_grpc
+from cluster.logs import without_text
 from node_agent.engine import EngineClosed, EngineRequest
 from node_agent.lifecycle import State
 from node_agent.prompts import PromptError, build_prompt_tokens
@@ -53,8 +53,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - never UNKNOWN, never request text in logs
-            log.error("node=%s request=%s internal error before accepting: %s\n%s", node, rid,
-                      type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+            log.error("node=%s request=%s internal error before accepting: %s", node, rid, without_text(exc))
             await self._reject(context, rid, grpc.StatusCode.INTERNAL,
                                f"node {node} hit an internal error on request {rid}; retry on another "
                                "node and report the node log")
@@ -98,8 +97,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except Exception as exc:  # noqa: BLE001 - a bug here must not look like a caller cancel
             if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)):
                 raise
-            log.error("node=%s request=%s internal error: %s\n%s", node, req.request_id,
-                      type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+            log.error("node=%s request=%s internal error: %s", node, req.request_id, without_text(exc))
             self._finish(stream, context, Outcome.FAILED, f"internal error ({type(exc).__name__})")
             await context.abort(
                 grpc.StatusCode.INTERNAL,

@@ -21,10 +21,13 @@ HARD_EXIT_S = 10.0
 
 
 async def _serve(settings) -> int:
-    from node_agent.agent import NodeAgent
+    from cluster.security.daemon import DaemonSecurity
+    from cluster.security.identity import Role
+    from node_agent.agent import NodeAgent, default_node_id
     from node_agent.engines import make_engine
 
-    agent = NodeAgent(settings=settings, engine=make_engine(settings))
+    security = DaemonSecurity.from_settings(settings, Role.NODE, settings.node_id or default_node_id(settings.listen))
+    agent = NodeAgent(settings=settings, engine=make_engine(settings), security=security)
     port = await agent.start()
     address = print_listening("node_id", agent.node_id, settings.listen, port)
     log.info("node=%s listening on %s", agent.node_id, address)
@@ -77,6 +80,9 @@ def serve(
     shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
     mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Announce over mDNS for zero-config discovery. [default: on]"),
     fleet: Optional[str] = typer.Option(None, help="Fleet name announced over mDNS; coordinators take only their own. [default: default]"),
+    tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and this node's NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),
+    tls_name: Optional[str] = typer.Option(None, help="Certificate name; it must equal the node id. [default: the node id]"),
+    plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
     flags = {k: v for k, v in locals().items() if v is not None and k != "model"}
@@ -87,9 +93,28 @@ def serve(
         if not settings.model_path.is_dir():
             return (f"--model {settings.model_path} is not a directory; point it at a local MLX model "
                     "(make one with `fleetctl model make-tiny DIR`)")
-        return None
+        return security_problem(settings)
 
     run_daemon("fleet-node", lambda: NodeSettings(model_path=model, **flags), _serve, check=check)
+
+
+def security_problem(settings) -> Optional[str]:
+    """Credentials that cannot serve this node, as one line naming the fix; None if fine."""
+    from cluster.security.daemon import DaemonSecurity
+    from cluster.security.identity import Role
+    from cluster.security.tls import TLSConfigError
+    from node_agent.agent import default_node_id
+
+    try:
+        security = DaemonSecurity.from_settings(settings, Role.NODE,
+                                                settings.node_id or default_node_id(settings.listen))
+    except TLSConfigError as exc:
+        return str(exc)
+    ident = security.identity
+    if ident is not None and settings.node_id and settings.node_id != ident.name:
+        return (f"--node-id {settings.node_id} does not match the certificate, which names node {ident.name}; "
+                "a node's id is its certificate's name: drop --node-id or issue a certificate for it")
+    return None
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ limits (context, vocabulary) and builds the node's ValidRequest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from cluster.api import inference_pb2
@@ -37,13 +37,14 @@ class Limits:
 @dataclass(frozen=True)
 class ValidRequest:
     request_id: str
-    messages: Optional[tuple[tuple[str, str], ...]]
-    prompt: Optional[str]
+    # Content fields stay out of repr(): a logged request must not carry PHI.
+    messages: Optional[tuple[tuple[str, str], ...]] = field(repr=False)
+    prompt: Optional[str] = field(repr=False)
     sampling: SamplingSpec
     seed_given: bool
     max_tokens: int
-    stop: tuple[str, ...]
-    prefix_token_ids: tuple[int, ...]
+    stop: tuple[str, ...] = field(repr=False)
+    prefix_token_ids: tuple[int, ...] = field(repr=False)
     require_weights_digest: str
     prefix_text_chars: Optional[int] = None
 
@@ -60,10 +61,10 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
             f"{limits.context_length} tokens; shorten the prompt")
     check_counts(request, max_tokens=limits.max_tokens, max_stop_sequences=limits.max_stop_sequences,
                  where="this node")
-    bad = next((t for t in request.prefix_token_ids if t >= limits.vocab_size), None)
-    if bad is not None:
+    bad = next((i for i, t in enumerate(request.prefix_token_ids) if t >= limits.vocab_size), None)
+    if bad is not None:  # the position, never the id: token ids encode text
         raise InvalidRequest(
-            f"prefix_token_ids contains id {bad}, outside this model's vocabulary "
+            f"prefix_token_ids[{bad}] is outside this model's vocabulary "
             f"(0..{limits.vocab_size - 1}); resume only on a node serving the same weights"
         )
     checked = check_sampling(request.sampling)

@@ -12,6 +12,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from tests.procs import CoordinatorProcess, NodeProcess  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fleet_ca(tmp_path_factory) -> Path:
+    """Every test fleet runs with mTLS (the default) from one test CA: daemons get their
+    certificates issued here on demand; the test process calls as `app` (inference) and
+    `operator` (admin), the identities the client library and harness read from the env."""
+    from cluster.security.ca import init_ca, issue
+    from cluster.security.identity import Role
+    from cluster.security.tls import ENV_DIR, ENV_NAME
+
+    directory = tmp_path_factory.mktemp("fleet-ca")
+    init_ca(directory, fleet="tests")
+    issue(directory, Role.APP, "app")
+    issue(directory, Role.OPERATOR, "operator")
+    saved = {k: os.environ.get(k) for k in (ENV_DIR, ENV_NAME)}
+    os.environ[ENV_DIR], os.environ[ENV_NAME] = str(directory), "app"
+    yield directory
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The default generated Qwen2 model (hidden 128, 2 layers, head_dim 64)."""

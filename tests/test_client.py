@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from cluster.api import inference_pb2
+from cluster.security.identity import Role
 from cluster.client import (
     AsyncFleetClient,
     FleetClient,
@@ -178,7 +179,7 @@ def test_sync_fails_over_from_a_dead_address_and_then_starts_with_the_live_one(n
 
 
 def test_sync_single_target_with_own_channel_and_comma_list(node):
-    with grpc.insecure_channel(node.address) as channel:
+    with node.dial("app", Role.APP) as channel:
         client = FleetClient(node.address, channel=channel)
         assert client.targets == [node.address]
         assert client.generate(prompt="Plan:", max_tokens=2, timeout_s=30).nodes == ["shared-node"]

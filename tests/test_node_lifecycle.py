@@ -22,6 +22,9 @@ from cluster.api import common_pb2, inference_pb2
 from cluster.client import build_request
 from tests.procs import ROOT
 
+PROTO_ROOT = ROOT / "proto"
+PROTO = PROTO_ROOT / "studiofleet" / "v1" / "inference.proto"
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -63,20 +66,30 @@ def _grpcurl():
     return exe
 
 
-def test_grpcurl_lists_and_calls_through_reflection(node):
+def test_grpcurl_lists_and_calls_through_reflection(node, fleet_ca):
+    """A generic gRPC client over mTLS: reflection as an operator, Generate as an app."""
     exe = _grpcurl()
-    listed = subprocess.run([exe, "-plaintext", node.address, "list"], capture_output=True, text=True,
+
+    def as_(name):
+        return ["-cacert", str(fleet_ca / "ca.pem"), "-cert", str(fleet_ca / f"{name}.pem"),
+                "-key", str(fleet_ca / f"{name}.key"), "-servername", "shared-node.node.studiofleet"]
+
+    listed = subprocess.run([exe, *as_("operator"), node.address, "list"], capture_output=True, text=True,
                             timeout=30)
     assert listed.returncode == 0, listed.stderr
     assert {"studiofleet.v1.Inference", "studiofleet.v1.Node"} <= set(listed.stdout.split())
     body = json.dumps({"prompt": "Plan:", "maxTokens": 5, "requestId": "from-grpcurl"})
-    called = subprocess.run([exe, "-plaintext", "-d", body, node.address, "studiofleet.v1.Inference/Generate"],
-                            capture_output=True, text=True, timeout=30)
+    generate = [node.address, "studiofleet.v1.Inference/Generate"]
+    called = subprocess.run([exe, *as_("app"), "-d", body, "-proto", str(PROTO), "-import-path", str(PROTO_ROOT),
+                             *generate], capture_output=True, text=True, timeout=30)
     assert called.returncode == 0, called.stderr
-    assert '"request_id": "from-grpcurl"' in called.stdout
-    bad = subprocess.run([exe, "-plaintext", "-d", '{"prompt": "x"}', node.address,
-                          "studiofleet.v1.Inference/Generate"], capture_output=True, text=True, timeout=30)
+    assert '"requestId": "from-grpcurl"' in called.stdout  # -proto prints JSON names
+    bad = subprocess.run([exe, *as_("app"), "-d", '{"prompt": "x"}', "-proto", str(PROTO),
+                          "-import-path", str(PROTO_ROOT), *generate], capture_output=True, text=True, timeout=30)
     assert "InvalidArgument" in bad.stderr and "max_tokens must be between" in bad.stderr
+    # Reflection is an operator's tool: an app certificate is refused, by name.
+    denied = subprocess.run([exe, *as_("app"), node.address, "list"], capture_output=True, text=True, timeout=30)
+    assert denied.returncode != 0 and "PermissionDenied" in denied.stderr and "app/app" in denied.stderr
 
 
 def test_sigterm_lets_in_flight_requests_finish(start_node):

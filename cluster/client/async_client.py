@@ -11,7 +11,9 @@ import grpc.aio
 
 from cluster.api import inference_pb2, inference_pb2_grpc
 from cluster.client.results import GenerateResult, ResultBuilder, build_request, with_request_id
+from cluster.client.connect import resolve_tls
 from cluster.client.retry import Attempts, RetryPolicy, client_setup
+from cluster.security.tls import ClientTLS, open_channel
 
 __all__ = ["AsyncFleetClient"]
 
@@ -30,8 +32,11 @@ class AsyncFleetClient:
 
     def __init__(self, targets: Union[str, Sequence[str]], *, channel: Optional[grpc.aio.Channel] = None,
                  max_attempts: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
-                 channel_options: Sequence[tuple] = ()):
+                 channel_options: Sequence[tuple] = (), tls: Optional[ClientTLS] = None,
+                 plaintext: bool = False, server_name: Optional[str] = None):
         self.targets, self.retry_policy = client_setup(targets, channel, retry_policy, max_attempts)
+        self._tls = None if channel is not None else resolve_tls(tls, plaintext)
+        self._server_name = server_name
         self._options = list(channel_options)
         self._channels: list[Optional[grpc.aio.Channel]] = [channel] if channel is not None else \
             [None] * len(self.targets)
@@ -46,7 +51,8 @@ class AsyncFleetClient:
     def _stub(self, index: int) -> inference_pb2_grpc.InferenceStub:
         if self._stubs[index] is None:
             if self._channels[index] is None:
-                self._channels[index] = grpc.aio.insecure_channel(self.targets[index], options=self._options)
+                self._channels[index] = open_channel(self.targets[index], self._tls, server_name=self._server_name,
+                                                     options=self._options, aio=True)
             self._stubs[index] = inference_pb2_grpc.InferenceStub(self._channels[index])
         return self._stubs[index]
 

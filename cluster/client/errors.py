@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import grpc
 
+from cluster.security.tls import tls_refusal
+
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
@@ -129,6 +131,10 @@ def from_rpc_error(err: grpc.RpcError, *, target: str = "", request_id: str = ""
     code = code if code is not None else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _BY_CODE.get(code.name, FleetError)
+    refusal = tls_refusal(details or "") if code == grpc.StatusCode.UNAVAILABLE else None
+    if refusal:
+        details = (f"TLS handshake refused: {refusal}. Check that this client's certificate is from the fleet's "
+                   f"CA, unexpired and not revoked ({details})")
     exc = cls(details or code.name, retry_after_ms=pushback_ms(err))
     if cls is FleetError:
         exc.code = code.name

@@ -28,8 +28,8 @@ _PRIORITIES = {
 class GenerateResult:
     """A whole completion with the final record's metadata."""
 
-    text: str
-    token_ids: list[int]
+    text: str = field(repr=False)           # content: never in a repr, a log or a failed assert
+    token_ids: list[int] = field(repr=False)
     finish_reason: str
     request_id: str
     node_id: str

@@ -11,7 +11,9 @@ import grpc
 
 from cluster.api import inference_pb2, inference_pb2_grpc
 from cluster.client.results import GenerateResult, ResultBuilder, build_request, with_request_id
+from cluster.client.connect import resolve_tls
 from cluster.client.retry import Attempts, RetryPolicy, client_setup
+from cluster.security.tls import ClientTLS, open_channel
 
 __all__ = ["FleetClient"]
 
@@ -19,8 +21,12 @@ __all__ = ["FleetClient"]
 class FleetClient:
     """A synchronous client of one or more Inference endpoints (coordinators or nodes).
 
-        client = FleetClient(["10.0.0.1:7700", "10.0.0.2:7700"])
+        client = FleetClient(["10.0.0.1:7800", "10.0.0.2:7800"], tls=ClientTLS("/etc/studiofleet", "notes-app"))
         result = client.generate(prompt="...", max_tokens=400, timeout_s=60)
+
+    mTLS with an app certificate: `tls=`, or STUDIOFLEET_TLS_DIR + STUDIOFLEET_TLS_NAME;
+    `plaintext=True` reaches a loopback development fleet only. `server_name`: the name
+    the server's certificate must carry, when it is not the address's host.
 
     A call that fails before its first chunk is retried as `retry.decide_retry` says:
     UNAVAILABLE on the next address, RESOURCE_EXHAUSTED after the server's hint; at most
@@ -29,10 +35,13 @@ class FleetClient:
 
     def __init__(self, targets: Union[str, Sequence[str]], *, channel: Optional[grpc.Channel] = None,
                  max_attempts: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
-                 channel_options: Sequence[tuple] = ()):
+                 channel_options: Sequence[tuple] = (), tls: Optional[ClientTLS] = None,
+                 plaintext: bool = False, server_name: Optional[str] = None):
         self.targets, self.retry_policy = client_setup(targets, channel, retry_policy, max_attempts)
+        self._tls = None if channel is not None else resolve_tls(tls, plaintext)
+        self._server_name = server_name
         self._channels = [channel] if channel is not None else [
-            grpc.insecure_channel(t, options=list(channel_options)) for t in self.targets]
+            open_channel(t, self._tls, server_name=server_name, options=channel_options) for t in self.targets]
         self._stubs = [inference_pb2_grpc.InferenceStub(c) for c in self._channels]
         self._preferred = 0
         self._lock = threading.Lock()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from cluster.client import FleetClient, build_request
 from cluster.client.errors import FleetError
+from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials
 from cluster.fleetctl.exits import EXIT_UNAVAILABLE, fail
+from cluster.security.identity import ANY_NODE
 
 
 def generate(
@@ -27,6 +30,8 @@ def generate(
     request_id: str = typer.Option("", help="Request id to trace in node logs."),
     timeout_s: float = typer.Option(120.0, help="Deadline for the whole request."),
     output: str = typer.Option("text", "--output", "-o", help="text (stream) or json (one object)."),
+    node: bool = typer.Option(False, "--node", help="TARGET is a node agent, not a coordinator."),
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
     """Stream a completion to the terminal, or print one JSON object with text, counts and timings."""
     messages = None
@@ -35,7 +40,8 @@ def generate(
     req = build_request(prompt=prompt if raw else None, messages=messages, max_tokens=max_tokens,
                         request_id=request_id, temperature=temperature, top_p=top_p, top_k=top_k,
                         seed=seed, stop=stop)
-    with FleetClient(target) as client:
+    tls = credentials(tls_dir, tls_name, plaintext)
+    with FleetClient(target, tls=tls, plaintext=tls is None, server_name=ANY_NODE if node and tls else None) as client:
         try:
             if output == "json":
                 result = client.generate(req, timeout_s=timeout_s)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Optional
 
 import grpc
 import typer
@@ -10,7 +12,9 @@ from google.protobuf.json_format import MessageToDict
 
 from cluster.api import node_pb2, node_pb2_grpc
 from cluster.client.errors import from_rpc_error
+from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
+from cluster.security.identity import ANY_NODE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a node agent directly.")
 
@@ -20,9 +24,11 @@ def status(
     target: str = typer.Option(..., help="HOST:PORT of the node agent."),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
     timeout_s: float = typer.Option(5.0),
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
-    """The node's lifecycle, model, capacity, load and memory."""
-    with grpc.insecure_channel(target) as channel:
+    """The node's lifecycle, model, capacity, load and memory (operator certificate)."""
+    # Any node of this fleet may answer at TARGET: its certificate names its own id.
+    with dial(target, credentials(tls_dir, tls_name, plaintext), ANY_NODE) as channel:
         try:
             st = node_pb2_grpc.NodeStub(channel).GetStatus(node_pb2.GetStatusRequest(), timeout=timeout_s)
         except grpc.RpcError as err:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
+from typing import Optional
 
 import grpc
 import typer
@@ -13,6 +15,7 @@ from rich.table import Table
 
 from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc
 from cluster.client.errors import from_rpc_error
+from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
 
 COORDINATOR = typer.Option("127.0.0.1:7800", "--coordinator", "-c", help="HOST:PORT of the coordinator.")
@@ -45,9 +48,10 @@ def nodes(
     coordinator: str = COORDINATOR,
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
     timeout_s: float = typer.Option(5.0),
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
     """Every node the coordinator knows: lifecycle, health verdict, load and traffic."""
-    with grpc.insecure_channel(coordinator) as channel:
+    with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
         try:
             listing = fleet_pb2_grpc.FleetStub(channel).ListNodes(fleet_pb2.ListNodesRequest(), timeout=timeout_s)
         except grpc.RpcError as err:
@@ -63,9 +67,10 @@ def events(
     replay: bool = typer.Option(True, "--replay/--no-replay", help="Start with the recent history."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until interrupted."),
     output: str = typer.Option("text", "--output", "-o", help="text or json (one object per line)."),
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
     """Joins, state changes, ejections, readmissions, departures and failovers."""
-    with grpc.insecure_channel(coordinator) as channel:
+    with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
         stub = fleet_pb2_grpc.FleetStub(channel)
         try:
             if not follow:

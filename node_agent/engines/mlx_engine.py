@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
 
+from cluster.logs import without_text
 from node_agent.digest import weights_digest
 from node_agent.engine import (
     EngineClosed,
@@ -147,7 +148,7 @@ class MlxEngine:
                 self._publish_stats()
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
             reason = f"the MLX engine thread crashed ({type(exc).__name__})"
-            log.exception("mlx engine thread crashed")
+            log.error("mlx engine thread crashed: %s", without_text(exc))
         finally:
             with self._gate:
                 self._closed.set()
@@ -267,7 +268,7 @@ class MlxEngine:
         try:
             uids = self._insert(batch)
         except Exception as exc:  # noqa: BLE001 - insert validates before it changes state
-            log.exception("mlx engine could not admit %d requests", len(batch))
+            log.error("mlx engine could not admit %d requests: %s", len(batch), without_text(exc))
             message = f"the engine could not start the request ({type(exc).__name__})"
             self._emit([(r.key, [EngineEvent(EventKind.FAILED, message=message)]) for r in batch])
             return
@@ -297,7 +298,7 @@ class MlxEngine:
         try:
             _, responses = self._gen.next()
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the node alive
-            log.exception("mlx engine step failed; failing %d running requests", len(self._key_of))
+            log.error("mlx engine step failed; failing %d running requests: %s", len(self._key_of), without_text(exc))
             self._fail_running(f"the engine failed during generation ({type(exc).__name__})")
             return
         if not responses:

@@ -1,0 +1,72 @@
+"""A daemon's security setup from its settings: server credentials, its own client
+credentials (for the calls it makes), and the authorizer. mTLS unless `plaintext`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import grpc
+
+from cluster.security.authz import Authorizer, OnDenied
+from cluster.security.identity import Identity, Role
+from cluster.security.tls import ENV_DIR, ClientTLS, ServerTLS, TLSConfigError, TLSFiles, is_loopback
+
+log = logging.getLogger(__name__)
+
+PLAINTEXT_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!! PLAINTEXT MODE: no TLS, no client certificates, no roles. Anyone who can reach\n"
+    "!! {listen} can call everything. Loopback development only: never send PHI.\n"
+    + "!" * 78)
+
+
+@dataclass
+class DaemonSecurity:
+    plaintext: bool
+    server: Optional[ServerTLS] = None
+    client: Optional[ClientTLS] = None
+
+    @property
+    def identity(self) -> Optional[Identity]:
+        return self.server.identity if self.server else None
+
+    @classmethod
+    def from_settings(cls, settings, role: Role, default_name: str) -> "DaemonSecurity":
+        """Raises TLSConfigError naming the setting or file at fault."""
+        directory = settings.tls_dir or os.environ.get(ENV_DIR)
+        if settings.plaintext:
+            if settings.tls_dir:
+                raise TLSConfigError("--plaintext and --tls-dir exclude each other; pick one")
+            if not is_loopback(settings.listen):
+                raise TLSConfigError(f"--plaintext is for loopback development only, and {settings.listen} is "
+                                     "not a loopback address; give --tls-dir/--tls-name instead")
+            return cls(plaintext=True)
+        if not directory:
+            raise TLSConfigError("mTLS is on by default and no certificates were given: pass --tls-dir DIR "
+                                 f"(ca.pem, crl.pem, NAME.pem, NAME.key; see `fleetctl certs`) or set {ENV_DIR}; "
+                                 "--plaintext runs without TLS on loopback, for development only")
+        files = TLSFiles(Path(directory), settings.tls_name or default_name)
+        server = ServerTLS(files, role)
+        return cls(plaintext=False, server=server, client=ClientTLS(files.directory, files.name, role))
+
+    def bind(self, server: grpc.aio.Server, listen: str) -> int:
+        if self.plaintext:
+            port = server.add_insecure_port(listen)
+            log.warning(PLAINTEXT_BANNER.format(listen=listen))
+            print(PLAINTEXT_BANNER.format(listen=listen), file=sys.stderr, flush=True)
+            return port
+        port = server.add_secure_port(listen, self.server.credentials())
+        ident = self.server.identity
+        log.info("mTLS on %s as %s (certificate serial %x, expires %s); clients need a certificate "
+                 "from the same CA", listen, ident, ident.serial, f"{ident.not_after:%Y-%m-%d}")
+        return port
+
+    def authorizer(self, table: Mapping[str, frozenset], *, where: str,
+                   on_denied: Optional[OnDenied] = None) -> Authorizer:
+        return Authorizer(table, revocations=None if self.plaintext else self.server.revocations,
+                          plaintext=self.plaintext, on_denied=on_denied, where=where)

@@ -1,0 +1,20 @@
+"""Which role may call which RPC, per daemon (default deny; health and reflection are
+added by authz.policy). app -> inference only; operator -> admin; coordinator -> node
+operations; node -> nothing but its own identity."""
+
+from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, NODE_SERVICE
+from cluster.security.identity import Role
+
+APP, OPERATOR, COORDINATOR = Role.APP, Role.OPERATOR, Role.COORDINATOR
+
+NODE_TABLE = {
+    # Apps may talk to one node directly (a fleet of one); normally the coordinator does.
+    f"/{INFERENCE_SERVICE}/Generate": frozenset({COORDINATOR, APP}),
+    f"/{NODE_SERVICE}/GetStatus": frozenset({COORDINATOR, OPERATOR}),
+}
+
+COORDINATOR_TABLE = {
+    f"/{INFERENCE_SERVICE}/Generate": frozenset({APP}),
+    f"/{FLEET_SERVICE}/ListNodes": frozenset({OPERATOR}),
+    f"/{FLEET_SERVICE}/WatchEvents": frozenset({OPERATOR}),
+}

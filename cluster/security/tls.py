@@ -1,0 +1,247 @@
+"""TLS credentials for daemons and clients, reloaded from disk while serving.
+
+`--tls-dir DIR --tls-name NAME` means DIR/ca.pem (the fleet CA), DIR/crl.pem (its
+revocation list), DIR/NAME.pem and DIR/NAME.key. Re-issuing NAME (or replacing the CA
+bundle) takes effect on the next TLS handshake: servers use gRPC's dynamic credentials,
+clients build new channels when the files change. No restart, no dropped stream.
+TLS 1.2 is the floor (gRPC's default; NIST SP 800-52r2), 1.3 is negotiated when both ends can.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cluster.security.identity import Identity, Role, identity_of
+
+log = logging.getLogger(__name__)
+
+ENV_DIR, ENV_NAME = "STUDIOFLEET_TLS_DIR", "STUDIOFLEET_TLS_NAME"
+RECHECK_S = 1.0   # how often the files' mtimes are looked at, at most
+
+
+class TLSConfigError(ValueError):
+    """Credentials that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    directory: Path
+    name: str
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def crl(self) -> Path:
+        return self.directory / "crl.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / f"{self.name}.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.directory / f"{self.name}.key"
+
+    def stamp(self) -> tuple:
+        """Changes whenever any of the files is replaced."""
+        out = []
+        for p in (self.ca, self.cert, self.key):
+            try:
+                st = os.stat(p)
+                out.append((st.st_mtime_ns, st.st_ino, st.st_size))
+            except FileNotFoundError:
+                out.append(None)
+        return tuple(out)
+
+    def load(self, role: Optional[Role] = None) -> tuple[bytes, bytes, bytes, Identity]:
+        """(ca, key, cert) PEM bytes and the identity, checked: present, parseable, a pair,
+        issued by this CA, in date, and of `role` if given."""
+        try:
+            ca, key, cert = self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
+        except FileNotFoundError as exc:
+            raise TLSConfigError(f"TLS file {exc.filename} is missing; issue it with "
+                                 f"`fleetctl certs issue --name {self.name}` and copy ca.pem, crl.pem, "
+                                 f"{self.name}.pem and {self.name}.key into {self.directory}") from None
+        try:
+            cert_obj = x509.load_pem_x509_certificate(cert)
+            ca_obj = x509.load_pem_x509_certificate(ca)
+            key_obj = serialization.load_pem_private_key(key, None)
+        except ValueError as exc:
+            raise TLSConfigError(f"TLS files for {self.name} in {self.directory} do not parse ({exc})") from None
+        if key_obj.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+                cert_obj.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+            raise TLSConfigError(f"{self.key} does not belong to {self.cert}; re-issue the pair")
+        try:
+            cert_obj.verify_directly_issued_by(ca_obj)
+        except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 - InvalidSignature and friends
+            raise TLSConfigError(f"{self.cert} was not issued by the CA in {self.ca} ({type(exc).__name__}); "
+                                 "issue it from this fleet's CA") from None
+        try:
+            ident = identity_of(cert_obj)
+        except ValueError as exc:
+            raise TLSConfigError(str(exc)) from None
+        now = time.time()
+        if cert_obj.not_valid_after_utc.timestamp() < now:
+            raise TLSConfigError(f"{self.cert} ({ident}) expired at {cert_obj.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+                                 f"re-issue it with `fleetctl certs issue --role {ident.role.value} --name {ident.name}`")
+        if role is not None and ident.role is not role:
+            raise TLSConfigError(f"{self.cert} is a {ident.role.value} certificate ({ident}); this needs a "
+                                 f"{role.value} certificate: `fleetctl certs issue --role {role.value} --name NAME`")
+        return ca, key, cert, ident
+
+
+class Revocations:
+    """The CA's revocation list (crl.pem), re-read when it changes; a missing file = none."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._serials: frozenset[int] = frozenset()
+        self._stamp = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < RECHECK_S:
+            return
+        with self._lock:
+            self._checked = now
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                self._serials, self._stamp = frozenset(), None
+                return
+            stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+            if stamp == self._stamp:
+                return
+            try:
+                crl = x509.load_pem_x509_crl(self.path.read_bytes())
+            except ValueError as exc:  # keep the last good list: a half-copied file is not "none revoked"
+                log.error("revocation list %s does not parse (%s); keeping the previous one", self.path, exc)
+                return
+            self._serials, self._stamp = frozenset(r.serial_number for r in crl), stamp
+            log.info("revocation list %s loaded: %d revoked certificates", self.path, len(self._serials))
+
+    def revoked(self, serial: int) -> bool:
+        self.refresh()
+        return serial in self._serials
+
+
+class ServerTLS:
+    """A daemon's server credentials: mTLS required, reloaded on each new handshake when
+    the files changed (a bad new file is logged and the previous pair kept)."""
+
+    def __init__(self, files: TLSFiles, role: Role):
+        self.files, self.role = files, role
+        ca, key, cert, self.identity = files.load(role)
+        self._stamp = files.stamp()
+        self._checked = time.monotonic()
+        self.revocations = Revocations(files.crl)
+        self._initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def _fetch(self):
+        now = time.monotonic()
+        if now - self._checked < RECHECK_S:
+            return None
+        self._checked = now
+        stamp = self.files.stamp()
+        if stamp == self._stamp:
+            return None
+        try:
+            ca, key, cert, ident = self.files.load(self.role)
+        except TLSConfigError as exc:
+            log.error("certificate reload for %s skipped: %s", self.identity, exc)
+            return None
+        self._stamp, self.identity = stamp, ident
+        log.info("reloaded TLS certificate %s serial %x (expires %s)", ident, ident.serial,
+                 f"{ident.not_after:%Y-%m-%d}")
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch, require_client_authentication=True)
+
+
+class ClientTLS:
+    """A caller's credentials (its own certificate + the fleet CA); `credentials()` is
+    rebuilt when the files change, so long-lived callers can open fresh channels."""
+
+    def __init__(self, directory: Path | str, name: str, role: Optional[Role] = None):
+        self.files = TLSFiles(Path(directory), name)
+        ca, key, cert, self.identity = self.files.load(role)
+        self._creds = grpc.ssl_channel_credentials(ca, key, cert)
+        self._stamp = self.files.stamp()
+        self._role = role
+
+    @classmethod
+    def from_env(cls) -> Optional["ClientTLS"]:
+        """STUDIOFLEET_TLS_DIR + STUDIOFLEET_TLS_NAME, if set."""
+        directory, name = os.environ.get(ENV_DIR), os.environ.get(ENV_NAME)
+        if not directory:
+            return None
+        if not name:
+            raise TLSConfigError(f"{ENV_DIR} is set but {ENV_NAME} is not; set it to the certificate name to use")
+        return cls(directory, name)
+
+    def changed(self) -> bool:
+        return self.files.stamp() != self._stamp
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if self.changed():
+            try:
+                ca, key, cert, ident = self.files.load(self._role)
+                self._creds, self.identity = grpc.ssl_channel_credentials(ca, key, cert), ident
+            except TLSConfigError as exc:
+                log.error("certificate reload for %s skipped: %s", self.identity, exc)
+            self._stamp = self.files.stamp()
+        return self._creds
+
+
+def tls_refusal(details: str) -> Optional[str]:
+    """Why a TLS handshake failed, in words, from a gRPC error's details; None if it was not TLS."""
+    text = details or ""
+    if "Hostname Verification" in text or "No match found for server name" in text:
+        return "its certificate does not name the server expected (a node id it claims, or the host)"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text.lower():
+        return "its certificate was not issued by this fleet's CA, or has expired"
+    if "Ssl handshake failed" in text or "SSL_ERROR" in text or "TSI_" in text:
+        return "the TLS handshake failed (is it serving TLS from this fleet's CA?)"
+    return None
+
+
+def is_loopback(host_port: str) -> bool:
+    host = host_port.rpartition(":")[0].strip("[]") if ":" in host_port else host_port
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_channel(address: str, tls: Optional[ClientTLS], *, server_name: Optional[str] = None,
+                 options: Sequence[tuple] = (), aio: bool = False):
+    """A channel to `address`: mTLS with `tls`, plaintext (loopback only) with None.
+    `server_name` is the certificate name to expect instead of the address's host."""
+    opts = list(options)
+    if tls is None:
+        if not is_loopback(address):
+            raise TLSConfigError(f"refusing a plaintext connection to {address}: plaintext is for loopback "
+                                 "development only; give TLS credentials (--tls-dir/--tls-name)")
+        return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(address, options=opts)
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(address, tls.credentials(), options=opts)
