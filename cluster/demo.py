@@ -18,6 +18,8 @@ from cluster.client import FleetClient, GenerateResult, build_request
 from cluster.client.errors import FleetError
 from cluster.fleetctl.nodes_cmd import fleet_table
 from cluster.localfleet import CoordinatorProcess, NodeProcess
+from cluster.security.ca import init_ca
+from cluster.security.identity import Role, dns_name
 
 SYSTEM = "You are a clinical documentation assistant. Write concise SOAP notes."
 VISITS = [
@@ -51,11 +53,16 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
     else:
         console.print(f"[bold]1/5[/] using the generated model in {model}")
 
+    certs = workdir / "ca"
+    if not (certs / "ca.pem").exists():
+        init_ca(certs, fleet="demo")
+    console.print(f"      mTLS from the demo CA in {certs}: each daemon and the app get their own certificate")
     fleet = f"demo-{os.getpid()}"  # this demo's nodes only, whatever else is on the network
     logs = workdir / "logs"
-    coordinator = CoordinatorProcess(fleet=fleet, name="demo-coordinator")
-    agents = [NodeProcess(model, "--max-running", str(concurrency), node_id=f"demo-node-{i + 1}", fleet=fleet)
-              for i in range(nodes)]
+    coordinator = CoordinatorProcess(fleet=fleet, name="demo-coordinator", tls_dir=certs,
+                                     audit_dir=workdir / "audit")
+    agents = [NodeProcess(model, "--max-running", str(concurrency), node_id=f"demo-node-{i + 1}", fleet=fleet,
+                          tls_dir=certs) for i in range(nodes)]
     try:
         coordinator.start(logs)
         console.print(f"[bold]2/5[/] coordinator on {coordinator.address}, browsing mDNS on 127.0.0.1 "
@@ -72,7 +79,9 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
         console.print(f"[bold]3/5[/] sending {notes} clinical-note requests through the coordinator, "
                       f"{concurrency} at a time")
         started = time.perf_counter()
-        with FleetClient(coordinator.address) as client, ThreadPoolExecutor(concurrency) as pool:
+        app = coordinator.credentials("demo-notes-app", Role.APP)
+        with FleetClient(coordinator.address, tls=app, server_name=dns_name(Role.COORDINATOR, coordinator.name)) \
+                as client, ThreadPoolExecutor(concurrency) as pool:
             def one(i):
                 try:
                     return client.generate(_request(i, max_tokens), timeout_s=120)

@@ -38,13 +38,16 @@ def describe(entry: NodeEntry, now: float) -> fleet_pb2.FleetNode:
 
 
 class FleetAdmin(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay):
+    def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay, identify, audit):
+        self._identify = identify
+        self._audit = audit
         self._fleet = fleet
         self._admission = admission
         self._events = events
         self._relay = relay
 
     async def ListNodes(self, request, context) -> fleet_pb2.ListNodesResponse:
+        self._audit.admin(self._identify(context), context.peer(), "fleet.list_nodes")
         now = time.monotonic()
         nodes = sorted(self._fleet.entries.values(), key=lambda e: (e.node_id or "~", e.address))
         return fleet_pb2.ListNodesResponse(nodes=[describe(e, now) for e in nodes],
@@ -52,5 +55,6 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
                                            coordinator_version=COORDINATOR_VERSION)
 
     async def WatchEvents(self, request, context):
+        self._audit.admin(self._identify(context), context.peer(), "fleet.watch_events", replay=request.replay)
         async for event in self._events.subscribe(request.replay):
             yield event

@@ -15,7 +15,10 @@ from grpc_reflection.v1alpha import reflection
 from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
 from cluster.config import CoordinatorSettings
 from cluster.daemon import SERVER_OPTIONS
+from cluster.security.daemon import DaemonSecurity
+from cluster.security.roles import COORDINATOR_TABLE
 from coordinator.admin import FleetAdmin
+from coordinator.audit_trail import AuditTrail
 from coordinator.admission import Admission
 from coordinator.discovery import MdnsDiscovery
 from coordinator.events import EventLog
@@ -27,14 +30,20 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
-    def __init__(self, *, settings: CoordinatorSettings):
+    def __init__(self, *, settings: CoordinatorSettings, security: DaemonSecurity, audit_log=None):
         self.settings = settings
+        self.security = security
+        self.audit = AuditTrail(audit_log, coordinator_id=settings.coordinator_id)
+        self.authz = security.authorizer(COORDINATOR_TABLE, where=f"coordinator {settings.coordinator_id}",
+                                         on_denied=self.audit.denied)
         self.events = EventLog()
-        self.fleet = Fleet(settings=settings, events=self.events, on_change=self._fleet_changed)
+        self.fleet = Fleet(settings=settings, events=self.events, on_change=self._fleet_changed,
+                           tls=security.client)
         self.admission = Admission(fleet=self.fleet, max_depth=settings.queue_max_depth,
                                    max_wait_s=settings.queue_max_wait_s,
                                    load_factor=settings.affinity_load_factor)
-        self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events)
+        self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
+                           identify=self.authz.identify, audit=self.audit)
         self.discovery: Optional[MdnsDiscovery] = None
         self._health = health_aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
@@ -47,15 +56,16 @@ class Coordinator:
     async def start(self) -> int:
         """Bind, serve, and start finding nodes; returns the bound port."""
         s = self.settings
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self.authz])
         inference_pb2_grpc.add_InferenceServicer_to_server(self.relay, server)
         fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay), server)
+            FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
+                       identify=self.authz.identify, audit=self.audit), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(s.listen)
+        port = self.security.bind(server, s.listen)
         if not port:
             raise OSError(f"coordinator {s.coordinator_id}: cannot listen on {s.listen}")
         await server.start()
@@ -90,6 +100,8 @@ class Coordinator:
         if self.discovery is not None:
             await self.discovery.close()
         await self.fleet.close()
+        if self.audit.log is not None:  # every request has ended: the last records, a checkpoint
+            await asyncio.to_thread(self.audit.log.close)
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -71,7 +71,8 @@ class MdnsDiscovery:
         # announced, so a TXT update never looks like a move; else prefer a routable one.
         address = old if old in announced else min(announced, key=lambda a: a.startswith("169.254."))
         self._where[name] = address
-        self._fleet.add(address, source="mdns", mdns_name=name, moved_from=old if old != address else "")
+        self._fleet.add(address, source="mdns", mdns_name=name, moved_from=old if old != address else "",
+                        claimed_id=advert.node_id)
 
     async def close(self) -> None:
         for task in list(self._tasks):

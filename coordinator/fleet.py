@@ -20,7 +20,7 @@ import grpc
 from cluster.api import API_VERSION, common_pb2, fleet_pb2, node_pb2
 from coordinator import health_policy as hp
 from coordinator.events import EventLog
-from coordinator.node_link import SERVING, NodeLink
+from coordinator.node_link import SERVING, NodeLink, tls_refusal
 from coordinator.router import Candidate
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,10 @@ class NodeEntry:
 class Fleet:
     """Entries by address; verified ones also by node id. Runs on the event loop only."""
 
-    def __init__(self, *, settings, events: EventLog, on_change: Callable[[], None],
+    def __init__(self, *, settings, events: EventLog, on_change: Callable[[], None], tls=None,
                  clock: Callable[[], float] = time.monotonic):
         self._s = settings
+        self._tls = tls                  # the coordinator's client credentials; None = plaintext
         self._events = events
         self._on_change = on_change
         self._clock = clock
@@ -92,9 +93,11 @@ class Fleet:
         self._closed = False
 
     # -- membership -------------------------------------------------------------------
-    def add(self, address: str, *, source: str, mdns_name: str = "", moved_from: str = "") -> NodeEntry:
+    def add(self, address: str, *, source: str, mdns_name: str = "", moved_from: str = "",
+            claimed_id: str = "") -> NodeEntry:
         """A node is (claimed to be) at `address`; connect and verify before routing to it.
-        `moved_from`: the address the same announcement used before (mDNS)."""
+        `moved_from`: the address the same announcement used before (mDNS); `claimed_id`:
+        the node id it announced, which its certificate must name."""
         previous = self.entries.get(moved_from) if moved_from else None
         if previous is not None:
             self.goodbye(moved_from, f"{mdns_name} now announces {address}")
@@ -104,7 +107,8 @@ class Fleet:
             entry.mdns_name = mdns_name or entry.mdns_name
             entry.poke.set()
             return entry
-        entry = NodeEntry(address=address, source=source, link=NodeLink(address), mdns_name=mdns_name,
+        entry = NodeEntry(address=address, source=source, link=NodeLink(address, self._tls, claimed_id),
+                          mdns_name=mdns_name,
                           moved_from=(moved_from, previous.node_id) if previous is not None else ())
         self.entries[address] = entry
         self._events.emit(K.EVENT_KIND_DISCOVERED, address=address,
@@ -211,9 +215,14 @@ class Fleet:
         self._set_health(entry, hp.on_tick(entry.health, now=self._clock()))
         if entry.health.verdict is hp.Verdict.EJECTED and not entry.goodbye:
             return False
+        entry.link.refresh_credentials()
         try:
             st = await entry.link.status(self._s.probe_timeout_s)
         except grpc.aio.AioRpcError as err:
+            refusal = tls_refusal(err.details())
+            if refusal:  # a stranger, or a node that cannot prove who it is: never routed to
+                self._set_health(entry, hp.rejected(f"TLS: {refusal}"))
+                return False
             now = self._clock()
             entry.unreachable_since = entry.unreachable_since or now
             gone_for = now - entry.unreachable_since
@@ -253,6 +262,13 @@ class Fleet:
             self._set_health(entry, hp.rejected(f"speaks {st.api_version or 'an unknown API'}, "
                                                 f"this coordinator {API_VERSION}; upgrade one of them"))
             return False
+        if entry.link.bind(st.node_id):  # TLS: from now on the handshake must prove this id
+            try:
+                st = await entry.link.status(self._s.probe_timeout_s)
+            except grpc.aio.AioRpcError as err:
+                why = tls_refusal(err.details()) or f"{err.code().name}: {err.details()}"
+                self._set_health(entry, hp.rejected(f"says it is node {st.node_id} but could not prove it: {why}"))
+                return False
         other = self.by_id(st.node_id)
         if other is None and entry.moved_from[1:] == (st.node_id,):  # the old entry is already gone
             self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -19,9 +20,13 @@ HARD_EXIT_S = 10.0
 
 
 async def _serve(settings) -> int:
+    from cluster.security.daemon import DaemonSecurity
+    from cluster.security.identity import Role
     from coordinator.coordinator import Coordinator
 
-    coordinator = Coordinator(settings=settings)
+    security = DaemonSecurity.from_settings(settings, Role.COORDINATOR, settings.coordinator_id)
+    audit_log = await asyncio.to_thread(open_audit, settings)
+    coordinator = Coordinator(settings=settings, security=security, audit_log=audit_log)
     port = await coordinator.start()
     address = print_listening("coordinator_id", settings.coordinator_id, settings.listen, port)
     log.info("coordinator=%s listening on %s (mDNS %s, %d static nodes)", settings.coordinator_id,
@@ -43,6 +48,44 @@ async def _serve(settings) -> int:
     return 0
 
 
+def open_audit(settings):
+    """The audit chain, recovered and open; None when it is off (plaintext development)."""
+    if not settings.audit:
+        log.warning("AUDIT OFF: requests and admin actions are not recorded (plaintext development only)")
+        return None
+    from cluster.audit import AuditKeys, AuditLog
+
+    keys = AuditKeys.load_or_create(settings.audit_key_dir or settings.audit_dir / "keys")
+    audit_log = AuditLog(settings.audit_dir, keys=keys, source=settings.coordinator_id,
+                         checkpoint_every=settings.audit_checkpoint_every,
+                         checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+                         max_file_bytes=settings.audit_max_file_mb << 20)
+    audit_log.open()
+    log.info("audit chain %s open (keys %s)", settings.audit_dir, settings.audit_key_dir or settings.audit_dir / "keys")
+    return audit_log
+
+
+def check(settings) -> Optional[str]:
+    """Settings that cannot run safely, as one line naming the fix; None if fine."""
+    from cluster.security.daemon import DaemonSecurity
+    from cluster.security.identity import Role
+    from cluster.security.tls import TLSConfigError, is_loopback
+
+    try:
+        DaemonSecurity.from_settings(settings, Role.COORDINATOR, settings.coordinator_id)
+    except TLSConfigError as exc:
+        return str(exc)
+    if settings.plaintext:
+        remote = [n for n in settings.nodes if not is_loopback(n)]
+        if remote:
+            return f"--plaintext reaches loopback nodes only; {remote[0]} needs mTLS (--tls-dir)"
+        if settings.mdns and settings.mdns_interface != "127.0.0.1":
+            return "--plaintext browses mDNS on loopback only: add --mdns-interface 127.0.0.1 or --no-mdns"
+    elif not settings.audit:
+        return "--no-audit is for plaintext development only; an mTLS fleet always keeps its audit chain"
+    return None
+
+
 @app.command()
 def serve(
     listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7800]"),
@@ -59,6 +102,13 @@ def serve(
     queue_max_wait_s: Optional[float] = typer.Option(None, help="Longest wait for a node. [default: 10]"),
     max_failovers: Optional[int] = typer.Option(None, help="Node moves per request. [default: 3]"),
     shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
+    max_concurrent_per_caller: Optional[int] = typer.Option(None, help="Requests in flight per caller identity. [default: 64]"),
+    tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),
+    tls_name: Optional[str] = typer.Option(None, help="Certificate name (role coordinator). [default: the coordinator id]"),
+    plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
+    audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Keep the audit chain (off: plaintext only). [default: on]"),
+    audit_dir: Optional[Path] = typer.Option(None, help="Audit chain directory. [default: ./studiofleet-audit]"),
+    audit_key_dir: Optional[Path] = typer.Option(None, help="Audit HMAC and signing keys. [default: AUDIT_DIR/keys]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
     flags = {k: v for k, v in locals().items() if v is not None and k != "node"}
@@ -66,7 +116,7 @@ def serve(
         flags["nodes"] = tuple(node)
     from cluster.config import CoordinatorSettings
 
-    run_daemon("fleet-coordinator", lambda: CoordinatorSettings(**flags), _serve)
+    run_daemon("fleet-coordinator", lambda: CoordinatorSettings(**flags), _serve, check=check)
 
 
 def main() -> None:

@@ -1,11 +1,22 @@
-"""The coordinator's one narrow interface to a node agent: status, health watch, generate."""
+"""The coordinator's one narrow interface to a node agent: status, health watch, generate.
+
+With mTLS the channel checks that the node's certificate names the node id the
+coordinator expects (DESIGN invariant 7): the id announced over mDNS, or, for a static
+address, the id the node reported over a first channel that only proves "some node of
+this fleet". `bind(node_id)` moves to a channel that proves that id; all traffic goes there.
+"""
 
 from __future__ import annotations
+
+import asyncio
+from typing import Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.api import INFERENCE_SERVICE, inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
+from cluster.security.identity import ANY_NODE, Role, dns_name
+from cluster.security.tls import ClientTLS, open_channel, tls_refusal  # noqa: F401 - fleet.py uses it
 
 # shared/RELIABILITY.md: ping every ~10 s, 5 s timeout, also on idle channels (the node
 # permits it). Reconnect fast: a node restarting should be found in about a second.
@@ -19,6 +30,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.enable_retries", 0),  # the coordinator decides what is retried, and where
 ]
+RETIRED_GRACE_S = 600.0   # a replaced channel's running streams get this long to finish
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -26,12 +38,43 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 class NodeLink:
     """One channel to one address; call `close()` when the node leaves the fleet."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, tls: Optional[ClientTLS], node_id: str = ""):
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._tls = tls
+        self._retired: list = []            # replaced channels, closed with the link
+        self._open(node_id)
+
+    def _open(self, node_id: str) -> None:
+        self.node_id = node_id
+        name = (dns_name(Role.NODE, node_id) if node_id else ANY_NODE) if self._tls else None
+        self._channel = open_channel(self.address, self._tls, server_name=name, options=CHANNEL_OPTIONS, aio=True)
         self._node = node_pb2_grpc.NodeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
+
+    def _replace(self, node_id: str) -> None:
+        old = self._channel
+        self._open(node_id)
+        self._retired.append(old)
+        asyncio.get_running_loop().create_task(old.close(grace=RETIRED_GRACE_S))
+
+    def bind(self, node_id: str) -> bool:
+        """Expect `node_id` from now on; True if that took a new channel (TLS)."""
+        if node_id == self.node_id:
+            return False
+        if self._tls is None:
+            self.node_id = node_id
+            return False
+        self._replace(node_id)
+        return True
+
+    def refresh_credentials(self) -> bool:
+        """New channel when the coordinator's certificate was re-issued (rotation);
+        streams on the old one run to their end."""
+        if self._tls is None or not self._tls.changed():
+            return False
+        self._replace(self.node_id)
+        return True
 
     async def status(self, timeout_s: float) -> node_pb2.NodeStatus:
         return await self._node.GetStatus(node_pb2.GetStatusRequest(), timeout=timeout_s,
@@ -45,4 +88,5 @@ class NodeLink:
         return self._inference.Generate(request, timeout=timeout_s)
 
     async def close(self) -> None:
-        await self._channel.close(grace=None)
+        for channel in (*self._retired, self._channel):
+            await channel.close(grace=None)

@@ -15,14 +15,17 @@ import contextlib
 import logging
 import secrets
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import grpc
 
 from cluster.api import fleet_pb2, inference_pb2, inference_pb2_grpc
 from cluster.validation import (InvalidRequest, check_counts, check_input, check_request_id,
                                 check_sampling, display_id, new_request_id)
+from cluster.logs import without_text
+from cluster.security.identity import Identity
 from coordinator.attempt import Attempt
+from coordinator.audit_trail import AuditTrail
 from coordinator.admission import BATCH, INTERACTIVE, RESUME, Admission, QueueFull, WaitExpired
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
@@ -42,11 +45,15 @@ STALE_VIEW = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECOND
 
 
 class Relay(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, *, settings, fleet: Fleet, admission: Admission, events: EventLog):
+    def __init__(self, *, settings, fleet: Fleet, admission: Admission, events: EventLog,
+                 identify: Callable[[object], Identity], audit: AuditTrail):
         self._s = settings
         self._fleet = fleet
         self._admission = admission
         self._events = events
+        self._identify = identify     # the caller's verified identity (the authorizer's)
+        self._audit = audit
+        self._per_caller: dict[str, int] = {}
         self.in_flight = 0
 
     def _validate(self, request: inference_pb2.GenerateRequest) -> None:
@@ -59,21 +66,33 @@ class Relay(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
         rid = display_id(request.request_id)
+        ident = self._identify(context)
+        caller = str(ident)
+        audit = _Outcome(self._audit.request_record(ident, context.peer(), request_id=rid,
+                                                    prompt_digest=self._audit.prompt_digest(request)))
         try:
             self._validate(request)
         except InvalidRequest as exc:
-            log.info("request=%s rejected code=INVALID_ARGUMENT reason=%r", rid, str(exc))
+            log.info("request=%s caller=%s rejected code=INVALID_ARGUMENT reason=%r", rid, caller, str(exc))
+            await self._audit.write(audit.end("rejected", "INVALID_ARGUMENT"))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
+        running = self._per_caller.get(caller, 0)
+        if running >= self._s.max_concurrent_per_caller:
+            await self._audit.write(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"))
+            await self._busy(context, f"request {rid}: {caller} already has {running} requests in flight, "
+                                      f"its quota (max_concurrent_per_caller {self._s.max_concurrent_per_caller})")
         req = inference_pb2.GenerateRequest()
         req.CopyFrom(request)
         req.request_id = req.request_id or new_request_id()
+        audit.record["request_id"] = req.request_id
         if not req.sampling.HasField("seed"):  # drawn here, so a resumed stream keeps it
             req.sampling.seed = secrets.randbits(63)
-        run = Splice(req, clock=time.monotonic)
+        run = Splice(req, clock=time.monotonic, completion_digest=self._audit.completion_digest())
         self.in_flight += 1
+        self._per_caller[caller] = running + 1
         outcome = "cancelled"
         try:
-            async with contextlib.aclosing(self._run(run, context)) as chunks:
+            async with contextlib.aclosing(self._run(run, context, audit)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             outcome = "completed"
@@ -81,22 +100,40 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             code = context.code()
             outcome = f"failed code={getattr(code, 'name', code)}"
             raise
+        except Exception as exc:  # noqa: BLE001 - never UNKNOWN with an exception's text (it may quote content)
+            log.error("request=%s internal error: %s", req.request_id, without_text(exc))
+            outcome = "failed code=INTERNAL"
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"coordinator {self._s.coordinator_id} hit an internal error on request "
+                                f"{req.request_id}; retry, and report it with the coordinator's log")
         finally:
             self.in_flight -= 1
-            left = context.time_remaining()
-            if outcome == "cancelled" and left is not None and left <= 0.05:
+            left = self._per_caller.pop(caller) - 1
+            if left:
+                self._per_caller[caller] = left
+            ctx_left = context.time_remaining()
+            if outcome == "cancelled" and ctx_left is not None and ctx_left <= 0.05:
                 outcome = "deadline"
-            log.info("request=%s outcome=%s tokens=%d nodes=%s failovers=%d total_ms=%.1f", req.request_id,
-                     outcome, len(run.delivered), ",".join(run.nodes) or "-", run.failovers, run.elapsed_ms())
+            if not audit.written:  # every accepted request ends in exactly one record
+                code = getattr(context.code(), "name", None)
+                record = audit.end(outcome.split()[0], code or ("DEADLINE_EXCEEDED" if outcome == "deadline"
+                                                               else "CANCELLED"), **_facts(run))
+                if outcome.startswith("failed"):
+                    await self._audit.write(record)   # the status goes out after the record is down
+                else:
+                    self._audit.submit(record)        # the caller left: nobody waits for it
+            log.info("request=%s caller=%s outcome=%s tokens=%d nodes=%s failovers=%d total_ms=%.1f",
+                     req.request_id, caller, outcome, len(run.delivered), ",".join(run.nodes) or "-",
+                     run.failovers, run.elapsed_ms())
 
-    async def _run(self, run: Splice, context) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    async def _run(self, run: Splice, context, audit: "_Outcome") -> AsyncIterator[inference_pb2.GenerateChunk]:
         req = run.request
         base = BATCH if req.priority == inference_pb2.PRIORITY_BATCH else INTERACTIVE
         failed: list[str] = []   # "node: reason", for the final error message
         while True:
             entry = await self._admit(run, context, base, failed)
             reserved = run.remaining
-            run.routed(entry.node_id, entry.digest)
+            run.routed(entry.node_id, entry.digest, _model_label(entry))
             t_routed = time.monotonic()
             attempt = Attempt(entry, first_token_s=self._s.first_token_timeout_s, stall_s=self._s.stall_timeout_s)
             entry.attempts.add(attempt)
@@ -117,7 +154,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                     entry.outstanding_tokens -= n
                     if last:
                         self._fleet.report_success(entry)
-                        yield run.final(chunk)
+                        final = run.final(chunk)
+                        await self._record_final(run, final, audit, context)
+                        yield final
                         return
                     yield chunk
             except asyncio.CancelledError:
@@ -146,6 +185,23 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             if run.failovers + run.retries > self._s.max_failovers:
                 await self._give_up(run, context, failed, "its failover budget "
                                     f"({self._s.max_failovers}) is spent")
+
+    async def _record_final(self, run: Splice, final: inference_pb2.GenerateChunk, audit: "_Outcome",
+                            context) -> None:
+        """The audit record is durable before the final chunk leaves (fail closed)."""
+        f = final.final
+        record = audit.end("completed", "OK", **_facts(run), finish_reason=inference_pb2.FinishReason.Name(
+            f.finish_reason).removeprefix("FINISH_REASON_").lower(), prompt_tokens=f.usage.prompt_tokens,
+            ttft_ms=round(f.timings.time_to_first_token_ms, 1))
+        try:
+            await self._audit.write(record)
+        except Exception as exc:  # noqa: BLE001 - AuditWriteError or the disk: withhold the result
+            log.error("request=%s audit write failed; result withheld: %s", run.request.request_id, exc)
+            audit.written = False
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"request {run.request.request_id}: the audit record could not be written, so "
+                                "the result is withheld; retry later (operators: check the coordinator's "
+                                "audit directory and disk)")
 
     async def _admit(self, run: Splice, context, base: int, failed: list[str]) -> NodeEntry:
         want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key)
@@ -201,9 +257,11 @@ class Relay(inference_pb2_grpc.InferenceServicer):
 
     async def _classify(self, err: grpc.aio.AioRpcError, run: Splice, context) -> tuple[str, bool, bool]:
         """(reason, hard, penalise) for a failed node call; ends the caller's call if it must."""
-        code, details = err.code(), err.details() or ""
+        code, details = err.code(), _repeatable(err.code(), err.details() or "")
         run.last_failure = code
         if code in PASS_THROUGH:
+            if not details.startswith(("request ", "node ")):  # not one of our nodes' own messages
+                details = f"request {run.request.request_id}: the node refused it ({code.name})"
             await context.abort(code, details)
         left = context.time_remaining()
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) and left is not None and left <= 0.05:
@@ -219,3 +277,40 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             own = details.startswith("node ")
             return reason, not own, not own
         return reason, False, True
+
+
+class _Outcome:
+    """One request's audit record, ended exactly once."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        self.written = False
+
+    def end(self, outcome: str, code: str, **fields) -> dict:
+        self.written = True
+        self.record.update(outcome=outcome, code=code, **fields)
+        return self.record
+
+
+def _repeatable(code: grpc.StatusCode, details: str) -> str:
+    """A node's error text, as far as it is safe to log and repeat to callers: our node
+    agents' own messages and gRPC's transport words, but never the text of an exception
+    that escaped a handler (gRPC sends it as UNKNOWN "Unexpected ...": it may quote content)."""
+    if code == grpc.StatusCode.UNKNOWN or details.startswith("Unexpected"):
+        return "(details withheld: an unexpected error's text may quote the request)"
+    return details
+
+
+def _model_label(entry: NodeEntry) -> str:
+    model = entry.status.model if entry.status is not None else None
+    if model is None:
+        return ""
+    return f"{model.model_id}@{model.version}" if model.version else model.model_id
+
+
+def _facts(run: Splice) -> dict:
+    """What the audit keeps of a request's run: hops, counts and timing, no content."""
+    return {"nodes": [{"node": n, "model": m, "digest": d} for n, m, d in run.hops],
+            "failovers": run.failovers, "retries": run.retries, "completion_tokens": len(run.delivered),
+            "latency_ms": round(run.elapsed_ms(), 1),
+            "completion_digest": run.completion_digest.hexdigest_str() if run.completion_digest else ""}

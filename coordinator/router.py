@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -37,7 +37,7 @@ class Want:
 
     digest: str = ""                      # required weights ("" = any)
     exclude: frozenset[str] = frozenset()  # nodes that already failed this request
-    session_key: str = ""
+    session_key: str = field(default="", repr=False)   # may derive from a patient's identity
 
 
 def eligible(c: Candidate, want: Want) -> bool:

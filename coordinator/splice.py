@@ -10,8 +10,10 @@ from cluster.api import inference_pb2
 class Splice:
     """Token ids and text already delivered, the nodes used, the weights it is pinned to."""
 
-    def __init__(self, request: inference_pb2.GenerateRequest, *, clock: Callable[[], float]):
+    def __init__(self, request: inference_pb2.GenerateRequest, *, clock: Callable[[], float],
+                 completion_digest=None):
         self.request = request
+        self.completion_digest = completion_digest  # keyed digest of the text, fed as it passes
         self._clock = clock
         self.t_accept = clock()
         self.t_first = 0.0
@@ -21,6 +23,7 @@ class Splice:
         self.text_chars = 0
         self.digest = request.require_weights_digest
         self.nodes: list[str] = []
+        self.hops: list[tuple[str, str, str]] = []   # (node, model@version, weights digest) per hop
         self.excluded: set[str] = set()
         self.last_failure = None  # the status code of the last failed node call, if any
         self.failovers = 0       # moves after the first token
@@ -39,6 +42,7 @@ class Splice:
         r = inference_pb2.GenerateRequest()
         r.CopyFrom(self.request)
         r.require_weights_digest = self.digest or node_digest
+        r.session_key = ""   # routing only; nodes have no use for it
         if not self.delivered:
             return r
         r.prefix_token_ids[:] = self.base_prefix + self.delivered
@@ -51,10 +55,11 @@ class Splice:
             r.ClearField("prefix_text_chars")
         return r
 
-    def routed(self, node_id: str, digest: str) -> None:
+    def routed(self, node_id: str, digest: str, model: str = "") -> None:
         self.t_routed = self.t_routed or self._clock()
         if not self.nodes or self.nodes[-1] != node_id:
             self.nodes.append(node_id)
+            self.hops.append((node_id, model, digest))
         self._pinning = digest
 
     def absorb(self, chunk: inference_pb2.GenerateChunk) -> int:
@@ -67,6 +72,8 @@ class Splice:
             self.delivered.extend(chunk.token_ids)
             self.t_last = self._clock()
         self.text_chars += len(chunk.text)
+        if self.completion_digest is not None and chunk.text:
+            self.completion_digest.update(chunk.text.encode())
         return n
 
     def failed(self, node_id: str) -> None:

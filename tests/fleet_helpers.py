@@ -78,8 +78,8 @@ def in_threads(fn, items) -> list:
 class EventWatch:
     """Follow a coordinator's events in a thread; wait for one that matches."""
 
-    def __init__(self, address: str):
-        self._channel = grpc.insecure_channel(address)
+    def __init__(self, coordinator):
+        self._channel = coordinator.dial()   # as the harness's operator
         self._call = fleet_pb2_grpc.FleetStub(self._channel).WatchEvents(fleet_pb2.WatchEventsRequest(replay=True))
         self.events: list[fleet_pb2.FleetEvent] = []
         self._cond = threading.Condition()
@@ -94,11 +94,12 @@ class EventWatch:
         except grpc.RpcError:
             pass
 
-    def wait_for(self, kind: int, node_id: str = "", timeout_s: float = 30.0, after: float = 0.0):
-        """The first event of `kind` (for `node_id`) at or after unix time `after`."""
+    def wait_for(self, kind: int, node_id: str = "", timeout_s: float = 30.0, after: float = 0.0,
+                 address: str = ""):
+        """The first event of `kind` (for `node_id`, at `address`) at or after unix time `after`."""
         def match():
             return next((e for e in self.events if e.kind == kind and (not node_id or e.node_id == node_id)
-                         and e.time_unix_s >= after), None)
+                         and (not address or e.address == address) and e.time_unix_s >= after), None)
         with self._cond:
             if not self._cond.wait_for(match, timeout=timeout_s):
                 kinds = [(fleet_pb2.EventKind.Name(e.kind), e.node_id, e.reason) for e in self.events[-15:]]

@@ -118,21 +118,27 @@ def test_session_key_keeps_a_session_on_one_node(duo):
 
 def test_fleetctl_nodes_and_events_show_the_fleet(duo):
     co, _, _ = duo
-    out = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "nodes", "-c", co.address],
+    out = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "nodes", "-c", co.address,
+                          "--tls-name", "operator"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "duo-a" in out.stdout and "duo-b" in out.stdout and "HEALTHY" in out.stdout
-    ev = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "events", "-c", co.address],
+    ev = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "events", "-c", co.address,
+                         "--tls-name", "operator"],
                         capture_output=True, text=True, timeout=30)
     assert ev.returncode == 0, ev.stderr
     assert "joined" in ev.stdout and "duo-a" in ev.stdout
+    # Admin calls need the operator role: the app identity is refused, by name and role.
+    denied = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "nodes", "-c", co.address],
+                            capture_output=True, text=True, timeout=30)
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr and "allowed: operator" in denied.stderr
 
 
 def test_a_node_started_later_becomes_routable_without_config(start_node, start_coordinator, fleet_name):
     co = start_coordinator(fleet=fleet_name)
     first = start_node(node_id="early", fleet=fleet_name)
     co.wait_routable(1)
-    watch = EventWatch(co.address)
+    watch = EventWatch(co)
     try:
         late = start_node(node_id="late", fleet=fleet_name, wait=False)
         watch.wait_for(K.EVENT_KIND_JOINED, "late", timeout_s=30)
@@ -174,7 +180,7 @@ def test_a_duplicate_node_id_is_rejected(start_node, start_coordinator):
 
 def _one_place_for(co, node_id: str):
     """Wait for the duplicate's rejection; exactly one of the two takes traffic."""
-    watch = EventWatch(co.address)
+    watch = EventWatch(co)
     try:
         ev = watch.wait_for(K.EVENT_KIND_REJECTED, "", timeout_s=20)
         assert f"duplicate node id {node_id}" in ev.reason
@@ -233,7 +239,7 @@ def test_a_node_back_at_a_new_address_is_an_address_change(start_node, start_coo
     co = start_coordinator(fleet=fleet_name)
     first = start_node(node_id="mover", fleet=fleet_name)
     co.wait_routable(1)
-    watch = EventWatch(co.address)
+    watch = EventWatch(co)
     try:
         old_address = first.address
         first.proc.kill()  # no goodbye: the process is gone

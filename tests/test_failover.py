@@ -62,7 +62,7 @@ def test_kill_9_mid_stream_resumes_every_stream_on_another_node(start_node, star
     requests = [note(i, max_tokens, request_id=f"kill-{i}", **({"temperature": 0.8, "seed": i} if i % 2 else {}))
                 for i in range(9)]
     reference = _reference(nodes[2], requests)
-    watch = EventWatch(co.address)
+    watch = EventWatch(co)
     victim = nodes[0]
     killed_at = []
 
@@ -132,7 +132,7 @@ def test_a_stalled_node_is_ejected_its_streams_move_and_it_is_readmitted(start_n
     healthy = start_node(node_id="fine", fleet=fleet_name)
     co = start_coordinator(fleet=fleet_name)
     co.wait_routable(2)
-    watch = EventWatch(co.address)
+    watch = EventWatch(co)
     max_tokens = 600
     requests = [note(i, max_tokens, request_id=f"stall-{i}") for i in range(4)]
     reference = _reference(healthy, requests)

@@ -22,7 +22,7 @@ def test_make_tiny_then_generate_json_and_status(tmp_path):
     with NodeProcess(tmp_path / "m", node_id="cli-node") as node:
         node.start(tmp_path / "logs")
         node.wait_serving()
-        res = fleetctl("generate", "--target", node.address, "--prompt", "Write a note", "--max-tokens", "12",
+        res = fleetctl("generate", "--node", "--target", node.address, "--prompt", "Write a note", "--max-tokens", "12",
                        "--seed", "4", "--temperature", "0.5", "-o", "json")
         assert res.returncode == 0, res.stderr
         doc = json.loads(res.stdout)
@@ -31,19 +31,19 @@ def test_make_tiny_then_generate_json_and_status(tmp_path):
         assert doc["weights_digest"].startswith("sha256:")
         assert doc["time_to_first_token_ms"] > 0
 
-        streamed = fleetctl("generate", "--target", node.address, "--prompt", "Write a note",
+        streamed = fleetctl("generate", "--node", "--target", node.address, "--prompt", "Write a note",
                             "--max-tokens", "12", "--seed", "4", "--temperature", "0.5")
         assert streamed.returncode == 0
         assert streamed.stdout == doc["text"]
         assert "on cli-node" in streamed.stderr
 
-        bad = fleetctl("generate", "--target", node.address, "--prompt", "x", "--max-tokens", "0")
+        bad = fleetctl("generate", "--node", "--target", node.address, "--prompt", "x", "--max-tokens", "0")
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
 
-        status = fleetctl("node", "status", "--target", node.address, "-o", "json")
+        status = fleetctl("node", "status", "--tls-name", "operator", "--target", node.address, "-o", "json")
         assert json.loads(status.stdout)["lifecycle"] == "LIFECYCLE_READY"
-        table = fleetctl("node", "status", "--target", node.address)
+        table = fleetctl("node", "status", "--tls-name", "operator", "--target", node.address)
         assert "READY" in table.stdout and "cli-node" in table.stdout
 
-    gone = fleetctl("node", "status", "--target", node.address, "--timeout-s", "2")
+    gone = fleetctl("node", "status", "--tls-name", "operator", "--target", node.address, "--timeout-s", "2")
     assert gone.returncode == 3 and "UNAVAILABLE" in gone.stderr

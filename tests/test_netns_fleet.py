@@ -104,7 +104,7 @@ def _spread(co, count: int, max_tokens: int, prefix: str, workers: int = 6) -> c
 
 def test_a_host_started_later_is_discovered_and_routable(fleet):
     co = fleet.coordinator
-    watch = EventWatch(co.address)
+    watch = EventWatch(co)
     try:
         node = fleet.start_node("node3", wait=False)
         node.wait_serving()
@@ -141,7 +141,7 @@ def test_a_host_cut_off_is_ejected_in_bound_its_streams_move_and_it_returns(flee
     max_tokens = 300
     requests = [note(i, max_tokens, request_id=f"cut-{i}") for i in range(9)]
     reference = {r.request_id: collect(fleet.nodes["node1"].inference, r) for r in requests}
-    watch = EventWatch(co.address)
+    watch = EventWatch(co)
     live = [None] * len(requests)
     results, threads = in_threads(
         lambda i: collect(co.inference, requests[i], on_chunk=lambda s, i=i: live.__setitem__(i, s)),
