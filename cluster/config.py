@@ -110,8 +110,8 @@ class CoordinatorSettings(BaseSettings):
     # Each caller identity may have this many requests in flight (queued included).
     max_concurrent_per_caller: int = Field(64, ge=1)
     # The audit chain (README "Audit"): one record per request and admin action, fsynced
-    # before the final chunk goes out. Keys default to AUDIT_DIR/keys; keep them apart
-    # from the data in production. Off only in plaintext development mode.
+    # before the final chunk goes out. Keys default to AUDIT_DIR-keys, beside the log; in
+    # production put them on another volume or host. Off only in plaintext development mode.
     audit: bool = True
     audit_dir: Path = Path("studiofleet-audit")
     audit_key_dir: Optional[Path] = None

@@ -54,14 +54,16 @@ def open_audit(settings):
         log.warning("AUDIT OFF: requests and admin actions are not recorded (plaintext development only)")
         return None
     from cluster.audit import AuditKeys, AuditLog
+    from cluster.audit.keys import default_key_dir
 
-    keys = AuditKeys.load_or_create(settings.audit_key_dir or settings.audit_dir / "keys")
+    key_dir = settings.audit_key_dir or default_key_dir(settings.audit_dir)
+    keys = AuditKeys.load_or_create(key_dir)
     audit_log = AuditLog(settings.audit_dir, keys=keys, source=settings.coordinator_id,
                          checkpoint_every=settings.audit_checkpoint_every,
                          checkpoint_interval_s=settings.audit_checkpoint_interval_s,
                          max_file_bytes=settings.audit_max_file_mb << 20)
     audit_log.open()
-    log.info("audit chain %s open (keys %s)", settings.audit_dir, settings.audit_key_dir or settings.audit_dir / "keys")
+    log.info("audit chain %s open (keys %s, signing key %s)", settings.audit_dir, key_dir, keys.fingerprint)
     return audit_log
 
 
@@ -108,7 +110,7 @@ def serve(
     plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
     audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Keep the audit chain (off: plaintext only). [default: on]"),
     audit_dir: Optional[Path] = typer.Option(None, help="Audit chain directory. [default: ./studiofleet-audit]"),
-    audit_key_dir: Optional[Path] = typer.Option(None, help="Audit HMAC and signing keys. [default: AUDIT_DIR/keys]"),
+    audit_key_dir: Optional[Path] = typer.Option(None, help="Audit HMAC and signing keys. [default: AUDIT_DIR-keys, beside the log]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
     flags = {k: v for k, v in locals().items() if v is not None and k != "node"}

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def open_log(directory: Path, **kw) -> AuditLog:
-    log = AuditLog(directory, keys=AuditKeys.load_or_create(directory / "keys"), source="test-host", **kw)
+    log = AuditLog(directory, keys=AuditKeys.load_or_create(default_key_dir(directory)), source="test-host", **kw)
     log.open()
     return log
 

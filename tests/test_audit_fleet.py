@@ -16,6 +16,7 @@ import grpc
 
 from cluster.api import inference_pb2
 from cluster.audit import query, verify
+from cluster.audit.keys import default_key_dir
 from cluster.client import FleetClient, build_request
 from cluster.client.errors import FleetError
 from cluster.security.identity import Role
@@ -29,7 +30,7 @@ def _records(co, **kw) -> list[dict]:
 
 
 def _digest(co, data: bytes) -> str:
-    key = (co.audit_dir / "keys" / "hmac.key").read_bytes()
+    key = (default_key_dir(co.audit_dir) / "hmac.key").read_bytes()
     return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 

@@ -63,7 +63,7 @@ BAD_INPUTS = {
     "prefix outside vocabulary": (_msg(prompt=PHI_MARKER, max_tokens=5, prefix_token_ids=[10**6]),
                                   "outside this model's vocabulary"),
     "bad request id": (_msg(request_id=f"bad\n{PHI_MARKER}", prompt=PHI_MARKER, max_tokens=5),
-                       "request_id must be at most"),
+                       "request_id must be 1-128 characters from"),
     "empty stop": (_msg(prompt=PHI_MARKER, max_tokens=5, stop=[""]), "stop[0] must be"),
 }
 

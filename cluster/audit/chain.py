@@ -88,6 +88,14 @@ def fingerprint(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def default_key_dir(log_dir: Path) -> Path:
+    """Where a log's keys live unless told otherwise: beside the log, not in it
+    (`/var/db/studiofleet/audit` -> `/var/db/studiofleet/audit-keys`), so the log can be
+    copied, archived or handed to an auditor without its keys (HIPAA: keys kept apart)."""
+    log_dir = Path(log_dir)
+    return log_dir.with_name(log_dir.name + "-keys")
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file, or AuditError naming the file."""
     path = Path(path)
@@ -364,7 +372,7 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
            progress: Optional[Callable[[int], None]] = None) -> VerifyReport:
     """Check every record, checkpoint and the HEAD of the chain in `directory`.
 
-    `public_key` defaults to `directory/keys/signing.pub`; pass a copy you trust (the key
+    `public_key` defaults to `DIRECTORY-keys/signing.pub` (keys.default_key_dir); pass a copy you trust (the key
     directory given to `AuditKeys.load_or_create`), since whoever can write the log may also
     replace a key kept beside it. Raises AuditError when there is nothing to check (no
     directory, no key); tampering is reported in the VerifyReport, not raised.
@@ -374,7 +382,7 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
     directory = Path(directory)
     if not directory.is_dir():
         raise AuditError(f"{directory} is not a directory: pass the audit log's directory")
-    key = load_public_key(public_key if public_key is not None else directory / "keys" / "signing.pub")
+    key = load_public_key(public_key if public_key is not None else default_key_dir(directory) / "signing.pub")
     try:
         head, head_error = read_head(directory), ""
     except AuditError as exc:  # an unreadable HEAD is a finding, not a usage error

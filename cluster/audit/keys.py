@@ -19,11 +19,12 @@ from typing import Union
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cluster.audit.chain import AuditError, fingerprint, load_public_key
+from cluster.audit.chain import AuditError, default_key_dir, fingerprint, load_public_key  # noqa: F401 - re-exported
 
 __all__ = ["AuditKeys", "KeyedDigest", "load_public_key", "make_private_dir"]
 
 HMAC_FILE, SIGNING_FILE, PUBLIC_FILE = "hmac.key", "signing.key", "signing.pub"
+
 HMAC_KEY_BYTES = 32
 
 

@@ -30,7 +30,7 @@ def _bad_input(command: str, message: object) -> typer.Exit:
 def verify_cmd(
     directory: Path = DIRECTORY,
     public_key: Optional[Path] = typer.Option(
-        None, "--public-key", help="The log's signing.pub (default: DIR/keys/signing.pub); use a copy "
+        None, "--public-key", help="The log's signing.pub (default: DIR-keys/signing.pub); use a copy "
                                    "the log's host cannot write."),
     output: str = typer.Option("text", "--output", "-o", help="text or json."),
 ) -> None:

@@ -27,8 +27,9 @@ CA_DIR = typer.Option(..., "--ca-dir", envvar="STUDIOFLEET_CA_DIR", help="The CA
 def _audit(directory: Path, action: str, **fields) -> None:
     """Record a CA action in CA_DIR/audit; durable before the command reports success."""
     from cluster.audit import AuditKeys, AuditLog
+    from cluster.audit.keys import default_key_dir
 
-    log = AuditLog(directory / "audit", keys=AuditKeys.load_or_create(directory / "audit" / "keys"),
+    log = AuditLog(directory / "audit", keys=AuditKeys.load_or_create(default_key_dir(directory / "audit")),
                    source="fleetctl-certs")
     log.open()
     try:
