@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.audit import AuditError, AuditKeys, AuditLog, parse_when, query, verify
-from cluster.audit.chain import encode_record, list_files
+from cluster.audit.chain import default_key_dir, encode_record, list_files
 from cluster.fleetctl import audit_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,8 @@ def pristine(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def chain(pristine, tmp_path) -> Path:
-    """A private copy of a closed 300-record chain to tamper with."""
+    """A private copy of a closed 300-record chain (and its keys) to tamper with."""
+    shutil.copytree(default_key_dir(pristine), default_key_dir(tmp_path / "audit"))
     return Path(shutil.copytree(pristine, tmp_path / "audit"))
 
 
@@ -335,8 +336,9 @@ _KILLED_WRITER = """
 import asyncio, sys
 from pathlib import Path
 from cluster.audit import AuditKeys, AuditLog
+from cluster.audit.keys import default_key_dir
 d = Path(sys.argv[1])
-log = AuditLog(d, keys=AuditKeys.load_or_create(d / "keys"), source="killed", checkpoint_every=25)
+log = AuditLog(d, keys=AuditKeys.load_or_create(default_key_dir(d)), source="killed", checkpoint_every=25)
 log.open()
 async def worker(w):
     i = 0
@@ -382,9 +384,10 @@ def test_write_failure_fails_the_batch_and_the_writer_carries_on(tmp_path):
 import resource, signal, sys
 from pathlib import Path
 from cluster.audit import AuditKeys, AuditLog, AuditWriteError
+from cluster.audit.keys import default_key_dir
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 d = Path(sys.argv[1])
-log = AuditLog(d, keys=AuditKeys.load_or_create(d / "keys"), source="full-disk")
+log = AuditLog(d, keys=AuditKeys.load_or_create(default_key_dir(d)), source="full-disk")
 log.open()
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, ((d / "audit-000001.jsonl").stat().st_size + 1500, hard))
@@ -524,7 +527,7 @@ def test_cli_verify_and_query(chain):
     raw = lines(path)
     del raw[line - 1]
     path.write_bytes(b"".join(raw))
-    bad = runner.invoke(audit_cmd.app, ["verify", str(chain), "--public-key", str(chain / "keys" / "signing.pub")])
+    bad = runner.invoke(audit_cmd.app, ["verify", str(chain), "--public-key", str(default_key_dir(chain) / "signing.pub")])
     assert bad.exit_code == 1
     assert f"FIRST BAD RECORD: seq 58 (file {path.name} line {line}): expected record 58, found 59" in bad.stdout
     missing = runner.invoke(audit_cmd.app, ["verify", str(chain), "--public-key", str(chain / "nope.pub")])
