@@ -104,7 +104,27 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
             proc.stop()
     codes = {p.name: p.proc.returncode if p.proc else None for p in [*agents, coordinator]}
     console.print(f"      exit codes {codes}; logs in {logs}")
-    return 0 if len(ok) == notes and all(c == 0 for c in codes.values()) else 1
+    audited = _show_audit(console, coordinator.audit_dir, [r.request_id for r in ok])
+    return 0 if len(ok) == notes and audited and all(c == 0 for c in codes.values()) else 1
+
+
+def _show_audit(console: Console, audit_dir: Path, request_ids: list[str]) -> bool:
+    """Verify the chain and show that every note has its record (digests, never text)."""
+    from cluster.audit import query, verify
+
+    report = verify(audit_dir)
+    records = {r.get("request_id"): r for r in query(audit_dir, type_="request")}
+    missing = [rid for rid in request_ids if rid not in records]
+    state = "verifies" if report.ok else f"[red]BROKEN[/] {report.first_bad}"
+    console.print(f"      audit chain {audit_dir}: {report.records} records, {report.checkpoints} signed "
+                  f"checkpoints, {state}; {len(request_ids) - len(missing)}/{len(request_ids)} notes recorded "
+                  f"(`fleetctl audit query {audit_dir} --request-id ID`)")
+    if request_ids and request_ids[0] in records:
+        r = records[request_ids[0]]
+        console.print(f"      e.g. {r['request_id']}: caller {r['role']}/{r['caller']}, nodes "
+                      f"{[h['node'] for h in r['nodes']]}, {r['outcome']} {r['code']}, "
+                      f"{r['completion_tokens']} tokens, prompt {r['prompt_digest'][:40]}...")
+    return report.ok and not missing
 
 
 def _table(results) -> Table:

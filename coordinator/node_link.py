@@ -47,6 +47,8 @@ class NodeLink:
     def _open(self, node_id: str) -> None:
         self.node_id = node_id
         name = (dns_name(Role.NODE, node_id) if node_id else ANY_NODE) if self._tls else None
+        # Each link remembers which certificate files it dialled with (links share one ClientTLS).
+        self._stamp = self._tls.files.stamp() if self._tls else None
         self._channel = open_channel(self.address, self._tls, server_name=name, options=CHANNEL_OPTIONS, aio=True)
         self._node = node_pb2_grpc.NodeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -71,7 +73,7 @@ class NodeLink:
     def refresh_credentials(self) -> bool:
         """New channel when the coordinator's certificate was re-issued (rotation);
         streams on the old one run to their end."""
-        if self._tls is None or not self._tls.changed():
+        if self._tls is None or self._tls.files.stamp() == self._stamp:
             return False
         self._replace(self.node_id)
         return True

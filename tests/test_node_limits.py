@@ -130,9 +130,14 @@ def test_deadline_exceeded_stops_generation(node):
 
 def test_over_capacity_is_resource_exhausted_with_retry_hint(start_node):
     small = start_node("--max-running", "2", "--max-queued", "1", node_id="small-node")
-    calls = [small.inference.Generate(build_request(prompt=f"Note {i}:", max_tokens=1800,
-                                                    request_id=f"fill-{i}"), timeout=60) for i in range(3)]
+    def fill(i):
+        return small.inference.Generate(build_request(prompt=f"Note {i}:", max_tokens=1800, request_id=f"fill-{i}"),
+                                        timeout=60)
+
+    calls = [fill(0), fill(1)]
     next(calls[0]), next(calls[1])
+    small.wait_until(lambda s: s.load.running == 2, what="2 running")
+    calls.append(fill(2))   # only now: it must find both slots taken, however slow this machine is
     small.wait_until(lambda s: s.load.running == 2 and s.load.queued == 1, what="2 running + 1 queued")
     with pytest.raises(grpc.RpcError) as err:
         _drain(small.inference.Generate(build_request(prompt="One more", max_tokens=4,

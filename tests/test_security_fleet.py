@@ -75,3 +75,33 @@ def test_a_stranger_announcing_the_service_gets_no_traffic(start_node, start_coo
         assert listing[rogue.address].health == K.NODE_HEALTH_REJECTED and not listing[rogue.address].routable
         assert rogue.status().load.requests_accepted_total == 0   # read with its own CA's operator
     watch.close()
+
+
+def test_coordinator_certificate_rotation_keeps_serving(start_node, start_coordinator, fleet_ca):
+    """Re-issue the coordinator's certificate mid-stream: its server serves the new one on
+    the next handshake, its node links move to new channels (the old stream ends on the
+    old one), and requests keep flowing with no restart."""
+    from tests.test_security import _served_serial
+
+    node = start_node(node_id="rot-node")
+    co = start_coordinator(nodes=[node.address], name="rot-co")
+    co.wait_routable(1)
+    stream = co.inference.Generate(note(0, 300, temperature=0.7), timeout=60)
+    first = next(stream)
+    new = ca.issue(fleet_ca, Role.COORDINATOR, "rot-co").identity.serial
+    name = "rot-co.coordinator.studiofleet"
+    import time
+    deadline = time.monotonic() + 10
+    while _served_serial(co.address, fleet_ca, name) != new:
+        assert time.monotonic() < deadline, "the coordinator did not serve its new certificate within 10 s"
+    chunks = [first, *stream]
+    assert chunks[-1].final.usage.completion_tokens == 300
+    watch = EventWatch(co)
+    after = time.time()
+    # Two probe rounds later the node link runs on the new credentials; traffic still flows.
+    for i in range(1, 6):
+        assert collect(co.inference, note(i, 3)).final is not None
+    assert not [e for e in watch.events if e.kind in (K.EVENT_KIND_EJECTED, K.EVENT_KIND_REJECTED)
+                and e.time_unix_s >= after]
+    assert "certificate reload" not in co.stderr() and "reloaded TLS certificate" in co.stderr()
+    watch.close()
