@@ -61,24 +61,29 @@ def pct(values: list[float], q: float) -> float:
 async def load(address: str, streams: int, per_stream: int, max_tokens: int, tag: str) -> tuple[float, list[float]]:
     """`streams` callers, each sending `per_stream` requests back to back; (tokens/s, TTFTs ms)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        ttfts: list[float] = []
-        tokens = 0
+        return await load_on(channel, streams, per_stream, max_tokens, tag)
 
-        async def caller(c: int) -> None:
-            nonlocal tokens
-            for k in range(per_stream):
-                start = time.perf_counter()
-                first = None
-                async for chunk in stub.Generate(request(c * per_stream + k, max_tokens, tag), timeout=300):
-                    if first is None and chunk.token_ids:
-                        first = time.perf_counter()
-                    tokens += len(chunk.token_ids)
-                ttfts.append((first - start) * 1000.0)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(caller(c) for c in range(streams)))
-        return tokens / (time.perf_counter() - start), ttfts
+async def load_on(channel, streams: int, per_stream: int, max_tokens: int, tag: str) -> tuple[float, list[float]]:
+    """As `load`, over a channel the caller opened (e.g. with mTLS credentials)."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def caller(c: int) -> None:
+        nonlocal tokens
+        for k in range(per_stream):
+            start = time.perf_counter()
+            first = None
+            async for chunk in stub.Generate(request(c * per_stream + k, max_tokens, tag), timeout=300):
+                if first is None and chunk.token_ids:
+                    first = time.perf_counter()
+                tokens += len(chunk.token_ids)
+            ttfts.append((first - start) * 1000.0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(streams)))
+    return tokens / (time.perf_counter() - start), ttfts
 
 
 def pin(pid: int, cpus: set[int]) -> None:

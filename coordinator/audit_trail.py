@@ -58,6 +58,16 @@ class AuditTrail:
         if self.log is not None:
             await self.log.write(record)
 
+    async def write_or_log(self, record: dict) -> bool:
+        """As write, for records of refusals and failures: the caller's answer does not
+        wait on a broken disk; the failure is logged (and counted by the log)."""
+        try:
+            await self.write(record)
+            return True
+        except Exception as exc:  # noqa: BLE001 - AuditWriteError, or the disk
+            log.error("audit record could not be written: %s", exc)
+            return False
+
     def submit(self, record: dict) -> None:
         """Queued for the next group commit; for outcomes nobody is waiting on."""
         if self.log is not None:

@@ -74,11 +74,11 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             self._validate(request)
         except InvalidRequest as exc:
             log.info("request=%s caller=%s rejected code=INVALID_ARGUMENT reason=%r", rid, caller, str(exc))
-            await self._audit.write(audit.end("rejected", "INVALID_ARGUMENT"))
+            await self._audit.write_or_log(audit.end("rejected", "INVALID_ARGUMENT"))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
         running = self._per_caller.get(caller, 0)
         if running >= self._s.max_concurrent_per_caller:
-            await self._audit.write(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"))
+            await self._audit.write_or_log(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"))
             await self._busy(context, f"request {rid}: {caller} already has {running} requests in flight, "
                                       f"its quota (max_concurrent_per_caller {self._s.max_concurrent_per_caller})")
         req = inference_pb2.GenerateRequest()
@@ -119,7 +119,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                 record = audit.end(outcome.split()[0], code or ("DEADLINE_EXCEEDED" if outcome == "deadline"
                                                                else "CANCELLED"), **_facts(run))
                 if outcome.startswith("failed"):
-                    await self._audit.write(record)   # the status goes out after the record is down
+                    await self._audit.write_or_log(record)   # the status goes out after the record is down
                 else:
                     self._audit.submit(record)        # the caller left: nobody waits for it
             log.info("request=%s caller=%s outcome=%s tokens=%d nodes=%s failovers=%d total_ms=%.1f",

@@ -1,7 +1,7 @@
 """`AuditLog`: appends records to the hash chain from one writer thread, with group commit.
 
 Each batch (all that was queued while the previous one was being written) is appended,
-fsynced once, and then HEAD is replaced and signed; only then are the batch's futures
+fsynced once, and then HEAD is replaced and signed (and fsynced at checkpoints); only then are the batch's futures
 resolved. So an acknowledged record survives a SIGKILL or a power cut, and hundreds of
 concurrent writers share one fsync. Record contents are never logged.
 """
@@ -247,7 +247,7 @@ class AuditLog:
             done, error = self._append(items, final)
             if self._tip.seq != self._head_written:
                 try:
-                    self._write_head()
+                    self._write_head(durable=final or self._tip.since_checkpoint == 0)
                 except AuditWriteError as exc:  # durable but not yet under HEAD: not acknowledged
                     done, error = [], exc
         except Exception as exc:  # a bug: fail this batch, keep the writer alive for the next
@@ -353,8 +353,13 @@ class AuditLog:
         self._size = 0
         self._needs_truncate = False
 
-    def _write_head(self) -> None:
-        """Replace HEAD atomically: what it names is durable, so a shorter chain is a cut, not a crash."""
+    def _write_head(self, durable: bool = True) -> None:
+        """Replace HEAD atomically: what it names is durable, so a shorter chain is a cut, not a crash.
+
+        HEAD itself is fsynced (with its directory) only at checkpoints and at close: the
+        records are already durable, and a HEAD that a power cut leaves one batch behind only
+        turns the records after it into a warning. Every batch still replaces it, so a process
+        crash (which keeps the page cache) loses nothing and a cut tail is caught."""
         t = self._tip
         doc = {"file": t.file, "seq": t.seq, "hash": t.hash, "sig": self._keys.sign(head_message(t.seq, t.hash)),
                "key": self._keys.fingerprint}
@@ -363,7 +368,8 @@ class AuditLog:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, canonical(doc) + b"\n")
-                _fsync(fd)
+                if durable:
+                    _fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, self.directory / HEAD_NAME)
@@ -371,6 +377,8 @@ class AuditLog:
             raise self._error(f"records up to {t.seq} are in {t.file} but {tmp} could not be written, so HEAD "
                               "does not cover them yet", exc) from None
         self._head_written = t.seq
+        if not durable:
+            return
         try:
             os.fsync(self._dir_fd)
         except OSError as exc:  # the records are durable; HEAD may revert to the previous one after a crash
