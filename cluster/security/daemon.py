@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -18,6 +19,7 @@ from cluster.security.tls import ENV_DIR, ClientTLS, ServerTLS, TLSConfigError, 
 
 log = logging.getLogger(__name__)
 
+EXPIRY_WARNING_DAYS = 14
 PLAINTEXT_BANNER = (
     "\n" + "!" * 78 + "\n"
     "!! PLAINTEXT MODE: no TLS, no client certificates, no roles. Anyone who can reach\n"
@@ -64,6 +66,10 @@ class DaemonSecurity:
         ident = self.server.identity
         log.info("mTLS on %s as %s (certificate serial %x, expires %s); clients need a certificate "
                  "from the same CA", listen, ident, ident.serial, f"{ident.not_after:%Y-%m-%d}")
+        days = (ident.not_after.timestamp() - time.time()) / 86400
+        if days < EXPIRY_WARNING_DAYS:
+            log.warning("certificate of %s expires in %.0f days; re-issue it with `fleetctl certs issue --role %s "
+                        "--name %s` (picked up without a restart)", ident, days, ident.role.value, ident.name)
         return port
 
     def authorizer(self, table: Mapping[str, frozenset], *, where: str,
