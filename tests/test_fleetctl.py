@@ -37,6 +37,11 @@ def test_make_tiny_then_generate_json_and_status(tmp_path):
         assert streamed.stdout == doc["text"]
         assert "on cli-node" in streamed.stderr
 
+        piped = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "generate", "--node", "--target",
+                                node.address, "--prompt-file", "-", "--max-tokens", "12", "--seed", "4",
+                                "--temperature", "0.5"], input="Write a note", capture_output=True, text=True,
+                               timeout=60)
+        assert piped.returncode == 0 and piped.stdout == doc["text"]   # stdin: nothing in argv
         bad = fleetctl("generate", "--node", "--target", node.address, "--prompt", "x", "--max-tokens", "0")
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
 

@@ -12,13 +12,16 @@ import typer
 from cluster.client import FleetClient, build_request
 from cluster.client.errors import FleetError
 from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials
-from cluster.fleetctl.exits import EXIT_UNAVAILABLE, fail
+from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_UNAVAILABLE, fail
 from cluster.security.identity import ANY_NODE
 
 
 def generate(
     target: str = typer.Option(..., help="HOST:PORT of a node agent (or coordinator)."),
-    prompt: str = typer.Option(..., help="Prompt text (sent as one user chat message unless --raw)."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text (sent as one user chat message unless --raw); "
+                                                    "real patient text belongs in --prompt-file, not argv."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file, or "
+                                               "'-' for stdin: it stays out of `ps` and shell history."),
     max_tokens: int = typer.Option(64, help="Tokens to generate."),
     raw: bool = typer.Option(False, help="Send the prompt as raw text, without the chat template."),
     system: Optional[str] = typer.Option(None, help="System message to put before the prompt."),
@@ -34,6 +37,11 @@ def generate(
     tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
     """Stream a completion to the terminal, or print one JSON object with text, counts and timings."""
+    if (prompt is None) == (prompt_file is None):
+        typer.echo("fleetctl: give exactly one of --prompt or --prompt-file", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if prompt_file is not None:
+        prompt = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text()
     messages = None
     if not raw:
         messages = ([("system", system)] if system else []) + [("user", prompt)]
