@@ -22,6 +22,8 @@ from cluster.security.identity import Role, dns_name
 from cluster.security.tls import ENV_DIR, ClientTLS, open_channel
 
 HARNESS_OPERATOR, HARNESS_APP = "operator", "app"   # the certificates this harness calls with
+# Nodes serve inference to coordinators only: the harness calls a node as one.
+HARNESS_NODE_CALLER = "harness-coordinator"
 
 
 def ensure_cert(tls_dir: Path, role: Role, name: str) -> None:
@@ -107,11 +109,13 @@ class DaemonProcess:
             self._channel = self.dial()
         return self._channel
 
+    inference_caller = (HARNESS_APP, Role.APP)
+
     @property
     def inference(self) -> inference_pb2_grpc.InferenceStub:
-        """Inference as the harness's app identity."""
+        """Inference as the identity this daemon serves it to (an app; a coordinator for nodes)."""
         if self._app_channel is None:
-            self._app_channel = self.dial(HARNESS_APP, Role.APP)
+            self._app_channel = self.dial(*self.inference_caller)
         return inference_pb2_grpc.InferenceStub(self._app_channel)
 
     def health_watch(self, timeout_s: float):
@@ -164,6 +168,7 @@ class NodeProcess(DaemonProcess):
     """A `fleet-node` serving `model`."""
 
     module = "node_agent.main"
+    inference_caller = (HARNESS_NODE_CALLER, Role.COORDINATOR)
 
     def __init__(self, model: Path, *args: str, node_id: str = "test-node", env: Optional[dict] = None,
                  fleet: Optional[str] = None, listen: str = "127.0.0.1:0", wrapper: Sequence[str] = (),

@@ -17,6 +17,7 @@ def fleet_ca(tmp_path_factory) -> Path:
     """Every test fleet runs with mTLS (the default) from one test CA: daemons get their
     certificates issued here on demand; the test process calls as `app` (inference) and
     `operator` (admin), the identities the client library and harness read from the env."""
+    from cluster.localfleet import HARNESS_NODE_CALLER
     from cluster.security.ca import init_ca, issue
     from cluster.security.identity import Role
     from cluster.security.tls import ENV_DIR, ENV_NAME
@@ -25,6 +26,7 @@ def fleet_ca(tmp_path_factory) -> Path:
     init_ca(directory, fleet="tests")
     issue(directory, Role.APP, "app")
     issue(directory, Role.OPERATOR, "operator")
+    issue(directory, Role.COORDINATOR, HARNESS_NODE_CALLER)
     saved = {k: os.environ.get(k) for k in (ENV_DIR, ENV_NAME)}
     os.environ[ENV_DIR], os.environ[ENV_NAME] = str(directory), "app"
     yield directory
@@ -33,6 +35,16 @@ def fleet_ca(tmp_path_factory) -> Path:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def as_node_caller(monkeypatch):
+    """Client-library calls in this test go straight to node agents, which serve inference
+    to coordinators only: call with the harness's coordinator certificate."""
+    from cluster.localfleet import HARNESS_NODE_CALLER
+    from cluster.security.tls import ENV_NAME
+
+    monkeypatch.setenv(ENV_NAME, HARNESS_NODE_CALLER)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from cluster.api import inference_pb2
+from cluster.localfleet import HARNESS_NODE_CALLER
 from cluster.security.identity import Role
 from cluster.client import (
     AsyncFleetClient,
@@ -30,6 +31,9 @@ from cluster.client import (
 from cluster.client.errors import FleetError, ResumeImpossibleError, from_rpc_error
 from cluster.client.results import with_request_id
 from tests.procs import NodeProcess
+
+# These tests call node agents directly, as the coordinator does.
+pytestmark = pytest.mark.usefixtures("as_node_caller")
 
 PHI_MARKER = "ZZ-SYNTHETIC-PATIENT-4410"
 NO_JITTER = RetryPolicy(jitter=False)
@@ -179,7 +183,7 @@ def test_sync_fails_over_from_a_dead_address_and_then_starts_with_the_live_one(n
 
 
 def test_sync_single_target_with_own_channel_and_comma_list(node):
-    with node.dial("app", Role.APP) as channel:
+    with node.dial(HARNESS_NODE_CALLER, Role.COORDINATOR) as channel:
         client = FleetClient(node.address, channel=channel)
         assert client.targets == [node.address]
         assert client.generate(prompt="Plan:", max_tokens=2, timeout_s=30).nodes == ["shared-node"]

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+from cluster.localfleet import HARNESS_NODE_CALLER
 from tests.procs import ROOT, NodeProcess
+
+# `generate --node`: straight to a node agent, which serves coordinators only.
+AT_NODE = ("--node", "--tls-name", HARNESS_NODE_CALLER)
 
 
 def fleetctl(*args, timeout=120):
@@ -22,7 +26,7 @@ def test_make_tiny_then_generate_json_and_status(tmp_path):
     with NodeProcess(tmp_path / "m", node_id="cli-node") as node:
         node.start(tmp_path / "logs")
         node.wait_serving()
-        res = fleetctl("generate", "--node", "--target", node.address, "--prompt", "Write a note", "--max-tokens", "12",
+        res = fleetctl("generate", *AT_NODE, "--target", node.address, "--prompt", "Write a note", "--max-tokens", "12",
                        "--seed", "4", "--temperature", "0.5", "-o", "json")
         assert res.returncode == 0, res.stderr
         doc = json.loads(res.stdout)
@@ -31,18 +35,18 @@ def test_make_tiny_then_generate_json_and_status(tmp_path):
         assert doc["weights_digest"].startswith("sha256:")
         assert doc["time_to_first_token_ms"] > 0
 
-        streamed = fleetctl("generate", "--node", "--target", node.address, "--prompt", "Write a note",
+        streamed = fleetctl("generate", *AT_NODE, "--target", node.address, "--prompt", "Write a note",
                             "--max-tokens", "12", "--seed", "4", "--temperature", "0.5")
         assert streamed.returncode == 0
         assert streamed.stdout == doc["text"]
         assert "on cli-node" in streamed.stderr
 
-        piped = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "generate", "--node", "--target",
-                                node.address, "--prompt-file", "-", "--max-tokens", "12", "--seed", "4",
+        piped = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "generate", *AT_NODE,
+                                "--target", node.address, "--prompt-file", "-", "--max-tokens", "12", "--seed", "4",
                                 "--temperature", "0.5"], input="Write a note", capture_output=True, text=True,
                                timeout=60)
         assert piped.returncode == 0 and piped.stdout == doc["text"]   # stdin: nothing in argv
-        bad = fleetctl("generate", "--node", "--target", node.address, "--prompt", "x", "--max-tokens", "0")
+        bad = fleetctl("generate", *AT_NODE, "--target", node.address, "--prompt", "x", "--max-tokens", "0")
         assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
 
         status = fleetctl("node", "status", "--tls-name", "operator", "--target", node.address, "-o", "json")

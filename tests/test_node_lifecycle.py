@@ -67,7 +67,7 @@ def _grpcurl():
 
 
 def test_grpcurl_lists_and_calls_through_reflection(node, fleet_ca):
-    """A generic gRPC client over mTLS: reflection as an operator, Generate as an app."""
+    """A generic gRPC client over mTLS: reflection as an operator, Generate as a coordinator."""
     exe = _grpcurl()
 
     def as_(name):
@@ -80,11 +80,11 @@ def test_grpcurl_lists_and_calls_through_reflection(node, fleet_ca):
     assert {"studiofleet.v1.Inference", "studiofleet.v1.Node"} <= set(listed.stdout.split())
     body = json.dumps({"prompt": "Plan:", "maxTokens": 5, "requestId": "from-grpcurl"})
     generate = [node.address, "studiofleet.v1.Inference/Generate"]
-    called = subprocess.run([exe, *as_("app"), "-d", body, "-proto", str(PROTO), "-import-path", str(PROTO_ROOT),
+    called = subprocess.run([exe, *as_("harness-coordinator"), "-d", body, "-proto", str(PROTO), "-import-path", str(PROTO_ROOT),
                              *generate], capture_output=True, text=True, timeout=30)
     assert called.returncode == 0, called.stderr
     assert '"requestId": "from-grpcurl"' in called.stdout  # -proto prints JSON names
-    bad = subprocess.run([exe, *as_("app"), "-d", '{"prompt": "x"}', "-proto", str(PROTO),
+    bad = subprocess.run([exe, *as_("harness-coordinator"), "-d", '{"prompt": "x"}', "-proto", str(PROTO),
                           "-import-path", str(PROTO_ROOT), *generate], capture_output=True, text=True, timeout=30)
     assert "InvalidArgument" in bad.stderr and "max_tokens must be between" in bad.stderr
     # Reflection is an operator's tool: an app certificate is refused, by name.

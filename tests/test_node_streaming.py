@@ -12,6 +12,9 @@ import pytest
 from cluster.api import inference_pb2
 from cluster.client import FleetClient, build_request
 
+# These tests call node agents directly, as the coordinator does.
+pytestmark = pytest.mark.usefixtures("as_node_caller")
+
 NOTE = [("system", "You are a clinical documentation assistant."),
         ("user", "Write a SOAP note for a synthetic follow-up visit.")]
 

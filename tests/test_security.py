@@ -27,6 +27,7 @@ from cluster.security.identity import ANY_NODE, Role, dns_name, identity_of
 from cluster.security.tls import ClientTLS, open_channel
 from tests.fleet_helpers import in_threads
 from tests.procs import NodeProcess
+from cluster.localfleet import HARNESS_NODE_CALLER
 
 NODE_NAME = dns_name(Role.NODE, "shared-node")
 
@@ -162,13 +163,20 @@ def test_tls_1_1_is_refused(node, fleet_ca):
 # -- roles --------------------------------------------------------------------------------
 
 def test_roles_on_a_node(node, fleet_ca):
-    as_app = open_channel(node.address, ClientTLS(fleet_ca, "app"), server_name=NODE_NAME)
-    with as_app:
-        assert _generate(as_app)[-1].HasField("final")
+    with open_channel(node.address, ClientTLS(fleet_ca, HARNESS_NODE_CALLER), server_name=NODE_NAME) as as_co:
+        assert _generate(as_co)[-1].HasField("final") and _status(as_co).node_id == "shared-node"
+    # An app goes through a coordinator (which audits it), never straight to a node.
+    with open_channel(node.address, ClientTLS(fleet_ca, "app"), server_name=NODE_NAME) as as_app:
+        for call, allowed in ((_generate, "allowed: coordinator"), (_status, "allowed: coordinator, operator")):
+            with pytest.raises(grpc.RpcError) as err:
+                call(as_app)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "app/app" in err.value.details() and err.value.details().endswith(allowed)
+    with open_channel(node.address, ClientTLS(fleet_ca, "operator"), server_name=NODE_NAME) as as_operator:
+        assert _status(as_operator).node_id == "shared-node"
         with pytest.raises(grpc.RpcError) as err:
-            _status(as_app)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "app/app" in err.value.details() and "allowed: coordinator, operator" in err.value.details()
+            _generate(as_operator)   # operators run the fleet; they do not read notes
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     ca.issue(fleet_ca, Role.NODE, "impostor-node")
     with open_channel(node.address, ClientTLS(fleet_ca, "impostor-node"), server_name=NODE_NAME) as as_node:
         for call in (_status, _generate):
@@ -179,7 +187,7 @@ def test_roles_on_a_node(node, fleet_ca):
 
 def test_revoked_certificate_is_refused_within_seconds(start_node, fleet_ca, tmp_path):
     node = start_node(node_id="crl-node")
-    issued = ca.issue(fleet_ca, Role.APP, "soon-revoked")
+    issued = ca.issue(fleet_ca, Role.COORDINATOR, "soon-revoked")
     tls = ClientTLS(fleet_ca, "soon-revoked")
     with open_channel(node.address, tls, server_name=dns_name(Role.NODE, "crl-node")) as ch:
         assert _generate(ch)[-1].HasField("final")
@@ -190,7 +198,7 @@ def test_revoked_certificate_is_refused_within_seconds(start_node, fleet_ca, tmp
                 _generate(ch)
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert "revoked" in err.details() and "app/soon-revoked" in err.details()
+                assert "revoked" in err.details() and "coordinator/soon-revoked" in err.details()
                 break
             assert time.monotonic() < deadline, "revocation not enforced within 10 s"
 

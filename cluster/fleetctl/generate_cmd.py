@@ -33,7 +33,8 @@ def generate(
     request_id: str = typer.Option("", help="Request id to trace in node logs."),
     timeout_s: float = typer.Option(120.0, help="Deadline for the whole request."),
     output: str = typer.Option("text", "--output", "-o", help="text (stream) or json (one object)."),
-    node: bool = typer.Option(False, "--node", help="TARGET is a node agent, not a coordinator."),
+    node: bool = typer.Option(False, "--node", help="TARGET is a node agent, not a coordinator (nodes serve "
+                              "coordinators only: use a coordinator-role certificate)."),
     tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
     """Stream a completion to the terminal, or print one JSON object with text, counts and timings."""

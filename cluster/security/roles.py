@@ -8,8 +8,9 @@ from cluster.security.identity import Role
 APP, OPERATOR, COORDINATOR = Role.APP, Role.OPERATOR, Role.COORDINATOR
 
 NODE_TABLE = {
-    # Apps may talk to one node directly (a fleet of one); normally the coordinator does.
-    f"/{INFERENCE_SERVICE}/Generate": frozenset({COORDINATOR, APP}),
+    # Only a coordinator: it audits every request and applies per-caller quotas, so an app
+    # reaching a node directly would leave PHI traffic with no audit record.
+    f"/{INFERENCE_SERVICE}/Generate": frozenset({COORDINATOR}),
     f"/{NODE_SERVICE}/GetStatus": frozenset({COORDINATOR, OPERATOR}),
 }
 
