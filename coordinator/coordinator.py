@@ -38,7 +38,7 @@ class Coordinator:
                                          on_denied=self.audit.denied)
         self.events = EventLog()
         self.fleet = Fleet(settings=settings, events=self.events, on_change=self._fleet_changed,
-                           tls=security.client)
+                           tls=security.client, revocations=security.server.revocations if security.server else None)
         self.admission = Admission(fleet=self.fleet, max_depth=settings.queue_max_depth,
                                    max_wait_s=settings.queue_max_wait_s,
                                    load_factor=settings.affinity_load_factor)

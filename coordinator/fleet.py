@@ -50,6 +50,7 @@ class NodeEntry:
     goodbye: bool = False            # mDNS said it left
     moved_from: tuple = ()           # (address, node id) this announcement says it moved from
     unreachable_since: Optional[float] = None
+    crl_generation: int = -1         # the revocation list this node's certificate was last checked against
     attempts: set = field(default_factory=set)   # live relay attempts, evicted on ejection
     poke: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list = field(default_factory=list)
@@ -82,9 +83,10 @@ class Fleet:
     """Entries by address; verified ones also by node id. Runs on the event loop only."""
 
     def __init__(self, *, settings, events: EventLog, on_change: Callable[[], None], tls=None,
-                 clock: Callable[[], float] = time.monotonic):
+                 revocations=None, clock: Callable[[], float] = time.monotonic):
         self._s = settings
         self._tls = tls                  # the coordinator's client credentials; None = plaintext
+        self._revocations = revocations  # the fleet's crl.pem, for the certificates nodes serve
         self._events = events
         self._on_change = on_change
         self._clock = clock
@@ -103,6 +105,8 @@ class Fleet:
             self.goodbye(moved_from, f"{mdns_name} now announces {address}")
         entry = self.entries.get(address)
         if entry is not None:
+            if claimed_id and entry.link.node_id and claimed_id != entry.link.node_id:
+                entry.link.bind(claimed_id)   # another node announces this address now: it must prove that id
             entry.goodbye = False
             entry.mdns_name = mdns_name or entry.mdns_name
             entry.poke.set()
@@ -222,6 +226,8 @@ class Fleet:
             refusal = tls_refusal(err.details())
             if refusal:  # a stranger, or a node that cannot prove who it is: never routed to
                 self._set_health(entry, hp.rejected(f"TLS: {refusal}"))
+                if entry.source == "static" and entry.link.node_id and "does not name" in refusal:
+                    entry.link.bind("")  # another node may now serve here: learn its id on the next probe
                 return False
             now = self._clock()
             entry.unreachable_since = entry.unreachable_since or now
@@ -236,8 +242,35 @@ class Fleet:
                                 source=hp.Source.PROBE)
             return False
         entry.unreachable_since = None
+        if entry.node_id and entry.crl_generation != self._crl_generation():  # the CRL changed since we looked
+            revoked = await self._revoked(entry)
+            if revoked:
+                self._set_health(entry, hp.rejected(revoked))
+                return False
         await self._observe(entry, st)
         return False
+
+    def _crl_generation(self) -> int:
+        if self._revocations is None:
+            return 0
+        self._revocations.refresh()
+        return self._revocations.generation
+
+    async def _revoked(self, entry: NodeEntry) -> Optional[str]:
+        """Why the node's own certificate may not be trusted (revoked), or None. gRPC does
+        not check revocation lists in the handshake, so the coordinator reads the certificate
+        the node serves and checks it against the fleet's crl.pem."""
+        if self._revocations is None or self._tls is None:
+            return None
+        generation = self._crl_generation()
+        try:
+            serial = await entry.link.served_serial()
+        except (OSError, ValueError) as exc:
+            return f"its certificate could not be read for the revocation check ({type(exc).__name__})"
+        if self._revocations.revoked(serial):
+            return f"its certificate (serial {serial:x}) is revoked; issue the node a new one"
+        entry.crl_generation = generation
+        return None
 
     async def _observe(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> None:
         if (entry.node_id != st.node_id or st.api_version != API_VERSION
@@ -262,13 +295,25 @@ class Fleet:
             self._set_health(entry, hp.rejected(f"speaks {st.api_version or 'an unknown API'}, "
                                                 f"this coordinator {API_VERSION}; upgrade one of them"))
             return False
-        if entry.link.bind(st.node_id):  # TLS: from now on the handshake must prove this id
+        if self._tls is not None and not st.node_id:
+            self._set_health(entry, hp.rejected("reports no node id; a node's id is its certificate's name"))
+            return False
+        claimed = st.node_id
+        if entry.link.bind(claimed):  # TLS: from now on the handshake must prove this id
             try:
                 st = await entry.link.status(self._s.probe_timeout_s)
             except grpc.aio.AioRpcError as err:
                 why = tls_refusal(err.details()) or f"{err.code().name}: {err.details()}"
-                self._set_health(entry, hp.rejected(f"says it is node {st.node_id} but could not prove it: {why}"))
+                self._set_health(entry, hp.rejected(f"says it is node {claimed} but could not prove it: {why}"))
                 return False
+        if self._tls is not None and st.node_id != entry.link.node_id:  # answers as one id, proves another
+            self._set_health(entry, hp.rejected(f"its certificate names node {entry.link.node_id} but it reports "
+                                                f"{st.node_id or 'no id'}; refusing both"))
+            return False
+        revoked = await self._revoked(entry)
+        if revoked:
+            self._set_health(entry, hp.rejected(revoked))
+            return False
         other = self.by_id(st.node_id)
         if other is None and entry.moved_from[1:] == (st.node_id,):  # the old entry is already gone
             self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.api import INFERENCE_SERVICE, inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
 from cluster.security.identity import ANY_NODE, Role, dns_name
-from cluster.security.tls import ClientTLS, open_channel, tls_refusal  # noqa: F401 - fleet.py uses it
+from cluster.security.tls import ClientTLS, open_channel, served_serial, tls_refusal  # noqa: F401 - fleet.py uses it
 
 # shared/RELIABILITY.md: ping every ~10 s, 5 s timeout, also on idle channels (the node
 # permits it). Reconnect fast: a node restarting should be found in about a second.
@@ -47,6 +46,7 @@ class NodeLink:
     def _open(self, node_id: str) -> None:
         self.node_id = node_id
         name = (dns_name(Role.NODE, node_id) if node_id else ANY_NODE) if self._tls else None
+        self._server_name = name
         # Each link remembers which certificate files it dialled with (links share one ClientTLS).
         self._stamp = self._tls.files.stamp() if self._tls else None
         self._channel = open_channel(self.address, self._tls, server_name=name, options=CHANNEL_OPTIONS, aio=True)
@@ -77,6 +77,10 @@ class NodeLink:
             return False
         self._replace(self.node_id)
         return True
+
+    async def served_serial(self) -> int:
+        """The serial of the certificate the node presents (for the revocation check)."""
+        return await asyncio.to_thread(served_serial, self.address, self._tls, self._server_name)
 
     async def status(self, timeout_s: float) -> node_pb2.NodeStatus:
         return await self._node.GetStatus(node_pb2.GetStatusRequest(), timeout=timeout_s,

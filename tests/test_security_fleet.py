@@ -105,3 +105,19 @@ def test_coordinator_certificate_rotation_keeps_serving(start_node, start_coordi
                 and e.time_unix_s >= after]
     assert "certificate reload" not in co.stderr() and "reloaded TLS certificate" in co.stderr()
     watch.close()
+
+
+def test_a_revoked_node_certificate_is_rejected(start_node, start_coordinator, fleet_ca):
+    """gRPC does not check revocation in the handshake; the coordinator reads the
+    certificate each node serves and checks it against crl.pem when either changes."""
+    a, b = start_node(node_id="keep-node"), start_node(node_id="revoked-node")
+    co = start_coordinator(nodes=[a.address, b.address])
+    co.wait_routable(2)
+    watch = EventWatch(co)
+    serial = ca.read_certificate(fleet_ca / "revoked-node.pem").serial_number
+    ca.revoke(fleet_ca, serial)
+    ev = watch.wait_for(K.EVENT_KIND_REJECTED, node_id="revoked-node", timeout_s=15)
+    assert "revoked" in ev.reason
+    results = [collect(co.inference, note(i, 3)) for i in range(6)]
+    assert all(r.final is not None and r.final.node_id == "keep-node" for r in results)
+    watch.close()

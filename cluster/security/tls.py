@@ -110,6 +110,7 @@ class Revocations:
         self.path = path
         self._serials: frozenset[int] = frozenset()
         self._stamp = None
+        self.generation = 0              # +1 each time a new list is loaded
         self._checked = 0.0
         self._lock = threading.Lock()
         self.refresh(force=True)
@@ -134,6 +135,7 @@ class Revocations:
                 log.error("revocation list %s does not parse (%s); keeping the previous one", self.path, exc)
                 return
             self._serials, self._stamp = frozenset(r.serial_number for r in crl), stamp
+            self.generation += 1
             log.info("revocation list %s loaded: %d revoked certificates", self.path, len(self._serials))
 
     def revoked(self, serial: int) -> bool:
@@ -220,6 +222,25 @@ def tls_refusal(details: str) -> Optional[str]:
     if "Ssl handshake failed" in text or "SSL_ERROR" in text or "TSI_" in text:
         return "the TLS handshake failed (is it serving TLS from this fleet's CA?)"
     return None
+
+
+def served_serial(address: str, tls: ClientTLS, server_name: Optional[str], timeout_s: float = 5.0) -> int:
+    """The serial of the certificate a server presents (a separate TLS handshake, with
+    this caller's certificate, checked against the CA and `server_name`); blocking."""
+    import socket
+    import ssl
+
+    from cluster.config import split_host_port
+
+    host, port = split_host_port(address)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(tls.files.ca)
+    ctx.load_cert_chain(tls.files.cert, tls.files.key)
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, port), timeout=timeout_s) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name or host) as conn:
+            return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)).serial_number
 
 
 def is_loopback(host_port: str) -> bool:
