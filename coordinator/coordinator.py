@@ -43,7 +43,7 @@ class Coordinator:
                                    max_wait_s=settings.queue_max_wait_s,
                                    load_factor=settings.affinity_load_factor)
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
-                           identify=self.authz.identify, audit=self.audit)
+                           identify=self.authz.peer, audit=self.audit)
         self.discovery: Optional[MdnsDiscovery] = None
         self._health = health_aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
@@ -60,7 +60,7 @@ class Coordinator:
         inference_pb2_grpc.add_InferenceServicer_to_server(self.relay, server)
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
-                       identify=self.authz.identify, audit=self.audit), server)
+                       identify=self.authz.peer, audit=self.audit), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -345,12 +345,15 @@ class Fleet:
         """Pushed readiness: NOT_SERVING stops routing at once; a broken stream is a signal."""
         backoff = WATCH_BACKOFF_S[0]
         while not self._closed:
+            generation = entry.link.generation
             call = entry.link.watch()
             try:
                 async for resp in call:
                     backoff = WATCH_BACKOFF_S[0]
                     self._serving(entry, resp.status == SERVING, "health watch")
             except grpc.aio.AioRpcError as err:
+                if entry.link.generation != generation:  # its channel was replaced (rotation): follow it
+                    continue
                 self._serving(entry, False, f"health watch broke ({err.code().name})")
                 if err.code() == grpc.StatusCode.UNAVAILABLE and entry.health.verdict in hp.ACCEPTING:
                     self.report_failure(entry, f"health watch stream broke: {err.details()}", hard=True)

@@ -44,12 +44,12 @@ class NodeLink:
         self._open(node_id)
 
     def _open(self, node_id: str) -> None:
-        self.node_id = node_id
         name = (dns_name(Role.NODE, node_id) if node_id else ANY_NODE) if self._tls else None
-        self._server_name = name
         # Each link remembers which certificate files it dialled with (links share one ClientTLS).
-        self._stamp = self._tls.files.stamp() if self._tls else None
+        stamp = self._tls.files.stamp() if self._tls else None
         self._channel = open_channel(self.address, self._tls, server_name=name, options=CHANNEL_OPTIONS, aio=True)
+        self.node_id, self._server_name, self._stamp = node_id, name, stamp
+        self.generation = getattr(self, "generation", -1) + 1   # a Watch on an older channel may end quietly
         self._node = node_pb2_grpc.NodeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)

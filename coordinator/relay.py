@@ -190,9 +190,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                             context) -> None:
         """The audit record is durable before the final chunk leaves (fail closed)."""
         f = final.final
-        record = audit.end("completed", "OK", **_facts(run), finish_reason=inference_pb2.FinishReason.Name(
-            f.finish_reason).removeprefix("FINISH_REASON_").lower(), prompt_tokens=f.usage.prompt_tokens,
-            ttft_ms=round(f.timings.time_to_first_token_ms, 1))
+        record = audit.end("completed", "OK", **_facts(run), finish_reason=_finish_name(f.finish_reason),
+                           prompt_tokens=f.usage.prompt_tokens, ttft_ms=round(f.timings.time_to_first_token_ms, 1))
         try:
             await self._audit.write(record)
         except Exception as exc:  # noqa: BLE001 - AuditWriteError or the disk: withhold the result
@@ -290,6 +289,14 @@ class _Outcome:
         self.written = True
         self.record.update(outcome=outcome, code=code, **fields)
         return self.record
+
+
+def _finish_name(value: int) -> str:
+    """'length', 'stop', ...; a value from a newer node is kept as its number."""
+    try:
+        return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+    except ValueError:
+        return str(value)
 
 
 def _repeatable(code: grpc.StatusCode, details: str) -> str:

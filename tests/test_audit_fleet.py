@@ -14,7 +14,6 @@ import time
 
 import grpc
 
-from cluster.api import inference_pb2
 from cluster.audit import query, verify
 from cluster.audit.keys import default_key_dir
 from cluster.client import FleetClient, build_request

@@ -186,7 +186,7 @@ def _one_place_for(co, node_id: str):
         assert f"duplicate node id {node_id}" in ev.reason
     finally:
         watch.close()
-    listing = co.nodes()
+    listing = co.wait_routable(1)   # the one admitted turns routable when its health Watch pushes SERVING
     assert sum(n.routable for n in listing.nodes) == 1
     return listing
 

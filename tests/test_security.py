@@ -12,20 +12,18 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 import pytest
 from cryptography import x509
 
-from cluster.api import fleet_pb2, fleet_pb2_grpc, inference_pb2_grpc, node_pb2, node_pb2_grpc
+from cluster.api import inference_pb2_grpc, node_pb2, node_pb2_grpc
 from cluster.client import FleetClient, build_request
-from cluster.client.errors import OverloadedError, UnavailableError
+from cluster.client.errors import UnavailableError
 from cluster.security import ca
 from cluster.security.identity import ANY_NODE, Role, dns_name, identity_of
 from cluster.security.tls import ClientTLS, open_channel
-from tests.fleet_helpers import in_threads
 from tests.procs import NodeProcess
 from cluster.localfleet import HARNESS_NODE_CALLER
 

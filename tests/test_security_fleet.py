@@ -60,7 +60,7 @@ def test_a_stranger_announcing_the_service_gets_no_traffic(start_node, start_coo
     foreign = tmp_path / "foreign-ca"
     ca.init_ca(foreign)
     co = start_coordinator(fleet=fleet_name)
-    good = start_node(node_id="good-node", fleet=fleet_name)
+    start_node(node_id="good-node", fleet=fleet_name)
     watch = EventWatch(co)
     rogue = NodeProcess(tiny_model, node_id="rogue-node", fleet=fleet_name, tls_dir=foreign)
     with rogue:

@@ -133,9 +133,11 @@ def parse_line(raw: bytes) -> tuple[Optional[dict], str]:
         return None, "not valid JSON"
     if not isinstance(record, dict):
         return None, "not a JSON object"
-    if not isinstance(record.get("hash"), str) or record_hash(record) != record["hash"]:
-        return record, HASH_FAULT
-    return record, ""
+    try:
+        good = isinstance(record.get("hash"), str) and record_hash(record) == record["hash"]
+    except (ValueError, TypeError):  # e.g. a lone surrogate ("\ud800") cannot be re-encoded: tampered
+        good = False
+    return (record, "") if good else (record, HASH_FAULT)
 
 
 def lines_backwards(data: bytes) -> Iterator[bytes]:

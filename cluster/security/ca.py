@@ -106,6 +106,10 @@ def _sans(role: Role, name: str, extra: Sequence[str]) -> list:
     out: list = [x509.UniformResourceIdentifier(uri(role, name)), x509.DNSName(dns_name(role, name))]
     if role is Role.NODE:
         out.append(x509.DNSName(ANY_NODE))
+    for host in extra:  # the fleet's own names are derived from role + name, never given
+        if host.lower().rstrip(".").endswith("studiofleet"):
+            raise CAError(f"--san {host}: names under .studiofleet are reserved for identities; "
+                          "give the host's own DNS name or IP")
     hosts = list(extra) + (list(LOOPBACK_SANS) if role in SERVING_ROLES else [])
     for host in dict.fromkeys(hosts):
         try:

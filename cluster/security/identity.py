@@ -45,7 +45,7 @@ DEVELOPER = Identity(Role.OPERATOR, "plaintext-developer")
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
+    if not NAME_RE.fullmatch(name or ""):
         raise ValueError(f"certificate name {name!r} must be 1-63 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name

@@ -106,8 +106,9 @@ class TLSFiles:
 class Revocations:
     """The CA's revocation list (crl.pem), re-read when it changes; a missing file = none."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, ca: Optional[Path] = None):
         self.path = path
+        self._ca = ca                    # the list must be signed by this CA
         self._serials: frozenset[int] = frozenset()
         self._stamp = None
         self.generation = 0              # +1 each time a new list is loaded
@@ -123,16 +124,21 @@ class Revocations:
             self._checked = now
             try:
                 st = os.stat(self.path)
-            except FileNotFoundError:
-                self._serials, self._stamp = frozenset(), None
-                return
-            stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
-            if stamp == self._stamp:
-                return
-            try:
+                stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+                if stamp == self._stamp:
+                    return
                 crl = x509.load_pem_x509_crl(self.path.read_bytes())
-            except ValueError as exc:  # keep the last good list: a half-copied file is not "none revoked"
-                log.error("revocation list %s does not parse (%s); keeping the previous one", self.path, exc)
+                if self._ca is not None and not crl.is_signature_valid(
+                        x509.load_pem_x509_certificate(self._ca.read_bytes()).public_key()):
+                    raise ValueError("not signed by the fleet CA")
+            except FileNotFoundError:
+                if self._stamp is not None:  # it was there: a missing file must not un-revoke anything
+                    log.error("revocation list %s disappeared; keeping the %d revocations loaded before",
+                              self.path, len(self._serials))
+                return
+            except (OSError, ValueError) as exc:  # keep the last good list: a bad file is not "none revoked"
+                log.error("revocation list %s cannot be used (%s: %s); keeping the previous one", self.path,
+                          type(exc).__name__, exc)
                 return
             self._serials, self._stamp = frozenset(r.serial_number for r in crl), stamp
             self.generation += 1
@@ -149,10 +155,10 @@ class ServerTLS:
 
     def __init__(self, files: TLSFiles, role: Role):
         self.files, self.role = files, role
+        self._stamp = files.stamp()   # before reading: a change during the read is seen next time
         ca, key, cert, self.identity = files.load(role)
-        self._stamp = files.stamp()
         self._checked = time.monotonic()
-        self.revocations = Revocations(files.crl)
+        self.revocations = Revocations(files.crl, files.ca)
         self._initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def _fetch(self):
@@ -165,8 +171,8 @@ class ServerTLS:
             return None
         try:
             ca, key, cert, ident = self.files.load(self.role)
-        except TLSConfigError as exc:
-            log.error("certificate reload for %s skipped: %s", self.identity, exc)
+        except (TLSConfigError, OSError, TypeError) as exc:  # keep serving the pair that works
+            log.error("certificate reload for %s skipped: %s: %s", self.identity, type(exc).__name__, exc)
             return None
         self._stamp, self.identity = stamp, ident
         log.info("reloaded TLS certificate %s serial %x (expires %s)", ident, ident.serial,
@@ -183,9 +189,9 @@ class ClientTLS:
 
     def __init__(self, directory: Path | str, name: str, role: Optional[Role] = None):
         self.files = TLSFiles(Path(directory), name)
+        self._stamp = self.files.stamp()   # before reading: a change during the read is seen next time
         ca, key, cert, self.identity = self.files.load(role)
         self._creds = grpc.ssl_channel_credentials(ca, key, cert)
-        self._stamp = self.files.stamp()
         self._role = role
 
     @classmethod
@@ -203,12 +209,12 @@ class ClientTLS:
 
     def credentials(self) -> grpc.ChannelCredentials:
         if self.changed():
+            self._stamp = self.files.stamp()
             try:
                 ca, key, cert, ident = self.files.load(self._role)
                 self._creds, self.identity = grpc.ssl_channel_credentials(ca, key, cert), ident
-            except TLSConfigError as exc:
-                log.error("certificate reload for %s skipped: %s", self.identity, exc)
-            self._stamp = self.files.stamp()
+            except (TLSConfigError, OSError, TypeError) as exc:  # keep the pair that works
+                log.error("certificate reload for %s skipped: %s: %s", self.identity, type(exc).__name__, exc)
         return self._creds
 
 
