@@ -532,3 +532,10 @@ def test_cli_verify_and_query(chain):
     assert f"FIRST BAD RECORD: seq 58 (file {path.name} line {line}): expected record 58, found 59" in bad.stdout
     missing = runner.invoke(audit_cmd.app, ["verify", str(chain), "--public-key", str(chain / "nope.pub")])
     assert missing.exit_code == 2 and "nope.pub" in missing.output
+
+
+def test_a_line_that_cannot_be_re_encoded_is_a_hash_fault_not_a_crash():
+    from cluster.audit.chain import HASH_FAULT, parse_line
+
+    record, fault = parse_line(b'{"seq": 1, "hash": "00", "x": "\\ud800"}\n')
+    assert record is not None and fault == HASH_FAULT

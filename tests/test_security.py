@@ -56,8 +56,11 @@ def test_issued_certificates_carry_role_and_name(tmp_path):
     assert (tmp_path / "mac-01.key").stat().st_mode & 0o077 == 0 and (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
     app = identity_of(x509.load_pem_x509_certificate(ca.issue(tmp_path, Role.APP, "notes").cert_path.read_bytes()))
     assert str(app) == "app/notes"
-    with pytest.raises(ValueError, match="must be 1-63"):
-        ca.issue(tmp_path, Role.APP, "bad name")
+    for bad in ("bad name", "alice\n", "-x", ""):
+        with pytest.raises(ValueError, match="must be 1-63"):
+            ca.issue(tmp_path, Role.APP, bad)
+    with pytest.raises(ca.CAError, match="reserved"):   # no certificate may claim another identity's name
+        ca.issue(tmp_path, Role.COORDINATOR, "co", sans=["mac-01.node.studiofleet"])
     assert ca.revoke(tmp_path, ident.serial) == 1 and ident.serial in ca.revoked_serials(tmp_path)
 
 
@@ -266,3 +269,22 @@ def test_node_id_must_match_its_certificate(tiny_model, fleet_ca):
                           "--listen", "127.0.0.1:0", "--tls-dir", str(fleet_ca), "--tls-name", "an-app"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "needs a node certificate" in out.stderr
+
+
+def test_a_revocation_list_must_come_from_the_fleet_ca(tmp_path):
+    from cluster.security.tls import Revocations
+
+    fleet, other = tmp_path / "fleet", tmp_path / "other"
+    ca.init_ca(fleet)
+    ca.init_ca(other)
+    victim = ca.issue(fleet, Role.APP, "victim").identity.serial
+    ca.revoke(fleet, victim)
+    crl = Revocations(fleet / "crl.pem", fleet / "ca.pem")
+    assert crl.revoked(victim)
+    # A list signed by another CA (here: an empty one) is refused; the last good list stays.
+    (fleet / "crl.pem").write_bytes((other / "crl.pem").read_bytes())
+    crl.refresh(force=True)
+    assert crl.revoked(victim)
+    (fleet / "crl.pem").unlink()    # a vanished list does not un-revoke either
+    crl.refresh(force=True)
+    assert crl.revoked(victim)
