@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,6 @@ class DaemonSecurity:
         if self.plaintext:
             port = server.add_insecure_port(listen)
             log.warning(PLAINTEXT_BANNER.format(listen=listen))
-            print(PLAINTEXT_BANNER.format(listen=listen), file=sys.stderr, flush=True)
             return port
         port = server.add_secure_port(listen, self.server.credentials())
         ident = self.server.identity
