@@ -1,10 +1,10 @@
-"""Shared by the audit tests: a chain of 300 records to tamper with, and where a record lives."""
+"""Shared by the audit tests: how to fill a chain, and where a record lives (the `pristine`
+and `chain` fixtures built from them are in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -70,17 +70,3 @@ def assert_bad(directory: Path, seq: int, file: Path, line: int, *words: str):
     for w in words:
         assert w in bad.reason, bad.reason
     return bad
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("pristine") / "audit"
-    fill(directory, checkpoint_every=EVERY)
-    return directory
-
-
-@pytest.fixture
-def chain(pristine, tmp_path) -> Path:
-    """A private copy of a closed 300-record chain (and its keys) to tamper with."""
-    shutil.copytree(default_key_dir(pristine), default_key_dir(tmp_path / "audit"))
-    return Path(shutil.copytree(pristine, tmp_path / "audit"))

@@ -115,3 +115,26 @@ def start_coordinator(tmp_path):
     yield start
     for proc in started:
         proc.stop()
+
+
+# -- the audit chain tests (tests/test_audit.py, tests/test_audit_tamper.py) ---------------
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A closed 300-record audit chain with checkpoints, built once per module."""
+    from tests.audit_helpers import EVERY, fill
+
+    directory = tmp_path_factory.mktemp("pristine") / "audit"
+    fill(directory, checkpoint_every=EVERY)
+    return directory
+
+
+@pytest.fixture
+def chain(pristine, tmp_path) -> Path:
+    """A private copy of a closed 300-record chain (and its keys) to tamper with."""
+    import shutil
+
+    from cluster.audit.chain import default_key_dir
+
+    shutil.copytree(default_key_dir(pristine), default_key_dir(tmp_path / "audit"))
+    return Path(shutil.copytree(pristine, tmp_path / "audit"))

@@ -20,7 +20,6 @@ from cluster.audit import AuditError, AuditKeys, AuditLog, parse_when, query, ve
 from cluster.audit.chain import default_key_dir, list_files
 from cluster.fleetctl import audit_cmd
 from tests.audit_helpers import EVERY, N, ROOT, assert_bad, fill, lines, locate, open_log, records
-from tests.audit_helpers import chain, pristine  # noqa: F401 - pytest fixtures
 
 
 def test_concurrent_writes_are_batched_durable_and_verify(tmp_path):

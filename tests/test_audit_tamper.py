@@ -10,7 +10,6 @@ import pytest
 from cluster.audit import AuditError, verify
 from cluster.audit.chain import encode_record
 from tests.audit_helpers import assert_bad, lines, locate, open_log, records
-from tests.audit_helpers import chain, pristine  # noqa: F401 - pytest fixtures
 
 
 @pytest.mark.parametrize("field", ["request_id", "prompt_digest", "tokens", "time", "prev", "hash", "seq"])

@@ -23,7 +23,7 @@ from cluster.client import FleetClient, build_request
 from cluster.client.errors import UnavailableError
 from cluster.security import ca
 from cluster.security.identity import ANY_NODE, Role, dns_name, identity_of
-from cluster.security.tls import ClientTLS, open_channel
+from cluster.security.tls import ClientTLS, open_channel, served_serial
 from tests.procs import NodeProcess
 from cluster.localfleet import HARNESS_NODE_CALLER
 
@@ -207,14 +207,8 @@ def test_revoked_certificate_is_refused_within_seconds(start_node, fleet_ca, tmp
 # -- rotation -----------------------------------------------------------------------------
 
 def _served_serial(address: str, tls_dir, server_name: str) -> int:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(tls_dir / "ca.pem")
-    ctx.load_cert_chain(tls_dir / "operator.pem", tls_dir / "operator.key")
-    ctx.set_alpn_protocols(["h2"])
-    host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
-            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+    """The serial a daemon serves, read as an operator with the coordinator's own check."""
+    return served_serial(address, ClientTLS(tls_dir, "operator"), server_name, timeout_s=10)
 
 
 def test_rotation_without_restart_keeps_streams_running(start_node, fleet_ca):

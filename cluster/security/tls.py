@@ -86,7 +86,7 @@ class TLSFiles:
             raise TLSConfigError(f"{self.key} does not belong to {self.cert}; re-issue the pair")
         try:
             cert_obj.verify_directly_issued_by(ca_obj)
-        except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 - InvalidSignature and friends
+        except Exception as exc:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError: all "not this CA's"
             raise TLSConfigError(f"{self.cert} was not issued by the CA in {self.ca} ({type(exc).__name__}); "
                                  "issue it from this fleet's CA") from None
         try:
