@@ -56,6 +56,10 @@ class NodeSettings(BaseSettings):
     warmup_tokens: int = Field(4, ge=1)
     shutdown_grace_s: float = Field(30.0, ge=0)
     retry_after_ms: int = Field(500, ge=0)
+    # Operations (README "Fleet operations"): cordon/drain state, the active model and the
+    # staging area live here, so they survive an agent restart. One directory per node.
+    state_dir: Path = Path("studiofleet-node")
+    drain_timeout_s: float = Field(120.0, gt=0)    # a drain with no timeout of its own
     # Announce over mDNS (zero-config discovery); `fleet` keeps fleets on one LAN apart.
     mdns: bool = True
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
@@ -118,4 +122,13 @@ class CoordinatorSettings(BaseSettings):
     audit_checkpoint_every: int = Field(1000, ge=1)
     audit_checkpoint_interval_s: float = Field(60.0, gt=0)
     audit_max_file_mb: int = Field(64, ge=1)
+    # Rollouts (README "Rollouts"): state in this SQLite file, so a restarted coordinator
+    # resumes; a lease in it keeps two coordinators sharing it from running rollouts at once.
+    state_db: Path = Path("studiofleet-coordinator.db")
+    rollout_lease_s: float = Field(15.0, gt=0)
+    # The quality gate after a node activates new weights: smoke generations always, then
+    # this command if set (exit 0 passes; env NODE_ID, NODE_ADDRESS, WEIGHTS_DIGEST, ROLLOUT_ID).
+    rollout_gate_command: Optional[str] = None
+    rollout_gate_timeout_s: float = Field(300.0, gt=0)
+    rollout_smoke_requests: int = Field(2, ge=1)
     log_level: str = "INFO"

@@ -111,6 +111,8 @@ def serve(
     audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Keep the audit chain (off: plaintext only). [default: on]"),
     audit_dir: Optional[Path] = typer.Option(None, help="Audit chain directory. [default: ./studiofleet-audit]"),
     audit_key_dir: Optional[Path] = typer.Option(None, help="Audit HMAC and signing keys. [default: AUDIT_DIR-keys, beside the log]"),
+    state_db: Optional[Path] = typer.Option(None, help="SQLite file for rollout state and the rollout lease. [default: ./studiofleet-coordinator.db]"),
+    rollout_gate_command: Optional[str] = typer.Option(None, help="Quality gate run after a node activates new weights; exit 0 passes (env NODE_ID, NODE_ADDRESS, WEIGHTS_DIGEST, ROLLOUT_ID)."),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
     flags = {k: v for k, v in locals().items() if v is not None and k != "node"}

@@ -78,6 +78,8 @@ def serve(
     prefill_step_size: Optional[int] = typer.Option(None, help="Prompt tokens prefilled per step. [default: 512]"),
     prompt_cache_entries: Optional[int] = typer.Option(None, help="Prompt prefixes kept for reuse (0 = off). [default: 16]"),
     shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
+    state_dir: Optional[Path] = typer.Option(None, help="Cordon/drain state, active model and staged weights. [default: ./studiofleet-node]"),
+    drain_timeout_s: Optional[float] = typer.Option(None, help="Drain deadline when a drain names none. [default: 120]"),
     mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Announce over mDNS for zero-config discovery. [default: on]"),
     fleet: Optional[str] = typer.Option(None, help="Fleet name announced over mDNS; coordinators take only their own. [default: default]"),
     tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and this node's NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),

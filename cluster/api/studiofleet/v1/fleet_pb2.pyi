@@ -30,6 +30,17 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_ADDRESS_CHANGED: _ClassVar[EventKind]
     EVENT_KIND_REJECTED: _ClassVar[EventKind]
     EVENT_KIND_FAILOVER: _ClassVar[EventKind]
+    EVENT_KIND_OPERATION: _ClassVar[EventKind]
+    EVENT_KIND_ROLLOUT: _ClassVar[EventKind]
+
+class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_STATE_UNSPECIFIED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_RUNNING: _ClassVar[RolloutState]
+    ROLLOUT_STATE_PAUSED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_SUCCEEDED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_FAILED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ABORTED: _ClassVar[RolloutState]
 NODE_HEALTH_UNSPECIFIED: NodeHealth
 NODE_HEALTH_PENDING: NodeHealth
 NODE_HEALTH_HEALTHY: NodeHealth
@@ -47,6 +58,14 @@ EVENT_KIND_LEFT: EventKind
 EVENT_KIND_ADDRESS_CHANGED: EventKind
 EVENT_KIND_REJECTED: EventKind
 EVENT_KIND_FAILOVER: EventKind
+EVENT_KIND_OPERATION: EventKind
+EVENT_KIND_ROLLOUT: EventKind
+ROLLOUT_STATE_UNSPECIFIED: RolloutState
+ROLLOUT_STATE_RUNNING: RolloutState
+ROLLOUT_STATE_PAUSED: RolloutState
+ROLLOUT_STATE_SUCCEEDED: RolloutState
+ROLLOUT_STATE_FAILED: RolloutState
+ROLLOUT_STATE_ABORTED: RolloutState
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -105,7 +124,7 @@ class WatchEventsRequest(_message.Message):
     def __init__(self, replay: _Optional[bool] = ...) -> None: ...
 
 class FleetEvent(_message.Message):
-    __slots__ = ("seq", "time_unix_s", "kind", "node_id", "address", "reason", "request_id", "to_node_id", "tokens_delivered")
+    __slots__ = ("seq", "time_unix_s", "kind", "node_id", "address", "reason", "request_id", "to_node_id", "tokens_delivered", "rollout_id", "step")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +134,8 @@ class FleetEvent(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TO_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time_unix_s: float
     kind: EventKind
@@ -124,4 +145,126 @@ class FleetEvent(_message.Message):
     request_id: str
     to_node_id: str
     tokens_delivered: int
-    def __init__(self, seq: _Optional[int] = ..., time_unix_s: _Optional[float] = ..., kind: _Optional[_Union[EventKind, str]] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., to_node_id: _Optional[str] = ..., tokens_delivered: _Optional[int] = ...) -> None: ...
+    rollout_id: str
+    step: str
+    def __init__(self, seq: _Optional[int] = ..., time_unix_s: _Optional[float] = ..., kind: _Optional[_Union[EventKind, str]] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., to_node_id: _Optional[str] = ..., tokens_delivered: _Optional[int] = ..., rollout_id: _Optional[str] = ..., step: _Optional[str] = ...) -> None: ...
+
+class CordonNodeRequest(_message.Message):
+    __slots__ = ("node_id", "cordoned", "operation_id", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    cordoned: bool
+    operation_id: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., cordoned: _Optional[bool] = ..., operation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DrainNodeRequest(_message.Message):
+    __slots__ = ("node_id", "timeout_s", "operation_id", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    timeout_s: float
+    operation_id: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., operation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class NodeOperationReply(_message.Message):
+    __slots__ = ("node_id", "operation", "status")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    operation: _node_pb2.Operation
+    status: _node_pb2.NodeStatus
+    def __init__(self, node_id: _Optional[str] = ..., operation: _Optional[_Union[_node_pb2.Operation, _Mapping]] = ..., status: _Optional[_Union[_node_pb2.NodeStatus, _Mapping]] = ...) -> None: ...
+
+class RolloutTarget(_message.Message):
+    __slots__ = ("model_path", "model_id", "version", "weights_digest", "shared_path", "restart")
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PATH_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    model_id: str
+    version: str
+    weights_digest: str
+    shared_path: bool
+    restart: bool
+    def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., shared_path: _Optional[bool] = ..., restart: _Optional[bool] = ...) -> None: ...
+
+class StartRolloutRequest(_message.Message):
+    __slots__ = ("target", "max_unavailable", "node_ids", "rollout_id", "drain_timeout_s")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    target: RolloutTarget
+    max_unavailable: int
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    rollout_id: str
+    drain_timeout_s: float
+    def __init__(self, target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rollout_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id",)
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
+
+class RolloutControl(_message.Message):
+    __slots__ = ("rollout_id",)
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
+
+class RolloutNode(_message.Message):
+    __slots__ = ("node_id", "step", "from_digest", "message", "started_unix_s", "finished_unix_s", "bytes_done", "bytes_total")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FROM_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    step: str
+    from_digest: str
+    message: str
+    started_unix_s: float
+    finished_unix_s: float
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, node_id: _Optional[str] = ..., step: _Optional[str] = ..., from_digest: _Optional[str] = ..., message: _Optional[str] = ..., started_unix_s: _Optional[float] = ..., finished_unix_s: _Optional[float] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("rollout_id", "state", "target", "max_unavailable", "nodes", "message", "created_unix_s", "updated_unix_s", "owner", "started_by")
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    STARTED_BY_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    state: RolloutState
+    target: RolloutTarget
+    max_unavailable: int
+    nodes: _containers.RepeatedCompositeFieldContainer[RolloutNode]
+    message: str
+    created_unix_s: float
+    updated_unix_s: float
+    owner: str
+    started_by: str
+    def __init__(self, rollout_id: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[RolloutNode, _Mapping]]] = ..., message: _Optional[str] = ..., created_unix_s: _Optional[float] = ..., updated_unix_s: _Optional[float] = ..., owner: _Optional[str] = ..., started_by: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,41 @@ class FleetStub:
                 request_serializer=studiofleet_dot_v1_dot_fleet__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.FleetEvent.FromString,
                 _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/studiofleet.v1.Fleet/CordonNode',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.NodeOperationReply.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/studiofleet.v1.Fleet/DrainNode',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.NodeOperationReply.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/studiofleet.v1.Fleet/StartRollout',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/studiofleet.v1.Fleet/GetRollout',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/studiofleet.v1.Fleet/PauseRollout',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/studiofleet.v1.Fleet/ResumeRollout',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/studiofleet.v1.Fleet/AbortRollout',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -63,6 +98,51 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonNode(self, request, context):
+        """Node operations, forwarded to the node (which keeps the state) and audited here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """Rolling updates (README "Rollouts"): one at a time per coordinator state database.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """empty id: the latest
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +155,41 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.WatchEventsRequest.FromString,
                     response_serializer=studiofleet_dot_v1_dot_fleet__pb2.FleetEvent.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.CordonNodeRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.NodeOperationReply.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.DrainNodeRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.NodeOperationReply.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.StartRolloutRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +246,195 @@ class Fleet:
             '/studiofleet.v1.Fleet/WatchEvents',
             studiofleet_dot_v1_dot_fleet__pb2.WatchEventsRequest.SerializeToString,
             studiofleet_dot_v1_dot_fleet__pb2.FleetEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/CordonNode',
+            studiofleet_dot_v1_dot_fleet__pb2.CordonNodeRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.NodeOperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/DrainNode',
+            studiofleet_dot_v1_dot_fleet__pb2.DrainNodeRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.NodeOperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/StartRollout',
+            studiofleet_dot_v1_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/GetRollout',
+            studiofleet_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/PauseRollout',
+            studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/ResumeRollout',
+            studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/AbortRollout',
+            studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

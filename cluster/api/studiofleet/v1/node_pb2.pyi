@@ -1,10 +1,36 @@
 from cluster.api.studiofleet.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class OperationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPERATION_STATE_UNSPECIFIED: _ClassVar[OperationState]
+    OPERATION_STATE_RUNNING: _ClassVar[OperationState]
+    OPERATION_STATE_DONE: _ClassVar[OperationState]
+    OPERATION_STATE_FAILED: _ClassVar[OperationState]
+
+class StageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_STATE_UNSPECIFIED: _ClassVar[StageState]
+    STAGE_STATE_RECEIVING: _ClassVar[StageState]
+    STAGE_STATE_VERIFYING: _ClassVar[StageState]
+    STAGE_STATE_STAGED: _ClassVar[StageState]
+    STAGE_STATE_FAILED: _ClassVar[StageState]
+OPERATION_STATE_UNSPECIFIED: OperationState
+OPERATION_STATE_RUNNING: OperationState
+OPERATION_STATE_DONE: OperationState
+OPERATION_STATE_FAILED: OperationState
+STAGE_STATE_UNSPECIFIED: StageState
+STAGE_STATE_RECEIVING: StageState
+STAGE_STATE_VERIFYING: StageState
+STAGE_STATE_STAGED: StageState
+STAGE_STATE_FAILED: StageState
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -79,7 +105,7 @@ class Memory(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., engine_active_bytes: _Optional[int] = ..., engine_peak_bytes: _Optional[int] = ..., unified: _Optional[bool] = ..., gpu_recommended_working_set_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m")
+    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +119,10 @@ class NodeStatus(_message.Message):
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     CPU_LOAD_1M_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_DEADLINE_LEFT_S_FIELD_NUMBER: _ClassVar[int]
+    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lifecycle: _common_pb2.Lifecycle
     lifecycle_reason: str
@@ -106,4 +136,146 @@ class NodeStatus(_message.Message):
     api_version: str
     hostname: str
     cpu_load_1m: float
-    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ...) -> None: ...
+    staged: _containers.RepeatedCompositeFieldContainer[StagedModel]
+    previous_model: _common_pb2.ModelInfo
+    drain_deadline_left_s: float
+    operations: _containers.RepeatedCompositeFieldContainer[Operation]
+    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ...) -> None: ...
+
+class Operation(_message.Message):
+    __slots__ = ("operation_id", "kind", "state", "message", "started_unix_s", "finished_unix_s")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    kind: str
+    state: OperationState
+    message: str
+    started_unix_s: float
+    finished_unix_s: float
+    def __init__(self, operation_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., message: _Optional[str] = ..., started_unix_s: _Optional[float] = ..., finished_unix_s: _Optional[float] = ...) -> None: ...
+
+class OperationReply(_message.Message):
+    __slots__ = ("operation", "status")
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    operation: Operation
+    status: NodeStatus
+    def __init__(self, operation: _Optional[_Union[Operation, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, _Mapping]] = ...) -> None: ...
+
+class CordonRequest(_message.Message):
+    __slots__ = ("operation_id", "cordoned", "reason")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    cordoned: bool
+    reason: str
+    def __init__(self, operation_id: _Optional[str] = ..., cordoned: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("operation_id", "timeout_s", "reason")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    timeout_s: float
+    reason: str
+    def __init__(self, operation_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StageModelRequest(_message.Message):
+    __slots__ = ("operation_id", "source_path", "model_id", "version", "expected_digest")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    source_path: str
+    model_id: str
+    version: str
+    expected_digest: str
+    def __init__(self, operation_id: _Optional[str] = ..., source_path: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., expected_digest: _Optional[str] = ...) -> None: ...
+
+class WeightsFile(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class WeightsManifest(_message.Message):
+    __slots__ = ("operation_id", "model_id", "version", "expected_digest", "files")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    model_id: str
+    version: str
+    expected_digest: str
+    files: _containers.RepeatedCompositeFieldContainer[WeightsFile]
+    def __init__(self, operation_id: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., expected_digest: _Optional[str] = ..., files: _Optional[_Iterable[_Union[WeightsFile, _Mapping]]] = ...) -> None: ...
+
+class PushOffsets(_message.Message):
+    __slots__ = ("held", "complete")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    held: _containers.RepeatedCompositeFieldContainer[WeightsFile]
+    complete: bool
+    def __init__(self, held: _Optional[_Iterable[_Union[WeightsFile, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("manifest", "file", "offset", "data")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    manifest: WeightsManifest
+    file: str
+    offset: int
+    data: bytes
+    def __init__(self, manifest: _Optional[_Union[WeightsManifest, _Mapping]] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ActivateRequest(_message.Message):
+    __slots__ = ("operation_id", "weights_digest", "previous")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    weights_digest: str
+    previous: bool
+    def __init__(self, operation_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., previous: _Optional[bool] = ...) -> None: ...
+
+class RestartRequest(_message.Message):
+    __slots__ = ("operation_id", "drain_timeout_s")
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    operation_id: str
+    drain_timeout_s: float
+    def __init__(self, operation_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class StagedModel(_message.Message):
+    __slots__ = ("weights_digest", "model_id", "version", "state", "bytes_done", "bytes_total", "message", "path")
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    weights_digest: str
+    model_id: str
+    version: str
+    state: StageState
+    bytes_done: int
+    bytes_total: int
+    message: str
+    path: str
+    def __init__(self, weights_digest: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,41 @@ class NodeStub:
                 request_serializer=studiofleet_dot_v1_dot_node__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=studiofleet_dot_v1_dot_node__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.Cordon = channel.unary_unary(
+                '/studiofleet.v1.Node/Cordon',
+                request_serializer=studiofleet_dot_v1_dot_node__pb2.CordonRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/studiofleet.v1.Node/Drain',
+                request_serializer=studiofleet_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+                _registered_method=True)
+        self.StageModel = channel.unary_unary(
+                '/studiofleet.v1.Node/StageModel',
+                request_serializer=studiofleet_dot_v1_dot_node__pb2.StageModelRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+                _registered_method=True)
+        self.BeginPush = channel.unary_unary(
+                '/studiofleet.v1.Node/BeginPush',
+                request_serializer=studiofleet_dot_v1_dot_node__pb2.WeightsManifest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_node__pb2.PushOffsets.FromString,
+                _registered_method=True)
+        self.PushWeights = channel.stream_unary(
+                '/studiofleet.v1.Node/PushWeights',
+                request_serializer=studiofleet_dot_v1_dot_node__pb2.WeightsChunk.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+                _registered_method=True)
+        self.Activate = channel.unary_unary(
+                '/studiofleet.v1.Node/Activate',
+                request_serializer=studiofleet_dot_v1_dot_node__pb2.ActivateRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+                _registered_method=True)
+        self.Restart = channel.unary_unary(
+                '/studiofleet.v1.Node/Restart',
+                request_serializer=studiofleet_dot_v1_dot_node__pb2.RestartRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -51,6 +86,63 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cordon(self, request, context):
+        """Operations (README "Fleet operations"). Each carries an operation id: repeating an id
+        returns that operation's record instead of running it again. Cordon and drain state
+        persist on the node across agent restarts.
+        Cordon (cordoned=true): no new requests; in-flight ones continue. Uncordon also ends
+        a drain (DRAINED -> READY).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Cordon, then let in-flight requests finish; DRAINED once none is left. Past the
+        timeout the rest end with a CANCELLED final chunk ("drain deadline passed"), which a
+        coordinator resumes on another node. Returns at once; GetStatus shows the progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StageModel(self, request, context):
+        """Copy a model from a path this host can read (local or shared) into the staging area
+        while still serving; the weights digest is checked before it counts as staged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginPush(self, request, context):
+        """Streamed staging (no shared storage): BeginPush says which bytes the node already
+        holds for that manifest (resume), PushWeights sends the rest in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushWeights(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Activate(self, request, context):
+        """Swap to a staged model (or back to the previous one): only when DRAINED. Unload, load,
+        warm up, drop prompt caches; the cordon stays until an uncordon.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restart(self, request, context):
+        """Exit with code 75 after draining, so the service manager starts the installed release.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +150,41 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=studiofleet_dot_v1_dot_node__pb2.GetStatusRequest.FromString,
                     response_serializer=studiofleet_dot_v1_dot_node__pb2.NodeStatus.SerializeToString,
+            ),
+            'Cordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cordon,
+                    request_deserializer=studiofleet_dot_v1_dot_node__pb2.CordonRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=studiofleet_dot_v1_dot_node__pb2.DrainRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.SerializeToString,
+            ),
+            'StageModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageModel,
+                    request_deserializer=studiofleet_dot_v1_dot_node__pb2.StageModelRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.SerializeToString,
+            ),
+            'BeginPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginPush,
+                    request_deserializer=studiofleet_dot_v1_dot_node__pb2.WeightsManifest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_node__pb2.PushOffsets.SerializeToString,
+            ),
+            'PushWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushWeights,
+                    request_deserializer=studiofleet_dot_v1_dot_node__pb2.WeightsChunk.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.SerializeToString,
+            ),
+            'Activate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Activate,
+                    request_deserializer=studiofleet_dot_v1_dot_node__pb2.ActivateRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.SerializeToString,
+            ),
+            'Restart': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restart,
+                    request_deserializer=studiofleet_dot_v1_dot_node__pb2.RestartRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_node__pb2.OperationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +214,195 @@ class Node:
             '/studiofleet.v1.Node/GetStatus',
             studiofleet_dot_v1_dot_node__pb2.GetStatusRequest.SerializeToString,
             studiofleet_dot_v1_dot_node__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Node/Cordon',
+            studiofleet_dot_v1_dot_node__pb2.CordonRequest.SerializeToString,
+            studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Node/Drain',
+            studiofleet_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
+            studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Node/StageModel',
+            studiofleet_dot_v1_dot_node__pb2.StageModelRequest.SerializeToString,
+            studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Node/BeginPush',
+            studiofleet_dot_v1_dot_node__pb2.WeightsManifest.SerializeToString,
+            studiofleet_dot_v1_dot_node__pb2.PushOffsets.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/studiofleet.v1.Node/PushWeights',
+            studiofleet_dot_v1_dot_node__pb2.WeightsChunk.SerializeToString,
+            studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Activate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Node/Activate',
+            studiofleet_dot_v1_dot_node__pb2.ActivateRequest.SerializeToString,
+            studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Node/Restart',
+            studiofleet_dot_v1_dot_node__pb2.RestartRequest.SerializeToString,
+            studiofleet_dot_v1_dot_node__pb2.OperationReply.FromString,
             options,
             channel_credentials,
             insecure,
