@@ -1,16 +1,20 @@
-"""Daemon configuration: one frozen object per role, from flags + environment.
+"""Configuration: one frozen object per role, from flags + environment + config file.
 
-Flags win over `STUDIOFLEET_NODE_*` environment variables, which win over defaults.
-Units are in the field names. Loaded once at start and passed down explicitly.
+Flags (init keyword arguments) win over `STUDIOFLEET_NODE_*` / `STUDIOFLEET_COORDINATOR_*`
+environment variables, which win over the role's table in the TOML file named by
+`config_file` (see cluster/config_file.py), which wins over defaults. Units are in the
+field names. Loaded once at start and passed down explicitly.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, ClassVar, Optional
 
 from pydantic import AfterValidator, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cluster.config_file import TableSource
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -29,10 +33,24 @@ def _host_port(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 
 
-class NodeSettings(BaseSettings):
+class FileSettings(BaseSettings):
+    """Settings that may also come from the `config_table` table of a TOML file."""
+
+    config_table: ClassVar[str]
+    config_file: Optional[Path] = None    # the TOML file (--config / STUDIOFLEET_CONFIG)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, **_: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TableSource(settings_cls, cls.config_table)
+
+
+class NodeSettings(FileSettings):
     """Everything `fleet-node` needs to serve one model."""
 
     model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_NODE_", frozen=True, extra="forbid")
+    config_table = "node"
 
     model_path: Path
     listen: HostPort = "127.0.0.1:7700"
@@ -71,12 +89,12 @@ class NodeSettings(BaseSettings):
     log_level: str = "INFO"
 
 
-
-class CoordinatorSettings(BaseSettings):
+class CoordinatorSettings(FileSettings):
     """Everything `fleet-coordinator` needs: where to listen, how to find and judge nodes,
     and how to admit and move requests. The health policy is written out in the README."""
 
     model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_COORDINATOR_", frozen=True, extra="forbid")
+    config_table = "coordinator"
 
     listen: HostPort = "127.0.0.1:7800"
     coordinator_id: str = "coordinator"
@@ -132,3 +150,20 @@ class CoordinatorSettings(BaseSettings):
     rollout_gate_timeout_s: float = Field(300.0, gt=0)
     rollout_smoke_requests: int = Field(2, ge=1)
     log_level: str = "INFO"
+
+
+class FleetctlSettings(FileSettings):
+    """fleetctl's fallbacks from [fleetctl]; its flags and their env vars (read by typer) win."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    config_table = "fleetctl"
+
+    coordinator: Optional[HostPort] = None
+    tls_dir: Optional[Path] = None
+    tls_name: Optional[str] = None
+    plaintext: bool = False
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, TableSource(settings_cls, cls.config_table)   # no env: typer reads it

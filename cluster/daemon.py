@@ -9,10 +9,11 @@ import logging
 import os
 import signal
 import sys
-from typing import Awaitable, Callable, NoReturn, Optional, TypeVar
+from typing import Awaitable, Callable, Mapping, NoReturn, Optional, TypeVar
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 S = TypeVar("S")
 
@@ -50,16 +51,27 @@ def on_stop_signals(first: Callable[[str], None], second: Callable[[str], None])
 
 
 def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], Awaitable[int]], *,
-               check: Optional[Callable[[S], Optional[str]]] = None) -> NoReturn:
-    """Settings (exit 2 with the first bad one named), logging, `serve` until it returns,
+               check: Optional[Callable[[S], Optional[str]]] = None,
+               hints: Optional[Mapping[str, str]] = None) -> NoReturn:
+    """Settings (exit 2 with the first bad one named, and where from if from the config file;
+    `hints` names how to give a key that is missing), logging, `serve` until it returns,
     then exit with its code (1 if the address cannot be bound)."""
+    from cluster.config_file import ConfigFileError
     from cluster.logs import setup_logging
 
     try:
         settings = make_settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        typer.echo(f"{prog}: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
+        key = ".".join(map(str, first["loc"]))
+        hint = f"; give {hints[key]}" if first["type"] == "missing" and key in (hints or {}) else ""
+        typer.echo(f"{prog}: invalid setting {key}: {first['msg']}{hint}", err=True)
+        raise typer.Exit(2)
+    except ConfigFileError as exc:      # the file itself, or a key in it
+        typer.echo(f"{prog}: {exc}", err=True)
+        raise typer.Exit(2)
+    except SettingsError as exc:        # an environment value pydantic-settings cannot parse
+        typer.echo(f"{prog}: invalid setting: {exc}", err=True)
         raise typer.Exit(2)
     problem = check(settings) if check else None
     if problem:

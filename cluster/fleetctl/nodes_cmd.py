@@ -15,10 +15,8 @@ from rich.table import Table
 
 from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc
 from cluster.client.errors import from_rpc_error
-from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
+from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
-
-COORDINATOR = typer.Option("127.0.0.1:7800", "--coordinator", "-c", help="HOST:PORT of the coordinator.")
 
 
 def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
