@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 _PATTERNS = ("*.safetensors", "config.json", "generation_config.json", "tokenizer*.json",
              "special_tokens_map.json", "*.jinja", "*.model", "vocab.json", "merges.txt")
+# Read by mlx_lm.load besides the digest's files, but they decide nothing generated:
+# copied with a model (staging, pushes), not hashed.
+_EXTRA = ("model.safetensors.index.json", "added_tokens.json", "chat_template.json")
 CACHE_NAME = ".studiofleet-digest.json"
 _CHUNK = 8 << 20
 
@@ -23,6 +26,18 @@ _CHUNK = 8 << 20
 def digest_files(model_dir: Path) -> list[Path]:
     found = {p for pattern in _PATTERNS for p in model_dir.glob(pattern) if p.is_file()}
     return sorted(found, key=lambda p: p.name)
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """Every file a node needs to load the model: the digest's files, then the extras."""
+    files = digest_files(model_dir)
+    return files + sorted(p for p in (model_dir / n for n in _EXTRA) if p.is_file() and p not in files)
+
+
+def remember(model_dir: Path, digest: str) -> None:
+    """Record a digest already verified for these files (staging hashed them while copying),
+    so loading them does not hash 40 GB again."""
+    _write_cache(model_dir, digest, _fingerprint(digest_files(model_dir)))
 
 
 def _fingerprint(files: list[Path]) -> list[list]:
@@ -64,6 +79,11 @@ def weights_digest(model_dir: Path) -> str:
         except (OSError, ValueError, KeyError):
             continue
     digest = compute_digest(model_dir, files)
+    _write_cache(model_dir, digest, fingerprint)
+    return digest
+
+
+def _write_cache(model_dir: Path, digest: str, fingerprint: list) -> None:
     record = json.dumps({"digest": digest, "files": fingerprint})
     for cache in (model_dir / CACHE_NAME, _fallback_cache(model_dir)):
         try:
@@ -74,4 +94,3 @@ def weights_digest(model_dir: Path) -> str:
             break
         except OSError:
             continue
-    return digest

@@ -71,7 +71,8 @@ class DaemonProcess:
         cmd = [*self.wrapper, sys.executable, "-m", self.module, *self.args, *self.late_args(log_dir)]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
                                      stderr=open(self.stderr_path, "wb"), text=True)
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._stdout = queue.Queue()   # a restart must not read the previous process's end
+        threading.Thread(target=self._pump, args=(self.proc, self._stdout), daemon=True).start()
         try:
             line = self._stdout.get(timeout=timeout_s)
         except queue.Empty:
@@ -83,10 +84,11 @@ class DaemonProcess:
         self.address, self.port = info["address"], info["port"]
         return self
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self._stdout.put(line)
-        self._stdout.put("")
+    @staticmethod
+    def _pump(proc: subprocess.Popen, lines: "queue.Queue[str]") -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")
 
     def late_args(self, log_dir: Path) -> list[str]:
         return []
@@ -134,6 +136,16 @@ class DaemonProcess:
                                f"({err.code().name}): {self.stderr()}") from None
         raise RuntimeError(f"{self.name} health stream ended: {self.stderr()}")
 
+    def restart(self, log_dir: Path, *, kill: bool = False, timeout_s: float = 60.0) -> "DaemonProcess":
+        """Stop (SIGTERM, or SIGKILL with `kill`) and start again on the same address, as a
+        service manager would; state directories given by late_args are kept."""
+        if kill and self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.stop()
+        if "--listen" in self.args and self.address:
+            self.args[self.args.index("--listen") + 1] = self.address
+        return self.start(log_dir, timeout_s)
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
@@ -180,6 +192,15 @@ class NodeProcess(DaemonProcess):
                          env=env, wrapper=wrapper, tls_dir=tls_dir, plaintext=plaintext)
         self.model = model
         self.node_id = node_id
+        self.state_dir: Optional[Path] = None
+
+    def late_args(self, log_dir: Path) -> list[str]:
+        """Its own state directory (cordon, drain, activated model), kept across restarts
+        of this process object: LOG_DIR/NAME-state unless --state-dir was given."""
+        if "--state-dir" in self.args:
+            return []
+        self.state_dir = self.state_dir or log_dir / f"{self.name}-state"
+        return ["--state-dir", str(self.state_dir)]
 
     def status(self) -> node_pb2.NodeStatus:
         return node_pb2_grpc.NodeStub(self.channel).GetStatus(node_pb2.GetStatusRequest(), timeout=5)
@@ -203,10 +224,16 @@ class CoordinatorProcess(DaemonProcess):
         self.audit_dir = audit_dir
 
     def late_args(self, log_dir: Path) -> list[str]:
+        """Its audit chain and rollout database under LOG_DIR unless given: a restarted
+        process object keeps both (the chain continues, a rollout resumes)."""
+        args = []
+        if "--state-db" not in self.args:
+            self.state_db = getattr(self, "state_db", None) or log_dir / f"{self.name}-state.db"
+            args += ["--state-db", str(self.state_db)]
         if "--no-audit" in self.args or "--audit-dir" in self.args:
-            return []
+            return args
         self.audit_dir = self.audit_dir or log_dir / f"{self.name}-audit"
-        return ["--audit-dir", str(self.audit_dir)]
+        return [*args, "--audit-dir", str(self.audit_dir)]
 
     def nodes(self, timeout_s: float = 5.0) -> fleet_pb2.ListNodesResponse:
         return fleet_pb2_grpc.FleetStub(self.channel).ListNodes(fleet_pb2.ListNodesRequest(), timeout=timeout_s)

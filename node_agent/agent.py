@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Optional
 
 import grpc
@@ -32,9 +33,12 @@ from node_agent.engine import Engine, EngineRequest, ModelFacts
 from node_agent.inference_service import InferenceService
 from node_agent.lifecycle import Lifecycle, State
 from node_agent.node_service import NodeService
+from node_agent.node_state import ModelRef, NodeState
+from node_agent.operations import RESTART_EXIT_CODE, Operations
 from node_agent.prompts import build_prompt_tokens
 from node_agent.requests import NodeStopping, Outcome, RequestRegistry
 from node_agent.sampling import SamplingSpec
+from node_agent.staging import StagingArea
 from node_agent.validation import Limits, ValidRequest
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,15 @@ class NodeAgent:
         self._stopped = asyncio.Event()
         self._advertiser: Optional[Advertiser] = None
         self._announcing: Optional[asyncio.Task] = None
+        self.exit_code = 0
+        path = settings.model_path.resolve()
+        self.configured_model = ModelRef(str(path), settings.model_id or path.name, settings.model_version)
+        self.staging = StagingArea(settings.state_dir / "models")
+        self.ops = Operations(self, NodeState.load(settings.state_dir), settings.state_dir)
+
+    @property
+    def cordoned(self) -> bool:
+        return self.ops.state.cordoned
 
     async def start(self) -> int:
         """Bind and serve status and health at once; returns the bound port."""
@@ -130,14 +143,29 @@ class NodeAgent:
         except Exception as exc:  # noqa: BLE001
             log.warning("node=%s mDNS update failed: %s: %s", self.node_id, type(exc).__name__, exc)
 
-    async def load_and_warm(self) -> bool:
-        """LOADING -> WARMING -> READY, or FAILED with the reason; never raises."""
-        await self._enter(State.LOADING, f"loading {self.settings.model_path}")
+    async def come_up(self) -> bool:
+        """Load the model this node was last told to serve (its activated one, else --model),
+        then restore a drain that was in place before the agent restarted."""
+        ops = self.ops
+        model = ops.state.model_to_serve(self.configured_model)
+        ops.save()
+        if model is not self.configured_model:
+            log.info("node=%s serving activated model %s %s (not --model)", self.node_id, model.model_id,
+                     model.digest[:19])
+        return await self.load_and_warm(model, drained=ops.state.drained)
+
+    async def load_and_warm(self, model: Optional[ModelRef] = None, *, drained: bool = False) -> bool:
+        """LOADING -> WARMING -> READY, or FAILED with the reason; never raises. A model with
+        a digest must hash to it: a mismatch is a failure, never a swap."""
+        model = model or self.configured_model
+        await self.enter(State.LOADING, f"loading {model.model_id} from {model.path}")
         try:
-            facts = await asyncio.to_thread(self.engine.load)
+            facts = await asyncio.to_thread(self.engine.load, Path(model.path), model.model_id)
+            if model.digest and facts.weights_digest != model.digest:
+                raise ValueError(f"weights digest {facts.weights_digest[:19]} is not the expected {model.digest[:19]}")
         except Exception as exc:  # noqa: BLE001 - reported through the lifecycle
             log.exception("node=%s model load failed", self.node_id)
-            await self._enter(State.FAILED, f"model load failed: {type(exc).__name__}: {exc}")
+            await self.enter(State.FAILED, f"model load failed: {type(exc).__name__}: {exc}")
             return False
         if self.stopping:  # SIGTERM arrived while loading: do not come up
             return False
@@ -145,19 +173,23 @@ class NodeAgent:
         self.limits = Limits(self.settings.max_tokens_limit, facts.context_length,
                              facts.decodable_vocab_size, self.settings.max_stop_sequences)
         self.model_info = common_pb2.ModelInfo(
-            model_id=facts.model_id, version=self.settings.model_version,
+            model_id=facts.model_id, version=model.version,
             weights_digest=facts.weights_digest, context_length=facts.context_length,
             engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size)
-        await self._enter(State.WARMING, f"warming up {facts.model_id} {facts.weights_digest[:19]}")
+        await self.enter(State.WARMING, f"warming up {facts.model_id} {facts.weights_digest[:19]}")
         try:
             await self._warm_up()
         except Exception as exc:  # noqa: BLE001
             log.exception("node=%s warm-up failed", self.node_id)
-            await self._enter(State.FAILED, f"warm-up generation failed: {type(exc).__name__}: {exc}")
+            await self.enter(State.FAILED, f"warm-up generation failed: {type(exc).__name__}: {exc}")
             return False
         if self.stopping:
             return False
-        await self._enter(State.READY, "model loaded and warmed up")
+        if drained:
+            await self.enter(State.DRAINED, "model loaded and warmed up; drained before the agent restarted, "
+                                            "uncordon to serve")
+        else:
+            await self.enter(State.READY, "model loaded and warmed up")
         return True
 
     async def _warm_up(self) -> None:
@@ -185,9 +217,9 @@ class NodeAgent:
         """The engine thread is gone: the node can no longer serve until restarted."""
         if self.lifecycle.state is not State.FAILED:
             log.error("node=%s engine stopped: %s", self.node_id, reason)
-            await self._enter(State.FAILED, f"engine stopped: {reason}; restart the node agent")
+            await self.enter(State.FAILED, f"engine stopped: {reason}; restart the node agent")
 
-    async def _enter(self, state: State, reason: str) -> None:
+    async def enter(self, state: State, reason: str) -> None:
         self.lifecycle.transition(state, reason)
         await self._set_health(state)
 
@@ -232,6 +264,12 @@ class NodeAgent:
         await asyncio.to_thread(self.engine.close)
         self._stopped.set()
         log.info("node=%s stopped", self.node_id)
+
+    def request_restart(self) -> None:
+        """Stop (the node is drained) and exit with RESTART_EXIT_CODE for the service manager."""
+        self.exit_code = RESTART_EXIT_CODE
+        log.info("node=%s restarting: exiting with %d for the service manager", self.node_id, RESTART_EXIT_CODE)
+        asyncio.get_running_loop().create_task(self.shutdown(grace_s=0))
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -77,8 +77,9 @@ class Engine(Protocol):
     def alive(self) -> bool:
         """False once the engine's thread has stopped, for whatever reason."""
 
-    def load(self) -> ModelFacts:
-        """Load weights (blocking, off the event loop)."""
+    def load(self, model_path=None, model_id: Optional[str] = None) -> ModelFacts:
+        """Load weights (blocking, off the event loop); another model than the configured
+        one when `model_path` is given (activation), replacing the current one."""
 
     @property
     def tokenizer(self):

@@ -28,6 +28,12 @@ DEADLINE_SLACK_S = 0.5
 # The outcome recorded when the RPC ends without the handler deciding one: the caller
 # went away, its deadline passed, or the node's abort never reached a stalled writer.
 CALLER_GONE = "caller cancelled"
+# A coordinator's smoke test of a cordoned node (a rollout's gate, before it rejoins).
+SMOKE_KEY = "studiofleet-smoke"
+
+
+def _smoke(context) -> bool:
+    return any(k == SMOKE_KEY for k, _v in (context.invocation_metadata() or ()))
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -133,6 +139,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
                                f"node {node} is {state.value} ({agent.lifecycle.snapshot.reason}); "
                                "retry shortly or send the request to another node")
+        if agent.cordoned and not _smoke(context):
+            await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
+                               f"node {node} is cordoned ({agent.ops.state.cordon_reason or 'operator'}); "
+                               "send the request to another node")
         facts = agent.facts
         try:
             req = validate(request, agent.limits)

@@ -25,7 +25,7 @@ class State(enum.Enum):
 _ALLOWED: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.LOADING, State.FAILED}),
     State.LOADING: frozenset({State.WARMING, State.FAILED}),
-    State.WARMING: frozenset({State.READY, State.FAILED}),
+    State.WARMING: frozenset({State.READY, State.DRAINED, State.FAILED}),  # DRAINED: kept across a restart
     State.READY: frozenset({State.DRAINING, State.LOADING, State.FAILED}),
     State.DRAINING: frozenset({State.DRAINED, State.READY, State.FAILED}),
     State.DRAINED: frozenset({State.READY, State.LOADING, State.FAILED}),

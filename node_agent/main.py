@@ -46,10 +46,10 @@ async def _serve(settings) -> int:
         loop.call_later(HARD_EXIT_S, _hard_exit, agent.node_id)
 
     on_stop_signals(drain, stop_now)
-    loading = loop.create_task(agent.load_and_warm())
+    loading = loop.create_task(agent.come_up())
     await agent.wait_stopped()
     loading.cancel()
-    return 0
+    return agent.exit_code
 
 
 def _hard_exit(node_id: str) -> None:
@@ -65,7 +65,8 @@ def _stopping(reason: str):
 
 @app.command()
 def serve(
-    model: Path = typer.Option(..., "--model", help="Local MLX model directory (config.json, *.safetensors, tokenizer)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Local MLX model directory (config.json, *.safetensors, tokenizer); or model_path in the config file."),
+    config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its \\[node] table gives defaults that env vars and flags override."),
     listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7700]"),
     node_id: Optional[str] = typer.Option(None, help="Unique node id. [default: derived from host and port]"),
     model_id: Optional[str] = typer.Option(None, help="Model name to report. [default: directory name]"),
@@ -87,17 +88,20 @@ def serve(
     plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
-    flags = {k: v for k, v in locals().items() if v is not None and k != "model"}
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("model", "config")}
+    if model is not None:
+        flags["model_path"] = model
     force_offline()
     from cluster.config import NodeSettings
 
     def check(settings) -> Optional[str]:
         if not settings.model_path.is_dir():
-            return (f"--model {settings.model_path} is not a directory; point it at a local MLX model "
+            return (f"model {settings.model_path} is not a directory; point it at a local MLX model "
                     "(make one with `fleetctl model make-tiny DIR`)")
         return security_problem(settings)
 
-    run_daemon("fleet-node", lambda: NodeSettings(model_path=model, **flags), _serve, check=check)
+    run_daemon("fleet-node", lambda: NodeSettings(config_file=config, **flags), _serve, check=check,
+               hints={"model_path": "--model DIR or model_path in [node] of the --config file"})
 
 
 def security_problem(settings) -> Optional[str]:

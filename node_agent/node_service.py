@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import socket
 import time
+import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import grpc
 
 from cluster.api import API_VERSION, common_pb2, node_pb2, node_pb2_grpc
 from node_agent import __version__
+from node_agent.operations import OperationError, to_proto
+from node_agent.staging import StagingError
 from node_agent.telemetry import cpu_load_1m, host_memory
+
+OP_ID = re.compile(r"[A-Za-z0-9._:@/+-]{1,128}")
 
 if TYPE_CHECKING:
     from node_agent.agent import NodeAgent
@@ -25,6 +35,7 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
         node_id=agent.node_id,
         lifecycle=common_pb2.Lifecycle.Value(f"LIFECYCLE_{snap.state.value}"),
         lifecycle_reason=snap.reason,
+        cordoned=agent.cordoned,
         model=agent.model_info,
         capacity=node_pb2.Capacity(
             max_running=s.max_running,
@@ -65,12 +76,107 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
         api_version=API_VERSION,
         hostname=socket.gethostname(),
         cpu_load_1m=cpu_load_1m(),
+        staged=[m.to_proto() for m in agent.staging.list()],
+        previous_model=_model_ref(agent.ops.state.previous),
+        drain_deadline_left_s=agent.ops.drain_left_s(),
+        operations=agent.ops.recent(),
     )
 
 
+def _model_ref(ref) -> common_pb2.ModelInfo:
+    if ref is None:
+        return common_pb2.ModelInfo()
+    return common_pb2.ModelInfo(model_id=ref.model_id, version=ref.version, weights_digest=ref.digest)
+
+
 class NodeService(node_pb2_grpc.NodeServicer):
+    """Status and operations. Operations are validated here, run by node_agent.operations,
+    and answered with the operation's record and the node's status."""
+
     def __init__(self, agent: "NodeAgent"):
         self._agent = agent
 
     async def GetStatus(self, request, context) -> node_pb2.NodeStatus:
         return build_status(self._agent)
+
+    async def _run(self, context, op_id: str, start) -> node_pb2.OperationReply:
+        agent = self._agent
+        op_id = op_id or f"op-{uuid.uuid4().hex[:12]}"
+        if not OP_ID.fullmatch(op_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"node {agent.node_id}: operation_id must be 1-128 characters of "
+                                "[A-Za-z0-9._:@/+-]")
+        if agent.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {agent.node_id} is shutting down")
+        try:
+            rec = await start(op_id)
+        except OperationError as exc:
+            await context.abort(exc.code, str(exc))
+        except StagingError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {agent.node_id}: {exc}")
+        return node_pb2.OperationReply(operation=to_proto(rec), status=build_status(agent))
+
+    async def Cordon(self, request, context) -> node_pb2.OperationReply:
+        reason = await self._reason(request.reason, context)
+        return await self._run(context, request.operation_id,
+                               lambda op: self._agent.ops.cordon(op, request.cordoned, reason))
+
+    async def Drain(self, request, context) -> node_pb2.OperationReply:
+        reason = await self._reason(request.reason, context)
+        if not (0 <= request.timeout_s <= 86_400):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"node {self._agent.node_id}: timeout_s must be 0 (the node's default) to 86400")
+        return await self._run(context, request.operation_id,
+                               lambda op: self._agent.ops.drain(op, request.timeout_s, reason))
+
+    async def StageModel(self, request, context) -> node_pb2.OperationReply:
+        source = Path(request.source_path)
+        if not request.source_path or not source.is_absolute():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"node {self._agent.node_id}: source_path must be an absolute directory "
+                                "path on the node's host")
+        return await self._run(context, request.operation_id, lambda op: self._agent.ops.stage(
+            op, source, request.model_id or source.name, request.version, request.expected_digest))
+
+    async def BeginPush(self, request, context) -> node_pb2.PushOffsets:
+        try:
+            return await asyncio.to_thread(self._agent.staging.begin_push, request)
+        except StagingError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self._agent.node_id}: {exc}")
+
+    async def PushWeights(self, request_iterator, context) -> node_pb2.OperationReply:
+        manifest = None
+        staging = self._agent.staging
+        try:
+            async for chunk in request_iterator:
+                if manifest is None:
+                    if not chunk.HasField("manifest"):
+                        raise StagingError("the first chunk must carry the manifest (call BeginPush first)")
+                    manifest = chunk.manifest
+                    await asyncio.to_thread(staging.begin_push, manifest)
+                if chunk.data:
+                    await asyncio.to_thread(staging.write_chunk, manifest.expected_digest, chunk)
+            if manifest is None:
+                raise StagingError("no chunks were sent")
+        except StagingError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self._agent.node_id}: {exc}")
+        return await self._run(context, manifest.operation_id,
+                               lambda op: self._agent.ops.finish_push(op, manifest))
+
+    async def Activate(self, request, context) -> node_pb2.OperationReply:
+        if not request.previous and not request.weights_digest:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"node {self._agent.node_id}: give weights_digest (a staged model) or previous")
+        return await self._run(context, request.operation_id, lambda op: self._agent.ops.activate(
+            op, request.weights_digest, request.previous))
+
+    async def Restart(self, request, context) -> node_pb2.OperationReply:
+        return await self._run(context, request.operation_id,
+                               lambda op: self._agent.ops.restart(op, request.drain_timeout_s))
+
+    async def _reason(self, reason: str, context) -> str:
+        if len(reason) > 200 or not reason.isprintable():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"node {self._agent.node_id}: reason must be printable and at most 200 "
+                                "characters (never patient information)")
+        return reason

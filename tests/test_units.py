@@ -10,7 +10,7 @@ import pytest
 
 from cluster.api import inference_pb2
 from cluster.config import NodeSettings, split_host_port
-from node_agent.digest import CACHE_NAME, weights_digest
+from cluster.digest import CACHE_NAME, weights_digest
 from node_agent.lifecycle import IllegalTransition, Lifecycle, State
 from node_agent.sampling import SamplingSpec, make_sampler
 from node_agent.stops import StopMatcher

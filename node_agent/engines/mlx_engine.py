@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cluster.logs import without_text
-from node_agent.digest import weights_digest
+from cluster.digest import weights_digest
 from node_agent.engine import (
     EngineClosed,
     EngineEvent,
@@ -101,8 +101,13 @@ class MlxEngine:
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
 
-    def load(self) -> ModelFacts:
-        """Load the model on the engine thread; blocks until loaded."""
+    def load(self, model_path: Optional[Path] = None, model_id: Optional[str] = None) -> ModelFacts:
+        """Load the model (another one than at construction when given) on the engine thread;
+        blocks until loaded. Replacing a model drops its prompt caches; the agent calls it
+        only with nothing in flight (drained)."""
+        if model_path is not None:
+            self._path = Path(model_path)
+            self._model_id = model_id or self._path.name
         fut: Future = Future()
         self._send(("load", fut))
         return fut.result()
@@ -210,6 +215,7 @@ class MlxEngine:
         self._working_set = int(working_set or 0)
         if self._gen is not None:
             self._gen.close()
+        self._fail_all("the model was replaced")  # none in flight when drained; never left hanging
         self._model, self._tokenizer, self._digest = model, tokenizer, digest
         self._gen = self._new_generator()
         self._prompt_cache = self._new_prompt_cache()  # never reuse state across models

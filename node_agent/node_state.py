@@ -1,0 +1,86 @@
+"""What a node remembers across agent restarts: its cordon and drain, the model it was told
+to serve (and the one before, for rollback) and its recent operations (DESIGN invariant 1:
+the node owns this state, so it must outlive the process and any coordinator).
+
+One small JSON file, replaced atomically (write, fsync, rename) on every change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "node-state.json"
+KEEP_OPERATIONS = 50
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model directory and the names it is served under."""
+
+    path: str
+    model_id: str
+    version: str = ""
+    digest: str = ""
+
+
+@dataclass
+class NodeState:
+    cordoned: bool = False
+    cordon_reason: str = ""
+    drained: bool = False
+    # The --model the activations below were made over: a changed --model (the operator
+    # edited the service) wins over an activation made for another configuration.
+    configured_path: str = ""
+    active: Optional[ModelRef] = None
+    previous: Optional[ModelRef] = None
+    operations: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "NodeState":
+        path = state_dir / STATE_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            # Refuse to guess: a node that forgot a cordon would take traffic it was told not to.
+            raise RuntimeError(f"{path} is unreadable ({type(exc).__name__}: {exc}); fix or remove it "
+                               "(removing it forgets the node's cordon, drain and activated model)") from None
+        models = {k: ModelRef(**raw[k]) if raw.get(k) else None for k in ("active", "previous")}
+        return cls(cordoned=bool(raw.get("cordoned")), cordon_reason=str(raw.get("cordon_reason", "")),
+                   drained=bool(raw.get("drained")), configured_path=str(raw.get("configured_path", "")),
+                   operations=list(raw.get("operations", []))[-KEEP_OPERATIONS:], **models)
+
+    def save(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.operations = self.operations[-KEEP_OPERATIONS:]
+        path = state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        fd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power cut
+        finally:
+            os.close(fd)
+
+    def model_to_serve(self, configured: ModelRef) -> ModelRef:
+        """The activated model if it was activated over this same --model, else --model
+        (and the activation history is forgotten)."""
+        if self.active is not None and self.configured_path == configured.path and Path(self.active.path).is_dir():
+            return self.active
+        if self.active is not None:
+            log.warning("activated model %s is not used: --model is now %s (was %s)",
+                        self.active.path, configured.path, self.configured_path or "unset")
+        self.configured_path, self.active, self.previous = configured.path, None, None
+        return configured

@@ -1,0 +1,277 @@
+"""Node operations: cordon, drain, stage, activate and restart, each under an operation id.
+
+Repeating an operation id returns that operation's record and never runs it twice (a
+coordinator retrying after a timeout, or after the node restarted, is safe). Long steps
+(drain, stage, activate, restart) run in the background; GetStatus shows their progress
+and the record's final state. Every change of cordon, drain or model is saved before it
+is reported (node_state.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional
+
+import grpc
+
+from cluster.api import node_pb2
+from node_agent.lifecycle import State
+from node_agent.node_state import ModelRef, NodeState
+from node_agent.requests import NodeStopping
+from node_agent.staging import StagingError
+
+if TYPE_CHECKING:
+    from node_agent.agent import NodeAgent
+
+log = logging.getLogger(__name__)
+
+RESTART_EXIT_CODE = 75  # EX_TEMPFAIL: the service manager (launchd KeepAlive, systemd) starts it again
+_STATES = {"running": node_pb2.OPERATION_STATE_RUNNING, "done": node_pb2.OPERATION_STATE_DONE,
+           "failed": node_pb2.OPERATION_STATE_FAILED}
+
+
+class OperationError(Exception):
+    """Refused before it started: answered with `code` and nothing changes."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Operations:
+    def __init__(self, agent: "NodeAgent", state: NodeState, state_dir: Path):
+        self.agent = agent
+        self.state = state
+        self.state_dir = state_dir
+        self.drain_deadline: Optional[float] = None   # monotonic, while DRAINING
+        self._drain_task: Optional[asyncio.Task] = None
+        self._busy: Optional[str] = None              # the model operation under way (stage runs beside)
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- records ----------------------------------------------------------------------
+    def find(self, op_id: str) -> Optional[dict]:
+        return next((r for r in reversed(self.state.operations) if r["operation_id"] == op_id), None)
+
+    def _begin(self, op_id: str, kind: str) -> tuple[dict, bool]:
+        """The record for `op_id` and whether it is new; the same id for another kind is refused."""
+        rec = self.find(op_id)
+        if rec is not None:
+            if rec["kind"] != kind:
+                raise OperationError(grpc.StatusCode.ALREADY_EXISTS,
+                                     f"node {self.agent.node_id}: operation id {op_id} was a {rec['kind']}, "
+                                     f"not a {kind}; use a new operation id")
+            return rec, False
+        rec = {"operation_id": op_id, "kind": kind, "state": "running", "message": "",
+               "started": time.time(), "finished": 0.0}
+        self.state.operations.append(rec)
+        return rec, True
+
+    def _end(self, rec: dict, ok: bool, message: str) -> dict:
+        rec.update(state="done" if ok else "failed", message=message, finished=time.time())
+        (log.info if ok else log.warning)("node=%s operation=%s kind=%s %s: %s", self.agent.node_id,
+                                          rec["operation_id"], rec["kind"], rec["state"], message)
+        self.save()
+        return rec
+
+    def save(self) -> None:
+        self.state.save(self.state_dir)
+
+    def recent(self, n: int = 10) -> list[node_pb2.Operation]:
+        return [to_proto(r) for r in self.state.operations[-n:]]
+
+    def _background(self, rec: dict, work: Callable[[], Awaitable[str]]) -> None:
+        """Run `work` (which returns the done message or raises OperationError) and end the record."""
+        async def run() -> None:
+            try:
+                self._end(rec, True, await work())
+            except OperationError as exc:
+                self._end(rec, False, str(exc))
+            except asyncio.CancelledError:
+                self._end(rec, False, "interrupted: the agent is stopping")
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded, never lost
+                log.exception("node=%s operation=%s failed", self.agent.node_id, rec["operation_id"])
+                self._end(rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log")
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- cordon and drain -------------------------------------------------------------
+    async def cordon(self, op_id: str, cordoned: bool, reason: str) -> dict:
+        rec, new = self._begin(op_id, "cordon" if cordoned else "uncordon")
+        if not new:
+            return rec
+        a = self.agent
+        self.state.cordoned, self.state.cordon_reason = cordoned, reason if cordoned else ""
+        if not cordoned:
+            self.state.drained = False
+            if self._drain_task is not None:
+                self._drain_task.cancel()
+            if a.lifecycle.state in (State.DRAINING, State.DRAINED):
+                await a.enter(State.READY, f"uncordoned ({reason or 'operator'})")
+        return self._end(rec, True, ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
+                         + (f" ({reason})" if reason else ""))
+
+    async def drain(self, op_id: str, timeout_s: float, reason: str) -> dict:
+        rec, new = self._begin(op_id, "drain")
+        if not new:
+            return rec
+        a = self.agent
+        state = a.lifecycle.state
+        if state is State.DRAINED:
+            return self._end(rec, True, "already drained")
+        if state not in (State.READY, State.DRAINING):
+            self.state.operations.remove(rec)
+            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"node {a.node_id} is {state.value} ({a.lifecycle.snapshot.reason}); "
+                                 "only a READY node can be drained")
+        task = await self._start_drain(timeout_s, reason)
+        self._background(rec, lambda: asyncio.shield(task))
+        return rec
+
+    async def _start_drain(self, timeout_s: float, reason: str) -> asyncio.Task:
+        """Cordon (saved), enter DRAINING and start the drain; the one under way if any."""
+        a = self.agent
+        self.state.cordoned, self.state.cordon_reason = True, reason or "draining"
+        self.save()
+        if self._drain_task is None:
+            timeout = timeout_s or a.settings.drain_timeout_s
+            self.drain_deadline = time.monotonic() + timeout
+            await a.enter(State.DRAINING, f"draining {len(a.registry)} requests, deadline {timeout:g}s"
+                                          + (f" ({reason})" if reason else ""))
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(timeout))
+            self._drain_task.add_done_callback(lambda _t: setattr(self, "_drain_task", None))
+        return self._drain_task
+
+    async def _drain(self, timeout: float) -> str:
+        a = self.agent
+        try:
+            try:
+                await asyncio.wait_for(a.registry.wait_idle(), timeout=timeout)
+                message = "drained: every request in flight finished"
+            except asyncio.TimeoutError:
+                n = a.registry.abort_all(lambda s: NodeStopping(f"drain deadline of {timeout:g}s passed"))
+                await asyncio.wait_for(a.registry.wait_idle(), timeout=10)
+                message = (f"drained: the {timeout:g}s deadline passed and {n} requests were ended "
+                           "with a CANCELLED final chunk (a coordinator resumes them on another node)")
+        except asyncio.CancelledError:
+            raise OperationError(grpc.StatusCode.ABORTED, "drain interrupted by an uncordon") from None
+        finally:
+            self.drain_deadline = None
+        self.state.drained = True
+        self.save()
+        await a.enter(State.DRAINED, message)
+        return message
+
+    def drain_left_s(self) -> float:
+        return max(0.0, self.drain_deadline - time.monotonic()) if self.drain_deadline else 0.0
+
+    # -- models -----------------------------------------------------------------------
+    async def stage(self, op_id: str, source: Path, model_id: str, version: str, expected: str) -> dict:
+        """Copy `source` into the staging area while the node keeps serving; digest-checked."""
+        rec, new = self._begin(op_id, "stage")
+        if new:
+            async def work() -> str:
+                try:
+                    info = await asyncio.to_thread(self.agent.staging.stage_from_path, source, model_id=model_id,
+                                                   version=version, expected_digest=expected)
+                except (StagingError, OSError) as exc:
+                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}")
+                return f"staged {info.model_id} {info.version} {info.digest[:19]}"
+            self._background(rec, work)
+        return rec
+
+    async def finish_push(self, op_id: str, manifest: node_pb2.WeightsManifest) -> dict:
+        """The last pushed chunk arrived: verify the digest; staged only if it matches."""
+        rec, new = self._begin(op_id, "push")
+        if new:
+            try:
+                info = await asyncio.to_thread(self.agent.staging.finish_push, manifest.expected_digest)
+            except StagingError as exc:
+                return self._end(rec, False, f"pushed weights not staged: {exc}")
+            self._end(rec, True, f"staged {info.model_id} {info.version} {info.digest[:19]} (pushed)")
+        return rec
+
+    def serving(self) -> ModelRef:
+        return self.state.active or self.agent.configured_model
+
+    async def activate(self, op_id: str, digest: str, previous: bool) -> dict:
+        rec, new = self._begin(op_id, "activate")
+        if not new:
+            return rec
+        a = self.agent
+        try:
+            if a.lifecycle.state is not State.DRAINED:
+                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"node {a.node_id} is {a.lifecycle.state.value}; drain it first "
+                                     f"(fleetctl drain {a.node_id}), then activate")
+            if self._busy:
+                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"node {a.node_id} is already running {self._busy}; wait for it")
+            target = self._target(digest, previous)
+        except OperationError:
+            self.state.operations.remove(rec)
+            raise
+        if target.digest and target.digest == a.model_info.weights_digest:
+            return self._end(rec, True, f"already serving {target.model_id} {target.digest[:19]}")
+        self._busy = f"activate {op_id}"
+        self._background(rec, lambda: self._activate(target))
+        return rec
+
+    def _target(self, digest: str, previous: bool) -> ModelRef:
+        node = self.agent.node_id
+        if previous:
+            if self.state.previous is None:
+                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"node {node} has no previous model to go back to")
+            return self.state.previous
+        staged = self.agent.staging.get(digest)
+        if staged is None or staged.state != node_pb2.STAGE_STATE_STAGED:
+            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"node {node} has no staged model {digest[:19] or '(no digest given)'}; "
+                                 "stage it first (StageModel or a push)")
+        return ModelRef(str(self.agent.staging.path_for(digest)), staged.model_id, staged.version, digest)
+
+    async def _activate(self, target: ModelRef) -> str:
+        a = self.agent
+        old = replace(self.serving(), digest=a.model_info.weights_digest, version=a.model_info.version)
+        try:
+            if await a.load_and_warm(target):
+                self.state.previous, self.state.active, self.state.drained = old, target, False
+                self.save()
+                a.staging.prune({d for d in (target.digest, old.digest) if d})
+                return f"serving {target.model_id} {target.version} {a.model_info.weights_digest[:19]} (cordoned)"
+            why = a.lifecycle.snapshot.reason
+            back = await a.load_and_warm(old)
+            raise OperationError(grpc.StatusCode.ABORTED,
+                                 f"activation of {target.model_id} {target.digest[:19]} failed: {why}; "
+                                 + (f"back on {old.model_id} {old.digest[:19] or ''} (cordoned)" if back
+                                    else "the previous model did not load either; see the node log"))
+        finally:
+            self._busy = None
+
+    # -- restart ----------------------------------------------------------------------
+    async def restart(self, op_id: str, drain_timeout_s: float) -> dict:
+        rec, new = self._begin(op_id, "restart")
+        if not new:
+            return rec
+        a = self.agent
+
+        async def work() -> str:
+            if a.lifecycle.state in (State.READY, State.DRAINING):
+                await asyncio.shield(await self._start_drain(drain_timeout_s, "restart"))
+            # The record is saved (done) before the exit: a retry of this id does not restart again.
+            a.request_restart()
+            return f"restarting (exit {RESTART_EXIT_CODE}) for the service manager to start the installed release"
+        self._background(rec, work)
+        return rec
+
+
+def to_proto(rec: dict) -> node_pb2.Operation:
+    return node_pb2.Operation(operation_id=rec["operation_id"], kind=rec["kind"], state=_STATES[rec["state"]],
+                              message=rec["message"], started_unix_s=rec["started"],
+                              finished_unix_s=rec["finished"])
