@@ -1,14 +1,20 @@
-"""The Fleet admin service: the node table and the event stream (what fleetctl reads)."""
+"""The Fleet admin service: the node table, the event stream, node operations and
+rollouts (what fleetctl calls). Every call is audited with the operator's identity."""
 
 from __future__ import annotations
 
 import time
+import uuid
 
-from cluster.api import fleet_pb2, fleet_pb2_grpc
+import grpc
+
+from cluster.api import fleet_pb2, fleet_pb2_grpc, node_pb2
 from coordinator import health_policy as hp
 from coordinator.admission import Admission
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
+from coordinator.node_ops import CALL_TIMEOUT_S
+from coordinator.rollouts import RolloutRefused, Rollouts
 
 COORDINATOR_VERSION = "studiofleet-coordinator 0.1.0"
 
@@ -38,7 +44,9 @@ def describe(entry: NodeEntry, now: float) -> fleet_pb2.FleetNode:
 
 
 class FleetAdmin(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay, identify, audit):
+    def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay, identify, audit,
+                 rollouts: Rollouts):
+        self._rollouts = rollouts
         self._identify = identify
         self._audit = audit
         self._fleet = fleet
@@ -58,3 +66,82 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         self._audit.admin(self._identify(context), context.peer(), "fleet.watch_events", replay=request.replay)
         async for event in self._events.subscribe(request.replay):
             yield event
+
+    # -- node operations --------------------------------------------------------------
+    async def CordonNode(self, request, context) -> fleet_pb2.NodeOperationReply:
+        call = lambda stub, op: stub.Cordon(node_pb2.CordonRequest(  # noqa: E731
+            operation_id=op, cordoned=request.cordoned, reason=request.reason), timeout=CALL_TIMEOUT_S)
+        return await self._node_op(context, "cordon" if request.cordoned else "uncordon", request, call)
+
+    async def DrainNode(self, request, context) -> fleet_pb2.NodeOperationReply:
+        call = lambda stub, op: stub.Drain(node_pb2.DrainRequest(  # noqa: E731
+            operation_id=op, timeout_s=request.timeout_s, reason=request.reason), timeout=CALL_TIMEOUT_S)
+        return await self._node_op(context, "drain", request, call)
+
+    async def _node_op(self, context, action: str, request, call) -> fleet_pb2.NodeOperationReply:
+        """Forward to the node (which keeps the state), take its reply as the latest status,
+        and record the operation in the audit chain and the event stream."""
+        ident, peer = self._identify(context), context.peer()
+        op = request.operation_id or f"op-{uuid.uuid4().hex[:12]}"
+        entry = self._fleet.by_id(request.node_id)
+        if entry is None:
+            known = ", ".join(sorted(e.node_id for e in self._fleet.entries.values() if e.node_id)) or "none"
+            self._audit.admin(ident, peer, f"node.{action}", outcome="refused", code="NOT_FOUND",
+                              node_id=request.node_id[:64], operation_id=op)
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no node {request.node_id!r} in this coordinator's fleet (known: {known}); "
+                                "see fleetctl nodes")
+        try:
+            reply = await call(entry.link.ops, op)
+        except grpc.aio.AioRpcError as err:
+            self._audit.admin(ident, peer, f"node.{action}", outcome="failed", code=err.code().name,
+                              node_id=entry.node_id, operation_id=op)
+            await context.abort(err.code(), f"node {entry.node_id} at {entry.address}: {err.details()}")
+        self._audit.admin(ident, peer, f"node.{action}", node_id=entry.node_id, operation_id=op,
+                          reason=request.reason)
+        self._fleet.observe_reply(entry, reply.status)
+        self._events.emit(fleet_pb2.EVENT_KIND_OPERATION, node_id=entry.node_id, address=entry.address,
+                          reason=f"{action} by {ident.name if ident else 'plaintext operator'} "
+                                 f"(operation {op}): {reply.operation.message or 'running'}")
+        return fleet_pb2.NodeOperationReply(node_id=entry.node_id, operation=reply.operation, status=reply.status)
+
+    # -- rollouts ---------------------------------------------------------------------
+    async def StartRollout(self, request, context) -> fleet_pb2.Rollout:
+        ident = self._identify(context)
+        return await self._rollout(context, "rollout.start", lambda: self._rollouts.start(
+            request, ident.name if ident else "plaintext operator"), target=request.target.model_path[:200],
+            restart=request.target.restart)
+
+    async def GetRollout(self, request, context) -> fleet_pb2.Rollout:
+        return await self._rollout(context, "", lambda: _now(self._rollouts.get(request.rollout_id)))
+
+    async def PauseRollout(self, request, context) -> fleet_pb2.Rollout:
+        return await self._control(request, context, "pause")
+
+    async def ResumeRollout(self, request, context) -> fleet_pb2.Rollout:
+        return await self._control(request, context, "resume")
+
+    async def AbortRollout(self, request, context) -> fleet_pb2.Rollout:
+        return await self._control(request, context, "abort")
+
+    async def _control(self, request, context, action: str) -> fleet_pb2.Rollout:
+        return await self._rollout(context, f"rollout.{action}",
+                                   lambda: _now(self._rollouts.control(request.rollout_id, action)),
+                                   rollout_id=request.rollout_id)
+
+    async def _rollout(self, context, action: str, work, **details) -> fleet_pb2.Rollout:
+        """Run `work` (audited as `action` unless empty); a refusal is answered with its code."""
+        ident, peer = self._identify(context), context.peer()
+        try:
+            row = await work()
+        except RolloutRefused as exc:
+            if action:
+                self._audit.admin(ident, peer, action, outcome="refused", code=exc.code.name, **details)
+            await context.abort(exc.code, str(exc))
+        if action:
+            self._audit.admin(ident, peer, action, rollout_id=row.id, **details)
+        return self._rollouts.to_proto(row)
+
+
+async def _now(value):
+    return value

@@ -23,7 +23,10 @@ from coordinator.admission import Admission
 from coordinator.discovery import MdnsDiscovery
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
+from coordinator.gates import default_gates
 from coordinator.relay import Relay
+from coordinator.rollout_store import RolloutStore
+from coordinator.rollouts import Rollouts
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class Coordinator:
                                    load_factor=settings.affinity_load_factor)
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
                            identify=self.authz.peer, audit=self.audit)
+        self.rollouts = Rollouts(settings=settings, fleet=self.fleet, events=self.events,
+                                 gates=default_gates(settings), store=RolloutStore(settings.state_db))
         self.discovery: Optional[MdnsDiscovery] = None
         self._health = health_aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
@@ -60,7 +65,7 @@ class Coordinator:
         inference_pb2_grpc.add_InferenceServicer_to_server(self.relay, server)
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
-                       identify=self.authz.peer, audit=self.audit), server)
+                       identify=self.authz.peer, audit=self.audit, rollouts=self.rollouts), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -82,6 +87,7 @@ class Coordinator:
                 log.warning("mDNS discovery unavailable (%s: %s); only --node addresses are used",
                             type(exc).__name__, exc)
                 self.discovery = None
+        self.rollouts.resume_pending()
         return port
 
     async def shutdown(self, grace_s: Optional[float] = None) -> None:
@@ -99,6 +105,7 @@ class Coordinator:
             await self._server.stop(grace)
         if self.discovery is not None:
             await self.discovery.close()
+        await self.rollouts.close()
         await self.fleet.close()
         if self.audit.log is not None:  # every request has ended: the last records, a checkpoint
             await asyncio.to_thread(self.audit.log.close)

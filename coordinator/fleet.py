@@ -157,6 +157,12 @@ class Fleet:
     def routable(self) -> list[NodeEntry]:
         return [e for e in self.entries.values() if e.routable]
 
+    def observe_reply(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> None:
+        """A node's status that came back with an operation: routing follows it at once
+        (a cordon stops new requests now, not at the next poll)."""
+        if self.entries.get(entry.address) is entry and st.node_id == entry.node_id:
+            asyncio.get_running_loop().create_task(self._observe(entry, st))
+
     # -- signals ----------------------------------------------------------------------
     def report_failure(self, entry: NodeEntry, reason: str, *, hard: bool,
                        source: hp.Source = hp.Source.REQUEST) -> None:

@@ -90,6 +90,7 @@ def check(settings) -> Optional[str]:
 
 @app.command()
 def serve(
+    config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its \\[coordinator] table gives defaults that env vars and flags override."),
     listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7800]"),
     node: List[str] = typer.Option([], "--node", help="Static node address HOST:PORT (repeatable), for networks without multicast."),
     mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Discover node agents over mDNS. [default: on]"),
@@ -115,12 +116,12 @@ def serve(
     rollout_gate_command: Optional[str] = typer.Option(None, help="Quality gate run after a node activates new weights; exit 0 passes (env NODE_ID, NODE_ADDRESS, WEIGHTS_DIGEST, ROLLOUT_ID)."),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
-    flags = {k: v for k, v in locals().items() if v is not None and k != "node"}
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("node", "config")}
     if node:
         flags["nodes"] = tuple(node)
     from cluster.config import CoordinatorSettings
 
-    run_daemon("fleet-coordinator", lambda: CoordinatorSettings(**flags), _serve, check=check)
+    run_daemon("fleet-coordinator", lambda: CoordinatorSettings(config_file=config, **flags), _serve, check=check)
 
 
 def main() -> None:

@@ -90,8 +90,13 @@ class NodeLink:
         """The node's pushed readiness (grpc.health.v1 Watch on the inference service)."""
         return self._health.Watch(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE))
 
-    def generate(self, request: inference_pb2.GenerateRequest, timeout_s):
-        return self._inference.Generate(request, timeout=timeout_s)
+    def generate(self, request: inference_pb2.GenerateRequest, timeout_s, metadata=None):
+        return self._inference.Generate(request, timeout=timeout_s, metadata=metadata)
+
+    @property
+    def ops(self) -> node_pb2_grpc.NodeStub:
+        """The node's operations (cordon, drain, stage, push, activate, restart)."""
+        return self._node
 
     async def close(self) -> None:
         for channel in (*self._retired, self._channel):

@@ -1,5 +1,6 @@
 """`fleetctl`: the StudioFleet ops CLI. Exit codes: 0 ok, 1 error, 2 bad input,
-3 target unavailable, 4 overloaded, 5 deadline exceeded."""
+3 target unavailable, 4 overloaded, 5 deadline exceeded, 6 no such node or rollout,
+7 rollout failed (the failing node was put back), 8 rollout aborted."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import sys
 
 import typer
 
-from cluster.fleetctl import audit_cmd, certs_cmd, demo_cmd, generate_cmd, model_cmd, node_cmd, nodes_cmd
+from cluster.fleetctl import (audit_cmd, certs_cmd, demo_cmd, generate_cmd, model_cmd, node_cmd, nodes_cmd, ops_cmd,
+                              rollout_cmd)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(node_cmd.app, name="node")
 app.add_typer(certs_cmd.app, name="certs")
 app.add_typer(audit_cmd.app, name="audit")
+app.add_typer(rollout_cmd.app, name="rollout")
 app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)
 app.command("nodes")(nodes_cmd.nodes)
 app.command("events")(nodes_cmd.events)
+app.command("cordon")(ops_cmd.cordon)
+app.command("uncordon")(ops_cmd.uncordon)
+app.command("drain")(ops_cmd.drain)
 
 
 def main() -> None:

@@ -14,9 +14,12 @@ from cluster.api import node_pb2, node_pb2_grpc
 from cluster.client.errors import from_rpc_error
 from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
+from cluster.fleetctl.ops_cmd import show
 from cluster.security.identity import ANY_NODE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a node agent directly.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="One node: `show ID` through the coordinator, `status --target` from the node itself.")
+app.command("show")(show)
 
 
 @app.command("status")
@@ -57,3 +60,4 @@ def status(
     ]
     for key, value in rows:
         typer.echo(f"{key:<9} {value}")
+

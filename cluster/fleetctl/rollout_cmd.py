@@ -1,0 +1,143 @@
+"""`fleetctl rollout start|status|pause|resume|abort`: rolling model updates and release
+restarts, run by the coordinator. Exit codes: 0 succeeded (or started, without --wait),
+7 failed (the failing node was put back), 8 aborted; the usual codes for refusals."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from google.protobuf.json_format import MessageToDict
+
+from cluster.api import fleet_pb2
+from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials
+from cluster.fleetctl.exits import EXIT_ROLLOUT_ABORTED, EXIT_ROLLOUT_FAILED
+
+from cluster.fleetctl.ops_cmd import OUTPUT, _call
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+TERMINAL = (fleet_pb2.ROLLOUT_STATE_SUCCEEDED, fleet_pb2.ROLLOUT_STATE_FAILED, fleet_pb2.ROLLOUT_STATE_ABORTED)
+_EXIT = {fleet_pb2.ROLLOUT_STATE_FAILED: EXIT_ROLLOUT_FAILED, fleet_pb2.ROLLOUT_STATE_ABORTED: EXIT_ROLLOUT_ABORTED}
+
+
+def state_name(r: fleet_pb2.Rollout) -> str:
+    return fleet_pb2.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_").lower()
+
+
+def render(r: fleet_pb2.Rollout) -> str:
+    t = r.target
+    what = "release restart" if t.restart else f"{t.model_id} {t.version} {t.weights_digest[:19]}"
+    done = sum(n.step == "done" for n in r.nodes)
+    lines = [f"rollout {r.rollout_id}: {state_name(r)} ({done}/{len(r.nodes)} nodes done) -> {what}, "
+             f"max unavailable {r.max_unavailable}, owner {r.owner or '-'}, started by {r.started_by or '-'}"]
+    if r.message:
+        lines.append(f"  {r.message}")
+    for n in r.nodes:
+        staged = f" {100 * n.bytes_done // n.bytes_total}% staged" if n.bytes_total and n.step == "stage" else ""
+        when = datetime.fromtimestamp(n.finished_unix_s).strftime(" %H:%M:%S") if n.finished_unix_s else ""
+        lines.append(f"  {n.node_id:<16} {n.step:<12}{staged}{when} {n.message}")
+    return "\n".join(lines)
+
+
+def _show(r: fleet_pb2.Rollout, output: str) -> None:
+    if output == "json":
+        typer.echo(json.dumps(MessageToDict(r, preserving_proto_field_name=True)))
+    else:
+        typer.echo(render(r))
+
+
+def _follow(coordinator: str, tls, rollout_id: str, output: str) -> fleet_pb2.Rollout:
+    """Re-read the rollout until it ends; print it whenever it changed (the live view)."""
+    shown = ""
+    while True:
+        r = _call(coordinator, tls, lambda stub: stub.GetRollout(fleet_pb2.GetRolloutRequest(rollout_id=rollout_id),
+                                                                 timeout=10))
+        text = render(r)
+        if text != shown and output != "json":
+            typer.echo(("\n" if shown else "") + text, err=not sys.stdout.isatty())
+            shown = text
+        if r.state in TERMINAL:
+            return r
+        time.sleep(0.5)  # refresh twice a second
+
+
+def _end(r: fleet_pb2.Rollout, output: str) -> None:
+    _show(r, output)
+    if r.state in _EXIT:
+        raise typer.Exit(_EXIT[r.state])
+
+
+@app.command("start")
+def start(
+    model: Optional[Path] = typer.Option(None, "--model", help="The new model directory (on this coordinator's "
+                                         "host; pushed to each node), or with --shared-path on every node."),
+    version: str = typer.Option("", help="Version label the nodes report."),
+    model_id: str = typer.Option("", help="Model name. [default: the directory's name]"),
+    digest: str = typer.Option("", help="Expected weights digest (sha256:...); required with --shared-path."),
+    shared_path: bool = typer.Option(False, "--shared-path", help="Nodes read --model themselves."),
+    restart: bool = typer.Option(False, "--restart", help="A release restart instead of a model update."),
+    max_unavailable: int = typer.Option(1, help="Nodes out of service at once."),
+    node: List[str] = typer.Option([], "--node", help="Only these node ids (repeatable). [default: all]"),
+    drain_timeout: float = typer.Option(120.0, help="Seconds each node's requests get to finish."),
+    rollout_id: str = typer.Option("", help="[default: generated]"),
+    wait: bool = typer.Option(False, "--wait", help="Follow the rollout until it ends (exit code says how)."),
+    coordinator: str = COORDINATOR, output: str = OUTPUT,
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+) -> None:
+    """Roll a new model (or restart the release) across the fleet, one node at a time."""
+    if bool(model) == restart:
+        typer.echo("fleetctl: give --model DIR or --restart (one of them)", err=True)
+        raise typer.Exit(2)
+    path = str(model.resolve()) if model and not shared_path else str(model or "")
+    tls = credentials(tls_dir, tls_name, plaintext)
+    req = fleet_pb2.StartRolloutRequest(
+        target=fleet_pb2.RolloutTarget(model_path=path, model_id=model_id, version=version, weights_digest=digest,
+                                       shared_path=shared_path, restart=restart),
+        max_unavailable=max_unavailable, node_ids=node, rollout_id=rollout_id, drain_timeout_s=drain_timeout)
+    r = _call(coordinator, tls, lambda stub: stub.StartRollout(req, timeout=120))
+    if not wait:
+        _show(r, output)
+        return
+    _end(_follow(coordinator, tls, r.rollout_id, output), output)
+
+
+@app.command("status")
+def status(
+    rollout_id: str = typer.Argument("", help="[default: the latest]"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow it until it ends."),
+    coordinator: str = COORDINATOR, output: str = OUTPUT,
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+) -> None:
+    """A rollout's state and every node's step."""
+    tls = credentials(tls_dir, tls_name, plaintext)
+    if watch:
+        _end(_follow(coordinator, tls, rollout_id, output), output)
+        return
+    r = _call(coordinator, tls, lambda stub: stub.GetRollout(fleet_pb2.GetRolloutRequest(rollout_id=rollout_id),
+                                                             timeout=10))
+    _show(r, output)
+
+
+def _control(action: str):
+    def command(rollout_id: str = typer.Argument("", help="[default: the running one]"),
+                coordinator: str = COORDINATOR, output: str = OUTPUT,
+                tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME,
+                plaintext: bool = PLAINTEXT) -> None:
+        tls = credentials(tls_dir, tls_name, plaintext)
+        method = {"pause": "PauseRollout", "resume": "ResumeRollout", "abort": "AbortRollout"}[action]
+        r = _call(coordinator, tls, lambda stub: getattr(stub, method)(
+            fleet_pb2.RolloutControl(rollout_id=rollout_id), timeout=10))
+        _show(r, output)
+    command.__doc__ = {"pause": "Finish the node steps under way, start no new node.",
+                       "resume": "Continue a paused rollout.",
+                       "abort": "Stop for good after the node steps under way."}[action]
+    return command
+
+
+for _action in ("pause", "resume", "abort"):
+    app.command(_action)(_control(_action))

@@ -1,0 +1,253 @@
+"""Rolling updates: one node (or `max_unavailable`) at a time, every step recorded first.
+
+Per node: stage (while it still serves) -> wait for spare capacity -> drain -> activate
+-> gates (smoke, then the operator's) -> rejoin (uncordon). A failed stage leaves the node
+untouched; a failed activation or gate puts the node back on its previous weights and
+stops the rollout. A release restart replaces stage+activate with a restart of the agent.
+
+Every node call carries an operation id derived from the rollout, node and step, so
+re-running a step after a coordinator restart returns the node's record instead of
+acting twice; nodes already done are not touched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from cluster.api import common_pb2, fleet_pb2, node_pb2
+from coordinator.events import EventLog
+from coordinator.fleet import Fleet, NodeEntry
+from coordinator.gates import GateContext
+from coordinator.node_ops import CALL_TIMEOUT_S, OpFailed, wait_op
+from coordinator.rollout_store import TERMINAL_STEPS, NodeRow, RolloutRow, RolloutStore
+from coordinator.weights_push import manifest_for, push_weights
+
+log = logging.getLogger(__name__)
+
+K = fleet_pb2
+READY, DRAINED = common_pb2.LIFECYCLE_READY, common_pb2.LIFECYCLE_DRAINED
+NODE_WAIT_S = 120.0        # a node must be in the fleet view (after a restart: rediscovered) by then
+STAGE_TIMEOUT_S = 6 * 3600.0
+LOAD_TIMEOUT_S = 1800.0    # activate: unload, load, warm up a large model
+CAPACITY_WAIT_S = 600.0
+RESTART_WAIT_S = 600.0
+
+
+class Runner:
+    """Runs one rollout to its end; `Rollouts` owns starting, pausing and resuming it."""
+
+    def __init__(self, row: RolloutRow, *, store: RolloutStore, fleet: Fleet, events: EventLog, gates,
+                 wake: asyncio.Event):
+        self.r = row
+        self._store = store
+        self._fleet = fleet
+        self._events = events
+        self._gates = gates
+        self._wake = wake
+        self.progress: dict[str, tuple[int, int]] = {}   # node id -> staged bytes (done, total)
+
+    async def run(self) -> None:
+        r = self.r
+        try:
+            while True:
+                fresh = self._store.get(r.id)
+                r.state, r.message = fresh.state, fresh.message
+                if r.state == "PAUSED":
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if r.state != "RUNNING":
+                    return
+                pending = [n for n in r.nodes if n.step not in TERMINAL_STEPS]
+                if not pending:
+                    self._finish("SUCCEEDED", f"{len(r.nodes)} nodes on {_target(r.target)}")
+                    return
+                batch = pending[:r.max_unavailable]
+                results = await asyncio.gather(*(self._node(n) for n in batch))
+                failed = [n for n, ok in zip(batch, results) if not ok]
+                if failed:
+                    self._finish("FAILED", "; ".join(f"node {n.node_id}: {n.message}" for n in failed)
+                                 + "; the nodes not yet updated were left as they were")
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded; a rollout never vanishes silently
+            log.exception("rollout=%s internal error", r.id)
+            self._finish("FAILED", f"internal error in the coordinator ({type(exc).__name__}: {exc}); "
+                                   "see its log, then start a new rollout")
+
+    def _finish(self, state: str, message: str) -> None:
+        self.r.state, self.r.message = state, message
+        self._store.set_state(self.r.id, state, message)
+        self._events.emit(K.EVENT_KIND_ROLLOUT, reason=f"{state.lower()}: {message}", rollout_id=self.r.id,
+                          step=state.lower())
+
+    def _step(self, n: NodeRow, step: str, message: str) -> None:
+        n.step, n.message = step, message
+        n.started = n.started or time.time()
+        if step in TERMINAL_STEPS:
+            n.finished = time.time()
+        self._store.set_step(self.r.id, n)
+        self._events.emit(K.EVENT_KIND_ROLLOUT, node_id=n.node_id, reason=message, rollout_id=self.r.id, step=step)
+
+    def _op(self, n: NodeRow, step: str) -> str:
+        return f"{self.r.id}/{n.node_id}/{step}"
+
+    # -- one node ---------------------------------------------------------------------
+    async def _node(self, n: NodeRow) -> bool:
+        t = self.r.target
+        try:
+            entry = await self._entry(n.node_id)
+            st = await entry.link.status(CALL_TIMEOUT_S)
+            if not n.from_digest:
+                n.from_digest = st.model.weights_digest
+            if t.restart:
+                await self._restart(n, entry)
+            elif st.model.weights_digest != t.weights_digest:
+                await self._stage(n, entry)
+                await self._drain(n, entry)
+                self._step(n, "activate", f"activating {_target(t)}")
+                try:
+                    await wait_op(lambda: entry.link.ops.Activate(node_pb2.ActivateRequest(
+                        operation_id=self._op(n, "activate"), weights_digest=t.weights_digest),
+                        timeout=CALL_TIMEOUT_S), what=f"activate on node {n.node_id}", timeout_s=LOAD_TIMEOUT_S)
+                except OpFailed as exc:  # the node went back to its previous weights by itself
+                    await self._uncordon(n, entry, "rollback")
+                    self._step(n, "rolled_back", f"{exc}; the node serves its previous weights again")
+                    return False
+            elif not st.cordoned and st.lifecycle == READY:
+                self._step(n, "done", f"already serving {t.weights_digest[:19]}")
+                return True
+            failure = await self._gate(n, entry)
+            if failure:
+                await self._roll_back(n, entry, failure)
+                return False
+            await self._uncordon(n, entry, "rejoin")
+            self._step(n, "done", f"serving {_target(t)}")
+            return True
+        except OpFailed as exc:
+            self._step(n, "failed", str(exc))
+            return False
+
+    async def _entry(self, node_id: str) -> NodeEntry:
+        deadline = time.monotonic() + NODE_WAIT_S
+        while time.monotonic() < deadline:
+            entry = self._fleet.by_id(node_id)
+            if entry is not None and entry.status is not None:
+                return entry
+            await asyncio.sleep(0.2)  # waiting for discovery to (re)find it
+        raise OpFailed(f"node {node_id} is not in this coordinator's fleet view after {NODE_WAIT_S:g}s; "
+                       "check that it runs and is discovered (fleetctl nodes)")
+
+    async def _stage(self, n: NodeRow, entry: NodeEntry) -> None:
+        t = self.r.target
+        self._step(n, "stage", f"staging {_target(t)} ({'shared path' if t.shared_path else 'push'})")
+        op = self._op(n, "stage")
+
+        def seen(st: node_pb2.NodeStatus) -> None:
+            for m in st.staged:
+                if m.weights_digest == t.weights_digest:
+                    self.progress[n.node_id] = (m.bytes_done, m.bytes_total)
+        if t.shared_path:
+            await wait_op(lambda: entry.link.ops.StageModel(node_pb2.StageModelRequest(
+                operation_id=op, source_path=t.model_path, model_id=t.model_id, version=t.version,
+                expected_digest=t.weights_digest), timeout=CALL_TIMEOUT_S),
+                what=f"stage on node {n.node_id}", timeout_s=STAGE_TIMEOUT_S, on_status=seen)
+            return
+        manifest = await asyncio.to_thread(manifest_for, Path(t.model_path), operation_id=op, model_id=t.model_id,
+                                           version=t.version, expected_digest=t.weights_digest)
+        try:
+            reply = await push_weights(entry.link.ops, manifest, Path(t.model_path),
+                                       progress=lambda done, total: self.progress.__setitem__(n.node_id, (done, total)))
+        except Exception as exc:  # noqa: BLE001 - a broken push leaves the node as it was
+            raise OpFailed(f"pushing weights to node {n.node_id} failed: {exc}") from None
+        if reply.operation.state != node_pb2.OPERATION_STATE_DONE:
+            raise OpFailed(f"stage on node {n.node_id}: {reply.operation.message}")
+
+    async def _drain(self, n: NodeRow, entry: NodeEntry) -> None:
+        await self._wait_capacity(n)
+        self._step(n, "drain", f"draining (deadline {self.r.drain_timeout_s:g}s)")
+        await wait_op(lambda: entry.link.ops.Drain(node_pb2.DrainRequest(
+            operation_id=self._op(n, "drain"), timeout_s=self.r.drain_timeout_s, reason=f"rollout {self.r.id}"),
+            timeout=CALL_TIMEOUT_S), what=f"drain of node {n.node_id}", timeout_s=self.r.drain_timeout_s + 60)
+
+    async def _wait_capacity(self, n: NodeRow) -> None:
+        """Make before break: drain only while enough other nodes serve."""
+        need = max(1, len(self.r.nodes) - self.r.max_unavailable) if len(self.r.nodes) > 1 else 0
+        deadline = time.monotonic() + CAPACITY_WAIT_S
+        said = False
+        while sum(e.node_id != n.node_id for e in self._fleet.routable()) < need:
+            if time.monotonic() > deadline:
+                raise OpFailed(f"fewer than {need} other nodes were serving for {CAPACITY_WAIT_S:g}s; "
+                               f"node {n.node_id} was not drained")
+            if not said:
+                self._step(n, "wait", f"waiting for {need} other nodes to serve before draining")
+                said = True
+            await asyncio.sleep(0.2)
+
+    async def _gate(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
+        self._step(n, "gate", ", ".join(g.name for g in self._gates))
+        ctx = GateContext(self.r.id, n.node_id, entry.address, entry.link, self.r.target.weights_digest)
+        for gate in self._gates:
+            why = await gate.check(ctx)
+            if why:
+                return f"{gate.name} gate: {why}"
+        return None
+
+    async def _uncordon(self, n: NodeRow, entry: NodeEntry, step: str) -> None:
+        await wait_op(lambda: entry.link.ops.Cordon(node_pb2.CordonRequest(
+            operation_id=self._op(n, step), cordoned=False, reason=f"rollout {self.r.id}"),
+            timeout=CALL_TIMEOUT_S), what=f"uncordon of node {n.node_id}", timeout_s=60)
+        deadline = time.monotonic() + 30
+        while not entry.routable and time.monotonic() < deadline:
+            entry.poke.set()   # read its status now rather than at the next poll
+            await asyncio.sleep(0.05)
+
+    async def _roll_back(self, n: NodeRow, entry: NodeEntry, failure: str) -> None:
+        self._step(n, "rollback", f"{failure}; going back to {n.from_digest[:19]}")
+        try:
+            await wait_op(lambda: entry.link.ops.Drain(node_pb2.DrainRequest(
+                operation_id=self._op(n, "rollback-drain"), timeout_s=self.r.drain_timeout_s,
+                reason=f"rollback {self.r.id}"), timeout=CALL_TIMEOUT_S),
+                what=f"drain of node {n.node_id}", timeout_s=self.r.drain_timeout_s + 60)
+            if not self.r.target.restart:
+                await wait_op(lambda: entry.link.ops.Activate(node_pb2.ActivateRequest(
+                    operation_id=self._op(n, "rollback"), previous=True), timeout=CALL_TIMEOUT_S),
+                    what=f"rollback of node {n.node_id}", timeout_s=LOAD_TIMEOUT_S)
+            await self._uncordon(n, entry, "rollback-uncordon")
+        except OpFailed as exc:
+            self._step(n, "failed", f"{failure}; rollback failed too: {exc}; the node stays cordoned, "
+                                    "fix it by hand (fleetctl node status)")
+            return
+        self._step(n, "rolled_back", f"{failure}; back on {n.from_digest[:19]} and serving")
+
+    async def _restart(self, n: NodeRow, entry: NodeEntry) -> None:
+        """A release restart: drain, ask the agent to exit for its service manager, wait for
+        the new process to come back (drained: its drain is kept across the restart)."""
+        await self._drain(n, entry)
+        self._step(n, "restart", "restarting the node agent")
+        asked = time.monotonic()
+        await wait_op(lambda: entry.link.ops.Restart(node_pb2.RestartRequest(operation_id=self._op(n, "restart")),
+                                                     timeout=CALL_TIMEOUT_S),
+                      what=f"restart of node {n.node_id}", timeout_s=60)
+        while True:
+            if time.monotonic() - asked > RESTART_WAIT_S:
+                raise OpFailed(f"node {n.node_id} did not come back within {RESTART_WAIT_S:g}s of its restart; "
+                               "check its service manager (launchctl print / systemctl status)")
+            try:
+                st = await entry.link.status(CALL_TIMEOUT_S)
+                if st.uptime_s < time.monotonic() - asked and st.lifecycle in (READY, DRAINED):
+                    return
+            except Exception:  # noqa: BLE001 - it is down while it restarts
+                pass
+            await asyncio.sleep(0.5)
+
+
+def _target(t: fleet_pb2.RolloutTarget) -> str:
+    if t.restart:
+        return "a restarted release"
+    return f"{t.model_id} {t.version} {t.weights_digest[:19]}".replace("  ", " ")

@@ -1,0 +1,202 @@
+"""Starting, controlling and resuming rollouts; the lease; the Rollout message.
+
+One rollout runs at a time per state database. The coordinator holding the lease runs
+it; the lease is renewed every third of its time-to-live, so a coordinator that died
+frees it within `rollout_lease_s` and a restarted one (or a standby sharing the
+database) resumes the rollout from its recorded steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import grpc
+
+from cluster.api import fleet_pb2
+from coordinator import health_policy as hp
+from coordinator.events import EventLog
+from coordinator.fleet import Fleet
+from coordinator.rollout import Runner
+from coordinator.rollout_store import NodeRow, RolloutRow, RolloutStore
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+STATES = {s: fleet_pb2.RolloutState.Value(f"ROLLOUT_STATE_{s}") for s in
+          ("RUNNING", "PAUSED", "SUCCEEDED", "FAILED", "ABORTED")}
+
+
+class RolloutRefused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Rollouts:
+    def __init__(self, *, settings, fleet: Fleet, events: EventLog, gates, store: RolloutStore):
+        self._s = settings
+        self._me = settings.coordinator_id
+        self._fleet = fleet
+        self._events = events
+        self._gates = gates
+        self.store = store
+        self._runner: Optional[Runner] = None
+        self._task: Optional[asyncio.Task] = None
+        self._lease_task: Optional[asyncio.Task] = None
+        self._wake = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def resume_pending(self) -> None:
+        """At start: pick up a rollout a previous coordinator left running or paused."""
+        row = self.store.active()
+        if row is not None:
+            log.info("rollout=%s %s: resuming (left by %s)", row.id, row.state, row.owner or "unknown")
+            self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
+
+    async def close(self) -> None:
+        for task in (self._task, self._lease_task):
+            if task is not None:
+                task.cancel()
+        self.store.release(self._me)
+        self.store.close()
+
+    async def _hold_lease(self, row: RolloutRow) -> None:
+        """Take the lease (waiting while another live coordinator holds it), run, renew."""
+        ttl = self._s.rollout_lease_s
+        while (holder := self.store.acquire(self._me, ttl)) is not None:
+            log.warning("rollout=%s waiting: %s", row.id, holder)
+            await asyncio.sleep(ttl / 3)
+        self.store.set_owner(row.id, self._me)
+        self._launch(row)
+        while self._task is not None and not self._task.done():
+            await asyncio.sleep(ttl / 3)
+            if self.store.acquire(self._me, ttl) is not None:  # only possible after we stalled past the ttl
+                log.error("rollout=%s lost the lease; stopping here", row.id)
+                self._task.cancel()
+                return
+        self.store.release(self._me)
+
+    def _launch(self, row: RolloutRow) -> None:
+        self._runner = Runner(row, store=self.store, fleet=self._fleet, events=self._events, gates=self._gates,
+                              wake=self._wake)
+        self._task = asyncio.get_running_loop().create_task(self._runner.run())
+
+    # -- operator commands ------------------------------------------------------------
+    async def start(self, req: fleet_pb2.StartRolloutRequest, started_by: str) -> RolloutRow:
+        t = fleet_pb2.RolloutTarget()
+        t.CopyFrom(req.target)
+        await self._check_target(t)
+        rid = req.rollout_id or f"r-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        if not ROLLOUT_ID.fullmatch(rid):
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "rollout_id must be 1-64 of [A-Za-z0-9._-]")
+        if self.store.get(rid) is not None:
+            raise RolloutRefused(grpc.StatusCode.ALREADY_EXISTS, f"rollout {rid} exists; choose another id")
+        active = self.store.active()
+        if active is not None:
+            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"rollout {active.id} is {active.state.lower()}; resume or abort it first")
+        nodes = self._pick_nodes(list(req.node_ids))
+        k = req.max_unavailable or 1
+        if len(nodes) > 1 and k >= len(nodes):
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"max_unavailable {k} would take all {len(nodes)} nodes out at once; "
+                                 f"use at most {len(nodes) - 1}")
+        drain_timeout = req.drain_timeout_s or 120.0
+        if not 0 < drain_timeout <= 86_400:
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be in (0, 86400]")
+        holder = self.store.acquire(self._me, self._s.rollout_lease_s)
+        if holder is not None:
+            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{holder}; try again later")
+        row = RolloutRow(id=rid, state="RUNNING", target=t, max_unavailable=k, drain_timeout_s=drain_timeout,
+                         owner=self._me, started_by=started_by, nodes=[NodeRow(n) for n in nodes])
+        self.store.create(row)
+        self._events.emit(fleet_pb2.EVENT_KIND_ROLLOUT, reason=f"started by {started_by}: {len(nodes)} nodes, "
+                          f"max unavailable {k}", rollout_id=rid, step="start")
+        self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(self.store.get(rid)))
+        return self.store.get(rid)
+
+    async def _check_target(self, t: fleet_pb2.RolloutTarget) -> None:
+        bad = lambda msg: RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
+        if t.restart:
+            if t.model_path or t.weights_digest:
+                raise bad("a release restart takes no model; start a separate model rollout")
+            return
+        if not t.model_path or not Path(t.model_path).is_absolute():
+            raise bad("target.model_path must be an absolute model directory path")
+        path = Path(t.model_path)
+        t.model_id = t.model_id or path.name
+        if t.weights_digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", t.weights_digest):
+            raise bad("target.weights_digest must be sha256: followed by 64 hex digits")
+        if t.shared_path:  # the nodes read the path; this host may not see it
+            if not t.weights_digest:
+                raise bad("a shared-path rollout needs target.weights_digest (fleetctl model digest DIR)")
+            return
+        if not path.is_dir():
+            raise bad(f"{path} is not a directory on the coordinator's host; give the model's path here, "
+                      "or --shared-path if only the nodes see it")
+        from cluster.digest import weights_digest
+
+        try:
+            actual = await asyncio.to_thread(weights_digest, path)
+        except OSError as exc:
+            raise bad(f"{path} cannot be read: {exc}") from None
+        if t.weights_digest and t.weights_digest != actual:
+            raise bad(f"{path} hashes to {actual[:19]}, not the expected {t.weights_digest[:19]}; "
+                      "check you point at the right version")
+        t.weights_digest = actual
+
+    def _pick_nodes(self, wanted: list[str]) -> list[str]:
+        known = sorted(e.node_id for e in self._fleet.entries.values()
+                       if e.node_id and e.health.verdict is not hp.Verdict.REJECTED)
+        if not wanted:
+            if not known:
+                raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, "the fleet has no verified nodes")
+            return known
+        missing = [n for n in wanted if n not in known]
+        if missing or len(set(wanted)) != len(wanted):
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"unknown or repeated node ids {missing or wanted}; known: {', '.join(known)}")
+        return wanted
+
+    def control(self, rollout_id: str, action: str) -> RolloutRow:
+        row = self.store.get(rollout_id) if rollout_id else self.store.active()
+        if row is None:
+            raise RolloutRefused(grpc.StatusCode.NOT_FOUND, f"no rollout {rollout_id or 'is running'}")
+        allowed = {"pause": ("RUNNING",), "resume": ("PAUSED",), "abort": ("RUNNING", "PAUSED")}[action]
+        if row.state not in allowed:
+            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"rollout {row.id} is {row.state.lower()}; "
+                                                                      f"cannot {action} it")
+        state = {"pause": "PAUSED", "resume": "RUNNING", "abort": "ABORTED"}[action]
+        message = {"pause": "paused: node steps under way finish, no new node starts",
+                   "resume": "resumed", "abort": "aborted: node steps under way finish, no new node starts"}[action]
+        self.store.set_state(row.id, state, message)
+        self._events.emit(fleet_pb2.EVENT_KIND_ROLLOUT, reason=message, rollout_id=row.id, step=action)
+        self._wake.set()
+        if action == "resume" and (self._task is None or self._task.done()):
+            self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(self.store.get(row.id)))
+        return self.store.get(row.id)
+
+    def get(self, rollout_id: str) -> RolloutRow:
+        row = self.store.get(rollout_id)
+        if row is None:
+            raise RolloutRefused(grpc.StatusCode.NOT_FOUND, f"no rollout {rollout_id}" if rollout_id
+                                 else "no rollout has run on this coordinator's state database")
+        return row
+
+    def to_proto(self, row: RolloutRow) -> fleet_pb2.Rollout:
+        progress = self._runner.progress if self._runner and self._runner.r.id == row.id else {}
+        return fleet_pb2.Rollout(
+            rollout_id=row.id, state=STATES[row.state], target=row.target, max_unavailable=row.max_unavailable,
+            message=row.message, created_unix_s=row.created, updated_unix_s=row.updated, owner=row.owner,
+            started_by=row.started_by,
+            nodes=[fleet_pb2.RolloutNode(node_id=n.node_id, step=n.step, from_digest=n.from_digest,
+                                         message=n.message, started_unix_s=n.started, finished_unix_s=n.finished,
+                                         bytes_done=progress.get(n.node_id, (0, 0))[0],
+                                         bytes_total=progress.get(n.node_id, (0, 0))[1])
+                   for n in row.nodes])

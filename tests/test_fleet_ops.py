@@ -1,0 +1,91 @@
+"""Drain and cordon through the coordinator and `fleetctl` (real processes, mTLS): requests
+in flight finish, new ones go elsewhere, and no caller sees an error."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from cluster.api import common_pb2, fleet_pb2
+from tests.fleet_helpers import EventWatch, collect, note
+from tests.test_rollout import fleetctl
+
+
+@pytest.fixture
+def two_nodes(start_node, start_coordinator):
+    nodes = [start_node(node_id=n, wait=False) for n in ("ops-a", "ops-b")]
+    for n in nodes:
+        n.wait_serving()
+    co = start_coordinator(nodes=[n.address for n in nodes])
+    co.wait_routable(2)
+    return co, nodes
+
+
+def streams_on(co, count: int, max_tokens: int, tag: str):
+    out, threads = [], []
+    for i in range(count):
+        t = threading.Thread(target=lambda i=i: out.append(collect(
+            co.inference, note(i, max_tokens, request_id=f"{tag}-{i}"), timeout_s=120)))
+        t.start()
+        threads.append(t)
+    return out, threads
+
+
+def test_drain_through_fleetctl_finishes_in_flight_requests_and_routes_new_ones_elsewhere(two_nodes):
+    co, (a, b) = two_nodes
+    first, threads = streams_on(co, 6, 400, "before")
+    a.wait_until(lambda st: st.load.running >= 1, timeout_s=30, what="work on ops-a")
+    out = fleetctl(co, "drain", "ops-a", "--timeout", "120", "--reason", "patching")
+    assert out.exit_code == 0, out.output
+    assert "node ops-a: DRAINED (cordoned)" in out.output and "every request in flight finished" in out.output
+    later, more = streams_on(co, 4, 16, "during")
+    for t in threads + more:
+        t.join(120)
+    assert [s.error for s in first + later] == [None] * 10
+    assert all(s.final.failovers == 0 for s in first), "in-flight requests finished where they ran"
+    assert any(list(s.final.nodes) == ["ops-a"] for s in first)
+    assert all(list(s.final.nodes) == ["ops-b"] for s in later), "a drained node gets no new request"
+
+    shown = fleetctl(co, "node", "show", "ops-a", "-o", "json")
+    node = json.loads(shown.output)
+    assert node["status"]["lifecycle"] == "LIFECYCLE_DRAINED" and node["status"]["cordoned"]
+    assert any(o["kind"] == "drain" for o in node["status"]["operations"])
+    assert fleetctl(co, "node", "show", "nope").exit_code == 6
+
+    back = fleetctl(co, "uncordon", "ops-a")
+    assert back.exit_code == 0 and "READY" in back.output
+    co.wait_routable(2)
+
+
+def test_drain_past_its_deadline_moves_the_rest_to_another_node_without_errors(two_nodes):
+    co, (a, b) = two_nodes
+    watch = EventWatch(co)
+    first, threads = streams_on(co, 6, 1800, "long")
+    a.wait_until(lambda st: st.load.running >= 1, timeout_s=30, what="work on ops-a")
+    out = fleetctl(co, "drain", "ops-a", "--timeout", "0.5")
+    assert out.exit_code == 0, out.output
+    assert "requests were ended with a CANCELLED final chunk" in out.output
+    for t in threads:
+        t.join(120)
+    assert [s.error for s in first] == [None] * 6
+    moved = [s for s in first if s.final.failovers]
+    assert moved and all(list(s.final.nodes) == ["ops-a", "ops-b"] for s in moved)
+    watch.wait_for(fleet_pb2.EVENT_KIND_OPERATION, node_id="ops-a")
+    watch.close()
+
+
+def test_a_cordon_outlives_the_node_agent_and_the_coordinator_respects_it(two_nodes, tmp_path):
+    co, (a, b) = two_nodes
+    out = fleetctl(co, "cordon", "ops-a", "--reason", "disk check")
+    assert out.exit_code == 0 and "cordoned" in out.output
+    a.restart(tmp_path / "logs-again")   # same address: the coordinator's static entry finds it again
+    a.wait_serving()
+    st = a.status()
+    assert st.cordoned and st.lifecycle == common_pb2.LIFECYCLE_READY
+    results = [collect(co.inference, note(i, 8)) for i in range(4)]
+    assert all(s.error is None and list(s.final.nodes) == ["ops-b"] for s in results)
+    listing = co.nodes()
+    row = next(n for n in listing.nodes if n.status.node_id == "ops-a")
+    assert not row.routable and row.status.cordoned
