@@ -126,8 +126,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
 
     async def _control(self, request, context, action: str) -> fleet_pb2.Rollout:
         return await self._rollout(context, f"rollout.{action}",
-                                   lambda: _now(self._rollouts.control(request.rollout_id, action)),
-                                   rollout_id=request.rollout_id)
+                                   lambda: _now(self._rollouts.control(request.rollout_id, action)))
 
     async def _rollout(self, context, action: str, work, **details) -> fleet_pb2.Rollout:
         """Run `work` (audited as `action` unless empty); a refusal is answered with its code."""
@@ -135,8 +134,9 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         try:
             row = await work()
         except RolloutRefused as exc:
-            if action:
-                self._audit.admin(ident, peer, action, outcome="refused", code=exc.code.name, **details)
+            if action:  # a refused start or control is recorded too, with why
+                self._audit.admin(ident, peer, action, outcome="refused", code=exc.code.name,
+                                  reason=str(exc)[:300], **details)
             await context.abort(exc.code, str(exc))
         if action:
             self._audit.admin(ident, peer, action, rollout_id=row.id, **details)

@@ -48,7 +48,8 @@ class Coordinator:
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
                            identify=self.authz.peer, audit=self.audit)
         self.rollouts = Rollouts(settings=settings, fleet=self.fleet, events=self.events,
-                                 gates=default_gates(settings), store=RolloutStore(settings.state_db))
+                                 gates=default_gates(settings), store=RolloutStore(settings.state_db),
+                                 audit=self.audit)
         self.discovery: Optional[MdnsDiscovery] = None
         self._health = health_aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None

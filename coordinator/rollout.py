@@ -41,8 +41,9 @@ class Runner:
     """Runs one rollout to its end; `Rollouts` owns starting, pausing and resuming it."""
 
     def __init__(self, row: RolloutRow, *, store: RolloutStore, fleet: Fleet, events: EventLog, gates,
-                 wake: asyncio.Event):
+                 wake: asyncio.Event, audit=None):
         self.r = row
+        self._audit = audit
         self._store = store
         self._fleet = fleet
         self._events = events
@@ -93,6 +94,12 @@ class Runner:
             n.finished = time.time()
         self._store.set_step(self.r.id, n)
         self._events.emit(K.EVENT_KIND_ROLLOUT, node_id=n.node_id, reason=message, rollout_id=self.r.id, step=step)
+        if step in TERMINAL_STEPS and self._audit is not None:  # who changed which node's weights, and how it ended
+            self._audit.submit({"type": "admin", "action": "rollout.node", "caller": self.r.started_by,
+                                "role": "operator", "peer": "", "coordinator": self.r.owner,
+                                "outcome": step, "code": "OK" if step == "done" else "FAILED",
+                                "rollout_id": self.r.id, "node_id": n.node_id, "from_digest": n.from_digest,
+                                "to_digest": self.r.target.weights_digest, "reason": message[:300]})
 
     def _op(self, n: NodeRow, step: str) -> str:
         return f"{self.r.id}/{n.node_id}/{step}"

@@ -23,7 +23,7 @@ from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.rollout import Runner
-from coordinator.rollout_store import NodeRow, RolloutRow, RolloutStore
+from coordinator.rollout_store import TERMINAL_STEPS, NodeRow, RolloutRow, RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class RolloutRefused(Exception):
 
 
 class Rollouts:
-    def __init__(self, *, settings, fleet: Fleet, events: EventLog, gates, store: RolloutStore):
+    def __init__(self, *, settings, fleet: Fleet, events: EventLog, gates, store: RolloutStore, audit=None):
+        self._audit = audit
         self._s = settings
         self._me = settings.coordinator_id
         self._fleet = fleet
@@ -84,7 +85,7 @@ class Rollouts:
 
     def _launch(self, row: RolloutRow) -> None:
         self._runner = Runner(row, store=self.store, fleet=self._fleet, events=self._events, gates=self._gates,
-                              wake=self._wake)
+                              wake=self._wake, audit=self._audit)
         self._task = asyncio.get_running_loop().create_task(self._runner.run())
 
     # -- operator commands ------------------------------------------------------------
@@ -173,8 +174,10 @@ class Rollouts:
             raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"rollout {row.id} is {row.state.lower()}; "
                                                                       f"cannot {action} it")
         state = {"pause": "PAUSED", "resume": "RUNNING", "abort": "ABORTED"}[action]
-        message = {"pause": "paused: node steps under way finish, no new node starts",
-                   "resume": "resumed", "abort": "aborted: node steps under way finish, no new node starts"}[action]
+        busy = [n.node_id for n in row.nodes if n.step not in ("pending", *TERMINAL_STEPS)]
+        under_way = f"node {', '.join(busy)} finishes its step, " if busy else ""
+        message = {"pause": f"paused: {under_way}no new node starts",
+                   "resume": "resumed", "abort": f"aborted: {under_way}no new node starts"}[action]
         self.store.set_state(row.id, state, message)
         self._events.emit(fleet_pb2.EVENT_KIND_ROLLOUT, reason=message, rollout_id=row.id, step=action)
         self._wake.set()

@@ -128,6 +128,20 @@ def test_rolling_update_under_load_fails_no_request(three_nodes, start_coordinat
         assert {"stage", "drain", "activate", "gate", "done"} <= set(seen), seen
     status = fleetctl(co, "rollout", "status", "r-load")
     assert status.exit_code == 0 and "succeeded (3/3 nodes done)" in status.output
+    audited = _audited(co, "rollout.node", 3)
+    assert {(a["node_id"], a["outcome"], a["to_digest"]) for a in audited} == {(n, "done", new) for n in NODES}
+    assert all(a["caller"] == "operator" for a in audited + _audited(co, "rollout.start", 1))
+
+
+def _audited(co, action: str, count: int, timeout_s: float = 10.0) -> list[dict]:
+    """The audit records of `action` once `count` are on disk (records go in group commits)."""
+    from cluster.audit.query import query
+
+    deadline = time.monotonic() + timeout_s
+    while len(found := list(query(co.audit_dir, action=action))) < count:
+        assert time.monotonic() < deadline, f"{len(found)} of {count} {action} audit records"
+        time.sleep(0.05)
+    return found
 
 
 def _history(co) -> list:
@@ -206,10 +220,74 @@ def test_a_restarted_coordinator_resumes_the_rollout_without_redoing_finished_no
     assert sum(o.kind == "drain" for o in b.operations) == 1, "the drain under way was not started twice"
 
 
-def _wait_step(watch: EventWatch, node_id: str, step: str, timeout_s: float = 120.0):
+def _hold(node, max_tokens: int = 1800) -> threading.Thread:
+    """A long request sent to `node` directly: it holds that node's drain open for a while."""
+    t = threading.Thread(target=lambda: collect(node.inference, note(0, max_tokens)), daemon=True)
+    t.start()
+    node.wait_until(lambda st: st.load.running >= 1, timeout_s=30, what=f"a long request on {node.node_id}")
+    return t
+
+
+def test_pause_resume_and_abort(three_nodes, start_coordinator, new_model, tiny_model):
+    co = fleet_with(start_coordinator, three_nodes)
+    stub = fleet_pb2_grpc.FleetStub(co.channel)
+    holder = _hold(three_nodes[0])
+    watch = EventWatch(co)
+    stub.StartRollout(fleet_pb2.StartRolloutRequest(
+        target=fleet_pb2.RolloutTarget(model_path=str(new_model)), rollout_id="r-pause"), timeout=60)
+    _wait_step(watch, "roll-a", "drain")
+    paused = fleetctl(co, "rollout", "pause", "r-pause")
+    assert paused.exit_code == 0 and "paused" in paused.output
+    _wait_step(watch, "roll-a", "done")          # the node step under way finishes
+    holder.join(60)
+    r = rollout(co, "r-pause")
+    assert r.state == K.ROLLOUT_STATE_PAUSED and [n.step for n in r.nodes] == ["done", "pending", "pending"]
+    assert fleetctl(co, "rollout", "pause", "r-pause").exit_code == 2, "pausing a paused rollout is refused"
+    assert fleetctl(co, "rollout", "resume").exit_code == 0
+    assert wait_rollout(co, "r-pause").state == K.ROLLOUT_STATE_SUCCEEDED
+
+    holder = _hold(three_nodes[0])
+    stub.StartRollout(fleet_pb2.StartRolloutRequest(
+        target=fleet_pb2.RolloutTarget(model_path=str(tiny_model)), rollout_id="r-abort"), timeout=60)
+    _wait_step(watch, "roll-a", "drain", after="r-abort")
+    assert fleetctl(co, "rollout", "abort").exit_code == 0
+    out = fleetctl(co, "rollout", "status", "r-abort", "--watch")
+    assert out.exit_code == 8, out.output
+    _wait_step(watch, "roll-a", "done", after="r-abort")   # the node step under way still finishes
+    watch.close()
+    r = rollout(co, "r-abort")
+    assert [n.step for n in r.nodes] == ["done", "pending", "pending"]
+    assert three_nodes[1].status().model.weights_digest == weights_digest(new_model), "untouched after the abort"
+    holder.join(60)
+
+
+def test_a_standby_coordinator_on_the_same_database_takes_over_when_the_lease_expires(
+        three_nodes, start_coordinator, new_model):
+    co = fleet_with(start_coordinator, three_nodes)
+    holder = _hold(three_nodes[0])
+    watch = EventWatch(co)
+    fleet_pb2_grpc.FleetStub(co.channel).StartRollout(fleet_pb2.StartRolloutRequest(
+        target=fleet_pb2.RolloutTarget(model_path=str(new_model)), rollout_id="r-standby"), timeout=60)
+    _wait_step(watch, "roll-a", "drain")
+    watch.close()
+    standby = start_coordinator("--state-db", str(co.state_db), "--coordinator-id", "standby",
+                                nodes=[n.address for n in three_nodes], name="standby")
+    refused = fleetctl(standby, "rollout", "start", "--model", str(new_model))
+    assert refused.exit_code == 2 and "rollout r-standby is running" in refused.output
+    assert rollout(standby, "r-standby").owner == "coordinator"
+    co.proc.kill()
+    co.wait_exit(10)
+    r = wait_rollout(standby, "r-standby", timeout_s=120)   # after the 15 s lease runs out
+    assert r.state == K.ROLLOUT_STATE_SUCCEEDED and r.owner == "standby", r
+    holder.join(60)
+
+
+def _wait_step(watch: EventWatch, node_id: str, step: str, timeout_s: float = 120.0, after: str = ""):
+    """The rollout events with this node and step (of rollout `after` only, when given)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = [e for e in watch.events if e.kind == K.EVENT_KIND_ROLLOUT and e.node_id == node_id and e.step == step]
+        found = [e for e in watch.events if e.kind == K.EVENT_KIND_ROLLOUT and e.node_id == node_id
+                 and e.step == step and (not after or e.rollout_id == after)]
         if found:
             return found
         with watch._cond:
