@@ -107,6 +107,7 @@ class Runner:
     # -- one node ---------------------------------------------------------------------
     async def _node(self, n: NodeRow) -> bool:
         t = self.r.target
+        entry: Optional[NodeEntry] = None
         try:
             entry = await self._entry(n.node_id)
             st = await entry.link.status(CALL_TIMEOUT_S)
@@ -137,7 +138,14 @@ class Runner:
             self._step(n, "done", f"serving {_target(t)}")
             return True
         except OpFailed as exc:
-            self._step(n, "failed", str(exc))
+            message = str(exc)
+            if n.step == "drain" and entry is not None:  # cordoned by this rollout, never swapped: release it
+                try:
+                    await self._uncordon(n, entry, "release")
+                    message += "; the node was uncordoned and serves as before"
+                except OpFailed as again:
+                    message += f"; uncordoning it failed too ({again}): uncordon it by hand"
+            self._step(n, "failed", message)
             return False
 
     async def _entry(self, node_id: str) -> NodeEntry:

@@ -135,11 +135,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if agent.stopping:
             await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
                                f"node {node} is shutting down; send the request to another node")
-        if state is not State.READY:
+        smoke = _smoke(context)
+        if state is not State.READY and not (smoke and state is State.DRAINED):  # a gate may test a drained node
             await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
                                f"node {node} is {state.value} ({agent.lifecycle.snapshot.reason}); "
                                "retry shortly or send the request to another node")
-        if agent.cordoned and not _smoke(context):
+        if agent.cordoned and not smoke:
             await self._reject(context, rid, grpc.StatusCode.UNAVAILABLE,
                                f"node {node} is cordoned ({agent.ops.state.cordon_reason or 'operator'}); "
                                "send the request to another node")

@@ -54,6 +54,10 @@ class NodeState:
             raise RuntimeError(f"{path} is unreadable ({type(exc).__name__}: {exc}); fix or remove it "
                                "(removing it forgets the node's cordon, drain and activated model)") from None
         models = {k: ModelRef(**raw[k]) if raw.get(k) else None for k in ("active", "previous")}
+        for rec in raw.get("operations", []):
+            if rec.get("state") == "running":  # the agent stopped under it: it will never finish now
+                rec.update(state="failed", message="interrupted: the node agent stopped while it ran; "
+                                                   "retry with a new operation id")
         return cls(cordoned=bool(raw.get("cordoned")), cordon_reason=str(raw.get("cordon_reason", "")),
                    drained=bool(raw.get("drained")), configured_path=str(raw.get("configured_path", "")),
                    operations=list(raw.get("operations", []))[-KEEP_OPERATIONS:], **models)

@@ -111,6 +111,7 @@ class Operations:
             self.state.drained = False
             if self._drain_task is not None:
                 self._drain_task.cancel()
+                self._drain_task = None
             if a.lifecycle.state in (State.DRAINING, State.DRAINED):
                 await a.enter(State.READY, f"uncordoned ({reason or 'operator'})")
         return self._end(rec, True, ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
@@ -143,8 +144,8 @@ class Operations:
             self.drain_deadline = time.monotonic() + timeout
             await a.enter(State.DRAINING, f"draining {len(a.registry)} requests, deadline {timeout:g}s"
                                           + (f" ({reason})" if reason else ""))
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain(timeout))
-            self._drain_task.add_done_callback(lambda _t: setattr(self, "_drain_task", None))
+            task = self._drain_task = asyncio.get_running_loop().create_task(self._drain(timeout))
+            task.add_done_callback(lambda t: setattr(self, "_drain_task", None) if self._drain_task is t else None)
         return self._drain_task
 
     async def _drain(self, timeout: float) -> str:

@@ -220,6 +220,52 @@ def test_a_restarted_coordinator_resumes_the_rollout_without_redoing_finished_no
     assert sum(o.kind == "drain" for o in b.operations) == 1, "the drain under way was not started twice"
 
 
+class KeepAlive:
+    """Stands in for launchd's KeepAlive / systemd's Restart=always (neither can run in a
+    test): starts a node agent again, on its address, whenever it exits with code 75."""
+
+    def __init__(self, nodes, log_dir):
+        self.restarts: list[str] = []
+        self._stop = False
+        self._threads = [threading.Thread(target=self._watch, args=(n, log_dir), daemon=True) for n in nodes]
+        for t in self._threads:
+            t.start()
+
+    def _watch(self, node, log_dir) -> None:
+        while not self._stop:
+            proc = node.proc
+            code = proc.wait()
+            if self._stop or code != 75:
+                return
+            self.restarts.append(node.node_id)
+            node.restart(log_dir)
+
+    def close(self) -> None:
+        self._stop = True
+
+
+def test_a_release_restart_rolls_through_the_fleet_without_failing_a_request(three_nodes, start_coordinator,
+                                                                              tmp_path):
+    co = fleet_with(start_coordinator, three_nodes)
+    pids = [n.proc.pid for n in three_nodes]
+    keepalive = KeepAlive(three_nodes, tmp_path / "logs")
+    load = Load(co)
+    try:
+        out = fleetctl(co, "rollout", "start", "--restart", "--rollout-id", "r-release", "--wait")
+        results = load.finish()
+    finally:
+        keepalive.close()
+    assert out.exit_code == 0, out.output
+    assert sorted(keepalive.restarts) == sorted(NODES)
+    assert [n.proc.pid for n in three_nodes] != pids
+    failed = [(s.request.request_id, s.error.details()) for s in results if s.error]
+    assert not failed, failed[:3]
+    assert load.min_routable >= 2
+    for n in three_nodes:
+        st = n.status()
+        assert st.lifecycle == common_pb2.LIFECYCLE_READY and not st.cordoned and st.uptime_s < 120
+
+
 def _hold(node, max_tokens: int = 1800) -> threading.Thread:
     """A long request sent to `node` directly: it holds that node's drain open for a while."""
     t = threading.Thread(target=lambda: collect(node.inference, note(0, max_tokens)), daemon=True)
