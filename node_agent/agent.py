@@ -91,7 +91,7 @@ class NodeAgent:
     async def start(self) -> int:
         """Bind and serve status and health at once; returns the bound port."""
         self.registry.bind_loop(asyncio.get_running_loop())
-        authz = self.security.authorizer(NODE_TABLE, where=f"node {self.node_id}")
+        authz = self.authz = self.security.authorizer(NODE_TABLE, where=f"node {self.node_id}")
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[authz])
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self), server)
         node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import time
@@ -18,6 +19,7 @@ from node_agent.operations import OperationError, to_proto
 from node_agent.staging import StagingError
 from node_agent.telemetry import cpu_load_1m, host_memory
 
+log = logging.getLogger(__name__)
 OP_ID = re.compile(r"[A-Za-z0-9._:@/+-]{1,128}")
 
 if TYPE_CHECKING:
@@ -108,6 +110,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
                                 "[A-Za-z0-9._:@/+-]")
         if agent.stopping:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {agent.node_id} is shutting down")
+        who = agent.authz.peer(context) if getattr(agent, "authz", None) else None
+        log.info("node=%s operation=%s requested by caller=%s peer=%s", agent.node_id, op_id,
+                 f"{who.role.value}/{who.name}" if who else "-", context.peer())
         try:
             rec = await start(op_id)
         except OperationError as exc:

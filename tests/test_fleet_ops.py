@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import threading
 
+import grpc
 import pytest
 
-from cluster.api import common_pb2, fleet_pb2
+from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc
 from tests.fleet_helpers import EventWatch, collect, note
 from tests.test_rollout import fleetctl
 
@@ -89,3 +90,67 @@ def test_a_cordon_outlives_the_node_agent_and_the_coordinator_respects_it(two_no
     listing = co.nodes()
     row = next(n for n in listing.nodes if n.status.node_id == "ops-a")
     assert not row.routable and row.status.cordoned
+
+
+def test_only_operators_and_coordinators_run_operations(start_node, start_coordinator, fleet_ca):
+    from cluster.api import node_pb2, node_pb2_grpc
+    from cluster.security import ca
+    from cluster.security.identity import Role
+
+    node = start_node(node_id="perm-node")
+    co = start_coordinator(nodes=[node.address])
+    co.wait_routable(1)
+    ca.issue(fleet_ca, Role.NODE, "other-node")
+    for name, role in (("app", Role.APP), ("other-node", Role.NODE)):
+        with node.dial(name, role) as ch:
+            for call in (lambda s: s.Cordon(node_pb2.CordonRequest(cordoned=True), timeout=5),
+                         lambda s: s.Drain(node_pb2.DrainRequest(), timeout=5),
+                         lambda s: s.Activate(node_pb2.ActivateRequest(previous=True), timeout=5),
+                         lambda s: s.Restart(node_pb2.RestartRequest(), timeout=5)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(node_pb2_grpc.NodeStub(ch))
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        with co.dial(name, role) as ch:
+            stub = fleet_pb2_grpc.FleetStub(ch)
+            for call in (lambda s: s.CordonNode(fleet_pb2.CordonNodeRequest(node_id="perm-node"), timeout=5),
+                         lambda s: s.StartRollout(fleet_pb2.StartRolloutRequest(), timeout=5),
+                         lambda s: s.AbortRollout(fleet_pb2.RolloutControl(), timeout=5)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(stub)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    st = node.status()
+    assert not st.cordoned and st.lifecycle == common_pb2.LIFECYCLE_READY and not st.operations
+
+
+def test_bad_operation_requests_get_a_clear_status(two_nodes):
+    co, (a, b) = two_nodes
+    stub = fleet_pb2_grpc.FleetStub(co.channel)
+    cases = [
+        (lambda: stub.CordonNode(fleet_pb2.CordonNodeRequest(node_id="nope", cordoned=True), timeout=5),
+         grpc.StatusCode.NOT_FOUND, "no node 'nope'"),
+        (lambda: stub.DrainNode(fleet_pb2.DrainNodeRequest(node_id="ops-a", timeout_s=-1), timeout=5),
+         grpc.StatusCode.INVALID_ARGUMENT, "timeout_s"),
+        (lambda: stub.CordonNode(fleet_pb2.CordonNodeRequest(node_id="ops-a", reason="x\n" * 3), timeout=5),
+         grpc.StatusCode.INVALID_ARGUMENT, "printable"),
+        (lambda: stub.StartRollout(fleet_pb2.StartRolloutRequest(), timeout=5),
+         grpc.StatusCode.INVALID_ARGUMENT, "model_path"),
+        (lambda: stub.StartRollout(fleet_pb2.StartRolloutRequest(
+            target=fleet_pb2.RolloutTarget(model_path="/no/such/model")), timeout=5),
+         grpc.StatusCode.INVALID_ARGUMENT, "not a directory"),
+        (lambda: stub.StartRollout(fleet_pb2.StartRolloutRequest(
+            target=fleet_pb2.RolloutTarget(restart=True), max_unavailable=2), timeout=5),
+         grpc.StatusCode.INVALID_ARGUMENT, "use at most 1"),
+        (lambda: stub.StartRollout(fleet_pb2.StartRolloutRequest(
+            target=fleet_pb2.RolloutTarget(restart=True), node_ids=["ops-a", "ghost"]), timeout=5),
+         grpc.StatusCode.INVALID_ARGUMENT, "unknown or repeated node ids"),
+        (lambda: stub.GetRollout(fleet_pb2.GetRolloutRequest(rollout_id="r-none"), timeout=5),
+         grpc.StatusCode.NOT_FOUND, "no rollout r-none"),
+        (lambda: stub.ResumeRollout(fleet_pb2.RolloutControl(), timeout=5),
+         grpc.StatusCode.NOT_FOUND, "no rollout is running"),
+    ]
+    for call, code, words in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code and words in err.value.details(), (code, err.value.details())
+    co.wait_routable(2)
+    assert collect(co.inference, note(1, 8)).error is None, "the coordinator serves on"
