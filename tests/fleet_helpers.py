@@ -75,6 +75,12 @@ def in_threads(fn, items) -> list:
     return out, threads
 
 
+def start_streams(stub, count: int, max_tokens: int, tag: str) -> tuple[list, list]:
+    """`count` notes sent at once, one thread each; join the threads, then read the streams."""
+    return in_threads(lambda i: collect(stub, note(i, max_tokens, request_id=f"{tag}-{i}"), timeout_s=120),
+                      list(range(count)))
+
+
 class EventWatch:
     """Follow a coordinator's events in a thread; wait for one that matches."""
 

@@ -4,13 +4,12 @@ in flight finish, new ones go elsewhere, and no caller sees an error."""
 from __future__ import annotations
 
 import json
-import threading
 
 import grpc
 import pytest
 
 from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc
-from tests.fleet_helpers import EventWatch, collect, note
+from tests.fleet_helpers import EventWatch, collect, note, start_streams
 from tests.test_rollout import fleetctl
 
 
@@ -24,24 +23,14 @@ def two_nodes(start_node, start_coordinator):
     return co, nodes
 
 
-def streams_on(co, count: int, max_tokens: int, tag: str):
-    out, threads = [], []
-    for i in range(count):
-        t = threading.Thread(target=lambda i=i: out.append(collect(
-            co.inference, note(i, max_tokens, request_id=f"{tag}-{i}"), timeout_s=120)))
-        t.start()
-        threads.append(t)
-    return out, threads
-
-
 def test_drain_through_fleetctl_finishes_in_flight_requests_and_routes_new_ones_elsewhere(two_nodes):
     co, (a, b) = two_nodes
-    first, threads = streams_on(co, 6, 400, "before")
+    first, threads = start_streams(co.inference, 6, 400, "before")
     a.wait_until(lambda st: st.load.running >= 1, timeout_s=30, what="work on ops-a")
     out = fleetctl(co, "drain", "ops-a", "--timeout", "120", "--reason", "patching")
     assert out.exit_code == 0, out.output
     assert "node ops-a: DRAINED (cordoned)" in out.output and "every request in flight finished" in out.output
-    later, more = streams_on(co, 4, 16, "during")
+    later, more = start_streams(co.inference, 4, 16, "during")
     for t in threads + more:
         t.join(120)
     assert [s.error for s in first + later] == [None] * 10
@@ -63,7 +52,7 @@ def test_drain_through_fleetctl_finishes_in_flight_requests_and_routes_new_ones_
 def test_drain_past_its_deadline_moves_the_rest_to_another_node_without_errors(two_nodes):
     co, (a, b) = two_nodes
     watch = EventWatch(co)
-    first, threads = streams_on(co, 6, 1800, "long")
+    first, threads = start_streams(co.inference, 6, 1800, "long")
     a.wait_until(lambda st: st.load.running >= 1, timeout_s=30, what="work on ops-a")
     out = fleetctl(co, "drain", "ops-a", "--timeout", "0.5")
     assert out.exit_code == 0, out.output

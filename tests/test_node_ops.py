@@ -6,7 +6,6 @@ the agent being stopped and started again (the same NodeProcess keeps its direct
 
 from __future__ import annotations
 
-import threading
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from cluster.api import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
 from cluster.digest import weights_digest
 from node_agent.operations import RESTART_EXIT_CODE
-from tests.fleet_helpers import collect, note
+from tests.fleet_helpers import collect, note, start_streams
 
 DONE, RUNNING, FAILED = (node_pb2.OPERATION_STATE_DONE, node_pb2.OPERATION_STATE_RUNNING,
                          node_pb2.OPERATION_STATE_FAILED)
@@ -72,11 +71,7 @@ def test_cordon_is_idempotent_refuses_new_work_and_survives_a_restart(start_node
 
 def test_drain_lets_requests_in_flight_finish_and_refuses_new_ones(start_node):
     node = start_node(node_id="drain-node")
-    streams = []
-    threads = [threading.Thread(target=lambda i=i: streams.append(
-        collect(node.inference, note(i, 600)))) for i in range(3)]
-    for t in threads:
-        t.start()
+    streams, threads = start_streams(node.inference, 3, 600, "drain")
     node.wait_until(lambda st: st.load.running == 3, timeout_s=30, what="3 running")
     reply = ops(node).Drain(node_pb2.DrainRequest(operation_id="op-d1", timeout_s=60, reason="patching"), timeout=5)
     assert reply.status.lifecycle == common_pb2.LIFECYCLE_DRAINING and reply.status.cordoned
@@ -95,11 +90,7 @@ def test_drain_lets_requests_in_flight_finish_and_refuses_new_ones(start_node):
 
 def test_drain_past_its_deadline_ends_the_rest_with_cancelled(start_node):
     node = start_node(node_id="deadline-node")
-    streams = []
-    threads = [threading.Thread(target=lambda i=i: streams.append(
-        collect(node.inference, note(i, 1800)))) for i in range(2)]
-    for t in threads:
-        t.start()
+    streams, threads = start_streams(node.inference, 2, 1800, "deadline")
     node.wait_until(lambda st: st.load.running == 2, timeout_s=30, what="2 running")
     ops(node).Drain(node_pb2.DrainRequest(operation_id="op-d2", timeout_s=0.3), timeout=5)
     for t in threads:
