@@ -15,10 +15,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _PATTERNS = ("*.safetensors", "config.json", "generation_config.json", "tokenizer*.json",
-             "special_tokens_map.json", "*.jinja", "*.model", "vocab.json", "merges.txt")
-# Read by mlx_lm.load besides the digest's files, but they decide nothing generated:
-# copied with a model (staging, pushes), not hashed.
-_EXTRA = ("model.safetensors.index.json", "added_tokens.json", "chat_template.json")
+             "special_tokens_map.json", "*.jinja", "*.model", "vocab.json", "merges.txt",
+             "added_tokens.json", "chat_template.json")
+# Read by mlx_lm.load besides the digest's files, but it decides nothing generated (an
+# index of the weight shards, which are hashed): copied with a model, not hashed.
+_EXTRA = ("model.safetensors.index.json",)
 CACHE_NAME = ".studiofleet-digest.json"
 _CHUNK = 8 << 20
 

@@ -21,12 +21,19 @@ from cluster.digest import model_files
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 3 << 20   # under gRPC's default 4 MiB limit on a received message
 ATTEMPTS = 5
+BEGIN_TIMEOUT_S = 30.0
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+class PushSourceError(OSError):
+    """A model file changed or vanished on the coordinator while it was being pushed."""
 
 
 def manifest_for(model_dir: Path, *, operation_id: str, model_id: str, version: str,
                  expected_digest: str) -> node_pb2.WeightsManifest:
+    """Every file the node needs to load the model (cluster.digest.model_files), with sizes."""
     return node_pb2.WeightsManifest(
         operation_id=operation_id, model_id=model_id, version=version, expected_digest=expected_digest,
         files=[node_pb2.WeightsFile(name=p.name, size=p.stat().st_size) for p in model_files(model_dir)])
@@ -34,43 +41,63 @@ def manifest_for(model_dir: Path, *, operation_id: str, model_id: str, version: 
 
 async def push_weights(stub: node_pb2_grpc.NodeStub, manifest: node_pb2.WeightsManifest, model_dir: Path, *,
                        chunk_bytes: int = CHUNK_BYTES, progress: Optional[Callable[[int, int], None]] = None,
-                       attempts: int = ATTEMPTS) -> node_pb2.OperationReply:
-    """Push until the node answers with the operation's record; raises the last RPC error."""
+                       attempts: int = ATTEMPTS, timeout_s: Optional[float] = None,
+                       backoff_s: float = 0.2) -> node_pb2.OperationReply:
+    """Push until the node answers with the operation's record (DONE or FAILED).
+
+    A stream that breaks (UNAVAILABLE, DEADLINE_EXCEEDED past `timeout_s` per stream,
+    CANCELLED by the node) is resumed up to `attempts` times; then the last AioRpcError is
+    raised, as is any other RPC error at once. A file that changes while it is read raises
+    PushSourceError."""
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be 1..{MAX_CHUNK_BYTES}, not {chunk_bytes}")
     total = sum(f.size for f in manifest.files)
     for attempt in range(1, attempts + 1):
+        source_error: list[BaseException] = []
         try:
-            offsets = await stub.BeginPush(manifest, timeout=30)
-            held = {f.name: f.size for f in offsets.held}
+            offsets = await stub.BeginPush(manifest, timeout=BEGIN_TIMEOUT_S)
+            held = {} if offsets.complete else {f.name: f.size for f in offsets.held}
             if progress:
                 progress(total if offsets.complete else sum(held.values()), total)
-            send = _chunks(manifest, model_dir, {} if offsets.complete else held, chunk_bytes, progress, total,
-                           skip=offsets.complete)
-            return await stub.PushWeights(send)
+            send = _chunks(manifest, model_dir, held, chunk_bytes, progress, total, offsets.complete, source_error)
+            return await stub.PushWeights(send, timeout=timeout_s)
+        except asyncio.CancelledError:
+            if source_error:   # grpc cancels the call when the request iterator raises
+                raise source_error[0] from None
+            raise
         except grpc.aio.AioRpcError as err:
             if err.code() not in RESUMABLE or attempt == attempts:
                 raise
             log.warning("push of %s broke (%s); resuming from what the node holds (attempt %d/%d)",
                         manifest.expected_digest[:19], err.code().name, attempt + 1, attempts)
-            await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))  # reconnect backoff
+            await asyncio.sleep(min(backoff_s * 2 ** attempt, 5.0))  # reconnect backoff
     raise AssertionError("unreachable")
 
 
-async def _chunks(manifest, model_dir: Path, held: dict, chunk_bytes: int, progress, total: int,
-                  skip: bool) -> AsyncIterator[node_pb2.WeightsChunk]:
+async def _chunks(manifest: node_pb2.WeightsManifest, model_dir: Path, held: dict[str, int], chunk_bytes: int,
+                  progress, total: int, skip: bool, failed: list) -> AsyncIterator[node_pb2.WeightsChunk]:
+    """The manifest, then each file from the node's offset on; files are read off the loop."""
     yield node_pb2.WeightsChunk(manifest=manifest)
-    if skip:
-        return
     done = sum(held.values())
-    for f in manifest.files:
+    for f in [] if skip else manifest.files:
         offset = held.get(f.name, 0)
-        with open(model_dir / f.name, "rb") as src:
-            src.seek(offset)
+        try:
+            src = await asyncio.to_thread(open, model_dir / f.name, "rb")
+        except OSError as exc:
+            failed.append(PushSourceError(f"cannot read {model_dir / f.name} to push it: {exc}"))
+            raise
+        try:
+            await asyncio.to_thread(src.seek, offset)
             while offset < f.size:
                 data = await asyncio.to_thread(src.read, min(chunk_bytes, f.size - offset))
                 if not data:
-                    raise OSError(f"{model_dir / f.name} is shorter than its {f.size} bytes; did it change?")
+                    failed.append(PushSourceError(f"{model_dir / f.name} is shorter than its {f.size} bytes; "
+                                                  "it changed after the manifest was made: start the push again"))
+                    raise failed[-1]
                 yield node_pb2.WeightsChunk(file=f.name, offset=offset, data=data)
                 offset += len(data)
                 done += len(data)
                 if progress:
                     progress(done, total)
+        finally:
+            src.close()

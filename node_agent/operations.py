@@ -83,7 +83,7 @@ class Operations:
     def recent(self, n: int = 10) -> list[node_pb2.Operation]:
         return [to_proto(r) for r in self.state.operations[-n:]]
 
-    def _background(self, rec: dict, work: Callable[[], Awaitable[str]]) -> None:
+    def _background(self, rec: dict, work: Callable[[], Awaitable[str]]) -> asyncio.Task:
         """Run `work` (which returns the done message or raises OperationError) and end the record."""
         async def run() -> None:
             try:
@@ -99,6 +99,7 @@ class Operations:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- cordon and drain -------------------------------------------------------------
     async def cordon(self, op_id: str, cordoned: bool, reason: str) -> dict:
@@ -190,11 +191,14 @@ class Operations:
         """The last pushed chunk arrived: verify the digest; staged only if it matches."""
         rec, new = self._begin(op_id, "push")
         if new:
-            try:
-                info = await asyncio.to_thread(self.agent.staging.finish_push, manifest.expected_digest)
-            except StagingError as exc:
-                return self._end(rec, False, f"pushed weights not staged: {exc}")
-            self._end(rec, True, f"staged {info.model_id} {info.version} {info.digest[:19]} (pushed)")
+            async def work() -> str:
+                try:
+                    info = await asyncio.to_thread(self.agent.staging.finish_push, manifest.expected_digest)
+                except (StagingError, OSError) as exc:
+                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"pushed weights not staged: {exc}")
+                return f"staged {info.model_id} {info.version} {info.digest[:19]} (pushed)"
+            # The record ends even if the pushing caller goes away during the digest check.
+            await asyncio.shield(self._background(rec, work))
         return rec
 
     def serving(self) -> ModelRef:
