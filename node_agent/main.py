@@ -98,7 +98,7 @@ def serve(
         if not settings.model_path.is_dir():
             return (f"model {settings.model_path} is not a directory; point it at a local MLX model "
                     "(make one with `fleetctl model make-tiny DIR`)")
-        return security_problem(settings)
+        return security_problem(settings) or state_problem(settings)
 
     run_daemon("fleet-node", lambda: NodeSettings(config_file=config, **flags), _serve, check=check,
                hints={"model_path": "--model DIR or model_path in [node] of the --config file"})
@@ -120,6 +120,17 @@ def security_problem(settings) -> Optional[str]:
     if ident is not None and settings.node_id and settings.node_id != ident.name:
         return (f"--node-id {settings.node_id} does not match the certificate, which names node {ident.name}; "
                 "a node's id is its certificate's name: drop --node-id or issue a certificate for it")
+    return None
+
+
+def state_problem(settings) -> Optional[str]:
+    """A state file the node cannot trust (it holds the cordon), as one line; None if fine."""
+    from node_agent.node_state import NodeState
+
+    try:
+        NodeState.load(settings.state_dir)
+    except RuntimeError as exc:
+        return f"state directory {settings.state_dir}: {exc}"
     return None
 
 

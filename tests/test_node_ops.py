@@ -152,3 +152,16 @@ def test_restart_drains_then_exits_for_the_service_manager(start_node, tmp_path)
     again = ops(node).Restart(node_pb2.RestartRequest(operation_id="op-r1"), timeout=5)
     assert again.operation.state == DONE, "a retried restart id does not restart again"
     assert node.proc.poll() is None
+
+
+def test_a_corrupt_state_file_stops_the_agent_with_a_clear_error(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "node-state.json").write_text("{not json")
+    out = subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--no-mdns",
+                          "--plaintext", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "node-state.json is unreadable" in out.stderr and "forgets the node's cordon" in out.stderr
