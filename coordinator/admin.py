@@ -3,6 +3,8 @@ rollouts (what fleetctl calls). Every call is audited with the operator's identi
 
 from __future__ import annotations
 
+import inspect
+import logging
 import time
 import uuid
 
@@ -16,6 +18,7 @@ from coordinator.fleet import Fleet, NodeEntry
 from coordinator.node_ops import CALL_TIMEOUT_S
 from coordinator.rollouts import RolloutRefused, Rollouts
 
+log = logging.getLogger(__name__)
 COORDINATOR_VERSION = "studiofleet-coordinator 0.1.0"
 
 _HEALTH = {
@@ -113,7 +116,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
             restart=request.target.restart)
 
     async def GetRollout(self, request, context) -> fleet_pb2.Rollout:
-        return await self._rollout(context, "", lambda: _now(self._rollouts.get(request.rollout_id)))
+        return await self._rollout(context, "", lambda: self._rollouts.get(request.rollout_id))
 
     async def PauseRollout(self, request, context) -> fleet_pb2.Rollout:
         return await self._control(request, context, "pause")
@@ -126,22 +129,26 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
 
     async def _control(self, request, context, action: str) -> fleet_pb2.Rollout:
         return await self._rollout(context, f"rollout.{action}",
-                                   lambda: _now(self._rollouts.control(request.rollout_id, action)))
+                                   lambda: self._rollouts.control(request.rollout_id, action))
 
     async def _rollout(self, context, action: str, work, **details) -> fleet_pb2.Rollout:
         """Run `work` (audited as `action` unless empty); a refusal is answered with its code."""
         ident, peer = self._identify(context), context.peer()
         try:
-            row = await work()
+            row = work()
+            row = await row if inspect.isawaitable(row) else row
         except RolloutRefused as exc:
             if action:  # a refused start or control is recorded too, with why
                 self._audit.admin(ident, peer, action, outcome="refused", code=exc.code.name,
                                   reason=str(exc)[:300], **details)
             await context.abort(exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. the state database: never UNKNOWN
+            log.exception("%s failed", action or "rollout read")
+            if action:
+                self._audit.admin(ident, peer, action, outcome="failed", code="INTERNAL", **details)
+            await context.abort(grpc.StatusCode.INTERNAL, f"the coordinator could not {action or 'read the rollout'}"
+                                f" ({type(exc).__name__}); see its log, then retry")
         if action:
             self._audit.admin(ident, peer, action, rollout_id=row.id, **details)
         return self._rollouts.to_proto(row)
 
-
-async def _now(value):
-    return value

@@ -119,6 +119,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
             await context.abort(exc.code, str(exc))
         except StagingError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {agent.node_id}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - e.g. the state file's disk: never UNKNOWN
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("node=%s operation=%s failed", agent.node_id, op_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"node {agent.node_id}: operation {op_id} failed "
+                                f"({type(exc).__name__}); see the node log")
         return node_pb2.OperationReply(operation=to_proto(rec), status=build_status(agent))
 
     async def Cordon(self, request, context) -> node_pb2.OperationReply:
