@@ -39,8 +39,6 @@ def status(
     if output == "json":
         typer.echo(json.dumps(MessageToDict(st, preserving_proto_field_name=True)))
         return
-    from cluster.api import common_pb2
-
     gib = 1 << 30
     rows = [
         ("node", st.node_id),
