@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ _PATTERNS = ("*.safetensors", "config.json", "generation_config.json", "tokenize
 # index of the weight shards, which are hashed): copied with a model, not hashed.
 _EXTRA = ("model.safetensors.index.json",)
 CACHE_NAME = ".studiofleet-digest.json"
+DIGEST_FORMAT = re.compile(r"sha256:[0-9a-f]{64}")   # what weights_digest returns; check with fullmatch
 _CHUNK = 8 << 20
 
 

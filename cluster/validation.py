@@ -47,7 +47,7 @@ def new_request_id() -> str:
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+-]+$")
 
 
-def _valid_id(raw: str) -> bool:
+def valid_id(raw: str) -> bool:
     """Letters, digits and . _ : @ / + - only: an id lands in key=value log lines, where a
     space or '=' could forge fields."""
     return len(raw) <= MAX_REQUEST_ID_LEN and bool(_ID_RE.match(raw))
@@ -57,14 +57,14 @@ def display_id(raw: str) -> str:
     """A caller-supplied id as it may appear in logs and messages (never free text)."""
     if not raw:
         return "(no id)"
-    return raw if _valid_id(raw) else "(invalid id)"
+    return raw if valid_id(raw) else "(invalid id)"
 
 
 def check_request_id(raw: str) -> str:
     """The caller's id, or a new one if empty."""
     if not raw:
         return new_request_id()
-    if not _valid_id(raw):
+    if not valid_id(raw):
         raise InvalidRequest(f"request_id must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 . _ : @ / + -")
     return raw
 

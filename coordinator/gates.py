@@ -15,11 +15,10 @@ from typing import Optional, Protocol
 
 import grpc
 
-from cluster.api import inference_pb2
+from cluster.api import SMOKE_METADATA_KEY, inference_pb2
 from cluster.client import build_request
 from coordinator.node_link import NodeLink
 
-SMOKE_KEY = "studiofleet-smoke"   # the node admits a smoke test while cordoned (inference_service.py)
 SMOKE_TIMEOUT_S = 60.0
 _OK = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
 
@@ -56,7 +55,7 @@ class SmokeGate:
                                 request_id=f"{ctx.rollout_id}/{ctx.node_id}/smoke-{i}")
             tokens, final = 0, None
             try:
-                async for chunk in ctx.link.generate(req, SMOKE_TIMEOUT_S, metadata=((SMOKE_KEY, "1"),)):
+                async for chunk in ctx.link.generate(req, SMOKE_TIMEOUT_S, metadata=((SMOKE_METADATA_KEY, "1"),)):
                     tokens += len(chunk.token_ids)
                     if chunk.HasField("final"):
                         final = chunk.final

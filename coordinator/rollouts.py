@@ -19,6 +19,7 @@ from typing import Optional
 import grpc
 
 from cluster.api import fleet_pb2
+from cluster.digest import DIGEST_FORMAT, weights_digest
 from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
@@ -132,7 +133,7 @@ class Rollouts:
             raise bad("target.model_path must be an absolute model directory path")
         path = Path(t.model_path)
         t.model_id = t.model_id or path.name
-        if t.weights_digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", t.weights_digest):
+        if t.weights_digest and not DIGEST_FORMAT.fullmatch(t.weights_digest):
             raise bad("target.weights_digest must be sha256: followed by 64 hex digits")
         if t.shared_path:  # the nodes read the path; this host may not see it
             if not t.weights_digest:
@@ -141,8 +142,6 @@ class Rollouts:
         if not path.is_dir():
             raise bad(f"{path} is not a directory on the coordinator's host; give the model's path here, "
                       "or --shared-path if only the nodes see it")
-        from cluster.digest import weights_digest
-
         try:
             actual = await asyncio.to_thread(weights_digest, path)
         except OSError as exc:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
-from cluster.api import inference_pb2, inference_pb2_grpc
+from cluster.api import SMOKE_METADATA_KEY, inference_pb2, inference_pb2_grpc
 from cluster.logs import without_text
 from node_agent.engine import EngineClosed, EngineRequest
 from node_agent.lifecycle import State
@@ -28,12 +28,10 @@ DEADLINE_SLACK_S = 0.5
 # The outcome recorded when the RPC ends without the handler deciding one: the caller
 # went away, its deadline passed, or the node's abort never reached a stalled writer.
 CALLER_GONE = "caller cancelled"
-# A coordinator's smoke test of a cordoned node (a rollout's gate, before it rejoins).
-SMOKE_KEY = "studiofleet-smoke"
 
 
 def _smoke(context) -> bool:
-    return any(k == SMOKE_KEY for k, _v in (context.invocation_metadata() or ()))
+    return any(k == SMOKE_METADATA_KEY for k, _v in (context.invocation_metadata() or ()))
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import time
 import uuid
@@ -14,13 +13,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from cluster.api import API_VERSION, common_pb2, node_pb2, node_pb2_grpc
+from cluster.validation import MAX_REQUEST_ID_LEN, valid_id
 from node_agent import __version__
 from node_agent.operations import OperationError, to_proto
 from node_agent.staging import StagingError
 from node_agent.telemetry import cpu_load_1m, host_memory
 
 log = logging.getLogger(__name__)
-OP_ID = re.compile(r"[A-Za-z0-9._:@/+-]{1,128}")
 
 if TYPE_CHECKING:
     from node_agent.agent import NodeAgent
@@ -104,9 +103,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def _run(self, context, op_id: str, start) -> node_pb2.OperationReply:
         agent = self._agent
         op_id = op_id or f"op-{uuid.uuid4().hex[:12]}"
-        if not OP_ID.fullmatch(op_id):
+        if not valid_id(op_id):  # the request-id rule: ids land in key=value log lines
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"node {agent.node_id}: operation_id must be 1-128 characters of "
+                                f"node {agent.node_id}: operation_id must be 1-{MAX_REQUEST_ID_LEN} characters of "
                                 "[A-Za-z0-9._:@/+-]")
         if agent.stopping:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {agent.node_id} is shutting down")

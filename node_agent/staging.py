@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cluster.api import node_pb2
-from cluster.digest import compute_digest, digest_files, model_files, remember
+from cluster.digest import DIGEST_FORMAT, compute_digest, digest_files, model_files, remember
 
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 META, MANIFEST = "staged.json", ".manifest.json"
 MAX_FAILED = 16   # failed stagings GetStatus keeps showing (in memory only)
@@ -68,7 +67,7 @@ class StagingArea:
 
     def path_for(self, digest: str, prefix: str = "") -> Path:
         """Where `digest` is staged (with prefix ".incoming-": where its push arrives)."""
-        if not DIGEST.fullmatch(digest):
+        if not DIGEST_FORMAT.fullmatch(digest):
             raise StagingError(f"digest {digest[:80]!r} is not sha256: followed by 64 lowercase hex digits")
         return self.root / f"{prefix}{digest[7:]}"
 
@@ -76,7 +75,7 @@ class StagingArea:
         """The staged model, or the staging under way or failed; None if unknown or malformed."""
         with self._lock:
             live = replace(self._live[digest]) if digest in self._live else None
-        return live or (_read(self.root / digest[7:]) if DIGEST.fullmatch(digest) else None)
+        return live or (_read(self.root / digest[7:]) if DIGEST_FORMAT.fullmatch(digest) else None)
 
     def list(self) -> list[StagedInfo]:
         """Staged models, then the stagings under way or failed (with their progress)."""

@@ -14,12 +14,16 @@ API_VERSION = "studiofleet.v1"
 INFERENCE_SERVICE = "studiofleet.v1.Inference"
 NODE_SERVICE = "studiofleet.v1.Node"
 FLEET_SERVICE = "studiofleet.v1.Fleet"
+# Request metadata: a coordinator's smoke test of a cordoned or drained node (a rollout's
+# gate, before the node rejoins); nodes admit it only from callers allowed to Generate.
+SMOKE_METADATA_KEY = "studiofleet-smoke"
 
 __all__ = [
     "API_VERSION",
     "FLEET_SERVICE",
     "INFERENCE_SERVICE",
     "NODE_SERVICE",
+    "SMOKE_METADATA_KEY",
     "common_pb2",
     "fleet_pb2",
     "fleet_pb2_grpc",
