@@ -14,7 +14,7 @@ from cluster.api import node_pb2, node_pb2_grpc
 from cluster.client.errors import from_rpc_error
 from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
-from cluster.fleetctl.ops_cmd import lifecycle, show
+from cluster.fleetctl.ops_cmd import lifecycle, operation_rows, show
 from cluster.security.identity import ANY_NODE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -55,11 +55,7 @@ def status(
                    f"engine {st.memory.engine_active_bytes / gib:.2f} GiB"
                    + (" (unified)" if st.memory.unified else "")),
         ("uptime", f"{st.uptime_s:.0f} s"),
-        *(("staged", f"{m.model_id} {m.version} {m.weights_digest[:19]} {m.bytes_done}/{m.bytes_total} bytes "
-                     f"{node_pb2.StageState.Name(m.state).removeprefix('STAGE_STATE_')}") for m in st.staged),
-        *(("operation", f"{o.operation_id} {o.kind} "
-                        f"{node_pb2.OperationState.Name(o.state).removeprefix('OPERATION_STATE_')}: {o.message}")
-          for o in st.operations),
+        *operation_rows(st),
     ]
     for key, value in rows:
         typer.echo(f"{key:<9} {value}")

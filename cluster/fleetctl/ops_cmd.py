@@ -26,6 +26,16 @@ def lifecycle(st: node_pb2.NodeStatus) -> str:
     return common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_") + (" (cordoned)" if st.cordoned else "")
 
 
+def operation_rows(st: node_pb2.NodeStatus) -> list[tuple[str, str]]:
+    """The node's staged weights and recent operations, one (key, value) row each."""
+    return ([("staged", f"{s.model_id} {s.version} {s.weights_digest[:19]} "
+                        f"{node_pb2.StageState.Name(s.state).removeprefix('STAGE_STATE_')} "
+                        f"{s.bytes_done}/{s.bytes_total} bytes {s.message}") for s in st.staged]
+            + [("operation", f"{o.operation_id} {o.kind} "
+                             f"{node_pb2.OperationState.Name(o.state).removeprefix('OPERATION_STATE_')}: {o.message}")
+               for o in st.operations])
+
+
 def _call(coordinator: str, tls, fn: Callable[[fleet_pb2_grpc.FleetStub], object]):
     with dial(coordinator, tls) as channel:
         try:
@@ -122,11 +132,5 @@ def show(node_id: str = typer.Argument(..., help="The node id."), coordinator: s
             ("previous", f"{st.previous_model.model_id} {st.previous_model.version} "
                          f"{st.previous_model.weights_digest}" if st.previous_model.weights_digest else "-"),
             ("load", f"{st.load.running} running, {st.load.queued} queued, {n.in_flight} from this coordinator")]
-    rows += [("staged", f"{s.model_id} {s.version} {s.weights_digest[:19]} "
-                        f"{node_pb2.StageState.Name(s.state).removeprefix('STAGE_STATE_')} "
-                        f"{s.bytes_done}/{s.bytes_total} bytes {s.message}") for s in st.staged]
-    rows += [("operation", f"{o.operation_id} {o.kind} "
-                           f"{node_pb2.OperationState.Name(o.state).removeprefix('OPERATION_STATE_')}: {o.message}")
-             for o in st.operations]
-    for key, value in rows:
+    for key, value in rows + operation_rows(st):
         typer.echo(f"{key:<10} {value}")
