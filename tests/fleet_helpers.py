@@ -103,14 +103,19 @@ class EventWatch:
     def wait_for(self, kind: int, node_id: str = "", timeout_s: float = 30.0, after: float = 0.0,
                  address: str = ""):
         """The first event of `kind` (for `node_id`, at `address`) at or after unix time `after`."""
+        return self.wait_until(
+            lambda e: e.kind == kind and (not node_id or e.node_id == node_id)
+            and (not address or e.address == address) and e.time_unix_s >= after,
+            timeout_s, f"{fleet_pb2.EventKind.Name(kind)} for {node_id or 'any node'}")
+
+    def wait_until(self, wanted, timeout_s: float = 30.0, what: str = "matching event"):
+        """The first event (replayed history included) for which `wanted(event)` holds."""
         def match():
-            return next((e for e in self.events if e.kind == kind and (not node_id or e.node_id == node_id)
-                         and (not address or e.address == address) and e.time_unix_s >= after), None)
+            return next((e for e in self.events if wanted(e)), None)
         with self._cond:
             if not self._cond.wait_for(match, timeout=timeout_s):
-                kinds = [(fleet_pb2.EventKind.Name(e.kind), e.node_id, e.reason) for e in self.events[-15:]]
-                raise AssertionError(f"no {fleet_pb2.EventKind.Name(kind)} for {node_id or 'any node'} "
-                                     f"in {timeout_s}s; recent events: {kinds}")
+                kinds = [(fleet_pb2.EventKind.Name(e.kind), e.node_id, e.step, e.reason) for e in self.events[-15:]]
+                raise AssertionError(f"no {what} in {timeout_s}s; recent events: {kinds}")
             return match()
 
     def close(self) -> None:

@@ -51,18 +51,14 @@ def rollout(co, rollout_id: str = "") -> fleet_pb2.Rollout:
 
 
 def wait_rollout(co, rollout_id: str, timeout_s: float = 180.0) -> fleet_pb2.Rollout:
-    """Follow the event stream until the rollout reaches a terminal state."""
+    """Follow the event stream until the rollout's terminal event, then read the rollout."""
     watch = EventWatch(co)
     try:
-        deadline = time.monotonic() + timeout_s
-        while (r := rollout(co, rollout_id)).state in (K.ROLLOUT_STATE_RUNNING, K.ROLLOUT_STATE_PAUSED):
-            assert time.monotonic() < deadline, f"rollout not finished in {timeout_s}s: {r}"
-            n = len(watch.events)
-            with watch._cond:
-                watch._cond.wait_for(lambda: len(watch.events) > n, timeout=1.0)
-        return r
+        watch.wait_until(lambda e: e.kind == K.EVENT_KIND_ROLLOUT and e.rollout_id == rollout_id
+                         and e.step in ("succeeded", "failed", "abort"), timeout_s, f"end of rollout {rollout_id}")
     finally:
         watch.close()
+    return rollout(co, rollout_id)
 
 
 class Load:
@@ -329,13 +325,6 @@ def test_a_standby_coordinator_on_the_same_database_takes_over_when_the_lease_ex
 
 
 def _wait_step(watch: EventWatch, node_id: str, step: str, timeout_s: float = 120.0, after: str = ""):
-    """The rollout events with this node and step (of rollout `after` only, when given)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = [e for e in watch.events if e.kind == K.EVENT_KIND_ROLLOUT and e.node_id == node_id
-                 and e.step == step and (not after or e.rollout_id == after)]
-        if found:
-            return found
-        with watch._cond:
-            watch._cond.wait(timeout=0.5)
-    raise AssertionError(f"no {step} step for {node_id}: {[(e.node_id, e.step) for e in watch.events][-10:]}")
+    """The first rollout event with this node and step (of rollout `after` only, when given)."""
+    return watch.wait_until(lambda e: e.kind == K.EVENT_KIND_ROLLOUT and e.node_id == node_id and e.step == step
+                            and (not after or e.rollout_id == after), timeout_s, f"{step} step for {node_id}")
