@@ -8,7 +8,6 @@ the same logic on loopback.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -39,7 +38,7 @@ def test_a_rolling_update_across_hosts_pushes_weights_and_fails_no_request(tiny_
                 f.start_node(name, "--max-running", "8", "--max-queued", "16")
             co.wait_routable(3)
             load = Load(co)
-            time.sleep(1.0)  # traffic before the rollout (pacing, not synchronisation)
+            load.wait_served(8)   # traffic is flowing before the rollout starts
             fleet_pb2_grpc.FleetStub(co.channel).StartRollout(fleet_pb2.StartRolloutRequest(
                 target=fleet_pb2.RolloutTarget(model_path=str(new_model), version="v2"),
                 rollout_id="r-hosts"), timeout=60)

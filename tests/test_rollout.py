@@ -69,6 +69,7 @@ class Load:
         self.co = co
         self.stop = threading.Event()
         self.results = []
+        self._served = threading.Condition()
         self.min_routable = 99
         self._threads = [threading.Thread(target=self._call, args=(i,), daemon=True) for i in range(callers)]
         self._threads.append(threading.Thread(target=self._sample, daemon=True))
@@ -78,9 +79,18 @@ class Load:
     def _call(self, caller: int) -> None:
         i = 0
         while not self.stop.is_set():
-            self.results.append(collect(self.co.inference, note(1000 * caller + i, 24,
-                                                               request_id=f"load-{caller}-{i}"), timeout_s=60))
+            s = collect(self.co.inference, note(1000 * caller + i, 24, request_id=f"load-{caller}-{i}"),
+                        timeout_s=60)
+            with self._served:
+                self.results.append(s)
+                self._served.notify_all()
             i += 1
+
+    def wait_served(self, count: int, timeout_s: float = 60.0) -> None:
+        """Until `count` requests have ended: traffic is flowing before the test acts."""
+        with self._served:
+            assert self._served.wait_for(lambda: len(self.results) >= count, timeout=timeout_s), \
+                f"only {len(self.results)} of {count} requests ended in {timeout_s}s"
 
     def _sample(self) -> None:
         channel = self.co.dial()
@@ -102,7 +112,7 @@ def test_rolling_update_under_load_fails_no_request(three_nodes, start_coordinat
     co = fleet_with(start_coordinator, three_nodes)
     new = weights_digest(new_model)
     load = Load(co)
-    time.sleep(1.0)  # some traffic before the rollout starts (pacing, not synchronisation)
+    load.wait_served(8)   # traffic is flowing before the rollout starts
     out = fleetctl(co, "rollout", "start", "--model", str(new_model), "--version", "v2", "--rollout-id", "r-load",
                    "--wait")
     results = load.finish()
