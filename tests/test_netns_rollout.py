@@ -8,7 +8,6 @@ the same logic on loopback.
 
 from __future__ import annotations
 
-
 import pytest
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc
