@@ -222,13 +222,14 @@ class CoordinatorProcess(DaemonProcess):
                                 *(a for n in nodes for a in ("--node", n)), *args], env=env, wrapper=wrapper,
                          tls_dir=tls_dir, plaintext=plaintext)
         self.audit_dir = audit_dir
+        self.state_db: Optional[Path] = None
 
     def late_args(self, log_dir: Path) -> list[str]:
         """Its audit chain and rollout database under LOG_DIR unless given: a restarted
         process object keeps both (the chain continues, a rollout resumes)."""
         args = []
         if "--state-db" not in self.args:
-            self.state_db = getattr(self, "state_db", None) or log_dir / f"{self.name}-state.db"
+            self.state_db = self.state_db or log_dir / f"{self.name}-state.db"
             args += ["--state-db", str(self.state_db)]
         if "--no-audit" in self.args or "--audit-dir" in self.args:
             return args
