@@ -8,11 +8,12 @@ field names. Loaded once at start and passed down explicitly.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, ClassVar, Optional
 
-from pydantic import AfterValidator, Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AfterValidator, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cluster.config_file import TableSource
 
@@ -78,6 +79,15 @@ class NodeSettings(FileSettings):
     # staging area live here, so they survive an agent restart. One directory per node.
     state_dir: Path = Path("studiofleet-node")
     drain_timeout_s: float = Field(120.0, gt=0)    # a drain with no timeout of its own
+    # The vLLM engine (README "vLLM nodes"): the agent runs `VLLM_PYTHON -m
+    # vllm.entrypoints.openai.api_server` on loopback with the model, --max-model-len and
+    # --max-num-seqs set from the settings above, plus `vllm_args` (a list, or one
+    # shell-quoted string). Empty python: the agent's own interpreter.
+    vllm_python: str = ""
+    vllm_args: Annotated[tuple[str, ...], NoDecode] = ()
+    vllm_port: int = Field(0, ge=0, le=65535)           # 0: a free loopback port
+    vllm_startup_timeout_s: float = Field(600.0, gt=0)
+    vllm_restart_max_backoff_s: float = Field(60.0, ge=0)
     # Announce over mDNS (zero-config discovery); `fleet` keeps fleets on one LAN apart.
     mdns: bool = True
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
@@ -87,6 +97,11 @@ class NodeSettings(FileSettings):
     tls_name: Optional[str] = None       # the certificate's name; default: the node id
     plaintext: bool = False
     log_level: str = "INFO"
+
+    @field_validator("vllm_args", mode="before")
+    @classmethod
+    def _split_args(cls, v):
+        return tuple(shlex.split(v)) if isinstance(v, str) else v
 
 
 class CoordinatorSettings(FileSettings):

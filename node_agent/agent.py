@@ -79,6 +79,7 @@ class NodeAgent:
         self._advertiser: Optional[Advertiser] = None
         self._announcing: Optional[asyncio.Task] = None
         self.exit_code = 0
+        self._recovering = False   # LOADING because the engine is restarting its server
         path = settings.model_path.resolve()
         self.configured_model = ModelRef(str(path), settings.model_id or path.name, settings.model_version)
         self.staging = StagingArea(settings.state_dir / "models")
@@ -109,7 +110,9 @@ class NodeAgent:
         self.engine.start(
             self.registry.emit_threadsafe,
             on_exit=lambda reason: loop.call_soon_threadsafe(
-                lambda: loop.create_task(self.engine_died(reason))))
+                lambda: loop.create_task(self.engine_died(reason))),
+            on_serving=lambda up, reason: loop.call_soon_threadsafe(
+                lambda: loop.create_task(self.engine_serving(up, reason))))
         if self.settings.mdns:  # in the background: mDNS probing takes ~1 s, loading need not wait
             self._announcing = loop.create_task(self._announce())
         return self.port
@@ -158,6 +161,7 @@ class NodeAgent:
         """LOADING -> WARMING -> READY, or FAILED with the reason; never raises. A model with
         a digest must hash to it: a mismatch is a failure, never a swap."""
         model = model or self.configured_model
+        self._recovering = False  # a load replaces whatever the engine was restarting
         await self.enter(State.LOADING, f"loading {model.model_id} from {model.path}")
         try:
             facts = await asyncio.to_thread(self.engine.load, Path(model.path), model.model_id)
@@ -218,6 +222,36 @@ class NodeAgent:
         if self.lifecycle.state is not State.FAILED:
             log.error("node=%s engine stopped: %s", self.node_id, reason)
             await self.enter(State.FAILED, f"engine stopped: {reason}; restart the node agent")
+
+    async def engine_serving(self, up: bool, reason: str) -> None:
+        """The engine's server went down (its requests have failed) or serves again (vLLM
+        restarts its child by itself). Down: READY or DRAINED -> LOADING with the cause;
+        a drain under way ends by itself. Up: warm up again, then READY, or DRAINED if the
+        node was drained."""
+        state = self.lifecycle.state
+        if self.stopping:
+            return
+        if not up:
+            log.error("node=%s engine server down: %s", self.node_id, reason)
+            if state in (State.READY, State.DRAINED) or (state is State.LOADING and self._recovering):
+                self._recovering = True
+                await self.enter(State.LOADING, reason)
+            return
+        log.info("node=%s %s", self.node_id, reason)
+        if not (self._recovering and state is State.LOADING):
+            return
+        self._recovering = False
+        await self.enter(State.WARMING, f"{reason}; warming up")
+        try:
+            await self._warm_up()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("node=%s warm-up after the engine restart failed", self.node_id)
+            await self.enter(State.FAILED, f"warm-up after the engine restart failed: {type(exc).__name__}: {exc}")
+            return
+        if self.lifecycle.state is State.WARMING and not self.stopping:
+            drained = self.ops.state.drained
+            await self.enter(State.DRAINED if drained else State.READY,
+                             f"{reason}; warmed up" + ("; drained, uncordon to serve" if drained else ""))
 
     async def enter(self, state: State, reason: str) -> None:
         self.lifecycle.transition(state, reason)

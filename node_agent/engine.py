@@ -16,7 +16,7 @@ from node_agent.sampling import SamplingSpec
 
 class EventKind(enum.Enum):
     ADMITTED = "admitted"    # joined the running batch (queue wait ends)
-    TOKEN = "token"          # one generated token; `finish` set on the last
+    TOKEN = "token"          # one generated token; `finish` set on the last (token -1: finish only)
     FAILED = "failed"        # the engine could not continue this request
 
 
@@ -68,6 +68,19 @@ class EngineStats:
     prompt_cache_bytes: int = 0
     cached_prompt_tokens_total: int = 0
     recommended_working_set_bytes: int = 0  # Metal's limit on macOS; 0 elsewhere
+    kv_cache_usage: float = 0.0             # fraction of the KV cache in use (vLLM's /metrics)
+    gpus: tuple = ()                        # telemetry.GpuReading per NVIDIA GPU
+    server: Optional["ServerInfo"] = None   # a supervised server process (vLLM), if any
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The engine's own server process, for engines that supervise one."""
+    pid: int
+    url: str
+    restarts: int            # unplanned restarts since the agent started
+    last_exit: str           # why it last stopped unplanned ("" if never)
+    up_s: float              # seconds since it last became healthy (0 while down)
 
 
 class Engine(Protocol):
@@ -85,9 +98,12 @@ class Engine(Protocol):
     def tokenizer(self):
         """The model's mlx-lm TokenizerWrapper (encode, chat template, detokenizer)."""
 
-    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None) -> None:
+    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None,
+              on_serving: Optional[Callable[[bool, str], None]] = None) -> None:
         """Start generating; `emit` receives events from the engine's thread, `on_exit(reason)`
-        is called from that thread if the engine stops by itself (a crash)."""
+        is called from that thread if the engine stops by itself for good (a crash).
+        Engines that restart their own server call `on_serving(False, why)` when it goes
+        down (in-flight requests have failed) and `on_serving(True, what)` when it serves again."""
 
     def submit(self, request: EngineRequest) -> None:
         """Queue a request; thread-safe; never blocks; raises EngineClosed."""

@@ -65,13 +65,17 @@ def _stopping(reason: str):
 
 @app.command()
 def serve(
-    model: Optional[Path] = typer.Option(None, "--model", help="Local MLX model directory (config.json, *.safetensors, tokenizer); or model_path in the config file."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Local model directory (config.json, *.safetensors, tokenizer): MLX for --engine mlx, Hugging Face for vllm; or model_path in the config file."),
     config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its \\[node] table gives defaults that env vars and flags override."),
     listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7700]"),
     node_id: Optional[str] = typer.Option(None, help="Unique node id. [default: derived from host and port]"),
     model_id: Optional[str] = typer.Option(None, help="Model name to report. [default: directory name]"),
     model_version: Optional[str] = typer.Option(None, help="Version label to report."),
-    engine: Optional[str] = typer.Option(None, help="Engine plug-in. [default: mlx]"),
+    engine: Optional[str] = typer.Option(None, help="Engine plug-in: mlx (mlx-lm in-process) or vllm (a supervised vLLM server). [default: mlx]"),
+    vllm_python: Optional[str] = typer.Option(None, help="vllm engine: the Python of a virtualenv with vLLM. [default: this one]"),
+    vllm_args: Optional[str] = typer.Option(None, help="vllm engine: extra server arguments, shell-quoted, e.g. '--dtype bfloat16 --gpu-memory-utilization 0.9'."),
+    vllm_port: Optional[int] = typer.Option(None, help="vllm engine: loopback port of the vLLM server. [default: a free one]"),
+    vllm_startup_timeout_s: Optional[float] = typer.Option(None, help="vllm engine: seconds the server gets to answer /health. [default: 600]"),
     max_running: Optional[int] = typer.Option(None, help="Sequences decoded together. [default: 32]"),
     max_queued: Optional[int] = typer.Option(None, help="Requests waiting for a slot before RESOURCE_EXHAUSTED. [default: 64]"),
     max_tokens_limit: Optional[int] = typer.Option(None, help="Largest max_tokens accepted. [default: 4096]"),
@@ -98,10 +102,31 @@ def serve(
         if not settings.model_path.is_dir():
             return (f"model {settings.model_path} is not a directory; point it at a local MLX model "
                     "(make one with `fleetctl model make-tiny DIR`)")
-        return security_problem(settings) or state_problem(settings)
+        return engine_problem(settings) or security_problem(settings) or state_problem(settings)
 
     run_daemon("fleet-node", lambda: NodeSettings(config_file=config, **flags), _serve, check=check,
                hints={"model_path": "--model DIR or model_path in [node] of the --config file"})
+
+
+def engine_problem(settings) -> Optional[str]:
+    """An engine that cannot run here, as one line naming the fix; None if fine."""
+    from node_agent.engines import ENGINES
+
+    if settings.engine not in ENGINES:
+        return f"unknown engine {settings.engine!r}; use one of: {', '.join(sorted(ENGINES))}"
+    if settings.engine == "vllm":
+        import subprocess
+
+        python = settings.vllm_python or sys.executable
+        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+        try:
+            ok = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"vllm_python {python} cannot be run ({type(exc).__name__}); point --vllm-python at a Python"
+        if not ok:
+            return (f"vllm_python {python} has no vllm package; install vLLM in a virtualenv (GPU: pip install "
+                    "vllm; CPU: scripts/bootstrap-vllm) and pass its python with --vllm-python")
+    return None
 
 
 def security_problem(settings) -> Optional[str]:

@@ -128,7 +128,7 @@ class RequestStream:
                 raise EngineFailed(ev.message)
             if self.finish is not None:  # ended here (stop sequence); the engine is catching up
                 continue
-            if not (ev.finish == "stop" and ev.token in self._eos):
+            if ev.token >= 0 and not (ev.finish == "stop" and ev.token in self._eos):
                 ids.append(ev.token)
                 self.completion_tokens += 1
                 self._detok.add_token(ev.token)

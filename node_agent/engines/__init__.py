@@ -23,7 +23,24 @@ def _mlx(settings: NodeSettings) -> Engine:
     )
 
 
-ENGINES: dict[str, Callable[[NodeSettings], Engine]] = {"mlx": _mlx}
+def _vllm(settings: NodeSettings) -> Engine:
+    from node_agent.engines.vllm_engine import VllmEngine
+
+    return VllmEngine(
+        model_path=settings.model_path,
+        model_id=settings.model_id,
+        max_running=settings.max_running,
+        max_context_tokens=settings.max_context_tokens,
+        state_dir=settings.state_dir,
+        python=settings.vllm_python,
+        extra_args=settings.vllm_args,
+        port=settings.vllm_port,
+        startup_timeout_s=settings.vllm_startup_timeout_s,
+        restart_max_backoff_s=settings.vllm_restart_max_backoff_s,
+    )
+
+
+ENGINES: dict[str, Callable[[NodeSettings], Engine]] = {"mlx": _mlx, "vllm": _vllm}
 
 
 def make_engine(settings: NodeSettings) -> Engine:

@@ -94,8 +94,10 @@ class MlxEngine:
     def alive(self) -> bool:
         return self._thread is not None and not self._closed.is_set()
 
-    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None) -> None:
-        """Start the engine thread; `on_exit(reason)` is called if it stops on its own."""
+    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None,
+              on_serving: Optional[Callable[[bool, str], None]] = None) -> None:
+        """Start the engine thread; `on_exit(reason)` is called if it stops on its own.
+        (MLX runs in-process: there is no server to restart, so `on_serving` is unused.)"""
         self._emit = emit
         self._on_exit = on_exit
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
