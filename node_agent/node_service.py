@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import grpc
 
@@ -62,6 +62,7 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
             prompt_cache_entries=engine.prompt_cache_entries,
             prompt_cache_bytes=engine.prompt_cache_bytes,
             cached_prompt_tokens_total=engine.cached_prompt_tokens_total,
+            kv_cache_usage=engine.kv_cache_usage,
         ),
         memory=node_pb2.Memory(
             total_bytes=mem.total_bytes,
@@ -71,6 +72,9 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
             engine_peak_bytes=engine.peak_memory_bytes,
             unified=mem.unified,
             gpu_recommended_working_set_bytes=engine.recommended_working_set_bytes,
+            gpus=[node_pb2.Gpu(index=g.index, name=g.name, memory_used_bytes=g.memory_used_bytes,
+                               memory_total_bytes=g.memory_total_bytes, utilization=g.utilization)
+                  for g in engine.gpus],
         ),
         uptime_s=time.monotonic() - agent.started_at,
         agent_version=__version__,
@@ -81,7 +85,15 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
         previous_model=_model_ref(agent.ops.state.previous),
         drain_deadline_left_s=agent.ops.drain_left_s(),
         operations=agent.ops.recent(),
+        engine_server=_engine_server(engine.server),
     )
+
+
+def _engine_server(info) -> Optional[node_pb2.EngineServer]:
+    if info is None:
+        return None
+    return node_pb2.EngineServer(pid=info.pid, url=info.url, restarts=info.restarts, last_exit=info.last_exit,
+                                 up_s=info.up_s)
 
 
 def _model_ref(ref) -> common_pb2.ModelInfo:

@@ -14,7 +14,7 @@ from cluster.api import node_pb2, node_pb2_grpc
 from cluster.client.errors import from_rpc_error
 from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
-from cluster.fleetctl.ops_cmd import lifecycle, operation_rows, show
+from cluster.fleetctl.ops_cmd import engine_rows, lifecycle, operation_rows, show
 from cluster.security.identity import ANY_NODE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -55,6 +55,7 @@ def status(
                    f"engine {st.memory.engine_active_bytes / gib:.2f} GiB"
                    + (" (unified)" if st.memory.unified else "")),
         ("uptime", f"{st.uptime_s:.0f} s"),
+        *engine_rows(st),
         *operation_rows(st),
     ]
     for key, value in rows:

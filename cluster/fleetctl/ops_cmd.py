@@ -26,6 +26,21 @@ def lifecycle(st: node_pb2.NodeStatus) -> str:
     return common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_") + (" (cordoned)" if st.cordoned else "")
 
 
+def engine_rows(st: node_pb2.NodeStatus) -> list[tuple[str, str]]:
+    """A supervised engine server (vLLM), its KV cache and the host's GPUs, if any."""
+    rows = []
+    srv = st.engine_server if st.HasField("engine_server") else None
+    if srv is not None:
+        state = f"pid {srv.pid}, up {srv.up_s:.0f} s" if srv.pid else "down"
+        rows.append(("server", f"{srv.url or '-'} {state}, {srv.restarts} restarts"
+                               + (f" (last: {srv.last_exit})" if srv.last_exit else "")))
+        rows.append(("kv cache", f"{st.load.kv_cache_usage:.0%} used"))
+    gib = 1 << 30
+    rows += [("gpu", f"{g.index} {g.name}: {g.memory_used_bytes / gib:.1f} / {g.memory_total_bytes / gib:.1f} GiB, "
+                     f"{g.utilization:.0%} busy") for g in st.memory.gpus]
+    return rows
+
+
 def operation_rows(st: node_pb2.NodeStatus) -> list[tuple[str, str]]:
     """The node's staged weights and recent operations, one (key, value) row each."""
     return ([("staged", f"{s.model_id} {s.version} {s.weights_digest[:19]} "
@@ -132,5 +147,5 @@ def show(node_id: str = typer.Argument(..., help="The node id."), coordinator: s
             ("previous", f"{st.previous_model.model_id} {st.previous_model.version} "
                          f"{st.previous_model.weights_digest}" if st.previous_model.weights_digest else "-"),
             ("load", f"{st.load.running} running, {st.load.queued} queued, {n.in_flight} from this coordinator")]
-    for key, value in rows + operation_rows(st):
+    for key, value in rows + engine_rows(st) + operation_rows(st):
         typer.echo(f"{key:<10} {value}")

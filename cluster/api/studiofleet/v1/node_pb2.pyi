@@ -49,7 +49,7 @@ class Capacity(_message.Message):
     def __init__(self, max_running: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running", "queued", "queued_prompt_tokens", "tokens_generated_total", "prompt_tokens_total", "requests_accepted_total", "requests_completed_total", "requests_cancelled_total", "requests_deadline_total", "requests_failed_total", "requests_rejected_total", "decode_tokens_per_s", "engine_sequences", "engine_waiting", "prompt_cache_entries", "prompt_cache_bytes", "cached_prompt_tokens_total")
+    __slots__ = ("running", "queued", "queued_prompt_tokens", "tokens_generated_total", "prompt_tokens_total", "requests_accepted_total", "requests_completed_total", "requests_cancelled_total", "requests_deadline_total", "requests_failed_total", "requests_rejected_total", "decode_tokens_per_s", "engine_sequences", "engine_waiting", "prompt_cache_entries", "prompt_cache_bytes", "cached_prompt_tokens_total", "kv_cache_usage")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Load(_message.Message):
     PROMPT_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     queued_prompt_tokens: int
@@ -84,10 +85,11 @@ class Load(_message.Message):
     prompt_cache_entries: int
     prompt_cache_bytes: int
     cached_prompt_tokens_total: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tokens_generated_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., requests_accepted_total: _Optional[int] = ..., requests_completed_total: _Optional[int] = ..., requests_cancelled_total: _Optional[int] = ..., requests_deadline_total: _Optional[int] = ..., requests_failed_total: _Optional[int] = ..., requests_rejected_total: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., engine_sequences: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., prompt_cache_entries: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ...) -> None: ...
+    kv_cache_usage: float
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., tokens_generated_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., requests_accepted_total: _Optional[int] = ..., requests_completed_total: _Optional[int] = ..., requests_cancelled_total: _Optional[int] = ..., requests_deadline_total: _Optional[int] = ..., requests_failed_total: _Optional[int] = ..., requests_rejected_total: _Optional[int] = ..., decode_tokens_per_s: _Optional[float] = ..., engine_sequences: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., prompt_cache_entries: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ...) -> None: ...
 
 class Memory(_message.Message):
-    __slots__ = ("total_bytes", "available_bytes", "process_rss_bytes", "engine_active_bytes", "engine_peak_bytes", "unified", "gpu_recommended_working_set_bytes")
+    __slots__ = ("total_bytes", "available_bytes", "process_rss_bytes", "engine_active_bytes", "engine_peak_bytes", "unified", "gpu_recommended_working_set_bytes", "gpus")
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,7 @@ class Memory(_message.Message):
     ENGINE_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNIFIED_FIELD_NUMBER: _ClassVar[int]
     GPU_RECOMMENDED_WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     total_bytes: int
     available_bytes: int
     process_rss_bytes: int
@@ -102,10 +105,39 @@ class Memory(_message.Message):
     engine_peak_bytes: int
     unified: bool
     gpu_recommended_working_set_bytes: int
-    def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., engine_active_bytes: _Optional[int] = ..., engine_peak_bytes: _Optional[int] = ..., unified: _Optional[bool] = ..., gpu_recommended_working_set_bytes: _Optional[int] = ...) -> None: ...
+    gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
+    def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., engine_active_bytes: _Optional[int] = ..., engine_peak_bytes: _Optional[int] = ..., unified: _Optional[bool] = ..., gpu_recommended_working_set_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ...) -> None: ...
+
+class Gpu(_message.Message):
+    __slots__ = ("index", "name", "memory_used_bytes", "memory_total_bytes", "utilization")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    memory_used_bytes: int
+    memory_total_bytes: int
+    utilization: float
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., utilization: _Optional[float] = ...) -> None: ...
+
+class EngineServer(_message.Message):
+    __slots__ = ("pid", "url", "restarts", "last_exit", "up_s")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    UP_S_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    url: str
+    restarts: int
+    last_exit: str
+    up_s: float
+    def __init__(self, pid: _Optional[int] = ..., url: _Optional[str] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., up_s: _Optional[float] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations")
+    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations", "engine_server")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +155,7 @@ class NodeStatus(_message.Message):
     PREVIOUS_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAIN_DEADLINE_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_SERVER_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lifecycle: _common_pb2.Lifecycle
     lifecycle_reason: str
@@ -140,7 +173,8 @@ class NodeStatus(_message.Message):
     previous_model: _common_pb2.ModelInfo
     drain_deadline_left_s: float
     operations: _containers.RepeatedCompositeFieldContainer[Operation]
-    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ...) -> None: ...
+    engine_server: EngineServer
+    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("operation_id", "kind", "state", "message", "started_unix_s", "finished_unix_s")
