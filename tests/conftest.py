@@ -72,6 +72,36 @@ def node(tiny_model, tmp_path_factory):
         assert load.requests_accepted_total == ended, f"outcomes do not add up: {load}"
 
 
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    from tests.vllm_support import find_vllm_python
+
+    return find_vllm_python()
+
+
+@pytest.fixture(scope="session")
+def vllm_node(tiny_model, vllm_python, tmp_path_factory):
+    """One vLLM node agent for the vLLM tests (tests/test_vllm_*.py), stopped at the end of
+    the session; on the way out no vLLM process may be left and every request ended once."""
+    from tests.vllm_support import START_TIMEOUT_S, VLLM_ENV, group_alive, vllm_node_args
+
+    proc = NodeProcess(tiny_model, *vllm_node_args(vllm_python, "--max-running", "16", "--max-queued", "32"),
+                       node_id="vllm-node", env=VLLM_ENV)
+    with proc:
+        proc.start(tmp_path_factory.mktemp("vllm-logs"))
+        proc.wait_serving(START_TIMEOUT_S)
+        yield proc
+        st = proc.status()
+        pgid = st.engine_server.pid
+        load = st.load
+        ended = (load.requests_completed_total + load.requests_cancelled_total
+                 + load.requests_deadline_total + load.requests_failed_total)
+        assert load.requests_accepted_total == ended, f"outcomes do not add up: {load}"
+        proc.stop()
+        # SIGTERM to the agent stops the server and its engine-core and worker processes.
+        assert pgid and not group_alive(pgid), f"vLLM processes left after the agent stopped: {group_alive(pgid)}"
+
+
 @pytest.fixture
 def start_node(tiny_model, tmp_path):
     """Start extra node agents with their own flags; all are stopped after the test."""

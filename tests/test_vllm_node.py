@@ -1,7 +1,7 @@
 """The vLLM node type against a real vLLM (CPU build): one contract with MLX nodes.
 
-The module shares one vLLM node agent (its server takes ~25 s to start); the crash test
-runs last in the module because it costs a server restart.
+The tests share one vLLM node agent (conftest `vllm_node`: its server takes ~25 s to
+start); the crash test runs last because it costs a server restart.
 """
 
 from __future__ import annotations
@@ -19,38 +19,13 @@ import pytest
 
 from cluster.api import common_pb2, inference_pb2
 from cluster.client import build_request
-from tests.procs import NodeProcess
 from tests.test_node_limits import BAD_INPUTS
-from tests.vllm_support import START_TIMEOUT_S, VLLM_ENV, find_vllm_python, group_alive, vllm_node_args
+from tests.vllm_support import START_TIMEOUT_S, group_alive
 
 pytestmark = [pytest.mark.usefixtures("as_node_caller"), pytest.mark.slow]
 
 NOTE = [("system", "You are a clinical documentation assistant."),
         ("user", "Write a SOAP note for a synthetic follow-up visit.")]
-
-
-@pytest.fixture(scope="session")
-def vllm_python() -> str:
-    return find_vllm_python()
-
-
-@pytest.fixture(scope="module")
-def vnode(tiny_model, vllm_python, tmp_path_factory):
-    proc = NodeProcess(tiny_model, *vllm_node_args(vllm_python, "--max-running", "16", "--max-queued", "32"),
-                       node_id="vllm-node", env=VLLM_ENV)
-    with proc:
-        proc.start(tmp_path_factory.mktemp("vllm-logs"))
-        proc.wait_serving(START_TIMEOUT_S)
-        yield proc
-        st = proc.status()
-        pgid = st.engine_server.pid
-        load = st.load
-        ended = (load.requests_completed_total + load.requests_cancelled_total
-                 + load.requests_deadline_total + load.requests_failed_total)
-        assert load.requests_accepted_total == ended, f"outcomes do not add up: {load}"
-        proc.stop()
-        # SIGTERM to the agent stops the server and its engine-core and worker processes.
-        assert pgid and not group_alive(pgid), f"vLLM processes left after the agent stopped: {group_alive(pgid)}"
 
 
 def _run(node, req, timeout=120):
@@ -75,8 +50,8 @@ def _vllm_running(node) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
-def test_status_names_the_engine_and_its_server(vnode):
-    st = vnode.status()
+def test_status_names_the_engine_and_its_server(vllm_node):
+    st = vllm_node.status()
     assert st.model.engine == "vllm"
     assert st.model.engine_version.startswith("vLLM ")
     assert st.model.weights_digest.startswith("sha256:")
@@ -86,13 +61,13 @@ def test_status_names_the_engine_and_its_server(vnode):
     assert 0.0 <= st.load.kv_cache_usage <= 1.0
 
 
-def test_sixteen_concurrent_streams_complete_with_right_counts(vnode):
+def test_sixteen_concurrent_streams_complete_with_right_counts(vllm_node):
     barrier = threading.Barrier(16)
     max_tokens = [24 + 4 * i for i in range(16)]
 
     def one(i):
         barrier.wait()
-        return _run(vnode, build_request(messages=NOTE, max_tokens=max_tokens[i], request_id=f"v-conc-{i}",
+        return _run(vllm_node, build_request(messages=NOTE, max_tokens=max_tokens[i], request_id=f"v-conc-{i}",
                                          temperature=0.7, seed=i))
 
     with ThreadPoolExecutor(16) as pool:
@@ -110,9 +85,9 @@ def test_sixteen_concurrent_streams_complete_with_right_counts(vnode):
         assert final.timings.time_to_first_token_ms > 0 and final.timings.total_ms >= final.timings.time_to_first_token_ms
 
 
-def test_same_seed_gives_same_tokens_and_other_seeds_differ(vnode):
+def test_same_seed_gives_same_tokens_and_other_seeds_differ(vllm_node):
     def tokens(seed, rid):
-        return _run(vnode, build_request(prompt="Assessment:", max_tokens=40, temperature=1.0, seed=seed,
+        return _run(vllm_node, build_request(prompt="Assessment:", max_tokens=40, temperature=1.0, seed=seed,
                                          request_id=rid))[0]
 
     first = tokens(11, "seed-a")
@@ -120,31 +95,31 @@ def test_same_seed_gives_same_tokens_and_other_seeds_differ(vnode):
     assert tokens(12, "seed-c") != first
 
 
-def test_chat_template_and_tokens_match_an_mlx_node(vnode, node):
+def test_chat_template_and_tokens_match_an_mlx_node(vllm_node, node):
     """The agent applies the chat template and counts tokens itself, whatever the engine."""
     req = build_request(messages=NOTE, max_tokens=8, temperature=0.0, request_id="tmpl")
     _, _, mlx_final = _run(node, req)
-    _, _, vllm_final = _run(vnode, req)
+    _, _, vllm_final = _run(vllm_node, req)
     assert vllm_final.usage.prompt_tokens == mlx_final.usage.prompt_tokens
     assert vllm_final.model.weights_digest == mlx_final.model.weights_digest  # the same files
 
 
-def test_resume_with_prefix_token_ids_continues_exactly(vnode):
-    full, full_text, final = _run(vnode, build_request(prompt="Plan:", max_tokens=80, temperature=0.0,
+def test_resume_with_prefix_token_ids_continues_exactly(vllm_node):
+    full, full_text, final = _run(vllm_node, build_request(prompt="Plan:", max_tokens=80, temperature=0.0,
                                                        request_id="resume-full"))
     assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH
     req = build_request(prompt="Plan:", max_tokens=80 - 30, temperature=0.0, request_id="resume-rest")
     req.prefix_token_ids.extend(full[:30])
-    rest, _, rest_final = _run(vnode, req)
+    rest, _, rest_final = _run(vllm_node, req)
     assert rest == full[30:]
     assert rest_final.usage.prefix_tokens == 30 and rest_final.usage.completion_tokens == 50
 
 
-def test_stop_sequence_ends_the_stream_before_it(vnode):
-    ids, text, _ = _run(vnode, build_request(prompt="Plan:", max_tokens=120, temperature=0.0, request_id="stop-full"))
+def test_stop_sequence_ends_the_stream_before_it(vllm_node):
+    ids, text, _ = _run(vllm_node, build_request(prompt="Plan:", max_tokens=120, temperature=0.0, request_id="stop-full"))
     stop = next(text[i:i + 3] for i in range(10, len(text) - 3) if text[i:i + 3].isprintable() and text[i:i + 3].strip())
     cut = text.index(stop)
-    ids2, text2, final = _run(vnode, build_request(prompt="Plan:", max_tokens=120, temperature=0.0, stop=[stop],
+    ids2, text2, final = _run(vllm_node, build_request(prompt="Plan:", max_tokens=120, temperature=0.0, stop=[stop],
                                                    request_id="stop-cut"))
     assert final.finish_reason == inference_pb2.FINISH_REASON_STOP
     assert text2 == text[:cut]
@@ -153,10 +128,10 @@ def test_stop_sequence_ends_the_stream_before_it(vnode):
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_is_answered_exactly_as_an_mlx_node_answers(vnode, node, name):
+def test_bad_input_is_answered_exactly_as_an_mlx_node_answers(vllm_node, node, name):
     req, _ = BAD_INPUTS[name]
     answers = []
-    for target in (node, vnode):
+    for target in (node, vllm_node):
         with pytest.raises(grpc.RpcError) as err:
             _run(target, req, timeout=10)
         answers.append((err.value.code(), err.value.details().replace(target.node_id, "NODE")))
@@ -164,42 +139,42 @@ def test_bad_input_is_answered_exactly_as_an_mlx_node_answers(vnode, node, name)
     assert answers[1][0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_cancel_closes_the_stream_and_vllm_aborts_the_request(vnode):
-    call = vnode.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
+def test_cancel_closes_the_stream_and_vllm_aborts_the_request(vllm_node):
+    call = vllm_node.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
                                                   request_id="cancel-me"), timeout=120)
     got = 0
     for chunk in call:
         got += len(chunk.token_ids)
         if got >= 20:
             break
-    assert _vllm_running(vnode) >= 1
+    assert _vllm_running(vllm_node) >= 1
     call.cancel()
-    st, _ = vnode.wait_until(lambda s: s.load.running == 0 and s.load.engine_sequences == 0, timeout_s=10,
+    st, _ = vllm_node.wait_until(lambda s: s.load.running == 0 and s.load.engine_sequences == 0, timeout_s=10,
                              what="slot freed")
     deadline = time.monotonic() + 10
-    while _vllm_running(vnode) != 0:
+    while _vllm_running(vllm_node) != 0:
         assert time.monotonic() < deadline, "vLLM kept generating a cancelled request"
         time.sleep(0.1)
     assert st.load.tokens_generated_total > 0
 
 
-def test_metrics_feed_the_status_while_generating(vnode):
-    call = vnode.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
+def test_metrics_feed_the_status_while_generating(vllm_node):
+    call = vllm_node.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
                                                   request_id="busy"), timeout=120)
     stream = iter(call)
     next(stream)
     try:
-        st, _ = vnode.wait_until(lambda s: s.load.kv_cache_usage > 0 and s.load.decode_tokens_per_s > 0,
+        st, _ = vllm_node.wait_until(lambda s: s.load.kv_cache_usage > 0 and s.load.decode_tokens_per_s > 0,
                                  timeout_s=10, what="KV cache usage and decode rate from /metrics")
         assert st.load.engine_sequences == 1 and st.load.running == 1
     finally:
         call.cancel()
 
 
-def test_server_killed_mid_stream_fails_the_request_with_the_cause_then_serves_again(vnode):
+def test_server_killed_mid_stream_fails_the_request_with_the_cause_then_serves_again(vllm_node):
     """Last in the module: it restarts the server (~25 s)."""
-    pid = vnode.status().engine_server.pid
-    call = vnode.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
+    pid = vllm_node.status().engine_server.pid
+    call = vllm_node.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
                                                   request_id="crash"), timeout=120)
     got, killed, final = 0, False, None
     for chunk in call:
@@ -213,15 +188,15 @@ def test_server_killed_mid_stream_fails_the_request_with_the_cause_then_serves_a
     assert f"pid {pid}" in final.message and "SIGKILL" in final.message, final.message
     assert "restarting" in final.message and final.usage.completion_tokens == got
     # The node says so (LOADING, with the cause) while its server restarts...
-    st, _ = vnode.wait_until(lambda s: s.engine_server.restarts == 1, timeout_s=10, what="restart counted")
+    st, _ = vllm_node.wait_until(lambda s: s.engine_server.restarts == 1, timeout_s=10, what="restart counted")
     assert "SIGKILL" in st.engine_server.last_exit
     assert st.lifecycle == common_pb2.LIFECYCLE_LOADING and "SIGKILL" in st.lifecycle_reason
     with pytest.raises(grpc.RpcError) as err:
-        _run(vnode, build_request(prompt="Plan:", max_tokens=4, request_id="while-down"), timeout=10)
+        _run(vllm_node, build_request(prompt="Plan:", max_tokens=4, request_id="while-down"), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "LOADING" in err.value.details()
     # ...then serves again on a new server; nothing of the old one is left.
-    st, _ = vnode.wait_until(lambda s: s.lifecycle == common_pb2.LIFECYCLE_READY and s.engine_server.pid not in (0, pid),
+    st, _ = vllm_node.wait_until(lambda s: s.lifecycle == common_pb2.LIFECYCLE_READY and s.engine_server.pid not in (0, pid),
                              timeout_s=START_TIMEOUT_S, what="READY again on a new server")
     assert not group_alive(pid)
-    ids, _, final = _run(vnode, build_request(prompt="Plan:", max_tokens=10, request_id="after-crash"))
+    ids, _, final = _run(vllm_node, build_request(prompt="Plan:", max_tokens=10, request_id="after-crash"))
     assert final.finish_reason in (inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_STOP)

@@ -15,7 +15,7 @@ from cluster.client import build_request
 from cluster.digest import weights_digest
 from tests.test_node_ops import DONE, ops, wait_op
 from tests.test_vllm_node import _run
-from tests.vllm_support import START_TIMEOUT_S, VLLM_ENV, find_vllm_python, group_alive, vllm_node_args
+from tests.vllm_support import START_TIMEOUT_S, VLLM_ENV, group_alive, vllm_node_args
 
 pytestmark = [pytest.mark.usefixtures("as_node_caller"), pytest.mark.slow]
 
@@ -28,12 +28,12 @@ def _wait_gone(pgid: int, timeout_s: float = 30.0) -> None:
 
 
 def test_activate_restarts_the_server_on_new_weights_and_nothing_outlives_the_agent(
-        start_node, tiny_model, tmp_path):
+        start_node, tiny_model, vllm_python, tmp_path):
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
 
     new_model = make_tiny_model(tmp_path / "tiny-qwen2-v2", TinyModelSpec(seed=7))
     old, new = weights_digest(tiny_model), weights_digest(new_model)
-    node = start_node(*vllm_node_args(find_vllm_python()), node_id="vllm-swap", env=VLLM_ENV, wait=False)
+    node = start_node(*vllm_node_args(vllm_python), node_id="vllm-swap", env=VLLM_ENV, wait=False)
     node.wait_serving(START_TIMEOUT_S)
     stub = ops(node)
     first = node.status().engine_server.pid
