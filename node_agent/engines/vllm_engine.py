@@ -47,6 +47,7 @@ METRICS_INTERVAL_S = 1.0
 GPU_INTERVAL_S = 5.0
 STABLE_AFTER_S = 300.0        # up this long: the restart backoff starts again from its first step
 _RATE_WINDOW_S = 10.0
+KEEPALIVE_S = 2.0
 _FINISH = {"stop": "stop", "length": "length"}
 
 
@@ -207,8 +208,10 @@ class VllmEngine:
         import aiohttp
 
         self._exited = asyncio.Event()
+        # Idle connections are dropped before the server's keep-alive (uvicorn: 5 s) ends
+        # them: a request sent on a connection the server is closing would fail.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, use_dns_cache=False),
+            connector=aiohttp.TCPConnector(limit=0, use_dns_cache=False, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self._background.append(asyncio.get_running_loop().create_task(self._poll_stats()))
 
@@ -398,11 +401,14 @@ class VllmEngine:
     def _body(self, req: EngineRequest) -> bytes:
         s = req.sampling
         body = {"model": self._served[1], "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
-                "stream": True, "return_token_ids": True, "temperature": s.temperature, "top_p": s.top_p,
-                "min_p": s.min_p, "repetition_penalty": s.repetition_penalty, "seed": s.seed,
-                "stop_token_ids": list(self._eos), "skip_special_tokens": False, "request_id": req.key}
-        if s.top_k > 0:
-            body["top_k"] = s.top_k
+                "stream": True, "return_token_ids": True, "temperature": s.temperature,
+                "stop_token_ids": list(self._eos), "request_id": req.key}
+        if not s.greedy:  # vLLM seeds a generator per request: same seed, same tokens
+            body.update(seed=s.seed, top_p=s.top_p, min_p=s.min_p)
+            if s.top_k > 0:
+                body["top_k"] = s.top_k
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
         return json.dumps(body).encode()
 
     async def _generate(self, req: EngineRequest) -> None:
