@@ -41,8 +41,10 @@ def _request(i: int, max_tokens: int):
 
 
 def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens: int = 96,
-             nodes: int = 2, console: Console | None = None) -> int:
-    """Returns 0 when every note completed and every daemon stopped cleanly."""
+             nodes: int = 2, vllm_python: str = "", console: Console | None = None) -> int:
+    """Returns 0 when every note completed and every daemon stopped cleanly. With
+    `vllm_python`, one more node agent serves the same model through vLLM (its CPU build
+    here: float32, eager, a 1 GiB KV cache)."""
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     model = workdir / "model"
     if not (model / "config.json").exists():
@@ -63,6 +65,12 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
                                      audit_dir=workdir / "audit")
     agents = [NodeProcess(model, "--max-running", str(concurrency), node_id=f"demo-node-{i + 1}", fleet=fleet,
                           tls_dir=certs) for i in range(nodes)]
+    if vllm_python:
+        agents.append(NodeProcess(model, "--max-running", str(concurrency), "--engine", "vllm", "--vllm-python",
+                                  vllm_python, "--vllm-args", "--dtype float32 --enforce-eager",
+                                  node_id="demo-vllm-node", fleet=fleet, tls_dir=certs,
+                                  env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}))
+        nodes += 1
     try:
         coordinator.start(logs)
         console.print(f"[bold]2/5[/] coordinator on {coordinator.address}, browsing mDNS on 127.0.0.1 "
@@ -72,7 +80,9 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
         console.print(f"      {nodes} node agents announcing themselves: "
                       + ", ".join(f"{a.node_id} on {a.address}" for a in agents))
         started = time.perf_counter()
-        listing = coordinator.wait_routable(nodes, timeout_s=60)
+        if vllm_python:
+            console.print("      the vLLM node starts its vLLM server first (about 30 s on 2 cores)")
+        listing = coordinator.wait_routable(nodes, timeout_s=600 if vllm_python else 60)
         console.print(f"      all {nodes} discovered, verified and READY in {time.perf_counter() - started:.1f} s")
         console.print(fleet_table(listing))
 

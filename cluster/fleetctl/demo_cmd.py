@@ -13,6 +13,8 @@ def demo(
     concurrency: int = typer.Option(8, help="Requests in flight at once."),
     max_tokens: int = typer.Option(96, help="Tokens per note."),
     nodes: int = typer.Option(2, help="Node agents to start."),
+    vllm_python: str = typer.Option("", help="Also start a vLLM node agent with this Python (scripts/demo --vllm "
+                                              "sets up .venv-vllm and passes it)."),
 ) -> None:
     """Make a tiny model, start a coordinator and node agents (mDNS on loopback), stream
     concurrent clinical notes through the client library, show the fleet, stop cleanly."""
@@ -21,4 +23,5 @@ def demo(
     force_offline()
     from cluster.demo import run_demo
 
-    raise typer.Exit(run_demo(workdir, notes=notes, concurrency=concurrency, max_tokens=max_tokens, nodes=nodes))
+    raise typer.Exit(run_demo(workdir, notes=notes, concurrency=concurrency, max_tokens=max_tokens, nodes=nodes,
+                             vllm_python=vllm_python))
