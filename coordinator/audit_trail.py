@@ -3,8 +3,9 @@ and per admin call, with keyed digests of content and never the content itself.
 
 Record fields (README "Audit"): type, action, time (added by the log), request_id, caller,
 role, peer, coordinator, outcome, code, nodes (every hop, in order, with model@version
-and weights digest), failovers, retries, prompt/completion token counts, latency,
-finish_reason, prompt_digest and completion_digest (HMAC-SHA256 under the audit key).
+and weights digest), failovers, retries, restarts, prompt/completion token counts, latency,
+finish_reason, prompt_digest and completion_digest (HMAC-SHA256 under the audit key), and
+after a restart on other weights `voided` (what the caller was sent and told to discard).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The fleet's event stream: joins, state changes, ejections, departures, failovers.
+"""The fleet's event stream: joins, state changes, ejections, departures, failovers, restarts.
 
 Each event is logged once (key=value, never payloads), kept in a bounded history and
 pushed to every WatchEvents subscriber. A subscriber that falls behind is dropped.

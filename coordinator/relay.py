@@ -6,6 +6,10 @@ plus the token ids already streamed (prefix_token_ids), the remaining max_tokens
 same sampling settings and seed, and how much of the prefix's text the caller already
 has (prefix_text_chars). The caller sees one stream in which each token appears once,
 and a final record of the failovers and the nodes involved (DESIGN invariant 4).
+
+If no node with those weights is left, the request fails with ABORTED, unless the caller
+set allow_restart: then it starts over on other weights, the whole original request, and
+the first chunk after that carries `restarted` (what came before it is void).
 """
 
 from __future__ import annotations
@@ -122,9 +126,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                     await self._audit.write_or_log(record)   # the status goes out after the record is down
                 else:
                     self._audit.submit(record)        # the caller left: nobody waits for it
-            log.info("request=%s caller=%s outcome=%s tokens=%d nodes=%s failovers=%d total_ms=%.1f",
+            log.info("request=%s caller=%s outcome=%s tokens=%d nodes=%s failovers=%d restarts=%d total_ms=%.1f",
                      req.request_id, caller, outcome, len(run.delivered), ",".join(run.nodes) or "-",
-                     run.failovers, run.elapsed_ms())
+                     run.failovers, run.restarts, run.elapsed_ms())
 
     async def _run(self, run: Splice, context, audit: "_Outcome") -> AsyncIterator[inference_pb2.GenerateChunk]:
         req = run.request
@@ -134,6 +138,11 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             entry = await self._admit(run, context, base, failed)
             reserved = run.remaining
             run.routed(entry.node_id, entry.digest, _model_label(entry))
+            if run.announce_restart:
+                run.announce_restart = False
+                v = run.voided[-1]
+                self._events.emit(fleet_pb2.EVENT_KIND_RESTART, node_id=v.node, reason=v.why,
+                                  request_id=req.request_id, to_node_id=entry.node_id, tokens_delivered=v.tokens)
             t_routed = time.monotonic()
             attempt = Attempt(entry, first_token_s=self._s.first_token_timeout_s, stall_s=self._s.stall_timeout_s)
             entry.attempts.add(attempt)
@@ -150,6 +159,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                         failure = (f"node ended the stream: {chunk.final.message}", False, True)
                         break
                     run.absorb(chunk)
+                    run.mark_restarted(chunk, entry.node_id, entry.digest)
                     got += n
                     entry.outstanding_tokens -= n
                     if last:
@@ -203,29 +213,31 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                                 "audit directory and disk)")
 
     async def _admit(self, run: Splice, context, base: int, failed: list[str]) -> NodeEntry:
-        want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key)
         routable = self._fleet.routable()
         if not any(e.node_id not in run.excluded and (not run.digest or e.digest == run.digest) for e in routable):
             # Nothing could take it now. Wait only if nothing has been tried yet (a fleet
-            # starting up): a retry or resume with no candidate left ends here, with why.
+            # starting up): a retry or resume with no candidate left ends here, with why,
+            # or (allow_restart) starts over on other weights.
             if run.delivered:
-                await self._give_up(run, context, failed, f"no other READY node serves weights {run.digest[:19]}")
-            if failed:
+                await self._restart(run, context, failed, routable)
+            elif failed:
                 await self._give_up(run, context, failed, "no other READY node is left to try")
-            if run.digest and routable:
+            elif run.digest and routable:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"request {run.request.request_id}: no READY node serves the required "
                                     "weights; check `fleetctl nodes` for the digests served")
+        want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key)
         try:
-            return await self._admission.acquire(want, priority=RESUME if run.delivered else base,
+            return await self._admission.acquire(want, priority=RESUME if run.delivered or run.restarts else base,
                                                  tokens=run.remaining, timeout_s=context.time_remaining())
         except QueueFull:
             await self._busy(context, f"request {run.request.request_id}: the coordinator's queue is full "
                                       f"({self._s.queue_max_depth} waiting)")
         except WaitExpired as exc:
             rid = run.request.request_id
-            if run.delivered:
-                await self._give_up(run, context, failed, f"no node with its weights had room for {exc.waited_s:.1f}s")
+            if run.delivered or run.restarts:
+                await self._give_up(run, context, failed, f"no node {'with its weights ' if run.delivered else ''}"
+                                                          f"had room for {exc.waited_s:.1f}s")
             if exc.routable == 0:
                 tried = f"; tried {', '.join(failed)}" if failed else ""
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -233,6 +245,23 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                                     f"{exc.waited_s:.1f}s{tried}; check `fleetctl nodes`")
             await self._busy(context, f"request {rid}: every node is busy; waited {exc.waited_s:.1f}s in the "
                                       "coordinator's queue")
+
+    async def _restart(self, run: Splice, context, failed: list[str], routable: list[NodeEntry]) -> None:
+        """No READY node serves the weights a started stream is pinned to: start it over on
+        other weights if the caller allowed it and a node is left; else end it (ABORTED)."""
+        digest = run.digest[:19]
+        refusal = run.restart_refusal()
+        others = any(e.node_id not in run.excluded for e in routable)
+        if refusal or not others:
+            why = f"no other READY node serves weights {digest}"
+            if others:
+                why += f"; {refusal}"
+            elif not refusal:
+                why += "; no node with other weights is left to restart on either"
+            await self._give_up(run, context, failed, why)
+        voided = run.restart(f"no node serving {digest} was left", completion_digest=self._audit.completion_digest())
+        log.warning("request=%s restarts from the beginning on other weights: node=%s failed and no node serving "
+                    "%s is left; %d tokens sent are void", run.request.request_id, voided.node, digest, voided.tokens)
 
     async def _busy(self, context, message: str) -> None:
         """RESOURCE_EXHAUSTED with the retry hint in the trailer and the message."""
@@ -244,9 +273,14 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         rid = run.request.request_id
         tried = ", ".join(failed) or "none"
         if run.delivered:
+            since = " since its restart on other weights" if run.restarts else ""
             await context.abort(grpc.StatusCode.ABORTED,
-                                f"request {rid} was interrupted after {len(run.delivered)} tokens and cannot "
+                                f"request {rid} was interrupted after {len(run.delivered)} tokens{since} and cannot "
                                 f"be resumed: {why} (nodes tried: {tried}); retry the whole request")
+        if run.restarts:   # it started over and failed again before a new first token
+            await context.abort(grpc.StatusCode.ABORTED,
+                                f"request {rid} was restarted on other weights and could not be finished: {why} "
+                                f"(nodes tried: {tried}); retry the whole request")
         if run.last_failure == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full, not broken
             await self._busy(context, f"request {rid}: every node that could serve it is at capacity "
                                       f"(nodes tried: {tried})")
@@ -316,8 +350,12 @@ def _model_label(entry: NodeEntry) -> str:
 
 
 def _facts(run: Splice) -> dict:
-    """What the audit keeps of a request's run: hops, counts and timing, no content."""
+    """What the audit keeps of a request's run: hops, counts and timing, no content. The
+    completion fields describe the text the caller keeps; what a restart made void (the
+    caller did receive it) is kept per restart under `voided`."""
     return {"nodes": [{"node": n, "model": m, "digest": d} for n, m, d in run.hops],
-            "failovers": run.failovers, "retries": run.retries, "completion_tokens": len(run.delivered),
-            "latency_ms": round(run.elapsed_ms(), 1),
-            "completion_digest": run.completion_digest.hexdigest_str() if run.completion_digest else ""}
+            "failovers": run.failovers, "retries": run.retries, "restarts": run.restarts,
+            "completion_tokens": len(run.delivered), "latency_ms": round(run.elapsed_ms(), 1),
+            "completion_digest": run.completion_digest.hexdigest_str() if run.completion_digest else "",
+            **({"voided": [{"node": v.node, "digest": v.digest, "tokens": v.tokens,
+                            "completion_digest": v.completion_digest} for v in run.voided]} if run.voided else {})}

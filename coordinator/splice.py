@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from cluster.api import inference_pb2
+
+
+@dataclass(frozen=True)
+class Voided:
+    """What one restart discarded: counts and a keyed digest, never the text."""
+
+    node: str                 # the node that failed
+    digest: str               # the weights the voided tokens came from
+    tokens: int
+    completion_digest: str    # keyed digest of the voided text ("" with audit off)
+    why: str                  # why it could not be resumed
 
 
 class Splice:
@@ -28,6 +40,11 @@ class Splice:
         self.last_failure = None  # the status code of the last failed node call, if any
         self.failovers = 0       # moves after the first token
         self.retries = 0         # moves before it
+        self.restarts = 0        # times it started over on other weights (allow_restart)
+        self.voided: list[Voided] = []
+        self.notes: list[str] = []   # for the final chunk's message
+        self.restart_pending = False  # the next chunk forwarded carries `restarted`
+        self.announce_restart = False  # the next routing is the restart's (one event)
         self._pinning = ""
         self.t_routed = 0.0
 
@@ -43,6 +60,7 @@ class Splice:
         r.CopyFrom(self.request)
         r.require_weights_digest = self.digest or node_digest
         r.session_key = ""   # routing only; nodes have no use for it
+        r.allow_restart = False   # the coordinator's decision, not the node's
         if not self.delivered:
             return r
         r.prefix_token_ids[:] = self.base_prefix + self.delivered
@@ -76,6 +94,42 @@ class Splice:
             self.completion_digest.update(chunk.text.encode())
         return n
 
+    def restart_refusal(self) -> str:
+        """Why this request may not start over on other weights ("" if it may)."""
+        if not self.request.allow_restart:
+            return "the caller did not allow a restart on other weights (allow_restart)"
+        if self.request.require_weights_digest:
+            return "the caller required these weights (require_weights_digest), so it was not restarted elsewhere"
+        if self.base_prefix:
+            return "it continues the caller's own prefix_token_ids, so it was not restarted elsewhere"
+        return ""
+
+    def restart(self, why: str, completion_digest=None) -> Voided:
+        """Start over from the beginning on any weights: everything the caller was sent is
+        void. The failed node stays excluded; `completion_digest` is a fresh keyed digest
+        for the text the caller will keep."""
+        voided = Voided(self.nodes[-1] if self.nodes else "", self.digest, len(self.delivered),
+                        self.completion_digest.hexdigest_str() if self.completion_digest else "", why)
+        self.voided.append(voided)
+        self.restarts += 1
+        self.delivered = []
+        self.text_chars = 0
+        self.digest = ""
+        self.t_first = self.t_last = 0.0
+        self.completion_digest = completion_digest
+        self.restart_pending = self.announce_restart = True
+        return voided
+
+    def mark_restarted(self, chunk: inference_pb2.GenerateChunk, node_id: str, node_digest: str) -> None:
+        """Flag the first chunk forwarded after a restart, and say so in the final message."""
+        if not self.restart_pending:
+            return
+        self.restart_pending = False
+        chunk.restarted = True
+        v = self.voided[-1]
+        self.notes.append(f"restarted from the beginning on node {node_id} (weights {node_digest[:19]}) after "
+                          f"node {v.node} failed: {v.why}; the tokens sent before ({v.tokens}) were discarded")
+
     def failed(self, node_id: str) -> None:
         self.excluded.add(node_id)
         if self.delivered:
@@ -95,6 +149,9 @@ class Splice:
         f.usage.prefix_tokens = len(self.base_prefix)
         f.failovers = self.failovers
         f.nodes[:] = self.nodes
+        f.restarts = self.restarts
+        if self.notes:
+            f.message = "; ".join([f.message, *self.notes] if f.message else self.notes)
         t = f.timings
         t.queue_wait_ms += (self.t_routed - self.t_accept) * 1000.0  # the coordinator's queue, then the node's
         t.time_to_first_token_ms = (self.t_first - self.t_accept) * 1000.0 if self.t_first else 0.0

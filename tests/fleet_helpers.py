@@ -27,6 +27,7 @@ class Stream:
     error: Optional[grpc.RpcError] = None
     times: list = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)
+    restarted_at: list = field(default_factory=list)   # (len(ids), len(text)) where a `restarted` chunk came
 
 
 def note(i: int, max_tokens: int, **kw) -> inference_pb2.GenerateRequest:
@@ -40,6 +41,8 @@ def collect(stub, request, timeout_s: float = 120.0, on_chunk: Callable[[Stream]
     try:
         for chunk in stub.Generate(request, timeout=timeout_s):
             s.times.append(time.monotonic())
+            if chunk.restarted:
+                s.restarted_at.append((len(s.ids), len(s.text)))
             s.ids.extend(chunk.token_ids)
             s.text += chunk.text
             if chunk.token_ids:

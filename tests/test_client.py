@@ -140,6 +140,27 @@ def test_result_builder_records_failovers_and_nodes():
     assert direct.result().nodes == ["n2"] and direct.result().failovers == 0
 
 
+def test_result_builder_keeps_only_what_follows_the_last_restart():
+    b = ResultBuilder("r1")
+    b.add(inference_pb2.GenerateChunk(text="void ", token_ids=[7, 8]))
+    b.add(inference_pb2.GenerateChunk(text="also void", token_ids=[9]))
+    b.add(inference_pb2.GenerateChunk(text="a", token_ids=[1], restarted=True))
+    b.add(_final_chunk(inference_pb2.FINISH_REASON_LENGTH, failovers=1, nodes=["n1", "n2"], restarts=1,
+                       message="restarted from the beginning on node n2"))
+    r = b.result()
+    assert (r.text, r.token_ids, r.restarts, r.failovers) == ("ab", [1, 2], 1, 1)
+    assert r.as_dict()["restarts"] == 1 and "restarted" in r.message
+    # A restart flagged on the final chunk itself leaves only that chunk's text.
+    last = ResultBuilder("r1")
+    last.add(inference_pb2.GenerateChunk(text="void", token_ids=[7]))
+    chunk = _final_chunk(inference_pb2.FINISH_REASON_STOP, restarts=1)
+    chunk.restarted = True
+    last.add(chunk)
+    assert (last.result().text, last.result().token_ids) == ("b", [2])
+    assert build_request(prompt="x", max_tokens=3, allow_restart=True).allow_restart
+    assert not build_request(prompt="x", max_tokens=3).allow_restart
+
+
 def test_result_builder_raises_on_interrupted_or_missing_final():
     b = ResultBuilder("r1")
     b.add(_final_chunk(inference_pb2.FINISH_REASON_ERROR, message="engine failed"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 from cluster.api import inference_pb2
 from coordinator import health_policy as hp
@@ -162,6 +163,46 @@ def test_a_caller_prefix_with_its_text_offset_is_carried_into_a_resume():
     run.absorb(inference_pb2.GenerateChunk(text="xyz", token_ids=[9]))
     nxt = run.request_for_node("sha256:abc")
     assert list(nxt.prefix_token_ids) == [1, 2, 9] and nxt.prefix_text_chars == 4 + 3
+
+
+def test_a_restart_voids_what_was_sent_and_asks_for_the_original_request():
+    req = inference_pb2.GenerateRequest(request_id="r3", prompt="Plan:", max_tokens=10, allow_restart=True,
+                                        sampling=inference_pb2.SamplingParams(temperature=0.7, seed=42))
+    run = Splice(req, clock=itertools.count(0.0, 0.01).__next__)
+    assert run.request_for_node("sha256:aaa").allow_restart is False, "coordinator only"
+    run.routed("n1", "sha256:aaa")
+    run.absorb(inference_pb2.GenerateChunk(text="xyz", token_ids=[5, 6, 7]))
+    run.failed("n1")
+    assert run.restart_refusal() == ""
+    voided = run.restart("no node serving sha256:aaa was left")
+    assert (voided.node, voided.digest, voided.tokens) == ("n1", "sha256:aaa", 3)
+    assert run.digest == "" and not run.delivered and run.text_chars == 0 and run.excluded == {"n1"}
+    fresh = run.request_for_node("sha256:bbb")
+    assert not fresh.prefix_token_ids and not fresh.HasField("prefix_text_chars") and fresh.max_tokens == 10
+    assert fresh.require_weights_digest == "sha256:bbb" and fresh.sampling.seed == 42
+    run.routed("n2", "sha256:bbb")
+    first = inference_pb2.GenerateChunk(text="p", token_ids=[1])
+    run.absorb(first)
+    run.mark_restarted(first, "n2", "sha256:bbb")
+    assert first.restarted and run.digest == "sha256:bbb", "pinned to the new weights from its first token"
+    last = inference_pb2.GenerateChunk(text="q", token_ids=[2])
+    last.final.finish_reason = inference_pb2.FINISH_REASON_STOP
+    run.absorb(last)
+    run.mark_restarted(last, "n2", "sha256:bbb")
+    out = run.final(last)
+    assert not out.restarted, "only the first chunk after the restart"
+    f = out.final
+    assert (f.usage.completion_tokens, f.failovers, f.restarts, list(f.nodes)) == (2, 1, 1, ["n1", "n2"])
+    assert "restarted from the beginning on node n2" in f.message and "node n1 failed" in f.message
+    assert "(3) were discarded" in f.message
+    # The caller's own pins forbid a restart elsewhere.
+    pinned = inference_pb2.GenerateRequest(prompt="x", max_tokens=3, allow_restart=True,
+                                           require_weights_digest="sha256:aaa")
+    assert "require_weights_digest" in Splice(pinned, clock=time.monotonic).restart_refusal()
+    prefixed = inference_pb2.GenerateRequest(prompt="x", max_tokens=3, allow_restart=True, prefix_token_ids=[1])
+    assert "prefix_token_ids" in Splice(prefixed, clock=time.monotonic).restart_refusal()
+    assert "allow_restart" in Splice(inference_pb2.GenerateRequest(prompt="x", max_tokens=3),
+                                     clock=time.monotonic).restart_refusal()
 
 
 def test_a_stalled_attempt_is_evicted_and_a_flowing_one_is_not():

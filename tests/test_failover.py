@@ -1,22 +1,38 @@
 """Failover through a real coordinator: a node killed, stopped or stalled mid-stream.
 
 Every stream must complete with each token once, and at temperature 0 (or with a fixed
-seed) the spliced text must equal what the same request yields uninterrupted.
+seed) the spliced text must equal what the same request yields uninterrupted. A stream
+whose weights are gone fails ABORTED, or with allow_restart starts over on other weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
 import pytest
 
-from cluster.api import fleet_pb2
+from cluster.api import fleet_pb2, inference_pb2
+from cluster.audit import query
+from cluster.audit.keys import default_key_dir
+from cluster.client import FleetClient, build_request
+from cluster.security.identity import Role, dns_name
 from cluster.tinymodel import TinyModelSpec, make_tiny_model
 from tests.fleet_helpers import EventWatch, collect, in_threads, note
+from tests.procs import ROOT
 
 K = fleet_pb2
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A tiny model with other weights (another seed), so another weights digest."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "other", TinyModelSpec(seed=7))
 
 
 def _reference(node, requests):
@@ -105,8 +121,10 @@ def test_a_node_that_ends_streams_itself_on_shutdown_hands_them_over(start_node,
     assert leaving.wait_exit(30) == 0
 
 
-def test_no_node_with_the_same_weights_left_fails_with_aborted(start_node, start_coordinator, tmp_path, tiny_model):
-    other_model = make_tiny_model(tmp_path / "other", TinyModelSpec(seed=7))
+@pytest.mark.parametrize("allow_restart", [False, True])
+def test_no_node_with_the_same_weights_left_fails_with_aborted(start_node, start_coordinator, other_model,
+                                                               allow_restart):
+    """Weights the caller required are never swapped, even with allow_restart."""
     only = start_node(node_id="pinned")
     other = start_node(node_id="other-weights", model=other_model)
     co = start_coordinator(nodes=[only.address, other.address])
@@ -115,6 +133,7 @@ def test_no_node_with_the_same_weights_left_fails_with_aborted(start_node, start
     assert other.status().model.weights_digest != digest
     req = note(20, 1500, request_id="pinned-1")
     req.require_weights_digest = digest
+    req.allow_restart = allow_restart
 
     def kill(live):
         _wait_started(live, 5)
@@ -123,7 +142,147 @@ def test_no_node_with_the_same_weights_left_fails_with_aborted(start_node, start
     (result,) = _run_with(co, [req], kill)
     assert result.error is not None and result.error.code() == grpc.StatusCode.ABORTED
     assert "no other READY node serves weights" in result.error.details()
-    assert len(result.ids) >= 5
+    assert ("require_weights_digest" in result.error.details()) == allow_restart
+    assert len(result.ids) >= 5 and not result.restarted_at
+
+
+def _two_weights(start_node, start_coordinator, other_model):
+    """Two nodes serving different weights behind a coordinator."""
+    nodes = [start_node(node_id="mlx-a"), start_node(node_id="mlx-b", model=other_model)]
+    co = start_coordinator(nodes=[n.address for n in nodes])
+    co.wait_routable(2)
+    assert nodes[0].status().model.weights_digest != nodes[1].status().model.weights_digest
+    return co, nodes
+
+
+def _kill_serving(co, nodes, min_tokens: int, max_tokens: int, timeout_s: float = 30.0):
+    """SIGKILL the node serving the one request once it has streamed `min_tokens`; (victim, survivor)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = [n.status.node_id for n in co.nodes().nodes
+                if n.in_flight and n.outstanding_tokens <= max_tokens - min_tokens]
+        if busy:
+            break
+        assert time.monotonic() < deadline, "the request did not start streaming"
+        time.sleep(0.005)
+    victim = next(n for n in nodes if n.node_id == busy[0])
+    victim.proc.kill()
+    return victim, next(n for n in nodes if n is not victim)
+
+
+def _record(co, request_id: str, timeout_s: float = 5.0) -> dict:
+    """The request's audit record. A failed request's record is written as its status goes
+    out (grpc.aio's abort sends the status first), so it may land just after the caller's error."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := list(query(co.audit_dir, request_id=request_id))):
+        assert time.monotonic() < deadline, f"no audit record for {request_id}"
+        time.sleep(0.01)
+    [rec] = found
+    return rec
+
+
+def _hmac(co, data: str) -> str:
+    key = (default_key_dir(co.audit_dir) / "hmac.key").read_bytes()
+    return hmac.new(key, data.encode(), hashlib.sha256).hexdigest()
+
+
+def test_without_allow_restart_a_stream_whose_weights_are_gone_is_aborted(start_node, start_coordinator,
+                                                                           other_model):
+    co, nodes = _two_weights(start_node, start_coordinator, other_model)
+    req = note(21, 1500, request_id="gone-1", temperature=0.8, seed=11)
+    results, threads = in_threads(lambda r: collect(co.inference, r), [req])
+    victim, survivor = _kill_serving(co, nodes, 5, 1500)
+    threads[0].join(60)
+    (s,) = results
+    assert s.error is not None and s.error.code() == grpc.StatusCode.ABORTED, s.error
+    details = s.error.details()
+    assert "no other READY node serves weights" in details and victim.node_id in details
+    assert "allow_restart" in details, "the message says what would have let it finish"
+    assert len(s.ids) >= 5 and not s.restarted_at and s.final is None
+    rec = _record(co, "gone-1")
+    assert (rec["outcome"], rec["code"], rec["restarts"]) == ("failed", "ABORTED", 0) and "voided" not in rec
+
+
+def test_with_allow_restart_a_stream_whose_weights_are_gone_starts_over_on_other_weights(
+        start_node, start_coordinator, other_model):
+    co, nodes = _two_weights(start_node, start_coordinator, other_model)
+    watch = EventWatch(co)
+    max_tokens = 300
+    req = note(22, max_tokens, request_id="restart-1", temperature=0.8, seed=11)
+    req.allow_restart = True
+    results, threads = in_threads(lambda r: collect(co.inference, r), [req])
+    try:
+        victim, survivor = _kill_serving(co, nodes, 5, max_tokens)
+        threads[0].join(60)
+        event = watch.wait_for(K.EVENT_KIND_RESTART, victim.node_id, timeout_s=5)
+    finally:
+        watch.close()
+    (s,) = results
+    assert s.error is None, s.error
+    assert len(s.restarted_at) == 1, "one chunk says the generation started over"
+    [(n_void, chars_void)] = s.restarted_at
+    kept_ids, kept_text = s.ids[n_void:], s.text[chars_void:]
+    f = s.final
+    assert n_void >= 5 and (f.restarts, f.failovers, list(f.nodes)) == (1, 1, [victim.node_id, survivor.node_id])
+    assert f.node_id == survivor.node_id and 0 < f.usage.completion_tokens == len(kept_ids) <= max_tokens
+    assert f.model.weights_digest == survivor.status().model.weights_digest
+    assert f"restarted from the beginning on node {survivor.node_id}" in f.message
+    assert f"after node {victim.node_id} failed" in f.message and f"({n_void}) were discarded" in f.message
+    # The kept stream is what the other weights produce from scratch for the same request and
+    # seed (a node ignores allow_restart: it is the coordinator's).
+    direct = inference_pb2.GenerateRequest()
+    direct.CopyFrom(req)
+    direct.request_id = "restart-1-direct"
+    reference = collect(survivor.inference, direct)
+    assert reference.error is None and reference.ids == kept_ids and reference.text == kept_text
+    assert (event.to_node_id, event.request_id, event.tokens_delivered) == (survivor.node_id, "restart-1", n_void)
+    # The audit record describes what the caller keeps, and what it was sent and told to drop.
+    rec = _record(co, "restart-1")
+    assert (rec["outcome"], rec["restarts"], rec["failovers"], rec["completion_tokens"]) == ("completed", 1, 1,
+                                                                                           len(kept_ids))
+    assert rec["completion_digest"].endswith(_hmac(co, kept_text))
+    [voided] = rec["voided"]
+    assert (voided["node"], voided["tokens"]) == (victim.node_id, n_void)
+    assert voided["completion_digest"].endswith(_hmac(co, s.text[:chars_void]))
+    assert [h["node"] for h in rec["nodes"]] == list(f.nodes)
+    assert rec["nodes"][0]["digest"] == voided["digest"] != rec["nodes"][1]["digest"]
+
+
+def test_the_client_library_keeps_only_the_text_after_a_restart(start_node, start_coordinator, other_model):
+    co, nodes = _two_weights(start_node, start_coordinator, other_model)
+    max_tokens = 300
+    options = dict(messages=[("user", "Write a SOAP note for a synthetic visit.")], max_tokens=max_tokens,
+                   temperature=0.8, seed=5)
+    with FleetClient(co.address, max_attempts=1, server_name=dns_name(Role.COORDINATOR, co.name)) as client:
+        results, threads = in_threads(lambda rid: client.generate(request_id=rid, allow_restart=True, timeout_s=60,
+                                                                  **options), ["lib-restart"])
+        victim, survivor = _kill_serving(co, nodes, 5, max_tokens)
+        threads[0].join(60)
+    (result,) = results
+    assert result is not None, "generate raised (see the thread's traceback)"
+    assert (result.restarts, result.failovers, result.nodes) == (1, 1, [victim.node_id, survivor.node_id])
+    assert 0 < len(result.token_ids) == result.completion_tokens <= max_tokens and "restarted" in result.message
+    reference = collect(survivor.inference, build_request(request_id="lib-direct", **options))
+    assert reference.error is None
+    assert result.token_ids == reference.ids and result.text == reference.text, "only the text after the restart"
+
+
+def test_fleetctl_generate_allow_restart_marks_the_restart_on_stderr(start_node, start_coordinator, other_model):
+    co, nodes = _two_weights(start_node, start_coordinator, other_model)
+    max_tokens = 300
+    cli = subprocess.Popen([sys.executable, "-m", "cluster.fleetctl.app", "generate", "--target", co.address,
+                            "--prompt", "Write a note", "--max-tokens", str(max_tokens), "--seed", "3",
+                            "--temperature", "0.8", "--allow-restart"],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim, survivor = _kill_serving(co, nodes, 5, max_tokens)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        cli.kill()
+    assert cli.returncode == 0, err
+    marker = [line for line in err.splitlines() if "RESTARTED" in line]
+    assert len(marker) == 1 and "void" in marker[0]
+    assert f"restarted from the beginning on node {survivor.node_id}" in err and f"on {survivor.node_id}:" in err
 
 
 @pytest.mark.slow

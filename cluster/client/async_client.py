@@ -77,7 +77,8 @@ class AsyncFleetClient:
         """`async for` over the chunks as they arrive; raises a FleetError subclass on
         failure. The deadline starts now. To stop early, break inside
         `async with contextlib.aclosing(client.stream(...))` so the RPC is cancelled at
-        once rather than when the generator is collected."""
+        once rather than when the generator is collected. With allow_restart, a chunk with
+        `restarted` set voids every chunk before it."""
         request = with_request_id(request)
         return self._stream(request, self._attempts(request, timeout_s))
 

@@ -48,6 +48,7 @@ class GenerateResult:
     chunks: int = field(default=0, repr=False)
     failovers: int = 0                                 # times the coordinator moved the request
     nodes: list[str] = field(default_factory=list)     # nodes that served it, in order
+    restarts: int = 0                                  # times it started over on other weights (text: the last run's)
     target: str = ""                                   # the address that answered
     attempts: int = 1                                  # client attempts, this one included
 
@@ -70,9 +71,12 @@ def build_request(
     stop: Sequence[str] = (),
     priority: Optional[str] = None,
     session_key: str = "",
+    allow_restart: bool = False,
 ) -> inference_pb2.GenerateRequest:
     """A GenerateRequest; `priority` is "interactive" (default) or "batch", `session_key`
-    an opaque affinity hint for routers (e.g. a conversation id; never logged)."""
+    an opaque affinity hint for routers (e.g. a conversation id; never logged).
+    `allow_restart`: if a started stream's weights are gone from the fleet, the coordinator
+    may start it over on other weights (a chunk with `restarted` voids what came before)."""
     sampling = inference_pb2.SamplingParams()
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
                         ("min_p", min_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):
@@ -82,7 +86,8 @@ def build_request(
         raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, got {priority!r}")
     req = inference_pb2.GenerateRequest(
         request_id=request_id, sampling=sampling, max_tokens=max_tokens, stop=list(stop),
-        priority=_PRIORITIES.get(priority, inference_pb2.PRIORITY_UNSPECIFIED), session_key=session_key)
+        priority=_PRIORITIES.get(priority, inference_pb2.PRIORITY_UNSPECIFIED), session_key=session_key,
+        allow_restart=allow_restart)
     if messages is not None:
         req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in messages)
     elif prompt is not None:
@@ -102,7 +107,8 @@ def with_request_id(request: inference_pb2.GenerateRequest) -> inference_pb2.Gen
 
 
 class ResultBuilder:
-    """Collects a stream's chunks into a GenerateResult."""
+    """Collects a stream's chunks into a GenerateResult; a `restarted` chunk voids the text
+    and token ids collected before it."""
 
     def __init__(self, request_id: str):
         self.request_id = request_id
@@ -114,6 +120,9 @@ class ResultBuilder:
 
     def add(self, chunk: inference_pb2.GenerateChunk) -> None:
         self._chunks += 1
+        if chunk.restarted:
+            self._text.clear()
+            self._ids.clear()
         self._text.append(chunk.text)
         self._ids.extend(chunk.token_ids)
         if chunk.HasField("final"):
@@ -147,6 +156,7 @@ class ResultBuilder:
             chunks=self._chunks,
             failovers=final.failovers,
             nodes=list(final.nodes) or ([final.node_id] if final.node_id else []),
+            restarts=final.restarts,
             target=target,
             attempts=attempts,
         )

@@ -65,7 +65,8 @@ class FleetClient:
                timeout_s: Optional[float] = None) -> Iterator[inference_pb2.GenerateChunk]:
         """Iterate over the chunks as they arrive; raises a FleetError subclass on failure.
         The deadline starts now. A request without request_id gets one here, so every
-        attempt and error names it. Stop early with `contextlib.closing(...)` to cancel at once."""
+        attempt and error names it. Stop early with `contextlib.closing(...)` to cancel at once.
+        With allow_restart, a chunk with `restarted` set voids every chunk before it."""
         request = with_request_id(request)
         return self._stream(request, self._attempts(request, timeout_s))
 
@@ -99,7 +100,8 @@ class FleetClient:
                  timeout_s: Optional[float] = None, **kwargs) -> GenerateResult:
         """Run one request to the end and return its text and metadata; raises
         GenerationInterruptedError (with the partial result) if the node ended it early.
-        Without `request`, the keyword arguments go to build_request."""
+        Without `request`, the keyword arguments go to build_request (allow_restart among
+        them); after a restart the result holds only the text generated since it."""
         request = with_request_id(request if request is not None else build_request(**kwargs))
         attempts = self._attempts(request, timeout_s)
         builder = ResultBuilder(request.request_id)

@@ -9,11 +9,14 @@ from typing import List, Optional
 
 import typer
 
+from cluster.api import inference_pb2
 from cluster.client import FleetClient, build_request
 from cluster.client.errors import FleetError
 from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials
 from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_UNAVAILABLE, fail
 from cluster.security.identity import ANY_NODE
+
+ENDED_EARLY = (inference_pb2.FINISH_REASON_CANCELLED, inference_pb2.FINISH_REASON_ERROR)
 
 
 def generate(
@@ -31,6 +34,9 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
     stop: List[str] = typer.Option([], help="Stop sequence (repeatable)."),
     request_id: str = typer.Option("", help="Request id to trace in node logs."),
+    allow_restart: bool = typer.Option(False, "--allow-restart", help="If the weights a started stream runs on "
+                                       "are gone from the fleet, let the coordinator start it over on other "
+                                       "weights (the text before the restart is void) instead of failing."),
     timeout_s: float = typer.Option(120.0, help="Deadline for the whole request."),
     output: str = typer.Option("text", "--output", "-o", help="text (stream) or json (one object)."),
     node: bool = typer.Option(False, "--node", help="TARGET is a node agent, not a coordinator (nodes serve "
@@ -48,7 +54,7 @@ def generate(
         messages = ([("system", system)] if system else []) + [("user", prompt)]
     req = build_request(prompt=prompt if raw else None, messages=messages, max_tokens=max_tokens,
                         request_id=request_id, temperature=temperature, top_p=top_p, top_k=top_k,
-                        seed=seed, stop=stop)
+                        seed=seed, stop=stop, allow_restart=allow_restart)
     tls = credentials(tls_dir, tls_name, plaintext)
     with FleetClient(target, tls=tls, plaintext=tls is None, server_name=ANY_NODE if node and tls else None) as client:
         try:
@@ -58,6 +64,11 @@ def generate(
                 return
             final = None
             for chunk in client.stream(req, timeout_s=timeout_s):
+                if chunk.restarted:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    typer.echo("fleetctl: -- RESTARTED on other weights: the text above is void; "
+                               "the completion starts over below --", err=True)
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 if chunk.HasField("final"):
@@ -66,10 +77,12 @@ def generate(
             if output != "json":
                 sys.stdout.write("\n")
             raise fail(err, target)
-    if final is not None and final.message:
-        typer.echo(f"\nfleetctl: {target}: {final.message}", err=True)
+    if final is not None and final.finish_reason in ENDED_EARLY:
+        typer.echo(f"\nfleetctl: {target}: {final.message or 'generation ended early'}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE)
     if final is not None:
+        if final.message:   # e.g. a restart on other weights
+            typer.echo(f"\nfleetctl: {target}: {final.message}", err=True)
         t, u = final.timings, final.usage
         typer.echo(
             f"\n-- {final.request_id} on {final.node_id}: {u.completion_tokens} tokens, "
@@ -79,6 +92,4 @@ def generate(
 
 
 def inference_finish(value: int) -> str:
-    from cluster.api import inference_pb2
-
     return inference_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()

@@ -67,7 +67,7 @@ def events(
     output: str = typer.Option("text", "--output", "-o", help="text or json (one object per line)."),
     tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
-    """Joins, state changes, ejections, readmissions, departures and failovers."""
+    """Joins, state changes, ejections, readmissions, departures, failovers and restarts."""
     with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
         stub = fleet_pb2_grpc.FleetStub(channel)
         try:
@@ -82,6 +82,7 @@ def events(
                 when = datetime.fromtimestamp(ev.time_unix_s).strftime("%H:%M:%S.%f")[:-3]
                 kind = fleet_pb2.EventKind.Name(ev.kind).removeprefix("EVENT_KIND_").lower()
                 extra = f" request={ev.request_id} tokens={ev.tokens_delivered}" if ev.request_id else ""
+                extra += f" to={ev.to_node_id}" if ev.to_node_id else ""
                 typer.echo(f"{when} {kind:<15} {ev.node_id or '-':<14} {ev.address:<22}{extra} {ev.reason}")
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not follow:

@@ -32,6 +32,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_FAILOVER: _ClassVar[EventKind]
     EVENT_KIND_OPERATION: _ClassVar[EventKind]
     EVENT_KIND_ROLLOUT: _ClassVar[EventKind]
+    EVENT_KIND_RESTART: _ClassVar[EventKind]
 
 class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -60,6 +61,7 @@ EVENT_KIND_REJECTED: EventKind
 EVENT_KIND_FAILOVER: EventKind
 EVENT_KIND_OPERATION: EventKind
 EVENT_KIND_ROLLOUT: EventKind
+EVENT_KIND_RESTART: EventKind
 ROLLOUT_STATE_UNSPECIFIED: RolloutState
 ROLLOUT_STATE_RUNNING: RolloutState
 ROLLOUT_STATE_PAUSED: RolloutState

@@ -61,7 +61,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "chat", "prompt", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars")
+    __slots__ = ("request_id", "chat", "prompt", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars", "allow_restart")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_RESTART_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     chat: ChatInput
     prompt: str
@@ -84,7 +85,8 @@ class GenerateRequest(_message.Message):
     priority: Priority
     session_key: str
     prefix_text_chars: int
-    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ...) -> None: ...
+    allow_restart: bool
+    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ..., allow_restart: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "prefix_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -111,7 +113,7 @@ class Timings(_message.Message):
     def __init__(self, queue_wait_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class FinalInfo(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "node_id", "model", "request_id", "seed", "message", "failovers", "nodes")
+    __slots__ = ("finish_reason", "usage", "timings", "node_id", "model", "request_id", "seed", "message", "failovers", "nodes", "restarts")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +124,7 @@ class FinalInfo(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
@@ -132,14 +135,17 @@ class FinalInfo(_message.Message):
     message: str
     failovers: int
     nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., node_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., seed: _Optional[int] = ..., message: _Optional[str] = ..., failovers: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    restarts: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., node_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., seed: _Optional[int] = ..., message: _Optional[str] = ..., failovers: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "final")
+    __slots__ = ("text", "token_ids", "final", "restarted")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    RESTARTED_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     final: FinalInfo
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: _Optional[_Union[FinalInfo, _Mapping]] = ...) -> None: ...
+    restarted: bool
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: _Optional[_Union[FinalInfo, _Mapping]] = ..., restarted: _Optional[bool] = ...) -> None: ...
