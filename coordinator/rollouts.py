@@ -103,7 +103,9 @@ class Rollouts:
         if active is not None:
             raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"rollout {active.id} is {active.state.lower()}; resume or abort it first")
-        nodes = self._pick_nodes(list(req.node_ids))
+        if req.engine and not ROLLOUT_ID.fullmatch(req.engine):
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "engine must be an engine name such as mlx or vllm")
+        nodes = self._pick_nodes(list(req.node_ids), req.engine)
         k = req.max_unavailable or 1
         if len(nodes) > 1 and k >= len(nodes):
             raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT,
@@ -151,17 +153,22 @@ class Rollouts:
                       "check you point at the right version")
         t.weights_digest = actual
 
-    def _pick_nodes(self, wanted: list[str]) -> list[str]:
-        known = sorted(e.node_id for e in self._fleet.entries.values()
-                       if e.node_id and e.health.verdict is not hp.Verdict.REJECTED)
+    def _pick_nodes(self, wanted: list[str], engine: str = "") -> list[str]:
+        """The verified nodes to update (of one engine if given: weights are per engine)."""
+        entries = [e for e in self._fleet.entries.values() if e.node_id and e.health.verdict is not hp.Verdict.REJECTED]
+        known = sorted(e.node_id for e in entries)
+        if engine:
+            known = sorted(e.node_id for e in entries if e.status is not None and e.status.model.engine == engine)
         if not wanted:
             if not known:
-                raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, "the fleet has no verified nodes")
+                raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"the fleet has no verified {engine + ' ' if engine else ''}nodes")
             return known
         missing = [n for n in wanted if n not in known]
         if missing or len(set(wanted)) != len(wanted):
             raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"unknown or repeated node ids {missing or wanted}; known: {', '.join(known)}")
+                                 f"unknown or repeated {engine + ' ' if engine else ''}node ids {missing or wanted}; "
+                                 f"known: {', '.join(known) or 'none'}")
         return wanted
 
     def control(self, rollout_id: str, action: str) -> RolloutRow:

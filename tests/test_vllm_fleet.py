@@ -91,3 +91,20 @@ def test_a_stream_on_weights_no_other_node_serves_fails_with_aborted(fleet):
     assert s.error is not None and s.error.code() == grpc.StatusCode.ABORTED
     assert "no other READY node serves weights" in s.error.details()
     assert len(s.ids) >= 20
+
+
+def test_a_rollout_can_take_one_engine_only(fleet):
+    """Each engine loads its own weights: `--engine` picks that engine's nodes, and a node
+    of the other engine named with it is refused before anything starts."""
+    co, nodes = fleet
+    stub = fleet_pb2_grpc.FleetStub(co.channel)
+    target = fleet_pb2.RolloutTarget(restart=True)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StartRollout(fleet_pb2.StartRolloutRequest(target=target, engine="vllm", node_ids=["mlx-same"]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "known: vllm-node" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StartRollout(fleet_pb2.StartRolloutRequest(target=target, engine="tensorrt"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no verified tensorrt nodes" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StartRollout(fleet_pb2.StartRolloutRequest(target=target, engine="mlx\nx"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -15,12 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 
 import grpc
+import psutil
 import pytest
 
 from cluster.api import common_pb2, inference_pb2
 from cluster.client import build_request
 from tests.test_node_limits import BAD_INPUTS
-from tests.vllm_support import START_TIMEOUT_S, group_alive
+from tests.vllm_support import START_TIMEOUT_S, group_alive, long_prompt
 
 pytestmark = [pytest.mark.usefixtures("as_node_caller"), pytest.mark.slow]
 
@@ -139,49 +140,76 @@ def test_bad_input_is_answered_exactly_as_an_mlx_node_answers(vllm_node, node, n
     assert answers[1][0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def _vllm_counter(node, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _metrics(node).splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def _engine_core(node) -> psutil.Process:
+    """vLLM's engine-core process (it schedules and runs the model; the API server streams)."""
+    server = psutil.Process(node.status().engine_server.pid)
+    return next(p for p in server.children(recursive=True) if "EngineCore" in p.name() + " ".join(p.cmdline()))
+
+
+def _start_frozen(node, request_id: str):
+    """A long request that vLLM holds unfinished: its engine core is stopped (SIGSTOP) before
+    the request goes out. On this tiny model vLLM generates 1900 tokens in about 0.1 s;
+    frozen, the request is surely still in flight when the test acts."""
+    request = build_request(prompt=long_prompt(node), max_tokens=1900, temperature=0.0, request_id=request_id)
+    core = _engine_core(node)
+    core.suspend()
+    call = node.inference.Generate(request, timeout=120)
+    chunks = iter(call)
+    node.wait_until(lambda s: s.load.engine_sequences == 1, timeout_s=10, what="request handed to vLLM")
+    return call, chunks, core
+
+
 def test_cancel_closes_the_stream_and_vllm_aborts_the_request(vllm_node):
-    call = vllm_node.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
-                                                  request_id="cancel-me"), timeout=120)
-    got = 0
-    for chunk in call:
-        got += len(chunk.token_ids)
-        if got >= 20:
-            break
-    assert _vllm_running(vllm_node) >= 1
-    call.cancel()
-    st, _ = vllm_node.wait_until(lambda s: s.load.running == 0 and s.load.engine_sequences == 0, timeout_s=10,
-                             what="slot freed")
-    deadline = time.monotonic() + 10
-    while _vllm_running(vllm_node) != 0:
-        assert time.monotonic() < deadline, "vLLM kept generating a cancelled request"
-        time.sleep(0.1)
-    assert st.load.tokens_generated_total > 0
-
-
-def test_metrics_feed_the_status_while_generating(vllm_node):
-    call = vllm_node.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
-                                                  request_id="busy"), timeout=120)
-    stream = iter(call)
-    next(stream)
+    long_prompt(vllm_node)   # probed (and generated) before the count starts
+    time.sleep(1.5)
+    generated = _vllm_counter(vllm_node, "vllm:generation_tokens_total")
+    call, chunks, core = _start_frozen(vllm_node, "cancel-me")
     try:
-        st, _ = vllm_node.wait_until(lambda s: s.load.kv_cache_usage > 0 and s.load.decode_tokens_per_s > 0,
-                                 timeout_s=10, what="KV cache usage and decode rate from /metrics")
-        assert st.load.engine_sequences == 1 and st.load.running == 1
-    finally:
         call.cancel()
+        st, _ = vllm_node.wait_until(lambda s: s.load.running == 0 and s.load.engine_sequences == 0, timeout_s=10,
+                                     what="slot freed")
+    finally:
+        core.resume()
+    # Not aborted, vLLM would now generate all 1900 tokens in a fraction of a second.
+    deadline = time.monotonic() + 10
+    while _vllm_running(vllm_node) or _vllm_counter(vllm_node, "vllm:num_requests_waiting"):
+        assert time.monotonic() < deadline, "vLLM still holds the cancelled request"
+        time.sleep(0.05)
+    time.sleep(1.5)   # its stats reach /metrics within a second
+    assert _vllm_counter(vllm_node, "vllm:generation_tokens_total") - generated < 100, "vLLM kept generating"
+    assert st.load.requests_cancelled_total >= 1
+
+
+def test_status_follows_vllm_metrics(vllm_node):
+    """Running and waiting come from the agent; decode rate, KV-cache use and prefix-cache
+    hits from vLLM's /metrics (read each second). On this tiny model vLLM holds a sequence
+    for only ~0.1 s, so KV-cache use is compared with /metrics, not caught above zero."""
+    _, chunks, core = _start_frozen(vllm_node, "busy")
+    try:
+        assert vllm_node.status().load.engine_sequences == 1
+    finally:
+        core.resume()
+    for _ in chunks:
+        pass
+    st, _ = vllm_node.wait_until(lambda s: s.load.decode_tokens_per_s > 0 and s.load.engine_sequences == 0,
+                                 timeout_s=5, what="decode rate from /metrics")
+    time.sleep(1.5)
+    assert vllm_node.status().load.kv_cache_usage == pytest.approx(_vllm_counter(vllm_node, "vllm:kv_cache_usage_perc"))
 
 
 def test_server_killed_mid_stream_fails_the_request_with_the_cause_then_serves_again(vllm_node):
     """Last in the module: it restarts the server (~25 s)."""
     pid = vllm_node.status().engine_server.pid
-    call = vllm_node.inference.Generate(build_request(prompt="Long note:", max_tokens=1900, temperature=0.0,
-                                                  request_id="crash"), timeout=120)
-    got, killed, final = 0, False, None
-    for chunk in call:
+    _, chunks, core = _start_frozen(vllm_node, "crash")
+    os.kill(pid, signal.SIGKILL)   # the API server dies with the request unfinished (its engine core is stopped)
+    got, final = 0, None
+    for chunk in chunks:
         got += len(chunk.token_ids)
-        if got >= 20 and not killed:
-            os.kill(pid, signal.SIGKILL)
-            killed = True
         if chunk.HasField("final"):
             final = chunk.final
     assert final is not None and final.finish_reason == inference_pb2.FINISH_REASON_ERROR

@@ -15,9 +15,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # vLLM's CPU backend: a 1 GiB KV cache; eager mode starts in ~25 s instead of ~60 s
-# (no torch.compile), float32 like the generated model.
+# (no torch.compile), float32 like the generated model. Without prefix caching a repeated
+# greedy request takes the same numeric path, so it repeats its tokens exactly (a cached
+# prefix is computed another way and may tip a near-tie: another continuation).
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-VLLM_ARGS = "--dtype float32 --enforce-eager"
+VLLM_ARGS = "--dtype float32 --enforce-eager --no-enable-prefix-caching"
+LONG_PROMPTS = ("Long note:", "Plan:", "Assessment and plan:", "History:", "Summary of care:", "Note:")
+
+
+_LONG: dict = {}
+
+
+def long_prompt(node, tokens: int = 400) -> str:
+    """A prompt whose greedy completion on `node` runs `tokens` without end-of-sequence, for
+    tests that need a stream still running when they act (cancel, kill, sample status)."""
+    from cluster.api import inference_pb2
+    from cluster.client import build_request
+
+    if (node.address, tokens) in _LONG:
+        return _LONG[node.address, tokens]
+    for i, prompt in enumerate(LONG_PROMPTS):
+        final = None
+        for chunk in node.inference.Generate(build_request(prompt=prompt, max_tokens=tokens, temperature=0.0,
+                                                           request_id=f"probe-long-{i}"), timeout=120):
+            final = chunk.final if chunk.HasField("final") else final
+        if final is not None and final.finish_reason == inference_pb2.FINISH_REASON_LENGTH:
+            _LONG[node.address, tokens] = prompt
+            return prompt
+    raise AssertionError(f"none of {LONG_PROMPTS} runs {tokens} greedy tokens on {node.node_id}")
 START_TIMEOUT_S = 300.0
 
 

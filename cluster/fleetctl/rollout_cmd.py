@@ -83,6 +83,7 @@ def start(
     restart: bool = typer.Option(False, "--restart", help="A release restart instead of a model update."),
     max_unavailable: int = typer.Option(1, help="Nodes out of service at once."),
     node: List[str] = typer.Option([], "--node", help="Only these node ids (repeatable). [default: all]"),
+    engine: str = typer.Option("", help="Only nodes of this engine (mlx or vllm): each engine loads its own weights."),
     drain_timeout: float = typer.Option(120.0, help="Seconds each node's requests get to finish."),
     rollout_id: str = typer.Option("", help="[default: generated]"),
     wait: bool = typer.Option(False, "--wait", help="Follow the rollout until it ends (exit code says how)."),
@@ -98,7 +99,8 @@ def start(
     req = fleet_pb2.StartRolloutRequest(
         target=fleet_pb2.RolloutTarget(model_path=path, model_id=model_id, version=version, weights_digest=digest,
                                        shared_path=shared_path, restart=restart),
-        max_unavailable=max_unavailable, node_ids=node, rollout_id=rollout_id, drain_timeout_s=drain_timeout)
+        max_unavailable=max_unavailable, node_ids=node, rollout_id=rollout_id, drain_timeout_s=drain_timeout,
+        engine=engine)
     r = _call(coordinator, tls, lambda stub: stub.StartRollout(req, timeout=120))
     if not wait:
         _show(r, output)

@@ -47,7 +47,7 @@ METRICS_INTERVAL_S = 1.0
 GPU_INTERVAL_S = 5.0
 STABLE_AFTER_S = 300.0        # up this long: the restart backoff starts again from its first step
 _RATE_WINDOW_S = 10.0
-KEEPALIVE_S = 2.0
+KEEPALIVE_S = 1.0   # aiohttp drops a connection idle 1-2 s; uvicorn's keep-alive is 5 s
 _FINISH = {"stop": "stop", "length": "length"}
 
 
@@ -416,20 +416,25 @@ class VllmEngine:
 
         key = req.key
         try:
-            async with self._session.post(f"{self._server.base_url}/v1/completions", data=self._body(req),
-                                          headers={"Content-Type": "application/json"}) as resp:
+            async with await self._post(req) as resp:
                 if resp.status != 200:
                     return self._fail(key, f"the vLLM server refused the request (HTTP {resp.status}"
                                            f"{_error_type(await resp.read())})")
+                finished = False
                 async for line in resp.content:
                     if not line.startswith(b"data: "):
                         continue
                     data = line[6:].strip()
                     if data == b"[DONE]":
                         break
-                    if self._relay(key, json.loads(data)):
-                        return
-            self._fail(key, "the vLLM server ended the stream without finishing the request")
+                    # Read on to [DONE] after the last token: a stream left unread is a
+                    # client disconnect to the server, which it handles as an abort.
+                    finished = finished or self._relay(key, json.loads(data))
+                    # A reader with lines buffered never waits, so it would hold the loop
+                    # (and the coalesced flush to the agent) while vLLM outpaces it.
+                    await asyncio.sleep(0)
+            if not finished:
+                self._fail(key, "the vLLM server ended the stream without finishing the request")
         except asyncio.CancelledError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
@@ -438,6 +443,20 @@ class VllmEngine:
             if self._running.get(key) is asyncio.current_task():
                 del self._running[key]
                 self._pump()
+
+    async def _post(self, req: EngineRequest):
+        """POST the completion; a pooled connection the server closed as it was reused (no
+        response at all) is retried once on a new one: the server never saw the request."""
+        import aiohttp
+
+        url, body = f"{self._server.base_url}/v1/completions", self._body(req)
+        for attempt in (1, 2):
+            try:
+                return await self._session.post(url, data=body, headers={"Content-Type": "application/json"})
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 2 or self._exited.is_set():
+                    raise
+                log.info("vLLM server closed a pooled connection under request %s; sending it again", req.key)
 
     def _relay(self, key: str, msg: dict) -> bool:
         """One streamed completion chunk as token events; True once the request finished."""

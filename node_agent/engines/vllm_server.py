@@ -95,7 +95,7 @@ class VllmServer:
     async def start(self, session, model_path: Path, served_name: str, *, max_model_len: int,
                     max_num_seqs: int) -> None:
         """Start the child and wait until /health answers 200; raises ServerError (child stopped)."""
-        self.kill_stale()
+        await asyncio.to_thread(self.kill_stale)
         self.port = self._want_port or free_port(self.host)
         cmd = self.command(model_path, served_name, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
         self.state_dir.mkdir(parents=True, exist_ok=True)

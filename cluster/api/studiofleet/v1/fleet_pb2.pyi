@@ -202,18 +202,20 @@ class RolloutTarget(_message.Message):
     def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., shared_path: _Optional[bool] = ..., restart: _Optional[bool] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("target", "max_unavailable", "node_ids", "rollout_id", "drain_timeout_s")
+    __slots__ = ("target", "max_unavailable", "node_ids", "rollout_id", "drain_timeout_s", "engine")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     MAX_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     target: RolloutTarget
     max_unavailable: int
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     rollout_id: str
     drain_timeout_s: float
-    def __init__(self, target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rollout_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+    engine: str
+    def __init__(self, target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rollout_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("rollout_id",)
