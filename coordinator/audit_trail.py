@@ -79,10 +79,11 @@ class AuditTrail:
               code: str = "OK", **details) -> None:
         self.submit({**self._base(ident, peer, action, "admin"), "outcome": outcome, "code": code, **details})
 
-    def denied(self, ident: Optional[Identity], method: str, code: str, reason: str) -> None:
-        """A call the authorizer refused (the peer is not known here; the identity is)."""
-        self.submit({**self._base(ident, "", method, "admin" if "Fleet" in method else "request"),
-                     "outcome": "denied", "code": code, "reason": reason})
+    async def denied(self, ident: Optional[Identity], method: str, code: str, reason: str) -> None:
+        """A call the authorizer refused (the peer is not known here; the identity is);
+        durable before the refusal goes out, as every other record a caller can look up."""
+        await self.write_or_log({**self._base(ident, "", method, "admin" if "Fleet" in method else "request"),
+                                 "outcome": "denied", "code": code, "reason": reason})
 
 
 def _report_failure(future) -> None:

@@ -180,12 +180,7 @@ class NodeAgent:
             model_id=facts.model_id, version=model.version,
             weights_digest=facts.weights_digest, context_length=facts.context_length,
             engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size)
-        await self.enter(State.WARMING, f"warming up {facts.model_id} {facts.weights_digest[:19]}")
-        try:
-            await self._warm_up()
-        except Exception as exc:  # noqa: BLE001
-            log.exception("node=%s warm-up failed", self.node_id)
-            await self.enter(State.FAILED, f"warm-up generation failed: {type(exc).__name__}: {exc}")
+        if not await self._warm(f"warming up {facts.model_id} {facts.weights_digest[:19]}", "warm-up generation"):
             return False
         if self.stopping:
             return False
@@ -194,6 +189,17 @@ class NodeAgent:
                                             "uncordon to serve")
         else:
             await self.enter(State.READY, "model loaded and warmed up")
+        return True
+
+    async def _warm(self, reason: str, what: str) -> bool:
+        """WARMING, then the canary; FAILED with the cause if it fails."""
+        await self.enter(State.WARMING, reason)
+        try:
+            await self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - reported through the lifecycle
+            log.exception("node=%s %s failed", self.node_id, what)
+            await self.enter(State.FAILED, f"{what} failed: {type(exc).__name__}: {exc}")
+            return False
         return True
 
     async def _warm_up(self) -> None:
@@ -241,12 +247,7 @@ class NodeAgent:
         if not (self._recovering and state is State.LOADING):
             return
         self._recovering = False
-        await self.enter(State.WARMING, f"{reason}; warming up")
-        try:
-            await self._warm_up()
-        except Exception as exc:  # noqa: BLE001
-            log.exception("node=%s warm-up after the engine restart failed", self.node_id)
-            await self.enter(State.FAILED, f"warm-up after the engine restart failed: {type(exc).__name__}: {exc}")
+        if not await self._warm(f"{reason}; warming up", "warm-up after the engine restart"):
             return
         if self.lifecycle.state is State.WARMING and not self.stopping:
             drained = self.ops.state.drained

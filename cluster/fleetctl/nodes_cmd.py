@@ -23,7 +23,7 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
     """One row per node: its own state, the coordinator's verdict, and the traffic."""
     t = Table(title=f"fleet: {sum(n.routable for n in listing.nodes)}/{len(listing.nodes)} routable, "
                     f"{listing.in_flight} in flight, {listing.queued} queued")
-    for col in ("node", "address", "source", "state", "health", "route", "model", "digest",
+    for col in ("node", "address", "source", "state", "health", "route", "model", "engine", "digest",
                 "run/queue", "in flight", "tok/s", "routed", "failovers", "reason"):
         t.add_column(col, no_wrap=col != "reason", overflow="fold" if col == "reason" else "ellipsis",
                      min_width=20 if col == "reason" else None,
@@ -35,7 +35,7 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
         if n.health == fleet_pb2.NODE_HEALTH_EJECTED:
             health += f" {n.ejected_for_s:.0f}s"
         t.add_row(st.node_id or "?", n.address, n.source, state + (" (cordoned)" if st.cordoned else ""),
-                  health, "yes" if n.routable else "no", st.model.model_id or "-",
+                  health, "yes" if n.routable else "no", st.model.model_id or "-", st.model.engine or "-",
                   st.model.weights_digest[7:19] or "-", f"{st.load.running}/{st.load.queued}",
                   str(n.in_flight), f"{st.load.decode_tokens_per_s:.0f}", str(n.routed_total),
                   str(n.failovers_total), n.health_reason)

@@ -9,12 +9,13 @@ mode there is no certificate: every caller is DEVELOPER and everything is allowe
 
 from __future__ import annotations
 
+
 import contextlib
 import functools
 import inspect
 import logging
 import time
-from typing import Callable, Mapping, Optional
+from typing import Awaitable, Callable, Mapping, Optional
 
 import grpc
 from cryptography import x509
@@ -29,8 +30,9 @@ HEALTH = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
               "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
 
-# Denials: (identity or None, method, status code name, reason) -> None (audit, log).
-OnDenied = Callable[[Optional[Identity], str, str, str], None]
+# Denials: (identity or None, method, status code name, reason) -> None, or an awaitable
+# the refusal waits for (the coordinator's audit record).
+OnDenied = Callable[[Optional[Identity], str, str, str], Optional[Awaitable[None]]]
 
 
 def policy(table: Mapping[str, frozenset]) -> dict[str, frozenset]:
@@ -108,7 +110,9 @@ class Authorizer(grpc.aio.ServerInterceptor):
     async def _refuse(self, context, method: str, denied: "_Denied") -> None:
         log.warning("denied caller=%s method=%s code=%s", denied.identity or "-", method, denied.code.name)
         if self._on_denied is not None:
-            self._on_denied(denied.identity, method, denied.code.name, denied.message)
+            recorded = self._on_denied(denied.identity, method, denied.code.name, denied.message)
+            if inspect.isawaitable(recorded):   # e.g. the audit record: down before the caller hears
+                await recorded
         await context.abort(denied.code, denied.message)
 
     async def intercept_service(self, continuation, details):
