@@ -107,3 +107,21 @@ def test_only_a_stale_group_that_runs_vllm_is_killed(tmp_path, leader):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_streamed_chunks_become_token_events_and_failures_name_no_text():
+    from node_agent.engine import EventKind
+    from node_agent.engines.vllm_protocol import chunk_events
+
+    events, done, failure = chunk_events({"choices": [{"token_ids": [5, 6], "finish_reason": None}]})
+    assert [(e.kind, e.token, e.finish) for e in events] == [(EventKind.TOKEN, 5, None), (EventKind.TOKEN, 6, None)]
+    assert (done, failure) == (False, None)
+    events, done, _ = chunk_events({"choices": [{"token_ids": [2], "finish_reason": "stop"}]})
+    assert [(e.token, e.finish) for e in events] == [(2, "stop")] and done
+    events, done, _ = chunk_events({"choices": [{"token_ids": [], "finish_reason": "length"}]})
+    assert [(e.token, e.finish) for e in events] == [(-1, "length")] and done
+    assert chunk_events({"choices": [], "usage": {"completion_tokens": 3}}) == ([], False, None)
+    _, done, failure = chunk_events({"error": {"type": "BadRequestError", "message": "ZZ-SYNTHETIC-PATIENT quoted"}})
+    assert done and failure == "the vLLM server failed the request, BadRequestError"
+    _, done, failure = chunk_events({"choices": [{"token_ids": [], "finish_reason": "abort"}]})
+    assert done and "(abort)" in failure

@@ -37,6 +37,7 @@ from node_agent.engine import (
     ServerInfo,
 )
 from node_agent.engines.vllm_metrics import VllmMetrics, parse_metrics
+from node_agent.engines.vllm_protocol import chunk_events, completion_body, error_type
 from node_agent.engines.vllm_server import ServerError, VllmServer, describe_exit
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ GPU_INTERVAL_S = 5.0
 STABLE_AFTER_S = 300.0        # up this long: the restart backoff starts again from its first step
 _RATE_WINDOW_S = 10.0
 KEEPALIVE_S = 1.0   # aiohttp drops a connection idle 1-2 s; uvicorn's keep-alive is 5 s
-_FINISH = {"stop": "stop", "length": "length"}
 
 
 class VllmEngine:
@@ -398,19 +398,6 @@ class VllmEngine:
                 self._waiting.remove(req)
                 return
 
-    def _body(self, req: EngineRequest) -> bytes:
-        s = req.sampling
-        body = {"model": self._served[1], "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
-                "stream": True, "return_token_ids": True, "temperature": s.temperature,
-                "stop_token_ids": list(self._eos), "request_id": req.key}
-        if not s.greedy:  # vLLM seeds a generator per request: same seed, same tokens
-            body.update(seed=s.seed, top_p=s.top_p, min_p=s.min_p)
-            if s.top_k > 0:
-                body["top_k"] = s.top_k
-        if s.repetition_penalty != 1.0:
-            body["repetition_penalty"] = s.repetition_penalty
-        return json.dumps(body).encode()
-
     async def _generate(self, req: EngineRequest) -> None:
         import aiohttp
 
@@ -419,7 +406,7 @@ class VllmEngine:
             async with await self._post(req) as resp:
                 if resp.status != 200:
                     return self._fail(key, f"the vLLM server refused the request (HTTP {resp.status}"
-                                           f"{_error_type(await resp.read())})")
+                                           f"{error_type(await resp.read())})")
                 finished = False
                 async for line in resp.content:
                     if not line.startswith(b"data: "):
@@ -449,7 +436,8 @@ class VllmEngine:
         response at all) is retried once on a new one: the server never saw the request."""
         import aiohttp
 
-        url, body = f"{self._server.base_url}/v1/completions", self._body(req)
+        url = f"{self._server.base_url}/v1/completions"
+        body = completion_body(req, self._served[1], self._eos)
         for attempt in (1, 2):
             try:
                 return await self._session.post(url, data=body, headers={"Content-Type": "application/json"})
@@ -460,27 +448,15 @@ class VllmEngine:
 
     def _relay(self, key: str, msg: dict) -> bool:
         """One streamed completion chunk as token events; True once the request finished."""
-        if "error" in msg:
-            self._fail(key, f"the vLLM server failed the request{_error_type(msg)}")
+        events, done, failure = chunk_events(msg)
+        if failure is not None:
+            self._fail(key, failure)
             return True
-        choices = msg.get("choices")
-        if not choices:
-            return False
-        choice = choices[0]
-        ids = choice.get("token_ids") or ()
-        finish = choice.get("finish_reason")
-        if finish is not None and finish not in _FINISH:
-            self._fail(key, f"the vLLM server ended the request ({finish})")
-            return True
-        last = len(ids) - 1
-        for i, token in enumerate(ids):
-            self._event(key, EngineEvent(EventKind.TOKEN, token, _FINISH[finish] if finish and i == last else None))
-        if finish is None:
-            return False
-        if not ids:
-            self._event(key, EngineEvent(EventKind.TOKEN, -1, _FINISH[finish]))
-        self._running.pop(key, None)
-        return True
+        for event in events:
+            self._event(key, event)
+        if done:
+            self._running.pop(key, None)
+        return done
 
     async def _lost(self, exc: BaseException) -> str:
         """Why a stream broke: the server's exit if it died, else the connection error."""
@@ -514,13 +490,3 @@ class VllmEngine:
             out, self._out = self._out, {}
             self._emit(list(out.items()))
 
-
-def _error_type(raw) -> str:
-    """vLLM's error type (e.g. BadRequestError), never its message: it may quote the input."""
-    try:
-        body = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
-        err = body.get("error", body)
-        kind = err.get("type") if isinstance(err, dict) else None
-    except (ValueError, AttributeError):
-        return ""
-    return f", {kind}" if isinstance(kind, str) and kind.isidentifier() else ""

@@ -1,0 +1,58 @@
+"""What the node sends vLLM's OpenAI server and how its streamed answers become events."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Optional
+
+from node_agent.engine import EngineEvent, EngineRequest, EventKind
+
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def completion_body(req: EngineRequest, served_name: str, eos_token_ids: Iterable[int]) -> bytes:
+    """A streaming /v1/completions request: the prompt as token ids (so a resume with
+    prefix tokens is exact), token ids back, our EOS ids, and only the sampling fields
+    that change anything."""
+    s = req.sampling
+    body = {"model": served_name, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
+            "stream": True, "return_token_ids": True, "temperature": s.temperature,
+            "stop_token_ids": list(eos_token_ids), "request_id": req.key}
+    if not s.greedy:  # vLLM seeds a generator per request: same seed, same tokens
+        body.update(seed=s.seed, top_p=s.top_p, min_p=s.min_p)
+        if s.top_k > 0:
+            body["top_k"] = s.top_k
+    if s.repetition_penalty != 1.0:
+        body["repetition_penalty"] = s.repetition_penalty
+    return json.dumps(body).encode()
+
+
+def chunk_events(msg: dict) -> tuple[list[EngineEvent], bool, Optional[str]]:
+    """One streamed chunk as (token events, finished, failure message or None)."""
+    if "error" in msg:
+        return [], True, f"the vLLM server failed the request{error_type(msg)}"
+    choices = msg.get("choices")
+    if not choices:
+        return [], False, None
+    choice = choices[0]
+    ids = choice.get("token_ids") or ()
+    finish = choice.get("finish_reason")
+    if finish is not None and finish not in _FINISH:
+        return [], True, f"the vLLM server ended the request ({finish})"
+    last = len(ids) - 1
+    events = [EngineEvent(EventKind.TOKEN, token, _FINISH[finish] if finish and i == last else None)
+              for i, token in enumerate(ids)]
+    if finish is not None and not ids:
+        events.append(EngineEvent(EventKind.TOKEN, -1, _FINISH[finish]))  # a finish with no new token
+    return events, finish is not None, None
+
+
+def error_type(raw) -> str:
+    """vLLM's error type (e.g. BadRequestError), never its message: it may quote the input."""
+    try:
+        body = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+        err = body.get("error", body)
+        kind = err.get("type") if isinstance(err, dict) else None
+    except (ValueError, AttributeError):
+        return ""
+    return f", {kind}" if isinstance(kind, str) and kind.isidentifier() else ""
