@@ -117,10 +117,11 @@ def engine_problem(settings) -> Optional[str]:
     if settings.engine == "vllm":
         import subprocess
 
+        from node_agent.engines.vllm_server import has_vllm
+
         python = settings.vllm_python or sys.executable
-        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
         try:
-            ok = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+            ok = has_vllm(python)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"vllm_python {python} cannot be run ({type(exc).__name__}); point --vllm-python at a Python"
         if not ok:

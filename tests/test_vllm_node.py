@@ -46,9 +46,14 @@ def _metrics(node) -> str:
         return r.read().decode()
 
 
+def _vllm_counter(node, name: str) -> float:
+    """A series from vLLM's own /metrics, summed over its label sets."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _metrics(node).splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
 def _vllm_running(node) -> float:
-    line = next(line for line in _metrics(node).splitlines() if line.startswith("vllm:num_requests_running"))
-    return float(line.rsplit(" ", 1)[1])
+    return _vllm_counter(node, "vllm:num_requests_running")
 
 
 def test_status_names_the_engine_and_its_server(vllm_node):
@@ -138,11 +143,6 @@ def test_bad_input_is_answered_exactly_as_an_mlx_node_answers(vllm_node, node, n
         answers.append((err.value.code(), err.value.details().replace(target.node_id, "NODE")))
     assert answers[0] == answers[1]
     assert answers[1][0] == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def _vllm_counter(node, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in _metrics(node).splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 def _engine_core(node) -> psutil.Process:

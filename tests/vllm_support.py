@@ -7,7 +7,6 @@ CI fails rather than skips when it is missing; a bare `pytest` without it skips 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import psutil
@@ -48,8 +47,9 @@ START_TIMEOUT_S = 300.0
 
 def find_vllm_python() -> str:
     path = os.environ.get("STUDIOFLEET_TEST_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    ok = Path(path).exists() and subprocess.run([path, "-c", probe], capture_output=True).returncode == 0
+    from node_agent.engines.vllm_server import has_vllm
+
+    ok = Path(path).exists() and has_vllm(path)
     if not ok:
         why = f"no vLLM at {path}: run scripts/bootstrap-vllm (scripts/test does)"
         if os.environ.get("STUDIOFLEET_REQUIRE_VLLM") == "1":

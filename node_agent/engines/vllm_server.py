@@ -42,6 +42,15 @@ class ServerError(RuntimeError):
     """The vLLM server could not be started, or stopped answering; the message says why."""
 
 
+def has_vllm(python: str, timeout_s: float = 60.0) -> bool:
+    """Whether `python` can import vllm (found, not imported: that takes seconds); raises
+    OSError or subprocess.TimeoutExpired if it cannot be run."""
+    import subprocess
+
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    return subprocess.run([python, "-c", probe], capture_output=True, timeout=timeout_s).returncode == 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
