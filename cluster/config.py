@@ -31,7 +31,26 @@ def _host_port(value: str) -> str:
     return value
 
 
+def _http_listen(value: str) -> str:
+    if value not in ("", "off"):
+        split_host_port(value)
+    return value
+
+
+def http_address(listen: str, http_listen: str) -> Optional[str]:
+    """Where the monitoring HTTP(S) port listens: `http_listen`, or by default the gRPC
+    host with port + 1 (7700 -> 7701, 7800 -> 7801; port 0 stays 0); None when "off"."""
+    if http_listen == "off":
+        return None
+    if http_listen:
+        return http_listen
+    host, port = split_host_port(listen)
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port + 1 if port else 0}"
+
+
 HostPort = Annotated[str, AfterValidator(_host_port)]
+HttpListen = Annotated[str, AfterValidator(_http_listen)]
 
 
 class FileSettings(BaseSettings):
@@ -96,6 +115,11 @@ class NodeSettings(FileSettings):
     tls_dir: Optional[Path] = None
     tls_name: Optional[str] = None       # the certificate's name; default: the node id
     plaintext: bool = False
+    # Monitoring (README "Monitoring"): /metrics on an HTTP(S) port of its own, with the
+    # same certificates and roles as gRPC. Empty: the gRPC host, port + 1; "off": none.
+    http_listen: HttpListen = ""
+    metrics: bool = True
+    log_format: str = Field("json", pattern="^(json|text)$")   # JSON lines on stderr, or key=value text
     log_level: str = "INFO"
 
     @field_validator("vllm_args", mode="before")
@@ -164,6 +188,17 @@ class CoordinatorSettings(FileSettings):
     rollout_gate_command: Optional[str] = None
     rollout_gate_timeout_s: float = Field(300.0, gt=0)
     rollout_smoke_requests: int = Field(2, ge=1)
+    # Monitoring (README "Monitoring"): /metrics and the dashboard on an HTTP(S) port of
+    # its own (same certificates and roles as gRPC; empty: the gRPC host, port + 1; "off"),
+    # and the request log (metadata of every request, never content) in `state_db`.
+    http_listen: HttpListen = ""
+    metrics: bool = True
+    request_log: bool = True
+    request_log_retention_days: float = Field(30.0, gt=0)
+    slow_ttft_ms: float = Field(2000.0, gt=0)        # `fleetctl requests --slow`, and the TTFT alert's target
+    slow_latency_ms: float = Field(60000.0, gt=0)
+    dashboard_idle_timeout_s: float = Field(900.0, gt=0)   # HIPAA automatic logoff for browser sessions
+    log_format: str = Field("json", pattern="^(json|text)$")
     log_level: str = "INFO"
 
 

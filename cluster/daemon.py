@@ -28,10 +28,14 @@ SERVER_OPTIONS = [
 ]
 
 
-def print_listening(key: str, ident: str, listen: str, port: int) -> str:
-    """The one JSON line on stdout a supervisor or test waits for; returns HOST:PORT."""
+def print_listening(key: str, ident: str, listen: str, port: int, http=None) -> str:
+    """The one JSON line on stdout a supervisor or test waits for; returns HOST:PORT. With
+    the monitoring port (`http`, a MonitorHTTP) also its address and scheme."""
     address = f"{listen.rpartition(':')[0]}:{port}"
-    print(json.dumps({"event": "listening", key: ident, "address": address, "port": port}), flush=True)
+    line = {"event": "listening", key: ident, "address": address, "port": port}
+    if http is not None:
+        line.update(http_address=http.address, http_scheme=http.scheme)
+    print(json.dumps(line), flush=True)
     return address
 
 
@@ -77,7 +81,7 @@ def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], A
     if problem:
         typer.echo(f"{prog}: {problem}", err=True)
         raise typer.Exit(2)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, getattr(settings, "log_format", "text"))
     faulthandler.enable()  # a native crash prints every thread's Python stack to stderr
     try:
         code = asyncio.run(serve(settings))

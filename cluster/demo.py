@@ -106,8 +106,9 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
         console.print(f"      {len(ok)}/{notes} notes, {tokens} tokens in {wall:.2f} s "
                       f"= {tokens / wall:.0f} tokens/s aggregate; per node: {per_node}")
 
-        console.print("[bold]4/5[/] the fleet as `fleetctl nodes` shows it")
+        console.print("[bold]4/5[/] the fleet as `fleetctl nodes` shows it, and what monitoring saw")
         console.print(fleet_table(coordinator.nodes()))
+        _show_monitoring(console, coordinator, certs)
     finally:
         console.print("[bold]5/5[/] stopping (SIGTERM, graceful): nodes, then the coordinator")
         for proc in [*agents, coordinator]:
@@ -116,6 +117,32 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
     console.print(f"      exit codes {codes}; logs in {logs}")
     audited = _show_audit(console, coordinator.audit_dir, [r.request_id for r in ok])
     return 0 if len(ok) == notes and audited and all(c == 0 for c in codes.values()) else 1
+
+
+def _show_monitoring(console: Console, coordinator: CoordinatorProcess, certs: Path) -> None:
+    """The coordinator's /metrics (as Prometheus reads it, with a monitor certificate) and
+    its request log (as `fleetctl requests` reads it): counts and timings, no content."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cluster.api import fleet_pb2, fleet_pb2_grpc
+
+    status, body, _ = coordinator.http_get("/metrics", "demo-prometheus", Role.MONITOR)
+    if status != 200:
+        console.print(f"      [red]/metrics answered {status}[/]")
+        return
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    done = samples.get(("studiofleet_requests_total", (("code", "OK"), ("outcome", "completed"))), 0)
+    ttft_n = samples.get(("studiofleet_request_ttft_seconds_count", ()), 0)
+    ttft_s = samples.get(("studiofleet_request_ttft_seconds_sum", ()), 0)
+    console.print(f"      /metrics on {coordinator.http_scheme}://{coordinator.http_address}: {done:.0f} requests "
+                  f"completed, {samples.get(('studiofleet_generation_tokens_total', ()), 0):.0f} tokens, mean TTFT "
+                  f"{1000 * ttft_s / max(ttft_n, 1):.1f} ms, {len(samples)} series")
+    listed = fleet_pb2_grpc.FleetStub(coordinator.channel).ListRequests(
+        fleet_pb2.ListRequestsRequest(since_s=3600, limit=1), timeout=10)
+    console.print(f"      request log: {listed.matched} requests in the last hour "
+                  f"(`fleetctl requests -c {coordinator.address} --since 1h`); the dashboard: "
+                  f"`fleetctl dashboard -c {coordinator.address} --tls-dir {certs} --tls-name operator`")
 
 
 def _show_audit(console: Console, audit_dir: Path, request_ids: list[str]) -> bool:

@@ -59,6 +59,7 @@ class DaemonProcess:
         self.proc: Optional[subprocess.Popen] = None
         self.address = ""
         self.port = 0
+        self.http_address = self.http_scheme = ""
         self.stderr_path: Optional[Path] = None
         self._stdout: "queue.Queue[str]" = queue.Queue()
         self._channel: Optional[grpc.Channel] = None
@@ -82,6 +83,8 @@ class DaemonProcess:
             raise RuntimeError(f"{self.name} exited before listening: {self.stderr()}")
         info = json.loads(line)
         self.address, self.port = info["address"], info["port"]
+        # The monitoring port (/metrics, the coordinator's dashboard), if it runs one.
+        self.http_address, self.http_scheme = info.get("http_address", ""), info.get("http_scheme", "")
         return self
 
     @staticmethod
@@ -99,6 +102,27 @@ class DaemonProcess:
             return None
         ensure_cert(self.tls_dir, role, name)
         return ClientTLS(self.tls_dir, name)
+
+    def http_get(self, path: str, name: Optional[str] = HARNESS_OPERATOR, role: Role = Role.OPERATOR,
+                 timeout_s: float = 10.0, headers: Optional[dict] = None) -> tuple[int, bytes, dict]:
+        """GET `path` on the monitoring port as `name` (None: with no client certificate);
+        (status, body, headers), errors included."""
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        context = None
+        if self.http_scheme == "https":
+            context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
+            if name is not None:
+                self.credentials(name, role)
+                context.load_cert_chain(self.tls_dir / f"{name}.pem", self.tls_dir / f"{name}.key")
+        request = urllib.request.Request(f"{self.http_scheme}://{self.http_address}{path}", headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s, context=context) as reply:
+                return reply.status, reply.read(), dict(reply.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), dict(err.headers)
 
     def dial(self, name: str = HARNESS_OPERATOR, role: Role = Role.OPERATOR) -> grpc.Channel:
         """A new channel to this daemon as `name` (checking its certificate names it)."""

@@ -3,6 +3,7 @@ rollouts (what fleetctl calls). Every call is audited with the operator's identi
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -48,7 +49,10 @@ def describe(entry: NodeEntry, now: float) -> fleet_pb2.FleetNode:
 
 class FleetAdmin(fleet_pb2_grpc.FleetServicer):
     def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay, identify, audit,
-                 rollouts: Rollouts):
+                 rollouts: Rollouts, settings=None, request_log=None, http=None):
+        self._s = settings
+        self._request_log = request_log   # None: --no-request-log
+        self._http = http or (lambda: None)   # -> the monitoring port (MonitorHTTP), once started
         self._rollouts = rollouts
         self._identify = identify
         self._audit = audit
@@ -152,3 +156,42 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
             self._audit.admin(ident, peer, action, rollout_id=row.id, **details)
         return self._rollouts.to_proto(row)
 
+    # -- monitoring (README "Monitoring") ----------------------------------------------
+    async def ListRequests(self, request, context) -> fleet_pb2.ListRequestsResponse:
+        self._audit.admin(self._identify(context), context.peer(), "fleet.list_requests",
+                          since_s=request.since_s, slow_only=request.slow_only, failed_only=request.failed_only)
+        if self._request_log is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this coordinator runs without a request log (--no-request-log); "
+                                "the audit chain still has every request: `fleetctl audit query`")
+        if request.since_s < 0 or request.limit > 10_000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "since_s must be >= 0 and limit at most 10000")
+        return await asyncio.to_thread(self._request_log.list_reply, request,
+                                       slow_ttft_ms=self._s.slow_ttft_ms, slow_latency_ms=self._s.slow_latency_ms)
+
+    async def GetTraffic(self, request, context) -> fleet_pb2.Traffic:
+        self._audit.admin(self._identify(context), context.peer(), "fleet.get_traffic")
+        window, bucket = request.window_s or 3600, request.bucket_s or 60
+        if not 1 <= bucket <= window <= 86_400 or window // bucket > 1440:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "need 1 <= bucket_s <= window_s <= 86400 and at most 1440 buckets")
+        traffic = (self._request_log.traffic_reply(window, bucket) if self._request_log is not None
+                   else fleet_pb2.Traffic(bucket_s=bucket))
+        traffic.queued = self._admission.depth
+        traffic.running = max(0, self._relay.in_flight - traffic.queued)
+        return traffic
+
+    async def OpenDashboard(self, request, context) -> fleet_pb2.DashboardLink:
+        ident = self._identify(context)
+        http = self._http()
+        if http is None or http.sessions is None:
+            self._audit.admin(ident, context.peer(), "fleet.open_dashboard", outcome="failed",
+                              code="FAILED_PRECONDITION")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this coordinator runs without its monitoring port (--http-listen off); "
+                                "start it with --http-listen HOST:PORT")
+        from coordinator.dashboard import open_link
+
+        self._audit.admin(ident, context.peer(), "fleet.open_dashboard")
+        return open_link(http, ident)

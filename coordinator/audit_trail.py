@@ -82,7 +82,7 @@ class AuditTrail:
     async def denied(self, ident: Optional[Identity], method: str, code: str, reason: str) -> None:
         """A call the authorizer refused (the peer is not known here; the identity is);
         durable before the refusal goes out, as every other record a caller can look up."""
-        await self.write_or_log({**self._base(ident, "", method, "admin" if "Fleet" in method else "request"),
+        await self.write_or_log({**self._base(ident, "", method, "request" if method.endswith("/Generate") else "admin"),
                                  "outcome": "denied", "code": code, "reason": reason})
 
 

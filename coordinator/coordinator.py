@@ -13,10 +13,10 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
-from cluster.config import CoordinatorSettings
+from cluster.config import CoordinatorSettings, http_address
 from cluster.daemon import SERVER_OPTIONS
 from cluster.security.daemon import DaemonSecurity
-from cluster.security.roles import COORDINATOR_TABLE
+from cluster.security.roles import COORDINATOR_HTTP_TABLE, COORDINATOR_TABLE
 from coordinator.admin import FleetAdmin
 from coordinator.audit_trail import AuditTrail
 from coordinator.admission import Admission
@@ -25,6 +25,7 @@ from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.gates import default_gates
 from coordinator.relay import Relay
+from coordinator.request_summary import Monitor
 from coordinator.rollout_store import RolloutStore
 from coordinator.rollouts import Rollouts
 
@@ -38,23 +39,46 @@ class Coordinator:
         self.security = security
         self.audit = AuditTrail(audit_log, coordinator_id=settings.coordinator_id)
         self.authz = security.authorizer(COORDINATOR_TABLE, where=f"coordinator {settings.coordinator_id}",
-                                         on_denied=self.audit.denied)
+                                         on_denied=self._denied)
         self.events = EventLog()
         self.fleet = Fleet(settings=settings, events=self.events, on_change=self._fleet_changed,
                            tls=security.client, revocations=security.server.revocations if security.server else None)
         self.admission = Admission(fleet=self.fleet, max_depth=settings.queue_max_depth,
                                    max_wait_s=settings.queue_max_wait_s,
                                    load_factor=settings.affinity_load_factor)
+        self.monitor = Monitor()
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
-                           identify=self.authz.peer, audit=self.audit)
+                           identify=self.authz.peer, audit=self.audit, monitor=self.monitor)
         self.rollouts = Rollouts(settings=settings, fleet=self.fleet, events=self.events,
                                  gates=default_gates(settings), store=RolloutStore(settings.state_db),
                                  audit=self.audit)
+        self.metrics = None
+        if settings.metrics:
+            from coordinator.metrics import CoordinatorMetrics
+
+            self.metrics = CoordinatorMetrics(coordinator_id=settings.coordinator_id, fleet=self.fleet,
+                                              admission=self.admission, relay=self.relay, rollouts=self.rollouts,
+                                              audit=self.audit, events=self.events)
+            self.monitor.sinks.append(self.metrics.request_ended)
+        self.request_log = None
+        if settings.request_log:
+            from coordinator.request_log import RequestLog
+
+            self.request_log = RequestLog(settings.state_db, retention_days=settings.request_log_retention_days)
+            self.monitor.sinks.append(self.request_log.record)
+        self.http = None   # the monitoring port (start)
         self.discovery: Optional[MdnsDiscovery] = None
         self._health = health_aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
         self._stopped = asyncio.Event()
         self.stopping = False
+
+    async def _denied(self, ident, method: str, code: str, reason: str) -> None:
+        """A call refused for its certificate or role (gRPC or the monitoring port): counted,
+        and audited before the refusal goes out."""
+        if self.metrics is not None:
+            self.metrics.denied.labels(method, code).inc()
+        await self.audit.denied(ident, method, code, reason)
 
     def _fleet_changed(self) -> None:
         self.admission.dispatch()
@@ -66,7 +90,8 @@ class Coordinator:
         inference_pb2_grpc.add_InferenceServicer_to_server(self.relay, server)
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
-                       identify=self.authz.peer, audit=self.audit, rollouts=self.rollouts), server)
+                       identify=self.authz.peer, audit=self.audit, rollouts=self.rollouts, settings=s,
+                       request_log=self.request_log, http=lambda: self.http), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -89,7 +114,28 @@ class Coordinator:
                             type(exc).__name__, exc)
                 self.discovery = None
         self.rollouts.resume_pending()
+        await self._start_http()
         return port
+
+    async def _start_http(self) -> None:
+        """/metrics and the dashboard on the monitoring port (README "Monitoring")."""
+        s = self.settings
+        listen = http_address(s.listen, s.http_listen)
+        if listen is None:
+            return
+        from cluster.http_server import DashboardSessions, MonitorHTTP
+        from coordinator import dashboard
+
+        self.http = MonitorHTTP(listen=listen, security=self.security, table=COORDINATOR_HTTP_TABLE,
+                                where=f"coordinator {s.coordinator_id}",
+                                sessions=DashboardSessions(s.dashboard_idle_timeout_s),
+                                on_denied=self._denied)
+        if self.metrics is not None:
+            from cluster.http_server import metrics_route
+
+            metrics_route(self.http.app, self.metrics.registry)
+        dashboard.add_routes(self.http.app, self)
+        await self.http.start()
 
     async def shutdown(self, grace_s: Optional[float] = None) -> None:
         """Stop taking requests, let in-flight ones finish within the grace, then stop."""
@@ -108,6 +154,10 @@ class Coordinator:
             await self.discovery.close()
         await self.rollouts.close()
         await self.fleet.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.request_log is not None:  # every request has ended: its last rows
+            await asyncio.to_thread(self.request_log.close)
         if self.audit.log is not None:  # every request has ended: the last records, a checkpoint
             await asyncio.to_thread(self.audit.log.close)
         self._stopped.set()

@@ -11,9 +11,10 @@ import collections
 import itertools
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from cluster.api import fleet_pb2
+from cluster.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class EventLog:
         self._seq = itertools.count(1)
         self._history: collections.deque[fleet_pb2.FleetEvent] = collections.deque(maxlen=HISTORY)
         self._subscribers: set[asyncio.Queue] = set()
+        self.listeners: list[Callable[[fleet_pb2.FleetEvent], None]] = []   # e.g. the metrics' counters
 
     def emit(self, kind: int, *, node_id: str = "", address: str = "", reason: str = "",
              **extra) -> fleet_pb2.FleetEvent:
@@ -34,7 +36,10 @@ class EventLog:
         self._history.append(event)
         name = fleet_pb2.EventKind.Name(kind).removeprefix("EVENT_KIND_").lower()
         log.info("event=%s node=%s address=%s%s reason=%r", name, node_id or "-", address or "-",
-                 "".join(f" {k}={v}" for k, v in extra.items()), reason)
+                 "".join(f" {k}={v}" for k, v in extra.items()), reason,
+                 extra=fields(event=f"fleet.{name}", node_id=node_id, address=address, reason=reason, **extra))
+        for listener in self.listeners:
+            listener(event)
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)

@@ -28,7 +28,8 @@ async def _serve(settings) -> int:
     audit_log = await asyncio.to_thread(open_audit, settings)
     coordinator = Coordinator(settings=settings, security=security, audit_log=audit_log)
     port = await coordinator.start()
-    address = print_listening("coordinator_id", settings.coordinator_id, settings.listen, port)
+    address = print_listening("coordinator_id", settings.coordinator_id, settings.listen, port,
+                              http=coordinator.http)
     log.info("coordinator=%s listening on %s (mDNS %s, %d static nodes)", settings.coordinator_id,
              address, "on" if settings.mdns else "off", len(settings.nodes))
     loop = asyncio.get_running_loop()
@@ -114,6 +115,12 @@ def serve(
     audit_key_dir: Optional[Path] = typer.Option(None, help="Audit HMAC and signing keys. [default: AUDIT_DIR-keys, beside the log]"),
     state_db: Optional[Path] = typer.Option(None, help="SQLite file for rollout state and the rollout lease. [default: ./studiofleet-coordinator.db]"),
     rollout_gate_command: Optional[str] = typer.Option(None, help="Quality gate run after a node activates new weights; exit 0 passes (env NODE_ID, NODE_ADDRESS, WEIGHTS_DIGEST, ROLLOUT_ID)."),
+    http_listen: Optional[str] = typer.Option(None, help="HOST:PORT of the monitoring port (/metrics, dashboard), or off. [default: the --listen host, port + 1]"),
+    metrics: Optional[bool] = typer.Option(None, "--metrics/--no-metrics", help="Prometheus metrics on the monitoring port. [default: on]"),
+    request_log: Optional[bool] = typer.Option(None, "--request-log/--no-request-log", help="Keep every request's metadata in --state-db (fleetctl requests). [default: on]"),
+    request_log_retention_days: Optional[float] = typer.Option(None, help="Request log rows older than this are deleted. [default: 30]"),
+    slow_ttft_ms: Optional[float] = typer.Option(None, help="A request slower than this to its first token is slow (fleetctl requests --slow). [default: 2000]"),
+    log_format: Optional[str] = typer.Option(None, help="json (one JSON object per line) or text. [default: json]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("node", "config")}

@@ -26,13 +26,14 @@ import grpc
 from cluster.api import fleet_pb2, inference_pb2, inference_pb2_grpc
 from cluster.validation import (InvalidRequest, check_counts, check_input, check_request_id,
                                 check_sampling, display_id, new_request_id)
-from cluster.logs import without_text
+from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from coordinator.attempt import Attempt
 from coordinator.audit_trail import AuditTrail
 from coordinator.admission import BATCH, INTERACTIVE, RESUME, Admission, QueueFull, WaitExpired
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
+from coordinator.request_summary import Monitor, RequestSummary
 from coordinator.router import Want
 from coordinator.splice import Splice
 
@@ -50,13 +51,14 @@ STALE_VIEW = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECOND
 
 class Relay(inference_pb2_grpc.InferenceServicer):
     def __init__(self, *, settings, fleet: Fleet, admission: Admission, events: EventLog,
-                 identify: Callable[[object], Identity], audit: AuditTrail):
+                 identify: Callable[[object], Identity], audit: AuditTrail, monitor: Optional[Monitor] = None):
         self._s = settings
         self._fleet = fleet
         self._admission = admission
         self._events = events
         self._identify = identify     # the caller's verified identity (the authorizer's)
         self._audit = audit
+        self._monitor = monitor or Monitor()
         self._per_caller: dict[str, int] = {}
         self.in_flight = 0
 
@@ -70,6 +72,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
         rid = display_id(request.request_id)
+        started = time.time()
         ident = self._identify(context)
         caller = str(ident)
         audit = _Outcome(self._audit.request_record(ident, context.peer(), request_id=rid,
@@ -77,12 +80,16 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         try:
             self._validate(request)
         except InvalidRequest as exc:
-            log.info("request=%s caller=%s rejected code=INVALID_ARGUMENT reason=%r", rid, caller, str(exc))
+            log.info("request=%s caller=%s rejected code=INVALID_ARGUMENT reason=%r", rid, caller, str(exc),
+                     extra=fields(event="request.rejected", request_id=rid, caller=caller, code="INVALID_ARGUMENT",
+                                  reason=str(exc)))
             await self._audit.write_or_log(audit.end("rejected", "INVALID_ARGUMENT"))
+            self._ended(audit.record, None, request, caller, started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
         running = self._per_caller.get(caller, 0)
         if running >= self._s.max_concurrent_per_caller:
             await self._audit.write_or_log(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"))
+            self._ended(audit.record, None, request, caller, started)
             await self._busy(context, f"request {rid}: {caller} already has {running} requests in flight, "
                                       f"its quota (max_concurrent_per_caller {self._s.max_concurrent_per_caller})")
         req = inference_pb2.GenerateRequest()
@@ -126,16 +133,46 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                     await self._audit.write_or_log(record)   # the status goes out after the record is down
                 else:
                     self._audit.submit(record)        # the caller left: nobody waits for it
+            self._ended(audit.record, run, req, caller, started)
             log.info("request=%s caller=%s outcome=%s tokens=%d nodes=%s failovers=%d restarts=%d total_ms=%.1f",
                      req.request_id, caller, outcome, len(run.delivered), ",".join(run.nodes) or "-",
-                     run.failovers, run.restarts, run.elapsed_ms())
+                     run.failovers, run.restarts, run.elapsed_ms(),
+                     extra=fields(event="request.end", request_id=req.request_id, caller=caller,
+                                  outcome=audit.record.get("outcome"), code=audit.record.get("code"),
+                                  node_id=run.nodes[-1] if run.nodes else "", nodes=list(run.nodes),
+                                  tokens=len(run.delivered), failovers=run.failovers, retries=run.retries,
+                                  restarts=run.restarts, total_ms=round(run.elapsed_ms(), 1)))
+
+    def _ended(self, record: dict, run: Optional[Splice], req: inference_pb2.GenerateRequest, caller: str,
+               started: float) -> None:
+        """The one summary of a request for metrics and the request log (no content)."""
+        s = RequestSummary(
+            request_id=record.get("request_id", "") or "-", caller=caller,
+            priority="batch" if req.priority == inference_pb2.PRIORITY_BATCH else "interactive",
+            started_at=started, ended_at=time.time(), outcome=record.get("outcome", ""),
+            code=record.get("code", ""), duration_s=time.time() - started,
+            finish_reason=record.get("finish_reason", ""), prompt_tokens=record.get("prompt_tokens", 0))
+        if run is not None:
+            s.duration_s = run.elapsed_ms() / 1000.0
+            s.queue_s = run.queue_s
+            s.ttft_s = run.t_first - run.t_accept if run.t_first else None
+            s.decode_s = run.t_last - run.t_first if run.t_first else 0.0
+            s.completion_tokens = len(run.delivered)
+            s.nodes = [n for n, _, _ in run.hops]
+            s.failovers, s.retries, s.restarts = run.failovers, run.retries, run.restarts
+            s.token_gaps = run.token_gaps
+        self._monitor.request_ended(s)
 
     async def _run(self, run: Splice, context, audit: "_Outcome") -> AsyncIterator[inference_pb2.GenerateChunk]:
         req = run.request
         base = BATCH if req.priority == inference_pb2.PRIORITY_BATCH else INTERACTIVE
         failed: list[str] = []   # "node: reason", for the final error message
         while True:
-            entry = await self._admit(run, context, base, failed)
+            t_wait = time.monotonic()
+            try:
+                entry = await self._admit(run, context, base, failed)
+            finally:
+                run.queue_s = (run.queue_s or 0.0) + time.monotonic() - t_wait
             reserved = run.remaining
             run.routed(entry.node_id, entry.digest, _model_label(entry))
             if run.announce_restart:
@@ -191,7 +228,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                               reason=reason, request_id=req.request_id, tokens_delivered=len(run.delivered))
             log.warning("request=%s node=%s failed after %.0f ms with %d tokens delivered: %s",
                         req.request_id, entry.node_id, (time.monotonic() - t_routed) * 1000,
-                        len(run.delivered), reason)
+                        len(run.delivered), reason,
+                        extra=fields(event="request.node_failed", request_id=req.request_id, node_id=entry.node_id,
+                                     reason=reason, tokens=len(run.delivered)))
             if run.failovers + run.retries > self._s.max_failovers:
                 await self._give_up(run, context, failed, "its failover budget "
                                     f"({self._s.max_failovers}) is spent")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from cluster.api import inference_pb2
 
@@ -47,6 +47,8 @@ class Splice:
         self.announce_restart = False  # the next routing is the restart's (one event)
         self._pinning = ""
         self.t_routed = 0.0
+        self.queue_s: Optional[float] = None   # time spent waiting for a node, over every hop
+        self.token_gaps: list[float] = []
 
     @property
     def remaining(self) -> int:
@@ -84,11 +86,14 @@ class Splice:
         """Count what this chunk delivers; returns its number of tokens."""
         n = len(chunk.token_ids)
         if n:
+            now = self._clock()
             if not self.delivered:
-                self.t_first = self._clock()
+                self.t_first = now
                 self.digest = self.digest or self._pinning  # pinned from the first token on
+            else:  # inter-token latency as the caller sees it: a chunk of n tokens is n gaps
+                self.token_gaps.extend([(now - self.t_last) / n] * n)
             self.delivered.extend(chunk.token_ids)
-            self.t_last = self._clock()
+            self.t_last = now
         self.text_chars += len(chunk.text)
         if self.completion_digest is not None and chunk.text:
             self.completion_digest.update(chunk.text.encode())

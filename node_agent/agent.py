@@ -74,6 +74,7 @@ class NodeAgent:
         self.stopping = False
         self.port: Optional[int] = None
         self._server: Optional[grpc.aio.Server] = None
+        self.http = None   # the monitoring port (MonitorHTTP), once started
         self._health = health_aio.HealthServicer()
         self._stopped = asyncio.Event()
         self._advertiser: Optional[Advertiser] = None
@@ -115,7 +116,26 @@ class NodeAgent:
                 lambda: loop.create_task(self.engine_serving(up, reason))))
         if self.settings.mdns:  # in the background: mDNS probing takes ~1 s, loading need not wait
             self._announcing = loop.create_task(self._announce())
+        await self._start_http()
         return self.port
+
+    async def _start_http(self) -> None:
+        """/metrics on the monitoring port (README "Monitoring"), same certificates and roles."""
+        from cluster.config import http_address
+
+        listen = http_address(self.settings.listen, self.settings.http_listen)
+        if listen is None:
+            return
+        from cluster.http_server import MonitorHTTP, metrics_route
+        from cluster.security.roles import NODE_HTTP_TABLE
+
+        self.http = MonitorHTTP(listen=listen, security=self.security, table=NODE_HTTP_TABLE,
+                                where=f"node {self.node_id}")
+        if self.settings.metrics:
+            from node_agent.metrics import NodeMetrics
+
+            metrics_route(self.http.app, NodeMetrics(self).registry)
+        await self.http.start()
 
     def advert(self) -> Advert:
         """The mDNS summary of this node's state (the whole is in GetStatus)."""
@@ -297,6 +317,8 @@ class NodeAgent:
         if self._server is not None:
             await self._server.stop(1.0)
         await asyncio.to_thread(self.engine.close)
+        if self.http is not None:
+            await self.http.close()
         self._stopped.set()
         log.info("node=%s stopped", self.node_id)
 

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from cluster.logs import fields
+
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +75,9 @@ class Lifecycle:
                 raise IllegalTransition(f"node {self._node_id}: {current.value} -> {to.value} is not allowed")
             self._snapshot = Snapshot(to, reason, self._clock())
             snap = self._snapshot
-        log.info("node=%s state %s -> %s reason=%s", self._node_id, current.value, to.value, reason)
+        log.info("node=%s state %s -> %s reason=%s", self._node_id, current.value, to.value, reason,
+                 extra=fields(event="node.state", node_id=self._node_id, state=to.value, previous=current.value,
+                              reason=reason))
         for listener in self._listeners:
             listener(snap)
         return snap

@@ -29,7 +29,7 @@ async def _serve(settings) -> int:
     security = DaemonSecurity.from_settings(settings, Role.NODE, settings.node_id or default_node_id(settings.listen))
     agent = NodeAgent(settings=settings, engine=make_engine(settings), security=security)
     port = await agent.start()
-    address = print_listening("node_id", agent.node_id, settings.listen, port)
+    address = print_listening("node_id", agent.node_id, settings.listen, port, http=agent.http)
     log.info("node=%s listening on %s", agent.node_id, address)
     loop = asyncio.get_running_loop()
 
@@ -90,6 +90,9 @@ def serve(
     tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and this node's NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),
     tls_name: Optional[str] = typer.Option(None, help="Certificate name; it must equal the node id. [default: the node id]"),
     plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
+    http_listen: Optional[str] = typer.Option(None, help="HOST:PORT of the monitoring port (/metrics), or off. [default: the --listen host, port + 1]"),
+    metrics: Optional[bool] = typer.Option(None, "--metrics/--no-metrics", help="Prometheus metrics on the monitoring port. [default: on]"),
+    log_format: Optional[str] = typer.Option(None, help="json (one JSON object per line) or text. [default: json]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:
     flags = {k: v for k, v in locals().items() if v is not None and k not in ("model", "config")}

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 import grpc
 
 from cluster.api import node_pb2
+from cluster.logs import fields
 from node_agent.lifecycle import State
 from node_agent.node_state import ModelRef, NodeState
 from node_agent.requests import NodeStopping
@@ -73,7 +74,10 @@ class Operations:
     def _end(self, rec: dict, ok: bool, message: str) -> dict:
         rec.update(state="done" if ok else "failed", message=message, finished=time.time())
         (log.info if ok else log.warning)("node=%s operation=%s kind=%s %s: %s", self.agent.node_id,
-                                          rec["operation_id"], rec["kind"], rec["state"], message)
+                                          rec["operation_id"], rec["kind"], rec["state"], message,
+                                          extra=fields(event=f"node.operation.{rec['state']}",
+                                                       node_id=self.agent.node_id, operation_id=rec["operation_id"],
+                                                       kind=rec["kind"], reason=message))
         self.save()
         return rec
 

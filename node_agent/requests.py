@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from cluster.api import inference_pb2
+from cluster.logs import fields
 from node_agent.engine import EngineEvent, EventKind
 from node_agent.stops import StopMatcher
 from node_agent.validation import ValidRequest
@@ -77,6 +78,7 @@ class RequestStream:
         self.t_admit: Optional[float] = None
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
+        self.token_gaps: list[float] = []
         for token in req.prefix_token_ids:
             detokenizer.add_token(token)
         primed = detokenizer.last_segment
@@ -94,6 +96,8 @@ class RequestStream:
                 self.t_admit = now
                 self.cached_tokens = ev.cached_tokens
             elif ev.kind is EventKind.TOKEN and self.finish is None:
+                if self.t_last is not None:   # inter-token latency (metrics)
+                    self.token_gaps.append(now - self.t_last)
                 self.t_first = self.t_first or now
                 self.t_last = now
         self._events.extend(events)
@@ -203,6 +207,9 @@ class RequestRegistry:
         self._idle = asyncio.Event()
         self._idle.set()
         self.counters = Counters()
+        # Called once per request as it ends: (stream, outcome, now), or (None, None, now)
+        # for a rejected one (metrics; never raises into a request).
+        self.observers: list[Callable[[Optional[RequestStream], Optional[Outcome], float], None]] = []
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -274,11 +281,28 @@ class RequestRegistry:
             self._node_id, stream.req.request_id, outcome.value, stream.finish or "-",
             stream.prompt_len, stream.cached_tokens, stream.completion_tokens, t.queue_wait_ms,
             t.time_to_first_token_ms, t.total_ms, f" detail={detail!r}" if detail else "",
+            extra=fields(event="request.end", node_id=self._node_id, request_id=stream.req.request_id,
+                         outcome=outcome.value, finish=stream.finish, reason=detail,
+                         prompt_tokens=stream.prompt_len, cached_tokens=stream.cached_tokens,
+                         completion_tokens=stream.completion_tokens, queue_ms=round(t.queue_wait_ms, 1),
+                         ttft_ms=round(t.time_to_first_token_ms, 1), total_ms=round(t.total_ms, 1)),
         )
+        self._observe(stream, outcome)
 
     def reject(self, request_id: str, code: str, message: str) -> None:
         self.counters.rejected += 1
-        log.info("node=%s request=%s rejected code=%s reason=%r", self._node_id, request_id or "-", code, message)
+        log.info("node=%s request=%s rejected code=%s reason=%r", self._node_id, request_id or "-", code, message,
+                 extra=fields(event="request.rejected", node_id=self._node_id, request_id=request_id, code=code,
+                              reason=message))
+        self._observe(None, None)
+
+    def _observe(self, stream: Optional[RequestStream], outcome: Optional[Outcome]) -> None:
+        now = self._clock()
+        for observer in self.observers:
+            try:
+                observer(stream, outcome, now)
+            except Exception:  # noqa: BLE001 - monitoring must never fail a request
+                log.exception("node=%s request metrics observer failed", self._node_id)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

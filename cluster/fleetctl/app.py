@@ -9,7 +9,7 @@ import sys
 import typer
 
 from cluster.fleetctl import (audit_cmd, certs_cmd, demo_cmd, generate_cmd, model_cmd, node_cmd, nodes_cmd, ops_cmd,
-                              rollout_cmd, service_cmd)
+                              requests_cmd, rollout_cmd, service_cmd)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")
@@ -25,6 +25,7 @@ app.command("events")(nodes_cmd.events)
 app.command("cordon")(ops_cmd.cordon)
 app.command("uncordon")(ops_cmd.uncordon)
 app.command("drain")(ops_cmd.drain)
+app.command("requests")(requests_cmd.requests)
 
 
 def main() -> None:

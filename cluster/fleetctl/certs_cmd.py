@@ -59,7 +59,7 @@ def init(directory: Path = typer.Argument(..., help="New CA directory (created, 
 
 
 @app.command("issue")
-def issue(role: Role = typer.Option(..., help="node, coordinator, app or operator."),
+def issue(role: Role = typer.Option(..., help="node, coordinator, app, operator or monitor (a metrics scraper: /metrics only)."),
           name: str = typer.Option(..., help="Unique name: the node id, coordinator id, app or person."),
           ca_dir: Path = CA_DIR,
           days: int = typer.Option(ca.LEAF_DAYS, help="Validity in days."),

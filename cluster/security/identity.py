@@ -23,6 +23,7 @@ class Role(str, enum.Enum):
     OPERATOR = "operator"        # people and scripts running the fleet: admin operations
     COORDINATOR = "coordinator"  # the coordinator, calling nodes
     NODE = "node"                # a node agent: its identity only, calls nothing
+    MONITOR = "monitor"          # a metrics scraper (Prometheus): /metrics only
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ operations; node -> nothing but its own identity."""
 from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, NODE_SERVICE
 from cluster.security.identity import Role
 
-APP, OPERATOR, COORDINATOR = Role.APP, Role.OPERATOR, Role.COORDINATOR
+APP, OPERATOR, COORDINATOR, MONITOR = Role.APP, Role.OPERATOR, Role.COORDINATOR, Role.MONITOR
 
 NODE_TABLE = {
     # Only a coordinator: it audits every request and applies per-caller quotas, so an app
@@ -24,5 +24,16 @@ COORDINATOR_TABLE = {
     f"/{FLEET_SERVICE}/WatchEvents": frozenset({OPERATOR}),
     **{f"/{FLEET_SERVICE}/{m}": frozenset({OPERATOR})
        for m in ("CordonNode", "DrainNode", "StartRollout", "GetRollout", "PauseRollout", "ResumeRollout",
-                 "AbortRollout")},
+                 "AbortRollout", "ListRequests", "GetTraffic", "OpenDashboard")},
+}
+
+# The monitoring HTTP(S) port (cluster/http_server.py), by path prefix, longest first.
+# A browser holding a dashboard session (from OpenDashboard) counts as its operator.
+NODE_HTTP_TABLE = {
+    "/metrics": frozenset({COORDINATOR, OPERATOR, MONITOR}),
+}
+COORDINATOR_HTTP_TABLE = {
+    "/metrics": frozenset({OPERATOR, MONITOR}),
+    "/api/": frozenset({OPERATOR}),
+    "/": frozenset({OPERATOR}),
 }

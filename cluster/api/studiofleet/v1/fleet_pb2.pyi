@@ -272,3 +272,127 @@ class Rollout(_message.Message):
     owner: str
     started_by: str
     def __init__(self, rollout_id: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[RolloutNode, _Mapping]]] = ..., message: _Optional[str] = ..., created_unix_s: _Optional[float] = ..., updated_unix_s: _Optional[float] = ..., owner: _Optional[str] = ..., started_by: _Optional[str] = ...) -> None: ...
+
+class ListRequestsRequest(_message.Message):
+    __slots__ = ("since_s", "slow_only", "failed_only", "caller", "limit")
+    SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    SLOW_ONLY_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    since_s: float
+    slow_only: bool
+    failed_only: bool
+    caller: str
+    limit: int
+    def __init__(self, since_s: _Optional[float] = ..., slow_only: _Optional[bool] = ..., failed_only: _Optional[bool] = ..., caller: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class RequestRecord(_message.Message):
+    __slots__ = ("request_id", "caller", "started_at", "ended_at", "outcome", "code", "queue_ms", "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers", "retries", "restarts", "finish_reason", "quality_score", "priority")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    caller: str
+    started_at: float
+    ended_at: float
+    outcome: str
+    code: str
+    queue_ms: float
+    ttft_ms: float
+    decode_ms: float
+    latency_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    failovers: int
+    retries: int
+    restarts: int
+    finish_reason: str
+    quality_score: float
+    priority: str
+    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., outcome: _Optional[str] = ..., code: _Optional[str] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[int] = ..., retries: _Optional[int] = ..., restarts: _Optional[int] = ..., finish_reason: _Optional[str] = ..., quality_score: _Optional[float] = ..., priority: _Optional[str] = ...) -> None: ...
+
+class ListRequestsResponse(_message.Message):
+    __slots__ = ("requests", "matched", "slow_ttft_ms", "slow_latency_ms", "retention_days")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    SLOW_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    SLOW_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_DAYS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RequestRecord]
+    matched: int
+    slow_ttft_ms: float
+    slow_latency_ms: float
+    retention_days: float
+    def __init__(self, requests: _Optional[_Iterable[_Union[RequestRecord, _Mapping]]] = ..., matched: _Optional[int] = ..., slow_ttft_ms: _Optional[float] = ..., slow_latency_ms: _Optional[float] = ..., retention_days: _Optional[float] = ...) -> None: ...
+
+class GetTrafficRequest(_message.Message):
+    __slots__ = ("window_s", "bucket_s")
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_S_FIELD_NUMBER: _ClassVar[int]
+    window_s: int
+    bucket_s: int
+    def __init__(self, window_s: _Optional[int] = ..., bucket_s: _Optional[int] = ...) -> None: ...
+
+class TrafficBucket(_message.Message):
+    __slots__ = ("start", "requests", "errors", "tokens", "ttft_p50_ms", "ttft_p95_ms", "latency_p95_ms", "itl_p50_ms")
+    START_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    ITL_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    start: float
+    requests: int
+    errors: int
+    tokens: int
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    latency_p95_ms: float
+    itl_p50_ms: float
+    def __init__(self, start: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., tokens: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p95_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ...) -> None: ...
+
+class Traffic(_message.Message):
+    __slots__ = ("bucket_s", "buckets", "running", "queued", "tokens_per_s")
+    BUCKET_S_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    bucket_s: int
+    buckets: _containers.RepeatedCompositeFieldContainer[TrafficBucket]
+    running: int
+    queued: int
+    tokens_per_s: float
+    def __init__(self, bucket_s: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[TrafficBucket, _Mapping]]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+
+class OpenDashboardRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DashboardLink(_message.Message):
+    __slots__ = ("url", "expires_in_s")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    expires_in_s: float
+    def __init__(self, url: _Optional[str] = ..., expires_in_s: _Optional[float] = ...) -> None: ...

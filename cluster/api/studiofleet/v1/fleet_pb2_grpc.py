@@ -79,6 +79,21 @@ class FleetStub:
                 request_serializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
                 response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.ListRequests = channel.unary_unary(
+                '/studiofleet.v1.Fleet/ListRequests',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.ListRequestsRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ListRequestsResponse.FromString,
+                _registered_method=True)
+        self.GetTraffic = channel.unary_unary(
+                '/studiofleet.v1.Fleet/GetTraffic',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.GetTrafficRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.Traffic.FromString,
+                _registered_method=True)
+        self.OpenDashboard = channel.unary_unary(
+                '/studiofleet.v1.Fleet/OpenDashboard',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.OpenDashboardRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.DashboardLink.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -143,6 +158,27 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRequests(self, request, context):
+        """Monitoring (README "Monitoring"): the request log (metadata only, never content),
+        the last hour's traffic as the dashboard and `fleetctl top` draw it, and a one-time
+        link that opens the dashboard in a browser as the operator who asked for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTraffic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenDashboard(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +226,21 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.AbortRollout,
                     request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.FromString,
                     response_serializer=studiofleet_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'ListRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRequests,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ListRequestsRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.ListRequestsResponse.SerializeToString,
+            ),
+            'GetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTraffic,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.GetTrafficRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.Traffic.SerializeToString,
+            ),
+            'OpenDashboard': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDashboard,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.OpenDashboardRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.DashboardLink.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +486,87 @@ class Fleet:
             '/studiofleet.v1.Fleet/AbortRollout',
             studiofleet_dot_v1_dot_fleet__pb2.RolloutControl.SerializeToString,
             studiofleet_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/ListRequests',
+            studiofleet_dot_v1_dot_fleet__pb2.ListRequestsRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.ListRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/GetTraffic',
+            studiofleet_dot_v1_dot_fleet__pb2.GetTrafficRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.Traffic.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDashboard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/OpenDashboard',
+            studiofleet_dot_v1_dot_fleet__pb2.OpenDashboardRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.DashboardLink.FromString,
             options,
             channel_credentials,
             insecure,

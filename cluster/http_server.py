@@ -1,0 +1,303 @@
+"""A daemon's monitoring port: HTTPS (aiohttp) beside its gRPC port, with the same
+certificates and the same rules (README "Monitoring").
+
+- TLS with the daemon's own certificate pair, re-read on the next handshake after the
+  files change (as gRPC's dynamic credentials); 1.2 minimum.
+- Every path is in a role table (cluster/security/roles.py, default deny). The caller is
+  the StudioFleet identity of its client certificate (checked against the fleet CA, the
+  revocation list and its expiry on every request), or, on the coordinator, a dashboard
+  session a browser got from a one-time link (`fleetctl dashboard`), which acts as the
+  operator who asked for it and idles out (HIPAA automatic logoff).
+- No certificate: 401; wrong role: 403; both say what to do. Refusals are logged (and, on
+  the coordinator, audited) without anything the caller sent but the path.
+- Plaintext (loopback development) serves plain HTTP with no roles, as gRPC does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+import secrets
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping, Optional
+
+from aiohttp import web
+from cryptography import x509
+
+from cluster.config import split_host_port
+from cluster.logs import fields
+from cluster.security.identity import DEVELOPER, Identity, identity_of
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "studiofleet_session"
+TOKEN_TTL_S = 60.0
+RECHECK_S = 1.0
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+}
+OnDenied = Callable[[Optional[Identity], str, str, str], Optional[Awaitable[None]]]
+
+
+@dataclass
+class _Session:
+    identity: Identity
+    created: float
+    last_used: float
+
+
+class DashboardSessions:
+    """One-time login tokens and the browser sessions they open (coordinator only).
+
+    A token is good for TOKEN_TTL_S and one use; a session ends after `idle_s` without a
+    request, or after `max_s` whatever happens. Both live in memory only: a restarted
+    coordinator asks operators to open the link again."""
+
+    def __init__(self, idle_s: float, max_s: float = 12 * 3600.0, clock: Callable[[], float] = time.monotonic):
+        self.idle_s, self.max_s, self._clock = idle_s, max_s, clock
+        self._tokens: dict[str, tuple[Identity, float]] = {}
+        self._sessions: dict[str, _Session] = {}
+
+    def issue(self, identity: Identity) -> str:
+        self._expire()
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = (identity, self._clock() + TOKEN_TTL_S)
+        return token
+
+    def redeem(self, token: str) -> Optional[str]:
+        """A new session id for a valid, unused token; None otherwise."""
+        self._expire()
+        found = next((t for t in self._tokens if hmac.compare_digest(t, token)), None)
+        if found is None:
+            return None
+        identity, _ = self._tokens.pop(found)
+        sid = secrets.token_urlsafe(32)
+        now = self._clock()
+        self._sessions[sid] = _Session(identity, now, now)
+        return sid
+
+    def identity(self, sid: str) -> Optional[Identity]:
+        self._expire()
+        session = self._sessions.get(sid)
+        if session is None:
+            return None
+        session.last_used = self._clock()
+        return session.identity
+
+    def end(self, sid: str) -> None:
+        self._sessions.pop(sid, None)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for token, (_, until) in list(self._tokens.items()):
+            if until < now:
+                del self._tokens[token]
+        for sid, s in list(self._sessions.items()):
+            if now - s.last_used > self.idle_s or now - s.created > self.max_s:
+                del self._sessions[sid]
+
+
+class MonitorHTTP:
+    """The monitoring HTTPS server of one daemon; routes are added before start()."""
+
+    def __init__(self, *, listen: str, security, table: Mapping[str, frozenset], where: str,
+                 sessions: Optional[DashboardSessions] = None, on_denied: Optional[OnDenied] = None):
+        self._listen = listen
+        self._security = security
+        self._table = sorted(table.items(), key=lambda kv: -len(kv[0]))   # longest prefix first
+        self._where = where
+        self.sessions = sessions
+        self._on_denied = on_denied
+        self.app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        self._runner: Optional[web.AppRunner] = None
+        self._ssl: Optional[ssl.SSLContext] = None
+        self._stamp = None
+        self._checked = 0.0
+        self.port = 0
+        if sessions is not None:
+            self.app.router.add_get("/login", self._login)
+            self.app.router.add_post("/logout", self._logout)
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self._security.plaintext else "https"
+
+    @property
+    def address(self) -> str:
+        host, _ = split_host_port(self._listen)
+        return f"{host}:{self.port}"
+
+    # -- TLS ---------------------------------------------------------------------------
+    def _context(self) -> ssl.SSLContext:
+        files = self._security.server.files
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(files.cert, files.key)
+        ctx.load_verify_locations(cafile=str(files.ca))
+        # Optional at the handshake: a browser holding a dashboard session has no
+        # certificate; every path that needs one refuses in _guard.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.sni_callback = self._reload
+        return ctx
+
+    def _reload(self, sock: ssl.SSLObject, _server_name, _ctx) -> None:
+        """On a handshake, at most once a second: new files -> a new context (a bad new
+        pair is logged and the old one kept, as for gRPC)."""
+        now = time.monotonic()
+        if now - self._checked < RECHECK_S:
+            return None
+        self._checked = now
+        stamp = self._security.server.files.stamp()
+        if stamp != self._stamp:
+            try:
+                self._security.server.files.load(self._security.server.role)
+                fresh = self._context()
+            except Exception as exc:  # noqa: BLE001 - TLSConfigError, ssl.SSLError, OSError
+                log.error("monitoring port: certificate reload skipped: %s: %s", type(exc).__name__, exc)
+                self._stamp = stamp
+                return None
+            self._stamp, self._ssl = stamp, fresh
+        if self._ssl is not None:
+            sock.context = self._ssl
+        return None
+
+    # -- serving -------------------------------------------------------------------------
+    async def start(self) -> int:
+        host, port = split_host_port(self._listen)
+        if not self._security.plaintext:
+            self._stamp = self._security.server.files.stamp()
+            self._ssl = self._context()
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp has no public accessor
+        log.info("monitoring on %s://%s (/metrics%s)", self.scheme, self.address,
+                 ", dashboard" if self.sessions is not None else "")
+        return self.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- access ----------------------------------------------------------------------------
+    def _allowed(self, path: str) -> tuple[str, frozenset]:
+        """(the table entry that covers `path`, its roles); ("other", none) if none does.
+        The entry, never the path itself, names the refusal in logs, metrics and audit:
+        a caller's path is free text."""
+        for prefix, roles in self._table:
+            if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+                return prefix, roles
+        return "other", frozenset()
+
+    def caller(self, request: web.Request) -> Optional[Identity]:
+        if self._security.plaintext:
+            return DEVELOPER
+        return request.get("identity")
+
+    def _certificate(self, request: web.Request) -> Optional[Identity]:
+        sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if not der:
+            return None
+        try:
+            return identity_of(x509.load_der_x509_certificate(der))
+        except ValueError:
+            return None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        if self._security.plaintext or request.path in ("/login", "/logout"):
+            response = await handler(request)
+        else:
+            entry, allowed = self._allowed(request.path)
+            ident = self._certificate(request)
+            if ident is None and self.sessions is not None:
+                ident = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""))
+            refusal = self._check(ident, allowed, entry)
+            if refusal is not None:
+                status, message = refusal
+                await self._denied(ident, entry, status, message)
+                return _error(status, message, browser="text/html" in request.headers.get("Accept", ""))
+            request["identity"] = ident
+            response = await handler(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def _check(self, ident: Optional[Identity], allowed: frozenset, path: str) -> Optional[tuple[int, str]]:
+        if ident is None:
+            how = ("a client certificate from the fleet CA (`fleetctl certs issue`)" +
+                   (", or a dashboard session: run `fleetctl dashboard` and open the link it prints"
+                    if self.sessions is not None else ""))
+            return 401, f"{self._where} requires {how}"
+        revocations = self._security.server.revocations
+        if ident.serial and revocations.revoked(ident.serial):
+            return 401, f"certificate of {ident} (serial {ident.serial:x}) was revoked; ask an operator for a new one"
+        if ident.not_after is not None and ident.not_after.timestamp() < time.time():
+            return 401, f"certificate of {ident} expired; re-issue it"
+        if ident.role not in allowed:
+            who = ", ".join(sorted(r.value for r in allowed)) or "no role"
+            what = "this path" if path == "other" else path
+            return 403, f"{ident} ({ident.role.value}) may not read {what} on {self._where}; allowed: {who}"
+        return None
+
+    async def _denied(self, ident: Optional[Identity], entry: str, status: int, message: str) -> None:
+        log.warning("denied caller=%s path=%s status=%d", ident or "-", entry, status,
+                    extra=fields(event="http.denied", caller=str(ident or ""), path=entry, status=status))
+        if self._on_denied is not None:
+            code = "UNAUTHENTICATED" if status == 401 else "PERMISSION_DENIED"
+            done = self._on_denied(ident, f"http {entry}", code, message)
+            if inspect.isawaitable(done):
+                await done
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        sid = self.sessions.redeem(request.query.get("token", "")) if self.sessions is not None else None
+        if sid is None:
+            return _error(401, "this dashboard link is used up or expired (links work once, for "
+                               f"{TOKEN_TTL_S:.0f} s); run `fleetctl dashboard` for a new one", browser=True)
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(SESSION_COOKIE, sid, httponly=True, secure=not self._security.plaintext,
+                            samesite="Strict", path="/")
+        log.info("dashboard session opened for %s", self.sessions.identity(sid))
+        return response
+
+    async def _logout(self, request: web.Request) -> web.StreamResponse:
+        if self.sessions is not None:
+            self.sessions.end(request.cookies.get(SESSION_COOKIE, ""))
+        response = web.HTTPSeeOther("/")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        return response
+
+
+def _error(status: int, message: str, *, browser: bool) -> web.Response:
+    if browser:
+        from html import escape
+
+        body = (f"<!doctype html><meta charset=utf-8><title>StudioFleet: {status}</title>"
+                f"<h1>{status}</h1><p>{escape(message)}</p>")
+        response = web.Response(status=status, text=body, content_type="text/html")
+    else:
+        response = web.Response(status=status, text=message + "\n", content_type="text/plain")
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def metrics_route(app: web.Application, registry) -> None:
+    """GET /metrics: the registry in Prometheus' text format."""
+    from cluster.metrics import CONTENT_TYPE, exposition
+
+    async def metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=exposition(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,239 @@
+"""The request log: every request's metadata in the coordinator's SQLite (`state_db`),
+kept `retention_days`, for `fleetctl requests` and the dashboard (README "Monitoring").
+
+Metadata only: who, when, the queue / first-token / decode breakdown, tokens, nodes,
+failovers and the outcome. No prompt, no completion: the schema has no column for them.
+The audit chain stays the record of account; this is the operator's quick view.
+
+`record` runs on the event loop and never waits: rows go to a writer thread that inserts
+them in batches (one transaction each) and deletes expired rows hourly. A full queue
+(the disk stalled) drops rows and counts them rather than slow a request. The last
+`TRAFFIC_WINDOW_S` of requests are also kept in memory, for the dashboard's charts.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import sqlite3
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from cluster.api import fleet_pb2
+from coordinator.request_summary import RequestSummary
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("request_id", "caller", "priority", "started_at", "ended_at", "outcome", "code", "queue_ms",
+           "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers",
+           "retries", "restarts", "finish_reason", "quality_score")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+  request_id TEXT NOT NULL, caller TEXT NOT NULL, priority TEXT NOT NULL, started_at REAL NOT NULL,
+  ended_at REAL NOT NULL, outcome TEXT NOT NULL, code TEXT NOT NULL, queue_ms REAL, ttft_ms REAL,
+  decode_ms REAL NOT NULL, latency_ms REAL NOT NULL, prompt_tokens INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL, nodes TEXT NOT NULL, failovers INTEGER NOT NULL,
+  retries INTEGER NOT NULL, restarts INTEGER NOT NULL, finish_reason TEXT NOT NULL, quality_score REAL);
+CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
+CREATE INDEX IF NOT EXISTS requests_caller ON requests (caller, ended_at);
+"""
+_INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+QUEUE_MAX = 20_000
+BATCH_MAX = 500
+FLUSH_S = 0.25
+PRUNE_EVERY_S = 3600.0
+TRAFFIC_WINDOW_S = 24 * 3600.0   # ~6,000 notes a day: a day of summaries is a few MB
+
+
+def _row(s: RequestSummary) -> tuple:
+    ms = lambda v: None if v is None else round(v * 1000.0, 3)  # noqa: E731
+    return (s.request_id, s.caller, s.priority, s.started_at, s.ended_at, s.outcome, s.code, ms(s.queue_s),
+            ms(s.ttft_s), ms(s.decode_s), ms(s.duration_s), s.prompt_tokens, s.completion_tokens,
+            json.dumps(s.nodes), s.failovers, s.retries, s.restarts, s.finish_reason, s.quality_score)
+
+
+class RequestLog:
+    def __init__(self, path: Path, *, retention_days: float, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self._clock = clock
+        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(QUEUE_MAX)
+        self._recent: collections.deque[RequestSummary] = collections.deque()
+        self.dropped = 0
+        self.written = 0
+        self._failing = False
+        self._flushed = threading.Condition()
+        self._pending = 0            # rows queued and not yet committed
+        self._closed = False
+        db = self._connect()   # the schema exists before the first query
+        try:
+            db.executescript(_SCHEMA)
+        finally:
+            db.close()
+        self._writer = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._writer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")   # the rollout store shares the file
+        return db
+
+    # -- the event loop's side -----------------------------------------------------------------
+    def record(self, summary: RequestSummary) -> None:
+        if self._closed:
+            self.dropped += 1
+            return
+        self._recent.append(summary)
+        horizon = summary.ended_at - TRAFFIC_WINDOW_S
+        while self._recent and self._recent[0].ended_at < horizon:
+            self._recent.popleft()
+        try:
+            with self._flushed:
+                self._pending += 1
+            self._queue.put_nowait(_row(summary))
+        except queue.Full:
+            with self._flushed:
+                self._pending -= 1
+            self.dropped += 1
+            if not self._failing:
+                self._failing = True
+                log.error("request log %s is %d rows behind; dropping rows (the audit chain still has every "
+                          "request); check the disk", self.path, QUEUE_MAX)
+
+    def traffic_reply(self, window_s: int, bucket_s: int) -> fleet_pb2.Traffic:
+        """Every bucket of the window, oldest first, from the in-memory recent requests."""
+        now = self._clock()
+        end = (int(now) // bucket_s + 1) * bucket_s
+        start = end - (window_s // bucket_s) * bucket_s
+        groups: list[list[RequestSummary]] = [[] for _ in range((end - start) // bucket_s)]
+        for s in self._recent:
+            if start <= s.ended_at < end:
+                groups[int((s.ended_at - start) // bucket_s)].append(s)
+        out = fleet_pb2.Traffic(bucket_s=bucket_s)
+        for i, group in enumerate(groups):
+            out.buckets.append(_bucket(start + i * bucket_s, group))
+        last_minute = sum(s.completion_tokens for s in self._recent if s.ended_at >= now - 60.0)
+        out.tokens_per_s = last_minute / 60.0
+        return out
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        db = self._connect()
+        next_prune = 0.0
+        stop = False
+        while not stop:
+            batch: list[tuple] = []
+            try:
+                item = self._queue.get(timeout=FLUSH_S)
+                while True:
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                    if len(batch) >= BATCH_MAX:
+                        break
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            if batch:
+                self._insert(db, batch)
+            if self._clock() >= next_prune:
+                self._prune(db)
+                next_prune = self._clock() + PRUNE_EVERY_S
+        db.close()
+
+    def _insert(self, db: sqlite3.Connection, batch: list[tuple]) -> None:
+        try:
+            with db:
+                db.execute("BEGIN")
+                db.executemany(_INSERT, batch)
+            self.written += len(batch)
+            if self._failing and self._queue.qsize() < QUEUE_MAX // 2:
+                self._failing = False
+                log.info("request log %s is writing again", self.path)
+        except sqlite3.Error as exc:
+            self.dropped += len(batch)
+            if not self._failing:
+                self._failing = True
+                log.error("request log %s: %d rows lost (%s: %s); the audit chain still has them", self.path,
+                          len(batch), type(exc).__name__, exc)
+        finally:
+            with self._flushed:
+                self._pending -= len(batch)
+                self._flushed.notify_all()
+
+    def _prune(self, db: sqlite3.Connection) -> None:
+        try:
+            gone = db.execute("DELETE FROM requests WHERE ended_at < ?",
+                              (self._clock() - self.retention_days * 86400.0,)).rowcount
+            if gone:
+                log.info("request log: %d rows past the %g-day retention deleted", gone, self.retention_days)
+        except sqlite3.Error as exc:
+            log.error("request log %s: retention delete failed (%s: %s)", self.path, type(exc).__name__, exc)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every row recorded so far is committed (or dropped)."""
+        with self._flushed:
+            return self._flushed.wait_for(lambda: self._pending <= 0, timeout=timeout_s)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+
+    # -- queries (a worker thread) -----------------------------------------------------------------
+    def list_reply(self, request: fleet_pb2.ListRequestsRequest, *, slow_ttft_ms: float,
+                   slow_latency_ms: float) -> fleet_pb2.ListRequestsResponse:
+        self.flush()
+        where, args = ["ended_at >= ?"], [self._clock() - (request.since_s or 3600.0)]
+        if request.slow_only:
+            where.append("(ttft_ms >= ? OR latency_ms >= ?)")
+            args += [slow_ttft_ms, slow_latency_ms]
+        if request.failed_only:
+            where.append("outcome != 'completed'")
+        if request.caller:
+            where.append("(caller = ? OR caller LIKE ?)")
+            args += [request.caller, f"%/{request.caller}"]
+        sql = " AND ".join(where)
+        db = self._connect()
+        try:
+            matched = db.execute(f"SELECT count(*) FROM requests WHERE {sql}", args).fetchone()[0]
+            rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {sql} "
+                              "ORDER BY ended_at DESC LIMIT ?", [*args, request.limit or 100]).fetchall()
+        finally:
+            db.close()
+        reply = fleet_pb2.ListRequestsResponse(matched=matched, slow_ttft_ms=slow_ttft_ms,
+                                               slow_latency_ms=slow_latency_ms, retention_days=self.retention_days)
+        for row in rows:
+            r = dict(zip(COLUMNS, row))
+            r["nodes"] = json.loads(r["nodes"])
+            for key in ("queue_ms", "ttft_ms", "quality_score"):
+                if r[key] is None:
+                    r.pop(key)
+            reply.requests.append(fleet_pb2.RequestRecord(**r))
+        return reply
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _bucket(start: float, group: list[RequestSummary]) -> fleet_pb2.TrafficBucket:
+    ttft = [s.ttft_s * 1000.0 for s in group if s.ttft_s is not None]
+    itl = [s.decode_s * 1000.0 / (s.completion_tokens - 1) for s in group if s.completion_tokens > 1]
+    return fleet_pb2.TrafficBucket(
+        start=start, requests=len(group), errors=sum(s.outcome not in ("completed", "cancelled") for s in group),
+        tokens=sum(s.completion_tokens for s in group), ttft_p50_ms=_pct(ttft, 0.5), ttft_p95_ms=_pct(ttft, 0.95),
+        latency_p95_ms=_pct([s.duration_s * 1000.0 for s in group], 0.95),
+        itl_p50_ms=statistics.median(itl) if itl else 0.0)
+

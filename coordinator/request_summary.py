@@ -1,0 +1,54 @@
+"""One request as monitoring sees it once it has ended: who, when, how long each phase
+took, where it ran and how it ended. Metadata only: never the prompt or the completion,
+never text a caller wrote (the request id is limited to a safe alphabet by validation).
+
+The relay makes exactly one per request, at the moment its audit record is final; the
+metrics (coordinator/metrics.py) and the request log (coordinator/request_log.py) both
+take it from `Monitor.request_ended`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class RequestSummary:
+    request_id: str
+    caller: str                   # role/name of the caller's certificate
+    priority: str                 # "interactive" or "batch"
+    started_at: float             # unix seconds, when the coordinator accepted it
+    ended_at: float
+    outcome: str                  # completed, failed, cancelled, deadline, rejected, refused
+    code: str                     # gRPC status name
+    duration_s: float             # accepted -> end
+    queue_s: Optional[float] = None    # waiting for a node, summed over hops (None: never queued)
+    ttft_s: Optional[float] = None     # accepted -> first token sent (None: no token sent)
+    decode_s: float = 0.0              # first token -> last token
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    nodes: list[str] = field(default_factory=list)   # every node that served part of it, in order
+    failovers: int = 0
+    retries: int = 0
+    restarts: int = 0
+    finish_reason: str = ""
+    quality_score: Optional[float] = None
+    token_gaps: list[float] = field(default_factory=list)   # seconds between tokens sent (metrics only)
+
+
+class Monitor:
+    """Where ended requests go: any of metrics and the request log, each optional (a
+    coordinator may run with either off). Never raises into the relay."""
+
+    def __init__(self) -> None:
+        self.sinks: list[Callable[[RequestSummary], None]] = []
+
+    def request_ended(self, summary: RequestSummary) -> None:
+        for sink in self.sinks:
+            try:
+                sink(summary)
+            except Exception:  # noqa: BLE001 - monitoring must never fail a request
+                import logging
+
+                logging.getLogger(__name__).exception("monitoring sink %s failed", getattr(sink, "__qualname__", sink))
