@@ -171,7 +171,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
                                        slow_ttft_ms=self._s.slow_ttft_ms, slow_latency_ms=self._s.slow_latency_ms)
 
     async def GetTraffic(self, request, context) -> fleet_pb2.Traffic:
-        self._audit.admin(self._identify(context), context.peer(), "fleet.get_traffic")
+        # Not audited: aggregate counts and timings, polled every few seconds by `fleetctl top`.
         window, bucket = request.window_s or 3600, request.bucket_s or 60
         if not 1 <= bucket <= window <= 86_400 or window // bucket > 1440:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

@@ -1,16 +1,125 @@
-"""SKELETON (to be written): the dashboard page and its JSON on the monitoring port."""
+"""The dashboard on the coordinator's monitoring port (README "Monitoring"): one page
+(`static/`), and `/api/snapshot`, the JSON it polls every 2 s: the nodes as `fleetctl
+nodes` shows them (the same `describe`), the last hour's traffic from the request log,
+recent fleet events and the latest rollout. Metadata only: no prompt or completion is
+ever in reach of this module.
+
+Access is the operator role: a client certificate, or a session opened with a one-time
+link from `fleetctl dashboard` (`open_link`, cluster/http_server.py).
+"""
 
 from __future__ import annotations
 
+import socket
+import time
+from importlib import resources
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
-from cluster.api import fleet_pb2
+from cluster.api import common_pb2, fleet_pb2
+from cluster.http_server import TOKEN_TTL_S
+from cluster.security.identity import Identity
+from coordinator.admin import describe
+
+if TYPE_CHECKING:
+    from coordinator.coordinator import Coordinator
+
+EVENTS = 50
+ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 
-def add_routes(app: web.Application, coordinator) -> None:
-    pass
+def _asset(name: str) -> bytes:
+    return resources.files("coordinator").joinpath("static", name).read_bytes()
 
 
-def open_link(http, identity) -> fleet_pb2.DashboardLink:
+def add_routes(app: web.Application, coordinator: "Coordinator") -> None:
+    page = _asset("dashboard.html")
+    assets = {name: (_asset(name), kind) for name, kind in ASSETS.items()}
+
+    async def index(_request: web.Request) -> web.Response:
+        return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+    async def asset(request: web.Request) -> web.Response:
+        body, kind = assets[request.match_info["name"]]
+        return web.Response(body=body, content_type=kind, charset="utf-8")
+
+    async def api_snapshot(_request: web.Request) -> web.Response:
+        return web.json_response(snapshot(coordinator))
+
+    app.router.add_get("/", index)
+    app.router.add_get("/static/{name:dashboard\\.(js|css)}", asset)
+    app.router.add_get("/api/snapshot", api_snapshot)
+
+
+def snapshot(co: "Coordinator") -> dict:
+    now, mono = time.time(), time.monotonic()
+    entries = sorted(co.fleet.entries.values(), key=lambda e: (e.node_id or "~", e.address))
+    nodes = [_node(describe(e, mono)) for e in entries]
+    queued = co.admission.depth
+    traffic = (co.request_log.traffic_reply(3600, 60) if co.request_log is not None
+               else fleet_pb2.Traffic(bucket_s=60))
+    return {
+        "coordinator": co.settings.coordinator_id,
+        "time": now,
+        "totals": {"nodes": len(nodes), "routable": sum(n["routable"] for n in nodes), "queued": queued,
+                   "running": max(0, co.relay.in_flight - queued), "tokens_per_s": round(traffic.tokens_per_s, 1),
+                   "request_log": co.request_log is not None},
+        "nodes": nodes,
+        "traffic": [{"start": b.start, "requests": b.requests, "errors": b.errors, "tokens": b.tokens,
+                     "tokens_per_s": round(b.tokens / traffic.bucket_s, 2), "ttft_p50_ms": round(b.ttft_p50_ms, 1),
+                     "ttft_p95_ms": round(b.ttft_p95_ms, 1), "latency_p95_ms": round(b.latency_p95_ms, 1)}
+                    for b in traffic.buckets],
+        "events": [_event(e) for e in co.events.history()[-EVENTS:]][::-1],
+        "rollout": _rollout(co),
+    }
+
+
+def _node(n: fleet_pb2.FleetNode) -> dict:
+    st = n.status
+    mem = st.memory
+    used = mem.engine_active_bytes or mem.process_rss_bytes
+    gpu_total = sum(g.memory_total_bytes for g in mem.gpus)
+    return {
+        "id": st.node_id or n.address, "address": n.address, "engine": st.model.engine or "-",
+        "state": common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_") if n.HasField("status") else "-",
+        "cordoned": st.cordoned, "health": fleet_pb2.NodeHealth.Name(n.health).removeprefix("NODE_HEALTH_"),
+        "reason": n.health_reason if n.health != fleet_pb2.NODE_HEALTH_HEALTHY else st.lifecycle_reason,
+        "routable": n.routable,
+        "model": f"{st.model.model_id}@{st.model.version}" if st.model.version else st.model.model_id or "-",
+        "digest": st.model.weights_digest[7:19], "running": st.load.running, "queued": st.load.queued,
+        "in_flight": n.in_flight, "tokens_per_s": round(st.load.decode_tokens_per_s, 1),
+        "memory_used": sum(g.memory_used_bytes for g in mem.gpus) if gpu_total else used,
+        "memory_total": gpu_total or mem.total_bytes, "status_age_s": round(n.last_status_age_s, 1),
+    }
+
+
+def _event(e: fleet_pb2.FleetEvent) -> dict:
+    out = {"seq": e.seq, "time": e.time_unix_s, "kind": fleet_pb2.EventKind.Name(e.kind).removeprefix("EVENT_KIND_")
+           .lower(), "node": e.node_id or e.address, "reason": e.reason}
+    for key in ("request_id", "to_node_id", "rollout_id", "step"):
+        if getattr(e, key, ""):
+            out[key] = getattr(e, key)
+    return out
+
+
+def _rollout(co: "Coordinator") -> dict | None:
+    row = co.rollouts.store.get("") if co.rollouts is not None else None
+    if row is None:
+        return None
+    steps: dict[str, int] = {}
+    for n in row.nodes:
+        steps[n.step] = steps.get(n.step, 0) + 1
+    return {"id": row.id, "state": row.state, "message": row.message, "steps": steps,
+            "nodes": [{"node": n.node_id, "step": n.step} for n in row.nodes]}
+
+
+def open_link(http, identity: Identity) -> fleet_pb2.DashboardLink:
+    """A one-time login URL for `identity`. A port bound to every interface is named by
+    this host's fully qualified name (set --http-listen to a name the browser resolves)."""
+    host, _, port = http.address.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
     token = http.sessions.issue(identity)
-    return fleet_pb2.DashboardLink(url=f"{http.scheme}://{http.address}/login?token={token}", expires_in_s=60)
+    return fleet_pb2.DashboardLink(url=f"{http.scheme}://{host}:{port}/login?token={token}",
+                                   expires_in_s=TOKEN_TTL_S)

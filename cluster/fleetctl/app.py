@@ -8,8 +8,8 @@ import sys
 
 import typer
 
-from cluster.fleetctl import (audit_cmd, certs_cmd, demo_cmd, generate_cmd, model_cmd, node_cmd, nodes_cmd, ops_cmd,
-                              requests_cmd, rollout_cmd, service_cmd)
+from cluster.fleetctl import (audit_cmd, certs_cmd, demo_cmd, generate_cmd, model_cmd, monitor_cmd, node_cmd,
+                              nodes_cmd, ops_cmd, requests_cmd, rollout_cmd, service_cmd)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")
@@ -26,6 +26,8 @@ app.command("cordon")(ops_cmd.cordon)
 app.command("uncordon")(ops_cmd.uncordon)
 app.command("drain")(ops_cmd.drain)
 app.command("requests")(requests_cmd.requests)
+app.command("top")(monitor_cmd.top)
+app.command("dashboard")(monitor_cmd.dashboard)
 
 
 def main() -> None:

@@ -42,6 +42,14 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
     return t
 
 
+def event_line(ev: fleet_pb2.FleetEvent) -> str:
+    when = datetime.fromtimestamp(ev.time_unix_s).strftime("%H:%M:%S.%f")[:-3]
+    kind = fleet_pb2.EventKind.Name(ev.kind).removeprefix("EVENT_KIND_").lower()
+    extra = f" request={ev.request_id} tokens={ev.tokens_delivered}" if ev.request_id else ""
+    extra += f" to={ev.to_node_id}" if ev.to_node_id else ""
+    return f"{when} {kind:<15} {ev.node_id or '-':<14} {ev.address:<22}{extra} {ev.reason}"
+
+
 def nodes(
     coordinator: str = COORDINATOR,
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
@@ -79,11 +87,7 @@ def events(
                 if output == "json":
                     typer.echo(json.dumps(MessageToDict(ev, preserving_proto_field_name=True)))
                     continue
-                when = datetime.fromtimestamp(ev.time_unix_s).strftime("%H:%M:%S.%f")[:-3]
-                kind = fleet_pb2.EventKind.Name(ev.kind).removeprefix("EVENT_KIND_").lower()
-                extra = f" request={ev.request_id} tokens={ev.tokens_delivered}" if ev.request_id else ""
-                extra += f" to={ev.to_node_id}" if ev.to_node_id else ""
-                typer.echo(f"{when} {kind:<15} {ev.node_id or '-':<14} {ev.address:<22}{extra} {ev.reason}")
+                typer.echo(event_line(ev))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not follow:
                 return  # the history was printed; nothing new arrived

@@ -1,0 +1,150 @@
+"""`fleetctl dashboard` (a one-time link to the coordinator's dashboard) and `fleetctl
+top` (the same picture in the terminal, refreshing live)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import grpc
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from cluster.api import fleet_pb2, fleet_pb2_grpc
+from cluster.client.errors import from_rpc_error
+from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
+from cluster.fleetctl.exits import fail
+from cluster.fleetctl.nodes_cmd import event_line, fleet_table
+
+SPARKS = "▁▂▃▄▅▆▇█"
+EVENTS_SHOWN = 8
+
+
+def dashboard(
+    coordinator: str = COORDINATOR,
+    open_browser: bool = typer.Option(False, "--open", help="Open it in this machine's browser."),
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+) -> None:
+    """Print a one-time link that opens the coordinator's dashboard as you (operator role).
+    It works once, within a minute; the session it opens ends after 15 idle minutes."""
+    with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
+        try:
+            link = fleet_pb2_grpc.FleetStub(channel).OpenDashboard(fleet_pb2.OpenDashboardRequest(), timeout=10)
+        except grpc.RpcError as err:
+            raise fail(from_rpc_error(err), coordinator)
+    typer.echo(link.url)
+    typer.echo(f"(works once, within {link.expires_in_s:.0f} s; the browser must trust the fleet CA)", err=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(link.url)
+
+
+def sparkline(values: list[float]) -> str:
+    top = max(values, default=0.0)
+    if top <= 0:
+        return SPARKS[0] * len(values)
+    return "".join(SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5))] for v in values)
+
+
+class _Events(threading.Thread):
+    """The coordinator's event stream (history first) into a short deque, in the background."""
+
+    def __init__(self, stub: fleet_pb2_grpc.FleetStub):
+        super().__init__(daemon=True)
+        self.recent: collections.deque = collections.deque(maxlen=EVENTS_SHOWN)
+        self._call = stub.WatchEvents(fleet_pb2.WatchEventsRequest(replay=True))
+
+    def run(self) -> None:
+        try:
+            for ev in self._call:
+                self.recent.append(ev)
+        except grpc.RpcError:
+            pass   # cancelled on exit, or the coordinator went away: the frame says so
+
+    def stop(self) -> None:
+        self._call.cancel()
+
+
+def _history(stub: fleet_pb2_grpc.FleetStub) -> list:
+    """The coordinator's recent events, read until the stream goes quiet."""
+    out: collections.deque = collections.deque(maxlen=EVENTS_SHOWN)
+    try:
+        for ev in stub.WatchEvents(fleet_pb2.WatchEventsRequest(replay=True), timeout=1.0):
+            out.append(ev)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    return list(out)
+
+
+def frame(stub: fleet_pb2_grpc.FleetStub, events: list, coordinator: str) -> Group:
+    listing = stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=5)
+    traffic = stub.GetTraffic(fleet_pb2.GetTrafficRequest(window_s=3600, bucket_s=60), timeout=5)
+    b = traffic.buckets
+    last = [x for x in b[-5:] if x.requests]
+    summary = Text.assemble(
+        (f"{coordinator}  ", "bold"), f"{sum(n.routable for n in listing.nodes)}/{len(listing.nodes)} nodes routable  ",
+        f"running {traffic.running}  queued {traffic.queued}  {traffic.tokens_per_s:.0f} tok/s (last min)  ",
+        f"TTFT p95 {max((x.ttft_p95_ms for x in last), default=0):.0f} ms (last 5 min)  ",
+        (datetime.now().strftime("%H:%M:%S"), "dim"))
+    charts = Table.grid(padding=(0, 1))
+    charts.add_row("tokens/s  ", sparkline([x.tokens / traffic.bucket_s for x in b]))
+    charts.add_row("requests  ", sparkline([x.requests for x in b]))
+    charts.add_row("errors    ", sparkline([x.errors for x in b]))
+    charts.add_row("TTFT p95  ", sparkline([x.ttft_p95_ms for x in b]))
+    charts.add_row("", Text("last hour, one character a minute", style="dim"))
+    recent = Text("\n".join(event_line(ev) for ev in reversed(events)) or "no events yet", style="dim")
+    return Group(summary, fleet_table(listing), charts, Text("recent events", style="bold"), recent)
+
+
+def top(
+    coordinator: str = COORDINATOR,
+    interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes."),
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit (scripts, tests)."),
+    iterations: int = typer.Option(0, "--iterations", hidden=True, help="Stop after this many refreshes."),
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+) -> None:
+    """The fleet at a glance, refreshing: nodes, load, tokens/s, latency and recent events
+    (what the dashboard shows). Ctrl-C to leave. Each refresh is one ListNodes and one
+    GetTraffic call; ListNodes calls are audited like any other."""
+    console = Console(width=200) if once or iterations else Console()
+    with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        if once:
+            try:
+                console.print(frame(stub, _history(stub), coordinator))
+            except grpc.RpcError as err:
+                raise fail(from_rpc_error(err), coordinator)
+            return
+        events = _Events(stub)
+        events.start()
+        try:
+            if not console.is_terminal:   # piped: one frame after another, for a log
+                done = 0
+                while not iterations or done < iterations:
+                    console.print(frame(stub, list(events.recent), coordinator), "")
+                    done += 1
+                    if not iterations or done < iterations:
+                        time.sleep(interval)
+                return
+            with Live(frame(stub, list(events.recent), coordinator), console=console, auto_refresh=False,
+                      screen=True) as live:
+                done = 1
+                while not iterations or done < iterations:
+                    time.sleep(interval)
+                    live.update(frame(stub, list(events.recent), coordinator), refresh=True)
+                    done += 1
+        except grpc.RpcError as err:
+            raise fail(from_rpc_error(err), coordinator)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            events.stop()

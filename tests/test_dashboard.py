@@ -1,0 +1,194 @@
+"""The coordinator's dashboard in a real browser (Debian's Chromium driven by Playwright),
+its access rules, and `fleetctl top` / `fleetctl dashboard` (README "Monitoring")."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster.client import build_request
+from cluster.security.identity import Role
+from tests.fleet_helpers import collect
+from tests.procs import ROOT, CoordinatorProcess
+from tests.test_fleetctl import fleetctl
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+OPERATOR = ("--tls-name", "operator")
+
+
+def _browser():
+    """Playwright on the system Chromium (Playwright's own browser downloads are never used)."""
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "the playwright package (pip install -e '.[dev]')"
+    if missing is None and not os.path.exists(CHROMIUM):
+        missing = "Chromium at /usr/bin/chromium (scripts/bootstrap-monitoring installs it)"
+    if missing:
+        if os.environ.get("STUDIOFLEET_REQUIRE_MONITORING_TOOLS") == "1":
+            pytest.fail(f"the dashboard's browser test needs {missing}")
+        pytest.skip(f"needs {missing}")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model, tmp_path_factory):
+    from tests.procs import NodeProcess
+
+    logs = tmp_path_factory.mktemp("dashboard")
+    nodes = [NodeProcess(tiny_model, node_id=f"dash-node-{i}") for i in (1, 2)]
+    try:
+        for n in nodes:
+            n.start(logs)
+        for n in nodes:
+            n.wait_serving()
+        with CoordinatorProcess(nodes=[n.address for n in nodes], name="dash-coordinator") as co:
+            co.start(logs)
+            co.wait_routable(2)
+            for i in range(4):   # some traffic for the charts
+                assert collect(co.inference, build_request(prompt=f"Note {i}:", max_tokens=16,
+                                                           request_id=f"dash-{i}")).final is not None
+            yield co, nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def link(co) -> str:
+    out = fleetctl("dashboard", "-c", co.address, *OPERATOR)
+    assert out.returncode == 0, out.stderr
+    url = out.stdout.strip()
+    assert url.startswith(f"https://{co.http_address}/login?token=")
+    return url
+
+
+def test_the_dashboard_shows_the_fleet_live_and_follows_a_cordon(fleet):
+    co, nodes = fleet
+    sync_playwright = _browser()
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu",
+                                                                    "--disable-background-networking"])
+        # The test CA is not in Chromium's trust store; a real operator's browser trusts
+        # the fleet CA (README "Dashboard"). Everything else about TLS is real.
+        page = browser.new_context(ignore_https_errors=True, viewport={"width": 1400, "height": 1000}).new_page()
+        page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+        try:
+            page.goto(link(co))
+            assert page.url == f"https://{co.http_address}/"   # the token was exchanged for a session
+            for n in nodes:
+                page.wait_for_selector(f'tr[data-node-id="{n.node_id}"][data-state="READY"]', timeout=15_000)
+            page.wait_for_selector("#conn.live", timeout=10_000)
+            assert page.inner_text("#t-routable") == "2 / 2"
+            assert "dash-coordinator" in page.inner_text("#coordinator")
+            assert page.locator("#c-tps polyline").count() == 1 and page.locator("#c-req rect").count() >= 1
+            assert "joined" in page.inner_text("#events")
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+            victim = nodes[0].node_id
+            out = fleetctl("cordon", victim, "-c", co.address, *OPERATOR, "--reason", "dashboard test")
+            assert out.returncode == 0, out.stderr
+            # No reload: the page's own polling must show it.
+            page.wait_for_selector(f'tr[data-node-id="{victim}"][data-cordoned="true"]', timeout=10_000)
+            assert "cordoned" in page.inner_text(f'tr[data-node-id="{victim}"]')
+            page.wait_for_function("document.getElementById('t-routable').textContent === '1 / 2'", timeout=10_000)
+            assert "operation" in page.inner_text("#events")
+            page.screenshot(path=str(ARTIFACTS / "dashboard-cordoned.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
+            raise
+        finally:
+            fleetctl("uncordon", nodes[0].node_id, "-c", co.address, *OPERATOR)
+            browser.close()
+    assert errors == [], errors
+
+
+def _https(co, path: str, *, cert: str | None = None, cookie: str = "", redirects: bool = True):
+    ctx = ssl.create_default_context(cafile=str(co.tls_dir / "ca.pem"))
+    if cert:
+        ctx.load_cert_chain(co.tls_dir / f"{cert}.pem", co.tls_dir / f"{cert}.key")
+    handlers = [urllib.request.HTTPSHandler(context=ctx)]
+    if not redirects:
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+        handlers.append(NoRedirect())
+    opener = urllib.request.build_opener(*handlers)
+    request = urllib.request.Request(f"https://{co.http_address}{path}", headers={"Cookie": cookie} if cookie else {})
+    try:
+        with opener.open(request, timeout=10) as reply:
+            return reply.status, reply.read(), reply.headers
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers
+
+
+def test_only_operators_get_the_page_and_a_link_works_once(fleet):
+    co, nodes = fleet
+    co.credentials("app", Role.APP)
+    status, body, _ = _https(co, "/api/snapshot")
+    assert status == 401 and b"fleetctl dashboard" in body
+    assert _https(co, "/api/snapshot", cert="app")[0] == 403
+    status, body, _ = _https(co, "/api/snapshot", cert="operator")
+    snap = json.loads(body)
+    assert status == 200 and {n["id"] for n in snap["nodes"]} == {n.node_id for n in nodes}
+    assert len(snap["traffic"]) == 60 and sum(b["requests"] for b in snap["traffic"]) >= 4
+    assert all(k in snap["nodes"][0] for k in ("state", "model", "running", "queued", "tokens_per_s", "memory_used"))
+
+    url = link(co)
+    path = url.split(co.http_address, 1)[1]
+    status, _, headers = _https(co, path, redirects=False)
+    assert status == 303
+    cookie = headers["Set-Cookie"].split(";", 1)[0]
+    assert "HttpOnly" in headers["Set-Cookie"] and "Secure" in headers["Set-Cookie"]
+    assert "SameSite=Strict" in headers["Set-Cookie"]
+    status, body, headers = _https(co, "/", cookie=cookie)
+    assert status == 200 and b"/static/dashboard.js" in body and b"<script>" not in body
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert _https(co, "/api/snapshot", cookie=cookie)[0] == 200
+    assert _https(co, path, redirects=False)[0] == 401                      # a link works once
+    assert _https(co, "/api/snapshot", cookie="studiofleet_session=forged")[0] == 401
+    assert fleetctl("dashboard", "-c", co.address, "--tls-name", "app").returncode == 1
+
+
+def test_fleetctl_top_draws_the_fleet_once_and_live(fleet):
+    co, nodes = fleet
+    once = fleetctl("top", "-c", co.address, *OPERATOR, "--once")
+    assert once.returncode == 0, once.stderr
+    for n in nodes:
+        assert n.node_id in once.stdout
+    assert "nodes routable" in once.stdout and "tokens/s" in once.stdout and "recent events" in once.stdout
+    assert "joined" in once.stdout
+    # Live: refreshed in place; --iterations stops it for the test (Ctrl-C for a person).
+    live = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "top", "-c", co.address, *OPERATOR,
+                           "--interval", "0.3", "--iterations", "3"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert live.returncode == 0, live.stderr
+    assert live.stdout.count("nodes routable") >= 3, live.stdout[-2000:]
+    # In a terminal (a real pty): rich's live screen, redrawn in place.
+    tty = subprocess.run(["script", "-qec", " ".join([sys.executable, "-m", "cluster.fleetctl.app", "top", "-c",
+                                                       co.address, *OPERATOR, "--interval", "0.3",
+                                                       "--iterations", "3"]), "/dev/null"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "220"})
+    assert tty.returncode == 0, tty.stdout[-2000:]
+    assert "\x1b[?1049h" in tty.stdout and tty.stdout.count("nodes routable") >= 3   # alternate screen, 3 frames
+
+
+def test_the_dashboard_page_has_no_external_or_inline_code():
+    """CSP is `script-src 'self'`: anything inline or from elsewhere would be blocked and
+    the product never calls out to the internet."""
+    static = ROOT / "coordinator" / "static"
+    html = (static / "dashboard.html").read_text()
+    assert "<script>" not in html and "style=" not in html and "http" not in html.replace("http://www.w3.org", "")
+    js = (static / "dashboard.js").read_text()
+    assert "innerHTML" not in js and "https://" not in js
