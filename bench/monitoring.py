@@ -39,11 +39,11 @@ class Scraper(threading.Thread):
     def __init__(self, daemon, period_s: float = 1.0):
         super().__init__(daemon=True)
         self._daemon, self._period = daemon, period_s
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.scrapes = self.bytes = self.failures = 0
 
     def run(self) -> None:
-        while not self._stop.wait(self._period):
+        while not self._halt.wait(self._period):
             status, body, _ = self._daemon.http_get("/metrics")
             if status == 200:
                 self.scrapes += 1
@@ -52,7 +52,7 @@ class Scraper(threading.Thread):
                 self.failures += 1
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
