@@ -178,7 +178,12 @@ class MonitorHTTP:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(f"{self._where}: cannot open the monitoring port {self._listen} ({exc.strerror or exc}); "
+                          "choose another with --http-listen HOST:PORT, or --http-listen off") from None
         self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp has no public accessor
         log.info("monitoring on %s://%s (/metrics%s)", self.scheme, self.address,
                  ", dashboard" if self.sessions is not None else "")

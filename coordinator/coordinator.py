@@ -99,6 +99,7 @@ class Coordinator:
         port = self.security.bind(server, s.listen)
         if not port:
             raise OSError(f"coordinator {s.coordinator_id}: cannot listen on {s.listen}")
+        await self._start_http()   # before anything runs: a port clash ends the start cleanly
         await server.start()
         self._server = server
         for service in ("", INFERENCE_SERVICE, FLEET_SERVICE):
@@ -114,7 +115,6 @@ class Coordinator:
                             type(exc).__name__, exc)
                 self.discovery = None
         self.rollouts.resume_pending()
-        await self._start_http()
         return port
 
     async def _start_http(self) -> None:

@@ -104,6 +104,7 @@ class NodeAgent:
         self.port = self.security.bind(server, self.settings.listen)
         if not self.port:
             raise OSError(f"node {self.node_id}: cannot listen on {self.settings.listen}")
+        await self._start_http()   # before anything runs: a port clash ends the start cleanly
         await self._set_health(State.STARTING)
         await server.start()
         self._server = server
@@ -116,7 +117,6 @@ class NodeAgent:
                 lambda: loop.create_task(self.engine_serving(up, reason))))
         if self.settings.mdns:  # in the background: mDNS probing takes ~1 s, loading need not wait
             self._announcing = loop.create_task(self._announce())
-        await self._start_http()
         return self.port
 
     async def _start_http(self) -> None:

@@ -183,3 +183,18 @@ def test_dashboard_links_work_once_and_sessions_idle_out():
         alive = sessions.identity(other)
     assert alive is None                                        # past max_s even while in use
     assert sessions.redeem("") is None and sessions.identity("") is None
+
+
+def test_a_monitoring_port_in_use_is_a_clear_start_error(node, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = CoordinatorProcess("--http-listen", f"127.0.0.1:{port}", nodes=[node.address], name="clash")
+        with pytest.raises(RuntimeError, match="exited before listening") as err:
+            proc.start(tmp_path)
+        assert f"cannot open the monitoring port 127.0.0.1:{port}" in str(err.value)
+        assert "--http-listen" in str(err.value) and "Traceback" not in str(err.value)
+        assert proc.proc.wait(10) == 1

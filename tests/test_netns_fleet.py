@@ -179,7 +179,7 @@ def test_queue_full_and_bad_requests(fleet):
     assert bad.error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in bad.error.details()
     small = fleet.start_node("node4", "--max-running", "1", "--max-queued", "0")
     co = fleet.start_coordinator("coord-small", "--queue-max-depth", "1", "--queue-max-wait-s", "30",
-                                 port=7801, nodes=[small.address])
+                                 port=7810, nodes=[small.address])  # 7801: the first one's monitoring port
     co.wait_routable(1)
     hog = co.inference.Generate(note(2, 1500, request_id="hog"), timeout=60)
     next(hog)

@@ -56,11 +56,18 @@ class DaemonSecurity:
         return cls(plaintext=False, server=server, client=ClientTLS(files.directory, files.name, role))
 
     def bind(self, server: grpc.aio.Server, listen: str) -> int:
+        try:
+            if self.plaintext:
+                port = server.add_insecure_port(listen)
+            else:
+                port = server.add_secure_port(listen, self.server.credentials())
+        except RuntimeError:   # gRPC's "Failed to bind": in use, or not an address of this host
+            raise OSError(f"cannot listen on {listen}: the port is in use or the address is not this host's "
+                          "(each daemon's monitoring port is its gRPC port + 1 unless --http-listen says "
+                          "otherwise)") from None
         if self.plaintext:
-            port = server.add_insecure_port(listen)
             log.warning(PLAINTEXT_BANNER.format(listen=listen))
             return port
-        port = server.add_secure_port(listen, self.server.credentials())
         ident = self.server.identity
         log.info("mTLS on %s as %s (certificate serial %x, expires %s); clients need a certificate "
                  "from the same CA", listen, ident, ident.serial, f"{ident.not_after:%Y-%m-%d}")
