@@ -9,8 +9,11 @@ take it from `Monitor.request_ended`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,4 @@ class Monitor:
             try:
                 sink(summary)
             except Exception:  # noqa: BLE001 - monitoring must never fail a request
-                import logging
-
-                logging.getLogger(__name__).exception("monitoring sink %s failed", getattr(sink, "__qualname__", sink))
+                log.exception("monitoring sink %s failed", getattr(sink, "__qualname__", sink))
