@@ -47,8 +47,7 @@ class NodeMetrics:
                                      registry=r)
         self.generation_tokens = Counter("studiofleet_node_generation_tokens", "Tokens generated and sent.",
                                          registry=r)
-        r.register(_Live(agent))
-        r.register(_VllmNames(agent, self))
+        r.register(_Live(agent, self))
         agent.registry.observers.append(self.request_ended)
 
     def request_ended(self, stream: "RequestStream", outcome: "Outcome | None", now: float) -> None:
@@ -69,15 +68,19 @@ class NodeMetrics:
 
 
 class _Live(Collector):
-    """Gauges from the node's status at scrape time (on its event loop)."""
+    """Gauges from the node's status at scrape time (on its event loop), and vLLM's names."""
 
-    def __init__(self, agent: "NodeAgent"):
-        self._agent = agent
+    def __init__(self, agent: "NodeAgent", metrics: NodeMetrics):
+        self._agent, self._metrics = agent, metrics
 
     def collect(self) -> Iterable[Metric]:
         from node_agent.node_service import build_status
 
         st = build_status(self._agent)
+        yield from self._ours(st)
+        yield from _vllm_names(st, self._metrics)
+
+    def _ours(self, st) -> Iterable[Metric]:
         yield GaugeMetricFamily("studiofleet_node_requests_running", "Requests in the engine's batch.",
                                 value=st.load.running)
         yield GaugeMetricFamily("studiofleet_node_requests_queued", "Accepted requests waiting for a batch slot.",
@@ -107,41 +110,34 @@ class _Live(Collector):
                                 value=float(st.load.prompt_cache_bytes))
 
 
-class _VllmNames(Collector):
+VLLM_GAUGES = {  # vllm name -> (help, status getter)
+    "vllm:num_requests_running": ("Requests in the batch (vLLM name).", lambda st: st.load.running),
+    "vllm:num_requests_waiting": ("Requests waiting (vLLM name).", lambda st: st.load.queued),
+    "vllm:kv_cache_usage_perc": ("KV cache usage, 0-1 (vLLM name).", lambda st: st.load.kv_cache_usage),
+    "vllm:gpu_cache_usage_perc": ("KV cache usage, 0-1 (vLLM's name before v0.10).",
+                                  lambda st: st.load.kv_cache_usage),
+}
+VLLM_RENAMED = {  # vllm family name -> our family
+    "vllm:prompt_tokens": "prompt_tokens",
+    "vllm:generation_tokens": "generation_tokens",
+    "vllm:time_to_first_token_seconds": "ttft",
+    "vllm:e2e_request_latency_seconds": "duration",
+    "vllm:inter_token_latency_seconds": "itl",
+    "vllm:request_queue_time_seconds": "queue",
+}
+
+
+def _vllm_names(st, metrics: NodeMetrics) -> Iterable[Metric]:
     """vLLM's series names over the same observations, labelled with model_name."""
-
-    GAUGES = {  # vllm name -> (help, status getter)
-        "vllm:num_requests_running": ("Requests in the batch (vLLM name).", lambda st: st.load.running),
-        "vllm:num_requests_waiting": ("Requests waiting (vLLM name).", lambda st: st.load.queued),
-        "vllm:kv_cache_usage_perc": ("KV cache usage, 0-1 (vLLM name).", lambda st: st.load.kv_cache_usage),
-        "vllm:gpu_cache_usage_perc": ("KV cache usage, 0-1 (vLLM's name before v0.10).",
-                                      lambda st: st.load.kv_cache_usage),
-    }
-    RENAMED = {  # vllm family name -> our family
-        "vllm:prompt_tokens": "prompt_tokens",
-        "vllm:generation_tokens": "generation_tokens",
-        "vllm:time_to_first_token_seconds": "ttft",
-        "vllm:e2e_request_latency_seconds": "duration",
-        "vllm:inter_token_latency_seconds": "itl",
-        "vllm:request_queue_time_seconds": "queue",
-    }
-
-    def __init__(self, agent: "NodeAgent", metrics: NodeMetrics):
-        self._agent, self._metrics = agent, metrics
-
-    def collect(self) -> Iterable[Metric]:
-        from node_agent.node_service import build_status
-
-        st = build_status(self._agent)
-        model = st.model.model_id or "unknown"
-        for name, (help_, get) in self.GAUGES.items():
-            g = GaugeMetricFamily(name, help_, labels=["model_name"])
-            g.add_metric([model], float(get(st)))
-            yield g
-        for name, attr in self.RENAMED.items():
-            for ours in getattr(self._metrics, attr).collect():
-                family = Metric(name, ours.documentation + " (vLLM name)", ours.type)
-                for sample in ours.samples:
-                    family.add_sample(name + sample.name[len(ours.name):], {**sample.labels, "model_name": model},
-                                      sample.value)
-                yield family
+    model = st.model.model_id or "unknown"
+    for name, (help_, get) in VLLM_GAUGES.items():
+        g = GaugeMetricFamily(name, help_, labels=["model_name"])
+        g.add_metric([model], float(get(st)))
+        yield g
+    for name, attr in VLLM_RENAMED.items():
+        for ours in getattr(metrics, attr).collect():
+            family = Metric(name, ours.documentation + " (vLLM name)", ours.type)
+            for sample in ours.samples:
+                family.add_sample(name + sample.name[len(ours.name):], {**sample.labels, "model_name": model},
+                                  sample.value)
+            yield family
