@@ -27,6 +27,16 @@ BEGIN_TIMEOUT_S = 30.0
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
+def _resumable(err: grpc.aio.AioRpcError) -> bool:
+    """A broken stream, not a refusal. gRPC's own client core reports a chunk it could not
+    send because the stream had already ended (the node aborted it, or the link dropped
+    between two writes) as INTERNAL "Internal error from Core": that is a broken stream too
+    (seen in CI when a node cut a push), and resuming is safe: BeginPush says what arrived."""
+    if err.code() in RESUMABLE:
+        return True
+    return err.code() == grpc.StatusCode.INTERNAL and (err.details() or "") == "Internal error from Core"
+
+
 class PushSourceError(OSError):
     """A model file changed or vanished on the coordinator while it was being pushed."""
 
@@ -66,7 +76,7 @@ async def push_weights(stub: node_pb2_grpc.NodeStub, manifest: node_pb2.WeightsM
                 raise source_error[0] from None
             raise
         except grpc.aio.AioRpcError as err:
-            if err.code() not in RESUMABLE or attempt == attempts:
+            if not _resumable(err) or attempt == attempts:
                 raise
             log.warning("push of %s broke (%s); resuming from what the node holds (attempt %d/%d)",
                         manifest.expected_digest[:19], err.code().name, attempt + 1, attempts)
