@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -159,6 +162,9 @@ def test_only_operators_get_the_page_and_a_link_works_once(fleet):
     assert _https(co, path, redirects=False)[0] == 401                      # a link works once
     assert _https(co, "/api/snapshot", cookie="studiofleet_session=forged")[0] == 401
     assert fleetctl("dashboard", "-c", co.address, "--tls-name", "app").returncode == 1
+    # /metrics is for scrapers (monitor) and operators, not for apps
+    assert _https(co, "/metrics", cert="app")[0] == 403
+    assert _https(co, "/metrics", cert="operator")[0] == 200
 
 
 def test_fleetctl_top_draws_the_fleet_once_and_live(fleet):
@@ -182,6 +188,38 @@ def test_fleetctl_top_draws_the_fleet_once_and_live(fleet):
                          cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "220"})
     assert tty.returncode == 0, tty.stdout[-2000:]
     assert "\x1b[?1049h" in tty.stdout and tty.stdout.count("nodes routable") >= 3   # alternate screen, 3 frames
+
+
+def test_fleetctl_top_leaves_on_ctrl_c_and_restores_the_terminal(fleet):
+    co, _ = fleet
+    leader, follower = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.fleetctl.app", "top", "-c", co.address, *OPERATOR,
+                             "--interval", "0.3"], cwd=ROOT, stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "COLUMNS": "220", "LINES": "60"})
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while seen.count(b"nodes routable") < 2:   # two frames drawn: it is live
+            assert proc.poll() is None and time.monotonic() < deadline, seen[-2000:]
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 65536)
+        proc.send_signal(signal.SIGINT)   # what Ctrl-C sends
+        assert proc.wait(timeout=20) == 0
+        while select.select([leader], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:   # EIO: the pty's other end is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(leader)
+    assert b"\x1b[?1049l" in seen and b"Traceback" not in seen   # back from the alternate screen
 
 
 def test_the_dashboard_page_has_no_external_or_inline_code():
