@@ -24,6 +24,7 @@ from tests.procs import ROOT, CoordinatorProcess
 
 RULES = ROOT / "monitoring" / "prometheus" / "studiofleet-rules.yml"
 RULE_TESTS = ROOT / "monitoring" / "prometheus" / "studiofleet-rules.test.yml"
+EXAMPLE = ROOT / "monitoring" / "prometheus" / "prometheus.example.yml"
 GRAFANA = ROOT / "monitoring" / "grafana" / "studiofleet-dashboard.json"
 NAME = re.compile(r"\b(studiofleet_[a-z_]+|vllm:[a-z_]+|process_[a-z_]+|up)\b")
 SYNTHETIC = {"up"}   # written by Prometheus for each scrape, not exported by a daemon
@@ -54,6 +55,19 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass():
     assert {"StudioFleetNodeDown", "StudioFleetNoReadyNode", "StudioFleetTTFTHigh", "StudioFleetQueueGrowing",
             "StudioFleetErrorRate", "StudioFleetAuditWriteFailures"} <= alerts
     assert alerts <= set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text())), "every alert has a unit test"
+
+
+def test_promtool_accepts_the_example_config(tmp_path):
+    """The example as shipped, its certificate paths pointed at placeholders (promtool
+    checks that they exist) and the rules file beside it."""
+    for name in ("ca.pem", "prometheus.pem", "prometheus.key"):
+        (tmp_path / name).touch()
+    shutil.copy(RULES, tmp_path / RULES.name)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(EXAMPLE.read_text().replace("/etc/prometheus/studiofleet/", f"{tmp_path}/"))
+    checked = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True,
+                             check=False)
+    assert checked.returncode == 0 and "1 rule files found" in checked.stdout, checked.stdout + checked.stderr
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +132,17 @@ def test_promtool_check_metrics_finds_nothing_but_the_vllm_names(coordinator, no
             assert problems, "the node exports vLLM's names"
 
 
+def example_config(tls_dir: Path, coordinators: list[str], nodes: list[str]) -> str:
+    """monitoring/prometheus/prometheus.example.yml with this fleet's certificate directory,
+    addresses and 1 s intervals; everything else as shipped."""
+    text = EXAMPLE.read_text().replace("/etc/prometheus/studiofleet/", f"{tls_dir}/")
+    text = re.sub(r"(scrape_interval|evaluation_interval): 15s", r"\1: 1s", text)
+    targets = iter([coordinators, nodes])
+    text, count = re.subn(r"- targets: \[.*\]", lambda _: f"- targets: {json.dumps(next(targets))}", text)
+    assert count == 2 and text.count(": 1s") == 2, "the example config's layout changed; update example_config"
+    return text
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,27 +177,21 @@ def test_a_real_prometheus_scrapes_the_fleet_and_raises_node_down(start_node, tm
         co.credentials("prometheus", Role.MONITOR)
         # The shipped rules with every `for: Nm` rewritten by a regex to `for: 1s`, so the
         # test waits seconds, not the 1-10 minutes the shipped rules hold an alert pending.
-        rules = tmp_path / "rules.yml"
+        rules = tmp_path / RULES.name
         rules.write_text(re.sub(r"for: \d+m", "for: 1s", RULES.read_text()))
         assert "for: 1s" in rules.read_text() and not re.search(r"for: \d+m", rules.read_text())
-        tls = {"ca_file": str(fleet_ca / "ca.pem"), "cert_file": str(fleet_ca / "prometheus.pem"),
-               "key_file": str(fleet_ca / "prometheus.key")}
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
-            "rule_files": [str(rules)],
-            "scrape_configs": [
-                {"job_name": "studiofleet-coordinator", "scheme": "https", "tls_config": tls,
-                 "static_configs": [{"targets": [co.http_address]}]},
-                {"job_name": "studiofleet-node", "scheme": "https", "tls_config": {**tls, "server_name": "node.studiofleet"},
-                 "static_configs": [{"targets": [n.http_address for n in nodes]}]},
-            ],
-        }
-        (tmp_path / "prometheus.yml").write_text(json.dumps(config))   # JSON is YAML
+        # The shipped example config itself: its TLS settings (and the nodes' server_name)
+        # must work against a real fleet. Only paths, addresses and intervals change.
+        config = tmp_path / "prometheus.yml"
+        config.write_text(example_config(fleet_ca, [co.http_address], [n.http_address for n in nodes]))
+        checked = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True,
+                                 text=True, check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
         port = _free_port()
         api = f"http://127.0.0.1:{port}"
         log = tmp_path / "prometheus.log"
         with open(log, "wb") as err:
-            proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+            proc = subprocess.Popen([prometheus, f"--config.file={config}",
                                      f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                      f"--web.listen-address=127.0.0.1:{port}"],
                                     stdout=subprocess.DEVNULL, stderr=err)
@@ -193,7 +212,10 @@ def test_a_real_prometheus_scrapes_the_fleet_and_raises_node_down(start_node, tm
                 return [a for a in _get(f"{api}/api/v1/alerts")["data"]["alerts"]
                         if a["labels"]["alertname"] == name and a["state"] in ("pending", "firing")]
 
-            assert not active("StudioFleetNodeDown") and not active("StudioFleetNoReadyNode")
+            # TTFTHigh aside: a cold first token on a slow CI machine may well take 2 s.
+            raised = [a for a in _get(f"{api}/api/v1/alerts")["data"]["alerts"]
+                      if a["state"] != "inactive" and a["labels"]["alertname"] != "StudioFleetTTFTHigh"]
+            assert not raised, f"a healthy fleet raised alerts: {raised}"
             victim = nodes[0]
             victim.proc.kill()
             down = _wait("StudioFleetNodeDown", lambda: active("StudioFleetNodeDown"), 45)

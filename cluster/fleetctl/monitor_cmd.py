@@ -4,8 +4,8 @@ top` (the same picture in the terminal, refreshing live)."""
 from __future__ import annotations
 
 import collections
+import signal
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -124,27 +124,31 @@ def top(
             except grpc.RpcError as err:
                 raise fail(from_rpc_error(err), coordinator)
             return
+        # Ctrl-C (or SIGTERM) sets a flag the refresh loop waits on, rather than raising
+        # KeyboardInterrupt wherever the main thread happens to be (inside a gRPC call
+        # it may not surface at all): the screen is restored and top exits 0.
+        leave = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: leave.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         events = _Events(stub)
         events.start()
         try:
             if not console.is_terminal:   # piped: one frame after another, for a log
                 done = 0
-                while not iterations or done < iterations:
+                while not leave.is_set() and (not iterations or done < iterations):
                     console.print(frame(stub, list(events.recent), coordinator), "")
                     done += 1
                     if not iterations or done < iterations:
-                        time.sleep(interval)
+                        leave.wait(interval)
                 return
             with Live(frame(stub, list(events.recent), coordinator), console=console, auto_refresh=False,
                       screen=True) as live:
                 done = 1
-                while not iterations or done < iterations:
-                    time.sleep(interval)
+                while (not iterations or done < iterations) and not leave.wait(interval):
                     live.update(frame(stub, list(events.recent), coordinator), refresh=True)
                     done += 1
         except grpc.RpcError as err:
             raise fail(from_rpc_error(err), coordinator)
-        except KeyboardInterrupt:
-            pass
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             events.stop()
