@@ -21,6 +21,7 @@ import sqlite3
 import statistics
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -88,7 +89,8 @@ class RequestLog:
         if self._closed:
             self.dropped += 1
             return
-        self._recent.append(summary)
+        # The charts need no per-token gaps: a day of them would be ~100 MB at 6,000 notes.
+        self._recent.append(replace(summary, token_gaps=[]))
         horizon = summary.ended_at - TRAFFIC_WINDOW_S
         while self._recent and self._recent[0].ended_at < horizon:
             self._recent.popleft()
@@ -199,8 +201,9 @@ class RequestLog:
         if request.failed_only:
             where.append("outcome != 'completed'")
         if request.caller:
-            where.append("(caller = ? OR caller LIKE ?)")
-            args += [request.caller, f"%/{request.caller}"]
+            # role/name exactly, or the name exactly (not LIKE: `_` and case would match more)
+            where.append("(caller = ? OR substr(caller, instr(caller, '/') + 1) = ?)")
+            args += [request.caller, request.caller]
         sql = " AND ".join(where)
         db = self._connect()
         try:

@@ -77,6 +77,7 @@ def test_filters_since_slow_failed_caller_and_limit(log, clock):
     assert ids(q(since_s=3600, slow_only=True)) == ["r-3", "r-2"]
     assert ids(q(since_s=3600, failed_only=True)) == ["r-5", "r-4"]
     assert ids(q(since_s=3600, caller="other")) == ids(q(since_s=3600, caller="app/other")) == ["r-5"]
+    assert q(since_s=3600, caller="oth_r").matched == q(since_s=3600, caller="OTHER").matched == 0   # exact
     limited = q(since_s=3600, limit=2)
     assert ids(limited) == ["r-6", "r-5"] and limited.matched == 5
     assert limited.slow_ttft_ms == 2000 and limited.retention_days == 30

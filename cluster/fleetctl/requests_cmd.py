@@ -20,6 +20,11 @@ from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, 
 from cluster.fleetctl.exits import EXIT_BAD_INPUT, fail
 
 
+def _bad_input(message: str) -> typer.Exit:
+    typer.echo(f"fleetctl requests: {message}", err=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
 def requests_table(reply: fleet_pb2.ListRequestsResponse, title: str) -> Table:
     t = Table(title=title)
     for col in ("ended", "request", "caller", "outcome", "queue ms", "ttft ms", "decode ms", "total ms",
@@ -51,8 +56,11 @@ def requests(
     try:
         since_s = max(1.0, (datetime.now().astimezone() - parse_when(since)).total_seconds())
     except ValueError as exc:
-        typer.echo(f"fleetctl requests: --since: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise _bad_input(f"--since: {exc}") from None
+    if output not in ("table", "json"):
+        raise _bad_input(f"--output must be table or json, not {output!r}")
+    if not 1 <= limit <= 10_000:
+        raise _bad_input(f"--limit must be 1 to 10000, not {limit}")
     ask = fleet_pb2.ListRequestsRequest(since_s=since_s, slow_only=slow, failed_only=failed, caller=caller,
                                         limit=limit)
     with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
