@@ -122,21 +122,19 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
 def _show_monitoring(console: Console, coordinator: CoordinatorProcess, certs: Path) -> None:
     """The coordinator's /metrics (as Prometheus reads it, with a monitor certificate) and
     its request log (as `fleetctl requests` reads it): counts and timings, no content."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     from cluster.api import fleet_pb2, fleet_pb2_grpc
+    from cluster.metrics import parse
 
     status, body, _ = coordinator.http_get("/metrics", "demo-prometheus", Role.MONITOR)
     if status != 200:
         console.print(f"      [red]/metrics answered {status}[/]")
         return
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
-    done = samples.get(("studiofleet_requests_total", (("code", "OK"), ("outcome", "completed"))), 0)
-    ttft_n = samples.get(("studiofleet_request_ttft_seconds_count", ()), 0)
-    ttft_s = samples.get(("studiofleet_request_ttft_seconds_sum", ()), 0)
+    samples = parse(body.decode())
+    done = samples.get(("studiofleet_requests_total", frozenset({"code": "OK", "outcome": "completed"}.items())), 0)
+    ttft_n = samples.get(("studiofleet_request_ttft_seconds_count", frozenset()), 0)
+    ttft_s = samples.get(("studiofleet_request_ttft_seconds_sum", frozenset()), 0)
     console.print(f"      /metrics on {coordinator.http_scheme}://{coordinator.http_address}: {done:.0f} requests "
-                  f"completed, {samples.get(('studiofleet_generation_tokens_total', ()), 0):.0f} tokens, mean TTFT "
+                  f"completed, {samples.get(('studiofleet_generation_tokens_total', frozenset()), 0):.0f} tokens, mean TTFT "
                   f"{1000 * ttft_s / max(ttft_n, 1):.1f} ms, {len(samples)} series")
     listed = fleet_pb2_grpc.FleetStub(coordinator.channel).ListRequests(
         fleet_pb2.ListRequestsRequest(since_s=3600, limit=1), timeout=10)

@@ -29,7 +29,7 @@ from cryptography import x509
 
 from cluster.config import split_host_port
 from cluster.logs import fields
-from cluster.security.identity import DEVELOPER, Identity, identity_of
+from cluster.security.identity import Identity, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +204,6 @@ class MonitorHTTP:
                 return prefix, roles
         return "other", frozenset()
 
-    def caller(self, request: web.Request) -> Optional[Identity]:
-        if self._security.plaintext:
-            return DEVELOPER
-        return request.get("identity")
-
     def _certificate(self, request: web.Request) -> Optional[Identity]:
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -233,7 +228,6 @@ class MonitorHTTP:
                 status, message = refusal
                 await self._denied(ident, entry, status, message)
                 return _error(status, message, browser="text/html" in request.headers.get("Accept", ""))
-            request["identity"] = ident
             response = await handler(request)
         response.headers.update(SECURITY_HEADERS)
         return response

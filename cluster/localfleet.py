@@ -104,9 +104,10 @@ class DaemonProcess:
         return ClientTLS(self.tls_dir, name)
 
     def http_get(self, path: str, name: Optional[str] = HARNESS_OPERATOR, role: Role = Role.OPERATOR,
-                 timeout_s: float = 10.0, headers: Optional[dict] = None) -> tuple[int, bytes, dict]:
+                 timeout_s: float = 10.0, headers: Optional[dict] = None,
+                 follow_redirects: bool = True) -> tuple[int, bytes, dict]:
         """GET `path` on the monitoring port as `name` (None: with no client certificate);
-        (status, body, headers), errors included."""
+        (status, body, headers), errors and (unless followed) redirects included."""
         import ssl
         import urllib.error
         import urllib.request
@@ -117,9 +118,16 @@ class DaemonProcess:
             if name is not None:
                 self.credentials(name, role)
                 context.load_cert_chain(self.tls_dir / f"{name}.pem", self.tls_dir / f"{name}.key")
+        handlers = [urllib.request.HTTPSHandler(context=context)] if context is not None else []
+        if not follow_redirects:
+            class Stay(urllib.request.HTTPRedirectHandler):
+                def redirect_request(self, *_args, **_kwargs):
+                    return None   # the 3xx itself comes back as an HTTPError
+
+            handlers.append(Stay())
         request = urllib.request.Request(f"{self.http_scheme}://{self.http_address}{path}", headers=headers or {})
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s, context=context) as reply:
+            with urllib.request.build_opener(*handlers).open(request, timeout=timeout_s) as reply:
                 return reply.status, reply.read(), dict(reply.headers)
         except urllib.error.HTTPError as err:
             return err.code, err.read(), dict(err.headers)

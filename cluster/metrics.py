@@ -74,6 +74,15 @@ def exposition(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+def parse(text: str) -> dict[tuple[str, frozenset], float]:
+    """A /metrics page as {(sample name, frozenset of label pairs): value}, read with
+    prometheus_client's own parser (the demo and the tests read scrapes this way)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def state_family(name: str, help_: str, label: str, states: Iterable[str], current: str,
                  extra: dict[str, str] | None = None) -> GaugeMetricFamily:
     """An enum as Prometheus likes it: one series per possible state, 1 for the current."""

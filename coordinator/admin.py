@@ -47,6 +47,21 @@ def describe(entry: NodeEntry, now: float) -> fleet_pb2.FleetNode:
     return node
 
 
+def fleet_nodes(fleet: Fleet) -> list[fleet_pb2.FleetNode]:
+    """Every node the coordinator knows, verified ones by id first (`fleetctl nodes`, the dashboard)."""
+    now = time.monotonic()
+    return [describe(e, now) for e in sorted(fleet.entries.values(), key=lambda e: (e.node_id or "~", e.address))]
+
+
+def traffic(request_log, relay, window_s: int = 3600, bucket_s: int = 60) -> fleet_pb2.Traffic:
+    """The last `window_s` in buckets (from the request log, empty without one) and the load
+    now: what `fleetctl top` (GetTraffic) and the dashboard draw."""
+    out = (request_log.traffic_reply(window_s, bucket_s) if request_log is not None
+           else fleet_pb2.Traffic(bucket_s=bucket_s))
+    out.running, out.queued = relay.load()
+    return out
+
+
 class FleetAdmin(fleet_pb2_grpc.FleetServicer):
     def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay, identify, audit,
                  rollouts: Rollouts, settings=None, request_log=None, http=None):
@@ -63,9 +78,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
 
     async def ListNodes(self, request, context) -> fleet_pb2.ListNodesResponse:
         self._audit.admin(self._identify(context), context.peer(), "fleet.list_nodes")
-        now = time.monotonic()
-        nodes = sorted(self._fleet.entries.values(), key=lambda e: (e.node_id or "~", e.address))
-        return fleet_pb2.ListNodesResponse(nodes=[describe(e, now) for e in nodes],
+        return fleet_pb2.ListNodesResponse(nodes=fleet_nodes(self._fleet),
                                            queued=self._admission.depth, in_flight=self._relay.in_flight,
                                            coordinator_version=COORDINATOR_VERSION)
 
@@ -176,11 +189,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         if not 1 <= bucket <= window <= 86_400 or window // bucket > 1440:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "need 1 <= bucket_s <= window_s <= 86400 and at most 1440 buckets")
-        traffic = (self._request_log.traffic_reply(window, bucket) if self._request_log is not None
-                   else fleet_pb2.Traffic(bucket_s=bucket))
-        traffic.queued = self._admission.depth
-        traffic.running = max(0, self._relay.in_flight - traffic.queued)
-        return traffic
+        return traffic(self._request_log, self._relay, window, bucket)
 
     async def OpenDashboard(self, request, context) -> fleet_pb2.DashboardLink:
         ident = self._identify(context)

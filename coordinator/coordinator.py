@@ -57,8 +57,8 @@ class Coordinator:
             from coordinator.metrics import CoordinatorMetrics
 
             self.metrics = CoordinatorMetrics(coordinator_id=settings.coordinator_id, fleet=self.fleet,
-                                              admission=self.admission, relay=self.relay, rollouts=self.rollouts,
-                                              audit=self.audit, events=self.events)
+                                              relay=self.relay, rollouts=self.rollouts, audit=self.audit,
+                                              events=self.events)
             self.monitor.sinks.append(self.metrics.request_ended)
         self.request_log = None
         if settings.request_log:

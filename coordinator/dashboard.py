@@ -20,7 +20,7 @@ from aiohttp import web
 from cluster.api import common_pb2, fleet_pb2
 from cluster.http_server import TOKEN_TTL_S
 from cluster.security.identity import Identity
-from coordinator.admin import describe
+from coordinator.admin import fleet_nodes, traffic
 
 if TYPE_CHECKING:
     from coordinator.coordinator import Coordinator
@@ -53,23 +53,19 @@ def add_routes(app: web.Application, coordinator: "Coordinator") -> None:
 
 
 def snapshot(co: "Coordinator") -> dict:
-    now, mono = time.time(), time.monotonic()
-    entries = sorted(co.fleet.entries.values(), key=lambda e: (e.node_id or "~", e.address))
-    nodes = [_node(describe(e, mono)) for e in entries]
-    queued = co.admission.depth
-    traffic = (co.request_log.traffic_reply(3600, 60) if co.request_log is not None
-               else fleet_pb2.Traffic(bucket_s=60))
+    nodes = [_node(n) for n in fleet_nodes(co.fleet)]
+    t = traffic(co.request_log, co.relay)
     return {
         "coordinator": co.settings.coordinator_id,
-        "time": now,
-        "totals": {"nodes": len(nodes), "routable": sum(n["routable"] for n in nodes), "queued": queued,
-                   "running": max(0, co.relay.in_flight - queued), "tokens_per_s": round(traffic.tokens_per_s, 1),
+        "time": time.time(),
+        "totals": {"nodes": len(nodes), "routable": sum(n["routable"] for n in nodes), "queued": t.queued,
+                   "running": t.running, "tokens_per_s": round(t.tokens_per_s, 1),
                    "request_log": co.request_log is not None},
         "nodes": nodes,
         "traffic": [{"start": b.start, "requests": b.requests, "errors": b.errors, "tokens": b.tokens,
-                     "tokens_per_s": round(b.tokens / traffic.bucket_s, 2), "ttft_p50_ms": round(b.ttft_p50_ms, 1),
+                     "tokens_per_s": round(b.tokens / t.bucket_s, 2), "ttft_p50_ms": round(b.ttft_p50_ms, 1),
                      "ttft_p95_ms": round(b.ttft_p95_ms, 1), "latency_p95_ms": round(b.latency_p95_ms, 1)}
-                    for b in traffic.buckets],
+                    for b in t.buckets],
         "events": [_event(e) for e in co.events.history()[-EVENTS:]][::-1],
         "rollout": _rollout(co),
     }

@@ -27,7 +27,7 @@ ROLLOUT_STEPS = ("pending", "wait", "stage", "drain", "activate", "gate", "resta
 
 
 class CoordinatorMetrics:
-    def __init__(self, *, coordinator_id: str, fleet, admission, relay, rollouts, audit, events):
+    def __init__(self, *, coordinator_id: str, fleet, relay, rollouts, audit, events):
         self.registry = new_registry("coordinator", coordinator_id)
         r = self.registry
         self.requests = Counter("studiofleet_requests", "Requests by outcome (completed, failed, cancelled, "
@@ -59,7 +59,7 @@ class CoordinatorMetrics:
                                  registry=r)
         self.rollout_steps = Counter("studiofleet_rollout_steps", "Rollout steps entered, by step.", ["step"],
                                      registry=r)
-        r.register(_Live(fleet=fleet, admission=admission, relay=relay, rollouts=rollouts, audit=audit))
+        r.register(_Live(fleet=fleet, relay=relay, rollouts=rollouts, audit=audit))
         events.listeners.append(self._event)
 
     def request_ended(self, s: RequestSummary) -> None:
@@ -94,15 +94,16 @@ class CoordinatorMetrics:
 class _Live(Collector):
     """Gauges read from the coordinator's own objects at scrape time (on its event loop)."""
 
-    def __init__(self, *, fleet, admission, relay, rollouts, audit):
-        self._fleet, self._admission, self._relay = fleet, admission, relay
+    def __init__(self, *, fleet, relay, rollouts, audit):
+        self._fleet, self._relay = fleet, relay
         self._rollouts, self._audit = rollouts, audit
 
     def collect(self) -> Iterable[Metric]:
+        running, queued = self._relay.load()
         yield GaugeMetricFamily("studiofleet_requests_running", "Requests on nodes now (streaming or about to).",
-                                value=max(0, self._relay.in_flight - self._admission.depth))
+                                value=running)
         yield GaugeMetricFamily("studiofleet_requests_queued", "Requests waiting in the coordinator's queue.",
-                                value=self._admission.depth)
+                                value=queued)
         entries = [e for e in self._fleet.entries.values() if e.node_id]
         yield GaugeMetricFamily("studiofleet_nodes_routable", "Nodes taking new requests now (READY, healthy, "
                                 "uncordoned, serving).", value=sum(e.routable for e in entries))

@@ -62,6 +62,12 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         self._per_caller: dict[str, int] = {}
         self.in_flight = 0
 
+    def load(self) -> tuple[int, int]:
+        """(running, queued) now: this coordinator's requests on nodes, and those waiting
+        in its admission queue (in_flight counts both)."""
+        queued = self._admission.depth
+        return max(0, self.in_flight - queued), queued
+
     def _validate(self, request: inference_pb2.GenerateRequest) -> None:
         check_request_id(request.request_id)
         check_input(request)
@@ -146,11 +152,12 @@ class Relay(inference_pb2_grpc.InferenceServicer):
     def _ended(self, record: dict, run: Optional[Splice], req: inference_pb2.GenerateRequest, caller: str,
                started: float) -> None:
         """The one summary of a request for metrics and the request log (no content)."""
+        now = time.time()
         s = RequestSummary(
             request_id=record.get("request_id", "") or "-", caller=caller,
             priority="batch" if req.priority == inference_pb2.PRIORITY_BATCH else "interactive",
-            started_at=started, ended_at=time.time(), outcome=record.get("outcome", ""),
-            code=record.get("code", ""), duration_s=time.time() - started,
+            started_at=started, ended_at=now, outcome=record.get("outcome", ""),
+            code=record.get("code", ""), duration_s=now - started,
             finish_reason=record.get("finish_reason", ""), prompt_tokens=record.get("prompt_tokens", 0))
         if run is not None:
             s.duration_s = run.elapsed_ms() / 1000.0
@@ -158,7 +165,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             s.ttft_s = run.t_first - run.t_accept if run.t_first else None
             s.decode_s = run.t_last - run.t_first if run.t_first else 0.0
             s.completion_tokens = len(run.delivered)
-            s.nodes = [n for n, _, _ in run.hops]
+            s.nodes = list(run.nodes)
             s.failovers, s.retries, s.restarts = run.failovers, run.retries, run.restarts
             s.token_gaps = run.token_gaps
         self._monitor.request_ended(s)

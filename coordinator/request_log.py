@@ -66,7 +66,6 @@ class RequestLog:
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(QUEUE_MAX)
         self._recent: collections.deque[RequestSummary] = collections.deque()
         self.dropped = 0
-        self.written = 0
         self._failing = False
         self._flushed = threading.Condition()
         self._pending = 0            # rows queued and not yet committed
@@ -154,7 +153,6 @@ class RequestLog:
             with db:
                 db.execute("BEGIN")
                 db.executemany(_INSERT, batch)
-            self.written += len(batch)
             if self._failing and self._queue.qsize() < QUEUE_MAX // 2:
                 self._failing = False
                 log.info("request log %s is writing again", self.path)

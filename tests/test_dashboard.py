@@ -7,12 +7,9 @@ import json
 import os
 import select
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -117,32 +114,13 @@ def test_the_dashboard_shows_the_fleet_live_and_follows_a_cordon(fleet):
     assert errors == [], errors
 
 
-def _https(co, path: str, *, cert: str | None = None, cookie: str = "", redirects: bool = True):
-    ctx = ssl.create_default_context(cafile=str(co.tls_dir / "ca.pem"))
-    if cert:
-        ctx.load_cert_chain(co.tls_dir / f"{cert}.pem", co.tls_dir / f"{cert}.key")
-    handlers = [urllib.request.HTTPSHandler(context=ctx)]
-    if not redirects:
-        class NoRedirect(urllib.request.HTTPRedirectHandler):
-            def redirect_request(self, *args, **kwargs):
-                return None
-        handlers.append(NoRedirect())
-    opener = urllib.request.build_opener(*handlers)
-    request = urllib.request.Request(f"https://{co.http_address}{path}", headers={"Cookie": cookie} if cookie else {})
-    try:
-        with opener.open(request, timeout=10) as reply:
-            return reply.status, reply.read(), reply.headers
-    except urllib.error.HTTPError as err:
-        return err.code, err.read(), err.headers
-
-
 def test_only_operators_get_the_page_and_a_link_works_once(fleet):
     co, nodes = fleet
     co.credentials("app", Role.APP)
-    status, body, _ = _https(co, "/api/snapshot")
+    status, body, _ = co.http_get("/api/snapshot", None)
     assert status == 401 and b"fleetctl dashboard" in body
-    assert _https(co, "/api/snapshot", cert="app")[0] == 403
-    status, body, _ = _https(co, "/api/snapshot", cert="operator")
+    assert co.http_get("/api/snapshot", "app", Role.APP)[0] == 403
+    status, body, _ = co.http_get("/api/snapshot")
     snap = json.loads(body)
     assert status == 200 and {n["id"] for n in snap["nodes"]} == {n.node_id for n in nodes}
     assert len(snap["traffic"]) == 60 and sum(b["requests"] for b in snap["traffic"]) >= 4
@@ -150,21 +128,21 @@ def test_only_operators_get_the_page_and_a_link_works_once(fleet):
 
     url = link(co)
     path = url.split(co.http_address, 1)[1]
-    status, _, headers = _https(co, path, redirects=False)
+    status, _, headers = co.http_get(path, None, follow_redirects=False)
     assert status == 303
     cookie = headers["Set-Cookie"].split(";", 1)[0]
     assert "HttpOnly" in headers["Set-Cookie"] and "Secure" in headers["Set-Cookie"]
     assert "SameSite=Strict" in headers["Set-Cookie"]
-    status, body, headers = _https(co, "/", cookie=cookie)
+    status, body, headers = co.http_get("/", None, headers={"Cookie": cookie})
     assert status == 200 and b"/static/dashboard.js" in body and b"<script>" not in body
     assert "script-src 'self'" in headers["Content-Security-Policy"]
-    assert _https(co, "/api/snapshot", cookie=cookie)[0] == 200
-    assert _https(co, path, redirects=False)[0] == 401                      # a link works once
-    assert _https(co, "/api/snapshot", cookie="studiofleet_session=forged")[0] == 401
+    assert co.http_get("/api/snapshot", None, headers={"Cookie": cookie})[0] == 200
+    assert co.http_get(path, None, follow_redirects=False)[0] == 401                      # a link works once
+    assert co.http_get("/api/snapshot", None, headers={"Cookie": "studiofleet_session=forged"})[0] == 401
     assert fleetctl("dashboard", "-c", co.address, "--tls-name", "app").returncode == 1
     # /metrics is for scrapers (monitor) and operators, not for apps
-    assert _https(co, "/metrics", cert="app")[0] == 403
-    assert _https(co, "/metrics", cert="operator")[0] == 200
+    assert co.http_get("/metrics", "app", Role.APP)[0] == 403
+    assert co.http_get("/metrics")[0] == 200
 
 
 def test_fleetctl_top_draws_the_fleet_once_and_live(fleet):

@@ -8,11 +8,11 @@ import json
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.api import inference_pb2
 from cluster.client import build_request
 from cluster.localfleet import HARNESS_NODE_CALLER
+from cluster.metrics import parse
 from cluster.security.identity import Role
 from tests.fleet_helpers import collect
 from tests.procs import CoordinatorProcess
@@ -35,11 +35,7 @@ def scrape(daemon, name: str = "operator", role: Role = Role.OPERATOR) -> dict:
     status, body, headers = daemon.http_get("/metrics", name, role)
     assert status == 200, body
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
+    return parse(body.decode())
 
 
 def value(samples: dict, name: str, **labels) -> float:

@@ -205,8 +205,7 @@ def test_status_follows_vllm_metrics(vllm_node):
 def test_the_agent_exports_the_same_metrics_as_on_mlx_nodes(vllm_node):
     """The agent's /metrics (its own monitoring port, not vLLM's loopback server): the
     node's families and vLLM's names, counted by the agent, whatever the engine."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+    from cluster.metrics import parse
     from cluster.security.identity import Role
 
     before = vllm_node.status().load.requests_completed_total
@@ -215,15 +214,15 @@ def test_the_agent_exports_the_same_metrics_as_on_mlx_nodes(vllm_node):
     assert done[-1].HasField("final")
     status, body, _ = vllm_node.http_get("/metrics", "prometheus", Role.MONITOR)
     assert status == 200
-    samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
-               for f in text_string_to_metric_families(body.decode()) for m in f.samples}
+    samples = parse(body.decode())
     info = [labels for name, labels in samples if name == "studiofleet_node_info"]
     assert dict(info[0])["engine"] == "vllm"
-    completed = samples[("studiofleet_node_requests_total", (("outcome", "completed"),))]
+    completed = samples[("studiofleet_node_requests_total", frozenset({("outcome", "completed")}))]
     assert completed == vllm_node.status().load.requests_completed_total >= before + 1
-    model = (("model_name", vllm_node.status().model.model_id),)
+    model = frozenset({("model_name", vllm_node.status().model.model_id)})
     assert ("vllm:num_requests_running", model) in samples and ("vllm:kv_cache_usage_perc", model) in samples
-    assert samples[("vllm:generation_tokens_total", model)] == samples[("studiofleet_node_generation_tokens_total", ())]
+    assert samples[("vllm:generation_tokens_total", model)] == \
+        samples[("studiofleet_node_generation_tokens_total", frozenset())]
 
 
 def test_server_killed_mid_stream_fails_the_request_with_the_cause_then_serves_again(vllm_node):
