@@ -118,13 +118,37 @@ def check_input(request: inference_pb2.GenerateRequest) -> tuple[Optional[tuple[
         if not request.prompt.strip():
             raise InvalidRequest("prompt is empty; send text or chat messages")
         return None, request.prompt
-    raise InvalidRequest("no input: set either chat (messages) or prompt")
+    if kind == "template":
+        from cluster.quality import prompts
+
+        t = request.template
+        prompts.check(t.name, t.version, dict(t.variables))
+        return None, None
+    raise InvalidRequest("no input: set chat (messages), prompt, or template")
+
+
+def check_output_format(request: inference_pb2.GenerateRequest):
+    """The request's output format as an OutputSpec (None if unset); raises InvalidRequest
+    for an unknown note template or a schema that is invalid or cannot be enforced."""
+    from cluster.quality import notes
+
+    return notes.resolve(request.output_format) if request.HasField("output_format") else None
+
+
+def template_budget(request: inference_pb2.GenerateRequest, limit: int) -> int:
+    """max_tokens for a template request that left it at 0: the largest budget of the
+    template's versions, within `limit` (the node then keeps it within its context)."""
+    from cluster.quality import prompts
+
+    return min(limit, prompts.budget(request.template.name))
 
 
 def check_counts(request: inference_pb2.GenerateRequest, *, max_tokens: int, max_stop_sequences: int,
                  where: str) -> None:
     """max_tokens, stop sequences and the resume fields; `where` names the server's scope."""
-    if not 1 <= request.max_tokens <= max_tokens:
+    if request.max_tokens == 0 and request.WhichOneof("input") == "template":
+        pass  # the template's budget (template_budget)
+    elif not 1 <= request.max_tokens <= max_tokens:
         raise InvalidRequest(f"max_tokens must be between 1 and {max_tokens} on {where}; got {request.max_tokens}")
     if len(request.stop) > max_stop_sequences:
         raise InvalidRequest(f"at most {max_stop_sequences} stop sequences are allowed; got {len(request.stop)}")

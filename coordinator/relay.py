@@ -24,8 +24,8 @@ from typing import AsyncIterator, Callable, Optional
 import grpc
 
 from cluster.api import fleet_pb2, inference_pb2, inference_pb2_grpc
-from cluster.validation import (InvalidRequest, check_counts, check_input, check_request_id,
-                                check_sampling, display_id, new_request_id)
+from cluster.validation import (InvalidRequest, check_counts, check_input, check_output_format, check_request_id,
+                                check_sampling, display_id, new_request_id, template_budget)
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from coordinator.attempt import Attempt
@@ -74,6 +74,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         check_counts(request, max_tokens=self._s.max_tokens_limit,
                      max_stop_sequences=self._s.max_stop_sequences, where="this coordinator")
         check_sampling(request.sampling)
+        check_output_format(request)
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
@@ -102,6 +103,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         req.CopyFrom(request)
         req.request_id = req.request_id or new_request_id()
         audit.record["request_id"] = req.request_id
+        if req.max_tokens == 0:  # a template request: its budget, fixed here so a resume counts down from it
+            req.max_tokens = template_budget(req, self._s.max_tokens_limit)
         if not req.sampling.HasField("seed"):  # drawn here, so a resumed stream keeps it
             req.sampling.seed = secrets.randbits(63)
         run = Splice(req, clock=time.monotonic, completion_digest=self._audit.completion_digest())
@@ -168,6 +171,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             s.nodes = list(run.nodes)
             s.failovers, s.retries, s.restarts = run.failovers, run.retries, run.restarts
             s.token_gaps = run.token_gaps
+            _note_facts(s, run.ended)
+        if not s.template and req.WhichOneof("input") == "template":   # never reached a node
+            s.template = req.template.name + (f"@{req.template.version}" if req.template.version else "")
         self._monitor.request_ended(s)
 
     async def _run(self, run: Splice, context, audit: "_Outcome") -> AsyncIterator[inference_pb2.GenerateChunk]:
@@ -405,3 +411,16 @@ def _facts(run: Splice) -> dict:
             "completion_digest": run.completion_digest.hexdigest_str() if run.completion_digest else "",
             **({"voided": [{"node": v.node, "digest": v.digest, "tokens": v.tokens,
                             "completion_digest": v.completion_digest} for v in run.voided]} if run.voided else {})}
+
+
+def _note_facts(s: RequestSummary, f: Optional[inference_pb2.FinalInfo]) -> None:
+    """The note's template version, schema check and quality score from the final record."""
+    if f is None:
+        return
+    s.template = f.template
+    if f.HasField("structured"):
+        s.schema_valid = f.structured.valid
+        s.output_format = f.structured.format
+    if f.HasField("quality"):
+        s.quality_score = f.quality.total
+        s.quality_parts = {p.name: p.score for p in f.quality.parts}

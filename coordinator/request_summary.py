@@ -37,6 +37,10 @@ class RequestSummary:
     restarts: int = 0
     finish_reason: str = ""
     quality_score: Optional[float] = None
+    quality_parts: dict[str, float] = field(default_factory=dict)   # sub-score name -> 0..1
+    schema_valid: Optional[bool] = None   # output_format requests that completed
+    output_format: str = ""               # note template or json_schema:<digest>
+    template: str = ""                    # prompt template version, e.g. soap-note@qwen2/v2 (or the name asked for)
     token_gaps: list[float] = field(default_factory=list)   # seconds between tokens sent (metrics only)
 
 

@@ -47,6 +47,7 @@ class Splice:
         self.announce_restart = False  # the next routing is the restart's (one event)
         self._pinning = ""
         self.t_routed = 0.0
+        self.ended: Optional[inference_pb2.FinalInfo] = None   # the final record sent (quality, template)
         self.queue_s: Optional[float] = None   # time spent waiting for a node, over every hop
         self.token_gaps: list[float] = []
 
@@ -163,4 +164,5 @@ class Splice:
         t.total_ms = self.elapsed_ms()
         span = self.t_last - self.t_first
         t.decode_tokens_per_s = (len(self.delivered) - 1) / span if span > 0 else 0.0
+        self.ended = f
         return out

@@ -24,18 +24,20 @@ from cluster.api import (
     node_pb2_grpc,
 )
 from cluster.config import NodeSettings
+from cluster.quality import notes
 from cluster.daemon import SERVER_OPTIONS
 from cluster.mdns import Advert
 from cluster.security.daemon import DaemonSecurity
 from cluster.security.roles import NODE_TABLE
 from node_agent.advertiser import Advertiser
 from node_agent.engine import Engine, EngineRequest, ModelFacts
+from node_agent.grammar import Grammars
 from node_agent.inference_service import InferenceService
 from node_agent.lifecycle import Lifecycle, State
 from node_agent.node_service import NodeService
 from node_agent.node_state import ModelRef, NodeState
 from node_agent.operations import RESTART_EXIT_CODE, Operations
-from node_agent.prompts import build_prompt_tokens
+from node_agent.prompts import build_prompt_tokens, model_family
 from node_agent.requests import NodeStopping, Outcome, RequestRegistry
 from node_agent.sampling import SamplingSpec
 from node_agent.staging import StagingArea
@@ -69,6 +71,7 @@ class NodeAgent:
         self.registry = RequestRegistry(node_id=self.node_id)
         self.facts: Optional[ModelFacts] = None
         self.model_info = common_pb2.ModelInfo()
+        self.grammars: Optional[Grammars] = None
         self.limits = Limits(settings.max_tokens_limit, 0, 0, settings.max_stop_sequences)
         self.started_at = time.monotonic()
         self.stopping = False
@@ -199,7 +202,10 @@ class NodeAgent:
         self.model_info = common_pb2.ModelInfo(
             model_id=facts.model_id, version=model.version,
             weights_digest=facts.weights_digest, context_length=facts.context_length,
-            engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size)
+            engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size,
+            family=model_family(Path(model.path)))
+        self.grammars = Grammars(self.engine.tokenizer, vocab_size=facts.vocab_size,
+                                 eos_token_ids=facts.eos_token_ids)
         if not await self._warm(f"warming up {facts.model_id} {facts.weights_digest[:19]}", "warm-up generation"):
             return False
         if self.stopping:
@@ -228,6 +234,8 @@ class NodeAgent:
             request_id="warmup", messages=(("user", "Warm-up: write one word."),), prompt=None,
             sampling=SamplingSpec(), seed_given=True, max_tokens=self.settings.warmup_tokens,
             stop=(), prefix_token_ids=(), require_weights_digest="")
+        # Build the schema tokenizer now (~1 s for a large vocabulary), not on the first note.
+        await asyncio.to_thread(self.grammars.matcher, notes.template_spec("soap-brief"))
         tokens = build_prompt_tokens(self.engine.tokenizer, req)
         stream = self.registry.open(req, prompt_len=len(tokens),
                                     detokenizer=self.engine.tokenizer.detokenizer,

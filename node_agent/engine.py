@@ -36,6 +36,11 @@ class EngineRequest:
     prefix_len: int                 # how many of prompt_tokens were generated before
     max_tokens: int
     sampling: SamplingSpec
+    # Schema-constrained requests: the llguidance matcher (past the prefix) for engines
+    # that mask logits themselves (MLX), the schema's canonical JSON for those whose
+    # server enforces it (vLLM structured outputs).
+    matcher: object = field(default=None, repr=False)
+    schema: str = field(default="", repr=False)
 
 
 class EngineClosed(RuntimeError):
@@ -85,6 +90,7 @@ class ServerInfo:
 
 class Engine(Protocol):
     name: str
+    server_enforces_schema: bool   # True: send `schema` (vLLM); False: apply `matcher` (MLX)
 
     @property
     def alive(self) -> bool:

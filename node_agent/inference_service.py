@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
@@ -12,7 +13,7 @@ from cluster.api import SMOKE_METADATA_KEY, inference_pb2, inference_pb2_grpc
 from cluster.logs import without_text
 from node_agent.engine import EngineClosed, EngineRequest
 from node_agent.lifecycle import State
-from node_agent.prompts import PromptError, build_prompt_tokens
+from node_agent.prompts import PromptError, apply_template, build_prompt_tokens
 from node_agent.requests import EngineFailed, NodeStopping, Outcome, RequestStream
 from node_agent.validation import InvalidRequest, ValidRequest, check_length, display_id, validate
 
@@ -50,7 +51,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         node = agent.node_id
         rid = display_id(request.request_id)
         try:
-            req, prompt_tokens = await self._admit(request, context, rid)
+            req, prompt_tokens, matcher = await self._admit(request, context, rid)
             stream = agent.registry.open(
                 req, prompt_len=len(prompt_tokens), detokenizer=agent.engine.tokenizer.detokenizer,
                 eos_token_ids=agent.facts.eos_token_ids)
@@ -72,6 +73,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 prefix_len=len(req.prefix_token_ids),
                 max_tokens=req.max_tokens,
                 sampling=req.sampling,
+                matcher=matcher,
+                schema=req.output.schema_text if req.output is not None else "",
             ))
             while True:
                 chunk = await stream.next_chunk()
@@ -151,8 +154,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     f"node {node} serves weights {facts.weights_digest[:19]}, request "
                     f"{req.request_id} requires {display_id(req.require_weights_digest)[:19]}; "
                     "send it to a node serving those weights")
+            req = apply_template(req, agent.model_info.family, agent.limits.max_tokens)
             prompt_tokens = build_prompt_tokens(agent.engine.tokenizer, req)
-            check_length(len(prompt_tokens), len(req.prefix_token_ids), req.max_tokens, agent.limits)
+            max_tokens = check_length(len(prompt_tokens), len(req.prefix_token_ids), req.max_tokens, agent.limits,
+                                      fit=req.fit_context)
+            if max_tokens != req.max_tokens:
+                req = replace(req, max_tokens=max_tokens)
+            matcher = await self._matcher(req, context, rid)
         except (InvalidRequest, PromptError) as exc:
             await self._reject(context, rid, grpc.StatusCode.INVALID_ARGUMENT,
                                f"request {rid} on node {node}: {exc}")
@@ -167,4 +175,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"node {node} is at capacity ({agent.settings.max_running} running, "
                 f"{agent.settings.max_queued} queued); retry after {retry_ms} ms or use another node",
                 trailing=((PUSHBACK_KEY, str(retry_ms)),))
-        return req, prompt_tokens
+        return req, prompt_tokens, matcher
+
+    async def _matcher(self, req: ValidRequest, context, rid: str):
+        """The grammar matcher for a constrained request on an engine that masks logits itself."""
+        agent = self._agent
+        if req.output is None:
+            return None
+        if agent.engine.server_enforces_schema:
+            if req.prefix_token_ids:  # vLLM's grammar always starts at the first generated token
+                await self._reject(context, rid, grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"node {agent.node_id} ({agent.engine.name}) cannot resume a schema-constrained "
+                                   f"request after prefix_token_ids; resume request {rid} on an MLX node or start "
+                                   "it over")
+            return None
+        return await asyncio.to_thread(agent.grammars.matcher, req.output, req.prefix_token_ids)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from cluster.quality import notes, prompts
 from node_agent.validation import ValidRequest
 
 
@@ -37,3 +42,23 @@ def build_prompt_tokens(tokenizer, req: ValidRequest) -> list[int]:
     if not tokens:
         raise PromptError("the prompt encodes to no tokens")
     return list(tokens)
+
+
+def model_family(model_path: Path) -> str:
+    """config.json's model_type ("qwen2", "llama"): which prompt template versions apply."""
+    try:
+        return str(json.loads((Path(model_path) / "config.json").read_text()).get("model_type") or "")
+    except (OSError, ValueError):
+        return ""
+
+
+def apply_template(req: ValidRequest, family: str, max_tokens_limit: int) -> ValidRequest:
+    """A template request as chat messages for this model family, with the template's note
+    format (unless the request set one) and its budget (when max_tokens was 0)."""
+    if req.template is None:
+        return req
+    name, version, variables = req.template
+    v = prompts.select(name, version, family)
+    return replace(req, messages=v.render(dict(variables)), template_id=v.id,
+                   output=req.output or notes.template_spec(v.note),
+                   max_tokens=req.max_tokens or min(v.max_tokens, max_tokens_limit))

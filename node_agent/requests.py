@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Callable, Optional
 
 from cluster.api import inference_pb2
 from cluster.logs import fields
+from cluster.quality import notes, scoring
 from node_agent.engine import EngineEvent, EventKind
 from node_agent.stops import StopMatcher
 from node_agent.validation import ValidRequest
@@ -86,6 +88,12 @@ class RequestStream:
         # the rest (held back by a stop check or an unfinished character) is sent first.
         chars = req.prefix_text_chars
         self._carry = primed[chars:] if chars is not None else ""
+        # The whole completion's text (the prefix's included), for the output check and the
+        # quality score at the end; it lives only as long as the request.
+        self._text: Optional[list[str]] = [primed[:chars] if chars is not None else primed] \
+            if req.output is not None else None
+        self.quality: Optional[scoring.Score] = None
+        self.checked: Optional[notes.Checked] = None
 
     def push(self, events: list[EngineEvent]) -> None:
         """Events from the engine, timestamped as they reach the event loop."""
@@ -151,7 +159,10 @@ class RequestStream:
                 text.append(self._stops.flush())
         if not ids and self.finish is None:
             return None
-        return inference_pb2.GenerateChunk(text="".join(text), token_ids=ids)
+        delta = "".join(text)
+        if self._text is not None:
+            self._text.append(delta)
+        return inference_pb2.GenerateChunk(text=delta, token_ids=ids)
 
     def _segment(self) -> str:
         """New decoded text, after any held-back prefix text."""
@@ -177,7 +188,28 @@ class RequestStream:
             decode_tokens_per_s=decode,
         )
 
+    def _judge(self, info: inference_pb2.FinalInfo) -> None:
+        """Check the finished completion against its schema and score it (once)."""
+        spec = self.req.output
+        if self.checked is None:
+            text = "".join(self._text or ())
+            self.checked = notes.check_output(spec, text, self.finish or "")
+            self.quality = scoring.score_note(spec, self.checked, text, self.finish or "")
+            self._text = None
+        c = self.checked
+        info.structured.CopyFrom(inference_pb2.StructuredResult(
+            valid=c.valid, json=json.dumps(c.value, separators=(",", ":"), ensure_ascii=False) if c.valid else "",
+            rule=c.rule, path=c.path, error=c.error, format=spec.format))
+        info.quality.CopyFrom(quality_message(self.quality))
+
     def final_info(self, *, node_id: str, model, reason: Optional[int] = None) -> inference_pb2.FinalInfo:
+        info = self._final_info(node_id=node_id, model=model, reason=reason)
+        info.template = self.req.template_id
+        if self.req.output is not None and reason is None and self.finish is not None:
+            self._judge(info)
+        return info
+
+    def _final_info(self, *, node_id: str, model, reason: Optional[int] = None) -> inference_pb2.FinalInfo:
         return inference_pb2.FinalInfo(
             finish_reason=_FINISH[self.finish] if reason is None else reason,
             usage=inference_pb2.Usage(
@@ -192,6 +224,13 @@ class RequestStream:
             request_id=self.req.request_id,
             seed=self.req.sampling.seed,
         )
+
+
+def quality_message(score: "scoring.Score") -> inference_pb2.QualityScore:
+    return inference_pb2.QualityScore(
+        total=score.total, rubric=score.rubric,
+        parts=[inference_pb2.SubScore(name=p.name, score=p.score, weight=p.weight, detail=p.detail)
+               for p in score.parts])
 
 
 class RequestRegistry:
@@ -285,7 +324,10 @@ class RequestRegistry:
                          outcome=outcome.value, finish=stream.finish, reason=detail,
                          prompt_tokens=stream.prompt_len, cached_tokens=stream.cached_tokens,
                          completion_tokens=stream.completion_tokens, queue_ms=round(t.queue_wait_ms, 1),
-                         ttft_ms=round(t.time_to_first_token_ms, 1), total_ms=round(t.total_ms, 1)),
+                         ttft_ms=round(t.time_to_first_token_ms, 1), total_ms=round(t.total_ms, 1),
+                         template=stream.req.template_id or None,
+                         quality=stream.quality.total if stream.quality is not None else None,
+                         schema_valid=stream.checked.valid if stream.checked is not None else None),
         )
         self._observe(stream, outcome)
 

@@ -14,11 +14,13 @@ from cluster.validation import (
     InvalidRequest,
     check_counts,
     check_input,
+    check_output_format,
     check_request_id,
     check_sampling,
     display_id,
     new_request_id,
 )
+from cluster.quality.notes import OutputSpec
 from node_agent.sampling import SamplingSpec, draw_seed
 
 __all__ = ["InvalidRequest", "Limits", "ValidRequest", "check_length", "display_id", "new_request_id", "validate"]
@@ -47,14 +49,27 @@ class ValidRequest:
     prefix_token_ids: tuple[int, ...] = field(repr=False)
     require_weights_digest: str
     prefix_text_chars: Optional[int] = None
+    # A prompt template (name, pinned version or "", variables), rendered into `messages`
+    # for this node's model family by prompts.apply_template, which sets `template_id`.
+    template: Optional[tuple[str, str, tuple[tuple[str, str], ...]]] = field(default=None, repr=False)
+    template_id: str = ""
+    output: Optional[OutputSpec] = None     # the schema the completion must follow
+    fit_context: bool = False               # a template request: max_tokens is kept within the context
 
 
 def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidRequest:
     """Field checks that need no tokenizer; raises InvalidRequest."""
     request_id = check_request_id(request.request_id)
     messages, prompt = check_input(request)
+    template = None
+    if request.WhichOneof("input") == "template":
+        t = request.template
+        template = (t.name, t.version, tuple(sorted(t.variables.items())))
     # Refuse text that cannot fit before spending event-loop time tokenizing it.
-    chars = len(prompt) if prompt is not None else sum(len(c) for _, c in messages)
+    if template is not None:
+        chars = sum(len(v) for _, v in template[2])
+    else:
+        chars = len(prompt) if prompt is not None else sum(len(c) for _, c in messages)
     if chars > limits.context_length * MAX_CHARS_PER_TOKEN:
         raise InvalidRequest(
             f"prompt is {chars} characters, far beyond this node's context of "
@@ -67,6 +82,7 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
             f"prefix_token_ids[{bad}] is outside this model's vocabulary "
             f"(0..{limits.vocab_size - 1}); resume only on a node serving the same weights"
         )
+    output = check_output_format(request)
     checked = check_sampling(request.sampling)
     seed_given = checked.seed is not None
     seed = checked.seed if seed_given else draw_seed()
@@ -82,19 +98,27 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
         prefix_token_ids=tuple(request.prefix_token_ids),
         require_weights_digest=request.require_weights_digest,
         prefix_text_chars=request.prefix_text_chars if request.HasField("prefix_text_chars") else None,
+        template=template,
+        output=output,
+        fit_context=template is not None,
     )
 
 
-def check_length(prompt_tokens: int, prefix_tokens: int, max_tokens: int, limits: Limits) -> None:
-    """Prompt + prefix + max_tokens must fit the context; raises InvalidRequest."""
+def check_length(prompt_tokens: int, prefix_tokens: int, max_tokens: int, limits: Limits, *,
+                 fit: bool = False) -> int:
+    """Prompt + prefix + max_tokens must fit the context; raises InvalidRequest. With `fit`
+    (template requests) max_tokens is cut to what fits instead; returns the max_tokens to use."""
     used = prompt_tokens + prefix_tokens
     if used >= limits.context_length:
         raise InvalidRequest(
             f"prompt is {prompt_tokens} tokens (+{prefix_tokens} prefix), longer than this "
             f"node's context of {limits.context_length} tokens; shorten the prompt"
         )
+    if fit:
+        return min(max_tokens, limits.context_length - used)
     if used + max_tokens > limits.context_length:
         raise InvalidRequest(
             f"prompt ({used} tokens) + max_tokens ({max_tokens}) exceeds the context of "
             f"{limits.context_length} tokens; set max_tokens <= {limits.context_length - used}"
         )
+    return max_tokens

@@ -23,9 +23,10 @@ from cluster.client.errors import (
     InvalidRequestError,
     OverloadedError,
     ResumeImpossibleError,
+    SchemaViolationError,
     UnavailableError,
 )
-from cluster.client.results import GenerateResult, ResultBuilder, build_request
+from cluster.client.results import GenerateResult, Quality, ResultBuilder, build_request
 from cluster.client.retry import RetryDecision, RetryPolicy, decide_retry
 from cluster.client.sync_client import FleetClient
 
@@ -38,6 +39,8 @@ __all__ = [
     "GenerationInterruptedError",
     "InvalidRequestError",
     "OverloadedError",
+    "Quality",
+    "SchemaViolationError",
     "ResultBuilder",
     "ResumeImpossibleError",
     "RetryDecision",

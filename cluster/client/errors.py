@@ -104,6 +104,21 @@ class ResumeImpossibleError(FleetError):
     next_step = "retry the whole request (discard the tokens already received)"
 
 
+class SchemaViolationError(FleetError):
+    """The completion does not satisfy the request's output format. `rule` is the rule
+    that failed ("truncated", "json", or a JSON Schema keyword such as "required"), `path`
+    where (a JSON pointer); `result` is the whole result, quality score included."""
+
+    code = "SCHEMA_VIOLATION"
+    next_step = "raise max_tokens if it was truncated; otherwise review the schema or the prompt template"
+
+    def __init__(self, message: str, *, rule: str = "", path: str = "", result=None):
+        super().__init__(message)
+        self.rule = rule
+        self.path = path
+        self.result = result
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidRequestError, UnauthenticatedError, PermissionDeniedError, OverloadedError,

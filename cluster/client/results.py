@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from cluster.api import inference_pb2
-from cluster.client.errors import FleetError, GenerationInterruptedError, add_context
+from cluster.client.errors import FleetError, GenerationInterruptedError, SchemaViolationError, add_context
 
-__all__ = ["GenerateResult", "ResultBuilder", "build_request", "with_request_id"]
+__all__ = ["GenerateResult", "Quality", "ResultBuilder", "build_request", "with_request_id"]
 
 _FINISH_NAMES = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -51,16 +52,34 @@ class GenerateResult:
     restarts: int = 0                                  # times it started over on other weights (text: the last run's)
     target: str = ""                                   # the address that answered
     attempts: int = 1                                  # client attempts, this one included
+    output: object = field(default=None, repr=False)   # the validated object (output_format requests)
+    output_format: str = ""                            # note template, or json_schema:<digest>
+    quality: Optional["Quality"] = None                # the note's score (output_format/template requests)
+    template: str = ""                                 # prompt template version used, e.g. soap-note@qwen2/v2
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "chunks"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("chunks", "output")}
+
+
+@dataclass(frozen=True)
+class Quality:
+    """A note's quality score: the weighted total and each named sub-score (0..1)."""
+    total: float
+    parts: dict[str, float]
+    details: dict[str, str]
+    rubric: str
+
+    @classmethod
+    def from_proto(cls, q: inference_pb2.QualityScore) -> "Quality":
+        return cls(q.total, {p.name: p.score for p in q.parts}, {p.name: p.detail for p in q.parts if p.detail},
+                   q.rubric)
 
 
 def build_request(
     *,
     prompt: Optional[str] = None,
     messages: Optional[Sequence[tuple[str, str]]] = None,
-    max_tokens: int,
+    max_tokens: int = 0,
     request_id: str = "",
     temperature: Optional[float] = None,
     top_p: Optional[float] = None,
@@ -72,11 +91,20 @@ def build_request(
     priority: Optional[str] = None,
     session_key: str = "",
     allow_restart: bool = False,
+    template: Optional[str] = None,
+    template_version: str = "",
+    variables: Optional[dict[str, str]] = None,
+    json_schema: Optional[Union[str, dict]] = None,
+    note_template: Optional[str] = None,
 ) -> inference_pb2.GenerateRequest:
     """A GenerateRequest; `priority` is "interactive" (default) or "batch", `session_key`
     an opaque affinity hint for routers (e.g. a conversation id; never logged).
     `allow_restart`: if a started stream's weights are gone from the fleet, the coordinator
-    may start it over on other weights (a chunk with `restarted` voids what came before)."""
+    may start it over on other weights (a chunk with `restarted` voids what came before).
+    `template` names a prompt template (filled with `variables`; max_tokens 0 takes its
+    budget); `json_schema` or `note_template` constrains the output, and the result then
+    carries the validated object (`output`) and a quality score, or generate raises
+    SchemaViolationError."""
     sampling = inference_pb2.SamplingParams()
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
                         ("min_p", min_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):
@@ -92,6 +120,14 @@ def build_request(
         req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in messages)
     elif prompt is not None:
         req.prompt = prompt
+    elif template is not None:
+        req.template.name = template
+        req.template.version = template_version
+        req.template.variables.update(variables or {})
+    if json_schema is not None:
+        req.output_format.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif note_template is not None:
+        req.output_format.note_template = note_template
     return req
 
 
@@ -159,10 +195,22 @@ class ResultBuilder:
             restarts=final.restarts,
             target=target,
             attempts=attempts,
+            template=final.template,
         )
+        if final.HasField("quality"):
+            result.quality = Quality.from_proto(final.quality)
         if result.finish_reason in ("cancelled", "error"):
             exc = GenerationInterruptedError(final.message or f"generation ended: {result.finish_reason}",
                                              partial=result, finish_reason=result.finish_reason)
             raise add_context(exc, target=target, request_id=result.request_id or self.request_id,
                               attempts=attempts)
+        if final.HasField("structured"):
+            st = final.structured
+            result.output_format = st.format
+            if not st.valid:
+                exc = SchemaViolationError(f"the completion is not a valid {st.format}: {st.error}", rule=st.rule,
+                                           path=st.path, result=result)
+                raise add_context(exc, target=target, request_id=result.request_id or self.request_id,
+                                  attempts=attempts)
+            result.output = json.loads(st.json)
         return result

@@ -27,6 +27,7 @@ from node_agent.engine import (
     EventKind,
     ModelFacts,
 )
+from node_agent.grammar import GrammarProcessor
 from node_agent.sampling import make_processors, make_sampler
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class MlxEngine:
     """Engine over mlx-lm; construct, `start(emit)`, then `load()`."""
 
     name = "mlx"
+    server_enforces_schema = False
 
     def __init__(
         self,
@@ -83,6 +85,7 @@ class MlxEngine:
         self._stats_counts = (0, 0)
         self._stats = EngineStats()
         self._working_set = 0
+        self._vocab = 0
 
     # -- called from other threads -------------------------------------------------
 
@@ -219,6 +222,7 @@ class MlxEngine:
             self._gen.close()
         self._fail_all("the model was replaced")  # none in flight when drained; never left hanging
         self._model, self._tokenizer, self._digest = model, tokenizer, digest
+        self._vocab = vocab
         self._gen = self._new_generator()
         self._prompt_cache = self._new_prompt_cache()  # never reuse state across models
         return ModelFacts(
@@ -298,9 +302,16 @@ class MlxEngine:
             all_tokens=[list(r.prompt_tokens[: len(r.prompt_tokens) - len(rest)]) for r, (_, rest) in
                         zip(batch, reused)],
             samplers=[make_sampler(r.sampling, start_step=r.prefix_len) for r in batch],
-            logits_processors=[make_processors(r.sampling) for r in batch],
+            logits_processors=[self._processors(r) for r in batch],
         )
         return [(uid, len(r.prompt_tokens) - len(rest)) for uid, r, (_, rest) in zip(uids, batch, reused)]
+
+    def _processors(self, r: EngineRequest) -> Optional[list]:
+        """Sampling's processors, then the schema mask last (nothing may unmask a token)."""
+        procs = list(make_processors(r.sampling) or ())
+        if r.matcher is not None:
+            procs.append(GrammarProcessor(r.matcher, self._vocab))
+        return procs or None
 
     def _step(self) -> None:
         try:

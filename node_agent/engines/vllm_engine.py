@@ -55,6 +55,7 @@ class VllmEngine:
     """Engine over a vLLM server child; construct, `start(emit)`, then `load()`."""
 
     name = "vllm"
+    server_enforces_schema = True
 
     def __init__(self, *, model_path: Path, model_id: Optional[str] = None, max_running: int = 32,
                  max_context_tokens: Optional[int] = None, state_dir: Path, python: str = "",

@@ -25,7 +25,7 @@ LIFECYCLE_DRAINED: Lifecycle
 LIFECYCLE_FAILED: Lifecycle
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "version", "weights_digest", "context_length", "engine", "engine_version", "vocab_size")
+    __slots__ = ("model_id", "version", "weights_digest", "context_length", "engine", "engine_version", "vocab_size", "family")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class ModelInfo(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: str
     weights_digest: str
@@ -40,4 +41,5 @@ class ModelInfo(_message.Message):
     engine: str
     engine_version: str
     vocab_size: int
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    family: str
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ...) -> None: ...

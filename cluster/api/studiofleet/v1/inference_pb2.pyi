@@ -61,10 +61,11 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "chat", "prompt", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars", "allow_restart")
+    __slots__ = ("request_id", "chat", "prompt", "template", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars", "allow_restart", "output_format")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
@@ -74,9 +75,11 @@ class GenerateRequest(_message.Message):
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_RESTART_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     chat: ChatInput
     prompt: str
+    template: TemplateInput
     sampling: SamplingParams
     max_tokens: int
     stop: _containers.RepeatedScalarFieldContainer[str]
@@ -86,7 +89,33 @@ class GenerateRequest(_message.Message):
     session_key: str
     prefix_text_chars: int
     allow_restart: bool
-    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ..., allow_restart: _Optional[bool] = ...) -> None: ...
+    output_format: OutputFormat
+    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., template: _Optional[_Union[TemplateInput, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ..., allow_restart: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, _Mapping]] = ...) -> None: ...
+
+class TemplateInput(_message.Message):
+    __slots__ = ("name", "version", "variables")
+    class VariablesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    variables: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variables: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class OutputFormat(_message.Message):
+    __slots__ = ("json_schema", "note_template")
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    NOTE_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    note_template: str
+    def __init__(self, json_schema: _Optional[str] = ..., note_template: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "prefix_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -113,7 +142,7 @@ class Timings(_message.Message):
     def __init__(self, queue_wait_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class FinalInfo(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "node_id", "model", "request_id", "seed", "message", "failovers", "nodes", "restarts")
+    __slots__ = ("finish_reason", "usage", "timings", "node_id", "model", "request_id", "seed", "message", "failovers", "nodes", "restarts", "structured", "quality", "template")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +154,9 @@ class FinalInfo(_message.Message):
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
@@ -136,7 +168,48 @@ class FinalInfo(_message.Message):
     failovers: int
     nodes: _containers.RepeatedScalarFieldContainer[str]
     restarts: int
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., node_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., seed: _Optional[int] = ..., message: _Optional[str] = ..., failovers: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., restarts: _Optional[int] = ...) -> None: ...
+    structured: StructuredResult
+    quality: QualityScore
+    template: str
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., node_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., seed: _Optional[int] = ..., message: _Optional[str] = ..., failovers: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., restarts: _Optional[int] = ..., structured: _Optional[_Union[StructuredResult, _Mapping]] = ..., quality: _Optional[_Union[QualityScore, _Mapping]] = ..., template: _Optional[str] = ...) -> None: ...
+
+class StructuredResult(_message.Message):
+    __slots__ = ("valid", "json", "rule", "path", "error", "format")
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    valid: bool
+    json: str
+    rule: str
+    path: str
+    error: str
+    format: str
+    def __init__(self, valid: _Optional[bool] = ..., json: _Optional[str] = ..., rule: _Optional[str] = ..., path: _Optional[str] = ..., error: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
+class SubScore(_message.Message):
+    __slots__ = ("name", "score", "weight", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    score: float
+    weight: float
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., score: _Optional[float] = ..., weight: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class QualityScore(_message.Message):
+    __slots__ = ("total", "parts", "rubric")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    RUBRIC_FIELD_NUMBER: _ClassVar[int]
+    total: float
+    parts: _containers.RepeatedCompositeFieldContainer[SubScore]
+    rubric: str
+    def __init__(self, total: _Optional[float] = ..., parts: _Optional[_Iterable[_Union[SubScore, _Mapping]]] = ..., rubric: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "token_ids", "final", "restarted")
