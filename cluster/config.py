@@ -188,6 +188,12 @@ class CoordinatorSettings(FileSettings):
     rollout_gate_command: Optional[str] = None
     rollout_gate_timeout_s: float = Field(300.0, gt=0)
     rollout_smoke_requests: int = Field(2, ge=1)
+    # The eval gate (README "Clinical notes"): a suite file; a node rejoins only if its score
+    # is within the margin of the current version's (measured on it before it is drained).
+    rollout_eval_suite: Optional[str] = None
+    rollout_eval_margin: float = Field(0.05, ge=0, le=1)
+    rollout_eval_min_score: float = Field(0.0, ge=0, le=1)
+    rollout_eval_template: str = ""
     # Monitoring (README "Monitoring"): /metrics and the dashboard on an HTTP(S) port of
     # its own (same certificates and roles as gRPC; empty: the gRPC host, port + 1; "off"),
     # and the request log (metadata of every request, never content) in `state_db`.

@@ -11,8 +11,8 @@ import platform
 from typing import Iterable
 
 import psutil
-from prometheus_client import (CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
+                               disable_created_metrics, generate_latest)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
@@ -28,6 +28,29 @@ DURATION_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0
 # The classic text format every Prometheus 2.x reads (the library's newest, 1.0.0, is not).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 disable_created_metrics()   # no *_created series: they double every counter's series count
+
+
+QUALITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+
+
+class NoteMetrics:
+    """Completed notes' schema checks and quality scores, by output format: a note template
+    name, or "json_schema" for any caller's schema (never the schema: unbounded labels)."""
+
+    def __init__(self, prefix: str, registry: CollectorRegistry):
+        self.notes = Counter(f"{prefix}_notes", "Completed notes by output format and whether they satisfied it "
+                             "(valid true/false).", ["format", "valid"], registry=registry)
+        self.quality = Histogram(f"{prefix}_note_quality", "Weighted quality score of completed notes (0..1).",
+                                 ["format"], buckets=QUALITY_BUCKETS, registry=registry)
+        self.parts = Counter(f"{prefix}_note_subscore_sum", "Sum of each quality sub-score over completed notes; "
+                             f"divide by {prefix}_notes_total for the mean.", ["format", "part"], registry=registry)
+
+    def observe(self, output_format: str, valid: bool, total: float, parts: dict[str, float]) -> None:
+        fmt = "json_schema" if output_format.startswith("json_schema:") else output_format
+        self.notes.labels(fmt, "true" if valid else "false").inc()
+        self.quality.labels(fmt).observe(total)
+        for name, score in parts.items():
+            self.parts.labels(fmt, name).inc(score)
 
 
 class HostCollector(Collector):

@@ -1,23 +1,30 @@
 """The checks a node passes after it activated new weights, before it takes traffic again.
 
-A gate is `async check(ctx) -> Optional[str]` (None passes; a string is why it failed).
-The rollout runs the smoke gate, then the operator's command gate if configured; the
-quality issue plugs a real scorer in the same way (`Rollouts(gates=[...])`).
+A gate is `async check(ctx) -> Optional[str]` (None passes; a string is why it failed),
+and may have `async prepare(ctx)`, run on each node before it is drained (while it still
+serves the current version). The rollout runs the smoke gate, then the eval gate (the
+quality suite against the current version's score) and the operator's command gate when
+configured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Protocol
 
 import grpc
 
 from cluster.api import SMOKE_METADATA_KEY, inference_pb2
 from cluster.client import build_request
+from cluster.quality import evaluation
 from coordinator.node_link import NodeLink
+
+log = logging.getLogger(__name__)
 
 SMOKE_TIMEOUT_S = 60.0
 _OK = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
@@ -98,8 +105,70 @@ class CommandGate:
         return None if code == 0 else f"gate command exited with {code}"
 
 
+class EvalGate:
+    """The evaluation harness as a gate: the suite runs on the node before it is drained
+    (the current version's score, measured once per rollout) and again after it activated
+    the new weights; the node rejoins only if the new score is within `margin` of the old
+    one and at least `min_score`. Only scores are kept, never notes."""
+
+    name = "eval"
+
+    def __init__(self, suite_path: Path, *, margin: float, min_score: float = 0.0, template: str = "",
+                 concurrency: int = 4, timeout_s: float = 300.0):
+        self._suite = evaluation.load_suite(suite_path)   # a bad suite stops the coordinator at start
+        self._margin = margin
+        self._min = min_score
+        self._template = template
+        self._concurrency = concurrency
+        self._timeout = timeout_s
+        self.baselines: dict[tuple[str, str], evaluation.Report] = {}   # (rollout, from digest) -> report
+        self.last: Optional[evaluation.Report] = None
+
+    async def _run(self, ctx: GateContext, what: str) -> evaluation.Report:
+        async def generate(req: inference_pb2.GenerateRequest) -> inference_pb2.FinalInfo:
+            final = None
+            async for chunk in ctx.link.generate(req, self._timeout, metadata=((SMOKE_METADATA_KEY, "1"),)):
+                if chunk.HasField("final"):
+                    final = chunk.final
+            if final is None:
+                raise RuntimeError("the stream ended without a final chunk")
+            return final
+
+        report = await evaluation.run_suite(
+            self._suite, generate, target=ctx.address, label=f"{ctx.node_id} {what}", template=self._template,
+            concurrency=self._concurrency, run_id=f"{ctx.rollout_id}/{ctx.node_id}/eval-{what}")
+        log.info("rollout=%s node=%s eval %s: score %.3f, schema-valid %.0f%%, truncated %d of %d",
+                 ctx.rollout_id, ctx.node_id, what, report.summary["score"], 100 * report.summary["schema_valid"],
+                 report.summary["truncated"], len(report.cases))
+        return report
+
+    async def prepare(self, ctx: GateContext) -> Optional[str]:
+        """Score the current version on this node (still serving it), once per rollout."""
+        key = (ctx.rollout_id, ctx.weights_digest)
+        if key in self.baselines:
+            return None
+        report = await self._run(ctx, "baseline")
+        if not any(c.ok for c in report.cases):
+            return (f"the baseline run on the current version failed every case ({report.cases[0].error}); "
+                    "fix the node or the suite, then start the rollout again")
+        self.baselines[key] = report
+        return None
+
+    async def check(self, ctx: GateContext) -> Optional[str]:
+        baseline = next((r for (rid, _), r in self.baselines.items() if rid == ctx.rollout_id), None)
+        report = self.last = await self._run(ctx, "candidate")
+        why = evaluation.gate_verdict(report, baseline, margin=self._margin, min_score=self._min)
+        if why is None and baseline is None:
+            log.warning("rollout=%s node=%s eval gate had no baseline (coordinator restarted mid-rollout?); "
+                        "checked the floor only", ctx.rollout_id, ctx.node_id)
+        return why
+
+
 def default_gates(settings) -> list[Gate]:
     gates: list[Gate] = [SmokeGate(settings.rollout_smoke_requests)]
+    if settings.rollout_eval_suite:
+        gates.append(EvalGate(Path(settings.rollout_eval_suite), margin=settings.rollout_eval_margin,
+                              min_score=settings.rollout_eval_min_score, template=settings.rollout_eval_template))
     if settings.rollout_gate_command:
         gates.append(CommandGate(settings.rollout_gate_command, settings.rollout_gate_timeout_s))
     return gates

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cluster.api import common_pb2, fleet_pb2
-from cluster.metrics import (DURATION_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS, new_registry,
+from cluster.metrics import (DURATION_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS, NoteMetrics, new_registry,
                              state_family)
 from coordinator import health_policy as hp
 from coordinator.request_summary import RequestSummary
@@ -59,6 +59,7 @@ class CoordinatorMetrics:
                                  registry=r)
         self.rollout_steps = Counter("studiofleet_rollout_steps", "Rollout steps entered, by step.", ["step"],
                                      registry=r)
+        self.notes = NoteMetrics("studiofleet", r)
         r.register(_Live(fleet=fleet, relay=relay, rollouts=rollouts, audit=audit))
         events.listeners.append(self._event)
 
@@ -81,6 +82,8 @@ class CoordinatorMetrics:
             self.retries.inc(s.retries)
         if s.restarts:
             self.restarts.inc(s.restarts)
+        if s.quality_score is not None:
+            self.notes.observe(s.output_format, bool(s.schema_valid), s.quality_score, s.quality_parts)
 
     def _event(self, event: fleet_pb2.FleetEvent) -> None:
         kind = fleet_pb2.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower()

@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("request_id", "caller", "priority", "started_at", "ended_at", "outcome", "code", "queue_ms",
            "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers",
-           "retries", "restarts", "finish_reason", "quality_score")
+           "retries", "restarts", "finish_reason", "quality_score", "template", "output_format", "schema_valid",
+           "quality_parts")
+# Columns added after the table first shipped: (name, declaration), added to old databases.
+_ADDED = (("template", "TEXT NOT NULL DEFAULT ''"), ("output_format", "TEXT NOT NULL DEFAULT ''"),
+          ("schema_valid", "INTEGER"), ("quality_parts", "TEXT"))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
   request_id TEXT NOT NULL, caller TEXT NOT NULL, priority TEXT NOT NULL, started_at REAL NOT NULL,
@@ -55,7 +59,8 @@ def _row(s: RequestSummary) -> tuple:
     ms = lambda v: None if v is None else round(v * 1000.0, 3)  # noqa: E731
     return (s.request_id, s.caller, s.priority, s.started_at, s.ended_at, s.outcome, s.code, ms(s.queue_s),
             ms(s.ttft_s), ms(s.decode_s), ms(s.duration_s), s.prompt_tokens, s.completion_tokens,
-            json.dumps(s.nodes), s.failovers, s.retries, s.restarts, s.finish_reason, s.quality_score)
+            json.dumps(s.nodes), s.failovers, s.retries, s.restarts, s.finish_reason, s.quality_score, s.template,
+            s.output_format, s.schema_valid, json.dumps(s.quality_parts) if s.quality_parts else None)
 
 
 class RequestLog:
@@ -73,6 +78,10 @@ class RequestLog:
         db = self._connect()   # the schema exists before the first query
         try:
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+            for name, decl in _ADDED:
+                if name not in have:
+                    db.execute(f"ALTER TABLE requests ADD COLUMN {name} {decl}")
         finally:
             db.close()
         self._writer = threading.Thread(target=self._run, name="request-log", daemon=True)
@@ -215,9 +224,12 @@ class RequestLog:
         for row in rows:
             r = dict(zip(COLUMNS, row))
             r["nodes"] = json.loads(r["nodes"])
-            for key in ("queue_ms", "ttft_ms", "quality_score"):
+            r["quality_parts"] = json.loads(r["quality_parts"]) if r["quality_parts"] else {}
+            for key in ("queue_ms", "ttft_ms", "quality_score", "schema_valid"):
                 if r[key] is None:
                     r.pop(key)
+            if "schema_valid" in r:
+                r["schema_valid"] = bool(r["schema_valid"])
             reply.requests.append(fleet_pb2.RequestRecord(**r))
         return reply
 

@@ -117,6 +117,10 @@ class Runner:
                 await self._restart(n, entry)
             elif st.model.weights_digest != t.weights_digest:
                 await self._stage(n, entry)
+                failure = await self._prepare_gates(n, entry)
+                if failure:
+                    self._step(n, "failed", f"{failure}; the node was left as it was")
+                    return False
                 await self._drain(n, entry)
                 self._step(n, "activate", f"activating {_target(t)}")
                 try:
@@ -203,6 +207,20 @@ class Runner:
                 self._step(n, "wait", f"waiting for {need} other nodes to serve before draining")
                 said = True
             await asyncio.sleep(0.2)
+
+    async def _prepare_gates(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
+        """Gates that measure the current version first (the eval gate's baseline), on the
+        node while it still serves it."""
+        ctx = GateContext(self.r.id, n.node_id, entry.address, entry.link, n.from_digest)
+        for gate in self._gates:
+            prepare = getattr(gate, "prepare", None)
+            if prepare is None:
+                continue
+            self._step(n, "gate", f"{gate.name}: scoring the current version {n.from_digest[:19]}")
+            why = await prepare(ctx)
+            if why:
+                return f"{gate.name} gate: {why}"
+        return None
 
     async def _gate(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
         self._step(n, "gate", ", ".join(g.name for g in self._gates))

@@ -20,7 +20,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cluster.api import common_pb2
-from cluster.metrics import DURATION_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS, new_registry, state_family
+from cluster.metrics import (DURATION_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS, NoteMetrics, new_registry,
+                             state_family)
 
 if TYPE_CHECKING:
     from node_agent.agent import NodeAgent
@@ -47,6 +48,7 @@ class NodeMetrics:
                                      registry=r)
         self.generation_tokens = Counter("studiofleet_node_generation_tokens", "Tokens generated and sent.",
                                          registry=r)
+        self.notes = NoteMetrics("studiofleet_node", r)
         r.register(_Live(agent, self))
         agent.registry.observers.append(self.request_ended)
 
@@ -65,6 +67,9 @@ class NodeMetrics:
             self.itl.observe(gap)
         self.prompt_tokens.inc(stream.prompt_len)
         self.generation_tokens.inc(stream.completion_tokens)
+        if stream.quality is not None:
+            self.notes.observe(stream.req.output.format, stream.checked.valid, stream.quality.total,
+                               {p.name: p.score for p in stream.quality.parts})
 
 
 class _Live(Collector):

@@ -28,16 +28,25 @@ def _bad_input(message: str) -> typer.Exit:
 def requests_table(reply: fleet_pb2.ListRequestsResponse, title: str) -> Table:
     t = Table(title=title)
     for col in ("ended", "request", "caller", "outcome", "queue ms", "ttft ms", "decode ms", "total ms",
-                "in/out", "nodes", "failovers"):
-        t.add_column(col, no_wrap=True, justify="right" if col.endswith(("ms", "failovers", "in/out")) else "left")
+                "in/out", "nodes", "failovers", "quality", "template"):
+        t.add_column(col, no_wrap=True,
+                     justify="right" if col.endswith(("ms", "failovers", "in/out", "quality")) else "left")
     for r in reply.requests:
         outcome = r.outcome if r.code == "OK" else f"{r.outcome} {r.code}"
         t.add_row(datetime.fromtimestamp(r.ended_at).strftime("%m-%d %H:%M:%S"), r.request_id, r.caller,
                   outcome if r.outcome == "completed" else f"[red]{outcome}[/]",
                   f"{r.queue_ms:.0f}" if r.HasField("queue_ms") else "-",
                   f"{r.ttft_ms:.0f}" if r.HasField("ttft_ms") else "-", f"{r.decode_ms:.0f}", f"{r.latency_ms:.0f}",
-                  f"{r.prompt_tokens}/{r.completion_tokens}", " > ".join(r.nodes) or "-", str(r.failovers))
+                  f"{r.prompt_tokens}/{r.completion_tokens}", " > ".join(r.nodes) or "-", str(r.failovers),
+                  _quality(r), r.template or "-")
     return t
+
+
+def _quality(r: fleet_pb2.RequestRecord) -> str:
+    if not r.HasField("quality_score"):
+        return "-"
+    text = f"{r.quality_score:.2f}"
+    return text if not r.HasField("schema_valid") or r.schema_valid else f"[red]{text} invalid[/]"
 
 
 def requests(

@@ -288,7 +288,14 @@ class ListRequestsRequest(_message.Message):
     def __init__(self, since_s: _Optional[float] = ..., slow_only: _Optional[bool] = ..., failed_only: _Optional[bool] = ..., caller: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class RequestRecord(_message.Message):
-    __slots__ = ("request_id", "caller", "started_at", "ended_at", "outcome", "code", "queue_ms", "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers", "retries", "restarts", "finish_reason", "quality_score", "priority")
+    __slots__ = ("request_id", "caller", "started_at", "ended_at", "outcome", "code", "queue_ms", "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers", "retries", "restarts", "finish_reason", "quality_score", "priority", "template", "output_format", "schema_valid", "quality_parts")
+    class QualityPartsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +315,10 @@ class RequestRecord(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     QUALITY_SCORE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_VALID_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_PARTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     caller: str
     started_at: float
@@ -327,7 +338,11 @@ class RequestRecord(_message.Message):
     finish_reason: str
     quality_score: float
     priority: str
-    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., outcome: _Optional[str] = ..., code: _Optional[str] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[int] = ..., retries: _Optional[int] = ..., restarts: _Optional[int] = ..., finish_reason: _Optional[str] = ..., quality_score: _Optional[float] = ..., priority: _Optional[str] = ...) -> None: ...
+    template: str
+    output_format: str
+    schema_valid: bool
+    quality_parts: _containers.ScalarMap[str, float]
+    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., outcome: _Optional[str] = ..., code: _Optional[str] = ..., queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[int] = ..., retries: _Optional[int] = ..., restarts: _Optional[int] = ..., finish_reason: _Optional[str] = ..., quality_score: _Optional[float] = ..., priority: _Optional[str] = ..., template: _Optional[str] = ..., output_format: _Optional[str] = ..., schema_valid: _Optional[bool] = ..., quality_parts: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListRequestsResponse(_message.Message):
     __slots__ = ("requests", "matched", "slow_ttft_ms", "slow_latency_ms", "retention_days")
