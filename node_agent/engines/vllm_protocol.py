@@ -24,8 +24,8 @@ def completion_body(req: EngineRequest, served_name: str, eos_token_ids: Iterabl
             body["top_k"] = s.top_k
     if s.repetition_penalty != 1.0:
         body["repetition_penalty"] = s.repetition_penalty
-    if req.schema:  # vLLM's structured outputs, compact JSON as on MLX nodes
-        body["structured_outputs"] = {"json": req.schema, "disable_any_whitespace": True}
+    if req.schema:  # vLLM's structured outputs (compact JSON: the server's config, vllm_server.py)
+        body["structured_outputs"] = {"json": req.schema}
     return json.dumps(body).encode()
 
 

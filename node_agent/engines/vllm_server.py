@@ -99,7 +99,12 @@ class VllmServer:
     def command(self, model_path: Path, served_name: str, *, max_model_len: int, max_num_seqs: int) -> list[str]:
         return [self.python, "-m", SERVER_MODULE, "--model", str(model_path), "--served-model-name", served_name,
                 "--host", self.host, "--port", str(self.port), "--max-model-len", str(max_model_len),
-                "--max-num-seqs", str(max_num_seqs), *self.extra_args]
+                "--max-num-seqs", str(max_num_seqs),
+                # Schema-constrained JSON with vLLM's llguidance backend: the same JSON Schema
+                # compiler as MLX nodes and the coordinator's check, so a schema accepted anywhere
+                # is enforced alike everywhere; no free whitespace (a server setting, not a request's).
+                "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}',
+                *self.extra_args]
 
     async def start(self, session, model_path: Path, served_name: str, *, max_model_len: int,
                     max_num_seqs: int) -> None:
