@@ -27,7 +27,9 @@ class PromptVersion:
     system: str
     user: str              # str.format fields are the variables, e.g. {transcript}
     note: str              # the note template (output format) it asks for
-    max_tokens: int        # the completion budget when the request leaves max_tokens at 0
+    # The completion budget when the request leaves max_tokens at 0: room for the longest
+    # note the note template's schema allows (a brief note is at most ~700 characters).
+    max_tokens: int
     temperature: float = 0.0
 
     @property
@@ -62,12 +64,12 @@ _COORD_SYSTEM = (
 _COORD_USER = "Call transcript:\n\n{transcript}\n\nWrite the summary as JSON."
 
 _VERSIONS = (
-    PromptVersion("soap-note", "default", "v1", _SOAP_SYSTEM_V1, _SOAP_USER, "soap", 900),
-    PromptVersion("soap-note", "qwen2", "v1", _SOAP_SYSTEM_V1, _SOAP_USER, "soap", 900),
-    PromptVersion("soap-note", "qwen2", "v2", _SOAP_SYSTEM_V2, _SOAP_USER, "soap", 900),
-    PromptVersion("soap-note", "llama", "v1", _SOAP_SYSTEM_V2, _SOAP_USER, "soap", 900),
-    PromptVersion("soap-brief", "default", "v1", _SOAP_SYSTEM_V2, _BRIEF_USER, "soap-brief", 400),
-    PromptVersion("care-coordination", "default", "v1", _COORD_SYSTEM, _COORD_USER, "care-coordination", 500),
+    PromptVersion("soap-note", "default", "v1", _SOAP_SYSTEM_V1, _SOAP_USER, "soap", 1200),
+    PromptVersion("soap-note", "qwen2", "v1", _SOAP_SYSTEM_V1, _SOAP_USER, "soap", 1200),
+    PromptVersion("soap-note", "qwen2", "v2", _SOAP_SYSTEM_V2, _SOAP_USER, "soap", 1200),
+    PromptVersion("soap-note", "llama", "v1", _SOAP_SYSTEM_V2, _SOAP_USER, "soap", 1200),
+    PromptVersion("soap-brief", "default", "v1", _SOAP_SYSTEM_V2, _BRIEF_USER, "soap-brief", 1000),
+    PromptVersion("care-coordination", "default", "v1", _COORD_SYSTEM, _COORD_USER, "care-coordination", 800),
 )
 
 REGISTRY: dict[str, dict[str, list[PromptVersion]]] = {}
