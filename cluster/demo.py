@@ -35,12 +35,14 @@ VISITS = [
 
 
 def _request(i: int, max_tokens: int):
+    """A structured note: the versioned soap-brief prompt template, its SOAP schema enforced
+    while decoding, so even the random demo model's output is a valid SOAP object."""
     visit = VISITS[i % len(VISITS)]
-    return build_request(messages=[("system", SYSTEM), ("user", f"Synthetic visit {i}: {visit}")],
+    return build_request(template="soap-brief", variables={"transcript": f"Synthetic visit {i}: {visit}"},
                          max_tokens=max_tokens, request_id=f"note-{i:03d}", temperature=0.7, seed=i)
 
 
-def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens: int = 96,
+def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens: int = 0,
              nodes: int = 2, vllm_python: str = "", console: Console | None = None) -> int:
     """Returns 0 when every note completed and every daemon stopped cleanly. With
     `vllm_python`, one more node agent serves the same model through vLLM (its CPU build
@@ -165,16 +167,18 @@ def _show_audit(console: Console, audit_dir: Path, request_ids: list[str]) -> bo
 def _table(results) -> Table:
     t = Table(title="clinical notes (synthetic)")
     for col in ("request", "node", "prompt", "cached", "tokens", "finish", "failovers", "queue ms", "ttft ms",
-                "total ms", "tok/s"):
+                "total ms", "tok/s", "SOAP", "quality", "template"):
         t.add_column(col, no_wrap=True,
-                     justify="left" if col in ("request", "node", "finish") else "right")
+                     justify="left" if col in ("request", "node", "finish", "SOAP", "template") else "right")
     for r in results:
         if isinstance(r, FleetError):
+            rule = getattr(r, "rule", "")
             t.add_row(getattr(r, "request_id", "") or "?", "-", "-", "-", "-", f"[red]{r.code}[/]", "-", "-", "-",
-                      "-", "-")
+                      "-", "-", f"[red]{rule}[/]" if rule else "-", "-", "-")
             continue
+        soap = "valid" if isinstance(r.output, dict) else "-"
         t.add_row(r.request_id, r.node_id, str(r.prompt_tokens), str(r.cached_prompt_tokens),
                   str(r.completion_tokens), r.finish_reason, str(r.failovers),
                   f"{r.queue_wait_ms:.1f}", f"{r.time_to_first_token_ms:.1f}", f"{r.total_ms:.1f}",
-                  f"{r.decode_tokens_per_s:.0f}")
+                  f"{r.decode_tokens_per_s:.0f}", soap, f"{r.quality.total:.2f}" if r.quality else "-", r.template)
     return t

@@ -11,7 +11,8 @@ def demo(
     workdir: Path = typer.Option(Path(".demo"), help="Where the model and logs go."),
     notes: int = typer.Option(12, help="Clinical-note requests to send."),
     concurrency: int = typer.Option(8, help="Requests in flight at once."),
-    max_tokens: int = typer.Option(96, help="Tokens per note."),
+    max_tokens: int = typer.Option(0, help="Tokens per note; 0: the soap-brief template's budget (a too small "
+                                           "budget truncates notes, which then fail their schema)."),
     nodes: int = typer.Option(2, help="Node agents to start."),
     vllm_python: str = typer.Option("", help="Also start a vLLM node agent with this Python (scripts/demo --vllm "
                                               "sets up .venv-vllm and passes it)."),
