@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 def canonical_input(request: inference_pb2.GenerateRequest) -> bytes:
     """The bytes a prompt digest is taken over, so an auditor holding the key and the
     alleged content can recompute it: JSON, sorted keys, no spaces, UTF-8."""
-    if request.WhichOneof("input") == "chat":
+    kind = request.WhichOneof("input")
+    if kind == "chat":
         body = {"messages": [[m.role, m.content] for m in request.chat.messages]}
+    elif kind == "template":   # the caller's content is the variables (the template is public)
+        t = request.template
+        body = {"template": t.name, "version": t.version, "variables": dict(t.variables)}
     else:
         body = {"prompt": request.prompt}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

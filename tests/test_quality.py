@@ -154,3 +154,16 @@ def test_reports_round_trip_compare_and_gate():
     assert "0.450 against 0.900" in why and "truncated 3 vs 0" in why
     assert evaluation.gate_verdict(_report([0.88, 0.9, 0.82]), a, margin=0.05, min_score=0.0) is None
     assert "under the floor" in evaluation.gate_verdict(a, None, margin=0.05, min_score=0.95)
+
+
+def test_a_template_requests_audit_digest_covers_its_variables():
+    """The audit record's prompt digest of a template request is over the caller's content
+    (the variables), so two notes from different transcripts never share a digest."""
+    from cluster.client import build_request
+    from coordinator.audit_trail import canonical_input
+
+    a = build_request(template="soap-note", variables={"transcript": "Patient: cough."})
+    b = build_request(template="soap-note", variables={"transcript": "Patient: rash."})
+    assert canonical_input(a) != canonical_input(b)
+    assert json.loads(canonical_input(a)) == {"template": "soap-note", "version": "",
+                                              "variables": {"transcript": "Patient: cough."}}
