@@ -106,6 +106,14 @@ def parse(text: str) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile (0..1) of `values`; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def state_family(name: str, help_: str, label: str, states: Iterable[str], current: str,
                  extra: dict[str, str] | None = None) -> GaugeMetricFamily:
     """An enum as Prometheus likes it: one series per possible state, 1 for the current."""

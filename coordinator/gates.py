@@ -126,13 +126,8 @@ class EvalGate:
 
     async def _run(self, ctx: GateContext, what: str) -> evaluation.Report:
         async def generate(req: inference_pb2.GenerateRequest) -> inference_pb2.FinalInfo:
-            final = None
-            async for chunk in ctx.link.generate(req, self._timeout, metadata=((SMOKE_METADATA_KEY, "1"),)):
-                if chunk.HasField("final"):
-                    final = chunk.final
-            if final is None:
-                raise RuntimeError("the stream ended without a final chunk")
-            return final
+            return await evaluation.final_of(ctx.link.generate(req, self._timeout,
+                                                               metadata=((SMOKE_METADATA_KEY, "1"),)))
 
         report = await evaluation.run_suite(
             self._suite, generate, target=ctx.address, label=f"{ctx.node_id} {what}", template=self._template,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cluster.api import fleet_pb2
+from cluster.metrics import percentile
 from coordinator.request_summary import RequestSummary
 
 log = logging.getLogger(__name__)
@@ -234,19 +235,12 @@ class RequestLog:
         return reply
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def _bucket(start: float, group: list[RequestSummary]) -> fleet_pb2.TrafficBucket:
     ttft = [s.ttft_s * 1000.0 for s in group if s.ttft_s is not None]
     itl = [s.decode_s * 1000.0 / (s.completion_tokens - 1) for s in group if s.completion_tokens > 1]
     return fleet_pb2.TrafficBucket(
         start=start, requests=len(group), errors=sum(s.outcome not in ("completed", "cancelled") for s in group),
-        tokens=sum(s.completion_tokens for s in group), ttft_p50_ms=_pct(ttft, 0.5), ttft_p95_ms=_pct(ttft, 0.95),
-        latency_p95_ms=_pct([s.duration_s * 1000.0 for s in group], 0.95),
+        tokens=sum(s.completion_tokens for s in group), ttft_p50_ms=percentile(ttft, 0.5), ttft_p95_ms=percentile(ttft, 0.95),
+        latency_p95_ms=percentile([s.duration_s * 1000.0 for s in group], 0.95),
         itl_p50_ms=statistics.median(itl) if itl else 0.0)
 

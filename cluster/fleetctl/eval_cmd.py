@@ -69,13 +69,7 @@ def run(
         async with AsyncFleetClient(target, tls=tls, plaintext=tls is None,
                                     server_name=ANY_NODE if node and tls else None) as client:
             async def generate(req: inference_pb2.GenerateRequest) -> inference_pb2.FinalInfo:
-                final = None
-                async for chunk in client.stream(req, timeout_s=timeout_s):
-                    if chunk.HasField("final"):
-                        final = chunk.final
-                if final is None:
-                    raise RuntimeError("the stream ended without a final chunk")
-                return final
+                return await evaluation.final_of(client.stream(req, timeout_s=timeout_s))
 
             typer.echo(f"fleetctl eval: {len(s.cases)} cases of suite {s.name} v{s.version} on {target}, "
                        f"{concurrency} at a time", err=True)

@@ -20,9 +20,10 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from cluster.api import inference_pb2
+from cluster.metrics import percentile
 from cluster.quality import prompts
 from cluster.quality.scoring import RUBRIC
 
@@ -113,7 +114,7 @@ class Report:
     def summary(self) -> dict:
         c = self.cases
         done = [r for r in c if r.ok]
-        lat = sorted(r.latency_ms for r in done)
+        lat = [r.latency_ms for r in done]
         tokens = sum(r.completion_tokens for r in c)
         mentions = [r.mentions for r in done if r.mentions is not None]
         return {
@@ -125,8 +126,8 @@ class Report:
             "parts": {k: round(statistics.fmean(r.parts.get(k, 0.0) for r in done), 4)
                       for k in sorted({k for r in done for k in r.parts})},
             "mentions": round(statistics.fmean(mentions), 4) if mentions else None,
-            "latency_p50_ms": round(_pct(lat, 0.5), 1),
-            "latency_p95_ms": round(_pct(lat, 0.95), 1),
+            "latency_p50_ms": round(percentile(lat, 0.5), 1),
+            "latency_p95_ms": round(percentile(lat, 0.95), 1),
             "tokens_per_s": round(tokens / self.wall_s, 1) if self.wall_s > 0 else 0.0,
         }
 
@@ -139,12 +140,6 @@ class Report:
         data.pop("summary", None)
         data["cases"] = [CaseResult(**c) for c in data.get("cases", [])]
         return cls(**data)
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def case_request(suite: Suite, case: Case, *, template: str = "", version: str = "", seed: int = 0,
@@ -162,6 +157,17 @@ def case_request(suite: Suite, case: Case, *, template: str = "", version: str =
 
 # A target: sends one request, returns its final record (raises on a failed call).
 Generate = Callable[[inference_pb2.GenerateRequest], Awaitable[inference_pb2.FinalInfo]]
+
+
+async def final_of(chunks: AsyncIterator[inference_pb2.GenerateChunk]) -> inference_pb2.FinalInfo:
+    """The final record of a stream (the note's text is not kept)."""
+    final = None
+    async for chunk in chunks:
+        if chunk.HasField("final"):
+            final = chunk.final
+    if final is None:
+        raise RuntimeError("the stream ended without a final chunk")
+    return final
 
 
 async def run_suite(suite: Suite, generate: Generate, *, target: str, label: str = "", template: str = "",
