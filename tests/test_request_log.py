@@ -90,11 +90,56 @@ def test_retention_deletes_old_rows_when_the_log_opens(tmp_path, clock):
     first.close()
     again = RequestLog(tmp_path / "s.db", retention_days=1, clock=lambda: clock[0])
     try:
-        again.flush()
+        # Gone when the constructor returns, before the writer thread's first turn: the
+        # file itself no longer has the row, and neither does the first query.
+        rows = sqlite3.connect(tmp_path / "s.db").execute("SELECT request_id FROM requests").fetchall()
+        assert rows == [("r-2",)]
         reply = again.list_reply(ask(since_s=10 * 86400), slow_ttft_ms=1, slow_latency_ms=1)
         assert [r.request_id for r in reply.requests] == ["r-2"]
     finally:
         again.close()
+
+
+def test_a_query_waits_only_for_rows_recorded_before_it(log, clock):
+    """Steady traffic cannot hold a query up: flush() waits for the rows recorded before
+    it, not for a queue that keeps filling (the writer is held to make it deterministic)."""
+    import threading
+
+    original, first, release = log._insert, threading.Event(), threading.Event()
+    calls = []
+
+    def held(db, batch):
+        calls.append(len(batch))
+        (first if len(calls) == 1 else release).wait(10)
+        original(db, batch)
+
+    log._insert = held
+    log.record(summary(1, ended=clock[0]))
+    while not calls:              # the writer took r-1 alone and is holding it
+        release.wait(0.01)
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(log.flush(5.0)))
+    waiter.start()
+    for i in range(2, 5):         # recorded after the query began: never committed during this test
+        log.record(summary(i, ended=clock[0]))
+    first.set()
+    waiter.join(5)
+    release.set()
+    assert done == [True]
+
+
+def test_the_writer_survives_an_unexpected_error(log, clock):
+    def broken(db):
+        raise RuntimeError("a bug in the hourly retention pass")
+
+    log._prune = broken
+    clock[0] += 2 * 3600          # the hourly prune is due, and raises after the insert
+    log.record(summary(1, ended=clock[0]))
+    assert log.flush(5.0)
+    log.record(summary(2, ended=clock[0]))
+    reply = log.list_reply(ask(since_s=600), slow_ttft_ms=1, slow_latency_ms=1)
+    assert sorted(r.request_id for r in reply.requests) == ["r-1", "r-2"]
+    assert log._writer.is_alive()
 
 
 def test_traffic_buckets_cover_the_window_with_percentiles(log, clock):
