@@ -171,3 +171,19 @@ def test_through_the_coordinator_notes_reach_the_request_log_and_metrics(node, s
     assert "soap-brief@default/v1" in table.stdout
     scrape = cm.parse(co.http_get("/metrics")[1].decode())
     assert _sample(scrape, "studiofleet_notes_total", format="soap-brief", valid="true") == 1
+
+
+def test_fleetctl_generate_writes_a_structured_note_and_says_how_it_scored(node):
+    from tests.test_fleetctl import AT_NODE
+
+    out = fleetctl("generate", *AT_NODE, "--target", node.address, "--template", "soap-brief", "--prompt",
+                   TRANSCRIPT, "--seed", "4", "--temperature", "1")
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout)) == {"subjective", "objective", "assessment", "plan"}
+    assert "-- template soap-brief@default/v1" in out.stderr and "-- soap-brief: valid; quality" in out.stderr
+    out = fleetctl("generate", *AT_NODE, "--target", node.address, "--prompt", "Summarise as JSON.",
+                   "--note-template", "soap-brief", "--max-tokens", "5", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["output"] is None and result["finish_reason"] == "length"
+    assert result["quality"]["parts"]["not_truncated"] == 0.0 and result["output_format"] == "soap-brief"

@@ -11,7 +11,7 @@ import typer
 
 from cluster.api import inference_pb2
 from cluster.client import FleetClient, build_request
-from cluster.client.errors import FleetError
+from cluster.client.errors import FleetError, SchemaViolationError
 from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials
 from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_UNAVAILABLE, fail
 from cluster.security.identity import ANY_NODE
@@ -25,7 +25,8 @@ def generate(
                                                     "real patient text belongs in --prompt-file, not argv."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file, or "
                                                "'-' for stdin: it stays out of `ps` and shell history."),
-    max_tokens: int = typer.Option(64, help="Tokens to generate."),
+    max_tokens: Optional[int] = typer.Option(None, help="Tokens to generate. [default: 64; with --template, the "
+                                                        "template's budget]"),
     raw: bool = typer.Option(False, help="Send the prompt as raw text, without the chat template."),
     system: Optional[str] = typer.Option(None, help="System message to put before the prompt."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
@@ -37,6 +38,13 @@ def generate(
     allow_restart: bool = typer.Option(False, "--allow-restart", help="If the weights a started stream runs on "
                                        "are gone from the fleet, let the coordinator start it over on other "
                                        "weights (the text before the restart is void) instead of failing."),
+    template: Optional[str] = typer.Option(None, "--template", help="A prompt template (e.g. soap-note); the prompt "
+                                           "text becomes its `transcript` variable (README 'Clinical notes')."),
+    template_version: str = typer.Option("", "--template-version", help="Pin a template version, e.g. qwen2/v1."),
+    note_template: Optional[str] = typer.Option(None, "--note-template", help="Constrain the output to a note "
+                                                "template: soap, soap-brief, care-coordination."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Constrain the output to the JSON "
+                                               "Schema in this file."),
     timeout_s: float = typer.Option(120.0, help="Deadline for the whole request."),
     output: str = typer.Option("text", "--output", "-o", help="text (stream) or json (one object)."),
     node: bool = typer.Option(False, "--node", help="TARGET is a node agent, not a coordinator (nodes serve "
@@ -50,17 +58,34 @@ def generate(
     if prompt_file is not None:
         prompt = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text()
     messages = None
-    if not raw:
+    if not raw and template is None:
         messages = ([("system", system)] if system else []) + [("user", prompt)]
-    req = build_request(prompt=prompt if raw else None, messages=messages, max_tokens=max_tokens,
+    try:
+        schema = json_schema.read_text() if json_schema is not None else None
+    except OSError as exc:
+        typer.echo(f"fleetctl: --json-schema: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    req = build_request(prompt=prompt if raw and template is None else None, messages=messages,
+                        max_tokens=max_tokens if max_tokens is not None else (0 if template is not None else 64),
                         request_id=request_id, temperature=temperature, top_p=top_p, top_k=top_k,
-                        seed=seed, stop=stop, allow_restart=allow_restart)
+                        seed=seed, stop=stop, allow_restart=allow_restart,
+                        template=template, template_version=template_version,
+                        variables={"transcript": prompt} if template is not None else None,
+                        json_schema=schema, note_template=note_template)
     tls = credentials(tls_dir, tls_name, plaintext)
     with FleetClient(target, tls=tls, plaintext=tls is None, server_name=ANY_NODE if node and tls else None) as client:
         try:
             if output == "json":
-                result = client.generate(req, timeout_s=timeout_s)
-                typer.echo(json.dumps(result.as_dict()))
+                try:
+                    result = client.generate(req, timeout_s=timeout_s)
+                except SchemaViolationError as err:
+                    result = err.result
+                out = result.as_dict()
+                if result.quality is not None:
+                    out["quality"] = {"total": result.quality.total, "parts": result.quality.parts,
+                                      "rubric": result.quality.rubric}
+                out["output"] = result.output
+                typer.echo(json.dumps(out))
                 return
             final = None
             for chunk in client.stream(req, timeout_s=timeout_s):
@@ -89,6 +114,13 @@ def generate(
             f"finish={inference_finish(final.finish_reason)}, ttft {t.time_to_first_token_ms:.0f} ms, "
             f"{t.decode_tokens_per_s:.1f} tok/s, total {t.total_ms:.0f} ms, "
             f"model {final.model.model_id} {final.model.weights_digest[:19]}", err=True)
+        if final.template:
+            typer.echo(f"-- template {final.template}", err=True)
+        if final.HasField("structured"):
+            st = final.structured
+            verdict = "valid" if st.valid else f"INVALID: {st.error}"
+            parts = ", ".join(f"{p.name} {p.score:.2f}" for p in final.quality.parts)
+            typer.echo(f"-- {st.format}: {verdict}; quality {final.quality.total:.3f} ({parts})", err=True)
 
 
 def inference_finish(value: int) -> str:
