@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cluster.api import fleet_pb2, fleet_pb2_grpc, inference_pb2_grpc
+from cluster.api import fleet_pb2, fleet_pb2_grpc, inference_pb2, inference_pb2_grpc
 from cluster.security import ca
 from cluster.security.identity import Role
 from tests.fleet_helpers import EventWatch, collect, note
@@ -95,7 +95,9 @@ def test_coordinator_certificate_rotation_keeps_serving(start_node, start_coordi
     while _served_serial(co.address, fleet_ca, name) != new:
         assert time.monotonic() < deadline, "the coordinator did not serve its new certificate within 10 s"
     chunks = [first, *stream]
-    assert chunks[-1].final.usage.completion_tokens == 300
+    final = chunks[-1].final   # the stream ended cleanly with every token (a random seed may sample EOS early)
+    assert final.finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH), final
+    assert final.usage.completion_tokens == sum(len(c.token_ids) for c in chunks) > 0
     watch = EventWatch(co)
     after = time.time()
     # Two probe rounds later the node link runs on the new credentials; traffic still flows.
