@@ -122,7 +122,6 @@ class EvalGate:
         self._concurrency = concurrency
         self._timeout = timeout_s
         self.baselines: dict[tuple[str, str], evaluation.Report] = {}   # (rollout, from digest) -> report
-        self.last: Optional[evaluation.Report] = None
 
     async def _run(self, ctx: GateContext, what: str) -> evaluation.Report:
         async def generate(req: inference_pb2.GenerateRequest) -> inference_pb2.FinalInfo:
@@ -142,6 +141,8 @@ class EvalGate:
         key = (ctx.rollout_id, ctx.weights_digest)
         if key in self.baselines:
             return None
+        # One rollout runs at a time: earlier rollouts' baselines are not needed again.
+        self.baselines = {k: r for k, r in self.baselines.items() if k[0] == ctx.rollout_id}
         report = await self._run(ctx, "baseline")
         if not any(c.ok for c in report.cases):
             return (f"the baseline run on the current version failed every case ({report.cases[0].error}); "
@@ -151,7 +152,7 @@ class EvalGate:
 
     async def check(self, ctx: GateContext) -> Optional[str]:
         baseline = next((r for (rid, _), r in self.baselines.items() if rid == ctx.rollout_id), None)
-        report = self.last = await self._run(ctx, "candidate")
+        report = await self._run(ctx, "candidate")
         why = evaluation.gate_verdict(report, baseline, margin=self._margin, min_score=self._min)
         if why is None and baseline is None:
             log.warning("rollout=%s node=%s eval gate had no baseline (coordinator restarted mid-rollout?); "

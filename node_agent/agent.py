@@ -24,9 +24,9 @@ from cluster.api import (
     node_pb2_grpc,
 )
 from cluster.config import NodeSettings
-from cluster.quality import notes
 from cluster.daemon import SERVER_OPTIONS
 from cluster.mdns import Advert
+from cluster.quality import notes
 from cluster.security.daemon import DaemonSecurity
 from cluster.security.roles import NODE_TABLE
 from node_agent.advertiser import Advertiser
@@ -234,8 +234,9 @@ class NodeAgent:
             request_id="warmup", messages=(("user", "Warm-up: write one word."),), prompt=None,
             sampling=SamplingSpec(), seed_given=True, max_tokens=self.settings.warmup_tokens,
             stop=(), prefix_token_ids=(), require_weights_digest="")
-        # Build the schema tokenizer now (~1 s for a large vocabulary), not on the first note.
-        await asyncio.to_thread(self.grammars.matcher, notes.template_spec("soap-brief"))
+        if not self.engine.server_enforces_schema:
+            # Build the schema tokenizer now (~1 s for a large vocabulary), not on the first note.
+            await asyncio.to_thread(self.grammars.matcher, notes.template_spec("soap-brief"))
         tokens = build_prompt_tokens(self.engine.tokenizer, req)
         stream = self.registry.open(req, prompt_len=len(tokens),
                                     detokenizer=self.engine.tokenizer.detokenizer,

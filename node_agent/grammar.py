@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -29,10 +29,6 @@ class Grammars:
         self._eos = sorted(eos_token_ids)
         self._lock = threading.Lock()
         self._ll = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab
 
     def _tokenizer(self):
         with self._lock:
@@ -61,7 +57,6 @@ class GrammarProcessor:
 
     def __init__(self, matcher, vocab_size: int):
         self._m = matcher
-        self._width = vocab_size
         self._bits = np.full((1, (vocab_size + 31) // 32), -1, dtype=np.int32)
         self._started = False
         self._broken = False
@@ -95,7 +90,3 @@ def _masker(width: int):
         return mx.where(bits.reshape(1, -1)[:, :width].astype(mx.bool_), logits, float("-inf"))
 
     return mx.compile(apply)
-
-
-def processor_for(matcher, vocab_size: int) -> Optional[GrammarProcessor]:
-    return GrammarProcessor(matcher, vocab_size) if matcher is not None else None
