@@ -54,7 +54,11 @@ class ValidRequest:
     template: Optional[tuple[str, str, tuple[tuple[str, str], ...]]] = field(default=None, repr=False)
     template_id: str = ""
     output: Optional[OutputSpec] = None     # the schema the completion must follow
-    fit_context: bool = False               # a template request: max_tokens is kept within the context
+
+    @property
+    def fit_context(self) -> bool:
+        """A template request: its max_tokens is kept within the context, not refused."""
+        return self.template is not None
 
 
 def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidRequest:
@@ -100,7 +104,6 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
         prefix_text_chars=request.prefix_text_chars if request.HasField("prefix_text_chars") else None,
         template=template,
         output=output,
-        fit_context=template is not None,
     )
 
 
