@@ -37,16 +37,17 @@ def _http_listen(value: str) -> str:
     return value
 
 
-def http_address(listen: str, http_listen: str) -> Optional[str]:
-    """Where the monitoring HTTP(S) port listens: `http_listen`, or by default the gRPC
-    host with port + 1 (7700 -> 7701, 7800 -> 7801; port 0 stays 0); None when "off"."""
+def http_address(listen: str, http_listen: str, offset: int = 1) -> Optional[str]:
+    """Where an HTTP(S) port listens: `http_listen`, or by default the gRPC host with port +
+    `offset` (monitoring 1: 7700 -> 7701, 7800 -> 7801; the OpenAI front door 2: 7802; port
+    0 stays 0); None when "off"."""
     if http_listen == "off":
         return None
     if http_listen:
         return http_listen
     host, port = split_host_port(listen)
     host = f"[{host}]" if ":" in host else host
-    return f"{host}:{port + 1 if port else 0}"
+    return f"{host}:{port + offset if port else 0}"
 
 
 HostPort = Annotated[str, AfterValidator(_host_port)]
@@ -204,6 +205,11 @@ class CoordinatorSettings(FileSettings):
     slow_ttft_ms: float = Field(2000.0, gt=0)        # `fleetctl requests --slow`, and the TTFT alert's target
     slow_latency_ms: float = Field(60000.0, gt=0)
     dashboard_idle_timeout_s: float = Field(900.0, gt=0)   # HIPAA automatic logoff for browser sessions
+    # The OpenAI-compatible front door (README "OpenAI-compatible API"): its own port
+    # (empty: the gRPC host, port + 2; "off"), bearer tokens in `state_db`.
+    openai_listen: HttpListen = ""
+    openai_default_max_tokens: int = Field(2048, ge=1)   # a request without max_tokens: up to this, within the context
+    openai_max_body_kb: int = Field(4096, ge=1)          # larger bodies get 413
     log_format: str = Field("json", pattern="^(json|text)$")
     log_level: str = "INFO"
 

@@ -28,13 +28,16 @@ SERVER_OPTIONS = [
 ]
 
 
-def print_listening(key: str, ident: str, listen: str, port: int, http=None) -> str:
+def print_listening(key: str, ident: str, listen: str, port: int, http=None, api=None) -> str:
     """The one JSON line on stdout a supervisor or test waits for; returns HOST:PORT. With
-    the monitoring port (`http`, a MonitorHTTP) also its address and scheme."""
+    the monitoring port (`http`, a MonitorHTTP) also its address and scheme; with the
+    OpenAI front door (`api`) its address and scheme."""
     address = f"{listen.rpartition(':')[0]}:{port}"
     line = {"event": "listening", key: ident, "address": address, "port": port}
     if http is not None:
         line.update(http_address=http.address, http_scheme=http.scheme)
+    if api is not None:
+        line.update(openai_address=api.address, openai_scheme=api.scheme)
     print(json.dumps(line), flush=True)
     return address
 

@@ -108,15 +108,19 @@ class DashboardSessions:
 class MonitorHTTP:
     """The monitoring HTTPS server of one daemon; routes are added before start()."""
 
+    what, flag = "monitoring", "--http-listen"   # in logs and errors
+    cancel_on_disconnect = False                  # cancel a handler whose client left
+
     def __init__(self, *, listen: str, security, table: Mapping[str, frozenset], where: str,
-                 sessions: Optional[DashboardSessions] = None, on_denied: Optional[OnDenied] = None):
+                 sessions: Optional[DashboardSessions] = None, on_denied: Optional[OnDenied] = None,
+                 max_body: int = 64 * 1024):
         self._listen = listen
         self._security = security
         self._table = sorted(table.items(), key=lambda kv: -len(kv[0]))   # longest prefix first
         self._where = where
         self.sessions = sessions
         self._on_denied = on_denied
-        self.app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        self.app = web.Application(middlewares=[self._guard], client_max_size=max_body)
         self._runner: Optional[web.AppRunner] = None
         self._ssl: Optional[ssl.SSLContext] = None
         self._stamp = None
@@ -161,7 +165,7 @@ class MonitorHTTP:
                 self._security.server.files.load(self._security.server.role)
                 fresh = self._context()
             except Exception as exc:  # noqa: BLE001 - TLSConfigError, ssl.SSLError, OSError
-                log.error("monitoring port: certificate reload skipped: %s: %s", type(exc).__name__, exc)
+                log.error("%s port: certificate reload skipped: %s: %s", self.what, type(exc).__name__, exc)
                 self._stamp = stamp
                 return None
             self._stamp, self._ssl = stamp, fresh
@@ -175,22 +179,27 @@ class MonitorHTTP:
         if not self._security.plaintext:
             self._stamp = self._security.server.files.stamp()
             self._ssl = self._context()
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     handler_cancellation=self.cancel_on_disconnect)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise OSError(f"{self._where}: cannot open the monitoring port {self._listen} ({exc.strerror or exc}); "
-                          "choose another with --http-listen HOST:PORT, or --http-listen off") from None
+            raise OSError(f"{self._where}: cannot open the {self.what} port {self._listen} ({exc.strerror or exc}); "
+                          f"choose another with {self.flag} HOST:PORT, or {self.flag} off") from None
         self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp has no public accessor
-        log.info("monitoring on %s://%s (/metrics%s)", self.scheme, self.address,
-                 ", dashboard" if self.sessions is not None else "")
+        log.info("%s on %s://%s (%s)", self.what, self.scheme, self.address, self.serves())
         return self.port
 
-    async def close(self) -> None:
+    def serves(self) -> str:
+        return "/metrics" + (", dashboard" if self.sessions is not None else "")
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop listening; handlers still running get `grace_s` to finish, then are cancelled."""
         if self._runner is not None:
+            self._runner._shutdown_timeout = grace_s  # noqa: SLF001 - fixed at construction in aiohttp's API
             await self._runner.cleanup()
             self._runner = None
 

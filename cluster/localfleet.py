@@ -59,7 +59,7 @@ class DaemonProcess:
         self.proc: Optional[subprocess.Popen] = None
         self.address = ""
         self.port = 0
-        self.http_address = self.http_scheme = ""
+        self.http_address = self.http_scheme = self.openai_address = self.openai_scheme = ""
         self.stderr_path: Optional[Path] = None
         self._stdout: "queue.Queue[str]" = queue.Queue()
         self._channel: Optional[grpc.Channel] = None
@@ -85,6 +85,8 @@ class DaemonProcess:
         self.address, self.port = info["address"], info["port"]
         # The monitoring port (/metrics, the coordinator's dashboard), if it runs one.
         self.http_address, self.http_scheme = info.get("http_address", ""), info.get("http_scheme", "")
+        # The coordinator's OpenAI-compatible front door, if it runs one.
+        self.openai_address, self.openai_scheme = info.get("openai_address", ""), info.get("openai_scheme", "")
         return self
 
     @staticmethod
@@ -267,6 +269,11 @@ class CoordinatorProcess(DaemonProcess):
             return args
         self.audit_dir = self.audit_dir or log_dir / f"{self.name}-audit"
         return [*args, "--audit-dir", str(self.audit_dir)]
+
+    @property
+    def openai_base_url(self) -> str:
+        """The base URL an OpenAI SDK takes for this coordinator's front door."""
+        return f"{self.openai_scheme}://{self.openai_address}/v1"
 
     def nodes(self, timeout_s: float = 5.0) -> fleet_pb2.ListNodesResponse:
         return fleet_pb2_grpc.FleetStub(self.channel).ListNodes(fleet_pb2.ListNodesRequest(), timeout=timeout_s)

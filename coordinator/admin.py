@@ -64,8 +64,9 @@ def traffic(request_log, relay, window_s: int = 3600, bucket_s: int = 60) -> fle
 
 class FleetAdmin(fleet_pb2_grpc.FleetServicer):
     def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay, identify, audit,
-                 rollouts: Rollouts, settings=None, request_log=None, http=None):
+                 rollouts: Rollouts, settings=None, request_log=None, http=None, tokens=None):
         self._s = settings
+        self._tokens = tokens   # coordinator/api_tokens.TokenStore; None with --openai-listen off
         self._request_log = request_log   # None: --no-request-log
         self._http = http or (lambda: None)   # -> the monitoring port (MonitorHTTP), once started
         self._rollouts = rollouts
@@ -204,3 +205,39 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
 
         self._audit.admin(ident, context.peer(), "fleet.open_dashboard")
         return open_link(http, ident)
+
+    # -- API tokens for the OpenAI-compatible front door ---------------------------------
+    async def IssueApiToken(self, request, context) -> fleet_pb2.ApiTokenIssued:
+        ident = self._identify(context)
+        row, secret = await self._token_op(context, "token.issue", lambda tokens: tokens.issue(
+            request.name, request.role, request.ttl_s, created_by=str(ident) if ident else ""),
+            name=request.name[:64], role=request.role[:16], ttl_s=request.ttl_s)
+        return fleet_pb2.ApiTokenIssued(token=row, secret=secret)
+
+    async def RevokeApiToken(self, request, context) -> fleet_pb2.ApiToken:
+        return await self._token_op(context, "token.revoke", lambda tokens: tokens.revoke(request.id, request.reason),
+                                    token_id=request.id[:40], reason=request.reason[:200])
+
+    async def ListApiTokens(self, request, context) -> fleet_pb2.ListApiTokensResponse:
+        rows = await self._token_op(context, "token.list", lambda tokens: tokens.list(request.all))
+        return fleet_pb2.ListApiTokensResponse(tokens=rows)
+
+    async def _token_op(self, context, action: str, work, **details):
+        """Run `work` on the token store, audited as `action` (the secret never is)."""
+        from coordinator.api_tokens import TokenRequestError
+
+        ident, peer = self._identify(context), context.peer()
+        if self._tokens is None:
+            self._audit.admin(ident, peer, action, outcome="failed", code="FAILED_PRECONDITION", **details)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this coordinator runs without its OpenAI-compatible port (--openai-listen off), "
+                                "so it keeps no API tokens")
+        try:
+            out = work(self._tokens)
+        except TokenRequestError as exc:
+            self._audit.admin(ident, peer, action, outcome="refused", code=exc.code, **details)
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        if isinstance(out, tuple):
+            details["token_id"] = out[0].id
+        self._audit.admin(ident, peer, action, **details)
+        return out

@@ -48,7 +48,7 @@ class Coordinator:
                                    load_factor=settings.affinity_load_factor)
         self.monitor = Monitor()
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
-                           identify=self.authz.peer, audit=self.audit, monitor=self.monitor)
+                           identify=self._caller, audit=self.audit, monitor=self.monitor)
         self.rollouts = Rollouts(settings=settings, fleet=self.fleet, events=self.events,
                                  gates=default_gates(settings), store=RolloutStore(settings.state_db),
                                  audit=self.audit)
@@ -67,11 +67,22 @@ class Coordinator:
             self.request_log = RequestLog(settings.state_db, retention_days=settings.request_log_retention_days)
             self.monitor.sinks.append(self.request_log.record)
         self.http = None   # the monitoring port (start)
+        self.api = None    # the OpenAI-compatible front door (start)
+        self.tokens = None   # its bearer tokens (coordinator/api_tokens.py)
+        if http_address(settings.listen, settings.openai_listen, 2) is not None:
+            from coordinator.api_tokens import TokenStore
+
+            self.tokens = TokenStore(settings.state_db)
         self.discovery: Optional[MdnsDiscovery] = None
         self._health = health_aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
         self._stopped = asyncio.Event()
         self.stopping = False
+
+    def _caller(self, context):
+        """A request's verified caller: from its gRPC context, or as the front door found it."""
+        identity = getattr(context, "identity", None)   # coordinator.openai_http.HttpCall
+        return identity if identity is not None else self.authz.peer(context)
 
     async def _denied(self, ident, method: str, code: str, reason: str) -> None:
         """A call refused for its certificate or role (gRPC or the monitoring port): counted,
@@ -91,7 +102,7 @@ class Coordinator:
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
                        identify=self.authz.peer, audit=self.audit, rollouts=self.rollouts, settings=s,
-                       request_log=self.request_log, http=lambda: self.http), server)
+                       request_log=self.request_log, http=lambda: self.http, tokens=self.tokens), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -100,6 +111,7 @@ class Coordinator:
         if not port:
             raise OSError(f"coordinator {s.coordinator_id}: cannot listen on {s.listen}")
         await self._start_http()   # before anything runs: a port clash ends the start cleanly
+        await self._start_api()
         await server.start()
         self._server = server
         for service in ("", INFERENCE_SERVICE, FLEET_SERVICE):
@@ -137,6 +149,26 @@ class Coordinator:
         dashboard.add_routes(self.http.app, self)
         await self.http.start()
 
+    async def _start_api(self) -> None:
+        """The OpenAI-compatible front door (README "OpenAI-compatible API")."""
+        s = self.settings
+        listen = http_address(s.listen, s.openai_listen, 2)
+        if listen is None:
+            return
+        from coordinator.openai_http import FrontDoor
+
+        self.api = FrontDoor(listen=listen, security=self.security, where=f"coordinator {s.coordinator_id}",
+                             relay=self.relay, fleet=self.fleet, tokens=self.tokens,
+                             default_max_tokens=min(s.openai_default_max_tokens, s.max_tokens_limit),
+                             max_body=s.openai_max_body_kb * 1024, on_denied=self._denied,
+                             responses=self.metrics.api_responses if self.metrics is not None else None)
+        try:
+            await self.api.start()
+        except OSError:
+            if self.http is not None:
+                await self.http.close()
+            raise
+
     async def shutdown(self, grace_s: Optional[float] = None) -> None:
         """Stop taking requests, let in-flight ones finish within the grace, then stop."""
         if self.stopping:
@@ -148,14 +180,17 @@ class Coordinator:
         await self._health.enter_graceful_shutdown()
         log.info("coordinator=%s shutting down: %d requests in flight, grace %.1fs",
                  self.settings.coordinator_id, self.relay.in_flight, grace)
-        if self._server is not None:
-            await self._server.stop(grace)
+        # Both doors close at once; requests in flight on either finish within the grace.
+        await asyncio.gather(*([self._server.stop(grace)] if self._server is not None else []),
+                             *([self.api.close(grace)] if self.api is not None else []))
         if self.discovery is not None:
             await self.discovery.close()
         await self.rollouts.close()
         await self.fleet.close()
         if self.http is not None:
             await self.http.close()
+        if self.tokens is not None:
+            self.tokens.close()
         if self.request_log is not None:  # every request has ended: its last rows
             await asyncio.to_thread(self.request_log.close)
         if self.audit.log is not None:  # every request has ended: the last records, a checkpoint

@@ -64,6 +64,10 @@ class NodeEntry:
         return self.status.model.weights_digest if self.status else ""
 
     @property
+    def model_id(self) -> str:
+        return self.status.model.model_id if self.status else ""
+
+    @property
     def ready(self) -> bool:
         st = self.status
         return st is not None and st.lifecycle == READY and not st.cordoned and self.serving
@@ -76,7 +80,7 @@ class NodeEntry:
         cap = self.status.capacity
         return Candidate(self.node_id, self.digest, self.in_flight, self.outstanding_tokens,
                          self.status.load.queued, cap.max_running, cap.max_running + cap.max_queued,
-                         self.routed_total)
+                         self.routed_total, self.model_id)
 
 
 class Fleet:

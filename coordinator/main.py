@@ -29,7 +29,7 @@ async def _serve(settings) -> int:
     coordinator = Coordinator(settings=settings, security=security, audit_log=audit_log)
     port = await coordinator.start()
     address = print_listening("coordinator_id", settings.coordinator_id, settings.listen, port,
-                              http=coordinator.http)
+                              http=coordinator.http, api=coordinator.api)
     log.info("coordinator=%s listening on %s (mDNS %s, %d static nodes)", settings.coordinator_id,
              address, "on" if settings.mdns else "off", len(settings.nodes))
     loop = asyncio.get_running_loop()
@@ -124,6 +124,9 @@ def serve(
     request_log: Optional[bool] = typer.Option(None, "--request-log/--no-request-log", help="Keep every request's metadata in --state-db (fleetctl requests). [default: on]"),
     request_log_retention_days: Optional[float] = typer.Option(None, help="Request log rows older than this are deleted. [default: 30]"),
     slow_ttft_ms: Optional[float] = typer.Option(None, help="A request slower than this to its first token is slow (fleetctl requests --slow). [default: 2000]"),
+    openai_listen: Optional[str] = typer.Option(None, help="HOST:PORT of the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), or off. [default: the --listen host, port + 2]"),
+    openai_default_max_tokens: Optional[int] = typer.Option(None, help="Tokens an OpenAI request without max_tokens may generate, within the context. [default: 2048]"),
+    openai_max_body_kb: Optional[int] = typer.Option(None, help="Largest OpenAI request body; larger ones get 413. [default: 4096]"),
     log_format: Optional[str] = typer.Option(None, help="json (one JSON object per line) or text. [default: json]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:

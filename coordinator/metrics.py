@@ -59,6 +59,9 @@ class CoordinatorMetrics:
                                  registry=r)
         self.rollout_steps = Counter("studiofleet_rollout_steps", "Rollout steps entered, by step.", ["step"],
                                      registry=r)
+        self.api_responses = Counter("studiofleet_openai_responses", "Answers of the OpenAI-compatible front "
+                                     "door by endpoint and HTTP status (a stream counts once, as its status).",
+                                     ["endpoint", "status"], registry=r)
         self.notes = NoteMetrics("studiofleet", r)
         r.register(_Live(fleet=fleet, relay=relay, rollouts=rollouts, audit=audit))
         events.listeners.append(self._event)

@@ -266,7 +266,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
 
     async def _admit(self, run: Splice, context, base: int, failed: list[str]) -> NodeEntry:
         routable = self._fleet.routable()
-        if not any(e.node_id not in run.excluded and (not run.digest or e.digest == run.digest) for e in routable):
+        model = run.request.model
+        if not any(e.node_id not in run.excluded and (not run.digest or e.digest == run.digest)
+                   and (not model or e.model_id == model) for e in routable):
             # Nothing could take it now. Wait only if nothing has been tried yet (a fleet
             # starting up): a retry or resume with no candidate left ends here, with why,
             # or (allow_restart) starts over on other weights.
@@ -278,7 +280,13 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"request {run.request.request_id}: no READY node serves the required "
                                     "weights; check `fleetctl nodes` for the digests served")
-        want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key)
+            elif model and routable:
+                served = ", ".join(sorted({e.model_id for e in routable})) or "none"
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"request {run.request.request_id}: no READY node serves model {model!r} "
+                                    f"now (READY nodes serve: {served}); retry later and check `fleetctl nodes`")
+        want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key,
+                    model=model)
         try:
             return await self._admission.acquire(want, priority=RESUME if run.delivered or run.restarts else base,
                                                  tokens=run.remaining, timeout_s=context.time_remaining())

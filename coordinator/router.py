@@ -29,6 +29,7 @@ class Candidate:
     max_running: int
     slots: int                # max_running + max_queued: beyond this the node refuses
     routed_total: int = 0
+    model: str = ""           # ModelInfo.model_id
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,12 @@ class Want:
     digest: str = ""                      # required weights ("" = any)
     exclude: frozenset[str] = frozenset()  # nodes that already failed this request
     session_key: str = field(default="", repr=False)   # may derive from a patient's identity
+    model: str = ""                       # required model id ("" = any)
 
 
 def eligible(c: Candidate, want: Want) -> bool:
     return (c.node_id not in want.exclude and (not want.digest or c.digest == want.digest)
-            and c.in_flight < c.slots)
+            and (not want.model or c.model == want.model) and c.in_flight < c.slots)
 
 
 def work(c: Candidate) -> float:

@@ -154,6 +154,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     f"node {node} serves weights {facts.weights_digest[:19]}, request "
                     f"{req.request_id} requires {display_id(req.require_weights_digest)[:19]}; "
                     "send it to a node serving those weights")
+            if request.model and request.model != agent.model_info.model_id:
+                await self._reject(
+                    context, req.request_id, grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {node} serves model {agent.model_info.model_id!r}, request {req.request_id} asks for "
+                    f"{request.model[:64]!r}; send it to a node serving that model")
             req = apply_template(req, agent.model_info.family, agent.limits.max_tokens)
             prompt_tokens = build_prompt_tokens(agent.engine.tokenizer, req)
             max_tokens = check_length(len(prompt_tokens), len(req.prefix_token_ids), req.max_tokens, agent.limits,

@@ -54,11 +54,13 @@ class ValidRequest:
     template: Optional[tuple[str, str, tuple[tuple[str, str], ...]]] = field(default=None, repr=False)
     template_id: str = ""
     output: Optional[OutputSpec] = None     # the schema the completion must follow
+    fit: bool = False                       # the request's fit_context
 
     @property
     def fit_context(self) -> bool:
-        """A template request: its max_tokens is kept within the context, not refused."""
-        return self.template is not None
+        """A template request, or one that asked (fit_context): its max_tokens is kept within
+        the context, not refused."""
+        return self.template is not None or self.fit
 
 
 def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidRequest:
@@ -104,6 +106,7 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
         prefix_text_chars=request.prefix_text_chars if request.HasField("prefix_text_chars") else None,
         template=template,
         output=output,
+        fit=request.fit_context,
     )
 
 

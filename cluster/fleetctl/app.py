@@ -9,7 +9,7 @@ import sys
 import typer
 
 from cluster.fleetctl import (audit_cmd, certs_cmd, demo_cmd, eval_cmd, generate_cmd, model_cmd, monitor_cmd,
-                              node_cmd, nodes_cmd, ops_cmd, requests_cmd, rollout_cmd, service_cmd)
+                              node_cmd, nodes_cmd, ops_cmd, requests_cmd, rollout_cmd, service_cmd, tokens_cmd)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")
@@ -19,6 +19,7 @@ app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(rollout_cmd.app, name="rollout")
 app.add_typer(service_cmd.app, name="service")
 app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(tokens_cmd.app, name="tokens")
 app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)
 app.command("nodes")(nodes_cmd.nodes)

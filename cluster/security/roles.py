@@ -24,7 +24,8 @@ COORDINATOR_TABLE = {
     f"/{FLEET_SERVICE}/WatchEvents": frozenset({OPERATOR}),
     **{f"/{FLEET_SERVICE}/{m}": frozenset({OPERATOR})
        for m in ("CordonNode", "DrainNode", "StartRollout", "GetRollout", "PauseRollout", "ResumeRollout",
-                 "AbortRollout", "ListRequests", "GetTraffic", "OpenDashboard")},
+                 "AbortRollout", "ListRequests", "GetTraffic", "OpenDashboard", "IssueApiToken",
+                 "RevokeApiToken", "ListApiTokens")},
 }
 
 # The monitoring HTTP(S) port (cluster/http_server.py), by path prefix, longest first.
@@ -36,4 +37,12 @@ COORDINATOR_HTTP_TABLE = {
     "/metrics": frozenset({OPERATOR, MONITOR}),
     "/api/": frozenset({OPERATOR}),
     "/": frozenset({OPERATOR}),
+}
+
+# The OpenAI-compatible front door (coordinator/openai_http.py): bearer tokens
+# (`fleetctl tokens issue`) or client certificates. Monitor tokens may list models only.
+COORDINATOR_API_TABLE = {
+    "/v1/chat/completions": frozenset({APP}),
+    "/v1/completions": frozenset({APP}),
+    "/v1/models": frozenset({APP, MONITOR, OPERATOR}),
 }

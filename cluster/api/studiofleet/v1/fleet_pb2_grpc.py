@@ -94,6 +94,21 @@ class FleetStub:
                 request_serializer=studiofleet_dot_v1_dot_fleet__pb2.OpenDashboardRequest.SerializeToString,
                 response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.DashboardLink.FromString,
                 _registered_method=True)
+        self.IssueApiToken = channel.unary_unary(
+                '/studiofleet.v1.Fleet/IssueApiToken',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.IssueApiTokenRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ApiTokenIssued.FromString,
+                _registered_method=True)
+        self.RevokeApiToken = channel.unary_unary(
+                '/studiofleet.v1.Fleet/RevokeApiToken',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.RevokeApiTokenRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ApiToken.FromString,
+                _registered_method=True)
+        self.ListApiTokens = channel.unary_unary(
+                '/studiofleet.v1.Fleet/ListApiTokens',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -179,6 +194,26 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueApiToken(self, request, context):
+        """Bearer tokens for the OpenAI-compatible front door (README "OpenAI-compatible API").
+        The secret is returned once, by IssueApiToken; the coordinator keeps only its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +276,21 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.OpenDashboard,
                     request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.OpenDashboardRequest.FromString,
                     response_serializer=studiofleet_dot_v1_dot_fleet__pb2.DashboardLink.SerializeToString,
+            ),
+            'IssueApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueApiToken,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.IssueApiTokenRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.ApiTokenIssued.SerializeToString,
+            ),
+            'RevokeApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiToken,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.RevokeApiTokenRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.ApiToken.SerializeToString,
+            ),
+            'ListApiTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiTokens,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -567,6 +617,87 @@ class Fleet:
             '/studiofleet.v1.Fleet/OpenDashboard',
             studiofleet_dot_v1_dot_fleet__pb2.OpenDashboardRequest.SerializeToString,
             studiofleet_dot_v1_dot_fleet__pb2.DashboardLink.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/IssueApiToken',
+            studiofleet_dot_v1_dot_fleet__pb2.IssueApiTokenRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.ApiTokenIssued.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/RevokeApiToken',
+            studiofleet_dot_v1_dot_fleet__pb2.RevokeApiTokenRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.ApiToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/ListApiTokens',
+            studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,7 +61,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "chat", "prompt", "template", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars", "allow_restart", "output_format")
+    __slots__ = ("request_id", "chat", "prompt", "template", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars", "allow_restart", "output_format", "model", "fit_context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,8 @@ class GenerateRequest(_message.Message):
     PREFIX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_RESTART_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FIT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     chat: ChatInput
     prompt: str
@@ -90,7 +92,9 @@ class GenerateRequest(_message.Message):
     prefix_text_chars: int
     allow_restart: bool
     output_format: OutputFormat
-    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., template: _Optional[_Union[TemplateInput, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ..., allow_restart: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, _Mapping]] = ...) -> None: ...
+    model: str
+    fit_context: bool
+    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., template: _Optional[_Union[TemplateInput, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ..., allow_restart: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, _Mapping]] = ..., model: _Optional[str] = ..., fit_context: _Optional[bool] = ...) -> None: ...
 
 class TemplateInput(_message.Message):
     __slots__ = ("name", "version", "variables")

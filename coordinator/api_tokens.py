@@ -1,0 +1,149 @@
+"""Bearer tokens for the OpenAI-compatible front door (README "OpenAI-compatible API").
+
+`fleetctl tokens issue NAME` asks the coordinator (Fleet.IssueApiToken, operator only,
+audited) for a token: `sft_<id>.<secret>`. The caller sees the secret once; the
+coordinator's state database keeps the id, the SHA-256 of the whole token, its holder's
+name, role, expiry and revocation. A token is 256 random bits, so a plain hash is enough
+(no salt or stretching: there is nothing to guess). Every request looks its token up
+again, so a revocation holds from the next request on, on every coordinator sharing the
+database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from cluster.api import fleet_pb2
+from cluster.security.identity import Identity, Role, check_name
+
+PREFIX = "sft_"
+TOKEN_RE = re.compile(r"^sft_([0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
+ROLES = (Role.APP, Role.MONITOR)     # app: inference and models; monitor: models only
+DEFAULT_TTL_S = 90 * 86400.0
+MAX_TTL_S = 366 * 86400.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_tokens (
+  id TEXT PRIMARY KEY, hash TEXT NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL,
+  created REAL NOT NULL, expires REAL NOT NULL, revoked REAL NOT NULL DEFAULT 0,
+  revoked_reason TEXT NOT NULL DEFAULT '', created_by TEXT NOT NULL DEFAULT '');
+"""
+
+
+class TokenRefused(Exception):
+    """A token that does not admit its bearer; the message says what to do (401)."""
+
+
+class TokenRequestError(ValueError):
+    """An issue or revoke request that cannot be carried out; `code` is the gRPC status name."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TokenHolder:
+    """Who a valid token speaks for."""
+
+    id: str
+    identity: Identity
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStore:
+    """The api_tokens table in the coordinator's state database; one connection, event loop
+    only (a lookup is one indexed read)."""
+
+    def __init__(self, path: Path, clock=time.time):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")   # an issued or revoked token is on disk when we answer
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def issue(self, name: str, role: str = "", ttl_s: float = 0.0, created_by: str = "") -> tuple[fleet_pb2.ApiToken, str]:
+        """(the token's record, the bearer secret: shown once)."""
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise TokenRequestError(str(exc).replace("certificate name", "token name")) from None
+        try:
+            role_ = Role(role or Role.APP.value)
+        except ValueError:
+            role_ = None
+        if role_ not in ROLES:
+            raise TokenRequestError(f"token role must be one of {', '.join(r.value for r in ROLES)}; got "
+                                    f"{role[:32]!r} (operators use their client certificates)")
+        if ttl_s < 0 or ttl_s > MAX_TTL_S:
+            raise TokenRequestError(f"ttl must be between 1 second and {MAX_TTL_S / 86400:.0f} days")
+        token_id = secrets.token_hex(6)
+        secret = f"{PREFIX}{token_id}.{secrets.token_urlsafe(32)}"
+        now = self._clock()
+        expires = now + (ttl_s or DEFAULT_TTL_S)
+        self._db.execute("INSERT INTO api_tokens (id, hash, name, role, created, expires, created_by) "
+                         "VALUES (?,?,?,?,?,?,?)", (token_id, _digest(secret), name, role_.value, now, expires,
+                                                    created_by))
+        return self.get(PREFIX + token_id), secret
+
+    def revoke(self, token_id: str, reason: str = "") -> fleet_pb2.ApiToken:
+        raw = token_id.removeprefix(PREFIX)
+        row = self._db.execute("SELECT revoked FROM api_tokens WHERE id=?", (raw,)).fetchone()
+        if row is None:
+            raise TokenRequestError(f"no API token {token_id[:40]!r}; `fleetctl tokens list --all` shows them",
+                                    code="NOT_FOUND")
+        if not row[0]:
+            self._db.execute("UPDATE api_tokens SET revoked=?, revoked_reason=? WHERE id=?",
+                             (self._clock(), reason[:200], raw))
+        return self.get(token_id)
+
+    def get(self, token_id: str) -> Optional[fleet_pb2.ApiToken]:
+        row = self._db.execute("SELECT id, name, role, created, expires, revoked, revoked_reason, created_by "
+                               "FROM api_tokens WHERE id=?", (token_id.removeprefix(PREFIX),)).fetchone()
+        return _proto(row) if row else None
+
+    def list(self, include_inactive: bool = False) -> list[fleet_pb2.ApiToken]:
+        sql = ("SELECT id, name, role, created, expires, revoked, revoked_reason, created_by FROM api_tokens" +
+               ("" if include_inactive else " WHERE revoked=0 AND expires>?") + " ORDER BY created")
+        return [_proto(r) for r in self._db.execute(sql, () if include_inactive else (self._clock(),))]
+
+    def verify(self, bearer: str) -> TokenHolder:
+        """The holder of a valid token; TokenRefused (never naming the secret) otherwise."""
+        m = TOKEN_RE.match(bearer)
+        if m is None:
+            raise TokenRefused("the bearer token is not a StudioFleet API token (sft_...); "
+                               "ask an operator for one (`fleetctl tokens issue NAME`)")
+        row = self._db.execute("SELECT hash, name, role, expires, revoked FROM api_tokens WHERE id=?",
+                               (m.group(1),)).fetchone()
+        tid = PREFIX + m.group(1)
+        if row is None or not hmac.compare_digest(row[0], _digest(bearer)):
+            raise TokenRefused(f"API token {tid} is not known to this fleet; ask an operator for one "
+                               "(`fleetctl tokens issue NAME`)")
+        digest_, name, role, expires, revoked = row
+        if revoked:
+            raise TokenRefused(f"API token {tid} was revoked; ask an operator for a new one")
+        if expires <= self._clock():
+            raise TokenRefused(f"API token {tid} expired; ask an operator for a new one")
+        return TokenHolder(tid, Identity(Role(role), name))
+
+
+def _proto(row) -> fleet_pb2.ApiToken:
+    token_id, name, role, created, expires, revoked, reason, created_by = row
+    return fleet_pb2.ApiToken(id=PREFIX + token_id, name=name, role=role, created_unix_s=created,
+                              expires_unix_s=expires, revoked_unix_s=revoked, revoked_reason=reason,
+                              created_by=created_by)

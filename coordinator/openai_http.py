@@ -1,0 +1,271 @@
+"""The OpenAI-compatible front door (README "OpenAI-compatible API"): `POST
+/v1/chat/completions`, `POST /v1/completions` and `GET /v1/models` on a port of the
+coordinator's own, so an application written for a hosted API moves here by changing its
+base URL.
+
+Every request goes through the relay exactly as a gRPC Generate does (the same
+admission, routing, failover, audit record, metrics, request log and quality checks):
+`HttpCall` stands in for the gRPC context and turns the relay's status into an answer in
+OpenAI's error format. A stream's headers wait for its first token, so a refusal before
+it (queue full, no node) still gets its own HTTP status; one after it ends the stream
+with an `error` event, which the SDKs raise. A client that disconnects cancels its
+handler, and with it the node's generation.
+
+Access (TLS with the coordinator's certificate, re-read on rotation): a bearer token from
+`fleetctl tokens issue` (coordinator/api_tokens.py) or an app client certificate. In
+plaintext development there are no roles, as on the gRPC port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import AsyncIterator, Optional
+
+import grpc
+from aiohttp import web
+
+from cluster.http_server import SECURITY_HEADERS, MonitorHTTP
+from cluster.security.identity import DEVELOPER, Identity, Role
+from cluster.security.roles import COORDINATOR_API_TABLE
+from cluster.validation import new_request_id
+from coordinator import openai_protocol as oa
+from coordinator.api_tokens import TokenRefused, TokenStore
+from coordinator.relay import PUSHBACK_KEY
+
+log = logging.getLogger(__name__)
+
+CHAT, COMPLETION = "chat", "completion"
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
+               "X-Accel-Buffering": "no"}
+
+
+class HttpCall:
+    """What the relay uses of a gRPC ServicerContext, for a request that came over HTTP:
+    the caller, its peer, and abort(), which records the status and ends the relay's run
+    as grpc's does (AbortError)."""
+
+    def __init__(self, identity: Identity, peer: str):
+        self.identity = identity
+        self._peer = peer
+        self._code: Optional[grpc.StatusCode] = None
+        self.details = ""
+        self.trailers: tuple = ()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def code(self) -> Optional[grpc.StatusCode]:
+        return self._code
+
+    def time_remaining(self) -> Optional[float]:
+        return None   # no deadline: the client's timeout ends the connection, which cancels
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+        self._code, self.details, self.trailers = code, details, tuple(trailing_metadata)
+        raise grpc.aio.AbortError()
+
+    def error(self) -> oa.ApiError:
+        pushback = dict(self.trailers).get(PUSHBACK_KEY)
+        return oa.from_status(self._code, self.details, int(pushback) if pushback else None)
+
+
+class FrontDoor(MonitorHTTP):
+    what, flag = "OpenAI API", "--openai-listen"
+    cancel_on_disconnect = True
+
+    def __init__(self, *, listen: str, security, where: str, relay, fleet, tokens: Optional[TokenStore],
+                 default_max_tokens: int, max_body: int, on_denied=None, responses=None):
+        super().__init__(listen=listen, security=security, table=COORDINATOR_API_TABLE, where=where,
+                         on_denied=on_denied, max_body=max_body)
+        self._relay, self._fleet, self._tokens = relay, fleet, tokens
+        self._default_max_tokens = default_max_tokens
+        self._max_body = max_body
+        self._responses = responses      # a Counter by endpoint and status, or None
+        self._created = int(time.time())
+        r = self.app.router
+        r.add_post("/v1/chat/completions", lambda request: self._generate(request, CHAT))
+        r.add_post("/v1/completions", lambda request: self._generate(request, COMPLETION))
+        r.add_get("/v1/models", self._list_models)
+        r.add_get("/v1/models/{model:.+}", self._get_model)
+
+    def serves(self) -> str:
+        return "/v1/chat/completions, /v1/completions, /v1/models"
+
+    # -- access and errors -------------------------------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        entry = self._allowed(request.path)[0]
+        try:
+            request["caller"], request["token"] = await self._authenticate(request, entry)
+            response = await handler(request)
+        except oa.ApiError as exc:
+            response = _error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            response = _error_response(oa.ApiError(
+                413, f"the request body is larger than this coordinator's limit of {self._max_body} bytes "
+                     "(--openai-max-body-kb); shorten the prompt", code="request_too_large"))
+        except web.HTTPException as exc:   # the router's 404 and 405
+            what = "no such endpoint" if exc.status == 404 else f"{request.method} is not allowed here"
+            response = _error_response(oa.ApiError(
+                exc.status, f"{what}: this front door serves {self.serves()}",
+                type_="not_found_error" if exc.status == 404 else "invalid_request_error", code="unknown_url"))
+        except ConnectionResetError:   # the client left mid-answer: nobody to tell
+            raise
+        except Exception as exc:  # noqa: BLE001 - never a traceback or an exception's text (it may quote content)
+            log.error("front door %s: internal error %s", entry, type(exc).__name__, exc_info=False)
+            response = _error_response(oa.ApiError(
+                500, "the coordinator hit an internal error; retry, and report it with the coordinator's log",
+                type_="server_error", code="internal"))
+        if not response.prepared:
+            response.headers.update(SECURITY_HEADERS)
+        if self._responses is not None:
+            self._responses.labels(entry, str(response.status)).inc()
+        return response
+
+    async def _authenticate(self, request: web.Request, entry: str) -> tuple[Identity, str]:
+        """(the caller, its token id or ""); ApiError 401/403 otherwise, audited."""
+        if self._security.plaintext:
+            return DEVELOPER, ""
+        # An unknown path is the router's 404 for any authenticated caller.
+        allowed = self._allowed(request.path)[1] if entry != "other" else frozenset(Role)
+        header = request.headers.get("Authorization", "")
+        ident, token_id, refusal = None, "", None
+        if header:
+            scheme, _, value = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                refusal = (401, "the Authorization header must be 'Bearer <token>'")
+            elif self._tokens is None:
+                refusal = (401, "this coordinator has no token store; use an app client certificate")
+            else:
+                try:
+                    holder = self._tokens.verify(value.strip())
+                    ident, token_id = holder.identity, holder.id
+                except TokenRefused as exc:
+                    refusal = (401, str(exc))
+        else:
+            ident = self._certificate(request)
+            if ident is None:
+                refusal = (401, f"{self._where} requires an API key (Authorization: Bearer sft_...; an operator "
+                                "issues one with `fleetctl tokens issue NAME`) or an app client certificate")
+        if refusal is None:
+            refusal = self._check(ident, allowed, entry)
+        if refusal is None:
+            return ident, token_id
+        status, message = refusal
+        await self._denied(ident, entry, status, message)
+        raise oa.ApiError(status, message, type_="authentication_error" if status == 401 else "permission_error",
+                          code="invalid_api_key" if status == 401 else "permission_denied",
+                          headers={"WWW-Authenticate": 'Bearer realm="studiofleet"'} if status == 401 else None)
+
+    def _peer(self, request: web.Request) -> str:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        where = f"http:{peer[0]}:{peer[1]}" if peer else "http:-"
+        return f"{where} token={request['token']}" if request["token"] else where
+
+    # -- models -----------------------------------------------------------------------------
+    def _models(self) -> dict[str, dict]:
+        """The model ids the fleet's verified nodes serve, with how many are READY."""
+        out: dict[str, dict] = {}
+        for e in self._fleet.entries.values():
+            if e.status is None or not e.node_id:
+                continue
+            m = e.status.model
+            seen = out.setdefault(m.model_id, {"id": m.model_id, "object": "model", "created": self._created,
+                                               "owned_by": "studiofleet",
+                                               "studiofleet": {"nodes": 0, "ready": 0, "versions": [],
+                                                               "context_length": m.context_length}})
+            facts = seen["studiofleet"]
+            facts["nodes"] += 1
+            facts["ready"] += int(e.routable)
+            if m.version and m.version not in facts["versions"]:
+                facts["versions"].append(m.version)
+        return out
+
+    async def _list_models(self, _request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": sorted(self._models().values(), key=lambda m: m["id"])})
+
+    async def _get_model(self, request: web.Request) -> web.Response:
+        model = self._models().get(request.match_info["model"])
+        if model is None:
+            raise _unknown_model(request.match_info["model"])
+        return web.json_response(model)
+
+    # -- completions -----------------------------------------------------------------------
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        body = oa.parse_json(await request.read())
+        parse = oa.chat_request if kind == CHAT else oa.completion_request
+        parsed = parse(body, default_max_tokens=self._default_max_tokens)
+        if parsed.model not in self._models():
+            raise _unknown_model(parsed.model)
+        rid = request.headers.get("X-Request-Id", "") or new_request_id()
+        parsed.request.request_id = rid    # the relay checks it (a bad one is a 400 like any field)
+        call = HttpCall(request["caller"], self._peer(request))
+        ids = ("chatcmpl-" if kind == CHAT else "cmpl-") + rid, int(time.time()), parsed.model
+        async with contextlib.aclosing(self._relay.Generate(parsed.request, call)) as chunks:
+            if parsed.stream:
+                return await self._stream(request, kind, parsed, call, chunks, ids, rid)
+            text: list[str] = []
+            try:
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    if chunk.HasField("final"):
+                        answer = oa.chat_answer if kind == CHAT else oa.completion_answer
+                        response = web.json_response(answer(*ids, "".join(text), chunk.final))
+                        response.headers["X-Request-Id"] = rid
+                        return response
+            except grpc.aio.AbortError:
+                raise call.error() from None
+        raise call.error()   # unreachable: the relay ends every request with a final chunk or a status
+
+    async def _stream(self, request: web.Request, kind: str, parsed: oa.Parsed, call: HttpCall,
+                      chunks: AsyncIterator, ids: tuple, rid: str) -> web.StreamResponse:
+        try:
+            first = await anext(chunks)
+        except grpc.aio.AbortError:
+            raise call.error() from None
+        response = web.StreamResponse(headers={**SSE_HEADERS, **SECURITY_HEADERS, "X-Request-Id": rid})
+        await response.prepare(request)
+
+        async def send(obj) -> None:
+            await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+        usage = parsed.include_usage
+        if kind == CHAT:
+            await send(oa.chat_chunk(*ids, text="", first=True, with_usage=usage))
+        chunk = first
+        try:
+            while True:
+                final = chunk.final if chunk.HasField("final") else None
+                if chunk.text:
+                    await send(oa.chat_chunk(*ids, text=chunk.text, with_usage=usage) if kind == CHAT
+                               else oa.completion_chunk(*ids, text=chunk.text, with_usage=usage))
+                if final is not None:
+                    await send(oa.chat_chunk(*ids, final=final, with_usage=usage) if kind == CHAT
+                               else oa.completion_chunk(*ids, final=final, with_usage=usage))
+                    if usage:
+                        await send(oa.usage_chunk("chat.completion.chunk" if kind == CHAT else "text_completion",
+                                                  *ids, final))
+                    break
+                chunk = await anext(chunks)
+        except grpc.aio.AbortError:   # after the first token: the stream ends with the error
+            await send(call.error().body())
+        except StopAsyncIteration:
+            pass
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _unknown_model(model: str) -> oa.ApiError:
+    shown = model[:64].encode("unicode_escape").decode()
+    return oa.ApiError(404, f"The model '{shown}' does not exist in this fleet; GET /v1/models lists the models "
+                            "its nodes serve", param="model", code="model_not_found")
+
+
+def _error_response(exc: oa.ApiError) -> web.Response:
+    response = web.json_response(exc.body(), status=exc.status)
+    response.headers.update(exc.headers)
+    return response
