@@ -89,7 +89,7 @@ def from_status(code: Optional[grpc.StatusCode], details: str, retry_after_ms: O
 
 def parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))   # not json's own guess (it would take UTF-16)
     except UnicodeDecodeError:
         raise bad("the request body is not UTF-8 JSON", code="invalid_json") from None
     except json.JSONDecodeError as exc:   # its message names a position, never the text
