@@ -108,6 +108,8 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
         console.print(f"      {len(ok)}/{notes} notes, {tokens} tokens in {wall:.2f} s "
                       f"= {tokens / wall:.0f} tokens/s aggregate; per node: {per_node}")
 
+        api_ok = _show_openai(console, coordinator, certs)
+
         console.print("[bold]4/5[/] the fleet as `fleetctl nodes` shows it, and what monitoring saw")
         console.print(fleet_table(coordinator.nodes()))
         _show_monitoring(console, coordinator, certs)
@@ -118,7 +120,39 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
     codes = {p.name: p.proc.returncode if p.proc else None for p in [*agents, coordinator]}
     console.print(f"      exit codes {codes}; logs in {logs}")
     audited = _show_audit(console, coordinator.audit_dir, [r.request_id for r in ok])
-    return 0 if len(ok) == notes and audited and all(c == 0 for c in codes.values()) else 1
+    return 0 if len(ok) == notes and audited and api_ok and all(c == 0 for c in codes.values()) else 1
+
+
+def _show_openai(console: Console, coordinator: CoordinatorProcess, certs: Path) -> bool:
+    """The same fleet as an OpenAI-compatible API: a token as `fleetctl tokens issue` gets
+    it, then one chat completion over HTTPS, the request any OpenAI SDK sends."""
+    import json
+    import ssl
+    import urllib.request
+
+    from cluster.api import fleet_pb2, fleet_pb2_grpc
+
+    issued = fleet_pb2_grpc.FleetStub(coordinator.channel).IssueApiToken(
+        fleet_pb2.IssueApiTokenRequest(name="demo-openai-app", ttl_s=3600), timeout=10)
+    model = coordinator.nodes().nodes[0].status.model.model_id
+    body = {"model": model, "max_tokens": 24, "seed": 1, "messages": [
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Synthetic visit: {VISITS[0]}"}]}
+    request = urllib.request.Request(f"{coordinator.openai_base_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {issued.secret}",
+                                              "Content-Type": "application/json"})
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=60) as reply:
+            answer = json.loads(reply.read())
+    except OSError as exc:
+        console.print(f"      [red]the OpenAI-compatible API failed: {exc}[/]")
+        return False
+    usage = answer["usage"]
+    console.print(f"      OpenAI-compatible API on {coordinator.openai_base_url}: chat completion {answer['id']} "
+                  f"({usage['prompt_tokens']} + {usage['completion_tokens']} tokens, node "
+                  f"{answer['studiofleet']['nodes'][-1]}) with token {issued.token.id}; an app moves here with "
+                  f"OpenAI(base_url=\"{coordinator.openai_base_url}\", api_key=<token>)")
+    return True
 
 
 def _show_monitoring(console: Console, coordinator: CoordinatorProcess, certs: Path) -> None:
