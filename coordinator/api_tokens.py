@@ -90,7 +90,7 @@ class TokenStore:
         if role_ not in ROLES:
             raise TokenRequestError(f"token role must be one of {', '.join(r.value for r in ROLES)}; got "
                                     f"{role[:32]!r} (operators use their client certificates)")
-        if ttl_s < 0 or ttl_s > MAX_TTL_S:
+        if not 0 <= ttl_s <= MAX_TTL_S:   # NaN included: it would never expire
             raise TokenRequestError(f"ttl must be between 1 second and {MAX_TTL_S / 86400:.0f} days")
         token_id = secrets.token_hex(6)
         secret = f"{PREFIX}{token_id}.{secrets.token_urlsafe(32)}"

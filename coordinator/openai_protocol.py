@@ -306,51 +306,48 @@ def extension(final: inference_pb2.FinalInfo) -> dict:
     return out
 
 
-def chat_answer(cid: str, created: int, model: str, text: str, final: inference_pb2.FinalInfo) -> dict:
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": fingerprint(final),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": FINISH.get(final.finish_reason, "stop")}],
+def _finish(final: Optional[inference_pb2.FinalInfo]) -> Optional[str]:
+    return FINISH.get(final.finish_reason, "stop") if final is not None else None
+
+
+def _answer(obj: str, cid: str, created: int, model: str, choice: dict, final: inference_pb2.FinalInfo) -> dict:
+    return {"id": cid, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint(final),
+            "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": _finish(final)}],
             "usage": usage(final), "studiofleet": extension(final)}
+
+
+def chat_answer(cid: str, created: int, model: str, text: str, final: inference_pb2.FinalInfo) -> dict:
+    return _answer("chat.completion", cid, created, model,
+                   {"message": {"role": "assistant", "content": text, "refusal": None}}, final)
 
 
 def completion_answer(cid: str, created: int, model: str, text: str, final: inference_pb2.FinalInfo) -> dict:
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": fingerprint(final),
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": FINISH.get(final.finish_reason, "stop")}],
-            "usage": usage(final), "studiofleet": extension(final)}
+    return _answer("text_completion", cid, created, model, {"text": text}, final)
+
+
+def _chunk(obj: str, cid: str, created: int, model: str, choice: dict, final: Optional[inference_pb2.FinalInfo],
+           with_usage: bool) -> dict:
+    out = {"id": cid, "object": obj, "created": created, "model": model,
+           "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": _finish(final)}]}
+    if final is not None:
+        out["system_fingerprint"] = fingerprint(final)
+        out["studiofleet"] = extension(final)
+    if with_usage:   # null on every chunk but the last (usage_chunk), as OpenAI sends it
+        out["usage"] = None
+    return out
 
 
 def chat_chunk(cid: str, created: int, model: str, *, text: Optional[str] = None, first: bool = False,
                final: Optional[inference_pb2.FinalInfo] = None, with_usage: bool = False) -> dict:
-    delta: dict = {}
-    if first:
-        delta["role"] = "assistant"
+    delta: dict = {"role": "assistant"} if first else {}
     if text is not None:
         delta["content"] = text
-    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                        "finish_reason": FINISH.get(final.finish_reason, "stop") if final is not None else None}]}
-    if final is not None:
-        out["system_fingerprint"] = fingerprint(final)
-        out["studiofleet"] = extension(final)
-    if with_usage:
-        out["usage"] = None
-    return out
+    return _chunk("chat.completion.chunk", cid, created, model, {"delta": delta}, final, with_usage)
 
 
 def completion_chunk(cid: str, created: int, model: str, *, text: str = "",
                      final: Optional[inference_pb2.FinalInfo] = None, with_usage: bool = False) -> dict:
-    out = {"id": cid, "object": "text_completion", "created": created, "model": model,
-           "choices": [{"index": 0, "text": text, "logprobs": None,
-                        "finish_reason": FINISH.get(final.finish_reason, "stop") if final is not None else None}]}
-    if final is not None:
-        out["system_fingerprint"] = fingerprint(final)
-        out["studiofleet"] = extension(final)
-    if with_usage:
-        out["usage"] = None
-    return out
+    return _chunk("text_completion", cid, created, model, {"text": text}, final, with_usage)
 
 
 def usage_chunk(kind: str, cid: str, created: int, model: str, final: inference_pb2.FinalInfo) -> dict:

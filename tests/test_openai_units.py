@@ -102,6 +102,8 @@ def test_tokens_are_stored_hashed_expire_and_revoke(tmp_path):
         store.verify(other)
     with pytest.raises(TokenRequestError, match="role"):
         store.issue("x", role="operator")
+    with pytest.raises(TokenRequestError, match="ttl"):
+        store.issue("x", ttl_s=float("nan"))
     with pytest.raises(TokenRequestError, match="token name"):
         store.issue("bad name!")
     with pytest.raises(TokenRequestError) as missing:

@@ -28,7 +28,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_ttl(text: str) -> float:
     m = _TTL.match(text.strip())
-    if m is None:
+    if m is None or float(m.group(1)) <= 0:
         typer.echo(f"fleetctl tokens: --ttl {text!r} must look like 30d, 12h, 90m or 3600s", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
     return float(m.group(1)) * _UNIT_S[m.group(2)]
