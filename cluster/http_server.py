@@ -196,10 +196,11 @@ class MonitorHTTP:
     def serves(self) -> str:
         return "/metrics" + (", dashboard" if self.sessions is not None else "")
 
-    async def close(self, grace_s: float = 0.0) -> None:
-        """Stop listening; handlers still running get `grace_s` to finish, then are cancelled."""
+    async def close(self, grace_s: float = 1.0) -> None:
+        """Stop listening; handlers still running get about `grace_s` to finish, then are
+        cancelled (aiohttp reads a timeout of 0 as none: it is kept above 0)."""
         if self._runner is not None:
-            self._runner._shutdown_timeout = grace_s  # noqa: SLF001 - fixed at construction in aiohttp's API
+            self._runner._shutdown_timeout = max(grace_s, 0.01)  # noqa: SLF001 - fixed at construction in aiohttp's API
             await self._runner.cleanup()
             self._runner = None
 

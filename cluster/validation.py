@@ -60,6 +60,9 @@ def display_id(raw: str) -> str:
     return raw if valid_id(raw) else "(invalid id)"
 
 
+MAX_MODEL_ID_LEN = 256
+
+
 def check_request_id(raw: str) -> str:
     """The caller's id, or a new one if empty."""
     if not raw:
@@ -67,6 +70,13 @@ def check_request_id(raw: str) -> str:
     if not valid_id(raw):
         raise InvalidRequest(f"request_id must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 . _ : @ / + -")
     return raw
+
+
+def check_model(model: str) -> None:
+    """GenerateRequest.model: empty, or a model id as nodes report it."""
+    if len(model) > MAX_MODEL_ID_LEN or not model.isprintable():
+        raise InvalidRequest(f"model must be a model id of at most {MAX_MODEL_ID_LEN} printable characters "
+                             "(`fleetctl nodes` shows the ids served)")
 
 
 def _finite(name: str, value: float) -> float:

@@ -215,8 +215,10 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         return fleet_pb2.ApiTokenIssued(token=row, secret=secret)
 
     async def RevokeApiToken(self, request, context) -> fleet_pb2.ApiToken:
+        from coordinator.api_tokens import public_id
+
         return await self._token_op(context, "token.revoke", lambda tokens: tokens.revoke(request.id, request.reason),
-                                    token_id=request.id[:40], reason=request.reason[:200])
+                                    token_id=public_id(request.id), reason=request.reason[:200])
 
     async def ListApiTokens(self, request, context) -> fleet_pb2.ListApiTokensResponse:
         rows = await self._token_op(context, "token.list", lambda tokens: tokens.list(request.all))

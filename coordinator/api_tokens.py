@@ -26,6 +26,7 @@ from cluster.security.identity import Identity, Role, check_name
 
 PREFIX = "sft_"
 TOKEN_RE = re.compile(r"^sft_([0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
+ID_RE = re.compile(r"^[0-9a-f]{12}$")
 ROLES = (Role.APP, Role.MONITOR)     # app: inference and models; monitor: models only
 DEFAULT_TTL_S = 90 * 86400.0
 MAX_TTL_S = 366 * 86400.0
@@ -56,6 +57,11 @@ class TokenHolder:
 
     id: str
     identity: Identity
+
+
+def public_id(text: str) -> str:
+    """The id part of a token or token id (what may be logged); the secret part is dropped."""
+    return text.split(".", 1)[0][:40]
 
 
 def _digest(token: str) -> str:
@@ -102,15 +108,18 @@ class TokenStore:
         return self.get(PREFIX + token_id), secret
 
     def revoke(self, token_id: str, reason: str = "") -> fleet_pb2.ApiToken:
-        raw = token_id.removeprefix(PREFIX)
+        """By id; a whole token (a leaked key pasted as is) is taken by its id part."""
+        raw = public_id(token_id).removeprefix(PREFIX)
+        if not ID_RE.match(raw):
+            raise TokenRequestError("a token id is sft_ and 12 hex digits, as `fleetctl tokens list` shows it")
         row = self._db.execute("SELECT revoked FROM api_tokens WHERE id=?", (raw,)).fetchone()
         if row is None:
-            raise TokenRequestError(f"no API token {token_id[:40]!r}; `fleetctl tokens list --all` shows them",
+            raise TokenRequestError(f"no API token {PREFIX}{raw}; `fleetctl tokens list --all` shows them",
                                     code="NOT_FOUND")
         if not row[0]:
             self._db.execute("UPDATE api_tokens SET revoked=?, revoked_reason=? WHERE id=?",
                              (self._clock(), reason[:200], raw))
-        return self.get(token_id)
+        return self.get(PREFIX + raw)
 
     def get(self, token_id: str) -> Optional[fleet_pb2.ApiToken]:
         row = self._db.execute("SELECT id, name, role, created, expires, revoked, revoked_reason, created_by "

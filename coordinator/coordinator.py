@@ -160,7 +160,8 @@ class Coordinator:
         self.api = FrontDoor(listen=listen, security=self.security, where=f"coordinator {s.coordinator_id}",
                              relay=self.relay, fleet=self.fleet, tokens=self.tokens,
                              default_max_tokens=min(s.openai_default_max_tokens, s.max_tokens_limit),
-                             max_body=s.openai_max_body_kb * 1024, on_denied=self._denied,
+                             max_body=s.openai_max_body_kb * 1024, audit=self.audit, monitor=self.monitor,
+                             on_denied=self._denied,
                              responses=self.metrics.api_responses if self.metrics is not None else None)
         try:
             await self.api.start()
@@ -173,6 +174,8 @@ class Coordinator:
         """Stop taking requests, let in-flight ones finish within the grace, then stop."""
         if self.stopping:
             if grace_s == 0 and self._server is not None:  # a second signal: cut the grace short
+                if self.api is not None:
+                    self.api.cancel_all()
                 await self._server.stop(0)
             return
         self.stopping = True

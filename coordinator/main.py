@@ -84,6 +84,14 @@ def check(settings) -> Optional[str]:
             return f"--plaintext reaches loopback nodes only; {remote[0]} needs mTLS (--tls-dir)"
         if settings.mdns and settings.mdns_interface != "127.0.0.1":
             return "--plaintext browses mDNS on loopback only: add --mdns-interface 127.0.0.1 or --no-mdns"
+        from cluster.config import http_address
+
+        for flag, value, offset in (("--http-listen", settings.http_listen, 1),
+                                    ("--openai-listen", settings.openai_listen, 2)):
+            address = http_address(settings.listen, value, offset)
+            if address is not None and not is_loopback(address):
+                return (f"--plaintext serves {flag} on loopback only (no TLS, no tokens): give a 127.0.0.1 "
+                        f"address, or {flag} off, or use mTLS (--tls-dir)")
     elif not settings.audit:
         return "--no-audit is for plaintext development only; an mTLS fleet always keeps its audit chain"
     return None

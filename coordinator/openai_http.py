@@ -18,6 +18,7 @@ plaintext development there are no roles, as on the gRPC port.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -34,6 +35,7 @@ from cluster.validation import new_request_id
 from coordinator import openai_protocol as oa
 from coordinator.api_tokens import TokenRefused, TokenStore
 from coordinator.relay import PUSHBACK_KEY
+from coordinator.request_summary import RequestSummary
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,9 @@ class HttpCall:
 
     def error(self) -> oa.ApiError:
         pushback = dict(self.trailers).get(PUSHBACK_KEY)
-        return oa.from_status(self._code, self.details, int(pushback) if pushback else None)
+        exc = oa.from_status(self._code, self.details, int(pushback) if pushback else None)
+        exc.relayed = True   # the relay audited and counted it
+        return exc
 
 
 class FrontDoor(MonitorHTTP):
@@ -77,14 +81,17 @@ class FrontDoor(MonitorHTTP):
     cancel_on_disconnect = True
 
     def __init__(self, *, listen: str, security, where: str, relay, fleet, tokens: Optional[TokenStore],
-                 default_max_tokens: int, max_body: int, on_denied=None, responses=None):
+                 default_max_tokens: int, max_body: int, audit=None, monitor=None, on_denied=None, responses=None):
         super().__init__(listen=listen, security=security, table=COORDINATOR_API_TABLE, where=where,
                          on_denied=on_denied, max_body=max_body)
         self._relay, self._fleet, self._tokens = relay, fleet, tokens
+        self._audit, self._monitor = audit, monitor   # for requests refused before the relay
         self._default_max_tokens = default_max_tokens
         self._max_body = max_body
         self._responses = responses      # a Counter by endpoint and status, or None
         self._created = int(time.time())
+        self._running: set = set()    # requests in flight (their handler tasks)
+        self._idle: Optional[asyncio.Event] = None   # set once closing and none is left
         r = self.app.router
         r.add_post("/v1/chat/completions", lambda request: self._generate(request, CHAT))
         r.add_post("/v1/completions", lambda request: self._generate(request, COMPLETION))
@@ -98,32 +105,85 @@ class FrontDoor(MonitorHTTP):
     @web.middleware
     async def _guard(self, request: web.Request, handler):
         entry = self._allowed(request.path)[0]
+        task = asyncio.current_task()
+        self._running.add(task)
         try:
+            response = await self._answer(request, handler, entry)
+        finally:
+            self._running.discard(task)
+            if not self._running and self._idle is not None:
+                self._idle.set()
+        if not response.prepared:
+            response.headers.update(SECURITY_HEADERS)
+            if request.get("rid"):
+                response.headers["X-Request-Id"] = request["rid"]
+        if self._responses is not None:
+            self._responses.labels(entry, str(response.status)).inc()
+        return response
+
+    async def _answer(self, request: web.Request, handler, entry: str) -> web.StreamResponse:
+        try:
+            if self._idle is not None:
+                raise oa.ApiError(503, f"{self._where} is shutting down; retry (another coordinator, or this one "
+                                       "once it is back)", type_="service_unavailable", code="shutting_down",
+                                  headers={"Connection": "close"})
             request["caller"], request["token"] = await self._authenticate(request, entry)
-            response = await handler(request)
+            return await handler(request)
         except oa.ApiError as exc:
-            response = _error_response(exc)
+            await self._rejected(request, exc)
+            return _error_response(exc)
         except web.HTTPRequestEntityTooLarge:
-            response = _error_response(oa.ApiError(
-                413, f"the request body is larger than this coordinator's limit of {self._max_body} bytes "
-                     "(--openai-max-body-kb); shorten the prompt", code="request_too_large"))
+            exc = oa.ApiError(413, f"the request body is larger than this coordinator's limit of {self._max_body} "
+                                   "bytes (--openai-max-body-kb); shorten the prompt", code="request_too_large")
+            await self._rejected(request, exc)
+            return _error_response(exc)
         except web.HTTPException as exc:   # the router's 404 and 405
             what = "no such endpoint" if exc.status == 404 else f"{request.method} is not allowed here"
-            response = _error_response(oa.ApiError(
+            return _error_response(oa.ApiError(
                 exc.status, f"{what}: this front door serves {self.serves()}",
                 type_="not_found_error" if exc.status == 404 else "invalid_request_error", code="unknown_url"))
         except ConnectionResetError:   # the client left mid-answer: nobody to tell
             raise
         except Exception as exc:  # noqa: BLE001 - never a traceback or an exception's text (it may quote content)
-            log.error("front door %s: internal error %s", entry, type(exc).__name__, exc_info=False)
-            response = _error_response(oa.ApiError(
+            log.error("front door %s: internal error %s", entry, type(exc).__name__)
+            return _error_response(oa.ApiError(
                 500, "the coordinator hit an internal error; retry, and report it with the coordinator's log",
                 type_="server_error", code="internal"))
-        if not response.prepared:
-            response.headers.update(SECURITY_HEADERS)
-        if self._responses is not None:
-            self._responses.labels(entry, str(response.status)).inc()
-        return response
+
+    async def _rejected(self, request: web.Request, exc: oa.ApiError) -> None:
+        """A completion request refused here, before the relay (its body, its model): one
+        audit record and one summary, as the relay keeps for a request it rejects."""
+        if exc.relayed or "rid" not in request or "caller" not in request:
+            return   # the relay's own answer (recorded there), or a refusal audited as denied
+        code = oa.CODE_OF.get(exc.status, "INVALID_ARGUMENT")
+        now = time.time()
+        if self._audit is not None:
+            await self._audit.write_or_log(self._audit.request_record(
+                request["caller"], self._peer(request), request_id=request["rid"], outcome="rejected", code=code,
+                reason=exc.message[:300]))
+        if self._monitor is not None:
+            self._monitor.request_ended(RequestSummary(
+                request_id=request["rid"], caller=str(request["caller"]), priority="interactive",
+                started_at=request["started"], ended_at=now, outcome="rejected", code=code,
+                duration_s=now - request["started"]))
+
+    async def close(self, grace_s: float = 1.0) -> None:
+        """Stop accepting (new requests on open connections get 503), give the requests in
+        flight `grace_s` to finish, as gRPC's stop(grace) does, then cancel the rest."""
+        self._idle = asyncio.Event()
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+        if self._running and grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        self.cancel_all()
+        await super().close(0.5)
+
+    def cancel_all(self) -> None:
+        """Cancel every request in flight (a second stop signal): each ends as cancelled."""
+        for task in list(self._running):
+            task.cancel()
 
     async def _authenticate(self, request: web.Request, entry: str) -> tuple[Identity, str]:
         """(the caller, its token id or ""); ApiError 401/403 otherwise, audited."""
@@ -195,49 +255,56 @@ class FrontDoor(MonitorHTTP):
 
     # -- completions -----------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id", "")
+        if rid and not (rid.isascii() and rid.isprintable()):
+            raise oa.bad("the X-Request-Id header must be printable ASCII", param="X-Request-Id")
+        request["started"] = time.time()
+        request["rid"] = rid = rid or new_request_id()   # the relay checks the rest, as for gRPC
         body = oa.parse_json(await request.read())
         parse = oa.chat_request if kind == CHAT else oa.completion_request
         parsed = parse(body, default_max_tokens=self._default_max_tokens)
         if parsed.model not in self._models():
             raise _unknown_model(parsed.model)
-        rid = request.headers.get("X-Request-Id", "") or new_request_id()
-        parsed.request.request_id = rid    # the relay checks it (a bad one is a 400 like any field)
+        parsed.request.request_id = rid
         call = HttpCall(request["caller"], self._peer(request))
         ids = ("chatcmpl-" if kind == CHAT else "cmpl-") + rid, int(time.time()), parsed.model
         async with contextlib.aclosing(self._relay.Generate(parsed.request, call)) as chunks:
             if parsed.stream:
-                return await self._stream(request, kind, parsed, call, chunks, ids, rid)
+                return await self._stream(request, kind, parsed, call, chunks, ids)
             text: list[str] = []
+            final = None
             try:
-                async for chunk in chunks:
+                async for chunk in chunks:   # to its end: the relay records the outcome after the final chunk
                     text.append(chunk.text)
                     if chunk.HasField("final"):
-                        answer = oa.chat_answer if kind == CHAT else oa.completion_answer
-                        response = web.json_response(answer(*ids, "".join(text), chunk.final))
-                        response.headers["X-Request-Id"] = rid
-                        return response
+                        final = chunk.final
             except grpc.aio.AbortError:
                 raise call.error() from None
-        raise call.error()   # unreachable: the relay ends every request with a final chunk or a status
+        if final is None:   # the relay ends every request with a final chunk or a status
+            raise call.error()
+        answer = oa.chat_answer if kind == CHAT else oa.completion_answer
+        return web.json_response(answer(*ids, "".join(text), final))
 
     async def _stream(self, request: web.Request, kind: str, parsed: oa.Parsed, call: HttpCall,
-                      chunks: AsyncIterator, ids: tuple, rid: str) -> web.StreamResponse:
+                      chunks: AsyncIterator, ids: tuple) -> web.StreamResponse:
+        """Headers after the first chunk (a refusal before it is its own HTTP status); then
+        one `data:` event per text delta, the finish, the usage if asked, `[DONE]`."""
         try:
             first = await anext(chunks)
         except grpc.aio.AbortError:
             raise call.error() from None
-        response = web.StreamResponse(headers={**SSE_HEADERS, **SECURITY_HEADERS, "X-Request-Id": rid})
+        response = web.StreamResponse(headers={**SSE_HEADERS, **SECURITY_HEADERS, "X-Request-Id": request["rid"]})
         await response.prepare(request)
 
         async def send(obj) -> None:
             await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
         usage = parsed.include_usage
-        if kind == CHAT:
-            await send(oa.chat_chunk(*ids, text="", first=True, with_usage=usage))
-        chunk = first
         try:
-            while True:
+            if kind == CHAT:
+                await send(oa.chat_chunk(*ids, text="", first=True, with_usage=usage))
+            chunk = first
+            while chunk is not None:
                 final = chunk.final if chunk.HasField("final") else None
                 if chunk.text:
                     await send(oa.chat_chunk(*ids, text=chunk.text, with_usage=usage) if kind == CHAT
@@ -248,12 +315,16 @@ class FrontDoor(MonitorHTTP):
                     if usage:
                         await send(oa.usage_chunk("chat.completion.chunk" if kind == CHAT else "text_completion",
                                                   *ids, final))
-                    break
-                chunk = await anext(chunks)
+                chunk = await anext(chunks, None)   # to its end: the relay records the outcome after the final
         except grpc.aio.AbortError:   # after the first token: the stream ends with the error
             await send(call.error().body())
-        except StopAsyncIteration:
-            pass
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the status line is gone: end the stream with the error
+            log.error("front door: request %s failed mid-stream: %s", request["rid"], type(exc).__name__)
+            await send(oa.ApiError(500, f"request {request['rid']}: the coordinator hit an internal error; retry, "
+                                        "and report it with the coordinator's log", type_="server_error",
+                                   code="internal").body())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

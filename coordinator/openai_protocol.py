@@ -6,7 +6,8 @@ the request; one it accepts and does not use is ignored (never logged: `user` an
 `metadata` may name a patient); a feature it does not have must keep its default value, or
 the request is refused with 400 naming the field; a field OpenAI does not define is
 refused as OpenAI refuses it ("Unrecognized request argument"). Error messages name the
-field, never its value: values are the caller's text.
+field, never its value: values are the caller's text (the one exception is an unknown
+`model`, an identifier, named back as OpenAI does).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
+        self.relayed = False   # set when the relay answered (and so recorded) it
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -78,11 +80,17 @@ HTTP_OF = {
 }
 
 
+# HTTP status of a refusal made before the relay -> the gRPC code it is recorded under.
+CODE_OF = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 503: "UNAVAILABLE"}
+
+
 def from_status(code: Optional[grpc.StatusCode], details: str, retry_after_ms: Optional[int] = None) -> ApiError:
     status, type_ = HTTP_OF.get(code, (500, "server_error"))
     headers = {}
     if status == 429 and retry_after_ms is not None:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_ms / 1000))), "retry-after-ms": str(retry_after_ms)}
+    if status == 409:   # the SDKs retry 409 (a lock timeout for OpenAI); a duplicate request id is not one
+        headers = {"x-should-retry": "false"}
     name = getattr(code, "name", "INTERNAL").lower()
     return ApiError(status, details or f"the request failed ({name})", type_=type_, code=name, headers=headers)
 
@@ -90,11 +98,20 @@ def from_status(code: Optional[grpc.StatusCode], details: str, retry_after_ms: O
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw.decode("utf-8"))   # not json's own guess (it would take UTF-16)
+        # "\ud800" escapes decode to lone surrogates, which no protobuf string takes.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeDecodeError:
         raise bad("the request body is not UTF-8 JSON", code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise bad("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                  "not valid Unicode text", code="invalid_json") from None
     except json.JSONDecodeError as exc:   # its message names a position, never the text
         raise bad(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                   code="invalid_json") from None
+    except RecursionError:
+        raise bad("the request body is nested too deeply", code="invalid_json") from None
+    except ValueError:   # e.g. an integer of more than 4300 digits
+        raise bad("the request body holds a number too large to read", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
     return body

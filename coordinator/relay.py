@@ -24,8 +24,8 @@ from typing import AsyncIterator, Callable, Optional
 import grpc
 
 from cluster.api import fleet_pb2, inference_pb2, inference_pb2_grpc
-from cluster.validation import (InvalidRequest, check_counts, check_input, check_output_format, check_request_id,
-                                check_sampling, display_id, new_request_id, template_budget)
+from cluster.validation import (InvalidRequest, check_counts, check_input, check_model, check_output_format,
+                                check_request_id, check_sampling, display_id, new_request_id, template_budget)
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from coordinator.attempt import Attempt
@@ -70,6 +70,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
 
     def _validate(self, request: inference_pb2.GenerateRequest) -> None:
         check_request_id(request.request_id)
+        check_model(request.model)
         check_input(request)
         check_counts(request, max_tokens=self._s.max_tokens_limit,
                      max_stop_sequences=self._s.max_stop_sequences, where="this coordinator")

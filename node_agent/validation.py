@@ -14,6 +14,7 @@ from cluster.validation import (
     InvalidRequest,
     check_counts,
     check_input,
+    check_model,
     check_output_format,
     check_request_id,
     check_sampling,
@@ -66,6 +67,7 @@ class ValidRequest:
 def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidRequest:
     """Field checks that need no tokenizer; raises InvalidRequest."""
     request_id = check_request_id(request.request_id)
+    check_model(request.model)
     messages, prompt = check_input(request)
     template = None
     if request.WhichOneof("input") == "template":

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import ssl
 import subprocess
 import sys
 import time
 
+import grpc
 import httpx2
 import openai
 import pytest
@@ -109,6 +111,9 @@ def test_sdk_chat_completions_and_models_take_the_grpc_path(front):
     assert "token=sft_" in records[-1]["peer"]
     logs = front.stderr() + "".join(p.read_text() for p in front.audit_dir.glob("*") if p.is_file())
     assert "Zyxwv" not in logs and front.key.split(".")[1] not in logs
+    ends = [json.loads(line) for line in front.stderr().splitlines() if f'"request_id": "{rid}"' in line
+            and '"request.end"' in line]
+    assert len(ends) == 1 and ends[0]["outcome"] == "completed" and "outcome=completed" in ends[0]["msg"]
 
 
 def test_sdk_streams_sync_and_async_with_usage_last(front):
@@ -186,6 +191,7 @@ def test_bad_requests_get_clear_4xx_and_leave_the_server_serving(front):
         ({"model": M, "messages": []}, 400, "messages must be"),
         (chat("gpt-4o"), 404, "does not exist"),
         (b"x" * ((4 << 20) + 1), 413, "larger than"),
+        (b'{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "\\udc80"}]}', 400, "surrogate"),
     ]
     for body, status, words in cases:
         r = post(front, "/chat/completions", body, key)
@@ -195,6 +201,13 @@ def test_bad_requests_get_clear_4xx_and_leave_the_server_serving(front):
         assert "Zyxwv" not in r.text
     bad_id = post(front, "/chat/completions", chat(M, max_tokens=2), key, headers={"X-Request-Id": "no spaces"})
     assert bad_id.status_code == 400 and "request_id" in bad_id.json()["error"]["message"]
+    assert bad_id.headers["X-Request-Id"] == "no spaces"
+    odd_id = post(front, "/chat/completions", chat(M, max_tokens=2), key, headers={"X-Request-Id": "ü".encode()})
+    assert odd_id.status_code == 400 and "printable ASCII" in odd_id.json()["error"]["message"]
+    refused = post(front, "/chat/completions", chat("gpt-4o", max_tokens=2), key, headers={"X-Request-Id": "refused-1"})
+    assert refused.status_code == 404 and refused.headers["X-Request-Id"] == "refused-1"
+    record = [r for r in query(front.audit_dir, request_id="refused-1")]
+    assert [(r["outcome"], r["code"], r["caller"]) for r in record] == [("rejected", "NOT_FOUND", "notes-app")]
     assert post(front, "/embeddings", {"model": M}, key).status_code == 404
     with httpx2.Client(verify=tls(front)) as http:
         assert http.get(front.openai_base_url + "/chat/completions",
@@ -327,3 +340,40 @@ def test_a_stream_whose_node_is_killed_completes_through_the_sdk(start_node, sta
     again = client.chat.completions.create(**body)   # uninterrupted, on the survivor
     assert "".join(text) == again.choices[0].message.content
     assert again.usage.completion_tokens == 300
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_work(node, start_coordinator):
+    co = start_coordinator(nodes=[node.address], name="front-stop")
+    co.wait_routable(1)
+    key = issue(co, "stop-app")
+    stream = sdk(co, key, max_retries=0).chat.completions.create(**chat(M, max_tokens=400, temperature=0),
+                                                                 stream=True)
+    chunks = [next(iter(stream))]
+    co.signal(signal.SIGTERM)
+    chunks.extend(stream)   # the grace (30 s) covers it
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].model_extra["studiofleet"]["nodes"] == ["shared-node"]
+    assert co.wait_exit(30) == 0
+    with pytest.raises(openai.APIConnectionError):
+        sdk(co, key, max_retries=0).models.list()
+
+
+def test_the_model_named_picks_the_nodes_that_serve_it(node, start_node, start_coordinator, tmp_path):
+    from cluster.client import build_request
+    from cluster.tinymodel import TinyModelSpec, make_tiny_model
+
+    other = start_node(node_id="other-model", model=make_tiny_model(tmp_path / "other-tiny", TinyModelSpec(seed=7)))
+    co = start_coordinator(nodes=[node.address, other.address], name="front-models")
+    co.wait_routable(2)
+    client = sdk(co, issue(co, "models-app"))
+    assert sorted(m.id for m in client.models.list().data) == ["other-tiny", M]
+    for model, node_id in ((M, "shared-node"), ("other-tiny", "other-model")) * 3:
+        r = client.chat.completions.create(**chat(model, max_tokens=2))
+        assert r.model == model and r.model_extra["studiofleet"]["nodes"] == [node_id]
+    # A node asked for a model it does not serve refuses (the coordinator routes around that).
+    wrong = build_request(prompt="x", max_tokens=2)
+    wrong.model = M
+    with pytest.raises(grpc.RpcError) as refused:
+        list(other.inference.Generate(wrong, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "serves model 'other-tiny'" in \
+        refused.value.details()

@@ -60,6 +60,17 @@ def test_errors_never_quote_the_callers_values():
     assert "Jane" not in err.value.message and err.value.param == "tools"
 
 
+@pytest.mark.parametrize("raw, words", [
+    (b'{"model": "m", "prompt": "\\ud800"}', "surrogate"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"seed": ' + b"9" * 5000 + b"}", "number too large"),
+])
+def test_json_python_cannot_hold_is_a_400(raw, words):
+    with pytest.raises(oa.ApiError) as err:
+        oa.parse_json(raw)
+    assert err.value.status == 400 and words in err.value.message
+
+
 def test_relay_statuses_become_http_answers():
     busy = oa.from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full; retry after 1200 ms", 1200)
     assert busy.status == 429 and busy.headers == {"Retry-After": "2", "retry-after-ms": "1200"}
@@ -69,6 +80,7 @@ def test_relay_statuses_become_http_answers():
     assert oa.from_status(grpc.StatusCode.INVALID_ARGUMENT, "bad").status == 400
     assert oa.from_status(grpc.StatusCode.DEADLINE_EXCEEDED, "late").status == 504
     assert oa.from_status(grpc.StatusCode.INTERNAL, "").status == 500
+    assert oa.from_status(grpc.StatusCode.ALREADY_EXISTS, "running").headers == {"x-should-retry": "false"}
 
 
 def test_tokens_are_stored_hashed_expire_and_revoke(tmp_path):
@@ -109,4 +121,9 @@ def test_tokens_are_stored_hashed_expire_and_revoke(tmp_path):
     with pytest.raises(TokenRequestError) as missing:
         store.revoke("sft_000000000000")
     assert missing.value.code == "NOT_FOUND"
+    _, leaked = store.issue("leaky")
+    assert store.revoke(leaked).revoked_unix_s   # a whole key pasted: revoked by its id part
+    with pytest.raises(TokenRequestError) as odd:
+        store.revoke("sft_" + leaked.split(".")[1])
+    assert leaked.split(".")[1][:8] not in str(odd.value)
     store.close()

@@ -240,6 +240,9 @@ def test_daemons_refuse_to_start_without_credentials_or_with_public_plaintext(ti
     co = subprocess.run([sys.executable, "-m", "coordinator.main", "--no-mdns", "--listen", "127.0.0.1:0",
                          "--plaintext", "--node", "10.1.2.3:7700"], capture_output=True, text=True, timeout=60)
     assert co.returncode == 2 and "10.1.2.3:7700 needs mTLS" in co.stderr
+    api = subprocess.run([sys.executable, "-m", "coordinator.main", "--no-mdns", "--listen", "127.0.0.1:0",
+                          "--plaintext", "--openai-listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
+    assert api.returncode == 2 and "--openai-listen on loopback only" in api.stderr
 
 
 def test_plaintext_mode_says_so_loudly(start_node, tiny_model, tmp_path):
