@@ -160,7 +160,7 @@ class Coordinator:
         self.api = FrontDoor(listen=listen, security=self.security, where=f"coordinator {s.coordinator_id}",
                              relay=self.relay, fleet=self.fleet, tokens=self.tokens,
                              default_max_tokens=min(s.openai_default_max_tokens, s.max_tokens_limit),
-                             max_body=s.openai_max_body_kb * 1024, audit=self.audit, monitor=self.monitor,
+                             max_body=s.openai_max_body_kb * 1024, audit=self.audit,
                              on_denied=self._denied,
                              responses=self.metrics.api_responses if self.metrics is not None else None)
         try:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from typing import AsyncIterator, Optional
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional
 
 import grpc
 from aiohttp import web
@@ -35,13 +37,26 @@ from cluster.validation import new_request_id
 from coordinator import openai_protocol as oa
 from coordinator.api_tokens import TokenRefused, TokenStore
 from coordinator.relay import PUSHBACK_KEY
-from coordinator.request_summary import RequestSummary
 
 log = logging.getLogger(__name__)
 
-CHAT, COMPLETION = "chat", "completion"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
                "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What differs between the two completion endpoints: parsing, answer and chunk shapes."""
+
+    parse: Callable
+    answer: Callable
+    chunk: Callable
+    chunk_object: str
+    id_prefix: str
+
+
+CHAT = _Endpoint(oa.chat_request, oa.chat_answer, oa.chat_chunk, "chat.completion.chunk", "chatcmpl-")
+COMPLETION = _Endpoint(oa.completion_request, oa.completion_answer, oa.completion_chunk, "text_completion", "cmpl-")
 
 
 class HttpCall:
@@ -81,11 +96,11 @@ class FrontDoor(MonitorHTTP):
     cancel_on_disconnect = True
 
     def __init__(self, *, listen: str, security, where: str, relay, fleet, tokens: Optional[TokenStore],
-                 default_max_tokens: int, max_body: int, audit=None, monitor=None, on_denied=None, responses=None):
+                 default_max_tokens: int, max_body: int, audit, on_denied=None, responses=None):
         super().__init__(listen=listen, security=security, table=COORDINATOR_API_TABLE, where=where,
                          on_denied=on_denied, max_body=max_body)
         self._relay, self._fleet, self._tokens = relay, fleet, tokens
-        self._audit, self._monitor = audit, monitor   # for requests refused before the relay
+        self._audit = audit   # AuditTrail: the record of a request refused before the relay
         self._default_max_tokens = default_max_tokens
         self._max_body = max_body
         self._responses = responses      # a Counter by endpoint and status, or None
@@ -155,17 +170,10 @@ class FrontDoor(MonitorHTTP):
         audit record and one summary, as the relay keeps for a request it rejects."""
         if exc.relayed or "rid" not in request or "caller" not in request:
             return   # the relay's own answer (recorded there), or a refusal audited as denied
-        code = oa.CODE_OF.get(exc.status, "INVALID_ARGUMENT")
-        now = time.time()
-        if self._audit is not None:
-            await self._audit.write_or_log(self._audit.request_record(
-                request["caller"], self._peer(request), request_id=request["rid"], outcome="rejected", code=code,
-                reason=exc.message[:300]))
-        if self._monitor is not None:
-            self._monitor.request_ended(RequestSummary(
-                request_id=request["rid"], caller=str(request["caller"]), priority="interactive",
-                started_at=request["started"], ended_at=now, outcome="rejected", code=code,
-                duration_s=now - request["started"]))
+        record = self._audit.request_record(request["caller"], self._peer(request), request_id=request["rid"],
+                                            outcome="rejected", code=oa.CODE_OF.get(exc.status, "INVALID_ARGUMENT"),
+                                            reason=exc.message[:300])
+        await self._relay.refused(record, None, str(request["caller"]), request["started"])
 
     async def close(self, grace_s: float = 1.0) -> None:
         """Stop accepting (new requests on open connections get 503), give the requests in
@@ -254,20 +262,19 @@ class FrontDoor(MonitorHTTP):
         return web.json_response(model)
 
     # -- completions -----------------------------------------------------------------------
-    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, kind: _Endpoint) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id", "")
         if rid and not (rid.isascii() and rid.isprintable()):
             raise oa.bad("the X-Request-Id header must be printable ASCII", param="X-Request-Id")
         request["started"] = time.time()
         request["rid"] = rid = rid or new_request_id()   # the relay checks the rest, as for gRPC
         body = oa.parse_json(await request.read())
-        parse = oa.chat_request if kind == CHAT else oa.completion_request
-        parsed = parse(body, default_max_tokens=self._default_max_tokens)
+        parsed = kind.parse(body, default_max_tokens=self._default_max_tokens)
         if parsed.model not in self._models():
             raise _unknown_model(parsed.model)
         parsed.request.request_id = rid
         call = HttpCall(request["caller"], self._peer(request))
-        ids = ("chatcmpl-" if kind == CHAT else "cmpl-") + rid, int(time.time()), parsed.model
+        ids = kind.id_prefix + rid, int(time.time()), parsed.model
         async with contextlib.aclosing(self._relay.Generate(parsed.request, call)) as chunks:
             if parsed.stream:
                 return await self._stream(request, kind, parsed, call, chunks, ids)
@@ -282,10 +289,9 @@ class FrontDoor(MonitorHTTP):
                 raise call.error() from None
         if final is None:   # the relay ends every request with a final chunk or a status
             raise call.error()
-        answer = oa.chat_answer if kind == CHAT else oa.completion_answer
-        return web.json_response(answer(*ids, "".join(text), final))
+        return web.json_response(kind.answer(*ids, "".join(text), final))
 
-    async def _stream(self, request: web.Request, kind: str, parsed: oa.Parsed, call: HttpCall,
+    async def _stream(self, request: web.Request, kind: _Endpoint, parsed: oa.Parsed, call: HttpCall,
                       chunks: AsyncIterator, ids: tuple) -> web.StreamResponse:
         """Headers after the first chunk (a refusal before it is its own HTTP status); then
         one `data:` event per text delta, the finish, the usage if asked, `[DONE]`."""
@@ -299,22 +305,19 @@ class FrontDoor(MonitorHTTP):
         async def send(obj) -> None:
             await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
-        usage = parsed.include_usage
+        piece = functools.partial(kind.chunk, *ids, with_usage=parsed.include_usage)
         try:
-            if kind == CHAT:
-                await send(oa.chat_chunk(*ids, text="", first=True, with_usage=usage))
+            if kind is CHAT:
+                await send(piece(text="", first=True))
             chunk = first
             while chunk is not None:
                 final = chunk.final if chunk.HasField("final") else None
                 if chunk.text:
-                    await send(oa.chat_chunk(*ids, text=chunk.text, with_usage=usage) if kind == CHAT
-                               else oa.completion_chunk(*ids, text=chunk.text, with_usage=usage))
+                    await send(piece(text=chunk.text))
                 if final is not None:
-                    await send(oa.chat_chunk(*ids, final=final, with_usage=usage) if kind == CHAT
-                               else oa.completion_chunk(*ids, final=final, with_usage=usage))
-                    if usage:
-                        await send(oa.usage_chunk("chat.completion.chunk" if kind == CHAT else "text_completion",
-                                                  *ids, final))
+                    await send(piece(final=final))
+                    if parsed.include_usage:
+                        await send(oa.usage_chunk(kind.chunk_object, *ids, final))
                 chunk = await anext(chunks, None)   # to its end: the relay records the outcome after the final
         except grpc.aio.AbortError:   # after the first token: the stream ends with the error
             await send(call.error().body())

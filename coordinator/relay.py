@@ -91,13 +91,12 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             log.info("request=%s caller=%s rejected code=INVALID_ARGUMENT reason=%r", rid, caller, str(exc),
                      extra=fields(event="request.rejected", request_id=rid, caller=caller, code="INVALID_ARGUMENT",
                                   reason=str(exc)))
-            await self._audit.write_or_log(audit.end("rejected", "INVALID_ARGUMENT"))
-            self._ended(audit.record, None, request, caller, started)
+            await self.refused(audit.end("rejected", "INVALID_ARGUMENT"), request, caller, started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
         running = self._per_caller.get(caller, 0)
         if running >= self._s.max_concurrent_per_caller:
-            await self._audit.write_or_log(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"))
-            self._ended(audit.record, None, request, caller, started)
+            await self.refused(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"), request, caller,
+                               started)
             await self._busy(context, f"request {rid}: {caller} already has {running} requests in flight, "
                                       f"its quota (max_concurrent_per_caller {self._s.max_concurrent_per_caller})")
         req = inference_pb2.GenerateRequest()
@@ -152,6 +151,13 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                                   node_id=run.nodes[-1] if run.nodes else "", nodes=list(run.nodes),
                                   tokens=len(run.delivered), failovers=run.failovers, retries=run.retries,
                                   restarts=run.restarts, total_ms=round(run.elapsed_ms(), 1)))
+
+    async def refused(self, record: dict, request: Optional[inference_pb2.GenerateRequest], caller: str,
+                      started: float) -> None:
+        """A request that ended before it ran (bad input, the caller's quota; or a body the
+        front door could not read, with no request): its one audit record, then its summary."""
+        await self._audit.write_or_log(record)
+        self._ended(record, None, request or inference_pb2.GenerateRequest(), caller, started)
 
     def _ended(self, record: dict, run: Optional[Splice], req: inference_pb2.GenerateRequest, caller: str,
                started: float) -> None:
