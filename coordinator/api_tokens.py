@@ -122,12 +122,12 @@ class TokenStore:
         return self.get(PREFIX + raw)
 
     def get(self, token_id: str) -> Optional[fleet_pb2.ApiToken]:
-        row = self._db.execute("SELECT id, name, role, created, expires, revoked, revoked_reason, created_by "
-                               "FROM api_tokens WHERE id=?", (token_id.removeprefix(PREFIX),)).fetchone()
+        row = self._db.execute(f"SELECT {_FIELDS} FROM api_tokens WHERE id=?",
+                               (token_id.removeprefix(PREFIX),)).fetchone()
         return _proto(row) if row else None
 
     def list(self, include_inactive: bool = False) -> list[fleet_pb2.ApiToken]:
-        sql = ("SELECT id, name, role, created, expires, revoked, revoked_reason, created_by FROM api_tokens" +
+        sql = (f"SELECT {_FIELDS} FROM api_tokens" +
                ("" if include_inactive else " WHERE revoked=0 AND expires>?") + " ORDER BY created")
         return [_proto(r) for r in self._db.execute(sql, () if include_inactive else (self._clock(),))]
 
@@ -149,6 +149,9 @@ class TokenStore:
         if expires <= self._clock():
             raise TokenRefused(f"API token {tid} expired; ask an operator for a new one")
         return TokenHolder(tid, Identity(Role(role), name))
+
+
+_FIELDS = "id, name, role, created, expires, revoked, revoked_reason, created_by"   # what _proto reads
 
 
 def _proto(row) -> fleet_pb2.ApiToken:
