@@ -42,6 +42,7 @@ import grpc  # noqa: E402
 from cluster.api import inference_pb2, inference_pb2_grpc  # noqa: E402
 from cluster.client import build_request  # noqa: E402
 from cluster.localfleet import CoordinatorProcess, NodeProcess  # noqa: E402
+from cluster.metrics import percentile as pct  # noqa: E402 - also imported from here by other benchmarks
 from cluster.tinymodel import make_tiny_model  # noqa: E402
 
 SYSTEM = "You are a clinical documentation assistant."
@@ -51,11 +52,6 @@ NODE_ARGS = ("--max-running", "64", "--max-queued", "64")
 def request(i: int, max_tokens: int, tag: str) -> inference_pb2.GenerateRequest:
     return build_request(messages=[("system", SYSTEM), ("user", f"Synthetic visit {tag}-{i}: follow-up.")],
                          max_tokens=max_tokens, request_id=f"{tag}-{i}", temperature=0.0)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 async def load(address: str, streams: int, per_stream: int, max_tokens: int, tag: str) -> tuple[float, list[float]]:

@@ -5,7 +5,8 @@ Per concurrency level, `streams` callers each send requests back to back (a synt
 note prompt, 64 tokens, greedy) over three paths, interleaved per repeat with the order
 rotated so machine noise hits them alike:
 
-- grpc: the coordinator's Inference.Generate (grpc.aio, one channel);
+- grpc: the coordinator's Inference.Generate (grpc.aio, one channel; bench/coordinator.py's
+        load, whose chats the HTTP paths send too);
 - http: POST /v1/chat/completions, streamed (SSE), read with aiohttp (one session);
 - sdk:  the same through the official openai SDK's AsyncOpenAI (its pydantic parsing
         of every chunk included: what an application migrating from a hosted API runs).
@@ -37,46 +38,26 @@ sys.path.insert(0, str(ROOT))
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 import aiohttp  # noqa: E402
-import grpc  # noqa: E402
 import openai  # noqa: E402
 
-from cluster.api import inference_pb2_grpc  # noqa: E402
-from cluster.client import build_request  # noqa: E402
+from bench.coordinator import load as grpc_load, request  # noqa: E402
 from cluster.localfleet import CoordinatorProcess, NodeProcess  # noqa: E402
+from cluster.metrics import percentile as pct  # noqa: E402
 from cluster.tinymodel import make_tiny_model  # noqa: E402
 
-SYSTEM = "You are a clinical documentation assistant."
 MAX_TOKENS = 64
 
 
-def user(tag: str, i: int) -> str:
-    return f"Synthetic visit {tag}-{i}: follow-up."
-
-
-async def grpc_load(address: str, model: str, streams: int, per_stream: int, tag: str) -> tuple[int, list[float]]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-
-        async def one(i: int) -> tuple[int, float]:
-            req = build_request(messages=[("system", SYSTEM), ("user", user(tag, i))], max_tokens=MAX_TOKENS,
-                                request_id=f"{tag}-{i}", temperature=0.0)
-            req.model = model
-            start, first, tokens = time.perf_counter(), None, 0
-            async for chunk in stub.Generate(req, timeout=300):
-                if first is None and chunk.token_ids:
-                    first = time.perf_counter()
-                tokens += len(chunk.token_ids)
-            return tokens, (first - start) * 1000.0
-
-        return await _callers(one, streams, per_stream)
+def messages(tag: str, i: int) -> list[dict]:
+    """The chat bench/coordinator.py's gRPC load sends as request `tag`-`i`, as OpenAI messages."""
+    return [{"role": m.role, "content": m.content} for m in request(i, MAX_TOKENS, tag).chat.messages]
 
 
 async def http_load(base_url: str, model: str, streams: int, per_stream: int, tag: str) -> tuple[int, list[float]]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=streams)) as session:
 
         async def one(i: int) -> tuple[int, float]:
-            body = {"model": model, "messages": [{"role": "system", "content": SYSTEM},
-                                                 {"role": "user", "content": user(tag, i)}],
+            body = {"model": model, "messages": messages(tag, i),
                     "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
             start, first, tokens = time.perf_counter(), None, 0
@@ -102,7 +83,7 @@ async def sdk_load(base_url: str, model: str, streams: int, per_stream: int, tag
     async def one(i: int) -> tuple[int, float]:
         start, first, tokens = time.perf_counter(), None, 0
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": user(tag, i)}],
+            model=model, messages=messages(tag, i),
             max_tokens=MAX_TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
             extra_headers={"X-Request-Id": f"{tag}-{i}"})
         async for chunk in stream:
@@ -135,11 +116,6 @@ async def _callers(one, streams: int, per_stream: int) -> tuple[float, list[floa
     return total / (time.perf_counter() - start), ttfts
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def run(levels: list[int], repeats: int) -> list[tuple[int, dict]]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-openai-"))
     model = make_tiny_model(tmp / "tiny-qwen2")
@@ -151,7 +127,8 @@ def run(levels: list[int], repeats: int) -> list[tuple[int, dict]]:
                                 plaintext=True) as co:
             co.start(tmp / "logs")
             co.wait_routable(1)
-            paths = {"grpc": lambda *a: grpc_load(co.address, *a),
+            paths = {"grpc": lambda _model, streams, per_stream, tag: grpc_load(co.address, streams, per_stream,
+                                                                                MAX_TOKENS, tag),
                      "http": lambda *a: http_load(co.openai_base_url, *a),
                      "sdk": lambda *a: sdk_load(co.openai_base_url, *a)}
             for streams in levels:
