@@ -43,3 +43,15 @@ class ModelInfo(_message.Message):
     vocab_size: int
     family: str
     def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ...) -> None: ...
+
+class AuditHead(_message.Message):
+    __slots__ = ("seq", "hash", "sig", "key")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SIG_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    hash: str
+    sig: str
+    key: str
+    def __init__(self, seq: _Optional[int] = ..., hash: _Optional[str] = ..., sig: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...

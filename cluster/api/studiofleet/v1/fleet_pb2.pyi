@@ -33,6 +33,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_OPERATION: _ClassVar[EventKind]
     EVENT_KIND_ROLLOUT: _ClassVar[EventKind]
     EVENT_KIND_RESTART: _ClassVar[EventKind]
+    EVENT_KIND_AUDIT: _ClassVar[EventKind]
 
 class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ EVENT_KIND_FAILOVER: EventKind
 EVENT_KIND_OPERATION: EventKind
 EVENT_KIND_ROLLOUT: EventKind
 EVENT_KIND_RESTART: EventKind
+EVENT_KIND_AUDIT: EventKind
 ROLLOUT_STATE_UNSPECIFIED: RolloutState
 ROLLOUT_STATE_RUNNING: RolloutState
 ROLLOUT_STATE_PAUSED: RolloutState

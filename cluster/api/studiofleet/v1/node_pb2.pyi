@@ -33,8 +33,10 @@ STAGE_STATE_STAGED: StageState
 STAGE_STATE_FAILED: StageState
 
 class GetStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("audit_head",)
+    AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
+    audit_head: _common_pb2.AuditHead
+    def __init__(self, audit_head: _Optional[_Union[_common_pb2.AuditHead, _Mapping]] = ...) -> None: ...
 
 class Capacity(_message.Message):
     __slots__ = ("max_running", "max_queued", "max_tokens_per_request", "max_prompt_tokens")
@@ -137,7 +139,7 @@ class EngineServer(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., url: _Optional[str] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., up_s: _Optional[float] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations", "engine_server")
+    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations", "engine_server", "fencing_token", "audit_heads")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +158,8 @@ class NodeStatus(_message.Message):
     DRAIN_DEADLINE_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     OPERATIONS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_SERVER_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEADS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lifecycle: _common_pb2.Lifecycle
     lifecycle_reason: str
@@ -174,7 +178,9 @@ class NodeStatus(_message.Message):
     drain_deadline_left_s: float
     operations: _containers.RepeatedCompositeFieldContainer[Operation]
     engine_server: EngineServer
-    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ...) -> None: ...
+    fencing_token: int
+    audit_heads: _containers.RepeatedCompositeFieldContainer[_common_pb2.AuditHead]
+    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ..., fencing_token: _Optional[int] = ..., audit_heads: _Optional[_Iterable[_Union[_common_pb2.AuditHead, _Mapping]]] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("operation_id", "kind", "state", "message", "started_unix_s", "finished_unix_s")
@@ -201,38 +207,44 @@ class OperationReply(_message.Message):
     def __init__(self, operation: _Optional[_Union[Operation, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, _Mapping]] = ...) -> None: ...
 
 class CordonRequest(_message.Message):
-    __slots__ = ("operation_id", "cordoned", "reason")
+    __slots__ = ("operation_id", "cordoned", "reason", "fencing_token")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CORDONED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     cordoned: bool
     reason: str
-    def __init__(self, operation_id: _Optional[str] = ..., cordoned: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, operation_id: _Optional[str] = ..., cordoned: _Optional[bool] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("operation_id", "timeout_s", "reason")
+    __slots__ = ("operation_id", "timeout_s", "reason", "fencing_token")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     timeout_s: float
     reason: str
-    def __init__(self, operation_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, operation_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., reason: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class StageModelRequest(_message.Message):
-    __slots__ = ("operation_id", "source_path", "model_id", "version", "expected_digest")
+    __slots__ = ("operation_id", "source_path", "model_id", "version", "expected_digest", "fencing_token")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     source_path: str
     model_id: str
     version: str
     expected_digest: str
-    def __init__(self, operation_id: _Optional[str] = ..., source_path: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., expected_digest: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, operation_id: _Optional[str] = ..., source_path: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., expected_digest: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class WeightsFile(_message.Message):
     __slots__ = ("name", "size")
@@ -243,18 +255,20 @@ class WeightsFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class WeightsManifest(_message.Message):
-    __slots__ = ("operation_id", "model_id", "version", "expected_digest", "files")
+    __slots__ = ("operation_id", "model_id", "version", "expected_digest", "files", "fencing_token")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_DIGEST_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     model_id: str
     version: str
     expected_digest: str
     files: _containers.RepeatedCompositeFieldContainer[WeightsFile]
-    def __init__(self, operation_id: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., expected_digest: _Optional[str] = ..., files: _Optional[_Iterable[_Union[WeightsFile, _Mapping]]] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, operation_id: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., expected_digest: _Optional[str] = ..., files: _Optional[_Iterable[_Union[WeightsFile, _Mapping]]] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class PushOffsets(_message.Message):
     __slots__ = ("held", "complete")
@@ -277,22 +291,26 @@ class WeightsChunk(_message.Message):
     def __init__(self, manifest: _Optional[_Union[WeightsManifest, _Mapping]] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ActivateRequest(_message.Message):
-    __slots__ = ("operation_id", "weights_digest", "previous")
+    __slots__ = ("operation_id", "weights_digest", "previous", "fencing_token")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     weights_digest: str
     previous: bool
-    def __init__(self, operation_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., previous: _Optional[bool] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, operation_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., previous: _Optional[bool] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class RestartRequest(_message.Message):
-    __slots__ = ("operation_id", "drain_timeout_s")
+    __slots__ = ("operation_id", "drain_timeout_s", "fencing_token")
     OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     operation_id: str
     drain_timeout_s: float
-    def __init__(self, operation_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, operation_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class StagedModel(_message.Message):
     __slots__ = ("weights_digest", "model_id", "version", "state", "bytes_done", "bytes_total", "message", "path")
