@@ -99,6 +99,10 @@ class NodeSettings(FileSettings):
     # staging area live here, so they survive an agent restart. One directory per node.
     state_dir: Path = Path("studiofleet-node")
     drain_timeout_s: float = Field(120.0, gt=0)    # a drain with no timeout of its own
+    # Staged and incoming weights together may take this much; a staging must leave the
+    # reserve free on the state directory's disk (RESOURCE_EXHAUSTED otherwise).
+    max_staged_gb: float = Field(500.0, gt=0)
+    staging_reserve_gb: float = Field(5.0, ge=0)
     # The vLLM engine (README "vLLM nodes"): the agent runs `VLLM_PYTHON -m
     # vllm.entrypoints.openai.api_server` on loopback with the model, --max-model-len and
     # --max-num-seqs set from the settings above, plus `vllm_args` (a list, or one

@@ -20,7 +20,7 @@ HARD_EXIT_S = 10.0
 
 
 async def _serve(settings) -> int:
-    from cluster.security.daemon import DaemonSecurity
+    from cluster.security.daemon import DaemonSecurity, plaintext_exposure
     from cluster.security.identity import Role
     from coordinator.coordinator import Coordinator
 
@@ -70,7 +70,7 @@ def open_audit(settings):
 
 def check(settings) -> Optional[str]:
     """Settings that cannot run safely, as one line naming the fix; None if fine."""
-    from cluster.security.daemon import DaemonSecurity
+    from cluster.security.daemon import DaemonSecurity, plaintext_exposure
     from cluster.security.identity import Role
     from cluster.security.tls import TLSConfigError, is_loopback
 
@@ -84,14 +84,8 @@ def check(settings) -> Optional[str]:
             return f"--plaintext reaches loopback nodes only; {remote[0]} needs mTLS (--tls-dir)"
         if settings.mdns and settings.mdns_interface != "127.0.0.1":
             return "--plaintext browses mDNS on loopback only: add --mdns-interface 127.0.0.1 or --no-mdns"
-        from cluster.config import http_address
-
-        for flag, value, offset in (("--http-listen", settings.http_listen, 1),
-                                    ("--openai-listen", settings.openai_listen, 2)):
-            address = http_address(settings.listen, value, offset)
-            if address is not None and not is_loopback(address):
-                return (f"--plaintext serves {flag} on loopback only (no TLS, no tokens): give a 127.0.0.1 "
-                        f"address, or {flag} off, or use mTLS (--tls-dir)")
+        return plaintext_exposure(settings, (("--http-listen", settings.http_listen, 1),
+                                             ("--openai-listen", settings.openai_listen, 2)))
     elif not settings.audit:
         return "--no-audit is for plaintext development only; an mTLS fleet always keeps its audit chain"
     return None

@@ -86,7 +86,8 @@ class NodeAgent:
         self._recovering = False   # LOADING because the engine is restarting its server
         path = settings.model_path.resolve()
         self.configured_model = ModelRef(str(path), settings.model_id or path.name, settings.model_version)
-        self.staging = StagingArea(settings.state_dir / "models")
+        self.staging = StagingArea(settings.state_dir / "models", max_bytes=int(settings.max_staged_gb * 1e9),
+                                   reserve_bytes=int(settings.staging_reserve_gb * 1e9))
         self.ops = Operations(self, NodeState.load(settings.state_dir), settings.state_dir)
 
     @property

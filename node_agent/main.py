@@ -85,6 +85,8 @@ def serve(
     shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
     state_dir: Optional[Path] = typer.Option(None, help="Cordon/drain state, active model and staged weights. [default: ./studiofleet-node]"),
     drain_timeout_s: Optional[float] = typer.Option(None, help="Drain deadline when a drain names none. [default: 120]"),
+    max_staged_gb: Optional[float] = typer.Option(None, help="Staged and incoming weights together may use this many GB. [default: 500]"),
+    staging_reserve_gb: Optional[float] = typer.Option(None, help="GB of disk a staging must leave free. [default: 5]"),
     mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Announce over mDNS for zero-config discovery. [default: on]"),
     fleet: Optional[str] = typer.Option(None, help="Fleet name announced over mDNS; coordinators take only their own. [default: default]"),
     tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and this node's NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),
@@ -135,7 +137,7 @@ def engine_problem(settings) -> Optional[str]:
 
 def security_problem(settings) -> Optional[str]:
     """Credentials that cannot serve this node, as one line naming the fix; None if fine."""
-    from cluster.security.daemon import DaemonSecurity
+    from cluster.security.daemon import DaemonSecurity, plaintext_exposure
     from cluster.security.identity import Role
     from cluster.security.tls import TLSConfigError
     from node_agent.agent import default_node_id
@@ -145,6 +147,8 @@ def security_problem(settings) -> Optional[str]:
                                                 settings.node_id or default_node_id(settings.listen))
     except TLSConfigError as exc:
         return str(exc)
+    if (exposed := plaintext_exposure(settings, (("--http-listen", settings.http_listen, 1),))) is not None:
+        return exposed
     ident = security.identity
     if ident is not None and settings.node_id and settings.node_id != ident.name:
         return (f"--node-id {settings.node_id} does not match the certificate, which names node {ident.name}; "

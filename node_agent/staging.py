@@ -34,6 +34,10 @@ class StagingError(Exception):
     """Weights that cannot be staged; the message names the file or digest and what to do."""
 
 
+class StagingFull(StagingError):
+    """Weights refused for room: the node's staging quota or its disk (RESOURCE_EXHAUSTED)."""
+
+
 @dataclass
 class StagedInfo:
     digest: str
@@ -53,8 +57,11 @@ class StagedInfo:
 class StagingArea:
     """Thread-safe: copies and pushes run in worker threads while GetStatus calls `list` on the loop."""
 
-    def __init__(self, root: Path, max_bytes: int = 1 << 40):
-        self.root, self._max = root, max_bytes
+    def __init__(self, root: Path, max_bytes: int = 1 << 40, reserve_bytes: int = 0):
+        """`max_bytes`: staged and incoming weights together; `reserve_bytes`: disk space a
+        staging must leave free (logs, the audit of other daemons, the OS)."""
+        self.root, self._max, self._reserve = root, max_bytes, reserve_bytes
+        root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()    # guards _live
         self._write = threading.Lock()   # one chunk appended (or one push reset) at a time
         self._live: dict[str, StagedInfo] = {}   # receiving, verifying or failed
@@ -93,6 +100,7 @@ class StagingArea:
             raise StagingError(f"{source} is not a model directory (no config.json or *.safetensors) on this host")
         files, hashed = model_files(source), set(digest_files(source))
         meta = {"model_id": model_id, "version": version, "files": [[p.name, p.stat().st_size] for p in files]}
+        self._check_room(expected_digest, sum(s for _n, s in meta["files"]), held=0)
         info = self._track(key := expected_digest or f"path:{source}", meta)
         tmp, h = self.root / f".copy-{os.getpid()}-{threading.get_ident()}", hashlib.sha256()
         try:
@@ -126,10 +134,10 @@ class StagingArea:
             raise StagingError(f"file names must be plain, unique names (no '/', no leading '.'): {bad!r}")
         if "config.json" not in names:
             raise StagingError("the manifest has no config.json; it is not a model")
-        if (total := sum(f.size for f in manifest.files)) > self._max:
-            raise StagingError(f"the model is {total} bytes; this node stages at most {self._max}")
         if _read(self.path_for(digest)) is not None:
             return node_pb2.PushOffsets(complete=True)
+        held = sum(min(_size(incoming / f.name), f.size) for f in manifest.files)
+        self._check_room(digest, sum(f.size for f in manifest.files), held)
         meta = {"model_id": manifest.model_id, "version": manifest.version,
                 "files": [[f.name, f.size] for f in manifest.files]}
         with self._write:
@@ -190,6 +198,26 @@ class StagingArea:
         for name in removed:
             shutil.rmtree(self.root / name, ignore_errors=True)
         return removed
+
+    def used_bytes(self, *, besides: str = "") -> int:
+        """Bytes the staging area holds or has promised: staged models and the declared size
+        of every push under way, except `besides` (the digest being checked)."""
+        staged = [i for p in self.root.glob(_HEX) if (i := _read(p)) is not None and i.digest != besides]
+        incoming = [m for p in self.root.glob(".incoming-" + _HEX)
+                    if f"sha256:{p.name[10:]}" != besides and (m := _json(p / MANIFEST)) is not None]
+        return sum(i.bytes_total for i in staged) + sum(s for m in incoming for _n, s in m["files"])
+
+    def _check_room(self, digest: str, total: int, held: int) -> None:
+        """Refuse (StagingFull) weights of `total` bytes, `held` of them already here, that
+        would take the area past its quota or leave the disk with less than the reserve."""
+        if (used := self.used_bytes(besides=digest)) + total > self._max:
+            raise StagingFull(f"staging {total} bytes would hold {used + total} of this node's {self._max}-byte "
+                              "staging quota; activate or remove staged models (a rollout prunes all but the "
+                              "active and previous ones) or raise --max-staged-gb")
+        free = shutil.disk_usage(self.root).free
+        if total - held > free - self._reserve:
+            raise StagingFull(f"staging needs {total - held} more bytes and the disk holding {self.root} has "
+                              f"{free} free, {self._reserve} of them kept in reserve; free disk space first")
 
     def _pushing(self, digest: str) -> tuple[Path, dict]:
         incoming = self.path_for(digest, ".incoming-")

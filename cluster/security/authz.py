@@ -26,7 +26,7 @@ from cluster.security.tls import Revocations
 log = logging.getLogger(__name__)
 
 ALL_ROLES = frozenset(Role)
-HEALTH = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+HEALTH = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List")
 REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
               "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
 
@@ -119,55 +119,71 @@ class Authorizer(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
-        check, refuse = self.check, self._refuse
+        return self.guard(handler, details.method)
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
+    def guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """`handler` behind the check, whatever its kind: all four (unary or streamed
+        request, unary or streamed response) are wrapped; a handler of any other shape is
+        replaced by one that refuses every caller (default deny holds for kinds too)."""
+        kinds = [k for k in _KINDS if getattr(handler, k, None)]
+        if len(kinds) != 1:
+            log.error("refusing %s: its handler has no known call kind (%s)", method, kinds or "none")
+            return grpc.unary_unary_rpc_method_handler(self._unknown_kind(method))
+        kind = kinds[0]
+        inner = getattr(handler, kind)
+        wrap = self._guard_streaming if kind.endswith("_stream") else self._guard_unary
+        return getattr(grpc, f"{kind}_rpc_method_handler")(
+            wrap(inner, method), handler.request_deserializer, handler.response_serializer)
 
-            async def unary_unary(request, context):
-                try:
-                    check(context, method)
-                except _Denied as denied:
-                    await refuse(context, method, denied)
-                out = inner(request, context)
-                return await out if inspect.isawaitable(out) else out
+    async def _admit(self, context, method: str) -> None:
+        """Returns when the caller may call `method`; else the refusal aborts the call."""
+        try:
+            self.check(context, method)
+        except _Denied as denied:
+            await self._refuse(context, method, denied)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
-        for kind in ("unary_stream", "stream_stream"):
-            inner = getattr(handler, kind)
-            if inner:
-                return getattr(grpc, f"{kind}_rpc_method_handler")(
-                    self._guard_stream(inner, method), handler.request_deserializer, handler.response_serializer)
-        return handler  # client streaming: no such method in StudioFleet's contracts
+    def _guard_unary(self, inner, method: str):
+        """A handler with one response (its request unary or a stream): checked before it
+        runs, so a streamed request is not read at all for a caller refused."""
+        admit = self._admit
 
+        async def unary(request, context):
+            await admit(context, method)
+            out = inner(request, context)
+            return await out if inspect.isawaitable(out) else out
 
-    def _guard_stream(self, inner, method: str):
-        """A streaming handler behind the check; keeps its shape (an async generator, or a
+        return unary
+
+    def _guard_streaming(self, inner, method: str):
+        """A handler streaming its response; keeps its shape (an async generator, or a
         coroutine writing with context.write, as grpc's health Watch is)."""
-        check, refuse = self.check, self._refuse
+        admit = self._admit
 
         if inspect.iscoroutinefunction(inner):
             async def writer(request, context):
-                try:
-                    check(context, method)
-                except _Denied as denied:
-                    await refuse(context, method, denied)
+                await admit(context, method)
                 await inner(request, context)
 
             return writer
 
         async def generator(request, context):
-            try:
-                check(context, method)
-            except _Denied as denied:
-                await refuse(context, method, denied)
+            await admit(context, method)
             async with contextlib.aclosing(inner(request, context)) as items:  # its finally runs now
                 async for item in items:
                     yield item
 
         return generator
+
+    def _unknown_kind(self, method: str):
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{method} on {self._where} has no authorization rule for its call kind; "
+                                "refused for every caller")
+
+        return refuse
+
+
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 class _Denied(Exception):

@@ -171,10 +171,22 @@ def revoke(directory: Path, serial: int) -> int:
     return len(serials)
 
 
+def crl_number(path: Path) -> int:
+    """The CRL number of the list at `path`; 0 when there is none (or it has no number)."""
+    try:
+        crl = x509.load_pem_x509_crl(Path(path).read_bytes())
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return 0
+
+
 def _write_crl(directory: Path, key, cert, serials: Sequence[int]) -> None:
+    """Each list carries a CRL number one past the previous list's, so daemons can tell a
+    newer list from an older one put back (they keep the newest they have seen)."""
     now = _now()
     builder = (x509.CertificateRevocationListBuilder().issuer_name(cert.subject)
-               .last_update(now).next_update(now + dt.timedelta(days=CRL_DAYS)))
+               .last_update(now).next_update(now + dt.timedelta(days=CRL_DAYS))
+               .add_extension(x509.CRLNumber(crl_number(directory / "crl.pem") + 1), critical=False))
     for serial in serials:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import grpc
 
@@ -24,6 +24,21 @@ PLAINTEXT_BANNER = (
     "!! PLAINTEXT MODE: no TLS, no client certificates, no roles. Anyone who can reach\n"
     "!! {listen} can call everything. Loopback development only: never send PHI.\n"
     + "!" * 78)
+
+
+def plaintext_exposure(settings, ports: Sequence[tuple[str, str, int]]) -> Optional[str]:
+    """In plaintext mode every port a daemon serves must be a loopback one: (flag, its
+    value, port offset from --listen) for each HTTP port. One line naming the fix; None if fine."""
+    from cluster.config import http_address
+
+    if not settings.plaintext:
+        return None
+    for flag, value, offset in ports:
+        address = http_address(settings.listen, value, offset)
+        if address is not None and not is_loopback(address):
+            return (f"--plaintext serves {flag} on loopback only (no TLS, no certificates): give a 127.0.0.1 "
+                    f"address, or {flag} off, or use mTLS (--tls-dir)")
+    return None
 
 
 @dataclass

@@ -9,6 +9,7 @@ TLS 1.2 is the floor (gRPC's default; NIST SP 800-52r2), 1.3 is negotiated when 
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import os
@@ -111,6 +112,7 @@ class Revocations:
         self._ca = ca                    # the list must be signed by this CA
         self._serials: frozenset[int] = frozenset()
         self._stamp = None
+        self._order = _OLDEST            # (CRL number, issued): an older list never replaces a newer one
         self.generation = 0              # +1 each time a new list is loaded
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -131,6 +133,10 @@ class Revocations:
                 if self._ca is not None and not crl.is_signature_valid(
                         x509.load_pem_x509_certificate(self._ca.read_bytes()).public_key()):
                     raise ValueError("not signed by the fleet CA")
+                if (order := _crl_order(crl)) < self._order:
+                    raise ValueError(f"it is older than the list already loaded (CRL number {order[0]}, issued "
+                                     f"{order[1]:%Y-%m-%d %H:%M:%S} UTC, against number {self._order[0]}, "
+                                     f"issued {self._order[1]:%Y-%m-%d %H:%M:%S} UTC); copy the CA's newest crl.pem")
             except FileNotFoundError:
                 if self._stamp is not None:  # it was there: a missing file must not un-revoke anything
                     log.error("revocation list %s disappeared; keeping the %d revocations loaded before",
@@ -140,13 +146,25 @@ class Revocations:
                 log.error("revocation list %s cannot be used (%s: %s); keeping the previous one", self.path,
                           type(exc).__name__, exc)
                 return
-            self._serials, self._stamp = frozenset(r.serial_number for r in crl), stamp
+            self._serials, self._stamp, self._order = frozenset(r.serial_number for r in crl), stamp, order
             self.generation += 1
             log.info("revocation list %s loaded: %d revoked certificates", self.path, len(self._serials))
 
     def revoked(self, serial: int) -> bool:
         self.refresh()
         return serial in self._serials
+
+
+_OLDEST = (-1, dt.datetime.min.replace(tzinfo=dt.timezone.utc))
+
+
+def _crl_order(crl: x509.CertificateRevocationList) -> tuple[int, dt.datetime]:
+    """How new a list is: its CRL number (0 when it has none), then when it was issued."""
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return number, crl.last_update_utc
 
 
 class ServerTLS:
