@@ -159,7 +159,10 @@ def security_problem(settings) -> Optional[str]:
 def state_problem(settings) -> Optional[str]:
     """A state file the node cannot trust (it holds the cordon), as one line; None if fine."""
     from node_agent.node_state import NodeState
+    from node_agent.state_lock import hold
 
+    if (busy := hold(settings.state_dir)) is not None:
+        return busy
     try:
         NodeState.load(settings.state_dir)
     except RuntimeError as exc:

@@ -44,8 +44,27 @@ class UnauthenticatedError(FleetError):
 
 
 class PermissionDeniedError(FleetError):
+    """The caller's role may not make this call; the server's message ends with the roles
+    that may ("allowed: app"), so the next step names the certificate to use."""
+
     code = "PERMISSION_DENIED"
-    next_step = "ask an operator for access"
+
+    @property
+    def next_step(self) -> str:
+        allowed = self.details.rpartition("allowed: ")[2] if "allowed: " in self.details else ""
+        roles = [r.strip() for r in allowed.split(",") if r.strip() in ROLE_HINTS]
+        if not roles:
+            return "ask an operator for a certificate of a role that may make this call"
+        return " or ".join(ROLE_HINTS[r] for r in roles)
+
+
+ROLE_HINTS = {
+    "app": "use an app certificate (--tls-name APP; issue one with `fleetctl certs issue --role app --name APP`)",
+    "operator": ("use an operator certificate (--tls-name NAME; issue one with "
+                 "`fleetctl certs issue --role operator --name NAME`)"),
+    "coordinator": "call through the coordinator (nodes take this call from coordinators only)",
+    "monitor": "use a monitor certificate or token (--role monitor)",
+}
 
 
 class OverloadedError(FleetError):

@@ -12,7 +12,7 @@ import typer
 from cluster.api import inference_pb2
 from cluster.client import FleetClient, build_request
 from cluster.client.errors import FleetError, SchemaViolationError
-from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME, credentials
+from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials
 from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_UNAVAILABLE, fail
 from cluster.security.identity import ANY_NODE
 
@@ -20,7 +20,9 @@ ENDED_EARLY = (inference_pb2.FINISH_REASON_CANCELLED, inference_pb2.FINISH_REASO
 
 
 def generate(
-    target: str = typer.Option(..., help="HOST:PORT of a node agent (or coordinator)."),
+    coordinator: str = COORDINATOR,
+    target: Optional[str] = typer.Option(None, "--target", help="HOST:PORT of one node agent to call directly "
+                                         "(with --node). [default: the coordinator, as -c gives it]"),
     prompt: Optional[str] = typer.Option(None, help="Prompt text (sent as one user chat message unless --raw); "
                                                     "real patient text belongs in --prompt-file, not argv."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file, or "
@@ -52,6 +54,11 @@ def generate(
     tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
     """Stream a completion to the terminal, or print one JSON object with text, counts and timings."""
+    if node and not target:
+        typer.echo("fleetctl: --node calls one node agent directly: give its address with --target HOST:PORT",
+                   err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    target = target or coordinator
     if (prompt is None) == (prompt_file is None):
         typer.echo("fleetctl: give exactly one of --prompt or --prompt-file", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)

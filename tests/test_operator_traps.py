@@ -1,0 +1,50 @@
+"""Traps a new operator fell into (issue 20), each against the real daemons and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from cluster.security import ca
+from cluster.security.identity import Role
+from tests.procs import ROOT
+
+
+def fleetctl(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_a_second_agent_on_the_same_state_directory_is_refused_naming_the_first(start_node, tiny_model, fleet_ca):
+    first = start_node(node_id="lock-first")
+    ca.issue(fleet_ca, Role.NODE, "lock-second")
+    second = subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--no-mdns",
+                             "--listen", "127.0.0.1:0", "--node-id", "lock-second",
+                             "--state-dir", str(first.state_dir)], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, second.stderr
+    assert f"pid {first.proc.pid}" in lines[0] and "--state-dir" in lines[0]
+    assert first.status().node_id == "lock-first"    # the first one is untouched
+
+
+def test_generate_takes_the_coordinator_like_every_other_command(start_node, start_coordinator):
+    node = start_node(node_id="gen-node")
+    co = start_coordinator(nodes=[node.address])
+    co.wait_routable(1)
+    by_flag = fleetctl("generate", "-c", co.address, "--prompt", "Plan:", "--max-tokens", "3", "-o", "json")
+    assert by_flag.returncode == 0, by_flag.stderr
+    assert json.loads(by_flag.stdout)["node_id"] == "gen-node"
+    by_env = fleetctl("generate", "--prompt", "Plan:", "--max-tokens", "3", "-o", "json",
+                      env={"STUDIOFLEET_COORDINATOR": co.address})
+    assert by_env.returncode == 0, by_env.stderr
+    # An operator certificate on an app-only call is told which certificate to use.
+    as_operator = fleetctl("generate", "-c", co.address, "--tls-name", "operator", "--prompt", "Plan:",
+                           "--max-tokens", "3")
+    assert as_operator.returncode != 0 and "PERMISSION_DENIED" in as_operator.stderr
+    assert "use an app certificate (--tls-name APP" in as_operator.stderr
+    assert "ask an operator" not in as_operator.stderr
+    lonely = fleetctl("generate", "--node", "--prompt", "Plan:")
+    assert lonely.returncode == 2 and "--target HOST:PORT" in lonely.stderr
