@@ -14,7 +14,7 @@ from cluster.daemon import exit_now, on_stop_signals, print_listening, run_daemo
 
 log = logging.getLogger("coordinator")
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(rich_markup_mode=None, add_completion=False, help=__doc__)
 
 HARD_EXIT_S = 10.0
 
@@ -93,7 +93,7 @@ def check(settings) -> Optional[str]:
 
 @app.command()
 def serve(
-    config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its \\[coordinator] table gives defaults that env vars and flags override."),
+    config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its [coordinator] table gives defaults that env vars and flags override."),
     listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7800]"),
     node: List[str] = typer.Option([], "--node", help="Static node address HOST:PORT (repeatable), for networks without multicast."),
     mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Discover node agents over mDNS. [default: on]"),

@@ -15,7 +15,7 @@ from cluster.offline import force_offline
 
 log = logging.getLogger("node_agent")
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(rich_markup_mode=None, add_completion=False, help=__doc__)
 
 HARD_EXIT_S = 10.0
 
@@ -66,7 +66,7 @@ def _stopping(reason: str):
 @app.command()
 def serve(
     model: Optional[Path] = typer.Option(None, "--model", help="Local model directory (config.json, *.safetensors, tokenizer): MLX for --engine mlx, Hugging Face for vllm; or model_path in the config file."),
-    config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its \\[node] table gives defaults that env vars and flags override."),
+    config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its [node] table gives defaults that env vars and flags override."),
     listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7700]"),
     node_id: Optional[str] = typer.Option(None, help="Unique node id. [default: derived from host and port]"),
     model_id: Optional[str] = typer.Option(None, help="Model name to report. [default: directory name]"),

@@ -48,3 +48,36 @@ def test_generate_takes_the_coordinator_like_every_other_command(start_node, sta
     assert "ask an operator" not in as_operator.stderr
     lonely = fleetctl("generate", "--node", "--prompt", "Plan:")
     assert lonely.returncode == 2 and "--target HOST:PORT" in lonely.stderr
+
+
+def _helps(command, path):
+    """(command path, its --help text at 80 columns) for a click command and every subcommand."""
+    import click
+
+    with click.Context(command, info_name=path[-1], terminal_width=80, max_content_width=80) as ctx:
+        yield " ".join(path), command.get_help(ctx)
+        for name in getattr(command, "commands", {}):
+            yield from _helps(command.commands[name], [*path, name])
+
+
+def test_help_shows_defaults_and_whole_flag_names_at_80_columns():
+    import typer
+
+    from cluster.fleetctl.app import app as fleetctl_app
+    from coordinator.main import app as coordinator_app
+    from node_agent.main import app as node_app
+
+    seen = 0
+    for prog, app in (("fleetctl", fleetctl_app), ("fleet-node", node_app), ("fleet-coordinator", coordinator_app)):
+        for where, text in _helps(typer.main.get_command(app), [prog]):
+            seen += 1
+            assert "…" not in text, f"{where} --help cuts a name:\n{text}"
+            assert "<bool>" not in text, f"{where} --help shows a <bool> tag:\n{text}"
+            assert "\\[" not in text, f"{where} --help shows a markup escape:\n{text}"
+    assert seen > 30
+    node_help = dict(_helps(typer.main.get_command(node_app), ["fleet-node"]))["fleet-node"]
+    flat = " ".join(node_help.split())
+    assert "--prefill-step-size <int>" in flat and "[default: 512]" in flat
+    out = subprocess.run([sys.executable, "-m", "coordinator.main", "--help"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "COLUMNS": "80"})
+    assert "--eject-after-failures <int>" in out.stdout and "[default: 3]" in " ".join(out.stdout.split())

@@ -14,7 +14,7 @@ from rich.table import Table
 from cluster.audit import AuditError, parse_when, query, verify
 from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_ERROR
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True,
                   help="The tamper-evident audit log: verify the chain, search its records.")
 
 DIRECTORY = typer.Argument(..., help="The audit log directory (audit-*.jsonl and HEAD).")

@@ -18,7 +18,7 @@ from cluster.fleetctl.exits import EXIT_BAD_INPUT
 from cluster.security import ca
 from cluster.security.identity import Role
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True,
                   help="The fleet CA: create it, issue role certificates, rotate and revoke them.")
 
 CA_DIR = typer.Option(..., "--ca-dir", envvar="STUDIOFLEET_CA_DIR", help="The CA directory (from `certs init`).")

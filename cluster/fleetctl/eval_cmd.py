@@ -21,7 +21,7 @@ from cluster.quality import evaluation
 from cluster.quality.evaluation import Report, SuiteError
 from cluster.security.identity import ANY_NODE
 
-app = typer.Typer(help="Evaluate note quality on a suite of synthetic encounters (README 'Clinical notes').",
+app = typer.Typer(rich_markup_mode=None, help="Evaluate note quality on a suite of synthetic encounters (README 'Clinical notes').",
                   no_args_is_help=True)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Model files on this machine.")
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help="Model files on this machine.")
 
 
 @app.command("make-tiny")

@@ -17,7 +17,7 @@ from cluster.fleetctl.exits import fail
 from cluster.fleetctl.ops_cmd import engine_rows, lifecycle, operation_rows, show
 from cluster.security.identity import ANY_NODE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True,
                   help="One node: `show ID` through the coordinator, `status --target` from the node itself.")
 app.command("show")(show)
 

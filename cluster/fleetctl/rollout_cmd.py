@@ -20,7 +20,7 @@ from cluster.fleetctl.exits import EXIT_ROLLOUT_ABORTED, EXIT_ROLLOUT_FAILED
 
 from cluster.fleetctl.ops_cmd import OUTPUT, _call
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
 TERMINAL = (fleet_pb2.ROLLOUT_STATE_SUCCEEDED, fleet_pb2.ROLLOUT_STATE_FAILED, fleet_pb2.ROLLOUT_STATE_ABORTED)
 _EXIT = {fleet_pb2.ROLLOUT_STATE_FAILED: EXIT_ROLLOUT_FAILED, fleet_pb2.ROLLOUT_STATE_ABORTED: EXIT_ROLLOUT_ABORTED}
 

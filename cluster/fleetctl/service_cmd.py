@@ -26,7 +26,7 @@ from cluster.service import ServiceError, ServiceSpec
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True,
                   help="Run the daemons under launchd (macOS) or systemd (Linux): render, install, uninstall.")
 
 
@@ -45,23 +45,23 @@ class Format(str, Enum):
 
 
 ROLE = typer.Option(..., "--role", help="Which daemon.")
-FORMAT = typer.Option(None, "--format", help="\\[default: launchd on macOS, systemd elsewhere]")
-PREFIX = typer.Option(None, help="Root of the default paths. \\[default: /usr/local for launchd, / for systemd]")
-BIN_DIR = typer.Option(None, help="Holds fleet-node and fleet-coordinator. \\[default: this fleetctl's bin directory]")
+FORMAT = typer.Option(None, "--format", help="[default: launchd on macOS, systemd elsewhere]")
+PREFIX = typer.Option(None, help="Root of the default paths. [default: /usr/local for launchd, / for systemd]")
+BIN_DIR = typer.Option(None, help="Holds fleet-node and fleet-coordinator. [default: this fleetctl's bin directory]")
 MODEL = typer.Option(None, help="Node: local model directory (required for the node).")
-STATE_DIR = typer.Option(None, help="Node: state directory. \\[default: WORKING_DIR/node]")
-AUDIT_DIR = typer.Option(None, help="Coordinator: audit chain. \\[default: WORKING_DIR/audit]")
-STATE_DB = typer.Option(None, help="Coordinator: rollout state. \\[default: WORKING_DIR/coordinator.db]")
-TLS_DIR = typer.Option(None, help="Holds ca.pem, crl.pem, NAME.pem, NAME.key. \\[default: PREFIX/etc/studiofleet/tls]")
-TLS_NAME = typer.Option(None, help="Certificate name. \\[default: the short host name for a node, else coordinator]")
-CONFIG = typer.Option(None, help="TOML file with every other setting. \\[default: PREFIX/etc/studiofleet/fleet.toml]")
-USER = typer.Option(None, help="Service user. \\[default: _studiofleet for launchd, studiofleet for systemd]")
-GROUP = typer.Option(None, help="Service group. \\[default: the user's name]")
-WORKING_DIR = typer.Option(None, help="\\[default: PREFIX/var/studiofleet for launchd, PREFIX/var/lib/studiofleet]")
-LOG_DIR = typer.Option(None, help="ROLE.out.log and ROLE.err.log. \\[default: PREFIX/var/log/studiofleet]")
-DEST = typer.Option(None, help="Where the service file goes. \\[default: /Library/LaunchDaemons, /etc/systemd/system]")
+STATE_DIR = typer.Option(None, help="Node: state directory. [default: WORKING_DIR/node]")
+AUDIT_DIR = typer.Option(None, help="Coordinator: audit chain. [default: WORKING_DIR/audit]")
+STATE_DB = typer.Option(None, help="Coordinator: rollout state. [default: WORKING_DIR/coordinator.db]")
+TLS_DIR = typer.Option(None, help="Holds ca.pem, crl.pem, NAME.pem, NAME.key. [default: PREFIX/etc/studiofleet/tls]")
+TLS_NAME = typer.Option(None, help="Certificate name. [default: the short host name for a node, else coordinator]")
+CONFIG = typer.Option(None, help="TOML file with every other setting. [default: PREFIX/etc/studiofleet/fleet.toml]")
+USER = typer.Option(None, help="Service user. [default: _studiofleet for launchd, studiofleet for systemd]")
+GROUP = typer.Option(None, help="Service group. [default: the user's name]")
+WORKING_DIR = typer.Option(None, help="[default: PREFIX/var/studiofleet for launchd, PREFIX/var/lib/studiofleet]")
+LOG_DIR = typer.Option(None, help="ROLE.out.log and ROLE.err.log. [default: PREFIX/var/log/studiofleet]")
+DEST = typer.Option(None, help="Where the service file goes. [default: /Library/LaunchDaemons, /etc/systemd/system]")
 GRACE = typer.Option(None, "--shutdown-grace-s", help="Drain time on SIGTERM; the manager kills 15 s later. "
-                                                      "\\[default: shutdown_grace_s in the config file, else 30]")
+                                                      "[default: shutdown_grace_s in the config file, else 30]")
 RESTART_S = typer.Option(10, "--restart-delay-s", help="Pause before a restart (ThrottleInterval, RestartSec).")
 
 
