@@ -107,6 +107,8 @@ def serve(
     queue_max_depth: Optional[int] = typer.Option(None, help="Requests waiting for a node before RESOURCE_EXHAUSTED. [default: 256]"),
     queue_max_wait_s: Optional[float] = typer.Option(None, help="Longest wait for a node. [default: 10]"),
     max_failovers: Optional[int] = typer.Option(None, help="Node moves per request. [default: 3]"),
+    first_token_timeout_s: Optional[float] = typer.Option(None, help="A node call with no first token this long moves to another node. [default: 120]"),
+    stall_timeout_s: Optional[float] = typer.Option(None, help="A node that sends no next token this long (time spent waiting for the caller to read excluded) is failed over. [default: 30]"),
     shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
     max_concurrent_per_caller: Optional[int] = typer.Option(None, help="Requests in flight per caller identity. [default: 64]"),
     tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),

@@ -206,11 +206,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             got = 0
             failure: Optional[tuple[str, bool, bool]] = None  # (reason, hard, penalise)
             try:
-                attempt.call = call = entry.link.generate(run.request_for_node(entry.digest),
-                                                          context.time_remaining())
-                async for chunk in call:
+                attempt.call = entry.link.generate(run.request_for_node(entry.digest), context.time_remaining())
+                async for chunk in attempt.chunks():   # its watchdog pauses while the caller reads
                     n = len(chunk.token_ids)
-                    attempt.progress(n)
                     last = chunk.HasField("final")
                     if last and chunk.final.finish_reason in NODE_ENDED:  # carries no tokens: resume
                         failure = (f"node ended the stream: {chunk.final.message}", False, True)

@@ -1,0 +1,93 @@
+"""Discovery that a forged or duplicate mDNS announcement cannot subvert, and a stall
+watchdog that blames a node only for its own silence (issue 19 #4 and #9, issue 20 #9)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import grpc
+
+from cluster.api import fleet_pb2, inference_pb2_grpc
+from cluster.localfleet import HARNESS_APP
+from cluster.security.identity import Role, dns_name
+from cluster.security.tls import open_channel
+from tests.fleet_helpers import EventWatch, collect, note
+
+K = fleet_pb2
+STALL_S = 1.0
+
+
+def _slow_reader_channel(co) -> grpc.Channel:
+    """An app's channel whose receive window stays small, so a reader that stops reading
+    soon holds the coordinator's writes back (as a real slow consumer over a WAN does)."""
+    return open_channel(co.address, co.credentials(HARNESS_APP, Role.APP),
+                        server_name=dns_name(Role.COORDINATOR, co.name),
+                        options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)])
+
+
+def test_a_caller_that_pauses_reading_longer_than_the_stall_limit_is_not_blamed_on_the_node(
+        start_node, start_coordinator):
+    node = start_node(node_id="steady")
+    # A first-token timeout shorter than the stream: the watchdog already watches for stalls
+    # while the caller pauses (on the code before the fix it counted the pause from then on).
+    co = start_coordinator("--stall-timeout-s", str(STALL_S), "--first-token-timeout-s", "2",
+                           nodes=[node.address])
+    co.wait_routable(1)
+    watch = EventWatch(co)
+    channel = _slow_reader_channel(co)
+    try:
+        max_tokens = 1500
+        stream = inference_pb2_grpc.InferenceStub(channel).Generate(note(1, max_tokens, request_id="slow-reader"),
+                                                                    timeout=120)
+        ids = list(next(stream).token_ids)
+        time.sleep(4 * STALL_S)   # the caller's pause is what is under test, not a synchronisation
+        final = None
+        for chunk in stream:
+            ids.extend(chunk.token_ids)
+            if chunk.HasField("final"):
+                final = chunk.final
+        assert final is not None and len(ids) == max_tokens == final.usage.completion_tokens
+        assert final.failovers == 0 and list(final.nodes) == ["steady"]
+        assert not [e for e in watch.events if e.kind in (K.EVENT_KIND_FAILOVER, K.EVENT_KIND_EJECTED)]
+        [entry] = co.nodes().nodes
+        assert entry.health == K.NODE_HEALTH_HEALTHY and entry.routable
+    finally:
+        channel.close()
+        watch.close()
+
+
+def test_a_node_that_stalls_mid_stream_is_failed_over_at_the_stall_limit(start_node, start_coordinator):
+    stalled = start_node(node_id="stalls")
+    healthy = start_node(node_id="keeps-going")
+    # Failed probes never eject here, so only the watchdog can move the stream.
+    co = start_coordinator("--stall-timeout-s", str(STALL_S), "--eject-after-failures", "1000",
+                           nodes=[stalled.address, healthy.address])
+    co.wait_routable(2)
+    watch = EventWatch(co)
+    stopped = []
+
+    def stop_once(s):
+        if not stopped and len(s.ids) >= 3 and s.final is None:
+            owner = next(n for n in (stalled, healthy) if _serves(co, n.node_id))
+            stopped.append(owner)
+            owner.signal(signal.SIGSTOP)
+
+    try:
+        s = collect(co.inference, note(2, 400, request_id="mid-stall"), timeout_s=60, on_chunk=stop_once)
+        assert stopped, "the stream never started"
+        assert s.error is None, s.error
+        assert s.final.failovers == 1 and s.final.usage.completion_tokens == 400
+        moved = watch.wait_for(K.EVENT_KIND_FAILOVER, stopped[0].node_id, timeout_s=5)
+        assert moved.reason.startswith(f"no token from node {stopped[0].node_id} for ")
+        gap = max(b - a for a, b in zip(s.times, s.times[1:]))
+        # The stall limit (1 s), not the 120 s first-token timeout, moved it.
+        assert gap < STALL_S + 4.0, f"the stream stood still for {gap:.1f}s"
+    finally:
+        for n in (stalled, healthy):
+            n.signal(signal.SIGCONT)
+        watch.close()
+
+
+def _serves(co, node_id: str) -> bool:
+    return any(n.status.node_id == node_id and n.in_flight for n in co.nodes().nodes)
