@@ -184,6 +184,9 @@ class CoordinatorSettings(FileSettings):
     audit_checkpoint_every: int = Field(1000, ge=1)
     audit_checkpoint_interval_s: float = Field(60.0, gt=0)
     audit_max_file_mb: int = Field(64, ge=1)
+    # Nodes keep the chain's newest signed HEAD (witnesses). A node holding a record the
+    # chain lacks (a cut tail) stops the coordinator (exit 3) unless this is off (alert only).
+    audit_witness_refuse: bool = True
     # Rollouts (README "Rollouts"): state in this SQLite file, so a restarted coordinator
     # resumes; a lease in it keeps two coordinators sharing it from running rollouts at once.
     state_db: Path = Path("studiofleet-coordinator.db")

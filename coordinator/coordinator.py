@@ -31,6 +31,8 @@ from coordinator.rollouts import Rollouts
 
 log = logging.getLogger(__name__)
 
+EXIT_AUDIT_BEHIND = 3   # a node witnessed audit records this chain no longer has (coordinator/audit_witness.py)
+
 
 
 class Coordinator:
@@ -41,8 +43,11 @@ class Coordinator:
         self.authz = security.authorizer(COORDINATOR_TABLE, where=f"coordinator {settings.coordinator_id}",
                                          on_denied=self._denied)
         self.events = EventLog()
+        self.exit_code = 0
+        self.witness = self._witness(audit_log)
         self.fleet = Fleet(settings=settings, events=self.events, on_change=self._fleet_changed,
-                           tls=security.client, revocations=security.server.revocations if security.server else None)
+                           tls=security.client, revocations=security.server.revocations if security.server else None,
+                           witness=self.witness)
         self.admission = Admission(fleet=self.fleet, max_depth=settings.queue_max_depth,
                                    max_wait_s=settings.queue_max_wait_s,
                                    load_factor=settings.affinity_load_factor)
@@ -90,6 +95,26 @@ class Coordinator:
         if self.metrics is not None:
             self.metrics.denied.labels(method, code).inc()
         await self.audit.denied(ident, method, code, reason)
+
+    def _witness(self, audit_log):
+        """Nodes keep this chain's signed HEAD, and are checked for a newer one at first contact."""
+        if audit_log is None:
+            return None
+        from cluster.audit.chain import default_key_dir, load_public_key
+        from coordinator.audit_witness import AuditWitness
+
+        s = self.settings
+        key = load_public_key((s.audit_key_dir or default_key_dir(s.audit_dir)) / "signing.pub")
+        return AuditWitness(audit_log.directory, key, events=self.events, on_alarm=self._audit_alarm)
+
+    def _audit_alarm(self, message: str) -> None:
+        """The chain is behind what a node witnessed: stop serving (unless told only to alert)."""
+        if not self.settings.audit_witness_refuse:
+            return
+        log.critical("coordinator=%s stops: its audit chain lacks records a node witnessed (exit %d); "
+                     "see the AUDIT CHAIN BEHIND A WITNESS line", self.settings.coordinator_id, EXIT_AUDIT_BEHIND)
+        self.exit_code = EXIT_AUDIT_BEHIND
+        asyncio.get_running_loop().create_task(self.shutdown())
 
     def _fleet_changed(self) -> None:
         self.admission.dispatch()

@@ -87,13 +87,14 @@ class Fleet:
     """Entries by address; verified ones also by node id. Runs on the event loop only."""
 
     def __init__(self, *, settings, events: EventLog, on_change: Callable[[], None], tls=None,
-                 revocations=None, clock: Callable[[], float] = time.monotonic):
+                 revocations=None, clock: Callable[[], float] = time.monotonic, witness=None):
         self._s = settings
         self._tls = tls                  # the coordinator's client credentials; None = plaintext
         self._revocations = revocations  # the fleet's crl.pem, for the certificates nodes serve
         self._events = events
         self._on_change = on_change
         self._clock = clock
+        self.witness = witness           # coordinator.audit_witness.AuditWitness: nodes keep the audit HEAD
         self._policy = hp.Policy.from_settings(settings)
         self.entries: dict[str, NodeEntry] = {}
         self._closed = False
@@ -115,7 +116,8 @@ class Fleet:
             entry.mdns_name = mdns_name or entry.mdns_name
             entry.poke.set()
             return entry
-        entry = NodeEntry(address=address, source=source, link=NodeLink(address, self._tls, claimed_id),
+        entry = NodeEntry(address=address, source=source,
+                          link=NodeLink(address, self._tls, claimed_id, self.witness),
                           mdns_name=mdns_name,
                           moved_from=(moved_from, previous.node_id) if previous is not None else ())
         self.entries[address] = entry

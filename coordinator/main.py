@@ -46,7 +46,7 @@ async def _serve(settings) -> int:
 
     on_stop_signals(drain, stop_now)
     await coordinator.wait_stopped()
-    return 0
+    return coordinator.exit_code
 
 
 def open_audit(settings):
@@ -117,6 +117,7 @@ def serve(
     audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Keep the audit chain (off: plaintext only). [default: on]"),
     audit_dir: Optional[Path] = typer.Option(None, help="Audit chain directory. [default: ./studiofleet-audit]"),
     audit_key_dir: Optional[Path] = typer.Option(None, help="Audit HMAC and signing keys. [default: AUDIT_DIR-keys, beside the log]"),
+    audit_witness_refuse: Optional[bool] = typer.Option(None, "--audit-witness-refuse/--audit-witness-alert", help="A node holding an audit HEAD for records the chain lacks (a cut tail) stops the coordinator (exit 3), or only raises the alarm. [default: refuse]"),
     state_db: Optional[Path] = typer.Option(None, help="SQLite file for rollout state and the rollout lease. [default: ./studiofleet-coordinator.db]"),
     rollout_gate_command: Optional[str] = typer.Option(None, help="Quality gate run after a node activates new weights; exit 0 passes (env NODE_ID, NODE_ADDRESS, WEIGHTS_DIGEST, ROLLOUT_ID)."),
     rollout_eval_suite: Optional[str] = typer.Option(None, help="Eval gate: a suite file (TOML, e.g. the starter suite); a node rejoins only if its score is within --rollout-eval-margin of the current version's."),

@@ -37,9 +37,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 class NodeLink:
     """One channel to one address; call `close()` when the node leaves the fleet."""
 
-    def __init__(self, address: str, tls: Optional[ClientTLS], node_id: str = ""):
+    def __init__(self, address: str, tls: Optional[ClientTLS], node_id: str = "", witness=None):
         self.address = address
         self._tls = tls
+        self._witness = witness             # coordinator.audit_witness.AuditWitness, or None (no audit)
         self._retired: list = []            # replaced channels, closed with the link
         self._open(node_id)
 
@@ -83,8 +84,13 @@ class NodeLink:
         return await asyncio.to_thread(served_serial, self.address, self._tls, self._server_name)
 
     async def status(self, timeout_s: float) -> node_pb2.NodeStatus:
-        return await self._node.GetStatus(node_pb2.GetStatusRequest(), timeout=timeout_s,
-                                          wait_for_ready=False)
+        """The node's status; it is shown the audit chain's HEAD to keep (a witness)."""
+        w = self._witness
+        st = await self._node.GetStatus(node_pb2.GetStatusRequest(audit_head=w.head_for(self) if w else None),
+                                        timeout=timeout_s, wait_for_ready=False)
+        if w is not None:
+            await w.observe(self, st)
+        return st
 
     def watch(self):
         """The node's pushed readiness (grpc.health.v1 Watch on the inference service)."""

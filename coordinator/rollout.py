@@ -7,7 +7,9 @@ stops the rollout. A release restart replaces stage+activate with a restart of t
 
 Every node call carries an operation id derived from the rollout, node and step, so
 re-running a step after a coordinator restart returns the node's record instead of
-acting twice; nodes already done are not touched again.
+acting twice; nodes already done are not touched again. Every node call also carries the
+rollout lease's fencing token and every recorded step checks it: once another coordinator
+has taken the lease over, this runner's calls are refused by the nodes and it stops.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
 from coordinator.gates import GateContext
 from coordinator.node_ops import CALL_TIMEOUT_S, OpFailed, wait_op
-from coordinator.rollout_store import TERMINAL_STEPS, NodeRow, RolloutRow, RolloutStore
+from coordinator.rollout_store import TERMINAL_STEPS, Lease, LeaseLost, NodeRow, RolloutRow, RolloutStore
 from coordinator.weights_push import manifest_for, push_weights
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,10 @@ class Runner:
     """Runs one rollout to its end; `Rollouts` owns starting, pausing and resuming it."""
 
     def __init__(self, row: RolloutRow, *, store: RolloutStore, fleet: Fleet, events: EventLog, gates,
-                 wake: asyncio.Event, audit=None):
+                 wake: asyncio.Event, fence: Lease, audit=None):
         self.r = row
+        self.fence = fence                 # the lease this runner acts under
+        self._token = fence.token
         self._audit = audit
         self._store = store
         self._fleet = fleet
@@ -76,6 +80,8 @@ class Runner:
                     return
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:   # another coordinator runs the rollout now: record nothing more
+            log.error("rollout=%s stopped: %s", r.id, exc)
         except Exception as exc:  # noqa: BLE001 - recorded; a rollout never vanishes silently
             log.exception("rollout=%s internal error", r.id)
             self._finish("FAILED", f"internal error in the coordinator ({type(exc).__name__}: {exc}); "
@@ -83,7 +89,7 @@ class Runner:
 
     def _finish(self, state: str, message: str) -> None:
         self.r.state, self.r.message = state, message
-        self._store.set_state(self.r.id, state, message)
+        self._store.set_state(self.r.id, state, message, fence=self.fence)
         self._events.emit(K.EVENT_KIND_ROLLOUT, reason=f"{state.lower()}: {message}", rollout_id=self.r.id,
                           step=state.lower())
 
@@ -92,7 +98,7 @@ class Runner:
         n.started = n.started or time.time()
         if step in TERMINAL_STEPS:
             n.finished = time.time()
-        self._store.set_step(self.r.id, n)
+        self._store.set_step(self.r.id, n, fence=self.fence)
         self._events.emit(K.EVENT_KIND_ROLLOUT, node_id=n.node_id, reason=message, rollout_id=self.r.id, step=step)
         if step in TERMINAL_STEPS and self._audit is not None:  # who changed which node's weights, and how it ended
             self._audit.submit({"type": "admin", "action": "rollout.node", "caller": self.r.started_by,
@@ -125,7 +131,8 @@ class Runner:
                 self._step(n, "activate", f"activating {_target(t)}")
                 try:
                     await wait_op(lambda: entry.link.ops.Activate(node_pb2.ActivateRequest(
-                        operation_id=self._op(n, "activate"), weights_digest=t.weights_digest),
+                        operation_id=self._op(n, "activate"), weights_digest=t.weights_digest,
+                        fencing_token=self._token),
                         timeout=CALL_TIMEOUT_S), what=f"activate on node {n.node_id}", timeout_s=LOAD_TIMEOUT_S)
                 except OpFailed as exc:  # the node went back to its previous weights by itself
                     await self._uncordon(n, entry, "rollback")
@@ -174,11 +181,12 @@ class Runner:
         if t.shared_path:
             await wait_op(lambda: entry.link.ops.StageModel(node_pb2.StageModelRequest(
                 operation_id=op, source_path=t.model_path, model_id=t.model_id, version=t.version,
-                expected_digest=t.weights_digest), timeout=CALL_TIMEOUT_S),
+                expected_digest=t.weights_digest, fencing_token=self._token), timeout=CALL_TIMEOUT_S),
                 what=f"stage on node {n.node_id}", timeout_s=STAGE_TIMEOUT_S, on_status=seen)
             return
         manifest = await asyncio.to_thread(manifest_for, Path(t.model_path), operation_id=op, model_id=t.model_id,
-                                           version=t.version, expected_digest=t.weights_digest)
+                                           version=t.version, expected_digest=t.weights_digest,
+                                           fencing_token=self._token)
         try:
             reply = await push_weights(entry.link.ops, manifest, Path(t.model_path),
                                        progress=lambda done, total: self.progress.__setitem__(n.node_id, (done, total)))
@@ -191,7 +199,8 @@ class Runner:
         await self._wait_capacity(n)
         self._step(n, "drain", f"draining (deadline {self.r.drain_timeout_s:g}s)")
         await wait_op(lambda: entry.link.ops.Drain(node_pb2.DrainRequest(
-            operation_id=self._op(n, "drain"), timeout_s=self.r.drain_timeout_s, reason=f"rollout {self.r.id}"),
+            operation_id=self._op(n, "drain"), timeout_s=self.r.drain_timeout_s, reason=f"rollout {self.r.id}",
+            fencing_token=self._token),
             timeout=CALL_TIMEOUT_S), what=f"drain of node {n.node_id}", timeout_s=self.r.drain_timeout_s + 60)
 
     async def _wait_capacity(self, n: NodeRow) -> None:
@@ -233,7 +242,8 @@ class Runner:
 
     async def _uncordon(self, n: NodeRow, entry: NodeEntry, step: str) -> None:
         await wait_op(lambda: entry.link.ops.Cordon(node_pb2.CordonRequest(
-            operation_id=self._op(n, step), cordoned=False, reason=f"rollout {self.r.id}"),
+            operation_id=self._op(n, step), cordoned=False, reason=f"rollout {self.r.id}",
+            fencing_token=self._token),
             timeout=CALL_TIMEOUT_S), what=f"uncordon of node {n.node_id}", timeout_s=60)
         deadline = time.monotonic() + 30
         while not entry.routable and time.monotonic() < deadline:
@@ -245,11 +255,12 @@ class Runner:
         try:
             await wait_op(lambda: entry.link.ops.Drain(node_pb2.DrainRequest(
                 operation_id=self._op(n, "rollback-drain"), timeout_s=self.r.drain_timeout_s,
-                reason=f"rollback {self.r.id}"), timeout=CALL_TIMEOUT_S),
+                reason=f"rollback {self.r.id}", fencing_token=self._token), timeout=CALL_TIMEOUT_S),
                 what=f"drain of node {n.node_id}", timeout_s=self.r.drain_timeout_s + 60)
             if not self.r.target.restart:
                 await wait_op(lambda: entry.link.ops.Activate(node_pb2.ActivateRequest(
-                    operation_id=self._op(n, "rollback"), previous=True), timeout=CALL_TIMEOUT_S),
+                    operation_id=self._op(n, "rollback"), previous=True, fencing_token=self._token),
+                    timeout=CALL_TIMEOUT_S),
                     what=f"rollback of node {n.node_id}", timeout_s=LOAD_TIMEOUT_S)
             await self._uncordon(n, entry, "rollback-uncordon")
         except OpFailed as exc:
@@ -264,8 +275,8 @@ class Runner:
         await self._drain(n, entry)
         self._step(n, "restart", "restarting the node agent")
         asked = time.monotonic()
-        await wait_op(lambda: entry.link.ops.Restart(node_pb2.RestartRequest(operation_id=self._op(n, "restart")),
-                                                     timeout=CALL_TIMEOUT_S),
+        await wait_op(lambda: entry.link.ops.Restart(node_pb2.RestartRequest(
+            operation_id=self._op(n, "restart"), fencing_token=self._token), timeout=CALL_TIMEOUT_S),
                       what=f"restart of node {n.node_id}", timeout_s=60)
         while True:
             if time.monotonic() - asked > RESTART_WAIT_S:

@@ -2,6 +2,11 @@
 from, and the lease that keeps two coordinators sharing the database from running
 rollouts at once. Nodes keep their own truth (their digests and operation records);
 this is the plan and how far it got.
+
+The lease carries a fencing token that grows by one each time the lease changes hands.
+The holder sends it with every node operation (nodes refuse a token older than the
+newest they have seen) and every write of rollout progress checks it here, so a
+coordinator that stalled past its lease and woke up cannot act on nodes or on the plan.
 """
 
 from __future__ import annotations
@@ -27,10 +32,28 @@ CREATE TABLE IF NOT EXISTS rollout_nodes (
   step TEXT NOT NULL DEFAULT 'pending', from_digest TEXT NOT NULL DEFAULT '',
   message TEXT NOT NULL DEFAULT '', started REAL NOT NULL DEFAULT 0, finished REAL NOT NULL DEFAULT 0,
   PRIMARY KEY (rollout_id, node_id));
-CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL,
+  token INTEGER NOT NULL DEFAULT 0);
 """
 ACTIVE = ("RUNNING", "PAUSED")
 TERMINAL_STEPS = ("done", "rolled_back", "failed", "skipped")
+
+
+class LeaseLost(Exception):
+    """Another coordinator took the rollout lease over: this one must stop acting."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The outcome of `acquire`: held (with its fencing token), or who holds it instead."""
+
+    holder: str
+    token: int = 0          # > 0 when held
+    refused: str = ""       # why not held: who holds it and for how long
+
+    @property
+    def held(self) -> bool:
+        return not self.refused
 
 
 @dataclass
@@ -68,6 +91,8 @@ class RolloutStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a step is recorded before it is acted on
         self._db.executescript(_SCHEMA)
+        if "token" not in {r[1] for r in self._db.execute("PRAGMA table_info(lease)")}:  # an older database
+            self._db.execute("ALTER TABLE lease ADD COLUMN token INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -101,33 +126,56 @@ class RolloutStore:
                              ACTIVE).fetchone()
         return self.get(r[0]) if r else None
 
-    def set_state(self, rollout_id: str, state: str, message: str) -> None:
-        self._db.execute("UPDATE rollouts SET state=?, message=?, updated=? WHERE id=?",
-                         (state, message, time.time(), rollout_id))
+    def set_state(self, rollout_id: str, state: str, message: str, fence: Optional[Lease] = None) -> None:
+        with self._tx():
+            self._check(fence)
+            self._db.execute("UPDATE rollouts SET state=?, message=?, updated=? WHERE id=?",
+                             (state, message, time.time(), rollout_id))
 
     def set_owner(self, rollout_id: str, owner: str) -> None:
         self._db.execute("UPDATE rollouts SET owner=?, updated=? WHERE id=?", (owner, time.time(), rollout_id))
 
-    def set_step(self, rollout_id: str, node: NodeRow) -> None:
-        self._db.execute("UPDATE rollout_nodes SET step=?, from_digest=?, message=?, started=?, finished=? "
-                         "WHERE rollout_id=? AND node_id=?",
-                         (node.step, node.from_digest, node.message, node.started, node.finished,
-                          rollout_id, node.node_id))
-        self._db.execute("UPDATE rollouts SET updated=? WHERE id=?", (time.time(), rollout_id))
+    def set_step(self, rollout_id: str, node: NodeRow, fence: Optional[Lease] = None) -> None:
+        with self._tx():
+            self._check(fence)
+            self._db.execute("UPDATE rollout_nodes SET step=?, from_digest=?, message=?, started=?, finished=? "
+                             "WHERE rollout_id=? AND node_id=?",
+                             (node.step, node.from_digest, node.message, node.started, node.finished,
+                              rollout_id, node.node_id))
+            self._db.execute("UPDATE rollouts SET updated=? WHERE id=?", (time.time(), rollout_id))
 
     # -- the lease ----------------------------------------------------------------------
-    def acquire(self, holder: str, ttl_s: float, name: str = "rollouts") -> Optional[str]:
-        """Take or renew the lease; None on success, else who holds it and for how long."""
+    def acquire(self, holder: str, ttl_s: float, name: str = "rollouts") -> Lease:
+        """Take or renew the lease. Its fencing token grows whenever the lease changes hands
+        (never on a renewal), and is kept when it is released, so it only ever increases."""
         now = time.time()
         with self._tx():
-            r = self._db.execute("SELECT holder, expires FROM lease WHERE name=?", (name,)).fetchone()
+            r = self._db.execute("SELECT holder, expires, token FROM lease WHERE name=?", (name,)).fetchone()
             if r is not None and r[0] != holder and r[1] > now:
-                return f"coordinator {r[0]} holds the rollout lease for another {r[1] - now:.0f}s"
-            self._db.execute("INSERT OR REPLACE INTO lease VALUES (?,?,?)", (name, holder, now + ttl_s))
-        return None
+                return Lease(holder, refused=f"coordinator {r[0]} holds the rollout lease for another "
+                                             f"{r[1] - now:.0f}s")
+            token = r[2] if r is not None and r[0] == holder and r[2] > 0 else (r[2] if r else 0) + 1
+            self._db.execute("INSERT OR REPLACE INTO lease (name, holder, expires, token) VALUES (?,?,?,?)",
+                             (name, holder, now + ttl_s, token))
+        return Lease(holder, token)
 
     def release(self, holder: str, name: str = "rollouts") -> None:
-        self._db.execute("DELETE FROM lease WHERE name=? AND holder=?", (name, holder))
+        """Free the lease at once (its token stays, for the next holder to exceed)."""
+        self._db.execute("UPDATE lease SET expires=0 WHERE name=? AND holder=?", (name, holder))
+
+    def lease(self, name: str = "rollouts") -> Optional[tuple[str, float, int]]:
+        """(holder, expires, token) as stored, or None."""
+        return self._db.execute("SELECT holder, expires, token FROM lease WHERE name=?", (name,)).fetchone()
+
+    def _check(self, fence: Optional[Lease], name: str = "rollouts") -> None:
+        """Inside a write transaction: LeaseLost unless `fence` is still the stored lease."""
+        if fence is None:
+            return
+        r = self._db.execute("SELECT holder, token FROM lease WHERE name=?", (name,)).fetchone()
+        if r is None or (r[0], r[1]) != (fence.holder, fence.token):
+            raise LeaseLost(f"the rollout lease (token {fence.token}) passed to "
+                            f"{r[0] if r else 'nobody'} (token {r[1] if r else 0}); this coordinator stops "
+                            "acting on the rollout")
 
     def _tx(self):
         return _Immediate(self._db)

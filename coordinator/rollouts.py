@@ -3,7 +3,9 @@
 One rollout runs at a time per state database. The coordinator holding the lease runs
 it; the lease is renewed every third of its time-to-live, so a coordinator that died
 frees it within `rollout_lease_s` and a restarted one (or a standby sharing the
-database) resumes the rollout from its recorded steps.
+database) resumes the rollout from its recorded steps. The holder is unique per process
+(certificate name, host, a random instance id), so two coordinators configured alike
+never both hold it; its fencing token goes with every node operation (rollout_store.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -24,13 +28,19 @@ from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.rollout import Runner
-from coordinator.rollout_store import TERMINAL_STEPS, NodeRow, RolloutRow, RolloutStore
+from coordinator.rollout_store import TERMINAL_STEPS, Lease, NodeRow, RolloutRow, RolloutStore
 
 log = logging.getLogger(__name__)
 
 ROLLOUT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 STATES = {s: fleet_pb2.RolloutState.Value(f"ROLLOUT_STATE_{s}") for s in
           ("RUNNING", "PAUSED", "SUCCEEDED", "FAILED", "ABORTED")}
+
+
+def lease_holder(settings) -> str:
+    """This process's name on the rollout lease: certificate name @ host / random instance id."""
+    name = settings.tls_name or settings.coordinator_id
+    return f"{name}@{socket.gethostname()}/{secrets.token_hex(4)}"
 
 
 class RolloutRefused(Exception):
@@ -43,7 +53,7 @@ class Rollouts:
     def __init__(self, *, settings, fleet: Fleet, events: EventLog, gates, store: RolloutStore, audit=None):
         self._audit = audit
         self._s = settings
-        self._me = settings.coordinator_id
+        self._me = lease_holder(settings)
         self._fleet = fleet
         self._events = events
         self._gates = gates
@@ -52,6 +62,10 @@ class Rollouts:
         self._task: Optional[asyncio.Task] = None
         self._lease_task: Optional[asyncio.Task] = None
         self._wake = asyncio.Event()
+
+    @property
+    def holder(self) -> str:
+        return self._me
 
     # -- lifecycle --------------------------------------------------------------------
     def resume_pending(self) -> None:
@@ -71,22 +85,25 @@ class Rollouts:
     async def _hold_lease(self, row: RolloutRow) -> None:
         """Take the lease (waiting while another live coordinator holds it), run, renew."""
         ttl = self._s.rollout_lease_s
-        while (holder := self.store.acquire(self._me, ttl)) is not None:
-            log.warning("rollout=%s waiting: %s", row.id, holder)
-            await asyncio.sleep(ttl / 3)
+        while not (lease := self.store.acquire(self._me, ttl)).held:
+            log.warning("rollout=%s waiting: %s", row.id, lease.refused)
+            await asyncio.sleep(ttl / 3)  # the lease's own pace: a third of its time-to-live
+        log.info("rollout=%s lease held by %s (fencing token %d)", row.id, self._me, lease.token)
         self.store.set_owner(row.id, self._me)
-        self._launch(row)
+        self._launch(row, lease)
         while self._task is not None and not self._task.done():
-            await asyncio.sleep(ttl / 3)
-            if self.store.acquire(self._me, ttl) is not None:  # only possible after we stalled past the ttl
-                log.error("rollout=%s lost the lease; stopping here", row.id)
+            await asyncio.wait({self._task}, timeout=ttl / 3)   # renew every third of the ttl; free it at the end
+            if self._task.done():
+                break
+            if self.store.acquire(self._me, ttl).token != lease.token:  # only after we stalled past the ttl
+                log.error("rollout=%s lost the lease (fencing token %d); stopping here", row.id, lease.token)
                 self._task.cancel()
                 return
         self.store.release(self._me)
 
-    def _launch(self, row: RolloutRow) -> None:
+    def _launch(self, row: RolloutRow, lease: Lease) -> None:
         self._runner = Runner(row, store=self.store, fleet=self._fleet, events=self._events, gates=self._gates,
-                              wake=self._wake, audit=self._audit)
+                              wake=self._wake, audit=self._audit, fence=lease)
         self._task = asyncio.get_running_loop().create_task(self._runner.run())
 
     # -- operator commands ------------------------------------------------------------
@@ -114,9 +131,9 @@ class Rollouts:
         drain_timeout = req.drain_timeout_s or 120.0
         if not 0 < drain_timeout <= 86_400:
             raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be in (0, 86400]")
-        holder = self.store.acquire(self._me, self._s.rollout_lease_s)
-        if holder is not None:
-            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{holder}; try again later")
+        lease = self.store.acquire(self._me, self._s.rollout_lease_s)
+        if not lease.held:
+            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{lease.refused}; try again later")
         row = RolloutRow(id=rid, state="RUNNING", target=t, max_unavailable=k, drain_timeout_s=drain_timeout,
                          owner=self._me, started_by=started_by, nodes=[NodeRow(n) for n in nodes])
         self.store.create(row)

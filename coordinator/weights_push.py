@@ -42,11 +42,11 @@ class PushSourceError(OSError):
 
 
 def manifest_for(model_dir: Path, *, operation_id: str, model_id: str, version: str,
-                 expected_digest: str) -> node_pb2.WeightsManifest:
+                 expected_digest: str, fencing_token: int = 0) -> node_pb2.WeightsManifest:
     """Every file the node needs to load the model (cluster.digest.model_files), with sizes."""
     return node_pb2.WeightsManifest(
         operation_id=operation_id, model_id=model_id, version=version, expected_digest=expected_digest,
-        files=[node_pb2.WeightsFile(name=p.name, size=p.stat().st_size) for p in model_files(model_dir)])
+        fencing_token=fencing_token, files=[node_pb2.WeightsFile(name=p.name, size=p.stat().st_size) for p in model_files(model_dir)])
 
 
 async def push_weights(stub: node_pb2_grpc.NodeStub, manifest: node_pb2.WeightsManifest, model_dir: Path, *,

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Optional
 import grpc
 
 from cluster.api import API_VERSION, common_pb2, node_pb2, node_pb2_grpc
+from cluster.security.identity import DEVELOPER, Role
 from cluster.validation import MAX_REQUEST_ID_LEN, valid_id
-from node_agent import __version__
+from node_agent import __version__, audit_witness
 from node_agent.operations import OperationError, to_proto
 from node_agent.staging import StagingError
 from node_agent.telemetry import cpu_load_1m, host_memory
@@ -86,6 +87,8 @@ def build_status(agent: "NodeAgent") -> node_pb2.NodeStatus:
         drain_deadline_left_s=agent.ops.drain_left_s(),
         operations=agent.ops.recent(),
         engine_server=_engine_server(engine.server),
+        fencing_token=agent.ops.state.fencing_token,
+        audit_heads=audit_witness.to_proto(agent.ops.state),
     )
 
 
@@ -110,9 +113,45 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self._agent = agent
 
     async def GetStatus(self, request, context) -> node_pb2.NodeStatus:
+        if request.HasField("audit_head"):
+            await self._witness(request.audit_head, context)
         return build_status(self._agent)
 
-    async def _run(self, context, op_id: str, start) -> node_pb2.OperationReply:
+    async def _witness(self, head, context) -> None:
+        """Keep a coordinator's signed audit HEAD if newer (saved before the answer)."""
+        agent = self._agent
+        why = audit_witness.invalid(head) or (None if self._from_coordinator(context) else
+                                              "audit_head is sent by coordinators only; leave it unset")
+        if why:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {agent.node_id}: {why}")
+        if audit_witness.keep(agent.ops.state, head, agent.node_id):
+            try:
+                agent.ops.save()
+            except OSError as exc:
+                log.error("node=%s audit HEAD %d not saved (%s)", agent.node_id, head.seq, type(exc).__name__)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {agent.node_id}: its state file cannot be "
+                                    "written, so it cannot keep the audit HEAD; see the node log")
+
+    def _from_coordinator(self, context) -> bool:
+        """A coordinator's certificate (or plaintext development, where every caller is one)."""
+        authz = getattr(self._agent, "authz", None)
+        if authz is None:
+            return True
+        who = authz.peer(context)
+        return who.role is Role.COORDINATOR or who == DEVELOPER
+
+    async def _fenced(self, context, token: int) -> None:
+        """Refuse an operation whose rollout-lease fencing token is stale (or not a coordinator's)."""
+        if token and not self._from_coordinator(context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"node {self._agent.node_id}: fencing_token is sent by coordinators holding the "
+                                "rollout lease; leave it 0 for an operator's command")
+        try:
+            self._agent.ops.fence(token)
+        except OperationError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def _run(self, context, op_id: str, start, fencing_token: int = 0) -> node_pb2.OperationReply:
         agent = self._agent
         op_id = op_id or f"op-{uuid.uuid4().hex[:12]}"
         if not valid_id(op_id):  # the request-id rule: ids land in key=value log lines
@@ -124,6 +163,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         who = agent.authz.peer(context) if getattr(agent, "authz", None) else None
         log.info("node=%s operation=%s requested by caller=%s peer=%s", agent.node_id, op_id,
                  f"{who.role.value}/{who.name}" if who else "-", context.peer())
+        await self._fenced(context, fencing_token)
         try:
             rec = await start(op_id)
         except OperationError as exc:
@@ -141,7 +181,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def Cordon(self, request, context) -> node_pb2.OperationReply:
         reason = await self._reason(request.reason, context)
         return await self._run(context, request.operation_id,
-                               lambda op: self._agent.ops.cordon(op, request.cordoned, reason))
+                               lambda op: self._agent.ops.cordon(op, request.cordoned, reason),
+                               request.fencing_token)
 
     async def Drain(self, request, context) -> node_pb2.OperationReply:
         reason = await self._reason(request.reason, context)
@@ -149,7 +190,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"node {self._agent.node_id}: timeout_s must be 0 (the node's default) to 86400")
         return await self._run(context, request.operation_id,
-                               lambda op: self._agent.ops.drain(op, request.timeout_s, reason))
+                               lambda op: self._agent.ops.drain(op, request.timeout_s, reason),
+                               request.fencing_token)
 
     async def StageModel(self, request, context) -> node_pb2.OperationReply:
         source = Path(request.source_path)
@@ -158,9 +200,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
                                 f"node {self._agent.node_id}: source_path must be an absolute directory "
                                 "path on the node's host")
         return await self._run(context, request.operation_id, lambda op: self._agent.ops.stage(
-            op, source, request.model_id or source.name, request.version, request.expected_digest))
+            op, source, request.model_id or source.name, request.version, request.expected_digest),
+            request.fencing_token)
 
     async def BeginPush(self, request, context) -> node_pb2.PushOffsets:
+        await self._fenced(context, request.fencing_token)
         try:
             return await asyncio.to_thread(self._agent.staging.begin_push, request)
         except StagingError as exc:
@@ -175,6 +219,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                     if not chunk.HasField("manifest"):
                         raise StagingError("the first chunk must carry the manifest (call BeginPush first)")
                     manifest = chunk.manifest
+                    await self._fenced(context, manifest.fencing_token)
                     await asyncio.to_thread(staging.begin_push, manifest)
                 if chunk.data:
                     await asyncio.to_thread(staging.write_chunk, manifest.expected_digest, chunk)
@@ -183,18 +228,19 @@ class NodeService(node_pb2_grpc.NodeServicer):
         except StagingError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self._agent.node_id}: {exc}")
         return await self._run(context, manifest.operation_id,
-                               lambda op: self._agent.ops.finish_push(op, manifest))
+                               lambda op: self._agent.ops.finish_push(op, manifest), manifest.fencing_token)
 
     async def Activate(self, request, context) -> node_pb2.OperationReply:
         if not request.previous and not request.weights_digest:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"node {self._agent.node_id}: give weights_digest (a staged model) or previous")
         return await self._run(context, request.operation_id, lambda op: self._agent.ops.activate(
-            op, request.weights_digest, request.previous))
+            op, request.weights_digest, request.previous), request.fencing_token)
 
     async def Restart(self, request, context) -> node_pb2.OperationReply:
         return await self._run(context, request.operation_id,
-                               lambda op: self._agent.ops.restart(op, request.drain_timeout_s))
+                               lambda op: self._agent.ops.restart(op, request.drain_timeout_s),
+                               request.fencing_token)
 
     async def _reason(self, reason: str, context) -> str:
         if len(reason) > 200 or not reason.isprintable():

@@ -1,6 +1,8 @@
 """What a node remembers across agent restarts: its cordon and drain, the model it was told
-to serve (and the one before, for rollback) and its recent operations (DESIGN invariant 1:
-the node owns this state, so it must outlive the process and any coordinator).
+to serve (and the one before, for rollback), its recent operations (DESIGN invariant 1:
+the node owns this state, so it must outlive the process and any coordinator), the newest
+rollout-lease fencing token it accepted, and the newest signed audit HEAD of each
+coordinator signing key (this node is a witness against a truncated audit chain).
 
 One small JSON file, replaced atomically (write, fsync, rename) on every change.
 """
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "node-state.json"
 KEEP_OPERATIONS = 50
+KEEP_AUDIT_HEADS = 16    # signing keys (coordinators) whose newest HEAD is kept
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class NodeState:
     active: Optional[ModelRef] = None
     previous: Optional[ModelRef] = None
     operations: list[dict] = field(default_factory=list)
+    fencing_token: int = 0
+    audit_heads: dict[str, dict] = field(default_factory=dict)   # key fingerprint -> {seq, hash, sig, key}
 
     @classmethod
     def load(cls, state_dir: Path) -> "NodeState":
@@ -58,9 +63,15 @@ class NodeState:
             if rec.get("state") == "running":  # the agent stopped under it: it will never finish now
                 rec.update(state="failed", message="interrupted: the node agent stopped while it ran; "
                                                    "retry with a new operation id")
+        heads = raw.get("audit_heads") or {}
+        if not (isinstance(heads, dict) and all(isinstance(h, dict) for h in heads.values())
+                and isinstance(raw.get("fencing_token", 0), int)):
+            raise RuntimeError(f"{path}: fencing_token or audit_heads was altered; restore the file from backup "
+                               "(removing it also forgets the node's cordon, drain and activated model)")
         return cls(cordoned=bool(raw.get("cordoned")), cordon_reason=str(raw.get("cordon_reason", "")),
                    drained=bool(raw.get("drained")), configured_path=str(raw.get("configured_path", "")),
-                   operations=list(raw.get("operations", []))[-KEEP_OPERATIONS:], **models)
+                   operations=list(raw.get("operations", []))[-KEEP_OPERATIONS:],
+                   fencing_token=int(raw.get("fencing_token", 0)), audit_heads=dict(heads), **models)
 
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)

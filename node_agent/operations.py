@@ -5,6 +5,11 @@ coordinator retrying after a timeout, or after the node restarted, is safe). Lon
 (drain, stage, activate, restart) run in the background; GetStatus shows their progress
 and the record's final state. Every change of cordon, drain or model is saved before it
 is reported (node_state.py).
+
+Fencing: a coordinator running a rollout sends its lease's fencing token with each
+operation. The node keeps the newest token it accepted (saved before the operation
+starts) and refuses an older one, so a coordinator that lost the lease while stalled
+cannot act on the node after the new holder has. Token 0 is an operator's own command.
 """
 
 from __future__ import annotations
@@ -52,6 +57,28 @@ class Operations:
         self._drain_task: Optional[asyncio.Task] = None
         self._busy: Optional[str] = None              # the model operation under way (stage runs beside)
         self._tasks: set[asyncio.Task] = set()
+
+    # -- fencing ----------------------------------------------------------------------
+    def fence(self, token: int) -> None:
+        """Accept `token` (0: unfenced) or refuse it as older than the newest seen; a newer
+        one is saved before the operation it comes with starts."""
+        if token == 0:
+            return
+        newest = self.state.fencing_token
+        if token < newest:
+            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"node {self.agent.node_id}: fencing token {token} is older than {newest}, the "
+                                 "newest this node has accepted: the coordinator sending it no longer holds the "
+                                 "rollout lease (another coordinator took it over); nothing was done")
+        if token > newest:
+            log.info("node=%s fencing token %d -> %d (a new rollout lease holder)", self.agent.node_id,
+                     newest, token, extra=fields(event="node.fencing_token", node_id=self.agent.node_id))
+            self.state.fencing_token = token
+            try:
+                self.save()
+            except BaseException:
+                self.state.fencing_token = newest   # not durable: not accepted
+                raise
 
     # -- records ----------------------------------------------------------------------
     def find(self, op_id: str) -> Optional[dict]:

@@ -31,12 +31,15 @@ def test_a_rollout_and_its_steps_survive_reopening(tmp_path):
 
 def test_the_lease_is_held_by_one_coordinator_until_it_expires_or_is_released(tmp_path):
     a, b = RolloutStore(tmp_path / "co.db"), RolloutStore(tmp_path / "co.db")
-    assert a.acquire("co-1", ttl_s=0.5) is None
-    assert a.acquire("co-1", ttl_s=0.5) is None, "the holder renews"
+    first = a.acquire("co-1", ttl_s=0.5)
+    assert first.held and first.token == 1
+    assert a.acquire("co-1", ttl_s=0.5) == first, "the holder renews, keeping its fencing token"
     held = b.acquire("co-2", ttl_s=0.5)
-    assert held is not None and "coordinator co-1 holds the rollout lease" in held
+    assert not held.held and "coordinator co-1 holds the rollout lease" in held.refused
     time.sleep(0.6)  # let the lease expire (the behaviour under test is expiry by wall-clock time)
-    assert b.acquire("co-2", ttl_s=10) is None, "an expired lease can be taken over"
-    assert a.acquire("co-1", ttl_s=10) is not None
+    second = b.acquire("co-2", ttl_s=10)
+    assert second.held and second.token == 2, "an expired lease can be taken over, with a newer token"
+    assert not a.acquire("co-1", ttl_s=10).held
     b.release("co-2")
-    assert a.acquire("co-1", ttl_s=10) is None
+    third = a.acquire("co-1", ttl_s=10)
+    assert third.held and third.token == 3, "a released lease's token is not reused"

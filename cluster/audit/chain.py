@@ -233,12 +233,15 @@ class VerifyReport:
     first_bad: Optional[Problem] = None
     warnings: list[str] = field(default_factory=list)
     head_seq: Optional[int] = None
+    witness_seq: Optional[int] = None   # the newest record a witness's signed HEAD names
 
 
 class _Walk:
     """Walks the records in order, keeping what the next record must link to."""
 
-    def __init__(self, public_key: Ed25519PublicKey, head: Optional[dict], progress):
+    def __init__(self, public_key: Ed25519PublicKey, head: Optional[dict], progress,
+                 anchors: Optional[dict[int, list[tuple[str, str]]]] = None):
+        self.anchors = anchors or {}    # seq -> [(hash, witness name)]: witnesses' signed HEADs
         self.key = public_key
         self.key_fp = fingerprint(public_key)
         self.head = head
@@ -318,6 +321,11 @@ class _Walk:
                                   f"before it was altered and the chain rehashed (after checkpoint "
                                   f"{self.last_checkpoint or 'none'})")
             return False
+        for want, who in self.anchors.get(seq, ()):
+            if rec["hash"] != want:
+                self.fail(name, line, f"record {seq} differs from the one witness {who}'s signed HEAD names: the "
+                                      "chain was cut back to before it and rewritten from there")
+                return False
         self.prev = rec["hash"]
         self.expected += 1
         self.report.records += 1
@@ -370,8 +378,26 @@ def _missing_between(before: Optional[int], number: int) -> list[str]:
     return [file_name(n) for n in range(start, number)]
 
 
+def witness_anchors(key: Ed25519PublicKey, witnesses, warnings: list[str]) -> dict[int, list[tuple[str, str]]]:
+    """seq -> [(hash, witness name)] for each witness HEAD (`(name, {seq, hash, sig, key})`)
+    signed by `key`; the others are named in `warnings` and not used."""
+    anchors: dict[int, list[tuple[str, str]]] = {}
+    fp = fingerprint(key)
+    for name, doc in witnesses:
+        if not (isinstance(doc, dict) and isinstance(doc.get("seq"), int) and isinstance(doc.get("hash"), str)):
+            warnings.append(f"witness {name}: not a HEAD (seq and hash); not used")
+        elif doc.get("key") != fp:
+            warnings.append(f"witness {name}: its HEAD was signed by key {doc.get('key')}, not {fp}; not used")
+        elif not signature_ok(key, doc.get("sig"), head_message(doc["seq"], doc["hash"])):
+            warnings.append(f"witness {name}: its HEAD (record {doc['seq']}) has a signature that does not "
+                            "verify; not used")
+        else:
+            anchors.setdefault(doc["seq"], []).append((doc["hash"], name))
+    return anchors
+
+
 def verify(directory: Path, public_key: Optional[Path] = None, *,
-           progress: Optional[Callable[[int], None]] = None) -> VerifyReport:
+           progress: Optional[Callable[[int], None]] = None, witnesses=(), min_seq: int = 0) -> VerifyReport:
     """Check every record, checkpoint and the HEAD of the chain in `directory`.
 
     `public_key` defaults to `DIRECTORY-keys/signing.pub` (keys.default_key_dir); pass a copy you trust (the key
@@ -380,6 +406,10 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
     directory, no key); tampering is reported in the VerifyReport, not raised.
     `progress(records)` is called every 100,000 records. Safe while the log is being written:
     HEAD is read first and only ever names records already on disk.
+    `witnesses`: `(name, HEAD document)` pairs kept off this host (nodes, saved copies): the
+    chain must hold each record they name, unchanged. `min_seq`: the chain must reach this
+    record (the operator's own note of how far it went). Both catch a cut tail with an
+    old HEAD put back, which the HEAD file alone cannot.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -390,8 +420,12 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
     except AuditError as exc:  # an unreadable HEAD is a finding, not a usage error
         head, head_error = None, str(exc)
     files = list_files(directory)
-    walk = _Walk(key, head, progress)
+    warnings: list[str] = []
+    anchors = witness_anchors(key, witnesses, warnings)
+    walk = _Walk(key, head, progress, anchors)
     report = walk.report
+    report.warnings.extend(warnings)
+    report.witness_seq = max(anchors) if anchors else None
     report.files = [p.name for _, p in files]
     report.head_seq = head["seq"] if head else None
     if not files:
@@ -424,4 +458,18 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
         report.warnings.append(
             f"records {head['seq'] + 1}-{walk.expected - 1} follow the signed HEAD (record {head['seq']}): written, "
             "but the writer stopped before acknowledging them, so their removal could not be detected")
+    if report.ok:
+        _check_reach(walk, files[-1][1], min_seq)
     return report
+
+
+def _check_reach(walk: _Walk, last_file: Path, min_seq: int) -> None:
+    """The chain must reach the newest record a witness names, and `min_seq`."""
+    last = walk.expected - 1
+    reach = [(seq, f"witness {', '.join(who for _, who in walk.anchors[seq])} holds a signed HEAD for it")
+             for seq in walk.anchors] + ([(min_seq, f"--min-seq is {min_seq}")] if min_seq else [])
+    seq, why = max(reach, default=(0, ""))
+    if seq > last:
+        walk.fail(last_file.name, _count_lines(last_file) + 1,
+                  f"the chain ends at record {last} but {why}: records {last + 1}-{seq} were cut from the chain "
+                  "(an older HEAD was put back, so the HEAD file alone cannot show it)", seq=last + 1)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cluster.audit import AuditError, parse_when, query, verify
+from cluster.fleetctl.connect import PLAINTEXT, TLS_DIR, TLS_NAME
 from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_ERROR
+from cluster.fleetctl.witness import WitnessError, gather
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True,
                   help="The tamper-evident audit log: verify the chain, search its records.")
@@ -33,15 +35,25 @@ def verify_cmd(
         None, "--public-key", help="The log's signing.pub (default: DIR-keys/signing.pub); use a copy "
                                    "the log's host cannot write."),
     output: str = typer.Option("text", "--output", "-o", help="text or json."),
+    witness: List[str] = typer.Option(
+        [], "--witness", "-w", help="A witness of the chain's newest HEAD (repeatable): a node's HOST:PORT "
+                                    "(asked with your operator certificate), or a file holding a saved HEAD or "
+                                    "`fleetctl node status -o json` output."),
+    min_seq: int = typer.Option(0, "--min-seq", min=0, help="The chain must reach this record (your own note "
+                                                             "of how far it went)."),
+    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
 ) -> None:
-    """Check every record, checkpoint signature and the signed HEAD. Exit 0 if the chain is
-    intact, 1 at the first bad record, 2 if there is nothing to check (no directory or key)."""
+    """Check every record, checkpoint signature and the signed HEAD, and that the chain reaches
+    the newest HEAD any witness holds. Exit 0 if the chain is intact, 1 at the first bad
+    record (or a cut tail), 2 if there is nothing to check (no directory or key) or a
+    witness cannot be read."""
     if output not in ("text", "json"):
         raise _bad_input("verify", f"--output must be text or json, not {output!r}")
     try:
-        report = verify(directory, public_key,
+        heads = gather(witness, tls_dir, tls_name, plaintext) if witness else []
+        report = verify(directory, public_key, witnesses=heads, min_seq=min_seq,
                         progress=lambda n: typer.echo(f"verified {n:,} records ...", err=True))
-    except AuditError as exc:
+    except (AuditError, WitnessError) as exc:
         raise _bad_input("verify", exc) from None
     if output == "json":
         typer.echo(json.dumps(asdict(report)))
@@ -52,6 +64,9 @@ def verify_cmd(
         typer.echo(f"records: {report.records}")
         typer.echo(f"checkpoints: {report.checkpoints}")
         typer.echo(f"HEAD: record {report.head_seq}" if report.head_seq is not None else "HEAD: none")
+        if witness:
+            typer.echo(f"witnesses: newest HEAD at record {report.witness_seq}" if report.witness_seq is not None
+                       else "witnesses: none holds a HEAD signed by this key")
         for warning in report.warnings:
             typer.echo(f"warning: {warning}")
         bad = report.first_bad
