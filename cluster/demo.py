@@ -6,7 +6,10 @@ client library. Everything is synthetic: no patient data, no network beyond loop
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,11 +46,14 @@ def _request(i: int, max_tokens: int):
 
 
 def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens: int = 0,
-             nodes: int = 2, vllm_python: str = "", console: Console | None = None) -> int:
+             nodes: int = 2, vllm_python: str = "", keep_running: bool = False,
+             console: Console | None = None) -> int:
     """Returns 0 when every note completed and every daemon stopped cleanly. With
     `vllm_python`, one more node agent serves the same model through vLLM (its CPU build
-    here: float32, eager, a 1 GiB KV cache)."""
+    here: float32, eager, a 1 GiB KV cache). With `keep_running`, the fleet stays up after
+    the notes, with the commands to try printed, until Ctrl-C or SIGTERM."""
     console = console or Console(width=None if sys.stdout.isatty() else 200)
+    stop = _stop_event() if keep_running else None
     model = workdir / "model"
     if not (model / "config.json").exists():
         from cluster.tinymodel import make_tiny_model
@@ -63,6 +69,8 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
     console.print(f"      mTLS from the demo CA in {certs}: each daemon and the app get their own certificate")
     fleet = f"demo-{os.getpid()}"  # this demo's nodes only, whatever else is on the network
     logs = workdir / "logs"
+    for old in (workdir / "audit", workdir / "audit-keys"):   # each run is a new fleet with a chain of its own
+        shutil.rmtree(old, ignore_errors=True)
     coordinator = CoordinatorProcess(fleet=fleet, name="demo-coordinator", tls_dir=certs,
                                      audit_dir=workdir / "audit")
     agents = [NodeProcess(model, "--max-running", str(concurrency), node_id=f"demo-node-{i + 1}", fleet=fleet,
@@ -104,21 +112,28 @@ def run_demo(workdir: Path, *, notes: int = 12, concurrency: int = 8, max_tokens
         console.print(_table(results))
         ok = [r for r in results if isinstance(r, GenerateResult)]
         tokens = sum(r.completion_tokens for r in ok)
-        per_node = {a.node_id: sum(r.node_id == a.node_id for r in ok) for a in agents}
         console.print(f"      {len(ok)}/{notes} notes, {tokens} tokens in {wall:.2f} s "
-                      f"= {tokens / wall:.0f} tokens/s aggregate; per node: {per_node}")
+                      f"= {tokens / wall:.0f} tokens/s aggregate")
+        console.print(_per_node(ok, [a.node_id for a in agents]))
 
         api_ok = _show_openai(console, coordinator, certs)
 
         console.print("[bold]4/5[/] the fleet as `fleetctl nodes` shows it, and what monitoring saw")
         console.print(fleet_table(coordinator.nodes()))
         _show_monitoring(console, coordinator, certs)
+        if stop is not None:
+            _show_how_to_try(console, coordinator, certs)
+            stop.wait()
+            console.print("\n      stopping on request")
+        else:
+            console.print("      to keep this fleet up and try fleetctl, the dashboard and the OpenAI API against "
+                          "it, run [bold]scripts/demo --keep-running[/] (Ctrl-C stops it)")
     finally:
         console.print("[bold]5/5[/] stopping (SIGTERM, graceful): nodes, then the coordinator")
         for proc in [*agents, coordinator]:
             proc.stop()
     codes = {p.name: p.proc.returncode if p.proc else None for p in [*agents, coordinator]}
-    console.print(f"      exit codes {codes}; logs in {logs}")
+    console.print("      exit codes: " + ", ".join(f"{name} {code}" for name, code in codes.items()) + f"; logs in {logs}")
     audited = _show_audit(console, coordinator.audit_dir, [r.request_id for r in ok])
     return 0 if len(ok) == notes and audited and api_ok and all(c == 0 for c in codes.values()) else 1
 
@@ -174,9 +189,52 @@ def _show_monitoring(console: Console, coordinator: CoordinatorProcess, certs: P
                   f"{1000 * ttft_s / max(ttft_n, 1):.1f} ms, {len(samples)} series")
     listed = fleet_pb2_grpc.FleetStub(coordinator.channel).ListRequests(
         fleet_pb2.ListRequestsRequest(since_s=3600, limit=1), timeout=10)
-    console.print(f"      request log: {listed.matched} requests in the last hour "
-                  f"(`fleetctl requests -c {coordinator.address} --since 1h`); the dashboard: "
-                  f"`fleetctl dashboard -c {coordinator.address} --tls-dir {certs} --tls-name operator`")
+    console.print(f"      request log: {listed.matched} requests in the last hour")
+
+
+def _show_how_to_try(console: Console, coordinator: CoordinatorProcess, certs: Path) -> None:
+    """The addresses and the exact commands to try while the fleet stays up."""
+    env = f"export STUDIOFLEET_TLS_DIR={certs.resolve()} STUDIOFLEET_COORDINATOR={coordinator.address}"
+    lines = [
+        f"coordinator (gRPC)      {coordinator.address}",
+        f"monitoring + dashboard  {coordinator.http_scheme}://{coordinator.http_address}/",
+        f"OpenAI-compatible API   {coordinator.openai_base_url}",
+        "",
+        "in another terminal:",
+        f"  {env}",
+        "  fleetctl nodes --tls-name operator",
+        "  fleetctl top --tls-name operator",
+        "  fleetctl requests --tls-name operator --since 1h",
+        "  fleetctl dashboard --tls-name operator            # prints a one-time login link",
+        "  fleetctl generate --tls-name demo-notes-app --prompt 'Synthetic visit: BP 138/86, no chest pain'",
+        "  fleetctl tokens issue my-app --tls-name operator  # then: curl --cacert "
+        f"{certs.resolve() / 'ca.pem'} -H 'Authorization: Bearer TOKEN' {coordinator.openai_base_url}/models",
+        f"  fleetctl audit query {coordinator.audit_dir.resolve()}",
+        "",
+        "Ctrl-C (or SIGTERM) stops the fleet cleanly.",
+    ]
+    console.print("[bold]the fleet stays up[/] (--keep-running):")
+    for line in lines:
+        console.print(f"      {line}", highlight=False, soft_wrap=True)
+
+
+def _stop_event() -> threading.Event:
+    """Set by Ctrl-C or SIGTERM (instead of either ending the process mid-cleanup)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _per_node(ok, node_ids: list[str]) -> Table:
+    t = Table(title="notes per node")
+    for col in ("node", "notes", "tokens", "mean total ms"):
+        t.add_column(col, justify="left" if col == "node" else "right")
+    for node_id in node_ids:
+        mine = [r for r in ok if r.node_id == node_id]
+        mean = sum(r.total_ms for r in mine) / len(mine) if mine else 0.0
+        t.add_row(node_id, str(len(mine)), str(sum(r.completion_tokens for r in mine)), f"{mean:.0f}")
+    return t
 
 
 def _show_audit(console: Console, audit_dir: Path, request_ids: list[str]) -> bool:

@@ -33,7 +33,7 @@ from aiohttp import web
 from cluster.http_server import SECURITY_HEADERS, MonitorHTTP
 from cluster.security.identity import DEVELOPER, Identity, Role
 from cluster.security.roles import COORDINATOR_API_TABLE
-from cluster.validation import new_request_id
+from cluster.validation import MAX_REQUEST_ID_LEN, new_request_id, valid_id
 from coordinator import openai_protocol as oa
 from coordinator.api_tokens import TokenRefused, TokenStore
 from coordinator.relay import PUSHBACK_KEY
@@ -96,9 +96,9 @@ class FrontDoor(MonitorHTTP):
     cancel_on_disconnect = True
 
     def __init__(self, *, listen: str, security, where: str, relay, fleet, tokens: Optional[TokenStore],
-                 default_max_tokens: int, max_body: int, audit, on_denied=None, responses=None):
+                 default_max_tokens: int, max_body: int, audit, on_denied=None, responses=None, limits=None):
         super().__init__(listen=listen, security=security, table=COORDINATOR_API_TABLE, where=where,
-                         on_denied=on_denied, max_body=max_body)
+                         on_denied=on_denied, max_body=max_body, **({"limits": limits} if limits else {}))
         self._relay, self._fleet, self._tokens = relay, fleet, tokens
         self._audit = audit   # AuditTrail: the record of a request refused before the relay
         self._default_max_tokens = default_max_tokens
@@ -221,9 +221,12 @@ class FrontDoor(MonitorHTTP):
         if refusal is None:
             refusal = self._check(ident, allowed, entry)
         if refusal is None:
+            self.connections.authenticated(request)
             return ident, token_id
-        status, message = refusal
-        await self._denied(ident, entry, status, message)
+        status, message, headers = self._limited(request, refusal)
+        await self._denied(request, ident, entry, status, message)
+        if status == 429:
+            raise oa.ApiError(429, message, type_="rate_limit_error", code="rate_limit_exceeded", headers=headers)
         raise oa.ApiError(status, message, type_="authentication_error" if status == 401 else "permission_error",
                           code="invalid_api_key" if status == 401 else "permission_denied",
                           headers={"WWW-Authenticate": 'Bearer realm="studiofleet"'} if status == 401 else None)

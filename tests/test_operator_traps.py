@@ -81,3 +81,51 @@ def test_help_shows_defaults_and_whole_flag_names_at_80_columns():
     out = subprocess.run([sys.executable, "-m", "coordinator.main", "--help"], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "COLUMNS": "80"})
     assert "--eject-after-failures <int>" in out.stdout and "[default: 3]" in " ".join(out.stdout.split())
+
+
+def test_the_demo_keeps_its_fleet_up_prints_working_commands_and_stops_on_ctrl_c(tmp_path):
+    import signal
+    import time
+
+    demo = subprocess.Popen([sys.executable, "-m", "cluster.fleetctl.app", "demo", "--workdir", str(tmp_path / "d"),
+                             "--notes", "2", "--concurrency", "2", "--nodes", "1", "--keep-running"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen, deadline = [], time.monotonic() + 300
+        for line in demo.stdout:
+            seen.append(line)
+            if "stops the fleet cleanly" in line or time.monotonic() > deadline:
+                break
+        text = "".join(seen)
+        assert "stops the fleet cleanly" in text, text
+        assert "per node" in text and "{" not in text.split("notes per node")[1].split("\n")[0]
+        export = next(ln for ln in seen if "export STUDIOFLEET_TLS_DIR=" in ln).split("export ", 1)[1].split()
+        env = dict(kv.split("=", 1) for kv in export)
+        nodes = fleetctl("nodes", "--tls-name", "operator", "-o", "json", env=env)   # as printed
+        assert nodes.returncode == 0, nodes.stderr
+        assert "demo-node-1" in nodes.stdout
+        demo.send_signal(signal.SIGINT)
+        rest = demo.communicate(timeout=120)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 0, rest
+    assert "stopping on request" in rest and "demo-coordinator 0" in rest
+    assert "--keep-running" not in rest   # the hint is for runs that stop by themselves
+
+
+def test_an_idle_node_reports_a_decode_rate_that_falls_to_zero(node, as_node_caller):
+    import time
+
+    from cluster.client import FleetClient
+
+    with FleetClient(node.address) as client:
+        client.generate(prompt="Plan:", max_tokens=40, timeout_s=60)
+    busy = node.status().load.decode_tokens_per_s
+    assert busy > 0
+    deadline = time.monotonic() + 20     # the rate window is 10 s
+    while (rate := node.status().load.decode_tokens_per_s) > 0:
+        assert rate <= busy * 1.01, "an idle node's rate went up"
+        assert time.monotonic() < deadline, f"still {rate:.1f} tok/s 20 s after the last token"
+        time.sleep(0.5)

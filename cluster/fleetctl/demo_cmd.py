@@ -16,6 +16,8 @@ def demo(
     nodes: int = typer.Option(2, help="Node agents to start."),
     vllm_python: str = typer.Option("", help="Also start a vLLM node agent with this Python (scripts/demo --vllm "
                                               "sets up .venv-vllm and passes it)."),
+    keep_running: bool = typer.Option(False, "--keep-running", help="Keep the fleet up after the notes: print its "
+                                      "addresses, the dashboard and the fleetctl commands to try; Ctrl-C stops it."),
 ) -> None:
     """Make a tiny model, start a coordinator and node agents (mDNS on loopback), stream
     concurrent clinical notes through the client library, show the fleet, stop cleanly."""
@@ -25,4 +27,4 @@ def demo(
     from cluster.demo import run_demo
 
     raise typer.Exit(run_demo(workdir, notes=notes, concurrency=concurrency, max_tokens=max_tokens, nodes=nodes,
-                             vllm_python=vllm_python))
+                             vllm_python=vllm_python, keep_running=keep_running))

@@ -20,11 +20,14 @@ from cluster.fleetctl.exits import fail
 
 
 def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
-    """One row per node: its own state, the coordinator's verdict, and the traffic."""
+    """One row per node: its own state, the coordinator's verdict, and the traffic. "in
+    flight" is the coordinator's own count (exact now; a node's running/queued counts are
+    as of its last status poll, so they stay in -o json); tok/s is the node's recent decode
+    rate, 0 when it is idle."""
     t = Table(title=f"fleet: {sum(n.routable for n in listing.nodes)}/{len(listing.nodes)} routable, "
                     f"{listing.in_flight} in flight, {listing.queued} queued")
     for col in ("node", "address", "source", "state", "health", "route", "model", "engine", "digest",
-                "run/queue", "in flight", "tok/s", "routed", "failovers", "reason"):
+                "in flight", "tok/s", "routed", "failovers", "reason"):
         t.add_column(col, no_wrap=col != "reason", overflow="fold" if col == "reason" else "ellipsis",
                      min_width=20 if col == "reason" else None,
                      justify="right" if col in ("in flight", "tok/s", "routed", "failovers") else "left")
@@ -36,8 +39,7 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
             health += f" {n.ejected_for_s:.0f}s"
         t.add_row(st.node_id or "?", n.address, n.source, state + (" (cordoned)" if st.cordoned else ""),
                   health, "yes" if n.routable else "no", st.model.model_id or "-", st.model.engine or "-",
-                  st.model.weights_digest[7:19] or "-", f"{st.load.running}/{st.load.queued}",
-                  str(n.in_flight), f"{st.load.decode_tokens_per_s:.0f}", str(n.routed_total),
+                  st.model.weights_digest[7:19] or "-", str(n.in_flight), f"{st.load.decode_tokens_per_s:.0f}", str(n.routed_total),
                   str(n.failovers_total), n.health_reason)
     return t
 

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
@@ -81,6 +82,7 @@ class MlxEngine:
         self._key_of: dict[int, str] = {}
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._rate_tokens = 0
+        self._rate_seen: tuple[int, float, float] = (0, 0.0, 0.0)   # (tokens, first, newest) at the last snapshot
         self._stats_at = 0.0
         self._stats_counts = (0, 0)
         self._stats = EngineStats()
@@ -126,7 +128,14 @@ class MlxEngine:
                 self._inbox.put(("cancel", key))
 
     def stats(self) -> EngineStats:
-        return self._stats
+        """The latest snapshot, its decode rate brought to now: an idle engine publishes no
+        new snapshot, so the rate is re-read as the window's tokens over the time since its
+        first one, and 0 once the newest token is a whole window old."""
+        s, (tokens, first, last) = self._stats, self._rate_seen
+        now = time.monotonic()
+        if not tokens or now - last > _RATE_WINDOW_S:
+            return replace(s, decode_tokens_per_s=0.0) if s.decode_tokens_per_s else s
+        return replace(s, decode_tokens_per_s=tokens / max(now - first, 1e-3))
 
     def close(self) -> None:
         with self._gate:
@@ -387,6 +396,7 @@ class MlxEngine:
         while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
             self._rate_tokens -= self._rate.popleft()[1]
         span = now - self._rate[0][0] if self._rate else 0.0
+        self._rate_seen = (self._rate_tokens, self._rate[0][0], self._rate[-1][0]) if self._rate else (0, now, now)
         self._stats = EngineStats(
             running=len(self._key_of),
             waiting=len(self._waiting),
