@@ -67,7 +67,24 @@ class FileSettings(BaseSettings):
         return init_settings, env_settings, TableSource(settings_cls, cls.config_table)
 
 
-class NodeSettings(FileSettings):
+class HttpPortSettings(FileSettings):
+    """The limits of a daemon's HTTP(S) ports (cluster/http_guard.py; README "Security")."""
+
+    http_handshake_timeout_s: float = Field(10.0, gt=0)    # the TLS handshake
+    http_header_timeout_s: float = Field(10.0, gt=0)       # a whole request header, from its first byte
+    http_idle_timeout_s: float = Field(30.0, gt=0)         # a kept-alive connection between requests
+    http_body_timeout_s: float = Field(60.0, gt=0)         # a request body (the OpenAI front door)
+    http_max_connections: int = Field(256, ge=1)           # per port (and under a quarter of the file limit)
+    http_max_unauthenticated: int = Field(32, ge=1)        # per port: connections with no proven caller yet
+    # Refusals per client address and window: the first `burst` are audited one by one, the
+    # rest as one record per window with their count; past `unauthenticated_per_window`
+    # attempts without a valid credential the address gets 429 until its window ends.
+    http_denial_window_s: float = Field(60.0, gt=0)
+    http_denial_burst: int = Field(5, ge=0)
+    http_unauthenticated_per_window: int = Field(30, ge=1)
+
+
+class NodeSettings(HttpPortSettings):
     """Everything `fleet-node` needs to serve one model."""
 
     model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_NODE_", frozen=True, extra="forbid")
@@ -133,7 +150,7 @@ class NodeSettings(FileSettings):
         return tuple(shlex.split(v)) if isinstance(v, str) else v
 
 
-class CoordinatorSettings(FileSettings):
+class CoordinatorSettings(HttpPortSettings):
     """Everything `fleet-coordinator` needs: where to listen, how to find and judge nodes,
     and how to admit and move requests. The health policy is written out in the README."""
 

@@ -9,12 +9,18 @@ certificates and the same rules (README "Monitoring").
   session a browser got from a one-time link (`fleetctl dashboard`), which acts as the
   operator who asked for it and idles out (HIPAA automatic logoff).
 - No certificate: 401; wrong role: 403; both say what to do. Refusals are logged (and, on
-  the coordinator, audited) without anything the caller sent but the path.
+  the coordinator, audited) with the client's address and nothing the caller sent but the
+  path; past a small burst per source they are counted and recorded once per window, and a
+  source's unauthenticated attempts past a limit get 429 (cluster/http_denials.py).
+- Connections have deadlines (handshake, header, idle) and caps (cluster/http_guard.py).
+- A dashboard poll marked background (BACKGROUND_HEADER) does not extend its session.
 - Plaintext (loopback development) serves plain HTTP with no roles, as gRPC does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
@@ -28,12 +34,15 @@ from aiohttp import web
 from cryptography import x509
 
 from cluster.config import split_host_port
+from cluster.http_denials import DenialLedger, Held
+from cluster.http_guard import ConnectionGuard, GuardedSite, HttpLimits
 from cluster.logs import fields
 from cluster.security.identity import Identity, identity_of
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "studiofleet_session"
+BACKGROUND_HEADER = "X-StudioFleet-Background"   # "1": a poll, not the user: the session's idle clock runs on
 TOKEN_TTL_S = 60.0
 RECHECK_S = 1.0
 SECURITY_HEADERS = {
@@ -44,7 +53,8 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
 }
-OnDenied = Callable[[Optional[Identity], str, str, str], Optional[Awaitable[None]]]
+# (identity, action, code, reason, peer=..., and count=/window_s= for a window's record)
+OnDenied = Callable[..., Optional[Awaitable[None]]]
 
 
 @dataclass
@@ -84,12 +94,15 @@ class DashboardSessions:
         self._sessions[sid] = _Session(identity, now, now)
         return sid
 
-    def identity(self, sid: str) -> Optional[Identity]:
+    def identity(self, sid: str, *, touch: bool = True) -> Optional[Identity]:
+        """The session's operator; `touch` (a user's request, not a background poll)
+        restarts its idle clock."""
         self._expire()
         session = self._sessions.get(sid)
         if session is None:
             return None
-        session.last_used = self._clock()
+        if touch:
+            session.last_used = self._clock()
         return session.identity
 
     def end(self, sid: str) -> None:
@@ -113,14 +126,19 @@ class MonitorHTTP:
 
     def __init__(self, *, listen: str, security, table: Mapping[str, frozenset], where: str,
                  sessions: Optional[DashboardSessions] = None, on_denied: Optional[OnDenied] = None,
-                 max_body: int = 64 * 1024):
+                 max_body: int = 64 * 1024, limits: HttpLimits = HttpLimits()):
         self._listen = listen
         self._security = security
         self._table = sorted(table.items(), key=lambda kv: -len(kv[0]))   # longest prefix first
         self._where = where
         self.sessions = sessions
         self._on_denied = on_denied
-        self.app = web.Application(middlewares=[self._guard], client_max_size=max_body)
+        self.limits = limits.within_file_limit()
+        self.connections = ConnectionGuard(self.limits, self.what)
+        self._denials = DenialLedger(window_s=self.limits.denial_window_s, burst=self.limits.denial_burst,
+                                     limit=self.limits.unauthenticated_per_window)
+        self._flushing: Optional[asyncio.Task] = None
+        self.app = web.Application(middlewares=[self.connections.middleware, self._guard], client_max_size=max_body)
         self._runner: Optional[web.AppRunner] = None
         self._ssl: Optional[ssl.SSLContext] = None
         self._stamp = None
@@ -180,16 +198,18 @@ class MonitorHTTP:
             self._stamp = self._security.server.files.stamp()
             self._ssl = self._context()
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     handler_cancellation=self.cancel_on_disconnect)
+                                     handler_cancellation=self.cancel_on_disconnect,
+                                     keepalive_timeout=self.limits.idle_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl, reuse_address=True)
+        site = GuardedSite(self._runner, host, port, guard=self.connections, ssl_context=self._ssl)
         try:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
             raise OSError(f"{self._where}: cannot open the {self.what} port {self._listen} ({exc.strerror or exc}); "
                           f"choose another with {self.flag} HOST:PORT, or {self.flag} off") from None
-        self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp has no public accessor
+        self.port = site.port
+        self._flushing = asyncio.get_running_loop().create_task(self._flush_denials())
         log.info("%s on %s://%s (%s)", self.what, self.scheme, self.address, self.serves())
         return self.port
 
@@ -203,6 +223,20 @@ class MonitorHTTP:
             self._runner._shutdown_timeout = max(grace_s, 0.01)  # noqa: SLF001 - fixed at construction in aiohttp's API
             await self._runner.cleanup()
             self._runner = None
+        if self._flushing is not None:
+            self._flushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flushing
+            self._flushing = None
+            for held in self._denials.due(everything=True):
+                await self._record_held(held)
+
+    async def _flush_denials(self) -> None:
+        """Record the refusals held back in windows that have ended, as they end."""
+        while True:
+            await asyncio.sleep(min(max(self.limits.denial_window_s / 4, 0.05), 5.0))
+            for held in self._denials.due():
+                await self._record_held(held)
 
     # -- access ----------------------------------------------------------------------------
     def _allowed(self, path: str) -> tuple[str, frozenset]:
@@ -227,17 +261,23 @@ class MonitorHTTP:
     @web.middleware
     async def _guard(self, request: web.Request, handler):
         if self._security.plaintext or request.path in ("/login", "/logout"):
+            if self._security.plaintext:
+                self.connections.authenticated(request)   # no roles in development: nobody to prove
             response = await handler(request)
         else:
             entry, allowed = self._allowed(request.path)
             ident = self._certificate(request)
             if ident is None and self.sessions is not None:
-                ident = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""))
-            refusal = self._check(ident, allowed, entry)
+                ident = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""),
+                                               touch=request.headers.get(BACKGROUND_HEADER) != "1")
+            refusal = self._limited(request, self._check(ident, allowed, entry))
             if refusal is not None:
-                status, message = refusal
-                await self._denied(ident, entry, status, message)
-                return _error(status, message, browser="text/html" in request.headers.get("Accept", ""))
+                status, message, headers = refusal
+                await self._denied(request, ident, entry, status, message)
+                response = _error(status, message, browser="text/html" in request.headers.get("Accept", ""))
+                response.headers.update(headers)
+                return response
+            self.connections.authenticated(request)
             response = await handler(request)
         response.headers.update(SECURITY_HEADERS)
         return response
@@ -259,20 +299,61 @@ class MonitorHTTP:
             return 403, f"{ident} ({ident.role.value}) may not read {what} on {self._where}; allowed: {who}"
         return None
 
-    async def _denied(self, ident: Optional[Identity], entry: str, status: int, message: str) -> None:
-        log.warning("denied caller=%s path=%s status=%d", ident or "-", entry, status,
-                    extra=fields(event="http.denied", caller=str(ident or ""), path=entry, status=status))
+    def _limited(self, request: web.Request, refusal: Optional[tuple[int, str]]
+                 ) -> Optional[tuple[int, str, dict]]:
+        """(status, message, headers) of a refusal: a 401 from a source past its limit of
+        unauthenticated attempts becomes 429 with Retry-After; None when allowed."""
+        if refusal is None:
+            return None
+        status, message = refusal
+        if status == 401:
+            wait = self._denials.retry_after(source_of(request))
+            if wait:
+                return 429, (f"too many unauthenticated requests from this address; retry after {wait} s with "
+                             f"credentials ({message})"), {"Retry-After": str(wait)}
+        return status, message, {}
+
+    async def _denied(self, request: web.Request, ident: Optional[Identity], entry: str, status: int,
+                      message: str) -> None:
+        """A refusal: recorded now (logged, and audited on the coordinator) within the
+        source's burst, else held for its window's record."""
+        source = source_of(request)
+        if not self._denials.refused(source, entry, status, ident, message):
+            return
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        peer = f"http:{source}:{peername[1]}" if peername else f"http:{source}"
+        log.warning("denied caller=%s path=%s status=%d peer=%s", ident or "-", entry, status, peer,
+                    extra=fields(event="http.denied", caller=str(ident or ""), path=entry, status=status, peer=peer))
+        await self._report_denied(ident, entry, status, message, peer=peer)
+
+    async def _record_held(self, held: Held) -> None:
+        log.warning("denied caller=%s path=%s status=%d peer=http:%s count=%d window_s=%g", held.identity or "-",
+                    held.entry, held.status, held.source, held.count, held.window_s,
+                    extra=fields(event="http.denied", caller=str(held.identity or ""), path=held.entry,
+                                 status=held.status, peer=f"http:{held.source}", count=held.count))
+        await self._report_denied(held.identity, held.entry, held.status, held.reason, peer=f"http:{held.source}",
+                                  count=held.count, window_s=held.window_s)
+
+    async def _report_denied(self, ident: Optional[Identity], entry: str, status: int, message: str, **details) -> None:
         if self._on_denied is not None:
-            code = "UNAUTHENTICATED" if status == 401 else "PERMISSION_DENIED"
-            done = self._on_denied(ident, f"http {entry}", code, message)
+            code = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}.get(status, "PERMISSION_DENIED")
+            done = self._on_denied(ident, f"http {entry}", code, message, **details)
             if inspect.isawaitable(done):
                 await done
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._limited(request, (401, "this dashboard link is used up or expired (links work once, for "
+                                               f"{TOKEN_TTL_S:.0f} s); run `fleetctl dashboard` for a new one"))
+        if refusal[0] == 429:   # no guessing of links at speed
+            await self._denied(request, None, "/login", *refusal[:2])
+            response = _error(*refusal[:2], browser=True)
+            response.headers.update(refusal[2])
+            return response
         sid = self.sessions.redeem(request.query.get("token", "")) if self.sessions is not None else None
         if sid is None:
-            return _error(401, "this dashboard link is used up or expired (links work once, for "
-                               f"{TOKEN_TTL_S:.0f} s); run `fleetctl dashboard` for a new one", browser=True)
+            await self._denied(request, None, "/login", *refusal[:2])
+            return _error(*refusal[:2], browser=True)
+        self.connections.authenticated(request)
         response = web.HTTPSeeOther("/")
         response.set_cookie(SESSION_COOKIE, sid, httponly=True, secure=not self._security.plaintext,
                             samesite="Strict", path="/")
@@ -285,6 +366,12 @@ class MonitorHTTP:
         response = web.HTTPSeeOther("/")
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
+
+
+def source_of(request: web.Request) -> str:
+    """The client's address (no port): the unit of per-source limits."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else "-"
 
 
 def _error(status: int, message: str, *, browser: bool) -> web.Response:

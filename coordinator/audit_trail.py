@@ -83,11 +83,13 @@ class AuditTrail:
               code: str = "OK", **details) -> None:
         self.submit({**self._base(ident, peer, action, "admin"), "outcome": outcome, "code": code, **details})
 
-    async def denied(self, ident: Optional[Identity], method: str, code: str, reason: str) -> None:
-        """A call the authorizer refused (the peer is not known here; the identity is);
-        durable before the refusal goes out, as every other record a caller can look up."""
-        await self.write_or_log({**self._base(ident, "", method, "request" if method.endswith("/Generate") else "admin"),
-                                 "outcome": "denied", "code": code, "reason": reason})
+    async def denied(self, ident: Optional[Identity], method: str, code: str, reason: str, *, peer: str = "",
+                     **details) -> None:
+        """A refused call (with its peer when the port knows it; `count` and `window_s` for
+        refusals an HTTP port recorded together); durable before the refusal goes out, as
+        every other record a caller can look up."""
+        await self.write_or_log({**self._base(ident, peer, method, "request" if method.endswith("/Generate") else "admin"),
+                                 "outcome": "denied", "code": code, "reason": reason, **details})
 
 
 def _report_failure(future) -> None:

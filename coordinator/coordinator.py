@@ -89,12 +89,13 @@ class Coordinator:
         identity = getattr(context, "identity", None)   # coordinator.openai_http.HttpCall
         return identity if identity is not None else self.authz.peer(context)
 
-    async def _denied(self, ident, method: str, code: str, reason: str) -> None:
-        """A call refused for its certificate or role (gRPC or the monitoring port): counted,
-        and audited before the refusal goes out."""
+    async def _denied(self, ident, method: str, code: str, reason: str, **details) -> None:
+        """A call refused for its certificate or role (gRPC or an HTTP port): counted, and
+        audited before the refusal goes out. An HTTP port gives the peer, and for refusals
+        it held back over a window their `count` (cluster/http_denials.py)."""
         if self.metrics is not None:
-            self.metrics.denied.labels(method, code).inc()
-        await self.audit.denied(ident, method, code, reason)
+            self.metrics.denied.labels(method, code).inc(details.get("count", 1))
+        await self.audit.denied(ident, method, code, reason, **details)
 
     def _witness(self, audit_log):
         """Nodes keep this chain's signed HEAD, and are checked for a newer one at first contact."""
@@ -160,13 +161,14 @@ class Coordinator:
         listen = http_address(s.listen, s.http_listen)
         if listen is None:
             return
+        from cluster.http_guard import HttpLimits
         from cluster.http_server import DashboardSessions, MonitorHTTP
         from coordinator import dashboard
 
         self.http = MonitorHTTP(listen=listen, security=self.security, table=COORDINATOR_HTTP_TABLE,
                                 where=f"coordinator {s.coordinator_id}",
                                 sessions=DashboardSessions(s.dashboard_idle_timeout_s),
-                                on_denied=self._denied)
+                                on_denied=self._denied, limits=HttpLimits.of(s))
         if self.metrics is not None:
             from cluster.http_server import metrics_route
 
@@ -180,13 +182,14 @@ class Coordinator:
         listen = http_address(s.listen, s.openai_listen, 2)
         if listen is None:
             return
+        from cluster.http_guard import HttpLimits
         from coordinator.openai_http import FrontDoor
 
         self.api = FrontDoor(listen=listen, security=self.security, where=f"coordinator {s.coordinator_id}",
                              relay=self.relay, fleet=self.fleet, tokens=self.tokens,
                              default_max_tokens=min(s.openai_default_max_tokens, s.max_tokens_limit),
                              max_body=s.openai_max_body_kb * 1024, audit=self.audit,
-                             on_denied=self._denied,
+                             on_denied=self._denied, limits=HttpLimits.of(s),
                              responses=self.metrics.api_responses if self.metrics is not None else None)
         try:
             await self.api.start()

@@ -266,12 +266,23 @@ class FrontDoor(MonitorHTTP):
 
     # -- completions -----------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: _Endpoint) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id", "")
-        if rid and not (rid.isascii() and rid.isprintable()):
-            raise oa.bad("the X-Request-Id header must be printable ASCII", param="X-Request-Id")
+        # An id is checked before any use; an invalid one is never echoed (its refusal is
+        # recorded, logged and answered under a new id).
+        raw = request.headers.get("X-Request-Id", "")
         request["started"] = time.time()
-        request["rid"] = rid = rid or new_request_id()   # the relay checks the rest, as for gRPC
-        body = oa.parse_json(await request.read())
+        request["rid"] = rid = raw if raw and valid_id(raw) else new_request_id()
+        if raw and rid != raw:
+            raise oa.bad(f"the X-Request-Id header must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 "
+                         f". _ : @ / + -; this refusal is recorded as request {rid}", param="X-Request-Id",
+                         code="invalid_request_id")
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                data = await request.read()
+        except TimeoutError:
+            raise oa.ApiError(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s "
+                                   "(--http-body-timeout-s); send it at once", code="body_timeout",
+                              headers={"Connection": "close"}) from None
+        body = oa.parse_json(data)
         parsed = kind.parse(body, default_max_tokens=self._default_max_tokens)
         if parsed.model not in self._models():
             raise _unknown_model(parsed.model)

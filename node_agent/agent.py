@@ -130,11 +130,12 @@ class NodeAgent:
         listen = http_address(self.settings.listen, self.settings.http_listen)
         if listen is None:
             return
+        from cluster.http_guard import HttpLimits
         from cluster.http_server import MonitorHTTP, metrics_route
         from cluster.security.roles import NODE_HTTP_TABLE
 
         self.http = MonitorHTTP(listen=listen, security=self.security, table=NODE_HTTP_TABLE,
-                                where=f"node {self.node_id}")
+                                where=f"node {self.node_id}", limits=HttpLimits.of(self.settings))
         if self.settings.metrics:
             from node_agent.metrics import NodeMetrics
 

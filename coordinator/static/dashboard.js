@@ -1,8 +1,15 @@
 // StudioFleet dashboard: polls /api/snapshot every 2 s and redraws. No libraries, no
 // network beyond this coordinator, and all text is inserted with textContent.
+// A poll is background work: it does not keep the session alive (automatic logoff), unless
+// the user has clicked, typed or scrolled since the last one.
 "use strict";
 
 const POLL_MS = 2000;
+const BACKGROUND_HEADER = "X-StudioFleet-Background";
+let userActive = false;
+for (const kind of ["pointerdown", "keydown", "wheel", "touchstart"]) {
+  document.addEventListener(kind, () => { userActive = true; }, { passive: true, capture: true });
+}
 const SVG = "http://www.w3.org/2000/svg";
 
 function el(tag, attrs, text) {
@@ -154,7 +161,9 @@ function status(text, cls) {
 
 async function poll() {
   try {
-    const reply = await fetch("/api/snapshot", { credentials: "same-origin", cache: "no-store" });
+    const headers = userActive ? {} : { [BACKGROUND_HEADER]: "1" };
+    userActive = false;
+    const reply = await fetch("/api/snapshot", { credentials: "same-origin", cache: "no-store", headers });
     if (reply.status === 401 || reply.status === 403) {
       status("session expired or not allowed: run `fleetctl dashboard` for a new link", "down");
       return;   // stop polling; a new link opens a new session
