@@ -129,3 +129,17 @@ def test_an_idle_node_reports_a_decode_rate_that_falls_to_zero(node, as_node_cal
         assert rate <= busy * 1.01, "an idle node's rate went up"
         assert time.monotonic() < deadline, f"still {rate:.1f} tok/s 20 s after the last token"
         time.sleep(0.5)
+
+
+def test_a_stopped_coordinator_is_named_not_a_raw_connection_refused():
+    import socket
+
+    with socket.socket() as s:      # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = fleetctl("nodes", "-c", f"127.0.0.1:{port}", "--tls-name", "operator", "--timeout-s", "3")
+    assert out.returncode == 3
+    assert f"127.0.0.1:{port}" in out.stderr and "nothing answers at" in out.stderr
+    assert "Failed to connect to remote host" not in out.stderr
+    tiny = fleetctl("model", "make-tiny", "--help")
+    assert "0 means 2 x --hidden" in " ".join(tiny.stdout.split())

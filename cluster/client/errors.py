@@ -169,6 +169,10 @@ def from_rpc_error(err: grpc.RpcError, *, target: str = "", request_id: str = ""
     if refusal:
         details = (f"TLS handshake refused: {refusal}. Check that this client's certificate is from the fleet's "
                    f"CA, unexpired and not revoked ({details})")
+    elif code == grpc.StatusCode.UNAVAILABLE and "Connection refused" in (details or ""):
+        details = (f"nothing answers at {target or 'the address given'} (connection refused): the daemon is not "
+                   "running there, or listens on another port; check the address (-c, STUDIOFLEET_COORDINATOR "
+                   "or the config file)")
     exc = cls(details or code.name, retry_after_ms=pushback_ms(err))
     if cls is FleetError:
         exc.code = code.name

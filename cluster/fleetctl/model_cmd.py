@@ -17,7 +17,7 @@ def make_tiny(
     layers: int = typer.Option(2, help="Transformer layers."),
     heads: int = typer.Option(2, help="Attention heads (head_dim = hidden / heads)."),
     kv_heads: int = typer.Option(1, help="Key/value heads."),
-    intermediate: int = typer.Option(0, help="MLP size. [default: 2 x hidden]"),
+    intermediate: int = typer.Option(0, show_default=False, help="MLP (feed-forward) width; 0 means 2 x --hidden. [default: 0, i.e. 2 x hidden]"),
     vocab: int = typer.Option(512, help="Tokenizer vocabulary size to train."),
     context: int = typer.Option(2048, help="max_position_embeddings."),
     seed: int = typer.Option(0, help="Weight seed: same seed, same weights digest."),
