@@ -143,3 +143,20 @@ def test_a_stopped_coordinator_is_named_not_a_raw_connection_refused():
     assert "Failed to connect to remote host" not in out.stderr
     tiny = fleetctl("model", "make-tiny", "--help")
     assert "0 means 2 x --hidden" in " ".join(tiny.stdout.split())
+
+
+def test_token_ids_are_shown_whole_at_80_columns_and_missing_certificates_name_their_role(
+        start_coordinator, tiny_model, fleet_ca):
+    co = start_coordinator()
+    issued = fleetctl("tokens", "issue", "narrow-terminal-app", "-c", co.address, "--tls-name", "operator")
+    assert issued.returncode == 0, issued.stderr
+    token_id = issued.stdout.strip().split(".")[0]
+    listed = fleetctl("tokens", "list", "-c", co.address, "--tls-name", "operator", env={"COLUMNS": "80"})
+    assert listed.returncode == 0 and token_id in listed.stdout, listed.stdout
+    assert "OPENAI_API_KEY" in issued.stderr
+    readme = (ROOT / "README.md").read_text()
+    assert "STUDIOFLEET_API_KEY" not in readme and 'os.environ["OPENAI_API_KEY"]' in readme
+    missing = subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--no-mdns",
+                              "--listen", "127.0.0.1:0", "--tls-dir", str(fleet_ca), "--tls-name", "never-issued"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "fleetctl certs issue --role node --name never-issued" in missing.stderr

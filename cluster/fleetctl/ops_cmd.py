@@ -16,6 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc, node_pb2
 from cluster.client.errors import from_rpc_error
 from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
+from cluster.wording import plural
 from cluster.fleetctl.exits import EXIT_ERROR, EXIT_NOT_FOUND, fail
 
 
@@ -110,7 +111,7 @@ def drain(node_id: str = typer.Argument(..., help="The node id (fleetctl nodes).
         st = node.status
         rec = next((o for o in st.operations if o.operation_id == op_id), reply.operation)
         reply = fleet_pb2.NodeOperationReply(node_id=node_id, operation=rec, status=st)
-        line = (f"node {node_id}: {lifecycle(st)}, {st.load.running + st.load.queued} requests in flight, "
+        line = (f"node {node_id}: {lifecycle(st)}, {plural(st.load.running + st.load.queued, 'request')} in flight, "
                 f"deadline in {st.drain_deadline_left_s:.0f}s")
         if output != "json" and line != shown:
             typer.echo(line, err=not sys.stdout.isatty())

@@ -77,8 +77,10 @@ def list_(
         typer.echo(json.dumps([MessageToDict(t, preserving_proto_field_name=True) for t in reply.tokens], indent=2))
         return
     t = Table(title=f"API tokens ({len(reply.tokens)})")
-    for col in ("id", "holder", "created", "expires", "by", "revoked"):
-        t.add_column(col, no_wrap=True)
+    longest = max((len(tok.id) for tok in reply.tokens), default=2)
+    for col in ("id", "holder", "created", "expires", "by", "revoked"):   # ids whole: they are pasted into revoke
+        t.add_column(col, no_wrap=True, min_width=longest if col == "id" else None,
+                     overflow="ellipsis" if col == "id" else "fold")
     for tok in reply.tokens:
         revoked = f"{_when(tok.revoked_unix_s)} {tok.revoked_reason}".strip() if tok.revoked_unix_s else "-"
         t.add_row(tok.id, f"{tok.role}/{tok.name}", _when(tok.created_unix_s), _when(tok.expires_unix_s),

@@ -73,8 +73,8 @@ class TLSFiles:
         try:
             ca, key, cert = self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
         except FileNotFoundError as exc:
-            raise TLSConfigError(f"TLS file {exc.filename} is missing; issue it with "
-                                 f"`fleetctl certs issue --name {self.name}` and copy ca.pem, crl.pem, "
+            raise TLSConfigError(f"TLS file {exc.filename} is missing; issue it with `fleetctl certs issue "
+                                 f"--role {role.value if role else 'ROLE'} --name {self.name}` and copy ca.pem, crl.pem, "
                                  f"{self.name}.pem and {self.name}.key into {self.directory}") from None
         try:
             cert_obj = x509.load_pem_x509_certificate(cert)
