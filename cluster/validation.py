@@ -1,16 +1,19 @@
 """Field checks on a GenerateRequest that every role shares (node and coordinator).
 
-Messages never quote prompt or completion text (PHI): they name the field and the
-allowed range only. Limits that depend on a model (context, vocabulary) stay on the node.
+Messages never quote anything the caller sent (PHI may be anywhere, names and keys
+included): they name the field and the allowed range only. Every string field has a length
+cap (FIELD_CAPS), and any exception while checking is an InvalidRequest, never a crash.
+Limits that depend on a model (context, vocabulary) stay on the node.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from cluster.api import inference_pb2
 
@@ -21,6 +24,27 @@ MAX_STOP_LEN = 64
 
 class InvalidRequest(ValueError):
     """The request cannot be served as sent (gRPC INVALID_ARGUMENT)."""
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def guarded(fn: _F) -> _F:
+    """Any exception while checking (a RecursionError from deep nesting, a library's own
+    error) becomes an InvalidRequest naming only its type, so it is refused and audited as
+    bad input instead of escaping as UNKNOWN/500; the exception text may quote the input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # noqa: BLE001 - input we could not check is input we refuse
+            raise InvalidRequest(f"the request could not be checked ({type(exc).__name__}); it is nested too "
+                                 "deeply or too large: simplify it") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,58 @@ def display_id(raw: str) -> str:
 
 
 MAX_MODEL_ID_LEN = 256
+MAX_TEXT_CHARS = 1 << 20          # a prompt, or all chat message contents together
+MAX_MESSAGES = 1024
+MAX_NAME_LEN = 64                 # template name and version, variable keys, note template
+MAX_VARIABLES = 16
+MAX_DIGEST_LEN = 80               # sha256:<64 hex>
+MAX_SESSION_KEY_LEN = 256
+
+
+def _cap(name: str, value: str, cap: int) -> None:
+    if len(value) > cap:   # the field and the cap, never the value
+        raise InvalidRequest(f"{name} is longer than its limit of {cap} characters")
+
+
+def check_sizes(request: inference_pb2.GenerateRequest) -> None:
+    """A length cap on every string field (and on counts of repeated ones), before any
+    other check reads them: no caller string of unbounded size is kept, logged or stored."""
+    _cap("request_id", request.request_id, MAX_REQUEST_ID_LEN)
+    _cap("model", request.model, MAX_MODEL_ID_LEN)
+    _cap("require_weights_digest", request.require_weights_digest, MAX_DIGEST_LEN)
+    _cap("session_key", request.session_key, MAX_SESSION_KEY_LEN)
+    kind = request.WhichOneof("input")
+    if kind == "prompt":
+        _cap("prompt", request.prompt, MAX_TEXT_CHARS)
+    elif kind == "chat":
+        messages = request.chat.messages
+        if len(messages) > MAX_MESSAGES:
+            raise InvalidRequest(f"chat.messages has more than {MAX_MESSAGES} messages")
+        for i, m in enumerate(messages):
+            _cap(f"chat.messages[{i}].role", m.role, MAX_NAME_LEN)
+        if sum(len(m.content) for m in messages) > MAX_TEXT_CHARS:
+            raise InvalidRequest(f"chat.messages' contents are longer than their limit of {MAX_TEXT_CHARS} "
+                                 "characters together")
+    elif kind == "template":
+        from cluster.quality.prompts import MAX_VARIABLE_CHARS
+
+        t = request.template
+        _cap("template.name", t.name, MAX_NAME_LEN)
+        _cap("template.version", t.version, MAX_NAME_LEN)
+        if len(t.variables) > MAX_VARIABLES:
+            raise InvalidRequest(f"template.variables has more than {MAX_VARIABLES} entries")
+        for i, (key, value) in enumerate(sorted(t.variables.items())):
+            _cap(f"template.variables key #{i + 1}", key, MAX_NAME_LEN)
+            _cap(f"template.variables value #{i + 1}", value, MAX_VARIABLE_CHARS)
+    if request.HasField("output_format"):
+        from cluster.quality.notes import MAX_SCHEMA_BYTES
+
+        fmt = request.output_format
+        _cap("output_format.note_template", fmt.note_template, MAX_NAME_LEN)
+        if len(fmt.json_schema.encode()) > MAX_SCHEMA_BYTES:
+            raise InvalidRequest(f"output_format.json_schema is larger than {MAX_SCHEMA_BYTES // 1024} KiB")
+    for i, s in enumerate(request.stop[:1024]):
+        _cap(f"stop[{i}]", s, MAX_STOP_LEN)
 
 
 def check_request_id(raw: str) -> str:
@@ -119,6 +195,7 @@ def _messages(chat: inference_pb2.ChatInput) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+@guarded
 def check_input(request: inference_pb2.GenerateRequest) -> tuple[Optional[tuple[tuple[str, str], ...]], Optional[str]]:
     """(messages, prompt): exactly one is set."""
     kind = request.WhichOneof("input")
@@ -137,12 +214,34 @@ def check_input(request: inference_pb2.GenerateRequest) -> tuple[Optional[tuple[
     raise InvalidRequest("no input: set chat (messages), prompt, or template")
 
 
+@guarded
 def check_output_format(request: inference_pb2.GenerateRequest):
     """The request's output format as an OutputSpec (None if unset); raises InvalidRequest
-    for an unknown note template or a schema that is invalid or cannot be enforced."""
+    for an unknown note template or a schema that is invalid or cannot be enforced.
+    Blocking (a new schema compiles for up to ~0.5 s): on an event loop, use
+    check_output_format_async."""
     from cluster.quality import notes
 
     return notes.resolve(request.output_format) if request.HasField("output_format") else None
+
+
+async def check_output_format_async(request: inference_pb2.GenerateRequest):
+    """check_output_format with a schema compiled off the event loop, within a time limit."""
+    from cluster.quality import notes
+
+    return await notes.resolve_async(request.output_format) if request.HasField("output_format") else None
+
+
+@guarded
+def check_request(request: inference_pb2.GenerateRequest, *, max_tokens: int, max_stop_sequences: int,
+                  where: str) -> None:
+    """Every check both roles share except the output format's (check_output_format_async)."""
+    check_sizes(request)
+    check_request_id(request.request_id)
+    check_model(request.model)
+    check_input(request)
+    check_counts(request, max_tokens=max_tokens, max_stop_sequences=max_stop_sequences, where=where)
+    check_sampling(request.sampling)
 
 
 def template_budget(request: inference_pb2.GenerateRequest, limit: int) -> int:

@@ -347,9 +347,9 @@ class FrontDoor(MonitorHTTP):
         return response
 
 
-def _unknown_model(model: str) -> oa.ApiError:
-    shown = model[:64].encode("unicode_escape").decode()
-    return oa.ApiError(404, f"The model '{shown}' does not exist in this fleet; GET /v1/models lists the models "
+def _unknown_model(_model: str) -> oa.ApiError:
+    """Never echoes the name: it is the caller's text (and lands in the audit record's reason)."""
+    return oa.ApiError(404, "The model asked for does not exist in this fleet; GET /v1/models lists the models "
                             "its nodes serve", param="model", code="model_not_found")
 
 

@@ -140,10 +140,14 @@ def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = Fals
 
 
 def _check_fields(body: dict, known: frozenset, defaults: dict) -> None:
-    for name in body:
-        if name not in known:
-            shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode("unicode_escape").decode()
-            raise bad(f"Unrecognized request argument supplied: {shown}", param=shown, code="unknown_parameter")
+    for i, name in enumerate(body):
+        if name in known:
+            continue
+        if name in CHAT_FIELDS | COMPLETION_FIELDS:   # a name from our own list: safe to name
+            raise bad(f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
+        # By position: any other name is the caller's text, never echoed.
+        raise bad(f"Unrecognized request argument supplied (the body's key #{i + 1}); the README's OpenAI "
+                  "section lists the supported ones", code="unknown_parameter")
     for name, allowed in defaults.items():
         if name in body and body[name] not in allowed:
             raise bad(f"{name} is not supported by StudioFleet; remove it (or leave it at its default)",

@@ -24,8 +24,9 @@ from typing import AsyncIterator, Callable, Optional
 import grpc
 
 from cluster.api import fleet_pb2, inference_pb2, inference_pb2_grpc
-from cluster.validation import (InvalidRequest, check_counts, check_input, check_model, check_output_format,
-                                check_request_id, check_sampling, display_id, new_request_id, template_budget)
+from cluster.quality import prompts
+from cluster.validation import (InvalidRequest, check_output_format_async, check_request, display_id, new_request_id,
+                                template_budget)
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from coordinator.attempt import Attempt
@@ -68,14 +69,11 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         queued = self._admission.depth
         return max(0, self.in_flight - queued), queued
 
-    def _validate(self, request: inference_pb2.GenerateRequest) -> None:
-        check_request_id(request.request_id)
-        check_model(request.model)
-        check_input(request)
-        check_counts(request, max_tokens=self._s.max_tokens_limit,
-                     max_stop_sequences=self._s.max_stop_sequences, where="this coordinator")
-        check_sampling(request.sampling)
-        check_output_format(request)
+    async def _validate(self, request: inference_pb2.GenerateRequest) -> None:
+        """Every field check; any failure to check is InvalidRequest (cluster.validation)."""
+        check_request(request, max_tokens=self._s.max_tokens_limit,
+                      max_stop_sequences=self._s.max_stop_sequences, where="this coordinator")
+        await check_output_format_async(request)   # a schema compiles off the event loop
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
@@ -86,7 +84,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         audit = _Outcome(self._audit.request_record(ident, context.peer(), request_id=rid,
                                                     prompt_digest=self._audit.prompt_digest(request)))
         try:
-            self._validate(request)
+            await self._validate(request)
         except InvalidRequest as exc:
             log.info("request=%s caller=%s rejected code=INVALID_ARGUMENT reason=%r", rid, caller, str(exc),
                      extra=fields(event="request.rejected", request_id=rid, caller=caller, code="INVALID_ARGUMENT",
@@ -180,7 +178,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             s.token_gaps = run.token_gaps
             _note_facts(s, run.ended)
         if not s.template and req.WhichOneof("input") == "template":   # never reached a node
-            s.template = req.template.name + (f"@{req.template.version}" if req.template.version else "")
+            s.template = prompts.recorded(req.template.name, req.template.version)   # registry names only
         self._monitor.request_ended(s)
 
     async def _run(self, run: Splice, context, audit: "_Outcome") -> AsyncIterator[inference_pb2.GenerateChunk]:

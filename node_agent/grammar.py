@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from cluster.quality import notes
-from cluster.validation import InvalidRequest
+from cluster.validation import InvalidRequest, guarded
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,16 @@ class Grammars:
                 self._ll = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab, eos_token=self._eos)
             return self._ll
 
+    @guarded
     def matcher(self, spec: notes.OutputSpec, prefix: Sequence[int] = ()):
         """A fresh matcher for `spec`, past `prefix`; raises InvalidRequest (blocking: call
         it off the event loop)."""
         import llguidance
 
-        m = llguidance.LLMatcher(self._tokenizer(), notes.grammar(spec.schema_text), log_level=0)
-        if m.is_error():
-            raise InvalidRequest(f"output_format cannot be enforced on this model: {' '.join(m.get_error().split())[:300]}")
+        m = llguidance.LLMatcher(self._tokenizer(), notes.grammar(spec.schema_text), log_level=0,
+                                 limits=notes.limits())
+        if m.is_error():   # described, never quoted: the error may quote the schema
+            raise InvalidRequest(f"output_format cannot be enforced on this model: {notes.grammar_problem(m.get_error())}")
         if prefix and not m.consume_tokens(list(prefix)):
             raise InvalidRequest("prefix_token_ids do not follow the output_format's schema; resume only the "
                                  "tokens this request generated")
@@ -69,7 +71,7 @@ class GrammarProcessor:
         self._started = True
         if self._broken or self._m.is_error():
             if not self._broken:  # never the tokens: they encode text
-                log.error("grammar matcher stopped enforcing the schema: %s", self._m.get_error()[:200])
+                log.error("grammar matcher stopped enforcing the schema: %s", notes.grammar_problem(self._m.get_error()))
                 self._broken = True
             return logits  # the output check will fail it with a typed error
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)

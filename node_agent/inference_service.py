@@ -15,6 +15,7 @@ from node_agent.engine import EngineClosed, EngineRequest
 from node_agent.lifecycle import State
 from node_agent.prompts import PromptError, apply_template, build_prompt_tokens
 from node_agent.requests import EngineFailed, NodeStopping, Outcome, RequestStream
+from cluster.validation import check_output_format_async
 from node_agent.validation import InvalidRequest, ValidRequest, check_length, display_id, validate
 
 if TYPE_CHECKING:
@@ -147,7 +148,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                "send the request to another node")
         facts = agent.facts
         try:
-            req = validate(request, agent.limits)
+            req = validate(request, agent.limits, with_output=False)
+            if request.HasField("output_format"):   # a new schema compiles off the event loop
+                req = replace(req, output=await check_output_format_async(request))
             if req.require_weights_digest and req.require_weights_digest != facts.weights_digest:
                 await self._reject(
                     context, req.request_id, grpc.StatusCode.FAILED_PRECONDITION,
@@ -158,7 +161,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 await self._reject(
                     context, req.request_id, grpc.StatusCode.FAILED_PRECONDITION,
                     f"node {node} serves model {agent.model_info.model_id!r}, request {req.request_id} asks for "
-                    f"{request.model[:64]!r}; send it to a node serving that model")
+                    "another model (GenerateRequest.model); send it to a node serving that model")
             req = apply_template(req, agent.model_info.family, agent.limits.max_tokens)
             prompt_tokens = build_prompt_tokens(agent.engine.tokenizer, req)
             max_tokens = check_length(len(prompt_tokens), len(req.prefix_token_ids), req.max_tokens, agent.limits,

@@ -12,13 +12,13 @@ from typing import Optional
 from cluster.api import inference_pb2
 from cluster.validation import (
     InvalidRequest,
-    check_counts,
     check_input,
-    check_model,
     check_output_format,
+    check_request,
     check_request_id,
     check_sampling,
     display_id,
+    guarded,
     new_request_id,
 )
 from cluster.quality.notes import OutputSpec
@@ -64,10 +64,14 @@ class ValidRequest:
         return self.template is not None or self.fit
 
 
-def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidRequest:
-    """Field checks that need no tokenizer; raises InvalidRequest."""
+@guarded
+def validate(request: inference_pb2.GenerateRequest, limits: Limits, *, with_output: bool = True) -> ValidRequest:
+    """Field checks that need no tokenizer; raises InvalidRequest (for any failure to check).
+    `with_output=False` leaves `output` unset, for the caller to resolve it off the event
+    loop (cluster.validation.check_output_format_async)."""
+    check_request(request, max_tokens=limits.max_tokens, max_stop_sequences=limits.max_stop_sequences,
+                  where="this node")
     request_id = check_request_id(request.request_id)
-    check_model(request.model)
     messages, prompt = check_input(request)
     template = None
     if request.WhichOneof("input") == "template":
@@ -82,15 +86,13 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits) -> ValidReq
         raise InvalidRequest(
             f"prompt is {chars} characters, far beyond this node's context of "
             f"{limits.context_length} tokens; shorten the prompt")
-    check_counts(request, max_tokens=limits.max_tokens, max_stop_sequences=limits.max_stop_sequences,
-                 where="this node")
     bad = next((i for i, t in enumerate(request.prefix_token_ids) if t >= limits.vocab_size), None)
     if bad is not None:  # the position, never the id: token ids encode text
         raise InvalidRequest(
             f"prefix_token_ids[{bad}] is outside this model's vocabulary "
             f"(0..{limits.vocab_size - 1}); resume only on a node serving the same weights"
         )
-    output = check_output_format(request)
+    output = check_output_format(request) if with_output else None
     checked = check_sampling(request.sampling)
     seed_given = checked.seed is not None
     seed = checked.seed if seed_given else draw_seed()

@@ -177,7 +177,7 @@ def test_bad_requests_get_clear_4xx_and_leave_the_server_serving(front):
         (b"{not json", 400, "not valid JSON"),
         (b"[1, 2]", 400, "JSON object"),
         (b"\xff\xfe", 400, "not UTF-8"),
-        (chat(M, temprature=0.3), 400, "Unrecognized request argument supplied: temprature"),
+        (chat(M, temprature=0.3), 400, "Unrecognized request argument supplied (the body's key #3)"),
         (chat(M, n=3), 400, "n must be 1"),
         (chat(M, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools is not supported"),
         (chat(M, temperature=7), 400, "temperature must be"),

@@ -101,7 +101,7 @@ BAD = [
     (dict(messages=None, template="discharge", variables={"transcript": "x"}), "not in the registry"),
     (dict(messages=None, template="soap-note", variables={}), "needs the variable"),
     (dict(messages=None, template="soap-note", template_version="qwen2/v9", variables={"transcript": "x"}),
-     "has no version"),
+     "has no such version"),
 ]
 
 

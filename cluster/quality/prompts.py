@@ -83,7 +83,8 @@ def names() -> list[str]:
 
 def check(name: str, version: str, variables: dict[str, str]) -> None:
     """What every role can check without knowing the model: the template exists, a pinned
-    version exists, and the variables every version needs are there; raises InvalidRequest."""
+    version exists, and the variables every version needs are there; raises InvalidRequest.
+    Messages name registry entries only, never what the caller sent (name, version, keys)."""
     families = _families(name)
     candidates = [v for vs in families.values() for v in vs]
     if version:
@@ -91,12 +92,29 @@ def check(name: str, version: str, variables: dict[str, str]) -> None:
     needed = set().union(*(v.variables for v in candidates))
     missing = sorted(needed - set(variables))
     if missing:
-        raise InvalidRequest(f"template {name!r} needs the variable(s) {', '.join(missing)}")
-    for key, value in variables.items():
-        if len(value) > MAX_VARIABLE_CHARS:
-            raise InvalidRequest(f"template variable {key!r} is longer than {MAX_VARIABLE_CHARS} characters")
-        if not value.strip():
-            raise InvalidRequest(f"template variable {key!r} is empty")
+        raise InvalidRequest(f"template {name} needs the variable(s) {', '.join(missing)}")
+    extra = len(set(variables) - needed)
+    if extra:
+        raise InvalidRequest(f"template {name} takes only the variable(s) {', '.join(sorted(needed))}; "
+                             f"the request has {extra} other(s)")
+    for key in sorted(needed):   # registry names: safe to name
+        if len(variables[key]) > MAX_VARIABLE_CHARS:
+            raise InvalidRequest(f"template variable {key} is longer than {MAX_VARIABLE_CHARS} characters")
+        if not variables[key].strip():
+            raise InvalidRequest(f"template variable {key} is empty")
+
+
+def recorded(name: str, version: str = "") -> str:
+    """A requested template as logs and the request log may show it: `name[@version]` when
+    both are registry entries, else "unknown" (never the caller's text)."""
+    families = REGISTRY.get(name)
+    if families is None:
+        return "unknown"
+    if not version:
+        return name
+    family, _, ver = version.partition("/")
+    known = any(v.version == ver for v in families.get(family, ()))
+    return f"{name}@{version}" if known else f"{name}@unknown"
 
 
 def budget(name: str) -> int:
@@ -110,7 +128,7 @@ def select(name: str, version: str, family: str) -> PromptVersion:
         return _pinned(name, version, families)
     versions = families.get(family) or families.get("default")
     if not versions:
-        raise InvalidRequest(f"template {name!r} has no version for model family {family!r} and no default; "
+        raise InvalidRequest(f"template {name} has no version for model family {family!r} and no default; "
                              f"pin one of {', '.join(_ids(families))} with version")
     return versions[-1]
 
@@ -118,7 +136,7 @@ def select(name: str, version: str, family: str) -> PromptVersion:
 def _families(name: str) -> dict[str, list[PromptVersion]]:
     families = REGISTRY.get(name)
     if families is None:
-        raise InvalidRequest(f"template {name!r} is not in the registry; use one of {', '.join(names())}")
+        raise InvalidRequest(f"template.name is not in the registry; use one of {', '.join(names())}")
     return families
 
 
@@ -126,7 +144,8 @@ def _pinned(name: str, version: str, families: dict[str, list[PromptVersion]]) -
     family, _, ver = version.partition("/")
     found: Optional[PromptVersion] = next((v for v in families.get(family, ()) if v.version == ver), None)
     if found is None:
-        raise InvalidRequest(f"template {name!r} has no version {version!r}; use one of {', '.join(_ids(families))}")
+        raise InvalidRequest(f"template {name} has no such version (template.version); use one of "
+                             f"{', '.join(_ids(families))}")
     return found
 
 
