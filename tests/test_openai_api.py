@@ -200,10 +200,10 @@ def test_bad_requests_get_clear_4xx_and_leave_the_server_serving(front):
         assert words in err["message"] and err["type"], (words, err)
         assert "Zyxwv" not in r.text
     bad_id = post(front, "/chat/completions", chat(M, max_tokens=2), key, headers={"X-Request-Id": "no spaces"})
-    assert bad_id.status_code == 400 and "request_id" in bad_id.json()["error"]["message"]
-    assert bad_id.headers["X-Request-Id"] == "no spaces"
+    assert bad_id.status_code == 400 and "X-Request-Id" in bad_id.json()["error"]["message"]
+    assert bad_id.headers["X-Request-Id"].startswith("req-")   # an invalid id is never echoed
     odd_id = post(front, "/chat/completions", chat(M, max_tokens=2), key, headers={"X-Request-Id": "ü".encode()})
-    assert odd_id.status_code == 400 and "printable ASCII" in odd_id.json()["error"]["message"]
+    assert odd_id.status_code == 400 and "X-Request-Id" in odd_id.json()["error"]["message"]
     refused = post(front, "/chat/completions", chat("gpt-4o", max_tokens=2), key, headers={"X-Request-Id": "refused-1"})
     assert refused.status_code == 404 and refused.headers["X-Request-Id"] == "refused-1"
     record = [r for r in query(front.audit_dir, request_id="refused-1")]
