@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Annotated, ClassVar, Optional
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cluster.config_file import TableSource
@@ -158,7 +158,9 @@ class CoordinatorSettings(HttpPortSettings):
     config_table = "coordinator"
 
     listen: HostPort = "127.0.0.1:7800"
-    coordinator_id: str = "coordinator"
+    # Its name in logs, events, audit records and messages. Default: the certificate's name
+    # (--tls-name), or in plaintext mode this host's name; "coordinator" when neither is given.
+    coordinator_id: str = ""
     nodes: tuple[HostPort, ...] = ()       # static HOST:PORT list, for networks without multicast
     mdns: bool = True
     mdns_interface: str = "0.0.0.0"        # the address to browse on (127.0.0.1 for a local fleet)
@@ -236,6 +238,15 @@ class CoordinatorSettings(HttpPortSettings):
     openai_max_body_kb: int = Field(4096, ge=1)          # larger bodies get 413
     log_format: str = Field("json", pattern="^(json|text)$")
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _default_id(self):
+        if not self.coordinator_id:
+            import socket
+
+            name = self.tls_name or (socket.gethostname().split(".")[0] if self.plaintext else "") or "coordinator"
+            object.__setattr__(self, "coordinator_id", name)   # frozen: set once, while validating
+        return self
 
 
 class FleetctlSettings(FileSettings):

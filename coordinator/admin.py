@@ -1,5 +1,7 @@
 """The Fleet admin service: the node table, the event stream, node operations and
-rollouts (what fleetctl calls). Every call is audited with the operator's identity."""
+rollouts (what fleetctl calls). Every call is audited with the operator's identity, durably
+before it acts or answers: a call that changes something writes an `accepted` record first
+and its outcome after (both with its operation_id); one that cannot be audited is refused."""
 
 from __future__ import annotations
 
@@ -77,14 +79,32 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         self._events = events
         self._relay = relay
 
+    async def _record(self, context, ident, peer, action: str, *, done: bool = False, **fields) -> None:
+        """The call's record, durable before it goes on; else UNAVAILABLE naming the cause
+        (`done`: the call has already acted, and the message says so)."""
+        try:
+            await self._audit.admin(ident, peer, action, **fields)
+        except Exception as exc:  # noqa: BLE001 - AuditWriteError, or the log closed
+            log.error("%s: its audit record could not be written: %s", action, exc)
+            what = "was carried out, but its outcome" if done else "was refused: its"
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{action} {what} audit record could not be written "
+                                f"({self._audit.failing or 'audit log closed'}); retry later (operators: check the "
+                                "coordinator's audit directory and disk)")
+
+    async def _failed(self, ident, peer, action: str, **fields) -> None:
+        """The record of a call that ends in an error: durable (or logged) before the error goes out."""
+        await self._audit.write_or_log(self._audit.admin_record(ident, peer, action, **fields))
+
     async def ListNodes(self, request, context) -> fleet_pb2.ListNodesResponse:
-        self._audit.admin(self._identify(context), context.peer(), "fleet.list_nodes")
+        await self._record(context, self._identify(context), context.peer(), "fleet.list_nodes")
         return fleet_pb2.ListNodesResponse(nodes=fleet_nodes(self._fleet),
                                            queued=self._admission.depth, in_flight=self._relay.in_flight,
                                            coordinator_version=COORDINATOR_VERSION)
 
     async def WatchEvents(self, request, context):
-        self._audit.admin(self._identify(context), context.peer(), "fleet.watch_events", replay=request.replay)
+        await self._record(context, self._identify(context), context.peer(), "fleet.watch_events",
+                           replay=request.replay)
         async for event in self._events.subscribe(request.replay):
             yield event
 
@@ -107,19 +127,21 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         entry = self._fleet.by_id(request.node_id)
         if entry is None:
             known = ", ".join(sorted(e.node_id for e in self._fleet.entries.values() if e.node_id)) or "none"
-            self._audit.admin(ident, peer, f"node.{action}", outcome="refused", code="NOT_FOUND",
-                              node_id=request.node_id[:64], operation_id=op)
+            await self._failed(ident, peer, f"node.{action}", outcome="refused", code="NOT_FOUND",
+                               node_id=request.node_id[:64], operation_id=op)
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no node {request.node_id!r} in this coordinator's fleet (known: {known}); "
                                 "see fleetctl nodes")
+        await self._record(context, ident, peer, f"node.{action}", outcome="accepted", code="",
+                           node_id=entry.node_id, operation_id=op, reason=request.reason)
         try:
             reply = await call(entry.link.ops, op)
         except grpc.aio.AioRpcError as err:
-            self._audit.admin(ident, peer, f"node.{action}", outcome="failed", code=err.code().name,
-                              node_id=entry.node_id, operation_id=op)
+            await self._failed(ident, peer, f"node.{action}", outcome="failed", code=err.code().name,
+                               node_id=entry.node_id, operation_id=op)
             await context.abort(err.code(), f"node {entry.node_id} at {entry.address}: {err.details()}")
-        self._audit.admin(ident, peer, f"node.{action}", node_id=entry.node_id, operation_id=op,
-                          reason=request.reason)
+        await self._record(context, ident, peer, f"node.{action}", done=True, node_id=entry.node_id,
+                           operation_id=op, reason=request.reason)
         self._fleet.observe_reply(entry, reply.status)
         self._events.emit(fleet_pb2.EVENT_KIND_OPERATION, node_id=entry.node_id, address=entry.address,
                           reason=f"{action} by {ident.name if ident else 'plaintext operator'} "
@@ -134,7 +156,8 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
             restart=request.target.restart)
 
     async def GetRollout(self, request, context) -> fleet_pb2.Rollout:
-        return await self._rollout(context, "", lambda: self._rollouts.get(request.rollout_id))
+        return await self._rollout(context, "rollout.get", lambda: self._rollouts.get(request.rollout_id),
+                                   rollout_id=request.rollout_id[:64])
 
     async def PauseRollout(self, request, context) -> fleet_pb2.Rollout:
         return await self._control(request, context, "pause")
@@ -147,33 +170,37 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
 
     async def _control(self, request, context, action: str) -> fleet_pb2.Rollout:
         return await self._rollout(context, f"rollout.{action}",
-                                   lambda: self._rollouts.control(request.rollout_id, action))
+                                   lambda: self._rollouts.control(request.rollout_id, action),
+                                   rollout_id=request.rollout_id[:64])
 
     async def _rollout(self, context, action: str, work, **details) -> fleet_pb2.Rollout:
-        """Run `work` (audited as `action` unless empty); a refusal is answered with its code."""
+        """Run `work`, audited as `action` (a change: `accepted` first; its outcome, or a read's
+        one record, before the reply); a refusal is answered with its code."""
         ident, peer = self._identify(context), context.peer()
+        read = action == "rollout.get"
+        if not read:
+            details["operation_id"] = f"op-{uuid.uuid4().hex[:12]}"
+            await self._record(context, ident, peer, action, outcome="accepted", code="", **details)
         try:
             row = work()
             row = await row if inspect.isawaitable(row) else row
-        except RolloutRefused as exc:
-            if action:  # a refused start or control is recorded too, with why
-                self._audit.admin(ident, peer, action, outcome="refused", code=exc.code.name,
-                                  reason=str(exc)[:300], **details)
+        except RolloutRefused as exc:  # a refused call is recorded too, with why
+            await self._failed(ident, peer, action, outcome="refused", code=exc.code.name,
+                               reason=str(exc)[:300], **details)
             await context.abort(exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - e.g. the state database: never UNKNOWN
-            log.exception("%s failed", action or "rollout read")
-            if action:
-                self._audit.admin(ident, peer, action, outcome="failed", code="INTERNAL", **details)
-            await context.abort(grpc.StatusCode.INTERNAL, f"the coordinator could not {action or 'read the rollout'}"
+            log.exception("%s failed", action)
+            await self._failed(ident, peer, action, outcome="failed", code="INTERNAL", **details)
+            await context.abort(grpc.StatusCode.INTERNAL, f"the coordinator could not {action}"
                                 f" ({type(exc).__name__}); see its log, then retry")
-        if action:
-            self._audit.admin(ident, peer, action, rollout_id=row.id, **details)
+        details["rollout_id"] = row.id
+        await self._record(context, ident, peer, action, done=not read, **details)
         return self._rollouts.to_proto(row)
 
     # -- monitoring (README "Monitoring") ----------------------------------------------
     async def ListRequests(self, request, context) -> fleet_pb2.ListRequestsResponse:
-        self._audit.admin(self._identify(context), context.peer(), "fleet.list_requests",
-                          since_s=request.since_s, slow_only=request.slow_only, failed_only=request.failed_only)
+        await self._record(context, self._identify(context), context.peer(), "fleet.list_requests",
+                           since_s=request.since_s, slow_only=request.slow_only, failed_only=request.failed_only)
         if self._request_log is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this coordinator runs without a request log (--no-request-log); "
@@ -196,14 +223,14 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         ident = self._identify(context)
         http = self._http()
         if http is None or http.sessions is None:
-            self._audit.admin(ident, context.peer(), "fleet.open_dashboard", outcome="failed",
-                              code="FAILED_PRECONDITION")
+            await self._failed(ident, context.peer(), "fleet.open_dashboard", outcome="failed",
+                               code="FAILED_PRECONDITION")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this coordinator runs without its monitoring port (--http-listen off); "
                                 "start it with --http-listen HOST:PORT")
         from coordinator.dashboard import open_link
 
-        self._audit.admin(ident, context.peer(), "fleet.open_dashboard")
+        await self._record(context, ident, context.peer(), "fleet.open_dashboard")
         return open_link(http, ident)
 
     # -- API tokens for the OpenAI-compatible front door ---------------------------------
@@ -221,25 +248,31 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
                                     token_id=public_id(request.id), reason=request.reason[:200])
 
     async def ListApiTokens(self, request, context) -> fleet_pb2.ListApiTokensResponse:
-        rows = await self._token_op(context, "token.list", lambda tokens: tokens.list(request.all))
+        rows = await self._token_op(context, "token.list", lambda tokens: tokens.list(request.all), read=True)
         return fleet_pb2.ListApiTokensResponse(tokens=rows)
 
-    async def _token_op(self, context, action: str, work, **details):
-        """Run `work` on the token store, audited as `action` (the secret never is)."""
+    async def _token_op(self, context, action: str, work, *, read: bool = False, **details):
+        """Run `work` on the token store, audited as `action` (the secret never is): a read
+        with one record first, a change with `accepted` first and its outcome after."""
         from coordinator.api_tokens import TokenRequestError
 
         ident, peer = self._identify(context), context.peer()
         if self._tokens is None:
-            self._audit.admin(ident, peer, action, outcome="failed", code="FAILED_PRECONDITION", **details)
+            await self._failed(ident, peer, action, outcome="failed", code="FAILED_PRECONDITION", **details)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this coordinator runs without its OpenAI-compatible port (--openai-listen off), "
                                 "so it keeps no API tokens")
+        if not read:
+            details["operation_id"] = f"op-{uuid.uuid4().hex[:12]}"
+        await self._record(context, ident, peer, action, **({} if read else {"outcome": "accepted", "code": ""}),
+                           **details)
         try:
             out = work(self._tokens)
         except TokenRequestError as exc:
-            self._audit.admin(ident, peer, action, outcome="refused", code=exc.code, **details)
+            await self._failed(ident, peer, action, outcome="refused", code=exc.code, **details)
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         if isinstance(out, tuple):
             details["token_id"] = out[0].id
-        self._audit.admin(ident, peer, action, **details)
+        if not read:
+            await self._record(context, ident, peer, action, done=True, **details)
         return out

@@ -1,5 +1,7 @@
-"""What the coordinator writes to the audit chain: one record per request (or refusal)
-and per admin call, with keyed digests of content and never the content itself.
+"""What the coordinator writes to the audit chain: per request an `accepted` record, durable
+before its first token leaves, and the record that ends it (linked by request_id; a request
+refused before it reached a node has only the latter); per admin call its record, durable
+before the call acts or answers. Keyed digests of content, never the content itself.
 
 Record fields (README "Audit"): type, action, time (added by the log), request_id, caller,
 role, peer, coordinator, outcome, code, nodes (every hop, in order, with model@version
@@ -10,9 +12,12 @@ after a restart on other weights `voided` (what the caller was sent and told to 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from typing import Optional
+from typing import Callable, Optional
+
+import grpc
 
 from cluster.api import inference_pb2
 from cluster.security.identity import Identity
@@ -44,6 +49,11 @@ class AuditTrail:
     @property
     def on(self) -> bool:
         return self.log is not None
+
+    @property
+    def failing(self) -> str:
+        """Why the audit log cannot be written now ("" when it can, or audit is off)."""
+        return self.log.failing if self.log is not None else ""
 
     def prompt_digest(self, request: inference_pb2.GenerateRequest) -> str:
         return self.log.keys.digest(canonical_input(request)) if self.log else ""
@@ -79,9 +89,15 @@ class AuditTrail:
             future = self.log.submit(record)
             future.add_done_callback(_report_failure)
 
-    def admin(self, ident: Optional[Identity], peer: str, action: str, *, outcome: str = "ok",
-              code: str = "OK", **details) -> None:
-        self.submit({**self._base(ident, peer, action, "admin"), "outcome": outcome, "code": code, **details})
+    def admin_record(self, ident: Optional[Identity], peer: str, action: str, *, outcome: str = "ok",
+                     code: str = "OK", **details) -> dict:
+        """`code=""` leaves the code out (an `accepted` record has none yet)."""
+        return {**self._base(ident, peer, action, "admin"), "outcome": outcome, **({"code": code} if code else {}),
+                **details}
+
+    async def admin(self, ident: Optional[Identity], peer: str, action: str, **fields) -> None:
+        """An admin call's record, durable when it returns; raises the log's AuditWriteError."""
+        await self.write(self.admin_record(ident, peer, action, **fields))
 
     async def denied(self, ident: Optional[Identity], method: str, code: str, reason: str, *, peer: str = "",
                      **details) -> None:
@@ -96,3 +112,65 @@ def _report_failure(future) -> None:
     exc = future.exception()
     if exc is not None:
         log.error("audit record could not be written: %s", exc)
+
+
+class RequestAudit:
+    """One request's records: `accepted` once it is routed (durable before its first token)
+    and exactly one record that ends it, both carrying its request_id."""
+
+    def __init__(self, trail: AuditTrail, record: dict):
+        self.trail = trail
+        self.record = record
+        self.written = False   # the end record
+        self._accepted: Optional[asyncio.Future] = None
+        self._durable = not trail.on
+
+    def end(self, outcome: str, code: str, **fields) -> dict:
+        self.written = True
+        self.record.update(outcome=outcome, code=code, **fields)
+        return self.record
+
+    def accept(self, hop: dict) -> None:
+        """Start writing the accepted record (who, what, where routed, prompt digest) as the
+        request is first routed, so its fsync overlaps the node's prefill."""
+        if self._accepted is not None or self._durable:
+            return
+        record = {**self.record, "outcome": "accepted", "nodes": [hop]}
+        self._accepted = asyncio.ensure_future(self.trail.write(record))
+        self._accepted.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def accepted(self) -> None:
+        """Returns once the accepted record is durable (at once after the first time);
+        raises AuditWriteError (or AuditError) when it cannot be written."""
+        if self._durable:
+            return
+        if self._accepted is None:
+            raise RuntimeError("a request's accepted record is awaited before it was routed")
+        await asyncio.shield(self._accepted)
+        self._durable = True
+
+
+class AuditedCall:
+    """The caller's context as a request's run uses it. grpc.aio's abort() sends the status at
+    once, so this abort() first ends the request's record and makes it durable (or logs why it
+    could not): no failure status leaves before its audit record."""
+
+    def __init__(self, context, audit: RequestAudit, facts: Callable[[], dict]):
+        self._context = context
+        self._audit = audit
+        self._facts = facts   # what the end record keeps of the run so far
+
+    def peer(self) -> str:
+        return self._context.peer()
+
+    def code(self):
+        return self._context.code()
+
+    def time_remaining(self) -> Optional[float]:
+        return self._context.time_remaining()
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+        if not self._audit.written:
+            await self._audit.trail.write_or_log(self._audit.end("failed", code.name, **self._facts()))
+        await self._context.abort(code, details, trailing_metadata=trailing_metadata)
+

@@ -99,7 +99,7 @@ def serve(
     mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Discover node agents over mDNS. [default: on]"),
     mdns_interface: Optional[str] = typer.Option(None, help="Address to browse mDNS on (127.0.0.1 for a local fleet). [default: all]"),
     fleet: Optional[str] = typer.Option(None, help="Take only nodes announcing this fleet name. [default: default]"),
-    coordinator_id: Optional[str] = typer.Option(None, help="Name in logs and events. [default: coordinator]"),
+    coordinator_id: Optional[str] = typer.Option(None, help="Name in logs, events and audit records. [default: the certificate's name (--tls-name); the host name with --plaintext]"),
     poll_interval_s: Optional[float] = typer.Option(None, help="Status poll per node, +-jitter. [default: 1.0]"),
     eject_after_failures: Optional[int] = typer.Option(None, help="Consecutive failures that eject a node. [default: 3]"),
     eject_base_s: Optional[float] = typer.Option(None, help="Ejection n lasts base x n seconds. [default: 2]"),

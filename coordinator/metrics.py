@@ -164,3 +164,6 @@ class _Live(Collector):
         yield failures
         yield GaugeMetricFamily("studiofleet_audit_enabled", "1 when the audit chain is on.",
                                 value=1.0 if log is not None else 0.0)
+        yield GaugeMetricFamily("studiofleet_audit_writer_failing", "1 while the audit log cannot be written: the "
+                                "coordinator refuses new requests (UNAVAILABLE) and admin calls until it can.",
+                                value=1.0 if log is not None and log.failing else 0.0)

@@ -30,7 +30,7 @@ from cluster.validation import (InvalidRequest, check_output_format_async, check
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from coordinator.attempt import Attempt
-from coordinator.audit_trail import AuditTrail
+from coordinator.audit_trail import AuditedCall, AuditTrail, RequestAudit
 from coordinator.admission import BATCH, INTERACTIVE, RESUME, Admission, QueueFull, WaitExpired
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
@@ -81,8 +81,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         started = time.time()
         ident = self._identify(context)
         caller = str(ident)
-        audit = _Outcome(self._audit.request_record(ident, context.peer(), request_id=rid,
-                                                    prompt_digest=self._audit.prompt_digest(request)))
+        audit = RequestAudit(self._audit, self._audit.request_record(
+            ident, context.peer(), request_id=rid, prompt_digest=self._audit.prompt_digest(request)))
         try:
             await self._validate(request)
         except InvalidRequest as exc:
@@ -91,6 +91,14 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                                   reason=str(exc)))
             await self.refused(audit.end("rejected", "INVALID_ARGUMENT"), request, caller, started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
+        cause = self._audit.failing
+        if cause:   # no request is taken that could not be audited
+            await self.refused(audit.end("refused", "UNAVAILABLE", reason="audit log failing"), request, caller,
+                               started)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"request {rid}: coordinator {self._s.coordinator_id} cannot write its audit log "
+                                f"({cause}), so it takes no requests until it can; retry later or on another "
+                                "coordinator (operators: check its audit directory's disk)")
         running = self._per_caller.get(caller, 0)
         if running >= self._s.max_concurrent_per_caller:
             await self.refused(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"), request, caller,
@@ -106,6 +114,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         if not req.sampling.HasField("seed"):  # drawn here, so a resumed stream keeps it
             req.sampling.seed = secrets.randbits(63)
         run = Splice(req, clock=time.monotonic, completion_digest=self._audit.completion_digest())
+        context = AuditedCall(context, audit, lambda: _facts(run))   # every abort from here is audited first
         self.in_flight += 1
         self._per_caller[caller] = running + 1
         outcome = "cancelled"
@@ -181,7 +190,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             s.template = prompts.recorded(req.template.name, req.template.version)   # registry names only
         self._monitor.request_ended(s)
 
-    async def _run(self, run: Splice, context, audit: "_Outcome") -> AsyncIterator[inference_pb2.GenerateChunk]:
+    async def _run(self, run: Splice, context, audit: RequestAudit) -> AsyncIterator[inference_pb2.GenerateChunk]:
         req = run.request
         base = BATCH if req.priority == inference_pb2.PRIORITY_BATCH else INTERACTIVE
         failed: list[str] = []   # "node: reason", for the final error message
@@ -193,6 +202,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                 run.queue_s = (run.queue_s or 0.0) + time.monotonic() - t_wait
             reserved = run.remaining
             run.routed(entry.node_id, entry.digest, _model_label(entry))
+            audit.accept({"node": entry.node_id, "model": _model_label(entry), "digest": entry.digest})
             if run.announce_restart:
                 run.announce_restart = False
                 v = run.voided[-1]
@@ -211,6 +221,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                     if last and chunk.final.finish_reason in NODE_ENDED:  # carries no tokens: resume
                         failure = (f"node ended the stream: {chunk.final.message}", False, True)
                         break
+                    await self._accepted(run, audit, context)
                     run.absorb(chunk)
                     run.mark_restarted(chunk, entry.node_id, entry.digest)
                     got += n
@@ -251,7 +262,18 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                 await self._give_up(run, context, failed, "its failover budget "
                                     f"({self._s.max_failovers}) is spent")
 
-    async def _record_final(self, run: Splice, final: inference_pb2.GenerateChunk, audit: "_Outcome",
+    async def _accepted(self, run: Splice, audit: RequestAudit, context) -> None:
+        """The accepted record is durable before anything of the request leaves (fail closed)."""
+        try:
+            await audit.accepted()
+        except Exception as exc:  # noqa: BLE001 - AuditWriteError or the disk: send nothing
+            log.error("request=%s audit write failed; nothing sent: %s", run.request.request_id, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"request {run.request.request_id}: coordinator {self._s.coordinator_id} could not "
+                                f"write its audit record ({self._audit.failing or 'audit log closed'}), so nothing "
+                                "was sent; retry later (operators: check the coordinator's audit directory and disk)")
+
+    async def _record_final(self, run: Splice, final: inference_pb2.GenerateChunk, audit: RequestAudit,
                             context) -> None:
         """The audit record is durable before the final chunk leaves (fail closed)."""
         f = final.final
@@ -263,9 +285,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             log.error("request=%s audit write failed; result withheld: %s", run.request.request_id, exc)
             audit.written = False
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"request {run.request.request_id}: the audit record could not be written, so "
-                                "the result is withheld; retry later (operators: check the coordinator's "
-                                "audit directory and disk)")
+                                f"request {run.request.request_id}: the audit record could not be written "
+                                f"({self._audit.failing or 'audit log closed'}), so the result is withheld; retry "
+                                "later (operators: check the coordinator's audit directory and disk)")
 
     async def _admit(self, run: Splice, context, base: int, failed: list[str]) -> NodeEntry:
         routable = self._fleet.routable()
@@ -373,19 +395,6 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             own = details.startswith("node ")
             return reason, not own, not own
         return reason, False, True
-
-
-class _Outcome:
-    """One request's audit record, ended exactly once."""
-
-    def __init__(self, record: dict):
-        self.record = record
-        self.written = False
-
-    def end(self, outcome: str, code: str, **fields) -> dict:
-        self.written = True
-        self.record.update(outcome=outcome, code=code, **fields)
-        return self.record
 
 
 def _finish_name(value: int) -> str:

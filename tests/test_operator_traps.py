@@ -160,3 +160,16 @@ def test_token_ids_are_shown_whole_at_80_columns_and_missing_certificates_name_t
                               "--listen", "127.0.0.1:0", "--tls-dir", str(fleet_ca), "--tls-name", "never-issued"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "fleetctl certs issue --role node --name never-issued" in missing.stderr
+
+
+def test_the_coordinator_id_defaults_to_its_certificate_name_or_host(start_coordinator):
+    import socket
+
+    from cluster.config import CoordinatorSettings
+
+    co = start_coordinator(name="co-east-1")
+    assert "coordinator=co-east-1 listening" in co.stderr() or '"coordinator=co-east-1 listening' in co.stderr()
+    assert CoordinatorSettings(tls_name="co-west").coordinator_id == "co-west"
+    assert CoordinatorSettings(plaintext=True).coordinator_id == socket.gethostname().split(".")[0]
+    assert CoordinatorSettings(tls_name="co-west", coordinator_id="given").coordinator_id == "given"
+    assert CoordinatorSettings().coordinator_id == "coordinator"

@@ -55,6 +55,7 @@ class AuditStats:
     batches: int = 0
     write_errors: int = 0
     last_error: str = ""
+    failing: str = ""   # why the last batch failed (no paths); "" while writes succeed
 
 
 @dataclass
@@ -121,6 +122,11 @@ class AuditLog:
     @property
     def keys(self) -> AuditKeys:
         return self._keys
+
+    @property
+    def failing(self) -> str:
+        """Why the last write failed ("" while writes succeed); the writer retries on its own."""
+        return self.stats.failing
 
     def digest(self, data: bytes | str) -> str:
         """A keyed digest of a sensitive value (see AuditKeys.digest)."""
@@ -235,6 +241,8 @@ class AuditLog:
             self._release()
 
     def _checkpoint_wait(self) -> Optional[float]:
+        if self._failing:  # retry with a checkpoint after a pause, so recovery needs no caller
+            return self._retry_at - time.monotonic()
         if not self._tip.since_checkpoint:
             return None
         return max(self._tip.checkpoint_at + self._interval_s, self._retry_at) - time.monotonic()
@@ -243,23 +251,31 @@ class AuditLog:
 
     def _batch(self, items: list[_Item], final: bool) -> None:
         items = [it for it in items if it.future.set_running_or_notify_cancel()]
+        start, size, file_no = self._tip, self._size, self._file_no
         try:
             done, error = self._append(items, final)
             if self._tip.seq != self._head_written:
                 try:
                     self._write_head(durable=final or self._tip.since_checkpoint == 0)
-                except AuditWriteError:
-                    # The records are fsynced: acknowledge them (failing them would make callers
-                    # write them again, twice in the chain). HEAD lags until a later batch
-                    # replaces it; `verify` meanwhile reports them as beyond HEAD, a warning.
-                    # (_error has logged it and counted it in stats.)
-                    pass
+                except AuditWriteError as exc:
+                    # A record HEAD does not cover is not acknowledged: fail the batch and cut
+                    # its records off again, so none is left that `verify` would call
+                    # unacknowledged (and that could be deleted undetected).
+                    done, error = [], exc
+                    self._cut_back(start, size, file_no)
         except Exception as exc:  # a bug: fail this batch, keep the writer alive for the next
             logger.error("audit writer: unexpected %s in a batch of %d records\n%s", type(exc).__name__,
                          len(items), "".join(traceback.format_tb(exc.__traceback__)))
             done, error = [], AuditWriteError(f"audit writer for {self.directory} failed ({type(exc).__name__})")
+            self._failing = True
+            self.stats.failing = f"unexpected {type(exc).__name__} in the writer"
         if error is not None:
             self._retry_at = time.monotonic() + 1.0  # an idle checkpoint retries after a pause, not in a spin
+        elif self._failing:
+            logger.warning("audit: writes to %s succeed again (%d errors so far)", self.directory,
+                           self.stats.write_errors)
+            self._failing = False
+            self.stats.failing = ""
         for item, record in done:
             item.future.set_result(record)
         for item in items[len(done):]:
@@ -288,8 +304,8 @@ class AuditLog:
                 if self._tip.since_checkpoint >= self._every:
                     self._checkpoint(buf)
             wait = self._checkpoint_wait()
-            if self._tip.since_checkpoint and (final or (wait is not None and wait <= 0)):
-                self._checkpoint(buf)
+            if (self._tip.since_checkpoint or self._failing) and (final or (wait is not None and wait <= 0)):
+                self._checkpoint(buf)   # while failing, a checkpoint (perhaps covering nothing) probes the disk
             if buf:
                 self._flush(buf, start)
         except AuditWriteError as exc:  # _flush went back to `start`
@@ -335,14 +351,26 @@ class AuditLog:
         except OSError as exc:
             self._needs_truncate = self._fd is not None
             self._tip = start
-            raise self._error(f"could not append to {path}", exc) from None
+            raise self._error(f"could not append to {path}", exc, "audit file") from None
         self._size += len(buf)
-        if self._failing:
-            logger.warning("audit: appends to %s succeed again (%d errors so far)", path.name,
-                           self.stats.write_errors)
-            self._failing = False
         self.stats.batches += 1
         self.stats.records_written += self._tip.seq - start.seq
+
+    def _cut_back(self, start: _Tip, size: int, file_no: int) -> None:
+        """Return the chain to `start` after a failed batch: the file is cut to `size` now or
+        before the next append. A batch that rotated keeps its earlier files' records (closed
+        and fsynced): they stay beyond HEAD until a later HEAD covers them."""
+        self.stats.records_written -= self._tip.seq - start.seq
+        if self._file_no != file_no:
+            logger.error("audit: records %d-%d were appended across a file rotation and HEAD could not cover "
+                         "them; they were not acknowledged", start.seq + 1, self._tip.seq)
+            return
+        self._tip, self._size = start, size
+        try:
+            if self._fd is not None:
+                os.ftruncate(self._fd, size)
+        except OSError:
+            self._needs_truncate = True
 
     def _rotate(self) -> None:
         logger.info("audit: %s reached %d bytes; the chain continues in %s at record %d",
@@ -378,8 +406,8 @@ class AuditLog:
                 os.close(fd)
             os.replace(tmp, self.directory / HEAD_NAME)
         except OSError as exc:
-            raise self._error(f"records up to {t.seq} are in {t.file} but {tmp} could not be written, so HEAD "
-                              "does not cover them yet", exc) from None
+            raise self._error(f"{tmp} could not be written, so HEAD cannot cover records up to {t.seq}: they "
+                              "are cut off again and not acknowledged", exc, "HEAD") from None
         self._head_written = t.seq
         if not durable:
             return
@@ -388,13 +416,16 @@ class AuditLog:
         except OSError as exc:  # the records are durable; HEAD may revert to the previous one after a crash
             self._error(f"fsync of {self.directory} after replacing HEAD", exc)
 
-    def _error(self, what: str, exc: OSError) -> AuditWriteError:
+    def _error(self, what: str, exc: OSError, part: str = "") -> AuditWriteError:
+        """Log (once per outage) and count a write error; with `part`, the batch fails for it."""
         msg = f"{what}: [Errno {exc.errno}] {exc.strerror}"
-        if not self._failing or msg != self.stats.last_error:  # once per outage, not once per batch
+        if not self._failing or msg != self.stats.last_error:
             logger.error("audit: %s", msg)
-        self._failing = True
         self.stats.write_errors += 1
         self.stats.last_error = msg
+        if part:
+            self._failing = True
+            self.stats.failing = f"the {part} write failed: [Errno {exc.errno}] {exc.strerror}"
         return AuditWriteError(msg)
 
     # -- recovery ------------------------------------------------------------------------------

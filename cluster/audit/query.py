@@ -1,7 +1,8 @@
 """`query()`: the records of an audit directory that match simple filters, in chain order.
 
 It reads what is there and does not check the chain (run `verify()` for that); lines that
-are not whole JSON records, such as a tail torn by a crash, are skipped.
+are not whole JSON records, such as a tail torn by a crash, are skipped. A request's (or an
+admin call's) `accepted` record and the record that ends it are shown as one.
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ def _stamp(when: datetime) -> str:
 
 def query(directory: Path, since: Optional[datetime] = None, until: Optional[datetime] = None,
           caller: Optional[str] = None, request_id: Optional[str] = None, action: Optional[str] = None,
-          type_: Optional[str] = None) -> Iterator[dict]:
+          type_: Optional[str] = None, merge: bool = True) -> Iterator[dict]:
     """Records with `since <= time < until` whose `caller`, `request_id`, `action` and `type`
-    equal those given (None matches anything). Naive datetimes are taken as UTC."""
+    equal those given (None matches anything). Naive datetimes are taken as UTC.
+
+    With `merge`, an `accepted` record and the record that ends it (same type, action,
+    coordinator, caller and request_id or operation_id) are one record: the end record with
+    `accepted_seq` and `accepted_time` added, at the end record's place. An accepted record
+    nothing ended (its coordinator was killed, or it is still running) comes as it is, before
+    the next `open` record or at the end."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AuditError(f"{directory} is not a directory: pass the audit log's directory")
@@ -51,6 +58,18 @@ def query(directory: Path, since: Optional[datetime] = None, until: Optional[dat
     hi = _stamp(until) if until else None
     wanted = {k: v for k, v in (("caller", caller), ("request_id", request_id), ("action", action),
                                 ("type", type_)) if v is not None}
+    records = _read(directory)
+    for record in _merged(records) if merge else records:
+        t = record.get("time")
+        if (lo or hi) and not isinstance(t, str):
+            continue
+        if (lo and t < lo) or (hi and t >= hi):
+            continue
+        if all(record.get(k) == v for k, v in wanted.items()):
+            yield record
+
+
+def _read(directory: Path) -> Iterator[dict]:
     for _, path in list_files(directory):
         with open(path, "rb") as f:
             for raw in f:
@@ -58,12 +77,39 @@ def query(directory: Path, since: Optional[datetime] = None, until: Optional[dat
                     record = json.loads(raw)
                 except ValueError:
                     continue
-                if not isinstance(record, dict):
-                    continue
-                t = record.get("time")
-                if (lo or hi) and not isinstance(t, str):
-                    continue
-                if (lo and t < lo) or (hi and t >= hi):
-                    continue
-                if all(record.get(k) == v for k, v in wanted.items()):
+                if isinstance(record, dict):
                     yield record
+
+
+def _key(record: dict) -> Optional[tuple]:
+    """What links an accepted record to its end; None for records that are never split."""
+    kind = record.get("type")
+    ident = record.get("request_id" if kind == "request" else "operation_id" if kind == "admin" else "")
+    if not isinstance(ident, str) or not ident:
+        return None
+    return kind, record.get("action"), record.get("coordinator"), record.get("caller"), ident
+
+
+def _merged(records: Iterator[dict]) -> Iterator[dict]:
+    pending: dict[tuple, list[dict]] = {}
+
+    def orphans() -> Iterator[dict]:
+        left = sorted((r for waiting in pending.values() for r in waiting), key=lambda r: r.get("seq") or 0)
+        pending.clear()
+        yield from left
+
+    for record in records:
+        if record.get("type") == "open":   # one writer per directory: what the last one left open stays so
+            yield from orphans()
+        key = _key(record)
+        if key is not None and record.get("outcome") == "accepted":
+            pending.setdefault(key, []).append(record)
+            continue
+        waiting = pending.get(key) if key is not None else None
+        if waiting:
+            accepted = waiting.pop(0)
+            if not waiting:
+                del pending[key]
+            record = {**record, "accepted_seq": accepted.get("seq"), "accepted_time": accepted.get("time")}
+        yield record
+    yield from orphans()
