@@ -64,10 +64,10 @@ class NodeState:
                 rec.update(state="failed", message="interrupted: the node agent stopped while it ran; "
                                                    "retry with a new operation id")
         heads = raw.get("audit_heads") or {}
-        if not (isinstance(heads, dict) and all(isinstance(h, dict) for h in heads.values())
-                and isinstance(raw.get("fencing_token", 0), int)):
+        if not (isinstance(heads, dict) and isinstance(raw.get("fencing_token", 0), int)):
             raise RuntimeError(f"{path}: fencing_token or audit_heads was altered; restore the file from backup "
                                "(removing it also forgets the node's cordon, drain and activated model)")
+        heads = {k: h for k, h in heads.items() if _head_ok(h)}
         return cls(cordoned=bool(raw.get("cordoned")), cordon_reason=str(raw.get("cordon_reason", "")),
                    drained=bool(raw.get("drained")), configured_path=str(raw.get("configured_path", "")),
                    operations=list(raw.get("operations", []))[-KEEP_OPERATIONS:],
@@ -99,3 +99,9 @@ class NodeState:
                         self.active.path, configured.path, self.configured_path or "unset")
         self.configured_path, self.active, self.previous = configured.path, None, None
         return configured
+
+
+def _head_ok(head: object) -> bool:
+    """A kept audit HEAD as node_agent.audit_witness writes it (others are dropped at load)."""
+    return (isinstance(head, dict) and isinstance(head.get("seq"), int)
+            and all(isinstance(head.get(k), str) for k in ("hash", "sig", "key")))

@@ -206,3 +206,21 @@ def test_a_cut_tail_with_an_old_head_put_back_is_caught_by_the_nodes_witness(
             caller.GetStatus(node_pb2.GetStatusRequest(audit_head=head), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert list(node.status().audit_heads) == [kept]
+
+
+def test_verify_names_an_unreadable_witness_and_exits_2(tmp_path):
+    from tests.audit_helpers import fill
+
+    directory = tmp_path / "audit"
+    fill(directory, checkpoint_every=50)
+    out = fleetctl("audit", "verify", str(directory), "--witness", str(tmp_path / "no-such-file"))
+    assert out.exit_code == 2 and "no such file, and not a node's HOST:PORT" in out.output, out.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out = fleetctl("audit", "verify", str(directory), "--witness", str(bad))
+    assert out.exit_code == 2 and "cannot be read as JSON" in out.output, out.output
+    head = _head(directory)
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(dict(head, seq=head["seq"] + 5)))   # a later seq its signature does not cover
+    out = fleetctl("audit", "verify", str(directory), "--witness", str(forged))
+    assert out.exit_code == 0 and "signature that does not verify; not used" in out.output, out.output
