@@ -75,7 +75,7 @@ class HttpPortSettings(FileSettings):
     http_idle_timeout_s: float = Field(30.0, gt=0)         # a kept-alive connection between requests
     http_body_timeout_s: float = Field(60.0, gt=0)         # a request body (the OpenAI front door)
     http_max_connections: int = Field(256, ge=1)           # per port (and under a quarter of the file limit)
-    http_max_unauthenticated: int = Field(32, ge=1)        # per port: connections with no proven caller yet
+    http_max_unauthenticated: int = Field(128, ge=1)       # per port: connections with no proven caller yet
     # Refusals per client address and window: the first `burst` are audited one by one, the
     # rest as one record per window with their count; past `unauthenticated_per_window`
     # attempts without a valid credential the address gets 429 until its window ends.

@@ -40,7 +40,7 @@ class HttpLimits:
     idle_timeout_s: float = 30.0
     body_timeout_s: float = 60.0
     max_connections: int = 256
-    max_unauthenticated: int = 32
+    max_unauthenticated: int = 128
     denial_window_s: float = 60.0
     denial_burst: int = 5
     unauthenticated_per_window: int = 30

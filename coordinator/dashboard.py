@@ -5,7 +5,9 @@ recent fleet events and the latest rollout. Metadata only: no prompt or completi
 ever in reach of this module.
 
 Access is the operator role: a client certificate, or a session opened with a one-time
-link from `fleetctl dashboard` (`open_link`, cluster/http_server.py).
+link from `fleetctl dashboard` (`open_link`, cluster/http_server.py). The page's polls are
+marked background (BACKGROUND_HEADER) unless the user acted since the last one, so an
+unattended tab still logs off after `dashboard_idle_timeout_s`.
 """
 
 from __future__ import annotations

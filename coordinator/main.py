@@ -137,7 +137,7 @@ def serve(
     http_idle_timeout_s: Optional[float] = typer.Option(None, help="HTTP ports: seconds a kept-alive connection may wait for its next request. [default: 30]"),
     http_body_timeout_s: Optional[float] = typer.Option(None, help="HTTP ports: seconds a request body may take. [default: 60]"),
     http_max_connections: Optional[int] = typer.Option(None, help="HTTP ports: open connections per port (and at most a quarter of the file limit). [default: 256]"),
-    http_max_unauthenticated: Optional[int] = typer.Option(None, help="HTTP ports: connections per port that have not yet proved a caller. [default: 32]"),
+    http_max_unauthenticated: Optional[int] = typer.Option(None, help="HTTP ports: connections per port that have not yet proved a caller (one address: half). [default: 128]"),
     http_denial_window_s: Optional[float] = typer.Option(None, help="HTTP ports: window of the per-address refusal counts. [default: 60]"),
     http_denial_burst: Optional[int] = typer.Option(None, help="HTTP ports: refusals per address and window audited one by one; the rest as one record with a count. [default: 5]"),
     http_unauthenticated_per_window: Optional[int] = typer.Option(None, help="HTTP ports: attempts without a valid credential per address and window before 429. [default: 30]"),
