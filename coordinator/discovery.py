@@ -1,8 +1,11 @@
 """Find node agents over mDNS: every announcement becomes a candidate address to verify.
 
-Only this fleet's announcements are taken (TXT `fleet`). A node that moves keeps its
-instance name: the old address is dropped once the new one is seen. A goodbye makes the
-fleet probe the node and forget it if it stopped answering.
+Only this fleet's announcements are taken (TXT `fleet`). Every announcement is a claim:
+a node that moves keeps its instance name, and the fleet accepts the move only once the
+new address proves the id and the old one stops answering as that node; another id
+claimed for a known address is verified on a separate connection. A goodbye (for the
+entry's own instance name) makes the fleet probe the node and forget it if it stopped
+answering.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class MdnsDiscovery:
             self._removals[name] = self._removals.get(name, 0) + 1
             address = self._where.pop(name, None)
             if address:
-                self._fleet.goodbye(address, f"mDNS goodbye from {name}")
+                self._fleet.goodbye(address, f"mDNS goodbye from {name}", mdns_name=name)
             return
         task = asyncio.get_running_loop().create_task(self._resolve(name))
         self._tasks.add(task)

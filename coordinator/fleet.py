@@ -30,6 +30,7 @@ READY = common_pb2.LIFECYCLE_READY
 # An announced node unreachable this long (and no longer announced) is forgotten.
 FORGET_UNREACHABLE_S = 300.0
 WATCH_BACKOFF_S = (0.2, 2.0)
+CLAIM_RECHECK_S = 30.0   # a refused claim (address, id) is verified again at most this often
 
 
 @dataclass(eq=False)
@@ -97,6 +98,8 @@ class Fleet:
         self.witness = witness           # coordinator.audit_witness.AuditWitness: nodes keep the audit HEAD
         self._policy = hp.Policy.from_settings(settings)
         self.entries: dict[str, NodeEntry] = {}
+        self._claims: dict[tuple[str, str], asyncio.Task] = {}  # (address, claimed id) being verified
+        self._refused_claims: dict[tuple[str, str], float] = {}  # ... that failed: not re-checked until
         self._closed = False
 
     # -- membership -------------------------------------------------------------------
@@ -105,13 +108,16 @@ class Fleet:
         """A node is (claimed to be) at `address`; connect and verify before routing to it.
         `moved_from`: the address the same announcement used before (mDNS); `claimed_id`:
         the node id it announced, which its certificate must name."""
+        # A move is only a claim: the old entry stays until the new address proves the id
+        # and the old one stops answering as that node (`_verify`).
         previous = self.entries.get(moved_from) if moved_from else None
-        if previous is not None:
-            self.goodbye(moved_from, f"{mdns_name} now announces {address}")
         entry = self.entries.get(address)
         if entry is not None:
             if claimed_id and entry.link.node_id and claimed_id != entry.link.node_id:
-                entry.link.bind(claimed_id)   # another node announces this address now: it must prove that id
+                # Another id announced for a known address: proved on a connection of its own,
+                # never by re-binding the entry that serves here (a forged announcement).
+                self._check_claim(entry, claimed_id, mdns_name)
+                return entry
             entry.goodbye = False
             entry.mdns_name = mdns_name or entry.mdns_name
             entry.poke.set()
@@ -126,10 +132,53 @@ class Fleet:
         entry.tasks.append(asyncio.get_running_loop().create_task(self._monitor(entry)))
         return entry
 
-    def goodbye(self, address: str, reason: str) -> None:
-        """mDNS says the node left: confirm with a probe; remove it if it stopped answering."""
+    def _check_claim(self, entry: NodeEntry, claimed_id: str, mdns_name: str) -> None:
+        """Verify, in the background, that `claimed_id` now answers at the entry's address."""
+        key = (entry.address, claimed_id)
+        if key in self._claims or self._clock() < self._refused_claims.get(key, 0.0):
+            return
+        task = asyncio.get_running_loop().create_task(self._prove_claim(entry, claimed_id, mdns_name))
+        self._claims[key] = task
+        task.add_done_callback(lambda _t: self._claims.pop(key, None))
+
+    async def _prove_claim(self, entry: NodeEntry, claimed_id: str, mdns_name: str) -> None:
+        link = NodeLink(entry.address, self._tls, claimed_id)   # its own channel: the entry's is untouched
+        try:
+            st = await link.status(self._s.probe_timeout_s)
+            why = "" if st.node_id == claimed_id else f"the node there reports {st.node_id or 'no id'}"
+        except grpc.aio.AioRpcError as err:
+            why = tls_refusal(err.details()) or f"{err.code().name}: {err.details()}"
+        finally:
+            await link.close()
+        if self.entries.get(entry.address) is not entry:
+            return
+        if why:
+            self._refused_claims[(entry.address, claimed_id)] = self._clock() + CLAIM_RECHECK_S
+            self._events.emit(K.EVENT_KIND_REJECTED, node_id=claimed_id, address=entry.address,
+                              reason=f"an mDNS announcement{' (' + mdns_name + ')' if mdns_name else ''} claims "
+                                     f"node {claimed_id} at this address, but it could not prove it ({why}); "
+                                     f"the entry serving here ({entry.label}) is unchanged")
+            return
+        log.info("node=%s address=%s proved it now serves here; re-verifying the entry", claimed_id, entry.address)
+        entry.link.bind(claimed_id)   # proved: the next probe re-verifies the entry as the new node
+        entry.mdns_name = mdns_name or entry.mdns_name
+        entry.poke.set()
+
+    async def _answers_as(self, entry: NodeEntry, node_id: str) -> bool:
+        """Whether `entry`'s address still answers as `node_id` (on its own, proving channel)."""
+        if self.entries.get(entry.address) is not entry:
+            return False
+        try:
+            st = await entry.link.status(self._s.probe_timeout_s)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+            return False
+        return st.node_id == node_id and entry.link.node_id in ("", node_id)
+
+    def goodbye(self, address: str, reason: str, mdns_name: str = "") -> None:
+        """mDNS says the node left: confirm with a probe; remove it if it stopped answering.
+        A goodbye for another instance name than the entry's is ignored."""
         entry = self.entries.get(address)
-        if entry is not None and entry.source == "mdns":
+        if entry is not None and entry.source == "mdns" and (not mdns_name or mdns_name == entry.mdns_name):
             entry.goodbye = True
             log.info("node=%s address=%s mDNS goodbye (%s); probing", entry.label, address, reason)
             entry.poke.set()
@@ -148,6 +197,8 @@ class Fleet:
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._claims.values()):
+            task.cancel()
         for entry in list(self.entries.values()):
             for task in entry.tasks:
                 task.cancel()
@@ -331,7 +382,8 @@ class Fleet:
             self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
                               reason=f"moved from {entry.moved_from[0]}")
         if other is not None and other is not entry:
-            if other.health.verdict in (*hp.ACCEPTING, hp.Verdict.PROBING) and not other.goodbye:
+            # A move only when the old address no longer answers as this node; else a duplicate.
+            if await self._answers_as(other, st.node_id):
                 self._set_health(entry, hp.rejected(
                     f"duplicate node id {st.node_id}: already serving at {other.address}; "
                     "give each node agent a unique --node-id"))

@@ -3,13 +3,16 @@ watchdog that blames a node only for its own silence (issue 19 #4 and #9, issue 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
 import grpc
+from zeroconf import ServiceInfo, Zeroconf
 
 from cluster.api import fleet_pb2, inference_pb2_grpc
 from cluster.localfleet import HARNESS_APP
+from cluster.mdns import IP_VERSION, SERVICE_TYPE, Advert
 from cluster.security.identity import Role, dns_name
 from cluster.security.tls import open_channel
 from tests.fleet_helpers import EventWatch, collect, note
@@ -91,3 +94,75 @@ def test_a_node_that_stalls_mid_stream_is_failed_over_at_the_stall_limit(start_n
 
 def _serves(co, node_id: str) -> bool:
     return any(n.status.node_id == node_id and n.in_flight for n in co.nodes().nodes)
+
+
+# -- discovery: an announcement is a claim, never a command -------------------------------
+
+@contextlib.contextmanager
+def _forged_announcement(instance: str, port: int, node_id: str, fleet: str):
+    """An mDNS announcement no node made: `instance` at 127.0.0.1:`port` claiming `node_id`.
+    Registered without the uniqueness probe, as a forger (or a responder that did not
+    rename on a conflict) would; withdrawn at the end."""
+    zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IP_VERSION)
+    info = ServiceInfo(SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}", port=port,
+                       properties=Advert(node_id=node_id, fleet=fleet).txt(),
+                       server=f"{instance}-forged.local.", parsed_addresses=["127.0.0.1"])
+    zc.register_service(info, cooperating_responders=True)
+    try:
+        yield
+    finally:
+        zc.unregister_service(info)
+        zc.close()
+
+
+def _probed_since(co, unix_s: float, timeout_s: float = 10.0) -> None:
+    """Re-read the listing until every node's status was read after `unix_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not all(n.last_status_age_s < time.time() - unix_s for n in co.nodes().nodes):
+        assert time.monotonic() < deadline, f"no status read after the claim: {co.nodes()}"
+        time.sleep(0.05)
+
+
+def _port(node) -> int:
+    return int(node.address.rsplit(":", 1)[1])
+
+
+def test_a_forged_announcement_claiming_another_id_at_a_known_address_leaves_the_node_serving(
+        start_node, start_coordinator, fleet_name):
+    real = start_node(node_id="real", fleet=fleet_name)
+    co = start_coordinator(fleet=fleet_name)
+    co.wait_routable(1)
+    watch = EventWatch(co)
+    try:
+        with _forged_announcement("impostor", _port(real), "impostor", fleet_name):
+            refused = watch.wait_for(K.EVENT_KIND_REJECTED, "impostor", timeout_s=20)
+            assert refused.address == real.address
+            assert "could not prove it" in refused.reason and "(real) is unchanged" in refused.reason
+            _probed_since(co, refused.time_unix_s)   # the entry's own probe still passes after the claim
+            assert collect(co.inference, note(3, 4, request_id="after-forgery")).final.node_id == "real"
+            [entry] = co.nodes().nodes
+            assert (entry.status.node_id, entry.health, entry.routable) == ("real", K.NODE_HEALTH_HEALTHY, True)
+        assert not [e for e in watch.events if e.node_id == "real"
+                    and e.kind in (K.EVENT_KIND_REJECTED, K.EVENT_KIND_LEFT, K.EVENT_KIND_EJECTED)]
+    finally:
+        watch.close()
+
+
+def test_a_duplicate_that_takes_over_the_instance_name_is_rejected_and_the_original_stays(
+        start_node, start_coordinator, fleet_name, tmp_path):
+    first = start_node(node_id="twin", fleet=fleet_name)          # announces twin._studiofleet._tcp
+    co = start_coordinator(fleet=fleet_name)
+    co.wait_routable(1)
+    second = start_node("--state-dir", str(tmp_path / "twin-2"), node_id="twin")   # not announced itself
+    watch = EventWatch(co)
+    try:
+        # The second instance announces under the first one's name (no rename): it looks like a move.
+        with _forged_announcement("twin", _port(second), "twin", fleet_name):
+            refused = watch.wait_for(K.EVENT_KIND_REJECTED, timeout_s=20, address=second.address)
+            assert f"duplicate node id twin: already serving at {first.address}" in refused.reason
+            assert collect(co.inference, note(4, 4, request_id="after-twin")).final.node_id == "twin"
+            routable = [n.address for n in co.nodes().nodes if n.routable]
+            assert routable == [first.address]
+        assert not [e for e in watch.events if e.kind in (K.EVENT_KIND_LEFT, K.EVENT_KIND_ADDRESS_CHANGED)]
+    finally:
+        watch.close()
