@@ -15,7 +15,6 @@ import socket
 import ssl
 import time
 
-import grpc
 import pytest
 
 from cluster.api import inference_pb2_grpc
