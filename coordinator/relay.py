@@ -308,8 +308,9 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             elif model and routable:
                 served = ", ".join(sorted({e.model_id for e in routable})) or "none"
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"request {run.request.request_id}: no READY node serves model {model!r} "
-                                    f"now (READY nodes serve: {served}); retry later and check `fleetctl nodes`")
+                                    f"request {run.request.request_id}: no READY node serves the model asked for "
+                                    f"(GenerateRequest.model) now (READY nodes serve: {served}); retry later and "
+                                    "check `fleetctl nodes`")
         want = Want(digest=run.digest, exclude=frozenset(run.excluded), session_key=run.request.session_key,
                     model=model)
         try:
