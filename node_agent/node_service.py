@@ -17,7 +17,7 @@ from cluster.security.identity import DEVELOPER, Role
 from cluster.validation import MAX_REQUEST_ID_LEN, valid_id
 from node_agent import __version__, audit_witness
 from node_agent.operations import OperationError, to_proto
-from node_agent.staging import StagingError
+from node_agent.staging import StagingError, StagingFull
 from node_agent.telemetry import cpu_load_1m, host_memory
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,11 @@ def _model_ref(ref) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(model_id=ref.model_id, version=ref.version, weights_digest=ref.digest)
 
 
+def _staging_code(exc: StagingError, default=grpc.StatusCode.INVALID_ARGUMENT) -> grpc.StatusCode:
+    """A staging refused for room is RESOURCE_EXHAUSTED; any other is `default`."""
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, StagingFull) else default
+
+
 class NodeService(node_pb2_grpc.NodeServicer):
     """Status and operations. Operations are validated here, run by node_agent.operations,
     and answered with the operation's record and the node's status."""
@@ -169,7 +174,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         except OperationError as exc:
             await context.abort(exc.code, str(exc))
         except StagingError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {agent.node_id}: {exc}")
+            await context.abort(_staging_code(exc, grpc.StatusCode.FAILED_PRECONDITION), f"node {agent.node_id}: {exc}")
         except Exception as exc:  # noqa: BLE001 - e.g. the state file's disk: never UNKNOWN
             if isinstance(exc, grpc.aio.AbortError):
                 raise
@@ -208,7 +213,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         try:
             return await asyncio.to_thread(self._agent.staging.begin_push, request)
         except StagingError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self._agent.node_id}: {exc}")
+            await context.abort(_staging_code(exc), f"node {self._agent.node_id}: {exc}")
+        except OSError as exc:
+            await self._disk_failed(context, exc)
 
     async def PushWeights(self, request_iterator, context) -> node_pb2.OperationReply:
         manifest = None
@@ -226,7 +233,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
             if manifest is None:
                 raise StagingError("no chunks were sent")
         except StagingError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self._agent.node_id}: {exc}")
+            await context.abort(_staging_code(exc), f"node {self._agent.node_id}: {exc}")
+        except OSError as exc:
+            await self._disk_failed(context, exc)
         return await self._run(context, manifest.operation_id,
                                lambda op: self._agent.ops.finish_push(op, manifest), manifest.fencing_token)
 
@@ -241,6 +250,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
         return await self._run(context, request.operation_id,
                                lambda op: self._agent.ops.restart(op, request.drain_timeout_s),
                                request.fencing_token)
+
+    async def _disk_failed(self, context, exc: OSError) -> None:
+        log.error("node=%s staging failed on its disk: %s", self._agent.node_id, type(exc).__name__)
+        await context.abort(grpc.StatusCode.INTERNAL, f"node {self._agent.node_id}: staging failed on the node's "
+                            f"disk ({type(exc).__name__}, errno {exc.errno}); see the node log, then push again")
 
     async def _reason(self, reason: str, context) -> str:
         if len(reason) > 200 or not reason.isprintable():
