@@ -64,7 +64,8 @@ def snapshot(co: "Coordinator") -> dict:
                    "running": t.running, "tokens_per_s": round(t.tokens_per_s, 1),
                    "request_log": co.request_log is not None},
         "nodes": nodes,
-        "traffic": [{"start": b.start, "requests": b.requests, "errors": b.errors, "tokens": b.tokens,
+        "traffic": [{"start": b.start, "requests": b.requests, "errors": b.errors, "rejected": b.rejected,
+                     "tokens": b.tokens,
                      "tokens_per_s": round(b.tokens / t.bucket_s, 2), "ttft_p50_ms": round(b.ttft_p50_ms, 1),
                      "ttft_p95_ms": round(b.ttft_p95_ms, 1), "latency_p95_ms": round(b.latency_p95_ms, 1)}
                     for b in t.buckets],

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from cluster.api import fleet_pb2
 from cluster.metrics import percentile
-from coordinator.request_summary import RequestSummary
+from coordinator.request_summary import FAILED_OUTCOMES, REJECTED_OUTCOMES, RequestSummary
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,10 @@ class RequestLog:
         if request.slow_only:
             where.append("(ttft_ms >= ? OR latency_ms >= ?)")
             args += [slow_ttft_ms, slow_latency_ms]
-        if request.failed_only:
-            where.append("outcome != 'completed'")
+        for only, outcomes in ((request.failed_only, FAILED_OUTCOMES), (request.rejected_only, REJECTED_OUTCOMES)):
+            if only:
+                where.append(f"outcome IN ({', '.join('?' * len(outcomes))})")
+                args += list(outcomes)
         if request.caller:
             # role/name exactly, or the name exactly (not LIKE: `_` and case would match more)
             where.append("(caller = ? OR substr(caller, instr(caller, '/') + 1) = ?)")
@@ -247,7 +249,8 @@ def _bucket(start: float, group: list[RequestSummary]) -> fleet_pb2.TrafficBucke
     ttft = [s.ttft_s * 1000.0 for s in group if s.ttft_s is not None]
     itl = [s.decode_s * 1000.0 / (s.completion_tokens - 1) for s in group if s.completion_tokens > 1]
     return fleet_pb2.TrafficBucket(
-        start=start, requests=len(group), errors=sum(s.outcome not in ("completed", "cancelled") for s in group),
+        start=start, requests=len(group), errors=sum(s.outcome in FAILED_OUTCOMES for s in group),
+        rejected=sum(s.outcome in REJECTED_OUTCOMES for s in group),
         tokens=sum(s.completion_tokens for s in group), ttft_p50_ms=percentile(ttft, 0.5), ttft_p95_ms=percentile(ttft, 0.95),
         latency_p95_ms=percentile([s.duration_s * 1000.0 for s in group], 0.95),
         itl_p50_ms=statistics.median(itl) if itl else 0.0)

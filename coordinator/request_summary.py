@@ -15,6 +15,12 @@ from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
+# How requests ended, in the two groups monitoring keeps apart everywhere (the alert rules,
+# the traffic buckets, `fleetctl requests --failed/--rejected`, the dashboard): the fleet's
+# failures, and refusals of the caller's own input or quota (400s, 404s, 429s), which are not.
+FAILED_OUTCOMES = ("failed", "deadline")
+REJECTED_OUTCOMES = ("rejected", "refused")
+
 
 @dataclass
 class RequestSummary:

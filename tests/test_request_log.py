@@ -75,7 +75,9 @@ def test_filters_since_slow_failed_caller_and_limit(log, clock):
     assert ids(q(since_s=3600)) == ["r-6", "r-5", "r-4", "r-3", "r-2"]
     assert q(since_s=3 * 3600).matched == 6
     assert ids(q(since_s=3600, slow_only=True)) == ["r-3", "r-2"]
-    assert ids(q(since_s=3600, failed_only=True)) == ["r-5", "r-4"]
+    # The fleet's failures and the caller's own rejections are kept apart (issue 20): a 400 is no error.
+    assert ids(q(since_s=3600, failed_only=True)) == ["r-4"]
+    assert ids(q(since_s=3600, rejected_only=True)) == ["r-5"]
     assert ids(q(since_s=3600, caller="other")) == ids(q(since_s=3600, caller="app/other")) == ["r-5"]
     assert q(since_s=3600, caller="oth_r").matched == q(since_s=3600, caller="OTHER").matched == 0   # exact
     limited = q(since_s=3600, limit=2)
@@ -147,11 +149,13 @@ def test_traffic_buckets_cover_the_window_with_percentiles(log, clock):
     for i in range(20):   # one minute: 20 requests, TTFT 0.1 .. 2.0 s, one failure
         log.record(summary(i, ended=now - 30, ttft=0.1 * (i + 1), outcome="failed" if i == 19 else "completed",
                            code="UNAVAILABLE" if i == 19 else "OK"))
+    log.record(summary(20, ended=now - 30, outcome="rejected", code="INVALID_ARGUMENT", tokens=0))
     traffic = log.traffic_reply(3600, 60)
     assert traffic.bucket_s == 60 and len(traffic.buckets) == 60
     assert [b.start for b in traffic.buckets] == sorted(b.start for b in traffic.buckets)
     busy = [b for b in traffic.buckets if b.requests]
-    assert len(busy) == 1 and busy[0].requests == 20 and busy[0].errors == 1 and busy[0].tokens == 19 * 11
+    assert len(busy) == 1 and busy[0].requests == 21 and busy[0].errors == 1 and busy[0].tokens == 19 * 11
+    assert busy[0].rejected == 1    # the caller's bad request, counted apart from the fleet's failure
     assert busy[0].ttft_p50_ms == pytest.approx(1000.0) and busy[0].ttft_p95_ms == pytest.approx(1800.0)
     assert busy[0].itl_p50_ms == pytest.approx(50.0)        # 0.5 s decode over 10 gaps
     assert traffic.tokens_per_s == pytest.approx(19 * 11 / 60)
@@ -201,8 +205,11 @@ def test_fleetctl_requests_lists_what_the_coordinator_served(coordinator, node):
     assert ok["prompt_tokens"] == done.final.usage.prompt_tokens
     assert (rejected["outcome"], rejected["code"], rejected["nodes"]) == ("rejected", "INVALID_ARGUMENT", [])
 
+    # The caller's own bad request is a rejection, not one of the fleet's failures (issue 20).
     failed = json.loads(fleetctl("requests", *base, "--failed", "-o", "json").stdout)["requests"]
-    assert [r["request_id"] for r in failed] == ["log-bad"]
+    assert [r["request_id"] for r in failed] == []
+    rejections = json.loads(fleetctl("requests", *base, "--rejected", "-o", "json").stdout)["requests"]
+    assert [r["request_id"] for r in rejections] == ["log-bad"]
     slow = json.loads(fleetctl("requests", *base, "--slow", "-o", "json").stdout)   # threshold 0.001 ms here
     assert "log-ok" in [r["request_id"] for r in slow["requests"]] and slow["slow_ttft_ms"] == 0.001
     table = fleetctl("requests", *base)

@@ -54,7 +54,10 @@ def requests(
     since: str = typer.Option("1h", "--since", help="How far back: 45s, 30m, 1h, 7d, or an ISO 8601 time."),
     slow: bool = typer.Option(False, "--slow", help="Only requests over the coordinator's slow thresholds "
                                                     "(time to first token or total)."),
-    failed: bool = typer.Option(False, "--failed", help="Only requests that did not complete."),
+    failed: bool = typer.Option(False, "--failed", help="Only the fleet's failures (failed, deadline); not requests "
+                                                        "refused for the caller's own input or quota."),
+    rejected: bool = typer.Option(False, "--rejected", help="Only requests refused for the caller's input or quota "
+                                                            "(rejected, refused: 400, 404, 429)."),
     caller: str = typer.Option("", "--caller", help="Only this caller (notes-app or app/notes-app)."),
     limit: int = typer.Option(100, "--limit", help="Newest first, at most this many (<= 10000)."),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
@@ -71,7 +74,7 @@ def requests(
     if not 1 <= limit <= 10_000:
         raise _bad_input(f"--limit must be 1 to 10000, not {limit}")
     ask = fleet_pb2.ListRequestsRequest(since_s=since_s, slow_only=slow, failed_only=failed, caller=caller,
-                                        limit=limit)
+                                        limit=limit, rejected_only=rejected)
     with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
         try:
             reply = fleet_pb2_grpc.FleetStub(channel).ListRequests(ask, timeout=30)
@@ -81,7 +84,7 @@ def requests(
         typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True,
                                             always_print_fields_with_no_presence=True)))
         return
-    which = " ".join(w for w, on in (("slow", slow), ("failed", failed)) if on)
+    which = " ".join(w for w, on in (("slow", slow), ("failed", failed), ("rejected", rejected)) if on)
     title = (f"{len(reply.requests)} of {reply.matched} {which + ' ' if which else ''}requests since {since} "
              f"(slow: first token >= {reply.slow_ttft_ms:.0f} ms or total >= {reply.slow_latency_ms:.0f} ms; "
              f"kept {reply.retention_days:g} days)")

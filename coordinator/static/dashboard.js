@@ -103,7 +103,10 @@ function chart(id, buckets, series, bars) {
     const w = Math.max(1, (W - L) / n - 1);
     buckets.forEach((b, i) => {
       parts.push(svgEl("rect", { class: "okbar", x: x(i) - w / 2, y: y(b.requests), width: w, height: y(0) - y(b.requests) }));
+      // stacked from the bottom: failures (the fleet's), then rejections (the caller's own)
       if (b.errors) parts.push(svgEl("rect", { class: "errbar", x: x(i) - w / 2, y: y(b.errors), width: w, height: y(0) - y(b.errors) }));
+      const rej = b.rejected || 0;
+      if (rej) parts.push(svgEl("rect", { class: "rejbar", x: x(i) - w / 2, y: y(b.errors + rej), width: w, height: y(b.errors) - y(b.errors + rej) }));
     });
   }
   for (const s of series) {

@@ -204,20 +204,24 @@ class RolloutTarget(_message.Message):
     def __init__(self, model_path: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., shared_path: _Optional[bool] = ..., restart: _Optional[bool] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("target", "max_unavailable", "node_ids", "rollout_id", "drain_timeout_s", "engine")
+    __slots__ = ("target", "max_unavailable", "node_ids", "rollout_id", "drain_timeout_s", "engine", "rename_model", "wait_timeout_s")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     MAX_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    RENAME_MODEL_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     target: RolloutTarget
     max_unavailable: int
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     rollout_id: str
     drain_timeout_s: float
     engine: str
-    def __init__(self, target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rollout_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ..., engine: _Optional[str] = ...) -> None: ...
+    rename_model: bool
+    wait_timeout_s: float
+    def __init__(self, target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rollout_id: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ..., engine: _Optional[str] = ..., rename_model: _Optional[bool] = ..., wait_timeout_s: _Optional[float] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("rollout_id",)
@@ -276,18 +280,20 @@ class Rollout(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ..., state: _Optional[_Union[RolloutState, str]] = ..., target: _Optional[_Union[RolloutTarget, _Mapping]] = ..., max_unavailable: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[RolloutNode, _Mapping]]] = ..., message: _Optional[str] = ..., created_unix_s: _Optional[float] = ..., updated_unix_s: _Optional[float] = ..., owner: _Optional[str] = ..., started_by: _Optional[str] = ...) -> None: ...
 
 class ListRequestsRequest(_message.Message):
-    __slots__ = ("since_s", "slow_only", "failed_only", "caller", "limit")
+    __slots__ = ("since_s", "slow_only", "failed_only", "caller", "limit", "rejected_only")
     SINCE_S_FIELD_NUMBER: _ClassVar[int]
     SLOW_ONLY_FIELD_NUMBER: _ClassVar[int]
     FAILED_ONLY_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_ONLY_FIELD_NUMBER: _ClassVar[int]
     since_s: float
     slow_only: bool
     failed_only: bool
     caller: str
     limit: int
-    def __init__(self, since_s: _Optional[float] = ..., slow_only: _Optional[bool] = ..., failed_only: _Optional[bool] = ..., caller: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    rejected_only: bool
+    def __init__(self, since_s: _Optional[float] = ..., slow_only: _Optional[bool] = ..., failed_only: _Optional[bool] = ..., caller: _Optional[str] = ..., limit: _Optional[int] = ..., rejected_only: _Optional[bool] = ...) -> None: ...
 
 class RequestRecord(_message.Message):
     __slots__ = ("request_id", "caller", "started_at", "ended_at", "outcome", "code", "queue_ms", "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers", "retries", "restarts", "finish_reason", "quality_score", "priority", "template", "output_format", "schema_valid", "quality_parts")
@@ -369,7 +375,7 @@ class GetTrafficRequest(_message.Message):
     def __init__(self, window_s: _Optional[int] = ..., bucket_s: _Optional[int] = ...) -> None: ...
 
 class TrafficBucket(_message.Message):
-    __slots__ = ("start", "requests", "errors", "tokens", "ttft_p50_ms", "ttft_p95_ms", "latency_p95_ms", "itl_p50_ms")
+    __slots__ = ("start", "requests", "errors", "tokens", "ttft_p50_ms", "ttft_p95_ms", "latency_p95_ms", "itl_p50_ms", "rejected")
     START_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
@@ -378,6 +384,7 @@ class TrafficBucket(_message.Message):
     TTFT_P95_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
     ITL_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     start: float
     requests: int
     errors: int
@@ -386,7 +393,8 @@ class TrafficBucket(_message.Message):
     ttft_p95_ms: float
     latency_p95_ms: float
     itl_p50_ms: float
-    def __init__(self, start: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., tokens: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p95_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ...) -> None: ...
+    rejected: int
+    def __init__(self, start: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., tokens: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p95_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., rejected: _Optional[int] = ...) -> None: ...
 
 class Traffic(_message.Message):
     __slots__ = ("bucket_s", "buckets", "running", "queued", "tokens_per_s")
