@@ -19,7 +19,6 @@ from cluster.client import build_request
 from cluster.localfleet import HARNESS_NODE_CALLER, HARNESS_OPERATOR
 from cluster.security.identity import Role
 from tests.adversarial.test_validation_limits import issue_token
-from tests.fleet_helpers import collect
 from tests.procs import ROOT
 
 CANARY = "Quixbottom Farnsworthy-Zebulon"      # a synthetic patient name
