@@ -166,3 +166,22 @@ def test_a_duplicate_that_takes_over_the_instance_name_is_rejected_and_the_origi
         assert not [e for e in watch.events if e.kind in (K.EVENT_KIND_LEFT, K.EVENT_KIND_ADDRESS_CHANGED)]
     finally:
         watch.close()
+
+
+def test_a_new_id_at_a_known_address_takes_the_entry_once_its_handshake_proves_it(
+        start_node, start_coordinator, fleet_name):
+    before = start_node(node_id="before", fleet=fleet_name)
+    co = start_coordinator(fleet=fleet_name)
+    co.wait_routable(1)
+    watch = EventWatch(co)
+    try:
+        before.proc.kill()   # no goodbye: the entry stays, bound to "before"
+        watch.wait_for(K.EVENT_KIND_EJECTED, "before", timeout_s=15)
+        start_node("--listen", before.address, node_id="after", fleet=fleet_name)   # the same address
+        joined = watch.wait_for(K.EVENT_KIND_JOINED, "after", timeout_s=30, address=before.address)
+        left = watch.wait_for(K.EVENT_KIND_LEFT, "before", timeout_s=5)
+        assert "replaced at this address by after" in left.reason and left.time_unix_s <= joined.time_unix_s
+        co.wait_routable(1)
+        assert collect(co.inference, note(5, 4, request_id="after-replace")).final.node_id == "after"
+    finally:
+        watch.close()
