@@ -72,9 +72,10 @@ def test_a_node_that_stalls_mid_stream_is_failed_over_at_the_stall_limit(start_n
 
     def stop_once(s):
         if not stopped and len(s.ids) >= 3 and s.final is None:
-            owner = next(n for n in (stalled, healthy) if _serves(co, n.node_id))
-            stopped.append(owner)
-            owner.signal(signal.SIGSTOP)
+            owner = next((n for n in (stalled, healthy) if _serves(co, n.node_id)), None)
+            if owner is not None:   # else: look again at the next chunk
+                stopped.append(owner)
+                owner.signal(signal.SIGSTOP)
 
     try:
         s = collect(co.inference, note(2, 400, request_id="mid-stall"), timeout_s=60, on_chunk=stop_once)
@@ -84,8 +85,8 @@ def test_a_node_that_stalls_mid_stream_is_failed_over_at_the_stall_limit(start_n
         moved = watch.wait_for(K.EVENT_KIND_FAILOVER, stopped[0].node_id, timeout_s=5)
         assert moved.reason.startswith(f"no token from node {stopped[0].node_id} for ")
         gap = max(b - a for a, b in zip(s.times, s.times[1:]))
-        # The stall limit (1 s), not the 120 s first-token timeout, moved it.
-        assert gap < STALL_S + 4.0, f"the stream stood still for {gap:.1f}s"
+        # The stall limit (1 s), not the 120 s first-token timeout, moved it (slack for a busy host).
+        assert gap < STALL_S + 10.0, f"the stream stood still for {gap:.1f}s"
     finally:
         for n in (stalled, healthy):
             n.signal(signal.SIGCONT)
