@@ -181,8 +181,8 @@ def _big_schema(tag: int) -> str:
 
 def test_schema_compilation_does_not_block_the_coordinators_event_loop(co):
     """Six new ~58 KiB schemas at once (~0.4 s of checking each, in the schema worker):
-    health checks answered meanwhile stay fast, where checking on the loop held one up
-    behind a whole schema."""
+    health checks answered meanwhile stay fast, where checking on the loop held them up
+    behind whole schemas for most of the storm."""
     health = health_pb2_grpc.HealthStub(co.channel)
     health.Check(health_pb2.HealthCheckRequest(), timeout=10)
     schemas = [_big_schema(int(time.time() * 1000) % 10**6 * 10 + i) for i in range(6)]
@@ -208,6 +208,9 @@ def test_schema_compilation_does_not_block_the_coordinators_event_loop(co):
     storm_s = time.monotonic() - t0
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
     assert storm_s > 1.0, f"the schemas checked in {storm_s:.2f} s: too fast to show anything"
-    worst = max(latencies)   # on the loop, a health check waited out a whole schema (~0.4 s or more)
-    assert len(latencies) >= 5 and worst < 0.3, (f"{len(latencies)} health checks in {storm_s:.2f} s, "
-                                                 f"the slowest {worst * 1000:.0f} ms")
+    # On the loop, health checks waited out whole schemas: most of the storm was stalls. A
+    # busy machine also delays some (two cores, a load of 8: up to a third), so the share counts.
+    stalled = sum(x for x in latencies if x > 0.05)
+    assert len(latencies) >= 5 and stalled < 0.5 * storm_s, (
+        f"{len(latencies)} health checks in {storm_s:.2f} s, {stalled:.2f} s of them slower than 50 ms "
+        f"(the slowest {max(latencies) * 1000:.0f} ms)")
