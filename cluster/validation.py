@@ -229,7 +229,15 @@ async def check_output_format_async(request: inference_pb2.GenerateRequest):
     """check_output_format with a schema compiled off the event loop, within a time limit."""
     from cluster.quality import notes
 
-    return await notes.resolve_async(request.output_format) if request.HasField("output_format") else None
+    if not request.HasField("output_format"):
+        return None
+    try:
+        return await notes.resolve_async(request.output_format)
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as guarded: e.g. the schema worker died on this schema
+        raise InvalidRequest(f"output_format could not be checked ({type(exc).__name__}); simplify the "
+                             "schema") from None
 
 
 @guarded

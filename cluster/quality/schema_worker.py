@@ -77,8 +77,12 @@ class SchemaChecker:
                 self._proc.kill()
         self._proc = None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop the worker and reap it."""
+        proc = self._proc
         self._kill()
+        if proc is not None:
+            await proc.wait()
 
 
 def main() -> None:

@@ -214,3 +214,26 @@ def test_schema_compilation_does_not_block_the_coordinators_event_loop(co):
     assert len(latencies) >= 5 and stalled < 0.5 * storm_s, (
         f"{len(latencies)} health checks in {storm_s:.2f} s, {stalled:.2f} s of them slower than 50 ms "
         f"(the slowest {max(latencies) * 1000:.0f} ms)")
+
+
+def test_a_schema_check_past_its_time_limit_is_killed():
+    """The time limit is real: the schema worker (a child process) is killed, and the next
+    schema gets a fresh worker."""
+    import asyncio
+
+    from cluster.quality.schema_worker import CheckTimeout, SchemaChecker
+
+    async def run():
+        checker = SchemaChecker(timeout_s=30)
+        assert await checker.check('{"type": "object"}') == ""   # the worker started, and answers
+        worker = checker._proc
+        checker.timeout_s = 0.05
+        with pytest.raises(CheckTimeout):
+            await checker.check(_big_schema(1))   # ~0.4 s of checking
+        assert await asyncio.wait_for(worker.wait(), 5) != 0   # killed, not left running
+        checker.timeout_s = 30
+        assert "not a valid JSON Schema" in await checker.check('{"type": "strin"}')
+        assert checker._proc is not worker
+        await checker.aclose()
+
+    asyncio.run(run())
