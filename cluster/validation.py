@@ -91,6 +91,7 @@ MAX_NAME_LEN = 64                 # template name and version, variable keys, no
 MAX_VARIABLES = 16
 MAX_DIGEST_LEN = 80               # sha256:<64 hex>
 MAX_SESSION_KEY_LEN = 256
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def _cap(name: str, value: str, cap: int) -> None:
@@ -104,6 +105,9 @@ def check_sizes(request: inference_pb2.GenerateRequest) -> None:
     _cap("request_id", request.request_id, MAX_REQUEST_ID_LEN)
     _cap("model", request.model, MAX_MODEL_ID_LEN)
     _cap("require_weights_digest", request.require_weights_digest, MAX_DIGEST_LEN)
+    if request.require_weights_digest and not _DIGEST_RE.match(request.require_weights_digest):
+        raise InvalidRequest("require_weights_digest must be sha256: and 64 lowercase hex digits, as "
+                             "`fleetctl nodes` shows the digests served")
     _cap("session_key", request.session_key, MAX_SESSION_KEY_LEN)
     kind = request.WhichOneof("input")
     if kind == "prompt":

@@ -22,6 +22,7 @@ from tests.adversarial.test_validation_limits import issue_token
 from tests.procs import ROOT
 
 CANARY = "Quixbottom Farnsworthy-Zebulon"      # a synthetic patient name
+TOKEN = "QuixbottomFarnsworthy"                # ... and one that passes an id's alphabet
 WORD = "Quixbottom"                            # ... and the parts a message might keep
 NEEDLES = (CANARY, WORD, WORD.lower(), WORD.upper(), "Farnsworthy", "Zebulon")
 M = "tiny-qwen2"
@@ -66,6 +67,12 @@ def grpc_requests() -> list[tuple[inference_pb2.GenerateRequest, tuple]]:
         _req(request_id=c), _req(request_id=c * 20),
         _set(_req(), model=c), _set(_req(), model=c * 20),
         _set(_req(), require_weights_digest=c), _set(_req(), require_weights_digest="sha256:" + c),
+        _set(_req(), require_weights_digest="sha256:" + TOKEN), _set(_req(), model=TOKEN),
+        _req(messages=[(TOKEN, "hello")]), _req(template=TOKEN, variables={"transcript": "x"}),
+        _req(template="soap-note", template_version="qwen2/" + TOKEN, variables={"transcript": "x"}),
+        _req(template="soap-note", variables={TOKEN: "x"}), _req(note_template=TOKEN),
+        _req(json_schema=json.dumps({"type": "string", "format": TOKEN})),
+        _req(json_schema=json.dumps({"type": "object", "properties": {TOKEN: {"type": "strin"}}})),
         _req(session_key=c), _req(session_key=c * 20),
         _req(prompt=c), _req(prompt=c * 40_000),
         _req(messages=[(c, "hello")]), _req(messages=[("user", c)]), _req(messages=[("system", c), ("user", c)]),
@@ -108,6 +115,8 @@ def http_calls(key: str) -> list[tuple[str, str, object, dict]]:
         chat(response_format={"type": "json_schema", "json_schema": {"name": c, "schema": c}}),
         chat(tools=[{"type": "function", "function": {"name": c}}]), chat(logit_bias={c: 1}),
         chat(max_tokens=3, max_completion_tokens=c),
+        chat(model=TOKEN), chat(**{TOKEN: 1}), chat(messages=[{"role": TOKEN, "content": "x"}]),
+        chat(response_format={"type": TOKEN}), chat(service_tier=TOKEN),
     ]
     bodies += [chat(response_format={"type": "json_schema", "json_schema": {"name": c, "schema": json.loads(s)}})
                for s in _schemas() if s.startswith("{") and s.endswith("}") and s.count("{") < 50]
@@ -124,6 +133,7 @@ def http_calls(key: str) -> list[tuple[str, str, object, dict]]:
               ("POST", "/chat/completions", chat(), {"Authorization": c}),
               ("POST", "/chat/completions", chat(), {**auth, "Content-Type": c}),
               ("GET", f"/models/{c}", None, auth), ("GET", f"/models/{c}", None, {}),
+              ("GET", f"/models/{TOKEN}", None, auth), ("POST", "/chat/completions", chat(), {"Authorization": TOKEN}),
               ("GET", f"/{c}", None, auth), ("POST", f"/chat/{c}", chat(), auth),
               ("GET", f"/models?{c}={c}", None, auth)]
     return calls
