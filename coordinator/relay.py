@@ -438,7 +438,7 @@ def _note_facts(s: RequestSummary, f: Optional[inference_pb2.FinalInfo]) -> None
     """The note's template version, schema check and quality score from the final record."""
     if f is None:
         return
-    s.template = f.template
+    s.template = prompts.known_id(f.template)   # registry names only, whatever a node sent
     if f.HasField("structured"):
         s.schema_valid = f.structured.valid
         s.output_format = f.structured.format

@@ -117,6 +117,14 @@ def recorded(name: str, version: str = "") -> str:
     return f"{name}@{version}" if known else f"{name}@unknown"
 
 
+def known_id(version_id: str) -> str:
+    """A version id a node reported (`soap-note@qwen2/v2`) if the registry has it, else
+    "unknown" ("" stays ""): only registry names reach the request log."""
+    if not version_id:
+        return ""
+    return version_id if any(v.id == version_id for v in _VERSIONS) else "unknown"
+
+
 def budget(name: str) -> int:
     return max(v.max_tokens for vs in _families(name).values() for v in vs)
 
