@@ -18,6 +18,7 @@ from zeroconf import ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from cluster.mdns import IP_VERSION, SERVICE_TYPE, Advert, interfaces_for
+from cluster.security.identity import NAME_RE
 from coordinator.fleet import Fleet
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class MdnsDiscovery:
         self._zc: Optional[AsyncZeroconf] = None
         self._browser: Optional[AsyncServiceBrowser] = None
         self._where: dict[str, str] = {}   # instance name -> address in use
+        self._seen: dict[str, set[str]] = {}   # instance name -> every address it announced (a goodbye probes each)
         self._removals: dict[str, int] = {}  # instance name -> goodbyes seen (a resolve in flight checks it)
         self._tasks: set[asyncio.Task] = set()
 
@@ -45,8 +47,8 @@ class MdnsDiscovery:
     def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed:
             self._removals[name] = self._removals.get(name, 0) + 1
-            address = self._where.pop(name, None)
-            if address:
+            self._where.pop(name, None)
+            for address in sorted(self._seen.pop(name, ())):
                 self._fleet.goodbye(address, f"mDNS goodbye from {name}", mdns_name=name)
             return
         task = asyncio.get_running_loop().create_task(self._resolve(name))
@@ -68,12 +70,16 @@ class MdnsDiscovery:
         if advert.fleet != self._fleet_name:
             log.debug("mDNS: %s belongs to fleet %s, not %s; ignored", name, advert.fleet, self._fleet_name)
             return
+        if not NAME_RE.fullmatch(advert.node_id):   # no certificate could ever prove it
+            log.info("mDNS: %s announces a node id that is not a valid certificate name; ignored", name)
+            return
         announced = [f"{a}:{info.port}" for a in addresses]
         old = self._where.get(name)
         # A host announces every interface's address: keep the one in use while it is still
         # announced, so a TXT update never looks like a move; else prefer a routable one.
         address = old if old in announced else min(announced, key=lambda a: a.startswith("169.254."))
         self._where[name] = address
+        self._seen.setdefault(name, set()).add(address)
         self._fleet.add(address, source="mdns", mdns_name=name, moved_from=old if old != address else "",
                         claimed_id=advert.node_id)
 

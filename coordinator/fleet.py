@@ -31,6 +31,7 @@ READY = common_pb2.LIFECYCLE_READY
 FORGET_UNREACHABLE_S = 300.0
 WATCH_BACKOFF_S = (0.2, 2.0)
 CLAIM_RECHECK_S = 30.0   # a refused claim (address, id) is verified again at most this often
+MAX_CLAIMS_IN_FLIGHT = 8
 
 
 @dataclass(eq=False)
@@ -137,6 +138,10 @@ class Fleet:
         key = (entry.address, claimed_id)
         if key in self._claims or self._clock() < self._refused_claims.get(key, 0.0):
             return
+        if len(self._claims) >= MAX_CLAIMS_IN_FLIGHT:   # a flood of claims costs a few connections, no more
+            log.warning("address=%s claim not verified now: %d claims are being verified", entry.address,
+                        len(self._claims))
+            return
         task = asyncio.get_running_loop().create_task(self._prove_claim(entry, claimed_id, mdns_name))
         self._claims[key] = task
         task.add_done_callback(lambda _t: self._claims.pop(key, None))
@@ -153,7 +158,9 @@ class Fleet:
         if self.entries.get(entry.address) is not entry:
             return
         if why:
-            self._refused_claims[(entry.address, claimed_id)] = self._clock() + CLAIM_RECHECK_S
+            now = self._clock()
+            self._refused_claims = {k: t for k, t in self._refused_claims.items() if t > now}
+            self._refused_claims[(entry.address, claimed_id)] = now + CLAIM_RECHECK_S
             self._events.emit(K.EVENT_KIND_REJECTED, node_id=claimed_id, address=entry.address,
                               reason=f"an mDNS announcement{' (' + mdns_name + ')' if mdns_name else ''} claims "
                                      f"node {claimed_id} at this address, but it could not prove it ({why}); "

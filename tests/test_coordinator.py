@@ -170,9 +170,9 @@ def test_static_nodes_without_mdns_and_an_unreachable_one_stays_pending(start_no
     assert collect(co.inference, note(8, 4)).final.node_id == "static-a"
 
 
-def test_a_duplicate_node_id_is_rejected(start_node, start_coordinator):
+def test_a_duplicate_node_id_is_rejected(start_node, start_coordinator, tmp_path):
     a = start_node(node_id="same-id")
-    b = start_node(node_id="same-id")
+    b = start_node("--state-dir", str(tmp_path / "same-id-2"), node_id="same-id")   # a state directory each
     co = start_coordinator(nodes=[a.address, b.address])
     listing = _one_place_for(co, "same-id")
     assert sum(n.health == K.NODE_HEALTH_REJECTED for n in listing.nodes) == 1
