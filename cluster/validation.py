@@ -152,8 +152,17 @@ def check_request_id(raw: str) -> str:
     return raw
 
 
+def serves(model_id: str, version: str, wanted: str) -> bool:
+    """Whether a node serving `model_id` at `version` answers for `wanted`: "" (any), a model
+    id (any version: what a rollout keeps), or ID@VERSION (an app pinned to one version)."""
+    if not wanted:
+        return True
+    want_id, pinned, want_version = wanted.partition("@")
+    return model_id == want_id and (not pinned or version == want_version)
+
+
 def check_model(model: str) -> None:
-    """GenerateRequest.model: empty, or a model id as nodes report it."""
+    """GenerateRequest.model: empty, a model id as nodes report it, or ID@VERSION (pinned)."""
     if len(model) > MAX_MODEL_ID_LEN or not model.isprintable():
         raise InvalidRequest(f"model must be a model id of at most {MAX_MODEL_ID_LEN} printable characters "
                              "(`fleetctl nodes` shows the ids served)")

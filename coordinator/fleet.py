@@ -82,7 +82,7 @@ class NodeEntry:
         cap = self.status.capacity
         return Candidate(self.node_id, self.digest, self.in_flight, self.outstanding_tokens,
                          self.status.load.queued, cap.max_running, cap.max_running + cap.max_queued,
-                         self.routed_total, self.model_id)
+                         self.routed_total, self.model_id, self.status.model.version)
 
 
 class Fleet:

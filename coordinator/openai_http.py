@@ -33,7 +33,7 @@ from aiohttp import web
 from cluster.http_server import SECURITY_HEADERS, MonitorHTTP
 from cluster.security.identity import DEVELOPER, Identity, Role
 from cluster.security.roles import COORDINATOR_API_TABLE
-from cluster.validation import MAX_REQUEST_ID_LEN, new_request_id, valid_id
+from cluster.validation import MAX_REQUEST_ID_LEN, new_request_id, serves, valid_id
 from coordinator import openai_protocol as oa
 from coordinator.api_tokens import TokenRefused, TokenStore
 from coordinator.relay import PUSHBACK_KEY
@@ -255,13 +255,19 @@ class FrontDoor(MonitorHTTP):
                 facts["versions"].append(m.version)
         return out
 
+    def _known(self, wanted: str) -> bool:
+        """A verified node serves `wanted`: a model id, or ID@VERSION pinned to one version."""
+        return any(serves(e.status.model.model_id, e.status.model.version, wanted)
+                   for e in self._fleet.entries.values() if e.status is not None and e.node_id and wanted)
+
     async def _list_models(self, _request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": sorted(self._models().values(), key=lambda m: m["id"])})
 
     async def _get_model(self, request: web.Request) -> web.Response:
-        model = self._models().get(request.match_info["model"])
+        wanted = request.match_info["model"]
+        model = self._models().get(wanted.partition("@")[0]) if self._known(wanted) else None
         if model is None:
-            raise _unknown_model(request.match_info["model"])
+            raise _unknown_model(wanted)
         return web.json_response(model)
 
     # -- completions -----------------------------------------------------------------------
@@ -284,7 +290,7 @@ class FrontDoor(MonitorHTTP):
                               headers={"Connection": "close"}) from None
         body = oa.parse_json(data)
         parsed = kind.parse(body, default_max_tokens=self._default_max_tokens)
-        if parsed.model not in self._models():
+        if not self._known(parsed.model):
             raise _unknown_model(parsed.model)
         parsed.request.request_id = rid
         call = HttpCall(request["caller"], self._peer(request))

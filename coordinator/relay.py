@@ -26,7 +26,7 @@ import grpc
 from cluster.api import fleet_pb2, inference_pb2, inference_pb2_grpc
 from cluster.quality import prompts
 from cluster.validation import (InvalidRequest, check_output_format_async, check_request, display_id, new_request_id,
-                                template_budget)
+                                serves, template_budget)
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from coordinator.attempt import Attempt
@@ -293,7 +293,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         routable = self._fleet.routable()
         model = run.request.model
         if not any(e.node_id not in run.excluded and (not run.digest or e.digest == run.digest)
-                   and (not model or e.model_id == model) for e in routable):
+                   and serves(e.model_id, e.status.model.version, model) for e in routable):
             # Nothing could take it now. Wait only if nothing has been tried yet (a fleet
             # starting up): a retry or resume with no candidate left ends here, with why,
             # or (allow_restart) starts over on other weights.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from cluster.api import common_pb2, fleet_pb2, node_pb2
+from cluster.wording import plural
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
 from coordinator.gates import GateContext
@@ -32,11 +33,15 @@ log = logging.getLogger(__name__)
 
 K = fleet_pb2
 READY, DRAINED = common_pb2.LIFECYCLE_READY, common_pb2.LIFECYCLE_DRAINED
-NODE_WAIT_S = 120.0        # a node must be in the fleet view (after a restart: rediscovered) by then
 STAGE_TIMEOUT_S = 6 * 3600.0
 LOAD_TIMEOUT_S = 1800.0    # activate: unload, load, warm up a large model
-CAPACITY_WAIT_S = 600.0
 RESTART_WAIT_S = 600.0
+
+
+class Blocked(Exception):
+    """A wait (for a node to be discovered, for capacity) ran past the rollout's wait
+    timeout: the rollout pauses with this message, which names what blocks it and the
+    command that unblocks it."""
 
 
 class Runner:
@@ -72,12 +77,19 @@ class Runner:
                     self._finish("SUCCEEDED", f"{len(r.nodes)} nodes on {_target(r.target)}")
                     return
                 batch = pending[:r.max_unavailable]
-                results = await asyncio.gather(*(self._node(n) for n in batch))
-                failed = [n for n, ok in zip(batch, results) if not ok]
+                results = await asyncio.gather(*(self._node(n) for n in batch), return_exceptions=True)
+                for out in results:
+                    if isinstance(out, BaseException) and not isinstance(out, Blocked):
+                        raise out
+                failed = [n for n, ok in zip(batch, results) if ok is False]
                 if failed:
                     self._finish("FAILED", "; ".join(f"node {n.node_id}: {n.message}" for n in failed)
                                  + "; the nodes not yet updated were left as they were")
                     return
+                blocked = [str(b) for b in results if isinstance(b, Blocked)]
+                if blocked:
+                    self._pause("; ".join(blocked) + f"; then `fleetctl rollout resume {r.id}` "
+                                f"(or `fleetctl rollout abort {r.id}`)")
         except asyncio.CancelledError:
             raise
         except LeaseLost as exc:   # another coordinator runs the rollout now: record nothing more
@@ -92,6 +104,13 @@ class Runner:
         self._store.set_state(self.r.id, state, message, fence=self.fence)
         self._events.emit(K.EVENT_KIND_ROLLOUT, reason=f"{state.lower()}: {message}", rollout_id=self.r.id,
                           step=state.lower())
+
+    def _pause(self, message: str) -> None:
+        """Stop starting nodes until an operator resumes (a wait ran out: see Blocked)."""
+        self.r.state, self.r.message = "PAUSED", f"paused: {message}"
+        self._store.set_state(self.r.id, "PAUSED", self.r.message, fence=self.fence)
+        self._events.emit(K.EVENT_KIND_ROLLOUT, reason=self.r.message, rollout_id=self.r.id, step="pause")
+        log.warning("rollout=%s %s", self.r.id, self.r.message)
 
     def _step(self, n: NodeRow, step: str, message: str) -> None:
         n.step, n.message = step, message
@@ -138,13 +157,17 @@ class Runner:
                     await self._uncordon(n, entry, "rollback")
                     self._step(n, "rolled_back", f"{exc}; the node serves its previous weights again")
                     return False
-            elif not st.cordoned and st.lifecycle == READY:
-                self._step(n, "done", f"already serving {t.weights_digest[:19]}")
+            elif n.kept_out or (not st.cordoned and st.lifecycle == READY):
+                self._step(n, "done", f"already on {t.weights_digest[:19]}")
                 return True
             failure = await self._gate(n, entry)
             if failure:
                 await self._roll_back(n, entry, failure)
                 return False
+            if n.kept_out:   # the operator took it out before the rollout: it stays out
+                self._step(n, "done", f"updated to {_target(t)}; left out of service as it was found "
+                                      f"(`fleetctl uncordon {n.node_id}` brings it back)")
+                return True
             await self._uncordon(n, entry, "rejoin")
             self._step(n, "done", f"serving {_target(t)}")
             return True
@@ -160,14 +183,15 @@ class Runner:
             return False
 
     async def _entry(self, node_id: str) -> NodeEntry:
-        deadline = time.monotonic() + NODE_WAIT_S
+        deadline = time.monotonic() + self.r.wait_timeout_s
         while time.monotonic() < deadline:
             entry = self._fleet.by_id(node_id)
             if entry is not None and entry.status is not None:
                 return entry
             await asyncio.sleep(0.2)  # waiting for discovery to (re)find it
-        raise OpFailed(f"node {node_id} is not in this coordinator's fleet view after {NODE_WAIT_S:g}s; "
-                       "check that it runs and is discovered (fleetctl nodes)")
+        raise Blocked(f"node {node_id} was not in this coordinator's fleet view for {self.r.wait_timeout_s:g}s: "
+                      f"start it or check its discovery (`fleetctl nodes`; a static --node address), or leave it "
+                      "out of the rollout (--node)")
 
     async def _stage(self, n: NodeRow, entry: NodeEntry) -> None:
         t = self.r.target
@@ -204,18 +228,41 @@ class Runner:
             timeout=CALL_TIMEOUT_S), what=f"drain of node {n.node_id}", timeout_s=self.r.drain_timeout_s + 60)
 
     async def _wait_capacity(self, n: NodeRow) -> None:
-        """Make before break: drain only while enough other nodes serve."""
+        """Make before break: drain only while enough other nodes serve. A node already out
+        of service costs no capacity; a wait past the rollout's wait timeout pauses it."""
+        if n.kept_out:
+            return
         need = max(1, len(self.r.nodes) - self.r.max_unavailable) if len(self.r.nodes) > 1 else 0
-        deadline = time.monotonic() + CAPACITY_WAIT_S
-        said = False
+        deadline = time.monotonic() + self.r.wait_timeout_s
+        shown = ""
         while sum(e.node_id != n.node_id for e in self._fleet.routable()) < need:
+            why = f"node {n.node_id} waits for {plural(need, 'other node')} to serve before it drains; " + \
+                self._blocking(n.node_id)
             if time.monotonic() > deadline:
-                raise OpFailed(f"fewer than {need} other nodes were serving for {CAPACITY_WAIT_S:g}s; "
-                               f"node {n.node_id} was not drained")
-            if not said:
-                self._step(n, "wait", f"waiting for {need} other nodes to serve before draining")
-                said = True
+                raise Blocked(f"{why} (waited {self.r.wait_timeout_s:g}s)")
+            if why != shown:
+                self._step(n, "wait", why)
+                shown = why
             await asyncio.sleep(0.2)
+
+    def _blocking(self, node_id: str) -> str:
+        """Which nodes of this rollout do not serve, why, and the command that brings each back."""
+        parts = []
+        for other in self.r.nodes:
+            entry = self._fleet.by_id(other.node_id)
+            if other.node_id == node_id or (entry is not None and entry.routable):
+                continue
+            st = entry.status if entry is not None else None
+            if st is None:
+                parts.append(f"node {other.node_id} is not reachable (`fleetctl node show {other.node_id}`)")
+            elif st.cordoned or st.lifecycle == DRAINED:
+                state = "drained" if st.lifecycle == DRAINED else "cordoned"
+                parts.append(f"node {other.node_id} is {state} (`fleetctl uncordon {other.node_id}`)")
+            else:
+                state = common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_").lower()
+                parts.append(f"node {other.node_id} is {state}, {entry.health.reason or 'not routable'} "
+                             f"(`fleetctl node show {other.node_id}`)")
+        return "; ".join(parts) or "no other node of this rollout serves"
 
     async def _prepare_gates(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
         """Gates that measure the current version first (the eval gate's baseline), on the

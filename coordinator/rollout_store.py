@@ -26,16 +26,22 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
   id TEXT PRIMARY KEY, state TEXT NOT NULL, target TEXT NOT NULL, max_unavailable INTEGER NOT NULL,
   drain_timeout_s REAL NOT NULL, message TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
-  updated REAL NOT NULL, owner TEXT NOT NULL DEFAULT '', started_by TEXT NOT NULL DEFAULT '');
+  updated REAL NOT NULL, owner TEXT NOT NULL DEFAULT '', started_by TEXT NOT NULL DEFAULT '',
+  wait_timeout_s REAL NOT NULL DEFAULT 300);
 CREATE TABLE IF NOT EXISTS rollout_nodes (
   rollout_id TEXT NOT NULL, node_id TEXT NOT NULL, position INTEGER NOT NULL,
   step TEXT NOT NULL DEFAULT 'pending', from_digest TEXT NOT NULL DEFAULT '',
   message TEXT NOT NULL DEFAULT '', started REAL NOT NULL DEFAULT 0, finished REAL NOT NULL DEFAULT 0,
-  PRIMARY KEY (rollout_id, node_id));
+  kept_out INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rollout_id, node_id));
 CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL,
   token INTEGER NOT NULL DEFAULT 0);
 """
+# Columns added after the first release, added to an older database when it is opened.
+_ADDED = (("lease", "token", "INTEGER NOT NULL DEFAULT 0"),
+          ("rollouts", "wait_timeout_s", "REAL NOT NULL DEFAULT 300"),
+          ("rollout_nodes", "kept_out", "INTEGER NOT NULL DEFAULT 0"))
 ACTIVE = ("RUNNING", "PAUSED")
+DEFAULT_WAIT_TIMEOUT_S = 300.0
 TERMINAL_STEPS = ("done", "rolled_back", "failed", "skipped")
 
 
@@ -64,6 +70,7 @@ class NodeRow:
     message: str = ""
     started: float = 0.0
     finished: float = 0.0
+    kept_out: bool = False   # out of service before the rollout: updated first, and left out afterwards
 
 
 @dataclass
@@ -79,6 +86,7 @@ class RolloutRow:
     owner: str = ""
     started_by: str = ""
     nodes: list[NodeRow] = field(default_factory=list)
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S   # a wait longer than this pauses the rollout
 
 
 class RolloutStore:
@@ -91,8 +99,9 @@ class RolloutStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a step is recorded before it is acted on
         self._db.executescript(_SCHEMA)
-        if "token" not in {r[1] for r in self._db.execute("PRAGMA table_info(lease)")}:  # an older database
-            self._db.execute("ALTER TABLE lease ADD COLUMN token INTEGER NOT NULL DEFAULT 0")
+        for table, column, decl in _ADDED:   # an older database
+            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -101,23 +110,27 @@ class RolloutStore:
     def create(self, row: RolloutRow) -> None:
         now = time.time()
         with self._tx():
-            self._db.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?)",
+            self._db.execute("INSERT INTO rollouts (id, state, target, max_unavailable, drain_timeout_s, message, "
+                             "created, updated, owner, started_by, wait_timeout_s) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                              (row.id, row.state, json.dumps(MessageToDict(row.target)), row.max_unavailable,
-                              row.drain_timeout_s, row.message, now, now, row.owner, row.started_by))
-            self._db.executemany("INSERT INTO rollout_nodes (rollout_id, node_id, position) VALUES (?,?,?)",
-                                 [(row.id, n.node_id, i) for i, n in enumerate(row.nodes)])
+                              row.drain_timeout_s, row.message, now, now, row.owner, row.started_by,
+                              row.wait_timeout_s))
+            self._db.executemany("INSERT INTO rollout_nodes (rollout_id, node_id, position, kept_out) VALUES (?,?,?,?)",
+                                 [(row.id, n.node_id, i, int(n.kept_out)) for i, n in enumerate(row.nodes)])
 
     def get(self, rollout_id: str = "") -> Optional[RolloutRow]:
         """The rollout with this id, or the latest one."""
-        sql = "SELECT * FROM rollouts " + ("WHERE id=?" if rollout_id else "ORDER BY created DESC LIMIT 1")
+        sql = ("SELECT id, state, target, max_unavailable, drain_timeout_s, message, created, updated, owner, "
+               "started_by, wait_timeout_s FROM rollouts "
+               + ("WHERE id=?" if rollout_id else "ORDER BY created DESC LIMIT 1"))
         r = self._db.execute(sql, (rollout_id,) if rollout_id else ()).fetchone()
         if r is None:
             return None
         row = RolloutRow(id=r[0], state=r[1], target=ParseDict(json.loads(r[2]), fleet_pb2.RolloutTarget()),
                          max_unavailable=r[3], drain_timeout_s=r[4], message=r[5], created=r[6], updated=r[7],
-                         owner=r[8], started_by=r[9])
-        row.nodes = [NodeRow(*n) for n in self._db.execute(
-            "SELECT node_id, step, from_digest, message, started, finished FROM rollout_nodes "
+                         owner=r[8], started_by=r[9], wait_timeout_s=r[10])
+        row.nodes = [NodeRow(*n[:6], kept_out=bool(n[6])) for n in self._db.execute(
+            "SELECT node_id, step, from_digest, message, started, finished, kept_out FROM rollout_nodes "
             "WHERE rollout_id=? ORDER BY position", (row.id,))]
         return row
 

@@ -28,7 +28,8 @@ from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.rollout import Runner
-from coordinator.rollout_store import TERMINAL_STEPS, Lease, NodeRow, RolloutRow, RolloutStore
+from coordinator.rollout_store import (DEFAULT_WAIT_TIMEOUT_S, TERMINAL_STEPS, Lease, NodeRow, RolloutRow,
+                                       RolloutStore)
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,19 @@ class Rollouts:
         drain_timeout = req.drain_timeout_s or 120.0
         if not 0 < drain_timeout <= 86_400:
             raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be in (0, 86400]")
+        wait_timeout = req.wait_timeout_s or DEFAULT_WAIT_TIMEOUT_S
+        if not 0 < wait_timeout <= 86_400:
+            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "wait_timeout_s must be in (0, 86400]")
+        if not t.restart:
+            self._check_model_id(t, nodes, req.rename_model)
+        out = {n for n in nodes if not self._serving(n)}   # cost no capacity: updated first, left out after
+        nodes = sorted(nodes, key=lambda n: n not in out)
         lease = self.store.acquire(self._me, self._s.rollout_lease_s)
         if not lease.held:
             raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{lease.refused}; try again later")
         row = RolloutRow(id=rid, state="RUNNING", target=t, max_unavailable=k, drain_timeout_s=drain_timeout,
-                         owner=self._me, started_by=started_by, nodes=[NodeRow(n) for n in nodes])
+                         owner=self._me, started_by=started_by, nodes=[NodeRow(n, kept_out=n in out) for n in nodes],
+                         wait_timeout_s=wait_timeout)
         self.store.create(row)
         self._events.emit(fleet_pb2.EVENT_KIND_ROLLOUT, reason=f"started by {started_by}: {len(nodes)} nodes, "
                           f"max unavailable {k}", rollout_id=rid, step="start")
@@ -151,7 +160,6 @@ class Rollouts:
         if not t.model_path or not Path(t.model_path).is_absolute():
             raise bad("target.model_path must be an absolute model directory path")
         path = Path(t.model_path)
-        t.model_id = t.model_id or path.name
         if t.weights_digest and not DIGEST_FORMAT.fullmatch(t.weights_digest):
             raise bad("target.weights_digest must be sha256: followed by 64 hex digits")
         if t.shared_path:  # the nodes read the path; this host may not see it
@@ -169,6 +177,34 @@ class Rollouts:
             raise bad(f"{path} hashes to {actual[:19]}, not the expected {t.weights_digest[:19]}; "
                       "check you point at the right version")
         t.weights_digest = actual
+
+    def _serving(self, node_id: str) -> bool:
+        entry = self._fleet.by_id(node_id)
+        return entry is not None and entry.routable
+
+    def _check_model_id(self, t: fleet_pb2.RolloutTarget, nodes: list[str], rename: bool) -> None:
+        """A rollout keeps the model id the nodes serve (the id clients ask for: OpenAI's
+        `model`); a different one only with `rename` (fleetctl asks, or --yes)."""
+        current = sorted({e.status.model.model_id for n in nodes if (e := self._fleet.by_id(n)) is not None
+                          and e.status is not None and e.status.model.model_id})
+        if not t.model_id:
+            if len(current) > 1:
+                raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"the nodes serve several model ids ({', '.join(current)}); give --model-id "
+                                     "(or roll each id out with --node)")
+            t.model_id = current[0] if current else Path(t.model_path).name
+            return
+        renamed = [c for c in current if c != t.model_id]
+        same = [n for n in nodes if renamed and (e := self._fleet.by_id(n)) is not None and e.digest == t.weights_digest]
+        if same:
+            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"node {same[0]} already serves these weights; a rollout renames a model only "
+                                 "along with new weights (restart the node with --model-id to rename it alone)")
+        if renamed and not rename:
+            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"this rollout would rename the served model {', '.join(renamed)} to {t.model_id}: "
+                                 f"clients asking for {renamed[0]!r} would get 404 model_not_found. Drop --model-id "
+                                 "to keep the id, or confirm the rename (fleetctl asks; --yes)")
 
     def _pick_nodes(self, wanted: list[str], engine: str = "") -> list[str]:
         """The verified nodes to update (of one engine if given: weights are per engine)."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional, Sequence
 
+from cluster.validation import serves
+
 VNODES = 64
 
 
@@ -30,6 +32,7 @@ class Candidate:
     slots: int                # max_running + max_queued: beyond this the node refuses
     routed_total: int = 0
     model: str = ""           # ModelInfo.model_id
+    version: str = ""         # ModelInfo.version
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,12 @@ class Want:
     digest: str = ""                      # required weights ("" = any)
     exclude: frozenset[str] = frozenset()  # nodes that already failed this request
     session_key: str = field(default="", repr=False)   # may derive from a patient's identity
-    model: str = ""                       # required model id ("" = any)
+    model: str = ""                       # required model id, or ID@VERSION ("" = any; see serves)
 
 
 def eligible(c: Candidate, want: Want) -> bool:
     return (c.node_id not in want.exclude and (not want.digest or c.digest == want.digest)
-            and (not want.model or c.model == want.model) and c.in_flight < c.slots)
+            and serves(c.model, c.version, want.model) and c.in_flight < c.slots)
 
 
 def work(c: Candidate) -> float:

@@ -15,7 +15,7 @@ from node_agent.engine import EngineClosed, EngineRequest
 from node_agent.lifecycle import State
 from node_agent.prompts import PromptError, apply_template, build_prompt_tokens
 from node_agent.requests import EngineFailed, NodeStopping, Outcome, RequestStream
-from cluster.validation import check_output_format_async
+from cluster.validation import check_output_format_async, serves
 from node_agent.validation import InvalidRequest, ValidRequest, check_length, display_id, validate
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     f"node {node} serves weights {facts.weights_digest[:19]}, request "
                     f"{req.request_id} requires {display_id(req.require_weights_digest)[:19]}; "
                     "send it to a node serving those weights")
-            if request.model and request.model != agent.model_info.model_id:
+            if not serves(agent.model_info.model_id, agent.model_info.version, request.model):
                 await self._reject(
                     context, req.request_id, grpc.StatusCode.FAILED_PRECONDITION,
                     f"node {node} serves model {agent.model_info.model_id!r}, request {req.request_id} asks for "

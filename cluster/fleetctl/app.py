@@ -1,6 +1,6 @@
 """`fleetctl`: the StudioFleet ops CLI. Exit codes: 0 ok, 1 error, 2 bad input,
 3 target unavailable, 4 overloaded, 5 deadline exceeded, 6 no such node or rollout,
-7 rollout failed (the failing node was put back), 8 rollout aborted."""
+7 rollout failed (the failing node was put back), 8 rollout aborted, 9 rollout paused."""
 
 from __future__ import annotations
 

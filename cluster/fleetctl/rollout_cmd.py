@@ -1,6 +1,7 @@
 """`fleetctl rollout start|status|pause|resume|abort`: rolling model updates and release
 restarts, run by the coordinator. Exit codes: 0 succeeded (or started, without --wait),
-7 failed (the failing node was put back), 8 aborted; the usual codes for refusals."""
+7 failed (the failing node was put back), 8 aborted, 9 paused (a wait ran out: the message
+names what blocks it; `rollout resume` continues); the usual codes for refusals."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from google.protobuf.json_format import MessageToDict
 
 from cluster.api import fleet_pb2
 from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials
-from cluster.fleetctl.exits import EXIT_ROLLOUT_ABORTED, EXIT_ROLLOUT_FAILED
+from cluster.fleetctl.exits import EXIT_ROLLOUT_ABORTED, EXIT_ROLLOUT_FAILED, EXIT_ROLLOUT_PAUSED
 
 from cluster.fleetctl.ops_cmd import OUTPUT, _call
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
 TERMINAL = (fleet_pb2.ROLLOUT_STATE_SUCCEEDED, fleet_pb2.ROLLOUT_STATE_FAILED, fleet_pb2.ROLLOUT_STATE_ABORTED)
-_EXIT = {fleet_pb2.ROLLOUT_STATE_FAILED: EXIT_ROLLOUT_FAILED, fleet_pb2.ROLLOUT_STATE_ABORTED: EXIT_ROLLOUT_ABORTED}
+_EXIT = {fleet_pb2.ROLLOUT_STATE_FAILED: EXIT_ROLLOUT_FAILED, fleet_pb2.ROLLOUT_STATE_ABORTED: EXIT_ROLLOUT_ABORTED,
+         fleet_pb2.ROLLOUT_STATE_PAUSED: EXIT_ROLLOUT_PAUSED}
 
 
 def state_name(r: fleet_pb2.Rollout) -> str:
@@ -52,7 +54,7 @@ def _show(r: fleet_pb2.Rollout, output: str) -> None:
 
 
 def _follow(coordinator: str, tls, rollout_id: str, output: str) -> fleet_pb2.Rollout:
-    """Re-read the rollout until it ends; print it whenever it changed (the live view)."""
+    """Re-read the rollout until it ends or pauses; print it whenever it changed (the live view)."""
     shown = ""
     while True:
         r = _call(coordinator, tls, lambda stub: stub.GetRollout(fleet_pb2.GetRolloutRequest(rollout_id=rollout_id),
@@ -61,7 +63,7 @@ def _follow(coordinator: str, tls, rollout_id: str, output: str) -> fleet_pb2.Ro
         if text != shown and output != "json":
             typer.echo(("\n" if shown else "") + text, err=not sys.stdout.isatty())
             shown = text
-        if r.state in TERMINAL:
+        if r.state in TERMINAL or r.state == fleet_pb2.ROLLOUT_STATE_PAUSED:
             return r
         time.sleep(0.5)  # refresh twice a second
 
@@ -77,7 +79,9 @@ def start(
     model: Optional[Path] = typer.Option(None, "--model", help="The new model directory (on this coordinator's "
                                          "host; pushed to each node), or with --shared-path on every node."),
     version: str = typer.Option("", help="Version label the nodes report."),
-    model_id: str = typer.Option("", help="Model name. [default: the directory's name]"),
+    model_id: str = typer.Option("", help="Model id the nodes serve after the rollout (what clients ask for). "
+                                          "[default: the id they serve now; a different one renames the model, "
+                                          "which the plan shows and asks to confirm]"),
     digest: str = typer.Option("", help="Expected weights digest (sha256:...); required with --shared-path."),
     shared_path: bool = typer.Option(False, "--shared-path", help="Nodes read --model themselves."),
     restart: bool = typer.Option(False, "--restart", help="A release restart instead of a model update."),
@@ -85,6 +89,9 @@ def start(
     node: List[str] = typer.Option([], "--node", help="Only these node ids (repeatable). [default: all]"),
     engine: str = typer.Option("", help="Only nodes of this engine (mlx or vllm): each engine loads its own weights."),
     drain_timeout: float = typer.Option(120.0, help="Seconds each node's requests get to finish."),
+    wait_timeout: float = typer.Option(300.0, "--wait-timeout", help="Seconds a wait (for capacity, for a node) may "
+                                       "last before the rollout pauses, naming what blocks it."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Confirm a model rename without asking."),
     rollout_id: str = typer.Option("", help="[default: generated]"),
     wait: bool = typer.Option(False, "--wait", help="Follow the rollout until it ends (exit code says how)."),
     coordinator: str = COORDINATOR, output: str = OUTPUT,
@@ -96,16 +103,51 @@ def start(
         raise typer.Exit(2)
     path = str(model.resolve()) if model and not shared_path else str(model or "")
     tls = credentials(tls_dir, tls_name, plaintext)
+    rename = False
+    if not restart:
+        listing = _call(coordinator, tls, lambda stub: stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10))
+        renamed = plan(listing, node, engine, model_id, path, version)
+        if renamed:
+            if not yes and not sys.stdin.isatty():
+                typer.echo("fleetctl: this rollout renames the served model; confirm with --yes", err=True)
+                raise typer.Exit(2)
+            if not yes and not typer.confirm(f"Rename the served model {', '.join(renamed)} to {model_id}?",
+                                             err=True):
+                typer.echo("fleetctl: nothing started", err=True)
+                raise typer.Exit(1)
+            rename = True
     req = fleet_pb2.StartRolloutRequest(
         target=fleet_pb2.RolloutTarget(model_path=path, model_id=model_id, version=version, weights_digest=digest,
                                        shared_path=shared_path, restart=restart),
         max_unavailable=max_unavailable, node_ids=node, rollout_id=rollout_id, drain_timeout_s=drain_timeout,
-        engine=engine)
+        engine=engine, rename_model=rename, wait_timeout_s=wait_timeout)
     r = _call(coordinator, tls, lambda stub: stub.StartRollout(req, timeout=120))
     if not wait:
         _show(r, output)
         return
     _end(_follow(coordinator, tls, r.rollout_id, output), output)
+
+
+def plan(listing: fleet_pb2.ListNodesResponse, only: List[str], engine: str, model_id: str, path: str,
+         version: str) -> List[str]:
+    """Print what the rollout will do (on stderr); return the served model ids it renames."""
+    nodes = [n for n in listing.nodes if n.status.node_id and (not only or n.status.node_id in only)
+             and (not engine or n.status.model.engine == engine)]
+    current = sorted({n.status.model.model_id for n in nodes if n.status.model.model_id})
+    renamed = [c for c in current if model_id and c != model_id]
+    out = sorted(nodes, key=lambda n: n.routable)   # out of service first: it costs no capacity
+    lines = [f"plan: {path or 'the model'}{' ' + version if version else ''} to "
+             f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}"]
+    if renamed:
+        lines.append(f"  RENAME: the served model {', '.join(renamed)} becomes {model_id}: clients asking for "
+                     f"{renamed[0]!r} (the OpenAI API's model) get 404 once their nodes are updated")
+    else:
+        lines.append(f"  model id: {model_id or ', '.join(current) or 'the directory name'} (kept)")
+    for n in out:
+        note = "" if n.routable else "  (out of service: updated first, left out of service)"
+        lines.append(f"  {n.status.node_id:<16} {n.status.model.model_id} {n.status.model.version}{note}")
+    typer.echo("\n".join(lines), err=True)
+    return renamed
 
 
 @app.command("status")
