@@ -171,8 +171,8 @@ def _kill_serving(co, nodes, min_tokens: int, max_tokens: int, timeout_s: float 
 
 
 def _record(co, request_id: str, timeout_s: float = 5.0) -> dict:
-    """The request's audit record. A failed request's record is written as its status goes
-    out (grpc.aio's abort sends the status first), so it may land just after the caller's error."""
+    """The request's audit record (query shows its accepted and end records as one); a failed
+    request's record is durable before its status goes out."""
     deadline = time.monotonic() + timeout_s
     while not (found := list(query(co.audit_dir, request_id=request_id))):
         assert time.monotonic() < deadline, f"no audit record for {request_id}"
