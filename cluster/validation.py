@@ -58,6 +58,7 @@ class Sampling:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
+    ignore_eos: bool = False     # generate to max_tokens past end-of-sequence (stop strings still apply)
 
     @property
     def greedy(self) -> bool:
@@ -191,7 +192,8 @@ def check_sampling(msg: inference_pb2.SamplingParams) -> Sampling:
                if msg.HasField("repetition_penalty") else 1.0)
     if penalty <= 0:
         raise InvalidRequest(f"repetition_penalty must be > 0 (1 disables it); got {penalty:g}")
-    return Sampling(temperature, top_p, top_k, min_p, penalty, msg.seed if msg.HasField("seed") else None)
+    return Sampling(temperature, top_p, top_k, min_p, penalty, msg.seed if msg.HasField("seed") else None,
+                    msg.ignore_eos)
 
 
 def _messages(chat: inference_pb2.ChatInput) -> tuple[tuple[str, str], ...]:
@@ -263,6 +265,9 @@ def check_request(request: inference_pb2.GenerateRequest, *, max_tokens: int, ma
     check_input(request)
     check_counts(request, max_tokens=max_tokens, max_stop_sequences=max_stop_sequences, where=where)
     check_sampling(request.sampling)
+    if request.sampling.ignore_eos and request.HasField("output_format"):
+        raise InvalidRequest("sampling.ignore_eos cannot be combined with output_format: a note must end where its "
+                             "schema ends")
 
 
 def template_budget(request: inference_pb2.GenerateRequest, limit: int) -> int:

@@ -40,7 +40,7 @@ COMPLETION_DEFAULTS: dict[str, tuple] = {
     "logit_bias": (None, {}), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
 }
 COMMON = frozenset({"model", "stream", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "service_tier",
-                    "prompt_cache_key", "top_k", "min_p", "repetition_penalty"})
+                    "prompt_cache_key", "top_k", "min_p", "repetition_penalty", "ignore_eos"})
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "response_format"} | IGNORED | set(DEFAULTS)
 COMPLETION_FIELDS = COMMON | {"prompt"} | IGNORED | set(COMPLETION_DEFAULTS)
 
@@ -181,6 +181,10 @@ def _common(body: dict, req: inference_pb2.GenerateRequest, *, default_max_token
     seed = _number(body, "seed", 0, MAX_SEED, integer=True)
     if seed is not None:
         s.seed = int(seed)
+    ignore_eos = body.get("ignore_eos")   # vLLM's extension: `vllm bench serve` sends it; generate to max_tokens
+    if ignore_eos not in (None, True, False):
+        raise bad("ignore_eos must be true or false", param="ignore_eos")
+    s.ignore_eos = bool(ignore_eos)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

@@ -268,6 +268,10 @@ class MlxEngine:
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
 
+        from mlx_lm.generate import StopSequences
+
+        self._eos_stop = StopSequences([[t] for t in self._tokenizer.eos_token_ids])
+        self._no_stop = StopSequences(None)   # ignore_eos: run to max_tokens
         return BatchGenerator(
             self._model,
             stop_tokens=[[t] for t in self._tokenizer.eos_token_ids],
@@ -312,6 +316,7 @@ class MlxEngine:
                         zip(batch, reused)],
             samplers=[make_sampler(r.sampling, start_step=r.prefix_len) for r in batch],
             logits_processors=[self._processors(r) for r in batch],
+            stop_sequences=[self._no_stop if r.sampling.ignore_eos else self._eos_stop for r in batch],
         )
         return [(uid, len(r.prompt_tokens) - len(rest)) for uid, r, (_, rest) in zip(uids, batch, reused)]
 

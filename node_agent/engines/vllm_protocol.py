@@ -17,7 +17,9 @@ def completion_body(req: EngineRequest, served_name: str, eos_token_ids: Iterabl
     s = req.sampling
     body = {"model": served_name, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
             "stream": True, "return_token_ids": True, "temperature": s.temperature,
-            "stop_token_ids": list(eos_token_ids), "request_id": req.key}
+            "stop_token_ids": [] if s.ignore_eos else list(eos_token_ids), "request_id": req.key}
+    if s.ignore_eos:
+        body["ignore_eos"] = True
     if not s.greedy:  # vLLM seeds a generator per request: same seed, same tokens
         body.update(seed=s.seed, top_p=s.top_p, min_p=s.min_p)
         if s.top_k > 0:
