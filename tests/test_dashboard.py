@@ -105,6 +105,12 @@ def test_the_dashboard_shows_the_fleet_live_and_follows_a_cordon(fleet):
             page.wait_for_function("document.getElementById('t-routable').textContent === '1 / 2'", timeout=10_000)
             assert "operation" in page.inner_text("#events")
             page.screenshot(path=str(ARTIFACTS / "dashboard-cordoned.png"), full_page=True)
+            # The coordinator's own in-flight count, and a footer in view in a short window (issue 20).
+            assert "in flight" in page.inner_text("#nodes thead")
+            page.set_viewport_size({"width": 1440, "height": 600})
+            box = page.evaluate("(() => { const r = document.querySelector('footer').getBoundingClientRect(); "
+                                "return [r.top, r.bottom, window.innerHeight]; })()")
+            assert 0 <= box[0] and box[1] <= box[2], f"footer out of view at 600 px: {box}"
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
             raise

@@ -53,7 +53,9 @@ function renderNodes(nodes) {
     tr.appendChild(el("td", { class: "health-" + n.health }, n.health + (n.routable ? "" : " · not routable")));
     tr.appendChild(el("td", { title: n.digest ? "weights " + n.digest : "" }, n.model));
     tr.appendChild(el("td", {}, n.engine));
-    tr.appendChild(el("td", { class: "num" }, n.running + "/" + n.queued));
+    // the coordinator's own count (exact now); a node's running/queued is as of its last poll
+    tr.appendChild(el("td", { class: "num", title: "node reported " + n.running + " running, " + n.queued
+      + " queued at its last poll" }, String(n.in_flight)));
     tr.appendChild(el("td", { class: "num" }, Math.round(n.tokens_per_s)));
     const mem = el("td");
     const bar = el("span", { class: "bar" });
