@@ -29,6 +29,7 @@ from cluster.validation import (InvalidRequest, check_output_format_async, check
                                 serves, template_budget)
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
+from cluster.wording import plural
 from coordinator.attempt import Attempt
 from coordinator.audit_trail import AuditedCall, AuditTrail, RequestAudit
 from coordinator.admission import BATCH, INTERACTIVE, RESUME, Admission, QueueFull, WaitExpired
@@ -103,7 +104,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         if running >= self._s.max_concurrent_per_caller:
             await self.refused(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"), request, caller,
                                started)
-            await self._busy(context, f"request {rid}: {caller} already has {running} requests in flight, "
+            await self._busy(context, f"request {rid}: {caller} already has {plural(running, 'request')} in flight, "
                                       f"its quota (max_concurrent_per_caller {self._s.max_concurrent_per_caller})")
         req = inference_pb2.GenerateRequest()
         req.CopyFrom(request)

@@ -25,6 +25,7 @@ import grpc
 
 from cluster.api import node_pb2
 from cluster.logs import fields
+from cluster.wording import plural
 from node_agent.lifecycle import State
 from node_agent.node_state import ModelRef, NodeState
 from node_agent.requests import NodeStopping
@@ -174,7 +175,7 @@ class Operations:
         if self._drain_task is None:
             timeout = timeout_s or a.settings.drain_timeout_s
             self.drain_deadline = time.monotonic() + timeout
-            await a.enter(State.DRAINING, f"draining {len(a.registry)} requests, deadline {timeout:g}s"
+            await a.enter(State.DRAINING, f"draining {plural(len(a.registry), 'request')}, deadline {timeout:g}s"
                                           + (f" ({reason})" if reason else ""))
             task = self._drain_task = asyncio.get_running_loop().create_task(self._drain(timeout))
             task.add_done_callback(lambda t: setattr(self, "_drain_task", None) if self._drain_task is t else None)
@@ -189,7 +190,7 @@ class Operations:
             except asyncio.TimeoutError:
                 n = a.registry.abort_all(lambda s: NodeStopping(f"drain deadline of {timeout:g}s passed"))
                 await asyncio.wait_for(a.registry.wait_idle(), timeout=10)
-                message = (f"drained: the {timeout:g}s deadline passed and {n} requests were ended "
+                message = (f"drained: the {timeout:g}s deadline passed and {plural(n, 'request')} {'was' if n == 1 else 'were'} ended "
                            "with a CANCELLED final chunk (a coordinator resumes them on another node)")
         except asyncio.CancelledError:
             raise OperationError(grpc.StatusCode.ABORTED, "drain interrupted by an uncordon") from None
