@@ -3,8 +3,8 @@ in flight finish, new ones go elsewhere, and no caller sees an error."""
 
 from __future__ import annotations
 
-import re
 import json
+import re
 
 import grpc
 import pytest
