@@ -137,8 +137,8 @@ class Rollouts:
             raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "wait_timeout_s must be in (0, 86400]")
         if not t.restart:
             self._check_model_id(t, nodes, req.rename_model)
-        out = {n for n in nodes if not self._serving(n)}   # cost no capacity: updated first, left out after
-        nodes = sorted(nodes, key=lambda n: n not in out)
+        out = await self._cordoned(nodes)   # the operator's: updated first (no capacity lost), left out after
+        nodes = sorted(nodes, key=lambda n: (n not in out, self._serving(n)))   # then any other not serving
         lease = self.store.acquire(self._me, self._s.rollout_lease_s)
         if not lease.held:
             raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{lease.refused}; try again later")
@@ -177,6 +177,20 @@ class Rollouts:
             raise bad(f"{path} hashes to {actual[:19]}, not the expected {t.weights_digest[:19]}; "
                       "check you point at the right version")
         t.weights_digest = actual
+
+    async def _cordoned(self, nodes: list[str]) -> set[str]:
+        """The nodes cordoned (or drained) now, as each node says: read fresh, since this
+        coordinator's view may lag a poll (a node another coordinator just uncordoned)."""
+        async def cordoned(node_id: str) -> bool:
+            entry = self._fleet.by_id(node_id)
+            try:
+                st = await entry.link.status(self._s.probe_timeout_s)
+            except Exception:  # noqa: BLE001 - unreachable now: go by the last status seen
+                st = entry.status
+            return st is not None and st.cordoned
+
+        flags = await asyncio.gather(*(cordoned(n) for n in nodes))
+        return {n for n, flag in zip(nodes, flags) if flag}
 
     def _serving(self, node_id: str) -> bool:
         entry = self._fleet.by_id(node_id)

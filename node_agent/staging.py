@@ -61,7 +61,6 @@ class StagingArea:
         """`max_bytes`: staged and incoming weights together; `reserve_bytes`: disk space a
         staging must leave free (logs, the audit of other daemons, the OS)."""
         self.root, self._max, self._reserve = root, max_bytes, reserve_bytes
-        root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()    # guards _live
         self._write = threading.Lock()   # one chunk appended (or one push reset) at a time
         self._live: dict[str, StagedInfo] = {}   # receiving, verifying or failed
@@ -214,7 +213,7 @@ class StagingArea:
             raise StagingFull(f"staging {total} bytes would hold {used + total} of this node's {self._max}-byte "
                               "staging quota; activate or remove staged models (a rollout prunes all but the "
                               "active and previous ones) or raise --max-staged-gb")
-        free = shutil.disk_usage(self.root).free
+        free = shutil.disk_usage(_existing(self.root)).free
         if total - held > free - self._reserve:
             raise StagingFull(f"staging needs {total - held} more bytes and the disk holding {self.root} has "
                               f"{free} free, {self._reserve} of them kept in reserve; free disk space first")
@@ -270,6 +269,13 @@ def _read(path: Path) -> Optional[StagedInfo]:
     m = _json(path / META)
     return None if m is None else StagedInfo(m["digest"], m["model_id"], m["version"], STAGED,
                                              m["bytes"], m["bytes"], "staged", str(path))
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (the disk the staging area will be on)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _size(path: Path) -> int:

@@ -181,7 +181,7 @@ def test_unsafe_file_names_are_refused_before_anything_is_written(tmp_path, name
     ("sha256:../../x", [("config.json", 1)], "is not sha256"),
     (WRONG, [("model.safetensors", 1)], "no config.json"),
     (WRONG, [("config.json", 1), ("config.json", 1)], "unique"),
-    (WRONG, [("config.json", 600), ("model.safetensors", 600)], "at most 1000"),
+    (WRONG, [("config.json", 600), ("model.safetensors", 600)], "1000-byte staging quota"),
 ])
 def test_a_bad_manifest_is_refused(tmp_path, digest, files, match):
     area = StagingArea(tmp_path / "models", max_bytes=1000)
