@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from cluster import daemon as daemon_cli
 from cluster.daemon import exit_now, on_stop_signals, print_listening, run_daemon
 from cluster.offline import force_offline
 
@@ -94,15 +95,15 @@ def serve(
     plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
     http_listen: Optional[str] = typer.Option(None, help="HOST:PORT of the monitoring port (/metrics), or off. [default: the --listen host, port + 1]"),
     metrics: Optional[bool] = typer.Option(None, "--metrics/--no-metrics", help="Prometheus metrics on the monitoring port. [default: on]"),
-    http_handshake_timeout_s: Optional[float] = typer.Option(None, help="HTTP ports: seconds a TLS handshake may take. [default: 10]"),
-    http_header_timeout_s: Optional[float] = typer.Option(None, help="HTTP ports: seconds a request header may take from its first byte (a new connection's from its handshake). [default: 10]"),
-    http_idle_timeout_s: Optional[float] = typer.Option(None, help="HTTP ports: seconds a kept-alive connection may wait for its next request. [default: 30]"),
-    http_body_timeout_s: Optional[float] = typer.Option(None, help="HTTP ports: seconds a request body may take. [default: 60]"),
-    http_max_connections: Optional[int] = typer.Option(None, help="HTTP ports: open connections per port (and at most a quarter of the file limit). [default: 256]"),
-    http_max_unauthenticated: Optional[int] = typer.Option(None, help="HTTP ports: connections per port that have not yet proved a caller (one address: half). [default: 128]"),
-    http_denial_window_s: Optional[float] = typer.Option(None, help="HTTP ports: window of the per-address refusal counts. [default: 60]"),
-    http_denial_burst: Optional[int] = typer.Option(None, help="HTTP ports: refusals per address and window audited one by one; the rest as one record with a count. [default: 5]"),
-    http_unauthenticated_per_window: Optional[int] = typer.Option(None, help="HTTP ports: attempts without a valid credential per address and window before 429. [default: 30]"),
+    http_handshake_timeout_s: Optional[float] = daemon_cli.HTTP_HANDSHAKE_TIMEOUT_S,
+    http_header_timeout_s: Optional[float] = daemon_cli.HTTP_HEADER_TIMEOUT_S,
+    http_idle_timeout_s: Optional[float] = daemon_cli.HTTP_IDLE_TIMEOUT_S,
+    http_body_timeout_s: Optional[float] = daemon_cli.HTTP_BODY_TIMEOUT_S,
+    http_max_connections: Optional[int] = daemon_cli.HTTP_MAX_CONNECTIONS,
+    http_max_unauthenticated: Optional[int] = daemon_cli.HTTP_MAX_UNAUTHENTICATED,
+    http_denial_window_s: Optional[float] = daemon_cli.HTTP_DENIAL_WINDOW_S,
+    http_denial_burst: Optional[int] = daemon_cli.HTTP_DENIAL_BURST,
+    http_unauthenticated_per_window: Optional[int] = daemon_cli.HTTP_UNAUTHENTICATED_PER_WINDOW,
     log_format: Optional[str] = typer.Option(None, help="json (one JSON object per line) or text. [default: json]"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
 ) -> None:

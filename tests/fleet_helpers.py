@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import grpc
 
@@ -28,6 +30,19 @@ class Stream:
     times: list = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)
     restarted_at: list = field(default_factory=list)   # (len(ids), len(text)) where a `restarted` chunk came
+
+
+@contextlib.contextmanager
+def serving_coordinator(node, logs: Path, name: str, *args: str) -> Iterator:
+    """A coordinator routing to `node` (a module's shared node), started and routable;
+    stopped on exit."""
+    from tests.procs import CoordinatorProcess
+
+    with CoordinatorProcess(*args, nodes=[node.address], name=name) as co:
+        co.start(logs)
+        co.wait_serving()
+        co.wait_routable(1)
+        yield co
 
 
 def note(i: int, max_tokens: int, **kw) -> inference_pb2.GenerateRequest:

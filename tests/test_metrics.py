@@ -14,7 +14,7 @@ from cluster.client import build_request
 from cluster.localfleet import HARNESS_NODE_CALLER
 from cluster.metrics import parse
 from cluster.security.identity import Role
-from tests.fleet_helpers import collect
+from tests.fleet_helpers import collect, serving_coordinator
 from tests.procs import CoordinatorProcess
 
 MARK = "Zebulon-Quartz-7741"   # synthetic "PHI" that must never appear in metrics or logs
@@ -22,11 +22,7 @@ MARK = "Zebulon-Quartz-7741"   # synthetic "PHI" that must never appear in metri
 
 @pytest.fixture(scope="module")
 def coordinator(node, tmp_path_factory):
-    proc = CoordinatorProcess(nodes=[node.address], name="metrics-coordinator")
-    with proc:
-        proc.start(tmp_path_factory.mktemp("metrics-logs"))
-        proc.wait_serving()
-        proc.wait_routable(1)
+    with serving_coordinator(node, tmp_path_factory.mktemp("metrics-logs"), "metrics-coordinator") as proc:
         yield proc
 
 

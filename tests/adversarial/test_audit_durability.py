@@ -29,7 +29,7 @@ from cluster.metrics import parse
 from cluster.security.identity import Role
 from coordinator.audit_trail import canonical_input
 from tests.audit_helpers import open_log, records
-from tests.fleet_helpers import collect, note
+from tests.fleet_helpers import collect, note, serving_coordinator
 from tests.procs import CoordinatorProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -199,11 +199,7 @@ def test_a_coordinator_killed_mid_stream_leaves_the_accepted_record(node, tmp_pa
 
 @pytest.fixture(scope="module")
 def coordinator(node, tmp_path_factory):
-    co = CoordinatorProcess(nodes=[node.address], name="abort-order")
-    with co:
-        co.start(tmp_path_factory.mktemp("abort-logs"))
-        co.wait_serving()
-        co.wait_routable(1)
+    with serving_coordinator(node, tmp_path_factory.mktemp("abort-logs"), "abort-order") as co:
         yield co
 
 

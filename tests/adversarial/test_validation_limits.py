@@ -25,8 +25,8 @@ from cluster.quality.notes import MAX_SCHEMA_BYTES
 from cluster.quality.prompts import MAX_VARIABLE_CHARS
 from cluster.validation import (MAX_DIGEST_LEN, MAX_MESSAGES, MAX_MODEL_ID_LEN, MAX_NAME_LEN, MAX_REQUEST_ID_LEN,
                                 MAX_SESSION_KEY_LEN, MAX_STOP_LEN, MAX_TEXT_CHARS, MAX_VARIABLES)
-from tests.fleet_helpers import collect
-from tests.procs import ROOT, CoordinatorProcess
+from tests.fleet_helpers import collect, serving_coordinator
+from tests.procs import ROOT
 
 M = "tiny-qwen2"
 Q = "Q"   # the filler of every over-long value: no message may contain a run of it
@@ -34,11 +34,7 @@ Q = "Q"   # the filler of every over-long value: no message may contain a run of
 
 @pytest.fixture(scope="module")
 def co(node, tmp_path_factory):
-    proc = CoordinatorProcess(nodes=[node.address], name="limits")
-    with proc:
-        proc.start(tmp_path_factory.mktemp("limits-logs"))
-        proc.wait_serving()
-        proc.wait_routable(1)
+    with serving_coordinator(node, tmp_path_factory.mktemp("limits-logs"), "limits") as proc:
         yield proc
 
 
