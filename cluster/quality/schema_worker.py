@@ -2,7 +2,7 @@
 killed when a check runs past its time limit (issue 19 #16).
 
 `SchemaChecker.check(text)` sends one schema to a long-lived `python -m
-cluster.quality.schema_worker` and returns "" (the schema is fine) or the InvalidRequest
+cluster.quality.schema_child` and returns "" (the schema is fine) or the InvalidRequest
 message notes.check_schema gave. The protocol is one JSON line each way. A check that
 takes longer than `timeout_s` kills the child (the next check starts a new one); checks
 wait their turn (the caller's deadline bounds that), at most `max_waiting` of them.
@@ -67,7 +67,7 @@ class SchemaChecker:
     async def _started(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cluster.quality.schema_worker", stdin=asyncio.subprocess.PIPE,
+                sys.executable, "-m", "cluster.quality.schema_child", stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, limit=1 << 20)
         return self._proc
 
@@ -84,23 +84,3 @@ class SchemaChecker:
         if proc is not None:
             await proc.wait()
 
-
-def main() -> None:
-    """The child: one JSON string (a schema's text) per line in, {"error": ""|message} out."""
-    from cluster.quality.notes import check_text
-    from cluster.validation import InvalidRequest
-
-    for line in sys.stdin:
-        try:
-            check_text(json.loads(line))
-            error = ""
-        except InvalidRequest as exc:
-            error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - never the text: it may quote the schema
-            error = f"the request could not be checked ({type(exc).__name__}); simplify the schema"
-        sys.stdout.write(json.dumps({"error": error}) + "\n")
-        sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    main()

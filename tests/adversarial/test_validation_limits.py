@@ -187,7 +187,7 @@ def test_schema_compilation_does_not_block_the_coordinators_event_loop(co):
         return t.user + t.system
 
     def workers() -> dict[int, psutil.Process]:
-        return {c.pid: c for c in coordinator.children() if "cluster.quality.schema_worker" in c.cmdline()}
+        return {c.pid: c for c in coordinator.children() if "cluster.quality.schema_child" in c.cmdline()}
 
     schemas = [_big_schema(int(time.time() * 1000) % 10**6 * 10 + i) for i in range(6)]
     before = {pid: cpu(w) for pid, w in workers().items()}
