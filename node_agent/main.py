@@ -68,7 +68,7 @@ def _stopping(reason: str):
 def serve(
     model: Optional[Path] = typer.Option(None, "--model", help="Local model directory (config.json, *.safetensors, tokenizer): MLX for --engine mlx, Hugging Face for vllm; or model_path in the config file."),
     config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its [node] table gives defaults that env vars and flags override."),
-    listen: Optional[str] = typer.Option(None, help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7700]"),
+    listen: Optional[str] = typer.Option(None, metavar="HOST:PORT", help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7700]"),
     node_id: Optional[str] = typer.Option(None, help="Unique node id. [default: derived from host and port]"),
     model_id: Optional[str] = typer.Option(None, help="Model name to report. [default: directory name]"),
     model_version: Optional[str] = typer.Option(None, help="Version label to report."),
@@ -93,7 +93,7 @@ def serve(
     tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and this node's NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),
     tls_name: Optional[str] = typer.Option(None, help="Certificate name; it must equal the node id. [default: the node id]"),
     plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
-    http_listen: Optional[str] = typer.Option(None, help="HOST:PORT of the monitoring port (/metrics), or off. [default: the --listen host, port + 1]"),
+    http_listen: Optional[str] = typer.Option(None, metavar="HOST:PORT", help="HOST:PORT of the monitoring port (/metrics), or off. [default: the --listen host, port + 1]"),
     metrics: Optional[bool] = typer.Option(None, "--metrics/--no-metrics", help="Prometheus metrics on the monitoring port. [default: on]"),
     http_handshake_timeout_s: Optional[float] = daemon_cli.HTTP_HANDSHAKE_TIMEOUT_S,
     http_header_timeout_s: Optional[float] = daemon_cli.HTTP_HEADER_TIMEOUT_S,

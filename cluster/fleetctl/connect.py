@@ -46,6 +46,7 @@ def coordinator_address(value: Optional[str]) -> str:
 
 
 COORDINATOR = typer.Option(None, "--coordinator", "-c", envvar=ENV_COORDINATOR, callback=coordinator_address,
+                           metavar="HOST:PORT",
                            help=f"HOST:PORT of the coordinator. [default: coordinator in [fleetctl] of the config "
                                 f"file, else {DEFAULT_COORDINATOR}]")
 TLS_DIR = typer.Option(None, "--tls-dir", envvar=ENV_DIR,

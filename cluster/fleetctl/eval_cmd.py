@@ -32,7 +32,7 @@ def _bad_input(message: str) -> typer.Exit:
 
 @app.command("run")
 def run(
-    target: str = typer.Option(..., "--target", help="HOST:PORT of a coordinator (app certificate) or, with "
+    target: str = typer.Option(..., "--target", metavar="HOST:PORT", help="HOST:PORT of a coordinator (app certificate) or, with "
                                "--node, of a node agent (coordinator certificate)."),
     suite: Path = typer.Option(evaluation.STARTER_SUITE, "--suite", help="Suite file (TOML); default: the "
                                "starter suite of 24 synthetic encounters."),

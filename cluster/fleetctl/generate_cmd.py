@@ -21,7 +21,7 @@ ENDED_EARLY = (inference_pb2.FINISH_REASON_CANCELLED, inference_pb2.FINISH_REASO
 
 def generate(
     coordinator: str = COORDINATOR,
-    target: Optional[str] = typer.Option(None, "--target", help="HOST:PORT of one node agent to call directly "
+    target: Optional[str] = typer.Option(None, "--target", metavar="HOST:PORT", help="HOST:PORT of one node agent to call directly "
                                          "(with --node). [default: the coordinator, as -c gives it]"),
     prompt: Optional[str] = typer.Option(None, help="Prompt text (sent as one user chat message unless --raw); "
                                                     "real patient text belongs in --prompt-file, not argv."),
