@@ -199,8 +199,7 @@ class Rollouts:
     def _check_model_id(self, t: fleet_pb2.RolloutTarget, nodes: list[str], rename: bool) -> None:
         """A rollout keeps the model id the nodes serve (the id clients ask for: OpenAI's
         `model`); a different one only with `rename` (fleetctl asks, or --yes)."""
-        current = sorted({e.status.model.model_id for n in nodes if (e := self._fleet.by_id(n)) is not None
-                          and e.status is not None and e.status.model.model_id})
+        current = sorted({e.model_id for n in nodes if (e := self._fleet.by_id(n)) is not None and e.model_id})
         if not t.model_id:
             if len(current) > 1:
                 raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,

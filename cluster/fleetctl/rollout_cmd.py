@@ -135,7 +135,8 @@ def plan(listing: fleet_pb2.ListNodesResponse, only: List[str], engine: str, mod
              and (not engine or n.status.model.engine == engine)]
     current = sorted({n.status.model.model_id for n in nodes if n.status.model.model_id})
     renamed = [c for c in current if model_id and c != model_id]
-    out = sorted(nodes, key=lambda n: n.routable)   # out of service first: it costs no capacity
+    # As the coordinator orders them: cordoned first (left cordoned), then any other not serving.
+    out = sorted(nodes, key=lambda n: (not n.status.cordoned, n.routable))
     lines = [f"plan: {path or 'the model'}{' ' + version if version else ''} to "
              f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}"]
     if renamed:
@@ -144,7 +145,8 @@ def plan(listing: fleet_pb2.ListNodesResponse, only: List[str], engine: str, mod
     else:
         lines.append(f"  model id: {model_id or ', '.join(current) or 'the directory name'} (kept)")
     for n in out:
-        note = "" if n.routable else "  (out of service: updated first, left out of service)"
+        note = ("  (cordoned: updated first, left cordoned)" if n.status.cordoned
+                else "" if n.routable else "  (not serving: updated early)")
         lines.append(f"  {n.status.node_id:<16} {n.status.model.model_id} {n.status.model.version}{note}")
     typer.echo("\n".join(lines), err=True)
     return renamed

@@ -134,7 +134,7 @@ class MlxEngine:
         s, (tokens, first, last) = self._stats, self._rate_seen
         now = time.monotonic()
         if not tokens or now - last > _RATE_WINDOW_S:
-            return replace(s, decode_tokens_per_s=0.0) if s.decode_tokens_per_s else s
+            return s   # the snapshot's rate is 0: only this reading computes it
         return replace(s, decode_tokens_per_s=tokens / max(now - first, 1e-3))
 
     def close(self) -> None:
@@ -266,15 +266,14 @@ class MlxEngine:
         return cache, rest
 
     def _new_generator(self):
-        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.generate import BatchGenerator, StopSequences
 
-        from mlx_lm.generate import StopSequences
-
-        self._eos_stop = StopSequences([[t] for t in self._tokenizer.eos_token_ids])
-        self._no_stop = StopSequences(None)   # ignore_eos: run to max_tokens
+        eos = [[t] for t in self._tokenizer.eos_token_ids]
+        self._eos_stop = StopSequences(eos)   # each insert names its stops: these, or none for ignore_eos
+        self._no_stop = StopSequences(None)
         return BatchGenerator(
             self._model,
-            stop_tokens=[[t] for t in self._tokenizer.eos_token_ids],
+            stop_tokens=eos,
             completion_batch_size=self._max_running,
             prefill_batch_size=self._prefill_batch_size,
             prefill_step_size=self._prefill_step_size,
@@ -400,12 +399,10 @@ class MlxEngine:
         self._stats_at = now
         while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
             self._rate_tokens -= self._rate.popleft()[1]
-        span = now - self._rate[0][0] if self._rate else 0.0
         self._rate_seen = (self._rate_tokens, self._rate[0][0], self._rate[-1][0]) if self._rate else (0, now, now)
-        self._stats = EngineStats(
+        self._stats = EngineStats(   # decode_tokens_per_s stays 0 here: stats() computes it when read
             running=len(self._key_of),
             waiting=len(self._waiting),
-            decode_tokens_per_s=self._rate_tokens / span if span > 0 else 0.0,
             active_memory_bytes=mx.get_active_memory(),
             peak_memory_bytes=mx.get_peak_memory(),
             prompt_cache_entries=len(self._prompt_cache) if self._prompt_cache is not None else 0,
