@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 import time
 import uuid
 
 import grpc
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc, node_pb2
+from cluster.security.identity import Identity
 from coordinator import health_policy as hp
 from coordinator.admission import Admission
 from coordinator.events import EventLog
@@ -62,6 +64,20 @@ def traffic(request_log, relay, window_s: int = 3600, bucket_s: int = 60) -> fle
            else fleet_pb2.Traffic(bucket_s=bucket_s))
     out.running, out.queued = relay.load()
     return out
+
+
+def dashboard_link(http, identity: Identity) -> fleet_pb2.DashboardLink:
+    """A one-time login URL for `identity` on the monitoring port's dashboard. A port bound
+    to every interface is named by this host's fully qualified name (set --http-listen to a
+    name the browser resolves)."""
+    from cluster.http_server import TOKEN_TTL_S   # aiohttp: loaded only with a monitoring port
+
+    host, _, port = http.address.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    token = http.sessions.issue(identity)
+    return fleet_pb2.DashboardLink(url=f"{http.scheme}://{host}:{port}/login?token={token}",
+                                   expires_in_s=TOKEN_TTL_S)
 
 
 class FleetAdmin(fleet_pb2_grpc.FleetServicer):
@@ -228,10 +244,8 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this coordinator runs without its monitoring port (--http-listen off); "
                                 "start it with --http-listen HOST:PORT")
-        from coordinator.dashboard import open_link
-
         await self._record(context, ident, context.peer(), "fleet.open_dashboard")
-        return open_link(http, ident)
+        return dashboard_link(http, ident)
 
     # -- API tokens for the OpenAI-compatible front door ---------------------------------
     async def IssueApiToken(self, request, context) -> fleet_pb2.ApiTokenIssued:

@@ -5,27 +5,30 @@ recent fleet events and the latest rollout. Metadata only: no prompt or completi
 ever in reach of this module.
 
 Access is the operator role: a client certificate, or a session opened with a one-time
-link from `fleetctl dashboard` (`open_link`, cluster/http_server.py). The page's polls are
+link from `fleetctl dashboard` (`dashboard_link`, coordinator/admin.py; sessions in
+cluster/http_server.py). The page's polls are
 marked background (BACKGROUND_HEADER) unless the user acted since the last one, so an
 unattended tab still logs off after `dashboard_idle_timeout_s`.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from cluster.api import common_pb2, fleet_pb2
-from cluster.http_server import TOKEN_TTL_S
-from cluster.security.identity import Identity
 from coordinator.admin import fleet_nodes, traffic
 
 if TYPE_CHECKING:
-    from coordinator.coordinator import Coordinator
+    from cluster.config import CoordinatorSettings
+    from coordinator.events import EventLog
+    from coordinator.fleet import Fleet
+    from coordinator.relay import Relay
+    from coordinator.request_log import RequestLog
+    from coordinator.rollouts import Rollouts
 
 EVENTS = 50
 ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
@@ -35,7 +38,18 @@ def _asset(name: str) -> bytes:
     return resources.files("coordinator").joinpath("static", name).read_bytes()
 
 
-def add_routes(app: web.Application, coordinator: "Coordinator") -> None:
+class Source(Protocol):
+    """What the dashboard reads (the Coordinator provides it)."""
+
+    settings: "CoordinatorSettings"
+    fleet: "Fleet"
+    relay: "Relay"
+    events: "EventLog"
+    rollouts: "Rollouts | None"
+    request_log: "RequestLog | None"
+
+
+def add_routes(app: web.Application, coordinator: Source) -> None:
     page = _asset("dashboard.html")
     assets = {name: (_asset(name), kind) for name, kind in ASSETS.items()}
 
@@ -54,7 +68,7 @@ def add_routes(app: web.Application, coordinator: "Coordinator") -> None:
     app.router.add_get("/api/snapshot", api_snapshot)
 
 
-def snapshot(co: "Coordinator") -> dict:
+def snapshot(co: Source) -> dict:
     nodes = [_node(n) for n in fleet_nodes(co.fleet)]
     t = traffic(co.request_log, co.relay)
     return {
@@ -102,7 +116,7 @@ def _event(e: fleet_pb2.FleetEvent) -> dict:
     return out
 
 
-def _rollout(co: "Coordinator") -> dict | None:
+def _rollout(co: Source) -> dict | None:
     row = co.rollouts.store.get("") if co.rollouts is not None else None
     if row is None:
         return None
@@ -112,13 +126,3 @@ def _rollout(co: "Coordinator") -> dict | None:
     return {"id": row.id, "state": row.state, "message": row.message, "steps": steps,
             "nodes": [{"node": n.node_id, "step": n.step} for n in row.nodes]}
 
-
-def open_link(http, identity: Identity) -> fleet_pb2.DashboardLink:
-    """A one-time login URL for `identity`. A port bound to every interface is named by
-    this host's fully qualified name (set --http-listen to a name the browser resolves)."""
-    host, _, port = http.address.rpartition(":")
-    if host.strip("[]") in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
-    token = http.sessions.issue(identity)
-    return fleet_pb2.DashboardLink(url=f"{http.scheme}://{host}:{port}/login?token={token}",
-                                   expires_in_s=TOKEN_TTL_S)
