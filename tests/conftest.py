@@ -55,6 +55,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
 
 
+@pytest.fixture(scope="session")
+def qwen_tiny_model(tmp_path_factory) -> Path:
+    """A generated Qwen2 model with Qwen2.5's real tokenizer and chat template (hidden 64,
+    2 layers, 151,936 tied embedding rows): real token counts and grammar mask sizes."""
+    from cluster.tinymodel import make_tiny_model, qwen25_spec
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vocab", qwen25_spec())
+
+
 @pytest.fixture(scope="module")
 def node(tiny_model, tmp_path_factory):
     """One READY node agent shared by a module's tests (they must leave it serving)."""
