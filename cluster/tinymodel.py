@@ -2,7 +2,9 @@
 
 The weights are random, so the text is gibberish; the shapes, tokenizer, chat
 template and file layout are those of a real Qwen2 checkpoint. Same arguments and
-seed give byte-identical weights, so the same weights digest.
+seed give byte-identical weights, so the same weights digest. The tokenizer is either
+a small BPE trained on synthetic text (`vocab="trained"`) or Qwen2.5's real one
+(`vocab="qwen2.5"`: real token counts and grammar mask sizes, 151,936 embedding rows).
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ class TinyModelSpec:
     vocab_size: int = 512
     max_position_embeddings: int = 2048
     seed: int = 0
+    vocab: str = "trained"   # or "qwen2.5": Qwen2.5's tokenizer; vocab_size is then the embedding rows
+
+
+VOCABS = ("trained", "qwen2.5")
+
+
+def qwen25_spec(**shape) -> TinyModelSpec:
+    """A tiny model with Qwen2.5's tokenizer and embedding size (151,936 rows, tied).
+
+    Hidden 64 (one head of 64): the embedding, 151,936 x 64 float32 = 39 MB, is nearly all
+    of the weights, and its logits matmul most of a decode step on a CPU.
+    """
+    from cluster.qwen25_tokenizer import EMBEDDING_ROWS
+
+    defaults = dict(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, intermediate_size=128)
+    return TinyModelSpec(**{**defaults, "vocab": "qwen2.5", "vocab_size": EMBEDDING_ROWS, **shape})
 
 
 def _train_tokenizer(vocab_size: int):
@@ -65,23 +83,11 @@ def _train_tokenizer(vocab_size: int):
     return tok
 
 
-def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write config.json, model.safetensors and a ChatML tokenizer into `out_dir`."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import qwen2
+def _trained_tokenizer(spec: TinyModelSpec):
+    """The small BPE trained on synthetic text, as a fast tokenizer; the vocabulary it reached."""
     from transformers import PreTrainedTokenizerFast
 
-    if spec.hidden_size % spec.num_attention_heads:
-        raise ValueError("hidden_size must be a multiple of num_attention_heads")
-    if spec.num_attention_heads % spec.num_key_value_heads:
-        raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     tok = _train_tokenizer(spec.vocab_size)
-    vocab_size = tok.get_vocab_size()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
@@ -91,6 +97,37 @@ def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) 
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = spec.max_position_embeddings
+    return fast, tok.get_vocab_size()
+
+
+def _qwen25_tokenizer(spec: TinyModelSpec):
+    """Qwen2.5's real tokenizer; the embedding keeps spec.vocab_size rows (151,936 in Qwen2.5)."""
+    from cluster.qwen25_tokenizer import fast_tokenizer
+
+    fast = fast_tokenizer(spec.max_position_embeddings)
+    if spec.vocab_size < len(fast):
+        raise ValueError(f"vocab_size {spec.vocab_size} is below the {len(fast)} tokens of Qwen2.5's "
+                         f"tokenizer (Qwen2.5 uses 151936)")
+    return fast, spec.vocab_size
+
+
+def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write config.json, model.safetensors and a ChatML tokenizer into `out_dir`."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+
+    if spec.hidden_size % spec.num_attention_heads:
+        raise ValueError("hidden_size must be a multiple of num_attention_heads")
+    if spec.num_attention_heads % spec.num_key_value_heads:
+        raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+    if spec.vocab not in VOCABS:
+        raise ValueError(f"vocab must be one of {', '.join(VOCABS)}, not {spec.vocab!r}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    fast, vocab_size = (_qwen25_tokenizer if spec.vocab == "qwen2.5" else _trained_tokenizer)(spec)
     fast.save_pretrained(str(out))
 
     config = {
@@ -108,7 +145,7 @@ def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) 
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
         "bos_token_id": None,
-        "eos_token_id": tok.token_to_id("<|im_end|>"),
+        "eos_token_id": fast.convert_tokens_to_ids("<|im_end|>"),
         "studiofleet_tiny": asdict(spec),
     }
     args = qwen2.ModelArgs(
