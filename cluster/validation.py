@@ -3,48 +3,26 @@
 Messages never quote anything the caller sent (PHI may be anywhere, names and keys
 included): they name the field and the allowed range only. Every string field has a length
 cap (FIELD_CAPS), and any exception while checking is an InvalidRequest, never a crash.
-Limits that depend on a model (context, vocabulary) stay on the node.
+Limits that depend on a model (context, vocabulary) stay on the node. InvalidRequest and
+`guarded` live in cluster.invalid_request (imported from here too), so the quality checks
+this module calls (cluster.quality.notes, prompts) need not import it back.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 from cluster.api import inference_pb2
+from cluster.invalid_request import InvalidRequest, guarded
+from cluster.quality import notes, prompts
 
 ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_LEN = 128
 MAX_STOP_LEN = 64
-
-
-class InvalidRequest(ValueError):
-    """The request cannot be served as sent (gRPC INVALID_ARGUMENT)."""
-
-
-_F = TypeVar("_F", bound=Callable)
-
-
-def guarded(fn: _F) -> _F:
-    """Any exception while checking (a RecursionError from deep nesting, a library's own
-    error) becomes an InvalidRequest naming only its type, so it is refused and audited as
-    bad input instead of escaping as UNKNOWN/500; the exception text may quote the input."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except InvalidRequest:
-            raise
-        except Exception as exc:  # noqa: BLE001 - input we could not check is input we refuse
-            raise InvalidRequest(f"the request could not be checked ({type(exc).__name__}); it is nested too "
-                                 "deeply or too large: simplify it") from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -123,8 +101,6 @@ def check_sizes(request: inference_pb2.GenerateRequest) -> None:
             raise InvalidRequest(f"chat.messages' contents are longer than their limit of {MAX_TEXT_CHARS} "
                                  "characters together")
     elif kind == "template":
-        from cluster.quality.prompts import MAX_VARIABLE_CHARS
-
         t = request.template
         _cap("template.name", t.name, MAX_NAME_LEN)
         _cap("template.version", t.version, MAX_NAME_LEN)
@@ -132,14 +108,12 @@ def check_sizes(request: inference_pb2.GenerateRequest) -> None:
             raise InvalidRequest(f"template.variables has more than {MAX_VARIABLES} entries")
         for i, (key, value) in enumerate(sorted(t.variables.items())):
             _cap(f"template.variables key #{i + 1}", key, MAX_NAME_LEN)
-            _cap(f"template.variables value #{i + 1}", value, MAX_VARIABLE_CHARS)
+            _cap(f"template.variables value #{i + 1}", value, prompts.MAX_VARIABLE_CHARS)
     if request.HasField("output_format"):
-        from cluster.quality.notes import MAX_SCHEMA_BYTES
-
         fmt = request.output_format
         _cap("output_format.note_template", fmt.note_template, MAX_NAME_LEN)
-        if len(fmt.json_schema.encode()) > MAX_SCHEMA_BYTES:
-            raise InvalidRequest(f"output_format.json_schema is larger than {MAX_SCHEMA_BYTES // 1024} KiB")
+        if len(fmt.json_schema.encode()) > notes.MAX_SCHEMA_BYTES:
+            raise InvalidRequest(f"output_format.json_schema is larger than {notes.MAX_SCHEMA_BYTES // 1024} KiB")
     for i, s in enumerate(request.stop[:1024]):
         _cap(f"stop[{i}]", s, MAX_STOP_LEN)
 
@@ -221,8 +195,6 @@ def check_input(request: inference_pb2.GenerateRequest) -> tuple[Optional[tuple[
             raise InvalidRequest("prompt is empty; send text or chat messages")
         return None, request.prompt
     if kind == "template":
-        from cluster.quality import prompts
-
         t = request.template
         prompts.check(t.name, t.version, dict(t.variables))
         return None, None
@@ -235,15 +207,11 @@ def check_output_format(request: inference_pb2.GenerateRequest):
     for an unknown note template or a schema that is invalid or cannot be enforced.
     Blocking (a new schema compiles for up to ~0.5 s): on an event loop, use
     check_output_format_async."""
-    from cluster.quality import notes
-
     return notes.resolve(request.output_format) if request.HasField("output_format") else None
 
 
 async def check_output_format_async(request: inference_pb2.GenerateRequest):
     """check_output_format with a schema compiled off the event loop, within a time limit."""
-    from cluster.quality import notes
-
     if not request.HasField("output_format"):
         return None
     try:
@@ -273,8 +241,6 @@ def check_request(request: inference_pb2.GenerateRequest, *, max_tokens: int, ma
 def template_budget(request: inference_pb2.GenerateRequest, limit: int) -> int:
     """max_tokens for a template request that left it at 0: the largest budget of the
     template's versions, within `limit` (the node then keeps it within its context)."""
-    from cluster.quality import prompts
-
     return min(limit, prompts.budget(request.template.name))
 
 

@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cluster.validation import InvalidRequest, guarded
+from cluster.invalid_request import InvalidRequest, guarded
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 64          # JSON nesting levels (a property is two: properties, its schema)

@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass
 from typing import Optional
 
-from cluster.validation import InvalidRequest
+from cluster.invalid_request import InvalidRequest
 
 MAX_VARIABLE_CHARS = 200_000
 
