@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, ClassVar, Optional
+from typing import Annotated, Any, ClassVar, Optional, TypeVar
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cluster.config_file import TableSource
@@ -54,6 +54,23 @@ HostPort = Annotated[str, AfterValidator(_host_port)]
 HttpListen = Annotated[str, AfterValidator(_http_listen)]
 
 
+def setting(default: Any = ..., help: str = "", *, flag: Optional[str] = None, metavar: Optional[str] = None,
+            default_text: Optional[str] = None, cli: bool = True, cli_type: Any = None, flag_only: bool = False,
+            **constraints: Any) -> Any:
+    """A settings field with everything its flag needs (cluster/settings_cli.py): the help
+    text, and where the flag differs from the setting's name, its spelling and wording."""
+    extra: dict[str, Any] = {}
+    for key, value in (("flag", flag), ("metavar", metavar), ("default_text", default_text),
+                       ("cli_type", cli_type)):
+        if value is not None:
+            extra[key] = value
+    if not cli:
+        extra["cli"] = False
+    if flag_only:
+        extra["flag_only"] = True
+    return Field(default, description=help, json_schema_extra=extra or None, **constraints)
+
+
 class FileSettings(BaseSettings):
     """Settings that may also come from the `config_table` table of a TOML file."""
 
@@ -66,83 +83,106 @@ class FileSettings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, TableSource(settings_cls, cls.config_table)
 
+    def section(self, kind: type[S]) -> S:
+        """The settings of one section (a component gets only its own), as a frozen copy."""
+        return kind.model_validate({name: getattr(self, name) for name in kind.model_fields})
 
-class HttpPortSettings(FileSettings):
-    """The limits of a daemon's HTTP(S) ports (cluster/http_guard.py; README "Security")."""
 
-    http_handshake_timeout_s: float = Field(10.0, gt=0)    # the TLS handshake
-    http_header_timeout_s: float = Field(10.0, gt=0)       # a whole request header, from its first byte
-    http_idle_timeout_s: float = Field(30.0, gt=0)         # a kept-alive connection between requests
-    http_body_timeout_s: float = Field(60.0, gt=0)         # a request body (the OpenAI front door)
-    http_max_connections: int = Field(256, ge=1)           # per port (and under a quarter of the file limit)
-    http_max_unauthenticated: int = Field(128, ge=1)       # per port: connections with no proven caller yet
+S = TypeVar("S", bound=BaseModel)
+_SECTION = ConfigDict(frozen=True, extra="forbid")
+
+
+class HttpPortSection(BaseModel):
+    """The limits of a daemon's HTTP(S) ports (cluster/http_guard.py; docs/security.md)."""
+
+    model_config = _SECTION
+
+    http_handshake_timeout_s: float = setting(10.0, "HTTP ports: seconds a TLS handshake may take.", gt=0)
+    http_header_timeout_s: float = setting(10.0, "HTTP ports: seconds a request header may take from its first "
+                                           "byte (a new connection's from its handshake).", gt=0)
+    http_idle_timeout_s: float = setting(30.0, "HTTP ports: seconds a kept-alive connection may wait for its "
+                                         "next request.", gt=0)
+    http_body_timeout_s: float = setting(60.0, "HTTP ports: seconds a request body may take.", gt=0)
+    http_max_connections: int = setting(256, "HTTP ports: open connections per port (and at most a quarter of "
+                                        "the file limit).", ge=1)
+    http_max_unauthenticated: int = setting(128, "HTTP ports: connections per port that have not yet proved a "
+                                            "caller (one address: half).", ge=1)
     # Refusals per client address and window: the first `burst` are audited one by one, the
     # rest as one record per window with their count; past `unauthenticated_per_window`
     # attempts without a valid credential the address gets 429 until its window ends.
-    http_denial_window_s: float = Field(60.0, gt=0)
-    http_denial_burst: int = Field(5, ge=0)
-    http_unauthenticated_per_window: int = Field(30, ge=1)
+    http_denial_window_s: float = setting(60.0, "HTTP ports: window of the per-address refusal counts.", gt=0)
+    http_denial_burst: int = setting(5, "HTTP ports: refusals per address and window audited one by one; the "
+                                     "rest as one record with a count.", ge=0)
+    http_unauthenticated_per_window: int = setting(30, "HTTP ports: attempts without a valid credential per "
+                                                   "address and window before 429.", ge=1)
 
 
-class NodeSettings(HttpPortSettings):
+_TLS_DIR = "Directory with ca.pem, crl.pem and NAME.pem/NAME.key (also STUDIOFLEET_TLS_DIR)."
+_PLAINTEXT = "No TLS, no roles: loopback development only."
+_LISTEN = "HOST:PORT to serve on; port 0 picks a free one."
+_FLEET = r"^[A-Za-z0-9_.-]{1,32}$"
+
+
+class NodeSettings(HttpPortSection, FileSettings):
     """Everything `fleet-node` needs to serve one model."""
 
     model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_NODE_", frozen=True, extra="forbid")
     config_table = "node"
 
-    model_path: Path
-    listen: HostPort = "127.0.0.1:7700"
-    node_id: Optional[str] = None
-    model_id: Optional[str] = None
-    model_version: str = ""
-    engine: str = "mlx"
-    max_running: int = Field(32, ge=1, le=1024)
-    max_queued: int = Field(64, ge=0, le=100_000)
-    max_tokens_limit: int = Field(4096, ge=1)
-    max_context_tokens: Optional[int] = Field(None, ge=16)
-    prefill_batch_size: int = Field(8, ge=1)
-    # Each engine step prefills at most this many prompt tokens per batch: smaller keeps
-    # running decodes flowing (inter-token latency), larger gives faster first tokens.
-    prefill_step_size: int = Field(512, ge=16)
-    # Reused prompt prefixes (KV caches) kept in memory; they hold PHI-derived state, are
-    # never written to disk and are dropped with the model. 0 entries turns caching off.
-    prompt_cache_entries: int = Field(16, ge=0)
-    prompt_cache_bytes: int = Field(4 << 30, ge=0)
-    max_stop_sequences: int = Field(8, ge=0)
-    warmup_tokens: int = Field(4, ge=1)
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    retry_after_ms: int = Field(500, ge=0)
-    # Operations (README "Fleet operations"): cordon/drain state, the active model and the
-    # staging area live here, so they survive an agent restart. One directory per node.
-    state_dir: Path = Path("studiofleet-node")
-    drain_timeout_s: float = Field(120.0, gt=0)    # a drain with no timeout of its own
-    # Staged and incoming weights together may take this much; a staging must leave the
-    # reserve free on the state directory's disk (RESOURCE_EXHAUSTED otherwise).
-    max_staged_gb: float = Field(500.0, gt=0)
-    staging_reserve_gb: float = Field(5.0, ge=0)
-    # The vLLM engine (README "vLLM nodes"): the agent runs `VLLM_PYTHON -m
+    model_path: Path = setting(..., "Local model directory (config.json, *.safetensors, tokenizer): MLX for "
+                               "--engine mlx, Hugging Face for vllm; or model_path in the config file.",
+                               flag="--model")
+    listen: HostPort = setting("127.0.0.1:7700", _LISTEN, metavar="HOST:PORT")
+    node_id: Optional[str] = setting(None, "Unique node id.", default_text="derived from host and port")
+    model_id: Optional[str] = setting(None, "Model name to report.", default_text="directory name")
+    model_version: str = setting("", "Version label to report.")
+    engine: str = setting("mlx", "Engine plug-in: mlx (mlx-lm in-process) or vllm (a supervised vLLM server).")
+    max_running: int = setting(32, "Sequences decoded together.", ge=1, le=1024)
+    max_queued: int = setting(64, "Requests waiting for a slot before RESOURCE_EXHAUSTED.", ge=0, le=100_000)
+    max_tokens_limit: int = setting(4096, "Largest max_tokens accepted.", ge=1)
+    max_context_tokens: Optional[int] = setting(None, "Cap the model's context length.", ge=16)
+    prefill_batch_size: int = setting(8, "Prompts prefilled together in one step.", ge=1)
+    # Smaller keeps running decodes flowing (inter-token latency), larger gives faster first tokens.
+    prefill_step_size: int = setting(512, "Prompt tokens prefilled per step.", ge=16)
+    # Reused prompt prefixes (KV caches) hold PHI-derived state: never written to disk,
+    # dropped with the model.
+    prompt_cache_entries: int = setting(16, "Prompt prefixes kept for reuse (0 = off).", ge=0)
+    prompt_cache_bytes: int = setting(4 << 30, "Bytes the kept prompt prefixes may hold in memory.", ge=0)
+    max_stop_sequences: int = setting(8, "Stop sequences a request may give.", ge=0)
+    warmup_tokens: int = setting(4, "Tokens the warm-up canary generates before the node is READY.", ge=1)
+    shutdown_grace_s: float = setting(30.0, "Seconds in-flight requests get on SIGTERM.", ge=0)
+    retry_after_ms: int = setting(500, "Retry hint sent with RESOURCE_EXHAUSTED.", ge=0)
+    # Operations (docs/operations.md): cordon/drain state, the active model and the staging
+    # area live here, so they survive an agent restart. One directory per node.
+    state_dir: Path = setting(Path("studiofleet-node"), "Cordon/drain state, active model and staged weights.")
+    drain_timeout_s: float = setting(120.0, "Drain deadline when a drain names none.", gt=0)
+    max_staged_gb: float = setting(500.0, "Staged and incoming weights together may use this many GB.", gt=0)
+    staging_reserve_gb: float = setting(5.0, "GB of disk a staging must leave free.", ge=0)
+    # The vLLM engine (docs/node.md): the agent runs `VLLM_PYTHON -m
     # vllm.entrypoints.openai.api_server` on loopback with the model, --max-model-len and
-    # --max-num-seqs set from the settings above, plus `vllm_args` (a list, or one
-    # shell-quoted string). Empty python: the agent's own interpreter.
-    vllm_python: str = ""
-    vllm_args: Annotated[tuple[str, ...], NoDecode] = ()
-    vllm_port: int = Field(0, ge=0, le=65535)           # 0: a free loopback port
-    vllm_startup_timeout_s: float = Field(600.0, gt=0)
-    vllm_restart_max_backoff_s: float = Field(60.0, ge=0)
-    # Announce over mDNS (zero-config discovery); `fleet` keeps fleets on one LAN apart.
-    mdns: bool = True
-    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    # Security (README "Security"): mTLS with DIR/ca.pem, DIR/crl.pem, DIR/NAME.pem+key;
-    # STUDIOFLEET_TLS_DIR also sets the directory. `plaintext` is loopback development only.
-    tls_dir: Optional[Path] = None
-    tls_name: Optional[str] = None       # the certificate's name; default: the node id
-    plaintext: bool = False
-    # Monitoring (README "Monitoring"): /metrics on an HTTP(S) port of its own, with the
-    # same certificates and roles as gRPC. Empty: the gRPC host, port + 1; "off": none.
-    http_listen: HttpListen = ""
-    metrics: bool = True
-    log_format: str = Field("json", pattern="^(json|text)$")   # JSON lines on stderr, or key=value text
-    log_level: str = "INFO"
+    # --max-num-seqs set from the settings above, plus `vllm_args`.
+    vllm_python: str = setting("", "vllm engine: the Python of a virtualenv with vLLM.", default_text="this one")
+    vllm_args: Annotated[tuple[str, ...], NoDecode] = setting(
+        (), "vllm engine: extra server arguments, shell-quoted, e.g. '--dtype bfloat16 "
+        "--gpu-memory-utilization 0.9' (a list in the config file).", cli_type=str)
+    vllm_port: int = setting(0, "vllm engine: loopback port of the vLLM server.", default_text="a free one",
+                             ge=0, le=65535)
+    vllm_startup_timeout_s: float = setting(600.0, "vllm engine: seconds the server gets to answer /health.", gt=0)
+    vllm_restart_max_backoff_s: float = setting(60.0, "vllm engine: longest wait between restarts of a "
+                                                "server that keeps failing.", ge=0)
+    mdns: bool = setting(True, "Announce over mDNS for zero-config discovery.")
+    fleet: str = setting("default", "Fleet name announced over mDNS; coordinators take only their own.",
+                         pattern=_FLEET)
+    tls_dir: Optional[Path] = setting(None, _TLS_DIR)
+    tls_name: Optional[str] = setting(None, "Certificate name; it must equal the node id.", default_text="the node id")
+    plaintext: bool = setting(False, _PLAINTEXT, flag_only=True, default_text="")
+    # Monitoring (docs/monitoring.md): /metrics on an HTTP(S) port of its own, with the
+    # same certificates and roles as gRPC.
+    http_listen: HttpListen = setting("", "HOST:PORT of the monitoring port (/metrics), or off.", metavar="HOST:PORT",
+                                      default_text="the --listen host, port + 1")
+    metrics: bool = setting(True, "Prometheus metrics on the monitoring port.")
+    log_format: str = setting("json", "json (one JSON object per line) or text.", pattern="^(json|text)$")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING.")
 
     @field_validator("vllm_args", mode="before")
     @classmethod
@@ -150,94 +190,144 @@ class NodeSettings(HttpPortSettings):
         return tuple(shlex.split(v)) if isinstance(v, str) else v
 
 
-class CoordinatorSettings(HttpPortSettings):
+class HealthSection(BaseModel):
+    """How the coordinator judges nodes (coordinator/fleet.py, health_policy.py). Anchors
+    (shared/RELIABILITY.md): probe period 10 s, 3 failures; Envoy ejects for 30 s x n after
+    5. Tighter here: a clinical stream must not stall for long."""
+
+    model_config = _SECTION
+
+    poll_interval_s: float = setting(1.0, "Status poll per node, +-jitter.", gt=0)
+    poll_jitter: float = setting(0.2, "+- fraction of the poll interval.", ge=0, lt=1)
+    probe_timeout_s: float = setting(1.0, "Seconds a status probe may take.", gt=0)
+    eject_after_failures: int = setting(3, "Consecutive failures that eject a node.", ge=1)
+    eject_base_s: float = setting(2.0, "Ejection n lasts base x n seconds.", gt=0)
+    eject_max_s: float = setting(60.0, "Longest ejection.", gt=0)
+    readmit_after_probes: int = setting(3, "Passing probes before readmission.", ge=1)
+    ejection_decay_s: float = setting(300.0, "Healthy this long: the ejection count resets.", gt=0)
+
+
+class AdmissionSection(BaseModel):
+    """Routing, admission and failover of requests (coordinator/router.py, admission.py, relay.py)."""
+
+    model_config = _SECTION
+
+    affinity_load_factor: float = setting(1.25, "Bounded-load consistent hashing: a node takes at most this "
+                                          "times the mean load.", ge=1.0)
+    queue_max_depth: int = setting(256, "Requests waiting for a node before RESOURCE_EXHAUSTED.", ge=0)
+    queue_max_wait_s: float = setting(10.0, "Longest wait for a node.", ge=0)
+    retry_after_ms: int = setting(500, "Retry hint sent with RESOURCE_EXHAUSTED.", ge=0)
+    max_failovers: int = setting(3, "Node moves per request.", ge=0)
+    first_token_timeout_s: float = setting(120.0, "A node call with no first token this long moves to another "
+                                           "node.", gt=0)
+    stall_timeout_s: float = setting(30.0, "A node that sends no next token this long (time spent waiting for "
+                                     "the caller to read excluded) is failed over.", gt=0)
+    max_tokens_limit: int = setting(4096, "Largest max_tokens accepted.", ge=1)
+    max_stop_sequences: int = setting(8, "Stop sequences a request may give.", ge=0)
+    max_concurrent_per_caller: int = setting(64, "Requests in flight per caller identity (queued included).", ge=1)
+
+
+class AuditSection(BaseModel):
+    """The audit chain (docs/security.md): one record per request and admin action, fsynced
+    before the final chunk goes out. Off only in plaintext development mode."""
+
+    model_config = _SECTION
+
+    audit: bool = setting(True, "Keep the audit chain (off: plaintext only).")
+    audit_dir: Path = setting(Path("studiofleet-audit"), "Audit chain directory.")
+    # In production put the keys on another volume or host.
+    audit_key_dir: Optional[Path] = setting(None, "Audit HMAC and signing keys.",
+                                            default_text="AUDIT_DIR-keys, beside the log")
+    audit_checkpoint_every: int = setting(1000, "Records between signed checkpoints.", ge=1)
+    audit_checkpoint_interval_s: float = setting(60.0, "Longest time between signed checkpoints.", gt=0)
+    audit_max_file_mb: int = setting(64, "Size at which the chain starts a new file.", ge=1)
+    audit_witness_refuse: bool = setting(True, "A node holding an audit HEAD for records the chain lacks (a cut "
+                                         "tail) stops the coordinator (exit 3), or only raises the alarm.",
+                                         flag="--audit-witness-refuse/--audit-witness-alert", default_text="refuse")
+
+
+class RolloutSection(BaseModel):
+    """Rollouts (docs/operations.md) and their gates: smoke generations always, then the gate
+    command and the eval gate if set."""
+
+    model_config = _SECTION
+
+    rollout_lease_s: float = setting(15.0, "The rollout lease's term; a holder renews it well before.", gt=0)
+    rollout_gate_command: Optional[str] = setting(None, "Quality gate run after a node activates new weights; "
+                                                  "exit 0 passes (env NODE_ID, NODE_ADDRESS, WEIGHTS_DIGEST, "
+                                                  "ROLLOUT_ID).")
+    rollout_gate_timeout_s: float = setting(300.0, "Seconds the gate command may take.", gt=0)
+    rollout_smoke_requests: int = setting(2, "Smoke generations a node must pass after it activates.", ge=1)
+    rollout_eval_suite: Optional[str] = setting(None, "Eval gate: a suite file (TOML, e.g. the starter suite); "
+                                                "a node rejoins only if its score is within "
+                                                "--rollout-eval-margin of the current version's.")
+    rollout_eval_margin: float = setting(0.05, "How far under the current version's suite score a new version "
+                                         "may score.", ge=0, le=1)
+    rollout_eval_min_score: float = setting(0.0, "The eval gate's floor, whatever the current version scores.",
+                                            ge=0, le=1)
+    rollout_eval_template: str = setting("", "Prompt template for the eval gate instead of the suite's (e.g. "
+                                         "soap-brief).")
+
+
+class MonitoringSection(BaseModel):
+    """/metrics and the dashboard on an HTTP(S) port of their own (same certificates and roles
+    as gRPC), and the request log (metadata of every request, never content)."""
+
+    model_config = _SECTION
+
+    http_listen: HttpListen = setting("", "HOST:PORT of the monitoring port (/metrics, dashboard), or off.",
+                                      metavar="HOST:PORT", default_text="the --listen host, port + 1")
+    metrics: bool = setting(True, "Prometheus metrics on the monitoring port.")
+    request_log: bool = setting(True, "Keep every request's metadata in --state-db (fleetctl requests).")
+    request_log_retention_days: float = setting(30.0, "Request log rows older than this are deleted.", gt=0)
+    slow_ttft_ms: float = setting(2000.0, "A request slower than this to its first token is slow (fleetctl "
+                                  "requests --slow; the TTFT alert's target).", gt=0)
+    slow_latency_ms: float = setting(60000.0, "A request taking longer than this in all is slow.", gt=0)
+    dashboard_idle_timeout_s: float = setting(900.0, "Browser sessions idle this long are logged off (HIPAA "
+                                              "automatic logoff).", gt=0)
+
+
+class OpenAISection(BaseModel):
+    """The OpenAI-compatible front door (docs/openai-api.md); bearer tokens in --state-db."""
+
+    model_config = _SECTION
+
+    openai_listen: HttpListen = setting("", "HOST:PORT of the OpenAI-compatible API (/v1/chat/completions, "
+                                        "/v1/completions, /v1/models), or off.", metavar="HOST:PORT",
+                                        default_text="the --listen host, port + 2")
+    openai_default_max_tokens: int = setting(2048, "Tokens an OpenAI request without max_tokens may generate, "
+                                             "within the context.", ge=1)
+    openai_max_body_kb: int = setting(4096, "Largest OpenAI request body; larger ones get 413.", ge=1)
+
+
+class CoordinatorSettings(HealthSection, AdmissionSection, AuditSection, RolloutSection, MonitoringSection,
+                          OpenAISection, HttpPortSection, FileSettings):
     """Everything `fleet-coordinator` needs: where to listen, how to find and judge nodes,
-    and how to admit and move requests. The health policy is written out in the README."""
+    and how to admit and move requests. Flat flags, environment variables and TOML keys;
+    each component takes only its section (`settings.section(HealthSection)`)."""
 
     model_config = SettingsConfigDict(env_prefix="STUDIOFLEET_COORDINATOR_", frozen=True, extra="forbid")
     config_table = "coordinator"
 
-    listen: HostPort = "127.0.0.1:7800"
-    # Its name in logs, events, audit records and messages. Default: the certificate's name
-    # (--tls-name), or in plaintext mode this host's name; "coordinator" when neither is given.
-    coordinator_id: str = ""
-    nodes: tuple[HostPort, ...] = ()       # static HOST:PORT list, for networks without multicast
-    mdns: bool = True
-    mdns_interface: str = "0.0.0.0"        # the address to browse on (127.0.0.1 for a local fleet)
-    fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    # Health policy (shared/RELIABILITY.md anchors: probe period 10 s, 3 failures; Envoy
-    # ejects for 30 s x n after 5). Tighter here: a clinical stream must not stall for long.
-    poll_interval_s: float = Field(1.0, gt=0)
-    poll_jitter: float = Field(0.2, ge=0, lt=1)    # +- fraction of the interval
-    probe_timeout_s: float = Field(1.0, gt=0)
-    eject_after_failures: int = Field(3, ge=1)
-    eject_base_s: float = Field(2.0, gt=0)         # ejection n lasts base x n, capped
-    eject_max_s: float = Field(60.0, gt=0)
-    readmit_after_probes: int = Field(3, ge=1)     # passing probes after the backoff
-    ejection_decay_s: float = Field(300.0, gt=0)   # healthy this long: ejection count resets
-    # Routing and admission.
-    affinity_load_factor: float = Field(1.25, ge=1.0)  # bounded-load consistent hashing
-    queue_max_depth: int = Field(256, ge=0)
-    queue_max_wait_s: float = Field(10.0, ge=0)
-    retry_after_ms: int = Field(500, ge=0)
-    max_failovers: int = Field(3, ge=0)            # node moves per request
-    # A node call with no first token / no next token for this long moves elsewhere.
-    first_token_timeout_s: float = Field(120.0, gt=0)
-    stall_timeout_s: float = Field(30.0, gt=0)
-    max_tokens_limit: int = Field(4096, ge=1)
-    max_stop_sequences: int = Field(8, ge=0)
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    # Security (README "Security"): mTLS with DIR/ca.pem, DIR/crl.pem, DIR/NAME.pem+key;
-    # STUDIOFLEET_TLS_DIR also sets the directory. `plaintext` is loopback development only.
-    tls_dir: Optional[Path] = None
-    tls_name: Optional[str] = None       # the certificate's name; default: the coordinator id
-    plaintext: bool = False
-    # Each caller identity may have this many requests in flight (queued included).
-    max_concurrent_per_caller: int = Field(64, ge=1)
-    # The audit chain (README "Audit"): one record per request and admin action, fsynced
-    # before the final chunk goes out. Keys default to AUDIT_DIR-keys, beside the log; in
-    # production put them on another volume or host. Off only in plaintext development mode.
-    audit: bool = True
-    audit_dir: Path = Path("studiofleet-audit")
-    audit_key_dir: Optional[Path] = None
-    audit_checkpoint_every: int = Field(1000, ge=1)
-    audit_checkpoint_interval_s: float = Field(60.0, gt=0)
-    audit_max_file_mb: int = Field(64, ge=1)
-    # Nodes keep the chain's newest signed HEAD (witnesses). A node holding a record the
-    # chain lacks (a cut tail) stops the coordinator (exit 3) unless this is off (alert only).
-    audit_witness_refuse: bool = True
-    # Rollouts (README "Rollouts"): state in this SQLite file, so a restarted coordinator
-    # resumes; a lease in it keeps two coordinators sharing it from running rollouts at once.
-    state_db: Path = Path("studiofleet-coordinator.db")
-    rollout_lease_s: float = Field(15.0, gt=0)
-    # The quality gate after a node activates new weights: smoke generations always, then
-    # this command if set (exit 0 passes; env NODE_ID, NODE_ADDRESS, WEIGHTS_DIGEST, ROLLOUT_ID).
-    rollout_gate_command: Optional[str] = None
-    rollout_gate_timeout_s: float = Field(300.0, gt=0)
-    rollout_smoke_requests: int = Field(2, ge=1)
-    # The eval gate (README "Clinical notes"): a suite file; a node rejoins only if its score
-    # is within the margin of the current version's (measured on it before it is drained).
-    rollout_eval_suite: Optional[str] = None
-    rollout_eval_margin: float = Field(0.05, ge=0, le=1)
-    rollout_eval_min_score: float = Field(0.0, ge=0, le=1)
-    rollout_eval_template: str = ""
-    # Monitoring (README "Monitoring"): /metrics and the dashboard on an HTTP(S) port of
-    # its own (same certificates and roles as gRPC; empty: the gRPC host, port + 1; "off"),
-    # and the request log (metadata of every request, never content) in `state_db`.
-    http_listen: HttpListen = ""
-    metrics: bool = True
-    request_log: bool = True
-    request_log_retention_days: float = Field(30.0, gt=0)
-    slow_ttft_ms: float = Field(2000.0, gt=0)        # `fleetctl requests --slow`, and the TTFT alert's target
-    slow_latency_ms: float = Field(60000.0, gt=0)
-    dashboard_idle_timeout_s: float = Field(900.0, gt=0)   # HIPAA automatic logoff for browser sessions
-    # The OpenAI-compatible front door (README "OpenAI-compatible API"): its own port
-    # (empty: the gRPC host, port + 2; "off"), bearer tokens in `state_db`.
-    openai_listen: HttpListen = ""
-    openai_default_max_tokens: int = Field(2048, ge=1)   # a request without max_tokens: up to this, within the context
-    openai_max_body_kb: int = Field(4096, ge=1)          # larger bodies get 413
-    log_format: str = Field("json", pattern="^(json|text)$")
-    log_level: str = "INFO"
+    listen: HostPort = setting("127.0.0.1:7800", _LISTEN, metavar="HOST:PORT")
+    coordinator_id: str = setting("", "Name in logs, events and audit records.",
+                                  default_text="the certificate's name (--tls-name); the host name with --plaintext")
+    nodes: tuple[HostPort, ...] = setting((), "Static node address HOST:PORT (repeatable), for networks without "
+                                          "multicast.", flag="--node", metavar="HOST:PORT")
+    mdns: bool = setting(True, "Discover node agents over mDNS.")
+    mdns_interface: str = setting("0.0.0.0", "Address to browse mDNS on (127.0.0.1 for a local fleet).",
+                                  default_text="all")
+    fleet: str = setting("default", "Take only nodes announcing this fleet name.", pattern=_FLEET)
+    shutdown_grace_s: float = setting(30.0, "Seconds in-flight requests get on SIGTERM.", ge=0)
+    tls_dir: Optional[Path] = setting(None, _TLS_DIR)
+    tls_name: Optional[str] = setting(None, "Certificate name (role coordinator).", default_text="the coordinator id")
+    plaintext: bool = setting(False, _PLAINTEXT, flag_only=True, default_text="")
+    # Rollout state, the rollout lease, API tokens and the request log: a restarted
+    # coordinator resumes; coordinators sharing the file share the lease.
+    state_db: Path = setting(Path("studiofleet-coordinator.db"), "SQLite file for rollout state and the rollout "
+                             "lease, API tokens and the request log.")
+    log_format: str = setting("json", "json (one JSON object per line) or text.", pattern="^(json|text)$")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING.")
 
     @model_validator(mode="after")
     def _default_id(self):

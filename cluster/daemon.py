@@ -28,18 +28,6 @@ SERVER_OPTIONS = [
 ]
 
 
-# The HTTP(S) ports' limits (cluster/http_guard.py), the same flags on both daemons.
-HTTP_HANDSHAKE_TIMEOUT_S = typer.Option(None, help="HTTP ports: seconds a TLS handshake may take. [default: 10]")
-HTTP_HEADER_TIMEOUT_S = typer.Option(None, help="HTTP ports: seconds a request header may take from its first byte (a new connection's from its handshake). [default: 10]")
-HTTP_IDLE_TIMEOUT_S = typer.Option(None, help="HTTP ports: seconds a kept-alive connection may wait for its next request. [default: 30]")
-HTTP_BODY_TIMEOUT_S = typer.Option(None, help="HTTP ports: seconds a request body may take. [default: 60]")
-HTTP_MAX_CONNECTIONS = typer.Option(None, help="HTTP ports: open connections per port (and at most a quarter of the file limit). [default: 256]")
-HTTP_MAX_UNAUTHENTICATED = typer.Option(None, help="HTTP ports: connections per port that have not yet proved a caller (one address: half). [default: 128]")
-HTTP_DENIAL_WINDOW_S = typer.Option(None, help="HTTP ports: window of the per-address refusal counts. [default: 60]")
-HTTP_DENIAL_BURST = typer.Option(None, help="HTTP ports: refusals per address and window audited one by one; the rest as one record with a count. [default: 5]")
-HTTP_UNAUTHENTICATED_PER_WINDOW = typer.Option(None, help="HTTP ports: attempts without a valid credential per address and window before 429. [default: 30]")
-
-
 def print_listening(key: str, ident: str, listen: str, port: int, http=None, api=None) -> str:
     """The one JSON line on stdout a supervisor or test waits for; returns HOST:PORT. With
     the monitoring port (`http`, a MonitorHTTP) also its address and scheme; with the

@@ -13,7 +13,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
-from cluster.config import CoordinatorSettings, http_address
+from cluster.config import CoordinatorSettings, RolloutSection, http_address
 from cluster.daemon import SERVER_OPTIONS
 from cluster.security.daemon import DaemonSecurity
 from cluster.security.roles import COORDINATOR_HTTP_TABLE, COORDINATOR_TABLE
@@ -27,7 +27,7 @@ from coordinator.gates import default_gates
 from coordinator.relay import Relay
 from coordinator.request_summary import Monitor
 from coordinator.rollout_store import RolloutStore
-from coordinator.rollouts import Rollouts
+from coordinator.rollouts import Rollouts, lease_holder
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ class Coordinator:
         self.monitor = Monitor()
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
                            identify=self._caller, audit=self.audit, monitor=self.monitor)
-        self.rollouts = Rollouts(settings=settings, fleet=self.fleet, events=self.events,
-                                 gates=default_gates(settings), store=RolloutStore(settings.state_db),
+        rollout = settings.section(RolloutSection)
+        self.rollouts = Rollouts(settings=rollout, holder=lease_holder(settings), probe_timeout_s=settings.probe_timeout_s,
+                                 fleet=self.fleet, events=self.events, gates=default_gates(rollout),
+                                 store=RolloutStore(settings.state_db),
                                  audit=self.audit)
         self.metrics = None
         if settings.metrics:

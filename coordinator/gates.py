@@ -21,6 +21,7 @@ import grpc
 
 from cluster.api import SMOKE_METADATA_KEY, inference_pb2
 from cluster.client import build_request
+from cluster.config import RolloutSection
 from cluster.quality import evaluation
 from coordinator.node_link import NodeLink
 
@@ -160,7 +161,7 @@ class EvalGate:
         return why
 
 
-def default_gates(settings) -> list[Gate]:
+def default_gates(settings: RolloutSection) -> list[Gate]:
     gates: list[Gate] = [SmokeGate(settings.rollout_smoke_requests)]
     if settings.rollout_eval_suite:
         gates.append(EvalGate(Path(settings.rollout_eval_suite), margin=settings.rollout_eval_margin,

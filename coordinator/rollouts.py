@@ -23,6 +23,7 @@ from typing import Optional
 import grpc
 
 from cluster.api import fleet_pb2
+from cluster.config import RolloutSection
 from cluster.digest import DIGEST_FORMAT, weights_digest
 from coordinator import health_policy as hp
 from coordinator.events import EventLog
@@ -51,10 +52,12 @@ class RolloutRefused(Exception):
 
 
 class Rollouts:
-    def __init__(self, *, settings, fleet: Fleet, events: EventLog, gates, store: RolloutStore, audit=None):
+    def __init__(self, *, settings: RolloutSection, holder: str, probe_timeout_s: float, fleet: Fleet,
+                 events: EventLog, gates, store: RolloutStore, audit=None):
         self._audit = audit
         self._s = settings
-        self._me = lease_holder(settings)
+        self._probe_timeout_s = probe_timeout_s
+        self._me = holder
         self._fleet = fleet
         self._events = events
         self._gates = gates
@@ -184,7 +187,7 @@ class Rollouts:
         async def cordoned(node_id: str) -> bool:
             entry = self._fleet.by_id(node_id)
             try:
-                st = await entry.link.status(self._s.probe_timeout_s)
+                st = await entry.link.status(self._probe_timeout_s)
             except Exception:  # noqa: BLE001 - unreachable now: go by the last status seen
                 st = entry.status
             return st is not None and st.cordoned

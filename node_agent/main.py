@@ -10,8 +10,9 @@ from typing import Optional
 
 import typer
 
-from cluster import daemon as daemon_cli
+from cluster.config import NodeSettings
 from cluster.daemon import exit_now, on_stop_signals, print_listening, run_daemon
+from cluster.settings_cli import settings_command
 from cluster.offline import force_offline
 
 log = logging.getLogger("node_agent")
@@ -64,55 +65,8 @@ def _stopping(reason: str):
     return NodeStopping(reason)
 
 
-@app.command()
-def serve(
-    model: Optional[Path] = typer.Option(None, "--model", help="Local model directory (config.json, *.safetensors, tokenizer): MLX for --engine mlx, Hugging Face for vllm; or model_path in the config file."),
-    config: Optional[Path] = typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help="TOML config file; its [node] table gives defaults that env vars and flags override."),
-    listen: Optional[str] = typer.Option(None, metavar="HOST:PORT", help="HOST:PORT to serve on; port 0 picks a free one. [default: 127.0.0.1:7700]"),
-    node_id: Optional[str] = typer.Option(None, help="Unique node id. [default: derived from host and port]"),
-    model_id: Optional[str] = typer.Option(None, help="Model name to report. [default: directory name]"),
-    model_version: Optional[str] = typer.Option(None, help="Version label to report."),
-    engine: Optional[str] = typer.Option(None, help="Engine plug-in: mlx (mlx-lm in-process) or vllm (a supervised vLLM server). [default: mlx]"),
-    vllm_python: Optional[str] = typer.Option(None, help="vllm engine: the Python of a virtualenv with vLLM. [default: this one]"),
-    vllm_args: Optional[str] = typer.Option(None, help="vllm engine: extra server arguments, shell-quoted, e.g. '--dtype bfloat16 --gpu-memory-utilization 0.9'."),
-    vllm_port: Optional[int] = typer.Option(None, help="vllm engine: loopback port of the vLLM server. [default: a free one]"),
-    vllm_startup_timeout_s: Optional[float] = typer.Option(None, help="vllm engine: seconds the server gets to answer /health. [default: 600]"),
-    max_running: Optional[int] = typer.Option(None, help="Sequences decoded together. [default: 32]"),
-    max_queued: Optional[int] = typer.Option(None, help="Requests waiting for a slot before RESOURCE_EXHAUSTED. [default: 64]"),
-    max_tokens_limit: Optional[int] = typer.Option(None, help="Largest max_tokens accepted. [default: 4096]"),
-    max_context_tokens: Optional[int] = typer.Option(None, help="Cap the model's context length."),
-    prefill_step_size: Optional[int] = typer.Option(None, help="Prompt tokens prefilled per step. [default: 512]"),
-    prompt_cache_entries: Optional[int] = typer.Option(None, help="Prompt prefixes kept for reuse (0 = off). [default: 16]"),
-    shutdown_grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight requests get on SIGTERM. [default: 30]"),
-    state_dir: Optional[Path] = typer.Option(None, help="Cordon/drain state, active model and staged weights. [default: ./studiofleet-node]"),
-    drain_timeout_s: Optional[float] = typer.Option(None, help="Drain deadline when a drain names none. [default: 120]"),
-    max_staged_gb: Optional[float] = typer.Option(None, help="Staged and incoming weights together may use this many GB. [default: 500]"),
-    staging_reserve_gb: Optional[float] = typer.Option(None, help="GB of disk a staging must leave free. [default: 5]"),
-    mdns: Optional[bool] = typer.Option(None, "--mdns/--no-mdns", help="Announce over mDNS for zero-config discovery. [default: on]"),
-    fleet: Optional[str] = typer.Option(None, help="Fleet name announced over mDNS; coordinators take only their own. [default: default]"),
-    tls_dir: Optional[Path] = typer.Option(None, help="Directory with ca.pem, crl.pem and this node's NAME.pem/NAME.key. [env: STUDIOFLEET_TLS_DIR]"),
-    tls_name: Optional[str] = typer.Option(None, help="Certificate name; it must equal the node id. [default: the node id]"),
-    plaintext: Optional[bool] = typer.Option(None, "--plaintext", help="No TLS, no roles: loopback development only."),
-    http_listen: Optional[str] = typer.Option(None, metavar="HOST:PORT", help="HOST:PORT of the monitoring port (/metrics), or off. [default: the --listen host, port + 1]"),
-    metrics: Optional[bool] = typer.Option(None, "--metrics/--no-metrics", help="Prometheus metrics on the monitoring port. [default: on]"),
-    http_handshake_timeout_s: Optional[float] = daemon_cli.HTTP_HANDSHAKE_TIMEOUT_S,
-    http_header_timeout_s: Optional[float] = daemon_cli.HTTP_HEADER_TIMEOUT_S,
-    http_idle_timeout_s: Optional[float] = daemon_cli.HTTP_IDLE_TIMEOUT_S,
-    http_body_timeout_s: Optional[float] = daemon_cli.HTTP_BODY_TIMEOUT_S,
-    http_max_connections: Optional[int] = daemon_cli.HTTP_MAX_CONNECTIONS,
-    http_max_unauthenticated: Optional[int] = daemon_cli.HTTP_MAX_UNAUTHENTICATED,
-    http_denial_window_s: Optional[float] = daemon_cli.HTTP_DENIAL_WINDOW_S,
-    http_denial_burst: Optional[int] = daemon_cli.HTTP_DENIAL_BURST,
-    http_unauthenticated_per_window: Optional[int] = daemon_cli.HTTP_UNAUTHENTICATED_PER_WINDOW,
-    log_format: Optional[str] = typer.Option(None, help="json (one JSON object per line) or text. [default: json]"),
-    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING. [default: INFO]"),
-) -> None:
-    flags = {k: v for k, v in locals().items() if v is not None and k not in ("model", "config")}
-    if model is not None:
-        flags["model_path"] = model
+def run(config: Optional[Path], flags: dict) -> None:
     force_offline()
-    from cluster.config import NodeSettings
-
     def check(settings) -> Optional[str]:
         if not settings.model_path.is_dir():
             return (f"model {settings.model_path} is not a directory; point it at a local MLX model "
@@ -121,6 +75,10 @@ def serve(
 
     run_daemon("fleet-node", lambda: NodeSettings(config_file=config, **flags), _serve, check=check,
                hints={"model_path": "--model DIR or model_path in [node] of the --config file"})
+
+
+settings_command(app, NodeSettings, "TOML config file; its [node] table gives defaults that env vars and flags "
+                 "override.", run)
 
 
 def engine_problem(settings) -> Optional[str]:
