@@ -21,6 +21,7 @@ import grpc
 
 from cluster.api import inference_pb2
 from cluster.security.identity import Identity
+from coordinator.request_summary import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,6 @@ class AuditedCall:
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
         if not self._audit.written:
-            await self._audit.trail.write_or_log(self._audit.end("failed", code.name, **self._facts()))
+            await self._audit.trail.write_or_log(self._audit.end(Outcome.FAILED, code.name, **self._facts()))
         await self._context.abort(code, details, trailing_metadata=trailing_metadata)
 

@@ -35,7 +35,7 @@ from coordinator.audit_trail import AuditedCall, AuditTrail, RequestAudit
 from coordinator.admission import BATCH, INTERACTIVE, RESUME, Admission, QueueFull, WaitExpired
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
-from coordinator.request_summary import Monitor, RequestSummary
+from coordinator.request_summary import Monitor, Outcome, RequestSummary
 from coordinator.router import Want
 from coordinator.splice import Splice
 
@@ -90,11 +90,11 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             log.info("request=%s caller=%s rejected code=INVALID_ARGUMENT reason=%r", rid, caller, str(exc),
                      extra=fields(event="request.rejected", request_id=rid, caller=caller, code="INVALID_ARGUMENT",
                                   reason=str(exc)))
-            await self.refused(audit.end("rejected", "INVALID_ARGUMENT"), request, caller, started)
+            await self.refused(audit.end(Outcome.REJECTED, "INVALID_ARGUMENT"), request, caller, started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}")
         cause = self._audit.failing
         if cause:   # no request is taken that could not be audited
-            await self.refused(audit.end("refused", "UNAVAILABLE", reason="audit log failing"), request, caller,
+            await self.refused(audit.end(Outcome.REFUSED, "UNAVAILABLE", reason="audit log failing"), request, caller,
                                started)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"request {rid}: coordinator {self._s.coordinator_id} cannot write its audit log "
@@ -102,7 +102,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                                 "coordinator (operators: check its audit directory's disk)")
         running = self._per_caller.get(caller, 0)
         if running >= self._s.max_concurrent_per_caller:
-            await self.refused(audit.end("refused", "RESOURCE_EXHAUSTED", reason="caller quota"), request, caller,
+            await self.refused(audit.end(Outcome.REFUSED, "RESOURCE_EXHAUSTED", reason="caller quota"), request, caller,
                                started)
             await self._busy(context, f"request {rid}: {caller} already has {plural(running, 'request')} in flight, "
                                       f"its quota (max_concurrent_per_caller {self._s.max_concurrent_per_caller})")
@@ -118,19 +118,19 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         context = AuditedCall(context, audit, lambda: _facts(run))   # every abort from here is audited first
         self.in_flight += 1
         self._per_caller[caller] = running + 1
-        outcome = "cancelled"
+        outcome = Outcome.CANCELLED
+        failed_code = ""   # the status a failed request ended with
         try:
             async with contextlib.aclosing(self._run(run, context, audit)) as chunks:
                 async for chunk in chunks:
                     yield chunk
-            outcome = "completed"
+            outcome = Outcome.COMPLETED
         except grpc.aio.AbortError:
-            code = context.code()
-            outcome = f"failed code={getattr(code, 'name', code)}"
+            outcome, failed_code = Outcome.FAILED, _code_name(context.code())
             raise
         except Exception as exc:  # noqa: BLE001 - never UNKNOWN with an exception's text (it may quote content)
             log.error("request=%s internal error: %s", req.request_id, without_text(exc))
-            outcome = "failed code=INTERNAL"
+            outcome, failed_code = Outcome.FAILED, "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"coordinator {self._s.coordinator_id} hit an internal error on request "
                                 f"{req.request_id}; retry, and report it with the coordinator's log")
@@ -140,19 +140,20 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             if left:
                 self._per_caller[caller] = left
             ctx_left = context.time_remaining()
-            if outcome == "cancelled" and ctx_left is not None and ctx_left <= 0.05:
-                outcome = "deadline"
+            if outcome is Outcome.CANCELLED and ctx_left is not None and ctx_left <= 0.05:
+                outcome = Outcome.DEADLINE
             if not audit.written:  # every accepted request ends in exactly one record
-                code = getattr(context.code(), "name", None)
-                record = audit.end(outcome.split()[0], code or ("DEADLINE_EXCEEDED" if outcome == "deadline"
-                                                               else "CANCELLED"), **_facts(run))
-                if outcome.startswith("failed"):
+                code = _code_name(context.code())
+                record = audit.end(outcome, code or ("DEADLINE_EXCEEDED" if outcome is Outcome.DEADLINE
+                                                     else "CANCELLED"), **_facts(run))
+                if outcome is Outcome.FAILED:
                     await self._audit.write_or_log(record)   # the status goes out after the record is down
                 else:
                     self._audit.submit(record)        # the caller left: nobody waits for it
             self._ended(audit.record, run, req, caller, started)
             log.info("request=%s caller=%s outcome=%s tokens=%d nodes=%s failovers=%d restarts=%d total_ms=%.1f",
-                     req.request_id, caller, outcome, len(run.delivered), ",".join(run.nodes) or "-",
+                     req.request_id, caller, f"{outcome} code={failed_code}" if failed_code else outcome,
+                     len(run.delivered), ",".join(run.nodes) or "-",
                      run.failovers, run.restarts, run.elapsed_ms(),
                      extra=fields(event="request.end", request_id=req.request_id, caller=caller,
                                   outcome=audit.record.get("outcome"), code=audit.record.get("code"),
@@ -278,7 +279,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                             context) -> None:
         """The audit record is durable before the final chunk leaves (fail closed)."""
         f = final.final
-        record = audit.end("completed", "OK", **_facts(run), finish_reason=_finish_name(f.finish_reason),
+        record = audit.end(Outcome.COMPLETED, "OK", **_facts(run), finish_reason=_finish_name(f.finish_reason),
                            prompt_tokens=f.usage.prompt_tokens, ttft_ms=round(f.timings.time_to_first_token_ms, 1))
         try:
             await self._audit.write(record)
@@ -397,6 +398,11 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             own = details.startswith("node ")
             return reason, not own, not own
         return reason, False, True
+
+
+def _code_name(code: Optional[grpc.StatusCode]) -> str:
+    """The status a call ended with, by name ("" while it has none)."""
+    return code.name if code is not None else ""
 
 
 def _finish_name(value: int) -> str:

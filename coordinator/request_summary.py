@@ -11,15 +11,32 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
+
+class Outcome(StrEnum):
+    """How a request (or an admin call) ended; the values are the words the audit chain,
+    the request log and the metrics have always carried, so a member compares equal to them."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"        # the caller's deadline passed
+    REJECTED = "rejected"        # the caller's input (400, 404)
+    REFUSED = "refused"          # the caller's quota, a full queue, an audit log that cannot be written
+    ACCEPTED = "accepted"        # audit only: routed (a request) or about to act (an admin call)
+    DENIED = "denied"            # audit only: the caller's certificate, token or role
+    OK = "ok"                    # audit only: an admin call done
+
+
 # How requests ended, in the two groups monitoring keeps apart everywhere (the alert rules,
 # the traffic buckets, `fleetctl requests --failed/--rejected`, the dashboard): the fleet's
 # failures, and refusals of the caller's own input or quota (400s, 404s, 429s), which are not.
-FAILED_OUTCOMES = ("failed", "deadline")
-REJECTED_OUTCOMES = ("rejected", "refused")
+FAILED_OUTCOMES = (Outcome.FAILED, Outcome.DEADLINE)
+REJECTED_OUTCOMES = (Outcome.REJECTED, Outcome.REFUSED)
 
 
 @dataclass
@@ -29,7 +46,7 @@ class RequestSummary:
     priority: str                 # "interactive" or "batch"
     started_at: float             # unix seconds, when the coordinator accepted it
     ended_at: float
-    outcome: str                  # completed, failed, cancelled, deadline, rejected, refused
+    outcome: Outcome              # completed, failed, cancelled, deadline, rejected, refused (a str)
     code: str                     # gRPC status name
     duration_s: float             # accepted -> end
     queue_s: Optional[float] = None    # waiting for a node, summed over hops (None: never queued)
