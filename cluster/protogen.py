@@ -1,7 +1,9 @@
 """Regenerate the Python gRPC code from proto/: `python -m cluster.protogen`.
 
-protoc writes imports by proto path (`from studiofleet.v1 import common_pb2`); they are
-rewritten to live under this package so no top-level `studiofleet` module is needed.
+The code lives in the client library (client/studiofleet_client/api: the studiofleet-client
+distribution); the daemons import it as cluster.api. protoc writes imports by proto path
+(`from studiofleet.v1 import common_pb2`); they are rewritten to live under that package
+so no top-level `studiofleet` module is needed.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "proto"
-OUT_DIR = Path(__file__).resolve().parent / "api"
-PACKAGE = "cluster.api"
+OUT_DIR = ROOT / "client" / "studiofleet_client" / "api"
+PACKAGE = "studiofleet_client.api"
 _IMPORT = re.compile(r"^(from|import) studiofleet\.", re.MULTILINE)
 
 

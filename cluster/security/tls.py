@@ -5,77 +5,45 @@ revocation list), DIR/NAME.pem and DIR/NAME.key. Re-issuing NAME (or replacing t
 bundle) takes effect on the next TLS handshake: servers use gRPC's dynamic credentials,
 clients build new channels when the files change. No restart, no dropped stream.
 TLS 1.2 is the floor (gRPC's default; NIST SP 800-52r2), 1.3 is negotiated when both ends can.
+The client side (files, channels, handshake wording) is the client library's
+studiofleet_client.tls; here its files get the full X.509 checks, and servers their credentials.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cluster.security.identity import Identity, Role, identity_of
+from studiofleet_client import tls as _client_tls
+from studiofleet_client.tls import ENV_DIR, ENV_NAME, TLSConfigError, is_loopback, open_channel, tls_refusal
 
 log = logging.getLogger(__name__)
 
-ENV_DIR, ENV_NAME = "STUDIOFLEET_TLS_DIR", "STUDIOFLEET_TLS_NAME"
+__all__ = ["ENV_DIR", "ENV_NAME", "RECHECK_S", "ClientTLS", "Revocations", "ServerTLS", "TLSConfigError", "TLSFiles",
+           "is_loopback", "open_channel", "served_serial", "tls_refusal"]
+
 RECHECK_S = 1.0   # how often the files' mtimes are looked at, at most
 
 
-class TLSConfigError(ValueError):
-    """Credentials that cannot be used; the message names the file and the fix."""
-
-
 @dataclass(frozen=True)
-class TLSFiles:
-    directory: Path
-    name: str
-
-    @property
-    def ca(self) -> Path:
-        return self.directory / "ca.pem"
-
-    @property
-    def crl(self) -> Path:
-        return self.directory / "crl.pem"
-
-    @property
-    def cert(self) -> Path:
-        return self.directory / f"{self.name}.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.directory / f"{self.name}.key"
-
-    def stamp(self) -> tuple:
-        """Changes whenever any of the files is replaced."""
-        out = []
-        for p in (self.ca, self.cert, self.key):
-            try:
-                st = os.stat(p)
-                out.append((st.st_mtime_ns, st.st_ino, st.st_size))
-            except FileNotFoundError:
-                out.append(None)
-        return tuple(out)
+class TLSFiles(_client_tls.TLSFiles):
+    """The client library's files, checked fully with an X.509 parser."""
 
     def load(self, role: Optional[Role] = None) -> tuple[bytes, bytes, bytes, Identity]:
         """(ca, key, cert) PEM bytes and the identity, checked: present, parseable, a pair,
         issued by this CA, in date, and of `role` if given."""
-        try:
-            ca, key, cert = self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
-        except FileNotFoundError as exc:
-            raise TLSConfigError(f"TLS file {exc.filename} is missing; issue it with `fleetctl certs issue "
-                                 f"--role {role.value if role else 'ROLE'} --name {self.name}` and copy ca.pem, crl.pem, "
-                                 f"{self.name}.pem and {self.name}.key into {self.directory}") from None
+        ca, key, cert = self.read(role.value if role else "ROLE")
         try:
             cert_obj = x509.load_pem_x509_certificate(cert)
             ca_obj = x509.load_pem_x509_certificate(ca)
@@ -201,51 +169,13 @@ class ServerTLS:
         return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch, require_client_authentication=True)
 
 
-class ClientTLS:
-    """A caller's credentials (its own certificate + the fleet CA); `credentials()` is
-    rebuilt when the files change, so long-lived callers can open fresh channels."""
+class ClientTLS(_client_tls.ClientTLS):
+    """The client library's credentials, with issuer, expiry and `role` checked up front."""
+
+    files_type = TLSFiles
 
     def __init__(self, directory: Path | str, name: str, role: Optional[Role] = None):
-        self.files = TLSFiles(Path(directory), name)
-        self._stamp = self.files.stamp()   # before reading: a change during the read is seen next time
-        ca, key, cert, self.identity = self.files.load(role)
-        self._creds = grpc.ssl_channel_credentials(ca, key, cert)
-        self._role = role
-
-    @classmethod
-    def from_env(cls) -> Optional["ClientTLS"]:
-        """STUDIOFLEET_TLS_DIR + STUDIOFLEET_TLS_NAME, if set."""
-        directory, name = os.environ.get(ENV_DIR), os.environ.get(ENV_NAME)
-        if not directory:
-            return None
-        if not name:
-            raise TLSConfigError(f"{ENV_DIR} is set but {ENV_NAME} is not; set it to the certificate name to use")
-        return cls(directory, name)
-
-    def changed(self) -> bool:
-        return self.files.stamp() != self._stamp
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        if self.changed():
-            self._stamp = self.files.stamp()
-            try:
-                ca, key, cert, ident = self.files.load(self._role)
-                self._creds, self.identity = grpc.ssl_channel_credentials(ca, key, cert), ident
-            except (TLSConfigError, OSError, TypeError) as exc:  # keep the pair that works
-                log.error("certificate reload for %s skipped: %s: %s", self.identity, type(exc).__name__, exc)
-        return self._creds
-
-
-def tls_refusal(details: str) -> Optional[str]:
-    """Why a TLS handshake failed, in words, from a gRPC error's details; None if it was not TLS."""
-    text = details or ""
-    if "Hostname Verification" in text or "No match found for server name" in text:
-        return "its certificate does not name the server expected (a node id it claims, or the host)"
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text.lower():
-        return "its certificate was not issued by this fleet's CA, or has expired"
-    if "Ssl handshake failed" in text or "SSL_ERROR" in text or "TSI_" in text:
-        return "the TLS handshake failed (is it serving TLS from this fleet's CA?)"
-    return None
+        super().__init__(directory, name, role)
 
 
 def served_serial(address: str, tls: ClientTLS, server_name: Optional[str], timeout_s: float = 5.0) -> int:
@@ -265,28 +195,3 @@ def served_serial(address: str, tls: ClientTLS, server_name: Optional[str], time
     with socket.create_connection((host, port), timeout=timeout_s) as raw:
         with ctx.wrap_socket(raw, server_hostname=server_name or host) as conn:
             return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)).serial_number
-
-
-def is_loopback(host_port: str) -> bool:
-    host = host_port.rpartition(":")[0].strip("[]") if ":" in host_port else host_port
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def open_channel(address: str, tls: Optional[ClientTLS], *, server_name: Optional[str] = None,
-                 options: Sequence[tuple] = (), aio: bool = False):
-    """A channel to `address`: mTLS with `tls`, plaintext (loopback only) with None.
-    `server_name` is the certificate name to expect instead of the address's host."""
-    opts = list(options)
-    if tls is None:
-        if not is_loopback(address):
-            raise TLSConfigError(f"refusing a plaintext connection to {address}: plaintext is for loopback "
-                                 "development only; give TLS credentials (--tls-dir/--tls-name)")
-        return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(address, options=opts)
-    if server_name:
-        opts.append(("grpc.ssl_target_name_override", server_name))
-    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(address, tls.credentials(), options=opts)

@@ -9,11 +9,11 @@ from typing import Iterator, Optional, Sequence, Union
 
 import grpc
 
-from cluster.api import inference_pb2, inference_pb2_grpc
-from cluster.client.results import GenerateResult, ResultBuilder, build_request, with_request_id
-from cluster.client.connect import resolve_tls
-from cluster.client.retry import Attempts, RetryPolicy, client_setup
-from cluster.security.tls import ClientTLS, open_channel
+from studiofleet_client.api import inference_pb2, inference_pb2_grpc
+from studiofleet_client.results import GenerateResult, ResultBuilder, build_request, with_request_id
+from studiofleet_client.connect import resolve_tls
+from studiofleet_client.retry import Attempts, RetryPolicy, client_setup
+from studiofleet_client.tls import ClientTLS, open_channel
 
 __all__ = ["FleetClient"]
 

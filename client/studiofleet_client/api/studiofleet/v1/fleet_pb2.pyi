@@ -1,4 +1,4 @@
-from cluster.api.studiofleet.v1 import node_pb2 as _node_pb2
+from studiofleet_client.api.studiofleet.v1 import node_pb2 as _node_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

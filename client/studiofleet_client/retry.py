@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import grpc
 
-from cluster.client.errors import from_rpc_error
+from studiofleet_client.errors import from_rpc_error
 
 __all__ = ["Attempts", "Deadline", "RetryDecision", "RetryPolicy", "decide_retry", "parse_targets"]
 

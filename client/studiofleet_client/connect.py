@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from cluster.security.tls import ENV_DIR, ENV_NAME, ClientTLS
+from studiofleet_client.tls import ENV_DIR, ENV_NAME, ClientTLS
 
 
 def resolve_tls(tls: Optional[ClientTLS], plaintext: bool) -> Optional[ClientTLS]:
