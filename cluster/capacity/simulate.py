@@ -1,0 +1,363 @@
+"""The fleet simulator behind `fleetctl plan` (docs/capacity.md "How the planner models a fleet").
+
+A discrete-event model on SimPy: notes arrive (a list of `Request`s, e.g. a thinned Poisson
+day from `Workload.requests`), the coordinator places each one with the router's own
+`pick` (coordinator.router, the function the coordinator calls: least outstanding work per
+slot) or queues it FIFO (bounded depth and wait, as coordinator.admission does), and each
+node batches continuously as mlx-lm's BatchGenerator does: a step prefills the prompts it
+admits (up to `prefill_batch` of them, whole prompts, into free slots) and decodes one token
+for every running sequence, admitted ones included; the profile's StepModel gives the step's
+time. Between admissions and completions a node's batch does not change, so the simulator
+runs those steps as one event (interrupted at the next step boundary when a note arrives
+for a free slot), which keeps a busy day to a few events per note.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import simpy
+
+from cluster.capacity.profile import Profile
+from cluster.capacity.workload import Request
+from cluster.config import CoordinatorSettings, NodeSettings
+from cluster.metrics import percentile
+from coordinator.router import Candidate, Want, pick
+
+_ANY = Want()
+_EPS = 1e-9
+
+
+def _default(settings, name: str):
+    return settings.model_fields[name].default
+
+
+# The daemons' own defaults, read from their settings (not copied).
+NODE_MAX_QUEUED = _default(NodeSettings, "max_queued")
+PREFILL_BATCH = _default(NodeSettings, "prefill_batch_size")
+QUEUE_MAX_DEPTH = _default(CoordinatorSettings, "queue_max_depth")
+QUEUE_MAX_WAIT_S = _default(CoordinatorSettings, "queue_max_wait_s")
+LOAD_FACTOR = _default(CoordinatorSettings, "affinity_load_factor")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One routing target (a node or a node group) running `profile`."""
+
+    profile: Profile
+    node_id: str
+    max_queued: int = NODE_MAX_QUEUED       # the node's own queue beyond its running slots
+    prefill_batch: int = PREFILL_BATCH      # prompts admitted (prefilled) in one step
+
+
+@dataclass(frozen=True)
+class CoordinatorLimits:
+    queue_max_depth: float = QUEUE_MAX_DEPTH
+    queue_max_wait_s: float = QUEUE_MAX_WAIT_S
+    load_factor: float = LOAD_FACTOR
+
+
+def fleet_of(counts: Sequence[tuple[Profile, int]], **node_kw) -> list[NodeSpec]:
+    """NodeSpecs for (profile, count) pairs, named profile-name/1, /2, ..."""
+    return [NodeSpec(p, f"{p.name}/{i + 1}", **node_kw) for p, n in counts for i in range(n)]
+
+
+class _Seq:
+    __slots__ = ("req", "measured", "remaining", "ctx", "node", "placed_at", "admitted_at", "first_at", "done_at",
+                 "refused")
+
+    def __init__(self, req: Request, measured: bool):
+        self.req = req
+        self.measured = measured
+        self.remaining = req.output_tokens
+        self.ctx = 0
+        self.node: Optional[int] = None
+        self.placed_at = self.admitted_at = self.first_at = self.done_at = math.nan
+        self.refused = ""
+
+
+class _Node:
+    def __init__(self, env: simpy.Environment, index: int, spec: NodeSpec, window: tuple[float, float],
+                 on_done: Callable[["_Node", _Seq], None]):
+        self.env, self.index, self.spec = env, index, spec
+        self.fit = spec.profile.fit
+        self.max_running = spec.profile.limits.max_running
+        self.slots = self.max_running + spec.max_queued
+        self.queue: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.in_flight = 0          # the coordinator's requests placed here, not yet finished
+        self.outstanding = 0        # tokens they may still generate (as of the last applied step)
+        self.routed_total = 0
+        self.wake: Optional[simpy.Event] = None
+        self._macro: Optional[tuple[float, int, float, float]] = None   # (t0, n, a, b) of a run of steps
+        self._window = window
+        self._on_done = on_done
+        self.busy_s = 0.0           # inside the window
+        self.seq_s = 0.0            # running sequences x seconds, inside the window
+        self.steps = 0
+        env.process(self._run())
+
+    def candidate(self) -> Candidate:
+        return Candidate(self.spec.node_id, "", self.in_flight, self._outstanding_now(), len(self.queue),
+                         self.max_running, self.slots, self.routed_total)
+
+    def enqueue(self, seq: _Seq) -> None:
+        self.queue.append(seq)
+        if self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+
+    def _outstanding_now(self) -> int:
+        if self._macro is None:
+            return self.outstanding
+        t0, n, a, b = self._macro
+        return self.outstanding - n * _steps_within(self.env.now - t0, a, b)
+
+    def _account(self, t0: float, t1: float, n: int) -> None:
+        lo, hi = max(t0, self._window[0]), min(t1, self._window[1])
+        if hi > lo:
+            self.busy_s += hi - lo
+            self.seq_s += n * (hi - lo)
+
+    def _advance(self, steps: int) -> None:
+        """Every running sequence gained `steps` tokens; the ones done leave."""
+        now = self.env.now
+        self.outstanding -= steps * len(self.running)
+        self.steps += steps
+        done = []
+        for s in self.running:
+            s.ctx += steps
+            s.remaining -= steps
+            if s.first_at != s.first_at:      # NaN: this step gave its first token
+                s.first_at = now
+            if s.remaining <= 0:
+                done.append(s)
+        if done:
+            self.running = [s for s in self.running if s.remaining > 0]
+            for s in done:
+                s.done_at = now
+                self._on_done(self, s)
+
+    def _run(self):
+        env, fit = self.env, self.fit
+        while True:
+            if not self.running and not self.queue:
+                self.wake = env.event()
+                yield self.wake
+                self.wake = None
+            free = self.max_running - len(self.running)
+            if self.queue and free > 0:
+                # An admitting step: prefill the new prompts, decode one token for every sequence.
+                prefill = 0.0
+                for _ in range(min(free, self.spec.prefill_batch, len(self.queue))):
+                    s = self.queue.popleft()
+                    s.admitted_at = env.now
+                    cached = s.req.cached_tokens
+                    prefill += fit.prefill_s(s.req.prompt_tokens - cached, cached)
+                    s.ctx = s.req.prompt_tokens
+                    self.running.append(s)
+                n = len(self.running)
+                t0 = env.now
+                yield env.timeout(prefill + fit.decode_step_s(n, sum(s.ctx for s in self.running)))
+                self._account(t0, env.now, n)
+                self._advance(1)
+                continue
+            # Decode steps with an unchanged batch until the next sequence finishes: step j takes a + b*j.
+            n = len(self.running)
+            k = min(s.remaining for s in self.running)
+            a = fit.decode_step_s(n, sum(s.ctx for s in self.running))
+            b = fit.decode_per_ctx_token_s * n
+            total = _span(k, a, b)
+            t0 = env.now
+            self._macro = (t0, n, a, b)
+            if free > 0:       # an arrival may join at the next step boundary
+                self.wake = env.event()
+                yield env.timeout(total) | self.wake
+                self.wake = None
+                steps = min(k, _steps_within(env.now - t0, a, b) + 1)
+                end = t0 + _span(steps, a, b)
+                if end > env.now + _EPS:
+                    yield env.timeout(end - env.now)
+            else:
+                yield env.timeout(total)
+                steps = k
+            self._macro = None
+            self._account(t0, env.now, n)
+            self._advance(steps)
+
+
+def _span(m: int, a: float, b: float) -> float:
+    """Seconds for m steps whose j-th (from 0) takes a + b*j."""
+    return m * a + b * m * (m - 1) / 2.0
+
+
+def _steps_within(dt: float, a: float, b: float) -> int:
+    """How many whole steps (j-th taking a + b*j) end within dt seconds."""
+    if dt <= 0:
+        return 0
+    if b <= 0:
+        m = int(dt / a + _EPS)
+    else:
+        c = a - b / 2.0     # m steps take (b/2) m^2 + c m
+        m = int((math.sqrt(c * c + 2.0 * b * dt) - c) / b)
+    while _span(m + 1, a, b) <= dt + _EPS:
+        m += 1
+    while m > 0 and _span(m, a, b) > dt + _EPS:
+        m -= 1
+    return m
+
+
+class _Coordinator:
+    """coordinator.admission's policy: place now if nobody waits and a node has room (router.pick),
+    else wait FIFO up to `queue_max_depth` deep and `queue_max_wait_s` long."""
+
+    def __init__(self, env: simpy.Environment, limits: CoordinatorLimits):
+        self.env, self.limits = env, limits
+        self.nodes: list[_Node] = []
+        self.waiting: deque[_Seq] = deque()
+        self.max_waiting = 0
+
+    def _place(self, seq: _Seq) -> bool:
+        node_id = pick([n.candidate() for n in self.nodes], _ANY, load_factor=self.limits.load_factor)
+        if node_id is None:
+            return False
+        node = next(n for n in self.nodes if n.spec.node_id == node_id)
+        node.in_flight += 1
+        node.outstanding += seq.req.output_tokens
+        node.routed_total += 1
+        seq.node = node.index
+        seq.placed_at = self.env.now
+        node.enqueue(seq)
+        return True
+
+    def _expire(self) -> None:
+        now = self.env.now
+        while self.waiting and now - self.waiting[0].req.at_s >= self.limits.queue_max_wait_s:
+            self._refuse(self.waiting.popleft(), "waited_too_long")
+
+    def _refuse(self, seq: _Seq, why: str) -> None:
+        seq.refused = why
+        seq.done_at = self.env.now
+        self.on_end(seq)
+
+    def arrive(self, seq: _Seq) -> None:
+        self._expire()
+        if not self.waiting and self._place(seq):
+            return
+        if len(self.waiting) >= self.limits.queue_max_depth:
+            self._refuse(seq, "queue_full")
+            return
+        self.waiting.append(seq)
+        self.max_waiting = max(self.max_waiting, len(self.waiting))
+
+    def release(self, node: _Node, seq: _Seq) -> None:
+        node.in_flight -= 1
+        self.on_end(seq)
+        self._expire()
+        while self.waiting and self._place(self.waiting[0]):
+            self.waiting.popleft()
+
+    on_end: Callable[[_Seq], None]
+
+
+@dataclass(frozen=True)
+class NodeUse:
+    node_id: str
+    profile: str
+    busy: float          # fraction of the window spent in steps
+    mean_running: float  # time-averaged sequences in the batch
+    occupancy: float     # mean_running / max_running
+    served: int          # measured notes it served
+
+
+@dataclass
+class SimResult:
+    """Per measured note (arrival inside the window): queue wait (arrival to admission into a
+    batch: coordinator queue plus node queue), time to first token and time per note, in
+    seconds; refused notes have inf there."""
+
+    window: tuple[float, float]
+    waits: list[float]
+    ttfts: list[float]
+    totals: list[float]
+    refused: dict[str, int]
+    nodes: list[NodeUse]
+    simulated_notes: int
+    wall_s: float = 0.0             # the simulation's own run time
+    max_coordinator_queue: int = 0
+    completed_in_window: int = 0
+
+    @property
+    def notes(self) -> int:
+        return len(self.totals)
+
+    def q(self, values: list[float], p: float) -> float:
+        return percentile(values, p)
+
+    def mean(self, values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    @property
+    def throughput_per_s(self) -> float:
+        """Notes completed inside the window per second of window."""
+        return self.completed_in_window / max(_EPS, self.window[1] - self.window[0])
+
+
+def simulate(fleet: Sequence[NodeSpec], requests: Sequence[Request], *, window: tuple[float, float],
+             limits: CoordinatorLimits = CoordinatorLimits()) -> SimResult:
+    """Run `requests` (sorted by arrival) through the fleet; statistics are kept for the notes
+    arriving inside `window` and for node use inside it. Runs until every such note has ended."""
+    if not fleet:
+        raise ValueError("a fleet needs at least one node")
+    started = time.perf_counter()
+    env = simpy.Environment(initial_time=min([window[0]] + [r.at_s for r in requests[:1]]))
+    coord = _Coordinator(env, limits)
+    seqs = [_Seq(r, window[0] <= r.at_s < window[1]) for r in requests]
+    pending = sum(1 for s in seqs if s.measured)
+    all_done = env.event()
+    completed_in_window = 0
+
+    def on_end(seq: _Seq) -> None:
+        nonlocal pending, completed_in_window
+        if not seq.refused and window[0] <= seq.done_at < window[1]:
+            completed_in_window += 1
+        if seq.measured:
+            pending -= 1
+            if pending == 0 and not all_done.triggered:
+                all_done.succeed()
+
+    coord.on_end = on_end
+    coord.nodes = [_Node(env, i, spec, window, coord.release) for i, spec in enumerate(fleet)]
+
+    def arrivals():
+        for s in seqs:
+            if s.req.at_s > env.now:
+                yield env.timeout(s.req.at_s - env.now)
+            coord.arrive(s)
+
+    env.process(arrivals())
+    if pending:
+        env.run(until=all_done)
+    measured = [s for s in seqs if s.measured]
+    inf = math.inf
+    waits = [inf if s.refused else s.admitted_at - s.req.at_s for s in measured]
+    ttfts = [inf if s.refused else s.first_at - s.req.at_s for s in measured]
+    totals = [inf if s.refused else s.done_at - s.req.at_s for s in measured]
+    refused: dict[str, int] = {}
+    for s in measured:
+        if s.refused:
+            refused[s.refused] = refused.get(s.refused, 0) + 1
+    span = max(_EPS, window[1] - window[0])
+    served = [0] * len(fleet)
+    for s in measured:
+        if s.node is not None and not s.refused:
+            served[s.node] += 1
+    uses = [NodeUse(n.spec.node_id, n.spec.profile.name, n.busy_s / span, n.seq_s / span,
+                    n.seq_s / span / n.max_running, served[n.index]) for n in coord.nodes]
+    return SimResult(window, waits, ttfts, totals, refused, uses, len(seqs),
+                     wall_s=time.perf_counter() - started, max_coordinator_queue=coord.max_waiting,
+                     completed_in_window=completed_in_window)
