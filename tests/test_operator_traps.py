@@ -154,7 +154,7 @@ def test_token_ids_are_shown_whole_at_80_columns_and_missing_certificates_name_t
     listed = fleetctl("tokens", "list", "-c", co.address, "--tls-name", "operator", env={"COLUMNS": "80"})
     assert listed.returncode == 0 and token_id in listed.stdout, listed.stdout
     assert "OPENAI_API_KEY" in issued.stderr
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "openai-api.md").read_text()
     assert "STUDIOFLEET_API_KEY" not in readme and 'os.environ["OPENAI_API_KEY"]' in readme
     missing = subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--no-mdns",
                               "--listen", "127.0.0.1:0", "--tls-dir", str(fleet_ca), "--tls-name", "never-issued"],
