@@ -22,11 +22,11 @@ from unittest import mock
 import pytest
 import typer
 
-try:        # typer >= 0.22 parses with its own copy of click
+try:  # typer >= 0.22 parses with its own copy of click
     from typer import _click as cli
     from typer._click import exceptions as cli_errors
     from typer.exceptions import Exit
-except ImportError:     # older typer: click itself
+except ImportError:  # older typer: click itself
     import click as cli
     from click import exceptions as cli_errors
     from click.exceptions import Exit
@@ -44,7 +44,11 @@ FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([^\s`]*)")
 
 
 def doc_files() -> list[Path]:
-    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+    files = [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "bench" / "README.md",
+    ]
     return [f for f in files if f.exists()]
 
 
@@ -64,14 +68,17 @@ def click_command(module_name: str) -> cli.Command:
     for value in vars(module).values():
         if isinstance(value, cli.Command):
             return value
-    raise AssertionError(f"{module_name} defines no typer app or click command; teach this test its parser")
+    raise AssertionError(
+        f"{module_name} defines no typer app or click command; teach this test its parser"
+    )
 
 
 # -- finding the commands ------------------------------------------------------------------
 
+
 @dataclass
 class DocCommand:
-    where: str          # file:line
+    where: str  # file:line
     program: str
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -117,9 +124,9 @@ def command_lines(start: int, body: list[str]):
 
 
 def _placeholders(text: str) -> str:
-    text = re.sub(r"\$\([^()]*\)", PLACEHOLDER, text)              # $(command)
-    text = re.sub(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*", PLACEHOLDER, text)   # $VAR, ${VAR}
-    return re.sub(r"<[^<>\s][^<>]*>", PLACEHOLDER, text)             # <id>, <node id>
+    text = re.sub(r"\$\([^()]*\)", PLACEHOLDER, text)  # $(command)
+    text = re.sub(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*", PLACEHOLDER, text)  # $VAR, ${VAR}
+    return re.sub(r"<[^<>\s][^<>]*>", PLACEHOLDER, text)  # <id>, <node id>
 
 
 def _tokens(text: str) -> list[str]:
@@ -127,7 +134,7 @@ def _tokens(text: str) -> list[str]:
     lexer.whitespace_split = True
     try:
         return list(lexer)
-    except ValueError:          # an unbalanced quote: prose, not a command
+    except ValueError:  # an unbalanced quote: prose, not a command
         return []
 
 
@@ -141,9 +148,9 @@ def _segments(tokens: list[str]):
             yield segment
             segment = []
         elif tok in REDIRECTS:
-            i += 1                                              # and its target
+            i += 1  # and its target
         elif tok.isdigit() and i + 1 < len(tokens) and tokens[i + 1] in REDIRECTS:
-            pass                                                # the 2 of 2>&1
+            pass  # the 2 of 2>&1
         else:
             segment.append(tok)
         i += 1
@@ -184,14 +191,17 @@ def commands_in(text: str, where: str, names) -> list[DocCommand]:
                         env[k] = v
                     seg = seg[1:]
                 if seg and Path(seg[0]).name in names:
-                    found.append(DocCommand(f"{where}:{number}", Path(seg[0]).name, _clean(seg[1:]), env))
+                    found.append(
+                        DocCommand(f"{where}:{number}", Path(seg[0]).name, _clean(seg[1:]), env)
+                    )
     return found
 
 
 def documented_commands() -> list[DocCommand]:
     names = set(programs())
-    return [c for f in doc_files()
-            for c in commands_in(f.read_text(), str(f.relative_to(ROOT)), names)]
+    return [
+        c for f in doc_files() for c in commands_in(f.read_text(), str(f.relative_to(ROOT)), names)
+    ]
 
 
 # -- parsing them --------------------------------------------------------------------------
@@ -220,11 +230,13 @@ def _is_placeholder(value: str) -> bool:
 
 def _placeholder_given(param, args: list[str]) -> bool:
     """Whether the value the docs give `param` is a placeholder, which has no type to check."""
-    opts = set(getattr(param, "opts", None) or []) | set(getattr(param, "secondary_opts", None) or [])
+    opts = set(getattr(param, "opts", None) or []) | set(
+        getattr(param, "secondary_opts", None) or []
+    )
     if opts and all(o.startswith("-") for o in opts):
         values = [args[i + 1] for i, a in enumerate(args[:-1]) if a in opts]
         values += [a.partition("=")[2] for a in args if a.partition("=")[0] in opts and "=" in a]
-    else:                                   # a positional argument: any positional word
+    else:  # a positional argument: any positional word
         values = [a for a in args if not a.startswith("-")]
     return any(_is_placeholder(v) for v in values)
 
@@ -235,22 +247,24 @@ def parse(program: str, args: list[str], env: dict[str, str] | None = None) -> N
     with _environment(env or {}):
         try:
             ctx = command.make_context(program, list(args), resilient_parsing=False)
-            while hasattr(ctx.command, "resolve_command"):        # a group: on to the subcommand
+            while hasattr(ctx.command, "resolve_command"):  # a group: on to the subcommand
                 rest = [*ctx._protected_args, *ctx.args]
                 if not rest:
                     raise cli_errors.UsageError(f"{program}: names no subcommand", ctx)
                 name, sub, sub_args = ctx.command.resolve_command(ctx, rest)
                 ctx = sub.make_context(name, sub_args, parent=ctx, resilient_parsing=False)
-        except Exit as done:                                   # --help
+        except Exit as done:  # --help
             if done.exit_code != 0:
                 raise cli_errors.UsageError(f"exit {done.exit_code}") from done
         except cli_errors.MissingParameter as missing:
             if not (missing.param is not None and getattr(missing.param, "envvar", None)):
-                raise   # an option the environment could give is context, not a stale doc
+                raise  # an option the environment could give is context, not a stale doc
         except cli_errors.FileError:
-            pass        # a file the docs name as an example need not exist here
+            pass  # a file the docs name as an example need not exist here
         except cli_errors.BadParameter as bad:
-            if not (_placeholder_given(bad.param, args) or "does not exist" in bad.format_message()):
+            if not (
+                _placeholder_given(bad.param, args) or "does not exist" in bad.format_message()
+            ):
                 raise
 
 
@@ -262,8 +276,10 @@ def test_every_documented_command_parses(doc: DocCommand):
     try:
         parse(doc.program, doc.args, doc.env)
     except cli_errors.ClickException as exc:
-        pytest.fail(f"{doc}\n  is refused by the real parser: {exc.format_message()}\n"
-                    "  fix the docs (or the CLI) so they agree")
+        pytest.fail(
+            f"{doc}\n  is refused by the real parser: {exc.format_message()}\n"
+            "  fix the docs (or the CLI) so they agree"
+        )
 
 
 def test_the_docs_show_commands_of_every_program():
@@ -272,16 +288,19 @@ def test_the_docs_show_commands_of_every_program():
     assert len(COMMANDS) >= 50, len(COMMANDS)
 
 
-@pytest.mark.parametrize("program, args, why", [
-    ("fleetctl", ["nodes", "--no-such-flag"], "No such option"),
-    ("fleetctl", ["drain", "mac-03", "--timout", "120"], "No such option"),
-    ("fleetctl", ["rollout", "strat", "--restart"], "No such command"),
-    ("fleetctl", ["certs", "issue", "--role", "janitor", "--name", "x"], "janitor"),
-    ("fleetctl", ["rollout"], "Usage: fleetctl rollout"),
-    ("fleet-node", ["--model", "./m", "--max-runing", "4"], "No such option"),
-    ("fleet-node", ["--model", "./m", "--max-running", "many"], "--max-running"),
-    ("fleet-coordinator", ["--listen", "0.0.0.0:7800", "--no-such-flag"], "No such option"),
-])
+@pytest.mark.parametrize(
+    "program, args, why",
+    [
+        ("fleetctl", ["nodes", "--no-such-flag"], "No such option"),
+        ("fleetctl", ["drain", "mac-03", "--timout", "120"], "No such option"),
+        ("fleetctl", ["rollout", "strat", "--restart"], "No such command"),
+        ("fleetctl", ["certs", "issue", "--role", "janitor", "--name", "x"], "janitor"),
+        ("fleetctl", ["rollout"], "Usage: fleetctl rollout"),
+        ("fleet-node", ["--model", "./m", "--max-runing", "4"], "No such option"),
+        ("fleet-node", ["--model", "./m", "--max-running", "many"], "--max-running"),
+        ("fleet-coordinator", ["--listen", "0.0.0.0:7800", "--no-such-flag"], "No such option"),
+    ],
+)
 def test_a_stale_command_is_refused(program, args, why):
     with pytest.raises(cli_errors.ClickException) as refused:
         parse(program, args)
@@ -289,21 +308,23 @@ def test_a_stale_command_is_refused(program, args, why):
 
 
 def test_documented_commands_are_found_through_doc_conventions():
-    text = "\n".join([
-        "Some prose with fleetctl nodes --bogus outside a fence.",
-        "```sh",
-        "$ export STUDIOFLEET_CA_DIR=./ca",
-        "$ .venv/bin/fleetctl rollout pause <id> \\",
-        "    --reason x   # a comment",
-        "output line fleetctl --not-a-command",
-        "$ STUDIOFLEET_TLS_NAME=me sudo fleet-node --model ./m --max-running $N 2>&1 | tee log",
-        "$ fleetctl tokens revoke $TOKEN && fleet-coordinator --help",
-        "$ fleetctl tokens list [--all] [-o json] ...",
-        "```",
-        "```toml",
-        "fleetctl = 'not a command'",
-        "```",
-    ])
+    text = "\n".join(
+        [
+            "Some prose with fleetctl nodes --bogus outside a fence.",
+            "```sh",
+            "$ export STUDIOFLEET_CA_DIR=./ca",
+            "$ .venv/bin/fleetctl rollout pause <id> \\",
+            "    --reason x   # a comment",
+            "output line fleetctl --not-a-command",
+            "$ STUDIOFLEET_TLS_NAME=me sudo fleet-node --model ./m --max-running $N 2>&1 | tee log",
+            "$ fleetctl tokens revoke $TOKEN && fleet-coordinator --help",
+            "$ fleetctl tokens list [--all] [-o json] ...",
+            "```",
+            "```toml",
+            "fleetctl = 'not a command'",
+            "```",
+        ]
+    )
     found = commands_in(text, "x.md", {"fleetctl", "fleet-node", "fleet-coordinator"})
     assert [(c.program, c.args) for c in found] == [
         ("fleetctl", ["rollout", "pause", PLACEHOLDER, "--reason", "x"]),
@@ -318,6 +339,7 @@ def test_documented_commands_are_found_through_doc_conventions():
 
 
 # -- size and links ------------------------------------------------------------------------
+
 
 def test_readme_stays_under_10_kb():
     size = (ROOT / "README.md").stat().st_size
@@ -386,7 +408,9 @@ def test_every_relative_link_resolves(doc: Path):
         if not dest.exists():
             broken.append(f"{doc.relative_to(ROOT)}:{number}: {target} (no such file)")
         elif anchor and dest.suffix == ".md" and anchor.lower() not in anchors(dest):
-            broken.append(f"{doc.relative_to(ROOT)}:{number}: {target} (no heading #{anchor} in {dest.name})")
+            broken.append(
+                f"{doc.relative_to(ROOT)}:{number}: {target} (no heading #{anchor} in {dest.name})"
+            )
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
