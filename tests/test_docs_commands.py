@@ -3,8 +3,9 @@
 Every `fleetctl`, `fleet-node` and `fleet-coordinator` command shown in a fenced code block
 of README.md, docs/*.md or bench/README.md is parsed (not run) by the program's real click
 command, subcommands resolved, so a stale flag, a bad choice or a renamed subcommand fails
-here. README.md stays under 10 KB, and every relative link in README.md and docs/*.md
-names a file (and heading) that exists.
+here; so does a `STUDIOFLEET_NODE_*` / `STUDIOFLEET_COORDINATOR_*` variable or a config-file
+key that no setting reads. README.md stays under 10 KB, and every relative link in
+README.md, docs/*.md and bench/README.md names a file (and heading) that exists.
 """
 
 from __future__ import annotations
@@ -419,3 +420,42 @@ def test_the_link_checker_sees_links():
     assert slug("`fleetctl top`") == "fleetctl-top"
     links = dict((t, n) for n, t in relative_links(ROOT / "README.md"))
     assert "docs/architecture.svg" in links and "docs/README.md" in links
+
+
+# -- settings the docs name ------------------------------------------------------------------
+
+
+def _settings_models() -> dict[str, type]:
+    from cluster.config import CoordinatorSettings, FleetctlSettings, NodeSettings
+
+    return {"node": NodeSettings, "coordinator": CoordinatorSettings, "fleetctl": FleetctlSettings}
+
+
+def test_every_documented_environment_variable_is_a_setting():
+    models = _settings_models()
+    stale = []
+    for f in doc_files():
+        for m in re.finditer(r"STUDIOFLEET_(NODE|COORDINATOR)_([A-Z0-9_]+)", f.read_text()):
+            if m.group(2).lower() not in models[m.group(1).lower()].model_fields:
+                stale.append(f"{f.relative_to(ROOT)}: {m.group(0)}")
+    assert not stale, "environment variables no setting reads:\n" + "\n".join(stale)
+
+
+def test_every_documented_config_file_key_is_a_setting():
+    models = _settings_models()
+    stale, tables = [], 0
+    for f in doc_files():
+        for start, info, body in fenced_blocks(f.read_text()):
+            if info != "toml":
+                continue
+            for table, keys in tomllib.loads("\n".join(body)).items():
+                if table in models:
+                    tables += 1
+                    fields = models[table].model_fields
+                    stale += [
+                        f"{f.relative_to(ROOT)}:{start} [{table}] {k}"
+                        for k in keys
+                        if k not in fields
+                    ]
+    assert tables >= 3, tables
+    assert not stale, "config keys no setting reads:\n" + "\n".join(stale)
