@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import grpc
 
 from cluster.api import inference_pb2
 from cluster.security.identity import Identity
+from coordinator.call_context import CallContext
 from coordinator.request_summary import Outcome
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,11 @@ class RequestAudit:
 
 
 class AuditedCall:
-    """The caller's context as a request's run uses it. grpc.aio's abort() sends the status at
-    once, so this abort() first ends the request's record and makes it durable (or logs why it
-    could not): no failure status leaves before its audit record."""
+    """The caller's context (a CallContext) as a request's run uses it. grpc.aio's abort()
+    sends the status at once, so this abort() first ends the request's record and makes it
+    durable (or logs why it could not): no failure status leaves before its audit record."""
 
-    def __init__(self, context, audit: RequestAudit, facts: Callable[[], dict]):
+    def __init__(self, context: CallContext, audit: RequestAudit, facts: Callable[[], dict]):
         self._context = context
         self._audit = audit
         self._facts = facts   # what the end record keeps of the run so far
@@ -170,7 +171,7 @@ class AuditedCall:
     def time_remaining(self) -> Optional[float]:
         return self._context.time_remaining()
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
         if not self._audit.written:
             await self._audit.trail.write_or_log(self._audit.end(Outcome.FAILED, code.name, **self._facts()))
         await self._context.abort(code, details, trailing_metadata=trailing_metadata)

@@ -53,7 +53,7 @@ class Coordinator:
                                    load_factor=settings.affinity_load_factor)
         self.monitor = Monitor()
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
-                           identify=self._caller, audit=self.audit, monitor=self.monitor)
+                           identify=self.authz.peer, audit=self.audit, monitor=self.monitor)
         rollout = settings.section(RolloutSection)
         self.rollouts = Rollouts(settings=rollout, holder=lease_holder(settings), probe_timeout_s=settings.probe_timeout_s,
                                  fleet=self.fleet, events=self.events, gates=default_gates(rollout),
@@ -85,11 +85,6 @@ class Coordinator:
         self._server: Optional[grpc.aio.Server] = None
         self._stopped = asyncio.Event()
         self.stopping = False
-
-    def _caller(self, context):
-        """A request's verified caller: from its gRPC context, or as the front door found it."""
-        identity = getattr(context, "identity", None)   # coordinator.openai_http.HttpCall
-        return identity if identity is not None else self.authz.peer(context)
 
     async def _denied(self, ident, method: str, code: str, reason: str, **details) -> None:
         """A call refused for its certificate or role (gRPC or an HTTP port): counted, and

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, NoReturn, Optional
 
 import grpc
 from aiohttp import web
@@ -36,7 +36,7 @@ from cluster.security.roles import COORDINATOR_API_TABLE
 from cluster.validation import MAX_REQUEST_ID_LEN, new_request_id, serves, valid_id
 from coordinator import openai_protocol as oa
 from coordinator.api_tokens import TokenRefused, TokenStore
-from coordinator.relay import PUSHBACK_KEY
+from coordinator.call_context import PUSHBACK_KEY
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,11 @@ COMPLETION = _Endpoint(oa.completion_request, oa.completion_answer, oa.completio
 
 
 class HttpCall:
-    """What the relay uses of a gRPC ServicerContext, for a request that came over HTTP:
-    the caller, its peer, and abort(), which records the status and ends the relay's run
-    as grpc's does (AbortError)."""
+    """A request that came over HTTP, as the relay's CallContext (coordinator/call_context.py):
+    its peer, and abort(), which records the status and ends the relay's run as grpc's does
+    (AbortError)."""
 
-    def __init__(self, identity: Identity, peer: str):
-        self.identity = identity
+    def __init__(self, peer: str):
         self._peer = peer
         self._code: Optional[grpc.StatusCode] = None
         self.details = ""
@@ -80,7 +79,7 @@ class HttpCall:
     def time_remaining(self) -> Optional[float]:
         return None   # no deadline: the client's timeout ends the connection, which cancels
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
         self._code, self.details, self.trailers = code, details, tuple(trailing_metadata)
         raise grpc.aio.AbortError()
 
@@ -293,9 +292,9 @@ class FrontDoor(MonitorHTTP):
         if not self._known(parsed.model):
             raise _unknown_model(parsed.model)
         parsed.request.request_id = rid
-        call = HttpCall(request["caller"], self._peer(request))
+        call = HttpCall(self._peer(request))
         ids = kind.id_prefix + rid, int(time.time()), parsed.model
-        async with contextlib.aclosing(self._relay.Generate(parsed.request, call)) as chunks:
+        async with contextlib.aclosing(self._relay.Generate(parsed.request, call, identity=request["caller"])) as chunks:
             if parsed.stream:
                 return await self._stream(request, kind, parsed, call, chunks, ids)
             text: list[str] = []
