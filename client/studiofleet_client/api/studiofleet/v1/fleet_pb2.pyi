@@ -397,18 +397,44 @@ class TrafficBucket(_message.Message):
     def __init__(self, start: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., tokens: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p95_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., rejected: _Optional[int] = ...) -> None: ...
 
 class Traffic(_message.Message):
-    __slots__ = ("bucket_s", "buckets", "running", "queued", "tokens_per_s")
+    __slots__ = ("bucket_s", "buckets", "running", "queued", "tokens_per_s", "headroom")
     BUCKET_S_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_FIELD_NUMBER: _ClassVar[int]
     bucket_s: int
     buckets: _containers.RepeatedCompositeFieldContainer[TrafficBucket]
     running: int
     queued: int
     tokens_per_s: float
-    def __init__(self, bucket_s: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[TrafficBucket, _Mapping]]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    headroom: Headroom
+    def __init__(self, bucket_s: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[TrafficBucket, _Mapping]]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., headroom: _Optional[_Union[Headroom, _Mapping]] = ...) -> None: ...
+
+class Headroom(_message.Message):
+    __slots__ = ("known", "arrival_rate_per_s", "predicted_p95_s", "sla_p95_s", "sla_rate_per_s", "capacity_per_s", "profiled_nodes", "unprofiled_nodes", "window_s", "mix")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_RATE_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_P95_S_FIELD_NUMBER: _ClassVar[int]
+    SLA_P95_S_FIELD_NUMBER: _ClassVar[int]
+    SLA_RATE_PER_S_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PROFILED_NODES_FIELD_NUMBER: _ClassVar[int]
+    UNPROFILED_NODES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    MIX_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    arrival_rate_per_s: float
+    predicted_p95_s: float
+    sla_p95_s: float
+    sla_rate_per_s: float
+    capacity_per_s: float
+    profiled_nodes: int
+    unprofiled_nodes: int
+    window_s: float
+    mix: str
+    def __init__(self, known: _Optional[bool] = ..., arrival_rate_per_s: _Optional[float] = ..., predicted_p95_s: _Optional[float] = ..., sla_p95_s: _Optional[float] = ..., sla_rate_per_s: _Optional[float] = ..., capacity_per_s: _Optional[float] = ..., profiled_nodes: _Optional[int] = ..., unprofiled_nodes: _Optional[int] = ..., window_s: _Optional[float] = ..., mix: _Optional[str] = ...) -> None: ...
 
 class OpenDashboardRequest(_message.Message):
     __slots__ = ()
