@@ -31,10 +31,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from cluster.api import fleet_pb2
 from cluster.capacity.profile import Profile, StepModel
 
 __all__ = ["ArrivalMeter", "FleetModel", "Headroom", "LiveHeadroom", "NodeModel", "RoutableNode", "TokenMix",
-           "fleet_p95_s", "headroom", "match_profile", "sla_rate_per_s"]
+           "fleet_p95_s", "from_proto", "headroom", "match_profile", "sla_rate_per_s", "to_proto"]
 
 DEFAULT_SLA_P95_S = 8.0
 DEFAULT_WINDOW_S = 300.0
@@ -212,6 +213,23 @@ class Headroom:
         if self.unprofiled_nodes:
             text += f"; {self.unprofiled_nodes} routable node(s) without a profile left out"
         return text
+
+
+def to_proto(h: Headroom) -> fleet_pb2.Headroom:
+    """Traffic.headroom, as GetTraffic answers it."""
+    if not h.known:
+        return fleet_pb2.Headroom(known=False, arrival_rate_per_s=h.arrival_rate_per_s, sla_p95_s=h.sla_p95_s,
+                                  unprofiled_nodes=h.unprofiled_nodes, window_s=h.window_s, mix=h.mix.source)
+    return fleet_pb2.Headroom(known=True, arrival_rate_per_s=h.arrival_rate_per_s, predicted_p95_s=h.predicted_p95_s,
+                              sla_p95_s=h.sla_p95_s, sla_rate_per_s=h.sla_rate_per_s,
+                              capacity_per_s=h.capacity_per_s, profiled_nodes=h.profiled_nodes,
+                              unprofiled_nodes=h.unprofiled_nodes, window_s=h.window_s, mix=h.mix.source)
+
+
+def from_proto(msg: fleet_pb2.Headroom) -> Headroom:
+    return Headroom(msg.known, msg.arrival_rate_per_s, msg.predicted_p95_s if msg.known else math.nan,
+                    msg.sla_p95_s, msg.sla_rate_per_s, msg.capacity_per_s, msg.profiled_nodes, msg.unprofiled_nodes,
+                    TokenMix(source=msg.mix or "default"), msg.window_s)
 
 
 def headroom(nodes: Sequence[NodeModel], rate: float, mix: TokenMix, sla_p95_s: float, *,

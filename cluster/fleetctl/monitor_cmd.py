@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc
+from cluster.capacity import headroom
 from cluster.client.errors import from_rpc_error
 from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
@@ -102,7 +103,17 @@ def frame(stub: fleet_pb2_grpc.FleetStub, events: list, coordinator: str) -> Gro
     charts.add_row("TTFT p95  ", sparkline([x.ttft_p95_ms for x in b]))
     charts.add_row("", Text("last hour, one character a minute", style="dim"))
     recent = Text("\n".join(event_line(ev) for ev in reversed(events)) or "no events yet", style="dim")
-    return Group(summary, fleet_table(listing), charts, Text("recent events", style="bold"), recent)
+    capacity = capacity_line(traffic)
+    return Group(summary, *([capacity] if capacity else []), fleet_table(listing), charts,
+                 Text("recent events", style="bold"), recent)
+
+
+def capacity_line(traffic: fleet_pb2.Traffic) -> Text | None:
+    """The live headroom (docs/capacity.md "Live headroom"); red past the SLA."""
+    if not traffic.HasField("headroom"):
+        return None
+    h = headroom.from_proto(traffic.headroom)
+    return Text(h.line(), style="dim" if not h.known else ("green" if h.sla_met else "bold red"))
 
 
 def top(
