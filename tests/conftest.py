@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from tests.loop_guard import no_blocking_on_event_loop  # noqa: E402,F401 - autouse: fails blocking calls on a loop
 from tests.procs import CoordinatorProcess, NodeProcess  # noqa: E402
 
 

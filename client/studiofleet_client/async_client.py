@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import AsyncIterator, Optional, Sequence, Union
 
 import grpc
@@ -13,7 +14,7 @@ from studiofleet_client.api import inference_pb2, inference_pb2_grpc
 from studiofleet_client.results import GenerateResult, ResultBuilder, build_request, with_request_id
 from studiofleet_client.connect import resolve_tls
 from studiofleet_client.retry import Attempts, RetryPolicy, client_setup
-from studiofleet_client.tls import ClientTLS, open_channel
+from studiofleet_client.tls import ENV_DIR, ClientTLS, open_channel
 
 __all__ = ["AsyncFleetClient"]
 
@@ -35,7 +36,9 @@ class AsyncFleetClient:
                  channel_options: Sequence[tuple] = (), tls: Optional[ClientTLS] = None,
                  plaintext: bool = False, server_name: Optional[str] = None):
         self.targets, self.retry_policy = client_setup(targets, channel, retry_policy, max_attempts)
-        self._tls = None if channel is not None else resolve_tls(tls, plaintext)
+        # Certificate files are read off the event loop: STUDIOFLEET_TLS_DIR/NAME on first use.
+        self._tls_from_env = channel is None and tls is None and not plaintext and bool(os.environ.get(ENV_DIR))
+        self._tls = None if channel is not None or self._tls_from_env else resolve_tls(tls, plaintext)
         self._server_name = server_name
         self._options = list(channel_options)
         self._channels: list[Optional[grpc.aio.Channel]] = [channel] if channel is not None else \
@@ -48,11 +51,18 @@ class AsyncFleetClient:
         """The address the next call starts with: the one that last worked."""
         return self.targets[self._preferred]
 
-    def _stub(self, index: int) -> inference_pb2_grpc.InferenceStub:
-        if self._stubs[index] is None:
-            if self._channels[index] is None:
+    async def _stub(self, index: int) -> inference_pb2_grpc.InferenceStub:
+        if self._channels[index] is None:
+            if self._tls_from_env:
+                tls = await asyncio.to_thread(resolve_tls, None, False)
+                self._tls, self._tls_from_env = self._tls or tls, False
+            # The files' change check (a stat, a re-read) runs in a thread; the channel is
+            # made here, in the loop it belongs to.
+            creds = await asyncio.to_thread(self._tls.credentials) if self._tls is not None else None
+            if self._channels[index] is None:   # another task may have made it meanwhile
                 self._channels[index] = open_channel(self.targets[index], self._tls, server_name=self._server_name,
-                                                     options=self._options, aio=True)
+                                                     options=self._options, aio=True, credentials=creds)
+        if self._stubs[index] is None:
             self._stubs[index] = inference_pb2_grpc.InferenceStub(self._channels[index])
         return self._stubs[index]
 
@@ -87,7 +97,7 @@ class AsyncFleetClient:
         while True:
             timeout = attempts.begin()
             index = attempts.index
-            call = self._stub(index).Generate(request, timeout=timeout)
+            call = (await self._stub(index)).Generate(request, timeout=timeout)
             received = False
             try:
                 async for chunk in call:

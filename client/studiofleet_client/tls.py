@@ -153,9 +153,11 @@ def is_loopback(host_port: str) -> bool:
 
 
 def open_channel(address: str, tls: Optional[ClientTLS], *, server_name: Optional[str] = None,
-                 options: Sequence[tuple] = (), aio: bool = False):
+                 options: Sequence[tuple] = (), aio: bool = False,
+                 credentials: Optional[grpc.ChannelCredentials] = None):
     """A channel to `address`: mTLS with `tls`, plaintext (loopback only) with None.
-    `server_name` is the certificate name to expect instead of the address's host."""
+    `server_name` is the certificate name to expect instead of the address's host;
+    `credentials`, if given, are tls.credentials() already read (off an event loop)."""
     opts = list(options)
     if tls is None:
         if not is_loopback(address):
@@ -164,4 +166,5 @@ def open_channel(address: str, tls: Optional[ClientTLS], *, server_name: Optiona
         return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(address, options=opts)
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
-    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(address, tls.credentials(), options=opts)
+    creds = credentials if credentials is not None else tls.credentials()
+    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(address, creds, options=opts)
