@@ -9,8 +9,8 @@ import sys
 import typer
 
 from cluster.fleetctl import (audit_cmd, certs_cmd, demo_cmd, eval_cmd, generate_cmd, model_cmd, monitor_cmd,
-                              node_cmd, nodes_cmd, ops_cmd, plan_cmd, replay_cmd, requests_cmd, rollout_cmd,
-                              service_cmd, tokens_cmd)
+                              node_cmd, nodes_cmd, ops_cmd, plan_cmd, profile_cmd, replay_cmd, requests_cmd,
+                              rollout_cmd, service_cmd, tokens_cmd)
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")
@@ -31,6 +31,7 @@ app.command("drain")(ops_cmd.drain)
 app.command("requests")(requests_cmd.requests)
 app.command("replay")(replay_cmd.replay)
 app.command("plan")(plan_cmd.plan)
+app.command("profile")(profile_cmd.profile)
 app.command("top")(monitor_cmd.top)
 app.command("dashboard")(monitor_cmd.dashboard)
 
