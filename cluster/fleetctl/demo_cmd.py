@@ -6,6 +6,14 @@ from pathlib import Path
 
 import typer
 
+VOCABS = ("trained", "qwen2.5")
+
+
+def _vocab(value: str) -> str:
+    if value not in VOCABS:
+        raise typer.BadParameter(f"expected one of {', '.join(VOCABS)}, got {value!r}")
+    return value
+
 
 def demo(
     workdir: Path = typer.Option(Path(".demo"), help="Where the model and logs go."),
@@ -16,6 +24,9 @@ def demo(
     nodes: int = typer.Option(2, help="Node agents to start."),
     vllm_python: str = typer.Option("", help="Also start a vLLM node agent with this Python (scripts/demo --vllm "
                                               "sets up .venv-vllm and passes it)."),
+    vocab: str = typer.Option("trained", callback=_vocab, metavar="trained|qwen2.5", help="The generated model's tokenizer: "
+                              "'trained' (a small BPE, fast) or 'qwen2.5' (Qwen2.5's real tokenizer: real token counts "
+                              "and grammar mask sizes, about 10x slower on a 2-core CPU)."),
     keep_running: bool = typer.Option(False, "--keep-running", help="Keep the fleet up after the notes: print its "
                                       "addresses, the dashboard and the fleetctl commands to try; Ctrl-C stops it."),
 ) -> None:
@@ -27,4 +38,4 @@ def demo(
     from cluster.demo import run_demo
 
     raise typer.Exit(run_demo(workdir, notes=notes, concurrency=concurrency, max_tokens=max_tokens, nodes=nodes,
-                             vllm_python=vllm_python, keep_running=keep_running))
+                             vllm_python=vllm_python, keep_running=keep_running, vocab=vocab))
