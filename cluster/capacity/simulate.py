@@ -93,7 +93,7 @@ class _Node:
         self.outstanding = 0        # tokens they may still generate (as of the last applied step)
         self.routed_total = 0
         self.wake: Optional[simpy.Event] = None
-        self._macro: Optional[tuple[float, int, float, float]] = None   # (t0, n, a, b) of a run of steps
+        self._macro: Optional[tuple[float, int, float, float, float]] = None   # a run of steps: (t0, n, a, b, lead)
         self._window = window
         self._on_done = on_done
         self.busy_s = 0.0           # inside the window
@@ -113,8 +113,13 @@ class _Node:
     def _outstanding_now(self) -> int:
         if self._macro is None:
             return self.outstanding
-        t0, n, a, b = self._macro
-        return self.outstanding - n * _steps_within(self.env.now - t0, a, b)
+        t0, n, a, b, lead = self._macro
+        elapsed = self.env.now - t0
+        if lead:
+            if elapsed < lead - _EPS:
+                return self.outstanding
+            return self.outstanding - n * (1 + _steps_within(elapsed - lead, a, b))
+        return self.outstanding - n * _steps_within(elapsed, a, b)
 
     def _account(self, t0: float, t1: float, n: int) -> None:
         lo, hi = max(t0, self._window[0]), min(t1, self._window[1])
@@ -160,10 +165,28 @@ class _Node:
                     s.ctx = s.req.prompt_tokens
                     self.running.append(s)
                 n = len(self.running)
+                ctx = sum(s.ctx for s in self.running)
+                lead = prefill + fit.decode_step_s(n, ctx)
                 t0 = env.now
-                yield env.timeout(prefill + fit.decode_step_s(n, sum(s.ctx for s in self.running)))
+                if n < self.max_running:
+                    yield env.timeout(lead)
+                    self._account(t0, env.now, n)
+                    self._advance(1)
+                    continue
+                # A full batch cannot change before its next completion: run the admitting step and
+                # the decode steps after it as one event.
+                k = min(s.remaining for s in self.running) - 1
+                a = fit.decode_step_s(n, ctx + n)
+                b = fit.decode_per_ctx_token_s * n
+                self._macro = (t0, n, a, b, lead)
+                yield env.timeout(lead + _span(k, a, b))
+                self._macro = None
+                first = t0 + lead
+                for s in self.running:
+                    if s.first_at != s.first_at:
+                        s.first_at = first
                 self._account(t0, env.now, n)
-                self._advance(1)
+                self._advance(k + 1)
                 continue
             # Decode steps with an unchanged batch until the next sequence finishes: step j takes a + b*j.
             n = len(self.running)
@@ -172,7 +195,7 @@ class _Node:
             b = fit.decode_per_ctx_token_s * n
             total = _span(k, a, b)
             t0 = env.now
-            self._macro = (t0, n, a, b)
+            self._macro = (t0, n, a, b, 0.0)
             if free > 0:       # an arrival may join at the next step boundary
                 self.wake = env.event()
                 yield env.timeout(total) | self.wake
@@ -217,14 +240,17 @@ class _Coordinator:
     def __init__(self, env: simpy.Environment, limits: CoordinatorLimits):
         self.env, self.limits = env, limits
         self.nodes: list[_Node] = []
+        self.by_id: dict[str, _Node] = {}
         self.waiting: deque[_Seq] = deque()
         self.max_waiting = 0
 
     def _place(self, seq: _Seq) -> bool:
+        if not any(n.in_flight < n.slots for n in self.nodes):
+            return False        # pick's own answer when every node is full, without building candidates
         node_id = pick([n.candidate() for n in self.nodes], _ANY, load_factor=self.limits.load_factor)
         if node_id is None:
             return False
-        node = next(n for n in self.nodes if n.spec.node_id == node_id)
+        node = self.by_id[node_id]
         node.in_flight += 1
         node.outstanding += seq.req.output_tokens
         node.routed_total += 1
@@ -332,6 +358,9 @@ def simulate(fleet: Sequence[NodeSpec], requests: Sequence[Request], *, window: 
 
     coord.on_end = on_end
     coord.nodes = [_Node(env, i, spec, window, coord.release) for i, spec in enumerate(fleet)]
+    coord.by_id = {n.spec.node_id: n for n in coord.nodes}
+    if len(coord.by_id) != len(coord.nodes):
+        raise ValueError("node ids in a fleet must be unique")
 
     def arrivals():
         for s in seqs:
