@@ -10,19 +10,41 @@ import random
 
 import pytest
 
-from cluster.capacity.profile import (PUBLISHED, Info, Limits, ModelFacts, NodeFacts, Profile, ProfileError,
-                                      StepModel, load_profile, parse_profile, resolve_profile)
+from cluster.capacity.profile import (
+    PUBLISHED,
+    Info,
+    Limits,
+    ModelFacts,
+    NodeFacts,
+    Profile,
+    ProfileError,
+    StepModel,
+    load_profile,
+    parse_profile,
+    resolve_profile,
+)
 from cluster.capacity.simulate import CoordinatorLimits, NodeSpec, _span, _steps_within, simulate
-from cluster.capacity.workload import ArrivalShape, Request, TokenDist, Workload, WorkloadError, build_workload
+from cluster.capacity.workload import (
+    ArrivalShape,
+    Request,
+    TokenDist,
+    Workload,
+    WorkloadError,
+    build_workload,
+)
 
 UNBOUNDED = CoordinatorLimits(queue_max_depth=math.inf, queue_max_wait_s=math.inf)
 
 
 def profile(max_running: int = 1, *, name: str = "test", **fit) -> Profile:
     fit.setdefault("decode_base_s", 0.01)
-    return Profile(Info(name, "measured", "2026-12-06T00:00:00Z", ("fleetctl profile --target x",)),
-                   NodeFacts("mlx", "test chip", 64.0), ModelFacts("test-model", params_b=0.5),
-                   Limits(max_running, 4096), StepModel(**fit))
+    return Profile(
+        Info(name, "measured", "2026-12-06T00:00:00Z", ("fleetctl profile --target x",)),
+        NodeFacts("mlx", "test chip", 64.0),
+        ModelFacts("test-model", params_b=0.5),
+        Limits(max_running, 4096),
+        StepModel(**fit),
+    )
 
 
 def geometric(rng: random.Random, mean: float) -> int:
@@ -43,10 +65,12 @@ def queue_waits(servers: int, rate: float, n: int, seed: int) -> tuple[list[Requ
     coordinator's FIFO queue is the only queue), serving exponential times of mean 1 s
     (geometric outputs of mean 1,000 tokens at 1 ms a step). The first 5% warm up."""
     reqs = poisson_requests(random.Random(seed), rate, n, 1000.0)
-    fleet = [NodeSpec(profile(1, decode_base_s=0.001), f"n{i}", max_queued=0) for i in range(servers)]
+    fleet = [
+        NodeSpec(profile(1, decode_base_s=0.001), f"n{i}", max_queued=0) for i in range(servers)
+    ]
     res = simulate(fleet, reqs, window=(reqs[n // 20].at_s, reqs[-1].at_s + 1e-9), limits=UNBOUNDED)
     assert not res.refused and res.notes == n - n // 20
-    return reqs[n // 20:], res.waits
+    return reqs[n // 20 :], res.waits
 
 
 def fifo_waits(servers: int, reqs: list[Request], step_s: float) -> list[float]:
@@ -64,31 +88,35 @@ def fifo_waits(servers: int, reqs: list[Request], step_s: float) -> list[float]:
 
 def erlang_c(c: int, a: float) -> float:
     """The probability an arrival waits in M/M/c with offered load a = lambda/mu."""
-    below = sum(a ** k / math.factorial(k) for k in range(c))
-    top = a ** c / math.factorial(c) * c / (c - a)
+    below = sum(a**k / math.factorial(k) for k in range(c))
+    top = a**c / math.factorial(c) * c / (c - a)
     return top / (below + top)
 
 
 @pytest.mark.parametrize("servers, rate", [(1, 0.6), (3, 2.1)])
 def test_waits_follow_the_fifo_recursion_note_for_note(servers, rate):
     reqs, waits = queue_waits(servers, rate, 20_000, seed=2)
-    expected = fifo_waits(servers, [r for r in poisson_requests(random.Random(2), rate, 20_000, 1000.0)], 0.001)
-    assert waits == pytest.approx(expected[len(expected) - len(waits):], abs=1e-6)
+    expected = fifo_waits(
+        servers, [r for r in poisson_requests(random.Random(2), rate, 20_000, 1000.0)], 0.001
+    )
+    assert waits == pytest.approx(expected[len(expected) - len(waits) :], abs=1e-6)
 
 
 # Over 200,000 notes the mean wait's own spread across seeds is about 1% (M/M/1, rho 0.5) and
 # 2% (M/M/3, rho 0.7) (measured with the recursion above over 30 seeds), so these two checks
 # are coarse; the recursion test above pins the simulator to the queue note for note.
 def test_mm1_mean_wait_matches_closed_form():
-    rho = 0.5                                     # mu = 1/s
+    rho = 0.5  # mu = 1/s
     _, waits = queue_waits(1, rho, 200_000, seed=1)
-    assert sum(waits) / len(waits) == pytest.approx(rho / (1.0 - rho), rel=0.02)   # Wq = rho / (mu - lambda)
+    assert sum(waits) / len(waits) == pytest.approx(
+        rho / (1.0 - rho), rel=0.02
+    )  # Wq = rho / (mu - lambda)
 
 
 def test_mmc_mean_wait_matches_erlang_c():
-    c, rate = 3, 2.1                              # rho = 0.7
+    c, rate = 3, 2.1  # rho = 0.7
     _, waits = queue_waits(c, rate, 200_000, seed=1)
-    expected = erlang_c(c, rate) / (c - rate)     # Wq = C(c, a) / (c mu - lambda)
+    expected = erlang_c(c, rate) / (c - rate)  # Wq = C(c, a) / (c mu - lambda)
     assert sum(waits) / len(waits) == pytest.approx(expected, rel=0.02)
 
 
@@ -102,7 +130,9 @@ def test_batching_node_saturates_at_its_throughput_bound():
     while t < 400.0:
         t += rng.expovariate(2 * bound)
         reqs.append(Request(t, 0, 100))
-    res = simulate([NodeSpec(node, "n1", max_queued=100_000)], reqs, window=(100.0, 300.0), limits=UNBOUNDED)
+    res = simulate(
+        [NodeSpec(node, "n1", max_queued=100_000)], reqs, window=(100.0, 300.0), limits=UNBOUNDED
+    )
     assert res.throughput_per_s == pytest.approx(bound, rel=0.01)
     assert res.nodes[0].busy == pytest.approx(1.0, abs=1e-6)
     assert res.nodes[0].mean_running == pytest.approx(8.0, rel=0.01)
@@ -121,13 +151,18 @@ def test_batching_node_below_saturation_serves_the_offered_load():
 
 
 def test_a_note_alone_takes_its_prefill_and_one_step_per_token():
-    fit = dict(decode_base_s=0.05, decode_per_ctx_token_s=1e-5, prefill_base_s=0.2, prefill_per_token_s=0.004,
-               cached_prefix_per_token_s=0.0005)
+    fit = dict(
+        decode_base_s=0.05,
+        decode_per_ctx_token_s=1e-5,
+        prefill_base_s=0.2,
+        prefill_per_token_s=0.004,
+        cached_prefix_per_token_s=0.0005,
+    )
     node = profile(4, **fit)
     req = Request(10.0, 300, 40, cached_tokens=100)
     res = simulate([NodeSpec(node, "n1")], [req], window=(0.0, 100.0))
     prefill = 0.2 + 0.004 * 200 + 0.0005 * 100
-    decode = sum(0.05 + 1e-5 * (300 + j) for j in range(40))   # the context grows a token a step
+    decode = sum(0.05 + 1e-5 * (300 + j) for j in range(40))  # the context grows a token a step
     assert res.ttfts[0] == pytest.approx(prefill + 0.05 + 1e-5 * 300)
     assert res.totals[0] == pytest.approx(prefill + decode)
     assert res.waits[0] == 0.0
@@ -159,8 +194,15 @@ def test_steps_within_inverts_span():
 def test_coordinator_queue_bounds_depth_and_wait():
     node = profile(1, decode_base_s=1.0)
     fleet = [NodeSpec(node, "n1", max_queued=0)]
-    burst = [Request(0.0, 0, 3) for _ in range(5)]     # one runs 3 s, two wait, two find the queue full
-    res = simulate(fleet, burst, window=(0.0, 1.0), limits=CoordinatorLimits(queue_max_depth=2, queue_max_wait_s=5))
+    burst = [
+        Request(0.0, 0, 3) for _ in range(5)
+    ]  # one runs 3 s, two wait, two find the queue full
+    res = simulate(
+        fleet,
+        burst,
+        window=(0.0, 1.0),
+        limits=CoordinatorLimits(queue_max_depth=2, queue_max_wait_s=5),
+    )
     assert res.refused == {"queue_full": 2, "waited_too_long": 1}
     assert sorted(res.totals)[:2] == pytest.approx([3.0, 6.0])
     assert math.isinf(max(res.totals))
@@ -177,29 +219,44 @@ def test_router_spreads_work_across_nodes():
 
 # ---- profile files ----------------------------------------------------------------------
 
+
 def test_profile_round_trips_through_toml(tmp_path):
-    p = Profile(Info("x-72b", PUBLISHED, "2026-12-06T08:00:00Z", ("https://example.org/bench",),
-                     'arithmetic: 800 GB/s / 41 GB = 19.5 tok/s\nsecond "line"\\'),
-                NodeFacts("vllm", "NVIDIA H100", 80.0, group_size=2), ModelFacts("org/x", "", 72.7, "fp8"),
-                Limits(64, 32768), StepModel(0.02, 0.0005, 1e-7, 0.03, 0.0002, 0.0))
+    p = Profile(
+        Info(
+            "x-72b",
+            PUBLISHED,
+            "2026-12-06T08:00:00Z",
+            ("https://example.org/bench",),
+            'arithmetic: 800 GB/s / 41 GB = 19.5 tok/s\nsecond "line"\\',
+        ),
+        NodeFacts("vllm", "NVIDIA H100", 80.0, group_size=2),
+        ModelFacts("org/x", "", 72.7, "fp8"),
+        Limits(64, 32768),
+        StepModel(0.02, 0.0005, 1e-7, 0.03, 0.0002, 0.0),
+    )
     path = p.save(tmp_path / "x.toml")
     back = load_profile(path)
     assert back == p and back.path == str(path)
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (("decode_base_s = 0.06", "decode_base_s = -1"), "fit.decode_base_s: must be > 0"),
-    (("max_running = 8", 'max_running = "8"'), "limits.max_running: must be an integer"),
-    (('engine = "mlx"', 'engine = "cuda"'), "node.engine: must be one of"),
-    (("decode_per_seq_s", "decode_per_sequence_s"), "fit.decode_per_sequence_s: unknown key"),
-    (("schema = 1", "schema = 2"), "schema: this planner reads schema 1"),
-    (('provenance = "measured"', 'provenance = "guessed"'), "profile.provenance: must be"),
-    (("[limits]", "[limit]"), "[limits]: table missing"),
-    (("peak_gb = 45.0", "peak_gb = "), "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (("decode_base_s = 0.06", "decode_base_s = -1"), "fit.decode_base_s: must be > 0"),
+        (("max_running = 8", 'max_running = "8"'), "limits.max_running: must be an integer"),
+        (('engine = "mlx"', 'engine = "cuda"'), "node.engine: must be one of"),
+        (("decode_per_seq_s", "decode_per_sequence_s"), "fit.decode_per_sequence_s: unknown key"),
+        (("schema = 1", "schema = 2"), "schema: this planner reads schema 1"),
+        (('provenance = "measured"', 'provenance = "guessed"'), "profile.provenance: must be"),
+        (("[limits]", "[limit]"), "[limits]: table missing"),
+        (("peak_gb = 45.0", "peak_gb = "), "not valid TOML"),
+    ],
+)
 def test_profile_errors_name_the_file_and_key(tmp_path, edit, problem):
     good = profile(8, decode_base_s=0.06, decode_per_seq_s=0.004)
-    text = good.to_toml().replace("[memory]\nweights_gb = 0.0\npeak_gb = 0.0", "[memory]\npeak_gb = 45.0")
+    text = good.to_toml().replace(
+        "[memory]\nweights_gb = 0.0\npeak_gb = 0.0", "[memory]\npeak_gb = 45.0"
+    )
     path = tmp_path / "bad.toml"
     path.write_text(text.replace(*edit, 1))
     with pytest.raises(ProfileError) as err:
@@ -208,10 +265,17 @@ def test_profile_errors_name_the_file_and_key(tmp_path, edit, problem):
 
 
 def test_published_profile_must_cite_sources():
-    doc = {"schema": 1, "profile": {"name": "p", "provenance": PUBLISHED, "sources": []},
-           "node": {"engine": "mlx", "chip": "c", "memory_gb": 1}, "model": {"id": "m"},
-           "limits": {"max_running": 1}, "fit": {"decode_base_s": 0.1, "prefill_per_token_s": 0.001}}
-    with pytest.raises(ProfileError, match="profile.sources: a profile not measured here must cite"):
+    doc = {
+        "schema": 1,
+        "profile": {"name": "p", "provenance": PUBLISHED, "sources": []},
+        "node": {"engine": "mlx", "chip": "c", "memory_gb": 1},
+        "model": {"id": "m"},
+        "limits": {"max_running": 1},
+        "fit": {"decode_base_s": 0.1, "prefill_per_token_s": 0.001},
+    }
+    with pytest.raises(
+        ProfileError, match="profile.sources: a profile not measured here must cite"
+    ):
         parse_profile(doc, "p.toml")
 
 
@@ -233,6 +297,7 @@ def test_step_model_bounds():
 
 # ---- the workload ----------------------------------------------------------------------
 
+
 def test_busy_hours_shape_totals_the_day():
     w = build_workload(notes_per_day=6000, hours="8-18", peak_factor=2.0)
     assert w.rate_at(9 * 3600) == pytest.approx(2 * w.rate_at(20 * 3600))
@@ -249,8 +314,10 @@ def test_arrivals_csv_and_request_log_export(tmp_path):
     csv = tmp_path / "day.csv"
     csv.write_text("time,arrivals\n09:00,30\n09:01,10\n")
     log = tmp_path / "log.json"
-    log.write_text('{"requests": [{"prompt_tokens": 480, "completion_tokens": 510, "outcome": "completed"},'
-                   ' {"prompt_tokens": 9, "completion_tokens": 0, "outcome": "failed"}], "matched": 2}')
+    log.write_text(
+        '{"requests": [{"prompt_tokens": 480, "completion_tokens": 510, "outcome": "completed"},'
+        ' {"prompt_tokens": 9, "completion_tokens": 0, "outcome": "failed"}], "matched": 2}'
+    )
     w = build_workload(arrivals_csv=csv, tokens_from=log)
     assert w.notes_per_day == 40 and w.busiest_window(60) == (540 * 60.0, 541 * 60.0)
     assert w.sample_tokens(random.Random(1)) == (480, 510)

@@ -9,19 +9,39 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from cluster.capacity.profile import PUBLISHED, Cost, Info, Limits, ModelFacts, NodeFacts, Profile, StepModel
+from cluster.capacity.profile import (
+    PUBLISHED,
+    Cost,
+    Info,
+    Limits,
+    ModelFacts,
+    NodeFacts,
+    Profile,
+    StepModel,
+)
 from cluster.fleetctl.app import app
 
 # A dense 72B at 4 bits on one Mac, shaped like the reference profiles (15 tok/s a stream).
-SLOW = StepModel(decode_base_s=1 / 15, decode_per_seq_s=0.004, prefill_base_s=0.02, prefill_per_token_s=1 / 170)
+SLOW = StepModel(
+    decode_base_s=1 / 15, decode_per_seq_s=0.004, prefill_base_s=0.02, prefill_per_token_s=1 / 170
+)
 # A small model on a GPU: 100 tok/s a stream, fast prefill.
-FAST = StepModel(decode_base_s=0.01, decode_per_seq_s=0.0003, prefill_base_s=0.01, prefill_per_token_s=0.0002)
+FAST = StepModel(
+    decode_base_s=0.01, decode_per_seq_s=0.0003, prefill_base_s=0.01, prefill_per_token_s=0.0002
+)
 
 
-def make_profile(tmp_path, name: str, fit: StepModel, max_running: int = 8, cost: Cost | None = None) -> str:
-    p = Profile(Info(name, PUBLISHED, "2026-12-06T08:00:00Z", ("synthetic test profile",)),
-                NodeFacts("mlx", "test chip", 192.0), ModelFacts(f"org/{name}", params_b=72.7),
-                Limits(max_running, 32768), fit, cost=cost)
+def make_profile(
+    tmp_path, name: str, fit: StepModel, max_running: int = 8, cost: Cost | None = None
+) -> str:
+    p = Profile(
+        Info(name, PUBLISHED, "2026-12-06T08:00:00Z", ("synthetic test profile",)),
+        NodeFacts("mlx", "test chip", 192.0),
+        ModelFacts(f"org/{name}", params_b=72.7),
+        Limits(max_running, 32768),
+        fit,
+        cost=cost,
+    )
     return str(p.save(tmp_path / f"{name}.toml"))
 
 
@@ -32,18 +52,21 @@ def plan(*args: str):
 SMALL_DAY = ("--notes-per-day", "1500", "--window-hours", "1")
 
 
-@pytest.mark.parametrize("args, flag, words", [
-    (("--notes-per-day", "-5"), "--notes-per-day", "must be a number > 0"),
-    (("--hours", "8-25"), "--hours", "within 0-24"),
-    (("--hours", "eight"), "--hours", "expected START-END"),
-    (("--peak-factor", "-1"), "--peak-factor", "must be a number > 0"),
-    (("--output-tokens", "600:400"), "--output-tokens", "LO <= HI"),
-    (("--sla-p95-s", "0"), "--sla-p95-s", "must be a number of seconds > 0"),
-    (("--power-w", "-3"), "--power-w", "must be a number >= 0"),
-    (("--amortize-months", "0"), "--amortize-months", "must be a number > 0"),
-    (("--shared-prefix-tokens", "-1"), "--shared-prefix-tokens", "must be >= 0"),
-    (("-o", "yaml"), "--output", "table or json"),
-])
+@pytest.mark.parametrize(
+    "args, flag, words",
+    [
+        (("--notes-per-day", "-5"), "--notes-per-day", "must be a number > 0"),
+        (("--hours", "8-25"), "--hours", "within 0-24"),
+        (("--hours", "eight"), "--hours", "expected START-END"),
+        (("--peak-factor", "-1"), "--peak-factor", "must be a number > 0"),
+        (("--output-tokens", "600:400"), "--output-tokens", "LO <= HI"),
+        (("--sla-p95-s", "0"), "--sla-p95-s", "must be a number of seconds > 0"),
+        (("--power-w", "-3"), "--power-w", "must be a number >= 0"),
+        (("--amortize-months", "0"), "--amortize-months", "must be a number > 0"),
+        (("--shared-prefix-tokens", "-1"), "--shared-prefix-tokens", "must be >= 0"),
+        (("-o", "yaml"), "--output", "table or json"),
+    ],
+)
 def test_plan_refuses_nonsense_naming_the_flag(tmp_path, args, flag, words):
     res = plan("--profile", make_profile(tmp_path, "slow", SLOW), *args)
     assert res.exit_code == 2, res.output
@@ -51,16 +74,21 @@ def test_plan_refuses_nonsense_naming_the_flag(tmp_path, args, flag, words):
     assert res.stdout == ""
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("no-such-profile", "no reference profile by that name"),
-    ("/nowhere/x.toml", "/nowhere/x.toml: no such profile file"),
-    ("{slow}=abc", "expected FILE_OR_NAME=COUNT with a whole number"),
-    ("{slow}=0", "at least 1 node"),
-    ("{slow}=-2", "expected FILE_OR_NAME=COUNT"),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("no-such-profile", "no reference profile by that name"),
+        ("/nowhere/x.toml", "/nowhere/x.toml: no such profile file"),
+        ("{slow}=abc", "expected FILE_OR_NAME=COUNT with a whole number"),
+        ("{slow}=0", "at least 1 node"),
+        ("{slow}=-2", "expected FILE_OR_NAME=COUNT"),
+    ],
+)
 def test_plan_refuses_a_bad_profile_spec(tmp_path, spec, words):
     res = plan("--profile", spec.format(slow=make_profile(tmp_path, "slow", SLOW)))
-    assert res.exit_code == 2 and f"fleetctl plan: --profile: " in res.stderr and words in res.stderr, res.output
+    assert (
+        res.exit_code == 2 and "fleetctl plan: --profile: " in res.stderr and words in res.stderr
+    ), res.output
 
 
 def test_plan_refuses_a_broken_profile_file_naming_its_key(tmp_path):
@@ -74,20 +102,33 @@ def test_plan_refuses_a_broken_profile_file_naming_its_key(tmp_path):
 
 
 def test_an_sla_below_the_single_stream_bound_is_answered(tmp_path):
-    res = plan("--profile", make_profile(tmp_path, "slow", SLOW) + "=2", *SMALL_DAY, "--sla-p95-s", "8")
+    res = plan(
+        "--profile", make_profile(tmp_path, "slow", SLOW) + "=2", *SMALL_DAY, "--sla-p95-s", "8"
+    )
     assert res.exit_code == 0, res.output
     out = res.stdout
     assert "No fleet of slow can meet p95 <= 8 s: per-stream decode 15.0 tok/s bounds a" in out
     assert "even alone" in out and "does NOT meet the 8 s target" in out
     assert "What would meet 8 s instead of slow:" in out and "node group" in out
-    assert "plan: simulating the given fleet" in res.stderr          # progress goes to stderr
+    assert "plan: simulating the given fleet" in res.stderr  # progress goes to stderr
 
 
 def test_plan_json_for_a_mixed_fleet_with_costs(tmp_path):
     slow = make_profile(tmp_path, "slow", SLOW, cost=Cost(node_cost_usd=7200.0, power_w=250.0))
     fast = make_profile(tmp_path, "fast", FAST, max_running=16)
-    res = plan("--profile", f"{slow}=1", "--profile", f"{fast}=2", *SMALL_DAY, "--sla-p95-s", "12",
-               "--rent-usd-hour", "1.5", "-o", "json")
+    res = plan(
+        "--profile",
+        f"{slow}=1",
+        "--profile",
+        f"{fast}=2",
+        *SMALL_DAY,
+        "--sla-p95-s",
+        "12",
+        "--rent-usd-hour",
+        "1.5",
+        "-o",
+        "json",
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert [(f["profile"], f["count"]) for f in doc["fleet"]["fleet"]] == [("slow", 1), ("fast", 2)]
@@ -95,12 +136,17 @@ def test_plan_json_for_a_mixed_fleet_with_costs(tmp_path):
     for key in ("time_per_note_s", "queue_wait_s", "ttft_s"):
         q = doc["fleet"][key]
         assert q["p50"] <= q["p95"] <= q["p99"]
-    assert doc["sla_p95_s"] == 12 and doc["simulated"]["measured_to"] > doc["simulated"]["measured_from"]
+    assert (
+        doc["sla_p95_s"] == 12
+        and doc["simulated"]["measured_to"] > doc["simulated"]["measured_from"]
+    )
     assert 0 < doc["fleet"]["nodes"][0]["busy"] <= 1
     bounds = doc["single_note_bounds"]
     assert bounds["slow"]["notes_beyond_sla"] == 1.0 and bounds["fast"]["notes_beyond_sla"] == 0.0
     searches = {s["profile"]: s for s in doc["searches"]}
-    assert searches["slow"]["smallest_count"] is None and "15.0 tok/s" in searches["slow"]["why_not"]
+    assert (
+        searches["slow"]["smallest_count"] is None and "15.0 tok/s" in searches["slow"]["why_not"]
+    )
     fast_search = searches["fast"]
     n = fast_search["smallest_count"]
     tried = {t["count"]: t["p95_time_per_note_s"] for t in fast_search["tried"]}
@@ -112,7 +158,9 @@ def test_plan_json_for_a_mixed_fleet_with_costs(tmp_path):
     assert costs["fleet"]["fleet_usd_day_parts"]["power"] == pytest.approx(0.25 * 24 * 0.13)
     per_note_api = (500 * 5.0 + 500 * 20.0) / 1e6
     assert costs["fleet"]["api_usd_day"] == pytest.approx(1500 * per_note_api)
-    assert costs["fleet"]["break_even_notes_day"] == pytest.approx(costs["fleet"]["fleet_usd_day"] / per_note_api)
+    assert costs["fleet"]["break_even_notes_day"] == pytest.approx(
+        costs["fleet"]["fleet_usd_day"] / per_note_api
+    )
     assert costs["field_report"]["api_usd_day_at_report_volume"] == pytest.approx(45.0)
     assert costs["smallest_fleets"]["fast"]["fleet_usd_day"] == pytest.approx(n * 36.0)
 
@@ -124,13 +172,23 @@ def test_more_nodes_shorten_the_queue_to_the_single_note_bound(tmp_path):
     search = doc["searches"][0]
     assert search["smallest_count"] is not None
     tried = sorted((t["count"], t["p95_time_per_note_s"] or math.inf) for t in search["tried"])
-    assert all(a[1] >= b[1] * 0.97 for a, b in zip(tried, tried[1:]))     # p95 falls as nodes are added
+    assert all(
+        a[1] >= b[1] * 0.97 for a, b in zip(tried, tried[1:], strict=False)
+    )  # p95 falls as nodes are added
     assert tried[-1][1] >= doc["single_note_bounds"]["slow"]["p95_note_s"] * 0.97
 
 
 def test_plan_writes_png_and_svg_charts(tmp_path):
     slow = make_profile(tmp_path, "slow", SLOW, cost=Cost(node_cost_usd=7200.0, power_w=250.0))
-    res = plan("--profile", f"{slow}=2", *SMALL_DAY, "--sla-p95-s", "60", "--plot-dir", str(tmp_path / "plots"))
+    res = plan(
+        "--profile",
+        f"{slow}=2",
+        *SMALL_DAY,
+        "--sla-p95-s",
+        "60",
+        "--plot-dir",
+        str(tmp_path / "plots"),
+    )
     assert res.exit_code == 0, res.output
     for stem in ("capacity-p95", "capacity-cost"):
         png = (tmp_path / "plots" / f"{stem}.png").read_bytes()

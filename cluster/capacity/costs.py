@@ -10,8 +10,8 @@ fleet's (a fleet's cost does not fall with volume; the API's does).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
 
 from cluster.capacity.profile import Profile
 
@@ -41,12 +41,12 @@ DEFAULT_USD_PER_KWH = 0.13
 class NodeCost:
     """One node's costs; None = not known (counted as 0 and reported as missing)."""
 
-    node_cost_usd: Optional[float] = None
+    node_cost_usd: float | None = None
     amortize_months: float = DEFAULT_AMORTIZE_MONTHS
-    power_w: Optional[float] = None
+    power_w: float | None = None
     usd_per_kwh: float = DEFAULT_USD_PER_KWH
     hosting_usd_month: float = 0.0
-    rent_usd_hour: Optional[float] = None
+    rent_usd_hour: float | None = None
 
     @property
     def priced(self) -> bool:
@@ -58,25 +58,50 @@ class NodeCost:
         rent = (self.rent_usd_hour or 0.0) * 24.0
         power = (self.power_w or 0.0) / 1000.0 * 24.0 * self.usd_per_kwh
         hosting = self.hosting_usd_month / DAYS_PER_MONTH
-        return {"capital": capital, "rent": rent, "power": power, "hosting": hosting,
-                "total": capital + rent + power + hosting}
+        return {
+            "capital": capital,
+            "rent": rent,
+            "power": power,
+            "hosting": hosting,
+            "total": capital + rent + power + hosting,
+        }
 
 
-def node_cost(profile: Profile, *, node_cost_usd: Optional[float] = None, amortize_months: Optional[float] = None,
-              power_w: Optional[float] = None, usd_per_kwh: Optional[float] = None,
-              hosting_usd_month: Optional[float] = None, rent_usd_hour: Optional[float] = None) -> NodeCost:
+def node_cost(
+    profile: Profile,
+    *,
+    node_cost_usd: float | None = None,
+    amortize_months: float | None = None,
+    power_w: float | None = None,
+    usd_per_kwh: float | None = None,
+    hosting_usd_month: float | None = None,
+    rent_usd_hour: float | None = None,
+) -> NodeCost:
     """The profile's [cost] table (if any) with the given flags over it."""
     base = profile.cost
     c = NodeCost()
     if base is not None:
-        c = replace(c, node_cost_usd=base.node_cost_usd, power_w=base.power_w, rent_usd_hour=base.rent_usd_hour,
-                    amortize_months=base.amortize_months or c.amortize_months,
-                    hosting_usd_month=base.hosting_usd_month or 0.0)
-    overrides = {"node_cost_usd": node_cost_usd, "amortize_months": amortize_months, "power_w": power_w,
-                 "usd_per_kwh": usd_per_kwh, "hosting_usd_month": hosting_usd_month, "rent_usd_hour": rent_usd_hour}
+        c = replace(
+            c,
+            node_cost_usd=base.node_cost_usd,
+            power_w=base.power_w,
+            rent_usd_hour=base.rent_usd_hour,
+            amortize_months=base.amortize_months or c.amortize_months,
+            hosting_usd_month=base.hosting_usd_month or 0.0,
+        )
+    overrides = {
+        "node_cost_usd": node_cost_usd,
+        "amortize_months": amortize_months,
+        "power_w": power_w,
+        "usd_per_kwh": usd_per_kwh,
+        "hosting_usd_month": hosting_usd_month,
+        "rent_usd_hour": rent_usd_hour,
+    }
     c = replace(c, **{k: v for k, v in overrides.items() if v is not None})
     if node_cost_usd is not None and rent_usd_hour is None:
-        c = replace(c, rent_usd_hour=None)      # a price given on the command line replaces a profile's rent
+        c = replace(
+            c, rent_usd_hour=None
+        )  # a price given on the command line replaces a profile's rent
     elif rent_usd_hour is not None and node_cost_usd is None:
         c = replace(c, node_cost_usd=None)
     return c
@@ -98,20 +123,33 @@ class CostReport:
     usd_per_1000_notes: float
     api_usd_day: float
     api_usd_per_1000_notes: float
-    break_even_notes_day: Optional[float]   # None when a node has no price, inf when the API is free
-    missing: tuple[str, ...]                # what was not priced (counted as 0)
+    break_even_notes_day: float | None  # None when a node has no price, inf when the API is free
+    missing: tuple[str, ...]  # what was not priced (counted as 0)
 
     def as_dict(self) -> dict:
-        return {"fleet_usd_day": self.fleet_usd_day, "fleet_usd_day_parts": self.fleet_parts,
-                "fleet_usd_per_1000_notes": self.usd_per_1000_notes, "api_usd_day": self.api_usd_day,
-                "api_usd_per_1000_notes": self.api_usd_per_1000_notes,
-                "break_even_notes_day": (None if self.break_even_notes_day is None
-                                         or math.isinf(self.break_even_notes_day) else self.break_even_notes_day),
-                "not_priced": list(self.missing)}
+        return {
+            "fleet_usd_day": self.fleet_usd_day,
+            "fleet_usd_day_parts": self.fleet_parts,
+            "fleet_usd_per_1000_notes": self.usd_per_1000_notes,
+            "api_usd_day": self.api_usd_day,
+            "api_usd_per_1000_notes": self.api_usd_per_1000_notes,
+            "break_even_notes_day": (
+                None
+                if self.break_even_notes_day is None or math.isinf(self.break_even_notes_day)
+                else self.break_even_notes_day
+            ),
+            "not_priced": list(self.missing),
+        }
 
 
-def fleet_costs(nodes: Sequence[tuple[str, NodeCost, int]], *, notes_per_day: float, prompt_tokens: float,
-                output_tokens: float, api: ApiPrice) -> CostReport:
+def fleet_costs(
+    nodes: Sequence[tuple[str, NodeCost, int]],
+    *,
+    notes_per_day: float,
+    prompt_tokens: float,
+    output_tokens: float,
+    api: ApiPrice,
+) -> CostReport:
     """Costs of a fleet of (profile name, NodeCost, count) at `notes_per_day` notes of the given mean size."""
     parts = {"capital": 0.0, "rent": 0.0, "power": 0.0, "hosting": 0.0}
     missing = []
@@ -122,18 +160,29 @@ def fleet_costs(nodes: Sequence[tuple[str, NodeCost, int]], *, notes_per_day: fl
             parts[k] += day[k] * count
         if not cost.priced:
             unpriced = True
-            missing.append(f"{name}: no node price (--node-cost-usd or --rent-usd-hour, or [cost] in the profile)")
+            missing.append(
+                f"{name}: no node price (--node-cost-usd or --rent-usd-hour, or [cost] in the profile)"
+            )
         if cost.power_w is None and cost.rent_usd_hour is None:
             missing.append(f"{name}: no power draw (--power-w, or [cost] power_w in the profile)")
     total = sum(parts.values())
     per_note_api = api.per_note(prompt_tokens, output_tokens)
-    return CostReport(fleet_usd_day=total, fleet_parts=parts, usd_per_1000_notes=1000.0 * total / notes_per_day,
-                      api_usd_day=per_note_api * notes_per_day, api_usd_per_1000_notes=1000.0 * per_note_api,
-                      break_even_notes_day=(None if unpriced else
-                                            total / per_note_api if per_note_api > 0 else math.inf),
-                      missing=tuple(missing))
+    return CostReport(
+        fleet_usd_day=total,
+        fleet_parts=parts,
+        usd_per_1000_notes=1000.0 * total / notes_per_day,
+        api_usd_day=per_note_api * notes_per_day,
+        api_usd_per_1000_notes=1000.0 * per_note_api,
+        break_even_notes_day=(
+            None if unpriced else total / per_note_api if per_note_api > 0 else math.inf
+        ),
+        missing=tuple(missing),
+    )
 
 
 def report_api_usd_day(api: ApiPrice) -> float:
     """The API's bill at the field report's token volume (3M input + 1.5M output a day)."""
-    return (REPORT_INPUT_TOKENS_DAY * api.usd_per_m_input + REPORT_OUTPUT_TOKENS_DAY * api.usd_per_m_output) / 1e6
+    return (
+        REPORT_INPUT_TOKENS_DAY * api.usd_per_m_input
+        + REPORT_OUTPUT_TOKENS_DAY * api.usd_per_m_output
+    ) / 1e6

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
-from cluster.capacity.profile import Profile, ProfileError, StepModel, load_profile, reference_profiles
+from cluster.capacity.profile import (
+    Profile,
+    ProfileError,
+    StepModel,
+    load_profile,
+    reference_profiles,
+)
 from cluster.capacity.simulate import CoordinatorLimits, SimResult, fleet_of, simulate
 from cluster.capacity.workload import Request, Workload
 from cluster.metrics import percentile
@@ -20,6 +26,7 @@ Progress = Callable[[str], None]
 SLA_QUANTILE = 0.95
 BOUND_DRAWS = 20_000
 MAX_SEARCH_NODES = 512
+DEFAULT_LIMITS = CoordinatorLimits()  # the coordinator's own queue bounds
 
 
 @dataclass(frozen=True)
@@ -33,14 +40,20 @@ class Window:
     end_s: float
 
     def describe(self) -> str:
-        return (f"notes arriving {_clock(self.measure_from_s)}-{_clock(self.measure_to_s)} (the busiest "
-                f"{(self.measure_to_s - self.measure_from_s) / 3600:g} h of the day), after "
-                f"{(self.measure_from_s - self.start_s) / 60:g} min of warm-up traffic and with arrivals "
-                f"continuing {(self.end_s - self.measure_to_s) / 60:g} min after")
+        return (
+            f"notes arriving {_clock(self.measure_from_s)}-{_clock(self.measure_to_s)} (the busiest "
+            f"{(self.measure_to_s - self.measure_from_s) / 3600:g} h of the day), after "
+            f"{(self.measure_from_s - self.start_s) / 60:g} min of warm-up traffic and with arrivals "
+            f"continuing {(self.end_s - self.measure_to_s) / 60:g} min after"
+        )
 
     def as_dict(self) -> dict:
-        return {"measured_from": _clock(self.measure_from_s), "measured_to": _clock(self.measure_to_s),
-                "warmup_s": self.measure_from_s - self.start_s, "cooldown_s": self.end_s - self.measure_to_s}
+        return {
+            "measured_from": _clock(self.measure_from_s),
+            "measured_to": _clock(self.measure_to_s),
+            "warmup_s": self.measure_from_s - self.start_s,
+            "cooldown_s": self.end_s - self.measure_to_s,
+        }
 
 
 def _clock(t_s: float) -> str:
@@ -48,8 +61,9 @@ def _clock(t_s: float) -> str:
     return f"{minutes // 60 % 24:02d}:{minutes % 60:02d}" + (" (+1 day)" if minutes >= 1440 else "")
 
 
-def busiest_window(workload: Workload, hours: float = 3.0, warmup_s: float = 1800.0,
-                   cooldown_s: float = 1800.0) -> Window:
+def busiest_window(
+    workload: Workload, hours: float = 3.0, warmup_s: float = 1800.0, cooldown_s: float = 1800.0
+) -> Window:
     start, end = workload.busiest_window(hours * 3600.0)
     return Window(start - warmup_s, start, end, end + cooldown_s)
 
@@ -67,10 +81,14 @@ class Quantiles:
     mean: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Quantiles":
+    def of(cls, values: Sequence[float]) -> Quantiles:
         finite = [v for v in values if math.isfinite(v)]
-        return cls(percentile(list(values), 0.5), percentile(list(values), 0.95), percentile(list(values), 0.99),
-                   sum(finite) / len(finite) if finite else math.nan)
+        return cls(
+            percentile(list(values), 0.5),
+            percentile(list(values), 0.95),
+            percentile(list(values), 0.99),
+            sum(finite) / len(finite) if finite else math.nan,
+        )
 
     def as_dict(self) -> dict:
         return {k: _num(getattr(self, k)) for k in ("p50", "p95", "p99", "mean")}
@@ -101,22 +119,51 @@ class FleetOutcome:
         return self.time_per_note.p95 <= sla_s
 
     def as_dict(self) -> dict:
-        return {"fleet": [{"profile": p, "count": n} for p, n in self.fleet], "notes": self.notes,
-                "refused": dict(self.refused), "time_per_note_s": self.time_per_note.as_dict(),
-                "queue_wait_s": self.queue_wait.as_dict(), "ttft_s": self.ttft.as_dict(),
-                "throughput_notes_per_h": round(self.throughput_per_h, 2),
-                "nodes": [{"node": u.node_id, "profile": u.profile, "busy": round(u.busy, 4),
-                           "mean_running": round(u.mean_running, 3), "slot_occupancy": round(u.occupancy, 4),
-                           "notes": u.served} for u in self.nodes]}
+        return {
+            "fleet": [{"profile": p, "count": n} for p, n in self.fleet],
+            "notes": self.notes,
+            "refused": dict(self.refused),
+            "time_per_note_s": self.time_per_note.as_dict(),
+            "queue_wait_s": self.queue_wait.as_dict(),
+            "ttft_s": self.ttft.as_dict(),
+            "throughput_notes_per_h": round(self.throughput_per_h, 2),
+            "nodes": [
+                {
+                    "node": u.node_id,
+                    "profile": u.profile,
+                    "busy": round(u.busy, 4),
+                    "mean_running": round(u.mean_running, 3),
+                    "slot_occupancy": round(u.occupancy, 4),
+                    "notes": u.served,
+                }
+                for u in self.nodes
+            ],
+        }
 
 
-def outcome(fleet: Sequence[tuple[Profile, int]], requests: Sequence[Request], window: Window,
-            limits: CoordinatorLimits = CoordinatorLimits()) -> FleetOutcome:
-    r: SimResult = simulate(fleet_of(fleet), requests, window=(window.measure_from_s, window.measure_to_s),
-                            limits=limits)
-    return FleetOutcome(tuple((p.name, n) for p, n in fleet), r.notes, r.refused, Quantiles.of(r.totals),
-                        Quantiles.of(r.waits), Quantiles.of(r.ttfts), tuple(r.nodes), r.throughput_per_s * 3600,
-                        r.wall_s)
+def outcome(
+    fleet: Sequence[tuple[Profile, int]],
+    requests: Sequence[Request],
+    window: Window,
+    limits: CoordinatorLimits = DEFAULT_LIMITS,
+) -> FleetOutcome:
+    r: SimResult = simulate(
+        fleet_of(fleet),
+        requests,
+        window=(window.measure_from_s, window.measure_to_s),
+        limits=limits,
+    )
+    return FleetOutcome(
+        tuple((p.name, n) for p, n in fleet),
+        r.notes,
+        r.refused,
+        Quantiles.of(r.totals),
+        Quantiles.of(r.waits),
+        Quantiles.of(r.ttfts),
+        tuple(r.nodes),
+        r.throughput_per_s * 3600,
+        r.wall_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,10 +172,10 @@ class Bound:
     prefill plus one decode step per output token at the per-stream rate."""
 
     stream_tok_s: float
-    median_s: float            # the bound for the median note
-    p95_s: float               # the 95th percentile of the bound over the notes
-    beyond_sla: float          # fraction of notes whose bound exceeds the SLA
-    prompt_tokens: int         # the notes at the 95th percentile of the bound
+    median_s: float  # the bound for the median note
+    p95_s: float  # the 95th percentile of the bound over the notes
+    beyond_sla: float  # fraction of notes whose bound exceeds the SLA
+    prompt_tokens: int  # the notes at the 95th percentile of the bound
     output_tokens: int
     prefill_s: float
 
@@ -142,10 +189,15 @@ class Bound:
         return math.inf if room <= 0 else self.output_tokens / room
 
     def as_dict(self) -> dict:
-        return {"stream_decode_tok_s": _num(self.stream_tok_s), "median_note_s": _num(self.median_s),
-                "p95_note_s": _num(self.p95_s), "notes_beyond_sla": round(self.beyond_sla, 4),
-                "p95_note_prompt_tokens": self.prompt_tokens, "p95_note_output_tokens": self.output_tokens,
-                "p95_note_prefill_s": _num(self.prefill_s)}
+        return {
+            "stream_decode_tok_s": _num(self.stream_tok_s),
+            "median_note_s": _num(self.median_s),
+            "p95_note_s": _num(self.p95_s),
+            "notes_beyond_sla": round(self.beyond_sla, 4),
+            "p95_note_prompt_tokens": self.prompt_tokens,
+            "p95_note_output_tokens": self.output_tokens,
+            "p95_note_prefill_s": _num(self.prefill_s),
+        }
 
 
 def single_note_bound(profile: Profile, workload: Workload, sla_s: float, seed: int = 1) -> Bound:
@@ -161,7 +213,9 @@ def single_note_bound(profile: Profile, workload: Workload, sla_s: float, seed: 
     at95 = notes[min(len(notes) - 1, int(round(SLA_QUANTILE * (len(notes) - 1))))]
     beyond = sum(1 for n in notes if n[0] > sla_s) / len(notes)
     _, p, o, cached = at95
-    return Bound(fit.stream_decode_tok_s(), median, at95[0], beyond, p, o, fit.prefill_s(p - cached, cached))
+    return Bound(
+        fit.stream_decode_tok_s(), median, at95[0], beyond, p, o, fit.prefill_s(p - cached, cached)
+    )
 
 
 def node_notes_per_s(profile: Profile, workload: Workload) -> float:
@@ -179,20 +233,39 @@ def node_notes_per_s(profile: Profile, workload: Workload) -> float:
 class Search:
     profile: str
     sla_s: float
-    smallest: Optional[int]
+    smallest: int | None
     tried: list[FleetOutcome] = field(default_factory=list)
     why_not: str = ""
 
     def as_dict(self) -> dict:
-        return {"profile": self.profile, "sla_p95_s": self.sla_s, "smallest_count": self.smallest,
-                "why_not": self.why_not or None,
-                "tried": [{"count": o.size, "p95_time_per_note_s": _num(o.time_per_note.p95),
-                           "refused": sum(o.refused.values())} for o in sorted(self.tried, key=lambda o: o.size)]}
+        return {
+            "profile": self.profile,
+            "sla_p95_s": self.sla_s,
+            "smallest_count": self.smallest,
+            "why_not": self.why_not or None,
+            "tried": [
+                {
+                    "count": o.size,
+                    "p95_time_per_note_s": _num(o.time_per_note.p95),
+                    "refused": sum(o.refused.values()),
+                }
+                for o in sorted(self.tried, key=lambda o: o.size)
+            ],
+        }
 
 
-def smallest_fleet(profile: Profile, workload: Workload, requests: Sequence[Request], window: Window, sla_s: float,
-                   *, bound: Bound, progress: Progress = lambda _: None, max_nodes: int = MAX_SEARCH_NODES,
-                   limits: CoordinatorLimits = CoordinatorLimits()) -> Search:
+def smallest_fleet(
+    profile: Profile,
+    workload: Workload,
+    requests: Sequence[Request],
+    window: Window,
+    sla_s: float,
+    *,
+    bound: Bound,
+    progress: Progress = lambda _: None,
+    max_nodes: int = MAX_SEARCH_NODES,
+    limits: CoordinatorLimits = DEFAULT_LIMITS,
+) -> Search:
     """The fewest nodes of `profile` whose simulated p95 time per note meets `sla_s`: from the
     throughput bound up, doubling until one meets it, then bisecting."""
     search = Search(profile.name, sla_s, None)
@@ -207,8 +280,10 @@ def smallest_fleet(profile: Profile, workload: Workload, requests: Sequence[Requ
             seen[n] = outcome([(profile, n)], requests, window, limits)
             search.tried.append(seen[n])
             o = seen[n]
-            progress(f"  {n} x {profile.name}: p95 {_secs(o.time_per_note.p95)} per note "
-                     f"({'meets' if o.meets(sla_s) else 'misses'} {sla_s:g} s)")
+            progress(
+                f"  {n} x {profile.name}: p95 {_secs(o.time_per_note.p95)} per note "
+                f"({'meets' if o.meets(sla_s) else 'misses'} {sla_s:g} s)"
+            )
         return seen[n]
 
     lo = max(1, math.ceil(workload.peak_rate / node_notes_per_s(profile, workload)))
@@ -217,12 +292,16 @@ def smallest_fleet(profile: Profile, workload: Workload, requests: Sequence[Requ
     while not run(n).meets(sla_s):
         p95 = run(n).time_per_note.p95
         if n >= max_nodes:
-            search.why_not = (f"even {n} nodes give p95 {_secs(p95)} per note, over the {sla_s:g} s target "
-                              f"(the single-note bound's p95 is {bound.p95_s:.1f} s)")
+            search.why_not = (
+                f"even {n} nodes give p95 {_secs(p95)} per note, over the {sla_s:g} s target "
+                f"(the single-note bound's p95 is {bound.p95_s:.1f} s)"
+            )
             return search
         if math.isfinite(p95) and p95 >= last_p95 * 0.995 and n >= 4 * lo:
-            search.why_not = (f"p95 stops improving near {_secs(p95)} per note from {n // 2} to {n} nodes: "
-                              f"batching on this profile leaves notes above {sla_s:g} s even on an idle fleet")
+            search.why_not = (
+                f"p95 stops improving near {_secs(p95)} per note from {n // 2} to {n} nodes: "
+                f"batching on this profile leaves notes above {sla_s:g} s even on an idle fleet"
+            )
             return search
         last_p95 = p95
         n = min(max_nodes, n * 2)
@@ -243,28 +322,41 @@ def _secs(v: float) -> str:
 
 
 def unmeetable_reason(profile: Profile, bound: Bound, sla_s: float) -> str:
-    return (f"no fleet of {profile.name} can meet p95 <= {sla_s:g} s: per-stream decode "
-            f"{bound.stream_tok_s:.1f} tok/s bounds a {bound.output_tokens}-token note at >= {bound.p95_s:.1f} s "
-            f"(prefill of {bound.prompt_tokens} prompt tokens {bound.prefill_s:.1f} s + {bound.output_tokens} x "
-            f"{profile.fit.decode_base_s * 1000:.1f} ms); {bound.beyond_sla * 100:.0f}% of notes take longer "
-            f"than {sla_s:g} s even alone on an idle node, and more nodes only shorten the queue")
+    return (
+        f"no fleet of {profile.name} can meet p95 <= {sla_s:g} s: per-stream decode "
+        f"{bound.stream_tok_s:.1f} tok/s bounds a {bound.output_tokens}-token note at >= {bound.p95_s:.1f} s "
+        f"(prefill of {bound.prompt_tokens} prompt tokens {bound.prefill_s:.1f} s + {bound.output_tokens} x "
+        f"{profile.fit.decode_base_s * 1000:.1f} ms); {bound.beyond_sla * 100:.0f}% of notes take longer "
+        f"than {sla_s:g} s even alone on an idle node, and more nodes only shorten the queue"
+    )
 
 
-def what_would(profile: Profile, bound: Bound, workload: Workload, sla_s: float,
-               shipped: Optional[dict[str, Profile]] = None) -> list[str]:
+def what_would(
+    profile: Profile,
+    bound: Bound,
+    workload: Workload,
+    sla_s: float,
+    shipped: dict[str, Profile] | None = None,
+) -> list[str]:
     """Levers that would meet the SLA when `profile` cannot: faster reference profiles, a
     smaller model, more parallelism per note (node groups), shorter notes."""
     out = []
     need = bound.needed_stream_tok_s(sla_s, profile.fit)
     if math.isinf(need):
-        out.append(f"the p95 note's prefill alone ({bound.prefill_s:.1f} s) exceeds {sla_s:g} s: cache the shared "
-                   f"prompt prefix (--shared-prefix-tokens) or prefill faster")
+        out.append(
+            f"the p95 note's prefill alone ({bound.prefill_s:.1f} s) exceeds {sla_s:g} s: cache the shared "
+            f"prompt prefix (--shared-prefix-tokens) or prefill faster"
+        )
     else:
         factor = need / bound.stream_tok_s
-        out.append(f"a per-stream decode rate >= {need:.0f} tok/s ({factor:.1f}x this profile's "
-                   f"{bound.stream_tok_s:.1f}) with the prefill unchanged")
-        out.append(f"more parallelism per note: a node group (tensor parallelism over several machines, "
-                   f"group_size >= {max(2, math.ceil(factor))} at ideal scaling) whose measured profile shows it")
+        out.append(
+            f"a per-stream decode rate >= {need:.0f} tok/s ({factor:.1f}x this profile's "
+            f"{bound.stream_tok_s:.1f}) with the prefill unchanged"
+        )
+        out.append(
+            f"more parallelism per note: a node group (tensor parallelism over several machines, "
+            f"group_size >= {max(2, math.ceil(factor))} at ideal scaling) whose measured profile shows it"
+        )
     shipped = shipped if shipped is not None else load_reference_profiles()
     better = []
     for name, other in sorted(shipped.items()):
@@ -272,13 +364,21 @@ def what_would(profile: Profile, bound: Bound, workload: Workload, sla_s: float,
             continue
         b = single_note_bound(other, workload, sla_s)
         if b.feasible:
-            smaller = other.model.params_b and profile.model.params_b and other.model.params_b < profile.model.params_b
-            better.append(f"{name} (p95 single-note bound {b.p95_s:.1f} s{', a smaller model' if smaller else ''})")
+            smaller = (
+                other.model.params_b
+                and profile.model.params_b
+                and other.model.params_b < profile.model.params_b
+            )
+            better.append(
+                f"{name} (p95 single-note bound {b.p95_s:.1f} s{', a smaller model' if smaller else ''})"
+            )
     if better:
         out.append("reference profiles that can: " + "; ".join(better))
     else:
-        out.append("no shipped reference profile can; a smaller model or a faster node must be profiled "
-                   "(fleetctl profile)")
+        out.append(
+            "no shipped reference profile can; a smaller model or a faster node must be profiled "
+            "(fleetctl profile)"
+        )
     return out
 
 

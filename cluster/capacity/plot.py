@@ -4,8 +4,8 @@ p95 time per note against fleet size, and cost per day against volume, fleet and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import matplotlib
 
@@ -18,14 +18,22 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for ext in ("png", "svg"):
         path = out_dir / f"{stem}.{ext}"
-        fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+        fig.savefig(
+            path, dpi=120, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None
+        )
         paths.append(path)
     plt.close(fig)
     return paths
 
 
-def p95_vs_fleet(series: dict[str, Sequence[tuple[int, float]]], sla_s: float, bounds: dict[str, float],
-                 out_dir: Path, title: str, stem: str = "capacity-p95") -> list[Path]:
+def p95_vs_fleet(
+    series: dict[str, Sequence[tuple[int, float]]],
+    sla_s: float,
+    bounds: dict[str, float],
+    out_dir: Path,
+    title: str,
+    stem: str = "capacity-p95",
+) -> list[Path]:
     """series: profile -> [(nodes, p95 seconds)] (inf = notes refused); bounds: profile -> single-note p95 bound."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     top = sla_s * 2
@@ -35,13 +43,22 @@ def p95_vs_fleet(series: dict[str, Sequence[tuple[int, float]]], sla_s: float, b
         ys = [v for _, v in pts]
         finite = [v for v in ys if math.isfinite(v)]
         top = max([top] + finite)
-        line, = ax.plot(xs, [v if math.isfinite(v) else float("nan") for v in ys], marker="o", label=name)
+        (line,) = ax.plot(
+            xs, [v if math.isfinite(v) else float("nan") for v in ys], marker="o", label=name
+        )
         refused = [n for n, v in pts if not math.isfinite(v)]
         if refused:
-            ax.plot(refused, [top] * len(refused), marker="x", linestyle="none", color=line.get_color())
+            ax.plot(
+                refused, [top] * len(refused), marker="x", linestyle="none", color=line.get_color()
+            )
         if name in bounds and math.isfinite(bounds[name]):
-            ax.axhline(bounds[name], color=line.get_color(), linestyle=":", linewidth=1,
-                       label=f"{name}: single-note bound (p95 note)")
+            ax.axhline(
+                bounds[name],
+                color=line.get_color(),
+                linestyle=":",
+                linewidth=1,
+                label=f"{name}: single-note bound (p95 note)",
+            )
     ax.axhline(sla_s, color="black", linestyle="--", linewidth=1, label=f"target p95 {sla_s:g} s")
     ax.set_xlabel("nodes in the fleet")
     ax.set_ylabel("p95 time per note (s)")
@@ -52,9 +69,15 @@ def p95_vs_fleet(series: dict[str, Sequence[tuple[int, float]]], sla_s: float, b
     return _save(fig, out_dir, stem)
 
 
-def cost_vs_volume(volumes: Sequence[float], api_usd_day: Sequence[float], fleets: dict[str, Sequence[float]],
-                   out_dir: Path, title: str, marks: Optional[dict[str, tuple[float, float]]] = None,
-                   stem: str = "capacity-cost") -> list[Path]:
+def cost_vs_volume(
+    volumes: Sequence[float],
+    api_usd_day: Sequence[float],
+    fleets: dict[str, Sequence[float]],
+    out_dir: Path,
+    title: str,
+    marks: dict[str, tuple[float, float]] | None = None,
+    stem: str = "capacity-cost",
+) -> list[Path]:
     """fleets: label -> $/day at each volume; marks: label -> (notes/day, $/day) reference points."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.plot(volumes, api_usd_day, label="hosted API", color="black")

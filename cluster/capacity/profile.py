@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from cluster.capacity import toml_write
 
@@ -46,12 +47,19 @@ class StepModel:
         """One decode step with `running` sequences holding `context_tokens` in all (0 if none run)."""
         if running <= 0:
             return 0.0
-        return self.decode_base_s + self.decode_per_seq_s * (running - 1) + self.decode_per_ctx_token_s * context_tokens
+        return (
+            self.decode_base_s
+            + self.decode_per_seq_s * (running - 1)
+            + self.decode_per_ctx_token_s * context_tokens
+        )
 
     def prefill_s(self, uncached_tokens: float, cached_tokens: float = 0.0) -> float:
         """Prefill of one prompt: `uncached_tokens` computed, `cached_tokens` found in the prompt cache."""
-        return (self.prefill_base_s + self.prefill_per_token_s * uncached_tokens
-                + self.cached_prefix_per_token_s * cached_tokens)
+        return (
+            self.prefill_base_s
+            + self.prefill_per_token_s * uncached_tokens
+            + self.cached_prefix_per_token_s * cached_tokens
+        )
 
     def step_s(self, prefills: float, running: int, context_tokens: float = 0.0) -> float:
         """A step whose prefill part takes `prefills` seconds beside the decode of `running` sequences."""
@@ -61,7 +69,9 @@ class StepModel:
         """The per-stream decode rate bound, tokens/s: a sequence alone on the node."""
         return math.inf if self.decode_base_s <= 0 else 1.0 / self.decode_base_s
 
-    def single_note_s(self, prompt_tokens: float, output_tokens: float, cached_tokens: float = 0.0) -> float:
+    def single_note_s(
+        self, prompt_tokens: float, output_tokens: float, cached_tokens: float = 0.0
+    ) -> float:
         """The lower bound on one note's time: its prefill, then its output alone at the per-stream rate.
         The first output token comes with the prefill step; each further token is one decode step."""
         uncached = max(0.0, prompt_tokens - cached_tokens)
@@ -147,11 +157,11 @@ class Memory:
 class Cost:
     """Optional per-profile cost defaults ([cost] table); flags override them."""
 
-    node_cost_usd: Optional[float] = None      # purchase price of one node (a group: all its machines)
-    amortize_months: Optional[float] = None
-    power_w: Optional[float] = None            # average draw while serving
-    hosting_usd_month: Optional[float] = None  # rack space, network, support per node
-    rent_usd_hour: Optional[float] = None      # a rented node instead of a bought one
+    node_cost_usd: float | None = None  # purchase price of one node (a group: all its machines)
+    amortize_months: float | None = None
+    power_w: float | None = None  # average draw while serving
+    hosting_usd_month: float | None = None  # rack space, network, support per node
+    rent_usd_hour: float | None = None  # a rented node instead of a bought one
     sources: tuple[str, ...] = ()
 
 
@@ -164,8 +174,8 @@ class Profile:
     fit: StepModel
     curves: Curves = Curves()
     memory: Memory = Memory()
-    cost: Optional[Cost] = None
-    path: Optional[str] = field(default=None, compare=False)   # where it was read from
+    cost: Cost | None = None
+    path: str | None = field(default=None, compare=False)  # where it was read from
 
     @property
     def name(self) -> str:
@@ -178,14 +188,22 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         """The TOML document as plain data (schema 1)."""
         doc: dict[str, Any] = {"schema": SCHEMA}
-        doc["profile"] = {"name": self.info.name, "provenance": self.info.provenance, "created": self.info.created,
-                          "sources": list(self.info.sources), "notes": self.info.notes}
+        doc["profile"] = {
+            "name": self.info.name,
+            "provenance": self.info.provenance,
+            "created": self.info.created,
+            "sources": list(self.info.sources),
+            "notes": self.info.notes,
+        }
         doc["node"] = _plain(self.node)
         doc["model"] = _plain(self.model)
         doc["limits"] = _plain(self.limits)
         doc["fit"] = _plain(self.fit)
-        curves = {k: [{**_plain(p), **dict(p.extra)} for p in getattr(self.curves, k)]
-                  for k in ("prefill", "decode", "ttft") if getattr(self.curves, k)}
+        curves = {
+            k: [{**_plain(p), **dict(p.extra)} for p in getattr(self.curves, k)]
+            for k in ("prefill", "decode", "ttft")
+            if getattr(self.curves, k)
+        }
         if curves:
             doc["curves"] = curves
         doc["memory"] = _plain(self.memory)
@@ -217,6 +235,7 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 # ---- reading -------------------------------------------------------------------------
 
+
 class _Reader:
     """Typed access to one table of the document, with errors that name the file and key."""
 
@@ -226,8 +245,15 @@ class _Reader:
     def fail(self, key: str, problem: str) -> ProfileError:
         return ProfileError(f"{self.where}: {self.prefix}{key}: {problem}")
 
-    def get(self, key: str, kind: str, default: Any = ..., *, minimum: Optional[float] = None,
-            positive: bool = False) -> Any:
+    def get(
+        self,
+        key: str,
+        kind: str,
+        default: Any = ...,
+        *,
+        minimum: float | None = None,
+        positive: bool = False,
+    ) -> Any:
         if key not in self.table:
             if default is ...:
                 raise self.fail(key, "missing (required)")
@@ -259,14 +285,16 @@ class _Reader:
             if k not in known:
                 raise self.fail(k, f"unknown key (known: {', '.join(sorted(known))})")
 
-    def sub(self, key: str, required: bool = True) -> "_Reader":
+    def sub(self, key: str, required: bool = True) -> _Reader:
         if key not in self.table:
             if required:
                 raise ProfileError(f"{self.where}: [{self.prefix}{key}]: table missing (required)")
             return _Reader(self.where, {}, f"{self.prefix}{key}.")
         v = self.table[key]
         if not isinstance(v, dict):
-            raise ProfileError(f"{self.where}: {self.prefix}{key}: must be a table, not {_shown(v)}")
+            raise ProfileError(
+                f"{self.where}: {self.prefix}{key}: must be a table, not {_shown(v)}"
+            )
         return _Reader(self.where, v, f"{self.prefix}{key}.")
 
 
@@ -285,10 +313,17 @@ def parse_profile(doc: Mapping[str, Any], where: str) -> Profile:
     p = top.sub("profile")
     provenance = p.get("provenance", "str")
     if provenance not in (MEASURED, PUBLISHED) and not provenance.startswith(DERIVED_PREFIX):
-        raise p.fail("provenance", f'must be "{MEASURED}", "{PUBLISHED}" or start "{DERIVED_PREFIX}", '
-                                   f"not {provenance!r}")
-    info = Info(name=p.get("name", "str"), provenance=provenance, created=p.get("created", "str", ""),
-                sources=p.get("sources", "strs", ()), notes=p.get("notes", "str", ""))
+        raise p.fail(
+            "provenance",
+            f'must be "{MEASURED}", "{PUBLISHED}" or start "{DERIVED_PREFIX}", not {provenance!r}',
+        )
+    info = Info(
+        name=p.get("name", "str"),
+        provenance=provenance,
+        created=p.get("created", "str", ""),
+        sources=p.get("sources", "strs", ()),
+        notes=p.get("notes", "str", ""),
+    )
     if not info.name.strip():
         raise p.fail("name", "must not be empty")
     if provenance != MEASURED and not info.sources:
@@ -298,54 +333,96 @@ def parse_profile(doc: Mapping[str, Any], where: str) -> Profile:
     engine = n.get("engine", "str")
     if engine not in ENGINES:
         raise n.fail("engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
-    node = NodeFacts(engine=engine, chip=n.get("chip", "str"), memory_gb=n.get("memory_gb", "num", minimum=0),
-                     node_id=n.get("node_id", "str", ""), group_size=n.get("group_size", "int", 1, minimum=1))
+    node = NodeFacts(
+        engine=engine,
+        chip=n.get("chip", "str"),
+        memory_gb=n.get("memory_gb", "num", minimum=0),
+        node_id=n.get("node_id", "str", ""),
+        group_size=n.get("group_size", "int", 1, minimum=1),
+    )
 
     m = top.sub("model")
-    model = ModelFacts(id=m.get("id", "str"), digest=m.get("digest", "str", ""),
-                       params_b=m.get("params_b", "num", 0.0, minimum=0), quantization=m.get("quantization", "str", ""))
+    model = ModelFacts(
+        id=m.get("id", "str"),
+        digest=m.get("digest", "str", ""),
+        params_b=m.get("params_b", "num", 0.0, minimum=0),
+        quantization=m.get("quantization", "str", ""),
+    )
 
     lim = top.sub("limits")
     lim.only({"max_running", "max_context_tokens"})
-    limits = Limits(max_running=lim.get("max_running", "int", minimum=1),
-                    max_context_tokens=lim.get("max_context_tokens", "int", 0, minimum=0))
+    limits = Limits(
+        max_running=lim.get("max_running", "int", minimum=1),
+        max_context_tokens=lim.get("max_context_tokens", "int", 0, minimum=0),
+    )
 
     f = top.sub("fit")
     f.only({x.name for x in fields(StepModel)})
-    fit = StepModel(decode_base_s=f.get("decode_base_s", "num", positive=True),
-                    decode_per_seq_s=f.get("decode_per_seq_s", "num", 0.0, minimum=0),
-                    decode_per_ctx_token_s=f.get("decode_per_ctx_token_s", "num", 0.0, minimum=0),
-                    prefill_base_s=f.get("prefill_base_s", "num", 0.0, minimum=0),
-                    prefill_per_token_s=f.get("prefill_per_token_s", "num", minimum=0),
-                    cached_prefix_per_token_s=f.get("cached_prefix_per_token_s", "num", 0.0, minimum=0))
+    fit = StepModel(
+        decode_base_s=f.get("decode_base_s", "num", positive=True),
+        decode_per_seq_s=f.get("decode_per_seq_s", "num", 0.0, minimum=0),
+        decode_per_ctx_token_s=f.get("decode_per_ctx_token_s", "num", 0.0, minimum=0),
+        prefill_base_s=f.get("prefill_base_s", "num", 0.0, minimum=0),
+        prefill_per_token_s=f.get("prefill_per_token_s", "num", minimum=0),
+        cached_prefix_per_token_s=f.get("cached_prefix_per_token_s", "num", 0.0, minimum=0),
+    )
 
     c = top.sub("curves", required=False)
-    curves = Curves(prefill=_points(c, "prefill", PrefillPoint, (("prompt_tokens", "int"), ("cached_tokens", "int"),
-                                                                ("seconds", "num"))),
-                    decode=_points(c, "decode", DecodePoint, (("running", "int"), ("context_tokens", "int"),
-                                                             ("step_s", "num"))),
-                    ttft=_points(c, "ttft", TtftPoint, (("concurrency", "int"), ("p50_s", "num"), ("p95_s", "num"))))
+    curves = Curves(
+        prefill=_points(
+            c,
+            "prefill",
+            PrefillPoint,
+            (("prompt_tokens", "int"), ("cached_tokens", "int"), ("seconds", "num")),
+        ),
+        decode=_points(
+            c,
+            "decode",
+            DecodePoint,
+            (("running", "int"), ("context_tokens", "int"), ("step_s", "num")),
+        ),
+        ttft=_points(
+            c, "ttft", TtftPoint, (("concurrency", "int"), ("p50_s", "num"), ("p95_s", "num"))
+        ),
+    )
 
     mem = top.sub("memory", required=False)
-    memory = Memory(weights_gb=mem.get("weights_gb", "num", 0.0, minimum=0),
-                    peak_gb=mem.get("peak_gb", "num", 0.0, minimum=0))
+    memory = Memory(
+        weights_gb=mem.get("weights_gb", "num", 0.0, minimum=0),
+        peak_gb=mem.get("peak_gb", "num", 0.0, minimum=0),
+    )
 
     cost = None
     if "cost" in doc:
         k = top.sub("cost")
         k.only({x.name for x in fields(Cost)})
-        cost = Cost(**{x.name: k.get(x.name, "num", None, minimum=0) for x in fields(Cost) if x.name != "sources"},
-                    sources=k.get("sources", "strs", ()))
+        cost = Cost(
+            **{
+                x.name: k.get(x.name, "num", None, minimum=0)
+                for x in fields(Cost)
+                if x.name != "sources"
+            },
+            sources=k.get("sources", "strs", ()),
+        )
         if cost.amortize_months is not None and cost.amortize_months <= 0:
             raise k.fail("amortize_months", f"must be > 0, not {cost.amortize_months}")
-    return Profile(info=info, node=node, model=model, limits=limits, fit=fit, curves=curves, memory=memory,
-                   cost=cost, path=where)
+    return Profile(
+        info=info,
+        node=node,
+        model=model,
+        limits=limits,
+        fit=fit,
+        curves=curves,
+        memory=memory,
+        cost=cost,
+        path=where,
+    )
 
 
 def _points(curves: _Reader, key: str, cls, spec) -> tuple:
     raw = curves.table.get(key, [])
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
-        raise curves.fail(key, "must be an array of tables ([[curves.%s]])" % key)
+        raise curves.fail(key, f"must be an array of tables ([[curves.{key}]])")
     out = []
     for i, row in enumerate(raw):
         r = _Reader(curves.where, row, f"{curves.prefix}{key}[{i}].")
@@ -378,8 +455,11 @@ def reference_profiles() -> dict[str, Path]:
         folder = resources.files(PROFILES_PACKAGE) / PROFILES_DIR
         if not folder.is_dir():
             return {}
-        return {Path(p.name).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name)
-                if p.name.endswith(".toml")}
+        return {
+            Path(p.name).stem: Path(str(p))
+            for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".toml")
+        }
     except (ModuleNotFoundError, OSError):
         return {}
 
@@ -403,5 +483,7 @@ def resolve_profile(spec: str) -> Profile:
         if prof.name == spec:
             return prof
     known = ", ".join(shipped) or "none shipped yet"
-    raise ProfileError(f"{spec}: no such profile file, and no reference profile by that name (reference "
-                       f"profiles: {known})")
+    raise ProfileError(
+        f"{spec}: no such profile file, and no reference profile by that name (reference "
+        f"profiles: {known})"
+    )

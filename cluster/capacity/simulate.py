@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import simpy
 
@@ -50,8 +50,8 @@ class NodeSpec:
 
     profile: Profile
     node_id: str
-    max_queued: int = NODE_MAX_QUEUED       # the node's own queue beyond its running slots
-    prefill_batch: int = PREFILL_BATCH      # prompts admitted (prefilled) in one step
+    max_queued: int = NODE_MAX_QUEUED  # the node's own queue beyond its running slots
+    prefill_batch: int = PREFILL_BATCH  # prompts admitted (prefilled) in one step
 
 
 @dataclass(frozen=True)
@@ -67,43 +67,69 @@ def fleet_of(counts: Sequence[tuple[Profile, int]], **node_kw) -> list[NodeSpec]
 
 
 class _Seq:
-    __slots__ = ("req", "measured", "remaining", "ctx", "node", "placed_at", "admitted_at", "first_at", "done_at",
-                 "refused")
+    __slots__ = (
+        "req",
+        "measured",
+        "remaining",
+        "ctx",
+        "node",
+        "placed_at",
+        "admitted_at",
+        "first_at",
+        "done_at",
+        "refused",
+    )
 
     def __init__(self, req: Request, measured: bool):
         self.req = req
         self.measured = measured
         self.remaining = req.output_tokens
         self.ctx = 0
-        self.node: Optional[int] = None
+        self.node: int | None = None
         self.placed_at = self.admitted_at = self.first_at = self.done_at = math.nan
         self.refused = ""
 
 
 class _Node:
-    def __init__(self, env: simpy.Environment, index: int, spec: NodeSpec, window: tuple[float, float],
-                 on_done: Callable[["_Node", _Seq], None]):
+    def __init__(
+        self,
+        env: simpy.Environment,
+        index: int,
+        spec: NodeSpec,
+        window: tuple[float, float],
+        on_done: Callable[[_Node, _Seq], None],
+    ):
         self.env, self.index, self.spec = env, index, spec
         self.fit = spec.profile.fit
         self.max_running = spec.profile.limits.max_running
         self.slots = self.max_running + spec.max_queued
         self.queue: deque[_Seq] = deque()
         self.running: list[_Seq] = []
-        self.in_flight = 0          # the coordinator's requests placed here, not yet finished
-        self.outstanding = 0        # tokens they may still generate (as of the last applied step)
+        self.in_flight = 0  # the coordinator's requests placed here, not yet finished
+        self.outstanding = 0  # tokens they may still generate (as of the last applied step)
         self.routed_total = 0
-        self.wake: Optional[simpy.Event] = None
-        self._macro: Optional[tuple[float, int, float, float, float]] = None   # a run of steps: (t0, n, a, b, lead)
+        self.wake: simpy.Event | None = None
+        self._macro: tuple[float, int, float, float, float] | None = (
+            None  # a run of steps: (t0, n, a, b, lead)
+        )
         self._window = window
         self._on_done = on_done
-        self.busy_s = 0.0           # inside the window
-        self.seq_s = 0.0            # running sequences x seconds, inside the window
+        self.busy_s = 0.0  # inside the window
+        self.seq_s = 0.0  # running sequences x seconds, inside the window
         self.steps = 0
         env.process(self._run())
 
     def candidate(self) -> Candidate:
-        return Candidate(self.spec.node_id, "", self.in_flight, self._outstanding_now(), len(self.queue),
-                         self.max_running, self.slots, self.routed_total)
+        return Candidate(
+            self.spec.node_id,
+            "",
+            self.in_flight,
+            self._outstanding_now(),
+            len(self.queue),
+            self.max_running,
+            self.slots,
+            self.routed_total,
+        )
 
     def enqueue(self, seq: _Seq) -> None:
         self.queue.append(seq)
@@ -136,7 +162,7 @@ class _Node:
         for s in self.running:
             s.ctx += steps
             s.remaining -= steps
-            if s.first_at != s.first_at:      # NaN: this step gave its first token
+            if s.first_at != s.first_at:  # NaN: this step gave its first token
                 s.first_at = now
             if s.remaining <= 0:
                 done.append(s)
@@ -196,7 +222,7 @@ class _Node:
             total = _span(k, a, b)
             t0 = env.now
             self._macro = (t0, n, a, b, 0.0)
-            if free > 0:       # an arrival may join at the next step boundary
+            if free > 0:  # an arrival may join at the next step boundary
                 self.wake = env.event()
                 yield env.timeout(total) | self.wake
                 self.wake = None
@@ -224,7 +250,7 @@ def _steps_within(dt: float, a: float, b: float) -> int:
     if b <= 0:
         m = int(dt / a + _EPS)
     else:
-        c = a - b / 2.0     # m steps take (b/2) m^2 + c m
+        c = a - b / 2.0  # m steps take (b/2) m^2 + c m
         m = int((math.sqrt(c * c + 2.0 * b * dt) - c) / b)
     while _span(m + 1, a, b) <= dt + _EPS:
         m += 1
@@ -246,8 +272,10 @@ class _Coordinator:
 
     def _place(self, seq: _Seq) -> bool:
         if not any(n.in_flight < n.slots for n in self.nodes):
-            return False        # pick's own answer when every node is full, without building candidates
-        node_id = pick([n.candidate() for n in self.nodes], _ANY, load_factor=self.limits.load_factor)
+            return False  # pick's own answer when every node is full, without building candidates
+        node_id = pick(
+            [n.candidate() for n in self.nodes], _ANY, load_factor=self.limits.load_factor
+        )
         if node_id is None:
             return False
         node = self.by_id[node_id]
@@ -293,10 +321,10 @@ class _Coordinator:
 class NodeUse:
     node_id: str
     profile: str
-    busy: float          # fraction of the window spent in steps
+    busy: float  # fraction of the window spent in steps
     mean_running: float  # time-averaged sequences in the batch
-    occupancy: float     # mean_running / max_running
-    served: int          # measured notes it served
+    occupancy: float  # mean_running / max_running
+    served: int  # measured notes it served
 
 
 @dataclass
@@ -312,7 +340,7 @@ class SimResult:
     refused: dict[str, int]
     nodes: list[NodeUse]
     simulated_notes: int
-    wall_s: float = 0.0             # the simulation's own run time
+    wall_s: float = 0.0  # the simulation's own run time
     max_coordinator_queue: int = 0
     completed_in_window: int = 0
 
@@ -333,8 +361,13 @@ class SimResult:
         return self.completed_in_window / max(_EPS, self.window[1] - self.window[0])
 
 
-def simulate(fleet: Sequence[NodeSpec], requests: Sequence[Request], *, window: tuple[float, float],
-             limits: CoordinatorLimits = CoordinatorLimits()) -> SimResult:
+def simulate(
+    fleet: Sequence[NodeSpec],
+    requests: Sequence[Request],
+    *,
+    window: tuple[float, float],
+    limits: CoordinatorLimits = CoordinatorLimits(),
+) -> SimResult:
     """Run `requests` (sorted by arrival) through the fleet; statistics are kept for the notes
     arriving inside `window` and for node use inside it. Runs until every such note has ended."""
     if not fleet:
@@ -385,8 +418,26 @@ def simulate(fleet: Sequence[NodeSpec], requests: Sequence[Request], *, window: 
     for s in measured:
         if s.node is not None and not s.refused:
             served[s.node] += 1
-    uses = [NodeUse(n.spec.node_id, n.spec.profile.name, n.busy_s / span, n.seq_s / span,
-                    n.seq_s / span / n.max_running, served[n.index]) for n in coord.nodes]
-    return SimResult(window, waits, ttfts, totals, refused, uses, len(seqs),
-                     wall_s=time.perf_counter() - started, max_coordinator_queue=coord.max_waiting,
-                     completed_in_window=completed_in_window)
+    uses = [
+        NodeUse(
+            n.spec.node_id,
+            n.spec.profile.name,
+            n.busy_s / span,
+            n.seq_s / span,
+            n.seq_s / span / n.max_running,
+            served[n.index],
+        )
+        for n in coord.nodes
+    ]
+    return SimResult(
+        window,
+        waits,
+        ttfts,
+        totals,
+        refused,
+        uses,
+        len(seqs),
+        wall_s=time.perf_counter() - started,
+        max_coordinator_queue=coord.max_waiting,
+        completed_in_window=completed_in_window,
+    )

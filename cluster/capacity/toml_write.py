@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _BARE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
@@ -30,7 +31,7 @@ def value(v: Any) -> str:
         if "\n" in v and all(c in "\n\t" or c >= " " for c in v):
             body = v.replace("\\", "\\\\").replace('"""', '""\\"')
             return '"""\n' + body + ('\\\n"""' if body.endswith('"') else '"""')
-        return json.dumps(v, ensure_ascii=False)   # JSON's escapes are TOML basic-string escapes
+        return json.dumps(v, ensure_ascii=False)  # JSON's escapes are TOML basic-string escapes
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(value(x) for x in v) + "]"
     raise TypeError(f"no TOML form for {type(v).__name__}")
@@ -46,13 +47,17 @@ def dumps(doc: Mapping[str, Any]) -> str:
         else:
             lines.append(f"{key(k)} = {value(v)}")
     for name, table in tables:
-        scalars = {k: v for k, v in table.items() if not _is_table_list(v) and not isinstance(v, Mapping)}
+        scalars = {
+            k: v for k, v in table.items() if not _is_table_list(v) and not isinstance(v, Mapping)
+        }
         if scalars or not any(_is_table_list(v) for v in table.values()):
             lines += ["", f"[{key(name)}]"] + [f"{key(k)} = {value(v)}" for k, v in scalars.items()]
         for k, v in table.items():
             if _is_table_list(v):
                 for row in v:
-                    lines += ["", f"[[{key(name)}.{key(k)}]]"] + [f"{key(rk)} = {value(rv)}" for rk, rv in row.items()]
+                    lines += ["", f"[[{key(name)}.{key(k)}]]"] + [
+                        f"{key(rk)} = {value(rv)}" for rk, rv in row.items()
+                    ]
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

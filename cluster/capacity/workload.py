@@ -12,9 +12,9 @@ import csv
 import json
 import math
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 DAY_S = 86_400.0
 MINUTES = 1440
@@ -30,10 +30,10 @@ class TokenDist:
 
     lo: int
     hi: int
-    values: tuple[int, ...] = ()      # empirical: drawn from these with equal weight
+    values: tuple[int, ...] = ()  # empirical: drawn from these with equal weight
 
     @classmethod
-    def parse(cls, text: str, what: str = "tokens") -> "TokenDist":
+    def parse(cls, text: str, what: str = "tokens") -> TokenDist:
         """'500' or '400:600'."""
         parts = text.strip().split(":")
         try:
@@ -48,7 +48,7 @@ class TokenDist:
         return cls(lo, hi)
 
     @classmethod
-    def empirical(cls, values: Sequence[int]) -> "TokenDist":
+    def empirical(cls, values: Sequence[int]) -> TokenDist:
         vals = tuple(int(v) for v in values)
         if not vals:
             raise WorkloadError("an empirical token distribution needs at least one value")
@@ -77,11 +77,13 @@ class ArrivalShape:
     label: str
 
     @classmethod
-    def hours(cls, start_h: float, end_h: float, peak_factor: float) -> "ArrivalShape":
+    def hours(cls, start_h: float, end_h: float, peak_factor: float) -> ArrivalShape:
         """Rate inside [start_h, end_h) is `peak_factor` x the rate outside (wrapping past
         midnight if start > end); the weights sum to 1."""
         if not (0 <= start_h <= 24 and 0 <= end_h <= 24) or start_h == end_h:
-            raise WorkloadError(f"hours: need two different hours in 0-24, not {start_h:g}-{end_h:g}")
+            raise WorkloadError(
+                f"hours: need two different hours in 0-24, not {start_h:g}-{end_h:g}"
+            )
         if not (peak_factor > 0 and math.isfinite(peak_factor)):
             raise WorkloadError(f"peak factor: must be a number > 0, not {peak_factor:g}")
         raw = []
@@ -90,10 +92,13 @@ class ArrivalShape:
             inside = start_h <= h < end_h if start_h < end_h else (h >= start_h or h < end_h)
             raw.append(peak_factor if inside else 1.0)
         total = sum(raw)
-        return cls(tuple(r / total for r in raw), f"{start_h:g}-{end_h:g}h at {peak_factor:g}x the rest of the day")
+        return cls(
+            tuple(r / total for r in raw),
+            f"{start_h:g}-{end_h:g}h at {peak_factor:g}x the rest of the day",
+        )
 
     @classmethod
-    def per_minute(cls, counts: Sequence[float], label: str) -> "ArrivalShape":
+    def per_minute(cls, counts: Sequence[float], label: str) -> ArrivalShape:
         if len(counts) != MINUTES:
             raise WorkloadError(f"{label}: need {MINUTES} minutes, got {len(counts)}")
         total = float(sum(counts))
@@ -117,12 +122,14 @@ def read_arrivals_csv(path: Path | str) -> tuple[list[float], float]:
     counts = [0.0] * MINUTES
     rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
     if rows and not _numberish(rows[0][-1]):
-        rows = rows[1:]     # header
+        rows = rows[1:]  # header
     if not rows:
         raise WorkloadError(f"{path}: no rows of arrivals")
     single = all(len(r) == 1 for r in rows)
     if single and len(rows) != MINUTES:
-        raise WorkloadError(f"{path}: a one-column CSV needs {MINUTES} rows (one per minute), got {len(rows)}")
+        raise WorkloadError(
+            f"{path}: a one-column CSV needs {MINUTES} rows (one per minute), got {len(rows)}"
+        )
     for i, row in enumerate(rows):
         line = i + 1
         try:
@@ -177,7 +184,9 @@ def read_request_log(path: Path | str) -> list[tuple[int, int]]:
         try:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{path}: not a request-log export (JSON or JSON lines): {exc}") from None
+            raise WorkloadError(
+                f"{path}: not a request-log export (JSON or JSON lines): {exc}"
+            ) from None
     if not isinstance(records, list):
         raise WorkloadError(f"{path}: expected a list of request records")
     pairs = []
@@ -189,7 +198,9 @@ def read_request_log(path: Path | str) -> list[tuple[int, int]]:
         try:
             p, c = int(r.get("prompt_tokens", 0)), int(r.get("completion_tokens", 0))
         except (TypeError, ValueError):
-            raise WorkloadError(f"{path}: record {i + 1}: prompt_tokens / completion_tokens must be integers") from None
+            raise WorkloadError(
+                f"{path}: record {i + 1}: prompt_tokens / completion_tokens must be integers"
+            ) from None
         if p < 0 or c < 0:
             raise WorkloadError(f"{path}: record {i + 1}: negative token count")
         if c > 0:
@@ -206,7 +217,7 @@ class Request:
     at_s: float
     prompt_tokens: int
     output_tokens: int
-    cached_tokens: int = 0      # of the prompt, found in the node's prompt cache
+    cached_tokens: int = 0  # of the prompt, found in the node's prompt cache
 
 
 @dataclass(frozen=True)
@@ -216,14 +227,16 @@ class Workload:
     prompt: TokenDist
     output: TokenDist
     shared_prefix_tokens: int = 0
-    pairs: tuple[tuple[int, int], ...] = ()   # joint (prompt, output) draws from a request log
+    pairs: tuple[tuple[int, int], ...] = ()  # joint (prompt, output) draws from a request log
     tokens_label: str = ""
 
     def __post_init__(self):
         if not (self.notes_per_day > 0 and math.isfinite(self.notes_per_day)):
             raise WorkloadError(f"notes per day: must be a number > 0, not {self.notes_per_day:g}")
         if self.shared_prefix_tokens < 0:
-            raise WorkloadError(f"shared prefix tokens: must be >= 0, not {self.shared_prefix_tokens}")
+            raise WorkloadError(
+                f"shared prefix tokens: must be >= 0, not {self.shared_prefix_tokens}"
+            )
 
     def rate_at(self, t_s: float) -> float:
         """Notes per second arriving at `t_s` seconds since midnight (wraps by day)."""
@@ -296,7 +309,10 @@ class Workload:
         return out
 
     def describe(self) -> str:
-        tokens = self.tokens_label or f"prompt {self.prompt.describe()}, output {self.output.describe()} tokens"
+        tokens = (
+            self.tokens_label
+            or f"prompt {self.prompt.describe()}, output {self.output.describe()} tokens"
+        )
         prefix = f", shared prefix {self.shared_prefix_tokens}" if self.shared_prefix_tokens else ""
         return f"{self.notes_per_day:g} notes/day, {self.shape.label}; {tokens}{prefix}"
 
@@ -309,7 +325,9 @@ def parse_hours(text: str) -> tuple[float, float]:
             raise ValueError
         start, end = float(parts[0]), float(parts[1])
     except ValueError:
-        raise WorkloadError(f"hours: expected START-END in hours (e.g. 8-18), not {text!r}") from None
+        raise WorkloadError(
+            f"hours: expected START-END in hours (e.g. 8-18), not {text!r}"
+        ) from None
     if not (0 <= start <= 24 and 0 <= end <= 24):
         raise WorkloadError(f"hours: START and END must be within 0-24, not {text!r}")
     if start == end:
@@ -317,16 +335,26 @@ def parse_hours(text: str) -> tuple[float, float]:
     return start, end
 
 
-def build_workload(*, notes_per_day: Optional[float] = None, hours: str = "8-18", peak_factor: float = 2.0,
-                   arrivals_csv: Optional[Path] = None, prompt_tokens: str = "500", output_tokens: str = "400:600",
-                   tokens_from: Optional[Path] = None, shared_prefix_tokens: int = 0) -> Workload:
+def build_workload(
+    *,
+    notes_per_day: float | None = None,
+    hours: str = "8-18",
+    peak_factor: float = 2.0,
+    arrivals_csv: Path | None = None,
+    prompt_tokens: str = "500",
+    output_tokens: str = "400:600",
+    tokens_from: Path | None = None,
+    shared_prefix_tokens: int = 0,
+) -> Workload:
     """A Workload from the planner's and replay's options (WorkloadError on nonsense).
     With a CSV and no notes-per-day, the CSV's total is the day's volume."""
     if notes_per_day is not None and not (notes_per_day > 0 and math.isfinite(notes_per_day)):
         raise WorkloadError(f"notes per day: must be a number > 0, not {notes_per_day:g}")
     if arrivals_csv is not None:
         counts, total = read_arrivals_csv(arrivals_csv)
-        shape = ArrivalShape.per_minute(counts, f"arrivals per minute from {Path(arrivals_csv).name}")
+        shape = ArrivalShape.per_minute(
+            counts, f"arrivals per minute from {Path(arrivals_csv).name}"
+        )
         notes = total if notes_per_day is None else notes_per_day
     else:
         start, end = parse_hours(hours)
@@ -334,13 +362,18 @@ def build_workload(*, notes_per_day: Optional[float] = None, hours: str = "8-18"
         notes = 6000.0 if notes_per_day is None else notes_per_day
     pairs: tuple[tuple[int, int], ...] = ()
     label = ""
-    prompt, output = TokenDist.parse(prompt_tokens, "prompt tokens"), TokenDist.parse(output_tokens, "output tokens")
+    prompt, output = (
+        TokenDist.parse(prompt_tokens, "prompt tokens"),
+        TokenDist.parse(output_tokens, "output tokens"),
+    )
     if tokens_from is not None:
         pairs = tuple(read_request_log(tokens_from))
         prompt = TokenDist.empirical([p for p, _ in pairs])
         output = TokenDist.empirical([o for _, o in pairs])
-        label = (f"tokens from {len(pairs)} logged requests in {Path(tokens_from).name} (prompt mean "
-                 f"{prompt.mean:.0f}, output mean {output.mean:.0f})")
+        label = (
+            f"tokens from {len(pairs)} logged requests in {Path(tokens_from).name} (prompt mean "
+            f"{prompt.mean:.0f}, output mean {output.mean:.0f})"
+        )
     if shared_prefix_tokens < 0:
         raise WorkloadError(f"shared prefix tokens: must be >= 0, not {shared_prefix_tokens}")
     return Workload(notes, shape, prompt, output, shared_prefix_tokens, pairs, label)

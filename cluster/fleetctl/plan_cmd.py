@@ -10,7 +10,6 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,18 +31,27 @@ def _bad(flag: str, message: str) -> typer.Exit:
 def parse_fleet(specs: list[str]) -> list[tuple[Profile, int]]:
     """--profile FILE_OR_NAME[=COUNT] ...: profiles in order, counts summed for repeats."""
     if not specs:
-        raise _bad("--profile", "name at least one profile: a profile file or a reference profile's name "
-                                "(FILE_OR_NAME[=COUNT])")
+        raise _bad(
+            "--profile",
+            "name at least one profile: a profile file or a reference profile's name "
+            "(FILE_OR_NAME[=COUNT])",
+        )
     fleet: dict[str, tuple[Profile, int]] = {}
     for spec in specs:
         name, sep, count_text = spec.rpartition("=") if "=" in spec else (spec, "", "")
         count = 1
         if sep:
             if not count_text.strip().isdigit() or not name.strip():
-                raise _bad("--profile", f"expected FILE_OR_NAME=COUNT with a whole number of nodes, not {spec!r}")
+                raise _bad(
+                    "--profile",
+                    f"expected FILE_OR_NAME=COUNT with a whole number of nodes, not {spec!r}",
+                )
             count = int(count_text)
             if count < 1:
-                raise _bad("--profile", f"a fleet needs at least 1 node of a profile, not {count} in {spec!r}")
+                raise _bad(
+                    "--profile",
+                    f"a fleet needs at least 1 node of a profile, not {count} in {spec!r}",
+                )
         try:
             prof = resolve_profile(name)
         except ProfileError as exc:
@@ -53,7 +61,7 @@ def parse_fleet(specs: list[str]) -> list[tuple[Profile, int]]:
     return list(fleet.values())
 
 
-def _nonneg(flag: str, value: Optional[float], positive: bool = False) -> None:
+def _nonneg(flag: str, value: float | None, positive: bool = False) -> None:
     if value is None:
         return
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
@@ -61,37 +69,76 @@ def _nonneg(flag: str, value: Optional[float], positive: bool = False) -> None:
 
 
 def plan(
-    profile: list[str] = typer.Option([], "--profile", "-p", help="FILE_OR_NAME[=COUNT]: a profile file or a "
-                                      "reference profile's name, and how many such nodes (default 1). Repeat for "
-                                      "a mixed fleet."),
-    notes_per_day: Optional[float] = wo.NOTES_PER_DAY, hours: str = wo.HOURS, peak_factor: float = wo.PEAK_FACTOR,
-    arrivals_csv: Optional[Path] = wo.ARRIVALS_CSV, prompt_tokens: str = wo.PROMPT_TOKENS,
-    output_tokens: str = wo.OUTPUT_TOKENS, tokens_from: Optional[Path] = wo.TOKENS_FROM,
-    shared_prefix_tokens: int = wo.SHARED_PREFIX, seed: int = wo.SEED,
-    sla_p95_s: float = typer.Option(8.0, "--sla-p95-s", help="Target: 95% of notes complete within this many "
-                                                            "seconds of arriving."),
-    search: bool = typer.Option(True, "--search/--no-search", help="Search the smallest fleet of each profile "
-                                                                  "that meets --sla-p95-s."),
-    window_hours: float = typer.Option(3.0, "--window-hours", help="Hours of the busiest part of the day to "
-                                                                   "simulate and measure (0.25-24)."),
-    node_cost_usd: Optional[float] = typer.Option(None, "--node-cost-usd", help="Purchase price of one node "
-                                                  "(overrides the profile's [cost])."),
-    amortize_months: Optional[float] = typer.Option(None, "--amortize-months", help="Months to spread the price "
-                                                    f"over (default {costmod.DEFAULT_AMORTIZE_MONTHS:g})."),
-    power_w: Optional[float] = typer.Option(None, "--power-w", help="Average power of one node, watts."),
-    usd_per_kwh: Optional[float] = typer.Option(None, "--usd-per-kwh", help="Electricity price (default "
-                                                f"{costmod.DEFAULT_USD_PER_KWH:g}, US commercial average)."),
-    hosting_usd_month: Optional[float] = typer.Option(None, "--hosting-usd-month", help="Rack space, network "
-                                                      "and support per node per month (default 0)."),
-    rent_usd_hour: Optional[float] = typer.Option(None, "--rent-usd-hour", help="A rented node's price per hour "
-                                                  "instead of a purchase price."),
-    api_usd_per_m_input: float = typer.Option(costmod.DEFAULT_API_USD_PER_M_INPUT, "--api-usd-per-m-input",
-                                              help="Hosted API price per 1M input tokens (default: the field "
-                                                   "report's $45/day; GPT-4o's list price is 2.50)."),
-    api_usd_per_m_output: float = typer.Option(costmod.DEFAULT_API_USD_PER_M_OUTPUT, "--api-usd-per-m-output",
-                                               help="Hosted API price per 1M output tokens (GPT-4o list: 10)."),
-    plot_dir: Optional[Path] = typer.Option(None, "--plot-dir", help="Write capacity-p95 and capacity-cost "
-                                                                     "charts (PNG and SVG) here."),
+    profile: list[str] = typer.Option(
+        [],
+        "--profile",
+        "-p",
+        help="FILE_OR_NAME[=COUNT]: a profile file or a "
+        "reference profile's name, and how many such nodes (default 1). Repeat for "
+        "a mixed fleet.",
+    ),
+    notes_per_day: float | None = wo.NOTES_PER_DAY,
+    hours: str = wo.HOURS,
+    peak_factor: float = wo.PEAK_FACTOR,
+    arrivals_csv: Path | None = wo.ARRIVALS_CSV,
+    prompt_tokens: str = wo.PROMPT_TOKENS,
+    output_tokens: str = wo.OUTPUT_TOKENS,
+    tokens_from: Path | None = wo.TOKENS_FROM,
+    shared_prefix_tokens: int = wo.SHARED_PREFIX,
+    seed: int = wo.SEED,
+    sla_p95_s: float = typer.Option(
+        8.0,
+        "--sla-p95-s",
+        help="Target: 95% of notes complete within this many seconds of arriving.",
+    ),
+    search: bool = typer.Option(
+        True,
+        "--search/--no-search",
+        help="Search the smallest fleet of each profile that meets --sla-p95-s.",
+    ),
+    window_hours: float = typer.Option(
+        3.0,
+        "--window-hours",
+        help="Hours of the busiest part of the day to simulate and measure (0.25-24).",
+    ),
+    node_cost_usd: float | None = typer.Option(
+        None, "--node-cost-usd", help="Purchase price of one node (overrides the profile's [cost])."
+    ),
+    amortize_months: float | None = typer.Option(
+        None,
+        "--amortize-months",
+        help=f"Months to spread the price over (default {costmod.DEFAULT_AMORTIZE_MONTHS:g}).",
+    ),
+    power_w: float | None = typer.Option(
+        None, "--power-w", help="Average power of one node, watts."
+    ),
+    usd_per_kwh: float | None = typer.Option(
+        None,
+        "--usd-per-kwh",
+        help=f"Electricity price (default {costmod.DEFAULT_USD_PER_KWH:g}, US commercial average).",
+    ),
+    hosting_usd_month: float | None = typer.Option(
+        None,
+        "--hosting-usd-month",
+        help="Rack space, network and support per node per month (default 0).",
+    ),
+    rent_usd_hour: float | None = typer.Option(
+        None, "--rent-usd-hour", help="A rented node's price per hour instead of a purchase price."
+    ),
+    api_usd_per_m_input: float = typer.Option(
+        costmod.DEFAULT_API_USD_PER_M_INPUT,
+        "--api-usd-per-m-input",
+        help="Hosted API price per 1M input tokens (default: the field "
+        "report's $45/day; GPT-4o's list price is 2.50).",
+    ),
+    api_usd_per_m_output: float = typer.Option(
+        costmod.DEFAULT_API_USD_PER_M_OUTPUT,
+        "--api-usd-per-m-output",
+        help="Hosted API price per 1M output tokens (GPT-4o list: 10).",
+    ),
+    plot_dir: Path | None = typer.Option(
+        None, "--plot-dir", help="Write capacity-p95 and capacity-cost charts (PNG and SVG) here."
+    ),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
 ) -> None:
     """Plan a fleet: simulate the day's busiest hours on the given nodes (SimPy: Poisson
@@ -105,16 +152,28 @@ def plan(
         raise _bad("--sla-p95-s", f"must be a number of seconds > 0, not {sla_p95_s:g}")
     if not (0.25 <= window_hours <= 24):
         raise _bad("--window-hours", f"must be 0.25 to 24, not {window_hours:g}")
-    for flag, value in (("--node-cost-usd", node_cost_usd), ("--power-w", power_w), ("--usd-per-kwh", usd_per_kwh),
-                        ("--hosting-usd-month", hosting_usd_month), ("--rent-usd-hour", rent_usd_hour),
-                        ("--api-usd-per-m-input", api_usd_per_m_input),
-                        ("--api-usd-per-m-output", api_usd_per_m_output)):
+    for flag, value in (
+        ("--node-cost-usd", node_cost_usd),
+        ("--power-w", power_w),
+        ("--usd-per-kwh", usd_per_kwh),
+        ("--hosting-usd-month", hosting_usd_month),
+        ("--rent-usd-hour", rent_usd_hour),
+        ("--api-usd-per-m-input", api_usd_per_m_input),
+        ("--api-usd-per-m-output", api_usd_per_m_output),
+    ):
         _nonneg(flag, value)
     _nonneg("--amortize-months", amortize_months, positive=True)
-    workload = wo.workload_from_flags(CMD, notes_per_day=notes_per_day, hours=hours, peak_factor=peak_factor,
-                                      arrivals_csv=arrivals_csv, prompt_tokens=prompt_tokens,
-                                      output_tokens=output_tokens, tokens_from=tokens_from,
-                                      shared_prefix_tokens=shared_prefix_tokens)
+    workload = wo.workload_from_flags(
+        CMD,
+        notes_per_day=notes_per_day,
+        hours=hours,
+        peak_factor=peak_factor,
+        arrivals_csv=arrivals_csv,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        tokens_from=tokens_from,
+        shared_prefix_tokens=shared_prefix_tokens,
+    )
     fleet = parse_fleet(profile)
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
         raise _bad("--plot-dir", f"{plot_dir} exists and is not a directory")
@@ -122,20 +181,46 @@ def plan(
     def progress(msg: str) -> None:
         typer.echo(f"plan: {msg}", err=True)
 
-    cost_flags = dict(node_cost_usd=node_cost_usd, amortize_months=amortize_months, power_w=power_w,
-                      usd_per_kwh=usd_per_kwh, hosting_usd_month=hosting_usd_month, rent_usd_hour=rent_usd_hour)
+    cost_flags = dict(
+        node_cost_usd=node_cost_usd,
+        amortize_months=amortize_months,
+        power_w=power_w,
+        usd_per_kwh=usd_per_kwh,
+        hosting_usd_month=hosting_usd_month,
+        rent_usd_hour=rent_usd_hour,
+    )
     api = costmod.ApiPrice(api_usd_per_m_input, api_usd_per_m_output)
-    report = build_report(fleet, workload, sla_p95_s, seed=seed, search=search, window_hours=window_hours,
-                          cost_flags=cost_flags, api=api, plot_dir=plot_dir, progress=progress)
+    report = build_report(
+        fleet,
+        workload,
+        sla_p95_s,
+        seed=seed,
+        search=search,
+        window_hours=window_hours,
+        cost_flags=cost_flags,
+        api=api,
+        plot_dir=plot_dir,
+        progress=progress,
+    )
     if output == "json":
         typer.echo(json.dumps(report, indent=2))
     else:
         typer.echo(render(report))
 
 
-def build_report(fleet: list[tuple[Profile, int]], workload: Workload, sla_s: float, *, seed: int, search: bool,
-                 window_hours: float, cost_flags: dict, api: costmod.ApiPrice, plot_dir: Optional[Path],
-                 progress: planmod.Progress) -> dict:
+def build_report(
+    fleet: list[tuple[Profile, int]],
+    workload: Workload,
+    sla_s: float,
+    *,
+    seed: int,
+    search: bool,
+    window_hours: float,
+    cost_flags: dict,
+    api: costmod.ApiPrice,
+    plot_dir: Path | None,
+    progress: planmod.Progress,
+) -> dict:
     """Everything the plan says, as plain data (the -o json document)."""
     window = planmod.busiest_window(workload, window_hours)
     requests = planmod.traffic(workload, window, seed)
@@ -150,27 +235,48 @@ def build_report(fleet: list[tuple[Profile, int]], workload: Workload, sla_s: fl
     for p, _ in fleet:
         b = bounds[p.name]
         if search:
-            searches.append(planmod.smallest_fleet(p, workload, requests, window, sla_s, bound=b, progress=progress))
+            searches.append(
+                planmod.smallest_fleet(
+                    p, workload, requests, window, sla_s, bound=b, progress=progress
+                )
+            )
         if not b.feasible:
             levers[p.name] = planmod.what_would(p, b, workload, sla_s)
 
     node_costs = {p.name: costmod.node_cost(p, **cost_flags) for p, _ in fleet}
     mean_p, mean_o = workload.mean_prompt_tokens, workload.mean_output_tokens
 
-    def price(counts: list[tuple[str, int]], notes: float = workload.notes_per_day) -> costmod.CostReport:
-        return costmod.fleet_costs([(name, node_costs[name], n) for name, n in counts], notes_per_day=notes,
-                                   prompt_tokens=mean_p, output_tokens=mean_o, api=api)
+    def price(
+        counts: list[tuple[str, int]], notes: float = workload.notes_per_day
+    ) -> costmod.CostReport:
+        return costmod.fleet_costs(
+            [(name, node_costs[name], n) for name, n in counts],
+            notes_per_day=notes,
+            prompt_tokens=mean_p,
+            output_tokens=mean_o,
+            api=api,
+        )
 
     fleet_cost = price([(p.name, n) for p, n in fleet])
-    smallest_costs = {s.profile: price([(s.profile, s.smallest)]).as_dict() for s in searches if s.smallest}
+    smallest_costs = {
+        s.profile: price([(s.profile, s.smallest)]).as_dict() for s in searches if s.smallest
+    }
 
     doc = {
-        "workload": {"description": workload.describe(), "notes_per_day": workload.notes_per_day,
-                     "peak_notes_per_min": round(workload.peak_rate * 60, 3),
-                     "mean_prompt_tokens": round(mean_p, 1), "mean_output_tokens": round(mean_o, 1),
-                     "shared_prefix_tokens": workload.shared_prefix_tokens},
-        "simulated": {**window.as_dict(), "description": window.describe(), "notes_drawn": len(requests),
-                      "seed": seed},
+        "workload": {
+            "description": workload.describe(),
+            "notes_per_day": workload.notes_per_day,
+            "peak_notes_per_min": round(workload.peak_rate * 60, 3),
+            "mean_prompt_tokens": round(mean_p, 1),
+            "mean_output_tokens": round(mean_o, 1),
+            "shared_prefix_tokens": workload.shared_prefix_tokens,
+        },
+        "simulated": {
+            **window.as_dict(),
+            "description": window.describe(),
+            "notes_drawn": len(requests),
+            "seed": seed,
+        },
         "sla_p95_s": sla_s,
         "fleet": {**given.as_dict(), "size": size, "meets_sla": given.meets(sla_s)},
         "single_note_bounds": {name: b.as_dict() for name, b in bounds.items()},
@@ -180,22 +286,52 @@ def build_report(fleet: list[tuple[Profile, int]], workload: Workload, sla_s: fl
             "fleet": fleet_cost.as_dict(),
             "smallest_fleets": smallest_costs,
             "node_usd_day": {name: c.per_day() for name, c in node_costs.items()},
-            "api_usd_per_m_input": api.usd_per_m_input, "api_usd_per_m_output": api.usd_per_m_output,
-            "field_report": {"api_usd_day_at_report_volume": round(costmod.report_api_usd_day(api), 2),
-                             "report_api_usd_day": costmod.REPORT_API_USD_DAY,
-                             "report_rented_a100_usd_day": costmod.REPORT_RENTED_A100_USD_DAY,
-                             "report_break_even_notes_day": costmod.REPORT_BREAK_EVEN_NOTES},
+            "api_usd_per_m_input": api.usd_per_m_input,
+            "api_usd_per_m_output": api.usd_per_m_output,
+            "field_report": {
+                "api_usd_day_at_report_volume": round(costmod.report_api_usd_day(api), 2),
+                "report_api_usd_day": costmod.REPORT_API_USD_DAY,
+                "report_rented_a100_usd_day": costmod.REPORT_RENTED_A100_USD_DAY,
+                "report_break_even_notes_day": costmod.REPORT_BREAK_EVEN_NOTES,
+            },
         },
         "plots": [],
     }
     if plot_dir is not None:
-        doc["plots"] = [str(p) for p in _plots(fleet, workload, sla_s, seed, window_hours, searches, bounds,
-                                               node_costs, api, price, plot_dir, progress)]
+        doc["plots"] = [
+            str(p)
+            for p in _plots(
+                fleet,
+                workload,
+                sla_s,
+                seed,
+                window_hours,
+                searches,
+                bounds,
+                node_costs,
+                api,
+                price,
+                plot_dir,
+                progress,
+            )
+        ]
     return doc
 
 
-def _plots(fleet, workload: Workload, sla_s: float, seed: int, window_hours: float, searches, bounds, node_costs,
-           api: costmod.ApiPrice, price, plot_dir: Path, progress) -> list[Path]:
+def _plots(
+    fleet,
+    workload: Workload,
+    sla_s: float,
+    seed: int,
+    window_hours: float,
+    searches,
+    bounds,
+    node_costs,
+    api: costmod.ApiPrice,
+    price,
+    plot_dir: Path,
+    progress,
+) -> list[Path]:
     from cluster.capacity import plot
 
     window = planmod.busiest_window(workload, window_hours)
@@ -203,20 +339,35 @@ def _plots(fleet, workload: Workload, sla_s: float, seed: int, window_hours: flo
     series = {}
     found = {s.profile: s for s in searches}
     for p, n in fleet:
-        points = {o.size: o.time_per_note.p95 for o in (found[p.name].tried if p.name in found else [])}
-        top = max([n, 4] + [k for k in points] + ([found[p.name].smallest + 2] if found.get(p.name) and
-                                                    found[p.name].smallest else []))
+        points = {
+            o.size: o.time_per_note.p95 for o in (found[p.name].tried if p.name in found else [])
+        }
+        top = max(
+            [n, 4]
+            + [k for k in points]
+            + ([found[p.name].smallest + 2] if found.get(p.name) and found[p.name].smallest else [])
+        )
         for k in sorted(set([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]) | {n}):
             if k <= min(top, 64) and k not in points:
                 progress(f"plot: simulating {k} x {p.name}")
                 points[k] = planmod.outcome([(p, k)], requests, window).time_per_note.p95
         series[p.name] = sorted(points.items())
-    paths = plot.p95_vs_fleet(series, sla_s, {k: b.p95_s for k, b in bounds.items()}, plot_dir,
-                              f"p95 time per note vs fleet size: {workload.describe()}")
+    paths = plot.p95_vs_fleet(
+        series,
+        sla_s,
+        {k: b.p95_s for k, b in bounds.items()},
+        plot_dir,
+        f"p95 time per note vs fleet size: {workload.describe()}",
+    )
     top_v = max(2 * workload.notes_per_day, costmod.REPORT_BREAK_EVEN_NOTES * 2)
     volumes = [top_v * (i + 1) / COST_VOLUME_POINTS for i in range(COST_VOLUME_POINTS)]
-    api_line = [v * api.per_note(workload.mean_prompt_tokens, workload.mean_output_tokens) for v in volumes]
-    fleets = {f"this fleet ({_fleet_text(fleet)})": [price([(p.name, n) for p, n in fleet]).fleet_usd_day] * len(volumes)}
+    api_line = [
+        v * api.per_note(workload.mean_prompt_tokens, workload.mean_output_tokens) for v in volumes
+    ]
+    fleets = {
+        f"this fleet ({_fleet_text(fleet)})": [price([(p.name, n) for p, n in fleet]).fleet_usd_day]
+        * len(volumes)
+    }
     for p, _ in fleet:
         per_node = node_costs[p.name].per_day()["total"]
         if per_node <= 0:
@@ -232,14 +383,28 @@ def _plots(fleet, workload: Workload, sla_s: float, seed: int, window_hours: flo
                 counts.append(s.smallest if s.smallest else math.nan)
             else:
                 counts.append(max(1, math.ceil(w.peak_rate / planmod.node_notes_per_s(p, w))))
-        label = (f"{p.name}, smallest fleet meeting p95 {sla_s:g} s" if bounds[p.name].feasible
-                 else f"{p.name}, fleet that keeps up (p95 {sla_s:g} s unmeetable)")
+        label = (
+            f"{p.name}, smallest fleet meeting p95 {sla_s:g} s"
+            if bounds[p.name].feasible
+            else f"{p.name}, fleet that keeps up (p95 {sla_s:g} s unmeetable)"
+        )
         fleets[label] = [c * per_node for c in counts]
-    marks = {"field report: API ~$45/day at 6,000 notes": (6000.0, costmod.REPORT_API_USD_DAY),
-             "field report: rented A100s ~$28/day at 6,000 notes": (6000.0, costmod.REPORT_RENTED_A100_USD_DAY)}
-    paths += plot.cost_vs_volume(volumes, api_line, fleets, plot_dir,
-                                 f"$ per day vs notes per day (API ${api.usd_per_m_input:g} / "
-                                 f"${api.usd_per_m_output:g} per 1M in / out)", marks)
+    marks = {
+        "field report: API ~$45/day at 6,000 notes": (6000.0, costmod.REPORT_API_USD_DAY),
+        "field report: rented A100s ~$28/day at 6,000 notes": (
+            6000.0,
+            costmod.REPORT_RENTED_A100_USD_DAY,
+        ),
+    }
+    paths += plot.cost_vs_volume(
+        volumes,
+        api_line,
+        fleets,
+        plot_dir,
+        f"$ per day vs notes per day (API ${api.usd_per_m_input:g} / "
+        f"${api.usd_per_m_output:g} per 1M in / out)",
+        marks,
+    )
     for path in paths:
         progress(f"wrote {path}")
     return paths
@@ -261,39 +426,64 @@ def render(doc: dict) -> str:
     w, sim, f = doc["workload"], doc["simulated"], doc["fleet"]
     sla = doc["sla_p95_s"]
     lines.append(f"Workload: {w['description']} (peak {w['peak_notes_per_min']:.2f} notes/min)")
-    lines.append(f"Simulated: {sim['description']}; {f['notes']} notes measured, seed {sim['seed']}")
+    lines.append(
+        f"Simulated: {sim['description']}; {f['notes']} notes measured, seed {sim['seed']}"
+    )
     lines.append("")
     fleet_text = " + ".join(f"{x['count']} x {x['profile']}" for x in f["fleet"])
     lines.append(f"Fleet: {fleet_text}")
     lines.append(f"  {'':<16}{'p50':>9}{'p95':>9}{'p99':>9}{'mean':>9}")
-    for label, key in (("time per note", "time_per_note_s"), ("queue wait", "queue_wait_s"),
-                       ("first token", "ttft_s")):
+    for label, key in (
+        ("time per note", "time_per_note_s"),
+        ("queue wait", "queue_wait_s"),
+        ("first token", "ttft_s"),
+    ):
         q = f[key]
-        lines.append(f"  {label:<16}" + "".join(f"{_s(q[k]):>9}" for k in ("p50", "p95", "p99", "mean")))
+        lines.append(
+            f"  {label:<16}" + "".join(f"{_s(q[k]):>9}" for k in ("p50", "p95", "p99", "mean"))
+        )
     refused = sum(f["refused"].values())
-    lines.append(f"  throughput {f['throughput_notes_per_h']:.0f} notes/h; refused {refused}"
-                 + (f" ({', '.join(f'{k} {v}' for k, v in f['refused'].items())}; shown as '-' = never)"
-                    if refused else ""))
+    lines.append(
+        f"  throughput {f['throughput_notes_per_h']:.0f} notes/h; refused {refused}"
+        + (
+            f" ({', '.join(f'{k} {v}' for k, v in f['refused'].items())}; shown as '-' = never)"
+            if refused
+            else ""
+        )
+    )
     for n in f["nodes"]:
-        lines.append(f"  {n['node']:<48} busy {n['busy'] * 100:5.1f}%  batch {n['mean_running']:5.2f} running "
-                     f"({n['slot_occupancy'] * 100:4.1f}% of slots)  {n['notes']} notes")
+        lines.append(
+            f"  {n['node']:<48} busy {n['busy'] * 100:5.1f}%  batch {n['mean_running']:5.2f} running "
+            f"({n['slot_occupancy'] * 100:4.1f}% of slots)  {n['notes']} notes"
+        )
     verdict = "meets" if f["meets_sla"] else "does NOT meet"
-    lines.append(f"  p95 time per note {_s(f['time_per_note_s']['p95'])}: {verdict} the {sla:g} s target")
+    lines.append(
+        f"  p95 time per note {_s(f['time_per_note_s']['p95'])}: {verdict} the {sla:g} s target"
+    )
     lines.append("")
     for name, b in doc["single_note_bounds"].items():
-        lines.append(f"Single-note bound, {name}: per-stream decode {b['stream_decode_tok_s']:.1f} tok/s; a note "
-                     f"alone takes {_s(b['median_note_s'])} (median), {_s(b['p95_note_s'])} (p95 note); "
-                     f"{b['notes_beyond_sla'] * 100:.0f}% of notes exceed {sla:g} s even alone")
+        lines.append(
+            f"Single-note bound, {name}: per-stream decode {b['stream_decode_tok_s']:.1f} tok/s; a note "
+            f"alone takes {_s(b['median_note_s'])} (median), {_s(b['p95_note_s'])} (p95 note); "
+            f"{b['notes_beyond_sla'] * 100:.0f}% of notes exceed {sla:g} s even alone"
+        )
     for s in doc["searches"]:
         tried = ", ".join(f"{t['count']}: {_s(t['p95_time_per_note_s'])}" for t in s["tried"])
         if s["smallest_count"]:
-            lines.append(f"Smallest fleet of {s['profile']} meeting p95 <= {sla:g} s: {s['smallest_count']} nodes"
-                         f" (p95 by fleet size: {tried})")
+            lines.append(
+                f"Smallest fleet of {s['profile']} meeting p95 <= {sla:g} s: {s['smallest_count']} nodes"
+                f" (p95 by fleet size: {tried})"
+            )
         else:
             why = s["why_not"]
-            lines.append((why[0].upper() + why[1:] if why.startswith("no fleet") else
-                          f"No fleet of {s['profile']} meets p95 <= {sla:g} s: {why}")
-                         + (f" (p95 by fleet size: {tried})" if tried else ""))
+            lines.append(
+                (
+                    why[0].upper() + why[1:]
+                    if why.startswith("no fleet")
+                    else f"No fleet of {s['profile']} meets p95 <= {sla:g} s: {why}"
+                )
+                + (f" (p95 by fleet size: {tried})" if tried else "")
+            )
     for name, items in doc["what_would_meet_sla"].items():
         lines.append(f"What would meet {sla:g} s instead of {name}:")
         lines += [f"  - {item}" for item in items]
@@ -301,12 +491,16 @@ def render(doc: dict) -> str:
     fc = c["fleet"]
     lines.append("")
     parts = ", ".join(f"{k} ${v:.2f}" for k, v in fc["fleet_usd_day_parts"].items() if v)
-    lines.append(f"Cost of this fleet: ${fc['fleet_usd_day']:.2f}/day ({parts or 'nothing priced'}), "
-                 f"${fc['fleet_usd_per_1000_notes']:.2f} per 1,000 notes")
+    lines.append(
+        f"Cost of this fleet: ${fc['fleet_usd_day']:.2f}/day ({parts or 'nothing priced'}), "
+        f"${fc['fleet_usd_per_1000_notes']:.2f} per 1,000 notes"
+    )
     for item in fc["not_priced"]:
         lines.append(f"  not priced: {item}")
-    lines.append(f"Hosted API (${c['api_usd_per_m_input']:g} / ${c['api_usd_per_m_output']:g} per 1M input / output "
-                 f"tokens): ${fc['api_usd_day']:.2f}/day, ${fc['api_usd_per_1000_notes']:.2f} per 1,000 notes")
+    lines.append(
+        f"Hosted API (${c['api_usd_per_m_input']:g} / ${c['api_usd_per_m_output']:g} per 1M input / output "
+        f"tokens): ${fc['api_usd_day']:.2f}/day, ${fc['api_usd_per_1000_notes']:.2f} per 1,000 notes"
+    )
     be = fc["break_even_notes_day"]
     if fc["not_priced"] and any("no node price" in item for item in fc["not_priced"]):
         lines.append("Break-even: needs a node price (--node-cost-usd or --rent-usd-hour)")
@@ -316,13 +510,17 @@ def render(doc: dict) -> str:
         lines.append(f"Break-even: this fleet costs what the API does at {be:,.0f} notes/day")
     for name, sc in c["smallest_fleets"].items():
         be = sc["break_even_notes_day"]
-        lines.append(f"Smallest fleet of {name}: ${sc['fleet_usd_day']:.2f}/day, ${sc['fleet_usd_per_1000_notes']:.2f}"
-                     f" per 1,000 notes" + (f", break-even {be:,.0f} notes/day" if be is not None else ""))
+        lines.append(
+            f"Smallest fleet of {name}: ${sc['fleet_usd_day']:.2f}/day, ${sc['fleet_usd_per_1000_notes']:.2f}"
+            f" per 1,000 notes" + (f", break-even {be:,.0f} notes/day" if be is not None else "")
+        )
     r = c["field_report"]
-    lines.append(f"Field report for comparison: API ${r['report_api_usd_day']:g}/day and rented A100s "
-                 f"${r['report_rented_a100_usd_day']:g}/day at 6,000 notes (3M in + 1.5M out tokens; these API "
-                 f"prices give ${r['api_usd_day_at_report_volume']:.2f}/day there), break-even ~"
-                 f"{r['report_break_even_notes_day']:,} notes/day")
+    lines.append(
+        f"Field report for comparison: API ${r['report_api_usd_day']:g}/day and rented A100s "
+        f"${r['report_rented_a100_usd_day']:g}/day at 6,000 notes (3M in + 1.5M out tokens; these API "
+        f"prices give ${r['api_usd_day_at_report_volume']:.2f}/day there), break-even ~"
+        f"{r['report_break_even_notes_day']:,} notes/day"
+    )
     for p in doc["plots"]:
         lines.append(f"Plot: {p}")
     return "\n".join(lines)

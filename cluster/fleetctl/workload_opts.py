@@ -4,28 +4,56 @@ and the one function that turns them into a Workload or exits 2 naming the flag 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from cluster.capacity.workload import (ArrivalShape, TokenDist, Workload, WorkloadError, parse_hours,
-                                       read_arrivals_csv, read_request_log)
+from cluster.capacity.workload import (
+    ArrivalShape,
+    TokenDist,
+    Workload,
+    WorkloadError,
+    parse_hours,
+    read_arrivals_csv,
+    read_request_log,
+)
 from cluster.fleetctl.exits import EXIT_BAD_INPUT
 
 DEFAULT_NOTES_PER_DAY = 6000.0
 
-NOTES_PER_DAY = typer.Option(None, "--notes-per-day", help="Notes a day (default 6000, or the --arrivals-csv total).")
+NOTES_PER_DAY = typer.Option(
+    None, "--notes-per-day", help="Notes a day (default 6000, or the --arrivals-csv total)."
+)
 HOURS = typer.Option("8-18", "--hours", help="Busy hours START-END (0-24, may wrap past midnight).")
-PEAK_FACTOR = typer.Option(2.0, "--peak-factor", help="Arrival rate inside --hours as a multiple of the rate "
-                                                      "outside; the day still totals --notes-per-day.")
-ARRIVALS_CSV = typer.Option(None, "--arrivals-csv", help="Arrivals per minute of the day instead of --hours: "
-                                                         "1440 rows of COUNT, or rows of MINUTE,COUNT or HH:MM,COUNT.")
-PROMPT_TOKENS = typer.Option("500", "--prompt-tokens", help="Prompt tokens per note: N or LO:HI (uniform).")
-OUTPUT_TOKENS = typer.Option("400:600", "--output-tokens", help="Output tokens per note: N or LO:HI (uniform).")
-TOKENS_FROM = typer.Option(None, "--tokens-from", help="Draw (prompt, output) token pairs from a request-log "
-                                                       "export (fleetctl requests -o json > FILE) instead.")
-SHARED_PREFIX = typer.Option(0, "--shared-prefix-tokens", help="Prompt tokens every note shares (the system "
-                                                               "prompt), served from the node's prompt cache.")
+PEAK_FACTOR = typer.Option(
+    2.0,
+    "--peak-factor",
+    help="Arrival rate inside --hours as a multiple of the rate "
+    "outside; the day still totals --notes-per-day.",
+)
+ARRIVALS_CSV = typer.Option(
+    None,
+    "--arrivals-csv",
+    help="Arrivals per minute of the day instead of --hours: "
+    "1440 rows of COUNT, or rows of MINUTE,COUNT or HH:MM,COUNT.",
+)
+PROMPT_TOKENS = typer.Option(
+    "500", "--prompt-tokens", help="Prompt tokens per note: N or LO:HI (uniform)."
+)
+OUTPUT_TOKENS = typer.Option(
+    "400:600", "--output-tokens", help="Output tokens per note: N or LO:HI (uniform)."
+)
+TOKENS_FROM = typer.Option(
+    None,
+    "--tokens-from",
+    help="Draw (prompt, output) token pairs from a request-log "
+    "export (fleetctl requests -o json > FILE) instead.",
+)
+SHARED_PREFIX = typer.Option(
+    0,
+    "--shared-prefix-tokens",
+    help="Prompt tokens every note shares (the system "
+    "prompt), served from the node's prompt cache.",
+)
 SEED = typer.Option(1, "--seed", help="Random seed for arrivals and token draws.")
 
 
@@ -34,17 +62,32 @@ def bad(command: str, flag: str, message: str) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
-def workload_from_flags(command: str, *, notes_per_day: Optional[float], hours: str, peak_factor: float,
-                        arrivals_csv: Optional[Path], prompt_tokens: str, output_tokens: str,
-                        tokens_from: Optional[Path], shared_prefix_tokens: int) -> Workload:
+def workload_from_flags(
+    command: str,
+    *,
+    notes_per_day: float | None,
+    hours: str,
+    peak_factor: float,
+    arrivals_csv: Path | None,
+    prompt_tokens: str,
+    output_tokens: str,
+    tokens_from: Path | None,
+    shared_prefix_tokens: int,
+) -> Workload:
     """The Workload the flags describe; exits 2 with a message naming the flag on nonsense."""
+
     def check(flag: str, fn, *args):
         try:
             return fn(*args)
-        except WorkloadError as exc:   # file errors keep the file's name; the others drop their own label
+        except (
+            WorkloadError
+        ) as exc:  # file errors keep the file's name; the others drop their own label
             text = str(exc)
-            raise bad(command, flag, text if flag in ("--arrivals-csv", "--tokens-from")
-                      else text.split(": ", 1)[-1]) from None
+            raise bad(
+                command,
+                flag,
+                text if flag in ("--arrivals-csv", "--tokens-from") else text.split(": ", 1)[-1],
+            ) from None
 
     if notes_per_day is not None and not (notes_per_day > 0 and notes_per_day < float("inf")):
         raise bad(command, "--notes-per-day", f"must be a number > 0, not {notes_per_day:g}")
@@ -70,6 +113,8 @@ def workload_from_flags(command: str, *, notes_per_day: Optional[float], hours: 
         pairs = tuple(check("--tokens-from", read_request_log, tokens_from))
         prompt = TokenDist.empirical([p for p, _ in pairs])
         output = TokenDist.empirical([o for _, o in pairs])
-        label = (f"tokens from {len(pairs)} logged requests in {tokens_from.name} (prompt mean "
-                 f"{prompt.mean:.0f}, output mean {output.mean:.0f})")
+        label = (
+            f"tokens from {len(pairs)} logged requests in {tokens_from.name} (prompt mean "
+            f"{prompt.mean:.0f}, output mean {output.mean:.0f})"
+        )
     return Workload(notes, shape, prompt, output, shared_prefix_tokens, pairs, label)
