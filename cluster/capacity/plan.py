@@ -355,29 +355,25 @@ def what_would(
         )
         out.append(
             f"more parallelism per note: a node group (tensor parallelism over several machines, "
-            f"group_size >= {max(2, math.ceil(factor))} at ideal scaling) whose measured profile shows it"
+            f"group_size >= {max(2, math.ceil(factor))} even at ideal scaling), measured with fleetctl profile"
         )
     shipped = shipped if shipped is not None else load_reference_profiles()
-    better = []
+    better, closest = [], []
     for name, other in sorted(shipped.items()):
         if other.name == profile.name:
             continue
         b = single_note_bound(other, workload, sla_s)
-        if b.feasible:
-            smaller = (
-                other.model.params_b
-                and profile.model.params_b
-                and other.model.params_b < profile.model.params_b
-            )
-            better.append(
-                f"{name} (p95 single-note bound {b.p95_s:.1f} s{', a smaller model' if smaller else ''})"
-            )
+        smaller = 0 < other.model.params_b < profile.model.params_b
+        text = f"{name} (p95 single-note bound {b.p95_s:.1f} s{', a smaller model' if smaller else ''})"
+        (better if b.feasible else closest).append((b.p95_s, text))
     if better:
-        out.append("reference profiles that can: " + "; ".join(better))
+        out.append("reference profiles that can: " + "; ".join(t for _, t in sorted(better)))
     else:
+        nearest = "; ".join(t for _, t in sorted(closest)[:3])
         out.append(
-            "no shipped reference profile can; a smaller model or a faster node must be profiled "
-            "(fleetctl profile)"
+            "no shipped reference profile can"
+            + (f" (the closest: {nearest})" if nearest else "")
+            + "; a smaller model, shorter notes or a faster node, profiled with fleetctl profile"
         )
     return out
 
