@@ -287,6 +287,22 @@ class MonitoringSection(BaseModel):
                                               "automatic logoff).", gt=0)
 
 
+class CapacitySection(BaseModel):
+    """The live headroom (docs/capacity.md "Live headroom"): the nodes' capacity profiles, the
+    SLA the predicted p95 time per note is held to, and the arrival-rate window."""
+
+    model_config = _SECTION
+
+    capacity_profiles: tuple[str, ...] = setting(
+        (), "A capacity profile (fleetctl profile's file, or a shipped profile's name; repeatable). A routable "
+        "node takes the profile measured on it ([node] node_id), else one for the model it serves ([model] id).",
+        flag="--capacity-profile", metavar="FILE")
+    sla_p95_s: float = setting(8.0, "The p95 time per note (seconds) the live headroom and its alert hold the "
+                               "fleet to.", gt=0)
+    capacity_window_s: float = setting(300.0, "Seconds of arrivals the live headroom's rate is measured over.",
+                                       gt=0)
+
+
 class OpenAISection(BaseModel):
     """The OpenAI-compatible front door (docs/openai-api.md); bearer tokens in --state-db."""
 
@@ -301,7 +317,7 @@ class OpenAISection(BaseModel):
 
 
 class CoordinatorSettings(HealthSection, AdmissionSection, AuditSection, RolloutSection, MonitoringSection,
-                          OpenAISection, HttpPortSection, FileSettings):
+                          CapacitySection, OpenAISection, HttpPortSection, FileSettings):
     """Everything `fleet-coordinator` needs: where to listen, how to find and judge nodes,
     and how to admit and move requests. Flat flags, environment variables and TOML keys;
     each component takes only its section (`settings.section(HealthSection)`)."""

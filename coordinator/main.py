@@ -80,6 +80,9 @@ def check(settings) -> Optional[str]:
         DaemonSecurity.from_settings(settings, Role.COORDINATOR, settings.coordinator_id)
     except TLSConfigError as exc:
         return str(exc)
+    capacity = check_capacity_profiles(settings)
+    if capacity:
+        return capacity
     if settings.plaintext:
         remote = [n for n in settings.nodes if not is_loopback(n)]
         if remote:
@@ -90,6 +93,18 @@ def check(settings) -> Optional[str]:
                                              ("--openai-listen", settings.openai_listen, 2)))
     elif not settings.audit:
         return "--no-audit is for plaintext development only; an mTLS fleet always keeps its audit chain"
+    return None
+
+
+def check_capacity_profiles(settings) -> Optional[str]:
+    """Each --capacity-profile loads (a file that does not, or an unknown name, is named)."""
+    from cluster.capacity.profile import ProfileError, resolve_profile
+
+    for spec in settings.capacity_profiles:
+        try:
+            resolve_profile(spec)
+        except ProfileError as exc:
+            return f"--capacity-profile: {exc}"
     return None
 
 
