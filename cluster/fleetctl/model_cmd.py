@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,9 +22,9 @@ def _vocab(value: str) -> str:
 @app.command("make-tiny")
 def make_tiny(
     out_dir: Path = typer.Argument(..., help="Directory to write the model into."),
-    hidden: Optional[int] = typer.Option(None, show_default=False, help="Hidden size. [default: 128; 64 with --vocab qwen2.5]"),
+    hidden: int | None = typer.Option(None, show_default=False, help="Hidden size. [default: 128; 64 with --vocab qwen2.5]"),
     layers: int = typer.Option(2, help="Transformer layers."),
-    heads: Optional[int] = typer.Option(None, show_default=False, help="Attention heads (head_dim = hidden / heads). [default: hidden / 64]"),
+    heads: int | None = typer.Option(None, show_default=False, help="Attention heads (head_dim = hidden / heads). [default: hidden / 64]"),
     kv_heads: int = typer.Option(1, help="Key/value heads."),
     intermediate: int = typer.Option(0, show_default=False, help="MLP (feed-forward) width; 0 means 2 x --hidden. [default: 0, i.e. 2 x hidden]"),
     vocab: str = typer.Option("512", callback=_vocab, metavar="SIZE|qwen2.5", help="Tokenizer: a vocabulary size trains a small BPE on synthetic text; 'qwen2.5' uses Qwen2.5's real tokenizer and chat template (151,936 embedding rows, built offline)."),
@@ -51,6 +50,6 @@ def make_tiny(
         path = make_tiny_model(out_dir, spec)
     except ValueError as exc:
         typer.echo(f"fleetctl: make-tiny: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     typer.echo(json.dumps({"path": str(path), "bytes": size, "spec": spec.__dict__}))
