@@ -26,6 +26,7 @@ Progress = Callable[[str], None]
 SLA_QUANTILE = 0.95
 BOUND_DRAWS = 20_000
 MAX_SEARCH_NODES = 512
+RELAXED_FACTOR = 1.25
 DEFAULT_LIMITS = CoordinatorLimits()  # the coordinator's own queue bounds
 
 
@@ -236,6 +237,8 @@ class Search:
     smallest: int | None
     tried: list[FleetOutcome] = field(default_factory=list)
     why_not: str = ""
+    relaxed_sla_s: float | None = None  # the target searched instead when sla_s is out of reach
+    relaxed_smallest: int | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -243,6 +246,8 @@ class Search:
             "sla_p95_s": self.sla_s,
             "smallest_count": self.smallest,
             "why_not": self.why_not or None,
+            "relaxed_sla_p95_s": self.relaxed_sla_s,
+            "relaxed_smallest_count": self.relaxed_smallest,
             "tried": [
                 {
                     "count": o.size,
@@ -267,53 +272,62 @@ def smallest_fleet(
     limits: CoordinatorLimits = DEFAULT_LIMITS,
 ) -> Search:
     """The fewest nodes of `profile` whose simulated p95 time per note meets `sla_s`: from the
-    throughput bound up, doubling until one meets it, then bisecting."""
+    throughput bound up, doubling until one meets it, then bisecting. When the single-note
+    bound rules the target out, the search answers for the best this profile can do instead:
+    RELAXED_FACTOR x its p95 single-note bound, rounded up to a second."""
     search = Search(profile.name, sla_s, None)
+    target = sla_s
     if not bound.feasible:
         search.why_not = unmeetable_reason(profile, bound, sla_s)
-        return search
+        target = search.relaxed_sla_s = float(math.ceil(RELAXED_FACTOR * bound.p95_s))
     seen: dict[int, FleetOutcome] = {}
 
     def run(n: int) -> FleetOutcome:
         if n not in seen:
             progress(f"simulating {n} x {profile.name}")
-            seen[n] = outcome([(profile, n)], requests, window, limits)
-            search.tried.append(seen[n])
-            o = seen[n]
+            seen[n] = o = outcome([(profile, n)], requests, window, limits)
+            search.tried.append(o)
+            verdict = "meets" if o.meets(target) else "misses"
             progress(
-                f"  {n} x {profile.name}: p95 {_secs(o.time_per_note.p95)} per note "
-                f"({'meets' if o.meets(sla_s) else 'misses'} {sla_s:g} s)"
+                f"  {n} x {profile.name}: p95 {_secs(o.time_per_note.p95)} per note ({verdict} {target:g} s)"
             )
         return seen[n]
 
     lo = max(1, math.ceil(workload.peak_rate / node_notes_per_s(profile, workload)))
-    n = lo
-    last_p95 = math.inf
-    while not run(n).meets(sla_s):
+    n, last_p95, why = lo, math.inf, ""
+    while not run(n).meets(target):
         p95 = run(n).time_per_note.p95
         if n >= max_nodes:
-            search.why_not = (
-                f"even {n} nodes give p95 {_secs(p95)} per note, over the {sla_s:g} s target "
+            why = (
+                f"even {n} nodes give p95 {_secs(p95)} per note, over {target:g} s "
                 f"(the single-note bound's p95 is {bound.p95_s:.1f} s)"
             )
-            return search
+            break
         if math.isfinite(p95) and p95 >= last_p95 * 0.995 and n >= 4 * lo:
-            search.why_not = (
+            why = (
                 f"p95 stops improving near {_secs(p95)} per note from {n // 2} to {n} nodes: "
-                f"batching on this profile leaves notes above {sla_s:g} s even on an idle fleet"
+                f"batching on this profile leaves notes above {target:g} s even on an idle fleet"
             )
-            return search
+            break
         last_p95 = p95
         n = min(max_nodes, n * 2)
-    hi = n
-    known_bad = max([m for m, o in seen.items() if not o.meets(sla_s) and m < hi], default=lo - 1)
-    while hi - known_bad > 1:
-        mid = (hi + known_bad) // 2
-        if run(mid).meets(sla_s):
-            hi = mid
-        else:
-            known_bad = mid
-    search.smallest = hi
+    smallest = None
+    if not why:
+        hi = n
+        known_bad = max(
+            [m for m, o in seen.items() if not o.meets(target) and m < hi], default=lo - 1
+        )
+        while hi - known_bad > 1:
+            mid = (hi + known_bad) // 2
+            if run(mid).meets(target):
+                hi = mid
+            else:
+                known_bad = mid
+        smallest = hi
+    if search.relaxed_sla_s is None:
+        search.smallest, search.why_not = smallest, why
+    else:
+        search.relaxed_smallest = smallest
     return search
 
 

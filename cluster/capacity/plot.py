@@ -82,7 +82,7 @@ def cost_vs_volume(
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.plot(volumes, api_usd_day, label="hosted API", color="black")
     for label, costs in fleets.items():
-        ax.step(volumes, costs, where="post", label=label)
+        ax.step(volumes, costs, where="pre", marker=".", label=label)  # sized at each volume
     for label, (x, y) in (marks or {}).items():
         ax.plot([x], [y], marker="D", linestyle="none", label=label)
     ax.set_xlabel("notes per day")
