@@ -21,6 +21,7 @@ from cluster.api import (
     NODE_SERVICE,
     common_pb2,
     inference_pb2_grpc,
+    node_pb2,
     node_pb2_grpc,
 )
 from cluster.config import NodeSettings
@@ -30,7 +31,7 @@ from cluster.quality import notes
 from cluster.security.daemon import DaemonSecurity
 from cluster.security.roles import NODE_TABLE
 from node_agent.advertiser import Advertiser
-from node_agent.engine import Engine, EngineRequest, ModelFacts
+from node_agent.engine import Engine, EngineRequest
 from node_agent.grammar import Grammars
 from node_agent.inference_service import InferenceService
 from node_agent.lifecycle import Lifecycle, State
@@ -40,7 +41,9 @@ from node_agent.operations import RESTART_EXIT_CODE, Operations
 from node_agent.prompts import build_prompt_tokens, model_family
 from node_agent.requests import NodeStopping, Outcome, RequestRegistry
 from node_agent.sampling import SamplingSpec
+from node_agent.serving import Serving
 from node_agent.staging import StagingArea
+from node_agent.status import build_status
 from node_agent.validation import Limits, ValidRequest
 
 log = logging.getLogger(__name__)
@@ -69,10 +72,7 @@ class NodeAgent:
         self.engine = engine
         self.lifecycle = Lifecycle(node_id=self.node_id)
         self.registry = RequestRegistry(node_id=self.node_id)
-        self.facts: Optional[ModelFacts] = None
-        self.model_info = common_pb2.ModelInfo()
-        self.grammars: Optional[Grammars] = None
-        self.limits = Limits(settings.max_tokens_limit, 0, 0, settings.max_stop_sequences)
+        self.serving = Serving.nothing(settings)   # replaced whole when a model loads
         self.started_at = time.monotonic()
         self.stopping = False
         self.port: Optional[int] = None
@@ -88,19 +88,38 @@ class NodeAgent:
         self.configured_model = ModelRef(str(path), settings.model_id or path.name, settings.model_version)
         self.staging = StagingArea(settings.state_dir / "models", max_bytes=int(settings.max_staged_gb * 1e9),
                                    reserve_bytes=int(settings.staging_reserve_gb * 1e9))
-        self.ops = Operations(self, NodeState.load(settings.state_dir), settings.state_dir)
+        self.ops = Operations(
+            node_id=self.node_id, state=NodeState.load(settings.state_dir), state_dir=settings.state_dir,
+            lifecycle=self.lifecycle, registry=self.registry, staging=self.staging,
+            drain_timeout_s=settings.drain_timeout_s, configured_model=self.configured_model,
+            model_info=lambda: self.serving.model_info, enter=self.enter, load_and_warm=self.load_and_warm,
+            request_restart=self.request_restart)
 
     @property
     def cordoned(self) -> bool:
         return self.ops.state.cordoned
+
+    def status(self) -> node_pb2.NodeStatus:
+        """The node's whole state now (GetStatus, operation replies, /metrics)."""
+        return build_status(node_id=self.node_id, settings=self.settings, lifecycle=self.lifecycle,
+                            registry=self.registry, engine=self.engine, serving=self.serving,
+                            staging=self.staging, ops=self.ops, started_at=self.started_at)
+
+    def _stopping(self) -> bool:
+        return self.stopping
 
     async def start(self) -> int:
         """Bind and serve status and health at once; returns the bound port."""
         self.registry.bind_loop(asyncio.get_running_loop())
         authz = self.authz = self.security.authorizer(NODE_TABLE, where=f"node {self.node_id}")
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[authz])
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self), server)
-        node_pb2_grpc.add_NodeServicer_to_server(NodeService(self), server)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(
+            node_id=self.node_id, settings=self.settings, engine=self.engine, registry=self.registry,
+            lifecycle=self.lifecycle, node_state=self.ops.state, serving=lambda: self.serving,
+            stopping=self._stopping, engine_died=self.engine_died), server)
+        node_pb2_grpc.add_NodeServicer_to_server(NodeService(
+            node_id=self.node_id, ops=self.ops, staging=self.staging, status=self.status,
+            stopping=self._stopping, authz=authz), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, NODE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -139,12 +158,14 @@ class NodeAgent:
         if self.settings.metrics:
             from node_agent.metrics import NodeMetrics
 
-            metrics_route(self.http.app, NodeMetrics(self).registry)
+            metrics = NodeMetrics(node_id=self.node_id, request_registry=self.registry, status=self.status,
+                                  engine=self.settings.engine)
+            metrics_route(self.http.app, metrics.registry)
         await self.http.start()
 
     def advert(self) -> Advert:
         """The mDNS summary of this node's state (the whole is in GetStatus)."""
-        info = self.model_info
+        info = self.serving.model_info
         return Advert(node_id=self.node_id, engine=info.engine or self.settings.engine,
                       model_id=info.model_id, digest=info.weights_digest[:19],
                       state=self.lifecycle.state.value, fleet=self.settings.fleet)
@@ -198,16 +219,18 @@ class NodeAgent:
             return False
         if self.stopping:  # SIGTERM arrived while loading: do not come up
             return False
-        self.facts = facts
-        self.limits = Limits(self.settings.max_tokens_limit, facts.context_length,
-                             facts.decodable_vocab_size, self.settings.max_stop_sequences)
-        self.model_info = common_pb2.ModelInfo(
-            model_id=facts.model_id, version=model.version,
-            weights_digest=facts.weights_digest, context_length=facts.context_length,
-            engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size,
-            family=model_family(Path(model.path)))
-        self.grammars = Grammars(self.engine.tokenizer, vocab_size=facts.vocab_size,
-                                 eos_token_ids=facts.eos_token_ids)
+        tokenizer = self.engine.tokenizer
+        self.serving = Serving(
+            facts=facts,
+            limits=Limits(self.settings.max_tokens_limit, facts.context_length,
+                          facts.decodable_vocab_size, self.settings.max_stop_sequences),
+            model_info=common_pb2.ModelInfo(
+                model_id=facts.model_id, version=model.version,
+                weights_digest=facts.weights_digest, context_length=facts.context_length,
+                engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size,
+                family=model_family(Path(model.path))),
+            tokenizer=tokenizer,
+            grammars=Grammars(tokenizer, vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids))
         if not await self._warm(f"warming up {facts.model_id} {facts.weights_digest[:19]}", "warm-up generation"):
             return False
         if self.stopping:
@@ -236,13 +259,13 @@ class NodeAgent:
             request_id="warmup", messages=(("user", "Warm-up: write one word."),), prompt=None,
             sampling=SamplingSpec(), seed_given=True, max_tokens=self.settings.warmup_tokens,
             stop=(), prefix_token_ids=(), require_weights_digest="")
+        serving = self.serving
         if not self.engine.server_enforces_schema:
             # Build the schema tokenizer now (~1 s for a large vocabulary), not on the first note.
-            await asyncio.to_thread(self.grammars.matcher, notes.template_spec("soap-brief"))
-        tokens = build_prompt_tokens(self.engine.tokenizer, req)
-        stream = self.registry.open(req, prompt_len=len(tokens),
-                                    detokenizer=self.engine.tokenizer.detokenizer,
-                                    eos_token_ids=self.facts.eos_token_ids, internal=True)
+            await asyncio.to_thread(serving.grammars.matcher, notes.template_spec("soap-brief"))
+        tokens = build_prompt_tokens(serving.tokenizer, req)
+        stream = self.registry.open(req, prompt_len=len(tokens), detokenizer=serving.tokenizer.detokenizer,
+                                    eos_token_ids=serving.facts.eos_token_ids, internal=True)
         outcome = Outcome.FAILED
         try:
             self.engine.submit(EngineRequest(stream.key, tokens, 0, req.max_tokens, req.sampling))

@@ -13,26 +13,29 @@ unchanged. They are the same observations under a second name, not a second coun
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cluster.api import common_pb2
+from cluster.api import common_pb2, node_pb2
 from cluster.metrics import (DURATION_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS, TTFT_BUCKETS, NoteMetrics, new_registry,
                              state_family)
 
 if TYPE_CHECKING:
-    from node_agent.agent import NodeAgent
-    from node_agent.requests import Outcome, RequestStream
+    from node_agent.requests import Outcome, RequestRegistry, RequestStream
+
+Status = Callable[[], node_pb2.NodeStatus]
 
 LIFECYCLES = [n.removeprefix("LIFECYCLE_") for n in common_pb2.Lifecycle.keys() if not n.endswith("UNSPECIFIED")]
 
 
 class NodeMetrics:
-    def __init__(self, agent: "NodeAgent"):
-        self.registry = new_registry("node", agent.node_id)
+    def __init__(self, *, node_id: str, request_registry: "RequestRegistry", status: Status, engine: str):
+        """`status` -> the node's NodeStatus now; `engine` names the configured engine, for
+        the info series before a model has loaded."""
+        self.registry = new_registry("node", node_id)
         r = self.registry
         self.requests = Counter("studiofleet_node_requests", "Requests by outcome (completed, cancelled, deadline, "
                                 "failed; rejected: never accepted).", ["outcome"], registry=r)
@@ -49,8 +52,8 @@ class NodeMetrics:
         self.generation_tokens = Counter("studiofleet_node_generation_tokens", "Tokens generated and sent.",
                                          registry=r)
         self.notes = NoteMetrics("studiofleet_node", r)
-        r.register(_Live(agent, self))
-        agent.registry.observers.append(self.request_ended)
+        r.register(_Live(status, engine, self))
+        request_registry.observers.append(self.request_ended)
 
     def request_ended(self, stream: "RequestStream", outcome: "Outcome | None", now: float) -> None:
         """One request's end (outcome None: rejected before it was accepted)."""
@@ -75,13 +78,11 @@ class NodeMetrics:
 class _Live(Collector):
     """Gauges from the node's status at scrape time (on its event loop), and vLLM's names."""
 
-    def __init__(self, agent: "NodeAgent", metrics: NodeMetrics):
-        self._agent, self._metrics = agent, metrics
+    def __init__(self, status: Status, engine: str, metrics: NodeMetrics):
+        self._status, self._engine, self._metrics = status, engine, metrics
 
     def collect(self) -> Iterable[Metric]:
-        from node_agent.node_service import build_status
-
-        st = build_status(self._agent)
+        st = self._status()
         yield from self._ours(st)
         yield from _vllm_names(st, self._metrics)
 
@@ -96,7 +97,7 @@ class _Live(Collector):
                                 value=float(st.cordoned))
         info = GaugeMetricFamily("studiofleet_node_info", "What the node serves (value 1).",
                                  labels=["node", "engine", "model", "version", "digest"])
-        info.add_metric([st.node_id, st.model.engine or self._agent.settings.engine, st.model.model_id,
+        info.add_metric([st.node_id, st.model.engine or self._engine, st.model.model_id,
                          st.model.version, st.model.weights_digest[:19]], 1.0)
         yield info
         yield GaugeMetricFamily("studiofleet_node_decode_tokens_per_second", "Recent aggregate decode rate.",

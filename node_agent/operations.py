@@ -19,20 +19,17 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 import grpc
 
-from cluster.api import node_pb2
+from cluster.api import common_pb2, node_pb2
 from cluster.logs import fields
 from cluster.wording import plural
-from node_agent.lifecycle import State
+from node_agent.lifecycle import Lifecycle, State
 from node_agent.node_state import ModelRef, NodeState
-from node_agent.requests import NodeStopping
-from node_agent.staging import StagingError
-
-if TYPE_CHECKING:
-    from node_agent.agent import NodeAgent
+from node_agent.requests import NodeStopping, RequestRegistry
+from node_agent.staging import StagingArea, StagingError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +47,27 @@ class OperationError(Exception):
 
 
 class Operations:
-    def __init__(self, agent: "NodeAgent", state: NodeState, state_dir: Path):
-        self.agent = agent
+    """The node's operations over its parts; what only the agent can do (enter a state,
+    load a model, restart) it asks for through the callbacks it was given."""
+
+    def __init__(self, *, node_id: str, state: NodeState, state_dir: Path, lifecycle: Lifecycle,
+                 registry: RequestRegistry, staging: StagingArea, drain_timeout_s: float,
+                 configured_model: ModelRef, model_info: Callable[[], common_pb2.ModelInfo],
+                 enter: Callable[[State, str], Awaitable[None]],
+                 load_and_warm: Callable[[ModelRef], Awaitable[bool]],
+                 request_restart: Callable[[], None]):
+        self.node_id = node_id
         self.state = state
         self.state_dir = state_dir
+        self._lifecycle = lifecycle
+        self._registry = registry
+        self._staging = staging
+        self._drain_timeout_s = drain_timeout_s
+        self._configured_model = configured_model
+        self._model_info = model_info          # -> what the node serves now
+        self._enter = enter                    # (state, reason): the lifecycle and health together
+        self._load_and_warm = load_and_warm    # (model) -> loaded and warmed up; never raises
+        self._request_restart = request_restart
         self.drain_deadline: Optional[float] = None   # monotonic, while DRAINING
         self._drain_task: Optional[asyncio.Task] = None
         self._busy: Optional[str] = None              # the model operation under way (stage runs beside)
@@ -68,12 +82,12 @@ class Operations:
         newest = self.state.fencing_token
         if token < newest:
             raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"node {self.agent.node_id}: fencing token {token} is older than {newest}, the "
+                                 f"node {self.node_id}: fencing token {token} is older than {newest}, the "
                                  "newest this node has accepted: the coordinator sending it no longer holds the "
                                  "rollout lease (another coordinator took it over); nothing was done")
         if token > newest:
-            log.info("node=%s fencing token %d -> %d (a new rollout lease holder)", self.agent.node_id,
-                     newest, token, extra=fields(event="node.fencing_token", node_id=self.agent.node_id))
+            log.info("node=%s fencing token %d -> %d (a new rollout lease holder)", self.node_id,
+                     newest, token, extra=fields(event="node.fencing_token", node_id=self.node_id))
             self.state.fencing_token = token
             try:
                 self.save()
@@ -91,7 +105,7 @@ class Operations:
         if rec is not None:
             if rec["kind"] != kind:
                 raise OperationError(grpc.StatusCode.ALREADY_EXISTS,
-                                     f"node {self.agent.node_id}: operation id {op_id} was a {rec['kind']}, "
+                                     f"node {self.node_id}: operation id {op_id} was a {rec['kind']}, "
                                      f"not a {kind}; use a new operation id")
             return rec, False
         rec = {"operation_id": op_id, "kind": kind, "state": "running", "message": "",
@@ -101,10 +115,10 @@ class Operations:
 
     def _end(self, rec: dict, ok: bool, message: str) -> dict:
         rec.update(state="done" if ok else "failed", message=message, finished=time.time())
-        (log.info if ok else log.warning)("node=%s operation=%s kind=%s %s: %s", self.agent.node_id,
+        (log.info if ok else log.warning)("node=%s operation=%s kind=%s %s: %s", self.node_id,
                                           rec["operation_id"], rec["kind"], rec["state"], message,
                                           extra=fields(event=f"node.operation.{rec['state']}",
-                                                       node_id=self.agent.node_id, operation_id=rec["operation_id"],
+                                                       node_id=self.node_id, operation_id=rec["operation_id"],
                                                        kind=rec["kind"], reason=message))
         self.save()
         return rec
@@ -126,7 +140,7 @@ class Operations:
                 self._end(rec, False, "interrupted: the agent is stopping")
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded, never lost
-                log.exception("node=%s operation=%s failed", self.agent.node_id, rec["operation_id"])
+                log.exception("node=%s operation=%s failed", self.node_id, rec["operation_id"])
                 self._end(rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log")
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -138,15 +152,14 @@ class Operations:
         rec, new = self._begin(op_id, "cordon" if cordoned else "uncordon")
         if not new:
             return rec
-        a = self.agent
         self.state.cordoned, self.state.cordon_reason = cordoned, reason if cordoned else ""
         if not cordoned:
             self.state.drained = False
             if self._drain_task is not None:
                 self._drain_task.cancel()
                 self._drain_task = None
-            if a.lifecycle.state in (State.DRAINING, State.DRAINED):
-                await a.enter(State.READY, f"uncordoned ({reason or 'operator'})")
+            if self._lifecycle.state in (State.DRAINING, State.DRAINED):
+                await self._enter(State.READY, f"uncordoned ({reason or 'operator'})")
         return self._end(rec, True, ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
                          + (f" ({reason})" if reason else ""))
 
@@ -154,14 +167,13 @@ class Operations:
         rec, new = self._begin(op_id, "drain")
         if not new:
             return rec
-        a = self.agent
-        state = a.lifecycle.state
+        state = self._lifecycle.state
         if state is State.DRAINED:
             return self._end(rec, True, "already drained")
         if state not in (State.READY, State.DRAINING):
             self.state.operations.remove(rec)
             raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"node {a.node_id} is {state.value} ({a.lifecycle.snapshot.reason}); "
+                                 f"node {self.node_id} is {state.value} ({self._lifecycle.snapshot.reason}); "
                                  "only a READY node can be drained")
         task = await self._start_drain(timeout_s, reason)
         self._background(rec, lambda: asyncio.shield(task))
@@ -169,27 +181,25 @@ class Operations:
 
     async def _start_drain(self, timeout_s: float, reason: str) -> asyncio.Task:
         """Cordon (saved), enter DRAINING and start the drain; the one under way if any."""
-        a = self.agent
         self.state.cordoned, self.state.cordon_reason = True, reason or "draining"
         self.save()
         if self._drain_task is None:
-            timeout = timeout_s or a.settings.drain_timeout_s
+            timeout = timeout_s or self._drain_timeout_s
             self.drain_deadline = time.monotonic() + timeout
-            await a.enter(State.DRAINING, f"draining {plural(len(a.registry), 'request')}, deadline {timeout:g}s"
-                                          + (f" ({reason})" if reason else ""))
+            await self._enter(State.DRAINING, f"draining {plural(len(self._registry), 'request')}, deadline "
+                              f"{timeout:g}s" + (f" ({reason})" if reason else ""))
             task = self._drain_task = asyncio.get_running_loop().create_task(self._drain(timeout))
             task.add_done_callback(lambda t: setattr(self, "_drain_task", None) if self._drain_task is t else None)
         return self._drain_task
 
     async def _drain(self, timeout: float) -> str:
-        a = self.agent
         try:
             try:
-                await asyncio.wait_for(a.registry.wait_idle(), timeout=timeout)
+                await asyncio.wait_for(self._registry.wait_idle(), timeout=timeout)
                 message = "drained: every request in flight finished"
             except asyncio.TimeoutError:
-                n = a.registry.abort_all(lambda s: NodeStopping(f"drain deadline of {timeout:g}s passed"))
-                await asyncio.wait_for(a.registry.wait_idle(), timeout=10)
+                n = self._registry.abort_all(lambda s: NodeStopping(f"drain deadline of {timeout:g}s passed"))
+                await asyncio.wait_for(self._registry.wait_idle(), timeout=10)
                 message = (f"drained: the {timeout:g}s deadline passed and {plural(n, 'request')} {'was' if n == 1 else 'were'} ended "
                            "with a CANCELLED final chunk (a coordinator resumes them on another node)")
         except asyncio.CancelledError:
@@ -198,7 +208,7 @@ class Operations:
             self.drain_deadline = None
         self.state.drained = True
         self.save()
-        await a.enter(State.DRAINED, message)
+        await self._enter(State.DRAINED, message)
         return message
 
     def drain_left_s(self) -> float:
@@ -211,7 +221,7 @@ class Operations:
         if new:
             async def work() -> str:
                 try:
-                    info = await asyncio.to_thread(self.agent.staging.stage_from_path, source, model_id=model_id,
+                    info = await asyncio.to_thread(self._staging.stage_from_path, source, model_id=model_id,
                                                    version=version, expected_digest=expected)
                 except (StagingError, OSError) as exc:
                     raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}")
@@ -225,7 +235,7 @@ class Operations:
         if new:
             async def work() -> str:
                 try:
-                    info = await asyncio.to_thread(self.agent.staging.finish_push, manifest.expected_digest)
+                    info = await asyncio.to_thread(self._staging.finish_push, manifest.expected_digest)
                 except (StagingError, OSError) as exc:
                     raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"pushed weights not staged: {exc}")
                 return f"staged {info.model_id} {info.version} {info.digest[:19]} (pushed)"
@@ -234,56 +244,55 @@ class Operations:
         return rec
 
     def serving(self) -> ModelRef:
-        return self.state.active or self.agent.configured_model
+        return self.state.active or self._configured_model
 
     async def activate(self, op_id: str, digest: str, previous: bool) -> dict:
         rec, new = self._begin(op_id, "activate")
         if not new:
             return rec
-        a = self.agent
         try:
-            if a.lifecycle.state is not State.DRAINED:
+            if self._lifecycle.state is not State.DRAINED:
                 raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"node {a.node_id} is {a.lifecycle.state.value}; drain it first "
-                                     f"(fleetctl drain {a.node_id}), then activate")
+                                     f"node {self.node_id} is {self._lifecycle.state.value}; drain it first "
+                                     f"(fleetctl drain {self.node_id}), then activate")
             if self._busy:
                 raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"node {a.node_id} is already running {self._busy}; wait for it")
+                                     f"node {self.node_id} is already running {self._busy}; wait for it")
             target = self._target(digest, previous)
         except OperationError:
             self.state.operations.remove(rec)
             raise
-        if target.digest and target.digest == a.model_info.weights_digest:
+        if target.digest and target.digest == self._model_info().weights_digest:
             return self._end(rec, True, f"already serving {target.model_id} {target.digest[:19]}")
         self._busy = f"activate {op_id}"
         self._background(rec, lambda: self._activate(target))
         return rec
 
     def _target(self, digest: str, previous: bool) -> ModelRef:
-        node = self.agent.node_id
+        node = self.node_id
         if previous:
             if self.state.previous is None:
                 raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
                                      f"node {node} has no previous model to go back to")
             return self.state.previous
-        staged = self.agent.staging.get(digest)
+        staged = self._staging.get(digest)
         if staged is None or staged.state != node_pb2.STAGE_STATE_STAGED:
             raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"node {node} has no staged model {digest[:19] or '(no digest given)'}; "
                                  "stage it first (StageModel or a push)")
-        return ModelRef(str(self.agent.staging.path_for(digest)), staged.model_id, staged.version, digest)
+        return ModelRef(str(self._staging.path_for(digest)), staged.model_id, staged.version, digest)
 
     async def _activate(self, target: ModelRef) -> str:
-        a = self.agent
-        old = replace(self.serving(), digest=a.model_info.weights_digest, version=a.model_info.version)
+        now = self._model_info()
+        old = replace(self.serving(), digest=now.weights_digest, version=now.version)
         try:
-            if await a.load_and_warm(target):
+            if await self._load_and_warm(target):
                 self.state.previous, self.state.active, self.state.drained = old, target, False
                 self.save()
-                a.staging.prune({d for d in (target.digest, old.digest) if d})
-                return f"serving {target.model_id} {target.version} {a.model_info.weights_digest[:19]} (cordoned)"
-            why = a.lifecycle.snapshot.reason
-            back = await a.load_and_warm(old)
+                self._staging.prune({d for d in (target.digest, old.digest) if d})
+                return f"serving {target.model_id} {target.version} {self._model_info().weights_digest[:19]} (cordoned)"
+            why = self._lifecycle.snapshot.reason
+            back = await self._load_and_warm(old)
             raise OperationError(grpc.StatusCode.ABORTED,
                                  f"activation of {target.model_id} {target.digest[:19]} failed: {why}; "
                                  + (f"back on {old.model_id} {old.digest[:19] or ''} (cordoned)" if back
@@ -296,13 +305,12 @@ class Operations:
         rec, new = self._begin(op_id, "restart")
         if not new:
             return rec
-        a = self.agent
 
         async def work() -> str:
-            if a.lifecycle.state in (State.READY, State.DRAINING):
+            if self._lifecycle.state in (State.READY, State.DRAINING):
                 await asyncio.shield(await self._start_drain(drain_timeout_s, "restart"))
             # The record is saved (done) before the exit: a retry of this id does not restart again.
-            a.request_restart()
+            self._request_restart()
             return f"restarting (exit {RESTART_EXIT_CODE}) for the service manager to start the installed release"
         self._background(rec, work)
         return rec

@@ -3,7 +3,7 @@
 A digest mismatch never stages anything, unsafe names are refused before a byte is
 written, and a push cut mid-stream resumes from the node's offsets. Pushes go over a
 real grpc.aio server on loopback (port 0) whose servicer is the node's own NodeService
-over a real StagingArea and Operations, on a stand-in agent with no model loaded.
+over a real StagingArea and Operations, with no agent, engine or model behind them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -51,14 +50,19 @@ def _manifest(model: Path, expected: str) -> node_pb2.WeightsManifest:
 
 class CuttingNodeService(NodeService):
     """The node's own NodeService (its BeginPush/PushWeights glue and Operations) over a
-    real StagingArea. The agent around it is a stand-in with no model loaded: staging
-    needs none. With `cut_after` > 0 the first PushWeights stream is aborted with
-    UNAVAILABLE after that many data chunks: a link dropped in the middle of a model."""
+    real StagingArea, with no agent around it and no model loaded: staging needs none, and
+    Operations gets no lifecycle, registry or model callbacks (a push uses none). Replies
+    carry an empty status (there is no engine to report on). With `cut_after` > 0 the
+    first PushWeights stream is aborted with UNAVAILABLE after that many data chunks: a
+    link dropped in the middle of a model."""
 
     def __init__(self, staging: StagingArea, cut_after: int = 0):
-        agent = SimpleNamespace(node_id="push-node", staging=staging, stopping=False)
-        agent.ops = Operations(agent, NodeState(), staging.root.parent / "node-state")
-        super().__init__(agent)
+        ops = Operations(node_id="push-node", state=NodeState(), state_dir=staging.root.parent / "node-state",
+                         lifecycle=None, registry=None, staging=staging, drain_timeout_s=0.0,
+                         configured_model=None, model_info=None, enter=None, load_and_warm=None,
+                         request_restart=None)
+        super().__init__(node_id="push-node", ops=ops, staging=staging, status=node_pb2.NodeStatus,
+                         stopping=lambda: False)
         self.staging, self.cut_after = staging, cut_after
         self.bytes_received = 0
         self.streams: list[list[tuple[str, int]]] = []   # (file, offset) of each chunk written, per stream
@@ -78,12 +82,6 @@ class CuttingNodeService(NodeService):
                     self.streams[-1].append((chunk.file, chunk.offset))
                 yield chunk
         return await super().PushWeights(counted(), context)
-
-
-@pytest.fixture(autouse=True)
-def no_engine_status(monkeypatch):
-    """The stand-in agent has no engine to report on: replies carry an empty status."""
-    monkeypatch.setattr("node_agent.node_service.build_status", lambda agent: node_pb2.NodeStatus())
 
 
 def _push(service: CuttingNodeService, model: Path, manifest: node_pb2.WeightsManifest, **kw):
