@@ -24,6 +24,7 @@ The approximation, per node (rate l, its share of the fleet's rate by capacity):
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import threading
 import time
@@ -40,6 +41,7 @@ __all__ = ["ArrivalMeter", "FleetModel", "Headroom", "LiveHeadroom", "NodeModel"
 DEFAULT_SLA_P95_S = 8.0
 DEFAULT_WINDOW_S = 300.0
 MIN_NOTES_FOR_MIX = 20          # below this many completed notes in the window, the default mix
+MIX_STEP = 5                    # tokens: the measured mix is rounded to this
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,12 @@ class FleetModel:
 
     @classmethod
     def of(cls, nodes: Sequence[NodeModel], mix: TokenMix) -> FleetModel:
-        return cls(tuple(nodes), mix, tuple(_capacity_rate(n, mix) for n in nodes))
+        caps: dict[tuple, float] = {}   # nodes of one profile and size share one computation
+        for n in nodes:
+            key = (n.fit, n.max_running)
+            if key not in caps:
+                caps[key] = _capacity_rate(n, mix)
+        return cls(tuple(nodes), mix, tuple(caps[(n.fit, n.max_running)] for n in nodes))
 
     @property
     def capacity_per_s(self) -> float:
@@ -167,7 +174,7 @@ def sla_rate_per_s(model: FleetModel, sla_p95_s: float) -> float:
     if not model.nodes or fleet_p95_s(model, 0.0) > sla_p95_s:
         return 0.0
     lo, hi = 0.0, model.capacity_per_s
-    for _ in range(50):
+    for _ in range(30):   # 1e-9 of the capacity
         mid = (lo + hi) / 2.0
         lo, hi = (mid, hi) if fleet_p95_s(model, mid) <= sla_p95_s else (lo, mid)
     return lo
@@ -232,13 +239,21 @@ def from_proto(msg: fleet_pb2.Headroom) -> Headroom:
                     TokenMix(source=msg.mix or "default"), msg.window_s)
 
 
+@functools.lru_cache(maxsize=16)
+def _fleet(nodes: tuple[NodeModel, ...], mix: TokenMix, sla_p95_s: float) -> tuple[FleetModel, float]:
+    """The fleet model and its SLA rate: they change only with the fleet or the token mix, so
+    a scrape at a steady fleet costs one evaluation of the closed form."""
+    model = FleetModel.of(nodes, mix)
+    return model, sla_rate_per_s(model, sla_p95_s)
+
+
 def headroom(nodes: Sequence[NodeModel], rate: float, mix: TokenMix, sla_p95_s: float, *,
              unprofiled: int = 0, window_s: float = DEFAULT_WINDOW_S) -> Headroom:
-    model = FleetModel.of(nodes, mix)
     if not nodes:
         return Headroom(False, rate, math.nan, sla_p95_s, 0.0, 0.0, 0, unprofiled, mix, window_s)
-    return Headroom(True, rate, fleet_p95_s(model, rate), sla_p95_s, sla_rate_per_s(model, sla_p95_s),
-                    model.capacity_per_s, len(nodes), unprofiled, mix, window_s)
+    model, sla_rate = _fleet(tuple(nodes), mix, sla_p95_s)
+    return Headroom(True, rate, fleet_p95_s(model, rate), sla_p95_s, sla_rate, model.capacity_per_s, len(nodes),
+                    unprofiled, mix, window_s)
 
 
 class ArrivalMeter:
@@ -292,8 +307,9 @@ class ArrivalMeter:
         prompts = sorted(p for _, p, _ in notes)
         outputs = sorted(c for _, _, c in notes)
         q = lambda xs: xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]  # noqa: E731
-        return TokenMix(prompt_mean=sum(prompts) / len(prompts), prompt_p95=q(prompts),
-                        output_mean=sum(outputs) / len(outputs), output_p95=q(outputs),
+        step = lambda v: MIX_STEP * round(v / MIX_STEP)  # noqa: E731 - a steady mix is one cache entry
+        return TokenMix(prompt_mean=step(sum(prompts) / len(prompts)), prompt_p95=step(q(prompts)),
+                        output_mean=step(sum(outputs) / len(outputs)), output_p95=step(q(outputs)),
                         cached_prefix=default.cached_prefix, source="measured")
 
 
