@@ -27,7 +27,7 @@ ROLLOUT_STEPS = ("pending", "wait", "stage", "drain", "activate", "gate", "resta
 
 
 class CoordinatorMetrics:
-    def __init__(self, *, coordinator_id: str, fleet, relay, rollouts, audit, events):
+    def __init__(self, *, coordinator_id: str, fleet, relay, rollouts, audit, events, headroom=None):
         self.registry = new_registry("coordinator", coordinator_id)
         r = self.registry
         self.requests = Counter("studiofleet_requests", "Requests by outcome (completed, failed, cancelled, "
@@ -64,6 +64,8 @@ class CoordinatorMetrics:
                                      ["endpoint", "status"], registry=r)
         self.notes = NoteMetrics("studiofleet", r)
         r.register(_Live(fleet=fleet, relay=relay, rollouts=rollouts, audit=audit))
+        if headroom is not None:
+            r.register(_Headroom(headroom))
         events.listeners.append(self._event)
 
     def request_ended(self, s: RequestSummary) -> None:
@@ -167,3 +169,37 @@ class _Live(Collector):
         yield GaugeMetricFamily("studiofleet_audit_writer_failing", "1 while the audit log cannot be written: the "
                                 "coordinator refuses new requests (UNAVAILABLE) and admin calls until it can.",
                                 value=1.0 if log is not None and log.failing else 0.0)
+
+
+class _Headroom(Collector):
+    """The live headroom (docs/capacity.md "Live headroom"), computed at scrape time from the
+    routable nodes' profiles and the arrival rate (cluster.capacity.headroom.LiveHeadroom)."""
+
+    def __init__(self, headroom):
+        self._headroom = headroom
+
+    def collect(self) -> Iterable[Metric]:
+        h = self._headroom.snapshot()
+        yield GaugeMetricFamily("studiofleet_capacity_arrivals_per_second", "Requests accepted per second over "
+                                "--capacity-window-s (refusals of the caller's own input not counted).",
+                                value=h.arrival_rate_per_s)
+        yield GaugeMetricFamily("studiofleet_capacity_sla_p95_seconds", "The p95 time per note the fleet is held "
+                                "to (--sla-p95-s).", value=h.sla_p95_s)
+        nodes = GaugeMetricFamily("studiofleet_capacity_nodes", "Routable nodes with a capacity profile "
+                                  "(profiled=yes) and without one (no: left out of the prediction).",
+                                  labels=["profiled"])
+        nodes.add_metric(["yes"], h.profiled_nodes)
+        nodes.add_metric(["no"], h.unprofiled_nodes)
+        yield nodes
+        # Without a profiled node these have no sample (no prediction, no alert).
+        p95 = GaugeMetricFamily("studiofleet_capacity_predicted_p95_seconds", "The p95 time per note the "
+                                "profiles predict at the arrival rate now (+Inf: past what the fleet can decode).")
+        sla_rate = GaugeMetricFamily("studiofleet_capacity_sla_arrivals_per_second", "The arrival rate at which "
+                                     "the predicted p95 reaches the SLA (0: a lone note already misses it).")
+        ratio = GaugeMetricFamily("studiofleet_capacity_headroom_ratio", "1 - the arrival rate / the SLA's rate: "
+                                  "the share of the SLA's rate still free (negative: past it).")
+        if h.known:
+            p95.add_metric([], h.predicted_p95_s)
+            sla_rate.add_metric([], h.sla_rate_per_s)
+            ratio.add_metric([], h.headroom_ratio)
+        yield from (p95, sla_rate, ratio)
