@@ -14,9 +14,10 @@ import ipaddress
 import logging
 import os
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -107,7 +108,7 @@ class ClientTLS:
         self._role = role
 
     @classmethod
-    def from_env(cls) -> Optional["ClientTLS"]:
+    def from_env(cls) -> ClientTLS | None:
         """STUDIOFLEET_TLS_DIR + STUDIOFLEET_TLS_NAME, if set."""
         directory, name = os.environ.get(ENV_DIR), os.environ.get(ENV_NAME)
         if not directory:
@@ -130,7 +131,7 @@ class ClientTLS:
         return self._creds
 
 
-def tls_refusal(details: str) -> Optional[str]:
+def tls_refusal(details: str) -> str | None:
     """Why a TLS handshake failed, in words, from a gRPC error's details; None if it was not TLS."""
     text = details or ""
     if "Hostname Verification" in text or "No match found for server name" in text:
@@ -152,9 +153,9 @@ def is_loopback(host_port: str) -> bool:
         return False
 
 
-def open_channel(address: str, tls: Optional[ClientTLS], *, server_name: Optional[str] = None,
+def open_channel(address: str, tls: ClientTLS | None, *, server_name: str | None = None,
                  options: Sequence[tuple] = (), aio: bool = False,
-                 credentials: Optional[grpc.ChannelCredentials] = None):
+                 credentials: grpc.ChannelCredentials | None = None):
     """A channel to `address`: mTLS with `tls`, plaintext (loopback only) with None.
     `server_name` is the certificate name to expect instead of the address's host;
     `credentials`, if given, are tls.credentials() already read (off an event loop)."""
