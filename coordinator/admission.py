@@ -1,8 +1,10 @@
 """Admission: place a request on a node now, or queue it (bounded depth, bounded wait).
 
 Resumes of interrupted streams go first, then interactive, then batch; FIFO within a
-class. A place is reserved (in_flight, outstanding tokens) until `release`. Everything
-runs on the event loop: no locks.
+class. A place is reserved (in_flight, outstanding tokens) until `release`. Admission is
+the only writer of each node's load ledger (coordinator/ledger.py): the relay reports
+tokens delivered, node calls and failovers through its methods. Everything runs on the
+event loop: no locks.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ class Admission:
         if node_id is None:
             return None
         entry = entries[node_id]
-        entry.in_flight += 1
-        entry.outstanding_tokens += tokens
-        entry.routed_total += 1
+        load = entry.load
+        load.in_flight += 1
+        load.outstanding_tokens += tokens
+        load.routed_total += 1
         return entry
 
     async def acquire(self, want: Want, *, priority: int, tokens: int, timeout_s: Optional[float]) -> NodeEntry:
@@ -102,9 +105,26 @@ class Admission:
 
     def release(self, entry: NodeEntry, unused_tokens: int) -> None:
         """The request left the node; `unused_tokens` of its reservation are returned."""
-        entry.in_flight -= 1
-        entry.outstanding_tokens = max(0, entry.outstanding_tokens - unused_tokens)
+        load = entry.load
+        load.in_flight -= 1
+        load.outstanding_tokens = max(0, load.outstanding_tokens - unused_tokens)
         self.dispatch()
+
+    # -- what the relay reports of a placed request ------------------------------------
+    def delivered(self, entry: NodeEntry, tokens: int) -> None:
+        """The node generated `tokens` of the request's reservation."""
+        entry.load.outstanding_tokens -= tokens
+
+    def call_started(self, entry: NodeEntry, attempt) -> None:
+        """A node call (coordinator/attempt.py) runs on the place: evicted if the node is ejected or leaves."""
+        entry.load.attempts.add(attempt)
+
+    def call_ended(self, entry: NodeEntry, attempt) -> None:
+        entry.load.attempts.discard(attempt)
+
+    def failed_over(self, entry: NodeEntry) -> None:
+        """A node call failed there and the request moved on."""
+        entry.load.failovers_total += 1
 
     def dispatch(self) -> None:
         """Place queued requests in priority order while nodes have room."""

@@ -90,7 +90,7 @@ class Failover:
                                   request_id=req.request_id, to_node_id=entry.node_id, tokens_delivered=v.tokens)
             t_routed = time.monotonic()
             attempt = Attempt(entry, first_token_s=self._s.first_token_timeout_s, stall_s=self._s.stall_timeout_s)
-            entry.attempts.add(attempt)
+            self._admission.call_started(entry, attempt)
             got = 0
             failure = NO_FINAL
             try:
@@ -105,7 +105,7 @@ class Failover:
                     run.absorb(chunk)
                     run.mark_restarted(chunk, entry.node_id, entry.digest)
                     got += n
-                    entry.outstanding_tokens -= n
+                    self._admission.delivered(entry, n)
                     if last:
                         self._fleet.report_success(entry)
                         final = run.final(chunk)
@@ -122,7 +122,7 @@ class Failover:
             except grpc.aio.UsageError as exc:  # the node's channel closed as it left the fleet
                 failure = NodeFailure(f"node {entry.node_id} left the fleet ({exc})", penalise=False)
             finally:
-                entry.attempts.discard(attempt)
+                self._admission.call_ended(entry, attempt)
                 attempt.close()
                 self._admission.release(entry, max(0, reserved - got))
             await self._failed(run, context, entry, failure, failed, t_routed)
@@ -135,7 +135,7 @@ class Failover:
             self._fleet.report_failure(entry, f"request {req.request_id}: {reason}", hard=failure.hard)
         failed.append(f"{entry.node_id} ({reason})")
         run.failed(entry.node_id)
-        entry.failovers_total += 1
+        self._admission.failed_over(entry)
         self._events.emit(fleet_pb2.EVENT_KIND_FAILOVER, node_id=entry.node_id, address=entry.address,
                           reason=reason, request_id=req.request_id, tokens_delivered=len(run.delivered))
         log.warning("request=%s node=%s failed after %.0f ms with %d tokens delivered: %s",

@@ -4,6 +4,11 @@ Each entry has a monitor task (status poll with jitter; verification on first co
 and, once verified, a health Watch task (pushed readiness). Routing reads entries;
 failures seen while routing come back through `report_failure`. The node stays the
 source of truth for its own state (DESIGN invariant 1): this is a cache with verdicts.
+
+An entry holds three things with one writer each: its `NodeView` (what the fleet knows:
+identity, status, health verdict), replaced by the fleet whenever that changes; its
+`NodeLoad` (this coordinator's requests on it), written by admission only; and, kept
+here by the monitor itself, the monitor's tasks and probe bookkeeping (`_Monitor`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import grpc
@@ -20,6 +25,7 @@ import grpc
 from cluster.api import API_VERSION, common_pb2, fleet_pb2, node_pb2
 from coordinator import health_policy as hp
 from coordinator.events import EventLog
+from coordinator.ledger import NodeLoad
 from coordinator.node_link import SERVING, NodeLink, tls_refusal
 from coordinator.router import Candidate
 
@@ -34,28 +40,69 @@ CLAIM_RECHECK_S = 30.0   # a refused claim (address, id) is verified again at mo
 MAX_CLAIMS_IN_FLIGHT = 8
 
 
-@dataclass(eq=False)
-class NodeEntry:
-    address: str
-    source: str                      # "static" or "mdns"
-    link: NodeLink
-    mdns_name: str = ""
+@dataclass(frozen=True)
+class NodeView:
+    """What the fleet knows of the node at an address; replaced, never changed, when that changes."""
+
     node_id: str = ""                # set once verified over gRPC
-    status: Optional[node_pb2.NodeStatus] = None
+    mdns_name: str = ""              # the instance name it announced (mDNS)
+    status: Optional[node_pb2.NodeStatus] = None   # its last status read (never modified)
     status_at: float = 0.0
     serving: bool = False            # the health Watch's latest word
     health: hp.Health = field(default_factory=hp.Health)
-    in_flight: int = 0
-    outstanding_tokens: int = 0
-    routed_total: int = 0
-    failovers_total: int = 0
-    goodbye: bool = False            # mDNS said it left
-    moved_from: tuple = ()           # (address, node id) this announcement says it moved from
-    unreachable_since: Optional[float] = None
-    crl_generation: int = -1         # the revocation list this node's certificate was last checked against
-    attempts: set = field(default_factory=set)   # live relay attempts, evicted on ejection
-    poke: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class NodeEntry:
+    """A node address in the fleet: its link, the fleet's view of it, and the load on it."""
+
+    address: str
+    source: str                      # "static" or "mdns"
+    link: NodeLink
+    view: NodeView = field(default_factory=NodeView)   # the fleet's (Fleet replaces it)
+    load: NodeLoad = field(default_factory=NodeLoad)   # admission's (only Admission writes it)
+
+    # -- the view, read-only ----------------------------------------------------------
+    @property
+    def node_id(self) -> str:
+        return self.view.node_id
+
+    @property
+    def mdns_name(self) -> str:
+        return self.view.mdns_name
+
+    @property
+    def status(self) -> Optional[node_pb2.NodeStatus]:
+        return self.view.status
+
+    @property
+    def status_at(self) -> float:
+        return self.view.status_at
+
+    @property
+    def serving(self) -> bool:
+        return self.view.serving
+
+    @property
+    def health(self) -> hp.Health:
+        return self.view.health
+
+    # -- the load, read-only ----------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return self.load.in_flight
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return self.load.outstanding_tokens
+
+    @property
+    def routed_total(self) -> int:
+        return self.load.routed_total
+
+    @property
+    def failovers_total(self) -> int:
+        return self.load.failovers_total
 
     @property
     def label(self) -> str:
@@ -71,18 +118,32 @@ class NodeEntry:
 
     @property
     def ready(self) -> bool:
-        st = self.status
-        return st is not None and st.lifecycle == READY and not st.cordoned and self.serving
+        v = self.view
+        st = v.status
+        return st is not None and st.lifecycle == READY and not st.cordoned and v.serving
 
     @property
     def routable(self) -> bool:
-        return self.health.verdict in hp.ACCEPTING and self.ready
+        return self.view.health.verdict in hp.ACCEPTING and self.ready
 
     def candidate(self) -> Candidate:
-        cap = self.status.capacity
-        return Candidate(self.node_id, self.digest, self.in_flight, self.outstanding_tokens,
-                         self.status.load.queued, cap.max_running, cap.max_running + cap.max_queued,
-                         self.routed_total, self.model_id, self.status.model.version)
+        st, load = self.view.status, self.load
+        cap = st.capacity
+        return Candidate(self.view.node_id, st.model.weights_digest, load.in_flight, load.outstanding_tokens,
+                         st.load.queued, cap.max_running, cap.max_running + cap.max_queued,
+                         load.routed_total, st.model.model_id, st.model.version)
+
+
+@dataclass(eq=False)
+class _Monitor:
+    """The monitor's own state for one entry: its tasks and its probe bookkeeping."""
+
+    tasks: list = field(default_factory=list)   # [the status poll, then the health Watch]
+    poke: asyncio.Event = field(default_factory=asyncio.Event)   # probe now
+    goodbye: bool = False            # mDNS said it left
+    moved_from: tuple = ()           # (address, node id) this announcement says it moved from
+    unreachable_since: Optional[float] = None
+    crl_generation: int = -1         # the revocation list this node's certificate was last checked against
 
 
 class Fleet:
@@ -99,6 +160,7 @@ class Fleet:
         self.witness = witness           # coordinator.audit_witness.AuditWitness: nodes keep the audit HEAD
         self._policy = hp.Policy.from_settings(settings)
         self.entries: dict[str, NodeEntry] = {}
+        self._monitors: dict[NodeEntry, _Monitor] = {}   # per entry in `entries`
         self._claims: dict[tuple[str, str], asyncio.Task] = {}  # (address, claimed id) being verified
         self._refused_claims: dict[tuple[str, str], float] = {}  # ... that failed: not re-checked until
         self._closed = False
@@ -119,19 +181,30 @@ class Fleet:
                 # never by re-binding the entry that serves here (a forged announcement).
                 self._check_claim(entry, claimed_id, mdns_name)
                 return entry
-            entry.goodbye = False
-            entry.mdns_name = mdns_name or entry.mdns_name
-            entry.poke.set()
+            self._monitors[entry].goodbye = False
+            self._see(entry, mdns_name=mdns_name or entry.mdns_name)
+            self.poke(entry)
             return entry
         entry = NodeEntry(address=address, source=source,
                           link=NodeLink(address, self._tls, claimed_id, self.witness),
-                          mdns_name=mdns_name,
-                          moved_from=(moved_from, previous.node_id) if previous is not None else ())
+                          view=NodeView(mdns_name=mdns_name))
+        mon = _Monitor(moved_from=(moved_from, previous.node_id) if previous is not None else ())
         self.entries[address] = entry
+        self._monitors[entry] = mon
         self._events.emit(K.EVENT_KIND_DISCOVERED, address=address,
                           reason=f"{source}{' ' + mdns_name if mdns_name else ''}")
-        entry.tasks.append(asyncio.get_running_loop().create_task(self._monitor(entry)))
+        mon.tasks.append(asyncio.get_running_loop().create_task(self._monitor(entry)))
         return entry
+
+    def poke(self, entry: NodeEntry) -> None:
+        """Probe the entry now rather than at its next poll (a no-op once it left)."""
+        mon = self._monitors.get(entry)
+        if mon is not None:
+            mon.poke.set()
+
+    def _see(self, entry: NodeEntry, **changes) -> None:
+        """What the fleet knows of the entry changed: its view is replaced."""
+        entry.view = replace(entry.view, **changes)
 
     def _check_claim(self, entry: NodeEntry, claimed_id: str, mdns_name: str) -> None:
         """Verify, in the background, that `claimed_id` now answers at the entry's address."""
@@ -168,8 +241,8 @@ class Fleet:
             return
         log.info("node=%s address=%s proved it now serves here; re-verifying the entry", claimed_id, entry.address)
         entry.link.bind(claimed_id)   # proved: the next probe re-verifies the entry as the new node
-        entry.mdns_name = mdns_name or entry.mdns_name
-        entry.poke.set()
+        self._see(entry, mdns_name=mdns_name or entry.mdns_name)
+        self.poke(entry)
 
     async def _answers_as(self, entry: NodeEntry, node_id: str) -> bool:
         """Whether `entry`'s address still answers as `node_id` (on its own, proving channel)."""
@@ -186,16 +259,17 @@ class Fleet:
         A goodbye for another instance name than the entry's is ignored."""
         entry = self.entries.get(address)
         if entry is not None and entry.source == "mdns" and (not mdns_name or mdns_name == entry.mdns_name):
-            entry.goodbye = True
+            self._monitors[entry].goodbye = True
             log.info("node=%s address=%s mDNS goodbye (%s); probing", entry.label, address, reason)
-            entry.poke.set()
+            self.poke(entry)
 
     async def remove(self, entry: NodeEntry, reason: str) -> None:
         if self.entries.get(entry.address) is not entry:
             return
         del self.entries[entry.address]
+        mon = self._monitors.pop(entry)
         self._evict(entry, f"node {entry.label} left the fleet: {reason}")
-        for task in entry.tasks:
+        for task in mon.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
         await entry.link.close()
@@ -207,10 +281,11 @@ class Fleet:
         for task in list(self._claims.values()):
             task.cancel()
         for entry in list(self.entries.values()):
-            for task in entry.tasks:
+            for task in self._monitors[entry].tasks:
                 task.cancel()
             await entry.link.close()
         self.entries.clear()
+        self._monitors.clear()
 
     # -- reads ------------------------------------------------------------------------
     def by_id(self, node_id: str) -> Optional[NodeEntry]:
@@ -235,13 +310,14 @@ class Fleet:
             last = not any(e is not entry and e.routable for e in self.entries.values())
             self._set_health(entry, hp.on_failure(entry.health, source=source, reason=reason, hard=hard,
                                                   now=self._clock(), last_healthy=last, policy=self._policy))
-            entry.poke.set()
+            self.poke(entry)
 
     def report_success(self, entry: NodeEntry, source: hp.Source = hp.Source.REQUEST) -> None:
         self._set_health(entry, hp.on_success(entry.health, source=source, now=self._clock(), policy=self._policy))
 
     def _set_health(self, entry: NodeEntry, new: hp.Health) -> None:
-        old, entry.health = entry.health, new
+        old = entry.health
+        self._see(entry, health=new)
         if new.verdict is old.verdict:
             return
         kind = {hp.Verdict.EJECTED: K.EVENT_KIND_EJECTED, hp.Verdict.REJECTED: K.EVENT_KIND_REJECTED}.get(
@@ -257,7 +333,7 @@ class Fleet:
 
     def _evict(self, entry: NodeEntry, reason: str) -> None:
         """Move the requests running on a node that is ejected or gone to other nodes."""
-        for attempt in list(entry.attempts):
+        for attempt in list(entry.load.attempts):
             attempt.evict(reason)
 
     # -- the monitor ------------------------------------------------------------------
@@ -278,16 +354,23 @@ class Fleet:
         h = entry.health
         if h.verdict is hp.Verdict.EJECTED:
             interval = max(0.0, h.ejected_until - self._clock())
-        entry.poke.clear()
+        mon = self._monitors.get(entry)
+        if mon is None:   # removed: `_probe` ends the loop
+            return
+        poke = mon.poke
+        poke.clear()
         try:
-            await asyncio.wait_for(entry.poke.wait(), timeout=interval)
+            await asyncio.wait_for(poke.wait(), timeout=interval)
         except asyncio.TimeoutError:
             pass
 
     async def _probe(self, entry: NodeEntry) -> bool:
         """One status read and its verdict; True when the entry was removed."""
+        mon = self._monitors.get(entry)
+        if mon is None:
+            return True
         self._set_health(entry, hp.on_tick(entry.health, now=self._clock()))
-        if entry.health.verdict is hp.Verdict.EJECTED and not entry.goodbye:
+        if entry.health.verdict is hp.Verdict.EJECTED and not mon.goodbye:
             return False
         entry.link.refresh_credentials()
         try:
@@ -300,10 +383,10 @@ class Fleet:
                     entry.link.bind("")  # another node may now serve here: learn its id on the next probe
                 return False
             now = self._clock()
-            entry.unreachable_since = entry.unreachable_since or now
-            gone_for = now - entry.unreachable_since
-            if entry.source == "mdns" and (entry.goodbye or gone_for > FORGET_UNREACHABLE_S):
-                await self.remove(entry, "said goodbye and stopped answering" if entry.goodbye
+            mon.unreachable_since = mon.unreachable_since or now
+            gone_for = now - mon.unreachable_since
+            if entry.source == "mdns" and (mon.goodbye or gone_for > FORGET_UNREACHABLE_S):
+                await self.remove(entry, "said goodbye and stopped answering" if mon.goodbye
                                   else f"unreachable for {gone_for:.0f}s")
                 return True
             # Soft: a probe can fail on a reconnect blip. A crash breaks the Watch stream
@@ -311,8 +394,8 @@ class Fleet:
             self.report_failure(entry, f"status probe failed: {err.code().name}: {err.details()}", hard=False,
                                 source=hp.Source.PROBE)
             return False
-        entry.unreachable_since = None
-        if entry.node_id and entry.crl_generation != self._crl_generation():  # the CRL changed since we looked
+        mon.unreachable_since = None
+        if entry.node_id and mon.crl_generation != self._crl_generation():  # the CRL changed since we looked
             revoked = await self._revoked(entry)
             if revoked:
                 self._set_health(entry, hp.rejected(revoked))
@@ -339,7 +422,9 @@ class Fleet:
             return f"its certificate could not be read for the revocation check ({type(exc).__name__})"
         if self._revocations.revoked(serial):
             return f"its certificate (serial {serial:x}) is revoked; issue the node a new one"
-        entry.crl_generation = generation
+        mon = self._monitors.get(entry)
+        if mon is not None:
+            mon.crl_generation = generation
         return None
 
     async def _observe(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> None:
@@ -348,10 +433,11 @@ class Fleet:
             if not await self._verify(entry, st):
                 return
         old = entry.status
-        entry.status, entry.status_at = st, self._clock()
+        self._see(entry, status=st, status_at=self._clock())
         if old is None or (old.lifecycle, old.cordoned) != (st.lifecycle, st.cordoned):
-            if not entry.tasks[1:]:  # no Watch yet: trust the status until it pushes
-                entry.serving = st.lifecycle == READY
+            mon = self._monitors.get(entry)
+            if mon is not None and not mon.tasks[1:]:  # no Watch yet: trust the status until it pushes
+                self._see(entry, serving=st.lifecycle == READY)
             if old is not None:
                 self._events.emit(K.EVENT_KIND_STATE_CHANGED, node_id=entry.node_id, address=entry.address,
                                   reason=f"{_state(old)} -> {_state(st)}: {st.lifecycle_reason}")
@@ -384,10 +470,13 @@ class Fleet:
         if revoked:
             self._set_health(entry, hp.rejected(revoked))
             return False
+        mon = self._monitors.get(entry)
+        if mon is None:   # it left the fleet meanwhile
+            return False
         other = self.by_id(st.node_id)
-        if other is None and entry.moved_from[1:] == (st.node_id,):  # the old entry is already gone
+        if other is None and mon.moved_from[1:] == (st.node_id,):  # the old entry is already gone
             self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
-                              reason=f"moved from {entry.moved_from[0]}")
+                              reason=f"moved from {mon.moved_from[0]}")
         if other is not None and other is not entry:
             # A move only when the old address no longer answers as this node; else a duplicate.
             if await self._answers_as(other, st.node_id):
@@ -397,19 +486,18 @@ class Fleet:
                 return False
             self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
                               reason=f"moved from {other.address}")
-            entry.routed_total, entry.failovers_total = other.routed_total, other.failovers_total
+            entry.load = NodeLoad.moved(other.load)   # not yet routed to: its totals follow the node
             if other.source == "mdns":  # a configured address stays, probing, until the config changes
                 await self.remove(other, f"moved to {entry.address}")
         if entry.node_id and entry.node_id != st.node_id:  # a different node now answers here
             self._events.emit(K.EVENT_KIND_LEFT, node_id=entry.node_id, address=entry.address,
                               reason=f"replaced at this address by {st.node_id}")
-        entry.node_id = st.node_id
-        entry.health = hp.Health()
+        self._see(entry, node_id=st.node_id, health=hp.Health())
         self._events.emit(K.EVENT_KIND_JOINED, node_id=st.node_id, address=entry.address,
                           reason=f"{_state(st)} {st.model.model_id} {st.model.weights_digest[:19]} "
                                  f"({entry.source})")
-        if len(entry.tasks) == 1:
-            entry.tasks.append(asyncio.get_running_loop().create_task(self._watch(entry)))
+        if len(mon.tasks) == 1:
+            mon.tasks.append(asyncio.get_running_loop().create_task(self._watch(entry)))
         return True
 
     async def _watch(self, entry: NodeEntry) -> None:
@@ -436,10 +524,10 @@ class Fleet:
     def _serving(self, entry: NodeEntry, serving: bool, source: str) -> None:
         if serving == entry.serving:
             return
-        entry.serving = serving
+        self._see(entry, serving=serving)
         self._events.emit(K.EVENT_KIND_STATE_CHANGED, node_id=entry.node_id, address=entry.address,
                           reason=f"{source}: {'SERVING' if serving else 'NOT_SERVING'}")
-        entry.poke.set()  # read the details
+        self.poke(entry)  # read the details
         self._on_change()
 
 

@@ -294,7 +294,7 @@ class Runner:
             timeout=CALL_TIMEOUT_S), what=f"uncordon of node {n.node_id}", timeout_s=60)
         deadline = time.monotonic() + 30
         while not entry.routable and time.monotonic() < deadline:
-            entry.poke.set()   # read its status now rather than at the next poll
+            self._fleet.poke(entry)   # read its status now rather than at the next poll
             await asyncio.sleep(0.05)
 
     async def _roll_back(self, n: NodeRow, entry: NodeEntry, failure: str) -> None:
