@@ -134,7 +134,7 @@ def render(spec: ServiceSpec) -> str:
         doc = plistlib.loads(template.read_bytes()) if spec.fmt == "launchd" else template.read_text()
     except (OSError, ValueError, ExpatError) as exc:
         raise ServiceError(f"template {template} is unusable ({exc}); the templates ship in the repository's "
-                           "launchd/ folder: install studiofleet from a checkout (`pip install -e .`)") from None
+                           "launchd/ folder: install studiofleet from a checkout (`scripts/bootstrap`)") from None
     values = spec.values()
 
     def value(name: str) -> object:
@@ -192,7 +192,8 @@ def problems(spec: ServiceSpec) -> list[str]:
         out.append(f"user or group {spec.user}:{spec.group} does not exist: create it (launchd/README.md) "
                    "or pass --user/--group")
     if not (spec.executable.is_file() and os.access(spec.executable, os.X_OK)):
-        out.append(f"{spec.executable} is not an executable: `pip install -e .` into that venv or pass --bin-dir DIR")
+        out.append(f"{spec.executable} is not an executable: install studiofleet into that venv (`pip install -c constraints.txt "
+                   "-e ./client -e '.[mlx]'` from a checkout) or pass --bin-dir DIR")
     reads = [(spec.config, "config file", "create it (launchd/README.md) or pass --config FILE")]
     if spec.config.is_file():
         try:

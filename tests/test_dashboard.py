@@ -30,7 +30,7 @@ def _browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        missing = "the playwright package (pip install -e '.[dev]')"
+        missing = "the playwright package (scripts/bootstrap installs it)"
     if missing is None and not os.path.exists(CHROMIUM):
         missing = "Chromium at /usr/bin/chromium (scripts/bootstrap-monitoring installs it)"
     if missing:
