@@ -1,4 +1,4 @@
-"""A node's capacity profile (schema 1, docs/capacity.md "Profiles"): facts about the node
+"""A node's capacity profile (schema 1, docs/capacity.md "Profile files"): facts about the node
 and its model, its limits, and the fitted step-time model the planner runs.
 
 `load_profile(path)` reads and validates a TOML file (errors name the file and the key);
