@@ -6,7 +6,8 @@ without importing cluster.validation."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 
 class InvalidRequest(ValueError):
@@ -28,7 +29,9 @@ def guarded(fn: _F) -> _F:
         except InvalidRequest:
             raise
         except Exception as exc:  # noqa: BLE001 - input we could not check is input we refuse
-            raise InvalidRequest(f"the request could not be checked ({type(exc).__name__}); it is nested too "
-                                 "deeply or too large: simplify it") from None
+            raise InvalidRequest(
+                f"the request could not be checked ({type(exc).__name__}); it is nested too "
+                "deeply or too large: simplify it"
+            ) from None
 
     return wrapper  # type: ignore[return-value]

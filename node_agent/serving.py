@@ -16,14 +16,17 @@ from node_agent.validation import Limits
 
 @dataclass(frozen=True)
 class Serving:
-    facts: ModelFacts | None              # None until a model has loaded
+    facts: ModelFacts | None  # None until a model has loaded
     limits: Limits
-    model_info: common_pb2.ModelInfo         # read-only: what status and final chunks report
-    tokenizer: Any = None                    # the engine's mlx-lm TokenizerWrapper for this model
-    grammars: Grammars | None = None      # schema matchers over that tokenizer
+    model_info: common_pb2.ModelInfo  # read-only: what status and final chunks report
+    tokenizer: Any = None  # the engine's mlx-lm TokenizerWrapper for this model
+    grammars: Grammars | None = None  # schema matchers over that tokenizer
 
     @classmethod
     def nothing(cls, settings: NodeSettings) -> Serving:
         """Before the first load: the configured limits, no model."""
-        return cls(facts=None, limits=Limits(settings.max_tokens_limit, 0, 0, settings.max_stop_sequences),
-                   model_info=common_pb2.ModelInfo())
+        return cls(
+            facts=None,
+            limits=Limits(settings.max_tokens_limit, 0, 0, settings.max_stop_sequences),
+            model_info=common_pb2.ModelInfo(),
+        )

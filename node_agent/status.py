@@ -17,9 +17,18 @@ from node_agent.staging import StagingArea
 from node_agent.telemetry import cpu_load_1m, host_memory
 
 
-def build_status(*, node_id: str, settings: NodeSettings, lifecycle: Lifecycle, registry: RequestRegistry,
-                 engine: Engine, serving: Serving, staging: StagingArea, ops: Operations,
-                 started_at: float) -> node_pb2.NodeStatus:
+def build_status(
+    *,
+    node_id: str,
+    settings: NodeSettings,
+    lifecycle: Lifecycle,
+    registry: RequestRegistry,
+    engine: Engine,
+    serving: Serving,
+    staging: StagingArea,
+    ops: Operations,
+    started_at: float,
+) -> node_pb2.NodeStatus:
     snap = lifecycle.snapshot
     s = settings
     c = registry.counters
@@ -66,9 +75,16 @@ def build_status(*, node_id: str, settings: NodeSettings, lifecycle: Lifecycle, 
             engine_peak_bytes=stats.peak_memory_bytes,
             unified=mem.unified,
             gpu_recommended_working_set_bytes=stats.recommended_working_set_bytes,
-            gpus=[node_pb2.Gpu(index=g.index, name=g.name, memory_used_bytes=g.memory_used_bytes,
-                               memory_total_bytes=g.memory_total_bytes, utilization=g.utilization)
-                  for g in stats.gpus],
+            gpus=[
+                node_pb2.Gpu(
+                    index=g.index,
+                    name=g.name,
+                    memory_used_bytes=g.memory_used_bytes,
+                    memory_total_bytes=g.memory_total_bytes,
+                    utilization=g.utilization,
+                )
+                for g in stats.gpus
+            ],
         ),
         uptime_s=time.monotonic() - started_at,
         agent_version=__version__,
@@ -88,11 +104,14 @@ def build_status(*, node_id: str, settings: NodeSettings, lifecycle: Lifecycle, 
 def _engine_server(info) -> node_pb2.EngineServer | None:
     if info is None:
         return None
-    return node_pb2.EngineServer(pid=info.pid, url=info.url, restarts=info.restarts, last_exit=info.last_exit,
-                                 up_s=info.up_s)
+    return node_pb2.EngineServer(
+        pid=info.pid, url=info.url, restarts=info.restarts, last_exit=info.last_exit, up_s=info.up_s
+    )
 
 
 def _model_ref(ref) -> common_pb2.ModelInfo:
     if ref is None:
         return common_pb2.ModelInfo()
-    return common_pb2.ModelInfo(model_id=ref.model_id, version=ref.version, weights_digest=ref.digest)
+    return common_pb2.ModelInfo(
+        model_id=ref.model_id, version=ref.version, weights_digest=ref.digest
+    )
