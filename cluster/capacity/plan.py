@@ -59,7 +59,9 @@ class Window:
 
 def _clock(t_s: float) -> str:
     minutes = int(round(t_s / 60.0))
-    return f"{minutes // 60 % 24:02d}:{minutes % 60:02d}" + (" (+1 day)" if minutes >= 1440 else "")
+    if minutes == 1440:
+        return "24:00"
+    return f"{minutes // 60 % 24:02d}:{minutes % 60:02d}" + (" (+1 day)" if minutes > 1440 else "")
 
 
 def busiest_window(
