@@ -80,12 +80,29 @@ def test_replay_completes_every_note_and_matches_the_request_log(fleet):
     assert len({r.nodes[-1] for r in notes}) == 2, "both nodes served notes"
 
 
-def test_replay_table_output_shows_the_figures(fleet):
+def test_replay_with_a_prediction_shows_both_and_the_error(fleet, tmp_path):
+    """--predict-with PROFILE=2: the simulator's figures for the same notes beside the
+    measured ones (the profile here is made up; bench/capacity.py measures real ones)."""
+    from cluster.capacity.profile import Info, Limits, ModelFacts, NodeFacts, Profile, StepModel
+
     co, _nodes = fleet
-    out = fleetctl("replay", "-c", co.address, *TRAFFIC[:-6], "--duration", "3", "--prompt-tokens", "60",
-                   "--output-tokens", "8")
+    fit = StepModel(decode_base_s=0.004, decode_per_seq_s=0.0008, prefill_base_s=0.005, prefill_per_token_s=3e-5)
+    path = Profile(Info("tiny-made-up", "derived, for a test", sources=("tests/test_replay.py",)), NodeFacts("mlx", "test", 1.0), ModelFacts("tiny"),
+                   Limits(8), fit).save(tmp_path / "tiny.toml")
+    args = ("replay", "-c", co.address, *TRAFFIC[:-6], "--duration", "3", "--prompt-tokens", "60",
+            "--output-tokens", "8", "--predict-with", f"{path}=2")
+    out = fleetctl(*args)
     assert out.returncode == 0, out.stderr
-    assert "time per note p95" in out.stdout and "outcomes: completed" in out.stdout
+    assert "time per note p95" in out.stdout and "predicted" in out.stdout and " %" in out.stdout
+    assert "outcomes: completed" in out.stdout and f"predicted for: {path}=2" in out.stdout
+    out = fleetctl(*args, "-o", "json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    p, m = report["predicted"], report["measured"]
+    assert p["notes"] == m["notes"] == p["completed"] and 0 < p["p50_s"] <= p["p95_s"]
+    # A lone 60+8-token note on that profile: the simulator cannot beat the fit's own bound.
+    assert p["p50_s"] >= fit.single_note_s(60, 8) * 0.999
+    assert report["error_pct"]["p95_s"] == pytest.approx(100 * (p["p95_s"] - m["p95_s"]) / m["p95_s"], abs=0.05)
 
 
 @pytest.mark.parametrize("flags, flag", [
