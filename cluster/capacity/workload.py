@@ -18,10 +18,24 @@ from pathlib import Path
 
 DAY_S = 86_400.0
 MINUTES = 1440
+DEFAULT_NOTES_PER_DAY = 6000.0  # the field report's clinic
 
 
 class WorkloadError(ValueError):
-    """A workload description that cannot be used; the message names what is wrong."""
+    """A workload description that cannot be used; the message names what is wrong, and
+    `flag` the command-line flag it came from (set by `build_workload`)."""
+
+    def __init__(self, message: str, flag: str = ""):
+        super().__init__(message)
+        self.flag = flag
+
+
+def _from(flag: str, fn, *args):
+    """fn(*args), its WorkloadError tagged with the flag whose value it read."""
+    try:
+        return fn(*args)
+    except WorkloadError as exc:
+        raise WorkloadError(str(exc), flag) from None
 
 
 @dataclass(frozen=True)
@@ -346,34 +360,36 @@ def build_workload(
     tokens_from: Path | None = None,
     shared_prefix_tokens: int = 0,
 ) -> Workload:
-    """A Workload from the planner's and replay's options (WorkloadError on nonsense).
-    With a CSV and no notes-per-day, the CSV's total is the day's volume."""
+    """A Workload from the planner's and replay's options; WorkloadError (with the flag) on
+    nonsense. With a CSV and no notes-per-day, the CSV's total is the day's volume."""
     if notes_per_day is not None and not (notes_per_day > 0 and math.isfinite(notes_per_day)):
-        raise WorkloadError(f"notes per day: must be a number > 0, not {notes_per_day:g}")
+        raise WorkloadError(f"must be a number > 0, not {notes_per_day:g}", "--notes-per-day")
+    if shared_prefix_tokens < 0:
+        raise WorkloadError(f"must be >= 0, not {shared_prefix_tokens}", "--shared-prefix-tokens")
     if arrivals_csv is not None:
-        counts, total = read_arrivals_csv(arrivals_csv)
+        counts, total = _from("--arrivals-csv", read_arrivals_csv, arrivals_csv)
         shape = ArrivalShape.per_minute(
             counts, f"arrivals per minute from {Path(arrivals_csv).name}"
         )
         notes = total if notes_per_day is None else notes_per_day
     else:
-        start, end = parse_hours(hours)
+        start, end = _from("--hours", parse_hours, hours)
+        if not (peak_factor > 0 and math.isfinite(peak_factor)):
+            raise WorkloadError(f"must be a number > 0, not {peak_factor:g}", "--peak-factor")
         shape = ArrivalShape.hours(start, end, peak_factor)
-        notes = 6000.0 if notes_per_day is None else notes_per_day
+        notes = DEFAULT_NOTES_PER_DAY if notes_per_day is None else notes_per_day
+    prompt = _from("--prompt-tokens", TokenDist.parse, prompt_tokens, "prompt tokens")
+    output = _from("--output-tokens", TokenDist.parse, output_tokens, "output tokens")
+    if output.hi < 1:
+        raise WorkloadError("a note has at least 1 output token", "--output-tokens")
     pairs: tuple[tuple[int, int], ...] = ()
     label = ""
-    prompt, output = (
-        TokenDist.parse(prompt_tokens, "prompt tokens"),
-        TokenDist.parse(output_tokens, "output tokens"),
-    )
     if tokens_from is not None:
-        pairs = tuple(read_request_log(tokens_from))
+        pairs = tuple(_from("--tokens-from", read_request_log, tokens_from))
         prompt = TokenDist.empirical([p for p, _ in pairs])
         output = TokenDist.empirical([o for _, o in pairs])
         label = (
             f"tokens from {len(pairs)} logged requests in {Path(tokens_from).name} (prompt mean "
             f"{prompt.mean:.0f}, output mean {output.mean:.0f})"
         )
-    if shared_prefix_tokens < 0:
-        raise WorkloadError(f"shared prefix tokens: must be >= 0, not {shared_prefix_tokens}")
     return Workload(notes, shape, prompt, output, shared_prefix_tokens, pairs, label)
