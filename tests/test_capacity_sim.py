@@ -181,6 +181,20 @@ def test_an_arrival_joins_the_batch_at_the_next_step_boundary():
     assert res.totals == pytest.approx([1.098, 1.608 - 0.505])
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_decodes():
+    node = profile(4, decode_base_s=0.01, prefill_base_s=0.1, prefill_per_token_s=0.001)
+    a, b = Request(0.0, 0, 1000), Request(0.505, 1200, 10)
+    res = simulate([NodeSpec(node, "n1", prefill_chunk=512)], [a, b], window=(0.0, 1.0))
+    # B joins at A's step boundary 0.51 s; its 1,200 tokens take three steps of 512, 512 and 176
+    # tokens (the first with the 0.1 s base), each with A's decode step; the third also decodes B.
+    steps = [0.1 + 0.512 + 0.01, 0.512 + 0.01, 0.176 + 0.01]
+    first = 0.51 + sum(steps)
+    assert res.ttfts[1] == pytest.approx(first - 0.505)
+    assert res.totals[1] == pytest.approx(first + 9 * 0.01 - 0.505)
+    # A gained a token in every one of those steps: 1 + 40 + 3 + 9 by B's end, 947 more after.
+    assert res.totals[0] == pytest.approx(first + 9 * 0.01 + 947 * 0.01)
+
+
 def test_steps_within_inverts_span():
     rng = random.Random(3)
     for _ in range(2000):

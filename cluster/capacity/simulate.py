@@ -4,10 +4,11 @@ A discrete-event model on SimPy: notes arrive (a list of `Request`s, e.g. a thin
 day from `Workload.requests`), the coordinator places each one with the router's own
 `pick` (coordinator.router, the function the coordinator calls: least outstanding work per
 slot) or queues it FIFO (bounded depth and wait, as coordinator.admission does), and each
-node batches continuously as mlx-lm's BatchGenerator does: a step prefills the prompts it
-admits (up to `prefill_batch` of them, whole prompts, into free slots) and decodes one token
-for every running sequence, admitted ones included; the profile's StepModel gives the step's
-time. Between admissions and completions a node's batch does not change, so the simulator
+node batches continuously as mlx-lm's BatchGenerator does: a step prefills the next chunk
+(`prefill_chunk` tokens) of every prompt in the prompt batch (up to `prefill_batch` prompts,
+in free slots) and decodes one token for every running sequence, the prompts whose prefill
+it finishes included; the profile's StepModel gives the step's time. Between admissions and
+completions a node's batch does not change, so the simulator
 runs those steps as one event (interrupted at the next step boundary when a note arrives
 for a free slot), which keeps a busy day to a few events per note.
 """
@@ -39,6 +40,7 @@ def _default(settings, name: str):
 # The daemons' own defaults, read from their settings (not copied).
 NODE_MAX_QUEUED = _default(NodeSettings, "max_queued")
 PREFILL_BATCH = _default(NodeSettings, "prefill_batch_size")
+PREFILL_STEP = _default(NodeSettings, "prefill_step_size")
 QUEUE_MAX_DEPTH = _default(CoordinatorSettings, "queue_max_depth")
 QUEUE_MAX_WAIT_S = _default(CoordinatorSettings, "queue_max_wait_s")
 LOAD_FACTOR = _default(CoordinatorSettings, "affinity_load_factor")
@@ -51,7 +53,8 @@ class NodeSpec:
     profile: Profile
     node_id: str
     max_queued: int = NODE_MAX_QUEUED  # the node's own queue beyond its running slots
-    prefill_batch: int = PREFILL_BATCH  # prompts admitted (prefilled) in one step
+    prefill_batch: int = PREFILL_BATCH  # prompts prefilled together (the prompt batch)
+    prefill_chunk: int = PREFILL_STEP  # prompt tokens of each prompt prefilled in one step
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class _Seq:
         "first_at",
         "done_at",
         "refused",
+        "prefill_left",
     )
 
     def __init__(self, req: Request, measured: bool):
@@ -88,6 +92,7 @@ class _Seq:
         self.node: int | None = None
         self.placed_at = self.admitted_at = self.first_at = self.done_at = math.nan
         self.refused = ""
+        self.prefill_left = 0
 
 
 class _Node:
@@ -105,6 +110,9 @@ class _Node:
         self.slots = self.max_running + spec.max_queued
         self.queue: deque[_Seq] = deque()
         self.running: list[_Seq] = []
+        self.prefilling: list[
+            _Seq
+        ] = []  # the prompt batch: admitted, prompts not yet fully prefilled
         self.in_flight = 0  # the coordinator's requests placed here, not yet finished
         self.outstanding = 0  # tokens they may still generate (as of the last applied step)
         self.routed_total = 0
@@ -173,34 +181,53 @@ class _Node:
                 self._on_done(self, s)
 
     def _run(self):
-        env, fit = self.env, self.fit
+        env, fit, chunk = self.env, self.fit, self.spec.prefill_chunk
         while True:
-            if not self.running and not self.queue:
+            if not self.running and not self.prefilling and not self.queue:
                 self.wake = env.event()
                 yield self.wake
                 self.wake = None
-            free = self.max_running - len(self.running)
-            if self.queue and free > 0:
-                # An admitting step: prefill the new prompts, decode one token for every sequence.
-                prefill = 0.0
-                for _ in range(min(free, self.spec.prefill_batch, len(self.queue))):
-                    s = self.queue.popleft()
-                    s.admitted_at = env.now
-                    cached = s.req.cached_tokens
-                    prefill += fit.prefill_s(s.req.prompt_tokens - cached, cached)
-                    s.ctx = s.req.prompt_tokens
-                    self.running.append(s)
+            # Admit waiting prompts into the prompt batch while slots are free.
+            while (
+                self.queue
+                and len(self.prefilling) < self.spec.prefill_batch
+                and len(self.prefilling) + len(self.running) < self.max_running
+            ):
+                s = self.queue.popleft()
+                s.admitted_at = env.now
+                s.prefill_left = s.req.prompt_tokens - s.req.cached_tokens
+                self.prefilling.append(s)
+            free = self.max_running - len(self.running) - len(self.prefilling)
+            if self.prefilling:
+                # A step with prefill: the next chunk of every prompt in the prompt batch, and one
+                # decode token for every running sequence and for the prompts this step finishes.
+                prefill, joining = 0.0, []
+                for s in self.prefilling:
+                    part = min(chunk, s.prefill_left)
+                    if (
+                        s.prefill_left == s.req.prompt_tokens - s.req.cached_tokens
+                    ):  # its first chunk
+                        prefill += fit.prefill_s(0, s.req.cached_tokens)
+                    prefill += fit.prefill_per_token_s * part
+                    s.prefill_left -= part
+                    if s.prefill_left == 0:
+                        joining.append(s)
+                if joining:
+                    self.prefilling = [s for s in self.prefilling if s.prefill_left > 0]
+                    for s in joining:
+                        s.ctx = s.req.prompt_tokens
+                    self.running.extend(joining)
                 n = len(self.running)
                 ctx = sum(s.ctx for s in self.running)
                 lead = prefill + fit.decode_step_s(n, ctx)
                 t0 = env.now
-                if n < self.max_running:
+                if self.prefilling or n < self.max_running:
                     yield env.timeout(lead)
                     self._account(t0, env.now, n)
                     self._advance(1)
                     continue
-                # A full batch cannot change before its next completion: run the admitting step and
-                # the decode steps after it as one event.
+                # A full batch cannot change before its next completion: run this step and the
+                # decode steps after it as one event.
                 k = min(s.remaining for s in self.running) - 1
                 a = fit.decode_step_s(n, ctx + n)
                 b = fit.decode_per_ctx_token_s * n
