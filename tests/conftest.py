@@ -178,3 +178,25 @@ def chain(pristine, tmp_path) -> Path:
 
     shutil.copytree(default_key_dir(pristine), default_key_dir(tmp_path / "audit"))
     return Path(shutil.copytree(pristine, tmp_path / "audit"))
+
+
+# -- coordinator state on PostgreSQL (tests/pg.py; docs/state.md) -----------------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster for the session (scripts/bootstrap-postgres installs it)."""
+    from tests.pg import PostgresCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("STUDIOFLEET_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL 15+ is not installed: run scripts/bootstrap-postgres (as root)")
+        pytest.skip("PostgreSQL 15+ is not installed (scripts/bootstrap-postgres)")
+    with PostgresCluster(bindir) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """A fresh, empty PostgreSQL database for this test: its postgresql:// URL."""
+    return postgres.database()
