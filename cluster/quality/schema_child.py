@@ -9,7 +9,7 @@ import sys
 
 
 from cluster.quality.notes import check_text
-from cluster.validation import InvalidRequest
+from cluster.invalid_request import InvalidRequest
 
 
 def main() -> None:
