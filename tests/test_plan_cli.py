@@ -201,3 +201,27 @@ def test_plan_writes_png_and_svg_charts(tmp_path):
         svg = (tmp_path / "plots" / f"{stem}.svg").read_text()
         assert png.startswith(b"\x89PNG") and "<svg" in svg and "notes" in svg
         assert f"Plot: {tmp_path / 'plots' / stem}.png" in res.stdout
+
+
+def test_an_overloaded_fleet_reports_refusals_as_never_in_strict_json(tmp_path):
+    slow = make_profile(tmp_path, "slow", SLOW, max_running=2)
+    res = plan(
+        "--profile",
+        slow,
+        "--notes-per-day",
+        "6000",
+        "--window-hours",
+        "1",
+        "--no-search",
+        "-o",
+        "json",
+    )
+    assert res.exit_code == 0, res.output
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in JSON")
+
+    doc = json.loads(res.stdout, parse_constant=no_constants)
+    refused = sum(doc["fleet"]["refused"].values())
+    assert refused > 0.05 * doc["fleet"]["notes"]
+    assert doc["fleet"]["time_per_note_s"]["p95"] is None and doc["fleet"]["meets_sla"] is False

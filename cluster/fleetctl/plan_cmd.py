@@ -203,7 +203,7 @@ def plan(
         progress=progress,
     )
     if output == "json":
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(_json_safe(report), indent=2, allow_nan=False))
     else:
         typer.echo(render(report))
 
@@ -415,6 +415,17 @@ def _plots(
     for path in paths:
         progress(f"wrote {path}")
     return paths
+
+
+def _json_safe(value):
+    """JSON has no inf or NaN: None stands for them (a refused note's time, an undefined ratio)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _fleet_text(fleet) -> str:
