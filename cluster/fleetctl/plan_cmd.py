@@ -73,6 +73,7 @@ def plan(
         [],
         "--profile",
         "-p",
+        metavar="FILE_OR_NAME[=COUNT]",
         help="FILE_OR_NAME[=COUNT]: a profile file or a "
         "reference profile's name, and how many such nodes (default 1). Repeat for "
         "a mixed fleet.",
@@ -137,7 +138,10 @@ def plan(
         help="Hosted API price per 1M output tokens (GPT-4o list: 10).",
     ),
     plot_dir: Path | None = typer.Option(
-        None, "--plot-dir", help="Write capacity-p95 and capacity-cost charts (PNG and SVG) here."
+        None,
+        "--plot-dir",
+        metavar="DIR",
+        help="Write capacity-p95 and capacity-cost charts (PNG and SVG) here.",
     ),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
 ) -> None:
