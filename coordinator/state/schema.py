@@ -1,0 +1,96 @@
+"""The state database's tables at the newest schema revision, as SQLAlchemy Core tables the
+stores query. A change here needs a migration in migrations/versions/ that makes it (the
+migrations test compares the two), and the migration files never import this module.
+
+Timestamps are Unix seconds (REAL on SQLite, DOUBLE PRECISION on PostgreSQL); flags are
+0/1 integers, as the SQLite file of the first release had them.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+REAL = sa.Double().with_variant(sa.REAL(), "sqlite")
+BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # SQLite's INTEGER is 64-bit already
+
+metadata = sa.MetaData()
+
+api_tokens = sa.Table(
+    "api_tokens", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("hash", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("created", REAL, nullable=False),
+    sa.Column("expires", REAL, nullable=False),
+    sa.Column("revoked", REAL, nullable=False, server_default=sa.text("0")),
+    sa.Column("revoked_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_by", sa.Text, nullable=False, server_default=""),
+)
+
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("max_unavailable", sa.Integer, nullable=False),
+    sa.Column("drain_timeout_s", REAL, nullable=False),
+    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("created", REAL, nullable=False),
+    sa.Column("updated", REAL, nullable=False),
+    sa.Column("owner", sa.Text, nullable=False, server_default=""),
+    sa.Column("started_by", sa.Text, nullable=False, server_default=""),
+    sa.Column("wait_timeout_s", REAL, nullable=False, server_default=sa.text("300")),
+)
+
+rollout_nodes = sa.Table(
+    "rollout_nodes", metadata,
+    sa.Column("rollout_id", sa.Text, primary_key=True),
+    sa.Column("node_id", sa.Text, primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("step", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("from_digest", sa.Text, nullable=False, server_default=""),
+    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("started", REAL, nullable=False, server_default=sa.text("0")),
+    sa.Column("finished", REAL, nullable=False, server_default=sa.text("0")),
+    sa.Column("kept_out", sa.Integer, nullable=False, server_default=sa.text("0")),
+)
+
+# The rollout lease: one row per lease name; `token` is the fencing token (rollout_store.py).
+lease = sa.Table(
+    "lease", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", sa.Text, nullable=False),
+    sa.Column("expires", REAL, nullable=False),
+    sa.Column("token", BIGINT, nullable=False, server_default=sa.text("0")),
+)
+
+# The request log (request_log.py): metadata only, no column for a prompt or a completion.
+requests = sa.Table(
+    "requests", metadata,
+    sa.Column("request_id", sa.Text, nullable=False),
+    sa.Column("caller", sa.Text, nullable=False),
+    sa.Column("priority", sa.Text, nullable=False),
+    sa.Column("started_at", REAL, nullable=False),
+    sa.Column("ended_at", REAL, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("code", sa.Text, nullable=False),
+    sa.Column("queue_ms", REAL),
+    sa.Column("ttft_ms", REAL),
+    sa.Column("decode_ms", REAL, nullable=False),
+    sa.Column("latency_ms", REAL, nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("nodes", sa.Text, nullable=False),
+    sa.Column("failovers", sa.Integer, nullable=False),
+    sa.Column("retries", sa.Integer, nullable=False),
+    sa.Column("restarts", sa.Integer, nullable=False),
+    sa.Column("finish_reason", sa.Text, nullable=False),
+    sa.Column("quality_score", REAL),
+    sa.Column("template", sa.Text, nullable=False, server_default=""),
+    sa.Column("output_format", sa.Text, nullable=False, server_default=""),
+    sa.Column("schema_valid", sa.Integer),
+    sa.Column("quality_parts", sa.Text),
+    sa.Index("requests_ended", "ended_at"),
+    sa.Index("requests_caller", "caller", "ended_at"),
+)
