@@ -237,30 +237,24 @@ def _prefill_point(s: _Stream) -> PrefillPoint:
 
 def _steady(streams: Sequence[_Stream], steps: int) -> DecodePoint | None:
     """The step time while every stream was decoding (between the last stream's first token
-    and the first stream's last): the gaps between tokens of each stream there, pooled, less
-    the highest and lowest fifth (another process's pre-emption is no step of the node's);
-    None when that window held fewer than `steps` steps."""
+    and the first stream's last): per stream, the time between its first and last token in
+    that window over the tokens between them (not a statistic of single gaps: a caller the
+    host holds back gets the delayed tokens in a burst), the median over the streams; None
+    when that window held fewer than `steps` steps."""
     start = max(s.arrivals[0][0] for s in streams)
     end = min(s.arrivals[-1][0] for s in streams)
     mid = (start + end) / 2
-    gaps: list[float] = []
+    per_stream: list[float] = []
     context = 0
     for s in streams:
         window = [(t, n) for t, n in s.arrivals if start <= t <= end]
-        if sum(n for _, n in window[1:]) < steps:
+        tokens = sum(n for _, n in window[1:])
+        if tokens < steps:
             return None
-        gaps += [(t1 - t0) / n1 for (t0, _), (t1, n1) in zip(window, window[1:], strict=False)]
+        per_stream.append((window[-1][0] - window[0][0]) / tokens)
         context += s.final.usage.prompt_tokens + s.final.usage.prefix_tokens + \
             sum(n for t, n in s.arrivals if t <= mid)
-    return DecodePoint(len(streams), context, trimmed_mean(gaps, 0.2))
-
-
-def trimmed_mean(values: Sequence[float], cut: float) -> float:
-    """The mean of `values` without the lowest and highest `cut` of them."""
-    ordered = sorted(values)
-    k = int(len(ordered) * cut)
-    kept = ordered[k:len(ordered) - k] or ordered
-    return sum(kept) / len(kept)
+    return DecodePoint(len(streams), context, statistics.median(per_stream))
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -311,10 +305,10 @@ class Fitted:
     notes: tuple[str, ...] = ()
 
 
-def nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares of relative error (rows weighted by 1/y) with every coefficient >= 0:
-    a negative coefficient is pinned to 0 and the rest refitted (an active set)."""
-    w = 1.0 / y
+def nonneg_lstsq(a: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least squares with every coefficient >= 0: a negative coefficient is pinned
+    to 0 and the rest refitted (an active set); a column of zeros gets 0."""
+    w = np.ones(len(y)) if weights is None else weights
     a_w, y_w = a * w[:, None], y * w
     free = [j for j in range(a.shape[1]) if np.any(a[:, j])]
     coef = np.zeros(a.shape[1])
@@ -325,6 +319,26 @@ def nonneg_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
             coef[free] = sol
             break
         free.pop(worst)
+    return coef
+
+
+def robust_fit(a: np.ndarray, y: np.ndarray, rounds: int = 20, k: float = 1.345) -> np.ndarray:
+    """Non-negative least squares of relative error, made robust by Huber weights (iteratively
+    reweighted): a point the host slowed down pulls on the fit like a near one, not as its
+    square. Residuals are scaled by their median absolute deviation."""
+    rel = 1.0 / y
+    coef = nonneg_lstsq(a, y, rel)
+    for _ in range(rounds):
+        r = (a @ coef - y) / y
+        scale = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+        if scale <= 1e-9:
+            break
+        u = np.abs(r) / (k * scale)
+        huber = np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-12))
+        new = nonneg_lstsq(a, y, rel * np.sqrt(huber))
+        if np.allclose(new, coef, rtol=1e-6, atol=1e-12):
+            break
+        coef = new
     return coef
 
 
@@ -340,10 +354,10 @@ def fit(measured: Measured) -> Fitted:
     notes = []
     ad = np.array([[1.0, p.running - 1, p.context_tokens] for p in measured.decode])
     yd = np.array([p.step_s for p in measured.decode])
-    d = nonneg_lstsq(ad, yd)
+    d = robust_fit(ad, yd)
     ap = np.array([[1.0, p.prompt_tokens - p.cached_tokens, p.cached_tokens] for p in measured.prefill])
     yp = np.array([p.seconds for p in measured.prefill])
-    p = nonneg_lstsq(ap, yp)
+    p = robust_fit(ap, yp)
     if not any(pt.cached_tokens for pt in measured.prefill):
         p[2] = p[1]
         notes.append("the node reused no cached prefix (no prompt cache): cached tokens cost as uncached ones")
@@ -385,7 +399,7 @@ def build_profile(before: node_pb2.NodeStatus, after: node_pb2.NodeStatus, measu
         "the RPC, the first token's sampling) is prefill_base_s.",
         "decode: the gap between tokens of one stream while `running` ignore_eos streams all decode; "
         "context_tokens is their prompt plus generated tokens, summed, at the middle of that window.",
-        f"fit: least squares of relative error, coefficients >= 0; largest residual {fitted.decode_max_error:.1%} "
+        f"fit: least squares of relative error with Huber weights, coefficients >= 0; largest residual {fitted.decode_max_error:.1%} "
         f"(decode), {fitted.prefill_max_error:.1%} (prefill).",
         f"per-stream decode bound {1 / m.decode_base_s:.1f} tok/s; memory in GiB (2^30 bytes): weights = the "
         "engine's active memory at idle less its prompt cache, peak = the engine's peak after the run.",
