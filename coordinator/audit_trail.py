@@ -8,6 +8,7 @@ role, peer, coordinator, outcome, code, nodes (every hop, in order, with model@v
 and weights digest), failovers, retries, restarts, prompt/completion token counts, latency,
 finish_reason, prompt_digest and completion_digest (HMAC-SHA256 under the audit key), and
 after a restart on other weights `voided` (what the caller was sent and told to discard).
+The records are typed (coordinator/records.py); they become the log's dicts here, as written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from typing import Callable, NoReturn, Optional
 
 import grpc
@@ -22,6 +24,7 @@ import grpc
 from cluster.api import inference_pb2
 from cluster.security.identity import Identity
 from coordinator.call_context import CallContext
+from coordinator.records import AuditRecord, Caller, CallRecord, Completion, Hop, RequestRecord, RunFacts
 from coordinator.request_summary import Outcome
 
 log = logging.getLogger(__name__)
@@ -63,19 +66,19 @@ class AuditTrail:
     def completion_digest(self):
         return self.log.keys.digest_stream() if self.log else None
 
-    def _base(self, ident: Optional[Identity], peer: str, action: str, type_: str) -> dict:
-        return {"type": type_, "action": action, "caller": ident.name if ident else "",
-                "role": ident.role.value if ident else "", "peer": peer, "coordinator": self._source}
+    def _who(self, ident: Optional[Identity], peer: str) -> Caller:
+        return Caller.of(ident, peer, self._source)
 
-    def request_record(self, ident: Optional[Identity], peer: str, **fields) -> dict:
-        return {**self._base(ident, peer, "inference.generate", "request"), **fields}
+    def request_record(self, ident: Optional[Identity], peer: str, *, request_id: str,
+                       prompt_digest: Optional[str] = None) -> RequestRecord:
+        return RequestRecord(self._who(ident, peer), request_id, prompt_digest)
 
-    async def write(self, record: dict) -> None:
+    async def write(self, record: AuditRecord) -> None:
         """Durable when it returns; raises the log's AuditWriteError."""
         if self.log is not None:
-            await self.log.write(record)
+            await self.log.write(record.to_dict())
 
-    async def write_or_log(self, record: dict) -> bool:
+    async def write_or_log(self, record: AuditRecord) -> bool:
         """As write, for records of refusals and failures: the caller's answer does not
         wait on a broken disk; the failure is logged (and counted by the log)."""
         try:
@@ -85,17 +88,16 @@ class AuditTrail:
             log.error("audit record could not be written: %s", exc)
             return False
 
-    def submit(self, record: dict) -> None:
+    def submit(self, record: AuditRecord) -> None:
         """Queued for the next group commit; for outcomes nobody is waiting on."""
         if self.log is not None:
-            future = self.log.submit(record)
+            future = self.log.submit(record.to_dict())
             future.add_done_callback(_report_failure)
 
-    def admin_record(self, ident: Optional[Identity], peer: str, action: str, *, outcome: str = "ok",
-                     code: str = "OK", **details) -> dict:
+    def admin_record(self, ident: Optional[Identity], peer: str, action: str, *, outcome: str = Outcome.OK,
+                     code: str = "OK", **details) -> CallRecord:
         """`code=""` leaves the code out (an `accepted` record has none yet)."""
-        return {**self._base(ident, peer, action, "admin"), "outcome": outcome, **({"code": code} if code else {}),
-                **details}
+        return CallRecord("admin", action, self._who(ident, peer), outcome, code or None, details)
 
     async def admin(self, ident: Optional[Identity], peer: str, action: str, **fields) -> None:
         """An admin call's record, durable when it returns; raises the log's AuditWriteError."""
@@ -106,8 +108,9 @@ class AuditTrail:
         """A refused call (with its peer when the port knows it; `count` and `window_s` for
         refusals an HTTP port recorded together); durable before the refusal goes out, as
         every other record a caller can look up."""
-        await self.write_or_log({**self._base(ident, peer, method, "request" if method.endswith("/Generate") else "admin"),
-                                 "outcome": "denied", "code": code, "reason": reason, **details})
+        await self.write_or_log(CallRecord("request" if method.endswith("/Generate") else "admin", method,
+                                           self._who(ident, peer), Outcome.DENIED, code,
+                                           {"reason": reason, **details}))
 
 
 def _report_failure(future) -> None:
@@ -120,25 +123,29 @@ class RequestAudit:
     """One request's records: `accepted` once it is routed (durable before its first token)
     and exactly one record that ends it, both carrying its request_id."""
 
-    def __init__(self, trail: AuditTrail, record: dict):
+    def __init__(self, trail: AuditTrail, record: RequestRecord):
         self.trail = trail
         self.record = record
         self.written = False   # the end record
         self._accepted: Optional[asyncio.Future] = None
         self._durable = not trail.on
 
-    def end(self, outcome: str, code: str, **fields) -> dict:
+    def named(self, request_id: str) -> None:
+        """The request's id, once it has one (a caller may leave it to the coordinator)."""
+        self.record = replace(self.record, request_id=request_id)
+
+    def end(self, outcome: Outcome, code: str, *, reason: Optional[str] = None, run: Optional[RunFacts] = None,
+            completion: Optional[Completion] = None) -> RequestRecord:
         self.written = True
-        self.record.update(outcome=outcome, code=code, **fields)
+        self.record = self.record.ended(outcome, code, reason=reason, run=run, completion=completion)
         return self.record
 
-    def accept(self, hop: dict) -> None:
+    def accept(self, hop: Hop) -> None:
         """Start writing the accepted record (who, what, where routed, prompt digest) as the
         request is first routed, so its fsync overlaps the node's prefill."""
         if self._accepted is not None or self._durable:
             return
-        record = {**self.record, "outcome": "accepted", "nodes": [hop]}
-        self._accepted = asyncio.ensure_future(self.trail.write(record))
+        self._accepted = asyncio.ensure_future(self.trail.write(self.record.accepted(hop)))
         self._accepted.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def accepted(self) -> None:
@@ -157,7 +164,7 @@ class AuditedCall:
     sends the status at once, so this abort() first ends the request's record and makes it
     durable (or logs why it could not): no failure status leaves before its audit record."""
 
-    def __init__(self, context: CallContext, audit: RequestAudit, facts: Callable[[], dict]):
+    def __init__(self, context: CallContext, audit: RequestAudit, facts: Callable[[], RunFacts]):
         self._context = context
         self._audit = audit
         self._facts = facts   # what the end record keeps of the run so far
@@ -173,6 +180,6 @@ class AuditedCall:
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
         if not self._audit.written:
-            await self._audit.trail.write_or_log(self._audit.end(Outcome.FAILED, code.name, **self._facts()))
+            await self._audit.trail.write_or_log(self._audit.end(Outcome.FAILED, code.name, run=self._facts()))
         await self._context.abort(code, details, trailing_metadata=trailing_metadata)
 

@@ -31,6 +31,7 @@ from coordinator.audit_trail import AuditTrail, RequestAudit
 from coordinator.call_context import CallContext, busy
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
+from coordinator.records import Completion, Hop, RunFacts
 from coordinator.request_summary import Outcome
 from coordinator.router import Want
 from coordinator.splice import Splice
@@ -82,7 +83,7 @@ class Failover:
                 run.queue_s = (run.queue_s or 0.0) + time.monotonic() - t_wait
             reserved = run.remaining
             run.routed(entry.node_id, entry.digest, model_label(entry))
-            audit.accept({"node": entry.node_id, "model": model_label(entry), "digest": entry.digest})
+            audit.accept(Hop(entry.node_id, model_label(entry), entry.digest))
             if run.announce_restart:
                 run.announce_restart = False
                 v = run.voided[-1]
@@ -162,8 +163,9 @@ class Failover:
                             context: CallContext) -> None:
         """The audit record is durable before the final chunk leaves (fail closed)."""
         f = final.final
-        record = audit.end(Outcome.COMPLETED, "OK", **run_facts(run), finish_reason=_finish_name(f.finish_reason),
-                           prompt_tokens=f.usage.prompt_tokens, ttft_ms=round(f.timings.time_to_first_token_ms, 1))
+        record = audit.end(Outcome.COMPLETED, "OK", run=RunFacts.of(run),
+                           completion=Completion(_finish_name(f.finish_reason), f.usage.prompt_tokens,
+                                                 round(f.timings.time_to_first_token_ms, 1)))
         try:
             await self._audit.write(record)
         except Exception as exc:  # noqa: BLE001 - AuditWriteError or the disk: withhold the result
@@ -309,14 +311,3 @@ def model_label(entry: NodeEntry) -> str:
         return ""
     return f"{model.model_id}@{model.version}" if model.version else model.model_id
 
-
-def run_facts(run: Splice) -> dict:
-    """What the audit keeps of a request's run: hops, counts and timing, no content. The
-    completion fields describe the text the caller keeps; what a restart made void (the
-    caller did receive it) is kept per restart under `voided`."""
-    return {"nodes": [{"node": n, "model": m, "digest": d} for n, m, d in run.hops],
-            "failovers": run.failovers, "retries": run.retries, "restarts": run.restarts,
-            "completion_tokens": len(run.delivered), "latency_ms": round(run.elapsed_ms(), 1),
-            "completion_digest": run.completion_digest.hexdigest_str() if run.completion_digest else "",
-            **({"voided": [{"node": v.node, "digest": v.digest, "tokens": v.tokens,
-                            "completion_digest": v.completion_digest} for v in run.voided]} if run.voided else {})}

@@ -37,6 +37,7 @@ from cluster.validation import MAX_REQUEST_ID_LEN, new_request_id, serves, valid
 from coordinator import openai_protocol as oa
 from coordinator.api_tokens import TokenRefused, TokenStore
 from coordinator.call_context import PUSHBACK_KEY
+from coordinator.request_summary import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,8 @@ class FrontDoor(MonitorHTTP):
         audit record and one summary, as the relay keeps for a request it rejects."""
         if exc.relayed or "rid" not in request or "caller" not in request:
             return   # the relay's own answer (recorded there), or a refusal audited as denied
-        record = self._audit.request_record(request["caller"], self._peer(request), request_id=request["rid"],
-                                            outcome="rejected", code=oa.CODE_OF.get(exc.status, "INVALID_ARGUMENT"),
-                                            reason=exc.message[:300])
+        record = self._audit.request_record(request["caller"], self._peer(request), request_id=request["rid"]).ended(
+            Outcome.REJECTED, oa.CODE_OF.get(exc.status, "INVALID_ARGUMENT"), reason=exc.message[:300])
         await self._relay.refused(record, None, str(request["caller"]), request["started"])
 
     async def close(self, grace_s: float = 1.0) -> None:

@@ -25,8 +25,9 @@ from coordinator.audit_trail import AuditedCall, AuditTrail, RequestAudit
 from coordinator.admission import Admission
 from coordinator.call_context import CallContext, busy
 from coordinator.events import EventLog
-from coordinator.failover import Failover, run_facts
+from coordinator.failover import Failover
 from coordinator.fleet import Fleet
+from coordinator.records import RequestRecord, RunFacts
 from coordinator.request_summary import Monitor, Outcome, RequestSummary
 from coordinator.splice import Splice
 
@@ -93,13 +94,13 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         req = inference_pb2.GenerateRequest()
         req.CopyFrom(request)
         req.request_id = req.request_id or new_request_id()
-        audit.record["request_id"] = req.request_id
+        audit.named(req.request_id)
         if req.max_tokens == 0:  # a template request: its budget, fixed here so a resume counts down from it
             req.max_tokens = template_budget(req, self._s.max_tokens_limit)
         if not req.sampling.HasField("seed"):  # drawn here, so a resumed stream keeps it
             req.sampling.seed = secrets.randbits(63)
         run = Splice(req, clock=time.monotonic, completion_digest=self._audit.completion_digest())
-        context = AuditedCall(context, audit, lambda: run_facts(run))   # every abort from here is audited first
+        context = AuditedCall(context, audit, lambda: RunFacts.of(run))   # every abort from here is audited first
         self.in_flight += 1
         self._per_caller[caller] = running + 1
         outcome = Outcome.CANCELLED
@@ -129,7 +130,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             if not audit.written:  # every accepted request ends in exactly one record
                 code = _code_name(context.code())
                 record = audit.end(outcome, code or ("DEADLINE_EXCEEDED" if outcome is Outcome.DEADLINE
-                                                     else "CANCELLED"), **run_facts(run))
+                                                     else "CANCELLED"), run=RunFacts.of(run))
                 if outcome is Outcome.FAILED:
                     await self._audit.write_or_log(record)   # the status goes out after the record is down
                 else:
@@ -140,28 +141,29 @@ class Relay(inference_pb2_grpc.InferenceServicer):
                      len(run.delivered), ",".join(run.nodes) or "-",
                      run.failovers, run.restarts, run.elapsed_ms(),
                      extra=fields(event="request.end", request_id=req.request_id, caller=caller,
-                                  outcome=audit.record.get("outcome"), code=audit.record.get("code"),
+                                  outcome=audit.record.outcome, code=audit.record.code,
                                   node_id=run.nodes[-1] if run.nodes else "", nodes=list(run.nodes),
                                   tokens=len(run.delivered), failovers=run.failovers, retries=run.retries,
                                   restarts=run.restarts, total_ms=round(run.elapsed_ms(), 1)))
 
-    async def refused(self, record: dict, request: Optional[inference_pb2.GenerateRequest], caller: str,
+    async def refused(self, record: RequestRecord, request: Optional[inference_pb2.GenerateRequest], caller: str,
                       started: float) -> None:
         """A request that ended before it ran (bad input, the caller's quota; or a body the
         front door could not read, with no request): its one audit record, then its summary."""
         await self._audit.write_or_log(record)
         self._ended(record, None, request or inference_pb2.GenerateRequest(), caller, started)
 
-    def _ended(self, record: dict, run: Optional[Splice], req: inference_pb2.GenerateRequest, caller: str,
+    def _ended(self, record: RequestRecord, run: Optional[Splice], req: inference_pb2.GenerateRequest, caller: str,
                started: float) -> None:
         """The one summary of a request for metrics and the request log (no content)."""
         now = time.time()
+        done = record.completion
         s = RequestSummary(
-            request_id=record.get("request_id", "") or "-", caller=caller,
+            request_id=record.request_id or "-", caller=caller,
             priority="batch" if req.priority == inference_pb2.PRIORITY_BATCH else "interactive",
-            started_at=started, ended_at=now, outcome=record.get("outcome", ""),
-            code=record.get("code", ""), duration_s=now - started,
-            finish_reason=record.get("finish_reason", ""), prompt_tokens=record.get("prompt_tokens", 0))
+            started_at=started, ended_at=now, outcome=record.outcome or "", code=record.code or "",
+            duration_s=now - started, finish_reason=done.finish_reason if done else "",
+            prompt_tokens=done.prompt_tokens if done else 0)
         if run is not None:
             s.duration_s = run.elapsed_ms() / 1000.0
             s.queue_s = run.queue_s

@@ -26,6 +26,7 @@ from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
 from coordinator.gates import GateContext
 from coordinator.node_ops import CALL_TIMEOUT_S, OpFailed, wait_op
+from coordinator.records import Caller, CallRecord
 from coordinator.rollout_store import TERMINAL_STEPS, Lease, LeaseLost, NodeRow, RolloutRow, RolloutStore
 from coordinator.weights_push import manifest_for, push_weights
 
@@ -120,11 +121,11 @@ class Runner:
         self._store.set_step(self.r.id, n, fence=self.fence)
         self._events.emit(K.EVENT_KIND_ROLLOUT, node_id=n.node_id, reason=message, rollout_id=self.r.id, step=step)
         if step in TERMINAL_STEPS and self._audit is not None:  # who changed which node's weights, and how it ended
-            self._audit.submit({"type": "admin", "action": "rollout.node", "caller": self.r.started_by,
-                                "role": "operator", "peer": "", "coordinator": self.r.owner,
-                                "outcome": step, "code": "OK" if step == "done" else "FAILED",
-                                "rollout_id": self.r.id, "node_id": n.node_id, "from_digest": n.from_digest,
-                                "to_digest": self.r.target.weights_digest, "reason": message[:300]})
+            self._audit.submit(CallRecord(
+                "admin", "rollout.node", Caller(self.r.started_by, "operator", "", self.r.owner), step,
+                "OK" if step == "done" else "FAILED",
+                {"rollout_id": self.r.id, "node_id": n.node_id, "from_digest": n.from_digest,
+                 "to_digest": self.r.target.weights_digest, "reason": message[:300]}))
 
     def _op(self, n: NodeRow, step: str) -> str:
         return f"{self.r.id}/{n.node_id}/{step}"

@@ -40,6 +40,7 @@ from cluster.audit.chain import (
     signature_ok,
 )
 from cluster.audit.keys import AuditKeys, make_private_dir
+from cluster.audit.records import CheckpointRecord, OpenRecord, RecoveredRecord
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +161,9 @@ class AuditLog:
             self._state = "open"
         self._thread.start()
         try:
-            first = [self._enqueue(recovered)] if recovered else []
-            first.append(self._enqueue({"type": "open", "time": self._now(), "source": self._source,
-                                        "pid": os.getpid(), "key": self._keys.fingerprint,
-                                        "format": FORMAT_VERSION}))
+            first = [self._enqueue(recovered.to_dict())] if recovered else []
+            first.append(self._enqueue(OpenRecord(self._now(), self._source, os.getpid(), self._keys.fingerprint,
+                                                  FORMAT_VERSION).to_dict()))
             for future in first:
                 future.result(timeout=timeout_s)
         except BaseException:
@@ -325,9 +325,8 @@ class AuditLog:
                          time.monotonic() if checkpoint else t.checkpoint_at)
 
     def _checkpoint_fields(self, seq: int, prev: str, covers: list[int]) -> dict:
-        return {"type": "checkpoint", "time": self._now(), "source": self._source, "head": prev,
-                "covers": covers, "sig": self._keys.sign(checkpoint_message(seq, prev)),
-                "key": self._keys.fingerprint}
+        return CheckpointRecord(self._now(), self._source, prev, covers, self._keys.sign(checkpoint_message(seq, prev)),
+                                self._keys.fingerprint).to_dict()
 
     def _checkpoint(self, buf: bytearray) -> None:
         seq, prev = self._tip.seq + 1, self._tip.hash
@@ -430,9 +429,9 @@ class AuditLog:
 
     # -- recovery ------------------------------------------------------------------------------
 
-    def _recover(self) -> Optional[dict]:
+    def _recover(self) -> Optional[RecoveredRecord]:
         """Find the last good record, cut a torn tail, and refuse a chain shorter than HEAD.
-        Returns the fields of a `recovered` record when bytes were cut."""
+        Returns a `recovered` record when bytes were cut."""
         files = list_files(self.directory)
         head = read_head(self.directory)
         if head is not None and not (head.get("key") == self._keys.fingerprint and signature_ok(
@@ -468,10 +467,9 @@ class AuditLog:
         if good_end < len(data):
             os.ftruncate(self._fd, good_end)
             _fsync(self._fd)
-            recovered = {"type": "recovered", "time": self._now(), "source": self._source, "file": path.name,
-                         "offset": good_end, "discarded_bytes": len(data) - good_end,
-                         "reason": f"the last line was not a whole record ({fault}): a write torn by a crash, "
-                                   "never acknowledged"}
+            recovered = RecoveredRecord(self._now(), self._source, path.name, good_end, len(data) - good_end,
+                                        f"the last line was not a whole record ({fault}): a write torn by a crash, "
+                                        "never acknowledged")
             logger.warning("audit: %s: cut %d bytes at offset %d after a crash (%s); nothing acknowledged was lost",
                            path.name, len(data) - good_end, good_end, fault)
         self._size = good_end
