@@ -197,7 +197,7 @@ class NodeAgent:
         then restore a drain that was in place before the agent restarted."""
         ops = self.ops
         model = ops.state.model_to_serve(self.configured_model)
-        ops.save()
+        await ops.save()
         if model is not self.configured_model:
             log.info("node=%s serving activated model %s %s (not --model)", self.node_id, model.model_id,
                      model.digest[:19])

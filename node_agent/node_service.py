@@ -52,7 +52,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {node}: {why}")
         if audit_witness.keep(self._ops.state, head, node):
             try:
-                self._ops.save()
+                await self._ops.save()
             except OSError as exc:
                 log.error("node=%s audit HEAD %d not saved (%s)", node, head.seq, type(exc).__name__)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {node}: its state file cannot be "
@@ -72,7 +72,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                                 f"node {self._node_id}: fencing_token is sent by coordinators holding the "
                                 "rollout lease; leave it 0 for an operator's command")
         try:
-            self._ops.fence(token)
+            await self._ops.fence(token)
         except OperationError as exc:
             await context.abort(exc.code, str(exc))
 

@@ -73,13 +73,19 @@ class NodeState:
                    operations=list(raw.get("operations", []))[-KEEP_OPERATIONS:],
                    fencing_token=int(raw.get("fencing_token", 0)), audit_heads=dict(heads), **models)
 
-    def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+    def dump(self) -> str:
+        """The state file's text (taken on the event loop, so no change lands half-way)."""
         self.operations = self.operations[-KEEP_OPERATIONS:]
+        return json.dumps(asdict(self), indent=1)
+
+    @staticmethod
+    def write(state_dir: Path, text: str) -> None:
+        """Replace the state file with `text`, fsynced, rename included (blocking: run it in a thread)."""
+        state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)

@@ -72,28 +72,30 @@ class Operations:
         self._drain_task: Optional[asyncio.Task] = None
         self._busy: Optional[str] = None              # the model operation under way (stage runs beside)
         self._tasks: set[asyncio.Task] = set()
+        self._saving = asyncio.Lock()                 # one state-file write at a time, in order
 
     # -- fencing ----------------------------------------------------------------------
-    def fence(self, token: int) -> None:
+    async def fence(self, token: int) -> None:
         """Accept `token` (0: unfenced) or refuse it as older than the newest seen; a newer
-        one is saved before the operation it comes with starts."""
+        one is saved before the operation it comes with starts (fences run one at a time)."""
         if token == 0:
             return
-        newest = self.state.fencing_token
-        if token < newest:
-            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"node {self.node_id}: fencing token {token} is older than {newest}, the "
-                                 "newest this node has accepted: the coordinator sending it no longer holds the "
-                                 "rollout lease (another coordinator took it over); nothing was done")
-        if token > newest:
-            log.info("node=%s fencing token %d -> %d (a new rollout lease holder)", self.node_id,
-                     newest, token, extra=fields(event="node.fencing_token", node_id=self.node_id))
-            self.state.fencing_token = token
-            try:
-                self.save()
-            except BaseException:
-                self.state.fencing_token = newest   # not durable: not accepted
-                raise
+        async with self._saving:
+            newest = self.state.fencing_token
+            if token < newest:
+                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"node {self.node_id}: fencing token {token} is older than {newest}, the "
+                                     "newest this node has accepted: the coordinator sending it no longer holds "
+                                     "the rollout lease (another coordinator took it over); nothing was done")
+            if token > newest:
+                log.info("node=%s fencing token %d -> %d (a new rollout lease holder)", self.node_id,
+                         newest, token, extra=fields(event="node.fencing_token", node_id=self.node_id))
+                self.state.fencing_token = token
+                try:
+                    await self._write()
+                except BaseException:
+                    self.state.fencing_token = newest   # not durable: not accepted
+                    raise
 
     # -- records ----------------------------------------------------------------------
     def find(self, op_id: str) -> Optional[dict]:
@@ -113,18 +115,23 @@ class Operations:
         self.state.operations.append(rec)
         return rec, True
 
-    def _end(self, rec: dict, ok: bool, message: str) -> dict:
+    async def _end(self, rec: dict, ok: bool, message: str) -> dict:
         rec.update(state="done" if ok else "failed", message=message, finished=time.time())
         (log.info if ok else log.warning)("node=%s operation=%s kind=%s %s: %s", self.node_id,
                                           rec["operation_id"], rec["kind"], rec["state"], message,
                                           extra=fields(event=f"node.operation.{rec['state']}",
                                                        node_id=self.node_id, operation_id=rec["operation_id"],
                                                        kind=rec["kind"], reason=message))
-        self.save()
+        await self.save()
         return rec
 
-    def save(self) -> None:
-        self.state.save(self.state_dir)
+    async def save(self) -> None:
+        """Write the state file, fsynced, off the event loop; saves land one at a time, in order."""
+        async with self._saving:
+            await self._write()
+
+    async def _write(self) -> None:
+        await asyncio.to_thread(NodeState.write, self.state_dir, self.state.dump())
 
     def recent(self, n: int = 10) -> list[node_pb2.Operation]:
         return [to_proto(r) for r in self.state.operations[-n:]]
@@ -133,15 +140,15 @@ class Operations:
         """Run `work` (which returns the done message or raises OperationError) and end the record."""
         async def run() -> None:
             try:
-                self._end(rec, True, await work())
+                await self._end(rec, True, await work())
             except OperationError as exc:
-                self._end(rec, False, str(exc))
-            except asyncio.CancelledError:
-                self._end(rec, False, "interrupted: the agent is stopping")
+                await self._end(rec, False, str(exc))
+            except asyncio.CancelledError:   # the record is saved even if cancelled again
+                await asyncio.shield(self._end(rec, False, "interrupted: the agent is stopping"))
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded, never lost
                 log.exception("node=%s operation=%s failed", self.node_id, rec["operation_id"])
-                self._end(rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log")
+                await self._end(rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log")
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -160,7 +167,7 @@ class Operations:
                 self._drain_task = None
             if self._lifecycle.state in (State.DRAINING, State.DRAINED):
                 await self._enter(State.READY, f"uncordoned ({reason or 'operator'})")
-        return self._end(rec, True, ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
+        return await self._end(rec, True, ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
                          + (f" ({reason})" if reason else ""))
 
     async def drain(self, op_id: str, timeout_s: float, reason: str) -> dict:
@@ -169,7 +176,7 @@ class Operations:
             return rec
         state = self._lifecycle.state
         if state is State.DRAINED:
-            return self._end(rec, True, "already drained")
+            return await self._end(rec, True, "already drained")
         if state not in (State.READY, State.DRAINING):
             self.state.operations.remove(rec)
             raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -182,7 +189,7 @@ class Operations:
     async def _start_drain(self, timeout_s: float, reason: str) -> asyncio.Task:
         """Cordon (saved), enter DRAINING and start the drain; the one under way if any."""
         self.state.cordoned, self.state.cordon_reason = True, reason or "draining"
-        self.save()
+        await self.save()
         if self._drain_task is None:
             timeout = timeout_s or self._drain_timeout_s
             self.drain_deadline = time.monotonic() + timeout
@@ -207,7 +214,7 @@ class Operations:
         finally:
             self.drain_deadline = None
         self.state.drained = True
-        self.save()
+        await self.save()
         await self._enter(State.DRAINED, message)
         return message
 
@@ -263,7 +270,7 @@ class Operations:
             self.state.operations.remove(rec)
             raise
         if target.digest and target.digest == self._model_info().weights_digest:
-            return self._end(rec, True, f"already serving {target.model_id} {target.digest[:19]}")
+            return await self._end(rec, True, f"already serving {target.model_id} {target.digest[:19]}")
         self._busy = f"activate {op_id}"
         self._background(rec, lambda: self._activate(target))
         return rec
@@ -288,7 +295,7 @@ class Operations:
         try:
             if await self._load_and_warm(target):
                 self.state.previous, self.state.active, self.state.drained = old, target, False
-                self.save()
+                await self.save()
                 self._staging.prune({d for d in (target.digest, old.digest) if d})
                 return f"serving {target.model_id} {target.version} {self._model_info().weights_digest[:19]} (cordoned)"
             why = self._lifecycle.snapshot.reason

@@ -27,13 +27,7 @@ from blockbuster import BlockBuster, BlockingError
 UNTIMED_ONLY = ("threading.Lock.acquire", "threading.Lock.acquire_lock")
 # Known blocking calls on a loop, each with why it is still there. Keep this short: an
 # entry is debt, to be fixed where the call is made, not a place to silence new finds.
-KNOWN_BLOCKING = {
-    # The node's state file is written (and fsynced twice) on the event loop by every
-    # operation, cordon and drain; a fencing token must be durable before it is accepted,
-    # so the fix is an awaited save in a thread at each caller (node_agent/operations.py,
-    # agent.py, node_service.py), not a fire-and-forget one.
-    ("node_agent/node_state.py", "save"),
-}
+KNOWN_BLOCKING: set[tuple[str, str]] = set()   # (file, function): none today
 
 
 class _Seen:
