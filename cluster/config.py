@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Optional, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cluster.config_file import TableSource
@@ -342,6 +342,19 @@ class CoordinatorSettings(HealthSection, AdmissionSection, AuditSection, Rollout
     # coordinator resumes; coordinators sharing the file share the lease.
     state_db: Path = setting(Path("studiofleet-coordinator.db"), "SQLite file for rollout state and the rollout "
                              "lease, API tokens and the request log.")
+    state_url: Optional[SecretStr] = setting(
+        None, "State database URL (docs/state.md): sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB "
+        "(PostgreSQL 15+; coordinators sharing it share tokens, the request log and the rollout lease).",
+        metavar="URL", default_text="sqlite:///--state-db")
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: Optional[SecretStr]) -> Optional[SecretStr]:
+        if value is not None:
+            from coordinator.state.engine import parse
+
+            parse(value.get_secret_value())   # ValueError naming the URL without its password
+        return value
     log_format: str = setting("json", "json (one JSON object per line) or text.", pattern="^(json|text)$")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING.")
 

@@ -15,14 +15,17 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+import sqlalchemy as sa
 
 from cluster.api import fleet_pb2
 from cluster.security.identity import Identity, Role, check_name
+from coordinator.state import StateDB
+from coordinator.state.schema import api_tokens as T
 
 PREFIX = "sft_"
 TOKEN_RE = re.compile(r"^sft_([0-9a-f]{12})\.([A-Za-z0-9_-]{43})$")
@@ -30,13 +33,6 @@ ID_RE = re.compile(r"^[0-9a-f]{12}$")
 ROLES = (Role.APP, Role.MONITOR)     # app: inference and models; monitor: models only
 DEFAULT_TTL_S = 90 * 86400.0
 MAX_TTL_S = 366 * 86400.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_tokens (
-  id TEXT PRIMARY KEY, hash TEXT NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL,
-  created REAL NOT NULL, expires REAL NOT NULL, revoked REAL NOT NULL DEFAULT 0,
-  revoked_reason TEXT NOT NULL DEFAULT '', created_by TEXT NOT NULL DEFAULT '');
-"""
 
 
 class TokenRefused(Exception):
@@ -69,19 +65,17 @@ def _digest(token: str) -> str:
 
 
 class TokenStore:
-    """The api_tokens table in the coordinator's state database; one connection, event loop
-    only (a lookup is one indexed read)."""
+    """The api_tokens table in the coordinator's state database (coordinator/state/; SQLite
+    or PostgreSQL); called from the event loop (a lookup is one indexed read). An issued or
+    revoked token is committed (on disk) when the call returns."""
 
-    def __init__(self, path: Path, clock=time.time):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, state: Union[StateDB, str, Path], clock=time.time):
+        self._state, self._owned = StateDB.of(state)
         self._clock = clock
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")   # an issued or revoked token is on disk when we answer
-        self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        if self._owned:
+            self._state.close()
 
     def issue(self, name: str, role: str = "", ttl_s: float = 0.0, created_by: str = "") -> tuple[fleet_pb2.ApiToken, str]:
         """(the token's record, the bearer secret: shown once)."""
@@ -102,9 +96,9 @@ class TokenStore:
         secret = f"{PREFIX}{token_id}.{secrets.token_urlsafe(32)}"
         now = self._clock()
         expires = now + (ttl_s or DEFAULT_TTL_S)
-        self._db.execute("INSERT INTO api_tokens (id, hash, name, role, created, expires, created_by) "
-                         "VALUES (?,?,?,?,?,?,?)", (token_id, _digest(secret), name, role_.value, now, expires,
-                                                    created_by))
+        with self._state.begin() as db:
+            db.execute(T.insert().values(id=token_id, hash=_digest(secret), name=name, role=role_.value,
+                                         created=now, expires=expires, created_by=created_by))
         return self.get(PREFIX + token_id), secret
 
     def revoke(self, token_id: str, reason: str = "") -> fleet_pb2.ApiToken:
@@ -112,24 +106,27 @@ class TokenStore:
         raw = public_id(token_id).removeprefix(PREFIX)
         if not ID_RE.match(raw):
             raise TokenRequestError("a token id is sft_ and 12 hex digits, as `fleetctl tokens list` shows it")
-        row = self._db.execute("SELECT revoked FROM api_tokens WHERE id=?", (raw,)).fetchone()
-        if row is None:
-            raise TokenRequestError(f"no API token {PREFIX}{raw}; `fleetctl tokens list --all` shows them",
-                                    code="NOT_FOUND")
-        if not row[0]:
-            self._db.execute("UPDATE api_tokens SET revoked=?, revoked_reason=? WHERE id=?",
-                             (self._clock(), reason[:200], raw))
+        with self._state.begin() as db:
+            row = db.execute(sa.select(T.c.revoked).where(T.c.id == raw)).first()
+            if row is None:
+                raise TokenRequestError(f"no API token {PREFIX}{raw}; `fleetctl tokens list --all` shows them",
+                                        code="NOT_FOUND")
+            if not row[0]:
+                db.execute(T.update().where(T.c.id == raw, T.c.revoked == 0)
+                           .values(revoked=self._clock(), revoked_reason=reason[:200]))
         return self.get(PREFIX + raw)
 
     def get(self, token_id: str) -> Optional[fleet_pb2.ApiToken]:
-        row = self._db.execute(f"SELECT {_FIELDS} FROM api_tokens WHERE id=?",
-                               (token_id.removeprefix(PREFIX),)).fetchone()
+        with self._state.begin() as db:
+            row = db.execute(sa.select(*_FIELDS).where(T.c.id == token_id.removeprefix(PREFIX))).first()
         return _proto(row) if row else None
 
     def list(self, include_inactive: bool = False) -> list[fleet_pb2.ApiToken]:
-        sql = (f"SELECT {_FIELDS} FROM api_tokens" +
-               ("" if include_inactive else " WHERE revoked=0 AND expires>?") + " ORDER BY created")
-        return [_proto(r) for r in self._db.execute(sql, () if include_inactive else (self._clock(),))]
+        query = sa.select(*_FIELDS).order_by(T.c.created)
+        if not include_inactive:
+            query = query.where(T.c.revoked == 0, T.c.expires > self._clock())
+        with self._state.begin() as db:
+            return [_proto(r) for r in db.execute(query)]
 
     def verify(self, bearer: str) -> TokenHolder:
         """The holder of a valid token; TokenRefused (never naming the secret) otherwise."""
@@ -137,8 +134,9 @@ class TokenStore:
         if m is None:
             raise TokenRefused("the bearer token is not a StudioFleet API token (sft_...); "
                                "ask an operator for one (`fleetctl tokens issue NAME`)")
-        row = self._db.execute("SELECT hash, name, role, expires, revoked FROM api_tokens WHERE id=?",
-                               (m.group(1),)).fetchone()
+        with self._state.begin() as db:
+            row = db.execute(sa.select(T.c.hash, T.c.name, T.c.role, T.c.expires, T.c.revoked)
+                             .where(T.c.id == m.group(1))).first()
         tid = PREFIX + m.group(1)
         if row is None or not hmac.compare_digest(row[0], _digest(bearer)):
             raise TokenRefused(f"API token {tid} is not known to this fleet; ask an operator for one "
@@ -151,7 +149,8 @@ class TokenStore:
         return TokenHolder(tid, Identity(Role(role), name))
 
 
-_FIELDS = "id, name, role, created, expires, revoked, revoked_reason, created_by"   # what _proto reads
+_FIELDS = (T.c.id, T.c.name, T.c.role, T.c.created, T.c.expires, T.c.revoked, T.c.revoked_reason,
+           T.c.created_by)   # what _proto reads
 
 
 def _proto(row) -> fleet_pb2.ApiToken:

@@ -28,6 +28,7 @@ from coordinator.relay import Relay
 from coordinator.request_summary import Monitor
 from coordinator.rollout_store import RolloutStore
 from coordinator.rollouts import Rollouts, lease_holder
+from coordinator.state import StateDB, url_for
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,13 @@ class Coordinator:
         self.monitor = Monitor()
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
                            identify=self.authz.peer, audit=self.audit, monitor=self.monitor)
+        # Rollouts and their lease, API tokens, the request log (docs/state.md); migrated on open.
+        self.state = StateDB(url_for(settings.state_url, settings.state_db))
+        log.info("coordinator=%s state database %s", settings.coordinator_id, self.state.shown)
         rollout = settings.section(RolloutSection)
         self.rollouts = Rollouts(settings=rollout, holder=lease_holder(settings), probe_timeout_s=settings.probe_timeout_s,
                                  fleet=self.fleet, events=self.events, gates=default_gates(rollout),
-                                 store=RolloutStore(settings.state_db),
+                                 store=RolloutStore(self.state),
                                  audit=self.audit)
         self.metrics = None
         if settings.metrics:
@@ -71,7 +75,7 @@ class Coordinator:
         if settings.request_log:
             from coordinator.request_log import RequestLog
 
-            self.request_log = RequestLog(settings.state_db, retention_days=settings.request_log_retention_days)
+            self.request_log = RequestLog(self.state, retention_days=settings.request_log_retention_days)
             self.monitor.sinks.append(self.request_log.record)
         self.http = None   # the monitoring port (start)
         self.api = None    # the OpenAI-compatible front door (start)
@@ -79,7 +83,7 @@ class Coordinator:
         if http_address(settings.listen, settings.openai_listen, 2) is not None:
             from coordinator.api_tokens import TokenStore
 
-            self.tokens = TokenStore(settings.state_db)
+            self.tokens = TokenStore(self.state)
         self.discovery: Optional[MdnsDiscovery] = None
         self._health = health_aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
@@ -221,6 +225,7 @@ class Coordinator:
             self.tokens.close()
         if self.request_log is not None:  # every request has ended: its last rows
             await asyncio.to_thread(self.request_log.close)
+        self.state.close()
         if self.audit.log is not None:  # every request has ended: the last records, a checkpoint
             await asyncio.to_thread(self.audit.log.close)
         self._stopped.set()

@@ -1,5 +1,5 @@
-"""The request log: every request's metadata in the coordinator's SQLite (`state_db`),
-kept `retention_days`, for `fleetctl requests` and the dashboard (README "Monitoring").
+"""The request log: every request's metadata in the coordinator's state database
+(coordinator/state/: SQLite or PostgreSQL, shared by coordinators on one database), kept `retention_days`, for `fleetctl requests` and the dashboard (README "Monitoring").
 
 Metadata only: who, when, the queue / first-token / decode breakdown, tokens, nodes,
 failovers and the outcome. No prompt, no completion: the schema has no column for them.
@@ -17,17 +17,20 @@ import collections
 import json
 import logging
 import queue
-import sqlite3
 import statistics
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
+
+import sqlalchemy as sa
 
 from cluster.api import fleet_pb2
 from cluster.metrics import percentile
 from coordinator.request_summary import FAILED_OUTCOMES, REJECTED_OUTCOMES, RequestSummary
+from coordinator.state import StateDB
+from coordinator.state.schema import requests as Q
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +38,6 @@ COLUMNS = ("request_id", "caller", "priority", "started_at", "ended_at", "outcom
            "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers",
            "retries", "restarts", "finish_reason", "quality_score", "template", "output_format", "schema_valid",
            "quality_parts")
-# Columns added after the table first shipped: (name, declaration), added to old databases.
-_ADDED = (("template", "TEXT NOT NULL DEFAULT ''"), ("output_format", "TEXT NOT NULL DEFAULT ''"),
-          ("schema_valid", "INTEGER"), ("quality_parts", "TEXT"))
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-  request_id TEXT NOT NULL, caller TEXT NOT NULL, priority TEXT NOT NULL, started_at REAL NOT NULL,
-  ended_at REAL NOT NULL, outcome TEXT NOT NULL, code TEXT NOT NULL, queue_ms REAL, ttft_ms REAL,
-  decode_ms REAL NOT NULL, latency_ms REAL NOT NULL, prompt_tokens INTEGER NOT NULL,
-  completion_tokens INTEGER NOT NULL, nodes TEXT NOT NULL, failovers INTEGER NOT NULL,
-  retries INTEGER NOT NULL, restarts INTEGER NOT NULL, finish_reason TEXT NOT NULL, quality_score REAL);
-CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
-CREATE INDEX IF NOT EXISTS requests_caller ON requests (caller, ended_at);
-"""
-_INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 QUEUE_MAX = 20_000
 BATCH_MAX = 500
 FLUSH_S = 0.25
@@ -56,20 +45,23 @@ PRUNE_EVERY_S = 3600.0
 TRAFFIC_WINDOW_S = 24 * 3600.0   # ~6,000 notes a day: a day of summaries is a few MB
 
 
-def _row(s: RequestSummary) -> tuple:
+def _row(s: RequestSummary) -> dict:
     ms = lambda v: None if v is None else round(v * 1000.0, 3)  # noqa: E731
-    return (s.request_id, s.caller, s.priority, s.started_at, s.ended_at, s.outcome, s.code, ms(s.queue_s),
+    return dict(zip(COLUMNS, (s.request_id, s.caller, s.priority, s.started_at, s.ended_at, s.outcome, s.code, ms(s.queue_s),
             ms(s.ttft_s), ms(s.decode_s), ms(s.duration_s), s.prompt_tokens, s.completion_tokens,
             json.dumps(s.nodes), s.failovers, s.retries, s.restarts, s.finish_reason, s.quality_score, s.template,
-            s.output_format, s.schema_valid, json.dumps(s.quality_parts) if s.quality_parts else None)
+            s.output_format, None if s.schema_valid is None else int(s.schema_valid),
+            json.dumps(s.quality_parts) if s.quality_parts else None)))
 
 
 class RequestLog:
-    def __init__(self, path: Path, *, retention_days: float, clock: Callable[[], float] = time.time):
-        self.path = Path(path)
+    def __init__(self, state: Union[StateDB, str, Path], *, retention_days: float,
+                 clock: Callable[[], float] = time.time):
+        self._state, self._owned = StateDB.of(state)   # the schema is up to date once open
+        self.path = self._state.path or self._state.shown   # what log lines name (a URL without its password)
         self.retention_days = retention_days
         self._clock = clock
-        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(QUEUE_MAX)
+        self._queue: "queue.Queue[Optional[dict]]" = queue.Queue(QUEUE_MAX)
         self._recent: collections.deque[RequestSummary] = collections.deque()
         self.dropped = 0
         self._failing = False
@@ -77,23 +69,9 @@ class RequestLog:
         self._queued = 0             # rows handed to the writer so far
         self._settled = 0            # of those, rows committed or lost
         self._closed = False
-        db = self._connect()   # the schema exists, and expired rows are gone, before the first query
-        try:
-            db.executescript(_SCHEMA)
-            have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
-            for name, decl in _ADDED:
-                if name not in have:
-                    db.execute(f"ALTER TABLE requests ADD COLUMN {name} {decl}")
-            self._prune(db)
-        finally:
-            db.close()
+        self._prune(self._state)   # expired rows are gone before the first query
         self._writer = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._writer.start()
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")   # the rollout store shares the file
-        return db
 
     # -- the event loop's side -----------------------------------------------------------------
     def record(self, summary: RequestSummary) -> None:
@@ -134,11 +112,11 @@ class RequestLog:
 
     # -- the writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
-        db = self._connect()
+        db = self._state
         next_prune = self._clock() + PRUNE_EVERY_S   # the first prune ran at open
         stop = False
         while not stop:
-            batch: list[tuple] = []
+            batch: list[dict] = []
             try:
                 item = self._queue.get(timeout=FLUSH_S)
                 while True:
@@ -159,38 +137,37 @@ class RequestLog:
                     next_prune = self._clock() + PRUNE_EVERY_S
             except Exception:  # noqa: BLE001 - the writer outlives a bug (_insert settles its rows)
                 log.exception("request log %s: writer error; still writing", self.path)
-        db.close()
 
     def _settle(self, rows: int) -> None:
         with self._flushed:
             self._settled += rows
             self._flushed.notify_all()
 
-    def _insert(self, db: sqlite3.Connection, batch: list[tuple]) -> None:
+    def _insert(self, db: StateDB, batch: list[dict]) -> None:
         try:
-            with db:
-                db.execute("BEGIN")
-                db.executemany(_INSERT, batch)
+            with db.begin() as conn:
+                conn.execute(Q.insert(), batch)
             if self._failing and self._queue.qsize() < QUEUE_MAX // 2:
                 self._failing = False
                 log.info("request log %s is writing again", self.path)
-        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, or a row the driver cannot bind
+        except Exception as exc:  # noqa: BLE001 - a database error, or a row the driver cannot bind
             self.dropped += len(batch)
             if not self._failing:
                 self._failing = True
-                log.error("request log %s: %d rows lost (%s: %s); the audit chain still has them", self.path,
-                          len(batch), type(exc).__name__, exc)
+                log.error("request log %s: %d rows lost (%s); the audit chain still has them", self.path,
+                          len(batch), _why(exc))
         finally:
             self._settle(len(batch))
 
-    def _prune(self, db: sqlite3.Connection) -> None:
+    def _prune(self, db: StateDB) -> None:
         try:
-            gone = db.execute("DELETE FROM requests WHERE ended_at < ?",
-                              (self._clock() - self.retention_days * 86400.0,)).rowcount
+            with db.begin() as conn:
+                gone = conn.execute(Q.delete().where(Q.c.ended_at < self._clock() - self.retention_days * 86400.0)
+                                    ).rowcount
             if gone:
                 log.info("request log: %d rows past the %g-day retention deleted", gone, self.retention_days)
-        except sqlite3.Error as exc:
-            log.error("request log %s: retention delete failed (%s: %s)", self.path, type(exc).__name__, exc)
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("request log %s: retention delete failed (%s)", self.path, _why(exc))
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every row recorded before this call is committed (or lost); rows
@@ -205,31 +182,25 @@ class RequestLog:
         self._closed = True
         self._queue.put(None)
         self._writer.join(timeout=30)
+        if self._owned:
+            self._state.close()
 
     # -- queries (a worker thread) -----------------------------------------------------------------
     def list_reply(self, request: fleet_pb2.ListRequestsRequest, *, slow_ttft_ms: float,
                    slow_latency_ms: float) -> fleet_pb2.ListRequestsResponse:
         self.flush()
-        where, args = ["ended_at >= ?"], [self._clock() - (request.since_s or 3600.0)]
+        where = [Q.c.ended_at >= self._clock() - (request.since_s or 3600.0)]
         if request.slow_only:
-            where.append("(ttft_ms >= ? OR latency_ms >= ?)")
-            args += [slow_ttft_ms, slow_latency_ms]
+            where.append(sa.or_(Q.c.ttft_ms >= slow_ttft_ms, Q.c.latency_ms >= slow_latency_ms))
         for only, outcomes in ((request.failed_only, FAILED_OUTCOMES), (request.rejected_only, REJECTED_OUTCOMES)):
             if only:
-                where.append(f"outcome IN ({', '.join('?' * len(outcomes))})")
-                args += list(outcomes)
+                where.append(Q.c.outcome.in_(list(outcomes)))
         if request.caller:
-            # role/name exactly, or the name exactly (not LIKE: `_` and case would match more)
-            where.append("(caller = ? OR substr(caller, instr(caller, '/') + 1) = ?)")
-            args += [request.caller, request.caller]
-        sql = " AND ".join(where)
-        db = self._connect()
-        try:
-            matched = db.execute(f"SELECT count(*) FROM requests WHERE {sql}", args).fetchone()[0]
-            rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {sql} "
-                              "ORDER BY ended_at DESC LIMIT ?", [*args, request.limit or 100]).fetchall()
-        finally:
-            db.close()
+            where.append(_caller_is(request.caller))
+        with self._state.begin() as db:
+            matched = db.execute(sa.select(sa.func.count()).select_from(Q).where(*where)).scalar_one()
+            rows = db.execute(sa.select(*(Q.c[c] for c in COLUMNS)).where(*where)
+                              .order_by(Q.c.ended_at.desc()).limit(request.limit or 100)).all()
         reply = fleet_pb2.ListRequestsResponse(matched=matched, slow_ttft_ms=slow_ttft_ms,
                                                slow_latency_ms=slow_latency_ms, retention_days=self.retention_days)
         for row in rows:
@@ -243,6 +214,25 @@ class RequestLog:
                 r["schema_valid"] = bool(r["schema_valid"])
             reply.requests.append(fleet_pb2.RequestRecord(**r))
         return reply
+
+
+def _caller_is(name: str):
+    """caller is role/name exactly, or its name part (after the first '/') is `name` exactly:
+    not LIKE, where `_` and (on SQLite) case would match more. substr and length are the
+    same functions on SQLite and PostgreSQL."""
+    tail = "/" + name
+    length = sa.func.length(Q.c.caller)
+    return sa.or_(Q.c.caller == name,
+                  sa.and_(length > len(tail),
+                          sa.func.substr(Q.c.caller, length - len(tail) + 1) == tail,
+                          ~sa.func.substr(Q.c.caller, 1, length - len(tail)).contains("/")))
+
+
+def _why(exc: Exception) -> str:
+    """An error's type and first line: SQLAlchemy's own text would add the statement."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _bucket(start: float, group: list[RequestSummary]) -> fleet_pb2.TrafficBucket:

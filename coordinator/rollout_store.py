@@ -1,6 +1,6 @@
-"""Rollout state in the coordinator's embedded SQLite: what a restarted coordinator resumes
-from, and the lease that keeps two coordinators sharing the database from running
-rollouts at once. Nodes keep their own truth (their digests and operation records);
+"""Rollout state in the coordinator's state database (coordinator/state/: SQLite or
+PostgreSQL): what a restarted coordinator resumes from, and the lease that keeps two
+coordinators sharing the database from running rollouts at once. Nodes keep their own truth (their digests and operation records);
 this is the plan and how far it got.
 
 The lease carries a fencing token that grows by one each time the lease changes hands.
@@ -12,34 +12,20 @@ coordinator that stalled past its lease and woke up cannot act on nodes or on th
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+import sqlalchemy as sa
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 from cluster.api import fleet_pb2
+from coordinator.state import StateDB
+from coordinator.state.schema import lease as L
+from coordinator.state.schema import rollout_nodes as N
+from coordinator.state.schema import rollouts as R
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
-  id TEXT PRIMARY KEY, state TEXT NOT NULL, target TEXT NOT NULL, max_unavailable INTEGER NOT NULL,
-  drain_timeout_s REAL NOT NULL, message TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
-  updated REAL NOT NULL, owner TEXT NOT NULL DEFAULT '', started_by TEXT NOT NULL DEFAULT '',
-  wait_timeout_s REAL NOT NULL DEFAULT 300);
-CREATE TABLE IF NOT EXISTS rollout_nodes (
-  rollout_id TEXT NOT NULL, node_id TEXT NOT NULL, position INTEGER NOT NULL,
-  step TEXT NOT NULL DEFAULT 'pending', from_digest TEXT NOT NULL DEFAULT '',
-  message TEXT NOT NULL DEFAULT '', started REAL NOT NULL DEFAULT 0, finished REAL NOT NULL DEFAULT 0,
-  kept_out INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rollout_id, node_id));
-CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL,
-  token INTEGER NOT NULL DEFAULT 0);
-"""
-# Columns added after the first release, added to an older database when it is opened.
-_ADDED = (("lease", "token", "INTEGER NOT NULL DEFAULT 0"),
-          ("rollouts", "wait_timeout_s", "REAL NOT NULL DEFAULT 300"),
-          ("rollout_nodes", "kept_out", "INTEGER NOT NULL DEFAULT 0"))
 ACTIVE = ("RUNNING", "PAUSED")
 DEFAULT_WAIT_TIMEOUT_S = 300.0
 TERMINAL_STEPS = ("done", "rolled_back", "failed", "skipped")
@@ -90,119 +76,124 @@ class RolloutRow:
 
 
 class RolloutStore:
-    """One connection, used from the event loop only (writes are few and small)."""
+    """Called from the event loop (writes are few and small). Every write that acts under
+    the lease checks it in the same transaction, holding the lease row (SQLite: BEGIN
+    IMMEDIATE; PostgreSQL: SELECT ... FOR UPDATE), so a lease change and a fenced write
+    never interleave."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a step is recorded before it is acted on
-        self._db.executescript(_SCHEMA)
-        for table, column, decl in _ADDED:   # an older database
-            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    def __init__(self, state: Union[StateDB, str, Path]):
+        self._state, self._owned = StateDB.of(state)
+        self.path = self._state.path   # the SQLite file; None on PostgreSQL
 
     def close(self) -> None:
-        self._db.close()
+        if self._owned:
+            self._state.close()
 
     # -- rollouts -----------------------------------------------------------------------
     def create(self, row: RolloutRow) -> None:
         now = time.time()
-        with self._tx():
-            self._db.execute("INSERT INTO rollouts (id, state, target, max_unavailable, drain_timeout_s, message, "
-                             "created, updated, owner, started_by, wait_timeout_s) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                             (row.id, row.state, json.dumps(MessageToDict(row.target)), row.max_unavailable,
-                              row.drain_timeout_s, row.message, now, now, row.owner, row.started_by,
-                              row.wait_timeout_s))
-            self._db.executemany("INSERT INTO rollout_nodes (rollout_id, node_id, position, kept_out) VALUES (?,?,?,?)",
-                                 [(row.id, n.node_id, i, int(n.kept_out)) for i, n in enumerate(row.nodes)])
+        with self._state.begin(immediate=True) as db:
+            db.execute(R.insert().values(id=row.id, state=row.state, target=json.dumps(MessageToDict(row.target)),
+                                         max_unavailable=row.max_unavailable, drain_timeout_s=row.drain_timeout_s,
+                                         message=row.message, created=now, updated=now, owner=row.owner,
+                                         started_by=row.started_by, wait_timeout_s=row.wait_timeout_s))
+            if row.nodes:
+                db.execute(N.insert(), [{"rollout_id": row.id, "node_id": n.node_id, "position": i,
+                                         "kept_out": int(n.kept_out)} for i, n in enumerate(row.nodes)])
 
     def get(self, rollout_id: str = "") -> Optional[RolloutRow]:
         """The rollout with this id, or the latest one."""
-        sql = ("SELECT id, state, target, max_unavailable, drain_timeout_s, message, created, updated, owner, "
-               "started_by, wait_timeout_s FROM rollouts "
-               + ("WHERE id=?" if rollout_id else "ORDER BY created DESC LIMIT 1"))
-        r = self._db.execute(sql, (rollout_id,) if rollout_id else ()).fetchone()
-        if r is None:
-            return None
+        query = sa.select(R.c.id, R.c.state, R.c.target, R.c.max_unavailable, R.c.drain_timeout_s, R.c.message,
+                          R.c.created, R.c.updated, R.c.owner, R.c.started_by, R.c.wait_timeout_s)
+        query = query.where(R.c.id == rollout_id) if rollout_id else query.order_by(R.c.created.desc()).limit(1)
+        with self._state.begin() as db:
+            r = db.execute(query).first()
+            if r is None:
+                return None
+            nodes = db.execute(sa.select(N.c.node_id, N.c.step, N.c.from_digest, N.c.message, N.c.started,
+                                         N.c.finished, N.c.kept_out)
+                               .where(N.c.rollout_id == r[0]).order_by(N.c.position)).all()
         row = RolloutRow(id=r[0], state=r[1], target=ParseDict(json.loads(r[2]), fleet_pb2.RolloutTarget()),
                          max_unavailable=r[3], drain_timeout_s=r[4], message=r[5], created=r[6], updated=r[7],
                          owner=r[8], started_by=r[9], wait_timeout_s=r[10])
-        row.nodes = [NodeRow(*n[:6], kept_out=bool(n[6])) for n in self._db.execute(
-            "SELECT node_id, step, from_digest, message, started, finished, kept_out FROM rollout_nodes "
-            "WHERE rollout_id=? ORDER BY position", (row.id,))]
+        row.nodes = [NodeRow(*n[:6], kept_out=bool(n[6])) for n in nodes]
         return row
 
     def active(self) -> Optional[RolloutRow]:
-        r = self._db.execute("SELECT id FROM rollouts WHERE state IN (?,?) ORDER BY created DESC LIMIT 1",
-                             ACTIVE).fetchone()
+        with self._state.begin() as db:
+            r = db.execute(sa.select(R.c.id).where(R.c.state.in_(ACTIVE))
+                           .order_by(R.c.created.desc()).limit(1)).first()
         return self.get(r[0]) if r else None
 
     def set_state(self, rollout_id: str, state: str, message: str, fence: Optional[Lease] = None) -> None:
-        with self._tx():
-            self._check(fence)
-            self._db.execute("UPDATE rollouts SET state=?, message=?, updated=? WHERE id=?",
-                             (state, message, time.time(), rollout_id))
+        with self._state.begin(immediate=True) as db:
+            self._check(db, fence)
+            db.execute(R.update().where(R.c.id == rollout_id).values(state=state, message=message,
+                                                                      updated=time.time()))
 
     def set_owner(self, rollout_id: str, owner: str) -> None:
-        self._db.execute("UPDATE rollouts SET owner=?, updated=? WHERE id=?", (owner, time.time(), rollout_id))
+        with self._state.begin() as db:
+            db.execute(R.update().where(R.c.id == rollout_id).values(owner=owner, updated=time.time()))
 
     def set_step(self, rollout_id: str, node: NodeRow, fence: Optional[Lease] = None) -> None:
-        with self._tx():
-            self._check(fence)
-            self._db.execute("UPDATE rollout_nodes SET step=?, from_digest=?, message=?, started=?, finished=? "
-                             "WHERE rollout_id=? AND node_id=?",
-                             (node.step, node.from_digest, node.message, node.started, node.finished,
-                              rollout_id, node.node_id))
-            self._db.execute("UPDATE rollouts SET updated=? WHERE id=?", (time.time(), rollout_id))
+        with self._state.begin(immediate=True) as db:
+            self._check(db, fence)
+            db.execute(N.update().where(N.c.rollout_id == rollout_id, N.c.node_id == node.node_id)
+                       .values(step=node.step, from_digest=node.from_digest, message=node.message,
+                               started=node.started, finished=node.finished))
+            db.execute(R.update().where(R.c.id == rollout_id).values(updated=time.time()))
 
     # -- the lease ----------------------------------------------------------------------
     def acquire(self, holder: str, ttl_s: float, name: str = "rollouts") -> Lease:
         """Take or renew the lease. Its fencing token grows whenever the lease changes hands
         (never on a renewal), and is kept when it is released, so it only ever increases."""
         now = time.time()
-        with self._tx():
-            r = self._db.execute("SELECT holder, expires, token FROM lease WHERE name=?", (name,)).fetchone()
-            if r is not None and r[0] != holder and r[1] > now:
-                return Lease(holder, refused=f"coordinator {r[0]} holds the rollout lease for another "
-                                             f"{r[1] - now:.0f}s")
-            token = r[2] if r is not None and r[0] == holder and r[2] > 0 else (r[2] if r else 0) + 1
-            self._db.execute("INSERT OR REPLACE INTO lease (name, holder, expires, token) VALUES (?,?,?,?)",
-                             (name, holder, now + ttl_s, token))
+        with self._state.begin(immediate=True) as db:
+            r = self._locked(db, name)
+            if r is None:
+                # The first lease ever: two coordinators may both get here; the primary key
+                # lets one insert, the other's insert waits for it and does nothing, and
+                # both then read (and lock) the one row.
+                db.execute(_insert_new(db, name))
+                r = self._locked(db, name)
+            if r.holder not in ("", holder) and r.expires > now:
+                return Lease(holder, refused=f"coordinator {r.holder} holds the rollout lease for another "
+                                             f"{r.expires - now:.0f}s")
+            token = r.token if r.holder == holder and r.token > 0 else r.token + 1
+            db.execute(L.update().where(L.c.name == name).values(holder=holder, expires=now + ttl_s, token=token))
         return Lease(holder, token)
 
     def release(self, holder: str, name: str = "rollouts") -> None:
         """Free the lease at once (its token stays, for the next holder to exceed)."""
-        self._db.execute("UPDATE lease SET expires=0 WHERE name=? AND holder=?", (name, holder))
+        with self._state.begin(immediate=True) as db:
+            db.execute(L.update().where(L.c.name == name, L.c.holder == holder).values(expires=0))
 
     def lease(self, name: str = "rollouts") -> Optional[tuple[str, float, int]]:
         """(holder, expires, token) as stored, or None."""
-        return self._db.execute("SELECT holder, expires, token FROM lease WHERE name=?", (name,)).fetchone()
+        with self._state.begin() as db:
+            r = db.execute(sa.select(L.c.holder, L.c.expires, L.c.token).where(L.c.name == name)).first()
+        return None if r is None or r.token == 0 else tuple(r)
 
-    def _check(self, fence: Optional[Lease], name: str = "rollouts") -> None:
+    @staticmethod
+    def _locked(db, name: str):
+        return db.execute(sa.select(L.c.holder, L.c.expires, L.c.token).where(L.c.name == name)
+                          .with_for_update()).first()
+
+    def _check(self, db, fence: Optional[Lease], name: str = "rollouts") -> None:
         """Inside a write transaction: LeaseLost unless `fence` is still the stored lease."""
         if fence is None:
             return
-        r = self._db.execute("SELECT holder, token FROM lease WHERE name=?", (name,)).fetchone()
-        if r is None or (r[0], r[1]) != (fence.holder, fence.token):
+        r = self._locked(db, name)
+        if r is None or (r.holder, r.token) != (fence.holder, fence.token):
             raise LeaseLost(f"the rollout lease (token {fence.token}) passed to "
-                            f"{r[0] if r else 'nobody'} (token {r[1] if r else 0}); this coordinator stops "
-                            "acting on the rollout")
-
-    def _tx(self):
-        return _Immediate(self._db)
+                            f"{(r.holder if r else '') or 'nobody'} (token {r.token if r else 0}); this "
+                            "coordinator stops acting on the rollout")
 
 
-class _Immediate:
-    """BEGIN IMMEDIATE ... COMMIT: the write lock is taken first, so two coordinators
-    cannot both read "free" and both take the lease."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-
-    def __enter__(self):
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, *_):
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+def _insert_new(db, name: str):
+    """INSERT of a blank lease row (token 0, expired) that does nothing if the row exists."""
+    if db.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(L).values(name=name, holder="", expires=0, token=0).on_conflict_do_nothing(index_elements=["name"])

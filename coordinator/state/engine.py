@@ -58,8 +58,11 @@ def parse(url: str) -> URL:
     return parsed.set(drivername="sqlite" if backend == "sqlite" else "postgresql+psycopg")
 
 
-def url_for(state_url: str | None, state_db: Path) -> str:
-    """What the coordinator opens: --state-url, else --state-db as sqlite:///PATH."""
+def url_for(state_url, state_db: Path) -> str:
+    """What the coordinator opens: --state-url (a str or pydantic SecretStr), else --state-db
+    as sqlite:///PATH, so configs from before --state-url keep their file."""
+    if state_url is not None and hasattr(state_url, "get_secret_value"):
+        state_url = state_url.get_secret_value()
     return state_url or f"sqlite:///{Path(state_db)}"
 
 
@@ -76,11 +79,12 @@ class StateDB:
         self.path: Path | None = Path(self.url.database) if self.backend == "sqlite" else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(self.url, connect_args={"timeout": SQLITE_TIMEOUT_S,
+            self.engine = sa.create_engine(self.url, hide_parameters=True,
+                                           connect_args={"timeout": SQLITE_TIMEOUT_S,
                                                                    "check_same_thread": False})
             _sqlite_transactions(self.engine)
         else:
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=4, max_overflow=8,
+            self.engine = sa.create_engine(self.url, hide_parameters=True, pool_pre_ping=True, pool_size=4, max_overflow=8,
                                            connect_args={"connect_timeout": CONNECT_TIMEOUT_S,
                                                          "application_name": "studiofleet-coordinator"})
         from coordinator.state.migrate import upgrade
