@@ -42,7 +42,7 @@ def parse(url: str) -> URL:
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - SQLAlchemy's message would repeat the URL
-        raise ValueError(f"--state-url {redact(url)!r} is not a URL: give sqlite:///PATH or "
+        raise ValueError("--state-url is not a URL (not repeated here: it may hold a password): give sqlite:///PATH or "
                          "postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
     backend, _, driver = parsed.drivername.partition("+")
     if backend == "postgres":

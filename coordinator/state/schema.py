@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 REAL = sa.Double().with_variant(sa.REAL(), "sqlite")
+EMPTY = sa.text("''")   # DEFAULT '' (a text clause: Alembic compares a plain "" wrongly)
 BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # SQLite's INTEGER is 64-bit already
 
 metadata = sa.MetaData()
@@ -24,8 +25,8 @@ api_tokens = sa.Table(
     sa.Column("created", REAL, nullable=False),
     sa.Column("expires", REAL, nullable=False),
     sa.Column("revoked", REAL, nullable=False, server_default=sa.text("0")),
-    sa.Column("revoked_reason", sa.Text, nullable=False, server_default=""),
-    sa.Column("created_by", sa.Text, nullable=False, server_default=""),
+    sa.Column("revoked_reason", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("created_by", sa.Text, nullable=False, server_default=EMPTY),
 )
 
 rollouts = sa.Table(
@@ -35,11 +36,11 @@ rollouts = sa.Table(
     sa.Column("target", sa.Text, nullable=False),
     sa.Column("max_unavailable", sa.Integer, nullable=False),
     sa.Column("drain_timeout_s", REAL, nullable=False),
-    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("message", sa.Text, nullable=False, server_default=EMPTY),
     sa.Column("created", REAL, nullable=False),
     sa.Column("updated", REAL, nullable=False),
-    sa.Column("owner", sa.Text, nullable=False, server_default=""),
-    sa.Column("started_by", sa.Text, nullable=False, server_default=""),
+    sa.Column("owner", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("started_by", sa.Text, nullable=False, server_default=EMPTY),
     sa.Column("wait_timeout_s", REAL, nullable=False, server_default=sa.text("300")),
 )
 
@@ -49,8 +50,8 @@ rollout_nodes = sa.Table(
     sa.Column("node_id", sa.Text, primary_key=True),
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("step", sa.Text, nullable=False, server_default="pending"),
-    sa.Column("from_digest", sa.Text, nullable=False, server_default=""),
-    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("from_digest", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("message", sa.Text, nullable=False, server_default=EMPTY),
     sa.Column("started", REAL, nullable=False, server_default=sa.text("0")),
     sa.Column("finished", REAL, nullable=False, server_default=sa.text("0")),
     sa.Column("kept_out", sa.Integer, nullable=False, server_default=sa.text("0")),
@@ -87,8 +88,8 @@ requests = sa.Table(
     sa.Column("restarts", sa.Integer, nullable=False),
     sa.Column("finish_reason", sa.Text, nullable=False),
     sa.Column("quality_score", REAL),
-    sa.Column("template", sa.Text, nullable=False, server_default=""),
-    sa.Column("output_format", sa.Text, nullable=False, server_default=""),
+    sa.Column("template", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("output_format", sa.Text, nullable=False, server_default=EMPTY),
     sa.Column("schema_valid", sa.Integer),
     sa.Column("quality_parts", sa.Text),
     sa.Index("requests_ended", "ended_at"),

@@ -26,6 +26,7 @@ log = logging.getLogger("coordinator.state")
 
 REAL = sa.Double().with_variant(sa.REAL(), "sqlite")
 BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+EMPTY = sa.text("''")   # DEFAULT '' (a text clause: Alembic compares a plain "" wrongly)
 ZERO = sa.text("0")
 
 
@@ -37,25 +38,25 @@ def _tables() -> dict[str, tuple[list[sa.Column], list[str]]]:
             sa.Column("name", sa.Text, nullable=False), sa.Column("role", sa.Text, nullable=False),
             sa.Column("created", REAL, nullable=False), sa.Column("expires", REAL, nullable=False),
             sa.Column("revoked", REAL, nullable=False, server_default=ZERO),
-            sa.Column("revoked_reason", sa.Text, nullable=False, server_default=""),
-            sa.Column("created_by", sa.Text, nullable=False, server_default=""),
+            sa.Column("revoked_reason", sa.Text, nullable=False, server_default=EMPTY),
+            sa.Column("created_by", sa.Text, nullable=False, server_default=EMPTY),
         ], []),
         "rollouts": ([
             sa.Column("id", sa.Text, primary_key=True), sa.Column("state", sa.Text, nullable=False),
             sa.Column("target", sa.Text, nullable=False), sa.Column("max_unavailable", sa.Integer, nullable=False),
             sa.Column("drain_timeout_s", REAL, nullable=False),
-            sa.Column("message", sa.Text, nullable=False, server_default=""),
+            sa.Column("message", sa.Text, nullable=False, server_default=EMPTY),
             sa.Column("created", REAL, nullable=False), sa.Column("updated", REAL, nullable=False),
-            sa.Column("owner", sa.Text, nullable=False, server_default=""),
-            sa.Column("started_by", sa.Text, nullable=False, server_default=""),
+            sa.Column("owner", sa.Text, nullable=False, server_default=EMPTY),
+            sa.Column("started_by", sa.Text, nullable=False, server_default=EMPTY),
             sa.Column("wait_timeout_s", REAL, nullable=False, server_default=sa.text("300")),
         ], ["wait_timeout_s"]),
         "rollout_nodes": ([
             sa.Column("rollout_id", sa.Text, primary_key=True), sa.Column("node_id", sa.Text, primary_key=True),
             sa.Column("position", sa.Integer, nullable=False),
             sa.Column("step", sa.Text, nullable=False, server_default="pending"),
-            sa.Column("from_digest", sa.Text, nullable=False, server_default=""),
-            sa.Column("message", sa.Text, nullable=False, server_default=""),
+            sa.Column("from_digest", sa.Text, nullable=False, server_default=EMPTY),
+            sa.Column("message", sa.Text, nullable=False, server_default=EMPTY),
             sa.Column("started", REAL, nullable=False, server_default=ZERO),
             sa.Column("finished", REAL, nullable=False, server_default=ZERO),
             sa.Column("kept_out", sa.Integer, nullable=False, server_default=ZERO),
@@ -76,8 +77,8 @@ def _tables() -> dict[str, tuple[list[sa.Column], list[str]]]:
             sa.Column("failovers", sa.Integer, nullable=False), sa.Column("retries", sa.Integer, nullable=False),
             sa.Column("restarts", sa.Integer, nullable=False), sa.Column("finish_reason", sa.Text, nullable=False),
             sa.Column("quality_score", REAL),
-            sa.Column("template", sa.Text, nullable=False, server_default=""),
-            sa.Column("output_format", sa.Text, nullable=False, server_default=""),
+            sa.Column("template", sa.Text, nullable=False, server_default=EMPTY),
+            sa.Column("output_format", sa.Text, nullable=False, server_default=EMPTY),
             sa.Column("schema_valid", sa.Integer), sa.Column("quality_parts", sa.Text),
         ], ["template", "output_format", "schema_valid", "quality_parts"]),
     }

@@ -1,0 +1,185 @@
+"""The state database's migrations (coordinator/state/, docs/state.md): an empty database on
+SQLite and on PostgreSQL, and the SQLite file of the release before migrations, all reach
+the newest revision in place with their rows kept; the result is schema.py exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from cluster.api import fleet_pb2
+from cluster.config import CoordinatorSettings
+from coordinator.api_tokens import TokenRefused, TokenStore
+from coordinator.request_log import RequestLog
+from coordinator.rollout_store import RolloutStore
+from coordinator.state import StateDB, StateError
+from coordinator.state.migrate import VERSION_TABLE, current, head
+from coordinator.state.schema import metadata
+
+FIXTURES = Path(__file__).parent / "state_fixtures"
+RELEASE = json.loads((FIXTURES / "release-92239ae.json").read_text())
+SECRET = "s3cret-synthetic-pw"
+
+
+def differences(db: StateDB, *, legacy_keys: bool = False) -> list:
+    """What the migrated database lacks or has beyond schema.py (types, defaults, indexes).
+    `legacy_keys`: the release's SQLite tables declared `id TEXT PRIMARY KEY` without NOT
+    NULL, which SQLite (unlike PostgreSQL) then lets hold NULL; the stores never write one,
+    so those key columns are adopted as they are rather than rebuilt."""
+    with db.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        found = []
+        for diff in compare_metadata(ctx, metadata):
+            if not isinstance(diff, list) and diff[0] == "remove_table" and diff[1].name == VERSION_TABLE:
+                continue
+            if legacy_keys and isinstance(diff, list) and [d[0] for d in diff] == ["modify_nullable"] \
+                    and (diff[0][2], diff[0][3]) in (("api_tokens", "id"), ("rollouts", "id"), ("lease", "name")):
+                continue
+            found.append(diff)
+        return found
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_an_empty_database_gets_the_newest_schema(empty_url):
+    db = StateDB(empty_url)
+    try:
+        with db.engine.connect() as conn:
+            assert current(conn) == head()
+        assert differences(db) == []
+        # Opening it again (another coordinator, a restart) changes nothing.
+        StateDB(empty_url).close()
+        tokens = TokenStore(db)
+        _, secret = tokens.issue("notes-app")
+        assert tokens.verify(secret).identity.name == "notes-app"
+    finally:
+        db.close()
+
+
+def test_two_coordinators_opening_one_empty_postgresql_at_once_migrate_it_once(pg_url):
+    import threading
+
+    opened, errors = [], []
+
+    def open_one():
+        try:
+            opened.append(StateDB(pg_url))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(opened) == 4
+    for db in opened:
+        db.close()
+
+
+def test_the_sqlite_file_of_the_release_before_migrations_upgrades_in_place(tmp_path):
+    path = tmp_path / "coordinator.db"
+    shutil.copy(FIXTURES / "release-92239ae.db", path)
+    with sqlite3.connect(path) as c:
+        assert VERSION_TABLE not in {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+    db = StateDB(path)
+    try:
+        with db.engine.connect() as conn:
+            assert current(conn) == head()
+        assert differences(db, legacy_keys=True) == []
+
+        tokens = TokenStore(db)
+        assert tokens.verify(RELEASE["token"]).id == RELEASE["token_id"]
+        with pytest.raises(TokenRefused, match="revoked"):
+            tokens.verify(RELEASE["revoked_token"])
+        assert tokens.get(RELEASE["revoked_id"]).revoked_reason == "rotated"
+
+        store = RolloutStore(db)
+        row = store.get("r-release")
+        assert (row.state, row.owner, row.started_by) == ("PAUSED", RELEASE["lease_holder"], "operator/alice")
+        assert row.target.weights_digest == "sha256:" + "2" * 64
+        assert [(n.node_id, n.step, n.kept_out) for n in row.nodes] == [("mac-01", "done", False),
+                                                                         ("mac-02", "pending", True)]
+        assert store.active().id == "r-release"
+        holder, _, token = store.lease()
+        assert (holder, token) == (RELEASE["lease_holder"], RELEASE["lease_token"])
+        store.release(holder)
+        assert store.acquire("co-new", ttl_s=5).token == RELEASE["lease_token"] + 1   # the fence keeps growing
+
+        log = RequestLog(db, retention_days=100000, clock=lambda: RELEASE["now"] + 10)
+        try:
+            reply = log.list_reply(fleet_pb2.ListRequestsRequest(since_s=3600), slow_ttft_ms=1, slow_latency_ms=1)
+            assert sorted(r.request_id for r in reply.requests) == ["release-0", "release-1", "release-2"]
+            assert reply.requests[0].caller == "app/notes-app"
+        finally:
+            log.close()
+    finally:
+        db.close()
+
+
+def test_a_file_with_some_tables_and_older_columns_is_completed(tmp_path):
+    """The release made a table when its feature first opened the file and added columns to
+    older files on open: a file from a coordinator without the front door and from before
+    the request log's template columns still upgrades, rows kept."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as c:
+        c.executescript("""
+          CREATE TABLE lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
+          INSERT INTO lease VALUES ('rollouts', 'old-co', 0);
+          CREATE TABLE requests (
+            request_id TEXT NOT NULL, caller TEXT NOT NULL, priority TEXT NOT NULL, started_at REAL NOT NULL,
+            ended_at REAL NOT NULL, outcome TEXT NOT NULL, code TEXT NOT NULL, queue_ms REAL, ttft_ms REAL,
+            decode_ms REAL NOT NULL, latency_ms REAL NOT NULL, prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL, nodes TEXT NOT NULL, failovers INTEGER NOT NULL,
+            retries INTEGER NOT NULL, restarts INTEGER NOT NULL, finish_reason TEXT NOT NULL, quality_score REAL);
+          INSERT INTO requests VALUES ('old-1', 'app/a', 'interactive', 1, 2, 'completed', 'OK', 1, 1, 1, 1, 1, 1,
+                                       '[]', 0, 0, 0, 'stop', NULL);
+        """)
+    db = StateDB(path)
+    try:
+        assert differences(db, legacy_keys=True) == []
+        assert RolloutStore(db).lease() is None or RolloutStore(db).lease()[0] == "old-co"
+        assert RolloutStore(db).acquire("new-co", ttl_s=5).token == 1
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT request_id, template FROM requests")).all() == [("old-1", "")]
+    finally:
+        db.close()
+
+
+def test_a_database_a_newer_release_migrated_is_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "newer.db"
+    StateDB(path).close()
+    with sqlite3.connect(path) as c:
+        c.execute(f"UPDATE {VERSION_TABLE} SET version_num='9999'")
+    with pytest.raises(StateError, match="revision 9999.*newer release"):
+        StateDB(path)
+
+
+def test_urls_are_checked_and_never_show_their_password(tmp_path):
+    for bad in (f"mysql://fleet:{SECRET}@db/state", f"postgresql://fleet:{SECRET}@db", "sqlite://",
+                f"not a url {SECRET}"):
+        with pytest.raises(Exception) as err:
+            CoordinatorSettings(state_url=bad)
+        assert SECRET not in err.value.errors()[0]["msg"], bad
+        assert "--state-url" in err.value.errors()[0]["msg"]
+    settings = CoordinatorSettings(state_url=f"postgresql://fleet:{SECRET}@127.0.0.1:1/state")
+    assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
+    # Nothing listens on port 1: the error names the database without its password.
+    started = time.monotonic()
+    with pytest.raises(StateError) as err:
+        StateDB(settings.state_url.get_secret_value())
+    assert SECRET not in str(err.value) and "postgresql+psycopg://fleet:***@127.0.0.1:1/state" in str(err.value)
+    assert time.monotonic() - started < 30
