@@ -15,6 +15,7 @@ import uuid
 import grpc
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc, node_pb2
+from cluster.capacity.headroom import to_proto
 from cluster.security.identity import Identity
 from coordinator import health_policy as hp
 from coordinator.admission import Admission
@@ -57,12 +58,14 @@ def fleet_nodes(fleet: Fleet) -> list[fleet_pb2.FleetNode]:
     return [describe(e, now) for e in sorted(fleet.entries.values(), key=lambda e: (e.node_id or "~", e.address))]
 
 
-def traffic(request_log, relay, window_s: int = 3600, bucket_s: int = 60) -> fleet_pb2.Traffic:
-    """The last `window_s` in buckets (from the request log, empty without one) and the load
-    now: what `fleetctl top` (GetTraffic) and the dashboard draw."""
+def traffic(request_log, relay, window_s: int = 3600, bucket_s: int = 60, headroom=None) -> fleet_pb2.Traffic:
+    """The last `window_s` in buckets (from the request log, empty without one), the load
+    now and the live headroom: what `fleetctl top` (GetTraffic) and the dashboard draw."""
     out = (request_log.traffic_reply(window_s, bucket_s) if request_log is not None
            else fleet_pb2.Traffic(bucket_s=bucket_s))
     out.running, out.queued = relay.load()
+    if headroom is not None:
+        out.headroom.CopyFrom(to_proto(headroom.snapshot()))
     return out
 
 
@@ -82,8 +85,9 @@ def dashboard_link(http, identity: Identity) -> fleet_pb2.DashboardLink:
 
 class FleetAdmin(fleet_pb2_grpc.FleetServicer):
     def __init__(self, *, fleet: Fleet, admission: Admission, events: EventLog, relay, identify, audit,
-                 rollouts: Rollouts, settings=None, request_log=None, http=None, tokens=None):
+                 rollouts: Rollouts, settings=None, request_log=None, http=None, tokens=None, headroom=None):
         self._s = settings
+        self._headroom = headroom   # cluster.capacity.headroom.LiveHeadroom
         self._tokens = tokens   # coordinator/api_tokens.TokenStore; None with --openai-listen off
         self._request_log = request_log   # None: --no-request-log
         self._http = http or (lambda: None)   # -> the monitoring port (MonitorHTTP), once started
@@ -233,7 +237,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         if not 1 <= bucket <= window <= 86_400 or window // bucket > 1440:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "need 1 <= bucket_s <= window_s <= 86400 and at most 1440 buckets")
-        return traffic(self._request_log, self._relay, window, bucket)
+        return traffic(self._request_log, self._relay, window, bucket, self._headroom)
 
     async def OpenDashboard(self, request, context) -> fleet_pb2.DashboardLink:
         ident = self._identify(context)

@@ -25,6 +25,7 @@ from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.gates import default_gates
 from coordinator.relay import Relay
+from coordinator.headroom import live_headroom
 from coordinator.request_summary import Monitor
 from coordinator.rollout_store import RolloutStore
 from coordinator.rollouts import Rollouts, lease_holder
@@ -53,6 +54,8 @@ class Coordinator:
                                    max_wait_s=settings.queue_max_wait_s,
                                    load_factor=settings.affinity_load_factor)
         self.monitor = Monitor()
+        self.headroom = live_headroom(settings, self.fleet)   # docs/capacity.md "Live headroom"
+        self.monitor.sinks.append(self.headroom.observe)
         self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
                            identify=self.authz.peer, audit=self.audit, monitor=self.monitor)
         # Rollouts and their lease, API tokens, the request log (docs/state.md); migrated on open.
@@ -69,7 +72,7 @@ class Coordinator:
 
             self.metrics = CoordinatorMetrics(coordinator_id=settings.coordinator_id, fleet=self.fleet,
                                               relay=self.relay, rollouts=self.rollouts, audit=self.audit,
-                                              events=self.events)
+                                              events=self.events, headroom=self.headroom)
             self.monitor.sinks.append(self.metrics.request_ended)
         self.request_log = None
         if settings.request_log:
@@ -129,7 +132,8 @@ class Coordinator:
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
                        identify=self.authz.peer, audit=self.audit, rollouts=self.rollouts, settings=s,
-                       request_log=self.request_log, http=lambda: self.http, tokens=self.tokens), server)
+                       request_log=self.request_log, http=lambda: self.http, tokens=self.tokens,
+                       headroom=self.headroom), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

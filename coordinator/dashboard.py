@@ -13,6 +13,7 @@ unattended tab still logs off after `dashboard_idle_timeout_s`.
 
 from __future__ import annotations
 
+import math
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Protocol
@@ -23,6 +24,7 @@ from cluster.api import common_pb2, fleet_pb2
 from coordinator.admin import fleet_nodes, traffic
 
 if TYPE_CHECKING:
+    from cluster.capacity.headroom import LiveHeadroom
     from cluster.config import CoordinatorSettings
     from coordinator.events import EventLog
     from coordinator.fleet import Fleet
@@ -47,6 +49,7 @@ class Source(Protocol):
     events: "EventLog"
     rollouts: "Rollouts | None"
     request_log: "RequestLog | None"
+    headroom: "LiveHeadroom"
 
 
 def add_routes(app: web.Application, coordinator: Source) -> None:
@@ -85,7 +88,18 @@ def snapshot(co: Source) -> dict:
                     for b in t.buckets],
         "events": [_event(e) for e in co.events.history()[-EVENTS:]][::-1],
         "rollout": _rollout(co),
+        "capacity": _capacity(co.headroom.snapshot()),
     }
+
+
+def _capacity(h) -> dict:
+    """The live headroom card (docs/capacity.md "Live headroom"); None for an infinite p95
+    (JSON has no infinity): the fleet cannot keep up."""
+    finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
+    return {"known": h.known, "line": h.line(), "arrival_rate_per_s": h.arrival_rate_per_s,
+            "predicted_p95_s": finite(h.predicted_p95_s) if h.known else None, "sla_p95_s": h.sla_p95_s,
+            "sla_rate_per_s": h.sla_rate_per_s, "headroom_per_s": h.headroom_per_s, "sla_met": h.sla_met,
+            "profiled_nodes": h.profiled_nodes, "unprofiled_nodes": h.unprofiled_nodes}
 
 
 def _node(n: fleet_pb2.FleetNode) -> dict:

@@ -178,6 +178,9 @@ class _Headroom(Collector):
     def __init__(self, headroom):
         self._headroom = headroom
 
+    def describe(self) -> Iterable[Metric]:
+        return ()   # registering must not compute (and cache) a snapshot before any node is known
+
     def collect(self) -> Iterable[Metric]:
         h = self._headroom.snapshot()
         yield GaugeMetricFamily("studiofleet_capacity_arrivals_per_second", "Requests accepted per second over "

@@ -44,7 +44,7 @@ FITS = {
 
 
 def profile(fit: StepModel, slots: int, *, model_id: str = "m", node_id: str = "", name: str = "p") -> Profile:
-    return Profile(Info(name, "derived, for a test"), NodeFacts("mlx", "test", 1.0, node_id=node_id),
+    return Profile(Info(name, "derived, for a test", sources=("tests/test_headroom.py",)), NodeFacts("mlx", "test", 1.0, node_id=node_id),
                    ModelFacts(model_id), Limits(slots), fit)
 
 
@@ -151,3 +151,101 @@ def test_the_alert_rule_fires_on_predicted_p95_over_the_sla():
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
     for series in re.findall(r"studiofleet_capacity_\w+", rules):
         assert series in ("studiofleet_capacity_predicted_p95_seconds", "studiofleet_capacity_sla_p95_seconds")
+
+
+# -- the coordinator's series, on a real fleet ---------------------------------------------
+
+TINY_FIT = StepModel(decode_base_s=0.004, decode_per_seq_s=0.0008, prefill_base_s=0.005,
+                     prefill_per_token_s=0.00003)
+
+
+def _scrape(co) -> dict:
+    from cluster.metrics import parse
+    from cluster.security.identity import Role
+
+    status, body, _ = co.http_get("/metrics", "prometheus", Role.MONITOR)
+    assert status == 200, body
+    return {name: value for (name, labels), value in parse(body.decode()).items()
+            if name.startswith("studiofleet_capacity_") and (not labels or ("profiled", "yes") in labels)}
+
+
+def test_the_coordinator_exports_the_live_headroom_under_load(start_node, start_coordinator, tmp_path):
+    """A profile given to the coordinator for the node it was measured on; before any traffic
+    the prediction is a lone note's time; after a burst of notes the rate is measured and the
+    prediction, headroom, GetTraffic and `fleetctl top` agree with the closed form."""
+    from cluster.api import fleet_pb2, fleet_pb2_grpc
+    from tests.fleet_helpers import collect, note
+    from tests.test_replay import fleetctl
+
+    node = start_node("--max-running", "8", node_id="headroom-node")
+    path = profile(TINY_FIT, 8, model_id="some-other-id", node_id="headroom-node", name="tiny-measured").save(
+        tmp_path / "tiny.toml")
+    co = start_coordinator("--capacity-profile", str(path), "--sla-p95-s", "5", "--capacity-window-s", "60",
+                           nodes=[node.address], name="headroom-coordinator")
+    co.wait_routable(1)
+    before = _scrape(co)
+    assert before["studiofleet_capacity_nodes"] == 1 and before["studiofleet_capacity_sla_p95_seconds"] == 5
+    assert before["studiofleet_capacity_arrivals_per_second"] == 0
+    lone = TINY_FIT.single_note_s(500, 590)   # the default mix (the clinic's note) before 20 notes ended
+    assert before["studiofleet_capacity_predicted_p95_seconds"] == pytest.approx(lone, rel=1e-6)
+    assert before["studiofleet_capacity_headroom_ratio"] == 1.0
+
+    results = [collect(co.inference, note(i, 8, request_id=f"headroom-{i}")) for i in range(24)]
+    assert all(r.final is not None for r in results)
+    after = _scrape(co)
+    rate = after["studiofleet_capacity_arrivals_per_second"]
+    assert 24 / 60 <= rate <= 24.0, rate    # 24 notes over at most the 60 s window, at least 1 s
+    # 24 short notes ended: their measured mix (as the meter rounds it) replaces the default one.
+    meter = ArrivalMeter(60.0)
+    for r in results:
+        meter.observe(0, meter._since, completed=True, prompt_tokens=r.final.usage.prompt_tokens,
+                      completion_tokens=r.final.usage.completion_tokens)
+    mix = meter.mix()
+    assert mix.source == "measured" and mix.output_p95 <= 10
+    assert after["studiofleet_capacity_predicted_p95_seconds"] < lone
+    model = FleetModel.of([NodeModel("headroom-node", TINY_FIT, 8)], mix)
+    assert after["studiofleet_capacity_predicted_p95_seconds"] == pytest.approx(fleet_p95_s(model, rate), rel=0.05)
+    assert after["studiofleet_capacity_sla_arrivals_per_second"] > rate
+    assert 0 < after["studiofleet_capacity_headroom_ratio"] < 1
+
+    traffic = fleet_pb2_grpc.FleetStub(co.channel).GetTraffic(fleet_pb2.GetTrafficRequest(), timeout=10)
+    h = traffic.headroom
+    assert h.known and h.profiled_nodes == 1 and h.unprofiled_nodes == 0 and h.sla_p95_s == 5 and h.mix == "measured"
+    assert h.predicted_p95_s == pytest.approx(after["studiofleet_capacity_predicted_p95_seconds"], rel=0.1)
+    top = fleetctl("top", "--once", "-c", co.address, "--tls-name", "operator")
+    assert top.returncode == 0, top.stderr
+    assert "capacity:" in top.stdout and "within the 5 s SLA" in top.stdout
+
+    from cluster.security.identity import Role
+    status, body, _ = co.http_get("/api/snapshot", "operator", Role.OPERATOR)
+    assert status == 200, body
+    import json
+    card = json.loads(body)["capacity"]
+    assert card["known"] and card["line"].startswith("capacity:") and card["sla_p95_s"] == 5
+
+
+def test_a_node_without_a_profile_is_counted_and_left_out(start_node, start_coordinator, tmp_path):
+    node = start_node(node_id="unprofiled-node")
+    path = profile(TINY_FIT, 8, model_id="a-model-no-node-serves", name="elsewhere").save(tmp_path / "x.toml")
+    co = start_coordinator("--capacity-profile", str(path), nodes=[node.address], name="unprofiled-coordinator")
+    co.wait_routable(1)
+    from cluster.metrics import parse
+    from cluster.security.identity import Role
+
+    status, body, _ = co.http_get("/metrics", "prometheus", Role.MONITOR)
+    samples = parse(body.decode())
+    assert samples[("studiofleet_capacity_nodes", frozenset({("profiled", "no")}))] == 1
+    assert samples[("studiofleet_capacity_nodes", frozenset({("profiled", "yes")}))] == 0
+    assert not [k for k in samples if k[0] == "studiofleet_capacity_predicted_p95_seconds"], "no prediction"
+    assert "# TYPE studiofleet_capacity_predicted_p95_seconds gauge" in body.decode()
+
+
+def test_a_coordinator_refuses_a_profile_it_cannot_read(tmp_path):
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("schema = 1\n[profile]\nname = 'x'\n")
+    out = subprocess.run([sys.executable, "-m", "coordinator.main", "--plaintext", "--no-mdns", "--capacity-profile",
+                          str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "--capacity-profile" in out.stderr and "bad.toml" in out.stderr

@@ -336,13 +336,14 @@ class RoutableNode:
 class LiveHeadroom:
     """The coordinator's live headroom: profiles given to it (fleet-coordinator
     --capacity-profile), the arrival rate and token mix from ended requests (`observe`, a
-    Monitor sink), the routable nodes read when asked (`nodes`). `snapshot()` is cheap
-    (a few hundred evaluations of the closed form) and cached for `cache_s`."""
+    Monitor sink), the routable nodes read when asked (`nodes`). `snapshot()` is cheap (one
+    evaluation of the closed form once the fleet and mix are cached) and may be cached for
+    `cache_s` (0: computed on every call)."""
 
     def __init__(self, profiles: Sequence[Profile], *, nodes: Callable[[], Iterable[RoutableNode]],
                  sla_p95_s: float = DEFAULT_SLA_P95_S, window_s: float = DEFAULT_WINDOW_S,
                  default_mix: TokenMix = TokenMix(), clock: Callable[[], float] = time.time,
-                 cache_s: float = 1.0):
+                 cache_s: float = 0.0):
         if not (sla_p95_s > 0 and math.isfinite(sla_p95_s)):
             raise ValueError(f"sla_p95_s must be a number of seconds > 0, not {sla_p95_s}")
         self.profiles = tuple(profiles)
@@ -377,7 +378,7 @@ class LiveHeadroom:
     def snapshot(self) -> Headroom:
         now = self._clock()
         with self._lock:
-            if self._cached is not None and now - self._cached[0] < self._cache_s:
+            if self._cache_s > 0 and self._cached is not None and now - self._cached[0] < self._cache_s:
                 return self._cached[1]
         have, missing = self.models()
         result = headroom(have, self.meter.rate_per_s(), self.meter.mix(self._default_mix), self.sla_p95_s,

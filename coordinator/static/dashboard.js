@@ -142,12 +142,32 @@ function renderRollout(r) {
   box.replaceChildren(...parts);
 }
 
+// The live headroom (docs/capacity.md "Live headroom"): red past the SLA.
+function renderCapacity(c) {
+  const card = document.getElementById("capacity");
+  card.title = c.line;
+  if (!c.known) {
+    setText("t-p95", "–");
+    setText("t-headroom", "no capacity profile (--capacity-profile)");
+    card.className = "card";
+    return;
+  }
+  const p95 = c.predicted_p95_s === null ? "overloaded" : c.predicted_p95_s.toFixed(1) + " s";
+  setText("t-p95", p95 + " / " + c.sla_p95_s + " s");
+  const perMin = (x) => (x * 60).toFixed(1);
+  const room = c.headroom_per_s * 60;
+  setText("t-headroom", perMin(c.arrival_rate_per_s) + " notes/min now; SLA holds to " + perMin(c.sla_rate_per_s) +
+    " (" + (room >= 0 ? "+" : "") + room.toFixed(1) + ")");
+  card.className = c.sla_met ? "card" : "card over";
+}
+
 function render(s) {
   setText("coordinator", s.coordinator);
   setText("t-routable", s.totals.routable + " / " + s.totals.nodes);
   setText("t-running", s.totals.running);
   setText("t-queued", s.totals.queued);
   setText("t-tps", s.totals.request_log ? s.totals.tokens_per_s : "request log off");
+  renderCapacity(s.capacity);
   renderNodes(s.nodes);
   chart("c-tps", s.traffic, [{ key: "tokens_per_s", cls: "tps" }], false);
   chart("c-req", s.traffic, [], true);
