@@ -18,13 +18,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 USER = "fleet"          # the cluster's superuser (trust authentication, loopback only)
 START_TIMEOUT_S = 60.0
 
 
-def find_bindir() -> Optional[Path]:
+def find_bindir() -> Path | None:
     """The newest installed PostgreSQL's bin directory (15 or later), or None."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parent.parent.name))
     return Path(found[-1]).parent if found and int(Path(found[-1]).parent.parent.name) >= 15 else None
@@ -51,7 +50,7 @@ class PostgresCluster:
             cmd = ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(_quote(a) for a in cmd)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check)
 
-    def start(self) -> "PostgresCluster":
+    def start(self) -> PostgresCluster:
         if self._as_root:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
@@ -106,7 +105,7 @@ class PostgresCluster:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresCluster":
+    def __enter__(self) -> PostgresCluster:
         try:
             return self.start()
         except BaseException:
