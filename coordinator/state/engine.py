@@ -18,14 +18,12 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from coordinator.state.errors import StateError
+from coordinator.state.migrate import upgrade
+
 SCHEMES = ("sqlite", "postgresql")
 SQLITE_TIMEOUT_S = 10.0        # a writer waits this long for another's transaction (busy timeout)
 CONNECT_TIMEOUT_S = 10         # PostgreSQL: a connection attempt gives up after this
-
-
-class StateError(OSError):
-    """The state database cannot be opened or brought up to date; the message names the
-    (redacted) URL and what to do. An OSError, so the daemon exits 1 with it."""
 
 
 def redact(url: str | URL) -> str:
@@ -87,8 +85,6 @@ class StateDB:
             self.engine = sa.create_engine(self.url, hide_parameters=True, pool_pre_ping=True, pool_size=4, max_overflow=8,
                                            connect_args={"connect_timeout": CONNECT_TIMEOUT_S,
                                                          "application_name": "studiofleet-coordinator"})
-        from coordinator.state.migrate import upgrade
-
         try:
             upgrade(self)
         except sa.exc.SQLAlchemyError as exc:

@@ -6,10 +6,10 @@ migrate it once. A database from before migrations (the SQLite file of the relea
 them) has no version table: the baseline revision adopts its tables, rows kept. A database
 a newer coordinator already migrated further is refused with what to do.
 
-To add a revision: change schema.py, then
-`.venv/bin/alembic -c coordinator/state/alembic.ini revision -m "why"` (or copy the newest
-file in versions/) and write its upgrade; tests/test_state_migrations.py checks the result
-matches schema.py on both backends.
+To add a revision: change schema.py, add versions/NNNN_what.py (revision = "NNNN",
+down_revision = the previous one; script.py.mako is the template) with its upgrade in
+Alembic operations (op.add_column ...: one file for both backends), and
+tests/test_state_migrations.py checks the result matches schema.py on both.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from alembic import command
@@ -25,8 +24,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-if TYPE_CHECKING:
-    from coordinator.state.engine import StateDB
+from coordinator.state.errors import StateError
 
 log = logging.getLogger("coordinator.state")
 logging.getLogger("alembic").setLevel(logging.WARNING)   # our own line says what changed
@@ -57,10 +55,9 @@ def current(connection) -> str | None:
     return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
 
-def upgrade(db: StateDB, target: str = "head") -> None:
-    """Bring the database to `target` (the newest revision) in one transaction, under the lock."""
-    from coordinator.state.engine import StateError
-
+def upgrade(db, target: str = "head") -> None:
+    """Bring the database (engine.StateDB: its begin() and shown URL) to `target`, the newest
+    revision, in one transaction, under the lock."""
     with db.begin(immediate=True) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
