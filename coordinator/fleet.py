@@ -5,10 +5,9 @@ and, once verified, a health Watch task (pushed readiness). Routing reads entrie
 failures seen while routing come back through `report_failure`. The node stays the
 source of truth for its own state (DESIGN invariant 1): this is a cache with verdicts.
 
-An entry holds three things with one writer each: its `NodeView` (what the fleet knows:
-identity, status, health verdict), replaced by the fleet whenever that changes; its
-`NodeLoad` (this coordinator's requests on it), written by admission only; and, kept
-here by the monitor itself, the monitor's tasks and probe bookkeeping (`_Monitor`).
+An entry (coordinator/node_entry.py) holds its `NodeView`, which the fleet replaces
+whenever what it knows of the node changes, and its `NodeLoad`, which admission writes;
+the monitor's own tasks and probe bookkeeping (`_Monitor`) are kept here, by the monitor.
 """
 
 from __future__ import annotations
@@ -26,112 +25,17 @@ from cluster.api import API_VERSION, common_pb2, fleet_pb2, node_pb2
 from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.ledger import NodeLoad
+from coordinator.node_entry import READY, NodeEntry, NodeView
 from coordinator.node_link import SERVING, NodeLink, tls_refusal
-from coordinator.router import Candidate
 
 log = logging.getLogger(__name__)
 
 K = fleet_pb2
-READY = common_pb2.LIFECYCLE_READY
 # An announced node unreachable this long (and no longer announced) is forgotten.
 FORGET_UNREACHABLE_S = 300.0
 WATCH_BACKOFF_S = (0.2, 2.0)
 CLAIM_RECHECK_S = 30.0   # a refused claim (address, id) is verified again at most this often
 MAX_CLAIMS_IN_FLIGHT = 8
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """What the fleet knows of the node at an address; replaced, never changed, when that changes."""
-
-    node_id: str = ""                # set once verified over gRPC
-    mdns_name: str = ""              # the instance name it announced (mDNS)
-    status: Optional[node_pb2.NodeStatus] = None   # its last status read (never modified)
-    status_at: float = 0.0
-    serving: bool = False            # the health Watch's latest word
-    health: hp.Health = field(default_factory=hp.Health)
-
-
-@dataclass(eq=False)
-class NodeEntry:
-    """A node address in the fleet: its link, the fleet's view of it, and the load on it."""
-
-    address: str
-    source: str                      # "static" or "mdns"
-    link: NodeLink
-    view: NodeView = field(default_factory=NodeView)   # the fleet's (Fleet replaces it)
-    load: NodeLoad = field(default_factory=NodeLoad)   # admission's (only Admission writes it)
-
-    # -- the view, read-only ----------------------------------------------------------
-    @property
-    def node_id(self) -> str:
-        return self.view.node_id
-
-    @property
-    def mdns_name(self) -> str:
-        return self.view.mdns_name
-
-    @property
-    def status(self) -> Optional[node_pb2.NodeStatus]:
-        return self.view.status
-
-    @property
-    def status_at(self) -> float:
-        return self.view.status_at
-
-    @property
-    def serving(self) -> bool:
-        return self.view.serving
-
-    @property
-    def health(self) -> hp.Health:
-        return self.view.health
-
-    # -- the load, read-only ----------------------------------------------------------
-    @property
-    def in_flight(self) -> int:
-        return self.load.in_flight
-
-    @property
-    def outstanding_tokens(self) -> int:
-        return self.load.outstanding_tokens
-
-    @property
-    def routed_total(self) -> int:
-        return self.load.routed_total
-
-    @property
-    def failovers_total(self) -> int:
-        return self.load.failovers_total
-
-    @property
-    def label(self) -> str:
-        return self.node_id or self.address
-
-    @property
-    def digest(self) -> str:
-        return self.status.model.weights_digest if self.status else ""
-
-    @property
-    def model_id(self) -> str:
-        return self.status.model.model_id if self.status else ""
-
-    @property
-    def ready(self) -> bool:
-        v = self.view
-        st = v.status
-        return st is not None and st.lifecycle == READY and not st.cordoned and v.serving
-
-    @property
-    def routable(self) -> bool:
-        return self.view.health.verdict in hp.ACCEPTING and self.ready
-
-    def candidate(self) -> Candidate:
-        st, load = self.view.status, self.load
-        cap = st.capacity
-        return Candidate(self.view.node_id, st.model.weights_digest, load.in_flight, load.outstanding_tokens,
-                         st.load.queued, cap.max_running, cap.max_running + cap.max_queued,
-                         load.routed_total, st.model.model_id, st.model.version)
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ import pytest
 from cluster.api import common_pb2, node_pb2
 from coordinator import health_policy as hp
 from coordinator.admission import INTERACTIVE, Admission
-from coordinator.fleet import NodeEntry, NodeView
+from coordinator.node_entry import NodeEntry, NodeView
 from coordinator.ledger import NodeLoad
 from coordinator.node_link import NodeLink
 from coordinator.router import Want
