@@ -285,7 +285,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         await self._record(context, ident, peer, action, **({} if read else {"outcome": "accepted", "code": ""}),
                            **details)
         try:
-            out = work(self._tokens)
+            out = await asyncio.to_thread(work, self._tokens)   # a database round trip (docs/state.md)
         except TokenRequestError as exc:
             await self._failed(ident, peer, action, outcome="refused", code=exc.code, **details)
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))

@@ -208,7 +208,7 @@ class FrontDoor(MonitorHTTP):
                 refusal = (401, "this coordinator has no token store; use an app client certificate")
             else:
                 try:
-                    holder = self._tokens.verify(value.strip())
+                    holder = await asyncio.to_thread(self._tokens.verify, value.strip())   # a database read
                     ident, token_id = holder.identity, holder.id
                 except TokenRefused as exc:
                     refusal = (401, str(exc))
