@@ -106,7 +106,7 @@ class TokenStore:
         raw = public_id(token_id).removeprefix(PREFIX)
         if not ID_RE.match(raw):
             raise TokenRequestError("a token id is sft_ and 12 hex digits, as `fleetctl tokens list` shows it")
-        with self._state.begin() as db:
+        with self._state.begin(immediate=True) as db:   # read, then write: SQLite's write lock first
             row = db.execute(sa.select(T.c.revoked).where(T.c.id == raw)).first()
             if row is None:
                 raise TokenRequestError(f"no API token {PREFIX}{raw}; `fleetctl tokens list --all` shows them",
