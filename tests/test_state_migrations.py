@@ -21,7 +21,7 @@ from coordinator.api_tokens import TokenRefused, TokenStore
 from coordinator.request_log import RequestLog
 from coordinator.rollout_store import RolloutStore
 from coordinator.state import StateDB, StateError
-from coordinator.state.migrate import VERSION_TABLE, current, head
+from coordinator.state.migrate import HEAD, VERSION_TABLE, current, head
 from coordinator.state.schema import metadata
 
 FIXTURES = Path(__file__).parent / "state_fixtures"
@@ -55,6 +55,7 @@ def empty_url(request, tmp_path) -> str:
 
 
 def test_an_empty_database_gets_the_newest_schema(empty_url):
+    assert HEAD == head(), "migrate.HEAD names the newest file in migrations/versions/"
     db = StateDB(empty_url)
     try:
         with db.engine.connect() as conn:

@@ -19,10 +19,6 @@ import logging
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from coordinator.state.errors import StateError
 
@@ -32,9 +28,14 @@ logging.getLogger("alembic").setLevel(logging.WARNING)   # our own line says wha
 VERSION_TABLE = "studiofleet_schema_version"
 SCRIPTS = Path(__file__).parent / "migrations"
 PG_LOCK_KEY = 0x5346_5354_4154_45   # pg_advisory_xact_lock: "SFSTATE"
+# The newest revision in migrations/versions/ (the migrations test checks they agree): a
+# database already there is opened without importing Alembic (0.6 s of every start).
+HEAD = "0001"
 
 
-def config(connection=None) -> Config:
+def config(connection=None):
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(SCRIPTS))
     cfg.attributes["connection"] = connection
@@ -42,7 +43,9 @@ def config(connection=None) -> Config:
 
 
 @functools.cache
-def scripts() -> ScriptDirectory:
+def scripts():
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(config())
 
 
@@ -52,7 +55,16 @@ def head() -> str:
 
 def current(connection) -> str | None:
     """The revision the database is at (None: empty, or from before migrations)."""
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+
+
+def _stored(connection) -> str | None:
+    """The version table's revision, read with plain SQL (None: no table or no row)."""
+    if not sa.inspect(connection).has_table(VERSION_TABLE):
+        return None
+    return connection.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 def upgrade(db, target: str = "head") -> None:
@@ -61,7 +73,11 @@ def upgrade(db, target: str = "head") -> None:
     with db.begin(immediate=True) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
-        at = current(conn)
+        at = _stored(conn)
+        if at == (HEAD if target == "head" else target):
+            return
+        from alembic import command
+
         want = head() if target == "head" else target
         if at == want:
             return
