@@ -345,7 +345,7 @@ class CoordinatorSettings(HealthSection, AdmissionSection, AuditSection, Rollout
     state_url: Optional[SecretStr] = setting(
         None, "State database URL (docs/state.md): sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB "
         "(PostgreSQL 15+; coordinators sharing it share tokens, the request log and the rollout lease).",
-        metavar="URL", default_text="sqlite:///--state-db")
+        metavar="URL", default_text="sqlite:///PATH of --state-db")
 
     @field_validator("state_url")
     @classmethod
