@@ -131,3 +131,25 @@ def test_a_coordinator_whose_database_is_unreachable_exits_naming_it_without_the
     assert co.proc.wait(10) == 1
     text = co.stderr_path.read_text()
     assert PASSWORD not in text and "fleet:***@127.0.0.1:1/state" in text, text[-2000:]
+
+
+def test_the_request_log_on_postgresql_answers_as_on_sqlite(pg_url):
+    """The same filters as tests/test_request_log.py (caller matched exactly, not LIKE), on
+    PostgreSQL; a row with a schema verdict and quality parts round-trips."""
+    from dataclasses import replace
+
+    import tests.test_request_log as on_sqlite
+    from coordinator.request_log import RequestLog
+
+    clock = [1_800_000_000.0]
+    log = RequestLog(pg_url, retention_days=30, clock=lambda: clock[0])
+    try:
+        on_sqlite.test_filters_since_slow_failed_caller_and_limit(log, clock)
+        log.record(replace(on_sqlite.summary(7, ended=clock[0] - 10), template="soap", output_format="json",
+                           schema_valid=True, quality_score=0.9, quality_parts={"sections": 1.0}))
+        reply = log.list_reply(fleet_pb2.ListRequestsRequest(since_s=60), slow_ttft_ms=1e9, slow_latency_ms=1e9)
+        row = reply.requests[0]
+        assert (row.request_id, row.template, row.schema_valid, dict(row.quality_parts)) == \
+            ("r-7", "soap", True, {"sections": 1.0})
+    finally:
+        log.close()
