@@ -208,7 +208,7 @@ class HealthSection(BaseModel):
 
 
 class AdmissionSection(BaseModel):
-    """Routing, admission and failover of requests (coordinator/router.py, admission.py, relay.py)."""
+    """Routing, admission and failover of requests (cluster/routing.py, coordinator/admission.py, relay.py)."""
 
     model_config = _SECTION
 

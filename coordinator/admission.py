@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from coordinator.fleet import Fleet, NodeEntry
-from coordinator.router import Want, pick
+from cluster.routing import Want, pick
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
 from coordinator.records import Completion, Hop, RunFacts
 from coordinator.request_summary import Outcome
-from coordinator.router import Want
+from cluster.routing import Want
 from coordinator.splice import Splice
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from cluster.api import common_pb2, node_pb2
 from coordinator import health_policy as hp
 from coordinator.ledger import NodeLoad
 from coordinator.node_link import NodeLink
-from coordinator.router import Candidate
+from cluster.routing import Candidate
 
 READY = common_pb2.LIFECYCLE_READY
 

@@ -7,7 +7,7 @@ import time
 
 from cluster.api import inference_pb2
 from coordinator import health_policy as hp
-from coordinator.router import Candidate, Want, pick
+from cluster.routing import Candidate, Want, pick
 from coordinator.splice import Splice
 
 POLICY = hp.Policy(eject_after_failures=3, eject_base_s=2.0, eject_max_s=5.0, readmit_after_probes=3,

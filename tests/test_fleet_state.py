@@ -15,7 +15,7 @@ from coordinator.admission import INTERACTIVE, Admission
 from coordinator.node_entry import NodeEntry, NodeView
 from coordinator.ledger import NodeLoad
 from coordinator.node_link import NodeLink
-from coordinator.router import Want
+from cluster.routing import Want
 
 
 def _status(node_id: str) -> node_pb2.NodeStatus:

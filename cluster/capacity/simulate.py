@@ -2,7 +2,7 @@
 
 A discrete-event model on SimPy: notes arrive (a list of `Request`s, e.g. a thinned Poisson
 day from `Workload.requests`), the coordinator places each one with the router's own
-`pick` (coordinator.router, the function the coordinator calls: least outstanding work per
+`pick` (cluster.routing, the function the coordinator calls: least outstanding work per
 slot) or queues it FIFO (bounded depth and wait, as coordinator.admission does), and each
 node batches continuously as mlx-lm's BatchGenerator does: a step prefills the next chunk
 (`prefill_chunk` tokens) of every prompt in the prompt batch (up to `prefill_batch` prompts,
@@ -27,7 +27,7 @@ from cluster.capacity.profile import Profile
 from cluster.capacity.workload import Request
 from cluster.config import CoordinatorSettings, NodeSettings
 from cluster.metrics import percentile
-from coordinator.router import Candidate, Want, pick
+from cluster.routing import Candidate, Want, pick
 
 _ANY = Want()
 _EPS = 1e-9
