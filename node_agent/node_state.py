@@ -34,6 +34,27 @@ class ModelRef:
 
 
 @dataclass
+class OperationRecord:
+    """One operation (cordon, drain, stage, activate, restart) under its id, as the state
+    file keeps it: running, then done or failed with the message the operator sees."""
+
+    operation_id: str
+    kind: str
+    state: str = "running"      # running | done | failed
+    message: str = ""
+    started: float = 0.0        # unix seconds
+    finished: float = 0.0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "OperationRecord":
+        rec = cls(**{f: raw[f] for f in cls.__dataclass_fields__ if f in raw})
+        if rec.state == "running":  # the agent stopped under it: it will never finish now
+            rec.state = "failed"
+            rec.message = "interrupted: the node agent stopped while it ran; retry with a new operation id"
+        return rec
+
+
+@dataclass
 class NodeState:
     cordoned: bool = False
     cordon_reason: str = ""
@@ -43,7 +64,7 @@ class NodeState:
     configured_path: str = ""
     active: Optional[ModelRef] = None
     previous: Optional[ModelRef] = None
-    operations: list[dict] = field(default_factory=list)
+    operations: list[OperationRecord] = field(default_factory=list)
     fencing_token: int = 0
     audit_heads: dict[str, dict] = field(default_factory=dict)   # key fingerprint -> {seq, hash, sig, key}
 
@@ -59,18 +80,19 @@ class NodeState:
             raise RuntimeError(f"{path} is unreadable ({type(exc).__name__}: {exc}); fix or remove it "
                                "(removing it forgets the node's cordon, drain and activated model)") from None
         models = {k: ModelRef(**raw[k]) if raw.get(k) else None for k in ("active", "previous")}
-        for rec in raw.get("operations", []):
-            if rec.get("state") == "running":  # the agent stopped under it: it will never finish now
-                rec.update(state="failed", message="interrupted: the node agent stopped while it ran; "
-                                                   "retry with a new operation id")
         heads = raw.get("audit_heads") or {}
         if not (isinstance(heads, dict) and isinstance(raw.get("fencing_token", 0), int)):
             raise RuntimeError(f"{path}: fencing_token or audit_heads was altered; restore the file from backup "
                                "(removing it also forgets the node's cordon, drain and activated model)")
         heads = {k: h for k, h in heads.items() if _head_ok(h)}
+        try:
+            operations = [OperationRecord.from_dict(r) for r in raw.get("operations", [])][-KEEP_OPERATIONS:]
+        except (TypeError, AttributeError):
+            raise RuntimeError(f"{path}: its operations list was altered; restore the file from backup or remove "
+                               "it (removing it forgets the node's cordon, drain and activated model)") from None
         return cls(cordoned=bool(raw.get("cordoned")), cordon_reason=str(raw.get("cordon_reason", "")),
                    drained=bool(raw.get("drained")), configured_path=str(raw.get("configured_path", "")),
-                   operations=list(raw.get("operations", []))[-KEEP_OPERATIONS:],
+                   operations=operations,
                    fencing_token=int(raw.get("fencing_token", 0)), audit_heads=dict(heads), **models)
 
     def dump(self) -> str:

@@ -27,7 +27,7 @@ from cluster.api import common_pb2, node_pb2
 from cluster.logs import fields
 from cluster.wording import plural
 from node_agent.lifecycle import Lifecycle, State
-from node_agent.node_state import ModelRef, NodeState
+from node_agent.node_state import ModelRef, NodeState, OperationRecord
 from node_agent.requests import NodeStopping, RequestRegistry
 from node_agent.staging import StagingArea, StagingError
 
@@ -98,30 +98,29 @@ class Operations:
                     raise
 
     # -- records ----------------------------------------------------------------------
-    def find(self, op_id: str) -> Optional[dict]:
-        return next((r for r in reversed(self.state.operations) if r["operation_id"] == op_id), None)
+    def find(self, op_id: str) -> Optional[OperationRecord]:
+        return next((r for r in reversed(self.state.operations) if r.operation_id == op_id), None)
 
-    def _begin(self, op_id: str, kind: str) -> tuple[dict, bool]:
+    def _begin(self, op_id: str, kind: str) -> tuple[OperationRecord, bool]:
         """The record for `op_id` and whether it is new; the same id for another kind is refused."""
         rec = self.find(op_id)
         if rec is not None:
-            if rec["kind"] != kind:
+            if rec.kind != kind:
                 raise OperationError(grpc.StatusCode.ALREADY_EXISTS,
-                                     f"node {self.node_id}: operation id {op_id} was a {rec['kind']}, "
+                                     f"node {self.node_id}: operation id {op_id} was a {rec.kind}, "
                                      f"not a {kind}; use a new operation id")
             return rec, False
-        rec = {"operation_id": op_id, "kind": kind, "state": "running", "message": "",
-               "started": time.time(), "finished": 0.0}
+        rec = OperationRecord(op_id, kind, started=time.time())
         self.state.operations.append(rec)
         return rec, True
 
-    async def _end(self, rec: dict, ok: bool, message: str) -> dict:
-        rec.update(state="done" if ok else "failed", message=message, finished=time.time())
+    async def _end(self, rec: OperationRecord, ok: bool, message: str) -> OperationRecord:
+        rec.state, rec.message, rec.finished = "done" if ok else "failed", message, time.time()
         (log.info if ok else log.warning)("node=%s operation=%s kind=%s %s: %s", self.node_id,
-                                          rec["operation_id"], rec["kind"], rec["state"], message,
-                                          extra=fields(event=f"node.operation.{rec['state']}",
-                                                       node_id=self.node_id, operation_id=rec["operation_id"],
-                                                       kind=rec["kind"], reason=message))
+                                          rec.operation_id, rec.kind, rec.state, message,
+                                          extra=fields(event=f"node.operation.{rec.state}",
+                                                       node_id=self.node_id, operation_id=rec.operation_id,
+                                                       kind=rec.kind, reason=message))
         await self.save()
         return rec
 
@@ -136,7 +135,7 @@ class Operations:
     def recent(self, n: int = 10) -> list[node_pb2.Operation]:
         return [to_proto(r) for r in self.state.operations[-n:]]
 
-    def _background(self, rec: dict, work: Callable[[], Awaitable[str]]) -> asyncio.Task:
+    def _background(self, rec: OperationRecord, work: Callable[[], Awaitable[str]]) -> asyncio.Task:
         """Run `work` (which returns the done message or raises OperationError) and end the record."""
         async def run() -> None:
             try:
@@ -147,7 +146,7 @@ class Operations:
                 await asyncio.shield(self._end(rec, False, "interrupted: the agent is stopping"))
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded, never lost
-                log.exception("node=%s operation=%s failed", self.node_id, rec["operation_id"])
+                log.exception("node=%s operation=%s failed", self.node_id, rec.operation_id)
                 await self._end(rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log")
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -155,7 +154,7 @@ class Operations:
         return task
 
     # -- cordon and drain -------------------------------------------------------------
-    async def cordon(self, op_id: str, cordoned: bool, reason: str) -> dict:
+    async def cordon(self, op_id: str, cordoned: bool, reason: str) -> OperationRecord:
         rec, new = self._begin(op_id, "cordon" if cordoned else "uncordon")
         if not new:
             return rec
@@ -170,7 +169,7 @@ class Operations:
         return await self._end(rec, True, ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
                          + (f" ({reason})" if reason else ""))
 
-    async def drain(self, op_id: str, timeout_s: float, reason: str) -> dict:
+    async def drain(self, op_id: str, timeout_s: float, reason: str) -> OperationRecord:
         rec, new = self._begin(op_id, "drain")
         if not new:
             return rec
@@ -222,7 +221,7 @@ class Operations:
         return max(0.0, self.drain_deadline - time.monotonic()) if self.drain_deadline else 0.0
 
     # -- models -----------------------------------------------------------------------
-    async def stage(self, op_id: str, source: Path, model_id: str, version: str, expected: str) -> dict:
+    async def stage(self, op_id: str, source: Path, model_id: str, version: str, expected: str) -> OperationRecord:
         """Copy `source` into the staging area while the node keeps serving; digest-checked."""
         rec, new = self._begin(op_id, "stage")
         if new:
@@ -236,7 +235,7 @@ class Operations:
             self._background(rec, work)
         return rec
 
-    async def finish_push(self, op_id: str, manifest: node_pb2.WeightsManifest) -> dict:
+    async def finish_push(self, op_id: str, manifest: node_pb2.WeightsManifest) -> OperationRecord:
         """The last pushed chunk arrived: verify the digest; staged only if it matches."""
         rec, new = self._begin(op_id, "push")
         if new:
@@ -253,7 +252,7 @@ class Operations:
     def serving(self) -> ModelRef:
         return self.state.active or self._configured_model
 
-    async def activate(self, op_id: str, digest: str, previous: bool) -> dict:
+    async def activate(self, op_id: str, digest: str, previous: bool) -> OperationRecord:
         rec, new = self._begin(op_id, "activate")
         if not new:
             return rec
@@ -308,7 +307,7 @@ class Operations:
             self._busy = None
 
     # -- restart ----------------------------------------------------------------------
-    async def restart(self, op_id: str, drain_timeout_s: float) -> dict:
+    async def restart(self, op_id: str, drain_timeout_s: float) -> OperationRecord:
         rec, new = self._begin(op_id, "restart")
         if not new:
             return rec
@@ -323,7 +322,6 @@ class Operations:
         return rec
 
 
-def to_proto(rec: dict) -> node_pb2.Operation:
-    return node_pb2.Operation(operation_id=rec["operation_id"], kind=rec["kind"], state=_STATES[rec["state"]],
-                              message=rec["message"], started_unix_s=rec["started"],
-                              finished_unix_s=rec["finished"])
+def to_proto(rec: OperationRecord) -> node_pb2.Operation:
+    return node_pb2.Operation(operation_id=rec.operation_id, kind=rec.kind, state=_STATES[rec.state],
+                              message=rec.message, started_unix_s=rec.started, finished_unix_s=rec.finished)
