@@ -22,6 +22,8 @@ AT_NODE = ("--node", "--tls-name", HARNESS_NODE_CALLER)
 TOLERANCE = 0.15
 # Batch sizes and contexts the profile's grid (1, 2, 4, 8, 16 at 16 and 512 prompt tokens) has not measured.
 HELD_OUT = ((3, 300), (6, 120), (12, 40))
+REFERENCE = (4, 16)   # a point of the grid, measured again beside the held-out ones
+DRIFT, ATTEMPTS = 0.10, 2
 
 
 def fleetctl(*args, timeout=300):
@@ -29,30 +31,44 @@ def fleetctl(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def profiled(node, tmp_path_factory):
-    """`fleetctl profile --node --quick` on the module's node: (path, stdout JSON, stderr)."""
-    out = tmp_path_factory.mktemp("profile") / "tiny.toml"
-    res = fleetctl("profile", *AT_NODE, "--target", node.address, "--quick", "--repeats", "4", "--out", str(out),
-                   "-o", "json")
+def profile_node(address: str, out) -> tuple[dict, str]:
+    """`fleetctl profile --node --quick`: (the JSON it prints, its stderr)."""
+    res = fleetctl("profile", *AT_NODE, "--target", address, "--quick", "--out", str(out), "-o", "json")
     assert res.returncode == 0, res.stderr
-    return out, json.loads(res.stdout), res.stderr
+    return json.loads(res.stdout), res.stderr
 
 
 def held_out_run(address: str, limits: measure.NodeLimits) -> list:
-    """Step times measured as the profile measures them, at points it did not measure."""
+    """Step times measured as the profile measures them: its REFERENCE point again, then
+    points it did not measure."""
     async def run():
         async with AsyncFleetClient(address, server_name=ANY_NODE) as client:
             prober = measure.Prober(client, limits, seed=7)
             await prober.calibrate()
-            await prober.decode_point(8, 16, 4)   # warm-up, as the profile does
-            return await measure.decode_curve(prober, HELD_OUT, 32, 4)
+            await prober.decode_point(16, 16, 4)   # warm-up, as the profile does
+            return await measure.decode_curve(prober, (REFERENCE, *HELD_OUT), 24, 3, 0.3)
     return asyncio.run(run())
 
 
-def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, profiled, as_node_caller):
-    path, printed, stderr = profiled
-    prof = load_profile(path)
+@pytest.mark.timeout(420)   # up to two profiles and held-out runs of about a minute each on a busy host
+def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, tmp_path, as_node_caller):
+    # The machine is shared: another process's CPU time slows every step for seconds at a
+    # time. A held-out run is only compared with a profile when the profile's own REFERENCE
+    # point, measured again beside it, shows the machine ran at the same speed (within
+    # DRIFT); else both are measured again, at most ATTEMPTS times.
+    drifts = []
+    for attempt in range(ATTEMPTS):
+        path = tmp_path / f"tiny-{attempt}.toml"
+        printed, stderr = profile_node(node.address, path)
+        prof = load_profile(path)
+        reference, *measured = held_out_run(node.address, measure.limits_of(node.status()))
+        before = min((d for d in prof.curves.decode if d.running == REFERENCE[0]), key=lambda d: d.context_tokens)
+        drifts.append(reference.step_s / before.step_s - 1)
+        if abs(drifts[-1]) <= DRIFT:
+            break
+    else:
+        pytest.fail(f"the machine's speed changed between each profile and its held-out run by "
+                    f"{', '.join(f'{d:+.0%}' for d in drifts)}: nothing to compare")
     st = node.status()
     assert prof.info.provenance == MEASURED and prof.info.created.endswith("Z")
     assert prof.info.sources[0].startswith("fleetctl profile --node") and node.address in prof.info.sources[0]
@@ -72,13 +88,12 @@ def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, profiled,
     assert [t.concurrency for t in prof.curves.ttft] == [1, 8, 16]
     assert prof.fit.decode_base_s > 0 and prof.fit.prefill_per_token_s > 0
 
-    measured = held_out_run(node.address, measure.limits_of(st))
     errors = {(p.running, p.context_tokens): (prof.fit.decode_step_s(p.running, p.context_tokens) - p.step_s) / p.step_s
               for p in measured}
     report = ", ".join(f"{n} running at {c} context: measured {p.step_s * 1000:.2f} ms, predicted "
                        f"{prof.fit.decode_step_s(n, c) * 1000:.2f} ms ({e:+.1%})"
                        for p, ((n, c), e) in zip(measured, errors.items(), strict=True))
-    report += f"; fit {prof.fit}; the profile's points: " + ", ".join(
+    report += f"; drift {drifts[-1]:+.1%}; fit {prof.fit}; the profile's points: " + ", ".join(
         f"{d.running}/{d.context_tokens}: {d.step_s * 1000:.2f} ms" for d in prof.curves.decode)
     assert all(abs(e) <= TOLERANCE for e in errors.values()), report
 

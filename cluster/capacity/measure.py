@@ -11,6 +11,7 @@ stream's first token and the first stream's last."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import statistics
@@ -71,7 +72,8 @@ class Sizes:
     long_context_tokens: int             # prompt tokens per sequence of the long-context points
     short_context_tokens: int
     decode_steps: int                    # steady-state steps wanted per decode point
-    repeats: int                         # samples per point (the fastest is kept)
+    decode_window_s: float               # and at least this long (arrival jitter averages out)
+    repeats: int                         # rounds over the grid
     ttft_concurrency: tuple[int, ...]
     ttft_prompt_tokens: int
     ttft_output_tokens: int
@@ -103,6 +105,7 @@ def plan_sizes(limits: NodeLimits, *, quick: bool = False, repeats: int | None =
     conc = tuple(sorted({1, max(1, top_conc // 2), top_conc}))
     return Sizes(prefill_tokens=lengths, cached_share=0.75, running=running, long_running=long_running,
                  long_context_tokens=long_ctx, short_context_tokens=16, decode_steps=24 if quick else 32,
+                 decode_window_s=0.3 if quick else 0.5,
                  repeats=repeats or (2 if quick else 3), ttft_concurrency=conc,
                  ttft_prompt_tokens=min(256, cap // 4), ttft_output_tokens=16 if quick else 32,
                  ttft_requests=2 if quick else 3)
@@ -134,6 +137,7 @@ class Prober:
         self._timeout_s = timeout_s
         self._rng = random.Random(seed)
         self.tokens_per_word = 0.0
+        self.step_hint_s = 0.0   # the fastest decode step seen so far: sizes the next windows
 
     def text(self, tokens: int) -> str:
         """About `tokens` tokens of synthetic words (calibrate() first)."""
@@ -184,10 +188,13 @@ class Prober:
             room = min(room, self._limits.max_tokens_per_request)
         return max(1, room)
 
-    async def decode_point(self, running: int, context_tokens: int, steps: int) -> DecodePoint:
+    async def decode_point(self, running: int, context_tokens: int, steps: int,
+                           window_s: float = 0.0) -> DecodePoint:
         """The step time with `running` sequences of about `context_tokens` prompt tokens
-        each, decoding together for at least `steps` steps (longer streams if the ramp
-        left too short a window)."""
+        each, decoding together for at least `steps` steps and, once a step time is known,
+        at least `window_s` seconds (longer streams if the ramp left too short a window)."""
+        if window_s and self.step_hint_s:
+            steps = max(steps, math.ceil(window_s / self.step_hint_s))
         max_tokens_cap = self._max_tokens(context_tokens)
         max_tokens = min(2 * steps + 16, max_tokens_cap)
         for _ in range(3):
@@ -195,6 +202,7 @@ class Prober:
                                              for _ in range(running)))
             point = _steady(streams, steps)
             if point is not None:
+                self.step_hint_s = min(self.step_hint_s or math.inf, point.step_s)
                 return point
             if max_tokens >= max_tokens_cap:
                 break
@@ -217,17 +225,23 @@ class Prober:
 
 
 async def decode_curve(prober: Prober, points: Sequence[tuple[int, int]], steps: int, repeats: int,
+                       window_s: float = 0.0,
                        advance: Callable[[str, int], None] = lambda what, n: None) -> list[DecodePoint]:
     """Step times at (running, prompt tokens per sequence) points: `repeats` rounds of the
-    whole list, each point keeping its fastest round."""
+    whole list (a busy spell on the host falls on different points each time), each point
+    the median of its rounds."""
     decoded: dict[tuple[int, int], list[DecodePoint]] = {}
     for rep in range(repeats):
         for n, ctx in points:
             what = f"decode {n} running, {ctx}-token prompts ({rep + 1}/{repeats})"
             advance(what, 0)
-            decoded.setdefault((n, ctx), []).append(await prober.decode_point(n, ctx, steps))
+            decoded.setdefault((n, ctx), []).append(await prober.decode_point(n, ctx, steps, window_s))
             advance(what, 1)
-    return [min(decoded[key], key=lambda p: p.step_s) for key in dict.fromkeys(points)]
+    return [_median_point(decoded[key]) for key in dict.fromkeys(points)]
+
+
+def _median_point(samples: Sequence[DecodePoint]) -> DecodePoint:
+    return sorted(samples, key=lambda p: p.step_s)[(len(samples) - 1) // 2]
 
 
 def _prefill_point(s: _Stream) -> PrefillPoint:
@@ -238,9 +252,10 @@ def _prefill_point(s: _Stream) -> PrefillPoint:
 def _steady(streams: Sequence[_Stream], steps: int) -> DecodePoint | None:
     """The step time while every stream was decoding (between the last stream's first token
     and the first stream's last): per stream, the time between its first and last token in
-    that window over the tokens between them (not a statistic of single gaps: a caller the
-    host holds back gets the delayed tokens in a burst), the median over the streams; None
-    when that window held fewer than `steps` steps."""
+    that window over the tokens between them, the median over the streams; None when that
+    window held fewer than `steps` steps. (Not a statistic of single gaps: when the host
+    holds the caller back, tokens arrive late in a burst; only a long window averages that
+    out, hence Sizes.decode_window_s.)"""
     start = max(s.arrivals[0][0] for s in streams)
     end = min(s.arrivals[-1][0] for s in streams)
     mid = (start + end) / 2
@@ -265,7 +280,8 @@ async def measure(prober: Prober, sizes: Sizes,
                   advance: Callable[[str, int], None] = lambda what, n: None) -> Measured:
     """Run every measurement of `sizes`; `advance(what, units)` reports progress. Repeats go
     round the whole grid (a busy spell on the host falls on different points each time) and
-    each point keeps its fastest repeat: what the node does when nothing else takes the CPU."""
+    a prefill point keeps its fastest round (a delay at the caller only adds), a decode point
+    its median round."""
     out = Measured(repeats=sizes.repeats)
     advance("calibrating", 0)
     await prober.calibrate()
@@ -286,7 +302,7 @@ async def measure(prober: Prober, sizes: Sizes,
     advance("decode warm-up", 1)
     points = [(n, sizes.short_context_tokens) for n in sizes.running] + \
              [(n, sizes.long_context_tokens) for n in sizes.long_running]
-    out.decode = await decode_curve(prober, points, sizes.decode_steps, sizes.repeats, advance)
+    out.decode = await decode_curve(prober, points, sizes.decode_steps, sizes.repeats, sizes.decode_window_s, advance)
     for c in sizes.ttft_concurrency:
         advance(f"time to first token, {c} at once", 0)
         out.ttft.append(await prober.ttft_under_load(c, sizes.ttft_prompt_tokens, sizes.ttft_output_tokens,
@@ -300,6 +316,7 @@ async def measure(prober: Prober, sizes: Sizes,
 @dataclass(frozen=True)
 class Fitted:
     model: StepModel
+    prefill: tuple[PrefillPoint, ...]   # the prefill part of each time to first token (raw: extra ttft_s)
     decode_max_error: float      # the largest relative residual over the decode points
     prefill_max_error: float
     notes: tuple[str, ...] = ()
@@ -355,13 +372,19 @@ def fit(measured: Measured) -> Fitted:
     ad = np.array([[1.0, p.running - 1, p.context_tokens] for p in measured.decode])
     yd = np.array([p.step_s for p in measured.decode])
     d = robust_fit(ad, yd)
-    ap = np.array([[1.0, p.prompt_tokens - p.cached_tokens, p.cached_tokens] for p in measured.prefill])
-    yp = np.array([p.seconds for p in measured.prefill])
+    # A lone prompt's first token comes from the step that prefills it, which also decodes it
+    # (the simulator's step: prefill part + decode part): the prefill part is the rest.
+    decode_one = StepModel(*(float(x) for x in d))
+    prefill = tuple(PrefillPoint(pt.prompt_tokens, pt.cached_tokens,
+                                 max(1e-6, pt.seconds - decode_one.decode_step_s(1, pt.prompt_tokens)),
+                                 extra={"ttft_s": pt.seconds}) for pt in measured.prefill)
+    ap = np.array([[1.0, pt.prompt_tokens - pt.cached_tokens, pt.cached_tokens] for pt in prefill])
+    yp = np.array([pt.seconds for pt in prefill])
     p = robust_fit(ap, yp)
-    if not any(pt.cached_tokens for pt in measured.prefill):
+    if not any(pt.cached_tokens for pt in prefill):
         p[2] = p[1]
         notes.append("the node reused no cached prefix (no prompt cache): cached tokens cost as uncached ones")
-    return Fitted(StepModel(*(float(x) for x in (*d, *p))), decode_max_error=_max_rel(ad, yd, d),
+    return Fitted(StepModel(*(float(x) for x in (*d, *p))), prefill, decode_max_error=_max_rel(ad, yd, d),
                   prefill_max_error=_max_rel(ap, yp, p), notes=tuple(notes))
 
 
@@ -393,10 +416,10 @@ def build_profile(before: node_pb2.NodeStatus, after: node_pb2.NodeStatus, measu
     m = fitted.model
     notes = [
         f"Measured by fleetctl profile {through}: {len(measured.prefill)} prefill, {len(measured.decode)} decode and "
-        f"{len(measured.ttft)} time-to-first-token points; synthetic prompts; times at the caller; each prefill "
-        f"and decode point is the fastest of {measured.repeats} rounds over the grid.",
-        "prefill: time to the first token of a lone request with max_tokens=1; the fixed part (tokenizing, "
-        "the RPC, the first token's sampling) is prefill_base_s.",
+        f"{len(measured.ttft)} time-to-first-token points; synthetic prompts; times at the caller; "
+        f"{measured.repeats} rounds over the grid, a prefill point the fastest round, a decode point the median.",
+        "prefill: the time to the first token of a lone request with max_tokens=1 (ttft_s) less the fitted "
+        "decode step that yields that token; the fixed part (tokenizing, the RPC) is in prefill_base_s.",
         "decode: the gap between tokens of one stream while `running` ignore_eos streams all decode; "
         "context_tokens is their prompt plus generated tokens, summed, at the middle of that window.",
         f"fit: least squares of relative error with Huber weights, coefficients >= 0; largest residual {fitted.decode_max_error:.1%} "
@@ -414,6 +437,6 @@ def build_profile(before: node_pb2.NodeStatus, after: node_pb2.NodeStatus, measu
         limits=Limits(max_running=max(1, before.capacity.max_running),
                       max_context_tokens=before.model.context_length),
         fit=m,
-        curves=Curves(prefill=tuple(measured.prefill), decode=tuple(measured.decode), ttft=tuple(measured.ttft)),
+        curves=Curves(prefill=fitted.prefill, decode=tuple(measured.decode), ttft=tuple(measured.ttft)),
         memory=Memory(weights_gb=round(weights / GIB, 4), peak_gb=round(peak / GIB, 4)),
     )

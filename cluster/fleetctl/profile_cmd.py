@@ -41,7 +41,8 @@ def profile(
                                        "MODEL-NODE-ENGINE.toml in the current directory]"),
     output: str = typer.Option("text", "--output", "-o", help="text (a summary) or json (the profile)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer and shorter measurements: about half the time."),
-    repeats: int | None = typer.Option(None, "--repeats", help="Rounds over the grid, 1-9; each point keeps its fastest. "
+    repeats: int | None = typer.Option(None, "--repeats", help="Rounds over the grid, 1-9 (prefill points keep the fastest, decode "
+                                          "points the median). "
                                           "[default: 3, 2 with --quick]"),
     timeout_s: float = typer.Option(300.0, "--timeout-s", help="Deadline per request."),
     operator_tls_name: str | None = typer.Option(None, "--operator-tls-name", help="Through a coordinator: "
@@ -119,9 +120,10 @@ def _node_status(target: str, tls: ClientTLS | None) -> node_pb2.NodeStatus:
         try:
             return node_pb2_grpc.NodeStub(channel).GetStatus(node_pb2.GetStatusRequest(), timeout=10)
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise _stop(f"{target} serves no node status: it is not a node agent (a coordinator?); drop "
-                            "--node to profile through a coordinator") from None
+            # A coordinator's certificate names no node (TLS), or it serves no Node service (plaintext).
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED or "Hostname Verification" in (err.details() or ""):
+                raise _stop(f"{target} is not a node agent (a coordinator?): drop --node to profile through a "
+                            "coordinator, or give a node agent's address") from None
             raise _unreachable(err, target, "node agent") from None
 
 
