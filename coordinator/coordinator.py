@@ -13,7 +13,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
-from cluster.config import CoordinatorSettings, RolloutSection, http_address
+from cluster.config import AdmissionSection, CoordinatorSettings, HealthSection, RolloutSection, http_address
 from cluster.daemon import SERVER_OPTIONS
 from cluster.security.daemon import DaemonSecurity
 from cluster.security.roles import COORDINATOR_HTTP_TABLE, COORDINATOR_TABLE
@@ -47,7 +47,7 @@ class Coordinator:
         self.events = EventLog()
         self.exit_code = 0
         self.witness = self._witness(audit_log)
-        self.fleet = Fleet(settings=settings, events=self.events, on_change=self._fleet_changed,
+        self.fleet = Fleet(settings=settings.section(HealthSection), events=self.events, on_change=self._fleet_changed,
                            tls=security.client, revocations=security.server.revocations if security.server else None,
                            witness=self.witness)
         self.admission = Admission(fleet=self.fleet, max_depth=settings.queue_max_depth,
@@ -56,7 +56,8 @@ class Coordinator:
         self.monitor = Monitor()
         self.headroom = live_headroom(settings, self.fleet)   # docs/capacity.md "Live headroom"
         self.monitor.sinks.append(self.headroom.observe)
-        self.relay = Relay(settings=settings, fleet=self.fleet, admission=self.admission, events=self.events,
+        self.relay = Relay(settings=settings.section(AdmissionSection), coordinator_id=settings.coordinator_id,
+                           fleet=self.fleet, admission=self.admission, events=self.events,
                            identify=self.authz.peer, audit=self.audit, monitor=self.monitor)
         # Rollouts and their lease, API tokens, the request log (docs/state.md); migrated on open.
         self.state = StateDB(url_for(settings.state_url, settings.state_db))

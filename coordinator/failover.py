@@ -34,6 +34,7 @@ from coordinator.fleet import Fleet, NodeEntry
 from coordinator.records import Completion, Hop, RunFacts
 from coordinator.request_summary import Outcome
 from cluster.routing import Want
+from cluster.config import AdmissionSection
 from coordinator.splice import Splice
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ NO_FINAL = NodeFailure("the stream ended without a final chunk")
 class Failover:
     """Runs accepted requests to their end: admit, stream from a node, move on when it fails."""
 
-    def __init__(self, *, settings, fleet: Fleet, admission: Admission, events: EventLog, audit: AuditTrail):
+    def __init__(self, *, settings: AdmissionSection, coordinator_id: str, fleet: Fleet, admission: Admission,
+                 events: EventLog, audit: AuditTrail):
         self._s = settings
+        self._me = coordinator_id
         self._fleet = fleet
         self._admission = admission
         self._events = events
@@ -155,7 +158,7 @@ class Failover:
         except Exception as exc:  # noqa: BLE001 - AuditWriteError or the disk: send nothing
             log.error("request=%s audit write failed; nothing sent: %s", run.request.request_id, exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"request {run.request.request_id}: coordinator {self._s.coordinator_id} could not "
+                                f"request {run.request.request_id}: coordinator {self._me} could not "
                                 f"write its audit record ({self._audit.failing or 'audit log closed'}), so nothing "
                                 "was sent; retry later (operators: check the coordinator's audit directory and disk)")
 

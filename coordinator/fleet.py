@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import grpc
 
 from cluster.api import API_VERSION, common_pb2, fleet_pb2, node_pb2
+from cluster.config import HealthSection
 from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.ledger import NodeLoad
@@ -53,7 +54,7 @@ class _Monitor:
 class Fleet:
     """Entries by address; verified ones also by node id. Runs on the event loop only."""
 
-    def __init__(self, *, settings, events: EventLog, on_change: Callable[[], None], tls=None,
+    def __init__(self, *, settings: HealthSection, events: EventLog, on_change: Callable[[], None], tls=None,
                  revocations=None, clock: Callable[[], float] = time.monotonic, witness=None):
         self._s = settings
         self._tls = tls                  # the coordinator's client credentials; None = plaintext

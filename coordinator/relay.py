@@ -21,6 +21,7 @@ from cluster.validation import (InvalidRequest, check_output_format_async, check
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from cluster.wording import plural
+from cluster.config import AdmissionSection
 from coordinator.audit_trail import AuditedCall, AuditTrail, RequestAudit
 from coordinator.admission import Admission
 from coordinator.call_context import CallContext, busy
@@ -35,13 +36,16 @@ log = logging.getLogger(__name__)
 
 
 class Relay(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, *, settings, fleet: Fleet, admission: Admission, events: EventLog,
-                 identify: Callable[[object], Identity], audit: AuditTrail, monitor: Optional[Monitor] = None):
+    def __init__(self, *, settings: AdmissionSection, coordinator_id: str, fleet: Fleet, admission: Admission,
+                 events: EventLog, identify: Callable[[object], Identity], audit: AuditTrail,
+                 monitor: Optional[Monitor] = None):
         self._s = settings
+        self._me = coordinator_id
         self._admission = admission
         self._identify = identify     # a gRPC caller's verified identity (the authorizer's)
         self._audit = audit
-        self._failover = Failover(settings=settings, fleet=fleet, admission=admission, events=events, audit=audit)
+        self._failover = Failover(settings=settings, coordinator_id=coordinator_id, fleet=fleet, admission=admission,
+                                  events=events, audit=audit)
         self._monitor = monitor or Monitor()
         self._per_caller: dict[str, int] = {}
         self.in_flight = 0
@@ -81,7 +85,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             await self.refused(audit.end(Outcome.REFUSED, "UNAVAILABLE", reason="audit log failing"), request, caller,
                                started)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"request {rid}: coordinator {self._s.coordinator_id} cannot write its audit log "
+                                f"request {rid}: coordinator {self._me} cannot write its audit log "
                                 f"({cause}), so it takes no requests until it can; retry later or on another "
                                 "coordinator (operators: check its audit directory's disk)")
         running = self._per_caller.get(caller, 0)
@@ -117,7 +121,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             log.error("request=%s internal error: %s", req.request_id, without_text(exc))
             outcome, failed_code = Outcome.FAILED, "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL,
-                                f"coordinator {self._s.coordinator_id} hit an internal error on request "
+                                f"coordinator {self._me} hit an internal error on request "
                                 f"{req.request_id}; retry, and report it with the coordinator's log")
         finally:
             self.in_flight -= 1
