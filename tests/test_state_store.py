@@ -122,6 +122,42 @@ def test_the_rollout_lease_on_postgresql_has_one_holder_and_a_growing_fencing_to
     assert len(holders) >= 6 and a.lease()[2] == max(holders) > 2, holders
 
 
+@pytest.fixture(scope="module")
+def new_model(tmp_path_factory):
+    from cluster.tinymodel import TinyModelSpec, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2-pg", TinyModelSpec(seed=12))
+
+
+def test_rollouts_through_two_coordinators_on_postgresql_hand_the_lease_and_its_fencing_token_on(
+        start_node, start_coordinator, new_model, tiny_model, pg_url):
+    from cluster.api import fleet_pb2 as K
+    from tests.adversarial.test_lease_and_witness import run_rollout
+
+    node = start_node(node_id="pg-fenced")
+    a = start_coordinator("--state-url", pg_url, nodes=[node.address], name="pg-roll-a")
+    b = start_coordinator("--state-url", pg_url, nodes=[node.address], name="pg-roll-b")
+    a.wait_routable(1)
+    b.wait_routable(1)
+    lease = RolloutStore(pg_url)   # its own engine: what a third coordinator would read
+    try:
+        first = run_rollout(a, new_model, "pg-r-a")
+        assert first.state == K.ROLLOUT_STATE_SUCCEEDED, first
+        holder_a, _, token_a = lease.lease()
+        assert first.owner == holder_a and holder_a.startswith("pg-roll-a@") and token_a >= 1
+        assert node.status().fencing_token == token_a
+
+        second = run_rollout(b, tiny_model, "pg-r-b")
+        assert second.state == K.ROLLOUT_STATE_SUCCEEDED, second
+        holder_b, _, token_b = lease.lease()
+        assert holder_b.startswith("pg-roll-b@") and token_b > token_a
+        assert node.status().fencing_token == token_b
+        # Each sees the other's rollout: one plan, in one database.
+        assert lease.get("pg-r-a").owner == holder_a and lease.get("pg-r-b").owner == holder_b
+    finally:
+        lease.close()
+
+
 def test_a_coordinator_whose_database_is_unreachable_exits_naming_it_without_the_password(tmp_path):
     from tests.procs import CoordinatorProcess
 
