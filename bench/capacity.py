@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -35,23 +36,28 @@ from cluster.client import AsyncFleetClient  # noqa: E402
 from cluster.localfleet import HARNESS_APP, HARNESS_NODE_CALLER, CoordinatorProcess, NodeProcess  # noqa: E402
 from cluster.security.ca import init_ca  # noqa: E402
 from cluster.security.identity import ANY_NODE, Role  # noqa: E402
-from cluster.tinymodel import make_tiny_model  # noqa: E402
+from cluster.tinymodel import TinyModelSpec, make_tiny_model  # noqa: E402
 
 GOAL_P95_ERROR_PCT = 10.0
 
 
-async def profile_node(node: NodeProcess) -> Profile:
-    """`fleetctl profile --target NODE --node`, in process (its quick sizes)."""
+async def profile_node(node: NodeProcess, via: CoordinatorProcess | None) -> Profile:
+    """`fleetctl profile --quick`, in process: through `via`, a coordinator of this node alone
+    (the path the replayed notes take), or with None straight to the node (`--node`)."""
     before = node.status()
     limits = measure.limits_of(before)
-    tls = node.credentials(HARNESS_NODE_CALLER, Role.COORDINATOR)
-    async with AsyncFleetClient(node.address, tls=tls, server_name=ANY_NODE) as client:
-        prober = measure.Prober(client, limits, timeout_s=120)
+    if via is None:
+        client = AsyncFleetClient(node.address, tls=node.credentials(HARNESS_NODE_CALLER, Role.COORDINATOR),
+                                  server_name=ANY_NODE)
+    else:
+        client = AsyncFleetClient(via.address, tls=via.credentials(HARNESS_APP, Role.APP), max_attempts=1)
+    async with client:
+        prober = measure.Prober(client, limits, node_id="" if via is None else before.node_id, timeout_s=120)
         measured = await measure.measure(prober, measure.plan_sizes(limits, quick=True))
     fitted = measure.fit(measured)
     return measure.build_profile(before, node.status(), measured, fitted, command="bench/capacity.py",
                                  created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                 through=f"directly on {node.address}")
+                                 through=f"directly on {node.address}" if via is None else f"through {via.address}")
 
 
 async def calibrate(coordinator: CoordinatorProcess) -> rp.PromptBuilder:
@@ -106,12 +112,24 @@ def main() -> int:
     ap.add_argument("--output-tokens", default="400:600")
     ap.add_argument("--loads", default="0.3,0.6,0.9", help="fractions of the planner's capacity")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=128, help="the generated model's hidden size (a multiple of 64)")
+    ap.add_argument("--layers", type=int, default=2, help="the generated model's layers")
+    ap.add_argument("--profile-together", action="store_true",
+                    help="profile every node at the same time (co-located nodes share this host's cores, as they "
+                         "do while serving) instead of one at a time with the others idle")
+    ap.add_argument("--profile-through", choices=("coordinator", "node"), default="coordinator",
+                    help="profile each node through a coordinator of that node alone (the path the replayed "
+                         "notes take: the relay's cost per token is in the fit) or directly")
     args = ap.parse_args()
+    # SIGTERM (a timeout) unwinds like Ctrl-C, so the finally below stops every daemon started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     loads = [float(x) for x in args.loads.split(",")]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         work = Path(tmp)
-        model = make_tiny_model(work / "model")
+        model = make_tiny_model(work / "model", TinyModelSpec(hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                                              num_attention_heads=args.hidden // 64,
+                                                              intermediate_size=2 * args.hidden))
         certs = work / "ca"
         init_ca(certs, fleet="bench")
         logs = work / "logs"
@@ -128,16 +146,33 @@ def main() -> int:
             print(f"fleet: {args.nodes} tiny-model nodes ({args.max_running} slots each) behind a coordinator, mTLS; "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them)",
                   flush=True)
-            profiles = []
-            for node in nodes:
-                t0 = time.monotonic()
-                prof = asyncio.run(profile_node(node))
-                profiles.append(prof)
+            vias = []
+            if args.profile_through == "coordinator":
+                for node in nodes:
+                    via = CoordinatorProcess(nodes=[node.address], name=f"profile-{node.node_id}", tls_dir=certs)
+                    vias.append(via)
+                    via.start(logs)
+                    via.wait_routable(1)
+            t0 = time.monotonic()
+            try:
+                pairs = list(zip(nodes, vias or [None] * len(nodes), strict=True))
+                if args.profile_together:   # nodes sharing this host's cores, profiled as they serve: together
+                    async def together():
+                        return await asyncio.gather(*(profile_node(n, v) for n, v in pairs))
+                    profiles = list(asyncio.run(together()))
+                else:
+                    profiles = [asyncio.run(profile_node(n, v)) for n, v in pairs]
+            finally:
+                for via in vias:
+                    via.stop()
+            how = ("through a coordinator of it alone" if vias else "directly") + \
+                (", all nodes at once" if args.profile_together else ", one node at a time")
+            print(f"profiled {len(nodes)} nodes {how} in {time.monotonic() - t0:.0f} s", flush=True)
+            for node, prof in zip(nodes, profiles, strict=True):
                 f = prof.fit
-                print(f"profiled {node.node_id} in {time.monotonic() - t0:.0f} s: decode {f.decode_base_s * 1e3:.2f} ms "
-                      f"+ {f.decode_per_seq_s * 1e3:.3f} ms/seq + {f.decode_per_ctx_token_s * 1e6:.3f} us/ctx token, "
-                      f"prefill {f.prefill_base_s * 1e3:.1f} ms + {f.prefill_per_token_s * 1e6:.1f} us/token",
-                      flush=True)
+                print(f"  {node.node_id}: decode {f.decode_base_s * 1e3:.2f} ms + {f.decode_per_seq_s * 1e3:.3f} ms/seq "
+                      f"+ {f.decode_per_ctx_token_s * 1e6:.3f} us/ctx token, prefill {f.prefill_base_s * 1e3:.1f} ms + "
+                      f"{f.prefill_per_token_s * 1e6:.1f} us/token", flush=True)
             fleet = [(p, 1) for p in profiles]
             shape = build_workload(notes_per_day=1.0, hours="0-24", peak_factor=1.0,
                                    prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
