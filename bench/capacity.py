@@ -36,7 +36,7 @@ from cluster.client import AsyncFleetClient  # noqa: E402
 from cluster.localfleet import HARNESS_APP, HARNESS_NODE_CALLER, CoordinatorProcess, NodeProcess  # noqa: E402
 from cluster.security.ca import init_ca  # noqa: E402
 from cluster.security.identity import ANY_NODE, Role  # noqa: E402
-from cluster.tinymodel import TinyModelSpec, make_tiny_model  # noqa: E402
+from cluster.tinymodel import make_tiny_model  # noqa: E402
 
 GOAL_P95_ERROR_PCT = 10.0
 
@@ -112,8 +112,6 @@ def main() -> int:
     ap.add_argument("--output-tokens", default="400:600")
     ap.add_argument("--loads", default="0.3,0.6,0.9", help="fractions of the planner's capacity")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--hidden", type=int, default=128, help="the generated model's hidden size (a multiple of 64)")
-    ap.add_argument("--layers", type=int, default=2, help="the generated model's layers")
     ap.add_argument("--profile-together", action="store_true",
                     help="profile every node at the same time (co-located nodes share this host's cores, as they "
                          "do while serving) instead of one at a time with the others idle")
@@ -127,9 +125,7 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         work = Path(tmp)
-        model = make_tiny_model(work / "model", TinyModelSpec(hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                                              num_attention_heads=args.hidden // 64,
-                                                              intermediate_size=2 * args.hidden))
+        model = make_tiny_model(work / "model")
         certs = work / "ca"
         init_ca(certs, fleet="bench")
         logs = work / "logs"
