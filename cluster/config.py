@@ -351,7 +351,7 @@ class CoordinatorSettings(HealthSection, AdmissionSection, AuditSection, Rollout
     @classmethod
     def _state_url(cls, value: Optional[SecretStr]) -> Optional[SecretStr]:
         if value is not None:
-            from coordinator.state.engine import parse
+            from cluster.state_url import parse
 
             parse(value.get_secret_value())   # ValueError naming the URL without its password
         return value

@@ -11,57 +11,18 @@ A URL's password never reaches a log line or an error: `redact` is what is shown
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 
+from cluster.state_url import parse, redact
 from coordinator.state.errors import StateError
 from coordinator.state.migrate import upgrade
 
-SCHEMES = ("sqlite", "postgresql")
 SQLITE_TIMEOUT_S = 10.0        # a writer waits this long for another's transaction (busy timeout)
 CONNECT_TIMEOUT_S = 10         # PostgreSQL: a connection attempt gives up after this
-
-
-def redact(url: str | URL) -> str:
-    """The URL with its password replaced by ***, safe for logs and errors."""
-    try:
-        parsed = url if isinstance(url, URL) else make_url(str(url))
-        return parsed.render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL at all: hide anything between :// and @
-        return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", str(url))
-
-
-def parse(url: str) -> URL:
-    """A --state-url checked: sqlite:///PATH or postgresql://...; ValueError (redacted) otherwise."""
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - SQLAlchemy's message would repeat the URL
-        raise ValueError("--state-url is not a URL (not repeated here: it may hold a password): give sqlite:///PATH or "
-                         "postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
-    backend, _, driver = parsed.drivername.partition("+")
-    if backend == "postgres":
-        backend = "postgresql"
-    if backend not in SCHEMES or (backend == "postgresql" and driver not in ("", "psycopg")) \
-            or (backend == "sqlite" and driver not in ("", "pysqlite")):
-        raise ValueError(f"--state-url {redact(url)!r}: the state database is sqlite:///PATH or "
-                         "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (PostgreSQL 15+)")
-    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ValueError("--state-url sqlite:///PATH needs a file path (coordinators and restarts share it)")
-    if backend == "postgresql" and not parsed.database:
-        raise ValueError(f"--state-url {redact(url)!r} names no database: postgresql://USER@HOST:PORT/DATABASE")
-    return parsed.set(drivername="sqlite" if backend == "sqlite" else "postgresql+psycopg")
-
-
-def url_for(state_url, state_db: Path) -> str:
-    """What the coordinator opens: --state-url (a str or pydantic SecretStr), else --state-db
-    as sqlite:///PATH, so configs from before --state-url keep their file."""
-    if state_url is not None and hasattr(state_url, "get_secret_value"):
-        state_url = state_url.get_secret_value()
-    return state_url or f"sqlite:///{Path(state_db)}"
 
 
 class StateDB:
