@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -62,6 +62,10 @@ class CoordinatorMetrics:
         self.api_responses = Counter("studiofleet_openai_responses", "Answers of the OpenAI-compatible front "
                                      "door by endpoint and HTTP status (a stream counts once, as its status).",
                                      ["endpoint", "status"], registry=r)
+        self.ready = Gauge("studiofleet_coordinator_ready", "1 while this coordinator takes new requests: its "
+                           "state store answers and a node is routable (coordinator/readiness.py).", registry=r)
+        self.state_store_up = Gauge("studiofleet_state_store_up", "1 while the state database answered the last "
+                                    "readiness probe (SELECT 1), 0 otherwise.", registry=r)
         self.notes = NoteMetrics("studiofleet", r)
         r.register(_Live(fleet=fleet, relay=relay, rollouts=rollouts, audit=audit))
         if headroom is not None:
