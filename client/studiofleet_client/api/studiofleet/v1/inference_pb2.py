@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from studiofleet_client.api.studiofleet.v1 import common_pb2 as studiofleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estudiofleet/v1/inference.proto\x12\x0estudiofleet.v1\x1a\x1bstudiofleet/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\tChatInput\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.studiofleet.v1.ChatMessage\"\xfc\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x93\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.studiofleet.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x08template\x18\r \x01(\x0b\x32\x1d.studiofleet.v1.TemplateInputH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.studiofleet.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x18\n\x10prefix_token_ids\x18\x07 \x03(\r\x12\x1e\n\x16require_weights_digest\x18\x08 \x01(\t\x12*\n\x08priority\x18\t \x01(\x0e\x32\x18.studiofleet.v1.Priority\x12\x13\n\x0bsession_key\x18\n \x01(\t\x12\x1e\n\x11prefix_text_chars\x18\x0b \x01(\rH\x01\x88\x01\x01\x12\x15\n\rallow_restart\x18\x0c \x01(\x08\x12\x33\n\routput_format\x18\x0e \x01(\x0b\x32\x1c.studiofleet.v1.OutputFormat\x12\r\n\x05model\x18\x0f \x01(\t\x12\x13\n\x0b\x66it_context\x18\x10 \x01(\x08\x42\x07\n\x05inputB\x14\n\x12_prefix_text_chars\"\xa1\x01\n\rTemplateInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12?\n\tvariables\x18\x03 \x03(\x0b\x32,.studiofleet.v1.TemplateInput.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0cOutputFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x17\n\rnote_template\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rprefix_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"o\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x04 \x01(\x01\"\xa9\x03\n\tFinalInfo\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.studiofleet.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.studiofleet.v1.Usage\x12(\n\x07timings\x18\x03 \x01(\x0b\x32\x17.studiofleet.v1.Timings\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12(\n\x05model\x18\x05 \x01(\x0b\x32\x19.studiofleet.v1.ModelInfo\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x11\n\tfailovers\x18\t \x01(\r\x12\r\n\x05nodes\x18\n \x03(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x34\n\nstructured\x18\x0c \x01(\x0b\x32 .studiofleet.v1.StructuredResult\x12-\n\x07quality\x18\r \x01(\x0b\x32\x1c.studiofleet.v1.QualityScore\x12\x10\n\x08template\x18\x0e \x01(\t\"j\n\x10StructuredResult\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0c\n\x04json\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\"G\n\x08SubScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"V\n\x0cQualityScore\x12\r\n\x05total\x18\x01 \x01(\x01\x12\'\n\x05parts\x18\x02 \x03(\x0b\x32\x18.studiofleet.v1.SubScore\x12\x0e\n\x06rubric\x18\x03 \x01(\t\"m\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.studiofleet.v1.FinalInfo\x12\x11\n\trestarted\x18\x04 \x01(\x08*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32Y\n\tInference\x12L\n\x08Generate\x12\x1f.studiofleet.v1.GenerateRequest\x1a\x1d.studiofleet.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estudiofleet/v1/inference.proto\x12\x0estudiofleet.v1\x1a\x1bstudiofleet/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\tChatInput\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.studiofleet.v1.ChatMessage\"\xfc\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xb5\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.studiofleet.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x08template\x18\r \x01(\x0b\x32\x1d.studiofleet.v1.TemplateInputH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.studiofleet.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x18\n\x10prefix_token_ids\x18\x07 \x03(\r\x12\x1e\n\x16require_weights_digest\x18\x08 \x01(\t\x12*\n\x08priority\x18\t \x01(\x0e\x32\x18.studiofleet.v1.Priority\x12\x13\n\x0bsession_key\x18\n \x01(\t\x12\x1e\n\x11prefix_text_chars\x18\x0b \x01(\rH\x01\x88\x01\x01\x12\x15\n\rallow_restart\x18\x0c \x01(\x08\x12\x33\n\routput_format\x18\x0e \x01(\x0b\x32\x1c.studiofleet.v1.OutputFormat\x12\r\n\x05model\x18\x0f \x01(\t\x12\x13\n\x0b\x66it_context\x18\x10 \x01(\x08\x12 \n\x18resumed_from_coordinator\x18\x11 \x01(\tB\x07\n\x05inputB\x14\n\x12_prefix_text_chars\"\xa1\x01\n\rTemplateInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12?\n\tvariables\x18\x03 \x03(\x0b\x32,.studiofleet.v1.TemplateInput.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0cOutputFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x17\n\rnote_template\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rprefix_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"o\n\x07Timings\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x04 \x01(\x01\"\xa9\x03\n\tFinalInfo\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.studiofleet.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.studiofleet.v1.Usage\x12(\n\x07timings\x18\x03 \x01(\x0b\x32\x17.studiofleet.v1.Timings\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12(\n\x05model\x18\x05 \x01(\x0b\x32\x19.studiofleet.v1.ModelInfo\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x11\n\tfailovers\x18\t \x01(\r\x12\r\n\x05nodes\x18\n \x03(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x34\n\nstructured\x18\x0c \x01(\x0b\x32 .studiofleet.v1.StructuredResult\x12-\n\x07quality\x18\r \x01(\x0b\x32\x1c.studiofleet.v1.QualityScore\x12\x10\n\x08template\x18\x0e \x01(\t\"j\n\x10StructuredResult\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0c\n\x04json\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\"G\n\x08SubScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"V\n\x0cQualityScore\x12\r\n\x05total\x18\x01 \x01(\x01\x12\'\n\x05parts\x18\x02 \x03(\x0b\x32\x18.studiofleet.v1.SubScore\x12\x0e\n\x06rubric\x18\x03 \x01(\t\"\x99\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.studiofleet.v1.FinalInfo\x12\x11\n\trestarted\x18\x04 \x01(\x08\x12*\n\x06resume\x18\x05 \x01(\x0b\x32\x1a.studiofleet.v1.ResumeInfo\"^\n\nResumeInfo\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x16\n\x0eweights_digest\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x63oordinator_id\x18\x04 \x01(\t*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32Y\n\tInference\x12L\n\x08Generate\x12\x1f.studiofleet.v1.GenerateRequest\x1a\x1d.studiofleet.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TEMPLATEINPUT_VARIABLESENTRY']._loaded_options = None
   _globals['_TEMPLATEINPUT_VARIABLESENTRY']._serialized_options = b'8\001'
-  _globals['_PRIORITY']._serialized_start=2243
-  _globals['_PRIORITY']._serialized_end=2325
-  _globals['_FINISHREASON']._serialized_start=2328
-  _globals['_FINISHREASON']._serialized_end=2477
+  _globals['_PRIORITY']._serialized_start=2418
+  _globals['_PRIORITY']._serialized_end=2500
+  _globals['_FINISHREASON']._serialized_start=2503
+  _globals['_FINISHREASON']._serialized_end=2652
   _globals['_CHATMESSAGE']._serialized_start=79
   _globals['_CHATMESSAGE']._serialized_end=123
   _globals['_CHATINPUT']._serialized_start=125
@@ -45,27 +45,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=186
   _globals['_SAMPLINGPARAMS']._serialized_end=438
   _globals['_GENERATEREQUEST']._serialized_start=441
-  _globals['_GENERATEREQUEST']._serialized_end=972
-  _globals['_TEMPLATEINPUT']._serialized_start=975
-  _globals['_TEMPLATEINPUT']._serialized_end=1136
-  _globals['_TEMPLATEINPUT_VARIABLESENTRY']._serialized_start=1088
-  _globals['_TEMPLATEINPUT_VARIABLESENTRY']._serialized_end=1136
-  _globals['_OUTPUTFORMAT']._serialized_start=1138
-  _globals['_OUTPUTFORMAT']._serialized_end=1208
-  _globals['_USAGE']._serialized_start=1210
-  _globals['_USAGE']._serialized_end=1320
-  _globals['_TIMINGS']._serialized_start=1322
-  _globals['_TIMINGS']._serialized_end=1433
-  _globals['_FINALINFO']._serialized_start=1436
-  _globals['_FINALINFO']._serialized_end=1861
-  _globals['_STRUCTUREDRESULT']._serialized_start=1863
-  _globals['_STRUCTUREDRESULT']._serialized_end=1969
-  _globals['_SUBSCORE']._serialized_start=1971
-  _globals['_SUBSCORE']._serialized_end=2042
-  _globals['_QUALITYSCORE']._serialized_start=2044
-  _globals['_QUALITYSCORE']._serialized_end=2130
-  _globals['_GENERATECHUNK']._serialized_start=2132
-  _globals['_GENERATECHUNK']._serialized_end=2241
-  _globals['_INFERENCE']._serialized_start=2479
-  _globals['_INFERENCE']._serialized_end=2568
+  _globals['_GENERATEREQUEST']._serialized_end=1006
+  _globals['_TEMPLATEINPUT']._serialized_start=1009
+  _globals['_TEMPLATEINPUT']._serialized_end=1170
+  _globals['_TEMPLATEINPUT_VARIABLESENTRY']._serialized_start=1122
+  _globals['_TEMPLATEINPUT_VARIABLESENTRY']._serialized_end=1170
+  _globals['_OUTPUTFORMAT']._serialized_start=1172
+  _globals['_OUTPUTFORMAT']._serialized_end=1242
+  _globals['_USAGE']._serialized_start=1244
+  _globals['_USAGE']._serialized_end=1354
+  _globals['_TIMINGS']._serialized_start=1356
+  _globals['_TIMINGS']._serialized_end=1467
+  _globals['_FINALINFO']._serialized_start=1470
+  _globals['_FINALINFO']._serialized_end=1895
+  _globals['_STRUCTUREDRESULT']._serialized_start=1897
+  _globals['_STRUCTUREDRESULT']._serialized_end=2003
+  _globals['_SUBSCORE']._serialized_start=2005
+  _globals['_SUBSCORE']._serialized_end=2076
+  _globals['_QUALITYSCORE']._serialized_start=2078
+  _globals['_QUALITYSCORE']._serialized_end=2164
+  _globals['_GENERATECHUNK']._serialized_start=2167
+  _globals['_GENERATECHUNK']._serialized_end=2320
+  _globals['_RESUMEINFO']._serialized_start=2322
+  _globals['_RESUMEINFO']._serialized_end=2416
+  _globals['_INFERENCE']._serialized_start=2654
+  _globals['_INFERENCE']._serialized_end=2743
 # @@protoc_insertion_point(module_scope)

@@ -63,7 +63,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "chat", "prompt", "template", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars", "allow_restart", "output_format", "model", "fit_context")
+    __slots__ = ("request_id", "chat", "prompt", "template", "sampling", "max_tokens", "stop", "prefix_token_ids", "require_weights_digest", "priority", "session_key", "prefix_text_chars", "allow_restart", "output_format", "model", "fit_context", "resumed_from_coordinator")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FIT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     chat: ChatInput
     prompt: str
@@ -96,7 +97,8 @@ class GenerateRequest(_message.Message):
     output_format: OutputFormat
     model: str
     fit_context: bool
-    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., template: _Optional[_Union[TemplateInput, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ..., allow_restart: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, _Mapping]] = ..., model: _Optional[str] = ..., fit_context: _Optional[bool] = ...) -> None: ...
+    resumed_from_coordinator: str
+    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., template: _Optional[_Union[TemplateInput, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., require_weights_digest: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., session_key: _Optional[str] = ..., prefix_text_chars: _Optional[int] = ..., allow_restart: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, _Mapping]] = ..., model: _Optional[str] = ..., fit_context: _Optional[bool] = ..., resumed_from_coordinator: _Optional[str] = ...) -> None: ...
 
 class TemplateInput(_message.Message):
     __slots__ = ("name", "version", "variables")
@@ -218,13 +220,27 @@ class QualityScore(_message.Message):
     def __init__(self, total: _Optional[float] = ..., parts: _Optional[_Iterable[_Union[SubScore, _Mapping]]] = ..., rubric: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "final", "restarted")
+    __slots__ = ("text", "token_ids", "final", "restarted", "resume")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     RESTARTED_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     final: FinalInfo
     restarted: bool
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: _Optional[_Union[FinalInfo, _Mapping]] = ..., restarted: _Optional[bool] = ...) -> None: ...
+    resume: ResumeInfo
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: _Optional[_Union[FinalInfo, _Mapping]] = ..., restarted: _Optional[bool] = ..., resume: _Optional[_Union[ResumeInfo, _Mapping]] = ...) -> None: ...
+
+class ResumeInfo(_message.Message):
+    __slots__ = ("seed", "weights_digest", "max_tokens", "coordinator_id")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    weights_digest: str
+    max_tokens: int
+    coordinator_id: str
+    def __init__(self, seed: _Optional[int] = ..., weights_digest: _Optional[str] = ..., max_tokens: _Optional[int] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
