@@ -334,6 +334,13 @@ class CoordinatorSettings(HealthSection, AdmissionSection, AuditSection, Rollout
     mdns_interface: str = setting("0.0.0.0", "Address to browse mDNS on (127.0.0.1 for a local fleet).",
                                   default_text="all")
     fleet: str = setting("default", "Take only nodes announcing this fleet name.", pattern=_FLEET)
+    mdns_announce: bool = setting(True, "Announce this coordinator (its gRPC address, OpenAI port and fleet name) "
+                                  "over mDNS on --mdns-interface, for clients that discover coordinators "
+                                  "(docs/ha.md). --no-mdns turns multicast off altogether, announcing included.")
+    readiness_interval_s: float = setting(2.0, "Seconds between probes of the state database (SELECT 1) that "
+                                          "decide readiness (docs/ha.md).", gt=0)
+    readiness_timeout_s: float = setting(1.0, "A state database probe slower than this counts as unreachable.",
+                                         gt=0)
     shutdown_grace_s: float = setting(30.0, "Seconds in-flight requests get on SIGTERM.", ge=0)
     tls_dir: Optional[Path] = setting(None, _TLS_DIR)
     tls_name: Optional[str] = setting(None, "Certificate name (role coordinator).", default_text="the coordinator id")
