@@ -198,7 +198,7 @@ def discovery(model: Path, logs: Path, rounds: int) -> list[float]:
             async def first_token() -> float:
                 async with grpc.aio.insecure_channel(co.address) as channel:
                     stub = inference_pb2_grpc.InferenceStub(channel)
-                    async for chunk in stub.Generate(request(r, 4, "disc"), timeout=60):
+                    async for chunk in stub.Generate(request(r, 4, "disc"), timeout=60):  # noqa: B023 - run within this iteration
                         if chunk.token_ids:
                             return time.time()
                 raise RuntimeError("no token")
@@ -206,7 +206,7 @@ def discovery(model: Path, logs: Path, rounds: int) -> list[float]:
             async def scenario() -> float:
                 waiting = asyncio.create_task(first_token())  # queued in the coordinator: no node yet
                 await asyncio.sleep(0.2)
-                with NodeProcess(model, node_id=f"disc-node{r}", fleet=fleet) as node:
+                with NodeProcess(model, node_id=f"disc-node{r}", fleet=fleet) as node:  # noqa: B023 - run within this iteration
                     await asyncio.to_thread(node.start, logs)
                     t_token = await waiting
                     ready = _ready_time(node)

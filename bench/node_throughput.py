@@ -147,7 +147,7 @@ class MlxServer:
                 "max_tokens": max_tokens, "temperature": 0.0}
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
-        for attempt in range(50):
+        for _attempt in range(50):
             # Its ThreadingHTTPServer keeps the default listen backlog of 5: under 32 concurrent
             # connects some are reset, and a real client retries them.
             try:
@@ -217,7 +217,7 @@ def bench_model(case: ModelCase, workdir: Path, repeats: int, rows: list) -> Non
                     # Each system gets prompts it has never seen (same shape and length), so
                     # a prompt cache can reuse the shared system prompt but no whole prompt.
                     batches = [prompts(conc, f"c{conc}r{rep}b{b}s{tag}-") for b in range(rounds)]
-                    secs, toks = timed(lambda: sum(fn(chats) for chats in batches))
+                    secs, toks = timed(lambda fn=fn, batches=batches: sum(fn(chats) for chats in batches))
                     rates[name].append(toks / secs)
             med = {k: statistics.median(v) for k, v in rates.items()}
             rows.append((case.name, conc, med["inproc"], med["node"], med["node_nocache"], med["server"],

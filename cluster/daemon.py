@@ -73,13 +73,13 @@ def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], A
         key = ".".join(map(str, first["loc"]))
         hint = f"; give {hints[key]}" if first["type"] == "missing" and key in (hints or {}) else ""
         typer.echo(f"{prog}: invalid setting {key}: {first['msg']}{hint}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except ConfigFileError as exc:      # the file itself, or a key in it
         typer.echo(f"{prog}: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except SettingsError as exc:        # an environment value pydantic-settings cannot parse
         typer.echo(f"{prog}: invalid setting: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     problem = check(settings) if check else None
     if problem:
         typer.echo(f"{prog}: {problem}", err=True)
@@ -90,7 +90,7 @@ def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], A
         code = asyncio.run(serve(settings))
     except OSError as exc:
         typer.echo(f"{prog}: {exc}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     exit_now(code)
 
 

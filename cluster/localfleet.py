@@ -78,7 +78,7 @@ class DaemonProcess:
             line = self._stdout.get(timeout=timeout_s)
         except queue.Empty:
             self.stop()
-            raise TimeoutError(f"{self.name} did not report its port in {timeout_s}s: {self.stderr()}")
+            raise TimeoutError(f"{self.name} did not report its port in {timeout_s}s: {self.stderr()}") from None
         if not line:
             raise RuntimeError(f"{self.name} exited before listening: {self.stderr()}")
         info = json.loads(line)

@@ -230,7 +230,7 @@ class Operations:
                     info = await asyncio.to_thread(self._staging.stage_from_path, source, model_id=model_id,
                                                    version=version, expected_digest=expected)
                 except (StagingError, OSError) as exc:
-                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}")
+                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}") from None
                 return f"staged {info.model_id} {info.version} {info.digest[:19]}"
             self._background(rec, work)
         return rec
@@ -243,7 +243,7 @@ class Operations:
                 try:
                     info = await asyncio.to_thread(self._staging.finish_push, manifest.expected_digest)
                 except (StagingError, OSError) as exc:
-                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"pushed weights not staged: {exc}")
+                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"pushed weights not staged: {exc}") from None
                 return f"staged {info.model_id} {info.version} {info.digest[:19]} (pushed)"
             # The record ends even if the pushing caller goes away during the digest check.
             await asyncio.shield(self._background(rec, work))

@@ -197,7 +197,8 @@ def test_a_real_prometheus_scrapes_the_fleet_and_raises_node_down(start_node, tm
                                     stdout=subprocess.DEVNULL, stderr=err)
         try:
             _wait("Prometheus ready", lambda: urllib.request.urlopen(f"{api}/-/ready", timeout=2).status == 200, 60)
-            targets = lambda: _get(f"{api}/api/v1/targets")["data"]["activeTargets"]
+            def targets():
+                return _get(f"{api}/api/v1/targets")["data"]["activeTargets"]
             _wait("3 targets up over mTLS", lambda: [t["health"] for t in targets()] == ["up"] * 3, 30)
 
             for i in range(3):

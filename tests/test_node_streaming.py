@@ -47,7 +47,7 @@ def test_sixteen_concurrent_streams_complete_with_right_counts(node):
         results = list(pool.map(one, range(16)))
 
     finishes = []
-    for i, (ids, text, final, _) in enumerate(results):
+    for i, (ids, _text, final, _) in enumerate(results):
         assert final.request_id == f"conc-{i}"
         assert final.node_id == "shared-node"
         assert final.model.weights_digest.startswith("sha256:")

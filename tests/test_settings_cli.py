@@ -5,6 +5,7 @@ cannot drift apart."""
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from cluster.config import (AdmissionSection, CoordinatorSettings, HealthSection, NodeSettings, RolloutSection)
@@ -90,7 +91,7 @@ def test_components_get_only_their_section():
     assert health.eject_max_s == 9 and not hasattr(health, "queue_max_depth")
     assert s.section(AdmissionSection).queue_max_depth == 3
     assert s.section(RolloutSection).rollout_smoke_requests == 4
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         health.eject_max_s = 1   # frozen
     # Every coordinator setting but its own identity and ports belongs to exactly one section.
     sections = [HealthSection, AdmissionSection, RolloutSection]

@@ -78,7 +78,7 @@ def test_sixteen_concurrent_streams_complete_with_right_counts(vllm_node):
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(one, range(16)))
-    for i, (ids, text, final) in enumerate(results):
+    for i, (ids, _text, final) in enumerate(results):
         assert final.request_id == f"v-conc-{i}" and final.node_id == "vllm-node"
         assert final.model.engine == "vllm"
         assert final.usage.completion_tokens == len(ids)
@@ -267,7 +267,7 @@ def test_schema_constrained_output_is_valid_for_every_seed_on_vllm(vllm_node):
     with ThreadPoolExecutor(8) as pool:
         runs = list(pool.map(one, range(24)))
     runs.append(_run(vllm_node, _req(99, note_template="soap-brief")))
-    for ids, text, final in runs:
+    for _ids, text, final in runs:
         assert final.finish_reason == inference_pb2.FINISH_REASON_STOP, (final.structured.rule, final.structured.path)
         assert final.structured.valid, (final.request_id, final.structured.rule, final.structured.path)
         assert json.loads(text) == json.loads(final.structured.json)

@@ -52,7 +52,7 @@ def init(directory: Path = typer.Argument(..., help="New CA directory (created, 
     try:
         path = ca.init_ca(directory, fleet=fleet, days=days)
     except ca.CAError as exc:
-        raise _fail(exc)
+        raise _fail(exc) from None
     _audit(directory, "certs.init", fleet=fleet, days=days)
     typer.echo(f"created CA {path}; issue certificates with `fleetctl certs issue --ca-dir {directory} "
                "--role ROLE --name NAME`")
@@ -70,7 +70,7 @@ def issue(role: Role = typer.Option(..., help="node, coordinator, app, operator 
     try:
         issued = ca.issue(ca_dir, role, name, days=days, sans=san, out_dir=out)
     except (ca.CAError, ValueError) as exc:
-        raise _fail(exc)
+        raise _fail(exc) from None
     ident = issued.identity
     _audit(ca_dir, "certs.issue", subject=str(ident), serial=f"{ident.serial:x}",
            not_after=f"{ident.not_after:%Y-%m-%dT%H:%M:%SZ}", sans=list(san))
@@ -94,7 +94,7 @@ def revoke(ca_dir: Path = CA_DIR,
         number = ca.read_certificate(ca_dir / f"{name}.pem").serial_number if name else int(serial, 16)
         count = ca.revoke(ca_dir, number)
     except (ca.CAError, ValueError) as exc:
-        raise _fail(exc)
+        raise _fail(exc) from None
     _audit(ca_dir, "certs.revoke", serial=f"{number:x}", subject=name or "", reason=reason)
     typer.echo(f"revoked serial {number:x}; {ca_dir / 'crl.pem'} now lists {count}; copy it to every host's TLS directory")
 
@@ -111,7 +111,7 @@ def show(cert: Path = typer.Argument(..., help="A certificate (NAME.pem)."),
         c = ca.read_certificate(cert)
         ident = identity_of(c)
     except (ca.CAError, ValueError) as exc:
-        raise _fail(exc)
+        raise _fail(exc) from None
     sans = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     revoked = ca_dir is not None and c.serial_number in ca.revoked_serials(ca_dir)
     typer.echo(f"identity  {ident}\nserial    {c.serial_number:x}\nvalid     {c.not_valid_before_utc:%Y-%m-%d} .. "

@@ -36,7 +36,7 @@ def file_settings() -> FleetctlSettings:
         return FleetctlSettings(config_file=config_path())
     except ConfigFileError as exc:
         typer.echo(f"fleetctl: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 def coordinator_address(value: Optional[str]) -> str:
@@ -74,7 +74,7 @@ def credentials(tls_dir: Optional[Path], tls_name: Optional[str], plaintext: boo
         return ClientTLS(tls_dir, tls_name)
     except TLSConfigError as exc:
         typer.echo(f"fleetctl: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 def dial(target: str, tls: Optional[ClientTLS], server_name: Optional[str] = None) -> grpc.Channel:
@@ -82,4 +82,4 @@ def dial(target: str, tls: Optional[ClientTLS], server_name: Optional[str] = Non
         return open_channel(target, tls, server_name=server_name)
     except TLSConfigError as exc:
         typer.echo(f"fleetctl: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -71,7 +71,7 @@ def generate(
         schema = json_schema.read_text() if json_schema is not None else None
     except OSError as exc:
         typer.echo(f"fleetctl: --json-schema: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     req = build_request(prompt=prompt if raw and template is None else None, messages=messages,
                         max_tokens=max_tokens if max_tokens is not None else (0 if template is not None else 64),
                         request_id=request_id, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -108,7 +108,7 @@ def generate(
         except FleetError as err:
             if output != "json":
                 sys.stdout.write("\n")
-            raise fail(err, target)
+            raise fail(err, target) from None
     if final is not None and final.finish_reason in ENDED_EARLY:
         typer.echo(f"\nfleetctl: {target}: {final.message or 'generation ended early'}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE)

@@ -39,7 +39,7 @@ def dashboard(
         try:
             link = fleet_pb2_grpc.FleetStub(channel).OpenDashboard(fleet_pb2.OpenDashboardRequest(), timeout=10)
         except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator)
+            raise fail(from_rpc_error(err), coordinator) from None
     typer.echo(link.url)
     typer.echo(f"(works once, within {link.expires_in_s:.0f} s; the browser must trust the fleet CA)", err=True)
     if open_browser:
@@ -133,7 +133,7 @@ def top(
             try:
                 console.print(frame(stub, _history(stub), coordinator))
             except grpc.RpcError as err:
-                raise fail(from_rpc_error(err), coordinator)
+                raise fail(from_rpc_error(err), coordinator) from None
             return
         # Ctrl-C (or SIGTERM) sets a flag the refresh loop waits on, rather than raising
         # KeyboardInterrupt wherever the main thread happens to be (inside a gRPC call
@@ -158,7 +158,7 @@ def top(
                     live.update(frame(stub, list(events.recent), coordinator), refresh=True)
                     done += 1
         except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator)
+            raise fail(from_rpc_error(err), coordinator) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

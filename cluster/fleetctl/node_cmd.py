@@ -35,7 +35,7 @@ def status(
         try:
             st = node_pb2_grpc.NodeStub(channel).GetStatus(node_pb2.GetStatusRequest(), timeout=timeout_s)
         except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), target)
+            raise fail(from_rpc_error(err), target) from None
     if output == "json":
         typer.echo(json.dumps(MessageToDict(st, preserving_proto_field_name=True)))
         return

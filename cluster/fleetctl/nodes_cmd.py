@@ -63,7 +63,7 @@ def nodes(
         try:
             listing = fleet_pb2_grpc.FleetStub(channel).ListNodes(fleet_pb2.ListNodesRequest(), timeout=timeout_s)
         except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator)
+            raise fail(from_rpc_error(err), coordinator) from None
     if output == "json":
         typer.echo(json.dumps(MessageToDict(listing, preserving_proto_field_name=True)))
         return
@@ -93,6 +93,6 @@ def events(
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not follow:
                 return  # the history was printed; nothing new arrived
-            raise fail(from_rpc_error(err), coordinator)
+            raise fail(from_rpc_error(err), coordinator) from None
         except KeyboardInterrupt:
             return

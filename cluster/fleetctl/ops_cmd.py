@@ -57,7 +57,7 @@ def _call(coordinator: str, tls, fn: Callable[[fleet_pb2_grpc.FleetStub], object
         try:
             return fn(fleet_pb2_grpc.FleetStub(channel))
         except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator)
+            raise fail(from_rpc_error(err), coordinator) from None
 
 
 def _emit(reply: fleet_pb2.NodeOperationReply, output: str) -> None:

@@ -79,7 +79,7 @@ def requests(
         try:
             reply = fleet_pb2_grpc.FleetStub(channel).ListRequests(ask, timeout=30)
         except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator)
+            raise fail(from_rpc_error(err), coordinator) from None
     if output == "json":
         typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True,
                                             always_print_fields_with_no_presence=True)))

@@ -77,15 +77,15 @@ def _reported() -> Iterator[None]:
         yield
     except ServiceError as exc:
         typer.echo(f"fleetctl: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except CommandFailed as exc:
         typer.echo(f"fleetctl: {exc}", err=True)
-        raise typer.Exit(EXIT_ERROR)
+        raise typer.Exit(EXIT_ERROR) from None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         typer.echo(f"fleetctl: {where}{exc.strerror or exc}; run as root (sudo), or choose paths you can write "
                    "with --prefix and --dest", err=True)
-        raise typer.Exit(EXIT_ERROR)
+        raise typer.Exit(EXIT_ERROR) from None
 
 
 def _managed(spec: ServiceSpec, hands_off: bool) -> bool:

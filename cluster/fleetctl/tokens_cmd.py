@@ -39,7 +39,7 @@ def _call(coordinator: str, creds, method: str, request):
         try:
             return getattr(fleet_pb2_grpc.FleetStub(channel), method)(request, timeout=10)
         except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator)
+            raise fail(from_rpc_error(err), coordinator) from None
 
 
 def _when(unix_s: float) -> str:
