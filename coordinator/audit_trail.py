@@ -7,7 +7,9 @@ Record fields (README "Audit"): type, action, time (added by the log), request_i
 role, peer, coordinator, outcome, code, nodes (every hop, in order, with model@version
 and weights digest), failovers, retries, restarts, prompt/completion token counts, latency,
 finish_reason, prompt_digest and completion_digest (HMAC-SHA256 under the audit key), and
-after a restart on other weights `voided` (what the caller was sent and told to discard).
+after a restart on other weights `voided` (what the caller was sent and told to discard),
+and for a stream a client resumed here after its coordinator failed, `resumed_from` (that
+coordinator's id) and `resumed_after_tokens`.
 The records are typed (coordinator/records.py); they become the log's dicts here, as written.
 """
 
@@ -24,7 +26,7 @@ import grpc
 from cluster.api import inference_pb2
 from cluster.security.identity import Identity
 from coordinator.call_context import CallContext
-from coordinator.records import AuditRecord, Caller, CallRecord, Completion, Hop, RequestRecord, RunFacts
+from coordinator.records import AuditRecord, Caller, CallRecord, Completion, Hop, RequestRecord, Resumed, RunFacts
 from coordinator.request_summary import Outcome
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,10 @@ class RequestAudit:
     def named(self, request_id: str) -> None:
         """The request's id, once it has one (a caller may leave it to the coordinator)."""
         self.record = replace(self.record, request_id=request_id)
+
+    def resumed(self, coordinator: str, prefix_tokens: int) -> None:
+        """The request continues a stream coordinator `coordinator` started (client failover)."""
+        self.record = replace(self.record, resumed=Resumed(coordinator, prefix_tokens))
 
     def end(self, outcome: Outcome, code: str, *, reason: Optional[str] = None, run: Optional[RunFacts] = None,
             completion: Optional[Completion] = None) -> RequestRecord:

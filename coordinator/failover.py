@@ -4,7 +4,8 @@ Before the first token reaches the caller a failed node call is retried on anoth
 After it, the request is resumed on a node with the same weights: the original request
 plus the token ids already streamed, the remaining max_tokens, the same sampling and seed
 (coordinator/splice.py). With no such node left it fails with ABORTED, unless the caller
-set allow_restart: then it starts over on other weights.
+set allow_restart: then it starts over on other weights. The first chunk sent carries
+what a client needs to do the same one level up, on another coordinator (ResumeInfo).
 
 Each node call ends in exactly one of three ways: the final chunk (the run is done), a
 `NodeFailure` (the loop moves on to the next node), or an abort of the caller's call: its
@@ -108,6 +109,7 @@ class Failover:
                     await self._accepted(run, audit, context)
                     run.absorb(chunk)
                     run.mark_restarted(chunk, entry.node_id, entry.digest)
+                    run.stamp_resume(chunk, self._me)
                     got += n
                     self._admission.delivered(entry, n)
                     if last:

@@ -117,6 +117,7 @@ class RequestRecord:
     hop: Optional[Hop] = None             # the accepted record's first hop
     run: Optional[RunFacts] = None
     completion: Optional[Completion] = None
+    resumed: Optional["Resumed"] = None     # a stream another coordinator started (client failover)
 
     TYPE = "request"
     ACTION = "inference.generate"
@@ -144,7 +145,20 @@ class RequestRecord:
             out.update(self.run.to_dict())
         if self.completion is not None:
             out.update(self.completion.to_dict())
+        if self.resumed is not None:
+            out.update(self.resumed.to_dict())
         return out
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A request a client resumed here after the coordinator streaming it failed mid-stream."""
+
+    coordinator: str      # the previous coordinator's id (GenerateRequest.resumed_from_coordinator)
+    prefix_tokens: int    # the tokens the caller had received from it (prefix_token_ids)
+
+    def to_dict(self) -> dict:
+        return {"resumed_from": self.coordinator, "resumed_after_tokens": self.prefix_tokens}
 
 
 @dataclass(frozen=True)

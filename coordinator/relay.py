@@ -17,7 +17,7 @@ import grpc
 from cluster.api import inference_pb2, inference_pb2_grpc
 from cluster.quality import prompts
 from cluster.validation import (InvalidRequest, check_output_format_async, check_request, display_id, new_request_id,
-                                template_budget)
+                                template_budget, valid_id)
 from cluster.logs import fields, without_text
 from cluster.security.identity import Identity
 from cluster.wording import plural
@@ -60,6 +60,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         """Every field check; any failure to check is InvalidRequest (cluster.validation)."""
         check_request(request, max_tokens=self._s.max_tokens_limit,
                       max_stop_sequences=self._s.max_stop_sequences, where="this coordinator")
+        check_resumed_from(request)
         await check_output_format_async(request)   # a schema compiles off the event loop
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: CallContext,
@@ -103,6 +104,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             req.max_tokens = template_budget(req, self._s.max_tokens_limit)
         if not req.sampling.HasField("seed"):  # drawn here, so a resumed stream keeps it
             req.sampling.seed = secrets.randbits(63)
+        if req.resumed_from_coordinator:   # a client's failover from another coordinator
+            audit.resumed(req.resumed_from_coordinator, len(req.prefix_token_ids))
         run = Splice(req, clock=time.monotonic, completion_digest=self._audit.completion_digest())
         context = AuditedCall(context, audit, lambda: RunFacts.of(run))   # every abort from here is audited first
         self.in_flight += 1
@@ -181,6 +184,19 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         if not s.template and req.WhichOneof("input") == "template":   # never reached a node
             s.template = prompts.recorded(req.template.name, req.template.version)   # registry names only
         self._monitor.request_ended(s)
+
+
+def check_resumed_from(request: inference_pb2.GenerateRequest) -> None:
+    """resumed_from_coordinator: an id, and only on a request that continues token ids."""
+    origin = request.resumed_from_coordinator
+    if not origin:
+        return
+    if not valid_id(origin):
+        raise InvalidRequest("resumed_from_coordinator must be a coordinator id: 1-128 characters from A-Z a-z 0-9 "
+                             ". _ : @ / + - (the coordinator_id of the chunks' ResumeInfo)")
+    if not request.prefix_token_ids:
+        raise InvalidRequest("resumed_from_coordinator is set without prefix_token_ids; a resumed stream sends "
+                             "the token ids it received as prefix_token_ids")
 
 
 def _code_name(code: Optional[grpc.StatusCode]) -> str:

@@ -50,6 +50,7 @@ class Splice:
         self.ended: Optional[inference_pb2.FinalInfo] = None   # the final record sent (quality, template)
         self.queue_s: Optional[float] = None   # time spent waiting for a node, over every hop
         self.token_gaps: list[float] = []
+        self._resume_sent = False   # the caller has this run's ResumeInfo (coordinator failover)
 
     @property
     def remaining(self) -> int:
@@ -64,6 +65,7 @@ class Splice:
         r.require_weights_digest = self.digest or node_digest
         r.session_key = ""   # routing only; nodes have no use for it
         r.allow_restart = False   # the coordinator's decision, not the node's
+        r.resumed_from_coordinator = ""   # the audit's, not the node's
         if not self.delivered:
             return r
         r.prefix_token_ids[:] = self.base_prefix + self.delivered
@@ -100,6 +102,18 @@ class Splice:
             self.completion_digest.update(chunk.text.encode())
         return n
 
+    def stamp_resume(self, chunk: inference_pb2.GenerateChunk, coordinator_id: str) -> None:
+        """Put on the first chunk sent (and the first after a restart) what a client needs to
+        resume the stream on another coordinator: seed, weights, budget, this coordinator."""
+        if self._resume_sent:
+            return
+        self._resume_sent = True
+        info = chunk.resume
+        info.seed = self.request.sampling.seed
+        info.weights_digest = self.digest or self._pinning
+        info.max_tokens = self.request.max_tokens
+        info.coordinator_id = coordinator_id
+
     def restart_refusal(self) -> str:
         """Why this request may not start over on other weights ("" if it may)."""
         if not self.request.allow_restart:
@@ -124,6 +138,7 @@ class Splice:
         self.t_first = self.t_last = 0.0
         self.completion_digest = completion_digest
         self.restart_pending = self.announce_restart = True
+        self._resume_sent = False   # the restarted run is pinned to other weights
         return voided
 
     def mark_restarted(self, chunk: inference_pb2.GenerateChunk, node_id: str, node_digest: str) -> None:
