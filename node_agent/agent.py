@@ -228,7 +228,8 @@ class NodeAgent:
                 model_id=facts.model_id, version=model.version,
                 weights_digest=facts.weights_digest, context_length=facts.context_length,
                 engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size,
-                family=model_family(Path(model.path))),
+                family=model_family(Path(model.path)), parameters=facts.parameters,
+                quantization=facts.quantization),
             tokenizer=tokenizer,
             grammars=Grammars(tokenizer, vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids))
         if not await self._warm(f"warming up {facts.model_id} {facts.weights_digest[:19]}", "warm-up generation"):

@@ -8,7 +8,11 @@ thread, once per step, with every request's new events.
 from __future__ import annotations
 
 import enum
+import json
+import math
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
 from node_agent.sampling import SamplingSpec
@@ -60,6 +64,31 @@ class ModelFacts:
     eos_token_ids: frozenset[int]
     engine: str
     engine_version: str
+    parameters: int = 0             # as stored, quantized weights counted unpacked; 0 if unknown
+    quantization: str = ""          # quantization_of(config.json)
+
+
+def quantization_of(config: dict) -> str:
+    """config.json's quantization in a word or two: "4bit" (MLX's `quantization`), "awq 4bit"
+    (Hugging Face's `quantization_config`); "" when the weights are not quantized."""
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    if not isinstance(q, dict):
+        return ""
+    bits = q.get("bits") or q.get("w_bit")
+    words = (str(q.get("quant_method") or ""), f"{int(bits)}bit" if isinstance(bits, (int, float)) and bits else "")
+    return " ".join(w for w in words if w)
+
+
+def stored_parameters(path: Path) -> int:
+    """Parameters in a model directory's safetensors files, read from their headers (no
+    weights loaded); packed quantized tensors count as stored. Blocking: run it in a thread."""
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
 
 
 @dataclass

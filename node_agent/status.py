@@ -14,7 +14,7 @@ from node_agent.operations import Operations
 from node_agent.requests import RequestRegistry
 from node_agent.serving import Serving
 from node_agent.staging import StagingArea
-from node_agent.telemetry import cpu_load_1m, host_memory
+from node_agent.telemetry import CHIP, CPU_CORES, cpu_load_1m, host_memory
 
 
 def build_status(
@@ -90,6 +90,8 @@ def build_status(
         agent_version=__version__,
         api_version=API_VERSION,
         hostname=socket.gethostname(),
+        chip=CHIP,
+        cpu_cores=CPU_CORES,
         cpu_load_1m=cpu_load_1m(),
         staged=[m.to_proto() for m in staging.list()],
         previous_model=_model_ref(ops.state.previous),

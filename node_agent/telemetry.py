@@ -4,11 +4,37 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from dataclasses import dataclass
 
 import psutil
 
 UNIFIED_MEMORY = platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def _chip() -> str:
+    """The processor's name: Apple's chip ("Apple M2 Ultra", from sysctl) or the CPU model
+    (/proc/cpuinfo); the machine type when neither says. Read once, at import."""
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                 text=True, timeout=5)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+CHIP = _chip()
+CPU_CORES = os.cpu_count() or 0
 
 
 @dataclass(frozen=True)

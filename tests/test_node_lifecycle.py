@@ -190,3 +190,18 @@ def test_unloadable_model_reports_failed(start_node, tmp_path):
         list(node.inference.Generate(build_request(prompt="x", max_tokens=2), timeout=5))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "FAILED" in err.value.details()
+
+
+def test_status_carries_the_hardware_and_model_facts_a_profile_records(node, tiny_model):
+    """fleetctl profile writes these into a capacity profile (docs/capacity.md)."""
+    import json
+
+    from node_agent.engine import stored_parameters
+    from node_agent.telemetry import CHIP
+
+    st = node.status()
+    assert st.chip == CHIP and st.chip and st.cpu_cores >= 1
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert "quantization" not in config and st.model.quantization == ""
+    # Unquantized, the loaded model's parameter count equals what its files store.
+    assert st.model.parameters == stored_parameters(tiny_model) > 0

@@ -12,21 +12,22 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import replace
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from cluster.logs import without_text
 from cluster.digest import weights_digest
+from cluster.logs import without_text
 from node_agent.engine import (
+    Emit,
     EngineClosed,
     EngineEvent,
     EngineRequest,
     EngineStats,
-    Emit,
     EventKind,
     ModelFacts,
+    quantization_of,
 )
 from node_agent.grammar import GrammarProcessor
 from node_agent.sampling import make_processors, make_sampler
@@ -215,6 +216,7 @@ class MlxEngine:
     def _do_load(self) -> ModelFacts:
         import mlx.core as mx
         import mlx_lm
+        from mlx_lm.utils import get_total_parameters
 
         if not (self._path / "config.json").is_file():
             raise FileNotFoundError(f"{self._path} has no config.json; is it an MLX model directory?")
@@ -243,6 +245,8 @@ class MlxEngine:
             eos_token_ids=frozenset(tokenizer.eos_token_ids),
             engine=self.name,
             engine_version=f"mlx-lm {mlx_lm.__version__} / mlx {mx.__version__}",
+            parameters=int(get_total_parameters(model)),
+            quantization=quantization_of(config),
         )
 
     def _new_prompt_cache(self):

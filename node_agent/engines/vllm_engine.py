@@ -27,14 +27,16 @@ from typing import Callable, Optional, Sequence
 
 from cluster.digest import weights_digest
 from node_agent.engine import (
+    Emit,
     EngineClosed,
     EngineEvent,
     EngineRequest,
     EngineStats,
-    Emit,
     EventKind,
     ModelFacts,
     ServerInfo,
+    quantization_of,
+    stored_parameters,
 )
 from node_agent.engines.vllm_metrics import VllmMetrics, parse_metrics
 from node_agent.engines.vllm_protocol import chunk_events, completion_body, error_type
@@ -227,6 +229,7 @@ class VllmEngine:
         # As mlx_lm.load does it, so both engines stop on the same tokens.
         tokenizer = await asyncio.to_thread(load_tokenizer, path, eos_token_ids=config.get("eos_token_id"))
         digest = await asyncio.to_thread(weights_digest, path)
+        parameters = await asyncio.to_thread(stored_parameters, path)
         context = int(config.get("max_position_embeddings") or 32768)
         if self._max_context:
             context = min(context, self._max_context)
@@ -244,6 +247,8 @@ class VllmEngine:
             eos_token_ids=frozenset(tokenizer.eos_token_ids),
             engine=self.name,
             engine_version=f"vLLM {self._version}",
+            parameters=parameters,
+            quantization=quantization_of(config),
         )
 
     async def _start_server(self) -> None:

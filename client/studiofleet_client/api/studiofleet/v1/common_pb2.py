@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstudiofleet/v1/common.proto\x12\x0estudiofleet.v1\"\xaa\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eweights_digest\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x0e\n\x06\x66\x61mily\x18\x08 \x01(\t\"@\n\tAuditHead\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x0b\n\x03sig\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t*\xc6\x01\n\tLifecycle\x12\x19\n\x15LIFECYCLE_UNSPECIFIED\x10\x00\x12\x16\n\x12LIFECYCLE_STARTING\x10\x01\x12\x15\n\x11LIFECYCLE_LOADING\x10\x02\x12\x15\n\x11LIFECYCLE_WARMING\x10\x03\x12\x13\n\x0fLIFECYCLE_READY\x10\x04\x12\x16\n\x12LIFECYCLE_DRAINING\x10\x05\x12\x15\n\x11LIFECYCLE_DRAINED\x10\x06\x12\x14\n\x10LIFECYCLE_FAILED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstudiofleet/v1/common.proto\x12\x0estudiofleet.v1\"\xd4\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eweights_digest\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x0e\n\x06\x66\x61mily\x18\x08 \x01(\t\x12\x12\n\nparameters\x18\t \x01(\x04\x12\x14\n\x0cquantization\x18\n \x01(\t\"@\n\tAuditHead\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x0b\n\x03sig\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t*\xc6\x01\n\tLifecycle\x12\x19\n\x15LIFECYCLE_UNSPECIFIED\x10\x00\x12\x16\n\x12LIFECYCLE_STARTING\x10\x01\x12\x15\n\x11LIFECYCLE_LOADING\x10\x02\x12\x15\n\x11LIFECYCLE_WARMING\x10\x03\x12\x13\n\x0fLIFECYCLE_READY\x10\x04\x12\x16\n\x12LIFECYCLE_DRAINING\x10\x05\x12\x15\n\x11LIFECYCLE_DRAINED\x10\x06\x12\x14\n\x10LIFECYCLE_FAILED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'studiofleet.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LIFECYCLE']._serialized_start=287
-  _globals['_LIFECYCLE']._serialized_end=485
+  _globals['_LIFECYCLE']._serialized_start=329
+  _globals['_LIFECYCLE']._serialized_end=527
   _globals['_MODELINFO']._serialized_start=48
-  _globals['_MODELINFO']._serialized_end=218
-  _globals['_AUDITHEAD']._serialized_start=220
-  _globals['_AUDITHEAD']._serialized_end=284
+  _globals['_MODELINFO']._serialized_end=260
+  _globals['_AUDITHEAD']._serialized_start=262
+  _globals['_AUDITHEAD']._serialized_end=326
 # @@protoc_insertion_point(module_scope)

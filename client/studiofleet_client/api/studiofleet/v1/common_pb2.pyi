@@ -25,7 +25,7 @@ LIFECYCLE_DRAINED: Lifecycle
 LIFECYCLE_FAILED: Lifecycle
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "version", "weights_digest", "context_length", "engine", "engine_version", "vocab_size", "family")
+    __slots__ = ("model_id", "version", "weights_digest", "context_length", "engine", "engine_version", "vocab_size", "family", "parameters", "quantization")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,8 @@ class ModelInfo(_message.Message):
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: str
     weights_digest: str
@@ -42,7 +44,9 @@ class ModelInfo(_message.Message):
     engine_version: str
     vocab_size: int
     family: str
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ...) -> None: ...
+    parameters: int
+    quantization: str
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[str] = ..., weights_digest: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ..., parameters: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class AuditHead(_message.Message):
     __slots__ = ("seq", "hash", "sig", "key")
