@@ -13,6 +13,7 @@ import grpc.aio
 from studiofleet_client.api import inference_pb2, inference_pb2_grpc
 from studiofleet_client.results import GenerateResult, ResultBuilder, build_request, with_request_id
 from studiofleet_client.connect import resolve_tls
+from studiofleet_client.resume import StreamState
 from studiofleet_client.retry import Attempts, RetryPolicy, client_setup
 from studiofleet_client.tls import ENV_DIR, ClientTLS, open_channel
 
@@ -26,7 +27,8 @@ class AsyncFleetClient:
             result = await client.generate(prompt="...", max_tokens=400, timeout_s=60)
             async for chunk in client.stream(request, timeout_s=60): ...
 
-    Retries as FleetClient does. Cancelling the task that awaits a call cancels the RPC:
+    Retries, and resumes a stream broken mid-way on the next coordinator, as FleetClient
+    does. Cancelling the task that awaits a call cancels the RPC:
     the server sees the cancel and frees the slot. Channels are made on first use, in the
     running event loop; use one client per event loop.
     """
@@ -94,20 +96,25 @@ class AsyncFleetClient:
 
     async def _stream(self, request: inference_pb2.GenerateRequest,
                       attempts: Attempts) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        stream = StreamState(request, max_failovers=self.retry_policy.max_coordinator_failovers)
         while True:
             timeout = attempts.begin()
             index = attempts.index
-            call = (await self._stub(index)).Generate(request, timeout=timeout)
+            call = (await self._stub(index)).Generate(stream.request, timeout=timeout)
             received = False
+            delay = 0.0
             try:
                 async for chunk in call:
                     if not received:
                         received = True
                         self._preferred = index
-                    yield chunk
+                    yield stream.observe(chunk)
                 return
             except grpc.RpcError as err:  # grpc.aio.AioRpcError included
-                delay = attempts.failed(err, received_chunk=received)  # raises if no retry is left
+                if received:   # mid-stream: continue it on the next coordinator, or raise why not
+                    attempts.broke(err, stream)
+                else:
+                    delay = attempts.failed(err, received_chunk=False, stream=stream)  # raises if none is left
             finally:
                 call.cancel()  # no-op when done; on task cancellation, tells the server
             await asyncio.sleep(delay)

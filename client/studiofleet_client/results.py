@@ -52,6 +52,7 @@ class GenerateResult:
     restarts: int = 0                                  # times it started over on other weights (text: the last run's)
     target: str = ""                                   # the address that answered
     attempts: int = 1                                  # client attempts, this one included
+    coordinator_failovers: int = 0                     # times the client resumed it on another coordinator
     output: object = field(default=None, repr=False)   # the validated object (output_format requests)
     output_format: str = ""                            # note template, or json_schema:<digest>
     quality: Optional["Quality"] = None                # the note's score (output_format/template requests)
@@ -195,6 +196,7 @@ class ResultBuilder:
             restarts=final.restarts,
             target=target,
             attempts=attempts,
+            coordinator_failovers=final.coordinator_failovers,
             template=final.template,
         )
         if final.HasField("quality"):

@@ -1,12 +1,16 @@
 """When to try a Generate call again: one pure decision shared by both clients.
 
 gRPC A6 semantics, narrowed to what is safe for a token stream:
-  * never after a chunk was received (tokens were delivered; a retry would repeat them);
+  * never after a chunk was received (tokens were delivered; a retry would repeat them):
+    such a stream is resumed on the next coordinator instead (resume.py), at most
+    `max_coordinator_failovers` times;
   * UNAVAILABLE: on the next address, after an exponential backoff (0.1 s, x2, at most
     1 s; jittered as in A6 unless the policy turns jitter off);
   * RESOURCE_EXHAUSTED: on the same address, after the server's grpc-retry-pushback-ms
     hint, only if the hint is present, at most `max_pushback_s`, and still fits in the
     caller's deadline;
+  * ALREADY_EXISTS while resuming: on the same address, after the UNAVAILABLE backoff
+    (the node may still be winding down the broken stream's run of the same request id);
   * anything else (INVALID_ARGUMENT, DEADLINE_EXCEEDED, CANCELLED, FAILED_PRECONDITION,
     ABORTED, ...): never;
   * at most `max_attempts` attempts in all, within one overall deadline.
@@ -22,6 +26,7 @@ from typing import Optional, Sequence, Union
 import grpc
 
 from studiofleet_client.errors import from_rpc_error
+from studiofleet_client.resume import StreamState
 
 __all__ = ["Attempts", "Deadline", "RetryDecision", "RetryPolicy", "decide_retry", "parse_targets"]
 
@@ -36,10 +41,14 @@ class RetryPolicy:
     # An attempt needs at least this much of the deadline left to be worth starting.
     min_attempt_s: float = 0.05
     jitter: bool = True
+    # Times one stream may move to another coordinator after its first chunk (0: never).
+    max_coordinator_failovers: int = 3
 
     def __post_init__(self):
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.max_coordinator_failovers < 0:
+            raise ValueError(f"max_coordinator_failovers must be 0 or more, got {self.max_coordinator_failovers}")
 
 
 @dataclass(frozen=True)
@@ -52,19 +61,20 @@ class RetryDecision:
 
 def decide_retry(code: Union[str, grpc.StatusCode], *, received_chunk: bool, attempt: int,
                  time_left_s: Optional[float], pushback_ms: Optional[int] = None,
-                 policy: RetryPolicy = RetryPolicy(), jitter: float = 1.0) -> RetryDecision:
+                 policy: RetryPolicy = RetryPolicy(), jitter: float = 1.0, resuming: bool = False) -> RetryDecision:
     """Whether to make another attempt after attempt number `attempt` (1-based) failed.
 
     `time_left_s` is what remains of the overall deadline (None: no deadline); `jitter`
-    in [0, 1] scales the UNAVAILABLE backoff (pass random.random(), or 1.0 for none).
+    in [0, 1] scales the UNAVAILABLE backoff (pass random.random(), or 1.0 for none);
+    `resuming`: the attempt continues a stream another coordinator lost (resume.py).
     """
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     if received_chunk:
         return RetryDecision(False, reason="chunks were already received; a retry would repeat tokens")
-    if name == "UNAVAILABLE":
+    if name == "UNAVAILABLE" or (resuming and name == "ALREADY_EXISTS"):
         delay = min(policy.initial_backoff_s * policy.backoff_multiplier ** max(attempt - 1, 0),
                     policy.max_backoff_s) * min(max(jitter, 0.0), 1.0)
-        next_target = True
+        next_target = name == "UNAVAILABLE"
     elif name == "RESOURCE_EXHAUSTED":
         if pushback_ms is None:
             return RetryDecision(False, reason="overloaded and the server gave no retry hint")
@@ -124,6 +134,7 @@ class Attempts:
         self.deadline = Deadline(timeout_s)
         self.request_id = request_id
         self.attempt = 0
+        self.phase_start = 0   # attempts before the current stream's resume (retries count from it)
         self.tried: list[str] = []
 
     @property
@@ -136,16 +147,28 @@ class Attempts:
         self.tried.append(self.target)
         return self.deadline.remaining()
 
-    def failed(self, err: grpc.RpcError, *, received_chunk: bool) -> float:
-        """The delay before the next attempt; raises the mapped FleetError if there is none."""
+    def failed(self, err: grpc.RpcError, *, received_chunk: bool, stream: Optional[StreamState] = None) -> float:
+        """The delay before the next attempt; raises the mapped FleetError if there is none
+        (ResumeImpossibleError when the attempt was to resume `stream` after a failover)."""
         exc = from_rpc_error(err, target=self.target, request_id=self.request_id,
                              attempts=self.attempt, targets_tried=self.tried)
-        decision = decide_retry(exc.code, received_chunk=received_chunk, attempt=self.attempt,
+        resuming = stream is not None and stream.failovers > 0
+        decision = decide_retry(exc.code, received_chunk=received_chunk, attempt=self.attempt - self.phase_start,
                                 time_left_s=self.deadline.remaining(), pushback_ms=exc.retry_after_ms,
-                                policy=self.policy, jitter=random.random() if self.policy.jitter else 1.0)
+                                policy=self.policy, jitter=random.random() if self.policy.jitter else 1.0,
+                                resuming=resuming)
         exc.retry_decision = decision
         if not decision.retry:
+            if resuming:
+                raise stream.failed_resume(exc, self.target, self.tried, self.attempt) from None
             raise exc from None
         if decision.next_target:
             self.index = (self.index + 1) % len(self.targets)
         return decision.delay_s
+
+    def broke(self, err: grpc.RpcError, stream: StreamState) -> None:
+        """The stream broke after its first chunk: continue it on the next address (the
+        retry budget starts again there), or raise why it cannot be continued."""
+        stream.broke(err, self.target, self.targets, self.tried, self.attempt)
+        self.index = (self.index + 1) % len(self.targets)
+        self.phase_start = self.attempt

@@ -12,6 +12,7 @@ import grpc
 from studiofleet_client.api import inference_pb2, inference_pb2_grpc
 from studiofleet_client.results import GenerateResult, ResultBuilder, build_request, with_request_id
 from studiofleet_client.connect import resolve_tls
+from studiofleet_client.resume import StreamState
 from studiofleet_client.retry import Attempts, RetryPolicy, client_setup
 from studiofleet_client.tls import ClientTLS, open_channel
 
@@ -30,7 +31,10 @@ class FleetClient:
 
     A call that fails before its first chunk is retried as `retry.decide_retry` says:
     UNAVAILABLE on the next address, RESOURCE_EXHAUSTED after the server's hint; at most
-    `max_attempts` attempts within the one `timeout_s`. Safe to share between threads.
+    `max_attempts` attempts within the one `timeout_s`. A stream that breaks after it
+    (UNAVAILABLE: a coordinator killed, a reset) is resumed on the next coordinator and
+    spliced, each token once (resume.py); `GenerateResult.coordinator_failovers` counts
+    the moves. Safe to share between threads.
     """
 
     def __init__(self, targets: Union[str, Sequence[str]], *, channel: Optional[grpc.Channel] = None,
@@ -66,7 +70,9 @@ class FleetClient:
         """Iterate over the chunks as they arrive; raises a FleetError subclass on failure.
         The deadline starts now. A request without request_id gets one here, so every
         attempt and error names it. Stop early with `contextlib.closing(...)` to cancel at once.
-        With allow_restart, a chunk with `restarted` set voids every chunk before it."""
+        With allow_restart, a chunk with `restarted` set voids every chunk before it. A
+        stream broken mid-way continues from the next coordinator, without repeats; after
+        such a failover the final chunk's usage counts the whole completion."""
         request = with_request_id(request)
         return self._stream(request, self._attempts(request, timeout_s))
 
@@ -77,21 +83,26 @@ class FleetClient:
 
     def _stream(self, request: inference_pb2.GenerateRequest,
                 attempts: Attempts) -> Iterator[inference_pb2.GenerateChunk]:
+        stream = StreamState(request, max_failovers=self.retry_policy.max_coordinator_failovers)
         while True:
             timeout = attempts.begin()
             index = attempts.index
-            call = self._stubs[index].Generate(request, timeout=timeout)
+            call = self._stubs[index].Generate(stream.request, timeout=timeout)
             received = False
+            delay = 0.0
             try:
                 for chunk in call:
                     if not received:
                         received = True
                         with self._lock:
                             self._preferred = index
-                    yield chunk
+                    yield stream.observe(chunk)
                 return
             except grpc.RpcError as err:
-                delay = attempts.failed(err, received_chunk=received)  # raises if no retry is left
+                if received:   # mid-stream: continue it on the next coordinator, or raise why not
+                    attempts.broke(err, stream)
+                else:
+                    delay = attempts.failed(err, received_chunk=False, stream=stream)  # raises if none is left
             finally:
                 call.cancel()
             time.sleep(delay)

@@ -150,7 +150,7 @@ class Timings(_message.Message):
     def __init__(self, queue_wait_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class FinalInfo(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "node_id", "model", "request_id", "seed", "message", "failovers", "nodes", "restarts", "structured", "quality", "template")
+    __slots__ = ("finish_reason", "usage", "timings", "node_id", "model", "request_id", "seed", "message", "failovers", "nodes", "restarts", "structured", "quality", "template", "coordinator_failovers")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class FinalInfo(_message.Message):
     STRUCTURED_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
@@ -179,7 +180,8 @@ class FinalInfo(_message.Message):
     structured: StructuredResult
     quality: QualityScore
     template: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., node_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., seed: _Optional[int] = ..., message: _Optional[str] = ..., failovers: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., restarts: _Optional[int] = ..., structured: _Optional[_Union[StructuredResult, _Mapping]] = ..., quality: _Optional[_Union[QualityScore, _Mapping]] = ..., template: _Optional[str] = ...) -> None: ...
+    coordinator_failovers: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., node_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., seed: _Optional[int] = ..., message: _Optional[str] = ..., failovers: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., restarts: _Optional[int] = ..., structured: _Optional[_Union[StructuredResult, _Mapping]] = ..., quality: _Optional[_Union[QualityScore, _Mapping]] = ..., template: _Optional[str] = ..., coordinator_failovers: _Optional[int] = ...) -> None: ...
 
 class StructuredResult(_message.Message):
     __slots__ = ("valid", "json", "rule", "path", "error", "format")
