@@ -26,6 +26,7 @@ from coordinator.fleet import Fleet
 from coordinator.gates import default_gates
 from coordinator.relay import Relay
 from coordinator.headroom import live_headroom
+from coordinator.readiness import Readiness, ReadinessGate
 from coordinator.request_summary import Monitor
 from coordinator.rollout_store import RolloutStore
 from coordinator.rollouts import Rollouts, lease_holder
@@ -75,6 +76,11 @@ class Coordinator:
                                               relay=self.relay, rollouts=self.rollouts, audit=self.audit,
                                               events=self.events, headroom=self.headroom)
             self.monitor.sinks.append(self.metrics.request_ended)
+        # Ready: the state database answers and a node is routable (docs/ha.md "Readiness").
+        self.readiness = Readiness(state=self.state, fleet=self.fleet, interval_s=settings.readiness_interval_s,
+                                   timeout_s=settings.readiness_timeout_s, on_change=self._readiness_changed,
+                                   metrics=self.metrics, where=f"coordinator {settings.coordinator_id}")
+        self.announcer = None   # its mDNS announcement for clients (coordinator/announce.py)
         self.request_log = None
         if settings.request_log:
             from coordinator.request_log import RequestLog
@@ -124,11 +130,19 @@ class Coordinator:
 
     def _fleet_changed(self) -> None:
         self.admission.dispatch()
+        self.readiness.refresh()
+
+    def _readiness_changed(self, ready: bool, _reason: str) -> None:
+        """The Inference service's health follows readiness; "" stays SERVING (liveness)."""
+        if self._server is not None and not self.stopping:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            asyncio.get_running_loop().create_task(self._health.set(INFERENCE_SERVICE, status))
 
     async def start(self) -> int:
         """Bind, serve, and start finding nodes; returns the bound port."""
         s = self.settings
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self.authz])
+        gate = ReadinessGate(self.readiness, INFERENCE_SERVICE, f"coordinator {s.coordinator_id}")
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self.authz, gate])
         inference_pb2_grpc.add_InferenceServicer_to_server(self.relay, server)
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
@@ -146,8 +160,9 @@ class Coordinator:
         await self._start_api()
         await server.start()
         self._server = server
-        for service in ("", INFERENCE_SERVICE, FLEET_SERVICE):
+        for service in ("", FLEET_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.readiness.start()   # sets the Inference service's health
         for address in s.nodes:
             self.fleet.add(address, source="static")
         if s.mdns:
@@ -159,6 +174,10 @@ class Coordinator:
                             type(exc).__name__, exc)
                 self.discovery = None
         self.rollouts.resume_pending()
+        if s.mdns and s.mdns_announce:
+            from coordinator.announce import announce
+
+            self.announcer = announce(s, port, self.api.port if self.api is not None else 0)
         return port
 
     async def _start_http(self) -> None:
@@ -196,7 +215,8 @@ class Coordinator:
                              default_max_tokens=min(s.openai_default_max_tokens, s.max_tokens_limit),
                              max_body=s.openai_max_body_kb * 1024, audit=self.audit,
                              on_denied=self._denied, limits=HttpLimits.of(s),
-                             responses=self.metrics.api_responses if self.metrics is not None else None)
+                             responses=self.metrics.api_responses if self.metrics is not None else None,
+                             readiness=self.readiness)
         try:
             await self.api.start()
         except OSError:
@@ -215,6 +235,9 @@ class Coordinator:
         self.stopping = True
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
+        await self.readiness.close()
+        if self.announcer is not None:
+            await self.announcer.close()
         log.info("coordinator=%s shutting down: %d requests in flight, grace %.1fs",
                  self.settings.coordinator_id, self.relay.in_flight, grace)
         # Both doors close at once; requests in flight on either finish within the grace.

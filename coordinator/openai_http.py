@@ -96,7 +96,8 @@ class FrontDoor(MonitorHTTP):
     cancel_on_disconnect = True
 
     def __init__(self, *, listen: str, security, where: str, relay, fleet, tokens: Optional[TokenStore],
-                 default_max_tokens: int, max_body: int, audit, on_denied=None, responses=None, limits=None):
+                 default_max_tokens: int, max_body: int, audit, on_denied=None, responses=None, limits=None,
+                 readiness=None):
         super().__init__(listen=listen, security=security, table=COORDINATOR_API_TABLE, where=where,
                          on_denied=on_denied, max_body=max_body, **({"limits": limits} if limits else {}))
         self._relay, self._fleet, self._tokens = relay, fleet, tokens
@@ -104,6 +105,7 @@ class FrontDoor(MonitorHTTP):
         self._default_max_tokens = default_max_tokens
         self._max_body = max_body
         self._responses = responses      # a Counter by endpoint and status, or None
+        self._readiness = readiness      # coordinator/readiness.py: GET /ready, and no new work without the database
         self._created = int(time.time())
         self._running: set = set()    # requests in flight (their handler tasks)
         self._idle: Optional[asyncio.Event] = None   # set once closing and none is left
@@ -112,6 +114,7 @@ class FrontDoor(MonitorHTTP):
         r.add_post("/v1/completions", lambda request: self._generate(request, COMPLETION))
         r.add_get("/v1/models", self._list_models)
         r.add_get("/v1/models/{model:.+}", self._get_model)
+        r.add_get("/ready", self._ready)
 
     def serves(self) -> str:
         return "/v1/chat/completions, /v1/completions, /v1/models"
@@ -138,10 +141,16 @@ class FrontDoor(MonitorHTTP):
 
     async def _answer(self, request: web.Request, handler, entry: str) -> web.StreamResponse:
         try:
+            if request.path == "/ready" and request.method == "GET":   # a load balancer's check: no credentials
+                return self._ready()
             if self._idle is not None:
                 raise oa.ApiError(503, f"{self._where} is shutting down; retry (another coordinator, or this one "
                                        "once it is back)", type_="service_unavailable", code="shutting_down",
                                   headers={"Connection": "close"})
+            if self._readiness is not None and not self._readiness.state_up and entry != "other":
+                raise oa.ApiError(503, f"{self._where} cannot reach its state database; retry another coordinator "
+                                       "(or this one once it is back)", type_="service_unavailable",
+                                  code="state_store_unreachable")
             request["caller"], request["token"] = await self._authenticate(request, entry)
             return await handler(request)
         except oa.ApiError as exc:
@@ -229,6 +238,12 @@ class FrontDoor(MonitorHTTP):
         raise oa.ApiError(status, message, type_="authentication_error" if status == 401 else "permission_error",
                           code="invalid_api_key" if status == 401 else "permission_denied",
                           headers={"WWW-Authenticate": 'Bearer realm="studiofleet"'} if status == 401 else None)
+
+    def _ready(self, _request: Optional[web.Request] = None) -> web.Response:
+        """200 when this coordinator takes new requests, else 503; a reason word and nothing more."""
+        reason = "shutting_down" if self._idle is not None else self._readiness.reason if self._readiness else "ready"
+        return web.json_response({"ready": reason == "ready", "reason": reason},
+                                 status=200 if reason == "ready" else 503, headers={"Cache-Control": "no-store"})
 
     def _peer(self, request: web.Request) -> str:
         peer = request.transport.get_extra_info("peername") if request.transport else None
