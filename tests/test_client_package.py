@@ -70,11 +70,17 @@ def test_the_client_installs_alone_with_ranges_and_imports_nothing_heavy(client_
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["loaded"] == [], f"the client imported {got['loaded']}"
-    assert sorted(got["requires"]) == ["grpcio<2,>=1.85.1", "protobuf<8,>=7.35.1"]
+    required = sorted(r for r in got["requires"] if "extra ==" not in r)   # extras are opt-in, not installed here
+    assert required == ["grpcio<2,>=1.85.1", "protobuf<8,>=7.35.1"]
+    assert sorted(r for r in got["requires"] if "extra ==" in r) == ['zeroconf>=0.154; extra == "discovery"']
     assert not got["file"].startswith(str(ROOT)), "the client came from the checkout, not the venv"
     others = set(got["dists"]) - {"studiofleet-client", "grpcio", "protobuf", "typing-extensions", "typing_extensions",
                                   "pip", "setuptools"}
     assert not others, f"installing the client pulled in {sorted(others)}"
+    # Finding coordinators over mDNS is the opt-in extra: without it, a clear error naming it.
+    browse = _run(client_venv, "-c", "from studiofleet_client.discover import discover_coordinators as d; d()",
+                  cwd=tmp_path)
+    assert "DiscoveryUnavailableError" in browse.stderr and "studiofleet-client[discovery]" in browse.stderr
     # Nothing of the daemons is there: a client-only host cannot import them.
     daemons = _run(client_venv, "-c", "import cluster", cwd=tmp_path)
     assert daemons.returncode != 0 and "No module named 'cluster'" in daemons.stderr
