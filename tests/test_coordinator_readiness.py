@@ -5,11 +5,18 @@ started again under a stream in flight."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import shutil
 import signal
+import socket
 import ssl
+import subprocess
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.api import INFERENCE_SERVICE
 from cluster.client import build_request
+from cluster.localfleet import HARNESS_APP
+from cluster.security.identity import Role
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 FAST = ("--readiness-interval-s", "0.2", "--readiness-timeout-s", "0.5")
@@ -120,3 +129,104 @@ def test_database_lost_then_back(own_postgres, start_node, start_coordinator):
     assert ready(co) == (200, {"ready": True, "reason": "ready"})
     again = list(co.inference.Generate(build_request(prompt="Synthetic, after.", max_tokens=4), timeout=30))
     assert again[-1].HasField("final")
+
+
+# -- HAProxy in front of two coordinators, as docs/ha.md configures it -----------------------
+
+HA_DOC = Path(__file__).resolve().parent.parent / "docs" / "ha.md"
+
+
+def documented_haproxy_cfg() -> str:
+    """The haproxy.cfg block of docs/ha.md (the fenced block after its marker comment)."""
+    text = HA_DOC.read_text()
+    after = text[text.index("<!-- haproxy.cfg:"):]
+    return after.split("```\n", 2)[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def servers(sock: Path) -> dict[str, tuple[str, int]]:
+    """{server: (status, sessions in all)} of the coordinators backend, from HAProxy's stats socket."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    rows = list(csv.reader(io.StringIO(data.decode().lstrip("# "))))
+    head = rows[0]
+    at = {name: head.index(name) for name in ("pxname", "svname", "status", "stot")}
+    return {r[at["svname"]]: (r[at["status"]], int(r[at["stot"]] or 0)) for r in rows[1:]
+            if len(r) > at["stot"] and r[at["pxname"]] == "coordinators" and r[at["svname"]] not in ("BACKEND", "")}
+
+
+def wait_servers(sock: Path, want: dict[str, str], timeout_s: float = 30.0) -> dict[str, tuple[str, int]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = servers(sock) if sock.exists() else {}
+        if all(seen.get(name, ("",))[0].startswith(status) for name, status in want.items()):
+            return seen
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"HAProxy did not reach {want} in {timeout_s}s: {seen}")
+        time.sleep(0.2)   # the poll interval of a readiness loop with a deadline
+
+
+def complete_through(address: str, co) -> int:
+    """One chat completion through the load balancer as the harness app (its certificate)."""
+    context = ssl.create_default_context(cafile=str(co.tls_dir / "ca.pem"))
+    co.credentials(HARNESS_APP, Role.APP)
+    context.load_cert_chain(co.tls_dir / f"{HARNESS_APP}.pem", co.tls_dir / f"{HARNESS_APP}.key")
+    body = json.dumps({"model": "tiny-qwen2", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "Synthetic note through the load balancer."}]})
+    request = urllib.request.Request(f"https://{address}/v1/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60, context=context) as reply:
+        assert json.loads(reply.read())["choices"][0]["message"]["content"] is not None
+        return reply.status
+
+
+def test_haproxy_routes_around_a_stopped_coordinator(tmp_path, node, start_coordinator):
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (Debian: apt-get install haproxy)")
+    a = start_coordinator(*FAST, nodes=[node.address], name="coord-1")
+    b = start_coordinator(*FAST, nodes=[node.address], name="coord-2")
+    for co in (a, b):
+        co.wait_routable(1)
+        assert co.openai_scheme == "https"
+    front, sock = f"127.0.0.1:{free_port()}", tmp_path / "haproxy.sock"
+    cfg = documented_haproxy_cfg()
+    for documented, here in (("/run/haproxy/studiofleet.sock", str(sock)), ("0.0.0.0:8443", front),
+                             ("/etc/studiofleet/ca.pem", str(a.tls_dir / "ca.pem")),
+                             ("coord-1.clinic.lan:7802", a.openai_address),
+                             ("coord-2.clinic.lan:7802", b.openai_address)):
+        assert documented in cfg, documented
+        cfg = cfg.replace(documented, here)
+    (tmp_path / "haproxy.cfg").write_text(cfg)
+    checked = subprocess.run([haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    proc = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "haproxy.log", "wb"))
+    try:
+        wait_servers(sock, {"coord-1": "UP", "coord-2": "UP"})
+        assert [complete_through(front, a) for _ in range(6)] == [200] * 6
+        before = servers(sock)
+        assert before["coord-1"][1] >= 3 and before["coord-2"][1] >= 3, before   # round robin: both served
+
+        a.stop()
+        after_stop = wait_servers(sock, {"coord-1": "DOWN", "coord-2": "UP"})
+        assert [complete_through(front, b) for _ in range(4)] == [200] * 4
+        now = servers(sock)
+        assert now["coord-2"][1] == after_stop["coord-2"][1] + 4 and now["coord-1"][1] == after_stop["coord-1"][1]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
