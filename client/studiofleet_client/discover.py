@@ -48,7 +48,13 @@ def browse_coordinators(fleet: str = "default", *, timeout_s: float = DEFAULT_TI
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     try:
-        from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+        from zeroconf import (
+            InterfaceChoice,
+            IPVersion,
+            ServiceBrowser,
+            ServiceStateChange,
+            Zeroconf,
+        )
     except ImportError:
         raise DiscoveryUnavailableError(
             "finding coordinators over mDNS needs zeroconf: pip install 'studiofleet-client[discovery]' "
