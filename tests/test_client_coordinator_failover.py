@@ -90,10 +90,13 @@ def _check(results, requests, reference, b) -> None:
 
 
 def _check_audit(b, requests) -> None:
-    """B's chain holds each as a completed request resumed from co-a."""
+    """B's chain holds each as a completed request resumed from co-a (before it, at most a
+    refused try while the node still wound down A's run of the same id: ALREADY_EXISTS)."""
     for req in requests:
-        (record,) = [r for r in query(b.audit_dir, request_id=req.request_id) if r.get("type") == "request"]
-        assert record["coordinator"] == "co-b" and record["outcome"] == "completed", record
+        records = [r for r in query(b.audit_dir, request_id=req.request_id) if r.get("type") == "request"]
+        (record,) = [r for r in records if r.get("outcome") == "completed"]
+        assert all(r.get("code") == "ALREADY_EXISTS" for r in records if r is not record), records
+        assert record["coordinator"] == "co-b", record
         assert record["resumed_from"] == "co-a", record
         assert 0 < record["resumed_after_tokens"] < MAX_TOKENS
         assert record["completion_tokens"] == MAX_TOKENS - record["resumed_after_tokens"]
