@@ -240,3 +240,58 @@ def test_the_coordinator_checks_resumed_from_coordinator(origin, prefix, fix):
     req.prefix_token_ids[:] = prefix
     with pytest.raises(InvalidRequest, match=fix):
         check_resumed_from(req)
+
+
+class _Refused(_Broken):
+    def code(self):
+        return grpc.StatusCode.FAILED_PRECONDITION
+
+    def details(self):
+        return "request unit-4: no READY node serves the required weights; check `fleetctl nodes`"
+
+
+def test_a_continuation_the_next_coordinator_refuses_ends_in_resume_impossible():
+    from studiofleet_client.retry import Attempts, RetryPolicy, decide_retry
+
+    state = StreamState(note(1, 10, request_id="unit-4"), max_failovers=3)
+    state.observe(_chunk([5], "a", inference_pb2.ResumeInfo(seed=1, weights_digest=DIGEST, max_tokens=10,
+                                                            coordinator_id="co-a")))
+    attempts = Attempts(["t1", "t2"], 0, RetryPolicy(jitter=False), 30, "unit-4")
+    attempts.begin()
+    attempts.broke(_Broken(), state)
+    assert attempts.target == "t2" and state.failovers == 1
+    attempts.begin()
+    with pytest.raises(ResumeImpossibleError) as err:
+        attempts.failed(_Refused(), received_chunk=False, stream=state)
+    message = str(err.value)
+    assert "unit-4" in message and "co-a" in message and "no READY node serves the required weights" in message
+    assert "1 tokens were delivered" in message and err.value.target == "t2"
+    # While resuming, the node may still hold the dead coordinator's run of the id: wait and retry there.
+    again = decide_retry("ALREADY_EXISTS", received_chunk=False, attempt=1, time_left_s=10, resuming=True)
+    assert again.retry and not again.next_target
+    assert not decide_retry("ALREADY_EXISTS", received_chunk=False, attempt=1, time_left_s=10).retry
+
+
+def test_the_coordinator_stamps_resume_information_on_its_first_chunk_and_after_a_restart():
+    from coordinator.splice import Splice
+
+    req = note(1, 10, request_id="unit-5", seed=7)
+    req.allow_restart = True
+    req.resumed_from_coordinator = "co-z"   # the audit's: never sent on to a node
+    run = Splice(req, clock=time.monotonic)
+    run.routed("n1", DIGEST)
+    first, second = _chunk([1], "a"), _chunk([2], "b")
+    for chunk in (first, second):
+        run.absorb(chunk)
+        run.stamp_resume(chunk, "co-a")
+    assert first.resume == inference_pb2.ResumeInfo(seed=7, weights_digest=DIGEST, max_tokens=10,
+                                                    coordinator_id="co-a")
+    assert not second.HasField("resume")
+    run.restart("gone")
+    other = "sha256:" + "cd" * 32
+    run.routed("n2", other)
+    third = _chunk([3], "c")
+    run.absorb(third)
+    run.stamp_resume(third, "co-a")
+    assert third.resume.weights_digest == other
+    assert not run.request_for_node(other).resumed_from_coordinator
