@@ -73,6 +73,7 @@ def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, tmp_path,
     assert prof.info.provenance == MEASURED and prof.info.created.endswith("Z")
     assert prof.info.sources[0].startswith("fleetctl profile --node") and node.address in prof.info.sources[0]
     assert (prof.model.id, prof.model.digest) == (st.model.model_id, st.model.weights_digest)
+    assert prof.node.chip == st.chip and prof.model.params_b == round(st.model.parameters / 1e9, 6) > 0
     assert (prof.node.node_id, prof.node.engine, prof.limits.max_running) == ("shared-node", "mlx", 32)
     assert prof.limits.max_context_tokens == st.model.context_length
     assert 0 < prof.memory.weights_gb <= prof.memory.peak_gb and prof.node.memory_gb > 0

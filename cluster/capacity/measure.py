@@ -409,8 +409,8 @@ def build_profile(before: node_pb2.NodeStatus, after: node_pb2.NodeStatus, measu
                   command: str, created: str, through: str) -> Profile:
     """The measured profile: facts from NodeStatus (`before` the run, memory peaks from
     `after`), the curves, the fit, and how it was made."""
-    gpus = [g.name for g in after.memory.gpus]
-    chip = ", ".join(dict.fromkeys(gpus)) if gpus else f"not reported by the node (host {before.hostname})"
+    gpus = [g.name for g in after.memory.gpus]   # a GPU host is described by its GPUs, a Mac by its chip
+    chip = (", ".join(dict.fromkeys(gpus)) if gpus else before.chip) or f"not reported by the node (host {before.hostname})"
     weights = max(0, before.memory.engine_active_bytes - before.load.prompt_cache_bytes)
     peak = after.memory.engine_peak_bytes or max((g.memory_used_bytes for g in after.memory.gpus), default=0)
     m = fitted.model
@@ -433,7 +433,8 @@ def build_profile(before: node_pb2.NodeStatus, after: node_pb2.NodeStatus, measu
                   notes="\n".join(notes)),
         node=NodeFacts(engine=before.model.engine if before.model.engine in ENGINES else "upstream", chip=chip,
                        memory_gb=round(before.memory.total_bytes / GIB, 2), node_id=before.node_id, group_size=1),
-        model=ModelFacts(id=before.model.model_id, digest=before.model.weights_digest),
+        model=ModelFacts(id=before.model.model_id, digest=before.model.weights_digest,
+                         params_b=round(before.model.parameters / 1e9, 6), quantization=before.model.quantization),
         limits=Limits(max_running=max(1, before.capacity.max_running),
                       max_context_tokens=before.model.context_length),
         fit=m,
