@@ -15,9 +15,9 @@ not made durable). Malformed records raise ValueError or TypeError at submit().
 from cluster.audit.chain import AuditError, AuditWriteError, Problem, VerifyReport, verify
 from cluster.audit.keys import AuditKeys, KeyedDigest, load_public_key
 from cluster.audit.log import AuditLog, AuditStats
-from cluster.audit.query import parse_when, query
+from cluster.audit.query import parse_when, query, query_chains
 
 __all__ = [
     "AuditError", "AuditKeys", "AuditLog", "AuditStats", "AuditWriteError", "KeyedDigest", "Problem",
-    "VerifyReport", "load_public_key", "parse_when", "query", "verify",
+    "VerifyReport", "load_public_key", "parse_when", "query", "query_chains", "verify",
 ]

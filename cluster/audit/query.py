@@ -1,4 +1,5 @@
-"""`query()`: the records of an audit directory that match simple filters, in chain order.
+"""`query()`: the records of an audit directory that match simple filters, in chain order;
+`query_chains()`: the same over several directories (one chain per coordinator), by time.
 
 It reads what is there and does not check the chain (run `verify()` for that); lines that
 are not whole JSON records, such as a tail torn by a crash, are skipped. A request's (or an
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Optional
@@ -67,6 +69,22 @@ def query(directory: Path, since: Optional[datetime] = None, until: Optional[dat
             continue
         if all(record.get(k) == v for k, v in wanted.items()):
             yield record
+
+
+def query_chains(directories: Sequence[Path], **filters) -> list[dict]:
+    """The records of several chains (one per coordinator) matching `filters` (as `query()`),
+    interleaved by `time`; records with equal times keep chain order, the directories' order
+    first. Each record gets `chain`: its directory as given, so a request one coordinator
+    accepted and another resumed (`resumed_from`, `resumed_after_tokens`) reads as one story
+    under its request id. Each chain is read as `query()` reads it, never checked: run
+    `verify()` on each. Holds the matching records in memory: filter a large log."""
+    tagged = []
+    for rank, directory in enumerate(directories):
+        for order, record in enumerate(query(directory, **filters)):
+            t = record.get("time")
+            tagged.append((t if isinstance(t, str) else "", rank, order, {**record, "chain": str(directory)}))
+    tagged.sort(key=lambda item: item[:3])
+    return [record for *_, record in tagged]
 
 
 def _read(directory: Path) -> Iterator[dict]:
