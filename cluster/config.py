@@ -136,7 +136,8 @@ class NodeSettings(HttpPortSection, FileSettings):
     node_id: Optional[str] = setting(None, "Unique node id.", default_text="derived from host and port")
     model_id: Optional[str] = setting(None, "Model name to report.", default_text="directory name")
     model_version: str = setting("", "Version label to report.")
-    engine: str = setting("mlx", "Engine plug-in: mlx (mlx-lm in-process) or vllm (a supervised vLLM server).")
+    engine: str = setting("mlx", "Engine plug-in: mlx (mlx-lm in-process), vllm (a supervised vLLM "
+                          "server) or upstream (a remote endpoint).")
     max_running: int = setting(32, "Sequences decoded together.", ge=1, le=1024)
     max_queued: int = setting(64, "Requests waiting for a slot before RESOURCE_EXHAUSTED.", ge=0, le=100_000)
     max_tokens_limit: int = setting(4096, "Largest max_tokens accepted.", ge=1)
@@ -170,6 +171,22 @@ class NodeSettings(HttpPortSection, FileSettings):
     vllm_startup_timeout_s: float = setting(600.0, "vllm engine: seconds the server gets to answer /health.", gt=0)
     vllm_restart_max_backoff_s: float = setting(60.0, "vllm engine: longest wait between restarts of a "
                                                 "server that keeps failing.", ge=0)
+    # The upstream engine (docs/upstream.md): a remote OpenAI-compatible endpoint as a node;
+    # --model still names a local directory with config.json and the tokenizer.
+    upstream_url: str = setting("", "upstream engine: base URL of the remote endpoint (http[s]://host:port).",
+                                pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
+    upstream_model: str = setting("", "upstream engine: the model name the endpoint serves.")
+    upstream_key_file: Optional[Path] = setting(None, "upstream engine: file holding the endpoint's bearer key.")
+    upstream_kind: str = setting("vllm", "upstream engine: vllm (token ids in and out; exact resume).",
+                                 pattern="^vllm$")
+    upstream_digest: str = setting("", "upstream engine: the served model's weights digest (sha256:...).",
+                                   default_text="the --model directory's", pattern=r"^(sha256:[0-9a-f]{64})?$")
+    upstream_ca_file: Optional[Path] = setting(None, "upstream engine: CA bundle for an https endpoint.",
+                                               default_text="the system's")
+    upstream_max_backoff_s: float = setting(30.0, "upstream engine: longest wait between tries to reach "
+                                            "the endpoint at start.", gt=0)
+    phi_allowed: bool = setting(False, "upstream engine: declare the endpoint covered for PHI (e.g. a BAA).",
+                                flag_only=True, default_text="")
     mdns: bool = setting(True, "Announce over mDNS for zero-config discovery.")
     fleet: str = setting("default", "Fleet name announced over mDNS; coordinators take only their own.",
                          pattern=_FLEET)

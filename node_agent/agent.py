@@ -297,6 +297,8 @@ class NodeAgent:
             if state in (State.READY, State.DRAINED) or (state is State.LOADING and self._recovering):
                 self._recovering = True
                 await self.enter(State.LOADING, reason)
+            elif state is State.LOADING:  # still loading (an upstream not reached yet): say why
+                await self.enter(State.LOADING, reason)
             return
         log.info("node=%s %s", self.node_id, reason)
         if not (self._recovering and state is State.LOADING):

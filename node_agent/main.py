@@ -86,7 +86,9 @@ def engine_problem(settings) -> Optional[str]:
     from node_agent.engines import ENGINES
 
     if settings.engine not in ENGINES:
-        return f"unknown engine {settings.engine!r}; use one of: {', '.join(sorted(ENGINES))}"
+        return f"unknown engine {settings.engine!r}; use one of: {', '.join(ENGINES)}"
+    if settings.engine == "upstream":
+        return upstream_problem(settings)
     if settings.engine == "vllm":
         import subprocess
 
@@ -100,6 +102,27 @@ def engine_problem(settings) -> Optional[str]:
         if not ok:
             return (f"vllm_python {python} has no vllm package; install vLLM in a virtualenv (GPU: pip install "
                     "vllm; CPU: scripts/bootstrap-vllm) and pass its python with --vllm-python")
+    return None
+
+
+def upstream_problem(settings) -> Optional[str]:
+    """The upstream engine's flags, checked before anything starts (docs/upstream.md)."""
+    from node_agent.engines.upstream_engine import KeyFileError, read_key
+
+    if not settings.phi_allowed:
+        return ("--engine upstream sends prompts (PHI) to a remote endpoint: pass --phi-allowed to declare that "
+                "the endpoint is covered for PHI (e.g. under a BAA with its operator); without it the node "
+                "does not start")
+    if not settings.upstream_url:
+        return "--upstream-url is required with --engine upstream: the endpoint's base URL, e.g. https://host:8000"
+    if not settings.upstream_model:
+        return "--upstream-model is required with --engine upstream: the model name the endpoint serves"
+    try:
+        read_key(settings.upstream_key_file)
+    except KeyFileError as exc:
+        return str(exc)
+    if settings.upstream_ca_file is not None and not settings.upstream_ca_file.is_file():
+        return f"--upstream-ca-file {settings.upstream_ca_file} is not a file; point it at a PEM CA bundle"
     return None
 
 

@@ -40,7 +40,25 @@ def _vllm(settings: NodeSettings) -> Engine:
     )
 
 
-ENGINES: dict[str, Callable[[NodeSettings], Engine]] = {"mlx": _mlx, "vllm": _vllm}
+def _upstream(settings: NodeSettings) -> Engine:
+    from node_agent.engines.upstream_engine import UpstreamEngine
+
+    return UpstreamEngine(
+        model_path=settings.model_path,
+        model_id=settings.model_id,
+        max_running=settings.max_running,
+        max_context_tokens=settings.max_context_tokens,
+        url=settings.upstream_url,
+        served_model=settings.upstream_model,
+        key_file=settings.upstream_key_file,
+        kind=settings.upstream_kind,
+        digest=settings.upstream_digest,
+        ca_file=settings.upstream_ca_file,
+        max_backoff_s=settings.upstream_max_backoff_s,
+    )
+
+
+ENGINES: dict[str, Callable[[NodeSettings], Engine]] = {"mlx": _mlx, "vllm": _vllm, "upstream": _upstream}
 
 
 def make_engine(settings: NodeSettings) -> Engine:
@@ -48,6 +66,6 @@ def make_engine(settings: NodeSettings) -> Engine:
         factory = ENGINES[settings.engine]
     except KeyError:
         raise ValueError(
-            f"unknown engine {settings.engine!r}; available: {', '.join(sorted(ENGINES))}"
+            f"unknown engine {settings.engine!r}; available: {', '.join(ENGINES)}"
         ) from None
     return factory(settings)

@@ -39,7 +39,12 @@ from node_agent.engine import (
     stored_parameters,
 )
 from node_agent.engines.vllm_metrics import VllmMetrics, parse_metrics
-from node_agent.engines.vllm_protocol import chunk_events, completion_body, error_type
+from node_agent.engines.vllm_protocol import (
+    chunk_events,
+    completion_body,
+    error_type,
+    stream_messages,
+)
 from node_agent.engines.vllm_server import ServerError, VllmServer, describe_exit
 
 log = logging.getLogger(__name__)
@@ -414,18 +419,8 @@ class VllmEngine:
                     return self._fail(key, f"the vLLM server refused the request (HTTP {resp.status}"
                                            f"{error_type(await resp.read())})")
                 finished = False
-                async for line in resp.content:
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:].strip()
-                    if data == b"[DONE]":
-                        break
-                    # Read on to [DONE] after the last token: a stream left unread is a
-                    # client disconnect to the server, which it handles as an abort.
-                    finished = finished or self._relay(key, json.loads(data))
-                    # A reader with lines buffered never waits, so it would hold the loop
-                    # (and the coalesced flush to the agent) while vLLM outpaces it.
-                    await asyncio.sleep(0)
+                async for msg in stream_messages(resp):
+                    finished = finished or self._relay(key, msg)
             if not finished:
                 self._fail(key, "the vLLM server ended the stream without finishing the request")
         except asyncio.CancelledError:

@@ -60,3 +60,21 @@ def error_type(raw) -> str:
     except (ValueError, AttributeError):
         return ""
     return f", {kind}" if isinstance(kind, str) and kind.isidentifier() else ""
+
+
+async def stream_messages(resp):
+    """The JSON messages of a streamed completion (server-sent events) up to [DONE].
+    Callers read on to [DONE] after the last token: a stream left unread is a client
+    disconnect to the server, which it handles as an abort."""
+    import asyncio
+
+    async for line in resp.content:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
+        # A reader with lines buffered never waits, so it would hold the loop (and the
+        # coalesced flush to the agent) while the server outpaces it.
+        await asyncio.sleep(0)

@@ -1,0 +1,432 @@
+"""The upstream engine: a remote OpenAI-compatible vLLM endpoint as a fleet node.
+
+The same client as the vLLM engine (vllm_protocol.py: streaming /v1/completions with the
+prompt as token ids and `return_token_ids`, so a resume is exact) without supervising a
+server: the endpoint is remote (http or https, the system's or a given CA), reached with
+a bearer key read from a file. The agent keeps everything else (validation, templates,
+tokens, stops, admission, audit, drain), so --model still names a local directory with
+config.json and the tokenizer; the weights may be absent there.
+
+At start the endpoint must answer GET /v1/models listing the served model; until it does,
+the engine keeps trying with backoff and tells the agent why (the node stays LOADING with
+that reason). Upstream errors fail the request with a message that says what happened and
+never holds the key, the prompt or the endpoint's error text (it may quote the input).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from cluster.digest import weights_digest
+from node_agent.engine import (
+    Emit,
+    EngineClosed,
+    EngineEvent,
+    EngineRequest,
+    EngineStats,
+    EventKind,
+    ModelFacts,
+    ServerInfo,
+    quantization_of,
+    stored_parameters,
+)
+from node_agent.engines.vllm_protocol import (
+    chunk_events,
+    completion_body,
+    error_type,
+    stream_messages,
+)
+
+log = logging.getLogger(__name__)
+
+KEY_FLAG = "--upstream-key-file"
+_RATE_WINDOW_S = 10.0
+
+
+class KeyFileError(ValueError):
+    """The key file cannot be used; the message names the flag and the file, never the key."""
+
+
+def read_key(path: Optional[Path]) -> str:
+    if path is None:
+        raise KeyFileError(f"{KEY_FLAG} is required with --engine upstream: a file holding the endpoint's key")
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as exc:
+        raise KeyFileError(f"{KEY_FLAG} {path} cannot be read ({type(exc).__name__}); "
+                           "point it at a readable file holding the endpoint's key") from None
+    if not key:
+        raise KeyFileError(f"{KEY_FLAG} {path} is empty; write the endpoint's key into it")
+    if any(c.isspace() for c in key):
+        raise KeyFileError(f"{KEY_FLAG} {path} holds more than one word; it must hold the key alone")
+    return key
+
+
+def retry_after_s(value: Optional[str]) -> Optional[float]:
+    """Retry-After in seconds (the delta-seconds form; an HTTP date is not trusted)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def http_failure(status: int, body: bytes, key_file: Path, retry_after: Optional[float]) -> str:
+    """What an upstream refusal means for the request, as one line (no key, no body text)."""
+    if status == 429:
+        hint = f"; retry after {retry_after:g}s" if retry_after is not None else "; retry later"
+        return f"the upstream endpoint is rate-limiting (HTTP 429){hint}"
+    if status in (401, 403):
+        return (f"the upstream endpoint refused the key in {key_file} (HTTP {status}); "
+                f"put a valid key in that file ({KEY_FLAG})")
+    if status >= 500:
+        return f"the upstream endpoint failed (HTTP {status}{error_type(body)}); retry on another node"
+    return f"the upstream endpoint refused the request (HTTP {status}{error_type(body)})"
+
+
+class UpstreamEngine:
+    """Engine over a remote vLLM OpenAI endpoint; construct, `start(emit)`, then `load()`."""
+
+    name = "upstream"
+    server_enforces_schema = True
+
+    def __init__(self, *, model_path: Path, model_id: Optional[str] = None, max_running: int = 32,
+                 max_context_tokens: Optional[int] = None, url: str, served_model: str, key_file: Path,
+                 kind: str = "vllm", digest: str = "", ca_file: Optional[Path] = None,
+                 max_backoff_s: float = 30.0, connect_timeout_s: float = 10.0, read_timeout_s: float = 120.0):
+        if kind != "vllm":
+            raise ValueError(f"upstream kind {kind!r} is not supported yet; use vllm")
+        self._path = Path(model_path)
+        self._model_id = model_id or self._path.name
+        self._max_running = max_running
+        self._max_context = max_context_tokens
+        self._url = url.rstrip("/")
+        self._served_model = served_model
+        self._key_file = Path(key_file)
+        self._digest = digest
+        self._ca_file = ca_file
+        self._max_backoff = max_backoff_s
+        self._connect_timeout = connect_timeout_s
+        self._read_timeout = read_timeout_s
+        self._key = ""
+        self._tokenizer = None
+        self._eos: tuple[int, ...] = ()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+        self._closed = threading.Event()
+        self._gate = threading.Lock()
+        self._emit: Optional[Emit] = None
+        self._on_exit: Optional[Callable[[str], None]] = None
+        self._on_serving: Optional[Callable[[bool, str], None]] = None
+        # Loop-thread state.
+        self._session = None
+        self._loading: Optional[asyncio.Task] = None
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._running: dict[str, asyncio.Task] = {}
+        self._out: dict[str, list[EngineEvent]] = {}
+        self._flush_due = False
+        self._serving = False
+        self._up_since = 0.0
+        self._errors = 0                 # requests the endpoint failed or refused
+        self._last_error = ""            # the last of them, as one line
+        self._rate: collections.deque[float] = collections.deque()   # token arrival times
+
+    # -- called from other threads -------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
+
+    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None,
+              on_serving: Optional[Callable[[bool, str], None]] = None) -> None:
+        self._emit, self._on_exit, self._on_serving = emit, on_exit, on_serving
+        self._thread = threading.Thread(target=self._run, name="upstream-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def load(self, model_path: Optional[Path] = None, model_id: Optional[str] = None) -> ModelFacts:
+        """Read the local model's tokenizer and config, then wait (retrying with backoff)
+        until the endpoint serves the model. The agent calls it with nothing in flight."""
+        if model_path is not None:
+            self._path = Path(model_path)
+            self._model_id = model_id or self._path.name
+        with self._gate:
+            if self._closed.is_set() or self._loop is None:
+                raise EngineClosed("the upstream engine is not running")
+            fut = asyncio.run_coroutine_threadsafe(self._load_task(), self._loop)
+        return fut.result()
+
+    def submit(self, request: EngineRequest) -> None:
+        with self._gate:
+            if self._closed.is_set() or self._loop is None:
+                raise EngineClosed("the upstream engine is not running")
+            self._loop.call_soon_threadsafe(self._enqueue, request)
+
+    def cancel(self, key: str) -> None:
+        with self._gate:
+            if not self._closed.is_set() and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._cancel, key)
+
+    def stats(self) -> EngineStats:
+        now = time.monotonic()
+        times = [t for t in list(self._rate) if now - t <= _RATE_WINDOW_S]
+        rate = len(times) / _RATE_WINDOW_S if times else 0.0
+        return EngineStats(
+            running=len(self._running), waiting=len(self._waiting), decode_tokens_per_s=rate,
+            server=ServerInfo(pid=0, url=self._url, restarts=0, last_exit=self._last_error,
+                              up_s=now - self._up_since if self._serving else 0.0))
+
+    def close(self) -> None:
+        with self._gate:
+            if self._thread is None or self._closed.is_set():
+                return
+            self._closed.set()
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        try:
+            fut.result(timeout=15)
+        except Exception as exc:  # noqa: BLE001 - the loop is stopped below in any case
+            log.error("upstream engine shutdown did not finish cleanly: %s", type(exc).__name__)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        reason = ""
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._open())
+            self._ready.set()
+            loop.run_forever()
+        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
+            reason = f"the upstream engine thread crashed ({type(exc).__name__})"
+            log.error("upstream engine thread crashed: %s", type(exc).__name__)
+        finally:
+            self._ready.set()
+            with self._gate:
+                self._closed.set()
+            if reason and self._on_exit is not None:
+                self._on_exit(reason)
+            loop.close()
+
+    async def _open(self) -> None:
+        import aiohttp
+
+        tls = None
+        if self._url.startswith("https://"):
+            tls = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout,
+                                          sock_read=self._read_timeout))
+
+    async def _load_task(self) -> ModelFacts:
+        # A task of its own, so that close() can end a load still waiting for the endpoint.
+        self._loading = asyncio.current_task()
+        try:
+            return await self._load()
+        finally:
+            self._loading = None
+
+    async def _load(self) -> ModelFacts:
+        from mlx_lm.utils import load_tokenizer
+
+        path = self._path
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; point --model at a directory with the "
+                                    "served model's config.json and tokenizer")
+        config = json.loads((path / "config.json").read_text())
+        self._serving = False
+        self._fail_all("the model was replaced")
+        tokenizer = await asyncio.to_thread(load_tokenizer, path, eos_token_ids=config.get("eos_token_id"))
+        digest = self._digest or await asyncio.to_thread(weights_digest, path)
+        parameters = await asyncio.to_thread(stored_parameters, path)
+        context = int(config.get("max_position_embeddings") or 32768)
+        if self._max_context:
+            context = min(context, self._max_context)
+        vocab = int(config.get("vocab_size") or len(tokenizer.vocab))
+        self._tokenizer, self._eos = tokenizer, tuple(sorted(tokenizer.eos_token_ids))
+        version = await self._reach()
+        self._serving, self._up_since = True, time.monotonic()
+        return ModelFacts(
+            model_id=self._model_id, weights_digest=digest, context_length=context, vocab_size=vocab,
+            decodable_vocab_size=min(vocab, len(tokenizer._tokenizer)),
+            eos_token_ids=frozenset(tokenizer.eos_token_ids), engine=self.name,
+            engine_version=f"upstream vllm {version} at {self._url}", parameters=parameters,
+            quantization=quantization_of(config))
+
+    async def _reach(self) -> str:
+        """Wait until the endpoint lists the served model; each failed try is reported
+        (the node stays LOADING with it) and retried after a growing delay."""
+        attempt = 0
+        while True:
+            why = await self._probe()
+            if why is None:
+                if attempt:
+                    self._notify(True, f"the upstream endpoint {self._url} answers")
+                return await self._version()
+            delay = min(self._max_backoff, 2.0 ** attempt)
+            attempt += 1
+            log.warning("%s; trying again in %gs (try %d)", why, delay, attempt)
+            self._notify(False, f"{why}; trying again in {delay:g}s (try {attempt})")
+            await asyncio.sleep(delay)
+
+    async def _probe(self) -> Optional[str]:
+        """None if the endpoint serves the model, else why not (one line)."""
+        import aiohttp
+
+        try:
+            self._key = read_key(self._key_file)  # read each try: a fixed key file is picked up
+        except KeyFileError as exc:
+            return str(exc)
+        try:
+            async with self._session.get(f"{self._url}/v1/models", headers=self._headers(),
+                                         timeout=aiohttp.ClientTimeout(total=self._connect_timeout)) as r:
+                body = await r.read()
+                if r.status != 200:
+                    return f"upstream {self._url}: " + http_failure(r.status, body, self._key_file,
+                                                                    retry_after_s(r.headers.get("Retry-After")))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return f"the upstream endpoint {self._url} cannot be reached ({type(exc).__name__})"
+        try:
+            names = {m.get("id") for m in json.loads(body).get("data", ())}
+        except (ValueError, AttributeError):
+            return f"the upstream endpoint {self._url} answered /v1/models with something that is not a model list"
+        if self._served_model not in names:
+            return (f"the upstream endpoint {self._url} does not serve model {self._served_model!r} "
+                    "(--upstream-model); it lists " + ", ".join(sorted(str(n) for n in names)[:5]))
+        return None
+
+    async def _version(self) -> str:
+        try:
+            async with self._session.get(f"{self._url}/version", headers=self._headers()) as r:
+                return str((await r.json()).get("version", "?"))
+        except Exception:  # noqa: BLE001 - informational only
+            return "?"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
+
+    def _notify(self, serving: bool, why: str) -> None:
+        if self._on_serving is not None:
+            self._on_serving(serving, why)
+
+    async def _shutdown(self) -> None:
+        self._serving = False
+        if self._loading is not None:
+            self._loading.cancel()
+        self._fail_all("the node is shutting down")
+        self._flush()
+        await self._session.close()
+
+    # -- requests --------------------------------------------------------------------
+
+    def _enqueue(self, req: EngineRequest) -> None:
+        if self._closed.is_set():
+            self._event(req.key, EngineEvent(EventKind.FAILED, message="the engine stopped"))
+        elif not self._serving:
+            self._event(req.key, EngineEvent(EventKind.FAILED, message="the upstream endpoint is not reached yet"))
+        else:
+            self._waiting.append(req)
+            self._pump()
+
+    def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting and len(self._running) < self._max_running:
+            req = self._waiting.popleft()
+            self._running[req.key] = loop.create_task(self._generate(req))
+            self._event(req.key, EngineEvent(EventKind.ADMITTED))
+
+    def _cancel(self, key: str) -> None:
+        task = self._running.pop(key, None)
+        if task is not None:
+            task.cancel()  # closes the stream: the endpoint aborts the request
+            self._pump()
+            return
+        for req in self._waiting:
+            if req.key == key:
+                self._waiting.remove(req)
+                return
+
+    async def _generate(self, req: EngineRequest) -> None:
+        import aiohttp
+
+        key = req.key
+        body = completion_body(req, self._served_model, self._eos)
+        try:
+            async with self._session.post(f"{self._url}/v1/completions", data=body,
+                                          headers=self._headers()) as resp:
+                if resp.status != 200:
+                    failure = http_failure(resp.status, await resp.read(), self._key_file,
+                                           retry_after_s(resp.headers.get("Retry-After")))
+                    return self._fail(key, failure, error=True)
+                finished = False
+                async for msg in stream_messages(resp):
+                    finished = finished or self._relay(key, msg)
+            if not finished:
+                self._fail(key, "the upstream endpoint ended the stream without finishing the request", error=True)
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            self._fail(key, f"lost the connection to the upstream endpoint ({type(exc).__name__}); "
+                            "retry on another node", error=True)
+        finally:
+            if self._running.get(key) is asyncio.current_task():
+                del self._running[key]
+                self._pump()
+
+    def _relay(self, key: str, msg: dict) -> bool:
+        events, done, failure = chunk_events(msg)
+        if failure is not None:
+            self._fail(key, failure.replace("the vLLM server", "the upstream endpoint"), error=True)
+            return True
+        now = time.monotonic()
+        for event in events:
+            if event.token >= 0:
+                self._rate.append(now)
+            self._event(key, event)
+        while self._rate and now - self._rate[0] > _RATE_WINDOW_S:
+            self._rate.popleft()
+        if done:
+            self._running.pop(key, None)
+        return done
+
+    def _fail(self, key: str, message: str, *, error: bool = False) -> None:
+        if error:
+            self._errors += 1
+            self._last_error = message
+            log.warning("request %s: %s", key, message)
+        if self._running.pop(key, None) is not None:
+            self._event(key, EngineEvent(EventKind.FAILED, message=message))
+
+    def _fail_all(self, message: str) -> None:
+        for key, task in list(self._running.items()):
+            task.cancel()
+            self._event(key, EngineEvent(EventKind.FAILED, message=message))
+        self._running.clear()
+        while self._waiting:
+            self._event(self._waiting.popleft().key, EngineEvent(EventKind.FAILED, message=message))
+
+    def _event(self, key: str, event: EngineEvent) -> None:
+        self._out.setdefault(key, []).append(event)
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._out:
+            out, self._out = self._out, {}
+            self._emit(list(out.items()))

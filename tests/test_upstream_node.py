@@ -1,0 +1,208 @@
+"""The upstream node type against a real remote vLLM endpoint (CPU build) with a bearer
+key and TLS: one contract with the vLLM node type, and its refusals.
+
+One vLLM server is started for the module (as a remote endpoint would be: `--api-key`,
+`--ssl-keyfile/--ssl-certfile` from a CA made here) and shared by its tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster.api import common_pb2
+from cluster.client import build_request
+from node_agent.engines.vllm_server import CHILD_ENV, VllmServer, free_port
+from tests.procs import NodeProcess
+from tests.vllm_support import START_TIMEOUT_S, VLLM_ARGS, VLLM_ENV
+
+pytestmark = [pytest.mark.usefixtures("as_node_caller"), pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED = "tiny-remote"
+KEY = "sk-synthetic-upstream-key-0123456789"   # synthetic; must never appear in output
+
+
+def _tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1: (ca.pem, server.pem, server.key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "upstream test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_model, vllm_python, tmp_path_factory):
+    """A vLLM server with a key and TLS, as the remote endpoint: (url, ca.pem, key file)."""
+    import json
+
+    directory = tmp_path_factory.mktemp("upstream")
+    ca, cert, key = _tls(directory)
+    key_file = directory / "key"
+    key_file.write_text(KEY + "\n")
+    server = VllmServer(python=vllm_python, state_dir=directory,
+                        extra_args=[*VLLM_ARGS.split(), "--api-key", KEY, "--ssl-keyfile", str(key),
+                                    "--ssl-certfile", str(cert)])
+    server.port = free_port()
+    context = json.loads((tiny_model / "config.json").read_text()).get("max_position_embeddings") or 32768
+    cmd = server.command(tiny_model, SERVED, max_model_len=int(context), max_num_seqs=16)
+    url = f"https://127.0.0.1:{server.port}"
+    with open(directory / "vllm.log", "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                env={**os.environ, **CHILD_ENV, **VLLM_ENV})
+    try:
+        tls = ssl.create_default_context(cafile=str(ca))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"the vLLM server exited: {(directory / 'vllm.log').read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", context=tls, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the vLLM server did not answer /health in time"
+            time.sleep(0.5)
+        yield url, ca, key_file
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _upstream_args(url: str, ca: Path, key_file: Path, *extra: str) -> tuple[str, ...]:
+    return ("--engine", "upstream", "--upstream-url", url, "--upstream-model", SERVED,
+            "--upstream-key-file", str(key_file), "--upstream-ca-file", str(ca), *extra)
+
+
+@pytest.fixture(scope="module")
+def upstream_node(tiny_model, remote, tmp_path_factory):
+    url, ca, key_file = remote
+    proc = NodeProcess(tiny_model, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="upstream-node")
+    with proc:
+        proc.start(tmp_path_factory.mktemp("upstream-logs"))
+        proc.wait_serving(120)
+        yield proc
+        proc.stop()
+        assert KEY not in proc.stderr()
+
+
+def _run(node, req):
+    ids, final = [], None
+    for chunk in node.inference.Generate(req, timeout=120):
+        ids.extend(chunk.token_ids)
+        if chunk.HasField("final"):
+            final = chunk.final
+    assert final is not None
+    return ids, final
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, seed=1234)],
+                         ids=["greedy", "seeded"])
+def test_tokens_equal_the_vllm_node_type_for_the_same_request(upstream_node, vllm_node, sampling):
+    req = build_request(prompt="Synthetic visit summary:", max_tokens=24, request_id="same-tokens", **sampling)
+    ids, final = _run(upstream_node, req)
+    want, want_final = _run(vllm_node, req)
+    assert ids == want and len(ids) > 0
+    assert final.finish_reason == want_final.finish_reason
+    assert upstream_node.status().model.weights_digest == vllm_node.status().model.weights_digest
+
+
+def test_resume_with_prefix_token_ids_continues_exactly(upstream_node):
+    full, _ = _run(upstream_node, build_request(prompt="Plan:", max_tokens=20, temperature=0.0, request_id="r1"))
+    rest, _ = _run(upstream_node, build_request(prompt="Plan:", max_tokens=20, temperature=0.0, request_id="r2",
+                                                prefix_token_ids=full[:8]))
+    assert full[:8] + rest == full
+
+
+def test_status_names_the_engine_and_the_endpoint(upstream_node, remote):
+    st = upstream_node.status()
+    assert st.lifecycle == common_pb2.LIFECYCLE_READY
+    assert st.model.engine == "upstream" and remote[0] in st.model.engine_version
+    assert st.engine_server.url == remote[0] and st.engine_server.pid == 0
+
+
+def _refused(tiny_model, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--listen",
+                           "127.0.0.1:0", "--no-mdns", "--state-dir", str(tmp_path / "state"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_refuses_to_start_without_phi_allowed(tiny_model, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    out = _refused(tiny_model, tmp_path, *_upstream_args("https://127.0.0.1:9", key_file, key_file))
+    assert out.returncode == 2, out.stderr
+    assert "--phi-allowed" in out.stderr and "BAA" in out.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_refuses_to_start_with_an_unusable_key_file(tiny_model, tmp_path, case):
+    key_file, ca = tmp_path / "key", tmp_path / "ca.pem"
+    ca.write_text("unused: the key file is checked first\n")
+    if case == "empty":
+        key_file.write_text("\n")
+    out = _refused(tiny_model, tmp_path, *_upstream_args("https://127.0.0.1:9", ca, key_file),
+                   "--phi-allowed")
+    assert out.returncode == 2, out.stderr
+    assert "--upstream-key-file" in out.stderr and str(key_file) in out.stderr
+
+
+def test_a_wrong_key_keeps_the_node_loading_naming_the_key_file(tiny_model, remote, tmp_path):
+    url, ca, _ = remote
+    wrong = tmp_path / "wrong-key"
+    wrong.write_text("sk-synthetic-wrong-key")
+    with NodeProcess(tiny_model, *_upstream_args(url, ca, wrong, "--phi-allowed"), node_id="wrong-key") as proc:
+        proc.start(tmp_path / "logs")
+        st, _ = proc.wait_until(lambda s: "HTTP 401" in s.lifecycle_reason, timeout_s=30, what="a 401 reason")
+        assert st.lifecycle == common_pb2.LIFECYCLE_LOADING
+        assert str(wrong) in st.lifecycle_reason and "sk-synthetic-wrong-key" not in st.lifecycle_reason
+        proc.stop()
+        assert "sk-synthetic-wrong-key" not in proc.stderr()
+
+
+def test_an_unreachable_url_keeps_the_node_loading_and_retrying(tiny_model, remote, tmp_path):
+    _, ca, key_file = remote
+    url = f"https://127.0.0.1:{free_port()}"
+    with NodeProcess(tiny_model, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="unreachable") as proc:
+        proc.start(tmp_path / "logs")
+        st, _ = proc.wait_until(lambda s: "(try 2)" in s.lifecycle_reason, timeout_s=30, what="a second try")
+        assert st.lifecycle == common_pb2.LIFECYCLE_LOADING
+        assert "cannot be reached" in st.lifecycle_reason and url in st.lifecycle_reason
+        assert proc.proc.poll() is None
+        proc.stop()
