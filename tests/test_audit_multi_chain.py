@@ -7,7 +7,7 @@ coordinator's own record builders (coordinator/records.py)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from typer.testing import CliRunner
 
@@ -18,7 +18,7 @@ from coordinator.records import Caller, Hop, RequestRecord, Resumed
 from coordinator.request_summary import Outcome
 from tests.audit_helpers import lines, locate
 
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 HOP = Hop("node-1", "tiny@v1", "sha256:aa")
 
 

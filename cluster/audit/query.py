@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -26,20 +26,20 @@ def parse_when(text: str, *, now: Optional[datetime] = None) -> datetime:
     text = text.strip()
     m = _DURATION.fullmatch(text)
     if m:
-        return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m[1]) * _SECONDS[m[2]])
+        return (now or datetime.now(UTC)) - timedelta(seconds=float(m[1]) * _SECONDS[m[2]])
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"{text!r} is neither a duration (45s, 30m, 1h, 7d, 2w) nor an ISO 8601 time "
                          "(2025-01-31T09:00:00Z)") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _stamp(when: datetime) -> str:
     """The record time format, so times compare as strings."""
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def query(directory: Path, since: Optional[datetime] = None, until: Optional[datetime] = None,
