@@ -2,8 +2,9 @@
 
 One rollout runs at a time per state database. The coordinator holding the lease runs
 it; the lease is renewed every third of its time-to-live, so a coordinator that died
-frees it within `rollout_lease_s` and a restarted one (or a standby sharing the
-database) resumes the rollout from its recorded steps. The holder is unique per process
+frees it within `rollout_lease_s` and a restarted one, or a standby sharing the
+database (it looks every third of the lease's time-to-live), resumes the rollout from its
+recorded steps. The holder is unique per process
 (certificate name, host, a random instance id), so two coordinators configured alike
 never both hold it; its fencing token goes with every node operation (rollout_store.py).
 """
@@ -29,8 +30,8 @@ from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.rollout import Runner
-from coordinator.rollout_store import (DEFAULT_WAIT_TIMEOUT_S, TERMINAL_STEPS, Lease, NodeRow, RolloutRow,
-                                       RolloutStore)
+from coordinator.rollout_store import (ACTIVE, DEFAULT_WAIT_TIMEOUT_S, TERMINAL_STEPS, Lease, NodeRow,
+                                       RolloutRow, RolloutStore)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Rollouts:
         self._runner: Optional[Runner] = None
         self._task: Optional[asyncio.Task] = None
         self._lease_task: Optional[asyncio.Task] = None
+        self._standby_task: Optional[asyncio.Task] = None
         self._wake = asyncio.Event()
 
     @property
@@ -78,9 +80,29 @@ class Rollouts:
         if row is not None:
             log.info("rollout=%s %s: resuming (left by %s)", row.id, row.state, row.owner or "unknown")
             self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
+        self._standby_task = asyncio.get_running_loop().create_task(self._standby())
+
+    async def _standby(self) -> None:
+        """While running: take over a running rollout whose holder died (another coordinator
+        on this database, killed mid-rollout: its lease ran out and nobody renews it)."""
+        while True:
+            await asyncio.sleep(self._s.rollout_lease_s / 3)   # the lease's own pace
+            if self._lease_task is not None and not self._lease_task.done():
+                continue   # this coordinator runs (or waits for) a rollout already
+            try:
+                row = self.store.active()
+                lease = self.store.lease()
+            except Exception as exc:  # noqa: BLE001 - the state database is down: readiness says so; look again
+                log.warning("rollout standby: state database unreadable (%s); looking again", type(exc).__name__)
+                continue
+            if row is None or row.state != "RUNNING" or (lease is not None and lease[1] > time.time()):
+                continue   # nothing running, or its holder is alive and renews the lease
+            log.warning("rollout=%s: its holder %s let the lease lapse; taking it over", row.id,
+                        row.owner or "unknown")
+            self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
 
     async def close(self) -> None:
-        for task in (self._task, self._lease_task):
+        for task in (self._task, self._lease_task, self._standby_task):
             if task is not None:
                 task.cancel()
         self.store.release(self._me)
@@ -92,6 +114,12 @@ class Rollouts:
         while not (lease := self.store.acquire(self._me, ttl)).held:
             log.warning("rollout=%s waiting: %s", row.id, lease.refused)
             await asyncio.sleep(ttl / 3)  # the lease's own pace: a third of its time-to-live
+        # Read the plan again now that it is ours: while this coordinator waited, the holder
+        # may have recorded more steps, or ended the rollout (then there is nothing to run).
+        row = self.store.get(row.id)
+        if row is None or row.state not in ACTIVE:
+            self.store.release(self._me)
+            return
         log.info("rollout=%s lease held by %s (fencing token %d)", row.id, self._me, lease.token)
         self.store.set_owner(row.id, self._me)
         self._launch(row, lease)
