@@ -13,8 +13,8 @@ PostgreSQL state costs a coordinator. One run, one table.
   once, measured interleaved per repeat (the order rotates) so machine noise hits them
   alike (goal: >= 0.95x throughput).
 
-    .venv/bin/python bench/ha.py            # ~4 min on 2 cores
-    .venv/bin/python bench/ha.py --quick    # one failover round, 2 repeats: ~2 min
+    .venv/bin/python bench/ha.py            # 3 failover rounds, 4 repeats: ~1.5 min on 2 cores
+    .venv/bin/python bench/ha.py --quick    # 1 failover round, 2 repeats: ~1 min
 """
 
 from __future__ import annotations
