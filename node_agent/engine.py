@@ -30,6 +30,10 @@ class EngineEvent:
     token: int = -1
     finish: Optional[str] = None   # "stop" (EOS) or "length", on the last TOKEN
     message: str = ""              # FAILED only; never request content
+    # FAILED only, before any token: a gRPC status name (RESOURCE_EXHAUSTED, UNAVAILABLE)
+    # the call ends with instead of an error final, and a retry hint for it.
+    status: str = ""
+    retry_after_ms: int = 0
     cached_tokens: int = 0         # ADMITTED only: prompt tokens reused from the prompt cache
 
 

@@ -77,6 +77,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         # slot is freed and the outcome recorded, even if this generator is never resumed.
         context.add_done_callback(
             lambda _ctx: self._finish(stream, context, Outcome.CANCELLED, CALLER_GONE))
+        sent = False   # a chunk went out: an engine failure ends the stream with an error final
         try:
             self._engine.submit(EngineRequest(
                 key=stream.key,
@@ -92,6 +93,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if chunk is None:
                     continue
                 if stream.finish is None:
+                    sent = True
                     yield chunk
                     continue
                 chunk.final.CopyFrom(stream.final_info(node_id=node, model=self._serving().model_info))
@@ -108,6 +110,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             message = (f"node {node} failed request {req.request_id} after {stream.completion_tokens} "
                        f"tokens: {exc}; retry or resume it on another node")
             self._finish(stream, context, Outcome.FAILED, str(exc))
+            if isinstance(exc, EngineFailed) and exc.status and not sent:
+                # Nothing streamed yet: the call ends with the engine's status (an upstream's 429).
+                code, hint = grpc.StatusCode[exc.status], exc.retry_after_ms
+                await context.abort(code, f"node {node} could not run request {req.request_id}: {exc}",
+                                    trailing_metadata=((PUSHBACK_KEY, str(hint)),) if hint else ())
             if not self._engine.alive:
                 await self._engine_died(str(exc))
             yield stream.node_final(inference_pb2.FINISH_REASON_ERROR, message, node_id=node,

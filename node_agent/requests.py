@@ -29,7 +29,12 @@ class Outcome(enum.Enum):
 
 
 class EngineFailed(RuntimeError):
-    """The engine reported that it cannot continue this request."""
+    """The engine reported that it cannot continue this request; `status` (a gRPC status
+    name) and `retry_after_ms` when the engine gave them (EngineEvent)."""
+
+    def __init__(self, message: str, status: str = "", retry_after_ms: int = 0):
+        super().__init__(message)
+        self.status, self.retry_after_ms = status, retry_after_ms
 
 
 class NodeStopping(RuntimeError):
@@ -137,7 +142,7 @@ class RequestStream:
                 continue
             self.engine_done = self.engine_done or ev.kind is EventKind.FAILED or ev.finish is not None
             if ev.kind is EventKind.FAILED:
-                raise EngineFailed(ev.message)
+                raise EngineFailed(ev.message, ev.status, ev.retry_after_ms)
             if self.finish is not None:  # ended here (stop sequence); the engine is catching up
                 continue
             if ev.token >= 0 and not (ev.finish == "stop" and ev.token in self._eos):

@@ -145,9 +145,12 @@ def test_tokens_equal_the_vllm_node_type_for_the_same_request(upstream_node, vll
 
 def test_resume_with_prefix_token_ids_continues_exactly(upstream_node):
     full, _ = _run(upstream_node, build_request(prompt="Plan:", max_tokens=20, temperature=0.0, request_id="r1"))
-    rest, _ = _run(upstream_node, build_request(prompt="Plan:", max_tokens=20, temperature=0.0, request_id="r2",
-                                                prefix_token_ids=full[:8]))
-    assert full[:8] + rest == full
+    assert len(full) == 20
+    req = build_request(prompt="Plan:", max_tokens=12, temperature=0.0, request_id="r2")
+    req.prefix_token_ids.extend(full[:8])
+    rest, final = _run(upstream_node, req)
+    assert rest == full[8:]
+    assert final.usage.prefix_tokens == 8 and final.usage.completion_tokens == 12
 
 
 def test_status_names_the_engine_and_the_endpoint(upstream_node, remote):
@@ -206,3 +209,111 @@ def test_an_unreachable_url_keeps_the_node_loading_and_retrying(tiny_model, remo
         assert "cannot be reached" in st.lifecycle_reason and url in st.lifecycle_reason
         assert proc.proc.poll() is None
         proc.stop()
+
+
+class Gate:
+    """A plain-HTTP proxy in front of the remote endpoint that can answer completions with
+    an error status instead (what a rate-limited or failing upstream does)."""
+
+    def __init__(self, target: str, ca: Path):
+        import asyncio
+        import threading
+
+        self.target, self.ca = target, ca
+        self.refuse: tuple[int, dict] | None = None
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._started.wait(30), "the gate did not start"
+
+    def _run(self) -> None:
+        import asyncio
+
+        from aiohttp import ClientSession, TCPConnector, web
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if self.refuse is not None and request.path == "/v1/completions":
+                status, headers = self.refuse
+                return web.json_response({"error": {"type": "SyntheticError", "message": "synthetic"}},
+                                         status=status, headers=headers)
+            async with self._session.request(request.method, self.target + request.path_qs,
+                                             headers={k: v for k, v in request.headers.items() if k != "Host"},
+                                             data=await request.read()) as r:
+                out = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers.get(
+                    "Content-Type", "application/json")})
+                await out.prepare(request)
+                async for block in r.content.iter_any():
+                    await out.write(block)
+                await out.write_eof()
+                return out
+
+        async def start() -> None:
+            self._session = ClientSession(connector=TCPConnector(ssl=ssl.create_default_context(cafile=str(self.ca))))
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handle)
+            self._runner = web.AppRunner(app)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(start())
+        self._started.set()
+        self._loop.run_forever()
+
+    def close(self) -> None:
+        import asyncio
+
+        async def stop() -> None:
+            await self._runner.cleanup()
+            await self._session.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def gated_node(tiny_model, remote, tmp_path_factory):
+    url, ca, key_file = remote
+    gate = Gate(url, ca)
+    proc = NodeProcess(tiny_model, "--engine", "upstream", "--upstream-url", f"http://127.0.0.1:{gate.port}",
+                       "--upstream-model", SERVED, "--upstream-key-file", str(key_file), "--phi-allowed",
+                       node_id="gated-node")
+    try:
+        with proc:
+            proc.start(tmp_path_factory.mktemp("gated-logs"))
+            proc.wait_serving(120)
+            yield proc, gate, key_file
+            proc.stop()
+            assert KEY not in proc.stderr()
+    finally:
+        gate.close()
+
+
+@pytest.mark.parametrize("status, headers, code, words", [
+    (429, {"Retry-After": "3"}, "RESOURCE_EXHAUSTED", "rate-limiting (HTTP 429); retry after 3s"),
+    (503, {}, "UNAVAILABLE", "failed (HTTP 503, SyntheticError)"),
+    (401, {}, "FAILED_PRECONDITION", "refused the key in"),
+], ids=["429", "503", "401"])
+def test_upstream_refusals_map_to_grpc_statuses(gated_node, status, headers, code, words):
+    import grpc
+
+    node, gate, key_file = gated_node
+    ok, _ = _run(node, build_request(prompt="Plan:", max_tokens=4, request_id=f"before-{status}"))
+    assert ok
+    gate.refuse = (status, headers)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _run(node, build_request(prompt="Plan:", max_tokens=4, request_id=f"refused-{status}"))
+    finally:
+        gate.refuse = None
+    assert err.value.code().name == code
+    assert words in err.value.details() and "synthetic" not in err.value.details() and KEY not in err.value.details()
+    pushback = dict(err.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    assert pushback == ("3000" if status == 429 else None)
+    if status == 401:
+        assert str(key_file) in err.value.details()
+    st = node.status()
+    assert words in st.engine_server.last_exit and st.lifecycle == common_pb2.LIFECYCLE_READY

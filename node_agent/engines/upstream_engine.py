@@ -91,6 +91,15 @@ def http_failure(status: int, body: bytes, key_file: Path, retry_after: Optional
     return f"the upstream endpoint refused the request (HTTP {status}{error_type(body)})"
 
 
+def http_status(status: int) -> str:
+    """The gRPC status a request refused by the upstream ends with (nothing streamed yet)."""
+    if status == 429:
+        return "RESOURCE_EXHAUSTED"
+    if status in (401, 403):
+        return "FAILED_PRECONDITION"
+    return "UNAVAILABLE" if status >= 500 else ""
+
+
 class UpstreamEngine:
     """Engine over a remote vLLM OpenAI endpoint; construct, `start(emit)`, then `load()`."""
 
@@ -135,8 +144,7 @@ class UpstreamEngine:
         self._flush_due = False
         self._serving = False
         self._up_since = 0.0
-        self._errors = 0                 # requests the endpoint failed or refused
-        self._last_error = ""            # the last of them, as one line
+        self._last_error = ""            # the last request the endpoint failed or refused, as one line
         self._rate: collections.deque[float] = collections.deque()   # token arrival times
 
     # -- called from other threads -------------------------------------------------
@@ -316,6 +324,12 @@ class UpstreamEngine:
         except Exception:  # noqa: BLE001 - informational only
             return "?"
 
+    def _reread_key(self) -> None:
+        try:
+            self._key = read_key(self._key_file)
+        except KeyFileError as exc:
+            log.warning("%s; keeping the key read before", exc)
+
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
 
@@ -369,9 +383,12 @@ class UpstreamEngine:
             async with self._session.post(f"{self._url}/v1/completions", data=body,
                                           headers=self._headers()) as resp:
                 if resp.status != 200:
-                    failure = http_failure(resp.status, await resp.read(), self._key_file,
-                                           retry_after_s(resp.headers.get("Retry-After")))
-                    return self._fail(key, failure, error=True)
+                    retry = retry_after_s(resp.headers.get("Retry-After"))
+                    failure = http_failure(resp.status, await resp.read(), self._key_file, retry)
+                    if resp.status in (401, 403):
+                        self._reread_key()  # a fixed key file is used from the next request on
+                    return self._fail(key, failure, error=True, status=http_status(resp.status),
+                                      retry_after_ms=int(retry * 1000) if retry is not None else 0)
                 finished = False
                 async for msg in stream_messages(resp):
                     finished = finished or self._relay(key, msg)
@@ -381,7 +398,7 @@ class UpstreamEngine:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             self._fail(key, f"lost the connection to the upstream endpoint ({type(exc).__name__}); "
-                            "retry on another node", error=True)
+                            "retry on another node", error=True, status="UNAVAILABLE")
         finally:
             if self._running.get(key) is asyncio.current_task():
                 del self._running[key]
@@ -403,13 +420,16 @@ class UpstreamEngine:
             self._running.pop(key, None)
         return done
 
-    def _fail(self, key: str, message: str, *, error: bool = False) -> None:
+    def _fail(self, key: str, message: str, *, error: bool = False, status: str = "",
+              retry_after_ms: int = 0) -> None:
+        """Fail one request; `status` (a gRPC status name) ends the call with it when
+        nothing was streamed yet (a mid-stream failure ends with an error final)."""
         if error:
-            self._errors += 1
             self._last_error = message
             log.warning("request %s: %s", key, message)
         if self._running.pop(key, None) is not None:
-            self._event(key, EngineEvent(EventKind.FAILED, message=message))
+            self._event(key, EngineEvent(EventKind.FAILED, message=message, status=status,
+                                         retry_after_ms=retry_after_ms))
 
     def _fail_all(self, message: str) -> None:
         for key, task in list(self._running.items()):
