@@ -173,8 +173,9 @@ class NodeSettings(HttpPortSection, FileSettings):
                                                 "server that keeps failing.", ge=0)
     # The upstream engine (docs/upstream.md): a remote OpenAI-compatible endpoint as a node;
     # --model still names a local directory with config.json and the tokenizer.
-    upstream_url: str = setting("", "upstream engine: base URL of the remote endpoint (http[s]://host:port).",
-                                pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")
+    upstream_url: str = setting("", "upstream engine: base URL of the remote endpoint (http[s]://host:port; "
+                                "no credentials: the key goes in --upstream-key-file).",
+                                pattern=r"^(https?://[^\s/?#@]+(/[^\s?#@]*)?)?$")
     upstream_model: str = setting("", "upstream engine: the model name the endpoint serves.")
     upstream_key_file: Optional[Path] = setting(None, "upstream engine: file holding the endpoint's bearer key.")
     upstream_kind: str = setting("vllm", "upstream engine: vllm (token ids in and out; exact resume).",
