@@ -71,6 +71,8 @@ def link(co) -> str:
     return url
 
 
+@pytest.mark.allow_blocking("Playwright's sync API runs an event loop of its own in this process and does "
+                             "file I/O on it; the dashboard under test runs in the coordinator's process")
 def test_the_dashboard_shows_the_fleet_live_and_follows_a_cordon(fleet):
     co, nodes = fleet
     sync_playwright = _browser()
