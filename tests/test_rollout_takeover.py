@@ -13,7 +13,7 @@ import pytest
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc, node_pb2
 from cluster.digest import weights_digest
-from coordinator.rollout_store import RolloutStore
+from coordinator.rollout_store import TERMINAL_STEPS, RolloutStore
 from tests.adversarial.test_lease_and_witness import as_coordinator
 from tests.fleet_helpers import EventWatch, note
 from tests.test_rollout import rollout, wait_rollout
@@ -30,12 +30,12 @@ def new_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2-takeover", TinyModelSpec(seed=13))
 
 
-def _until(what: str, predicate, timeout_s: float):
+def _until(what: str, predicate, timeout_s: float, show=lambda: ""):
     """Re-check predicate() until it returns something truthy; returns it."""
     deadline = time.monotonic() + timeout_s
     while not (got := predicate()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:g}s")
+            raise AssertionError(f"{what}: not within {timeout_s:g}s; {show()}")
         time.sleep(0.05)
     return got
 
@@ -90,14 +90,14 @@ def test_a_standby_coordinator_takes_a_killed_coordinators_rollout_over_and_fenc
     # the lease; A restarted on the same database waits for that lease and does nothing.
     stub_b = fleet_pb2_grpc.FleetStub(b.channel)
     stub_b.PauseRollout(fleet_pb2.RolloutControl(rollout_id=RID), timeout=10)
-    _until("B's step under way to finish", lambda: {n.step for n in db.get(RID).nodes} <= {"done", "pending"},
-           timeout_s=60)
+    _until("B's step under way to finish", lambda: {n.step for n in db.get(RID).nodes} <= {"pending", *TERMINAL_STEPS},
+           timeout_s=90, show=lambda: (db.get(RID), [n.status() for n in nodes]))
     paused = {n.node_id: [o.operation_id for o in n.status().operations] for n in nodes}
     a.restart(tmp_path / "logs")
     a.wait_serving()
     _until("A's restarted instance to wait for the lease",
            lambda: "waiting: coordinator tk-co-b@" in a.stderr_path.read_text(), timeout_s=30)
-    assert db.get(RID).state == "PAUSED" and db.lease()[:3:2] == (holder_b, token_b)
+    assert db.get(RID).state == "PAUSED" and db.lease()[:3:2] == (holder_b, token_b), db.get(RID)
     for n in nodes:
         assert [o.operation_id for o in n.status().operations] == paused[n.node_id], n.node_id
     stub_b.ResumeRollout(fleet_pb2.RolloutControl(rollout_id=RID), timeout=10)
