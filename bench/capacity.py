@@ -47,44 +47,76 @@ async def profile_node(node: NodeProcess, via: CoordinatorProcess | None) -> Pro
     before = node.status()
     limits = measure.limits_of(before)
     if via is None:
-        client = AsyncFleetClient(node.address, tls=node.credentials(HARNESS_NODE_CALLER, Role.COORDINATOR),
-                                  server_name=ANY_NODE)
+        client = AsyncFleetClient(
+            node.address,
+            tls=node.credentials(HARNESS_NODE_CALLER, Role.COORDINATOR),
+            server_name=ANY_NODE,
+        )
     else:
-        client = AsyncFleetClient(via.address, tls=via.credentials(HARNESS_APP, Role.APP), max_attempts=1)
+        client = AsyncFleetClient(
+            via.address, tls=via.credentials(HARNESS_APP, Role.APP), max_attempts=1
+        )
     async with client:
-        prober = measure.Prober(client, limits, node_id="" if via is None else before.node_id, timeout_s=120)
+        prober = measure.Prober(
+            client, limits, node_id="" if via is None else before.node_id, timeout_s=120
+        )
         measured = await measure.measure(prober, measure.plan_sizes(limits, quick=True))
     fitted = measure.fit(measured)
-    return measure.build_profile(before, node.status(), measured, fitted, command="bench/capacity.py",
-                                 created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                 through=f"directly on {node.address}" if via is None else f"through {via.address}")
+    return measure.build_profile(
+        before,
+        node.status(),
+        measured,
+        fitted,
+        command="bench/capacity.py",
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        through=f"directly on {node.address}" if via is None else f"through {via.address}",
+    )
 
 
 async def calibrate(coordinator: CoordinatorProcess) -> rp.PromptBuilder:
     """Prompts of the wanted lengths for the fleet's tokenizer (as fleetctl replay does)."""
     builder = rp.PromptBuilder(request_prefix=f"{rp.new_run_id()}-cal")
-    async with AsyncFleetClient(coordinator.address, tls=coordinator.credentials(HARNESS_APP, Role.APP),
-                                max_attempts=1) as client:
+    async with AsyncFleetClient(
+        coordinator.address, tls=coordinator.credentials(HARNESS_APP, Role.APP), max_attempts=1
+    ) as client:
         await builder.calibrate(client)
     return builder
 
 
-async def replay_at(coordinator: CoordinatorProcess, builder: rp.PromptBuilder, workload, seconds: float,
-                    seed: int, fleet) -> rp.ReplayReport:
+async def replay_at(
+    coordinator: CoordinatorProcess,
+    builder: rp.PromptBuilder,
+    workload,
+    seconds: float,
+    seed: int,
+    fleet,
+) -> rp.ReplayReport:
     """`fleetctl replay --predict-with`, in process: `seconds` of the workload's arrivals."""
-    notes, start, length = rp.plan_notes(workload, time_scale=1.0, duration_s=seconds, seed=seed, start_s=0.0)
+    notes, start, length = rp.plan_notes(
+        workload, time_scale=1.0, duration_s=seconds, seed=seed, start_s=0.0
+    )
     tls = coordinator.credentials(HARNESS_APP, Role.APP)
     run_id = rp.new_run_id()
     async with AsyncFleetClient(coordinator.address, tls=tls, max_attempts=1) as client:
         outcomes, wall = await rp.run_notes(client, builder, notes, run_id=run_id, timeout_s=300)
-    report = rp.build_report(run_id, coordinator.address, outcomes, wall, notes, time_scale=1.0,
-                             window_start_s=start, window_s=length, calibration_requests=0)
+    report = rp.build_report(
+        run_id,
+        coordinator.address,
+        outcomes,
+        wall,
+        notes,
+        time_scale=1.0,
+        window_start_s=start,
+        window_s=length,
+        calibration_requests=0,
+    )
     rp.add_prediction(report, fleet, notes)
     return report
 
 
-async def lone_notes(coordinator: CoordinatorProcess, builder: rp.PromptBuilder, workload, fleet,
-                     count: int = 5) -> tuple[float, float]:
+async def lone_notes(
+    coordinator: CoordinatorProcess, builder: rp.PromptBuilder, workload, fleet, count: int = 5
+) -> tuple[float, float]:
     """`count` notes one at a time (nothing else in flight): the mean measured time per note
     and the simulator's for the same notes. Separates the fit's error from contention."""
     import random
@@ -96,7 +128,9 @@ async def lone_notes(coordinator: CoordinatorProcess, builder: rp.PromptBuilder,
         for i in range(count):
             p, o = workload.sample_tokens(rng)
             note = rp.PlannedNote(i, 0.0, p, o)
-            outcomes, _ = await rp.run_notes(client, builder, [note], run_id=f"{rp.new_run_id()}-lone", timeout_s=120)
+            outcomes, _ = await rp.run_notes(
+                client, builder, [note], run_id=f"{rp.new_run_id()}-lone", timeout_s=120
+            )
             if outcomes[0].outcome == "completed":
                 measured.append(outcomes[0].total_s)
                 predicted.append(rp.predict(fleet, [note]).p50_s)
@@ -112,12 +146,19 @@ def main() -> int:
     ap.add_argument("--output-tokens", default="400:600")
     ap.add_argument("--loads", default="0.3,0.6,0.9", help="fractions of the planner's capacity")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--profile-together", action="store_true",
-                    help="profile every node at the same time (co-located nodes share this host's cores, as they "
-                         "do while serving) instead of one at a time with the others idle")
-    ap.add_argument("--profile-through", choices=("coordinator", "node"), default="coordinator",
-                    help="profile each node through a coordinator of that node alone (the path the replayed "
-                         "notes take: the relay's cost per token is in the fit) or directly")
+    ap.add_argument(
+        "--profile-together",
+        action="store_true",
+        help="profile every node at the same time (co-located nodes share this host's cores, as they "
+        "do while serving) instead of one at a time with the others idle",
+    )
+    ap.add_argument(
+        "--profile-through",
+        choices=("coordinator", "node"),
+        default="coordinator",
+        help="profile each node through a coordinator of that node alone (the path the replayed "
+        "notes take: the relay's cost per token is in the fit) or directly",
+    )
     args = ap.parse_args()
     # SIGTERM (a timeout) unwinds like Ctrl-C, so the finally below stops every daemon started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -129,94 +170,152 @@ def main() -> int:
         certs = work / "ca"
         init_ca(certs, fleet="bench")
         logs = work / "logs"
-        nodes = [NodeProcess(model, "--max-running", str(args.max_running), "--max-queued", "256",
-                             node_id=f"cap-node-{i + 1}", tls_dir=certs) for i in range(args.nodes)]
+        nodes = [
+            NodeProcess(
+                model,
+                "--max-running",
+                str(args.max_running),
+                "--max-queued",
+                "256",
+                node_id=f"cap-node-{i + 1}",
+                tls_dir=certs,
+            )
+            for i in range(args.nodes)
+        ]
         coordinator = None
         try:
             for node in nodes:
                 node.start(logs)
                 node.wait_serving()
-            coordinator = CoordinatorProcess(nodes=[n.address for n in nodes], name="cap-coordinator", tls_dir=certs)
+            coordinator = CoordinatorProcess(
+                nodes=[n.address for n in nodes], name="cap-coordinator", tls_dir=certs
+            )
             coordinator.start(logs)
             coordinator.wait_routable(args.nodes)
-            print(f"fleet: {args.nodes} tiny-model nodes ({args.max_running} slots each) behind a coordinator, mTLS; "
-                  f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them)",
-                  flush=True)
+            print(
+                f"fleet: {args.nodes} tiny-model nodes ({args.max_running} slots each) behind a coordinator, mTLS; "
+                f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them)",
+                flush=True,
+            )
             vias = []
             if args.profile_through == "coordinator":
                 for node in nodes:
-                    via = CoordinatorProcess(nodes=[node.address], name=f"profile-{node.node_id}", tls_dir=certs)
+                    via = CoordinatorProcess(
+                        nodes=[node.address], name=f"profile-{node.node_id}", tls_dir=certs
+                    )
                     vias.append(via)
                     via.start(logs)
                     via.wait_routable(1)
             t0 = time.monotonic()
             try:
                 pairs = list(zip(nodes, vias or [None] * len(nodes), strict=True))
-                if args.profile_together:   # nodes sharing this host's cores, profiled as they serve: together
+                if (
+                    args.profile_together
+                ):  # nodes sharing this host's cores, profiled as they serve: together
+
                     async def together():
                         return await asyncio.gather(*(profile_node(n, v) for n, v in pairs))
+
                     profiles = list(asyncio.run(together()))
                 else:
                     profiles = [asyncio.run(profile_node(n, v)) for n, v in pairs]
             finally:
                 for via in vias:
                     via.stop()
-            how = ("through a coordinator of it alone" if vias else "directly") + \
-                (", all nodes at once" if args.profile_together else ", one node at a time")
+            how = ("through a coordinator of it alone" if vias else "directly") + (
+                ", all nodes at once" if args.profile_together else ", one node at a time"
+            )
             print(f"profiled {len(nodes)} nodes {how} in {time.monotonic() - t0:.0f} s", flush=True)
             for node, prof in zip(nodes, profiles, strict=True):
                 f = prof.fit
-                print(f"  {node.node_id}: decode {f.decode_base_s * 1e3:.2f} ms + {f.decode_per_seq_s * 1e3:.3f} ms/seq "
-                      f"+ {f.decode_per_ctx_token_s * 1e6:.3f} us/ctx token, prefill {f.prefill_base_s * 1e3:.1f} ms + "
-                      f"{f.prefill_per_token_s * 1e6:.1f} us/token", flush=True)
+                print(
+                    f"  {node.node_id}: decode {f.decode_base_s * 1e3:.2f} ms + {f.decode_per_seq_s * 1e3:.3f} ms/seq "
+                    f"+ {f.decode_per_ctx_token_s * 1e6:.3f} us/ctx token, prefill {f.prefill_base_s * 1e3:.1f} ms + "
+                    f"{f.prefill_per_token_s * 1e6:.1f} us/token",
+                    flush=True,
+                )
             fleet = [(p, 1) for p in profiles]
-            shape = build_workload(notes_per_day=1.0, hours="0-24", peak_factor=1.0,
-                                   prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+            shape = build_workload(
+                notes_per_day=1.0,
+                hours="0-24",
+                peak_factor=1.0,
+                prompt_tokens=args.prompt_tokens,
+                output_tokens=args.output_tokens,
+            )
             capacity = sum(node_notes_per_s(p, shape) for p in profiles)
-            print(f"planner's capacity: {capacity:.2f} notes/s (prompt {args.prompt_tokens}, output "
-                  f"{args.output_tokens} tokens); {args.seconds:g} s of Poisson arrivals per load", flush=True)
+            print(
+                f"planner's capacity: {capacity:.2f} notes/s (prompt {args.prompt_tokens}, output "
+                f"{args.output_tokens} tokens); {args.seconds:g} s of Poisson arrivals per load",
+                flush=True,
+            )
             rows, builder = [], None
             for i, load in enumerate(loads):
-                if i == 0:   # calibrate prompts once, then a few lone notes
+                if i == 0:  # calibrate prompts once, then a few lone notes
                     builder = asyncio.run(calibrate(coordinator))
                     lone_m, lone_p = asyncio.run(lone_notes(coordinator, builder, shape, fleet))
-                    print(f"lone notes (one at a time): measured {lone_m:.2f} s, predicted {lone_p:.2f} s "
-                          f"({100 * (lone_p - lone_m) / lone_m:+.1f} %); load average {os.getloadavg()[0]:.1f}",
-                          flush=True)
+                    print(
+                        f"lone notes (one at a time): measured {lone_m:.2f} s, predicted {lone_p:.2f} s "
+                        f"({100 * (lone_p - lone_m) / lone_m:+.1f} %); load average {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
                 rate = load * capacity
-                workload = build_workload(notes_per_day=rate * 86_400, hours="0-24", peak_factor=1.0,
-                                          prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
-                report = asyncio.run(replay_at(coordinator, builder, workload, args.seconds, args.seed + i, fleet))
-                mix = TokenMix(prompt_mean=workload.mean_prompt_tokens, prompt_p95=workload.prompt.lo
-                               + 0.95 * (workload.prompt.hi - workload.prompt.lo),
-                               output_mean=workload.mean_output_tokens,
-                               output_p95=workload.output.lo + 0.95 * (workload.output.hi - workload.output.lo))
-                closed = fleet_p95_s(FleetModel.of([NodeModel(p.name, p.fit, p.limits.max_running)
-                                                    for p in profiles], mix), rate)
+                workload = build_workload(
+                    notes_per_day=rate * 86_400,
+                    hours="0-24",
+                    peak_factor=1.0,
+                    prompt_tokens=args.prompt_tokens,
+                    output_tokens=args.output_tokens,
+                )
+                report = asyncio.run(
+                    replay_at(coordinator, builder, workload, args.seconds, args.seed + i, fleet)
+                )
+                mix = TokenMix(
+                    prompt_mean=workload.mean_prompt_tokens,
+                    prompt_p95=workload.prompt.lo
+                    + 0.95 * (workload.prompt.hi - workload.prompt.lo),
+                    output_mean=workload.mean_output_tokens,
+                    output_p95=workload.output.lo
+                    + 0.95 * (workload.output.hi - workload.output.lo),
+                )
+                closed = fleet_p95_s(
+                    FleetModel.of(
+                        [NodeModel(p.name, p.fit, p.limits.max_running) for p in profiles], mix
+                    ),
+                    rate,
+                )
                 rows.append((load, rate, report, closed))
                 m = report.measured
-                print(f"load {load:.0%}: {m.completed}/{m.notes} notes completed, {report.outcomes}, driver lag p99 "
-                      f"{report.send_late_p99_s * 1e3:.0f} ms", flush=True)
+                print(
+                    f"load {load:.0%}: {m.completed}/{m.notes} notes completed, {report.outcomes}, driver lag p99 "
+                    f"{report.send_late_p99_s * 1e3:.0f} ms",
+                    flush=True,
+                )
         finally:
             if coordinator is not None:
                 coordinator.stop()
             for node in nodes:
                 node.stop()
     print()
-    print(f"{'load':>5} {'offered/s':>9} {'notes':>5} | {'p50 meas':>8} {'pred':>6} {'err':>7} | {'p95 meas':>8} "
-          f"{'pred':>6} {'err':>7} {'closed':>6} {'err':>7} | {'notes/s meas':>12} {'pred':>6} {'err':>7}")
+    print(
+        f"{'load':>5} {'offered/s':>9} {'notes':>5} | {'p50 meas':>8} {'pred':>6} {'err':>7} | {'p95 meas':>8} "
+        f"{'pred':>6} {'err':>7} {'closed':>6} {'err':>7} | {'notes/s meas':>12} {'pred':>6} {'err':>7}"
+    )
     worst = 0.0
     for load, rate, r, closed in rows:
         m, p, e = r.measured, r.predicted, r.error_pct
         closed_err = 100.0 * (closed - m.p95_s) / m.p95_s if m.p95_s else float("nan")
         worst = max(worst, abs(e.get("p95_s", float("inf"))))
-        print(f"{load:>5.0%} {rate:>9.2f} {m.notes:>5} | {m.p50_s:>7.2f}s {p.p50_s:>5.2f}s {e.get('p50_s', 0):>+6.1f}% | "
-              f"{m.p95_s:>7.2f}s {p.p95_s:>5.2f}s {e.get('p95_s', 0):>+6.1f}% {closed:>5.2f}s {closed_err:>+6.1f}% | "
-              f"{m.notes_per_s:>12.2f} {p.notes_per_s:>6.2f} {e.get('notes_per_s', 0):>+6.1f}%")
+        print(
+            f"{load:>5.0%} {rate:>9.2f} {m.notes:>5} | {m.p50_s:>7.2f}s {p.p50_s:>5.2f}s {e.get('p50_s', 0):>+6.1f}% | "
+            f"{m.p95_s:>7.2f}s {p.p95_s:>5.2f}s {e.get('p95_s', 0):>+6.1f}% {closed:>5.2f}s {closed_err:>+6.1f}% | "
+            f"{m.notes_per_s:>12.2f} {p.notes_per_s:>6.2f} {e.get('notes_per_s', 0):>+6.1f}%"
+        )
     met = worst <= GOAL_P95_ERROR_PCT
-    print(f"\ngoal: simulator p95 error <= {GOAL_P95_ERROR_PCT:g} % at every load: {'MET' if met else 'NOT MET'} "
-          f"(worst {worst:.1f} %); pred = fleetctl plan's simulator, closed = the coordinator's live headroom model; "
-          f"{time.monotonic() - started:.0f} s in all; load average at the end {os.getloadavg()[0]:.1f}")
+    print(
+        f"\ngoal: simulator p95 error <= {GOAL_P95_ERROR_PCT:g} % at every load: {'MET' if met else 'NOT MET'} "
+        f"(worst {worst:.1f} %); pred = fleetctl plan's simulator, closed = the coordinator's live headroom model; "
+        f"{time.monotonic() - started:.0f} s in all; load average at the end {os.getloadavg()[0]:.1f}"
+    )
     return 0 if met else 1
 
 

@@ -50,17 +50,25 @@ NODE_ARGS = ("--max-running", "64", "--max-queued", "64")
 
 
 def request(i: int, max_tokens: int, tag: str) -> inference_pb2.GenerateRequest:
-    return build_request(messages=[("system", SYSTEM), ("user", f"Synthetic visit {tag}-{i}: follow-up.")],
-                         max_tokens=max_tokens, request_id=f"{tag}-{i}", temperature=0.0)
+    return build_request(
+        messages=[("system", SYSTEM), ("user", f"Synthetic visit {tag}-{i}: follow-up.")],
+        max_tokens=max_tokens,
+        request_id=f"{tag}-{i}",
+        temperature=0.0,
+    )
 
 
-async def load(address: str, streams: int, per_stream: int, max_tokens: int, tag: str) -> tuple[float, list[float]]:
+async def load(
+    address: str, streams: int, per_stream: int, max_tokens: int, tag: str
+) -> tuple[float, list[float]]:
     """`streams` callers, each sending `per_stream` requests back to back; (tokens/s, TTFTs ms)."""
     async with grpc.aio.insecure_channel(address) as channel:
         return await load_on(channel, streams, per_stream, max_tokens, tag)
 
 
-async def load_on(channel, streams: int, per_stream: int, max_tokens: int, tag: str) -> tuple[float, list[float]]:
+async def load_on(
+    channel, streams: int, per_stream: int, max_tokens: int, tag: str
+) -> tuple[float, list[float]]:
     """As `load`, over a channel the caller opened (e.g. with mTLS credentials)."""
     stub = inference_pb2_grpc.InferenceStub(channel)
     ttfts: list[float] = []
@@ -71,7 +79,9 @@ async def load_on(channel, streams: int, per_stream: int, max_tokens: int, tag: 
         for k in range(per_stream):
             start = time.perf_counter()
             first = None
-            async for chunk in stub.Generate(request(c * per_stream + k, max_tokens, tag), timeout=300):
+            async for chunk in stub.Generate(
+                request(c * per_stream + k, max_tokens, tag), timeout=300
+            ):
                 if first is None and chunk.token_ids:
                     first = time.perf_counter()
                 tokens += len(chunk.token_ids)
@@ -88,7 +98,9 @@ def pin(pid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(int(tid), cpus)
 
 
-def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64), pinned: bool = False) -> list[tuple]:
+def overhead(
+    model: Path, logs: Path, repeats: int, levels=(1, 16, 64), pinned: bool = False
+) -> list[tuple]:
     """Per level: {path: (median tokens/s, TTFTs)} for direct, bare relay and coordinator,
     interleaved per repeat (rotating the order)."""
     rows = []
@@ -98,11 +110,17 @@ def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64), pinned: 
         with CoordinatorProcess(nodes=[node.address], name="bench-coordinator") as co:
             co.start(logs)
             co.wait_routable(1)
-            relay = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_relay.py"), node.address],
-                                     stdout=subprocess.PIPE, text=True)
+            relay = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "bare_relay.py"), node.address],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             try:
-                paths = {"direct": node.address, "bare": f"127.0.0.1:{int(relay.stdout.readline())}",
-                         "coordinator": co.address}
+                paths = {
+                    "direct": node.address,
+                    "bare": f"127.0.0.1:{int(relay.stdout.readline())}",
+                    "coordinator": co.address,
+                }
                 if pinned:  # the node gets CPU 0 to itself; relays and callers share CPU 1
                     pin(node.proc.pid, {0})
                     for pid in (co.proc.pid, relay.pid, os.getpid()):
@@ -115,7 +133,9 @@ def overhead(model: Path, logs: Path, repeats: int, levels=(1, 16, 64), pinned: 
     return rows
 
 
-def _level(paths: dict[str, str], streams: int, repeats: int) -> dict[str, tuple[float, list[float]]]:
+def _level(
+    paths: dict[str, str], streams: int, repeats: int
+) -> dict[str, tuple[float, list[float]]]:
     per_stream, max_tokens = max(2, 32 // streams), 64
     tps = {k: [] for k in paths}
     ttft = {k: [] for k in paths}
@@ -123,12 +143,15 @@ def _level(paths: dict[str, str], streams: int, repeats: int) -> dict[str, tuple
         asyncio.run(load(address, streams, 1, 8, "warm"))
     names = list(paths)
     for r in range(repeats):
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % 3 :] + names[: r % 3]:
             t, lat = asyncio.run(load(paths[name], streams, per_stream, max_tokens, f"r{r}"))
             tps[name].append(t)
             ttft[name].extend(lat)
-        print(f"  {streams:>2} streams, repeat {r + 1}/{repeats}: "
-              + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in tps.items()), flush=True)
+        print(
+            f"  {streams:>2} streams, repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in tps.items()),
+            flush=True,
+        )
     return {k: (statistics.median(tps[k]), ttft[k]) for k in paths}
 
 
@@ -136,8 +159,10 @@ def failover_gaps(model: Path, logs: Path, rounds: int, streams: int = 16) -> li
     """Kill one of two nodes while `streams` run; the gap each interrupted stream saw."""
     gaps: list[float] = []
     for r in range(rounds):
-        with NodeProcess(model, *NODE_ARGS, node_id=f"gap-a{r}") as a, \
-                NodeProcess(model, *NODE_ARGS, node_id=f"gap-b{r}") as b:
+        with (
+            NodeProcess(model, *NODE_ARGS, node_id=f"gap-a{r}") as a,
+            NodeProcess(model, *NODE_ARGS, node_id=f"gap-b{r}") as b,
+        ):
             a.start(logs)
             b.start(logs)
             a.wait_serving()
@@ -146,7 +171,9 @@ def failover_gaps(model: Path, logs: Path, rounds: int, streams: int = 16) -> li
                 co.start(logs)
                 co.wait_routable(2)
                 gaps.extend(asyncio.run(_kill_and_time(co.address, a, streams, r)))
-        print(f"  failover round {r + 1}/{rounds}: {len(gaps)} interrupted streams so far", flush=True)
+        print(
+            f"  failover round {r + 1}/{rounds}: {len(gaps)} interrupted streams so far", flush=True
+        )
     return gaps
 
 
@@ -175,10 +202,14 @@ async def _kill_and_time(address: str, victim: NodeProcess, streams: int, r: int
         victim.proc.kill()
         await asyncio.gather(*tasks)
         moved: dict[int, int] = {}
-        events = fleet_pb2_grpc.FleetStub(channel).WatchEvents(fleet_pb2.WatchEventsRequest(replay=True), timeout=1)
+        events = fleet_pb2_grpc.FleetStub(channel).WatchEvents(
+            fleet_pb2.WatchEventsRequest(replay=True), timeout=1
+        )
         try:
             async for ev in events:
-                if ev.kind == fleet_pb2.EVENT_KIND_FAILOVER and ev.request_id.startswith(f"gap{r}-"):
+                if ev.kind == fleet_pb2.EVENT_KIND_FAILOVER and ev.request_id.startswith(
+                    f"gap{r}-"
+                ):
                     moved[int(ev.request_id.rsplit("-", 1)[1])] = ev.tokens_delivered
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -204,7 +235,9 @@ def discovery(model: Path, logs: Path, rounds: int) -> list[float]:
                 raise RuntimeError("no token")
 
             async def scenario() -> float:
-                waiting = asyncio.create_task(first_token())  # queued in the coordinator: no node yet
+                waiting = asyncio.create_task(
+                    first_token()
+                )  # queued in the coordinator: no node yet
                 await asyncio.sleep(0.2)
                 with NodeProcess(model, node_id=f"disc-node{r}", fleet=fleet) as node:  # noqa: B023 - run within this iteration
                     await asyncio.to_thread(node.start, logs)
@@ -227,13 +260,23 @@ def _ready_time(node: NodeProcess) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--streams", type=int, nargs="*", default=[1, 16, 64],
-                        help="concurrency levels for the overhead rows")
+    parser.add_argument(
+        "--streams",
+        type=int,
+        nargs="*",
+        default=[1, 16, 64],
+        help="concurrency levels for the overhead rows",
+    )
     parser.add_argument("--only-overhead", action="store_true")
-    parser.add_argument("--pin", action="store_true",
-                        help="node on CPU 0, coordinator and callers on CPU 1 (a control host's view)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="node on CPU 0, coordinator and callers on CPU 1 (a control host's view)",
+    )
     args = parser.parse_args()
     repeats, rounds = (2, 2) if args.quick else (4, 4)
     with tempfile.TemporaryDirectory(prefix="bench-coordinator-") as tmp:
@@ -249,22 +292,36 @@ def main() -> int:
             print(f"discovery ({rounds} rounds)", flush=True)
             disc = discovery(model, logs, rounds)
 
-    print("\n| measure | direct | bare gRPC relay | via coordinator | coordinator vs direct | goal |")
+    print(
+        "\n| measure | direct | bare gRPC relay | via coordinator | coordinator vs direct | goal |"
+    )
     print("|---|---|---|---|---|---|")
     for streams, cell in rows:
-        (d_tps, d_lat), (b_tps, b_lat), (v_tps, v_lat) = cell["direct"], cell["bare"], cell["coordinator"]
-        print(f"| {streams} streams: tokens/s | {d_tps:.0f} | {b_tps:.0f} ({b_tps / d_tps:.3f}x) | {v_tps:.0f} | "
-              f"{v_tps / d_tps:.3f}x | >= 0.95x |")
-        for q, goal in ((.5, "<= +2 ms"), (.99, "")):
+        (d_tps, d_lat), (b_tps, b_lat), (v_tps, v_lat) = (
+            cell["direct"],
+            cell["bare"],
+            cell["coordinator"],
+        )
+        print(
+            f"| {streams} streams: tokens/s | {d_tps:.0f} | {b_tps:.0f} ({b_tps / d_tps:.3f}x) | {v_tps:.0f} | "
+            f"{v_tps / d_tps:.3f}x | >= 0.95x |"
+        )
+        for q, goal in ((0.5, "<= +2 ms"), (0.99, "")):
             d, b, v = pct(d_lat, q), pct(b_lat, q), pct(v_lat, q)
-            print(f"| {streams} streams: TTFT p{int(q * 100)} | {d:.1f} ms | {b:.1f} ms ({b - d:+.1f}) | "
-                  f"{v:.1f} ms | {v - d:+.1f} ms | {goal} |")
+            print(
+                f"| {streams} streams: TTFT p{int(q * 100)} | {d:.1f} ms | {b:.1f} ms ({b - d:+.1f}) | "
+                f"{v:.1f} ms | {v - d:+.1f} ms | {goal} |"
+            )
     if gaps:
-        print(f"| failover gap, SIGKILL -> next token ({len(gaps)} streams) | | | p50 {pct(gaps, .5):.0f} ms, "
-              f"p99 {pct(gaps, .99):.0f} ms, max {max(gaps):.0f} ms | | p99 < 1000 ms |")
+        print(
+            f"| failover gap, SIGKILL -> next token ({len(gaps)} streams) | | | p50 {pct(gaps, 0.5):.0f} ms, "
+            f"p99 {pct(gaps, 0.99):.0f} ms, max {max(gaps):.0f} ms | | p99 < 1000 ms |"
+        )
     if disc:
-        print(f"| discovery, READY -> first routed token ({len(disc)} nodes) | | | p50 {pct(disc, .5):.0f} ms, "
-              f"max {max(disc):.0f} ms | | < 2000 ms |")
+        print(
+            f"| discovery, READY -> first routed token ({len(disc)} nodes) | | | p50 {pct(disc, 0.5):.0f} ms, "
+            f"max {max(disc):.0f} ms | | < 2000 ms |"
+        )
     return 0
 
 

@@ -73,8 +73,12 @@ MIXED = {
         "pain_score": {"type": "integer", "minimum": 0, "maximum": 10},
         "disposition": {"enum": ["home", "admit", "refer"]},
         "follow_up": {"type": "boolean"},
-        "problems": {"type": "array", "items": {"type": "string", "maxLength": 40},
-                     "minItems": 1, "maxItems": 3},
+        "problems": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 40},
+            "minItems": 1,
+            "maxItems": 3,
+        },
         "summary": {"type": "string", "maxLength": 120},
     },
     "required": ["pain_score", "disposition", "follow_up", "problems", "summary"],
@@ -86,11 +90,11 @@ SCHEMAS = {"SOAP_BRIEF": SOAP_BRIEF, "MIXED": MIXED}
 # What each engine is told about whitespace (all: compact JSON, no whitespace between tokens).
 WHITESPACE = {
     "llguidance": 'grammar_from_json_schema(overrides={"whitespace_flexible": False}); its default '
-                  "is flexible whitespace; separators stay at their defaults \",\" and \":\"",
+    'is flexible whitespace; separators stay at their defaults "," and ":"',
     "xgrammar": 'compile_json_schema(any_whitespace=False, separators=(",", ":")); without '
-                'separators it would emit ", " and ": "',
+    'separators it would emit ", " and ": "',
     "outlines_core": 'build_regex_from_schema(whitespace_pattern=""); the default pattern is '
-                     '"[ ]?" (at most one space around , : { } [ ]), no other option',
+    '"[ ]?" (at most one space around , : { } [ ]), no other option',
 }
 
 
@@ -123,7 +127,9 @@ class Result:
     mean_us: float = math.nan
     p95_us: float = math.nan
     whitespace: str = ""
-    why: dict[str, int] = field(default_factory=dict)  # kind of failure -> runs, over non-valid runs
+    why: dict[str, int] = field(
+        default_factory=dict
+    )  # kind of failure -> runs, over non-valid runs
     samples: list[dict] = field(default_factory=list)  # first few non-valid runs, for the report
 
 
@@ -149,7 +155,9 @@ def tiny_model_dir(tmp: Path) -> Path:
     # Mirrors the tokenizer step of make_tiny_model (the files come out byte-identical).
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tinymodel._train_tokenizer(spec.vocab_size),
-        bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
     fast.chat_template = tinymodel.CHAT_TEMPLATE
@@ -169,13 +177,19 @@ def load_tokenizer(path: Path, name: str) -> Tokenizer:
         width = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size") or width
     if hf.eos_token_id is None:
         raise SystemExit(f"{path}: the tokenizer has no eos_token")
-    special = frozenset(i for i, t in hf.added_tokens_decoder.items() if t.special) | set(hf.all_special_ids)
+    special = frozenset(i for i, t in hf.added_tokens_decoder.items() if t.special) | set(
+        hf.all_special_ids
+    )
     return Tokenizer(name, hf, int(width), int(hf.eos_token_id), frozenset(special))
 
 
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-unicode table, inverted (unicode char -> byte)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = list(keep), 0
     for b in range(256):
         if b not in keep:
@@ -215,12 +229,16 @@ class LLGuidance:
         import llguidance.numpy
 
         self._np = llguidance.numpy
-        self._lltok = llguidance.hf.from_tokenizer(tok.hf, n_vocab=tok.vocab_size, eos_token=tok.eos_id)
+        self._lltok = llguidance.hf.from_tokenizer(
+            tok.hf, n_vocab=tok.vocab_size, eos_token=tok.eos_id
+        )
 
     def compile(self, schema: dict):
         from llguidance import LLMatcher
 
-        grammar = LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_flexible": False})
+        grammar = LLMatcher.grammar_from_json_schema(
+            schema, overrides={"whitespace_flexible": False}
+        )
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._lltok)
         if is_error:
             raise RuntimeError(f"llguidance rejected the schema: {messages}")
@@ -250,12 +268,16 @@ class XGrammar:
     def prepare(self, tok: Tokenizer) -> None:
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo.from_huggingface(tok.hf, vocab_size=tok.vocab_size, stop_token_ids=[tok.eos_id])
+        info = xgr.TokenizerInfo.from_huggingface(
+            tok.hf, vocab_size=tok.vocab_size, stop_token_ids=[tok.eos_id]
+        )
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._tensors: dict[int, object] = {}
 
     def compile(self, schema: dict):
-        return self._compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+        return self._compiler.compile_json_schema(
+            schema, any_whitespace=False, separators=(",", ":")
+        )
 
     def new_matcher(self, grammar):
         import xgrammar as xgr
@@ -377,7 +399,13 @@ def generate(engine, grammar, tok: Tokenizer, seed: int, max_steps: int, bitmask
             return "error", tokens, lib_ns, new_ns, f"refused token {token} that its mask allowed"
         if token == tok.eos_id:
             if not engine.finished(m):
-                return "error", tokens, lib_ns, new_ns, "accepted EOS before the grammar was complete"
+                return (
+                    "error",
+                    tokens,
+                    lib_ns,
+                    new_ns,
+                    "accepted EOS before the grammar was complete",
+                )
             return "done", tokens, lib_ns, new_ns, ""
         tokens.append(token)
     return "unfinished", tokens, lib_ns, new_ns, f"no EOS after {max_steps} tokens"
@@ -403,10 +431,26 @@ def check(text: str, tokens: list[int], tok: Tokenizer, schema: dict) -> tuple[s
 # --- one library x schema x tokenizer cell --------------------------------------------------
 
 
-def evaluate(name: str, engine, prep_ms: float, version: str, tok: Tokenizer, schema_name: str,
-             seeds: int, max_steps: int) -> Result:
+def evaluate(
+    name: str,
+    engine,
+    prep_ms: float,
+    version: str,
+    tok: Tokenizer,
+    schema_name: str,
+    seeds: int,
+    max_steps: int,
+) -> Result:
     schema = SCHEMAS[schema_name]
-    r = Result(name, version, tok.name, schema_name, seeds, tokenizer_ms=prep_ms, whitespace=WHITESPACE[name])
+    r = Result(
+        name,
+        version,
+        tok.name,
+        schema_name,
+        seeds,
+        tokenizer_ms=prep_ms,
+        whitespace=WHITESPACE[name],
+    )
     try:
         t0 = time.perf_counter_ns()
         grammar = engine.compile(schema)
@@ -414,14 +458,18 @@ def evaluate(name: str, engine, prep_ms: float, version: str, tok: Tokenizer, sc
     except Exception as e:  # noqa: BLE001 - a schema a library cannot compile is a result
         r.errors = seeds
         r.why[f"compile: {type(e).__name__}"] = seeds
-        r.samples.append({"seed": None, "status": "error", "reason": f"compile: {type(e).__name__}: {e}"})
+        r.samples.append(
+            {"seed": None, "status": "error", "reason": f"compile: {type(e).__name__}: {e}"}
+        )
         note(f"  {name} {schema_name}: compile failed: {e}")
         return r
     bitmask = np.full((1, (tok.vocab_size + 31) // 32), -1, dtype=np.int32)
     all_ns: list[int] = []
     new_ns_total = 0
     for seed in range(seeds):
-        status, tokens, lib_ns, new_ns, reason = generate(engine, grammar, tok, seed, max_steps, bitmask)
+        status, tokens, lib_ns, new_ns, reason = generate(
+            engine, grammar, tok, seed, max_steps, bitmask
+        )
         all_ns += lib_ns
         new_ns_total += new_ns
         text = tok.hf.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -441,8 +489,10 @@ def evaluate(name: str, engine, prep_ms: float, version: str, tok: Tokenizer, sc
     if all_ns:
         us = np.asarray(all_ns) / 1e3
         r.tokens, r.mean_us, r.p95_us = len(us), float(us.mean()), float(np.percentile(us, 95))
-    note(f"  {name} {tok.name} {schema_name}: valid {r.valid}/{seeds}, invalid {r.invalid}, "
-         f"unfinished {r.unfinished}, errors {r.errors}, {r.mean_us:.1f} us/token")
+    note(
+        f"  {name} {tok.name} {schema_name}: valid {r.valid}/{seeds}, invalid {r.invalid}, "
+        f"unfinished {r.unfinished}, errors {r.errors}, {r.mean_us:.1f} us/token"
+    )
     for s in r.samples[:2]:
         note(f"    e.g. seed {s['seed']} {s['status']}: {s['reason']}")
     return r
@@ -458,7 +508,9 @@ def run_tokenizer(tok: Tokenizer, engines: dict, seeds: int, max_steps: int) -> 
         engine.prepare(tok)
         prep_ms = (time.perf_counter_ns() - t0) / 1e6
         for schema_name in SCHEMAS:
-            results.append(evaluate(name, engine, prep_ms, version, tok, schema_name, seeds, max_steps))
+            results.append(
+                evaluate(name, engine, prep_ms, version, tok, schema_name, seeds, max_steps)
+            )
     return results
 
 
@@ -466,14 +518,18 @@ def run_tokenizer(tok: Tokenizer, engines: dict, seeds: int, max_steps: int) -> 
 
 
 def table(results: list[Result]) -> str:
-    head = (f"{'library':<14} {'version':<8} {'tokenizer':<14} {'schema':<11} {'tok ms':>8} {'compile ms':>10} "
-            f"{'new ms':>7} {'valid/N':>8} {'invalid':>7} {'unfin':>5} {'errors':>6} {'tokens':>7} "
-            f"{'mean us/tok':>11} {'p95 us/tok':>10}")
+    head = (
+        f"{'library':<14} {'version':<8} {'tokenizer':<14} {'schema':<11} {'tok ms':>8} {'compile ms':>10} "
+        f"{'new ms':>7} {'valid/N':>8} {'invalid':>7} {'unfin':>5} {'errors':>6} {'tokens':>7} "
+        f"{'mean us/tok':>11} {'p95 us/tok':>10}"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r.library:<14} {r.version:<8} {r.tokenizer:<14} {r.schema:<11} {r.tokenizer_ms:>8.1f} "
-                    f"{r.compile_ms:>10.1f} {r.new_matcher_ms:>7.2f} {f'{r.valid}/{r.seeds}':>8} {r.invalid:>7} "
-                    f"{r.unfinished:>5} {r.errors:>6} {r.tokens:>7} {r.mean_us:>11.1f} {r.p95_us:>10.1f}")
+        rows.append(
+            f"{r.library:<14} {r.version:<8} {r.tokenizer:<14} {r.schema:<11} {r.tokenizer_ms:>8.1f} "
+            f"{r.compile_ms:>10.1f} {r.new_matcher_ms:>7.2f} {f'{r.valid}/{r.seeds}':>8} {r.invalid:>7} "
+            f"{r.unfinished:>5} {r.errors:>6} {r.tokens:>7} {r.mean_us:>11.1f} {r.p95_us:>10.1f}"
+        )
     return "\n".join(rows)
 
 
@@ -486,17 +542,29 @@ def verdict(results: list[Result]) -> str:
         libs = list(dict.fromkeys(r.library for r in rows))
         clean = [lib for lib in libs if all(r.valid == r.seeds for r in rows if r.library == lib)]
         speed = {lib: float(np.mean([r.mean_us for r in rows if r.library == lib])) for lib in libs}
-        failing = [f"{lib} ({speed[lib]:.1f} us/token; "
-                   + ", ".join(f"{r.schema}: {r.invalid} invalid/{r.unfinished} unfinished/{r.errors} errors"
-                               for r in rows if r.library == lib and r.valid != r.seeds) + ")"
-                   for lib in libs if lib not in clean]
+        failing = [
+            f"{lib} ({speed[lib]:.1f} us/token; "
+            + ", ".join(
+                f"{r.schema}: {r.invalid} invalid/{r.unfinished} unfinished/{r.errors} errors"
+                for r in rows
+                if r.library == lib and r.valid != r.seeds
+            )
+            + ")"
+            for lib in libs
+            if lib not in clean
+        ]
         ranked = sorted(clean, key=speed.get)
         text = f"On the {tok_name} tokenizer, "
         if ranked:
             best = ranked[0]
-            text += (f"{' and '.join(ranked)} produced schema-valid JSON on every seed of every schema; "
-                     f"fastest of those: {best} at {speed[best]:.1f} us/token mean"
-                     + "".join(f" (vs {lib} {speed[lib]:.1f}, {speed[lib] / speed[best]:.1f}x)" for lib in ranked[1:]))
+            text += (
+                f"{' and '.join(ranked)} produced schema-valid JSON on every seed of every schema; "
+                f"fastest of those: {best} at {speed[best]:.1f} us/token mean"
+                + "".join(
+                    f" (vs {lib} {speed[lib]:.1f}, {speed[lib] / speed[best]:.1f}x)"
+                    for lib in ranked[1:]
+                )
+            )
         else:
             text += "no library produced schema-valid JSON on every seed"
         if failing:
@@ -506,12 +574,25 @@ def verdict(results: list[Result]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=200, help="runs per library x schema x tokenizer")
-    parser.add_argument("--max-steps", type=int, default=600, help="tokens per run before it counts as unfinished")
-    parser.add_argument("--tokenizer", action="append", default=[], metavar="DIR",
-                        help="also evaluate this local HF tokenizer dir (repeatable); the tiny model's always runs")
-    parser.add_argument("--libs", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=200, help="runs per library x schema x tokenizer"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=600, help="tokens per run before it counts as unfinished"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also evaluate this local HF tokenizer dir (repeatable); the tiny model's always runs",
+    )
+    parser.add_argument(
+        "--libs", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES)
+    )
     parser.add_argument("--json", metavar="FILE", help="write the raw results here")
     args = parser.parse_args()
     engines = available([n.strip() for n in args.libs.split(",") if n.strip()])
@@ -525,15 +606,19 @@ def main() -> None:
         for tok in tokenizers:
             results += run_tokenizer(tok, engines, args.seeds, args.max_steps)
     print()
-    print(f"JSON-schema constrained sampling from random logits: {args.seeds} seeds, max {args.max_steps} tokens, "
-          f"{time.perf_counter() - started:.0f} s wall")
+    print(
+        f"JSON-schema constrained sampling from random logits: {args.seeds} seeds, max {args.max_steps} tokens, "
+        f"{time.perf_counter() - started:.0f} s wall"
+    )
     print(table(results))
     print()
     print("why not valid (runs per kind of failure):")
     for r in results:
         if r.why:
-            print(f"  {r.library} {r.tokenizer} {r.schema}: "
-                  + "; ".join(f"{n} {k}" for k, n in sorted(r.why.items(), key=lambda kv: -kv[1])))
+            print(
+                f"  {r.library} {r.tokenizer} {r.schema}: "
+                + "; ".join(f"{n} {k}" for k, n in sorted(r.why.items(), key=lambda kv: -kv[1]))
+            )
     print()
     print("whitespace settings:")
     for name in engines:

@@ -56,23 +56,30 @@ class Scraper(threading.Thread):
         self.join()
 
 
-def measure(paths: dict[str, str], streams: int, repeats: int, max_tokens: int) -> dict[str, list[float]]:
+def measure(
+    paths: dict[str, str], streams: int, repeats: int, max_tokens: int
+) -> dict[str, list[float]]:
     per_stream = max(2, 48 // streams)
     for address in paths.values():
         asyncio.run(load(address, streams, 1, 8, "warm"))
     tps: dict[str, list[float]] = {k: [] for k in paths}
     names = list(paths)
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             t, _ = asyncio.run(load(paths[name], streams, per_stream, max_tokens, f"{name}{r}"))
             tps[name].append(t)
-        print(f"  {streams:>2} streams, repeat {r + 1}/{repeats}: "
-              + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in tps.items()), flush=True)
+        print(
+            f"  {streams:>2} streams, repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in tps.items()),
+            flush=True,
+        )
     return tps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--repeats", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -86,31 +93,53 @@ def main() -> None:
         with NodeProcess(model, *NODE_ARGS, node_id="bench-node", plaintext=True) as node:
             node.start(logs)
             node.wait_serving()
-            with CoordinatorProcess(nodes=[node.address], name="monitoring-on", plaintext=True) as on, \
-                    CoordinatorProcess("--no-metrics", "--no-request-log", nodes=[node.address],
-                                       name="monitoring-off", plaintext=True) as off:
+            with (
+                CoordinatorProcess(
+                    nodes=[node.address], name="monitoring-on", plaintext=True
+                ) as on,
+                CoordinatorProcess(
+                    "--no-metrics",
+                    "--no-request-log",
+                    nodes=[node.address],
+                    name="monitoring-off",
+                    plaintext=True,
+                ) as off,
+            ):
                 for co in (on, off):
                     co.start(logs)
                     co.wait_routable(1)
                 scraper = Scraper(on)
                 scraper.start()
                 try:
-                    rows = [(s, measure({"off": off.address, "on": on.address}, s, repeats, args.max_tokens))
-                            for s in levels]
+                    rows = [
+                        (
+                            s,
+                            measure(
+                                {"off": off.address, "on": on.address}, s, repeats, args.max_tokens
+                            ),
+                        )
+                        for s in levels
+                    ]
                 finally:
                     scraper.stop()
                 state_db = on.state_db
         logged = sqlite3.connect(state_db).execute("SELECT count(*) FROM requests").fetchone()[0]
     print()
-    print(f"monitoring on vs off, {repeats} alternating repeats per level, {args.max_tokens} tokens per request")
+    print(
+        f"monitoring on vs off, {repeats} alternating repeats per level, {args.max_tokens} tokens per request"
+    )
     print(f"{'streams':>7} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7}  per-repeat on/off")
     for streams, tps in rows:
         ratio = statistics.median(tps["on"]) / statistics.median(tps["off"])
         per = ", ".join(f"{a / b:.2f}" for a, b in zip(tps["on"], tps["off"]))
-        print(f"{streams:>7} {statistics.median(tps['off']):>10.0f} {statistics.median(tps['on']):>10.0f} "
-              f"{ratio:>6.2f}x  {per}")
-    print(f"scrapes of /metrics during the run: {scraper.scrapes} ({scraper.failures} failed), "
-          f"{scraper.bytes / max(1, scraper.scrapes) / 1024:.1f} KiB each; request log rows: {logged}")
+        print(
+            f"{streams:>7} {statistics.median(tps['off']):>10.0f} {statistics.median(tps['on']):>10.0f} "
+            f"{ratio:>6.2f}x  {per}"
+        )
+    print(
+        f"scrapes of /metrics during the run: {scraper.scrapes} ({scraper.failures} failed), "
+        f"{scraper.bytes / max(1, scraper.scrapes) / 1024:.1f} KiB each; request log rows: {logged}"
+    )
 
 
 if __name__ == "__main__":

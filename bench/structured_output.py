@@ -35,16 +35,29 @@ from cluster.tinymodel import TinyModelSpec, make_tiny_model, qwen25_spec  # noq
 CONCURRENCY = (1, 8, 32)
 
 
-def requests(conc: int, tag: str, max_tokens: int, constrained: bool) -> list[inference_pb2.GenerateRequest]:
+def requests(
+    conc: int, tag: str, max_tokens: int, constrained: bool
+) -> list[inference_pb2.GenerateRequest]:
     fmt = {"note_template": "soap"} if constrained else {}
-    return [build_request(messages=[("system", "You are a clinical documentation assistant."),
-                                    ("user", f"Write a SOAP note for synthetic visit {tag}-{i}.")],
-                          max_tokens=max_tokens, temperature=1.0, seed=i, request_id=f"bench-{tag}-{i}", **fmt)
-            for i in range(conc)]
+    return [
+        build_request(
+            messages=[
+                ("system", "You are a clinical documentation assistant."),
+                ("user", f"Write a SOAP note for synthetic visit {tag}-{i}."),
+            ],
+            max_tokens=max_tokens,
+            temperature=1.0,
+            seed=i,
+            request_id=f"bench-{tag}-{i}",
+            **fmt,
+        )
+        for i in range(conc)
+    ]
 
 
 def run(node: NodeProcess, batch: list) -> tuple[float, int]:
     """Wall seconds and tokens for the batch sent at once (one thread per stream)."""
+
     def one(req):
         tokens = 0
         for chunk in node.inference.Generate(req, timeout=600):
@@ -57,56 +70,98 @@ def run(node: NodeProcess, batch: list) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def bench_model(name: str, spec: TinyModelSpec, max_tokens: int, workdir: Path, repeats: int,
-                concurrency: tuple[int, ...] = CONCURRENCY) -> list[tuple]:
+def bench_model(
+    name: str,
+    spec: TinyModelSpec,
+    max_tokens: int,
+    workdir: Path,
+    repeats: int,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+) -> list[tuple]:
     model_dir = workdir / name
     if not (model_dir / "config.json").exists():
-        print(f"  generating {name} ({spec.hidden_size} hidden, {spec.num_hidden_layers} layers, "
-              f"{spec.vocab_size} vocabulary)", flush=True)
+        print(
+            f"  generating {name} ({spec.hidden_size} hidden, {spec.num_hidden_layers} layers, "
+            f"{spec.vocab_size} vocabulary)",
+            flush=True,
+        )
         make_tiny_model(model_dir, spec)
-    node = NodeProcess(model_dir, "--max-running", "32", "--max-queued", "64", node_id=f"bench-{name}",
-                       plaintext=True)
+    node = NodeProcess(
+        model_dir,
+        "--max-running",
+        "32",
+        "--max-queued",
+        "64",
+        node_id=f"bench-{name}",
+        plaintext=True,
+    )
     rows = []
     try:
         node.start(workdir / "logs")
         node.wait_serving()
-        for constrained in (False, True):   # warm both paths
+        for constrained in (False, True):  # warm both paths
             run(node, requests(2, "warm", 16, constrained))
         for conc in concurrency:
             rates: dict[bool, list[float]] = {False: [], True: []}
             for rep in range(repeats):
-                for constrained in ((False, True) if rep % 2 == 0 else (True, False)):
-                    secs, toks = run(node, requests(conc, f"c{conc}r{rep}", max_tokens, constrained))
+                for constrained in (False, True) if rep % 2 == 0 else (True, False):
+                    secs, toks = run(
+                        node, requests(conc, f"c{conc}r{rep}", max_tokens, constrained)
+                    )
                     rates[constrained].append(toks / secs)
             free, fixed = statistics.median(rates[False]), statistics.median(rates[True])
             rows.append((name, conc, free, fixed, fixed / free))
-            print(f"  {name} c={conc}: unconstrained {free:.0f} tok/s, constrained {fixed:.0f} tok/s, "
-                  f"ratio {fixed / free:.2f}x", flush=True)
+            print(
+                f"  {name} c={conc}: unconstrained {free:.0f} tok/s, constrained {fixed:.0f} tok/s, "
+                f"ratio {fixed / free:.2f}x",
+                flush=True,
+            )
     finally:
         node.stop()
     return rows
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="the Qwen-vocab tiny model only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
-                        help="streams per batch, one row each")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(CONCURRENCY),
+        help="streams per batch, one row each",
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     cases = [("qwen-vocab", qwen25_spec())]
-    if not args.quick:   # compute-bound, as a real model is: the mask's share shrinks
-        cases.append(("qwen-vocab-h512-l4", qwen25_spec(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-                                                          num_key_value_heads=2, intermediate_size=1408)))
+    if not args.quick:  # compute-bound, as a real model is: the mask's share shrinks
+        cases.append(
+            (
+                "qwen-vocab-h512-l4",
+                qwen25_spec(
+                    hidden_size=512,
+                    num_hidden_layers=4,
+                    num_attention_heads=8,
+                    num_key_value_heads=2,
+                    intermediate_size=1408,
+                ),
+            )
+        )
         cases.append(("tiny-512", TinyModelSpec()))
     rows = []
     for name, spec in cases:
-        rows += bench_model(name, spec, args.max_tokens, args.workdir, args.repeats, tuple(args.concurrency))
-    print(f"\nSchema-constrained (SOAP note, llguidance) vs unconstrained decode on one MLX node, "
-          f"{args.max_tokens} tokens per request, temperature 1, median of {args.repeats}")
+        rows += bench_model(
+            name, spec, args.max_tokens, args.workdir, args.repeats, tuple(args.concurrency)
+        )
+    print(
+        f"\nSchema-constrained (SOAP note, llguidance) vs unconstrained decode on one MLX node, "
+        f"{args.max_tokens} tokens per request, temperature 1, median of {args.repeats}"
+    )
     print(f"{'model':<18} {'streams':>7} {'free tok/s':>11} {'schema tok/s':>13} {'ratio':>6}")
     for name, conc, free, fixed, ratio in rows:
         print(f"{name:<18} {conc:>7} {free:>11.0f} {fixed:>13.0f} {ratio:>5.2f}x")

@@ -54,11 +54,23 @@ class DirectClient:
 
     async def _one(self, chat, max_tokens: int) -> tuple[int, float, float]:
         """(completion tokens, arrival of the first and of the last token) as this client saw them."""
-        ids = self.tok.apply_chat_template([{"role": r, "content": c} for r, c in chat], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False)
-        assert ids and isinstance(ids[0], int), "the prompt must be token ids (one completion per request)"
-        body = {"model": self.name, "prompt": list(ids), "max_tokens": max_tokens, "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        ids = self.tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in chat],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        assert ids and isinstance(ids[0], int), (
+            "the prompt must be token ids (one completion per request)"
+        )
+        body = {
+            "model": self.name,
+            "prompt": list(ids),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         tokens, first, last, text = 0, 0.0, 0.0, []
         async with self.session.post(f"{self.url}/v1/completions", json=body) as resp:
             resp.raise_for_status()
@@ -83,8 +95,11 @@ async def node_one(client: NodeClient, i: int, chat, max_tokens: int) -> tuple[i
     """The same measure through the node agent: (tokens, first and last token arrival)."""
     from cluster.api import inference_pb2
 
-    req = inference_pb2.GenerateRequest(request_id=f"bench-{i}-{time.monotonic_ns()}", max_tokens=max_tokens,
-                                        sampling=inference_pb2.SamplingParams(temperature=0.0))
+    req = inference_pb2.GenerateRequest(
+        request_id=f"bench-{i}-{time.monotonic_ns()}",
+        max_tokens=max_tokens,
+        sampling=inference_pb2.SamplingParams(temperature=0.0),
+    )
     req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in chat)
     tokens, first, last = 0, 0.0, 0.0
     async for chunk in client.stub.Generate(req, timeout=600):
@@ -119,12 +134,16 @@ def full_length_prompts(direct: "DirectClient", want: int, max_tokens: int) -> l
         results = direct.loop.run_until_complete(one_round_each(direct, batch, max_tokens))
         keep += [c for c, (n, _, _) in zip(batch, results) if n == max_tokens]
         if tried > 20:
-            raise RuntimeError(f"only {len(keep)} of {16 * tried} prompts ran {max_tokens} tokens; lower --max-tokens")
+            raise RuntimeError(
+                f"only {len(keep)} of {16 * tried} prompts ran {max_tokens} tokens; lower --max-tokens"
+            )
     return keep[:want]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -135,9 +154,22 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         make_tiny_model(model_dir, TinyModelSpec())
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    node = NodeProcess(model_dir, "--engine", "vllm", "--vllm-python", args.vllm_python, "--vllm-args",
-                       args.vllm_args, "--max-running", "16", "--max-queued", "64", node_id="bench-vllm",
-                       env=env, plaintext=True)
+    node = NodeProcess(
+        model_dir,
+        "--engine",
+        "vllm",
+        "--vllm-python",
+        args.vllm_python,
+        "--vllm-args",
+        args.vllm_args,
+        "--max-running",
+        "16",
+        "--max-queued",
+        "64",
+        node_id="bench-vllm",
+        env=env,
+        plaintext=True,
+    )
     rows = []
     try:
         print("starting the vLLM node agent (its server takes ~30 s)", flush=True)
@@ -147,8 +179,10 @@ def main() -> int:
         print(f"  {st.model.engine_version}, server {st.engine_server.url}", flush=True)
         agent = NodeClient(node.address)
         direct = DirectClient(st.engine_server.url, model_dir, st.model.model_id)
-        systems = {"node": (agent.loop, lambda i, chat: node_one(agent, i, chat, args.max_tokens)),
-                   "direct": (direct.loop, lambda i, chat: direct._one(chat, args.max_tokens))}
+        systems = {
+            "node": (agent.loop, lambda i, chat: node_one(agent, i, chat, args.max_tokens)),
+            "direct": (direct.loop, lambda i, chat: direct._one(chat, args.max_tokens)),
+        }
         pool = full_length_prompts(direct, 16 * 2, args.max_tokens)
         for loop, one in systems.values():
             loop.run_until_complete(one_round(one, pool[:2]))
@@ -157,25 +191,32 @@ def main() -> int:
             for rep in range(args.repeats):
                 chats = [pool[(rep * conc + k) % len(pool)] for k in range(conc)]
                 order = list(systems.items()) if rep % 2 == 0 else list(reversed(systems.items()))
-                for name, (loop, one) in order:   # the same prompts for both, in turn
+                for name, (loop, one) in order:  # the same prompts for both, in turn
                     work[name].append(loop.run_until_complete(one_round(one, chats)))
             rate = {k: sum(n for n, _ in v) / sum(t for _, t in v) for k, v in work.items()}
             ratios = [n[0] / n[1] / (d[0] / d[1]) for n, d in zip(work["node"], work["direct"])]
             rows.append((conc, rate["direct"], rate["node"], min(ratios), max(ratios)))
-            print(f"  c={conc}: direct {rate['direct']:.0f} tok/s, node {rate['node']:.0f} tok/s; per-round ratios "
-                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+            print(
+                f"  c={conc}: direct {rate['direct']:.0f} tok/s, node {rate['node']:.0f} tok/s; per-round ratios "
+                + " ".join(f"{r:.2f}" for r in ratios),
+                flush=True,
+            )
         agent.close()
         direct.close()
     finally:
         node.stop()
     print()
-    print("| streams | straight to vLLM (tok/s) | through the node agent (tok/s) | node / direct | per-round range |")
+    print(
+        "| streams | straight to vLLM (tok/s) | through the node agent (tok/s) | node / direct | per-round range |"
+    )
     print("|---:|---:|---:|---:|---:|")
     for conc, d, n, lo, hi in rows:
         print(f"| {conc} | {d:.0f} | {n:.0f} | {n / d:.2f}x | {lo:.2f}-{hi:.2f} |")
-    print(f"(aggregate output tokens/s over {args.repeats} rounds per concurrency, interleaved, the same prompts for "
-          f"both; greedy, {args.max_tokens} tokens per request, prompts screened to run them all; the same vLLM "
-          "server serves both)")
+    print(
+        f"(aggregate output tokens/s over {args.repeats} rounds per concurrency, interleaved, the same prompts for "
+        f"both; greedy, {args.max_tokens} tokens per request, prompts screened to run them all; the same vLLM "
+        "server serves both)"
+    )
     print("\ngoal: node >= 0.95x direct at 1 and 16 streams")
     return 0
 

@@ -31,14 +31,18 @@ def read_config(path: Path) -> dict[str, dict[str, Any]]:
         raise ConfigFileError(f"config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigFileError(f"config file {path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:   # its message ends "(at line L, column C)"
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
         raise ConfigFileError(f"config file {path}: not valid TOML: {exc}") from None
     expected = ", ".join(f"[{t}]" for t in TABLES)
     for name, table in doc.items():
         if not isinstance(table, dict):
-            raise ConfigFileError(f"config file {path}: {name} is outside any table; settings go in {expected}")
+            raise ConfigFileError(
+                f"config file {path}: {name} is outside any table; settings go in {expected}"
+            )
         if name not in TABLES:
-            raise ConfigFileError(f"config file {path}: unknown table [{name}]; expected {expected}")
+            raise ConfigFileError(
+                f"config file {path}: unknown table [{name}]; expected {expected}"
+            )
     return doc
 
 
@@ -52,7 +56,7 @@ class TableSource(PydanticBaseSettingsSource):
         self.table = table
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False   # unused: __call__ reads the whole table at once
+        return None, field_name, False  # unused: __call__ reads the whole table at once
 
     def __call__(self) -> dict[str, Any]:
         given = self.current_state.get("config_file")
@@ -72,7 +76,9 @@ class TableSource(PydanticBaseSettingsSource):
             except ValidationError as exc:
                 first = exc.errors()[0]
                 item = "".join(f"[{i}]" for i in first["loc"])
-                raise ConfigFileError(f"invalid setting {key}{item} {where}: {first['msg']}") from None
+                raise ConfigFileError(
+                    f"invalid setting {key}{item} {where}: {first['msg']}"
+                ) from None
             if isinstance(value, Path):
                 value = path.absolute().parent / value.expanduser()
             values[key] = value

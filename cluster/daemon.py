@@ -57,9 +57,14 @@ def on_stop_signals(first: Callable[[str], None], second: Callable[[str], None])
         loop.add_signal_handler(sig, handle, sig)
 
 
-def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], Awaitable[int]], *,
-               check: Optional[Callable[[S], Optional[str]]] = None,
-               hints: Optional[Mapping[str, str]] = None) -> NoReturn:
+def run_daemon(
+    prog: str,
+    make_settings: Callable[[], S],
+    serve: Callable[[S], Awaitable[int]],
+    *,
+    check: Optional[Callable[[S], Optional[str]]] = None,
+    hints: Optional[Mapping[str, str]] = None,
+) -> NoReturn:
     """Settings (exit 2 with the first bad one named, and where from if from the config file;
     `hints` names how to give a key that is missing), logging, `serve` until it returns,
     then exit with its code (1 if the address cannot be bound)."""
@@ -74,10 +79,10 @@ def run_daemon(prog: str, make_settings: Callable[[], S], serve: Callable[[S], A
         hint = f"; give {hints[key]}" if first["type"] == "missing" and key in (hints or {}) else ""
         typer.echo(f"{prog}: invalid setting {key}: {first['msg']}{hint}", err=True)
         raise typer.Exit(2) from None
-    except ConfigFileError as exc:      # the file itself, or a key in it
+    except ConfigFileError as exc:  # the file itself, or a key in it
         typer.echo(f"{prog}: {exc}", err=True)
         raise typer.Exit(2) from None
-    except SettingsError as exc:        # an environment value pydantic-settings cannot parse
+    except SettingsError as exc:  # an environment value pydantic-settings cannot parse
         typer.echo(f"{prog}: invalid setting: {exc}", err=True)
         raise typer.Exit(2) from None
     problem = check(settings) if check else None

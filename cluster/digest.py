@@ -15,14 +15,26 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PATTERNS = ("*.safetensors", "config.json", "generation_config.json", "tokenizer*.json",
-             "special_tokens_map.json", "*.jinja", "*.model", "vocab.json", "merges.txt",
-             "added_tokens.json", "chat_template.json")
+_PATTERNS = (
+    "*.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*.json",
+    "special_tokens_map.json",
+    "*.jinja",
+    "*.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.json",
+)
 # Read by mlx_lm.load besides the digest's files, but it decides nothing generated (an
 # index of the weight shards, which are hashed): copied with a model, not hashed.
 _EXTRA = ("model.safetensors.index.json",)
 CACHE_NAME = ".studiofleet-digest.json"
-DIGEST_FORMAT = re.compile(r"sha256:[0-9a-f]{64}")   # what weights_digest returns; check with fullmatch
+DIGEST_FORMAT = re.compile(
+    r"sha256:[0-9a-f]{64}"
+)  # what weights_digest returns; check with fullmatch
 _CHUNK = 8 << 20
 
 
@@ -34,7 +46,9 @@ def digest_files(model_dir: Path) -> list[Path]:
 def model_files(model_dir: Path) -> list[Path]:
     """Every file a node needs to load the model: the digest's files, then the extras."""
     files = digest_files(model_dir)
-    return files + sorted(p for p in (model_dir / n for n in _EXTRA) if p.is_file() and p not in files)
+    return files + sorted(
+        p for p in (model_dir / n for n in _EXTRA) if p.is_file() and p not in files
+    )
 
 
 def remember(model_dir: Path, digest: str) -> None:
@@ -48,7 +62,9 @@ def _fingerprint(files: list[Path]) -> list[list]:
 
 
 def _fallback_cache(model_dir: Path) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "studiofleet" / "digests"
+    base = (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "studiofleet" / "digests"
+    )
     key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]
     return base / f"{key}.json"
 

@@ -37,21 +37,28 @@ class Held:
 @dataclass
 class _Window:
     start: float
-    attempts: int = 0                    # unauthenticated attempts
-    recorded: int = 0                    # refusals recorded one by one
-    held: dict = field(default_factory=dict)   # (entry, status, caller) -> [identity, reason, count]
+    attempts: int = 0  # unauthenticated attempts
+    recorded: int = 0  # refusals recorded one by one
+    held: dict = field(default_factory=dict)  # (entry, status, caller) -> [identity, reason, count]
 
 
 class DenialLedger:
     """Per-source refusal counts over a window; not thread-safe (one event loop)."""
 
-    def __init__(self, *, window_s: float, burst: int, limit: int, max_sources: int = 4096,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        *,
+        window_s: float,
+        burst: int,
+        limit: int,
+        max_sources: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.window_s, self.burst, self.limit = window_s, burst, limit
         self._max_sources = max_sources
         self._clock = clock
         self._windows: dict[str, _Window] = {}
-        self._ended: list[Held] = []   # windows rolled over before the flush took them
+        self._ended: list[Held] = []  # windows rolled over before the flush took them
 
     def retry_after(self, source: str) -> int:
         """Seconds until `source` may try again without a credential; 0 if it may now."""
@@ -60,7 +67,9 @@ class DenialLedger:
             return 0
         return max(1, math.ceil(w.start + self.window_s - self._clock()))
 
-    def refused(self, source: str, entry: str, status: int, identity: Optional[Identity], reason: str) -> bool:
+    def refused(
+        self, source: str, entry: str, status: int, identity: Optional[Identity], reason: str
+    ) -> bool:
         """Count one refusal; True when it is to be recorded now, False when it is held
         for its window's record (`due`)."""
         w = self._window(source)
@@ -97,5 +106,7 @@ class DenialLedger:
         return w
 
     def _held(self, source: str, w: _Window) -> list[Held]:
-        return [Held(source, entry, status, ident, reason, count, self.window_s)
-                for (entry, status, _), (ident, reason, count) in w.held.items()]
+        return [
+            Held(source, entry, status, ident, reason, count, self.window_s)
+            for (entry, status, _), (ident, reason, count) in w.held.items()
+        ]

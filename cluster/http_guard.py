@@ -28,7 +28,7 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-REPORT_EVERY_S = 60.0   # refused or timed-out connections are logged at most this often
+REPORT_EVERY_S = 60.0  # refused or timed-out connections are logged at most this often
 
 
 @dataclass(frozen=True)
@@ -63,24 +63,40 @@ class HttpLimits:
         most = max(4, soft // 4)
         if self.max_connections <= most:
             return self
-        log.warning("HTTP port connection cap %d lowered to %d: the file limit is %d", self.max_connections, most, soft)
-        return replace(self, max_connections=most, max_unauthenticated=min(self.max_unauthenticated, most))
+        log.warning(
+            "HTTP port connection cap %d lowered to %d: the file limit is %d",
+            self.max_connections,
+            most,
+            soft,
+        )
+        return replace(
+            self, max_connections=most, max_unauthenticated=min(self.max_unauthenticated, most)
+        )
 
 
 class _Conn:
     """One accepted connection: its transport once the handshake is done, its state."""
 
-    __slots__ = ("peer", "transport", "handler", "authenticated", "busy", "reading", "timer", "counted")
+    __slots__ = (
+        "peer",
+        "transport",
+        "handler",
+        "authenticated",
+        "busy",
+        "reading",
+        "timer",
+        "counted",
+    )
 
     def __init__(self, peer: str):
         self.peer = peer
         self.transport: Optional[asyncio.BaseTransport] = None
-        self.handler = None            # aiohttp's RequestHandler
+        self.handler = None  # aiohttp's RequestHandler
         self.authenticated = False
-        self.busy = False              # a request is being handled
-        self.reading = False           # bytes of the next request header have arrived
+        self.busy = False  # a request is being handled
+        self.reading = False  # bytes of the next request header have arrived
         self.timer: Optional[asyncio.TimerHandle] = None
-        self.counted = True            # in the guard's counts until closed
+        self.counted = True  # in the guard's counts until closed
 
 
 class ConnectionGuard:
@@ -93,8 +109,8 @@ class ConnectionGuard:
         self._by_handler: dict[object, _Conn] = {}
         self._unauthenticated = 0
         self._unauthenticated_by_peer: dict[str, int] = {}
-        self.refused_total = 0       # closed at accept: over a cap
-        self.timed_out_total = 0     # aborted past a deadline
+        self.refused_total = 0  # closed at accept: over a cap
+        self.timed_out_total = 0  # aborted past a deadline
         self._reported = (0.0, 0, 0)
 
     @property
@@ -108,8 +124,11 @@ class ConnectionGuard:
     def admit(self, peer: str) -> Optional[_Conn]:
         """A slot for a new connection, or None when a cap is reached (close it)."""
         share = max(1, self.limits.max_unauthenticated // 2)
-        if (len(self._conns) >= self.limits.max_connections or self._unauthenticated >= self.limits.max_unauthenticated
-                or self._unauthenticated_by_peer.get(peer, 0) >= share):
+        if (
+            len(self._conns) >= self.limits.max_connections
+            or self._unauthenticated >= self.limits.max_unauthenticated
+            or self._unauthenticated_by_peer.get(peer, 0) >= share
+        ):
             self.refused_total += 1
             self._report()
             return None
@@ -196,10 +215,17 @@ class ConnectionGuard:
         if now - last < REPORT_EVERY_S:
             return
         self._reported = (now, self.refused_total, self.timed_out_total)
-        log.warning("%s port: %d connections refused at the caps (%d open, %d unauthenticated; caps %d/%d), "
-                    "%d closed past their deadline since the last report", self.what,
-                    self.refused_total - refused, len(self._conns), self._unauthenticated,
-                    self.limits.max_connections, self.limits.max_unauthenticated, self.timed_out_total - timed_out)
+        log.warning(
+            "%s port: %d connections refused at the caps (%d open, %d unauthenticated; caps %d/%d), "
+            "%d closed past their deadline since the last report",
+            self.what,
+            self.refused_total - refused,
+            len(self._conns),
+            self._unauthenticated,
+            self.limits.max_connections,
+            self.limits.max_unauthenticated,
+            self.timed_out_total - timed_out,
+        )
 
 
 class _Guarded(asyncio.Protocol):
@@ -233,7 +259,15 @@ class _Guarded(asyncio.Protocol):
 class GuardedSite(web.BaseSite):
     """An aiohttp site that accepts connections itself, through a ConnectionGuard."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, guard: ConnectionGuard, ssl_context=None):
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        guard: ConnectionGuard,
+        ssl_context=None,
+    ):
         super().__init__(runner, ssl_context=ssl_context)
         self._host, self._port = host, port
         self._guard = guard
@@ -249,20 +283,21 @@ class GuardedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self._host or None, self._port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+        infos = await loop.getaddrinfo(
+            self._host or None, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         family, address = infos[0][0], infos[0][4]
         try:
             self._sock = socket.create_server(address, family=family, backlog=self._backlog)
         except OSError:
-            self._runner._unreg_site(self)   # noqa: SLF001 - as BaseSite.stop does
+            self._runner._unreg_site(self)  # noqa: SLF001 - as BaseSite.stop does
             raise
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._accepting = loop.create_task(self._accept())
 
     async def stop(self) -> None:
-        self._runner._check_site(self)   # noqa: SLF001 - aiohttp's own sites do this
+        self._runner._check_site(self)  # noqa: SLF001 - aiohttp's own sites do this
         if self._accepting is not None:
             self._accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -271,14 +306,14 @@ class GuardedSite(web.BaseSite):
             task.cancel()
         if self._sock is not None:
             self._sock.close()
-        self._runner._unreg_site(self)   # noqa: SLF001
+        self._runner._unreg_site(self)  # noqa: SLF001
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
                 sock, addr = await loop.sock_accept(self._sock)
-            except OSError as exc:   # EMFILE and the like: wait, then go on
+            except OSError as exc:  # EMFILE and the like: wait, then go on
                 log.error("%s port: accept failed: %s", self._guard.what, exc)
                 await asyncio.sleep(0.1)
                 continue
@@ -296,12 +331,24 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         tls = {}
         if self._ssl_context is not None:
-            tls = dict(ssl=self._ssl_context, ssl_handshake_timeout=self._guard.limits.handshake_timeout_s,
-                       ssl_shutdown_timeout=self._guard.limits.handshake_timeout_s)
+            tls = dict(
+                ssl=self._ssl_context,
+                ssl_handshake_timeout=self._guard.limits.handshake_timeout_s,
+                ssl_shutdown_timeout=self._guard.limits.handshake_timeout_s,
+            )
         try:
-            await loop.connect_accepted_socket(lambda: _Guarded(server(), conn, self._guard), sock, **tls)
-        except BaseException as exc:   # a failed or timed-out handshake, or stop(): the transport closes the socket
+            await loop.connect_accepted_socket(
+                lambda: _Guarded(server(), conn, self._guard), sock, **tls
+            )
+        except (
+            BaseException
+        ) as exc:  # a failed or timed-out handshake, or stop(): the transport closes the socket
             self._guard.closed(conn)
             if asyncio.current_task().cancelling():
                 raise
-            log.debug("%s port: handshake with %s failed: %s", self._guard.what, conn.peer, type(exc).__name__)
+            log.debug(
+                "%s port: handshake with %s failed: %s",
+                self._guard.what,
+                conn.peer,
+                type(exc).__name__,
+            )

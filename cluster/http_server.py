@@ -42,7 +42,9 @@ from cluster.security.identity import Identity, identity_of
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "studiofleet_session"
-BACKGROUND_HEADER = "X-StudioFleet-Background"   # "1": a poll, not the user: the session's idle clock runs on
+BACKGROUND_HEADER = (
+    "X-StudioFleet-Background"  # "1": a poll, not the user: the session's idle clock runs on
+)
 TOKEN_TTL_S = 60.0
 RECHECK_S = 1.0
 SECURITY_HEADERS = {
@@ -51,7 +53,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
 }
 # (identity, action, code, reason, peer=..., and count=/window_s= for a window's record)
 OnDenied = Callable[..., Optional[Awaitable[None]]]
@@ -71,7 +73,9 @@ class DashboardSessions:
     request, or after `max_s` whatever happens. Both live in memory only: a restarted
     coordinator asks operators to open the link again."""
 
-    def __init__(self, idle_s: float, max_s: float = 12 * 3600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, idle_s: float, max_s: float = 12 * 3600.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.idle_s, self.max_s, self._clock = idle_s, max_s, clock
         self._tokens: dict[str, tuple[Identity, float]] = {}
         self._sessions: dict[str, _Session] = {}
@@ -121,24 +125,38 @@ class DashboardSessions:
 class MonitorHTTP:
     """The monitoring HTTPS server of one daemon; routes are added before start()."""
 
-    what, flag = "monitoring", "--http-listen"   # in logs and errors
-    cancel_on_disconnect = False                  # cancel a handler whose client left
+    what, flag = "monitoring", "--http-listen"  # in logs and errors
+    cancel_on_disconnect = False  # cancel a handler whose client left
 
-    def __init__(self, *, listen: str, security, table: Mapping[str, frozenset], where: str,
-                 sessions: Optional[DashboardSessions] = None, on_denied: Optional[OnDenied] = None,
-                 max_body: int = 64 * 1024, limits: HttpLimits = HttpLimits()):
+    def __init__(
+        self,
+        *,
+        listen: str,
+        security,
+        table: Mapping[str, frozenset],
+        where: str,
+        sessions: Optional[DashboardSessions] = None,
+        on_denied: Optional[OnDenied] = None,
+        max_body: int = 64 * 1024,
+        limits: HttpLimits = HttpLimits(),
+    ):
         self._listen = listen
         self._security = security
-        self._table = sorted(table.items(), key=lambda kv: -len(kv[0]))   # longest prefix first
+        self._table = sorted(table.items(), key=lambda kv: -len(kv[0]))  # longest prefix first
         self._where = where
         self.sessions = sessions
         self._on_denied = on_denied
         self.limits = limits.within_file_limit()
         self.connections = ConnectionGuard(self.limits, self.what)
-        self._denials = DenialLedger(window_s=self.limits.denial_window_s, burst=self.limits.denial_burst,
-                                     limit=self.limits.unauthenticated_per_window)
+        self._denials = DenialLedger(
+            window_s=self.limits.denial_window_s,
+            burst=self.limits.denial_burst,
+            limit=self.limits.unauthenticated_per_window,
+        )
         self._flushing: Optional[asyncio.Task] = None
-        self.app = web.Application(middlewares=[self.connections.middleware, self._guard], client_max_size=max_body)
+        self.app = web.Application(
+            middlewares=[self.connections.middleware, self._guard], client_max_size=max_body
+        )
         self._runner: Optional[web.AppRunner] = None
         self._ssl: Optional[ssl.SSLContext] = None
         self._stamp = None
@@ -183,7 +201,12 @@ class MonitorHTTP:
                 self._security.server.files.load(self._security.server.role)
                 fresh = self._context()
             except Exception as exc:  # noqa: BLE001 - TLSConfigError, ssl.SSLError, OSError
-                log.error("%s port: certificate reload skipped: %s: %s", self.what, type(exc).__name__, exc)
+                log.error(
+                    "%s port: certificate reload skipped: %s: %s",
+                    self.what,
+                    type(exc).__name__,
+                    exc,
+                )
                 self._stamp = stamp
                 return None
             self._stamp, self._ssl = stamp, fresh
@@ -197,17 +220,23 @@ class MonitorHTTP:
         if not self._security.plaintext:
             self._stamp = self._security.server.files.stamp()
             self._ssl = self._context()
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     handler_cancellation=self.cancel_on_disconnect,
-                                     keepalive_timeout=self.limits.idle_timeout_s)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=self.cancel_on_disconnect,
+            keepalive_timeout=self.limits.idle_timeout_s,
+        )
         await self._runner.setup()
         site = GuardedSite(self._runner, host, port, guard=self.connections, ssl_context=self._ssl)
         try:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise OSError(f"{self._where}: cannot open the {self.what} port {self._listen} ({exc.strerror or exc}); "
-                          f"choose another with {self.flag} HOST:PORT, or {self.flag} off") from None
+            raise OSError(
+                f"{self._where}: cannot open the {self.what} port {self._listen} ({exc.strerror or exc}); "
+                f"choose another with {self.flag} HOST:PORT, or {self.flag} off"
+            ) from None
         self.port = site.port
         self._flushing = asyncio.get_running_loop().create_task(self._flush_denials())
         log.info("%s on %s://%s (%s)", self.what, self.scheme, self.address, self.serves())
@@ -262,19 +291,23 @@ class MonitorHTTP:
     async def _guard(self, request: web.Request, handler):
         if self._security.plaintext or request.path in ("/login", "/logout"):
             if self._security.plaintext:
-                self.connections.authenticated(request)   # no roles in development: nobody to prove
+                self.connections.authenticated(request)  # no roles in development: nobody to prove
             response = await handler(request)
         else:
             entry, allowed = self._allowed(request.path)
             ident = self._certificate(request)
             if ident is None and self.sessions is not None:
-                ident = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""),
-                                               touch=request.headers.get(BACKGROUND_HEADER) != "1")
+                ident = self.sessions.identity(
+                    request.cookies.get(SESSION_COOKIE, ""),
+                    touch=request.headers.get(BACKGROUND_HEADER) != "1",
+                )
             refusal = self._limited(request, self._check(ident, allowed, entry))
             if refusal is not None:
                 status, message, headers = refusal
                 await self._denied(request, ident, entry, status, message)
-                response = _error(status, message, browser="text/html" in request.headers.get("Accept", ""))
+                response = _error(
+                    status, message, browser="text/html" in request.headers.get("Accept", "")
+                )
                 response.headers.update(headers)
                 return response
             self.connections.authenticated(request)
@@ -282,25 +315,36 @@ class MonitorHTTP:
         response.headers.update(SECURITY_HEADERS)
         return response
 
-    def _check(self, ident: Optional[Identity], allowed: frozenset, path: str) -> Optional[tuple[int, str]]:
+    def _check(
+        self, ident: Optional[Identity], allowed: frozenset, path: str
+    ) -> Optional[tuple[int, str]]:
         if ident is None:
-            how = ("a client certificate from the fleet CA (`fleetctl certs issue`)" +
-                   (", or a dashboard session: run `fleetctl dashboard` and open the link it prints"
-                    if self.sessions is not None else ""))
+            how = "a client certificate from the fleet CA (`fleetctl certs issue`)" + (
+                ", or a dashboard session: run `fleetctl dashboard` and open the link it prints"
+                if self.sessions is not None
+                else ""
+            )
             return 401, f"{self._where} requires {how}"
         revocations = self._security.server.revocations
         if ident.serial and revocations.revoked(ident.serial):
-            return 401, f"certificate of {ident} (serial {ident.serial:x}) was revoked; ask an operator for a new one"
+            return (
+                401,
+                f"certificate of {ident} (serial {ident.serial:x}) was revoked; ask an operator for a new one",
+            )
         if ident.not_after is not None and ident.not_after.timestamp() < time.time():
             return 401, f"certificate of {ident} expired; re-issue it"
         if ident.role not in allowed:
             who = ", ".join(sorted(r.value for r in allowed)) or "no role"
             what = "this path" if path == "other" else path
-            return 403, f"{ident} ({ident.role.value}) may not read {what} on {self._where}; allowed: {who}"
+            return (
+                403,
+                f"{ident} ({ident.role.value}) may not read {what} on {self._where}; allowed: {who}",
+            )
         return None
 
-    def _limited(self, request: web.Request, refusal: Optional[tuple[int, str]]
-                 ) -> Optional[tuple[int, str, dict]]:
+    def _limited(
+        self, request: web.Request, refusal: Optional[tuple[int, str]]
+    ) -> Optional[tuple[int, str, dict]]:
         """(status, message, headers) of a refusal: a 401 from a source past its limit of
         unauthenticated attempts becomes 429 with Retry-After; None when allowed."""
         if refusal is None:
@@ -309,12 +353,19 @@ class MonitorHTTP:
         if status == 401:
             wait = self._denials.retry_after(source_of(request))
             if wait:
-                return 429, (f"too many unauthenticated requests from this address; retry after {wait} s with "
-                             f"credentials ({message})"), {"Retry-After": str(wait)}
+                return (
+                    429,
+                    (
+                        f"too many unauthenticated requests from this address; retry after {wait} s with "
+                        f"credentials ({message})"
+                    ),
+                    {"Retry-After": str(wait)},
+                )
         return status, message, {}
 
-    async def _denied(self, request: web.Request, ident: Optional[Identity], entry: str, status: int,
-                      message: str) -> None:
+    async def _denied(
+        self, request: web.Request, ident: Optional[Identity], entry: str, status: int, message: str
+    ) -> None:
         """A refusal: recorded now (logged, and audited on the coordinator) within the
         source's burst, else held for its window's record."""
         source = source_of(request)
@@ -322,41 +373,89 @@ class MonitorHTTP:
             return
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = f"http:{source}:{peername[1]}" if peername else f"http:{source}"
-        log.warning("denied caller=%s path=%s status=%d peer=%s", ident or "-", entry, status, peer,
-                    extra=fields(event="http.denied", caller=str(ident or ""), path=entry, status=status, peer=peer))
+        log.warning(
+            "denied caller=%s path=%s status=%d peer=%s",
+            ident or "-",
+            entry,
+            status,
+            peer,
+            extra=fields(
+                event="http.denied", caller=str(ident or ""), path=entry, status=status, peer=peer
+            ),
+        )
         await self._report_denied(ident, entry, status, message, peer=peer)
 
     async def _record_held(self, held: Held) -> None:
-        log.warning("denied caller=%s path=%s status=%d peer=http:%s count=%d window_s=%g", held.identity or "-",
-                    held.entry, held.status, held.source, held.count, held.window_s,
-                    extra=fields(event="http.denied", caller=str(held.identity or ""), path=held.entry,
-                                 status=held.status, peer=f"http:{held.source}", count=held.count))
-        await self._report_denied(held.identity, held.entry, held.status, held.reason, peer=f"http:{held.source}",
-                                  count=held.count, window_s=held.window_s)
+        log.warning(
+            "denied caller=%s path=%s status=%d peer=http:%s count=%d window_s=%g",
+            held.identity or "-",
+            held.entry,
+            held.status,
+            held.source,
+            held.count,
+            held.window_s,
+            extra=fields(
+                event="http.denied",
+                caller=str(held.identity or ""),
+                path=held.entry,
+                status=held.status,
+                peer=f"http:{held.source}",
+                count=held.count,
+            ),
+        )
+        await self._report_denied(
+            held.identity,
+            held.entry,
+            held.status,
+            held.reason,
+            peer=f"http:{held.source}",
+            count=held.count,
+            window_s=held.window_s,
+        )
 
-    async def _report_denied(self, ident: Optional[Identity], entry: str, status: int, message: str, **details) -> None:
+    async def _report_denied(
+        self, ident: Optional[Identity], entry: str, status: int, message: str, **details
+    ) -> None:
         if self._on_denied is not None:
-            code = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}.get(status, "PERMISSION_DENIED")
+            code = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}.get(
+                status, "PERMISSION_DENIED"
+            )
             done = self._on_denied(ident, f"http {entry}", code, message, **details)
             if inspect.isawaitable(done):
                 await done
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
-        refusal = self._limited(request, (401, "this dashboard link is used up or expired (links work once, for "
-                                               f"{TOKEN_TTL_S:.0f} s); run `fleetctl dashboard` for a new one"))
-        if refusal[0] == 429:   # no guessing of links at speed
+        refusal = self._limited(
+            request,
+            (
+                401,
+                "this dashboard link is used up or expired (links work once, for "
+                f"{TOKEN_TTL_S:.0f} s); run `fleetctl dashboard` for a new one",
+            ),
+        )
+        if refusal[0] == 429:  # no guessing of links at speed
             await self._denied(request, None, "/login", *refusal[:2])
             response = _error(*refusal[:2], browser=True)
             response.headers.update(refusal[2])
             return response
-        sid = self.sessions.redeem(request.query.get("token", "")) if self.sessions is not None else None
+        sid = (
+            self.sessions.redeem(request.query.get("token", ""))
+            if self.sessions is not None
+            else None
+        )
         if sid is None:
             await self._denied(request, None, "/login", *refusal[:2])
             return _error(*refusal[:2], browser=True)
         self.connections.authenticated(request)
         response = web.HTTPSeeOther("/")
-        response.set_cookie(SESSION_COOKIE, sid, httponly=True, secure=not self._security.plaintext,
-                            samesite="Strict", path="/")
+        response.set_cookie(
+            SESSION_COOKIE,
+            sid,
+            httponly=True,
+            secure=not self._security.plaintext,
+            samesite="Strict",
+            path="/",
+        )
         log.info("dashboard session opened for %s", self.sessions.identity(sid))
         return response
 
@@ -378,8 +477,10 @@ def _error(status: int, message: str, *, browser: bool) -> web.Response:
     if browser:
         from html import escape
 
-        body = (f"<!doctype html><meta charset=utf-8><title>StudioFleet: {status}</title>"
-                f"<h1>{status}</h1><p>{escape(message)}</p>")
+        body = (
+            f"<!doctype html><meta charset=utf-8><title>StudioFleet: {status}</title>"
+            f"<h1>{status}</h1><p>{escape(message)}</p>"
+        )
         response = web.Response(status=status, text=body, content_type="text/html")
     else:
         response = web.Response(status=status, text=message + "\n", content_type="text/plain")

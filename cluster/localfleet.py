@@ -21,7 +21,7 @@ from cluster.api import fleet_pb2, fleet_pb2_grpc, inference_pb2_grpc, node_pb2,
 from cluster.security.identity import Role, dns_name
 from cluster.security.tls import ENV_DIR, ClientTLS, open_channel
 
-HARNESS_OPERATOR, HARNESS_APP = "operator", "app"   # the certificates this harness calls with
+HARNESS_OPERATOR, HARNESS_APP = "operator", "app"  # the certificates this harness calls with
 # Nodes serve inference to coordinators only: the harness calls a node as one.
 HARNESS_NODE_CALLER = "harness-coordinator"
 
@@ -34,20 +34,29 @@ def ensure_cert(tls_dir: Path, role: Role, name: str) -> None:
         issue(tls_dir, role, name)
 
 
-
 class DaemonProcess:
     """A daemon subprocess that prints a JSON "listening" line; use as a context manager."""
 
     module = ""
     role = Role.NODE
 
-    def __init__(self, name: str, args: Sequence[str], *, env: Optional[dict] = None,
-                 wrapper: Sequence[str] = (), tls_dir: Optional[Path] = None, plaintext: bool = False):
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        env: Optional[dict] = None,
+        wrapper: Sequence[str] = (),
+        tls_dir: Optional[Path] = None,
+        plaintext: bool = False,
+    ):
         """mTLS from `tls_dir` (default: $STUDIOFLEET_TLS_DIR; certificates are issued there
         on demand when it holds the CA key), plaintext when neither is given."""
         self.name = name
         found = os.environ.get(ENV_DIR)
-        self.tls_dir: Optional[Path] = None if plaintext else (Path(tls_dir) if tls_dir else Path(found) if found else None)
+        self.tls_dir: Optional[Path] = (
+            None if plaintext else (Path(tls_dir) if tls_dir else Path(found) if found else None)
+        )
         if self.tls_dir is not None:
             ensure_cert(self.tls_dir, self.role, name)
             args = [*args, "--tls-dir", str(self.tls_dir), "--tls-name", name]
@@ -69,24 +78,44 @@ class DaemonProcess:
         """Start and wait until it listens (not until READY: see wait_serving)."""
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stderr_path = log_dir / f"{self.name}.stderr.log"
-        cmd = [*self.wrapper, sys.executable, "-m", self.module, *self.args, *self.late_args(log_dir)]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=open(self.stderr_path, "wb"), text=True)
-        self._stdout = queue.Queue()   # a restart must not read the previous process's end
+        cmd = [
+            *self.wrapper,
+            sys.executable,
+            "-m",
+            self.module,
+            *self.args,
+            *self.late_args(log_dir),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=open(self.stderr_path, "wb"),
+            text=True,
+        )
+        self._stdout = queue.Queue()  # a restart must not read the previous process's end
         threading.Thread(target=self._pump, args=(self.proc, self._stdout), daemon=True).start()
         try:
             line = self._stdout.get(timeout=timeout_s)
         except queue.Empty:
             self.stop()
-            raise TimeoutError(f"{self.name} did not report its port in {timeout_s}s: {self.stderr()}") from None
+            raise TimeoutError(
+                f"{self.name} did not report its port in {timeout_s}s: {self.stderr()}"
+            ) from None
         if not line:
             raise RuntimeError(f"{self.name} exited before listening: {self.stderr()}")
         info = json.loads(line)
         self.address, self.port = info["address"], info["port"]
         # The monitoring port (/metrics, the coordinator's dashboard), if it runs one.
-        self.http_address, self.http_scheme = info.get("http_address", ""), info.get("http_scheme", "")
+        self.http_address, self.http_scheme = (
+            info.get("http_address", ""),
+            info.get("http_scheme", ""),
+        )
         # The coordinator's OpenAI-compatible front door, if it runs one.
-        self.openai_address, self.openai_scheme = info.get("openai_address", ""), info.get("openai_scheme", "")
+        self.openai_address, self.openai_scheme = (
+            info.get("openai_address", ""),
+            info.get("openai_scheme", ""),
+        )
         return self
 
     @staticmethod
@@ -105,9 +134,15 @@ class DaemonProcess:
         ensure_cert(self.tls_dir, role, name)
         return ClientTLS(self.tls_dir, name)
 
-    def http_get(self, path: str, name: Optional[str] = HARNESS_OPERATOR, role: Role = Role.OPERATOR,
-                 timeout_s: float = 10.0, headers: Optional[dict] = None,
-                 follow_redirects: bool = True) -> tuple[int, bytes, dict]:
+    def http_get(
+        self,
+        path: str,
+        name: Optional[str] = HARNESS_OPERATOR,
+        role: Role = Role.OPERATOR,
+        timeout_s: float = 10.0,
+        headers: Optional[dict] = None,
+        follow_redirects: bool = True,
+    ) -> tuple[int, bytes, dict]:
         """GET `path` on the monitoring port as `name` (None: with no client certificate);
         (status, body, headers), errors and (unless followed) redirects included."""
         import ssl
@@ -122,12 +157,15 @@ class DaemonProcess:
                 context.load_cert_chain(self.tls_dir / f"{name}.pem", self.tls_dir / f"{name}.key")
         handlers = [urllib.request.HTTPSHandler(context=context)] if context is not None else []
         if not follow_redirects:
+
             class Stay(urllib.request.HTTPRedirectHandler):
                 def redirect_request(self, *_args, **_kwargs):
-                    return None   # the 3xx itself comes back as an HTTPError
+                    return None  # the 3xx itself comes back as an HTTPError
 
             handlers.append(Stay())
-        request = urllib.request.Request(f"{self.http_scheme}://{self.http_address}{path}", headers=headers or {})
+        request = urllib.request.Request(
+            f"{self.http_scheme}://{self.http_address}{path}", headers=headers or {}
+        )
         try:
             with urllib.request.build_opener(*handlers).open(request, timeout=timeout_s) as reply:
                 return reply.status, reply.read(), dict(reply.headers)
@@ -136,7 +174,9 @@ class DaemonProcess:
 
     def dial(self, name: str = HARNESS_OPERATOR, role: Role = Role.OPERATOR) -> grpc.Channel:
         """A new channel to this daemon as `name` (checking its certificate names it)."""
-        return open_channel(self.address, self.credentials(name, role), server_name=dns_name(self.role, self.name))
+        return open_channel(
+            self.address, self.credentials(name, role), server_name=dns_name(self.role, self.name)
+        )
 
     @property
     def channel(self) -> grpc.Channel:
@@ -166,11 +206,14 @@ class DaemonProcess:
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         except grpc.RpcError as err:
-            raise TimeoutError(f"{self.name} not SERVING within {timeout_s}s "
-                               f"({err.code().name}): {self.stderr()}") from None
+            raise TimeoutError(
+                f"{self.name} not SERVING within {timeout_s}s ({err.code().name}): {self.stderr()}"
+            ) from None
         raise RuntimeError(f"{self.name} health stream ended: {self.stderr()}")
 
-    def restart(self, log_dir: Path, *, kill: bool = False, timeout_s: float = 60.0) -> "DaemonProcess":
+    def restart(
+        self, log_dir: Path, *, kill: bool = False, timeout_s: float = 60.0
+    ) -> "DaemonProcess":
         """Stop (SIGTERM, or SIGKILL with `kill`) and start again on the same address, as a
         service manager would; state directories given by late_args are kept."""
         if kill and self.proc is not None and self.proc.poll() is None:
@@ -187,7 +230,11 @@ class DaemonProcess:
         return self.proc.wait(timeout=timeout_s)
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path and self.stderr_path.exists() else ""
+        return (
+            self.stderr_path.read_text(errors="replace")
+            if self.stderr_path and self.stderr_path.exists()
+            else ""
+        )
 
     def stop(self) -> None:
         for channel in (self._channel, self._app_channel):
@@ -216,14 +263,37 @@ class NodeProcess(DaemonProcess):
     module = "node_agent.main"
     inference_caller = (HARNESS_NODE_CALLER, Role.COORDINATOR)
 
-    def __init__(self, model: Path, *args: str, node_id: str = "test-node", env: Optional[dict] = None,
-                 fleet: Optional[str] = None, listen: str = "127.0.0.1:0", wrapper: Sequence[str] = (),
-                 tls_dir: Optional[Path] = None, plaintext: bool = False):
+    def __init__(
+        self,
+        model: Path,
+        *args: str,
+        node_id: str = "test-node",
+        env: Optional[dict] = None,
+        fleet: Optional[str] = None,
+        listen: str = "127.0.0.1:0",
+        wrapper: Sequence[str] = (),
+        tls_dir: Optional[Path] = None,
+        plaintext: bool = False,
+    ):
         """`fleet` turns mDNS announcement on (off by default); `wrapper` prefixes the
         command (e.g. `ip netns exec NS`)."""
-        super().__init__(node_id, ["--model", str(model), "--listen", listen, "--node-id", node_id,
-                                   *(("--fleet", fleet) if fleet else ("--no-mdns",)), *args],
-                         env=env, wrapper=wrapper, tls_dir=tls_dir, plaintext=plaintext)
+        super().__init__(
+            node_id,
+            [
+                "--model",
+                str(model),
+                "--listen",
+                listen,
+                "--node-id",
+                node_id,
+                *(("--fleet", fleet) if fleet else ("--no-mdns",)),
+                *args,
+            ],
+            env=env,
+            wrapper=wrapper,
+            tls_dir=tls_dir,
+            plaintext=plaintext,
+        )
         self.model = model
         self.node_id = node_id
         self.state_dir: Optional[Path] = None
@@ -237,7 +307,9 @@ class NodeProcess(DaemonProcess):
         return ["--state-dir", str(self.state_dir)]
 
     def status(self) -> node_pb2.NodeStatus:
-        return node_pb2_grpc.NodeStub(self.channel).GetStatus(node_pb2.GetStatusRequest(), timeout=5)
+        return node_pb2_grpc.NodeStub(self.channel).GetStatus(
+            node_pb2.GetStatusRequest(), timeout=5
+        )
 
 
 class CoordinatorProcess(DaemonProcess):
@@ -246,15 +318,38 @@ class CoordinatorProcess(DaemonProcess):
     module = "coordinator.main"
     role = Role.COORDINATOR
 
-    def __init__(self, *args: str, nodes: Sequence[str] = (), fleet: Optional[str] = None,
-                 listen: str = "127.0.0.1:0", mdns_interface: str = "127.0.0.1", name: str = "coordinator",
-                 env: Optional[dict] = None, wrapper: Sequence[str] = (), tls_dir: Optional[Path] = None,
-                 plaintext: bool = False, audit_dir: Optional[Path] = None):
+    def __init__(
+        self,
+        *args: str,
+        nodes: Sequence[str] = (),
+        fleet: Optional[str] = None,
+        listen: str = "127.0.0.1:0",
+        mdns_interface: str = "127.0.0.1",
+        name: str = "coordinator",
+        env: Optional[dict] = None,
+        wrapper: Sequence[str] = (),
+        tls_dir: Optional[Path] = None,
+        plaintext: bool = False,
+        audit_dir: Optional[Path] = None,
+    ):
         """The audit chain goes to `audit_dir` (default: LOG_DIR/NAME-audit)."""
         mdns = ("--fleet", fleet, "--mdns-interface", mdns_interface) if fleet else ("--no-mdns",)
-        super().__init__(name, ["--listen", listen, "--coordinator-id", name, *mdns,
-                                *(a for n in nodes for a in ("--node", n)), *args], env=env, wrapper=wrapper,
-                         tls_dir=tls_dir, plaintext=plaintext)
+        super().__init__(
+            name,
+            [
+                "--listen",
+                listen,
+                "--coordinator-id",
+                name,
+                *mdns,
+                *(a for n in nodes for a in ("--node", n)),
+                *args,
+            ],
+            env=env,
+            wrapper=wrapper,
+            tls_dir=tls_dir,
+            plaintext=plaintext,
+        )
         self.audit_dir = audit_dir
         self.state_db: Optional[Path] = None
 
@@ -276,12 +371,15 @@ class CoordinatorProcess(DaemonProcess):
         return f"{self.openai_scheme}://{self.openai_address}/v1"
 
     def nodes(self, timeout_s: float = 5.0) -> fleet_pb2.ListNodesResponse:
-        return fleet_pb2_grpc.FleetStub(self.channel).ListNodes(fleet_pb2.ListNodesRequest(), timeout=timeout_s)
+        return fleet_pb2_grpc.FleetStub(self.channel).ListNodes(
+            fleet_pb2.ListNodesRequest(), timeout=timeout_s
+        )
 
     def wait_routable(self, count: int, timeout_s: float = 30.0) -> fleet_pb2.ListNodesResponse:
         """Follow the event stream until `count` nodes are routable (no polling loop)."""
-        events = fleet_pb2_grpc.FleetStub(self.channel).WatchEvents(fleet_pb2.WatchEventsRequest(),
-                                                                    timeout=timeout_s)
+        events = fleet_pb2_grpc.FleetStub(self.channel).WatchEvents(
+            fleet_pb2.WatchEventsRequest(), timeout=timeout_s
+        )
         try:
             listing = self.nodes()
             while sum(n.routable for n in listing.nodes) < count:
@@ -289,7 +387,9 @@ class CoordinatorProcess(DaemonProcess):
                 listing = self.nodes()
             return listing
         except (grpc.RpcError, StopIteration) as err:
-            raise TimeoutError(f"{self.name}: {count} routable nodes not reached in {timeout_s}s "
-                               f"({err}); last listing: {self.nodes()}") from None
+            raise TimeoutError(
+                f"{self.name}: {count} routable nodes not reached in {timeout_s}s "
+                f"({err}); last listing: {self.nodes()}"
+            ) from None
         finally:
             events.cancel()

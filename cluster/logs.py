@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-FIELDS = "sf"   # the LogRecord attribute that carries a call site's structured fields
+FIELDS = "sf"  # the LogRecord attribute that carries a call site's structured fields
 
 
 def fields(**values) -> dict:
@@ -29,8 +29,13 @@ def fields(**values) -> dict:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "logger": record.name, "event": "log"}
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": "log",
+        }
         for key, value in (getattr(record, FIELDS, None) or {}).items():
             if value not in ("", None, [], ()):
                 line[key] = value

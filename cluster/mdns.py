@@ -26,25 +26,42 @@ class Advert:
     node_id: str
     engine: str = ""
     model_id: str = ""
-    digest: str = ""      # short weights digest, e.g. "sha256:1a2b3c4d5e6f"
-    state: str = ""       # lifecycle name, e.g. "ready"
+    digest: str = ""  # short weights digest, e.g. "sha256:1a2b3c4d5e6f"
+    state: str = ""  # lifecycle name, e.g. "ready"
     fleet: str = DEFAULT_FLEET
     api: str = API_VERSION
 
     def txt(self) -> dict[str, str]:
-        return {"id": self.node_id, "engine": self.engine, "model": self.model_id[:_MAX_FIELD],
-                "digest": self.digest[:19], "state": self.state, "fleet": self.fleet, "api": self.api}
+        return {
+            "id": self.node_id,
+            "engine": self.engine,
+            "model": self.model_id[:_MAX_FIELD],
+            "digest": self.digest[:19],
+            "state": self.state,
+            "fleet": self.fleet,
+            "api": self.api,
+        }
 
     @classmethod
     def from_txt(cls, props: dict) -> Optional["Advert"]:
         """Parse zeroconf's bytes-keyed properties; None when it is not a StudioFleet node."""
-        text = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes) else (v or ""))
-                for k, v in props.items()}
+        text = {
+            (k.decode() if isinstance(k, bytes) else k): (
+                v.decode(errors="replace") if isinstance(v, bytes) else (v or "")
+            )
+            for k, v in props.items()
+        }
         if not text.get("id"):
             return None
-        return cls(node_id=text["id"], engine=text.get("engine", ""), model_id=text.get("model", ""),
-                   digest=text.get("digest", ""), state=text.get("state", ""),
-                   fleet=text.get("fleet", DEFAULT_FLEET), api=text.get("api", ""))
+        return cls(
+            node_id=text["id"],
+            engine=text.get("engine", ""),
+            model_id=text.get("model", ""),
+            digest=text.get("digest", ""),
+            state=text.get("state", ""),
+            fleet=text.get("fleet", DEFAULT_FLEET),
+            api=text.get("api", ""),
+        )
 
 
 def instance_name(node_id: str) -> str:
@@ -55,8 +72,12 @@ def instance_name(node_id: str) -> str:
 def interfaces_for(host: str) -> tuple[Union[InterfaceChoice, Sequence[str]], list[str]]:
     """(zeroconf interfaces, addresses to announce) for a listen or browse host."""
     if host in ("0.0.0.0", "", "::", "*"):
-        addrs = [a.address for nic in psutil.net_if_addrs().values() for a in nic
-                 if a.family.name == "AF_INET" and not a.address.startswith("127.")]
+        addrs = [
+            a.address
+            for nic in psutil.net_if_addrs().values()
+            for a in nic
+            if a.family.name == "AF_INET" and not a.address.startswith("127.")
+        ]
         return InterfaceChoice.All, addrs or ["127.0.0.1"]
     return [host], [host]
 

@@ -26,8 +26,8 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path = OUT_DIR) -> list[Path]:
     """Run protoc into `out_dir`; return the files written."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     files = [str(p.relative_to(PROTO_DIR)) for p in proto_files()]

@@ -17,15 +17,28 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Added tokens 151643..151664 in id order, with their `special` flag, as Qwen2.5's
 # tokenizer_config.json lists them under added_tokens_decoder.
 ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    (ENDOFTEXT, True), (IM_START, True), (IM_END, True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True),
-    ("<|box_start|>", True), ("<|box_end|>", True),
-    ("<|quad_start|>", True), ("<|quad_end|>", True),
-    ("<|vision_start|>", True), ("<|vision_end|>", True),
-    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
-    ("<tool_call>", False), ("</tool_call>", False),
-    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
-    ("<|repo_name|>", False), ("<|file_sep|>", False),
+    (ENDOFTEXT, True),
+    (IM_START, True),
+    (IM_END, True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
 )
 FIRST_ADDED_ID = 151_643
 
@@ -99,8 +112,10 @@ def build_tokenizer():
     tok = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR).converted()
     tok.normalizer = normalizers.NFC()
     if tok.get_vocab_size() != FIRST_ADDED_ID:
-        raise ValueError(f"qwen.tiktoken holds {tok.get_vocab_size()} ranks, expected {FIRST_ADDED_ID}")
-    for content, special in ADDED_TOKENS:   # one at a time, so each gets the next id in order
+        raise ValueError(
+            f"qwen.tiktoken holds {tok.get_vocab_size()} ranks, expected {FIRST_ADDED_ID}"
+        )
+    for content, special in ADDED_TOKENS:  # one at a time, so each gets the next id in order
         tok.add_tokens([AddedToken(content, normalized=False, special=special)])
     last = FIRST_ADDED_ID + len(ADDED_TOKENS) - 1
     if tok.token_to_id(ADDED_TOKENS[-1][0]) != last:

@@ -25,36 +25,42 @@ VNODES = 64
 class Candidate:
     node_id: str
     digest: str
-    in_flight: int            # this coordinator's requests on it
-    outstanding_tokens: int   # tokens they may still generate
-    reported_queued: int      # requests queued on the node, as it last reported
+    in_flight: int  # this coordinator's requests on it
+    outstanding_tokens: int  # tokens they may still generate
+    reported_queued: int  # requests queued on the node, as it last reported
     max_running: int
-    slots: int                # max_running + max_queued: beyond this the node refuses
+    slots: int  # max_running + max_queued: beyond this the node refuses
     routed_total: int = 0
-    model: str = ""           # ModelInfo.model_id
-    version: str = ""         # ModelInfo.version
+    model: str = ""  # ModelInfo.model_id
+    version: str = ""  # ModelInfo.version
 
 
 @dataclass(frozen=True)
 class Want:
     """What a request needs from a node."""
 
-    digest: str = ""                      # required weights ("" = any)
+    digest: str = ""  # required weights ("" = any)
     exclude: frozenset[str] = frozenset()  # nodes that already failed this request
-    session_key: str = field(default="", repr=False)   # may derive from a patient's identity
-    model: str = ""                       # required model id, or ID@VERSION ("" = any; see serves)
+    session_key: str = field(default="", repr=False)  # may derive from a patient's identity
+    model: str = ""  # required model id, or ID@VERSION ("" = any; see serves)
 
 
 def eligible(c: Candidate, want: Want) -> bool:
-    return (c.node_id not in want.exclude and (not want.digest or c.digest == want.digest)
-            and serves(c.model, c.version, want.model) and c.in_flight < c.slots)
+    return (
+        c.node_id not in want.exclude
+        and (not want.digest or c.digest == want.digest)
+        and serves(c.model, c.version, want.model)
+        and c.in_flight < c.slots
+    )
 
 
 def work(c: Candidate) -> float:
     return (c.outstanding_tokens + c.reported_queued) / max(c.max_running, 1)
 
 
-def pick(candidates: Sequence[Candidate], want: Want, *, load_factor: float = 1.25) -> Optional[str]:
+def pick(
+    candidates: Sequence[Candidate], want: Want, *, load_factor: float = 1.25
+) -> Optional[str]:
     """The node id to use, or None if no candidate can take the request now."""
     ok = [c for c in candidates if eligible(c, want)]
     if not ok:

@@ -72,8 +72,11 @@ def _in_order(settings_cls: type[BaseSettings]) -> list[str]:
     """The settings in help order: the class's own, then each section's as its bases list them."""
     names: list[str] = []
     for klass in settings_cls.__mro__:
-        names += [n for n in vars(klass).get("__annotations__", {}) if n in settings_cls.model_fields
-                  and n not in names]
+        names += [
+            n
+            for n in vars(klass).get("__annotations__", {})
+            if n in settings_cls.model_fields and n not in names
+        ]
     return names
 
 
@@ -100,15 +103,27 @@ def options(settings_cls: type[BaseSettings]) -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def settings_command(app: typer.Typer, settings_cls: type[BaseSettings], config_help: str,
-                     run: Callable[[Optional[Path], dict[str, Any]], None]) -> None:
+def settings_command(
+    app: typer.Typer,
+    settings_cls: type[BaseSettings],
+    config_help: str,
+    run: Callable[[Optional[Path], dict[str, Any]], None],
+) -> None:
     """Register the daemon's one command on `app`: `--config` plus a flag per setting. `run`
     gets the config file and the flags given (setting name -> value; unset flags left out)."""
     opts = options(settings_cls)
-    params = [inspect.Parameter(CONFIG_OPTION, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                default=typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help=config_help))]
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=opt)
-               for name, (ann, opt) in opts.items()]
+    params = [
+        inspect.Parameter(
+            CONFIG_OPTION,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[Path],
+            default=typer.Option(None, "--config", envvar="STUDIOFLEET_CONFIG", help=config_help),
+        )
+    ]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=opt)
+        for name, (ann, opt) in opts.items()
+    ]
 
     def serve(**given: Any) -> None:
         config = given.pop(CONFIG_OPTION)

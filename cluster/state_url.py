@@ -26,19 +26,30 @@ def parse(url: str) -> URL:
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - SQLAlchemy's message would repeat the URL
-        raise ValueError("--state-url is not a URL (not repeated here: it may hold a password): give sqlite:///PATH or "
-                         "postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
+        raise ValueError(
+            "--state-url is not a URL (not repeated here: it may hold a password): give sqlite:///PATH or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from None
     backend, _, driver = parsed.drivername.partition("+")
     if backend == "postgres":
         backend = "postgresql"
-    if backend not in SCHEMES or (backend == "postgresql" and driver not in ("", "psycopg")) \
-            or (backend == "sqlite" and driver not in ("", "pysqlite")):
-        raise ValueError(f"--state-url {redact(url)!r}: the state database is sqlite:///PATH or "
-                         "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (PostgreSQL 15+)")
+    if (
+        backend not in SCHEMES
+        or (backend == "postgresql" and driver not in ("", "psycopg"))
+        or (backend == "sqlite" and driver not in ("", "pysqlite"))
+    ):
+        raise ValueError(
+            f"--state-url {redact(url)!r}: the state database is sqlite:///PATH or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (PostgreSQL 15+)"
+        )
     if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ValueError("--state-url sqlite:///PATH needs a file path (coordinators and restarts share it)")
+        raise ValueError(
+            "--state-url sqlite:///PATH needs a file path (coordinators and restarts share it)"
+        )
     if backend == "postgresql" and not parsed.database:
-        raise ValueError(f"--state-url {redact(url)!r} names no database: postgresql://USER@HOST:PORT/DATABASE")
+        raise ValueError(
+            f"--state-url {redact(url)!r} names no database: postgresql://USER@HOST:PORT/DATABASE"
+        )
     return parsed.set(drivername="sqlite" if backend == "sqlite" else "postgresql+psycopg")
 
 

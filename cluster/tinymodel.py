@@ -49,7 +49,9 @@ class TinyModelSpec:
     vocab_size: int = 512
     max_position_embeddings: int = 2048
     seed: int = 0
-    vocab: str = "trained"   # or "qwen2.5": Qwen2.5's tokenizer; vocab_size is then the embedding rows
+    vocab: str = (
+        "trained"  # or "qwen2.5": Qwen2.5's tokenizer; vocab_size is then the embedding rows
+    )
 
 
 VOCABS = ("trained", "qwen2.5")
@@ -63,7 +65,9 @@ def qwen25_spec(**shape) -> TinyModelSpec:
     """
     from cluster.qwen25_tokenizer import EMBEDDING_ROWS
 
-    defaults = dict(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, intermediate_size=128)
+    defaults = dict(
+        hidden_size=64, num_attention_heads=1, num_key_value_heads=1, intermediate_size=128
+    )
     return TinyModelSpec(**{**defaults, "vocab": "qwen2.5", "vocab_size": EMBEDDING_ROWS, **shape})
 
 
@@ -106,8 +110,10 @@ def _qwen25_tokenizer(spec: TinyModelSpec):
 
     fast = fast_tokenizer(spec.max_position_embeddings)
     if spec.vocab_size < len(fast):
-        raise ValueError(f"vocab_size {spec.vocab_size} is below the {len(fast)} tokens of Qwen2.5's "
-                         f"tokenizer (Qwen2.5 uses 151936)")
+        raise ValueError(
+            f"vocab_size {spec.vocab_size} is below the {len(fast)} tokens of Qwen2.5's "
+            f"tokenizer (Qwen2.5 uses 151936)"
+        )
     return fast, spec.vocab_size
 
 

@@ -36,7 +36,9 @@ class Sampling:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
-    ignore_eos: bool = False     # generate to max_tokens past end-of-sequence (stop strings still apply)
+    ignore_eos: bool = (
+        False  # generate to max_tokens past end-of-sequence (stop strings still apply)
+    )
 
     @property
     def greedy(self) -> bool:
@@ -64,17 +66,17 @@ def display_id(raw: str) -> str:
 
 
 MAX_MODEL_ID_LEN = 256
-MAX_TEXT_CHARS = 1 << 20          # a prompt, or all chat message contents together
+MAX_TEXT_CHARS = 1 << 20  # a prompt, or all chat message contents together
 MAX_MESSAGES = 1024
-MAX_NAME_LEN = 64                 # template name and version, variable keys, note template
+MAX_NAME_LEN = 64  # template name and version, variable keys, note template
 MAX_VARIABLES = 16
-MAX_DIGEST_LEN = 80               # sha256:<64 hex>
+MAX_DIGEST_LEN = 80  # sha256:<64 hex>
 MAX_SESSION_KEY_LEN = 256
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def _cap(name: str, value: str, cap: int) -> None:
-    if len(value) > cap:   # the field and the cap, never the value
+    if len(value) > cap:  # the field and the cap, never the value
         raise InvalidRequest(f"{name} is longer than its limit of {cap} characters")
 
 
@@ -85,8 +87,10 @@ def check_sizes(request: inference_pb2.GenerateRequest) -> None:
     _cap("model", request.model, MAX_MODEL_ID_LEN)
     _cap("require_weights_digest", request.require_weights_digest, MAX_DIGEST_LEN)
     if request.require_weights_digest and not _DIGEST_RE.match(request.require_weights_digest):
-        raise InvalidRequest("require_weights_digest must be sha256: and 64 lowercase hex digits, as "
-                             "`fleetctl nodes` shows the digests served")
+        raise InvalidRequest(
+            "require_weights_digest must be sha256: and 64 lowercase hex digits, as "
+            "`fleetctl nodes` shows the digests served"
+        )
     _cap("session_key", request.session_key, MAX_SESSION_KEY_LEN)
     kind = request.WhichOneof("input")
     if kind == "prompt":
@@ -98,8 +102,10 @@ def check_sizes(request: inference_pb2.GenerateRequest) -> None:
         for i, m in enumerate(messages):
             _cap(f"chat.messages[{i}].role", m.role, MAX_NAME_LEN)
         if sum(len(m.content) for m in messages) > MAX_TEXT_CHARS:
-            raise InvalidRequest(f"chat.messages' contents are longer than their limit of {MAX_TEXT_CHARS} "
-                                 "characters together")
+            raise InvalidRequest(
+                f"chat.messages' contents are longer than their limit of {MAX_TEXT_CHARS} "
+                "characters together"
+            )
     elif kind == "template":
         t = request.template
         _cap("template.name", t.name, MAX_NAME_LEN)
@@ -113,7 +119,9 @@ def check_sizes(request: inference_pb2.GenerateRequest) -> None:
         fmt = request.output_format
         _cap("output_format.note_template", fmt.note_template, MAX_NAME_LEN)
         if len(fmt.json_schema.encode()) > notes.MAX_SCHEMA_BYTES:
-            raise InvalidRequest(f"output_format.json_schema is larger than {notes.MAX_SCHEMA_BYTES // 1024} KiB")
+            raise InvalidRequest(
+                f"output_format.json_schema is larger than {notes.MAX_SCHEMA_BYTES // 1024} KiB"
+            )
     for i, s in enumerate(request.stop[:1024]):
         _cap(f"stop[{i}]", s, MAX_STOP_LEN)
 
@@ -123,7 +131,9 @@ def check_request_id(raw: str) -> str:
     if not raw:
         return new_request_id()
     if not valid_id(raw):
-        raise InvalidRequest(f"request_id must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 . _ : @ / + -")
+        raise InvalidRequest(
+            f"request_id must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 . _ : @ / + -"
+        )
     return raw
 
 
@@ -139,8 +149,10 @@ def serves(model_id: str, version: str, wanted: str) -> bool:
 def check_model(model: str) -> None:
     """GenerateRequest.model: empty, a model id as nodes report it, or ID@VERSION (pinned)."""
     if len(model) > MAX_MODEL_ID_LEN or not model.isprintable():
-        raise InvalidRequest(f"model must be a model id of at most {MAX_MODEL_ID_LEN} printable characters "
-                             "(`fleetctl nodes` shows the ids served)")
+        raise InvalidRequest(
+            f"model must be a model id of at most {MAX_MODEL_ID_LEN} printable characters "
+            "(`fleetctl nodes` shows the ids served)"
+        )
 
 
 def _finite(name: str, value: float) -> float:
@@ -162,12 +174,22 @@ def check_sampling(msg: inference_pb2.SamplingParams) -> Sampling:
     min_p = _finite("min_p", msg.min_p) if msg.HasField("min_p") else 0.0
     if not 0.0 <= min_p <= 1.0:
         raise InvalidRequest(f"min_p must be in [0, 1]; got {min_p:g}")
-    penalty = (_finite("repetition_penalty", msg.repetition_penalty)
-               if msg.HasField("repetition_penalty") else 1.0)
+    penalty = (
+        _finite("repetition_penalty", msg.repetition_penalty)
+        if msg.HasField("repetition_penalty")
+        else 1.0
+    )
     if penalty <= 0:
         raise InvalidRequest(f"repetition_penalty must be > 0 (1 disables it); got {penalty:g}")
-    return Sampling(temperature, top_p, top_k, min_p, penalty, msg.seed if msg.HasField("seed") else None,
-                    msg.ignore_eos)
+    return Sampling(
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        penalty,
+        msg.seed if msg.HasField("seed") else None,
+        msg.ignore_eos,
+    )
 
 
 def _messages(chat: inference_pb2.ChatInput) -> tuple[tuple[str, str], ...]:
@@ -185,7 +207,9 @@ def _messages(chat: inference_pb2.ChatInput) -> tuple[tuple[str, str], ...]:
 
 
 @guarded
-def check_input(request: inference_pb2.GenerateRequest) -> tuple[Optional[tuple[tuple[str, str], ...]], Optional[str]]:
+def check_input(
+    request: inference_pb2.GenerateRequest,
+) -> tuple[Optional[tuple[tuple[str, str], ...]], Optional[str]]:
     """(messages, prompt): exactly one is set."""
     kind = request.WhichOneof("input")
     if kind == "chat":
@@ -219,13 +243,15 @@ async def check_output_format_async(request: inference_pb2.GenerateRequest):
     except InvalidRequest:
         raise
     except Exception as exc:  # noqa: BLE001 - as guarded: e.g. the schema worker died on this schema
-        raise InvalidRequest(f"output_format could not be checked ({type(exc).__name__}); simplify the "
-                             "schema") from None
+        raise InvalidRequest(
+            f"output_format could not be checked ({type(exc).__name__}); simplify the schema"
+        ) from None
 
 
 @guarded
-def check_request(request: inference_pb2.GenerateRequest, *, max_tokens: int, max_stop_sequences: int,
-                  where: str) -> None:
+def check_request(
+    request: inference_pb2.GenerateRequest, *, max_tokens: int, max_stop_sequences: int, where: str
+) -> None:
     """Every check both roles share except the output format's (check_output_format_async)."""
     check_sizes(request)
     check_request_id(request.request_id)
@@ -234,8 +260,10 @@ def check_request(request: inference_pb2.GenerateRequest, *, max_tokens: int, ma
     check_counts(request, max_tokens=max_tokens, max_stop_sequences=max_stop_sequences, where=where)
     check_sampling(request.sampling)
     if request.sampling.ignore_eos and request.HasField("output_format"):
-        raise InvalidRequest("sampling.ignore_eos cannot be combined with output_format: a note must end where its "
-                             "schema ends")
+        raise InvalidRequest(
+            "sampling.ignore_eos cannot be combined with output_format: a note must end where its "
+            "schema ends"
+        )
 
 
 def template_budget(request: inference_pb2.GenerateRequest, limit: int) -> int:
@@ -244,17 +272,24 @@ def template_budget(request: inference_pb2.GenerateRequest, limit: int) -> int:
     return min(limit, prompts.budget(request.template.name))
 
 
-def check_counts(request: inference_pb2.GenerateRequest, *, max_tokens: int, max_stop_sequences: int,
-                 where: str) -> None:
+def check_counts(
+    request: inference_pb2.GenerateRequest, *, max_tokens: int, max_stop_sequences: int, where: str
+) -> None:
     """max_tokens, stop sequences and the resume fields; `where` names the server's scope."""
     if request.max_tokens == 0 and request.WhichOneof("input") == "template":
         pass  # the template's budget (template_budget)
     elif not 1 <= request.max_tokens <= max_tokens:
-        raise InvalidRequest(f"max_tokens must be between 1 and {max_tokens} on {where}; got {request.max_tokens}")
+        raise InvalidRequest(
+            f"max_tokens must be between 1 and {max_tokens} on {where}; got {request.max_tokens}"
+        )
     if len(request.stop) > max_stop_sequences:
-        raise InvalidRequest(f"at most {max_stop_sequences} stop sequences are allowed; got {len(request.stop)}")
+        raise InvalidRequest(
+            f"at most {max_stop_sequences} stop sequences are allowed; got {len(request.stop)}"
+        )
     for i, s in enumerate(request.stop):
         if not s or len(s) > MAX_STOP_LEN:
             raise InvalidRequest(f"stop[{i}] must be 1 to {MAX_STOP_LEN} characters")
     if request.HasField("prefix_text_chars") and not request.prefix_token_ids:
-        raise InvalidRequest("prefix_text_chars is set without prefix_token_ids; set both or neither")
+        raise InvalidRequest(
+            "prefix_text_chars is set without prefix_token_ids; set both or neither"
+        )

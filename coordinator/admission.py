@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-from coordinator.fleet import Fleet, NodeEntry
 from cluster.routing import Want, pick
+from coordinator.fleet import Fleet, NodeEntry
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class Admission:
 
     def _place(self, want: Want, tokens: int) -> Optional[NodeEntry]:
         entries = {e.node_id: e for e in self._fleet.routable()}
-        node_id = pick([e.candidate() for e in entries.values()], want, load_factor=self._load_factor)
+        node_id = pick(
+            [e.candidate() for e in entries.values()], want, load_factor=self._load_factor
+        )
         if node_id is None:
             return None
         entry = entries[node_id]
@@ -71,7 +73,9 @@ class Admission:
         load.routed_total += 1
         return entry
 
-    async def acquire(self, want: Want, *, priority: int, tokens: int, timeout_s: Optional[float]) -> NodeEntry:
+    async def acquire(
+        self, want: Want, *, priority: int, tokens: int, timeout_s: Optional[float]
+    ) -> NodeEntry:
         """A node with a reserved place; raises QueueFull or WaitExpired."""
         if not self._heap:
             entry = self._place(want, tokens)

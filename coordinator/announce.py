@@ -46,8 +46,12 @@ class Announcer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - clients with a static list still find it
-            log.warning("coordinator=%s not announced over mDNS (%s: %s); clients need its address",
-                        self._id, type(exc).__name__, exc)
+            log.warning(
+                "coordinator=%s not announced over mDNS (%s: %s); clients need its address",
+                self._id,
+                type(exc).__name__,
+                exc,
+            )
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -61,7 +65,9 @@ class Announcer:
             return
         try:
             if self._registered:
-                await asyncio.wait_for(await zc.async_unregister_service(self._info), GOODBYE_TIMEOUT_S)
+                await asyncio.wait_for(
+                    await zc.async_unregister_service(self._info), GOODBYE_TIMEOUT_S
+                )
         except Exception as exc:  # noqa: BLE001 - a lost goodbye must never block the drain
             log.warning("coordinator=%s mDNS goodbye not sent: %s", self._id, type(exc).__name__)
         finally:
@@ -75,9 +81,19 @@ def announce(settings: CoordinatorSettings, grpc_port: int, openai_port: int) ->
     if host in ("0.0.0.0", "", "::", "*"):
         host = settings.mdns_interface
     interfaces, addresses = interfaces_for(host)
-    txt = {"id": settings.coordinator_id[:48], "fleet": settings.fleet, "openai": str(openai_port or ""),
-           "tls": "0" if settings.plaintext else "1", "api": API_VERSION}
-    info = ServiceInfo(COORDINATOR_SERVICE_TYPE, f"{settings.coordinator_id}.{COORDINATOR_SERVICE_TYPE}",
-                       port=grpc_port, properties=txt, server=f"{settings.coordinator_id}.local.",
-                       parsed_addresses=addresses)
+    txt = {
+        "id": settings.coordinator_id[:48],
+        "fleet": settings.fleet,
+        "openai": str(openai_port or ""),
+        "tls": "0" if settings.plaintext else "1",
+        "api": API_VERSION,
+    }
+    info = ServiceInfo(
+        COORDINATOR_SERVICE_TYPE,
+        f"{settings.coordinator_id}.{COORDINATOR_SERVICE_TYPE}",
+        port=grpc_port,
+        properties=txt,
+        server=f"{settings.coordinator_id}.local.",
+        parsed_addresses=addresses,
+    )
     return Announcer(info, interfaces, settings.coordinator_id)

@@ -14,8 +14,19 @@ from typing import AsyncIterator, Optional
 
 
 class Attempt:
-    __slots__ = ("entry", "call", "evicted", "penalise", "last", "tokens", "_first_s", "_stall_s", "_timer",
-                 "_due", "_paused_at")
+    __slots__ = (
+        "entry",
+        "call",
+        "evicted",
+        "penalise",
+        "last",
+        "tokens",
+        "_first_s",
+        "_stall_s",
+        "_timer",
+        "_due",
+        "_paused_at",
+    )
 
     def __init__(self, entry, *, first_token_s: float, stall_s: float):
         self.entry = entry
@@ -41,7 +52,7 @@ class Attempt:
                 return
             self.progress(len(chunk.token_ids))
             self._paused_at = time.monotonic()
-            yield chunk   # the relay forwards it: the caller may take its time to read it
+            yield chunk  # the relay forwards it: the caller may take its time to read it
             self._resume()
 
     def progress(self, tokens: int) -> None:
@@ -74,7 +85,7 @@ class Attempt:
     def _check(self) -> None:
         self._timer = None
         if self._paused_at is not None:
-            return   # waiting on the caller, not the node: `_resume` re-arms
+            return  # waiting on the caller, not the node: `_resume` re-arms
         limit = self._limit()
         idle = time.monotonic() - self.last
         if idle < limit:
@@ -82,7 +93,9 @@ class Attempt:
             return
         what = "no token" if self.tokens else "no first token"
         # A stall mid-stream is the node's failure; a slow first token may be its queue.
-        self.evict(f"{what} from node {self.entry.node_id} for {idle:.0f}s", penalise=bool(self.tokens))
+        self.evict(
+            f"{what} from node {self.entry.node_id} for {idle:.0f}s", penalise=bool(self.tokens)
+        )
 
     def evict(self, reason: str, *, penalise: bool = False) -> None:
         if self.evicted is None:

@@ -26,7 +26,16 @@ import grpc
 from cluster.api import inference_pb2
 from cluster.security.identity import Identity
 from coordinator.call_context import CallContext
-from coordinator.records import AuditRecord, Caller, CallRecord, Completion, Hop, RequestRecord, Resumed, RunFacts
+from coordinator.records import (
+    AuditRecord,
+    Caller,
+    CallRecord,
+    Completion,
+    Hop,
+    RequestRecord,
+    Resumed,
+    RunFacts,
+)
 from coordinator.request_summary import Outcome
 
 log = logging.getLogger(__name__)
@@ -38,7 +47,7 @@ def canonical_input(request: inference_pb2.GenerateRequest) -> bytes:
     kind = request.WhichOneof("input")
     if kind == "chat":
         body = {"messages": [[m.role, m.content] for m in request.chat.messages]}
-    elif kind == "template":   # the caller's content is the variables (the template is public)
+    elif kind == "template":  # the caller's content is the variables (the template is public)
         t = request.template
         body = {"template": t.name, "version": t.version, "variables": dict(t.variables)}
     else:
@@ -71,8 +80,14 @@ class AuditTrail:
     def _who(self, ident: Optional[Identity], peer: str) -> Caller:
         return Caller.of(ident, peer, self._source)
 
-    def request_record(self, ident: Optional[Identity], peer: str, *, request_id: str,
-                       prompt_digest: Optional[str] = None) -> RequestRecord:
+    def request_record(
+        self,
+        ident: Optional[Identity],
+        peer: str,
+        *,
+        request_id: str,
+        prompt_digest: Optional[str] = None,
+    ) -> RequestRecord:
         return RequestRecord(self._who(ident, peer), request_id, prompt_digest)
 
     async def write(self, record: AuditRecord) -> None:
@@ -96,8 +111,16 @@ class AuditTrail:
             future = self.log.submit(record.to_dict())
             future.add_done_callback(_report_failure)
 
-    def admin_record(self, ident: Optional[Identity], peer: str, action: str, *, outcome: str = Outcome.OK,
-                     code: str = "OK", **details) -> CallRecord:
+    def admin_record(
+        self,
+        ident: Optional[Identity],
+        peer: str,
+        action: str,
+        *,
+        outcome: str = Outcome.OK,
+        code: str = "OK",
+        **details,
+    ) -> CallRecord:
         """`code=""` leaves the code out (an `accepted` record has none yet)."""
         return CallRecord("admin", action, self._who(ident, peer), outcome, code or None, details)
 
@@ -105,14 +128,29 @@ class AuditTrail:
         """An admin call's record, durable when it returns; raises the log's AuditWriteError."""
         await self.write(self.admin_record(ident, peer, action, **fields))
 
-    async def denied(self, ident: Optional[Identity], method: str, code: str, reason: str, *, peer: str = "",
-                     **details) -> None:
+    async def denied(
+        self,
+        ident: Optional[Identity],
+        method: str,
+        code: str,
+        reason: str,
+        *,
+        peer: str = "",
+        **details,
+    ) -> None:
         """A refused call (with its peer when the port knows it; `count` and `window_s` for
         refusals an HTTP port recorded together); durable before the refusal goes out, as
         every other record a caller can look up."""
-        await self.write_or_log(CallRecord("request" if method.endswith("/Generate") else "admin", method,
-                                           self._who(ident, peer), Outcome.DENIED, code,
-                                           {"reason": reason, **details}))
+        await self.write_or_log(
+            CallRecord(
+                "request" if method.endswith("/Generate") else "admin",
+                method,
+                self._who(ident, peer),
+                Outcome.DENIED,
+                code,
+                {"reason": reason, **details},
+            )
+        )
 
 
 def _report_failure(future) -> None:
@@ -128,7 +166,7 @@ class RequestAudit:
     def __init__(self, trail: AuditTrail, record: RequestRecord):
         self.trail = trail
         self.record = record
-        self.written = False   # the end record
+        self.written = False  # the end record
         self._accepted: Optional[asyncio.Future] = None
         self._durable = not trail.on
 
@@ -140,10 +178,19 @@ class RequestAudit:
         """The request continues a stream coordinator `coordinator` started (client failover)."""
         self.record = replace(self.record, resumed=Resumed(coordinator, prefix_tokens))
 
-    def end(self, outcome: Outcome, code: str, *, reason: Optional[str] = None, run: Optional[RunFacts] = None,
-            completion: Optional[Completion] = None) -> RequestRecord:
+    def end(
+        self,
+        outcome: Outcome,
+        code: str,
+        *,
+        reason: Optional[str] = None,
+        run: Optional[RunFacts] = None,
+        completion: Optional[Completion] = None,
+    ) -> RequestRecord:
         self.written = True
-        self.record = self.record.ended(outcome, code, reason=reason, run=run, completion=completion)
+        self.record = self.record.ended(
+            outcome, code, reason=reason, run=run, completion=completion
+        )
         return self.record
 
     def accept(self, hop: Hop) -> None:
@@ -173,7 +220,7 @@ class AuditedCall:
     def __init__(self, context: CallContext, audit: RequestAudit, facts: Callable[[], RunFacts]):
         self._context = context
         self._audit = audit
-        self._facts = facts   # what the end record keeps of the run so far
+        self._facts = facts  # what the end record keeps of the run so far
 
     def peer(self) -> str:
         return self._context.peer()
@@ -184,8 +231,11 @@ class AuditedCall:
     def time_remaining(self) -> Optional[float]:
         return self._context.time_remaining()
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata=()
+    ) -> NoReturn:
         if not self._audit.written:
-            await self._audit.trail.write_or_log(self._audit.end(Outcome.FAILED, code.name, run=self._facts()))
+            await self._audit.trail.write_or_log(
+                self._audit.end(Outcome.FAILED, code.name, run=self._facts())
+            )
         await self._context.abort(code, details, trailing_metadata=trailing_metadata)
-

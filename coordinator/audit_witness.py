@@ -21,8 +21,16 @@ from typing import Callable, Optional
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cluster.api import common_pb2, fleet_pb2, node_pb2
-from cluster.audit.chain import AuditError, HEAD_NAME, fingerprint, head_message, list_files, parse_line, read_head, \
-    signature_ok
+from cluster.audit.chain import (
+    HEAD_NAME,
+    AuditError,
+    fingerprint,
+    head_message,
+    list_files,
+    parse_line,
+    read_head,
+    signature_ok,
+)
 from cluster.logs import fields
 
 log = logging.getLogger(__name__)
@@ -50,16 +58,22 @@ def record_hash_at(directory: Path, seq: int) -> Optional[str]:
 class AuditWitness:
     """Shows nodes the chain's HEAD and checks what they hold. Event loop only."""
 
-    def __init__(self, directory: Path, public_key: Ed25519PublicKey, *, events=None,
-                 on_alarm: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        directory: Path,
+        public_key: Ed25519PublicKey,
+        *,
+        events=None,
+        on_alarm: Optional[Callable[[str], None]] = None,
+    ):
         self._dir = Path(directory)
         self._key = public_key
         self.fingerprint = fingerprint(public_key)
         self._events = events
         self._on_alarm = on_alarm
         self.alarm: Optional[str] = None
-        self._checked: set[tuple[int, str]] = set()     # (link, node id) whose witness was read
-        self._good: set[tuple[int, str]] = set()        # (seq, hash) found in the chain
+        self._checked: set[tuple[int, str]] = set()  # (link, node id) whose witness was read
+        self._good: set[tuple[int, str]] = set()  # (seq, hash) found in the chain
         self._cache: tuple[Optional[tuple[int, int]], Optional[common_pb2.AuditHead]] = (None, None)
 
     def head_for(self, link) -> Optional[common_pb2.AuditHead]:
@@ -80,8 +94,14 @@ class AuditWitness:
             except AuditError:
                 return None
             head = None
-            if doc is not None and doc.get("key") == self.fingerprint and isinstance(doc.get("sig"), str):
-                head = common_pb2.AuditHead(seq=doc["seq"], hash=doc["hash"], sig=doc["sig"], key=doc["key"])
+            if (
+                doc is not None
+                and doc.get("key") == self.fingerprint
+                and isinstance(doc.get("sig"), str)
+            ):
+                head = common_pb2.AuditHead(
+                    seq=doc["seq"], hash=doc["hash"], sig=doc["sig"], key=doc["key"]
+                )
             self._cache = (stamp, head)
         return self._cache[1]
 
@@ -92,7 +112,7 @@ class AuditWitness:
             return
         for head in st.audit_heads:
             if head.key != self.fingerprint:
-                continue   # another coordinator's chain
+                continue  # another coordinator's chain
             problem = await self._check(head, st.node_id)
             if problem:
                 self._raise(problem, st.node_id)
@@ -103,26 +123,39 @@ class AuditWitness:
         if (head.seq, head.hash) in self._good:
             return None
         if not signature_ok(self._key, head.sig, head_message(head.seq, head.hash)):
-            log.warning("node=%s holds an audit HEAD (record %d) whose signature does not verify; ignored",
-                        node_id, head.seq, extra=fields(event="audit.witness_bad_signature", node_id=node_id))
+            log.warning(
+                "node=%s holds an audit HEAD (record %d) whose signature does not verify; ignored",
+                node_id,
+                head.seq,
+                extra=fields(event="audit.witness_bad_signature", node_id=node_id),
+            )
             return None
         found = await asyncio.to_thread(record_hash_at, self._dir, head.seq)
         if found == head.hash:
             self._good.add((head.seq, head.hash))
             return None
         if found is None:
-            return (f"the audit chain in {self._dir} has no record {head.seq}, but node {node_id} holds a HEAD "
-                    f"for it signed by this log's key {self.fingerprint}: the chain's tail was cut (and an older "
-                    "HEAD put back)")
-        return (f"record {head.seq} of the audit chain in {self._dir} differs from the one node {node_id}'s "
-                f"signed HEAD names: the chain was cut back and rewritten from there")
+            return (
+                f"the audit chain in {self._dir} has no record {head.seq}, but node {node_id} holds a HEAD "
+                f"for it signed by this log's key {self.fingerprint}: the chain's tail was cut (and an older "
+                "HEAD put back)"
+            )
+        return (
+            f"record {head.seq} of the audit chain in {self._dir} differs from the one node {node_id}'s "
+            f"signed HEAD names: the chain was cut back and rewritten from there"
+        )
 
     def _raise(self, problem: str, node_id: str) -> None:
-        self.alarm = problem + (". Keep the chain and the nodes' state files as evidence; restore the missing "
-                                "records from backup, or archive this chain and start a new audit directory "
-                                "and signing key")
-        log.critical("AUDIT CHAIN BEHIND A WITNESS: %s", self.alarm,
-                     extra=fields(event="audit.witness_ahead", node_id=node_id))
+        self.alarm = problem + (
+            ". Keep the chain and the nodes' state files as evidence; restore the missing "
+            "records from backup, or archive this chain and start a new audit directory "
+            "and signing key"
+        )
+        log.critical(
+            "AUDIT CHAIN BEHIND A WITNESS: %s",
+            self.alarm,
+            extra=fields(event="audit.witness_ahead", node_id=node_id),
+        )
         if self._events is not None:
             self._events.emit(fleet_pb2.EVENT_KIND_AUDIT, node_id=node_id, reason=self.alarm)
         if self._on_alarm is not None:

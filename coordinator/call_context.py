@@ -23,12 +23,19 @@ class CallContext(Protocol):
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the caller's deadline; None: it set none."""
 
-    async def abort(self, code: grpc.StatusCode, details: str = "",
-                    trailing_metadata: Sequence[tuple[str, str]] = ()) -> NoReturn:
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> NoReturn:
         """End the call with this status (raises grpc.aio.AbortError)."""
 
 
 async def busy(context: CallContext, retry_after_ms: int, message: str) -> NoReturn:
     """RESOURCE_EXHAUSTED with the retry hint in the trailer and the message."""
-    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{message}; retry after {retry_after_ms} ms",
-                        trailing_metadata=((PUSHBACK_KEY, str(retry_after_ms)),))
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{message}; retry after {retry_after_ms} ms",
+        trailing_metadata=((PUSHBACK_KEY, str(retry_after_ms)),),
+    )

@@ -13,20 +13,26 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
-from cluster.config import AdmissionSection, CoordinatorSettings, HealthSection, RolloutSection, http_address
+from cluster.config import (
+    AdmissionSection,
+    CoordinatorSettings,
+    HealthSection,
+    RolloutSection,
+    http_address,
+)
 from cluster.daemon import SERVER_OPTIONS
 from cluster.security.daemon import DaemonSecurity
 from cluster.security.roles import COORDINATOR_HTTP_TABLE, COORDINATOR_TABLE
 from coordinator.admin import FleetAdmin
-from coordinator.audit_trail import AuditTrail
 from coordinator.admission import Admission
+from coordinator.audit_trail import AuditTrail
 from coordinator.discovery import MdnsDiscovery
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.gates import default_gates
-from coordinator.relay import Relay
 from coordinator.headroom import live_headroom
 from coordinator.readiness import Readiness, ReadinessGate
+from coordinator.relay import Relay
 from coordinator.request_summary import Monitor
 from coordinator.rollout_store import RolloutStore
 from coordinator.rollouts import Rollouts, lease_holder
@@ -34,8 +40,9 @@ from coordinator.state import StateDB, url_for
 
 log = logging.getLogger(__name__)
 
-EXIT_AUDIT_BEHIND = 3   # a node witnessed audit records this chain no longer has (coordinator/audit_witness.py)
-
+EXIT_AUDIT_BEHIND = (
+    3  # a node witnessed audit records this chain no longer has (coordinator/audit_witness.py)
+)
 
 
 class Coordinator:
@@ -43,53 +50,91 @@ class Coordinator:
         self.settings = settings
         self.security = security
         self.audit = AuditTrail(audit_log, coordinator_id=settings.coordinator_id)
-        self.authz = security.authorizer(COORDINATOR_TABLE, where=f"coordinator {settings.coordinator_id}",
-                                         on_denied=self._denied)
+        self.authz = security.authorizer(
+            COORDINATOR_TABLE,
+            where=f"coordinator {settings.coordinator_id}",
+            on_denied=self._denied,
+        )
         self.events = EventLog()
         self.exit_code = 0
         self.witness = self._witness(audit_log)
-        self.fleet = Fleet(settings=settings.section(HealthSection), events=self.events, on_change=self._fleet_changed,
-                           tls=security.client, revocations=security.server.revocations if security.server else None,
-                           witness=self.witness)
-        self.admission = Admission(fleet=self.fleet, max_depth=settings.queue_max_depth,
-                                   max_wait_s=settings.queue_max_wait_s,
-                                   load_factor=settings.affinity_load_factor)
+        self.fleet = Fleet(
+            settings=settings.section(HealthSection),
+            events=self.events,
+            on_change=self._fleet_changed,
+            tls=security.client,
+            revocations=security.server.revocations if security.server else None,
+            witness=self.witness,
+        )
+        self.admission = Admission(
+            fleet=self.fleet,
+            max_depth=settings.queue_max_depth,
+            max_wait_s=settings.queue_max_wait_s,
+            load_factor=settings.affinity_load_factor,
+        )
         self.monitor = Monitor()
-        self.headroom = live_headroom(settings, self.fleet)   # docs/capacity.md "Live headroom"
+        self.headroom = live_headroom(settings, self.fleet)  # docs/capacity.md "Live headroom"
         self.monitor.sinks.append(self.headroom.observe)
-        self.relay = Relay(settings=settings.section(AdmissionSection), coordinator_id=settings.coordinator_id,
-                           fleet=self.fleet, admission=self.admission, events=self.events,
-                           identify=self.authz.peer, audit=self.audit, monitor=self.monitor)
+        self.relay = Relay(
+            settings=settings.section(AdmissionSection),
+            coordinator_id=settings.coordinator_id,
+            fleet=self.fleet,
+            admission=self.admission,
+            events=self.events,
+            identify=self.authz.peer,
+            audit=self.audit,
+            monitor=self.monitor,
+        )
         # Rollouts and their lease, API tokens, the request log (docs/state.md); migrated on open.
         self.state = StateDB(url_for(settings.state_url, settings.state_db))
         log.info("coordinator=%s state database %s", settings.coordinator_id, self.state.shown)
         rollout = settings.section(RolloutSection)
-        self.rollouts = Rollouts(settings=rollout, holder=lease_holder(settings), probe_timeout_s=settings.probe_timeout_s,
-                                 fleet=self.fleet, events=self.events, gates=default_gates(rollout),
-                                 store=RolloutStore(self.state),
-                                 audit=self.audit)
+        self.rollouts = Rollouts(
+            settings=rollout,
+            holder=lease_holder(settings),
+            probe_timeout_s=settings.probe_timeout_s,
+            fleet=self.fleet,
+            events=self.events,
+            gates=default_gates(rollout),
+            store=RolloutStore(self.state),
+            audit=self.audit,
+        )
         self.metrics = None
         if settings.metrics:
             from coordinator.metrics import CoordinatorMetrics
 
-            self.metrics = CoordinatorMetrics(coordinator_id=settings.coordinator_id, fleet=self.fleet,
-                                              relay=self.relay, rollouts=self.rollouts, audit=self.audit,
-                                              events=self.events, headroom=self.headroom)
+            self.metrics = CoordinatorMetrics(
+                coordinator_id=settings.coordinator_id,
+                fleet=self.fleet,
+                relay=self.relay,
+                rollouts=self.rollouts,
+                audit=self.audit,
+                events=self.events,
+                headroom=self.headroom,
+            )
             self.monitor.sinks.append(self.metrics.request_ended)
         # Ready: the state database answers and a node is routable (docs/ha.md "Readiness").
-        self.readiness = Readiness(state=self.state, fleet=self.fleet, interval_s=settings.readiness_interval_s,
-                                   timeout_s=settings.readiness_timeout_s, on_change=self._readiness_changed,
-                                   metrics=self.metrics, where=f"coordinator {settings.coordinator_id}")
-        self.announcer = None   # its mDNS announcement for clients (coordinator/announce.py)
+        self.readiness = Readiness(
+            state=self.state,
+            fleet=self.fleet,
+            interval_s=settings.readiness_interval_s,
+            timeout_s=settings.readiness_timeout_s,
+            on_change=self._readiness_changed,
+            metrics=self.metrics,
+            where=f"coordinator {settings.coordinator_id}",
+        )
+        self.announcer = None  # its mDNS announcement for clients (coordinator/announce.py)
         self.request_log = None
         if settings.request_log:
             from coordinator.request_log import RequestLog
 
-            self.request_log = RequestLog(self.state, retention_days=settings.request_log_retention_days)
+            self.request_log = RequestLog(
+                self.state, retention_days=settings.request_log_retention_days
+            )
             self.monitor.sinks.append(self.request_log.record)
-        self.http = None   # the monitoring port (start)
-        self.api = None    # the OpenAI-compatible front door (start)
-        self.tokens = None   # its bearer tokens (coordinator/api_tokens.py)
+        self.http = None  # the monitoring port (start)
+        self.api = None  # the OpenAI-compatible front door (start)
+        self.tokens = None  # its bearer tokens (coordinator/api_tokens.py)
         if http_address(settings.listen, settings.openai_listen, 2) is not None:
             from coordinator.api_tokens import TokenStore
 
@@ -117,14 +162,20 @@ class Coordinator:
 
         s = self.settings
         key = load_public_key((s.audit_key_dir or default_key_dir(s.audit_dir)) / "signing.pub")
-        return AuditWitness(audit_log.directory, key, events=self.events, on_alarm=self._audit_alarm)
+        return AuditWitness(
+            audit_log.directory, key, events=self.events, on_alarm=self._audit_alarm
+        )
 
     def _audit_alarm(self, message: str) -> None:
         """The chain is behind what a node witnessed: stop serving (unless told only to alert)."""
         if not self.settings.audit_witness_refuse:
             return
-        log.critical("coordinator=%s stops: its audit chain lacks records a node witnessed (exit %d); "
-                     "see the AUDIT CHAIN BEHIND A WITNESS line", self.settings.coordinator_id, EXIT_AUDIT_BEHIND)
+        log.critical(
+            "coordinator=%s stops: its audit chain lacks records a node witnessed (exit %d); "
+            "see the AUDIT CHAIN BEHIND A WITNESS line",
+            self.settings.coordinator_id,
+            EXIT_AUDIT_BEHIND,
+        )
         self.exit_code = EXIT_AUDIT_BEHIND
         asyncio.get_running_loop().create_task(self.shutdown())
 
@@ -135,7 +186,11 @@ class Coordinator:
     def _readiness_changed(self, ready: bool, _reason: str) -> None:
         """The Inference service's health follows readiness; "" stays SERVING (liveness)."""
         if self._server is not None and not self.stopping:
-            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             asyncio.get_running_loop().create_task(self._health.set(INFERENCE_SERVICE, status))
 
     async def start(self) -> int:
@@ -145,33 +200,56 @@ class Coordinator:
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self.authz, gate])
         inference_pb2_grpc.add_InferenceServicer_to_server(self.relay, server)
         fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetAdmin(fleet=self.fleet, admission=self.admission, events=self.events, relay=self.relay,
-                       identify=self.authz.peer, audit=self.audit, rollouts=self.rollouts, settings=s,
-                       request_log=self.request_log, http=lambda: self.http, tokens=self.tokens,
-                       headroom=self.headroom), server)
+            FleetAdmin(
+                fleet=self.fleet,
+                admission=self.admission,
+                events=self.events,
+                relay=self.relay,
+                identify=self.authz.peer,
+                audit=self.audit,
+                rollouts=self.rollouts,
+                settings=s,
+                request_log=self.request_log,
+                http=lambda: self.http,
+                tokens=self.tokens,
+                headroom=self.headroom,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, FLEET_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+            (
+                INFERENCE_SERVICE,
+                FLEET_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
         port = self.security.bind(server, s.listen)
         if not port:
             raise OSError(f"coordinator {s.coordinator_id}: cannot listen on {s.listen}")
-        await self._start_http()   # before anything runs: a port clash ends the start cleanly
+        await self._start_http()  # before anything runs: a port clash ends the start cleanly
         await self._start_api()
         await server.start()
         self._server = server
         for service in ("", FLEET_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.readiness.start()   # sets the Inference service's health
+        self.readiness.start()  # sets the Inference service's health
         for address in s.nodes:
             self.fleet.add(address, source="static")
         if s.mdns:
-            self.discovery = MdnsDiscovery(fleet=self.fleet, fleet_name=s.fleet, interface=s.mdns_interface)
+            self.discovery = MdnsDiscovery(
+                fleet=self.fleet, fleet_name=s.fleet, interface=s.mdns_interface
+            )
             try:
                 await self.discovery.start()
             except Exception as exc:  # noqa: BLE001 - static nodes still work without multicast
-                log.warning("mDNS discovery unavailable (%s: %s); only --node addresses are used",
-                            type(exc).__name__, exc)
+                log.warning(
+                    "mDNS discovery unavailable (%s: %s); only --node addresses are used",
+                    type(exc).__name__,
+                    exc,
+                )
                 self.discovery = None
         self.rollouts.resume_pending()
         if s.mdns and s.mdns_announce:
@@ -190,10 +268,15 @@ class Coordinator:
         from cluster.http_server import DashboardSessions, MonitorHTTP
         from coordinator import dashboard
 
-        self.http = MonitorHTTP(listen=listen, security=self.security, table=COORDINATOR_HTTP_TABLE,
-                                where=f"coordinator {s.coordinator_id}",
-                                sessions=DashboardSessions(s.dashboard_idle_timeout_s),
-                                on_denied=self._denied, limits=HttpLimits.of(s))
+        self.http = MonitorHTTP(
+            listen=listen,
+            security=self.security,
+            table=COORDINATOR_HTTP_TABLE,
+            where=f"coordinator {s.coordinator_id}",
+            sessions=DashboardSessions(s.dashboard_idle_timeout_s),
+            on_denied=self._denied,
+            limits=HttpLimits.of(s),
+        )
         if self.metrics is not None:
             from cluster.http_server import metrics_route
 
@@ -210,13 +293,21 @@ class Coordinator:
         from cluster.http_guard import HttpLimits
         from coordinator.openai_http import FrontDoor
 
-        self.api = FrontDoor(listen=listen, security=self.security, where=f"coordinator {s.coordinator_id}",
-                             relay=self.relay, fleet=self.fleet, tokens=self.tokens,
-                             default_max_tokens=min(s.openai_default_max_tokens, s.max_tokens_limit),
-                             max_body=s.openai_max_body_kb * 1024, audit=self.audit,
-                             on_denied=self._denied, limits=HttpLimits.of(s),
-                             responses=self.metrics.api_responses if self.metrics is not None else None,
-                             readiness=self.readiness)
+        self.api = FrontDoor(
+            listen=listen,
+            security=self.security,
+            where=f"coordinator {s.coordinator_id}",
+            relay=self.relay,
+            fleet=self.fleet,
+            tokens=self.tokens,
+            default_max_tokens=min(s.openai_default_max_tokens, s.max_tokens_limit),
+            max_body=s.openai_max_body_kb * 1024,
+            audit=self.audit,
+            on_denied=self._denied,
+            limits=HttpLimits.of(s),
+            responses=self.metrics.api_responses if self.metrics is not None else None,
+            readiness=self.readiness,
+        )
         try:
             await self.api.start()
         except OSError:
@@ -238,11 +329,17 @@ class Coordinator:
         await self.readiness.close()
         if self.announcer is not None:
             await self.announcer.close()
-        log.info("coordinator=%s shutting down: %d requests in flight, grace %.1fs",
-                 self.settings.coordinator_id, self.relay.in_flight, grace)
+        log.info(
+            "coordinator=%s shutting down: %d requests in flight, grace %.1fs",
+            self.settings.coordinator_id,
+            self.relay.in_flight,
+            grace,
+        )
         # Both doors close at once; requests in flight on either finish within the grace.
-        await asyncio.gather(*([self._server.stop(grace)] if self._server is not None else []),
-                             *([self.api.close(grace)] if self.api is not None else []))
+        await asyncio.gather(
+            *([self._server.stop(grace)] if self._server is not None else []),
+            *([self.api.close(grace)] if self.api is not None else []),
+        )
         if self.discovery is not None:
             await self.discovery.close()
         await self.rollouts.close()

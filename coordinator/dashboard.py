@@ -77,15 +77,29 @@ def snapshot(co: Source) -> dict:
     return {
         "coordinator": co.settings.coordinator_id,
         "time": time.time(),
-        "totals": {"nodes": len(nodes), "routable": sum(n["routable"] for n in nodes), "queued": t.queued,
-                   "running": t.running, "tokens_per_s": round(t.tokens_per_s, 1),
-                   "request_log": co.request_log is not None},
+        "totals": {
+            "nodes": len(nodes),
+            "routable": sum(n["routable"] for n in nodes),
+            "queued": t.queued,
+            "running": t.running,
+            "tokens_per_s": round(t.tokens_per_s, 1),
+            "request_log": co.request_log is not None,
+        },
         "nodes": nodes,
-        "traffic": [{"start": b.start, "requests": b.requests, "errors": b.errors, "rejected": b.rejected,
-                     "tokens": b.tokens,
-                     "tokens_per_s": round(b.tokens / t.bucket_s, 2), "ttft_p50_ms": round(b.ttft_p50_ms, 1),
-                     "ttft_p95_ms": round(b.ttft_p95_ms, 1), "latency_p95_ms": round(b.latency_p95_ms, 1)}
-                    for b in t.buckets],
+        "traffic": [
+            {
+                "start": b.start,
+                "requests": b.requests,
+                "errors": b.errors,
+                "rejected": b.rejected,
+                "tokens": b.tokens,
+                "tokens_per_s": round(b.tokens / t.bucket_s, 2),
+                "ttft_p50_ms": round(b.ttft_p50_ms, 1),
+                "ttft_p95_ms": round(b.ttft_p95_ms, 1),
+                "latency_p95_ms": round(b.latency_p95_ms, 1),
+            }
+            for b in t.buckets
+        ],
         "events": [_event(e) for e in co.events.history()[-EVENTS:]][::-1],
         "rollout": _rollout(co),
         "capacity": _capacity(co.headroom.snapshot()),
@@ -96,10 +110,18 @@ def _capacity(h) -> dict:
     """The live headroom card (docs/capacity.md "Live headroom"); None for an infinite p95
     (JSON has no infinity): the fleet cannot keep up."""
     finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
-    return {"known": h.known, "line": h.line(), "arrival_rate_per_s": h.arrival_rate_per_s,
-            "predicted_p95_s": finite(h.predicted_p95_s) if h.known else None, "sla_p95_s": h.sla_p95_s,
-            "sla_rate_per_s": h.sla_rate_per_s, "headroom_per_s": h.headroom_per_s, "sla_met": h.sla_met,
-            "profiled_nodes": h.profiled_nodes, "unprofiled_nodes": h.unprofiled_nodes}
+    return {
+        "known": h.known,
+        "line": h.line(),
+        "arrival_rate_per_s": h.arrival_rate_per_s,
+        "predicted_p95_s": finite(h.predicted_p95_s) if h.known else None,
+        "sla_p95_s": h.sla_p95_s,
+        "sla_rate_per_s": h.sla_rate_per_s,
+        "headroom_per_s": h.headroom_per_s,
+        "sla_met": h.sla_met,
+        "profiled_nodes": h.profiled_nodes,
+        "unprofiled_nodes": h.unprofiled_nodes,
+    }
 
 
 def _node(n: fleet_pb2.FleetNode) -> dict:
@@ -108,22 +130,40 @@ def _node(n: fleet_pb2.FleetNode) -> dict:
     used = mem.engine_active_bytes or mem.process_rss_bytes
     gpu_total = sum(g.memory_total_bytes for g in mem.gpus)
     return {
-        "id": st.node_id or n.address, "address": n.address, "engine": st.model.engine or "-",
-        "state": common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_") if n.HasField("status") else "-",
-        "cordoned": st.cordoned, "health": fleet_pb2.NodeHealth.Name(n.health).removeprefix("NODE_HEALTH_"),
-        "reason": n.health_reason if n.health != fleet_pb2.NODE_HEALTH_HEALTHY else st.lifecycle_reason,
+        "id": st.node_id or n.address,
+        "address": n.address,
+        "engine": st.model.engine or "-",
+        "state": common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_")
+        if n.HasField("status")
+        else "-",
+        "cordoned": st.cordoned,
+        "health": fleet_pb2.NodeHealth.Name(n.health).removeprefix("NODE_HEALTH_"),
+        "reason": n.health_reason
+        if n.health != fleet_pb2.NODE_HEALTH_HEALTHY
+        else st.lifecycle_reason,
         "routable": n.routable,
-        "model": f"{st.model.model_id}@{st.model.version}" if st.model.version else st.model.model_id or "-",
-        "digest": st.model.weights_digest[7:19], "running": st.load.running, "queued": st.load.queued,
-        "in_flight": n.in_flight, "tokens_per_s": round(st.load.decode_tokens_per_s, 1),
+        "model": f"{st.model.model_id}@{st.model.version}"
+        if st.model.version
+        else st.model.model_id or "-",
+        "digest": st.model.weights_digest[7:19],
+        "running": st.load.running,
+        "queued": st.load.queued,
+        "in_flight": n.in_flight,
+        "tokens_per_s": round(st.load.decode_tokens_per_s, 1),
         "memory_used": sum(g.memory_used_bytes for g in mem.gpus) if gpu_total else used,
-        "memory_total": gpu_total or mem.total_bytes, "status_age_s": round(n.last_status_age_s, 1),
+        "memory_total": gpu_total or mem.total_bytes,
+        "status_age_s": round(n.last_status_age_s, 1),
     }
 
 
 def _event(e: fleet_pb2.FleetEvent) -> dict:
-    out = {"seq": e.seq, "time": e.time_unix_s, "kind": fleet_pb2.EventKind.Name(e.kind).removeprefix("EVENT_KIND_")
-           .lower(), "node": e.node_id or e.address, "reason": e.reason}
+    out = {
+        "seq": e.seq,
+        "time": e.time_unix_s,
+        "kind": fleet_pb2.EventKind.Name(e.kind).removeprefix("EVENT_KIND_").lower(),
+        "node": e.node_id or e.address,
+        "reason": e.reason,
+    }
     for key in ("request_id", "to_node_id", "rollout_id", "step"):
         if getattr(e, key, ""):
             out[key] = getattr(e, key)
@@ -137,6 +177,10 @@ def _rollout(co: Source) -> dict | None:
     steps: dict[str, int] = {}
     for n in row.nodes:
         steps[n.step] = steps.get(n.step, 0) + 1
-    return {"id": row.id, "state": row.state, "message": row.message, "steps": steps,
-            "nodes": [{"node": n.node_id, "step": n.step} for n in row.nodes]}
-
+    return {
+        "id": row.id,
+        "state": row.state,
+        "message": row.message,
+        "steps": steps,
+        "nodes": [{"node": n.node_id, "step": n.step} for n in row.nodes],
+    }

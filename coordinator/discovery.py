@@ -33,18 +33,28 @@ class MdnsDiscovery:
         self._interface = interface
         self._zc: Optional[AsyncZeroconf] = None
         self._browser: Optional[AsyncServiceBrowser] = None
-        self._where: dict[str, str] = {}   # instance name -> address in use
-        self._seen: dict[str, set[str]] = {}   # instance name -> every address it announced (a goodbye probes each)
-        self._removals: dict[str, int] = {}  # instance name -> goodbyes seen (a resolve in flight checks it)
+        self._where: dict[str, str] = {}  # instance name -> address in use
+        self._seen: dict[
+            str, set[str]
+        ] = {}  # instance name -> every address it announced (a goodbye probes each)
+        self._removals: dict[
+            str, int
+        ] = {}  # instance name -> goodbyes seen (a resolve in flight checks it)
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         interfaces, _ = interfaces_for(self._interface)
         self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IP_VERSION)
-        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
-        log.info("browsing mDNS for %s (fleet %s) on %s", SERVICE_TYPE, self._fleet_name, self._interface)
+        self._browser = AsyncServiceBrowser(
+            self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
+        )
+        log.info(
+            "browsing mDNS for %s (fleet %s) on %s", SERVICE_TYPE, self._fleet_name, self._interface
+        )
 
-    def _on_change(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+    def _on_change(
+        self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         if state_change is ServiceStateChange.Removed:
             self._removals[name] = self._removals.get(name, 0) + 1
             self._where.pop(name, None)
@@ -68,20 +78,34 @@ class MdnsDiscovery:
         if advert is None or not addresses:
             return
         if advert.fleet != self._fleet_name:
-            log.debug("mDNS: %s belongs to fleet %s, not %s; ignored", name, advert.fleet, self._fleet_name)
+            log.debug(
+                "mDNS: %s belongs to fleet %s, not %s; ignored",
+                name,
+                advert.fleet,
+                self._fleet_name,
+            )
             return
-        if not NAME_RE.fullmatch(advert.node_id):   # no certificate could ever prove it
-            log.info("mDNS: %s announces a node id that is not a valid certificate name; ignored", name)
+        if not NAME_RE.fullmatch(advert.node_id):  # no certificate could ever prove it
+            log.info(
+                "mDNS: %s announces a node id that is not a valid certificate name; ignored", name
+            )
             return
         announced = [f"{a}:{info.port}" for a in addresses]
         old = self._where.get(name)
         # A host announces every interface's address: keep the one in use while it is still
         # announced, so a TXT update never looks like a move; else prefer a routable one.
-        address = old if old in announced else min(announced, key=lambda a: a.startswith("169.254."))
+        address = (
+            old if old in announced else min(announced, key=lambda a: a.startswith("169.254."))
+        )
         self._where[name] = address
         self._seen.setdefault(name, set()).add(address)
-        self._fleet.add(address, source="mdns", mdns_name=name, moved_from=old if old != address else "",
-                        claimed_id=advert.node_id)
+        self._fleet.add(
+            address,
+            source="mdns",
+            mdns_name=name,
+            moved_from=old if old != address else "",
+            claimed_id=advert.node_id,
+        )
 
     async def close(self) -> None:
         for task in list(self._tasks):

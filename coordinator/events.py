@@ -27,17 +27,35 @@ class EventLog:
         self._seq = itertools.count(1)
         self._history: collections.deque[fleet_pb2.FleetEvent] = collections.deque(maxlen=HISTORY)
         self._subscribers: set[asyncio.Queue] = set()
-        self.listeners: list[Callable[[fleet_pb2.FleetEvent], None]] = []   # e.g. the metrics' counters
+        self.listeners: list[
+            Callable[[fleet_pb2.FleetEvent], None]
+        ] = []  # e.g. the metrics' counters
 
-    def emit(self, kind: int, *, node_id: str = "", address: str = "", reason: str = "",
-             **extra) -> fleet_pb2.FleetEvent:
-        event = fleet_pb2.FleetEvent(seq=next(self._seq), time_unix_s=time.time(), kind=kind,
-                                     node_id=node_id, address=address, reason=reason, **extra)
+    def emit(
+        self, kind: int, *, node_id: str = "", address: str = "", reason: str = "", **extra
+    ) -> fleet_pb2.FleetEvent:
+        event = fleet_pb2.FleetEvent(
+            seq=next(self._seq),
+            time_unix_s=time.time(),
+            kind=kind,
+            node_id=node_id,
+            address=address,
+            reason=reason,
+            **extra,
+        )
         self._history.append(event)
         name = fleet_pb2.EventKind.Name(kind).removeprefix("EVENT_KIND_").lower()
-        log.info("event=%s node=%s address=%s%s reason=%r", name, node_id or "-", address or "-",
-                 "".join(f" {k}={v}" for k, v in extra.items()), reason,
-                 extra=fields(event=f"fleet.{name}", node_id=node_id, address=address, reason=reason, **extra))
+        log.info(
+            "event=%s node=%s address=%s%s reason=%r",
+            name,
+            node_id or "-",
+            address or "-",
+            "".join(f" {k}={v}" for k, v in extra.items()),
+            reason,
+            extra=fields(
+                event=f"fleet.{name}", node_id=node_id, address=address, reason=reason, **extra
+            ),
+        )
         for listener in self.listeners:
             listener(event)
         for queue in list(self._subscribers):

@@ -35,7 +35,7 @@ K = fleet_pb2
 # An announced node unreachable this long (and no longer announced) is forgotten.
 FORGET_UNREACHABLE_S = 300.0
 WATCH_BACKOFF_S = (0.2, 2.0)
-CLAIM_RECHECK_S = 30.0   # a refused claim (address, id) is verified again at most this often
+CLAIM_RECHECK_S = 30.0  # a refused claim (address, id) is verified again at most this often
 MAX_CLAIMS_IN_FLIGHT = 8
 
 
@@ -43,36 +43,56 @@ MAX_CLAIMS_IN_FLIGHT = 8
 class _Monitor:
     """The monitor's own state for one entry: its tasks and its probe bookkeeping."""
 
-    tasks: list = field(default_factory=list)   # [the status poll, then the health Watch]
-    poke: asyncio.Event = field(default_factory=asyncio.Event)   # probe now
-    goodbye: bool = False            # mDNS said it left
-    moved_from: tuple = ()           # (address, node id) this announcement says it moved from
+    tasks: list = field(default_factory=list)  # [the status poll, then the health Watch]
+    poke: asyncio.Event = field(default_factory=asyncio.Event)  # probe now
+    goodbye: bool = False  # mDNS said it left
+    moved_from: tuple = ()  # (address, node id) this announcement says it moved from
     unreachable_since: Optional[float] = None
-    crl_generation: int = -1         # the revocation list this node's certificate was last checked against
+    crl_generation: int = -1  # the revocation list this node's certificate was last checked against
 
 
 class Fleet:
     """Entries by address; verified ones also by node id. Runs on the event loop only."""
 
-    def __init__(self, *, settings: HealthSection, events: EventLog, on_change: Callable[[], None], tls=None,
-                 revocations=None, clock: Callable[[], float] = time.monotonic, witness=None):
+    def __init__(
+        self,
+        *,
+        settings: HealthSection,
+        events: EventLog,
+        on_change: Callable[[], None],
+        tls=None,
+        revocations=None,
+        clock: Callable[[], float] = time.monotonic,
+        witness=None,
+    ):
         self._s = settings
-        self._tls = tls                  # the coordinator's client credentials; None = plaintext
+        self._tls = tls  # the coordinator's client credentials; None = plaintext
         self._revocations = revocations  # the fleet's crl.pem, for the certificates nodes serve
         self._events = events
         self._on_change = on_change
         self._clock = clock
-        self.witness = witness           # coordinator.audit_witness.AuditWitness: nodes keep the audit HEAD
+        self.witness = witness  # coordinator.audit_witness.AuditWitness: nodes keep the audit HEAD
         self._policy = hp.Policy.from_settings(settings)
         self.entries: dict[str, NodeEntry] = {}
-        self._monitors: dict[NodeEntry, _Monitor] = {}   # per entry in `entries`
-        self._claims: dict[tuple[str, str], asyncio.Task] = {}  # (address, claimed id) being verified
-        self._refused_claims: dict[tuple[str, str], float] = {}  # ... that failed: not re-checked until
+        self._monitors: dict[NodeEntry, _Monitor] = {}  # per entry in `entries`
+        self._claims: dict[
+            tuple[str, str], asyncio.Task
+        ] = {}  # (address, claimed id) being verified
+        self._refused_claims: dict[
+            tuple[str, str], float
+        ] = {}  # ... that failed: not re-checked until
         self._closed = False
 
     # -- membership -------------------------------------------------------------------
-    def add(self, address: str, *, source: str, mdns_name: str = "", moved_from: str = "",
-            claimed_id: str = "") -> NodeEntry:
+    def add(
+        self,
+        address: str,
+        *,
+        source: str,
+        mdns_name: str = "",
+        moved_from: str = "",
+        claimed_id: str = "",
+    ) -> NodeEntry:
         """A node is (claimed to be) at `address`; connect and verify before routing to it.
         `moved_from`: the address the same announcement used before (mDNS); `claimed_id`:
         the node id it announced, which its certificate must name."""
@@ -90,14 +110,20 @@ class Fleet:
             self._see(entry, mdns_name=mdns_name or entry.mdns_name)
             self.poke(entry)
             return entry
-        entry = NodeEntry(address=address, source=source,
-                          link=NodeLink(address, self._tls, claimed_id, self.witness),
-                          view=NodeView(mdns_name=mdns_name))
+        entry = NodeEntry(
+            address=address,
+            source=source,
+            link=NodeLink(address, self._tls, claimed_id, self.witness),
+            view=NodeView(mdns_name=mdns_name),
+        )
         mon = _Monitor(moved_from=(moved_from, previous.node_id) if previous is not None else ())
         self.entries[address] = entry
         self._monitors[entry] = mon
-        self._events.emit(K.EVENT_KIND_DISCOVERED, address=address,
-                          reason=f"{source}{' ' + mdns_name if mdns_name else ''}")
+        self._events.emit(
+            K.EVENT_KIND_DISCOVERED,
+            address=address,
+            reason=f"{source}{' ' + mdns_name if mdns_name else ''}",
+        )
         mon.tasks.append(asyncio.get_running_loop().create_task(self._monitor(entry)))
         return entry
 
@@ -116,19 +142,32 @@ class Fleet:
         key = (entry.address, claimed_id)
         if key in self._claims or self._clock() < self._refused_claims.get(key, 0.0):
             return
-        if len(self._claims) >= MAX_CLAIMS_IN_FLIGHT:   # a flood of claims costs a few connections, no more
-            log.warning("address=%s claim not verified now: %d claims are being verified", entry.address,
-                        len(self._claims))
+        if (
+            len(self._claims) >= MAX_CLAIMS_IN_FLIGHT
+        ):  # a flood of claims costs a few connections, no more
+            log.warning(
+                "address=%s claim not verified now: %d claims are being verified",
+                entry.address,
+                len(self._claims),
+            )
             return
-        task = asyncio.get_running_loop().create_task(self._prove_claim(entry, claimed_id, mdns_name))
+        task = asyncio.get_running_loop().create_task(
+            self._prove_claim(entry, claimed_id, mdns_name)
+        )
         self._claims[key] = task
         task.add_done_callback(lambda _t: self._claims.pop(key, None))
 
     async def _prove_claim(self, entry: NodeEntry, claimed_id: str, mdns_name: str) -> None:
-        link = NodeLink(entry.address, self._tls, claimed_id)   # its own channel: the entry's is untouched
+        link = NodeLink(
+            entry.address, self._tls, claimed_id
+        )  # its own channel: the entry's is untouched
         try:
             st = await link.status(self._s.probe_timeout_s)
-            why = "" if st.node_id == claimed_id else f"the node there reports {st.node_id or 'no id'}"
+            why = (
+                ""
+                if st.node_id == claimed_id
+                else f"the node there reports {st.node_id or 'no id'}"
+            )
         except grpc.aio.AioRpcError as err:
             why = tls_refusal(err.details()) or f"{err.code().name}: {err.details()}"
         finally:
@@ -139,13 +178,21 @@ class Fleet:
             now = self._clock()
             self._refused_claims = {k: t for k, t in self._refused_claims.items() if t > now}
             self._refused_claims[(entry.address, claimed_id)] = now + CLAIM_RECHECK_S
-            self._events.emit(K.EVENT_KIND_REJECTED, node_id=claimed_id, address=entry.address,
-                              reason=f"an mDNS announcement{' (' + mdns_name + ')' if mdns_name else ''} claims "
-                                     f"node {claimed_id} at this address, but it could not prove it ({why}); "
-                                     f"the entry serving here ({entry.label}) is unchanged")
+            self._events.emit(
+                K.EVENT_KIND_REJECTED,
+                node_id=claimed_id,
+                address=entry.address,
+                reason=f"an mDNS announcement{' (' + mdns_name + ')' if mdns_name else ''} claims "
+                f"node {claimed_id} at this address, but it could not prove it ({why}); "
+                f"the entry serving here ({entry.label}) is unchanged",
+            )
             return
-        log.info("node=%s address=%s proved it now serves here; re-verifying the entry", claimed_id, entry.address)
-        entry.link.bind(claimed_id)   # proved: the next probe re-verifies the entry as the new node
+        log.info(
+            "node=%s address=%s proved it now serves here; re-verifying the entry",
+            claimed_id,
+            entry.address,
+        )
+        entry.link.bind(claimed_id)  # proved: the next probe re-verifies the entry as the new node
         self._see(entry, mdns_name=mdns_name or entry.mdns_name)
         self.poke(entry)
 
@@ -163,7 +210,11 @@ class Fleet:
         """mDNS says the node left: confirm with a probe; remove it if it stopped answering.
         A goodbye for another instance name than the entry's is ignored."""
         entry = self.entries.get(address)
-        if entry is not None and entry.source == "mdns" and (not mdns_name or mdns_name == entry.mdns_name):
+        if (
+            entry is not None
+            and entry.source == "mdns"
+            and (not mdns_name or mdns_name == entry.mdns_name)
+        ):
             self._monitors[entry].goodbye = True
             log.info("node=%s address=%s mDNS goodbye (%s); probing", entry.label, address, reason)
             self.poke(entry)
@@ -178,7 +229,9 @@ class Fleet:
             if task is not asyncio.current_task():
                 task.cancel()
         await entry.link.close()
-        self._events.emit(K.EVENT_KIND_LEFT, node_id=entry.node_id, address=entry.address, reason=reason)
+        self._events.emit(
+            K.EVENT_KIND_LEFT, node_id=entry.node_id, address=entry.address, reason=reason
+        )
         self._on_change()
 
     async def close(self) -> None:
@@ -195,8 +248,14 @@ class Fleet:
     # -- reads ------------------------------------------------------------------------
     def by_id(self, node_id: str) -> Optional[NodeEntry]:
         """The verified entry with this id that is not REJECTED."""
-        return next((e for e in self.entries.values()
-                     if e.node_id == node_id and e.health.verdict is not hp.Verdict.REJECTED), None)
+        return next(
+            (
+                e
+                for e in self.entries.values()
+                if e.node_id == node_id and e.health.verdict is not hp.Verdict.REJECTED
+            ),
+            None,
+        )
 
     def routable(self) -> list[NodeEntry]:
         return [e for e in self.entries.values() if e.routable]
@@ -208,30 +267,50 @@ class Fleet:
             asyncio.get_running_loop().create_task(self._observe(entry, st))
 
     # -- signals ----------------------------------------------------------------------
-    def report_failure(self, entry: NodeEntry, reason: str, *, hard: bool,
-                       source: hp.Source = hp.Source.REQUEST) -> None:
+    def report_failure(
+        self, entry: NodeEntry, reason: str, *, hard: bool, source: hp.Source = hp.Source.REQUEST
+    ) -> None:
         """A failure seen while routing (passive health), or by the monitor (`source`)."""
         if self.entries.get(entry.address) is entry:
             last = not any(e is not entry and e.routable for e in self.entries.values())
-            self._set_health(entry, hp.on_failure(entry.health, source=source, reason=reason, hard=hard,
-                                                  now=self._clock(), last_healthy=last, policy=self._policy))
+            self._set_health(
+                entry,
+                hp.on_failure(
+                    entry.health,
+                    source=source,
+                    reason=reason,
+                    hard=hard,
+                    now=self._clock(),
+                    last_healthy=last,
+                    policy=self._policy,
+                ),
+            )
             self.poke(entry)
 
     def report_success(self, entry: NodeEntry, source: hp.Source = hp.Source.REQUEST) -> None:
-        self._set_health(entry, hp.on_success(entry.health, source=source, now=self._clock(), policy=self._policy))
+        self._set_health(
+            entry,
+            hp.on_success(entry.health, source=source, now=self._clock(), policy=self._policy),
+        )
 
     def _set_health(self, entry: NodeEntry, new: hp.Health) -> None:
         old = entry.health
         self._see(entry, health=new)
         if new.verdict is old.verdict:
             return
-        kind = {hp.Verdict.EJECTED: K.EVENT_KIND_EJECTED, hp.Verdict.REJECTED: K.EVENT_KIND_REJECTED}.get(
-            new.verdict, K.EVENT_KIND_STATE_CHANGED)
+        kind = {
+            hp.Verdict.EJECTED: K.EVENT_KIND_EJECTED,
+            hp.Verdict.REJECTED: K.EVENT_KIND_REJECTED,
+        }.get(new.verdict, K.EVENT_KIND_STATE_CHANGED)
         if new.verdict is hp.Verdict.HEALTHY and old.verdict is hp.Verdict.PROBING:
             kind = K.EVENT_KIND_READMITTED
         if kind != K.EVENT_KIND_STATE_CHANGED or old.verdict is not hp.Verdict.PENDING:
-            self._events.emit(kind, node_id=entry.node_id, address=entry.address,
-                              reason=f"{old.verdict.value} -> {new.verdict.value}: {new.reason}")
+            self._events.emit(
+                kind,
+                node_id=entry.node_id,
+                address=entry.address,
+                reason=f"{old.verdict.value} -> {new.verdict.value}: {new.reason}",
+            )
         if new.verdict is hp.Verdict.EJECTED:
             self._evict(entry, f"node {entry.label} was ejected: {new.reason}")
         self._on_change()
@@ -260,13 +339,13 @@ class Fleet:
         if h.verdict is hp.Verdict.EJECTED:
             interval = max(0.0, h.ejected_until - self._clock())
         mon = self._monitors.get(entry)
-        if mon is None:   # removed: `_probe` ends the loop
+        if mon is None:  # removed: `_probe` ends the loop
             return
         poke = mon.poke
         poke.clear()
         try:
             await asyncio.wait_for(poke.wait(), timeout=interval)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _probe(self, entry: NodeEntry) -> bool:
@@ -285,22 +364,34 @@ class Fleet:
             if refusal:  # a stranger, or a node that cannot prove who it is: never routed to
                 self._set_health(entry, hp.rejected(f"TLS: {refusal}"))
                 if entry.source == "static" and entry.link.node_id and "does not name" in refusal:
-                    entry.link.bind("")  # another node may now serve here: learn its id on the next probe
+                    entry.link.bind(
+                        ""
+                    )  # another node may now serve here: learn its id on the next probe
                 return False
             now = self._clock()
             mon.unreachable_since = mon.unreachable_since or now
             gone_for = now - mon.unreachable_since
             if entry.source == "mdns" and (mon.goodbye or gone_for > FORGET_UNREACHABLE_S):
-                await self.remove(entry, "said goodbye and stopped answering" if mon.goodbye
-                                  else f"unreachable for {gone_for:.0f}s")
+                await self.remove(
+                    entry,
+                    "said goodbye and stopped answering"
+                    if mon.goodbye
+                    else f"unreachable for {gone_for:.0f}s",
+                )
                 return True
             # Soft: a probe can fail on a reconnect blip. A crash breaks the Watch stream
             # (hard) and running streams (hard) before the next probe would notice.
-            self.report_failure(entry, f"status probe failed: {err.code().name}: {err.details()}", hard=False,
-                                source=hp.Source.PROBE)
+            self.report_failure(
+                entry,
+                f"status probe failed: {err.code().name}: {err.details()}",
+                hard=False,
+                source=hp.Source.PROBE,
+            )
             return False
         mon.unreachable_since = None
-        if entry.node_id and mon.crl_generation != self._crl_generation():  # the CRL changed since we looked
+        if (
+            entry.node_id and mon.crl_generation != self._crl_generation()
+        ):  # the CRL changed since we looked
             revoked = await self._revoked(entry)
             if revoked:
                 self._set_health(entry, hp.rejected(revoked))
@@ -324,7 +415,9 @@ class Fleet:
         try:
             serial = await entry.link.served_serial()
         except (OSError, ValueError) as exc:
-            return f"its certificate could not be read for the revocation check ({type(exc).__name__})"
+            return (
+                f"its certificate could not be read for the revocation check ({type(exc).__name__})"
+            )
         if self._revocations.revoked(serial):
             return f"its certificate (serial {serial:x}) is revoked; issue the node a new one"
         mon = self._monitors.get(entry)
@@ -333,19 +426,28 @@ class Fleet:
         return None
 
     async def _observe(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> None:
-        if (entry.node_id != st.node_id or st.api_version != API_VERSION
-                or entry.health.verdict is hp.Verdict.REJECTED):  # a refusal is re-examined each probe
+        if (
+            entry.node_id != st.node_id
+            or st.api_version != API_VERSION
+            or entry.health.verdict is hp.Verdict.REJECTED
+        ):  # a refusal is re-examined each probe
             if not await self._verify(entry, st):
                 return
         old = entry.status
         self._see(entry, status=st, status_at=self._clock())
         if old is None or (old.lifecycle, old.cordoned) != (st.lifecycle, st.cordoned):
             mon = self._monitors.get(entry)
-            if mon is not None and not mon.tasks[1:]:  # no Watch yet: trust the status until it pushes
+            if (
+                mon is not None and not mon.tasks[1:]
+            ):  # no Watch yet: trust the status until it pushes
                 self._see(entry, serving=st.lifecycle == READY)
             if old is not None:
-                self._events.emit(K.EVENT_KIND_STATE_CHANGED, node_id=entry.node_id, address=entry.address,
-                                  reason=f"{_state(old)} -> {_state(st)}: {st.lifecycle_reason}")
+                self._events.emit(
+                    K.EVENT_KIND_STATE_CHANGED,
+                    node_id=entry.node_id,
+                    address=entry.address,
+                    reason=f"{_state(old)} -> {_state(st)}: {st.lifecycle_reason}",
+                )
             self._on_change()
         if entry.health.verdict is not hp.Verdict.REJECTED:
             self.report_success(entry, hp.Source.PROBE)
@@ -353,11 +455,18 @@ class Fleet:
     async def _verify(self, entry: NodeEntry, st: node_pb2.NodeStatus) -> bool:
         """First contact (or a new node id at a known address): may it join?"""
         if st.api_version != API_VERSION:
-            self._set_health(entry, hp.rejected(f"speaks {st.api_version or 'an unknown API'}, "
-                                                f"this coordinator {API_VERSION}; upgrade one of them"))
+            self._set_health(
+                entry,
+                hp.rejected(
+                    f"speaks {st.api_version or 'an unknown API'}, "
+                    f"this coordinator {API_VERSION}; upgrade one of them"
+                ),
+            )
             return False
         if self._tls is not None and not st.node_id:
-            self._set_health(entry, hp.rejected("reports no node id; a node's id is its certificate's name"))
+            self._set_health(
+                entry, hp.rejected("reports no node id; a node's id is its certificate's name")
+            )
             return False
         claimed = st.node_id
         if entry.link.bind(claimed):  # TLS: from now on the handshake must prove this id
@@ -365,42 +474,73 @@ class Fleet:
                 st = await entry.link.status(self._s.probe_timeout_s)
             except grpc.aio.AioRpcError as err:
                 why = tls_refusal(err.details()) or f"{err.code().name}: {err.details()}"
-                self._set_health(entry, hp.rejected(f"says it is node {claimed} but could not prove it: {why}"))
+                self._set_health(
+                    entry, hp.rejected(f"says it is node {claimed} but could not prove it: {why}")
+                )
                 return False
-        if self._tls is not None and st.node_id != entry.link.node_id:  # answers as one id, proves another
-            self._set_health(entry, hp.rejected(f"its certificate names node {entry.link.node_id} but it reports "
-                                                f"{st.node_id or 'no id'}; refusing both"))
+        if (
+            self._tls is not None and st.node_id != entry.link.node_id
+        ):  # answers as one id, proves another
+            self._set_health(
+                entry,
+                hp.rejected(
+                    f"its certificate names node {entry.link.node_id} but it reports "
+                    f"{st.node_id or 'no id'}; refusing both"
+                ),
+            )
             return False
         revoked = await self._revoked(entry)
         if revoked:
             self._set_health(entry, hp.rejected(revoked))
             return False
         mon = self._monitors.get(entry)
-        if mon is None:   # it left the fleet meanwhile
+        if mon is None:  # it left the fleet meanwhile
             return False
         other = self.by_id(st.node_id)
         if other is None and mon.moved_from[1:] == (st.node_id,):  # the old entry is already gone
-            self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
-                              reason=f"moved from {mon.moved_from[0]}")
+            self._events.emit(
+                K.EVENT_KIND_ADDRESS_CHANGED,
+                node_id=st.node_id,
+                address=entry.address,
+                reason=f"moved from {mon.moved_from[0]}",
+            )
         if other is not None and other is not entry:
             # A move only when the old address no longer answers as this node; else a duplicate.
             if await self._answers_as(other, st.node_id):
-                self._set_health(entry, hp.rejected(
-                    f"duplicate node id {st.node_id}: already serving at {other.address}; "
-                    "give each node agent a unique --node-id"))
+                self._set_health(
+                    entry,
+                    hp.rejected(
+                        f"duplicate node id {st.node_id}: already serving at {other.address}; "
+                        "give each node agent a unique --node-id"
+                    ),
+                )
                 return False
-            self._events.emit(K.EVENT_KIND_ADDRESS_CHANGED, node_id=st.node_id, address=entry.address,
-                              reason=f"moved from {other.address}")
-            entry.load = NodeLoad.moved(other.load)   # not yet routed to: its totals follow the node
-            if other.source == "mdns":  # a configured address stays, probing, until the config changes
+            self._events.emit(
+                K.EVENT_KIND_ADDRESS_CHANGED,
+                node_id=st.node_id,
+                address=entry.address,
+                reason=f"moved from {other.address}",
+            )
+            entry.load = NodeLoad.moved(other.load)  # not yet routed to: its totals follow the node
+            if (
+                other.source == "mdns"
+            ):  # a configured address stays, probing, until the config changes
                 await self.remove(other, f"moved to {entry.address}")
         if entry.node_id and entry.node_id != st.node_id:  # a different node now answers here
-            self._events.emit(K.EVENT_KIND_LEFT, node_id=entry.node_id, address=entry.address,
-                              reason=f"replaced at this address by {st.node_id}")
+            self._events.emit(
+                K.EVENT_KIND_LEFT,
+                node_id=entry.node_id,
+                address=entry.address,
+                reason=f"replaced at this address by {st.node_id}",
+            )
         self._see(entry, node_id=st.node_id, health=hp.Health())
-        self._events.emit(K.EVENT_KIND_JOINED, node_id=st.node_id, address=entry.address,
-                          reason=f"{_state(st)} {st.model.model_id} {st.model.weights_digest[:19]} "
-                                 f"({entry.source})")
+        self._events.emit(
+            K.EVENT_KIND_JOINED,
+            node_id=st.node_id,
+            address=entry.address,
+            reason=f"{_state(st)} {st.model.model_id} {st.model.weights_digest[:19]} "
+            f"({entry.source})",
+        )
         if len(mon.tasks) == 1:
             mon.tasks.append(asyncio.get_running_loop().create_task(self._watch(entry)))
         return True
@@ -416,11 +556,18 @@ class Fleet:
                     backoff = WATCH_BACKOFF_S[0]
                     self._serving(entry, resp.status == SERVING, "health watch")
             except grpc.aio.AioRpcError as err:
-                if entry.link.generation != generation:  # its channel was replaced (rotation): follow it
+                if (
+                    entry.link.generation != generation
+                ):  # its channel was replaced (rotation): follow it
                     continue
                 self._serving(entry, False, f"health watch broke ({err.code().name})")
-                if err.code() == grpc.StatusCode.UNAVAILABLE and entry.health.verdict in hp.ACCEPTING:
-                    self.report_failure(entry, f"health watch stream broke: {err.details()}", hard=True)
+                if (
+                    err.code() == grpc.StatusCode.UNAVAILABLE
+                    and entry.health.verdict in hp.ACCEPTING
+                ):
+                    self.report_failure(
+                        entry, f"health watch stream broke: {err.details()}", hard=True
+                    )
             finally:
                 call.cancel()
             await asyncio.sleep(backoff)  # reconnect pacing, not synchronisation
@@ -430,8 +577,12 @@ class Fleet:
         if serving == entry.serving:
             return
         self._see(entry, serving=serving)
-        self._events.emit(K.EVENT_KIND_STATE_CHANGED, node_id=entry.node_id, address=entry.address,
-                          reason=f"{source}: {'SERVING' if serving else 'NOT_SERVING'}")
+        self._events.emit(
+            K.EVENT_KIND_STATE_CHANGED,
+            node_id=entry.node_id,
+            address=entry.address,
+            reason=f"{source}: {'SERVING' if serving else 'NOT_SERVING'}",
+        )
         self.poke(entry)  # read the details
         self._on_change()
 

@@ -37,7 +37,7 @@ class GateContext:
     node_id: str
     address: str
     link: NodeLink
-    weights_digest: str             # what the node must now serve ("" for a release restart)
+    weights_digest: str  # what the node must now serve ("" for a release restart)
 
 
 class Gate(Protocol):
@@ -58,12 +58,17 @@ class SmokeGate:
 
     async def check(self, ctx: GateContext) -> Optional[str]:
         for i in range(self._n):
-            req = build_request(messages=[("user", f"Rollout smoke test {i}: reply with one word.")],
-                                max_tokens=self._max_tokens, temperature=0.0,
-                                request_id=f"{ctx.rollout_id}/{ctx.node_id}/smoke-{i}")
+            req = build_request(
+                messages=[("user", f"Rollout smoke test {i}: reply with one word.")],
+                max_tokens=self._max_tokens,
+                temperature=0.0,
+                request_id=f"{ctx.rollout_id}/{ctx.node_id}/smoke-{i}",
+            )
             tokens, final = 0, None
             try:
-                async for chunk in ctx.link.generate(req, SMOKE_TIMEOUT_S, metadata=((SMOKE_METADATA_KEY, "1"),)):
+                async for chunk in ctx.link.generate(
+                    req, SMOKE_TIMEOUT_S, metadata=((SMOKE_METADATA_KEY, "1"),)
+                ):
                     tokens += len(chunk.token_ids)
                     if chunk.HasField("final"):
                         final = chunk.final
@@ -73,8 +78,10 @@ class SmokeGate:
                 why = final.message if final is not None else "no final chunk"
                 return f"smoke request {i} ended without a completion ({why})"
             if ctx.weights_digest and final.model.weights_digest != ctx.weights_digest:
-                return (f"smoke request {i} was served by weights {final.model.weights_digest[:19]}, "
-                        f"not {ctx.weights_digest[:19]}")
+                return (
+                    f"smoke request {i} was served by weights {final.model.weights_digest[:19]}, "
+                    f"not {ctx.weights_digest[:19]}"
+                )
         return None
 
 
@@ -90,16 +97,25 @@ class CommandGate:
         self._timeout = timeout_s
 
     async def check(self, ctx: GateContext) -> Optional[str]:
-        env = {**os.environ, "NODE_ID": ctx.node_id, "NODE_ADDRESS": ctx.address,
-               "WEIGHTS_DIGEST": ctx.weights_digest, "ROLLOUT_ID": ctx.rollout_id}
+        env = {
+            **os.environ,
+            "NODE_ID": ctx.node_id,
+            "NODE_ADDRESS": ctx.address,
+            "WEIGHTS_DIGEST": ctx.weights_digest,
+            "ROLLOUT_ID": ctx.rollout_id,
+        }
         try:
-            proc = await asyncio.create_subprocess_exec(*self._argv, env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.DEVNULL)
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv,
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
         except OSError as exc:
             return f"gate command {self._argv[0]!r} could not start: {exc}"
         try:
             code = await asyncio.wait_for(proc.wait(), timeout=self._timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             return f"gate command did not finish in {self._timeout:g}s"
@@ -114,27 +130,53 @@ class EvalGate:
 
     name = "eval"
 
-    def __init__(self, suite_path: Path, *, margin: float, min_score: float = 0.0, template: str = "",
-                 concurrency: int = 4, timeout_s: float = 300.0):
-        self._suite = evaluation.load_suite(suite_path)   # a bad suite stops the coordinator at start
+    def __init__(
+        self,
+        suite_path: Path,
+        *,
+        margin: float,
+        min_score: float = 0.0,
+        template: str = "",
+        concurrency: int = 4,
+        timeout_s: float = 300.0,
+    ):
+        self._suite = evaluation.load_suite(
+            suite_path
+        )  # a bad suite stops the coordinator at start
         self._margin = margin
         self._min = min_score
         self._template = template
         self._concurrency = concurrency
         self._timeout = timeout_s
-        self.baselines: dict[tuple[str, str], evaluation.Report] = {}   # (rollout, from digest) -> report
+        self.baselines: dict[
+            tuple[str, str], evaluation.Report
+        ] = {}  # (rollout, from digest) -> report
 
     async def _run(self, ctx: GateContext, what: str) -> evaluation.Report:
         async def generate(req: inference_pb2.GenerateRequest) -> inference_pb2.FinalInfo:
-            return await evaluation.final_of(ctx.link.generate(req, self._timeout,
-                                                               metadata=((SMOKE_METADATA_KEY, "1"),)))
+            return await evaluation.final_of(
+                ctx.link.generate(req, self._timeout, metadata=((SMOKE_METADATA_KEY, "1"),))
+            )
 
         report = await evaluation.run_suite(
-            self._suite, generate, target=ctx.address, label=f"{ctx.node_id} {what}", template=self._template,
-            concurrency=self._concurrency, run_id=f"{ctx.rollout_id}/{ctx.node_id}/eval-{what}")
-        log.info("rollout=%s node=%s eval %s: score %.3f, schema-valid %.0f%%, truncated %d of %d",
-                 ctx.rollout_id, ctx.node_id, what, report.summary["score"], 100 * report.summary["schema_valid"],
-                 report.summary["truncated"], len(report.cases))
+            self._suite,
+            generate,
+            target=ctx.address,
+            label=f"{ctx.node_id} {what}",
+            template=self._template,
+            concurrency=self._concurrency,
+            run_id=f"{ctx.rollout_id}/{ctx.node_id}/eval-{what}",
+        )
+        log.info(
+            "rollout=%s node=%s eval %s: score %.3f, schema-valid %.0f%%, truncated %d of %d",
+            ctx.rollout_id,
+            ctx.node_id,
+            what,
+            report.summary["score"],
+            100 * report.summary["schema_valid"],
+            report.summary["truncated"],
+            len(report.cases),
+        )
         return report
 
     async def prepare(self, ctx: GateContext) -> Optional[str]:
@@ -146,26 +188,40 @@ class EvalGate:
         self.baselines = {k: r for k, r in self.baselines.items() if k[0] == ctx.rollout_id}
         report = await self._run(ctx, "baseline")
         if not any(c.ok for c in report.cases):
-            return (f"the baseline run on the current version failed every case ({report.cases[0].error}); "
-                    "fix the node or the suite, then start the rollout again")
+            return (
+                f"the baseline run on the current version failed every case ({report.cases[0].error}); "
+                "fix the node or the suite, then start the rollout again"
+            )
         self.baselines[key] = report
         return None
 
     async def check(self, ctx: GateContext) -> Optional[str]:
-        baseline = next((r for (rid, _), r in self.baselines.items() if rid == ctx.rollout_id), None)
+        baseline = next(
+            (r for (rid, _), r in self.baselines.items() if rid == ctx.rollout_id), None
+        )
         report = await self._run(ctx, "candidate")
         why = evaluation.gate_verdict(report, baseline, margin=self._margin, min_score=self._min)
         if why is None and baseline is None:
-            log.warning("rollout=%s node=%s eval gate had no baseline (coordinator restarted mid-rollout?); "
-                        "checked the floor only", ctx.rollout_id, ctx.node_id)
+            log.warning(
+                "rollout=%s node=%s eval gate had no baseline (coordinator restarted mid-rollout?); "
+                "checked the floor only",
+                ctx.rollout_id,
+                ctx.node_id,
+            )
         return why
 
 
 def default_gates(settings: RolloutSection) -> list[Gate]:
     gates: list[Gate] = [SmokeGate(settings.rollout_smoke_requests)]
     if settings.rollout_eval_suite:
-        gates.append(EvalGate(Path(settings.rollout_eval_suite), margin=settings.rollout_eval_margin,
-                              min_score=settings.rollout_eval_min_score, template=settings.rollout_eval_template))
+        gates.append(
+            EvalGate(
+                Path(settings.rollout_eval_suite),
+                margin=settings.rollout_eval_margin,
+                min_score=settings.rollout_eval_min_score,
+                template=settings.rollout_eval_template,
+            )
+        )
     if settings.rollout_gate_command:
         gates.append(CommandGate(settings.rollout_gate_command, settings.rollout_gate_timeout_s))
     return gates

@@ -18,6 +18,10 @@ def live_headroom(settings, fleet) -> LiveHeadroom:
     def routable() -> Iterator[RoutableNode]:
         for entry in fleet.routable():
             st = entry.status
-            yield RoutableNode(entry.node_id, entry.model_id, st.capacity.max_running if st is not None else 0)
+            yield RoutableNode(
+                entry.node_id, entry.model_id, st.capacity.max_running if st is not None else 0
+            )
 
-    return LiveHeadroom(profiles, nodes=routable, sla_p95_s=settings.sla_p95_s, window_s=settings.capacity_window_s)
+    return LiveHeadroom(
+        profiles, nodes=routable, sla_p95_s=settings.sla_p95_s, window_s=settings.capacity_window_s
+    )

@@ -32,8 +32,8 @@ ACCEPTING = (Verdict.HEALTHY, Verdict.SUSPECT)
 
 
 class Source(enum.Enum):
-    PROBE = "probe"        # the coordinator's status poll
-    REQUEST = "request"    # what routing saw
+    PROBE = "probe"  # the coordinator's status poll
+    REQUEST = "request"  # what routing saw
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,13 @@ class Policy:
 
     @classmethod
     def from_settings(cls, s) -> "Policy":
-        return cls(s.eject_after_failures, s.eject_base_s, s.eject_max_s, s.readmit_after_probes,
-                   s.ejection_decay_s)
+        return cls(
+            s.eject_after_failures,
+            s.eject_base_s,
+            s.eject_max_s,
+            s.readmit_after_probes,
+            s.ejection_decay_s,
+        )
 
     def ejection_s(self, ejections: int) -> float:
         return min(self.eject_base_s * ejections, self.eject_max_s)
@@ -57,11 +62,11 @@ class Policy:
 class Health:
     verdict: Verdict = Verdict.PENDING
     reason: str = "discovered; not yet connected"
-    probe_failures: int = 0    # consecutive failed status probes
+    probe_failures: int = 0  # consecutive failed status probes
     request_failures: int = 0  # consecutive failures seen while routing
     ejections: int = 0
     ejected_until: float = 0.0
-    passes: int = 0            # consecutive passing probes while PROBING
+    passes: int = 0  # consecutive passing probes while PROBING
     healthy_since: float = 0.0
 
     @property
@@ -75,28 +80,58 @@ class Health:
 def on_success(h: Health, *, source: Source, now: float, policy: Policy) -> Health:
     """A probe passed (status read) or a request completed."""
     if h.verdict is Verdict.PENDING:
-        return replace(h, verdict=Verdict.HEALTHY, reason="connected; status read", probe_failures=0,
-                       request_failures=0, healthy_since=now)
+        return replace(
+            h,
+            verdict=Verdict.HEALTHY,
+            reason="connected; status read",
+            probe_failures=0,
+            request_failures=0,
+            healthy_since=now,
+        )
     if h.verdict is Verdict.PROBING:
         if source is not Source.PROBE:
             return h
         passes = h.passes + 1
         if passes >= policy.readmit_after_probes:
-            return replace(h, verdict=Verdict.HEALTHY, probe_failures=0, request_failures=0, passes=0,
-                           healthy_since=now, reason=f"readmitted after {passes} passing probes")
+            return replace(
+                h,
+                verdict=Verdict.HEALTHY,
+                probe_failures=0,
+                request_failures=0,
+                passes=0,
+                healthy_since=now,
+                reason=f"readmitted after {passes} passing probes",
+            )
         return replace(h, passes=passes)
     if h.verdict not in ACCEPTING:
         return h
     h = h._cleared(source)
     if h.verdict is Verdict.SUSPECT and not h.failures:
-        h = replace(h, verdict=Verdict.HEALTHY, reason=f"recovered ({source.value} succeeded)", healthy_since=now)
-    if h.ejections and h.verdict is Verdict.HEALTHY and now - h.healthy_since >= policy.ejection_decay_s:
+        h = replace(
+            h,
+            verdict=Verdict.HEALTHY,
+            reason=f"recovered ({source.value} succeeded)",
+            healthy_since=now,
+        )
+    if (
+        h.ejections
+        and h.verdict is Verdict.HEALTHY
+        and now - h.healthy_since >= policy.ejection_decay_s
+    ):
         h = replace(h, ejections=0)
     return h
 
 
-def on_failure(h: Health, *, source: Source, reason: str, hard: bool, now: float, last_healthy: bool,
-               policy: Policy) -> Health:
+def on_failure(
+    h: Health,
+    *,
+    source: Source,
+    reason: str,
+    hard: bool,
+    now: float,
+    last_healthy: bool,
+    policy: Policy,
+) -> Health:
     """A probe failed or routing saw an error; `last_healthy` if no other node takes traffic."""
     if h.verdict in (Verdict.PENDING, Verdict.REJECTED):
         return replace(h, reason=reason)
@@ -109,24 +144,37 @@ def on_failure(h: Health, *, source: Source, reason: str, hard: bool, now: float
     h = replace(h, **{field: failures})
     if hard or failures >= policy.eject_after_failures:
         if last_healthy and not hard:
-            return replace(h, verdict=Verdict.SUSPECT,
-                           reason=f"{reason} ({failures} {source.value} failures in a row); kept: last healthy node")
+            return replace(
+                h,
+                verdict=Verdict.SUSPECT,
+                reason=f"{reason} ({failures} {source.value} failures in a row); kept: last healthy node",
+            )
         why = reason if hard else f"{reason} ({failures} consecutive {source.value} failures)"
         return _eject(h, why, now, policy)
-    return replace(h, verdict=Verdict.SUSPECT, reason=f"{reason} ({failures} {source.value} failures in a row)")
+    return replace(
+        h, verdict=Verdict.SUSPECT, reason=f"{reason} ({failures} {source.value} failures in a row)"
+    )
 
 
 def _eject(h: Health, reason: str, now: float, policy: Policy) -> Health:
     n = h.ejections + 1
     span = policy.ejection_s(n)
-    return Health(Verdict.EJECTED, f"{reason}; ejected for {span:g}s", probe_failures=h.probe_failures,
-                  request_failures=h.request_failures, ejections=n, ejected_until=now + span)
+    return Health(
+        Verdict.EJECTED,
+        f"{reason}; ejected for {span:g}s",
+        probe_failures=h.probe_failures,
+        request_failures=h.request_failures,
+        ejections=n,
+        ejected_until=now + span,
+    )
 
 
 def on_tick(h: Health, *, now: float) -> Health:
     """Time passing: an ejection whose backoff is over becomes PROBING."""
     if h.verdict is Verdict.EJECTED and now >= h.ejected_until:
-        return replace(h, verdict=Verdict.PROBING, passes=0, reason="backoff over; probing before readmission")
+        return replace(
+            h, verdict=Verdict.PROBING, passes=0, reason="backoff over; probing before readmission"
+        )
     return h
 
 

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 
 @dataclass(eq=False)
 class NodeLoad:
-    in_flight: int = 0             # this coordinator's requests on the node (a place each)
-    outstanding_tokens: int = 0    # tokens they may still generate
-    routed_total: int = 0          # requests ever placed on it
-    failovers_total: int = 0       # node calls that failed there and moved on
-    attempts: set = field(default_factory=set)   # live node calls (coordinator/attempt.py), evicted on ejection
+    in_flight: int = 0  # this coordinator's requests on the node (a place each)
+    outstanding_tokens: int = 0  # tokens they may still generate
+    routed_total: int = 0  # requests ever placed on it
+    failovers_total: int = 0  # node calls that failed there and moved on
+    attempts: set = field(
+        default_factory=set
+    )  # live node calls (coordinator/attempt.py), evicted on ejection
 
     @classmethod
     def moved(cls, previous: NodeLoad) -> NodeLoad:

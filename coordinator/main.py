@@ -30,15 +30,29 @@ async def _serve(settings) -> int:
     audit_log = await asyncio.to_thread(open_audit, settings)
     coordinator = Coordinator(settings=settings, security=security, audit_log=audit_log)
     port = await coordinator.start()
-    address = print_listening("coordinator_id", settings.coordinator_id, settings.listen, port,
-                              http=coordinator.http, api=coordinator.api)
-    log.info("coordinator=%s listening on %s (mDNS %s, %d static nodes)", settings.coordinator_id,
-             address, "on" if settings.mdns else "off", len(settings.nodes))
+    address = print_listening(
+        "coordinator_id",
+        settings.coordinator_id,
+        settings.listen,
+        port,
+        http=coordinator.http,
+        api=coordinator.api,
+    )
+    log.info(
+        "coordinator=%s listening on %s (mDNS %s, %d static nodes)",
+        settings.coordinator_id,
+        address,
+        "on" if settings.mdns else "off",
+        len(settings.nodes),
+    )
     loop = asyncio.get_running_loop()
 
     def drain(name: str) -> None:
-        log.info("%s: finishing in-flight requests (grace %.1fs); send again to stop now",
-                 name, settings.shutdown_grace_s)
+        log.info(
+            "%s: finishing in-flight requests (grace %.1fs); send again to stop now",
+            name,
+            settings.shutdown_grace_s,
+        )
         loop.create_task(coordinator.shutdown())
 
     def stop_now(name: str) -> None:
@@ -54,19 +68,30 @@ async def _serve(settings) -> int:
 def open_audit(settings):
     """The audit chain, recovered and open; None when it is off (plaintext development)."""
     if not settings.audit:
-        log.warning("AUDIT OFF: requests and admin actions are not recorded (plaintext development only)")
+        log.warning(
+            "AUDIT OFF: requests and admin actions are not recorded (plaintext development only)"
+        )
         return None
     from cluster.audit import AuditKeys, AuditLog
     from cluster.audit.keys import default_key_dir
 
     key_dir = settings.audit_key_dir or default_key_dir(settings.audit_dir)
     keys = AuditKeys.load_or_create(key_dir)
-    audit_log = AuditLog(settings.audit_dir, keys=keys, source=settings.coordinator_id,
-                         checkpoint_every=settings.audit_checkpoint_every,
-                         checkpoint_interval_s=settings.audit_checkpoint_interval_s,
-                         max_file_bytes=settings.audit_max_file_mb << 20)
+    audit_log = AuditLog(
+        settings.audit_dir,
+        keys=keys,
+        source=settings.coordinator_id,
+        checkpoint_every=settings.audit_checkpoint_every,
+        checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+        max_file_bytes=settings.audit_max_file_mb << 20,
+    )
     audit_log.open()
-    log.info("audit chain %s open (keys %s, signing key %s)", settings.audit_dir, key_dir, keys.fingerprint)
+    log.info(
+        "audit chain %s open (keys %s, signing key %s)",
+        settings.audit_dir,
+        key_dir,
+        keys.fingerprint,
+    )
     return audit_log
 
 
@@ -89,8 +114,13 @@ def check(settings) -> Optional[str]:
             return f"--plaintext reaches loopback nodes only; {remote[0]} needs mTLS (--tls-dir)"
         if settings.mdns and settings.mdns_interface != "127.0.0.1":
             return "--plaintext browses mDNS on loopback only: add --mdns-interface 127.0.0.1 or --no-mdns"
-        return plaintext_exposure(settings, (("--http-listen", settings.http_listen, 1),
-                                             ("--openai-listen", settings.openai_listen, 2)))
+        return plaintext_exposure(
+            settings,
+            (
+                ("--http-listen", settings.http_listen, 1),
+                ("--openai-listen", settings.openai_listen, 2),
+            ),
+        )
     elif not settings.audit:
         return "--no-audit is for plaintext development only; an mTLS fleet always keeps its audit chain"
     return None
@@ -109,11 +139,20 @@ def check_capacity_profiles(settings) -> Optional[str]:
 
 
 def run(config: Optional[Path], flags: dict) -> None:
-    run_daemon("fleet-coordinator", lambda: CoordinatorSettings(config_file=config, **flags), _serve, check=check)
+    run_daemon(
+        "fleet-coordinator",
+        lambda: CoordinatorSettings(config_file=config, **flags),
+        _serve,
+        check=check,
+    )
 
 
-settings_command(app, CoordinatorSettings, "TOML config file; its [coordinator] table gives defaults that env vars "
-                 "and flags override.", run)
+settings_command(
+    app,
+    CoordinatorSettings,
+    "TOML config file; its [coordinator] table gives defaults that env vars and flags override.",
+    run,
+)
 
 
 def main() -> None:

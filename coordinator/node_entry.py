@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cluster.api import common_pb2, node_pb2
+from cluster.routing import Candidate
 from coordinator import health_policy as hp
 from coordinator.ledger import NodeLoad
 from coordinator.node_link import NodeLink
-from cluster.routing import Candidate
 
 READY = common_pb2.LIFECYCLE_READY
 
@@ -22,11 +22,11 @@ READY = common_pb2.LIFECYCLE_READY
 class NodeView:
     """What the fleet knows of the node at an address; replaced, never changed, when that changes."""
 
-    node_id: str = ""                # set once verified over gRPC
-    mdns_name: str = ""              # the instance name it announced (mDNS)
-    status: Optional[node_pb2.NodeStatus] = None   # its last status read (never modified)
+    node_id: str = ""  # set once verified over gRPC
+    mdns_name: str = ""  # the instance name it announced (mDNS)
+    status: Optional[node_pb2.NodeStatus] = None  # its last status read (never modified)
     status_at: float = 0.0
-    serving: bool = False            # the health Watch's latest word
+    serving: bool = False  # the health Watch's latest word
     health: hp.Health = field(default_factory=hp.Health)
 
 
@@ -35,10 +35,10 @@ class NodeEntry:
     """A node address in the fleet: its link, the fleet's view of it, and the load on it."""
 
     address: str
-    source: str                      # "static" or "mdns"
+    source: str  # "static" or "mdns"
     link: NodeLink
-    view: NodeView = field(default_factory=NodeView)   # the fleet's (Fleet replaces it)
-    load: NodeLoad = field(default_factory=NodeLoad)   # admission's (only Admission writes it)
+    view: NodeView = field(default_factory=NodeView)  # the fleet's (Fleet replaces it)
+    load: NodeLoad = field(default_factory=NodeLoad)  # admission's (only Admission writes it)
 
     # -- the view, read-only ----------------------------------------------------------
     @property
@@ -107,6 +107,15 @@ class NodeEntry:
     def candidate(self) -> Candidate:
         st, load = self.view.status, self.load
         cap = st.capacity
-        return Candidate(self.view.node_id, st.model.weights_digest, load.in_flight, load.outstanding_tokens,
-                         st.load.queued, cap.max_running, cap.max_running + cap.max_queued,
-                         load.routed_total, st.model.model_id, st.model.version)
+        return Candidate(
+            self.view.node_id,
+            st.model.weights_digest,
+            load.in_flight,
+            load.outstanding_tokens,
+            st.load.queued,
+            cap.max_running,
+            cap.max_running + cap.max_queued,
+            load.routed_total,
+            st.model.model_id,
+            st.model.version,
+        )

@@ -13,7 +13,13 @@ from typing import Optional
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.api import INFERENCE_SERVICE, inference_pb2, inference_pb2_grpc, node_pb2, node_pb2_grpc
+from cluster.api import (
+    INFERENCE_SERVICE,
+    inference_pb2,
+    inference_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
 from cluster.security.identity import ANY_NODE, Role, dns_name
 from cluster.security.tls import ClientTLS, open_channel, served_serial, tls_refusal  # noqa: F401 - fleet.py uses it
 
@@ -29,7 +35,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.enable_retries", 0),  # the coordinator decides what is retried, and where
 ]
-RETIRED_GRACE_S = 600.0   # a replaced channel's running streams get this long to finish
+RETIRED_GRACE_S = 600.0  # a replaced channel's running streams get this long to finish
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -40,17 +46,21 @@ class NodeLink:
     def __init__(self, address: str, tls: Optional[ClientTLS], node_id: str = "", witness=None):
         self.address = address
         self._tls = tls
-        self._witness = witness             # coordinator.audit_witness.AuditWitness, or None (no audit)
-        self._retired: list = []            # replaced channels, closed with the link
+        self._witness = witness  # coordinator.audit_witness.AuditWitness, or None (no audit)
+        self._retired: list = []  # replaced channels, closed with the link
         self._open(node_id)
 
     def _open(self, node_id: str) -> None:
         name = (dns_name(Role.NODE, node_id) if node_id else ANY_NODE) if self._tls else None
         # Each link remembers which certificate files it dialled with (links share one ClientTLS).
         stamp = self._tls.files.stamp() if self._tls else None
-        self._channel = open_channel(self.address, self._tls, server_name=name, options=CHANNEL_OPTIONS, aio=True)
+        self._channel = open_channel(
+            self.address, self._tls, server_name=name, options=CHANNEL_OPTIONS, aio=True
+        )
         self.node_id, self._server_name, self._stamp = node_id, name, stamp
-        self.generation = getattr(self, "generation", -1) + 1   # a Watch on an older channel may end quietly
+        self.generation = (
+            getattr(self, "generation", -1) + 1
+        )  # a Watch on an older channel may end quietly
         self._node = node_pb2_grpc.NodeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
@@ -86,8 +96,11 @@ class NodeLink:
     async def status(self, timeout_s: float) -> node_pb2.NodeStatus:
         """The node's status; it is shown the audit chain's HEAD to keep (a witness)."""
         w = self._witness
-        st = await self._node.GetStatus(node_pb2.GetStatusRequest(audit_head=w.head_for(self) if w else None),
-                                        timeout=timeout_s, wait_for_ready=False)
+        st = await self._node.GetStatus(
+            node_pb2.GetStatusRequest(audit_head=w.head_for(self) if w else None),
+            timeout=timeout_s,
+            wait_for_ready=False,
+        )
         if w is not None:
             await w.observe(self, st)
         return st

@@ -19,7 +19,7 @@ from cluster.api import node_pb2
 RUNNING = node_pb2.OPERATION_STATE_RUNNING
 DONE = node_pb2.OPERATION_STATE_DONE
 CALL_TIMEOUT_S = 10.0
-POLL_S = 0.2            # a node's operation record is read this often while it runs
+POLL_S = 0.2  # a node's operation record is read this often while it runs
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -27,8 +27,13 @@ class OpFailed(Exception):
     """The operation failed, was refused, or did not end in time; the message says which."""
 
 
-async def wait_op(call: Callable[[], Awaitable[node_pb2.OperationReply]], *, what: str, timeout_s: float,
-                  on_status: Optional[Callable[[node_pb2.NodeStatus], None]] = None) -> node_pb2.OperationReply:
+async def wait_op(
+    call: Callable[[], Awaitable[node_pb2.OperationReply]],
+    *,
+    what: str,
+    timeout_s: float,
+    on_status: Optional[Callable[[node_pb2.NodeStatus], None]] = None,
+) -> node_pb2.OperationReply:
     """Issue the operation, then re-issue it (same id) until its record ends; returns the
     final reply (DONE), raises OpFailed otherwise. Transient RPC errors are retried."""
     deadline = time.monotonic() + timeout_s
@@ -46,5 +51,7 @@ async def wait_op(call: Callable[[], Awaitable[node_pb2.OperationReply]], *, wha
                     raise OpFailed(f"{what}: {reply.operation.message}")
                 return reply
             if time.monotonic() > deadline:
-                raise OpFailed(f"{what}: still running after {timeout_s:g}s ({reply.operation.message or 'no detail'})")
+                raise OpFailed(
+                    f"{what}: still running after {timeout_s:g}s ({reply.operation.message or 'no detail'})"
+                )
         await asyncio.sleep(POLL_S)  # pacing between reads of the node's record

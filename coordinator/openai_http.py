@@ -41,8 +41,11 @@ from coordinator.request_summary import Outcome
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
-               "X-Accel-Buffering": "no"}
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,12 @@ class _Endpoint:
     id_prefix: str
 
 
-CHAT = _Endpoint(oa.chat_request, oa.chat_answer, oa.chat_chunk, "chat.completion.chunk", "chatcmpl-")
-COMPLETION = _Endpoint(oa.completion_request, oa.completion_answer, oa.completion_chunk, "text_completion", "cmpl-")
+CHAT = _Endpoint(
+    oa.chat_request, oa.chat_answer, oa.chat_chunk, "chat.completion.chunk", "chatcmpl-"
+)
+COMPLETION = _Endpoint(
+    oa.completion_request, oa.completion_answer, oa.completion_chunk, "text_completion", "cmpl-"
+)
 
 
 class HttpCall:
@@ -78,16 +85,18 @@ class HttpCall:
         return self._code
 
     def time_remaining(self) -> Optional[float]:
-        return None   # no deadline: the client's timeout ends the connection, which cancels
+        return None  # no deadline: the client's timeout ends the connection, which cancels
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata=()
+    ) -> NoReturn:
         self._code, self.details, self.trailers = code, details, tuple(trailing_metadata)
         raise grpc.aio.AbortError()
 
     def error(self) -> oa.ApiError:
         pushback = dict(self.trailers).get(PUSHBACK_KEY)
         exc = oa.from_status(self._code, self.details, int(pushback) if pushback else None)
-        exc.relayed = True   # the relay audited and counted it
+        exc.relayed = True  # the relay audited and counted it
         return exc
 
 
@@ -95,20 +104,43 @@ class FrontDoor(MonitorHTTP):
     what, flag = "OpenAI API", "--openai-listen"
     cancel_on_disconnect = True
 
-    def __init__(self, *, listen: str, security, where: str, relay, fleet, tokens: Optional[TokenStore],
-                 default_max_tokens: int, max_body: int, audit, on_denied=None, responses=None, limits=None,
-                 readiness=None):
-        super().__init__(listen=listen, security=security, table=COORDINATOR_API_TABLE, where=where,
-                         on_denied=on_denied, max_body=max_body, **({"limits": limits} if limits else {}))
+    def __init__(
+        self,
+        *,
+        listen: str,
+        security,
+        where: str,
+        relay,
+        fleet,
+        tokens: Optional[TokenStore],
+        default_max_tokens: int,
+        max_body: int,
+        audit,
+        on_denied=None,
+        responses=None,
+        limits=None,
+        readiness=None,
+    ):
+        super().__init__(
+            listen=listen,
+            security=security,
+            table=COORDINATOR_API_TABLE,
+            where=where,
+            on_denied=on_denied,
+            max_body=max_body,
+            **({"limits": limits} if limits else {}),
+        )
         self._relay, self._fleet, self._tokens = relay, fleet, tokens
-        self._audit = audit   # AuditTrail: the record of a request refused before the relay
+        self._audit = audit  # AuditTrail: the record of a request refused before the relay
         self._default_max_tokens = default_max_tokens
         self._max_body = max_body
-        self._responses = responses      # a Counter by endpoint and status, or None
-        self._readiness = readiness      # coordinator/readiness.py: GET /ready, and no new work without the database
+        self._responses = responses  # a Counter by endpoint and status, or None
+        self._readiness = (
+            readiness  # coordinator/readiness.py: GET /ready, and no new work without the database
+        )
         self._created = int(time.time())
-        self._running: set = set()    # requests in flight (their handler tasks)
-        self._idle: Optional[asyncio.Event] = None   # set once closing and none is left
+        self._running: set = set()  # requests in flight (their handler tasks)
+        self._idle: Optional[asyncio.Event] = None  # set once closing and none is left
         r = self.app.router
         r.add_post("/v1/chat/completions", lambda request: self._generate(request, CHAT))
         r.add_post("/v1/completions", lambda request: self._generate(request, COMPLETION))
@@ -141,46 +173,78 @@ class FrontDoor(MonitorHTTP):
 
     async def _answer(self, request: web.Request, handler, entry: str) -> web.StreamResponse:
         try:
-            if request.path == "/ready" and request.method == "GET":   # a load balancer's check: no credentials
+            if (
+                request.path == "/ready" and request.method == "GET"
+            ):  # a load balancer's check: no credentials
                 return self._ready()
             if self._idle is not None:
-                raise oa.ApiError(503, f"{self._where} is shutting down; retry (another coordinator, or this one "
-                                       "once it is back)", type_="service_unavailable", code="shutting_down",
-                                  headers={"Connection": "close"})
+                raise oa.ApiError(
+                    503,
+                    f"{self._where} is shutting down; retry (another coordinator, or this one "
+                    "once it is back)",
+                    type_="service_unavailable",
+                    code="shutting_down",
+                    headers={"Connection": "close"},
+                )
             if self._readiness is not None and not self._readiness.state_up and entry != "other":
-                raise oa.ApiError(503, f"{self._where} cannot reach its state database; retry another coordinator "
-                                       "(or this one once it is back)", type_="service_unavailable",
-                                  code="state_store_unreachable")
+                raise oa.ApiError(
+                    503,
+                    f"{self._where} cannot reach its state database; retry another coordinator "
+                    "(or this one once it is back)",
+                    type_="service_unavailable",
+                    code="state_store_unreachable",
+                )
             request["caller"], request["token"] = await self._authenticate(request, entry)
             return await handler(request)
         except oa.ApiError as exc:
             await self._rejected(request, exc)
             return _error_response(exc)
         except web.HTTPRequestEntityTooLarge:
-            exc = oa.ApiError(413, f"the request body is larger than this coordinator's limit of {self._max_body} "
-                                   "bytes (--openai-max-body-kb); shorten the prompt", code="request_too_large")
+            exc = oa.ApiError(
+                413,
+                f"the request body is larger than this coordinator's limit of {self._max_body} "
+                "bytes (--openai-max-body-kb); shorten the prompt",
+                code="request_too_large",
+            )
             await self._rejected(request, exc)
             return _error_response(exc)
-        except web.HTTPException as exc:   # the router's 404 and 405
-            what = "no such endpoint" if exc.status == 404 else f"{request.method} is not allowed here"
-            return _error_response(oa.ApiError(
-                exc.status, f"{what}: this front door serves {self.serves()}",
-                type_="not_found_error" if exc.status == 404 else "invalid_request_error", code="unknown_url"))
-        except ConnectionResetError:   # the client left mid-answer: nobody to tell
+        except web.HTTPException as exc:  # the router's 404 and 405
+            what = (
+                "no such endpoint" if exc.status == 404 else f"{request.method} is not allowed here"
+            )
+            return _error_response(
+                oa.ApiError(
+                    exc.status,
+                    f"{what}: this front door serves {self.serves()}",
+                    type_="not_found_error" if exc.status == 404 else "invalid_request_error",
+                    code="unknown_url",
+                )
+            )
+        except ConnectionResetError:  # the client left mid-answer: nobody to tell
             raise
         except Exception as exc:  # noqa: BLE001 - never a traceback or an exception's text (it may quote content)
             log.error("front door %s: internal error %s", entry, type(exc).__name__)
-            return _error_response(oa.ApiError(
-                500, "the coordinator hit an internal error; retry, and report it with the coordinator's log",
-                type_="server_error", code="internal"))
+            return _error_response(
+                oa.ApiError(
+                    500,
+                    "the coordinator hit an internal error; retry, and report it with the coordinator's log",
+                    type_="server_error",
+                    code="internal",
+                )
+            )
 
     async def _rejected(self, request: web.Request, exc: oa.ApiError) -> None:
         """A completion request refused here, before the relay (its body, its model): one
         audit record and one summary, as the relay keeps for a request it rejects."""
         if exc.relayed or "rid" not in request or "caller" not in request:
-            return   # the relay's own answer (recorded there), or a refusal audited as denied
-        record = self._audit.request_record(request["caller"], self._peer(request), request_id=request["rid"]).ended(
-            Outcome.REJECTED, oa.CODE_OF.get(exc.status, "INVALID_ARGUMENT"), reason=exc.message[:300])
+            return  # the relay's own answer (recorded there), or a refusal audited as denied
+        record = self._audit.request_record(
+            request["caller"], self._peer(request), request_id=request["rid"]
+        ).ended(
+            Outcome.REJECTED,
+            oa.CODE_OF.get(exc.status, "INVALID_ARGUMENT"),
+            reason=exc.message[:300],
+        )
         await self._relay.refused(record, None, str(request["caller"]), request["started"])
 
     async def close(self, grace_s: float = 1.0) -> None:
@@ -214,18 +278,26 @@ class FrontDoor(MonitorHTTP):
             if scheme.lower() != "bearer" or not value.strip():
                 refusal = (401, "the Authorization header must be 'Bearer <token>'")
             elif self._tokens is None:
-                refusal = (401, "this coordinator has no token store; use an app client certificate")
+                refusal = (
+                    401,
+                    "this coordinator has no token store; use an app client certificate",
+                )
             else:
                 try:
-                    holder = await asyncio.to_thread(self._tokens.verify, value.strip())   # a database read
+                    holder = await asyncio.to_thread(
+                        self._tokens.verify, value.strip()
+                    )  # a database read
                     ident, token_id = holder.identity, holder.id
                 except TokenRefused as exc:
                     refusal = (401, str(exc))
         else:
             ident = self._certificate(request)
             if ident is None:
-                refusal = (401, f"{self._where} requires an API key (Authorization: Bearer sft_...; an operator "
-                                "issues one with `fleetctl tokens issue NAME`) or an app client certificate")
+                refusal = (
+                    401,
+                    f"{self._where} requires an API key (Authorization: Bearer sft_...; an operator "
+                    "issues one with `fleetctl tokens issue NAME`) or an app client certificate",
+                )
         if refusal is None:
             refusal = self._check(ident, allowed, entry)
         if refusal is None:
@@ -234,16 +306,31 @@ class FrontDoor(MonitorHTTP):
         status, message, headers = self._limited(request, refusal)
         await self._denied(request, ident, entry, status, message)
         if status == 429:
-            raise oa.ApiError(429, message, type_="rate_limit_error", code="rate_limit_exceeded", headers=headers)
-        raise oa.ApiError(status, message, type_="authentication_error" if status == 401 else "permission_error",
-                          code="invalid_api_key" if status == 401 else "permission_denied",
-                          headers={"WWW-Authenticate": 'Bearer realm="studiofleet"'} if status == 401 else None)
+            raise oa.ApiError(
+                429, message, type_="rate_limit_error", code="rate_limit_exceeded", headers=headers
+            )
+        raise oa.ApiError(
+            status,
+            message,
+            type_="authentication_error" if status == 401 else "permission_error",
+            code="invalid_api_key" if status == 401 else "permission_denied",
+            headers={"WWW-Authenticate": 'Bearer realm="studiofleet"'} if status == 401 else None,
+        )
 
     def _ready(self, _request: Optional[web.Request] = None) -> web.Response:
         """200 when this coordinator takes new requests, else 503; a reason word and nothing more."""
-        reason = "shutting_down" if self._idle is not None else self._readiness.reason if self._readiness else "ready"
-        return web.json_response({"ready": reason == "ready", "reason": reason},
-                                 status=200 if reason == "ready" else 503, headers={"Cache-Control": "no-store"})
+        reason = (
+            "shutting_down"
+            if self._idle is not None
+            else self._readiness.reason
+            if self._readiness
+            else "ready"
+        )
+        return web.json_response(
+            {"ready": reason == "ready", "reason": reason},
+            status=200 if reason == "ready" else 503,
+            headers={"Cache-Control": "no-store"},
+        )
 
     def _peer(self, request: web.Request) -> str:
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -258,10 +345,21 @@ class FrontDoor(MonitorHTTP):
             if e.status is None or not e.node_id:
                 continue
             m = e.status.model
-            seen = out.setdefault(m.model_id, {"id": m.model_id, "object": "model", "created": self._created,
-                                               "owned_by": "studiofleet",
-                                               "studiofleet": {"nodes": 0, "ready": 0, "versions": [],
-                                                               "context_length": m.context_length}})
+            seen = out.setdefault(
+                m.model_id,
+                {
+                    "id": m.model_id,
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": "studiofleet",
+                    "studiofleet": {
+                        "nodes": 0,
+                        "ready": 0,
+                        "versions": [],
+                        "context_length": m.context_length,
+                    },
+                },
+            )
             facts = seen["studiofleet"]
             facts["nodes"] += 1
             facts["ready"] += int(e.routable)
@@ -271,11 +369,16 @@ class FrontDoor(MonitorHTTP):
 
     def _known(self, wanted: str) -> bool:
         """A verified node serves `wanted`: a model id, or ID@VERSION pinned to one version."""
-        return any(serves(e.status.model.model_id, e.status.model.version, wanted)
-                   for e in self._fleet.entries.values() if e.status is not None and e.node_id and wanted)
+        return any(
+            serves(e.status.model.model_id, e.status.model.version, wanted)
+            for e in self._fleet.entries.values()
+            if e.status is not None and e.node_id and wanted
+        )
 
     async def _list_models(self, _request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": sorted(self._models().values(), key=lambda m: m["id"])})
+        return web.json_response(
+            {"object": "list", "data": sorted(self._models().values(), key=lambda m: m["id"])}
+        )
 
     async def _get_model(self, request: web.Request) -> web.Response:
         wanted = request.match_info["model"]
@@ -292,16 +395,23 @@ class FrontDoor(MonitorHTTP):
         request["started"] = time.time()
         request["rid"] = rid = raw if raw and valid_id(raw) else new_request_id()
         if raw and rid != raw:
-            raise oa.bad(f"the X-Request-Id header must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 "
-                         f". _ : @ / + -; this refusal is recorded as request {rid}", param="X-Request-Id",
-                         code="invalid_request_id")
+            raise oa.bad(
+                f"the X-Request-Id header must be 1-{MAX_REQUEST_ID_LEN} characters from A-Z a-z 0-9 "
+                f". _ : @ / + -; this refusal is recorded as request {rid}",
+                param="X-Request-Id",
+                code="invalid_request_id",
+            )
         try:
             async with asyncio.timeout(self.limits.body_timeout_s):
                 data = await request.read()
         except TimeoutError:
-            raise oa.ApiError(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s "
-                                   "(--http-body-timeout-s); send it at once", code="body_timeout",
-                              headers={"Connection": "close"}) from None
+            raise oa.ApiError(
+                408,
+                f"the request body did not arrive within {self.limits.body_timeout_s:g} s "
+                "(--http-body-timeout-s); send it at once",
+                code="body_timeout",
+                headers={"Connection": "close"},
+            ) from None
         body = oa.parse_json(data)
         parsed = kind.parse(body, default_max_tokens=self._default_max_tokens)
         if not self._known(parsed.model):
@@ -309,35 +419,50 @@ class FrontDoor(MonitorHTTP):
         parsed.request.request_id = rid
         call = HttpCall(self._peer(request))
         ids = kind.id_prefix + rid, int(time.time()), parsed.model
-        async with contextlib.aclosing(self._relay.Generate(parsed.request, call, identity=request["caller"])) as chunks:
+        async with contextlib.aclosing(
+            self._relay.Generate(parsed.request, call, identity=request["caller"])
+        ) as chunks:
             if parsed.stream:
                 return await self._stream(request, kind, parsed, call, chunks, ids)
             text: list[str] = []
             final = None
             try:
-                async for chunk in chunks:   # to its end: the relay records the outcome after the final chunk
+                async for (
+                    chunk
+                ) in chunks:  # to its end: the relay records the outcome after the final chunk
                     text.append(chunk.text)
                     if chunk.HasField("final"):
                         final = chunk.final
             except grpc.aio.AbortError:
                 raise call.error() from None
-        if final is None:   # the relay ends every request with a final chunk or a status
+        if final is None:  # the relay ends every request with a final chunk or a status
             raise call.error()
         return web.json_response(kind.answer(*ids, "".join(text), final))
 
-    async def _stream(self, request: web.Request, kind: _Endpoint, parsed: oa.Parsed, call: HttpCall,
-                      chunks: AsyncIterator, ids: tuple) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        kind: _Endpoint,
+        parsed: oa.Parsed,
+        call: HttpCall,
+        chunks: AsyncIterator,
+        ids: tuple,
+    ) -> web.StreamResponse:
         """Headers after the first chunk (a refusal before it is its own HTTP status); then
         one `data:` event per text delta, the finish, the usage if asked, `[DONE]`."""
         try:
             first = await anext(chunks)
         except grpc.aio.AbortError:
             raise call.error() from None
-        response = web.StreamResponse(headers={**SSE_HEADERS, **SECURITY_HEADERS, "X-Request-Id": request["rid"]})
+        response = web.StreamResponse(
+            headers={**SSE_HEADERS, **SECURITY_HEADERS, "X-Request-Id": request["rid"]}
+        )
         await response.prepare(request)
 
         async def send(obj) -> None:
-            await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+            await response.write(
+                b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+            )
 
         piece = functools.partial(kind.chunk, *ids, with_usage=parsed.include_usage)
         try:
@@ -352,16 +477,26 @@ class FrontDoor(MonitorHTTP):
                     await send(piece(final=final))
                     if parsed.include_usage:
                         await send(oa.usage_chunk(kind.chunk_object, *ids, final))
-                chunk = await anext(chunks, None)   # to its end: the relay records the outcome after the final
-        except grpc.aio.AbortError:   # after the first token: the stream ends with the error
+                chunk = await anext(
+                    chunks, None
+                )  # to its end: the relay records the outcome after the final
+        except grpc.aio.AbortError:  # after the first token: the stream ends with the error
             await send(call.error().body())
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - the status line is gone: end the stream with the error
-            log.error("front door: request %s failed mid-stream: %s", request["rid"], type(exc).__name__)
-            await send(oa.ApiError(500, f"request {request['rid']}: the coordinator hit an internal error; retry, "
-                                        "and report it with the coordinator's log", type_="server_error",
-                                   code="internal").body())
+            log.error(
+                "front door: request %s failed mid-stream: %s", request["rid"], type(exc).__name__
+            )
+            await send(
+                oa.ApiError(
+                    500,
+                    f"request {request['rid']}: the coordinator hit an internal error; retry, "
+                    "and report it with the coordinator's log",
+                    type_="server_error",
+                    code="internal",
+                ).body()
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -369,8 +504,13 @@ class FrontDoor(MonitorHTTP):
 
 def _unknown_model(_model: str) -> oa.ApiError:
     """Never echoes the name: it is the caller's text (and lands in the audit record's reason)."""
-    return oa.ApiError(404, "The model asked for does not exist in this fleet; GET /v1/models lists the models "
-                            "its nodes serve", param="model", code="model_not_found")
+    return oa.ApiError(
+        404,
+        "The model asked for does not exist in this fleet; GET /v1/models lists the models "
+        "its nodes serve",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _error_response(exc: oa.ApiError) -> web.Response:

@@ -30,17 +30,26 @@ STOPPING = "shutting_down"
 class Readiness:
     """The verdict and what keeps it current: `run()` probes, `refresh()` re-reads the fleet."""
 
-    def __init__(self, *, state, fleet, interval_s: float, timeout_s: float,
-                 on_change: Callable[[bool, str], object], metrics=None, where: str = "coordinator"):
+    def __init__(
+        self,
+        *,
+        state,
+        fleet,
+        interval_s: float,
+        timeout_s: float,
+        on_change: Callable[[bool, str], object],
+        metrics=None,
+        where: str = "coordinator",
+    ):
         self._state, self._fleet = state, fleet
         self._interval_s, self._timeout_s = interval_s, timeout_s
-        self._on_change = on_change   # (ready, reason), called on every change of the verdict
+        self._on_change = on_change  # (ready, reason), called on every change of the verdict
         self._metrics = metrics
         self._where = where
-        self.state_up = True          # the database answered at start (StateDB migrated it)
+        self.state_up = True  # the database answered at start (StateDB migrated it)
         self.stopping = False
         self._shown: Optional[tuple[bool, str]] = None
-        self._probe: Optional[asyncio.Future] = None   # a probe still running in its thread
+        self._probe: Optional[asyncio.Future] = None  # a probe still running in its thread
         self._task: Optional[asyncio.Task] = None
 
     @property
@@ -75,7 +84,7 @@ class Readiness:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)   # the probe's period, not a synchronisation
+            await asyncio.sleep(self._interval_s)  # the probe's period, not a synchronisation
             try:
                 await self.probe()
             except asyncio.CancelledError:
@@ -93,8 +102,14 @@ class Readiness:
         except TimeoutError:
             up = False
         if up != self.state_up:
-            log.warning("%s state database %s %s", self._where, self._state.shown,
-                        "answers again" if up else "does not answer: new requests are refused until it does")
+            log.warning(
+                "%s state database %s %s",
+                self._where,
+                self._state.shown,
+                "answers again"
+                if up
+                else "does not answer: new requests are refused until it does",
+            )
         self.state_up = up
         if self._metrics is not None:
             self._metrics.state_store_up.set(int(up))
@@ -129,16 +144,22 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if (handler is None or self._readiness.state_up
-                or not handler_call_details.method.startswith(self._prefix)):
+        if (
+            handler is None
+            or self._readiness.state_up
+            or not handler_call_details.method.startswith(self._prefix)
+        ):
             return handler
-        message = (f"{self._where} cannot reach its state database; it takes no new requests until it does "
-                   "(retry another coordinator)")
+        message = (
+            f"{self._where} cannot reach its state database; it takes no new requests until it does "
+            "(retry another coordinator)"
+        )
 
         async def refuse(_request, context):
             await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
         if handler.response_streaming:
+
             async def refuse_stream(request, context):
                 await refuse(request, context)
                 yield  # pragma: no cover - abort raises
@@ -149,8 +170,15 @@ class ReadinessGate(grpc.aio.ServerInterceptor):
 
 def _like(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:
     """A handler of the same shape (unary or stream, same serializers) running `behaviour`."""
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(behaviour, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return make(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -34,31 +34,84 @@ from coordinator.state.schema import requests as Q
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("request_id", "caller", "priority", "started_at", "ended_at", "outcome", "code", "queue_ms",
-           "ttft_ms", "decode_ms", "latency_ms", "prompt_tokens", "completion_tokens", "nodes", "failovers",
-           "retries", "restarts", "finish_reason", "quality_score", "template", "output_format", "schema_valid",
-           "quality_parts")
+COLUMNS = (
+    "request_id",
+    "caller",
+    "priority",
+    "started_at",
+    "ended_at",
+    "outcome",
+    "code",
+    "queue_ms",
+    "ttft_ms",
+    "decode_ms",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "nodes",
+    "failovers",
+    "retries",
+    "restarts",
+    "finish_reason",
+    "quality_score",
+    "template",
+    "output_format",
+    "schema_valid",
+    "quality_parts",
+)
 QUEUE_MAX = 20_000
 BATCH_MAX = 500
 FLUSH_S = 0.25
 PRUNE_EVERY_S = 3600.0
-TRAFFIC_WINDOW_S = 24 * 3600.0   # ~6,000 notes a day: a day of summaries is a few MB
+TRAFFIC_WINDOW_S = 24 * 3600.0  # ~6,000 notes a day: a day of summaries is a few MB
 
 
 def _row(s: RequestSummary) -> dict:
     ms = lambda v: None if v is None else round(v * 1000.0, 3)  # noqa: E731
-    return dict(zip(COLUMNS, (s.request_id, s.caller, s.priority, s.started_at, s.ended_at, s.outcome, s.code, ms(s.queue_s),
-            ms(s.ttft_s), ms(s.decode_s), ms(s.duration_s), s.prompt_tokens, s.completion_tokens,
-            json.dumps(s.nodes), s.failovers, s.retries, s.restarts, s.finish_reason, s.quality_score, s.template,
-            s.output_format, None if s.schema_valid is None else int(s.schema_valid),
-            json.dumps(s.quality_parts) if s.quality_parts else None)))
+    return dict(
+        zip(
+            COLUMNS,
+            (
+                s.request_id,
+                s.caller,
+                s.priority,
+                s.started_at,
+                s.ended_at,
+                s.outcome,
+                s.code,
+                ms(s.queue_s),
+                ms(s.ttft_s),
+                ms(s.decode_s),
+                ms(s.duration_s),
+                s.prompt_tokens,
+                s.completion_tokens,
+                json.dumps(s.nodes),
+                s.failovers,
+                s.retries,
+                s.restarts,
+                s.finish_reason,
+                s.quality_score,
+                s.template,
+                s.output_format,
+                None if s.schema_valid is None else int(s.schema_valid),
+                json.dumps(s.quality_parts) if s.quality_parts else None,
+            ),
+        )
+    )
 
 
 class RequestLog:
-    def __init__(self, state: Union[StateDB, str, Path], *, retention_days: float,
-                 clock: Callable[[], float] = time.time):
-        self._state, self._owned = StateDB.of(state)   # the schema is up to date once open
-        self.path = self._state.path or self._state.shown   # what log lines name (a URL without its password)
+    def __init__(
+        self,
+        state: Union[StateDB, str, Path],
+        *,
+        retention_days: float,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._state, self._owned = StateDB.of(state)  # the schema is up to date once open
+        self.path = (
+            self._state.path or self._state.shown
+        )  # what log lines name (a URL without its password)
         self.retention_days = retention_days
         self._clock = clock
         self._queue: "queue.Queue[Optional[dict]]" = queue.Queue(QUEUE_MAX)
@@ -66,10 +119,10 @@ class RequestLog:
         self.dropped = 0
         self._failing = False
         self._flushed = threading.Condition()
-        self._queued = 0             # rows handed to the writer so far
-        self._settled = 0            # of those, rows committed or lost
+        self._queued = 0  # rows handed to the writer so far
+        self._settled = 0  # of those, rows committed or lost
         self._closed = False
-        self._prune(self._state)   # expired rows are gone before the first query
+        self._prune(self._state)  # expired rows are gone before the first query
         self._writer = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._writer.start()
 
@@ -91,8 +144,12 @@ class RequestLog:
             self.dropped += 1
             if not self._failing:
                 self._failing = True
-                log.error("request log %s is %d rows behind; dropping rows (the audit chain still has every "
-                          "request); check the disk", self.path, QUEUE_MAX)
+                log.error(
+                    "request log %s is %d rows behind; dropping rows (the audit chain still has every "
+                    "request); check the disk",
+                    self.path,
+                    QUEUE_MAX,
+                )
 
     def traffic_reply(self, window_s: int, bucket_s: int) -> fleet_pb2.Traffic:
         """Every bucket of the window, oldest first, from the in-memory recent requests."""
@@ -113,7 +170,7 @@ class RequestLog:
     # -- the writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
         db = self._state
-        next_prune = self._clock() + PRUNE_EVERY_S   # the first prune ran at open
+        next_prune = self._clock() + PRUNE_EVERY_S  # the first prune ran at open
         stop = False
         while not stop:
             batch: list[dict] = []
@@ -154,18 +211,27 @@ class RequestLog:
             self.dropped += len(batch)
             if not self._failing:
                 self._failing = True
-                log.error("request log %s: %d rows lost (%s); the audit chain still has them", self.path,
-                          len(batch), _why(exc))
+                log.error(
+                    "request log %s: %d rows lost (%s); the audit chain still has them",
+                    self.path,
+                    len(batch),
+                    _why(exc),
+                )
         finally:
             self._settle(len(batch))
 
     def _prune(self, db: StateDB) -> None:
         try:
             with db.begin() as conn:
-                gone = conn.execute(Q.delete().where(Q.c.ended_at < self._clock() - self.retention_days * 86400.0)
-                                    ).rowcount
+                gone = conn.execute(
+                    Q.delete().where(Q.c.ended_at < self._clock() - self.retention_days * 86400.0)
+                ).rowcount
             if gone:
-                log.info("request log: %d rows past the %g-day retention deleted", gone, self.retention_days)
+                log.info(
+                    "request log: %d rows past the %g-day retention deleted",
+                    gone,
+                    self.retention_days,
+                )
         except sa.exc.SQLAlchemyError as exc:
             log.error("request log %s: retention delete failed (%s)", self.path, _why(exc))
 
@@ -186,23 +252,37 @@ class RequestLog:
             self._state.close()
 
     # -- queries (a worker thread) -----------------------------------------------------------------
-    def list_reply(self, request: fleet_pb2.ListRequestsRequest, *, slow_ttft_ms: float,
-                   slow_latency_ms: float) -> fleet_pb2.ListRequestsResponse:
+    def list_reply(
+        self, request: fleet_pb2.ListRequestsRequest, *, slow_ttft_ms: float, slow_latency_ms: float
+    ) -> fleet_pb2.ListRequestsResponse:
         self.flush()
         where = [Q.c.ended_at >= self._clock() - (request.since_s or 3600.0)]
         if request.slow_only:
             where.append(sa.or_(Q.c.ttft_ms >= slow_ttft_ms, Q.c.latency_ms >= slow_latency_ms))
-        for only, outcomes in ((request.failed_only, FAILED_OUTCOMES), (request.rejected_only, REJECTED_OUTCOMES)):
+        for only, outcomes in (
+            (request.failed_only, FAILED_OUTCOMES),
+            (request.rejected_only, REJECTED_OUTCOMES),
+        ):
             if only:
                 where.append(Q.c.outcome.in_(list(outcomes)))
         if request.caller:
             where.append(_caller_is(request.caller))
         with self._state.begin() as db:
-            matched = db.execute(sa.select(sa.func.count()).select_from(Q).where(*where)).scalar_one()
-            rows = db.execute(sa.select(*(Q.c[c] for c in COLUMNS)).where(*where)
-                              .order_by(Q.c.ended_at.desc()).limit(request.limit or 100)).all()
-        reply = fleet_pb2.ListRequestsResponse(matched=matched, slow_ttft_ms=slow_ttft_ms,
-                                               slow_latency_ms=slow_latency_ms, retention_days=self.retention_days)
+            matched = db.execute(
+                sa.select(sa.func.count()).select_from(Q).where(*where)
+            ).scalar_one()
+            rows = db.execute(
+                sa.select(*(Q.c[c] for c in COLUMNS))
+                .where(*where)
+                .order_by(Q.c.ended_at.desc())
+                .limit(request.limit or 100)
+            ).all()
+        reply = fleet_pb2.ListRequestsResponse(
+            matched=matched,
+            slow_ttft_ms=slow_ttft_ms,
+            slow_latency_ms=slow_latency_ms,
+            retention_days=self.retention_days,
+        )
         for row in rows:
             r = dict(zip(COLUMNS, row))
             r["nodes"] = json.loads(r["nodes"])
@@ -222,10 +302,14 @@ def _caller_is(name: str):
     same functions on SQLite and PostgreSQL."""
     tail = "/" + name
     length = sa.func.length(Q.c.caller)
-    return sa.or_(Q.c.caller == name,
-                  sa.and_(length > len(tail),
-                          sa.func.substr(Q.c.caller, length - len(tail) + 1) == tail,
-                          ~sa.func.substr(Q.c.caller, 1, length - len(tail)).contains("/")))
+    return sa.or_(
+        Q.c.caller == name,
+        sa.and_(
+            length > len(tail),
+            sa.func.substr(Q.c.caller, length - len(tail) + 1) == tail,
+            ~sa.func.substr(Q.c.caller, 1, length - len(tail)).contains("/"),
+        ),
+    )
 
 
 def _why(exc: Exception) -> str:
@@ -237,11 +321,17 @@ def _why(exc: Exception) -> str:
 
 def _bucket(start: float, group: list[RequestSummary]) -> fleet_pb2.TrafficBucket:
     ttft = [s.ttft_s * 1000.0 for s in group if s.ttft_s is not None]
-    itl = [s.decode_s * 1000.0 / (s.completion_tokens - 1) for s in group if s.completion_tokens > 1]
+    itl = [
+        s.decode_s * 1000.0 / (s.completion_tokens - 1) for s in group if s.completion_tokens > 1
+    ]
     return fleet_pb2.TrafficBucket(
-        start=start, requests=len(group), errors=sum(s.outcome in FAILED_OUTCOMES for s in group),
+        start=start,
+        requests=len(group),
+        errors=sum(s.outcome in FAILED_OUTCOMES for s in group),
         rejected=sum(s.outcome in REJECTED_OUTCOMES for s in group),
-        tokens=sum(s.completion_tokens for s in group), ttft_p50_ms=percentile(ttft, 0.5), ttft_p95_ms=percentile(ttft, 0.95),
+        tokens=sum(s.completion_tokens for s in group),
+        ttft_p50_ms=percentile(ttft, 0.5),
+        ttft_p95_ms=percentile(ttft, 0.95),
         latency_p95_ms=percentile([s.duration_s * 1000.0 for s in group], 0.95),
-        itl_p50_ms=statistics.median(itl) if itl else 0.0)
-
+        itl_p50_ms=statistics.median(itl) if itl else 0.0,
+    )

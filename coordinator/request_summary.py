@@ -24,12 +24,12 @@ class Outcome(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    DEADLINE = "deadline"        # the caller's deadline passed
-    REJECTED = "rejected"        # the caller's input (400, 404)
-    REFUSED = "refused"          # the caller's quota, a full queue, an audit log that cannot be written
-    ACCEPTED = "accepted"        # audit only: routed (a request) or about to act (an admin call)
-    DENIED = "denied"            # audit only: the caller's certificate, token or role
-    OK = "ok"                    # audit only: an admin call done
+    DEADLINE = "deadline"  # the caller's deadline passed
+    REJECTED = "rejected"  # the caller's input (400, 404)
+    REFUSED = "refused"  # the caller's quota, a full queue, an audit log that cannot be written
+    ACCEPTED = "accepted"  # audit only: routed (a request) or about to act (an admin call)
+    DENIED = "denied"  # audit only: the caller's certificate, token or role
+    OK = "ok"  # audit only: an admin call done
 
 
 # How requests ended, in the two groups monitoring keeps apart everywhere (the alert rules,
@@ -42,29 +42,31 @@ REJECTED_OUTCOMES = (Outcome.REJECTED, Outcome.REFUSED)
 @dataclass
 class RequestSummary:
     request_id: str
-    caller: str                   # role/name of the caller's certificate
-    priority: str                 # "interactive" or "batch"
-    started_at: float             # unix seconds, when the coordinator accepted it
+    caller: str  # role/name of the caller's certificate
+    priority: str  # "interactive" or "batch"
+    started_at: float  # unix seconds, when the coordinator accepted it
     ended_at: float
-    outcome: Outcome              # completed, failed, cancelled, deadline, rejected, refused (a str)
-    code: str                     # gRPC status name
-    duration_s: float             # accepted -> end
-    queue_s: Optional[float] = None    # waiting for a node, summed over hops (None: never queued)
-    ttft_s: Optional[float] = None     # accepted -> first token sent (None: no token sent)
-    decode_s: float = 0.0              # first token -> last token
+    outcome: Outcome  # completed, failed, cancelled, deadline, rejected, refused (a str)
+    code: str  # gRPC status name
+    duration_s: float  # accepted -> end
+    queue_s: Optional[float] = None  # waiting for a node, summed over hops (None: never queued)
+    ttft_s: Optional[float] = None  # accepted -> first token sent (None: no token sent)
+    decode_s: float = 0.0  # first token -> last token
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    nodes: list[str] = field(default_factory=list)   # every node that served part of it, in order
+    nodes: list[str] = field(default_factory=list)  # every node that served part of it, in order
     failovers: int = 0
     retries: int = 0
     restarts: int = 0
     finish_reason: str = ""
     quality_score: Optional[float] = None
-    quality_parts: dict[str, float] = field(default_factory=dict)   # sub-score name -> 0..1
-    schema_valid: Optional[bool] = None   # output_format requests that completed
-    output_format: str = ""               # note template or json_schema:<digest>
-    template: str = ""                    # prompt template version, e.g. soap-note@qwen2/v2 (or the name asked for)
-    token_gaps: list[float] = field(default_factory=list)   # seconds between tokens sent (metrics only)
+    quality_parts: dict[str, float] = field(default_factory=dict)  # sub-score name -> 0..1
+    schema_valid: Optional[bool] = None  # output_format requests that completed
+    output_format: str = ""  # note template or json_schema:<digest>
+    template: str = ""  # prompt template version, e.g. soap-note@qwen2/v2 (or the name asked for)
+    token_gaps: list[float] = field(
+        default_factory=list
+    )  # seconds between tokens sent (metrics only)
 
 
 class Monitor:

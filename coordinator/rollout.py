@@ -27,7 +27,14 @@ from coordinator.fleet import Fleet, NodeEntry
 from coordinator.gates import GateContext
 from coordinator.node_ops import CALL_TIMEOUT_S, OpFailed, wait_op
 from coordinator.records import Caller, CallRecord
-from coordinator.rollout_store import TERMINAL_STEPS, Lease, LeaseLost, NodeRow, RolloutRow, RolloutStore
+from coordinator.rollout_store import (
+    TERMINAL_STEPS,
+    Lease,
+    LeaseLost,
+    NodeRow,
+    RolloutRow,
+    RolloutStore,
+)
 from coordinator.weights_push import manifest_for, push_weights
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,7 @@ log = logging.getLogger(__name__)
 K = fleet_pb2
 READY, DRAINED = common_pb2.LIFECYCLE_READY, common_pb2.LIFECYCLE_DRAINED
 STAGE_TIMEOUT_S = 6 * 3600.0
-LOAD_TIMEOUT_S = 1800.0    # activate: unload, load, warm up a large model
+LOAD_TIMEOUT_S = 1800.0  # activate: unload, load, warm up a large model
 RESTART_WAIT_S = 600.0
 
 
@@ -48,10 +55,20 @@ class Blocked(Exception):
 class Runner:
     """Runs one rollout to its end; `Rollouts` owns starting, pausing and resuming it."""
 
-    def __init__(self, row: RolloutRow, *, store: RolloutStore, fleet: Fleet, events: EventLog, gates,
-                 wake: asyncio.Event, fence: Lease, audit=None):
+    def __init__(
+        self,
+        row: RolloutRow,
+        *,
+        store: RolloutStore,
+        fleet: Fleet,
+        events: EventLog,
+        gates,
+        wake: asyncio.Event,
+        fence: Lease,
+        audit=None,
+    ):
         self.r = row
-        self.fence = fence                 # the lease this runner acts under
+        self.fence = fence  # the lease this runner acts under
         self._token = fence.token
         self._audit = audit
         self._store = store
@@ -59,7 +76,7 @@ class Runner:
         self._events = events
         self._gates = gates
         self._wake = wake
-        self.progress: dict[str, tuple[int, int]] = {}   # node id -> staged bytes (done, total)
+        self.progress: dict[str, tuple[int, int]] = {}  # node id -> staged bytes (done, total)
 
     async def run(self) -> None:
         r = self.r
@@ -77,40 +94,56 @@ class Runner:
                 if not pending:
                     self._finish("SUCCEEDED", f"{len(r.nodes)} nodes on {_target(r.target)}")
                     return
-                batch = pending[:r.max_unavailable]
-                results = await asyncio.gather(*(self._node(n) for n in batch), return_exceptions=True)
+                batch = pending[: r.max_unavailable]
+                results = await asyncio.gather(
+                    *(self._node(n) for n in batch), return_exceptions=True
+                )
                 for out in results:
                     if isinstance(out, BaseException) and not isinstance(out, Blocked):
                         raise out
                 failed = [n for n, ok in zip(batch, results) if ok is False]
                 if failed:
-                    self._finish("FAILED", "; ".join(f"node {n.node_id}: {n.message}" for n in failed)
-                                 + "; the nodes not yet updated were left as they were")
+                    self._finish(
+                        "FAILED",
+                        "; ".join(f"node {n.node_id}: {n.message}" for n in failed)
+                        + "; the nodes not yet updated were left as they were",
+                    )
                     return
                 blocked = [str(b) for b in results if isinstance(b, Blocked)]
                 if blocked:
-                    self._pause("; ".join(blocked) + f"; then `fleetctl rollout resume {r.id}` "
-                                f"(or `fleetctl rollout abort {r.id}`)")
+                    self._pause(
+                        "; ".join(blocked) + f"; then `fleetctl rollout resume {r.id}` "
+                        f"(or `fleetctl rollout abort {r.id}`)"
+                    )
         except asyncio.CancelledError:
             raise
-        except LeaseLost as exc:   # another coordinator runs the rollout now: record nothing more
+        except LeaseLost as exc:  # another coordinator runs the rollout now: record nothing more
             log.error("rollout=%s stopped: %s", r.id, exc)
         except Exception as exc:  # noqa: BLE001 - recorded; a rollout never vanishes silently
             log.exception("rollout=%s internal error", r.id)
-            self._finish("FAILED", f"internal error in the coordinator ({type(exc).__name__}: {exc}); "
-                                   "see its log, then start a new rollout")
+            self._finish(
+                "FAILED",
+                f"internal error in the coordinator ({type(exc).__name__}: {exc}); "
+                "see its log, then start a new rollout",
+            )
 
     def _finish(self, state: str, message: str) -> None:
         self.r.state, self.r.message = state, message
         self._store.set_state(self.r.id, state, message, fence=self.fence)
-        self._events.emit(K.EVENT_KIND_ROLLOUT, reason=f"{state.lower()}: {message}", rollout_id=self.r.id,
-                          step=state.lower())
+        self._events.emit(
+            K.EVENT_KIND_ROLLOUT,
+            reason=f"{state.lower()}: {message}",
+            rollout_id=self.r.id,
+            step=state.lower(),
+        )
 
     def _pause(self, message: str) -> None:
         """Stop starting nodes until an operator resumes (a wait ran out: see Blocked)."""
         self.r.state, self.r.message = "PAUSED", f"paused: {message}"
         self._store.set_state(self.r.id, "PAUSED", self.r.message, fence=self.fence)
-        self._events.emit(K.EVENT_KIND_ROLLOUT, reason=self.r.message, rollout_id=self.r.id, step="pause")
+        self._events.emit(
+            K.EVENT_KIND_ROLLOUT, reason=self.r.message, rollout_id=self.r.id, step="pause"
+        )
         log.warning("rollout=%s %s", self.r.id, self.r.message)
 
     def _step(self, n: NodeRow, step: str, message: str) -> None:
@@ -119,13 +152,28 @@ class Runner:
         if step in TERMINAL_STEPS:
             n.finished = time.time()
         self._store.set_step(self.r.id, n, fence=self.fence)
-        self._events.emit(K.EVENT_KIND_ROLLOUT, node_id=n.node_id, reason=message, rollout_id=self.r.id, step=step)
-        if step in TERMINAL_STEPS and self._audit is not None:  # who changed which node's weights, and how it ended
-            self._audit.submit(CallRecord(
-                "admin", "rollout.node", Caller(self.r.started_by, "operator", "", self.r.owner), step,
-                "OK" if step == "done" else "FAILED",
-                {"rollout_id": self.r.id, "node_id": n.node_id, "from_digest": n.from_digest,
-                 "to_digest": self.r.target.weights_digest, "reason": message[:300]}))
+        self._events.emit(
+            K.EVENT_KIND_ROLLOUT, node_id=n.node_id, reason=message, rollout_id=self.r.id, step=step
+        )
+        if (
+            step in TERMINAL_STEPS and self._audit is not None
+        ):  # who changed which node's weights, and how it ended
+            self._audit.submit(
+                CallRecord(
+                    "admin",
+                    "rollout.node",
+                    Caller(self.r.started_by, "operator", "", self.r.owner),
+                    step,
+                    "OK" if step == "done" else "FAILED",
+                    {
+                        "rollout_id": self.r.id,
+                        "node_id": n.node_id,
+                        "from_digest": n.from_digest,
+                        "to_digest": self.r.target.weights_digest,
+                        "reason": message[:300],
+                    },
+                )
+            )
 
     def _op(self, n: NodeRow, step: str) -> str:
         return f"{self.r.id}/{n.node_id}/{step}"
@@ -150,13 +198,23 @@ class Runner:
                 await self._drain(n, entry)
                 self._step(n, "activate", f"activating {_target(t)}")
                 try:
-                    await wait_op(lambda: entry.link.ops.Activate(node_pb2.ActivateRequest(
-                        operation_id=self._op(n, "activate"), weights_digest=t.weights_digest,
-                        fencing_token=self._token),
-                        timeout=CALL_TIMEOUT_S), what=f"activate on node {n.node_id}", timeout_s=LOAD_TIMEOUT_S)
+                    await wait_op(
+                        lambda: entry.link.ops.Activate(
+                            node_pb2.ActivateRequest(
+                                operation_id=self._op(n, "activate"),
+                                weights_digest=t.weights_digest,
+                                fencing_token=self._token,
+                            ),
+                            timeout=CALL_TIMEOUT_S,
+                        ),
+                        what=f"activate on node {n.node_id}",
+                        timeout_s=LOAD_TIMEOUT_S,
+                    )
                 except OpFailed as exc:  # the node went back to its previous weights by itself
                     await self._uncordon(n, entry, "rollback")
-                    self._step(n, "rolled_back", f"{exc}; the node serves its previous weights again")
+                    self._step(
+                        n, "rolled_back", f"{exc}; the node serves its previous weights again"
+                    )
                     return False
             elif n.kept_out or (not st.cordoned and st.lifecycle == READY):
                 self._step(n, "done", f"already on {t.weights_digest[:19]}")
@@ -165,16 +223,22 @@ class Runner:
             if failure:
                 await self._roll_back(n, entry, failure)
                 return False
-            if n.kept_out:   # the operator took it out before the rollout: it stays out
-                self._step(n, "done", f"updated to {_target(t)}; left out of service as it was found "
-                                      f"(`fleetctl uncordon {n.node_id}` brings it back)")
+            if n.kept_out:  # the operator took it out before the rollout: it stays out
+                self._step(
+                    n,
+                    "done",
+                    f"updated to {_target(t)}; left out of service as it was found "
+                    f"(`fleetctl uncordon {n.node_id}` brings it back)",
+                )
                 return True
             await self._uncordon(n, entry, "rejoin")
             self._step(n, "done", f"serving {_target(t)}")
             return True
         except OpFailed as exc:
             message = str(exc)
-            if n.step == "drain" and entry is not None:  # cordoned by this rollout, never swapped: release it
+            if (
+                n.step == "drain" and entry is not None
+            ):  # cordoned by this rollout, never swapped: release it
                 try:
                     await self._uncordon(n, entry, "release")
                     message += "; the node was uncordoned and serves as before"
@@ -190,31 +254,58 @@ class Runner:
             if entry is not None and entry.status is not None:
                 return entry
             await asyncio.sleep(0.2)  # waiting for discovery to (re)find it
-        raise Blocked(f"node {node_id} was not in this coordinator's fleet view for {self.r.wait_timeout_s:g}s: "
-                      f"start it or check its discovery (`fleetctl nodes`; a static --node address), or leave it "
-                      "out of the rollout (--node)")
+        raise Blocked(
+            f"node {node_id} was not in this coordinator's fleet view for {self.r.wait_timeout_s:g}s: "
+            f"start it or check its discovery (`fleetctl nodes`; a static --node address), or leave it "
+            "out of the rollout (--node)"
+        )
 
     async def _stage(self, n: NodeRow, entry: NodeEntry) -> None:
         t = self.r.target
-        self._step(n, "stage", f"staging {_target(t)} ({'shared path' if t.shared_path else 'push'})")
+        self._step(
+            n, "stage", f"staging {_target(t)} ({'shared path' if t.shared_path else 'push'})"
+        )
         op = self._op(n, "stage")
 
         def seen(st: node_pb2.NodeStatus) -> None:
             for m in st.staged:
                 if m.weights_digest == t.weights_digest:
                     self.progress[n.node_id] = (m.bytes_done, m.bytes_total)
+
         if t.shared_path:
-            await wait_op(lambda: entry.link.ops.StageModel(node_pb2.StageModelRequest(
-                operation_id=op, source_path=t.model_path, model_id=t.model_id, version=t.version,
-                expected_digest=t.weights_digest, fencing_token=self._token), timeout=CALL_TIMEOUT_S),
-                what=f"stage on node {n.node_id}", timeout_s=STAGE_TIMEOUT_S, on_status=seen)
+            await wait_op(
+                lambda: entry.link.ops.StageModel(
+                    node_pb2.StageModelRequest(
+                        operation_id=op,
+                        source_path=t.model_path,
+                        model_id=t.model_id,
+                        version=t.version,
+                        expected_digest=t.weights_digest,
+                        fencing_token=self._token,
+                    ),
+                    timeout=CALL_TIMEOUT_S,
+                ),
+                what=f"stage on node {n.node_id}",
+                timeout_s=STAGE_TIMEOUT_S,
+                on_status=seen,
+            )
             return
-        manifest = await asyncio.to_thread(manifest_for, Path(t.model_path), operation_id=op, model_id=t.model_id,
-                                           version=t.version, expected_digest=t.weights_digest,
-                                           fencing_token=self._token)
+        manifest = await asyncio.to_thread(
+            manifest_for,
+            Path(t.model_path),
+            operation_id=op,
+            model_id=t.model_id,
+            version=t.version,
+            expected_digest=t.weights_digest,
+            fencing_token=self._token,
+        )
         try:
-            reply = await push_weights(entry.link.ops, manifest, Path(t.model_path),
-                                       progress=lambda done, total: self.progress.__setitem__(n.node_id, (done, total)))
+            reply = await push_weights(
+                entry.link.ops,
+                manifest,
+                Path(t.model_path),
+                progress=lambda done, total: self.progress.__setitem__(n.node_id, (done, total)),
+            )
         except Exception as exc:  # noqa: BLE001 - a broken push leaves the node as it was
             raise OpFailed(f"pushing weights to node {n.node_id} failed: {exc}") from None
         if reply.operation.state != node_pb2.OPERATION_STATE_DONE:
@@ -223,10 +314,19 @@ class Runner:
     async def _drain(self, n: NodeRow, entry: NodeEntry) -> None:
         await self._wait_capacity(n)
         self._step(n, "drain", f"draining (deadline {self.r.drain_timeout_s:g}s)")
-        await wait_op(lambda: entry.link.ops.Drain(node_pb2.DrainRequest(
-            operation_id=self._op(n, "drain"), timeout_s=self.r.drain_timeout_s, reason=f"rollout {self.r.id}",
-            fencing_token=self._token),
-            timeout=CALL_TIMEOUT_S), what=f"drain of node {n.node_id}", timeout_s=self.r.drain_timeout_s + 60)
+        await wait_op(
+            lambda: entry.link.ops.Drain(
+                node_pb2.DrainRequest(
+                    operation_id=self._op(n, "drain"),
+                    timeout_s=self.r.drain_timeout_s,
+                    reason=f"rollout {self.r.id}",
+                    fencing_token=self._token,
+                ),
+                timeout=CALL_TIMEOUT_S,
+            ),
+            what=f"drain of node {n.node_id}",
+            timeout_s=self.r.drain_timeout_s + 60,
+        )
 
     async def _wait_capacity(self, n: NodeRow) -> None:
         """Make before break: drain only while enough other nodes serve. A node already out
@@ -237,8 +337,10 @@ class Runner:
         deadline = time.monotonic() + self.r.wait_timeout_s
         shown = ""
         while sum(e.node_id != n.node_id for e in self._fleet.routable()) < need:
-            why = f"node {n.node_id} waits for {plural(need, 'other node')} to serve before it drains; " + \
-                self._blocking(n.node_id)
+            why = (
+                f"node {n.node_id} waits for {plural(need, 'other node')} to serve before it drains; "
+                + self._blocking(n.node_id)
+            )
             if time.monotonic() > deadline:
                 raise Blocked(f"{why} (waited {self.r.wait_timeout_s:g}s)")
             if why != shown:
@@ -255,14 +357,20 @@ class Runner:
                 continue
             st = entry.status if entry is not None else None
             if st is None:
-                parts.append(f"node {other.node_id} is not reachable (`fleetctl node show {other.node_id}`)")
+                parts.append(
+                    f"node {other.node_id} is not reachable (`fleetctl node show {other.node_id}`)"
+                )
             elif st.cordoned or st.lifecycle == DRAINED:
                 state = "drained" if st.lifecycle == DRAINED else "cordoned"
-                parts.append(f"node {other.node_id} is {state} (`fleetctl uncordon {other.node_id}`)")
+                parts.append(
+                    f"node {other.node_id} is {state} (`fleetctl uncordon {other.node_id}`)"
+                )
             else:
                 state = common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_").lower()
-                parts.append(f"node {other.node_id} is {state}, {entry.health.reason or 'not routable'} "
-                             f"(`fleetctl node show {other.node_id}`)")
+                parts.append(
+                    f"node {other.node_id} is {state}, {entry.health.reason or 'not routable'} "
+                    f"(`fleetctl node show {other.node_id}`)"
+                )
         return "; ".join(parts) or "no other node of this rollout serves"
 
     async def _prepare_gates(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
@@ -281,7 +389,9 @@ class Runner:
 
     async def _gate(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
         self._step(n, "gate", ", ".join(g.name for g in self._gates))
-        ctx = GateContext(self.r.id, n.node_id, entry.address, entry.link, self.r.target.weights_digest)
+        ctx = GateContext(
+            self.r.id, n.node_id, entry.address, entry.link, self.r.target.weights_digest
+        )
         for gate in self._gates:
             why = await gate.check(ctx)
             if why:
@@ -289,31 +399,61 @@ class Runner:
         return None
 
     async def _uncordon(self, n: NodeRow, entry: NodeEntry, step: str) -> None:
-        await wait_op(lambda: entry.link.ops.Cordon(node_pb2.CordonRequest(
-            operation_id=self._op(n, step), cordoned=False, reason=f"rollout {self.r.id}",
-            fencing_token=self._token),
-            timeout=CALL_TIMEOUT_S), what=f"uncordon of node {n.node_id}", timeout_s=60)
+        await wait_op(
+            lambda: entry.link.ops.Cordon(
+                node_pb2.CordonRequest(
+                    operation_id=self._op(n, step),
+                    cordoned=False,
+                    reason=f"rollout {self.r.id}",
+                    fencing_token=self._token,
+                ),
+                timeout=CALL_TIMEOUT_S,
+            ),
+            what=f"uncordon of node {n.node_id}",
+            timeout_s=60,
+        )
         deadline = time.monotonic() + 30
         while not entry.routable and time.monotonic() < deadline:
-            self._fleet.poke(entry)   # read its status now rather than at the next poll
+            self._fleet.poke(entry)  # read its status now rather than at the next poll
             await asyncio.sleep(0.05)
 
     async def _roll_back(self, n: NodeRow, entry: NodeEntry, failure: str) -> None:
         self._step(n, "rollback", f"{failure}; going back to {n.from_digest[:19]}")
         try:
-            await wait_op(lambda: entry.link.ops.Drain(node_pb2.DrainRequest(
-                operation_id=self._op(n, "rollback-drain"), timeout_s=self.r.drain_timeout_s,
-                reason=f"rollback {self.r.id}", fencing_token=self._token), timeout=CALL_TIMEOUT_S),
-                what=f"drain of node {n.node_id}", timeout_s=self.r.drain_timeout_s + 60)
+            await wait_op(
+                lambda: entry.link.ops.Drain(
+                    node_pb2.DrainRequest(
+                        operation_id=self._op(n, "rollback-drain"),
+                        timeout_s=self.r.drain_timeout_s,
+                        reason=f"rollback {self.r.id}",
+                        fencing_token=self._token,
+                    ),
+                    timeout=CALL_TIMEOUT_S,
+                ),
+                what=f"drain of node {n.node_id}",
+                timeout_s=self.r.drain_timeout_s + 60,
+            )
             if not self.r.target.restart:
-                await wait_op(lambda: entry.link.ops.Activate(node_pb2.ActivateRequest(
-                    operation_id=self._op(n, "rollback"), previous=True, fencing_token=self._token),
-                    timeout=CALL_TIMEOUT_S),
-                    what=f"rollback of node {n.node_id}", timeout_s=LOAD_TIMEOUT_S)
+                await wait_op(
+                    lambda: entry.link.ops.Activate(
+                        node_pb2.ActivateRequest(
+                            operation_id=self._op(n, "rollback"),
+                            previous=True,
+                            fencing_token=self._token,
+                        ),
+                        timeout=CALL_TIMEOUT_S,
+                    ),
+                    what=f"rollback of node {n.node_id}",
+                    timeout_s=LOAD_TIMEOUT_S,
+                )
             await self._uncordon(n, entry, "rollback-uncordon")
         except OpFailed as exc:
-            self._step(n, "failed", f"{failure}; rollback failed too: {exc}; the node stays cordoned, "
-                                    "fix it by hand (fleetctl node status)")
+            self._step(
+                n,
+                "failed",
+                f"{failure}; rollback failed too: {exc}; the node stays cordoned, "
+                "fix it by hand (fleetctl node status)",
+            )
             return
         self._step(n, "rolled_back", f"{failure}; back on {n.from_digest[:19]} and serving")
 
@@ -323,13 +463,22 @@ class Runner:
         await self._drain(n, entry)
         self._step(n, "restart", "restarting the node agent")
         asked = time.monotonic()
-        await wait_op(lambda: entry.link.ops.Restart(node_pb2.RestartRequest(
-            operation_id=self._op(n, "restart"), fencing_token=self._token), timeout=CALL_TIMEOUT_S),
-                      what=f"restart of node {n.node_id}", timeout_s=60)
+        await wait_op(
+            lambda: entry.link.ops.Restart(
+                node_pb2.RestartRequest(
+                    operation_id=self._op(n, "restart"), fencing_token=self._token
+                ),
+                timeout=CALL_TIMEOUT_S,
+            ),
+            what=f"restart of node {n.node_id}",
+            timeout_s=60,
+        )
         while True:
             if time.monotonic() - asked > RESTART_WAIT_S:
-                raise OpFailed(f"node {n.node_id} did not come back within {RESTART_WAIT_S:g}s of its restart; "
-                               "check its service manager (launchctl print / systemctl status)")
+                raise OpFailed(
+                    f"node {n.node_id} did not come back within {RESTART_WAIT_S:g}s of its restart; "
+                    "check its service manager (launchctl print / systemctl status)"
+                )
             try:
                 st = await entry.link.status(CALL_TIMEOUT_S)
                 if st.uptime_s < time.monotonic() - asked and st.lifecycle in (READY, DRAINED):

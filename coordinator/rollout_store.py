@@ -40,8 +40,8 @@ class Lease:
     """The outcome of `acquire`: held (with its fencing token), or who holds it instead."""
 
     holder: str
-    token: int = 0          # > 0 when held
-    refused: str = ""       # why not held: who holds it and for how long
+    token: int = 0  # > 0 when held
+    refused: str = ""  # why not held: who holds it and for how long
 
     @property
     def held(self) -> bool:
@@ -56,7 +56,9 @@ class NodeRow:
     message: str = ""
     started: float = 0.0
     finished: float = 0.0
-    kept_out: bool = False   # out of service before the rollout: updated first, and left out afterwards
+    kept_out: bool = (
+        False  # out of service before the rollout: updated first, and left out afterwards
+    )
 
 
 @dataclass
@@ -72,7 +74,7 @@ class RolloutRow:
     owner: str = ""
     started_by: str = ""
     nodes: list[NodeRow] = field(default_factory=list)
-    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S   # a wait longer than this pauses the rollout
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S  # a wait longer than this pauses the rollout
 
 
 class RolloutStore:
@@ -83,7 +85,7 @@ class RolloutStore:
 
     def __init__(self, state: Union[StateDB, str, Path]):
         self._state, self._owned = StateDB.of(state)
-        self.path = self._state.path   # the SQLite file; None on PostgreSQL
+        self.path = self._state.path  # the SQLite file; None on PostgreSQL
 
     def close(self) -> None:
         if self._owned:
@@ -93,54 +95,126 @@ class RolloutStore:
     def create(self, row: RolloutRow) -> None:
         now = time.time()
         with self._state.begin(immediate=True) as db:
-            db.execute(R.insert().values(id=row.id, state=row.state, target=json.dumps(MessageToDict(row.target)),
-                                         max_unavailable=row.max_unavailable, drain_timeout_s=row.drain_timeout_s,
-                                         message=row.message, created=now, updated=now, owner=row.owner,
-                                         started_by=row.started_by, wait_timeout_s=row.wait_timeout_s))
+            db.execute(
+                R.insert().values(
+                    id=row.id,
+                    state=row.state,
+                    target=json.dumps(MessageToDict(row.target)),
+                    max_unavailable=row.max_unavailable,
+                    drain_timeout_s=row.drain_timeout_s,
+                    message=row.message,
+                    created=now,
+                    updated=now,
+                    owner=row.owner,
+                    started_by=row.started_by,
+                    wait_timeout_s=row.wait_timeout_s,
+                )
+            )
             if row.nodes:
-                db.execute(N.insert(), [{"rollout_id": row.id, "node_id": n.node_id, "position": i,
-                                         "kept_out": int(n.kept_out)} for i, n in enumerate(row.nodes)])
+                db.execute(
+                    N.insert(),
+                    [
+                        {
+                            "rollout_id": row.id,
+                            "node_id": n.node_id,
+                            "position": i,
+                            "kept_out": int(n.kept_out),
+                        }
+                        for i, n in enumerate(row.nodes)
+                    ],
+                )
 
     def get(self, rollout_id: str = "") -> Optional[RolloutRow]:
         """The rollout with this id, or the latest one."""
-        query = sa.select(R.c.id, R.c.state, R.c.target, R.c.max_unavailable, R.c.drain_timeout_s, R.c.message,
-                          R.c.created, R.c.updated, R.c.owner, R.c.started_by, R.c.wait_timeout_s)
-        query = query.where(R.c.id == rollout_id) if rollout_id else query.order_by(R.c.created.desc()).limit(1)
+        query = sa.select(
+            R.c.id,
+            R.c.state,
+            R.c.target,
+            R.c.max_unavailable,
+            R.c.drain_timeout_s,
+            R.c.message,
+            R.c.created,
+            R.c.updated,
+            R.c.owner,
+            R.c.started_by,
+            R.c.wait_timeout_s,
+        )
+        query = (
+            query.where(R.c.id == rollout_id)
+            if rollout_id
+            else query.order_by(R.c.created.desc()).limit(1)
+        )
         with self._state.begin() as db:
             r = db.execute(query).first()
             if r is None:
                 return None
-            nodes = db.execute(sa.select(N.c.node_id, N.c.step, N.c.from_digest, N.c.message, N.c.started,
-                                         N.c.finished, N.c.kept_out)
-                               .where(N.c.rollout_id == r[0]).order_by(N.c.position)).all()
-        row = RolloutRow(id=r[0], state=r[1], target=ParseDict(json.loads(r[2]), fleet_pb2.RolloutTarget()),
-                         max_unavailable=r[3], drain_timeout_s=r[4], message=r[5], created=r[6], updated=r[7],
-                         owner=r[8], started_by=r[9], wait_timeout_s=r[10])
+            nodes = db.execute(
+                sa.select(
+                    N.c.node_id,
+                    N.c.step,
+                    N.c.from_digest,
+                    N.c.message,
+                    N.c.started,
+                    N.c.finished,
+                    N.c.kept_out,
+                )
+                .where(N.c.rollout_id == r[0])
+                .order_by(N.c.position)
+            ).all()
+        row = RolloutRow(
+            id=r[0],
+            state=r[1],
+            target=ParseDict(json.loads(r[2]), fleet_pb2.RolloutTarget()),
+            max_unavailable=r[3],
+            drain_timeout_s=r[4],
+            message=r[5],
+            created=r[6],
+            updated=r[7],
+            owner=r[8],
+            started_by=r[9],
+            wait_timeout_s=r[10],
+        )
         row.nodes = [NodeRow(*n[:6], kept_out=bool(n[6])) for n in nodes]
         return row
 
     def active(self) -> Optional[RolloutRow]:
         with self._state.begin() as db:
-            r = db.execute(sa.select(R.c.id).where(R.c.state.in_(ACTIVE))
-                           .order_by(R.c.created.desc()).limit(1)).first()
+            r = db.execute(
+                sa.select(R.c.id).where(R.c.state.in_(ACTIVE)).order_by(R.c.created.desc()).limit(1)
+            ).first()
         return self.get(r[0]) if r else None
 
-    def set_state(self, rollout_id: str, state: str, message: str, fence: Optional[Lease] = None) -> None:
+    def set_state(
+        self, rollout_id: str, state: str, message: str, fence: Optional[Lease] = None
+    ) -> None:
         with self._state.begin(immediate=True) as db:
             self._check(db, fence)
-            db.execute(R.update().where(R.c.id == rollout_id).values(state=state, message=message,
-                                                                      updated=time.time()))
+            db.execute(
+                R.update()
+                .where(R.c.id == rollout_id)
+                .values(state=state, message=message, updated=time.time())
+            )
 
     def set_owner(self, rollout_id: str, owner: str) -> None:
         with self._state.begin() as db:
-            db.execute(R.update().where(R.c.id == rollout_id).values(owner=owner, updated=time.time()))
+            db.execute(
+                R.update().where(R.c.id == rollout_id).values(owner=owner, updated=time.time())
+            )
 
     def set_step(self, rollout_id: str, node: NodeRow, fence: Optional[Lease] = None) -> None:
         with self._state.begin(immediate=True) as db:
             self._check(db, fence)
-            db.execute(N.update().where(N.c.rollout_id == rollout_id, N.c.node_id == node.node_id)
-                       .values(step=node.step, from_digest=node.from_digest, message=node.message,
-                               started=node.started, finished=node.finished))
+            db.execute(
+                N.update()
+                .where(N.c.rollout_id == rollout_id, N.c.node_id == node.node_id)
+                .values(
+                    step=node.step,
+                    from_digest=node.from_digest,
+                    message=node.message,
+                    started=node.started,
+                    finished=node.finished,
+                )
+            )
             db.execute(R.update().where(R.c.id == rollout_id).values(updated=time.time()))
 
     # -- the lease ----------------------------------------------------------------------
@@ -157,10 +231,17 @@ class RolloutStore:
                 db.execute(_insert_new(db, name))
                 r = self._locked(db, name)
             if r.holder not in ("", holder) and r.expires > now:
-                return Lease(holder, refused=f"coordinator {r.holder} holds the rollout lease for another "
-                                             f"{r.expires - now:.0f}s")
+                return Lease(
+                    holder,
+                    refused=f"coordinator {r.holder} holds the rollout lease for another "
+                    f"{r.expires - now:.0f}s",
+                )
             token = r.token if r.holder == holder and r.token > 0 else r.token + 1
-            db.execute(L.update().where(L.c.name == name).values(holder=holder, expires=now + ttl_s, token=token))
+            db.execute(
+                L.update()
+                .where(L.c.name == name)
+                .values(holder=holder, expires=now + ttl_s, token=token)
+            )
         return Lease(holder, token)
 
     def release(self, holder: str, name: str = "rollouts") -> None:
@@ -171,13 +252,16 @@ class RolloutStore:
     def lease(self, name: str = "rollouts") -> Optional[tuple[str, float, int]]:
         """(holder, expires, token) as stored, or None."""
         with self._state.begin() as db:
-            r = db.execute(sa.select(L.c.holder, L.c.expires, L.c.token).where(L.c.name == name)).first()
+            r = db.execute(
+                sa.select(L.c.holder, L.c.expires, L.c.token).where(L.c.name == name)
+            ).first()
         return None if r is None or r.token == 0 else tuple(r)
 
     @staticmethod
     def _locked(db, name: str):
-        return db.execute(sa.select(L.c.holder, L.c.expires, L.c.token).where(L.c.name == name)
-                          .with_for_update()).first()
+        return db.execute(
+            sa.select(L.c.holder, L.c.expires, L.c.token).where(L.c.name == name).with_for_update()
+        ).first()
 
     def _check(self, db, fence: Optional[Lease], name: str = "rollouts") -> None:
         """Inside a write transaction: LeaseLost unless `fence` is still the stored lease."""
@@ -185,9 +269,11 @@ class RolloutStore:
             return
         r = self._locked(db, name)
         if r is None or (r.holder, r.token) != (fence.holder, fence.token):
-            raise LeaseLost(f"the rollout lease (token {fence.token}) passed to "
-                            f"{(r.holder if r else '') or 'nobody'} (token {r.token if r else 0}); this "
-                            "coordinator stops acting on the rollout")
+            raise LeaseLost(
+                f"the rollout lease (token {fence.token}) passed to "
+                f"{(r.holder if r else '') or 'nobody'} (token {r.token if r else 0}); this "
+                "coordinator stops acting on the rollout"
+            )
 
 
 def _insert_new(db, name: str):
@@ -196,4 +282,8 @@ def _insert_new(db, name: str):
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    return insert(L).values(name=name, holder="", expires=0, token=0).on_conflict_do_nothing(index_elements=["name"])
+    return (
+        insert(L)
+        .values(name=name, holder="", expires=0, token=0)
+        .on_conflict_do_nothing(index_elements=["name"])
+    )

@@ -30,14 +30,23 @@ from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
 from coordinator.rollout import Runner
-from coordinator.rollout_store import (ACTIVE, DEFAULT_WAIT_TIMEOUT_S, TERMINAL_STEPS, Lease, NodeRow,
-                                       RolloutRow, RolloutStore)
+from coordinator.rollout_store import (
+    ACTIVE,
+    DEFAULT_WAIT_TIMEOUT_S,
+    TERMINAL_STEPS,
+    Lease,
+    NodeRow,
+    RolloutRow,
+    RolloutStore,
+)
 
 log = logging.getLogger(__name__)
 
 ROLLOUT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-STATES = {s: fleet_pb2.RolloutState.Value(f"ROLLOUT_STATE_{s}") for s in
-          ("RUNNING", "PAUSED", "SUCCEEDED", "FAILED", "ABORTED")}
+STATES = {
+    s: fleet_pb2.RolloutState.Value(f"ROLLOUT_STATE_{s}")
+    for s in ("RUNNING", "PAUSED", "SUCCEEDED", "FAILED", "ABORTED")
+}
 
 
 def lease_holder(settings) -> str:
@@ -53,8 +62,18 @@ class RolloutRefused(Exception):
 
 
 class Rollouts:
-    def __init__(self, *, settings: RolloutSection, holder: str, probe_timeout_s: float, fleet: Fleet,
-                 events: EventLog, gates, store: RolloutStore, audit=None):
+    def __init__(
+        self,
+        *,
+        settings: RolloutSection,
+        holder: str,
+        probe_timeout_s: float,
+        fleet: Fleet,
+        events: EventLog,
+        gates,
+        store: RolloutStore,
+        audit=None,
+    ):
         self._audit = audit
         self._s = settings
         self._probe_timeout_s = probe_timeout_s
@@ -78,7 +97,9 @@ class Rollouts:
         """At start: pick up a rollout a previous coordinator left running or paused."""
         row = self.store.active()
         if row is not None:
-            log.info("rollout=%s %s: resuming (left by %s)", row.id, row.state, row.owner or "unknown")
+            log.info(
+                "rollout=%s %s: resuming (left by %s)", row.id, row.state, row.owner or "unknown"
+            )
             self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
         self._standby_task = asyncio.get_running_loop().create_task(self._standby())
 
@@ -86,19 +107,29 @@ class Rollouts:
         """While running: take over a running rollout whose holder died (another coordinator
         on this database, killed mid-rollout: its lease ran out and nobody renews it)."""
         while True:
-            await asyncio.sleep(self._s.rollout_lease_s / 3)   # the lease's own pace
+            await asyncio.sleep(self._s.rollout_lease_s / 3)  # the lease's own pace
             if self._lease_task is not None and not self._lease_task.done():
-                continue   # this coordinator runs (or waits for) a rollout already
+                continue  # this coordinator runs (or waits for) a rollout already
             try:
                 row = self.store.active()
                 lease = self.store.lease()
             except Exception as exc:  # noqa: BLE001 - the state database is down: readiness says so; look again
-                log.warning("rollout standby: state database unreadable (%s); looking again", type(exc).__name__)
+                log.warning(
+                    "rollout standby: state database unreadable (%s); looking again",
+                    type(exc).__name__,
+                )
                 continue
-            if row is None or row.state != "RUNNING" or (lease is not None and lease[1] > time.time()):
-                continue   # nothing running, or its holder is alive and renews the lease
-            log.warning("rollout=%s: its holder %s let the lease lapse; taking it over", row.id,
-                        row.owner or "unknown")
+            if (
+                row is None
+                or row.state != "RUNNING"
+                or (lease is not None and lease[1] > time.time())
+            ):
+                continue  # nothing running, or its holder is alive and renews the lease
+            log.warning(
+                "rollout=%s: its holder %s let the lease lapse; taking it over",
+                row.id,
+                row.owner or "unknown",
+            )
             self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
 
     async def close(self) -> None:
@@ -124,18 +155,34 @@ class Rollouts:
         self.store.set_owner(row.id, self._me)
         self._launch(row, lease)
         while self._task is not None and not self._task.done():
-            await asyncio.wait({self._task}, timeout=ttl / 3)   # renew every third of the ttl; free it at the end
+            await asyncio.wait(
+                {self._task}, timeout=ttl / 3
+            )  # renew every third of the ttl; free it at the end
             if self._task.done():
                 break
-            if self.store.acquire(self._me, ttl).token != lease.token:  # only after we stalled past the ttl
-                log.error("rollout=%s lost the lease (fencing token %d); stopping here", row.id, lease.token)
+            if (
+                self.store.acquire(self._me, ttl).token != lease.token
+            ):  # only after we stalled past the ttl
+                log.error(
+                    "rollout=%s lost the lease (fencing token %d); stopping here",
+                    row.id,
+                    lease.token,
+                )
                 self._task.cancel()
                 return
         self.store.release(self._me)
 
     def _launch(self, row: RolloutRow, lease: Lease) -> None:
-        self._runner = Runner(row, store=self.store, fleet=self._fleet, events=self._events, gates=self._gates,
-                              wake=self._wake, audit=self._audit, fence=lease)
+        self._runner = Runner(
+            row,
+            store=self.store,
+            fleet=self._fleet,
+            events=self._events,
+            gates=self._gates,
+            wake=self._wake,
+            audit=self._audit,
+            fence=lease,
+        )
         self._task = asyncio.get_running_loop().create_task(self._runner.run())
 
     # -- operator commands ------------------------------------------------------------
@@ -145,41 +192,76 @@ class Rollouts:
         await self._check_target(t)
         rid = req.rollout_id or f"r-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         if not ROLLOUT_ID.fullmatch(rid):
-            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "rollout_id must be 1-64 of [A-Za-z0-9._-]")
+            raise RolloutRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, "rollout_id must be 1-64 of [A-Za-z0-9._-]"
+            )
         if self.store.get(rid) is not None:
-            raise RolloutRefused(grpc.StatusCode.ALREADY_EXISTS, f"rollout {rid} exists; choose another id")
+            raise RolloutRefused(
+                grpc.StatusCode.ALREADY_EXISTS, f"rollout {rid} exists; choose another id"
+            )
         active = self.store.active()
         if active is not None:
-            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"rollout {active.id} is {active.state.lower()}; resume or abort it first")
+            raise RolloutRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"rollout {active.id} is {active.state.lower()}; resume or abort it first",
+            )
         if req.engine and not ROLLOUT_ID.fullmatch(req.engine):
-            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "engine must be an engine name such as mlx or vllm")
+            raise RolloutRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "engine must be an engine name such as mlx or vllm",
+            )
         nodes = self._pick_nodes(list(req.node_ids), req.engine)
         k = req.max_unavailable or 1
         if len(nodes) > 1 and k >= len(nodes):
-            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"max_unavailable {k} would take all {len(nodes)} nodes out at once; "
-                                 f"use at most {len(nodes) - 1}")
+            raise RolloutRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_unavailable {k} would take all {len(nodes)} nodes out at once; "
+                f"use at most {len(nodes) - 1}",
+            )
         drain_timeout = req.drain_timeout_s or 120.0
         if not 0 < drain_timeout <= 86_400:
-            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be in (0, 86400]")
+            raise RolloutRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s must be in (0, 86400]"
+            )
         wait_timeout = req.wait_timeout_s or DEFAULT_WAIT_TIMEOUT_S
         if not 0 < wait_timeout <= 86_400:
-            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, "wait_timeout_s must be in (0, 86400]")
+            raise RolloutRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, "wait_timeout_s must be in (0, 86400]"
+            )
         if not t.restart:
             self._check_model_id(t, nodes, req.rename_model)
-        out = await self._cordoned(nodes)   # the operator's: updated first (no capacity lost), left out after
-        nodes = sorted(nodes, key=lambda n: (n not in out, self._serving(n)))   # then any other not serving
+        out = await self._cordoned(
+            nodes
+        )  # the operator's: updated first (no capacity lost), left out after
+        nodes = sorted(
+            nodes, key=lambda n: (n not in out, self._serving(n))
+        )  # then any other not serving
         lease = self.store.acquire(self._me, self._s.rollout_lease_s)
         if not lease.held:
-            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{lease.refused}; try again later")
-        row = RolloutRow(id=rid, state="RUNNING", target=t, max_unavailable=k, drain_timeout_s=drain_timeout,
-                         owner=self._me, started_by=started_by, nodes=[NodeRow(n, kept_out=n in out) for n in nodes],
-                         wait_timeout_s=wait_timeout)
+            raise RolloutRefused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{lease.refused}; try again later"
+            )
+        row = RolloutRow(
+            id=rid,
+            state="RUNNING",
+            target=t,
+            max_unavailable=k,
+            drain_timeout_s=drain_timeout,
+            owner=self._me,
+            started_by=started_by,
+            nodes=[NodeRow(n, kept_out=n in out) for n in nodes],
+            wait_timeout_s=wait_timeout,
+        )
         self.store.create(row)
-        self._events.emit(fleet_pb2.EVENT_KIND_ROLLOUT, reason=f"started by {started_by}: {len(nodes)} nodes, "
-                          f"max unavailable {k}", rollout_id=rid, step="start")
-        self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(self.store.get(rid)))
+        self._events.emit(
+            fleet_pb2.EVENT_KIND_ROLLOUT,
+            reason=f"started by {started_by}: {len(nodes)} nodes, max unavailable {k}",
+            rollout_id=rid,
+            step="start",
+        )
+        self._lease_task = asyncio.get_running_loop().create_task(
+            self._hold_lease(self.store.get(rid))
+        )
         return self.store.get(rid)
 
     async def _check_target(self, t: fleet_pb2.RolloutTarget) -> None:
@@ -195,23 +277,30 @@ class Rollouts:
             raise bad("target.weights_digest must be sha256: followed by 64 hex digits")
         if t.shared_path:  # the nodes read the path; this host may not see it
             if not t.weights_digest:
-                raise bad("a shared-path rollout needs target.weights_digest (fleetctl model digest DIR)")
+                raise bad(
+                    "a shared-path rollout needs target.weights_digest (fleetctl model digest DIR)"
+                )
             return
         if not path.is_dir():
-            raise bad(f"{path} is not a directory on the coordinator's host; give the model's path here, "
-                      "or --shared-path if only the nodes see it")
+            raise bad(
+                f"{path} is not a directory on the coordinator's host; give the model's path here, "
+                "or --shared-path if only the nodes see it"
+            )
         try:
             actual = await asyncio.to_thread(weights_digest, path)
         except OSError as exc:
             raise bad(f"{path} cannot be read: {exc}") from None
         if t.weights_digest and t.weights_digest != actual:
-            raise bad(f"{path} hashes to {actual[:19]}, not the expected {t.weights_digest[:19]}; "
-                      "check you point at the right version")
+            raise bad(
+                f"{path} hashes to {actual[:19]}, not the expected {t.weights_digest[:19]}; "
+                "check you point at the right version"
+            )
         t.weights_digest = actual
 
     async def _cordoned(self, nodes: list[str]) -> set[str]:
         """The nodes cordoned (or drained) now, as each node says: read fresh, since this
         coordinator's view may lag a poll (a node another coordinator just uncordoned)."""
+
         async def cordoned(node_id: str) -> bool:
             entry = self._fleet.by_id(node_id)
             try:
@@ -230,79 +319,135 @@ class Rollouts:
     def _check_model_id(self, t: fleet_pb2.RolloutTarget, nodes: list[str], rename: bool) -> None:
         """A rollout keeps the model id the nodes serve (the id clients ask for: OpenAI's
         `model`); a different one only with `rename` (fleetctl asks, or --yes)."""
-        current = sorted({e.model_id for n in nodes if (e := self._fleet.by_id(n)) is not None and e.model_id})
+        current = sorted(
+            {e.model_id for n in nodes if (e := self._fleet.by_id(n)) is not None and e.model_id}
+        )
         if not t.model_id:
             if len(current) > 1:
-                raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"the nodes serve several model ids ({', '.join(current)}); give --model-id "
-                                     "(or roll each id out with --node)")
+                raise RolloutRefused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the nodes serve several model ids ({', '.join(current)}); give --model-id "
+                    "(or roll each id out with --node)",
+                )
             t.model_id = current[0] if current else Path(t.model_path).name
             return
         renamed = [c for c in current if c != t.model_id]
-        same = [n for n in nodes if renamed and (e := self._fleet.by_id(n)) is not None and e.digest == t.weights_digest]
+        same = [
+            n
+            for n in nodes
+            if renamed and (e := self._fleet.by_id(n)) is not None and e.digest == t.weights_digest
+        ]
         if same:
-            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"node {same[0]} already serves these weights; a rollout renames a model only "
-                                 "along with new weights (restart the node with --model-id to rename it alone)")
+            raise RolloutRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {same[0]} already serves these weights; a rollout renames a model only "
+                "along with new weights (restart the node with --model-id to rename it alone)",
+            )
         if renamed and not rename:
-            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"this rollout would rename the served model {', '.join(renamed)} to {t.model_id}: "
-                                 f"clients asking for {renamed[0]!r} would get 404 model_not_found. Drop --model-id "
-                                 "to keep the id, or confirm the rename (fleetctl asks; --yes)")
+            raise RolloutRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this rollout would rename the served model {', '.join(renamed)} to {t.model_id}: "
+                f"clients asking for {renamed[0]!r} would get 404 model_not_found. Drop --model-id "
+                "to keep the id, or confirm the rename (fleetctl asks; --yes)",
+            )
 
     def _pick_nodes(self, wanted: list[str], engine: str = "") -> list[str]:
         """The verified nodes to update (of one engine if given: weights are per engine)."""
-        entries = [e for e in self._fleet.entries.values() if e.node_id and e.health.verdict is not hp.Verdict.REJECTED]
+        entries = [
+            e
+            for e in self._fleet.entries.values()
+            if e.node_id and e.health.verdict is not hp.Verdict.REJECTED
+        ]
         known = sorted(e.node_id for e in entries)
         if engine:
-            known = sorted(e.node_id for e in entries if e.status is not None and e.status.model.engine == engine)
+            known = sorted(
+                e.node_id
+                for e in entries
+                if e.status is not None and e.status.model.engine == engine
+            )
         if not wanted:
             if not known:
-                raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"the fleet has no verified {engine + ' ' if engine else ''}nodes")
+                raise RolloutRefused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the fleet has no verified {engine + ' ' if engine else ''}nodes",
+                )
             return known
         missing = [n for n in wanted if n not in known]
         if missing or len(set(wanted)) != len(wanted):
-            raise RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"unknown or repeated {engine + ' ' if engine else ''}node ids {missing or wanted}; "
-                                 f"known: {', '.join(known) or 'none'}")
+            raise RolloutRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown or repeated {engine + ' ' if engine else ''}node ids {missing or wanted}; "
+                f"known: {', '.join(known) or 'none'}",
+            )
         return wanted
 
     def control(self, rollout_id: str, action: str) -> RolloutRow:
         row = self.store.get(rollout_id) if rollout_id else self.store.active()
         if row is None:
-            raise RolloutRefused(grpc.StatusCode.NOT_FOUND, f"no rollout {rollout_id or 'is running'}")
-        allowed = {"pause": ("RUNNING",), "resume": ("PAUSED",), "abort": ("RUNNING", "PAUSED")}[action]
+            raise RolloutRefused(
+                grpc.StatusCode.NOT_FOUND, f"no rollout {rollout_id or 'is running'}"
+            )
+        allowed = {"pause": ("RUNNING",), "resume": ("PAUSED",), "abort": ("RUNNING", "PAUSED")}[
+            action
+        ]
         if row.state not in allowed:
-            raise RolloutRefused(grpc.StatusCode.FAILED_PRECONDITION, f"rollout {row.id} is {row.state.lower()}; "
-                                                                      f"cannot {action} it")
+            raise RolloutRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"rollout {row.id} is {row.state.lower()}; cannot {action} it",
+            )
         state = {"pause": "PAUSED", "resume": "RUNNING", "abort": "ABORTED"}[action]
         busy = [n.node_id for n in row.nodes if n.step not in ("pending", *TERMINAL_STEPS)]
         under_way = f"node {', '.join(busy)} finishes its step, " if busy else ""
-        message = {"pause": f"paused: {under_way}no new node starts",
-                   "resume": "resumed", "abort": f"aborted: {under_way}no new node starts"}[action]
+        message = {
+            "pause": f"paused: {under_way}no new node starts",
+            "resume": "resumed",
+            "abort": f"aborted: {under_way}no new node starts",
+        }[action]
         self.store.set_state(row.id, state, message)
-        self._events.emit(fleet_pb2.EVENT_KIND_ROLLOUT, reason=message, rollout_id=row.id, step=action)
+        self._events.emit(
+            fleet_pb2.EVENT_KIND_ROLLOUT, reason=message, rollout_id=row.id, step=action
+        )
         self._wake.set()
         if action == "resume" and (self._task is None or self._task.done()):
-            self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(self.store.get(row.id)))
+            self._lease_task = asyncio.get_running_loop().create_task(
+                self._hold_lease(self.store.get(row.id))
+            )
         return self.store.get(row.id)
 
     def get(self, rollout_id: str) -> RolloutRow:
         row = self.store.get(rollout_id)
         if row is None:
-            raise RolloutRefused(grpc.StatusCode.NOT_FOUND, f"no rollout {rollout_id}" if rollout_id
-                                 else "no rollout has run on this coordinator's state database")
+            raise RolloutRefused(
+                grpc.StatusCode.NOT_FOUND,
+                f"no rollout {rollout_id}"
+                if rollout_id
+                else "no rollout has run on this coordinator's state database",
+            )
         return row
 
     def to_proto(self, row: RolloutRow) -> fleet_pb2.Rollout:
         progress = self._runner.progress if self._runner and self._runner.r.id == row.id else {}
         return fleet_pb2.Rollout(
-            rollout_id=row.id, state=STATES[row.state], target=row.target, max_unavailable=row.max_unavailable,
-            message=row.message, created_unix_s=row.created, updated_unix_s=row.updated, owner=row.owner,
+            rollout_id=row.id,
+            state=STATES[row.state],
+            target=row.target,
+            max_unavailable=row.max_unavailable,
+            message=row.message,
+            created_unix_s=row.created,
+            updated_unix_s=row.updated,
+            owner=row.owner,
             started_by=row.started_by,
-            nodes=[fleet_pb2.RolloutNode(node_id=n.node_id, step=n.step, from_digest=n.from_digest,
-                                         message=n.message, started_unix_s=n.started, finished_unix_s=n.finished,
-                                         bytes_done=progress.get(n.node_id, (0, 0))[0],
-                                         bytes_total=progress.get(n.node_id, (0, 0))[1])
-                   for n in row.nodes])
+            nodes=[
+                fleet_pb2.RolloutNode(
+                    node_id=n.node_id,
+                    step=n.step,
+                    from_digest=n.from_digest,
+                    message=n.message,
+                    started_unix_s=n.started,
+                    finished_unix_s=n.finished,
+                    bytes_done=progress.get(n.node_id, (0, 0))[0],
+                    bytes_total=progress.get(n.node_id, (0, 0))[1],
+                )
+                for n in row.nodes
+            ],
+        )

@@ -12,18 +12,23 @@ from cluster.api import inference_pb2
 class Voided:
     """What one restart discarded: counts and a keyed digest, never the text."""
 
-    node: str                 # the node that failed
-    digest: str               # the weights the voided tokens came from
+    node: str  # the node that failed
+    digest: str  # the weights the voided tokens came from
     tokens: int
-    completion_digest: str    # keyed digest of the voided text ("" with audit off)
-    why: str                  # why it could not be resumed
+    completion_digest: str  # keyed digest of the voided text ("" with audit off)
+    why: str  # why it could not be resumed
 
 
 class Splice:
     """Token ids and text already delivered, the nodes used, the weights it is pinned to."""
 
-    def __init__(self, request: inference_pb2.GenerateRequest, *, clock: Callable[[], float],
-                 completion_digest=None):
+    def __init__(
+        self,
+        request: inference_pb2.GenerateRequest,
+        *,
+        clock: Callable[[], float],
+        completion_digest=None,
+    ):
         self.request = request
         self.completion_digest = completion_digest  # keyed digest of the text, fed as it passes
         self._clock = clock
@@ -35,22 +40,24 @@ class Splice:
         self.text_chars = 0
         self.digest = request.require_weights_digest
         self.nodes: list[str] = []
-        self.hops: list[tuple[str, str, str]] = []   # (node, model@version, weights digest) per hop
+        self.hops: list[tuple[str, str, str]] = []  # (node, model@version, weights digest) per hop
         self.excluded: set[str] = set()
         self.last_failure = None  # the status code of the last failed node call, if any
-        self.failovers = 0       # moves after the first token
-        self.retries = 0         # moves before it
-        self.restarts = 0        # times it started over on other weights (allow_restart)
+        self.failovers = 0  # moves after the first token
+        self.retries = 0  # moves before it
+        self.restarts = 0  # times it started over on other weights (allow_restart)
         self.voided: list[Voided] = []
-        self.notes: list[str] = []   # for the final chunk's message
+        self.notes: list[str] = []  # for the final chunk's message
         self.restart_pending = False  # the next chunk forwarded carries `restarted`
         self.announce_restart = False  # the next routing is the restart's (one event)
         self._pinning = ""
         self.t_routed = 0.0
-        self.ended: Optional[inference_pb2.FinalInfo] = None   # the final record sent (quality, template)
-        self.queue_s: Optional[float] = None   # time spent waiting for a node, over every hop
+        self.ended: Optional[inference_pb2.FinalInfo] = (
+            None  # the final record sent (quality, template)
+        )
+        self.queue_s: Optional[float] = None  # time spent waiting for a node, over every hop
         self.token_gaps: list[float] = []
-        self._resume_sent = False   # the caller has this run's ResumeInfo (coordinator failover)
+        self._resume_sent = False  # the caller has this run's ResumeInfo (coordinator failover)
 
     @property
     def remaining(self) -> int:
@@ -63,9 +70,9 @@ class Splice:
         r = inference_pb2.GenerateRequest()
         r.CopyFrom(self.request)
         r.require_weights_digest = self.digest or node_digest
-        r.session_key = ""   # routing only; nodes have no use for it
-        r.allow_restart = False   # the coordinator's decision, not the node's
-        r.resumed_from_coordinator = ""   # the audit's, not the node's
+        r.session_key = ""  # routing only; nodes have no use for it
+        r.allow_restart = False  # the coordinator's decision, not the node's
+        r.resumed_from_coordinator = ""  # the audit's, not the node's
         if not self.delivered:
             return r
         r.prefix_token_ids[:] = self.base_prefix + self.delivered
@@ -121,15 +128,22 @@ class Splice:
         if self.request.require_weights_digest:
             return "the caller required these weights (require_weights_digest), so it was not restarted elsewhere"
         if self.base_prefix:
-            return "it continues the caller's own prefix_token_ids, so it was not restarted elsewhere"
+            return (
+                "it continues the caller's own prefix_token_ids, so it was not restarted elsewhere"
+            )
         return ""
 
     def restart(self, why: str, completion_digest=None) -> Voided:
         """Start over from the beginning on any weights: everything the caller was sent is
         void. The failed node stays excluded; `completion_digest` is a fresh keyed digest
         for the text the caller will keep."""
-        voided = Voided(self.nodes[-1] if self.nodes else "", self.digest, len(self.delivered),
-                        self.completion_digest.hexdigest_str() if self.completion_digest else "", why)
+        voided = Voided(
+            self.nodes[-1] if self.nodes else "",
+            self.digest,
+            len(self.delivered),
+            self.completion_digest.hexdigest_str() if self.completion_digest else "",
+            why,
+        )
         self.voided.append(voided)
         self.restarts += 1
         self.delivered = []
@@ -138,18 +152,22 @@ class Splice:
         self.t_first = self.t_last = 0.0
         self.completion_digest = completion_digest
         self.restart_pending = self.announce_restart = True
-        self._resume_sent = False   # the restarted run is pinned to other weights
+        self._resume_sent = False  # the restarted run is pinned to other weights
         return voided
 
-    def mark_restarted(self, chunk: inference_pb2.GenerateChunk, node_id: str, node_digest: str) -> None:
+    def mark_restarted(
+        self, chunk: inference_pb2.GenerateChunk, node_id: str, node_digest: str
+    ) -> None:
         """Flag the first chunk forwarded after a restart, and say so in the final message."""
         if not self.restart_pending:
             return
         self.restart_pending = False
         chunk.restarted = True
         v = self.voided[-1]
-        self.notes.append(f"restarted from the beginning on node {node_id} (weights {node_digest[:19]}) after "
-                          f"node {v.node} failed: {v.why}; the tokens sent before ({v.tokens}) were discarded")
+        self.notes.append(
+            f"restarted from the beginning on node {node_id} (weights {node_digest[:19]}) after "
+            f"node {v.node} failed: {v.why}; the tokens sent before ({v.tokens}) were discarded"
+        )
 
     def failed(self, node_id: str) -> None:
         self.excluded.add(node_id)
@@ -174,7 +192,9 @@ class Splice:
         if self.notes:
             f.message = "; ".join([f.message, *self.notes] if f.message else self.notes)
         t = f.timings
-        t.queue_wait_ms += (self.t_routed - self.t_accept) * 1000.0  # the coordinator's queue, then the node's
+        t.queue_wait_ms += (
+            self.t_routed - self.t_accept
+        ) * 1000.0  # the coordinator's queue, then the node's
         t.time_to_first_token_ms = (self.t_first - self.t_accept) * 1000.0 if self.t_first else 0.0
         t.total_ms = self.elapsed_ms()
         span = self.t_last - self.t_first

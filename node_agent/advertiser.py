@@ -28,8 +28,14 @@ class Advertiser:
 
     def _service(self, advert: Advert, name: str) -> ServiceInfo:
         _, addresses = interfaces_for(self._host)
-        return ServiceInfo(SERVICE_TYPE, name, port=self._port, properties=advert.txt(),
-                           server=f"{advert.node_id}.local.", parsed_addresses=addresses)
+        return ServiceInfo(
+            SERVICE_TYPE,
+            name,
+            port=self._port,
+            properties=advert.txt(),
+            server=f"{advert.node_id}.local.",
+            parsed_addresses=addresses,
+        )
 
     async def start(self, advert: Advert) -> None:
         """Register (renaming on a name conflict); returns once the announcement went out."""
@@ -39,7 +45,13 @@ class Advertiser:
             info = self._service(advert, instance_name(advert.node_id))
             await _settled(self._zc.async_register_service(info, allow_name_change=True))
             self._info = info
-        log.info("node=%s announced over mDNS as %r on %s:%d", advert.node_id, info.name, self._host, self._port)
+        log.info(
+            "node=%s announced over mDNS as %r on %s:%d",
+            advert.node_id,
+            info.name,
+            self._host,
+            self._port,
+        )
 
     async def update(self, advert: Advert) -> None:
         async with self._lock:
@@ -57,10 +69,16 @@ class Advertiser:
                 return
             try:
                 if info is not None:
-                    await asyncio.wait_for(_settled(zc.async_unregister_service(info)), GOODBYE_TIMEOUT_S)
+                    await asyncio.wait_for(
+                        _settled(zc.async_unregister_service(info)), GOODBYE_TIMEOUT_S
+                    )
             except Exception as exc:  # noqa: BLE001 - a lost goodbye must never block the drain
-                log.warning("mDNS goodbye for %s not sent: %s: %s", info.name if info else "?",
-                            type(exc).__name__, exc)
+                log.warning(
+                    "mDNS goodbye for %s not sent: %s: %s",
+                    info.name if info else "?",
+                    type(exc).__name__,
+                    exc,
+                )
             finally:
                 try:
                     await asyncio.wait_for(zc.async_close(), GOODBYE_TIMEOUT_S)

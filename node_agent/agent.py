@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 WARMUP_TIMEOUT_S = 300.0
 
 
-
 def default_node_id(listen: str) -> str:
     """Stable per host and port, without publishing the hostname itself; random for port 0."""
     if listen.endswith(":0"):
@@ -68,32 +67,47 @@ class NodeAgent:
         self.security = security
         # With TLS the certificate names the node (main checked it matches any --node-id).
         ident = security.identity
-        self.node_id = ident.name if ident else (settings.node_id or default_node_id(settings.listen))
+        self.node_id = (
+            ident.name if ident else (settings.node_id or default_node_id(settings.listen))
+        )
         self.engine = engine
         self.lifecycle = Lifecycle(node_id=self.node_id)
         self.registry = RequestRegistry(node_id=self.node_id)
-        self.serving = Serving.nothing(settings)   # replaced whole when a model loads
+        self.serving = Serving.nothing(settings)  # replaced whole when a model loads
         self.started_at = time.monotonic()
         self.stopping = False
         self.port: Optional[int] = None
         self._server: Optional[grpc.aio.Server] = None
-        self.http = None   # the monitoring port (MonitorHTTP), once started
+        self.http = None  # the monitoring port (MonitorHTTP), once started
         self._health = health_aio.HealthServicer()
         self._stopped = asyncio.Event()
         self._advertiser: Optional[Advertiser] = None
         self._announcing: Optional[asyncio.Task] = None
         self.exit_code = 0
-        self._recovering = False   # LOADING because the engine is restarting its server
+        self._recovering = False  # LOADING because the engine is restarting its server
         path = settings.model_path.resolve()
-        self.configured_model = ModelRef(str(path), settings.model_id or path.name, settings.model_version)
-        self.staging = StagingArea(settings.state_dir / "models", max_bytes=int(settings.max_staged_gb * 1e9),
-                                   reserve_bytes=int(settings.staging_reserve_gb * 1e9))
+        self.configured_model = ModelRef(
+            str(path), settings.model_id or path.name, settings.model_version
+        )
+        self.staging = StagingArea(
+            settings.state_dir / "models",
+            max_bytes=int(settings.max_staged_gb * 1e9),
+            reserve_bytes=int(settings.staging_reserve_gb * 1e9),
+        )
         self.ops = Operations(
-            node_id=self.node_id, state=NodeState.load(settings.state_dir), state_dir=settings.state_dir,
-            lifecycle=self.lifecycle, registry=self.registry, staging=self.staging,
-            drain_timeout_s=settings.drain_timeout_s, configured_model=self.configured_model,
-            model_info=lambda: self.serving.model_info, enter=self.enter, load_and_warm=self.load_and_warm,
-            request_restart=self.request_restart)
+            node_id=self.node_id,
+            state=NodeState.load(settings.state_dir),
+            state_dir=settings.state_dir,
+            lifecycle=self.lifecycle,
+            registry=self.registry,
+            staging=self.staging,
+            drain_timeout_s=settings.drain_timeout_s,
+            configured_model=self.configured_model,
+            model_info=lambda: self.serving.model_info,
+            enter=self.enter,
+            load_and_warm=self.load_and_warm,
+            request_restart=self.request_restart,
+        )
 
     @property
     def cordoned(self) -> bool:
@@ -101,9 +115,17 @@ class NodeAgent:
 
     def status(self) -> node_pb2.NodeStatus:
         """The node's whole state now (GetStatus, operation replies, /metrics)."""
-        return build_status(node_id=self.node_id, settings=self.settings, lifecycle=self.lifecycle,
-                            registry=self.registry, engine=self.engine, serving=self.serving,
-                            staging=self.staging, ops=self.ops, started_at=self.started_at)
+        return build_status(
+            node_id=self.node_id,
+            settings=self.settings,
+            lifecycle=self.lifecycle,
+            registry=self.registry,
+            engine=self.engine,
+            serving=self.serving,
+            staging=self.staging,
+            ops=self.ops,
+            started_at=self.started_at,
+        )
 
     def _stopping(self) -> bool:
         return self.stopping
@@ -113,21 +135,45 @@ class NodeAgent:
         self.registry.bind_loop(asyncio.get_running_loop())
         authz = self.authz = self.security.authorizer(NODE_TABLE, where=f"node {self.node_id}")
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[authz])
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(
-            node_id=self.node_id, settings=self.settings, engine=self.engine, registry=self.registry,
-            lifecycle=self.lifecycle, node_state=self.ops.state, serving=lambda: self.serving,
-            stopping=self._stopping, engine_died=self.engine_died), server)
-        node_pb2_grpc.add_NodeServicer_to_server(NodeService(
-            node_id=self.node_id, ops=self.ops, staging=self.staging, status=self.status,
-            stopping=self._stopping, authz=authz), server)
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceService(
+                node_id=self.node_id,
+                settings=self.settings,
+                engine=self.engine,
+                registry=self.registry,
+                lifecycle=self.lifecycle,
+                node_state=self.ops.state,
+                serving=lambda: self.serving,
+                stopping=self._stopping,
+                engine_died=self.engine_died,
+            ),
+            server,
+        )
+        node_pb2_grpc.add_NodeServicer_to_server(
+            NodeService(
+                node_id=self.node_id,
+                ops=self.ops,
+                staging=self.staging,
+                status=self.status,
+                stopping=self._stopping,
+                authz=authz,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, NODE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+            (
+                INFERENCE_SERVICE,
+                NODE_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
         self.port = self.security.bind(server, self.settings.listen)
         if not self.port:
             raise OSError(f"node {self.node_id}: cannot listen on {self.settings.listen}")
-        await self._start_http()   # before anything runs: a port clash ends the start cleanly
+        await self._start_http()  # before anything runs: a port clash ends the start cleanly
         await self._set_health(State.STARTING)
         await server.start()
         self._server = server
@@ -135,9 +181,12 @@ class NodeAgent:
         self.engine.start(
             self.registry.emit_threadsafe,
             on_exit=lambda reason: loop.call_soon_threadsafe(
-                lambda: loop.create_task(self.engine_died(reason))),
+                lambda: loop.create_task(self.engine_died(reason))
+            ),
             on_serving=lambda up, reason: loop.call_soon_threadsafe(
-                lambda: loop.create_task(self.engine_serving(up, reason))))
+                lambda: loop.create_task(self.engine_serving(up, reason))
+            ),
+        )
         if self.settings.mdns:  # in the background: mDNS probing takes ~1 s, loading need not wait
             self._announcing = loop.create_task(self._announce())
         return self.port
@@ -153,22 +202,36 @@ class NodeAgent:
         from cluster.http_server import MonitorHTTP, metrics_route
         from cluster.security.roles import NODE_HTTP_TABLE
 
-        self.http = MonitorHTTP(listen=listen, security=self.security, table=NODE_HTTP_TABLE,
-                                where=f"node {self.node_id}", limits=HttpLimits.of(self.settings))
+        self.http = MonitorHTTP(
+            listen=listen,
+            security=self.security,
+            table=NODE_HTTP_TABLE,
+            where=f"node {self.node_id}",
+            limits=HttpLimits.of(self.settings),
+        )
         if self.settings.metrics:
             from node_agent.metrics import NodeMetrics
 
-            metrics = NodeMetrics(node_id=self.node_id, request_registry=self.registry, status=self.status,
-                                  engine=self.settings.engine)
+            metrics = NodeMetrics(
+                node_id=self.node_id,
+                request_registry=self.registry,
+                status=self.status,
+                engine=self.settings.engine,
+            )
             metrics_route(self.http.app, metrics.registry)
         await self.http.start()
 
     def advert(self) -> Advert:
         """The mDNS summary of this node's state (the whole is in GetStatus)."""
         info = self.serving.model_info
-        return Advert(node_id=self.node_id, engine=info.engine or self.settings.engine,
-                      model_id=info.model_id, digest=info.weights_digest[:19],
-                      state=self.lifecycle.state.value, fleet=self.settings.fleet)
+        return Advert(
+            node_id=self.node_id,
+            engine=info.engine or self.settings.engine,
+            model_id=info.model_id,
+            digest=info.weights_digest[:19],
+            state=self.lifecycle.state.value,
+            fleet=self.settings.fleet,
+        )
 
     async def _announce(self) -> None:
         host = self.settings.listen.rpartition(":")[0].strip("[]")
@@ -176,12 +239,17 @@ class NodeAgent:
         try:
             await self._advertiser.start(self.advert())
         except Exception as exc:  # noqa: BLE001 - no multicast here: static node lists still work
-            log.warning("node=%s mDNS announcement failed (%s: %s); coordinators need it in --node",
-                        self.node_id, type(exc).__name__, exc)
+            log.warning(
+                "node=%s mDNS announcement failed (%s: %s); coordinators need it in --node",
+                self.node_id,
+                type(exc).__name__,
+                exc,
+            )
             return
         loop = asyncio.get_running_loop()
-        self.lifecycle.subscribe(lambda _snap: loop.call_soon_threadsafe(
-            lambda: loop.create_task(self._readvertise())))
+        self.lifecycle.subscribe(
+            lambda _snap: loop.call_soon_threadsafe(lambda: loop.create_task(self._readvertise()))
+        )
 
     async def _readvertise(self) -> None:
         """Best effort: a failed TXT update is logged; coordinators read GetStatus anyway."""
@@ -199,11 +267,17 @@ class NodeAgent:
         model = ops.state.model_to_serve(self.configured_model)
         await ops.save()
         if model is not self.configured_model:
-            log.info("node=%s serving activated model %s %s (not --model)", self.node_id, model.model_id,
-                     model.digest[:19])
+            log.info(
+                "node=%s serving activated model %s %s (not --model)",
+                self.node_id,
+                model.model_id,
+                model.digest[:19],
+            )
         return await self.load_and_warm(model, drained=ops.state.drained)
 
-    async def load_and_warm(self, model: Optional[ModelRef] = None, *, drained: bool = False) -> bool:
+    async def load_and_warm(
+        self, model: Optional[ModelRef] = None, *, drained: bool = False
+    ) -> bool:
         """LOADING -> WARMING -> READY, or FAILED with the reason; never raises. A model with
         a digest must hash to it: a mismatch is a failure, never a swap."""
         model = model or self.configured_model
@@ -212,7 +286,9 @@ class NodeAgent:
         try:
             facts = await asyncio.to_thread(self.engine.load, Path(model.path), model.model_id)
             if model.digest and facts.weights_digest != model.digest:
-                raise ValueError(f"weights digest {facts.weights_digest[:19]} is not the expected {model.digest[:19]}")
+                raise ValueError(
+                    f"weights digest {facts.weights_digest[:19]} is not the expected {model.digest[:19]}"
+                )
         except Exception as exc:  # noqa: BLE001 - reported through the lifecycle
             log.exception("node=%s model load failed", self.node_id)
             await self.enter(State.FAILED, f"model load failed: {type(exc).__name__}: {exc}")
@@ -222,23 +298,40 @@ class NodeAgent:
         tokenizer = self.engine.tokenizer
         self.serving = Serving(
             facts=facts,
-            limits=Limits(self.settings.max_tokens_limit, facts.context_length,
-                          facts.decodable_vocab_size, self.settings.max_stop_sequences),
+            limits=Limits(
+                self.settings.max_tokens_limit,
+                facts.context_length,
+                facts.decodable_vocab_size,
+                self.settings.max_stop_sequences,
+            ),
             model_info=common_pb2.ModelInfo(
-                model_id=facts.model_id, version=model.version,
-                weights_digest=facts.weights_digest, context_length=facts.context_length,
-                engine=facts.engine, engine_version=facts.engine_version, vocab_size=facts.vocab_size,
-                family=model_family(Path(model.path)), parameters=facts.parameters,
-                quantization=facts.quantization),
+                model_id=facts.model_id,
+                version=model.version,
+                weights_digest=facts.weights_digest,
+                context_length=facts.context_length,
+                engine=facts.engine,
+                engine_version=facts.engine_version,
+                vocab_size=facts.vocab_size,
+                family=model_family(Path(model.path)),
+                parameters=facts.parameters,
+                quantization=facts.quantization,
+            ),
             tokenizer=tokenizer,
-            grammars=Grammars(tokenizer, vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids))
-        if not await self._warm(f"warming up {facts.model_id} {facts.weights_digest[:19]}", "warm-up generation"):
+            grammars=Grammars(
+                tokenizer, vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids
+            ),
+        )
+        if not await self._warm(
+            f"warming up {facts.model_id} {facts.weights_digest[:19]}", "warm-up generation"
+        ):
             return False
         if self.stopping:
             return False
         if drained:
-            await self.enter(State.DRAINED, "model loaded and warmed up; drained before the agent restarted, "
-                                            "uncordon to serve")
+            await self.enter(
+                State.DRAINED,
+                "model loaded and warmed up; drained before the agent restarted, uncordon to serve",
+            )
         else:
             await self.enter(State.READY, "model loaded and warmed up")
         return True
@@ -257,16 +350,28 @@ class NodeAgent:
     async def _warm_up(self) -> None:
         """A real chat generation through the whole request path, as a canary."""
         req = ValidRequest(
-            request_id="warmup", messages=(("user", "Warm-up: write one word."),), prompt=None,
-            sampling=SamplingSpec(), seed_given=True, max_tokens=self.settings.warmup_tokens,
-            stop=(), prefix_token_ids=(), require_weights_digest="")
+            request_id="warmup",
+            messages=(("user", "Warm-up: write one word."),),
+            prompt=None,
+            sampling=SamplingSpec(),
+            seed_given=True,
+            max_tokens=self.settings.warmup_tokens,
+            stop=(),
+            prefix_token_ids=(),
+            require_weights_digest="",
+        )
         serving = self.serving
         if not self.engine.server_enforces_schema:
             # Build the schema tokenizer now (~1 s for a large vocabulary), not on the first note.
             await asyncio.to_thread(serving.grammars.matcher, notes.template_spec("soap-brief"))
         tokens = build_prompt_tokens(serving.tokenizer, req)
-        stream = self.registry.open(req, prompt_len=len(tokens), detokenizer=serving.tokenizer.detokenizer,
-                                    eos_token_ids=serving.facts.eos_token_ids, internal=True)
+        stream = self.registry.open(
+            req,
+            prompt_len=len(tokens),
+            detokenizer=serving.tokenizer.detokenizer,
+            eos_token_ids=serving.facts.eos_token_ids,
+            internal=True,
+        )
         outcome = Outcome.FAILED
         try:
             self.engine.submit(EngineRequest(stream.key, tokens, 0, req.max_tokens, req.sampling))
@@ -294,7 +399,9 @@ class NodeAgent:
             return
         if not up:
             log.error("node=%s engine server down: %s", self.node_id, reason)
-            if state in (State.READY, State.DRAINED) or (state is State.LOADING and self._recovering):
+            if state in (State.READY, State.DRAINED) or (
+                state is State.LOADING and self._recovering
+            ):
                 self._recovering = True
                 await self.enter(State.LOADING, reason)
             elif state is State.LOADING:  # still loading (an upstream not reached yet): say why
@@ -308,8 +415,10 @@ class NodeAgent:
             return
         if self.lifecycle.state is State.WARMING and not self.stopping:
             drained = self.ops.state.drained
-            await self.enter(State.DRAINED if drained else State.READY,
-                             f"{reason}; warmed up" + ("; drained, uncordon to serve" if drained else ""))
+            await self.enter(
+                State.DRAINED if drained else State.READY,
+                f"{reason}; warmed up" + ("; drained, uncordon to serve" if drained else ""),
+            )
 
     async def enter(self, state: State, reason: str) -> None:
         self.lifecycle.transition(state, reason)
@@ -317,8 +426,11 @@ class NodeAgent:
 
     async def _set_health(self, state: State) -> None:
         serving = state is State.READY and not self.stopping
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", INFERENCE_SERVICE):
             await self._health.set(service, status)
 
@@ -338,16 +450,19 @@ class NodeAgent:
         if draining:
             self.lifecycle.transition(State.DRAINING, "shutting down (SIGTERM)")
         n = len(self.registry)
-        log.info("node=%s shutting down: %d requests in flight, grace %.1fs", self.node_id, n, grace)
+        log.info(
+            "node=%s shutting down: %d requests in flight, grace %.1fs", self.node_id, n, grace
+        )
         try:
             await asyncio.wait_for(self.registry.wait_idle(), timeout=grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ended = self.registry.abort_all(
-                lambda s: NodeStopping(f"shutdown grace period of {grace:g}s expired"))
+                lambda s: NodeStopping(f"shutdown grace period of {grace:g}s expired")
+            )
             log.warning("node=%s grace expired; ending %d requests", self.node_id, ended)
             try:
                 await asyncio.wait_for(self.registry.wait_idle(), timeout=5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("node=%s %d requests did not end", self.node_id, len(self.registry))
         if draining:
             self.lifecycle.transition(State.DRAINED, "shut down; no requests in flight")
@@ -362,7 +477,11 @@ class NodeAgent:
     def request_restart(self) -> None:
         """Stop (the node is drained) and exit with RESTART_EXIT_CODE for the service manager."""
         self.exit_code = RESTART_EXIT_CODE
-        log.info("node=%s restarting: exiting with %d for the service manager", self.node_id, RESTART_EXIT_CODE)
+        log.info(
+            "node=%s restarting: exiting with %d for the service manager",
+            self.node_id,
+            RESTART_EXIT_CODE,
+        )
         asyncio.get_running_loop().create_task(self.shutdown(grace_s=0))
 
     async def wait_stopped(self) -> None:

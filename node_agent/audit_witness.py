@@ -41,15 +41,26 @@ def keep(state: NodeState, head: common_pb2.AuditHead, node_id: str) -> bool:
     held = state.audit_heads.get(head.key)
     if held is not None and head.seq <= held["seq"]:
         if head.seq == held["seq"] and head.hash != held["hash"]:
-            log.warning("node=%s audit HEAD of key %s: record %d shown with another hash; keeping the first",
-                        node_id, head.key, head.seq,
-                        extra=fields(event="node.audit_head.conflict", node_id=node_id, key=head.key, seq=head.seq))
+            log.warning(
+                "node=%s audit HEAD of key %s: record %d shown with another hash; keeping the first",
+                node_id,
+                head.key,
+                head.seq,
+                extra=fields(
+                    event="node.audit_head.conflict", node_id=node_id, key=head.key, seq=head.seq
+                ),
+            )
         return False
     if held is None and len(state.audit_heads) >= KEEP_AUDIT_HEADS:
         oldest = min(state.audit_heads, key=lambda k: state.audit_heads[k].get("kept", 0))
         del state.audit_heads[oldest]
-    state.audit_heads[head.key] = {"seq": head.seq, "hash": head.hash, "sig": head.sig, "key": head.key,
-                                   "kept": _counter(state)}
+    state.audit_heads[head.key] = {
+        "seq": head.seq,
+        "hash": head.hash,
+        "sig": head.sig,
+        "key": head.key,
+        "kept": _counter(state),
+    }
     return True
 
 
@@ -58,5 +69,7 @@ def _counter(state: NodeState) -> int:
 
 
 def to_proto(state: NodeState) -> list[common_pb2.AuditHead]:
-    return [common_pb2.AuditHead(seq=h["seq"], hash=h["hash"], sig=h["sig"], key=h["key"])
-            for h in state.audit_heads.values()]
+    return [
+        common_pb2.AuditHead(seq=h["seq"], hash=h["hash"], sig=h["sig"], key=h["key"])
+        for h in state.audit_heads.values()
+    ]

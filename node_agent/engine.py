@@ -19,29 +19,29 @@ from node_agent.sampling import SamplingSpec
 
 
 class EventKind(enum.Enum):
-    ADMITTED = "admitted"    # joined the running batch (queue wait ends)
-    TOKEN = "token"          # one generated token; `finish` set on the last (token -1: finish only)
-    FAILED = "failed"        # the engine could not continue this request
+    ADMITTED = "admitted"  # joined the running batch (queue wait ends)
+    TOKEN = "token"  # one generated token; `finish` set on the last (token -1: finish only)
+    FAILED = "failed"  # the engine could not continue this request
 
 
 @dataclass(frozen=True, slots=True)
 class EngineEvent:
     kind: EventKind
     token: int = -1
-    finish: Optional[str] = None   # "stop" (EOS) or "length", on the last TOKEN
-    message: str = ""              # FAILED only; never request content
+    finish: Optional[str] = None  # "stop" (EOS) or "length", on the last TOKEN
+    message: str = ""  # FAILED only; never request content
     # FAILED only, before any token: a gRPC status name (RESOURCE_EXHAUSTED, UNAVAILABLE)
     # the call ends with instead of an error final, and a retry hint for it.
     status: str = ""
     retry_after_ms: int = 0
-    cached_tokens: int = 0         # ADMITTED only: prompt tokens reused from the prompt cache
+    cached_tokens: int = 0  # ADMITTED only: prompt tokens reused from the prompt cache
 
 
 @dataclass(frozen=True)
 class EngineRequest:
-    key: str                        # unique while in flight
+    key: str  # unique while in flight
     prompt_tokens: Sequence[int] = field(repr=False)  # template + prompt + prefix tokens, in order
-    prefix_len: int                 # how many of prompt_tokens were generated before
+    prefix_len: int  # how many of prompt_tokens were generated before
     max_tokens: int
     sampling: SamplingSpec
     # Schema-constrained requests: the llguidance matcher (past the prefix) for engines
@@ -63,13 +63,13 @@ class ModelFacts:
     model_id: str
     weights_digest: str
     context_length: int
-    vocab_size: int                 # rows of the embedding (may exceed the tokenizer's)
-    decodable_vocab_size: int       # ids the tokenizer can turn back into text
+    vocab_size: int  # rows of the embedding (may exceed the tokenizer's)
+    decodable_vocab_size: int  # ids the tokenizer can turn back into text
     eos_token_ids: frozenset[int]
     engine: str
     engine_version: str
-    parameters: int = 0             # as stored, quantized weights counted unpacked; 0 if unknown
-    quantization: str = ""          # quantization_of(config.json)
+    parameters: int = 0  # as stored, quantized weights counted unpacked; 0 if unknown
+    quantization: str = ""  # quantization_of(config.json)
 
 
 def quantization_of(config: dict) -> str:
@@ -79,7 +79,10 @@ def quantization_of(config: dict) -> str:
     if not isinstance(q, dict):
         return ""
     bits = q.get("bits") or q.get("w_bit")
-    words = (str(q.get("quant_method") or ""), f"{int(bits)}bit" if isinstance(bits, (int, float)) and bits else "")
+    words = (
+        str(q.get("quant_method") or ""),
+        f"{int(bits)}bit" if isinstance(bits, (int, float)) and bits else "",
+    )
     return " ".join(w for w in words if w)
 
 
@@ -106,24 +109,25 @@ class EngineStats:
     prompt_cache_bytes: int = 0
     cached_prompt_tokens_total: int = 0
     recommended_working_set_bytes: int = 0  # Metal's limit on macOS; 0 elsewhere
-    kv_cache_usage: float = 0.0             # fraction of the KV cache in use (vLLM's /metrics)
-    gpus: tuple = ()                        # telemetry.GpuReading per NVIDIA GPU
-    server: Optional["ServerInfo"] = None   # a supervised server process (vLLM), if any
+    kv_cache_usage: float = 0.0  # fraction of the KV cache in use (vLLM's /metrics)
+    gpus: tuple = ()  # telemetry.GpuReading per NVIDIA GPU
+    server: Optional["ServerInfo"] = None  # a supervised server process (vLLM), if any
 
 
 @dataclass(frozen=True)
 class ServerInfo:
     """The engine's own server process, for engines that supervise one."""
+
     pid: int
     url: str
-    restarts: int            # unplanned restarts since the agent started
-    last_exit: str           # why it last stopped unplanned ("" if never)
-    up_s: float              # seconds since it last became healthy (0 while down)
+    restarts: int  # unplanned restarts since the agent started
+    last_exit: str  # why it last stopped unplanned ("" if never)
+    up_s: float  # seconds since it last became healthy (0 while down)
 
 
 class Engine(Protocol):
     name: str
-    server_enforces_schema: bool   # True: send `schema` (vLLM); False: apply `matcher` (MLX)
+    server_enforces_schema: bool  # True: send `schema` (vLLM); False: apply `matcher` (MLX)
 
     @property
     def alive(self) -> bool:
@@ -137,8 +141,12 @@ class Engine(Protocol):
     def tokenizer(self):
         """The model's mlx-lm TokenizerWrapper (encode, chat template, detokenizer)."""
 
-    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None,
-              on_serving: Optional[Callable[[bool, str], None]] = None) -> None:
+    def start(
+        self,
+        emit: Emit,
+        on_exit: Optional[Callable[[str], None]] = None,
+        on_serving: Optional[Callable[[bool, str], None]] = None,
+    ) -> None:
         """Start generating; `emit` receives events from the engine's thread, `on_exit(reason)`
         is called from that thread if the engine stops by itself for good (a crash).
         Engines that restart their own server call `on_serving(False, why)` when it goes

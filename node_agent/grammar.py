@@ -35,7 +35,9 @@ class Grammars:
             if self._ll is None:
                 import llguidance.hf
 
-                self._ll = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab, eos_token=self._eos)
+                self._ll = llguidance.hf.from_tokenizer(
+                    self._hf, n_vocab=self._vocab, eos_token=self._eos
+                )
             return self._ll
 
     @guarded
@@ -44,13 +46,18 @@ class Grammars:
         it off the event loop)."""
         import llguidance
 
-        m = llguidance.LLMatcher(self._tokenizer(), notes.grammar(spec.schema_text), log_level=0,
-                                 limits=notes.limits())
-        if m.is_error():   # described, never quoted: the error may quote the schema
-            raise InvalidRequest(f"output_format cannot be enforced on this model: {notes.grammar_problem(m.get_error())}")
+        m = llguidance.LLMatcher(
+            self._tokenizer(), notes.grammar(spec.schema_text), log_level=0, limits=notes.limits()
+        )
+        if m.is_error():  # described, never quoted: the error may quote the schema
+            raise InvalidRequest(
+                f"output_format cannot be enforced on this model: {notes.grammar_problem(m.get_error())}"
+            )
         if prefix and not m.consume_tokens(list(prefix)):
-            raise InvalidRequest("prefix_token_ids do not follow the output_format's schema; resume only the "
-                                 "tokens this request generated")
+            raise InvalidRequest(
+                "prefix_token_ids do not follow the output_format's schema; resume only the "
+                "tokens this request generated"
+            )
         return m
 
 
@@ -71,7 +78,10 @@ class GrammarProcessor:
         self._started = True
         if self._broken or self._m.is_error():
             if not self._broken:  # never the tokens: they encode text
-                log.error("grammar matcher stopped enforcing the schema: %s", notes.grammar_problem(self._m.get_error()))
+                log.error(
+                    "grammar matcher stopped enforcing the schema: %s",
+                    notes.grammar_problem(self._m.get_error()),
+                )
                 self._broken = True
             return logits  # the output check will fail it with a typed error
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)

@@ -27,7 +27,9 @@ class State(enum.Enum):
 _ALLOWED: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.LOADING, State.FAILED}),
     State.LOADING: frozenset({State.WARMING, State.FAILED}),
-    State.WARMING: frozenset({State.READY, State.DRAINED, State.FAILED}),  # DRAINED: kept across a restart
+    State.WARMING: frozenset(
+        {State.READY, State.DRAINED, State.FAILED}
+    ),  # DRAINED: kept across a restart
     State.READY: frozenset({State.DRAINING, State.LOADING, State.FAILED}),
     State.DRAINING: frozenset({State.DRAINED, State.READY, State.FAILED}),
     State.DRAINED: frozenset({State.READY, State.LOADING, State.FAILED}),
@@ -72,12 +74,25 @@ class Lifecycle:
         with self._lock:
             current = self._snapshot.state
             if to is not current and to not in _ALLOWED[current]:
-                raise IllegalTransition(f"node {self._node_id}: {current.value} -> {to.value} is not allowed")
+                raise IllegalTransition(
+                    f"node {self._node_id}: {current.value} -> {to.value} is not allowed"
+                )
             self._snapshot = Snapshot(to, reason, self._clock())
             snap = self._snapshot
-        log.info("node=%s state %s -> %s reason=%s", self._node_id, current.value, to.value, reason,
-                 extra=fields(event="node.state", node_id=self._node_id, state=to.value, previous=current.value,
-                              reason=reason))
+        log.info(
+            "node=%s state %s -> %s reason=%s",
+            self._node_id,
+            current.value,
+            to.value,
+            reason,
+            extra=fields(
+                event="node.state",
+                node_id=self._node_id,
+                state=to.value,
+                previous=current.value,
+                reason=reason,
+            ),
+        )
         for listener in self._listeners:
             listener(snap)
         return snap

@@ -12,8 +12,8 @@ import typer
 
 from cluster.config import NodeSettings
 from cluster.daemon import exit_now, on_stop_signals, print_listening, run_daemon
-from cluster.settings_cli import settings_command
 from cluster.offline import force_offline
+from cluster.settings_cli import settings_command
 
 log = logging.getLogger("node_agent")
 
@@ -28,7 +28,9 @@ async def _serve(settings) -> int:
     from node_agent.agent import NodeAgent, default_node_id
     from node_agent.engines import make_engine
 
-    security = DaemonSecurity.from_settings(settings, Role.NODE, settings.node_id or default_node_id(settings.listen))
+    security = DaemonSecurity.from_settings(
+        settings, Role.NODE, settings.node_id or default_node_id(settings.listen)
+    )
     agent = NodeAgent(settings=settings, engine=make_engine(settings), security=security)
     port = await agent.start()
     address = print_listening("node_id", agent.node_id, settings.listen, port, http=agent.http)
@@ -36,13 +38,21 @@ async def _serve(settings) -> int:
     loop = asyncio.get_running_loop()
 
     def drain(name: str) -> None:
-        log.info("node=%s %s: draining (grace %.1fs); send again to stop now",
-                 agent.node_id, name, settings.shutdown_grace_s)
+        log.info(
+            "node=%s %s: draining (grace %.1fs); send again to stop now",
+            agent.node_id,
+            name,
+            settings.shutdown_grace_s,
+        )
         loop.create_task(agent.shutdown())
 
     def stop_now(name: str) -> None:
-        log.warning("node=%s second %s: ending in-flight requests now; exiting within %.0fs",
-                    agent.node_id, name, HARD_EXIT_S)
+        log.warning(
+            "node=%s second %s: ending in-flight requests now; exiting within %.0fs",
+            agent.node_id,
+            name,
+            HARD_EXIT_S,
+        )
         agent.registry.abort_all(lambda s: _stopping(f"second {name}"))
         # A shutdown stuck behind a model load or a hung engine must not outlive this.
         loop.call_later(HARD_EXIT_S, _hard_exit, agent.node_id)
@@ -67,18 +77,30 @@ def _stopping(reason: str):
 
 def run(config: Optional[Path], flags: dict) -> None:
     force_offline()
+
     def check(settings) -> Optional[str]:
         if not settings.model_path.is_dir():
-            return (f"model {settings.model_path} is not a directory; point it at a local MLX model "
-                    "(make one with `fleetctl model make-tiny DIR`)")
+            return (
+                f"model {settings.model_path} is not a directory; point it at a local MLX model "
+                "(make one with `fleetctl model make-tiny DIR`)"
+            )
         return engine_problem(settings) or security_problem(settings) or state_problem(settings)
 
-    run_daemon("fleet-node", lambda: NodeSettings(config_file=config, **flags), _serve, check=check,
-               hints={"model_path": "--model DIR or model_path in [node] of the --config file"})
+    run_daemon(
+        "fleet-node",
+        lambda: NodeSettings(config_file=config, **flags),
+        _serve,
+        check=check,
+        hints={"model_path": "--model DIR or model_path in [node] of the --config file"},
+    )
 
 
-settings_command(app, NodeSettings, "TOML config file; its [node] table gives defaults that env vars and flags "
-                 "override.", run)
+settings_command(
+    app,
+    NodeSettings,
+    "TOML config file; its [node] table gives defaults that env vars and flags override.",
+    run,
+)
 
 
 def engine_problem(settings) -> Optional[str]:
@@ -100,8 +122,10 @@ def engine_problem(settings) -> Optional[str]:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"vllm_python {python} cannot be run ({type(exc).__name__}); point --vllm-python at a Python"
         if not ok:
-            return (f"vllm_python {python} has no vllm package; install vLLM in a virtualenv (GPU: pip install "
-                    "vllm; CPU: scripts/bootstrap-vllm) and pass its python with --vllm-python")
+            return (
+                f"vllm_python {python} has no vllm package; install vLLM in a virtualenv (GPU: pip install "
+                "vllm; CPU: scripts/bootstrap-vllm) and pass its python with --vllm-python"
+            )
     return None
 
 
@@ -110,9 +134,11 @@ def upstream_problem(settings) -> Optional[str]:
     from node_agent.engines.upstream_engine import KeyFileError, read_key
 
     if not settings.phi_allowed:
-        return ("--engine upstream sends prompts (PHI) to a remote endpoint: pass --phi-allowed to declare that "
-                "the endpoint is covered for PHI (e.g. under a BAA with its operator); without it the node "
-                "does not start")
+        return (
+            "--engine upstream sends prompts (PHI) to a remote endpoint: pass --phi-allowed to declare that "
+            "the endpoint is covered for PHI (e.g. under a BAA with its operator); without it the node "
+            "does not start"
+        )
     if not settings.upstream_url:
         return "--upstream-url is required with --engine upstream: the endpoint's base URL, e.g. https://host:8000"
     if not settings.upstream_model:
@@ -134,16 +160,21 @@ def security_problem(settings) -> Optional[str]:
     from node_agent.agent import default_node_id
 
     try:
-        security = DaemonSecurity.from_settings(settings, Role.NODE,
-                                                settings.node_id or default_node_id(settings.listen))
+        security = DaemonSecurity.from_settings(
+            settings, Role.NODE, settings.node_id or default_node_id(settings.listen)
+        )
     except TLSConfigError as exc:
         return str(exc)
-    if (exposed := plaintext_exposure(settings, (("--http-listen", settings.http_listen, 1),))) is not None:
+    if (
+        exposed := plaintext_exposure(settings, (("--http-listen", settings.http_listen, 1),))
+    ) is not None:
         return exposed
     ident = security.identity
     if ident is not None and settings.node_id and settings.node_id != ident.name:
-        return (f"--node-id {settings.node_id} does not match the certificate, which names node {ident.name}; "
-                "a node's id is its certificate's name: drop --node-id or issue a certificate for it")
+        return (
+            f"--node-id {settings.node_id} does not match the certificate, which names node {ident.name}; "
+            "a node's id is its certificate's name: drop --node-id or issue a certificate for it"
+        )
     return None
 
 

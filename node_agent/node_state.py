@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "node-state.json"
 KEEP_OPERATIONS = 50
-KEEP_AUDIT_HEADS = 16    # signing keys (coordinators) whose newest HEAD is kept
+KEEP_AUDIT_HEADS = 16  # signing keys (coordinators) whose newest HEAD is kept
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,9 @@ class OperationRecord:
 
     operation_id: str
     kind: str
-    state: str = "running"      # running | done | failed
+    state: str = "running"  # running | done | failed
     message: str = ""
-    started: float = 0.0        # unix seconds
+    started: float = 0.0  # unix seconds
     finished: float = 0.0
 
     @classmethod
@@ -50,7 +50,9 @@ class OperationRecord:
         rec = cls(**{f: raw[f] for f in cls.__dataclass_fields__ if f in raw})
         if rec.state == "running":  # the agent stopped under it: it will never finish now
             rec.state = "failed"
-            rec.message = "interrupted: the node agent stopped while it ran; retry with a new operation id"
+            rec.message = (
+                "interrupted: the node agent stopped while it ran; retry with a new operation id"
+            )
         return rec
 
 
@@ -66,7 +68,9 @@ class NodeState:
     previous: Optional[ModelRef] = None
     operations: list[OperationRecord] = field(default_factory=list)
     fencing_token: int = 0
-    audit_heads: dict[str, dict] = field(default_factory=dict)   # key fingerprint -> {seq, hash, sig, key}
+    audit_heads: dict[str, dict] = field(
+        default_factory=dict
+    )  # key fingerprint -> {seq, hash, sig, key}
 
     @classmethod
     def load(cls, state_dir: Path) -> "NodeState":
@@ -77,23 +81,37 @@ class NodeState:
             return cls()
         except (OSError, ValueError) as exc:
             # Refuse to guess: a node that forgot a cordon would take traffic it was told not to.
-            raise RuntimeError(f"{path} is unreadable ({type(exc).__name__}: {exc}); fix or remove it "
-                               "(removing it forgets the node's cordon, drain and activated model)") from None
+            raise RuntimeError(
+                f"{path} is unreadable ({type(exc).__name__}: {exc}); fix or remove it "
+                "(removing it forgets the node's cordon, drain and activated model)"
+            ) from None
         models = {k: ModelRef(**raw[k]) if raw.get(k) else None for k in ("active", "previous")}
         heads = raw.get("audit_heads") or {}
         if not (isinstance(heads, dict) and isinstance(raw.get("fencing_token", 0), int)):
-            raise RuntimeError(f"{path}: fencing_token or audit_heads was altered; restore the file from backup "
-                               "(removing it also forgets the node's cordon, drain and activated model)")
+            raise RuntimeError(
+                f"{path}: fencing_token or audit_heads was altered; restore the file from backup "
+                "(removing it also forgets the node's cordon, drain and activated model)"
+            )
         heads = {k: h for k, h in heads.items() if _head_ok(h)}
         try:
-            operations = [OperationRecord.from_dict(r) for r in raw.get("operations", [])][-KEEP_OPERATIONS:]
+            operations = [OperationRecord.from_dict(r) for r in raw.get("operations", [])][
+                -KEEP_OPERATIONS:
+            ]
         except (TypeError, AttributeError):
-            raise RuntimeError(f"{path}: its operations list was altered; restore the file from backup or remove "
-                               "it (removing it forgets the node's cordon, drain and activated model)") from None
-        return cls(cordoned=bool(raw.get("cordoned")), cordon_reason=str(raw.get("cordon_reason", "")),
-                   drained=bool(raw.get("drained")), configured_path=str(raw.get("configured_path", "")),
-                   operations=operations,
-                   fencing_token=int(raw.get("fencing_token", 0)), audit_heads=dict(heads), **models)
+            raise RuntimeError(
+                f"{path}: its operations list was altered; restore the file from backup or remove "
+                "it (removing it forgets the node's cordon, drain and activated model)"
+            ) from None
+        return cls(
+            cordoned=bool(raw.get("cordoned")),
+            cordon_reason=str(raw.get("cordon_reason", "")),
+            drained=bool(raw.get("drained")),
+            configured_path=str(raw.get("configured_path", "")),
+            operations=operations,
+            fencing_token=int(raw.get("fencing_token", 0)),
+            audit_heads=dict(heads),
+            **models,
+        )
 
     def dump(self) -> str:
         """The state file's text (taken on the event loop, so no change lands half-way)."""
@@ -120,16 +138,27 @@ class NodeState:
     def model_to_serve(self, configured: ModelRef) -> ModelRef:
         """The activated model if it was activated over this same --model, else --model
         (and the activation history is forgotten)."""
-        if self.active is not None and self.configured_path == configured.path and Path(self.active.path).is_dir():
+        if (
+            self.active is not None
+            and self.configured_path == configured.path
+            and Path(self.active.path).is_dir()
+        ):
             return self.active
         if self.active is not None:
-            log.warning("activated model %s is not used: --model is now %s (was %s)",
-                        self.active.path, configured.path, self.configured_path or "unset")
+            log.warning(
+                "activated model %s is not used: --model is now %s (was %s)",
+                self.active.path,
+                configured.path,
+                self.configured_path or "unset",
+            )
         self.configured_path, self.active, self.previous = configured.path, None, None
         return configured
 
 
 def _head_ok(head: object) -> bool:
     """A kept audit HEAD as node_agent.audit_witness writes it (others are dropped at load)."""
-    return (isinstance(head, dict) and isinstance(head.get("seq"), int)
-            and all(isinstance(head.get(k), str) for k in ("hash", "sig", "key")))
+    return (
+        isinstance(head, dict)
+        and isinstance(head.get("seq"), int)
+        and all(isinstance(head.get(k), str) for k in ("hash", "sig", "key"))
+    )

@@ -33,9 +33,14 @@ from node_agent.staging import StagingArea, StagingError
 
 log = logging.getLogger(__name__)
 
-RESTART_EXIT_CODE = 75  # EX_TEMPFAIL: the service manager (launchd KeepAlive, systemd) starts it again
-_STATES = {"running": node_pb2.OPERATION_STATE_RUNNING, "done": node_pb2.OPERATION_STATE_DONE,
-           "failed": node_pb2.OPERATION_STATE_FAILED}
+RESTART_EXIT_CODE = (
+    75  # EX_TEMPFAIL: the service manager (launchd KeepAlive, systemd) starts it again
+)
+_STATES = {
+    "running": node_pb2.OPERATION_STATE_RUNNING,
+    "done": node_pb2.OPERATION_STATE_DONE,
+    "failed": node_pb2.OPERATION_STATE_FAILED,
+}
 
 
 class OperationError(Exception):
@@ -50,12 +55,22 @@ class Operations:
     """The node's operations over its parts; what only the agent can do (enter a state,
     load a model, restart) it asks for through the callbacks it was given."""
 
-    def __init__(self, *, node_id: str, state: NodeState, state_dir: Path, lifecycle: Lifecycle,
-                 registry: RequestRegistry, staging: StagingArea, drain_timeout_s: float,
-                 configured_model: ModelRef, model_info: Callable[[], common_pb2.ModelInfo],
-                 enter: Callable[[State, str], Awaitable[None]],
-                 load_and_warm: Callable[[ModelRef], Awaitable[bool]],
-                 request_restart: Callable[[], None]):
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        state: NodeState,
+        state_dir: Path,
+        lifecycle: Lifecycle,
+        registry: RequestRegistry,
+        staging: StagingArea,
+        drain_timeout_s: float,
+        configured_model: ModelRef,
+        model_info: Callable[[], common_pb2.ModelInfo],
+        enter: Callable[[State, str], Awaitable[None]],
+        load_and_warm: Callable[[ModelRef], Awaitable[bool]],
+        request_restart: Callable[[], None],
+    ):
         self.node_id = node_id
         self.state = state
         self.state_dir = state_dir
@@ -64,15 +79,15 @@ class Operations:
         self._staging = staging
         self._drain_timeout_s = drain_timeout_s
         self._configured_model = configured_model
-        self._model_info = model_info          # -> what the node serves now
-        self._enter = enter                    # (state, reason): the lifecycle and health together
-        self._load_and_warm = load_and_warm    # (model) -> loaded and warmed up; never raises
+        self._model_info = model_info  # -> what the node serves now
+        self._enter = enter  # (state, reason): the lifecycle and health together
+        self._load_and_warm = load_and_warm  # (model) -> loaded and warmed up; never raises
         self._request_restart = request_restart
-        self.drain_deadline: Optional[float] = None   # monotonic, while DRAINING
+        self.drain_deadline: Optional[float] = None  # monotonic, while DRAINING
         self._drain_task: Optional[asyncio.Task] = None
-        self._busy: Optional[str] = None              # the model operation under way (stage runs beside)
+        self._busy: Optional[str] = None  # the model operation under way (stage runs beside)
         self._tasks: set[asyncio.Task] = set()
-        self._saving = asyncio.Lock()                 # one state-file write at a time, in order
+        self._saving = asyncio.Lock()  # one state-file write at a time, in order
 
     # -- fencing ----------------------------------------------------------------------
     async def fence(self, token: int) -> None:
@@ -83,18 +98,25 @@ class Operations:
         async with self._saving:
             newest = self.state.fencing_token
             if token < newest:
-                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"node {self.node_id}: fencing token {token} is older than {newest}, the "
-                                     "newest this node has accepted: the coordinator sending it no longer holds "
-                                     "the rollout lease (another coordinator took it over); nothing was done")
+                raise OperationError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {self.node_id}: fencing token {token} is older than {newest}, the "
+                    "newest this node has accepted: the coordinator sending it no longer holds "
+                    "the rollout lease (another coordinator took it over); nothing was done",
+                )
             if token > newest:
-                log.info("node=%s fencing token %d -> %d (a new rollout lease holder)", self.node_id,
-                         newest, token, extra=fields(event="node.fencing_token", node_id=self.node_id))
+                log.info(
+                    "node=%s fencing token %d -> %d (a new rollout lease holder)",
+                    self.node_id,
+                    newest,
+                    token,
+                    extra=fields(event="node.fencing_token", node_id=self.node_id),
+                )
                 self.state.fencing_token = token
                 try:
                     await self._write()
                 except BaseException:
-                    self.state.fencing_token = newest   # not durable: not accepted
+                    self.state.fencing_token = newest  # not durable: not accepted
                     raise
 
     # -- records ----------------------------------------------------------------------
@@ -106,9 +128,11 @@ class Operations:
         rec = self.find(op_id)
         if rec is not None:
             if rec.kind != kind:
-                raise OperationError(grpc.StatusCode.ALREADY_EXISTS,
-                                     f"node {self.node_id}: operation id {op_id} was a {rec.kind}, "
-                                     f"not a {kind}; use a new operation id")
+                raise OperationError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"node {self.node_id}: operation id {op_id} was a {rec.kind}, "
+                    f"not a {kind}; use a new operation id",
+                )
             return rec, False
         rec = OperationRecord(op_id, kind, started=time.time())
         self.state.operations.append(rec)
@@ -116,11 +140,21 @@ class Operations:
 
     async def _end(self, rec: OperationRecord, ok: bool, message: str) -> OperationRecord:
         rec.state, rec.message, rec.finished = "done" if ok else "failed", message, time.time()
-        (log.info if ok else log.warning)("node=%s operation=%s kind=%s %s: %s", self.node_id,
-                                          rec.operation_id, rec.kind, rec.state, message,
-                                          extra=fields(event=f"node.operation.{rec.state}",
-                                                       node_id=self.node_id, operation_id=rec.operation_id,
-                                                       kind=rec.kind, reason=message))
+        (log.info if ok else log.warning)(
+            "node=%s operation=%s kind=%s %s: %s",
+            self.node_id,
+            rec.operation_id,
+            rec.kind,
+            rec.state,
+            message,
+            extra=fields(
+                event=f"node.operation.{rec.state}",
+                node_id=self.node_id,
+                operation_id=rec.operation_id,
+                kind=rec.kind,
+                reason=message,
+            ),
+        )
         await self.save()
         return rec
 
@@ -137,17 +171,21 @@ class Operations:
 
     def _background(self, rec: OperationRecord, work: Callable[[], Awaitable[str]]) -> asyncio.Task:
         """Run `work` (which returns the done message or raises OperationError) and end the record."""
+
         async def run() -> None:
             try:
                 await self._end(rec, True, await work())
             except OperationError as exc:
                 await self._end(rec, False, str(exc))
-            except asyncio.CancelledError:   # the record is saved even if cancelled again
+            except asyncio.CancelledError:  # the record is saved even if cancelled again
                 await asyncio.shield(self._end(rec, False, "interrupted: the agent is stopping"))
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded, never lost
                 log.exception("node=%s operation=%s failed", self.node_id, rec.operation_id)
-                await self._end(rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log")
+                await self._end(
+                    rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log"
+                )
+
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -166,8 +204,12 @@ class Operations:
                 self._drain_task = None
             if self._lifecycle.state in (State.DRAINING, State.DRAINED):
                 await self._enter(State.READY, f"uncordoned ({reason or 'operator'})")
-        return await self._end(rec, True, ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
-                         + (f" ({reason})" if reason else ""))
+        return await self._end(
+            rec,
+            True,
+            ("cordoned: no new requests" if cordoned else "uncordoned: taking requests")
+            + (f" ({reason})" if reason else ""),
+        )
 
     async def drain(self, op_id: str, timeout_s: float, reason: str) -> OperationRecord:
         rec, new = self._begin(op_id, "drain")
@@ -178,9 +220,11 @@ class Operations:
             return await self._end(rec, True, "already drained")
         if state not in (State.READY, State.DRAINING):
             self.state.operations.remove(rec)
-            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"node {self.node_id} is {state.value} ({self._lifecycle.snapshot.reason}); "
-                                 "only a READY node can be drained")
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {self.node_id} is {state.value} ({self._lifecycle.snapshot.reason}); "
+                "only a READY node can be drained",
+            )
         task = await self._start_drain(timeout_s, reason)
         self._background(rec, lambda: asyncio.shield(task))
         return rec
@@ -192,10 +236,15 @@ class Operations:
         if self._drain_task is None:
             timeout = timeout_s or self._drain_timeout_s
             self.drain_deadline = time.monotonic() + timeout
-            await self._enter(State.DRAINING, f"draining {plural(len(self._registry), 'request')}, deadline "
-                              f"{timeout:g}s" + (f" ({reason})" if reason else ""))
+            await self._enter(
+                State.DRAINING,
+                f"draining {plural(len(self._registry), 'request')}, deadline "
+                f"{timeout:g}s" + (f" ({reason})" if reason else ""),
+            )
             task = self._drain_task = asyncio.get_running_loop().create_task(self._drain(timeout))
-            task.add_done_callback(lambda t: setattr(self, "_drain_task", None) if self._drain_task is t else None)
+            task.add_done_callback(
+                lambda t: setattr(self, "_drain_task", None) if self._drain_task is t else None
+            )
         return self._drain_task
 
     async def _drain(self, timeout: float) -> str:
@@ -203,13 +252,19 @@ class Operations:
             try:
                 await asyncio.wait_for(self._registry.wait_idle(), timeout=timeout)
                 message = "drained: every request in flight finished"
-            except asyncio.TimeoutError:
-                n = self._registry.abort_all(lambda s: NodeStopping(f"drain deadline of {timeout:g}s passed"))
+            except TimeoutError:
+                n = self._registry.abort_all(
+                    lambda s: NodeStopping(f"drain deadline of {timeout:g}s passed")
+                )
                 await asyncio.wait_for(self._registry.wait_idle(), timeout=10)
-                message = (f"drained: the {timeout:g}s deadline passed and {plural(n, 'request')} {'was' if n == 1 else 'were'} ended "
-                           "with a CANCELLED final chunk (a coordinator resumes them on another node)")
+                message = (
+                    f"drained: the {timeout:g}s deadline passed and {plural(n, 'request')} {'was' if n == 1 else 'were'} ended "
+                    "with a CANCELLED final chunk (a coordinator resumes them on another node)"
+                )
         except asyncio.CancelledError:
-            raise OperationError(grpc.StatusCode.ABORTED, "drain interrupted by an uncordon") from None
+            raise OperationError(
+                grpc.StatusCode.ABORTED, "drain interrupted by an uncordon"
+            ) from None
         finally:
             self.drain_deadline = None
         self.state.drained = True
@@ -221,17 +276,28 @@ class Operations:
         return max(0.0, self.drain_deadline - time.monotonic()) if self.drain_deadline else 0.0
 
     # -- models -----------------------------------------------------------------------
-    async def stage(self, op_id: str, source: Path, model_id: str, version: str, expected: str) -> OperationRecord:
+    async def stage(
+        self, op_id: str, source: Path, model_id: str, version: str, expected: str
+    ) -> OperationRecord:
         """Copy `source` into the staging area while the node keeps serving; digest-checked."""
         rec, new = self._begin(op_id, "stage")
         if new:
+
             async def work() -> str:
                 try:
-                    info = await asyncio.to_thread(self._staging.stage_from_path, source, model_id=model_id,
-                                                   version=version, expected_digest=expected)
+                    info = await asyncio.to_thread(
+                        self._staging.stage_from_path,
+                        source,
+                        model_id=model_id,
+                        version=version,
+                        expected_digest=expected,
+                    )
                 except (StagingError, OSError) as exc:
-                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}") from None
+                    raise OperationError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}"
+                    ) from None
                 return f"staged {info.model_id} {info.version} {info.digest[:19]}"
+
             self._background(rec, work)
         return rec
 
@@ -239,12 +305,18 @@ class Operations:
         """The last pushed chunk arrived: verify the digest; staged only if it matches."""
         rec, new = self._begin(op_id, "push")
         if new:
+
             async def work() -> str:
                 try:
-                    info = await asyncio.to_thread(self._staging.finish_push, manifest.expected_digest)
+                    info = await asyncio.to_thread(
+                        self._staging.finish_push, manifest.expected_digest
+                    )
                 except (StagingError, OSError) as exc:
-                    raise OperationError(grpc.StatusCode.FAILED_PRECONDITION, f"pushed weights not staged: {exc}") from None
+                    raise OperationError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"pushed weights not staged: {exc}"
+                    ) from None
                 return f"staged {info.model_id} {info.version} {info.digest[:19]} (pushed)"
+
             # The record ends even if the pushing caller goes away during the digest check.
             await asyncio.shield(self._background(rec, work))
         return rec
@@ -258,18 +330,24 @@ class Operations:
             return rec
         try:
             if self._lifecycle.state is not State.DRAINED:
-                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"node {self.node_id} is {self._lifecycle.state.value}; drain it first "
-                                     f"(fleetctl drain {self.node_id}), then activate")
+                raise OperationError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {self.node_id} is {self._lifecycle.state.value}; drain it first "
+                    f"(fleetctl drain {self.node_id}), then activate",
+                )
             if self._busy:
-                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"node {self.node_id} is already running {self._busy}; wait for it")
+                raise OperationError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {self.node_id} is already running {self._busy}; wait for it",
+                )
             target = self._target(digest, previous)
         except OperationError:
             self.state.operations.remove(rec)
             raise
         if target.digest and target.digest == self._model_info().weights_digest:
-            return await self._end(rec, True, f"already serving {target.model_id} {target.digest[:19]}")
+            return await self._end(
+                rec, True, f"already serving {target.model_id} {target.digest[:19]}"
+            )
         self._busy = f"activate {op_id}"
         self._background(rec, lambda: self._activate(target))
         return rec
@@ -278,15 +356,21 @@ class Operations:
         node = self.node_id
         if previous:
             if self.state.previous is None:
-                raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                     f"node {node} has no previous model to go back to")
+                raise OperationError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {node} has no previous model to go back to",
+                )
             return self.state.previous
         staged = self._staging.get(digest)
         if staged is None or staged.state != node_pb2.STAGE_STATE_STAGED:
-            raise OperationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"node {node} has no staged model {digest[:19] or '(no digest given)'}; "
-                                 "stage it first (StageModel or a push)")
-        return ModelRef(str(self._staging.path_for(digest)), staged.model_id, staged.version, digest)
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {node} has no staged model {digest[:19] or '(no digest given)'}; "
+                "stage it first (StageModel or a push)",
+            )
+        return ModelRef(
+            str(self._staging.path_for(digest)), staged.model_id, staged.version, digest
+        )
 
     async def _activate(self, target: ModelRef) -> str:
         now = self._model_info()
@@ -299,10 +383,15 @@ class Operations:
                 return f"serving {target.model_id} {target.version} {self._model_info().weights_digest[:19]} (cordoned)"
             why = self._lifecycle.snapshot.reason
             back = await self._load_and_warm(old)
-            raise OperationError(grpc.StatusCode.ABORTED,
-                                 f"activation of {target.model_id} {target.digest[:19]} failed: {why}; "
-                                 + (f"back on {old.model_id} {old.digest[:19] or ''} (cordoned)" if back
-                                    else "the previous model did not load either; see the node log"))
+            raise OperationError(
+                grpc.StatusCode.ABORTED,
+                f"activation of {target.model_id} {target.digest[:19]} failed: {why}; "
+                + (
+                    f"back on {old.model_id} {old.digest[:19] or ''} (cordoned)"
+                    if back
+                    else "the previous model did not load either; see the node log"
+                ),
+            )
         finally:
             self._busy = None
 
@@ -318,10 +407,17 @@ class Operations:
             # The record is saved (done) before the exit: a retry of this id does not restart again.
             self._request_restart()
             return f"restarting (exit {RESTART_EXIT_CODE}) for the service manager to start the installed release"
+
         self._background(rec, work)
         return rec
 
 
 def to_proto(rec: OperationRecord) -> node_pb2.Operation:
-    return node_pb2.Operation(operation_id=rec.operation_id, kind=rec.kind, state=_STATES[rec.state],
-                              message=rec.message, started_unix_s=rec.started, finished_unix_s=rec.finished)
+    return node_pb2.Operation(
+        operation_id=rec.operation_id,
+        kind=rec.kind,
+        state=_STATES[rec.state],
+        message=rec.message,
+        started_unix_s=rec.started,
+        finished_unix_s=rec.finished,
+    )

@@ -32,12 +32,14 @@ def build_prompt_tokens(tokenizer, req: ValidRequest) -> list[int]:
         add_generation_prompt = messages[-1]["role"] != "assistant"
         try:
             text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except Exception as exc:  # noqa: BLE001 - template errors are caller errors
             # The exception text may quote the messages; name only its type.
             raise PromptError(
                 f"this model's chat template rejected the messages ({type(exc).__name__}); "
-                "check the roles and their order") from None
+                "check the roles and their order"
+            ) from None
         tokens = encode(text)
     if not tokens:
         raise PromptError("the prompt encodes to no tokens")
@@ -47,7 +49,9 @@ def build_prompt_tokens(tokenizer, req: ValidRequest) -> list[int]:
 def model_family(model_path: Path) -> str:
     """config.json's model_type ("qwen2", "llama"): which prompt template versions apply."""
     try:
-        return str(json.loads((Path(model_path) / "config.json").read_text()).get("model_type") or "")
+        return str(
+            json.loads((Path(model_path) / "config.json").read_text()).get("model_type") or ""
+        )
     except (OSError, ValueError):
         return ""
 
@@ -59,6 +63,10 @@ def apply_template(req: ValidRequest, family: str, max_tokens_limit: int) -> Val
         return req
     name, version, variables = req.template
     v = prompts.select(name, version, family)
-    return replace(req, messages=v.render(dict(variables)), template_id=v.id,
-                   output=req.output or notes.template_spec(v.note),
-                   max_tokens=req.max_tokens or min(v.max_tokens, max_tokens_limit))
+    return replace(
+        req,
+        messages=v.render(dict(variables)),
+        template_id=v.id,
+        output=req.output or notes.template_spec(v.note),
+        max_tokens=req.max_tokens or min(v.max_tokens, max_tokens_limit),
+    )

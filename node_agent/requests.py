@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class Outcome(enum.Enum):
-    COMPLETED = "completed"    # finished with stop or length
-    CANCELLED = "cancelled"    # the caller cancelled, or the node ended it (shutdown)
-    DEADLINE = "deadline"      # the caller's deadline passed
-    FAILED = "failed"          # the engine failed
+    COMPLETED = "completed"  # finished with stop or length
+    CANCELLED = "cancelled"  # the caller cancelled, or the node ended it (shutdown)
+    DEADLINE = "deadline"  # the caller's deadline passed
+    FAILED = "failed"  # the engine failed
 
 
 class EngineFailed(RuntimeError):
@@ -62,8 +62,17 @@ class Counters:
 class RequestStream:
     """One accepted request: buffers engine events and renders them as chunks."""
 
-    def __init__(self, *, key: str, req: ValidRequest, prompt_len: int, detokenizer,
-                 eos_token_ids: frozenset[int], clock: Callable[[], float], internal: bool = False):
+    def __init__(
+        self,
+        *,
+        key: str,
+        req: ValidRequest,
+        prompt_len: int,
+        detokenizer,
+        eos_token_ids: frozenset[int],
+        clock: Callable[[], float],
+        internal: bool = False,
+    ):
         self.key = key
         self.internal = internal
         self.req = req
@@ -95,8 +104,9 @@ class RequestStream:
         self._carry = primed[chars:] if chars is not None else ""
         # The whole completion's text (the prefix's included), for the output check and the
         # quality score at the end; it lives only as long as the request.
-        self._text: Optional[list[str]] = [primed[:chars] if chars is not None else primed] \
-            if req.output is not None else None
+        self._text: Optional[list[str]] = (
+            [primed[:chars] if chars is not None else primed] if req.output is not None else None
+        )
         self.quality: Optional[scoring.Score] = None
         self.checked: Optional[notes.Checked] = None
 
@@ -109,7 +119,7 @@ class RequestStream:
                 self.t_admit = now
                 self.cached_tokens = ev.cached_tokens
             elif ev.kind is EventKind.TOKEN and self.finish is None:
-                if self.t_last is not None:   # inter-token latency (metrics)
+                if self.t_last is not None:  # inter-token latency (metrics)
                     self.token_gaps.append(now - self.t_last)
                 self.t_first = self.t_first or now
                 self.t_last = now
@@ -140,7 +150,9 @@ class RequestStream:
         for ev in events:
             if ev.kind is EventKind.ADMITTED:
                 continue
-            self.engine_done = self.engine_done or ev.kind is EventKind.FAILED or ev.finish is not None
+            self.engine_done = (
+                self.engine_done or ev.kind is EventKind.FAILED or ev.finish is not None
+            )
             if ev.kind is EventKind.FAILED:
                 raise EngineFailed(ev.message, ev.status, ev.retry_after_ms)
             if self.finish is not None:  # ended here (stop sequence); the engine is catching up
@@ -174,7 +186,9 @@ class RequestStream:
         segment, self._carry = self._carry + self._detok.last_segment, ""
         return segment
 
-    def node_final(self, reason: int, message: str, *, node_id: str, model) -> inference_pb2.GenerateChunk:
+    def node_final(
+        self, reason: int, message: str, *, node_id: str, model
+    ) -> inference_pb2.GenerateChunk:
         """The last chunk of a stream the node ends itself (shutdown, engine failure)."""
         info = self.final_info(node_id=node_id, model=model, reason=reason)
         info.message = message
@@ -202,19 +216,32 @@ class RequestStream:
             self.quality = scoring.score_note(spec, self.checked, text, self.finish or "")
             self._text = None
         c = self.checked
-        info.structured.CopyFrom(inference_pb2.StructuredResult(
-            valid=c.valid, json=json.dumps(c.value, separators=(",", ":"), ensure_ascii=False) if c.valid else "",
-            rule=c.rule, path=c.path, error=c.error, format=spec.format))
+        info.structured.CopyFrom(
+            inference_pb2.StructuredResult(
+                valid=c.valid,
+                json=json.dumps(c.value, separators=(",", ":"), ensure_ascii=False)
+                if c.valid
+                else "",
+                rule=c.rule,
+                path=c.path,
+                error=c.error,
+                format=spec.format,
+            )
+        )
         info.quality.CopyFrom(quality_message(self.quality))
 
-    def final_info(self, *, node_id: str, model, reason: Optional[int] = None) -> inference_pb2.FinalInfo:
+    def final_info(
+        self, *, node_id: str, model, reason: Optional[int] = None
+    ) -> inference_pb2.FinalInfo:
         info = self._final_info(node_id=node_id, model=model, reason=reason)
         info.template = self.req.template_id
         if self.req.output is not None and reason is None and self.finish is not None:
             self._judge(info)
         return info
 
-    def _final_info(self, *, node_id: str, model, reason: Optional[int] = None) -> inference_pb2.FinalInfo:
+    def _final_info(
+        self, *, node_id: str, model, reason: Optional[int] = None
+    ) -> inference_pb2.FinalInfo:
         return inference_pb2.FinalInfo(
             finish_reason=_FINISH[self.finish] if reason is None else reason,
             usage=inference_pb2.Usage(
@@ -233,9 +260,13 @@ class RequestStream:
 
 def quality_message(score: "scoring.Score") -> inference_pb2.QualityScore:
     return inference_pb2.QualityScore(
-        total=score.total, rubric=score.rubric,
-        parts=[inference_pb2.SubScore(name=p.name, score=p.score, weight=p.weight, detail=p.detail)
-               for p in score.parts])
+        total=score.total,
+        rubric=score.rubric,
+        parts=[
+            inference_pb2.SubScore(name=p.name, score=p.score, weight=p.weight, detail=p.detail)
+            for p in score.parts
+        ],
+    )
 
 
 class RequestRegistry:
@@ -253,7 +284,9 @@ class RequestRegistry:
         self.counters = Counters()
         # Called once per request as it ends: (stream, outcome, now), or (None, None, now)
         # for a rejected one (metrics; never raises into a request).
-        self.observers: list[Callable[[Optional[RequestStream], Optional[Outcome], float], None]] = []
+        self.observers: list[
+            Callable[[Optional[RequestStream], Optional[Outcome], float], None]
+        ] = []
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -282,12 +315,26 @@ class RequestRegistry:
     def queued(self) -> list[RequestStream]:
         return [s for s in self._streams.values() if not s.admitted]
 
-    def open(self, req: ValidRequest, *, prompt_len: int, detokenizer,
-             eos_token_ids: frozenset[int], internal: bool = False) -> RequestStream:
+    def open(
+        self,
+        req: ValidRequest,
+        *,
+        prompt_len: int,
+        detokenizer,
+        eos_token_ids: frozenset[int],
+        internal: bool = False,
+    ) -> RequestStream:
         """Accept a request; `internal` ones (warm-up) are not counted as traffic."""
         key = f"{req.request_id}#{next(self._seq)}"
-        stream = RequestStream(key=key, req=req, prompt_len=prompt_len, detokenizer=detokenizer,
-                               eos_token_ids=eos_token_ids, clock=self._clock, internal=internal)
+        stream = RequestStream(
+            key=key,
+            req=req,
+            prompt_len=prompt_len,
+            detokenizer=detokenizer,
+            eos_token_ids=eos_token_ids,
+            clock=self._clock,
+            internal=internal,
+        )
         self._streams[key] = stream
         self._by_request_id[req.request_id] = stream
         self._idle.clear()
@@ -322,25 +369,53 @@ class RequestRegistry:
         log.info(
             "node=%s request=%s outcome=%s finish=%s prompt_tokens=%d cached_tokens=%d "
             "completion_tokens=%d queue_ms=%.1f ttft_ms=%.1f total_ms=%.1f%s",
-            self._node_id, stream.req.request_id, outcome.value, stream.finish or "-",
-            stream.prompt_len, stream.cached_tokens, stream.completion_tokens, t.queue_wait_ms,
-            t.time_to_first_token_ms, t.total_ms, f" detail={detail!r}" if detail else "",
-            extra=fields(event="request.end", node_id=self._node_id, request_id=stream.req.request_id,
-                         outcome=outcome.value, finish=stream.finish, reason=detail,
-                         prompt_tokens=stream.prompt_len, cached_tokens=stream.cached_tokens,
-                         completion_tokens=stream.completion_tokens, queue_ms=round(t.queue_wait_ms, 1),
-                         ttft_ms=round(t.time_to_first_token_ms, 1), total_ms=round(t.total_ms, 1),
-                         template=stream.req.template_id or None,
-                         quality=stream.quality.total if stream.quality is not None else None,
-                         schema_valid=stream.checked.valid if stream.checked is not None else None),
+            self._node_id,
+            stream.req.request_id,
+            outcome.value,
+            stream.finish or "-",
+            stream.prompt_len,
+            stream.cached_tokens,
+            stream.completion_tokens,
+            t.queue_wait_ms,
+            t.time_to_first_token_ms,
+            t.total_ms,
+            f" detail={detail!r}" if detail else "",
+            extra=fields(
+                event="request.end",
+                node_id=self._node_id,
+                request_id=stream.req.request_id,
+                outcome=outcome.value,
+                finish=stream.finish,
+                reason=detail,
+                prompt_tokens=stream.prompt_len,
+                cached_tokens=stream.cached_tokens,
+                completion_tokens=stream.completion_tokens,
+                queue_ms=round(t.queue_wait_ms, 1),
+                ttft_ms=round(t.time_to_first_token_ms, 1),
+                total_ms=round(t.total_ms, 1),
+                template=stream.req.template_id or None,
+                quality=stream.quality.total if stream.quality is not None else None,
+                schema_valid=stream.checked.valid if stream.checked is not None else None,
+            ),
         )
         self._observe(stream, outcome)
 
     def reject(self, request_id: str, code: str, message: str) -> None:
         self.counters.rejected += 1
-        log.info("node=%s request=%s rejected code=%s reason=%r", self._node_id, request_id or "-", code, message,
-                 extra=fields(event="request.rejected", node_id=self._node_id, request_id=request_id, code=code,
-                              reason=message))
+        log.info(
+            "node=%s request=%s rejected code=%s reason=%r",
+            self._node_id,
+            request_id or "-",
+            code,
+            message,
+            extra=fields(
+                event="request.rejected",
+                node_id=self._node_id,
+                request_id=request_id,
+                code=code,
+                reason=message,
+            ),
+        )
         self._observe(None, None)
 
     def _observe(self, stream: Optional[RequestStream], outcome: Optional[Outcome]) -> None:

@@ -13,7 +13,6 @@ import secrets
 from typing import Callable, Optional
 
 import mlx.core as mx
-from cluster.validation import Sampling
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -22,6 +21,7 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from cluster.validation import Sampling
 
 SamplingSpec = Sampling  # the node's requests always carry a seed (drawn if the caller sent none)
 

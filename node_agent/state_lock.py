@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 LOCK_NAME = "agent.lock"
-_held: dict[Path, int] = {}   # directory -> descriptor, kept open until the process exits
+_held: dict[Path, int] = {}  # directory -> descriptor, kept open until the process exits
 
 
 def hold(state_dir: Path) -> Optional[str]:
@@ -31,8 +31,10 @@ def hold(state_dir: Path) -> Optional[str]:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        return (f"state directory {state_dir} is in use by another fleet-node (pid {holder}); give each agent "
-                "on a host its own --state-dir")
+        return (
+            f"state directory {state_dir} is in use by another fleet-node (pid {holder}); give each agent "
+            "on a host its own --state-dir"
+        )
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[state_dir] = fd

@@ -17,8 +17,12 @@ def _chip() -> str:
     (/proc/cpuinfo); the machine type when neither says. Read once, at import."""
     if platform.system() == "Darwin":
         try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                 text=True, timeout=5)
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
@@ -64,11 +68,14 @@ class GpuReading:
     name: str
     memory_used_bytes: int
     memory_total_bytes: int
-    utilization: float      # 0..1, over nvidia-smi's last sample period
+    utilization: float  # 0..1, over nvidia-smi's last sample period
 
 
-_NVIDIA_QUERY = ("nvidia-smi", "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
-                 "--format=csv,noheader,nounits")
+_NVIDIA_QUERY = (
+    "nvidia-smi",
+    "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
+    "--format=csv,noheader,nounits",
+)
 
 
 def parse_nvidia_smi(text: str) -> list[GpuReading]:
@@ -99,7 +106,9 @@ def gpu_readings(timeout_s: float = 5.0) -> list[GpuReading]:
     if shutil.which(_NVIDIA_QUERY[0]) is None:
         return []
     try:
-        done = subprocess.run(_NVIDIA_QUERY, capture_output=True, text=True, timeout=timeout_s, check=False)
+        done = subprocess.run(
+            _NVIDIA_QUERY, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return parse_nvidia_smi(done.stdout) if done.returncode == 0 else []

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from cluster.api import inference_pb2
+from cluster.quality.notes import OutputSpec
 from cluster.validation import (
     InvalidRequest,
     check_input,
@@ -21,10 +22,17 @@ from cluster.validation import (
     guarded,
     new_request_id,
 )
-from cluster.quality.notes import OutputSpec
 from node_agent.sampling import SamplingSpec, draw_seed
 
-__all__ = ["InvalidRequest", "Limits", "ValidRequest", "check_length", "display_id", "new_request_id", "validate"]
+__all__ = [
+    "InvalidRequest",
+    "Limits",
+    "ValidRequest",
+    "check_length",
+    "display_id",
+    "new_request_id",
+    "validate",
+]
 
 MAX_CHARS_PER_TOKEN = 16  # generous: English averages ~4 characters per token
 
@@ -52,10 +60,12 @@ class ValidRequest:
     prefix_text_chars: Optional[int] = None
     # A prompt template (name, pinned version or "", variables), rendered into `messages`
     # for this node's model family by prompts.apply_template, which sets `template_id`.
-    template: Optional[tuple[str, str, tuple[tuple[str, str], ...]]] = field(default=None, repr=False)
+    template: Optional[tuple[str, str, tuple[tuple[str, str], ...]]] = field(
+        default=None, repr=False
+    )
     template_id: str = ""
-    output: Optional[OutputSpec] = None     # the schema the completion must follow
-    fit: bool = False                       # the request's fit_context
+    output: Optional[OutputSpec] = None  # the schema the completion must follow
+    fit: bool = False  # the request's fit_context
 
     @property
     def fit_context(self) -> bool:
@@ -65,12 +75,18 @@ class ValidRequest:
 
 
 @guarded
-def validate(request: inference_pb2.GenerateRequest, limits: Limits, *, with_output: bool = True) -> ValidRequest:
+def validate(
+    request: inference_pb2.GenerateRequest, limits: Limits, *, with_output: bool = True
+) -> ValidRequest:
     """Field checks that need no tokenizer; raises InvalidRequest (for any failure to check).
     `with_output=False` leaves `output` unset, for the caller to resolve it off the event
     loop (cluster.validation.check_output_format_async)."""
-    check_request(request, max_tokens=limits.max_tokens, max_stop_sequences=limits.max_stop_sequences,
-                  where="this node")
+    check_request(
+        request,
+        max_tokens=limits.max_tokens,
+        max_stop_sequences=limits.max_stop_sequences,
+        where="this node",
+    )
     request_id = check_request_id(request.request_id)
     messages, prompt = check_input(request)
     template = None
@@ -85,7 +101,8 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits, *, with_out
     if chars > limits.context_length * MAX_CHARS_PER_TOKEN:
         raise InvalidRequest(
             f"prompt is {chars} characters, far beyond this node's context of "
-            f"{limits.context_length} tokens; shorten the prompt")
+            f"{limits.context_length} tokens; shorten the prompt"
+        )
     bad = next((i for i, t in enumerate(request.prefix_token_ids) if t >= limits.vocab_size), None)
     if bad is not None:  # the position, never the id: token ids encode text
         raise InvalidRequest(
@@ -107,15 +124,18 @@ def validate(request: inference_pb2.GenerateRequest, limits: Limits, *, with_out
         stop=tuple(request.stop),
         prefix_token_ids=tuple(request.prefix_token_ids),
         require_weights_digest=request.require_weights_digest,
-        prefix_text_chars=request.prefix_text_chars if request.HasField("prefix_text_chars") else None,
+        prefix_text_chars=request.prefix_text_chars
+        if request.HasField("prefix_text_chars")
+        else None,
         template=template,
         output=output,
         fit=request.fit_context,
     )
 
 
-def check_length(prompt_tokens: int, prefix_tokens: int, max_tokens: int, limits: Limits, *,
-                 fit: bool = False) -> int:
+def check_length(
+    prompt_tokens: int, prefix_tokens: int, max_tokens: int, limits: Limits, *, fit: bool = False
+) -> int:
     """Prompt + prefix + max_tokens must fit the context; raises InvalidRequest. With `fit`
     (template requests) max_tokens is cut to what fits instead; returns the max_tokens to use."""
     used = prompt_tokens + prefix_tokens

@@ -19,15 +19,29 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def open_log(directory: Path, **kw) -> AuditLog:
-    log = AuditLog(directory, keys=AuditKeys.load_or_create(default_key_dir(directory)), source="test-host", **kw)
+    log = AuditLog(
+        directory,
+        keys=AuditKeys.load_or_create(default_key_dir(directory)),
+        source="test-host",
+        **kw,
+    )
     log.open()
     return log
 
 
 def request(i: int, keys: AuditKeys) -> dict:
-    return {"type": "request", "caller": f"user{i % 3}", "role": "clinician", "action": "generate",
-            "request_id": f"req-{i:04d}", "outcome": "ok", "code": "OK", "nodes": ["node-a"],
-            "tokens": 100 + i, "prompt_digest": keys.digest(f"prompt {i}")}
+    return {
+        "type": "request",
+        "caller": f"user{i % 3}",
+        "role": "clinician",
+        "action": "generate",
+        "request_id": f"req-{i:04d}",
+        "outcome": "ok",
+        "code": "OK",
+        "nodes": ["node-a"],
+        "tokens": 100 + i,
+        "prompt_digest": keys.digest(f"prompt {i}"),
+    }
 
 
 def fill(directory: Path, n: int = N, **kw) -> list[dict]:
@@ -46,7 +60,9 @@ def fill(directory: Path, n: int = N, **kw) -> list[dict]:
 
 
 def records(directory: Path) -> list[dict]:
-    return [json.loads(line) for _, p in list_files(directory) for line in p.read_bytes().splitlines()]
+    return [
+        json.loads(line) for _, p in list_files(directory) for line in p.read_bytes().splitlines()
+    ]
 
 
 def locate(directory: Path, seq: int) -> tuple[Path, int]:

@@ -68,17 +68,26 @@ def qwen_tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def node(tiny_model, tmp_path_factory):
     """One READY node agent shared by a module's tests (they must leave it serving)."""
-    proc = NodeProcess(tiny_model, "--max-running", "32", "--max-queued", "64", node_id="shared-node")
+    proc = NodeProcess(
+        tiny_model, "--max-running", "32", "--max-queued", "64", node_id="shared-node"
+    )
     with proc:
         proc.start(tmp_path_factory.mktemp("logs"))
         proc.wait_serving()
         yield proc
         # Every accepted request ended exactly once, and nothing is left running.
-        st, _ = proc.wait_until(lambda s: s.load.running == s.load.queued == s.load.engine_sequences == 0,
-                                timeout_s=5, what="idle after the module")
+        st, _ = proc.wait_until(
+            lambda s: s.load.running == s.load.queued == s.load.engine_sequences == 0,
+            timeout_s=5,
+            what="idle after the module",
+        )
         load = st.load
-        ended = (load.requests_completed_total + load.requests_cancelled_total
-                 + load.requests_deadline_total + load.requests_failed_total)
+        ended = (
+            load.requests_completed_total
+            + load.requests_cancelled_total
+            + load.requests_deadline_total
+            + load.requests_failed_total
+        )
         assert load.requests_accepted_total == ended, f"outcomes do not add up: {load}"
 
 
@@ -95,8 +104,12 @@ def vllm_node(tiny_model, vllm_python, tmp_path_factory):
     the session; on the way out no vLLM process may be left and every request ended once."""
     from tests.vllm_support import START_TIMEOUT_S, VLLM_ENV, group_alive, vllm_node_args
 
-    proc = NodeProcess(tiny_model, *vllm_node_args(vllm_python, "--max-running", "16", "--max-queued", "32"),
-                       node_id="vllm-node", env=VLLM_ENV)
+    proc = NodeProcess(
+        tiny_model,
+        *vllm_node_args(vllm_python, "--max-running", "16", "--max-queued", "32"),
+        node_id="vllm-node",
+        env=VLLM_ENV,
+    )
     with proc:
         proc.start(tmp_path_factory.mktemp("vllm-logs"))
         proc.wait_serving(START_TIMEOUT_S)
@@ -104,12 +117,18 @@ def vllm_node(tiny_model, vllm_python, tmp_path_factory):
         st = proc.status()
         pgid = st.engine_server.pid
         load = st.load
-        ended = (load.requests_completed_total + load.requests_cancelled_total
-                 + load.requests_deadline_total + load.requests_failed_total)
+        ended = (
+            load.requests_completed_total
+            + load.requests_cancelled_total
+            + load.requests_deadline_total
+            + load.requests_failed_total
+        )
         assert load.requests_accepted_total == ended, f"outcomes do not add up: {load}"
         proc.stop()
         # SIGTERM to the agent stops the server and its engine-core and worker processes.
-        assert pgid and not group_alive(pgid), f"vLLM processes left after the agent stopped: {group_alive(pgid)}"
+        assert pgid and not group_alive(pgid), (
+            f"vLLM processes left after the agent stopped: {group_alive(pgid)}"
+        )
 
 
 @pytest.fixture
@@ -117,8 +136,14 @@ def start_node(tiny_model, tmp_path):
     """Start extra node agents with their own flags; all are stopped after the test."""
     started: list[NodeProcess] = []
 
-    def start(*args: str, node_id: str = "node-under-test", model: Path | None = None,
-              wait: bool = True, env: dict | None = None, fleet: str | None = None) -> NodeProcess:
+    def start(
+        *args: str,
+        node_id: str = "node-under-test",
+        model: Path | None = None,
+        wait: bool = True,
+        env: dict | None = None,
+        fleet: str | None = None,
+    ) -> NodeProcess:
         proc = NodeProcess(model or tiny_model, *args, node_id=node_id, env=env, fleet=fleet)
         started.append(proc)
         proc.start(tmp_path / "logs")
@@ -145,7 +170,9 @@ def start_coordinator(tmp_path):
     """Start coordinators (mDNS on loopback when given a fleet); all stopped after the test."""
     started: list[CoordinatorProcess] = []
 
-    def start(*args: str, nodes=(), fleet: str | None = None, name: str = "coordinator") -> CoordinatorProcess:
+    def start(
+        *args: str, nodes=(), fleet: str | None = None, name: str = "coordinator"
+    ) -> CoordinatorProcess:
         proc = CoordinatorProcess(*args, nodes=nodes, fleet=fleet, name=name)
         started.append(proc)
         proc.start(tmp_path / "logs")
@@ -158,6 +185,7 @@ def start_coordinator(tmp_path):
 
 
 # -- the audit chain tests (tests/test_audit.py, tests/test_audit_tamper.py) ---------------
+
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
@@ -181,6 +209,7 @@ def chain(pristine, tmp_path) -> Path:
 
 
 # -- coordinator state on PostgreSQL (tests/pg.py; docs/state.md) -----------------------
+
 
 @pytest.fixture(scope="session")
 def postgres():

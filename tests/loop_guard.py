@@ -27,7 +27,7 @@ from blockbuster import BlockBuster, BlockingError
 UNTIMED_ONLY = ("threading.Lock.acquire", "threading.Lock.acquire_lock")
 # Known blocking calls on a loop, each with why it is still there. Keep this short: an
 # entry is debt, to be fixed where the call is made, not a place to silence new finds.
-KNOWN_BLOCKING: set[tuple[str, str]] = set()   # (file, function): none today
+KNOWN_BLOCKING: set[tuple[str, str]] = set()  # (file, function): none today
 
 
 class _Seen:
@@ -41,20 +41,24 @@ class RecordedBlockingError(BlockingError):
     def __init__(self, func: str) -> None:
         super().__init__(func)
         ours = [f for f in traceback.extract_stack()[:-1] if "/blockbuster/" not in f.filename]
-        where = " <- ".join(f"{f.filename.rpartition('/')[2]}:{f.lineno} {f.name}" for f in reversed(ours[-4:]))
+        where = " <- ".join(
+            f"{f.filename.rpartition('/')[2]}:{f.lineno} {f.name}" for f in reversed(ours[-4:])
+        )
         _Seen.calls.append(f"{func} at {where}")
 
 
 def _devnull_or(predicate):
     """pytest's logging plugin keeps a file handler on os.devnull when no --log-file is
     given, and every record on a loop reaches it; a write there never blocks."""
+
     def allowed(file, *args, **kwargs) -> bool:
         return getattr(file, "name", None) == os.devnull or predicate(file, *args, **kwargs)
+
     return allowed
 
 
 def _activate() -> BlockBuster:
-    buster = BlockBuster()   # scanned: every module, so a test's own coroutines count too
+    buster = BlockBuster()  # scanned: every module, so a test's own coroutines count too
     for name in UNTIMED_ONLY:
         buster.functions.pop(name, None)
     for key, function in buster.functions.items():
@@ -82,6 +86,9 @@ def no_blocking_on_event_loop(request):
         buster.deactivate()
         monkeypatch.undo()
     if _Seen.calls:
-        pytest.fail("blocking call(s) on a running event loop (move them to asyncio.to_thread, or mark the test "
-                    "@pytest.mark.allow_blocking(reason) if it blocks on purpose):\n  "
-                    + "\n  ".join(dict.fromkeys(_Seen.calls)), pytrace=False)
+        pytest.fail(
+            "blocking call(s) on a running event loop (move them to asyncio.to_thread, or mark the test "
+            "@pytest.mark.allow_blocking(reason) if it blocks on purpose):\n  "
+            + "\n  ".join(dict.fromkeys(_Seen.calls)),
+            pytrace=False,
+        )

@@ -54,13 +54,15 @@ from typing import Self
 
 __all__ = ["Host", "NetnsError", "NetnsLab", "cleanup_stale", "netns_unavailable"]
 
-_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+_SEARCH_PATH = os.pathsep.join(
+    [os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+)
 _CMD_TIMEOUT_S = 15.0
 _LOCK_PATH = "/tmp/studiofleet-netns-lab.lock"
 # Third octet space of 10.213.0.0/16: one /24 per lab.
 _SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")
-_HOST_FIRST = 10           # hosts get .10, .11, ...
-_HOST_MAX = 240            # .10 .. .249
+_HOST_FIRST = 10  # hosts get .10, .11, ...
+_HOST_MAX = 240  # .10 .. .249
 # Namespaces: sf<pid>l<counter>-br, sf<pid>l<counter>-h-<name>, probe sf<pid>lp-probe.
 _STALE_NS_RE = re.compile(r"^sf(?P<pid>\d+)l(?:\d+|p)-")
 # Root-side veth: sf<pid>l<counter>r (<= 15 chars: pid is at most 7 digits).
@@ -74,8 +76,14 @@ _counter_lock = threading.Lock()
 class NetnsError(RuntimeError):
     """A lab command failed (or the lab is misused)."""
 
-    def __init__(self, message: str, *, cmd: Sequence[str] | None = None,
-                 returncode: int | None = None, stderr: str = ""):
+    def __init__(
+        self,
+        message: str,
+        *,
+        cmd: Sequence[str] | None = None,
+        returncode: int | None = None,
+        stderr: str = "",
+    ):
         self.cmd = list(cmd) if cmd is not None else None
         self.returncode = returncode
         self.stderr = stderr
@@ -93,21 +101,37 @@ def _tool(tool: str) -> str:
     return path
 
 
-def _run(cmd: Sequence[str], *, timeout: float = _CMD_TIMEOUT_S, check: bool = True,
-         input: str | None = None) -> subprocess.CompletedProcess:
+def _run(
+    cmd: Sequence[str],
+    *,
+    timeout: float = _CMD_TIMEOUT_S,
+    check: bool = True,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run a command, capture text output; raise NetnsError naming it (and its stderr) on failure."""
     cmd = [str(c) for c in cmd]
     try:
-        cp = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, input=input,
-                            stdin=None if input is not None else subprocess.DEVNULL)
+        cp = subprocess.run(
+            cmd,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as e:
         raise NetnsError(f"command timed out after {timeout}s: {' '.join(cmd)}", cmd=cmd) from e
     except OSError as e:
         raise NetnsError(f"cannot run {' '.join(cmd)}: {e}", cmd=cmd) from e
     if check and cp.returncode != 0:
         err = (cp.stderr or "").strip() or (cp.stdout or "").strip()
-        raise NetnsError(f"command failed (rc={cp.returncode}): {' '.join(cmd)}: {err}",
-                         cmd=cmd, returncode=cp.returncode, stderr=cp.stderr or "")
+        raise NetnsError(
+            f"command failed (rc={cp.returncode}): {' '.join(cmd)}: {err}",
+            cmd=cmd,
+            returncode=cp.returncode,
+            stderr=cp.stderr or "",
+        )
     return cp
 
 
@@ -168,8 +192,12 @@ def _delete_netns(ns: str) -> None:
     _kill_ns_pids(ns)
     cp = _ip("netns", "del", ns, check=False)
     if cp.returncode != 0 and ns in _list_netns():
-        raise NetnsError(f"command failed (rc={cp.returncode}): ip netns del {ns}: {cp.stderr.strip()}",
-                         cmd=["ip", "netns", "del", ns], returncode=cp.returncode, stderr=cp.stderr)
+        raise NetnsError(
+            f"command failed (rc={cp.returncode}): ip netns del {ns}: {cp.stderr.strip()}",
+            cmd=["ip", "netns", "del", ns],
+            returncode=cp.returncode,
+            stderr=cp.stderr,
+        )
 
 
 def _delete_link(ifname: str) -> None:
@@ -177,8 +205,12 @@ def _delete_link(ifname: str) -> None:
         return
     cp = _ip("link", "del", ifname, check=False)
     if cp.returncode != 0 and ifname in _list_links():
-        raise NetnsError(f"command failed (rc={cp.returncode}): ip link del {ifname}: {cp.stderr.strip()}",
-                         cmd=["ip", "link", "del", ifname], returncode=cp.returncode, stderr=cp.stderr)
+        raise NetnsError(
+            f"command failed (rc={cp.returncode}): ip link del {ifname}: {cp.stderr.strip()}",
+            cmd=["ip", "link", "del", ifname],
+            returncode=cp.returncode,
+            stderr=cp.stderr,
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -245,9 +277,9 @@ class Host:
         self.lab = lab
         self.name = name
         self.index = index
-        self.ns = ns                    # namespace name (for `ip netns exec`)
-        self.ip = ip                    # eth0 address, e.g. "10.213.7.10"
-        self.ifname = "eth0"            # host-side interface
+        self.ns = ns  # namespace name (for `ip netns exec`)
+        self.ip = ip  # eth0 address, e.g. "10.213.7.10"
+        self.ifname = "eth0"  # host-side interface
         self.bridge_port = bridge_port  # bridge-side veth end (in lab.bridge_ns), e.g. "h0"
 
     def __repr__(self) -> str:
@@ -268,8 +300,14 @@ class Host:
         self.lab._procs.append(proc)
         return proc
 
-    def run(self, argv: Sequence[str], *, timeout: float = 30.0, check: bool = True,
-            input: str | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30.0,
+        check: bool = True,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run argv inside this host to completion; text stdout/stderr captured."""
         self.lab._check_open()
         return _run(self.exec_argv(argv), timeout=timeout, check=check, input=input)
@@ -289,8 +327,21 @@ class Host:
         frame (1514 bytes) or tbf drops every full-size packet and TCP stalls, which is
         why the default is "4kb" (4096 bytes), not "4kbit" (500 bytes).
         """
-        _tc("qdisc", "replace", "dev", self.ifname, "root", "tbf",
-            "rate", rate, "burst", burst, "latency", latency, ns=self.ns)
+        _tc(
+            "qdisc",
+            "replace",
+            "dev",
+            self.ifname,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            burst,
+            "latency",
+            latency,
+            ns=self.ns,
+        )
 
     def unthrottle(self) -> None:
         """Remove the shaping qdisc (no-op when none is installed)."""
@@ -308,7 +359,9 @@ def _close_live_labs() -> None:
         try:
             lab.close(_raise=False)
         except NetnsError as e:
-            warnings.warn(f"netns lab {lab.prefix} cleanup at exit failed: {e}", RuntimeWarning, stacklevel=1)
+            warnings.warn(
+                f"netns lab {lab.prefix} cleanup at exit failed: {e}", RuntimeWarning, stacklevel=1
+            )
 
 
 class NetnsLab:
@@ -319,15 +372,15 @@ class NetnsLab:
             self.counter = next(_counter)
         self.prefix = f"sf{os.getpid()}l{self.counter}"
         self.bridge_ns = f"{self.prefix}-br"
-        self.root_veth = f"{self.prefix}r"       # root-namespace end of the uplink
-        self.uplink = "up0"                       # bridge-namespace end of the uplink
+        self.root_veth = f"{self.prefix}r"  # root-namespace end of the uplink
+        self.uplink = "up0"  # bridge-namespace end of the uplink
         self.subnet: ipaddress.IPv4Network | None = None
-        self.root_ip: str | None = None           # the test process's address on the lab
+        self.root_ip: str | None = None  # the test process's address on the lab
         self.hosts: list[Host] = []
-        self._namespaces: list[str] = []          # created by us, in creation order
+        self._namespaces: list[str] = []  # created by us, in creation order
         self._root_veth_created = False
         self._procs: list[subprocess.Popen] = []
-        self._state = "new"                       # new -> open -> closed
+        self._state = "new"  # new -> open -> closed
         if len(self.root_veth) > 15:
             raise NetnsError(f"interface name {self.root_veth!r} longer than 15 characters")
 
@@ -348,12 +401,32 @@ class NetnsLab:
         _live_labs.add(self)
         try:
             self._add_netns(self.bridge_ns)
-            _ip("link", "add", "br0", "type", "bridge", "stp_state", "0", "mcast_snooping", "0",
-                ns=self.bridge_ns)
+            _ip(
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "mcast_snooping",
+                "0",
+                ns=self.bridge_ns,
+            )
             _ip("link", "set", "br0", "up", ns=self.bridge_ns)
-            self._root_veth_created = True   # set first: a half-made link must still be cleaned
-            _ip("link", "add", self.root_veth, "type", "veth", "peer", "name", self.uplink,
-                "netns", self.bridge_ns)
+            self._root_veth_created = True  # set first: a half-made link must still be cleaned
+            _ip(
+                "link",
+                "add",
+                self.root_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.uplink,
+                "netns",
+                self.bridge_ns,
+            )
             _ip("link", "set", self.uplink, "master", "br0", ns=self.bridge_ns)
             _ip("link", "set", self.uplink, "up", ns=self.bridge_ns)
             # Choose and claim a free /24 atomically with respect to other labs on this machine.
@@ -455,7 +528,19 @@ class NetnsLab:
         # On failure the namespace stays recorded and is removed at close(); the
         # bridge-side veth end lives in the bridge namespace and dies with it.
         self._add_netns(ns)
-        _ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=self.bridge_ns)
+        _ip(
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+            ns=self.bridge_ns,
+        )
         _ip("link", "set", port, "master", "br0", ns=self.bridge_ns)
         _ip("link", "set", port, "up", ns=self.bridge_ns)
         _ip("addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", "eth0", ns=ns)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cluster.localfleet import CoordinatorProcess, NodeProcess as _NodeProcess
+from cluster.localfleet import CoordinatorProcess
+from cluster.localfleet import NodeProcess as _NodeProcess
 
 __all__ = ["CoordinatorProcess", "NodeProcess"]
 
@@ -21,5 +22,7 @@ class NodeProcess(_NodeProcess):
             if predicate(st):
                 return st, time.monotonic() - start
             if time.monotonic() - start > timeout_s:
-                raise AssertionError(f"{self.node_id}: {what} not reached in {timeout_s}s; last status {st}")
+                raise AssertionError(
+                    f"{self.node_id}: {what} not reached in {timeout_s}s; last status {st}"
+                )
             time.sleep(0.005)

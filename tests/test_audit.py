@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cluster.audit import AuditError, AuditKeys, AuditLog, parse_when, query, verify
 from cluster.audit.chain import default_key_dir, list_files
 from cluster.fleetctl import audit_cmd
-from tests.audit_helpers import EVERY, N, ROOT, assert_bad, fill, lines, locate, open_log, records
+from tests.audit_helpers import EVERY, ROOT, N, assert_bad, fill, lines, locate, open_log, records
 
 
 def test_concurrent_writes_are_batched_durable_and_verify(tmp_path):
@@ -46,7 +46,10 @@ def test_group_commit_shares_fsyncs_across_tasks_and_threads(tmp_path):
         await asyncio.gather(*(log.write({"type": "request", "n": i}) for i in range(500)))
 
     def submitter(t: int) -> list[int]:
-        return [f.result(timeout=10)["seq"] for f in [log.submit({"type": "admin", "t": t}) for _ in range(50)]]
+        return [
+            f.result(timeout=10)["seq"]
+            for f in [log.submit({"type": "admin", "t": t}) for _ in range(50)]
+        ]
 
     try:
         asyncio.run(main())
@@ -62,7 +65,9 @@ def test_group_commit_shares_fsyncs_across_tasks_and_threads(tmp_path):
 def test_checkpoints_every_n_records_and_signed(pristine):
     recs = records(pristine)
     checkpoints = [r for r in recs if r["type"] == "checkpoint"]
-    assert len(checkpoints) == -(-(N + 1) // EVERY)  # N requests + the open record, and one at close
+    assert len(checkpoints) == -(
+        -(N + 1) // EVERY
+    )  # N requests + the open record, and one at close
     start = 1
     for c in checkpoints:
         assert c["covers"] == [start, c["seq"] - 1] and c["head"] == c["prev"]
@@ -108,8 +113,11 @@ def test_rotation_keeps_the_chain_linked_and_a_deleted_middle_file_is_caught(tmp
 # -- crash recovery ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("torn", [b'{"caller":"user1","prev":"ab', b"\x00" * 64, b'{"seq":999,"hash":"00"}\n'],
-                         ids=["half-line", "zeros", "bad-hash"])
+@pytest.mark.parametrize(
+    "torn",
+    [b'{"caller":"user1","prev":"ab', b"\x00" * 64, b'{"seq":999,"hash":"00"}\n'],
+    ids=["half-line", "zeros", "bad-hash"],
+)
 def test_torn_tail_warns_then_is_recovered_on_open(chain, torn):
     path, _ = locate(chain, 1)
     size = path.stat().st_size
@@ -123,7 +131,11 @@ def test_torn_tail_warns_then_is_recovered_on_open(chain, torn):
     log.close()
     recs = records(chain)
     recovered = next(r for r in recs if r["type"] == "recovered")
-    assert (recovered["seq"], recovered["offset"], recovered["discarded_bytes"]) == (last_seq + 1, size, len(torn))
+    assert (recovered["seq"], recovered["offset"], recovered["discarded_bytes"]) == (
+        last_seq + 1,
+        size,
+        len(torn),
+    )
     assert recs[recovered["seq"]]["type"] == "open"
     report = verify(chain)
     assert report.ok and not report.warnings, report
@@ -149,8 +161,12 @@ def test_head_ahead_of_the_file_refuses_to_open(chain):
     raw = lines(path)
     path.write_bytes(b"".join(raw[:-3]))
     total = len(raw)
-    assert_bad(chain, total - 2, path, total - 2, "signed HEAD", f"records {total - 2}-{total} are missing")
-    with pytest.raises(AuditError, match=f"ends at record {total - 3} but the signed HEAD says record {total}"):
+    assert_bad(
+        chain, total - 2, path, total - 2, "signed HEAD", f"records {total - 2}-{total} are missing"
+    )
+    with pytest.raises(
+        AuditError, match=f"ends at record {total - 3} but the signed HEAD says record {total}"
+    ):
         open_log(chain)
 
 
@@ -177,8 +193,12 @@ asyncio.run(main())
 
 def test_sigkilled_writer_loses_no_acknowledged_record(tmp_path):
     directory = tmp_path / "audit"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(directory)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(directory)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     acked = []
     try:
         while len(acked) < 400:
@@ -226,8 +246,13 @@ log.close()
 print(errors, log.stats.write_errors, log.stats.last_error)
 """
     directory = tmp_path / "audit"
-    out = subprocess.run([sys.executable, "-c", script, str(directory)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(directory)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     errors, write_errors, _ = out.stdout.split(" ", 2)
     assert int(errors) > 10 and int(write_errors) >= int(errors)
@@ -249,19 +274,28 @@ def test_cancelled_writer_still_gets_its_record_written(tmp_path):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await log.write({"type": "admin", "action": "after"})  # batches are in order: the first is durable
+        await log.write(
+            {"type": "admin", "action": "after"}
+        )  # batches are in order: the first is durable
 
     asyncio.run(main())
     log.close()
-    assert [r["request_id"] for r in query(tmp_path / "audit", request_id="cancelled-caller")] == ["cancelled-caller"]
+    assert [r["request_id"] for r in query(tmp_path / "audit", request_id="cancelled-caller")] == [
+        "cancelled-caller"
+    ]
 
 
 def test_malformed_records_and_misuse_are_refused(tmp_path):
     log = open_log(tmp_path / "audit")
     try:
-        for bad, err in [({"type": "request", "seq": 5}, ValueError), ({"type": "checkpoint"}, ValueError),
-                         ({"action": "x"}, ValueError), ({"type": "request", "x": float("nan")}, ValueError),
-                         ({"type": "request", "x": b"bytes"}, TypeError), ({"type": "admin", "d": {1: 2}}, TypeError)]:
+        for bad, err in [
+            ({"type": "request", "seq": 5}, ValueError),
+            ({"type": "checkpoint"}, ValueError),
+            ({"action": "x"}, ValueError),
+            ({"type": "request", "x": float("nan")}, ValueError),
+            ({"type": "request", "x": b"bytes"}, TypeError),
+            ({"type": "admin", "d": {1: 2}}, TypeError),
+        ]:
             with pytest.raises(err):
                 log.submit(bad)
         with pytest.raises(AuditError, match="LOCK"):
@@ -300,15 +334,25 @@ def test_keyed_digest_is_not_a_plain_hash_and_depends_on_the_key(tmp_path):
 
 
 def test_query_filters(tmp_path):
-    t0 = datetime(2025, 1, 31, 9, 0, tzinfo=timezone.utc)
+    t0 = datetime(2025, 1, 31, 9, 0, tzinfo=UTC)
     now = [t0.timestamp()]
-    log = AuditLog(tmp_path / "audit", keys=AuditKeys.load_or_create(tmp_path / "keys"), source="q",
-                   clock=lambda: now[0])
+    log = AuditLog(
+        tmp_path / "audit",
+        keys=AuditKeys.load_or_create(tmp_path / "keys"),
+        source="q",
+        clock=lambda: now[0],
+    )
     log.open()
     for i in range(6):
         now[0] = (t0 + timedelta(hours=i)).timestamp()
-        log.submit({"type": "request" if i % 2 else "admin", "caller": f"u{i % 3}", "request_id": f"r{i}",
-                    "action": "generate" if i % 2 else "drain"}).result(timeout=5)
+        log.submit(
+            {
+                "type": "request" if i % 2 else "admin",
+                "caller": f"u{i % 3}",
+                "request_id": f"r{i}",
+                "action": "generate" if i % 2 else "drain",
+            }
+        ).result(timeout=5)
     log.close()
     d = tmp_path / "audit"
     ids = lambda **kw: [r["request_id"] for r in query(d, **kw) if "request_id" in r]  # noqa: E731
@@ -335,22 +379,35 @@ def test_cli_verify_and_query(chain):
     as_json = json.loads(runner.invoke(audit_cmd.app, ["verify", str(chain), "-o", "json"]).stdout)
     assert as_json["ok"] and as_json["first_bad"] is None
 
-    found = runner.invoke(audit_cmd.app, ["query", str(chain), "--caller", "user2", "--since", "1h", "-o", "json"])
+    found = runner.invoke(
+        audit_cmd.app, ["query", str(chain), "--caller", "user2", "--since", "1h", "-o", "json"]
+    )
     assert found.exit_code == 0, found.output
-    assert [json.loads(x)["request_id"] for x in found.stdout.splitlines()] == \
-        [f"req-{i:04d}" for i in range(N) if i % 3 == 2]
+    assert [json.loads(x)["request_id"] for x in found.stdout.splitlines()] == [
+        f"req-{i:04d}" for i in range(N) if i % 3 == 2
+    ]
     table = runner.invoke(audit_cmd.app, ["query", str(chain), "--request-id", "req-0007"])
     assert table.exit_code == 0, table.output
     row = next(x for x in table.stdout.splitlines() if "req-0007" in x)
-    assert all(cell in row for cell in ("user1", "clinician", "generate", "OK", "node-a", "107")), row
+    assert all(cell in row for cell in ("user1", "clinician", "generate", "OK", "node-a", "107")), (
+        row
+    )
     assert runner.invoke(audit_cmd.app, ["query", str(chain), "--since", "soon"]).exit_code == 2
 
     path, line = locate(chain, 58)
     raw = lines(path)
     del raw[line - 1]
     path.write_bytes(b"".join(raw))
-    bad = runner.invoke(audit_cmd.app, ["verify", str(chain), "--public-key", str(default_key_dir(chain) / "signing.pub")])
+    bad = runner.invoke(
+        audit_cmd.app,
+        ["verify", str(chain), "--public-key", str(default_key_dir(chain) / "signing.pub")],
+    )
     assert bad.exit_code == 1
-    assert f"FIRST BAD RECORD: seq 58 (file {path.name} line {line}): expected record 58, found 59" in bad.stdout
-    missing = runner.invoke(audit_cmd.app, ["verify", str(chain), "--public-key", str(chain / "nope.pub")])
+    assert (
+        f"FIRST BAD RECORD: seq 58 (file {path.name} line {line}): expected record 58, found 59"
+        in bad.stdout
+    )
+    missing = runner.invoke(
+        audit_cmd.app, ["verify", str(chain), "--public-key", str(chain / "nope.pub")]
+    )
     assert missing.exit_code == 2 and "nope.pub" in missing.output

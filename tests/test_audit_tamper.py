@@ -12,7 +12,9 @@ from cluster.audit.chain import encode_record
 from tests.audit_helpers import assert_bad, lines, locate, open_log, records
 
 
-@pytest.mark.parametrize("field", ["request_id", "prompt_digest", "tokens", "time", "prev", "hash", "seq"])
+@pytest.mark.parametrize(
+    "field", ["request_id", "prompt_digest", "tokens", "time", "prev", "hash", "seq"]
+)
 def test_one_byte_flip_keeping_json_valid_is_caught_at_that_record(chain, field):
     path, line = locate(chain, 123)
     raw = lines(path)
@@ -20,21 +22,25 @@ def test_one_byte_flip_keeping_json_valid_is_caught_at_that_record(chain, field)
     key = b'"' + field.encode() + b'":'
     value = json.dumps(json.loads(rec)[field], separators=(",", ":")).encode()
     value_end = rec.index(key + value) + len(key) + len(value)
-    at = value_end - 1 - value.endswith(b'"')  # its last character: a digit, a hex digit or the Z of a time
+    at = (
+        value_end - 1 - value.endswith(b'"')
+    )  # its last character: a digit, a hex digit or the Z of a time
     flipped = bytearray(rec)
     flipped[at] = ord("7") if flipped[at] != ord("7") else ord("3")  # a digit/hex stays a digit/hex
     raw[line - 1] = bytes(flipped)
     json.loads(raw[line - 1])  # still valid JSON
     path.write_bytes(b"".join(raw))
     bad = assert_bad(chain, 123, path, line)
-    words = {"seq": "seq field was altered", "prev": "prev does not match"}.get(field, "hash does not match")
+    words = {"seq": "seq field was altered", "prev": "prev does not match"}.get(
+        field, "hash does not match"
+    )
     assert words in bad.reason
 
 
 def test_flipping_any_byte_of_a_record_is_caught_at_that_record(chain):
     path, line = locate(chain, 200)
     original = path.read_bytes()
-    start = sum(len(x) for x in lines(path)[:line - 1])
+    start = sum(len(x) for x in lines(path)[: line - 1])
     end = start + len(lines(path)[line - 1])
     for at in range(start, end):
         data = bytearray(original)
@@ -42,7 +48,10 @@ def test_flipping_any_byte_of_a_record_is_caught_at_that_record(chain):
         path.write_bytes(bytes(data))
         report = verify(chain)
         assert not report.ok, f"flip at byte {at - start} of record 200 not caught"
-        assert (report.first_bad.seq_expected, report.first_bad.line) == (200, line), (at - start, report.first_bad)
+        assert (report.first_bad.seq_expected, report.first_bad.line) == (200, line), (
+            at - start,
+            report.first_bad,
+        )
     path.write_bytes(original)
     assert verify(chain).ok
 
@@ -67,16 +76,18 @@ def test_reordered_records_are_caught_at_the_first(chain):
 def test_truncation_mid_line_is_caught_not_excused_as_a_crash(chain):
     path, line = locate(chain, 250)
     raw = lines(path)
-    path.write_bytes(b"".join(raw[:line - 1]) + raw[line - 1][:40])
+    path.write_bytes(b"".join(raw[: line - 1]) + raw[line - 1][:40])
     assert_bad(chain, 250, path, line, "cut short", "truncated")
 
 
 def test_truncation_at_a_line_boundary_names_the_first_missing_record(chain):
     path, line = locate(chain, 250)
     total = len(records(chain))
-    path.write_bytes(b"".join(lines(path)[:line - 1]))
+    path.write_bytes(b"".join(lines(path)[: line - 1]))
     assert_bad(chain, 250, path, line, f"records 250-{total} are missing")
-    with pytest.raises(AuditError, match=r"audit-000001\.jsonl ends at record 249 .* record " + str(total)):
+    with pytest.raises(
+        AuditError, match=r"audit-000001\.jsonl ends at record 249 .* record " + str(total)
+    ):
         open_log(chain)
 
 
@@ -86,7 +97,9 @@ def test_edit_and_rehash_is_caught_by_the_next_checkpoint_signature(chain):
     recs = [json.loads(x) for x in raw]
     recs[119]["outcome"] = "denied"
     prev = recs[118]["hash"]
-    for i in range(119, len(recs)):  # what a careful forger does: relink and rehash all after the edit
+    for i in range(
+        119, len(recs)
+    ):  # what a careful forger does: relink and rehash all after the edit
         fields = {k: v for k, v in recs[i].items() if k not in ("seq", "prev", "hash")}
         if fields["type"] == "checkpoint":
             fields["head"] = prev
@@ -94,7 +107,9 @@ def test_edit_and_rehash_is_caught_by_the_next_checkpoint_signature(chain):
         prev = recs[i]["hash"]
     path.write_bytes(b"".join(raw))
     next_checkpoint = next(r["seq"] for r in recs[119:] if r["type"] == "checkpoint")
-    assert_bad(chain, next_checkpoint, path, next_checkpoint, "checkpoint signature does not verify")
+    assert_bad(
+        chain, next_checkpoint, path, next_checkpoint, "checkpoint signature does not verify"
+    )
 
 
 def test_rehashed_last_record_is_caught_by_the_signed_head(chain):
@@ -102,12 +117,16 @@ def test_rehashed_last_record_is_caught_by_the_signed_head(chain):
     raw = lines(path)
     last = json.loads(raw[-1])
     fields = {k: v for k, v in last.items() if k not in ("seq", "prev", "hash")}
-    fields["time"] = "2020-01-01T00:00:00.000000Z"  # the checkpoint's signature does not cover its time
+    fields["time"] = (
+        "2020-01-01T00:00:00.000000Z"  # the checkpoint's signature does not cover its time
+    )
     raw[-1] = encode_record(fields, last["seq"], last["prev"])[1]
     path.write_bytes(b"".join(raw))
     assert_bad(chain, last["seq"], path, len(raw), "differs from the one the signed HEAD names")
     head = json.loads((chain / "HEAD").read_text())
-    head["hash"] = json.loads(raw[-1])["hash"]  # forging HEAD without the key fails on its signature
+    head["hash"] = json.loads(raw[-1])[
+        "hash"
+    ]  # forging HEAD without the key fails on its signature
     (chain / "HEAD").write_text(json.dumps(head))
     bad = verify(chain).first_bad
     assert bad.file == "HEAD" and "signature does not verify" in bad.reason

@@ -42,8 +42,15 @@ def pair(start_node, start_coordinator):
 def _requests(tag: str, n: int) -> list[inference_pb2.GenerateRequest]:
     """Half greedy, half sampled with a seed; each runs to MAX_TOKENS (past end-of-sequence),
     so every one is still streaming when A is killed."""
-    out = [note(i, MAX_TOKENS, request_id=f"{tag}-{i}", **({"temperature": 0.8, "seed": 1000 + i} if i % 2 else {}))
-           for i in range(n)]
+    out = [
+        note(
+            i,
+            MAX_TOKENS,
+            request_id=f"{tag}-{i}",
+            **({"temperature": 0.8, "seed": 1000 + i} if i % 2 else {}),
+        )
+        for i in range(n)
+    ]
     for r in out:
         r.sampling.ignore_eos = True
     return out
@@ -60,8 +67,11 @@ def _reference(co, requests) -> dict:
     streams, threads = in_threads(lambda r: collect(co.inference, r), refs)
     for t in threads:
         t.join(120)
-    bad = [(s.request.request_id, s.error.code().name if s.error else "OK", len(s.ids)) for s in streams
-           if s.error is not None or len(s.ids) != MAX_TOKENS]
+    bad = [
+        (s.request.request_id, s.error.code().name if s.error else "OK", len(s.ids))
+        for s in streams
+        if s.error is not None or len(s.ids) != MAX_TOKENS
+    ]
     assert not bad, f"the uninterrupted reference streams did not complete: {bad[:3]}"
     return {r.request_id: s for r, s in zip(requests, streams)}
 
@@ -79,10 +89,14 @@ def _check(results, requests, reference, b) -> None:
         rid = req.request_id
         assert not isinstance(r, Exception), f"{rid}: {r}"
         ref = reference[rid]
-        assert r.token_ids == ref.ids, f"{rid}: tokens lost, repeated or changed across the coordinator failover"
+        assert r.token_ids == ref.ids, (
+            f"{rid}: tokens lost, repeated or changed across the coordinator failover"
+        )
         assert r.text == ref.text, f"{rid}: the spliced text differs from the uninterrupted text"
         assert r.completion_tokens == MAX_TOKENS == len(r.token_ids)
-        assert r.coordinator_failovers == 1, f"{rid}: {r.coordinator_failovers} coordinator failovers"
+        assert r.coordinator_failovers == 1, (
+            f"{rid}: {r.coordinator_failovers} coordinator failovers"
+        )
         assert r.target == b.address and r.request_id == rid
         assert "resumed after coordinator co-a" in r.message
         if req.sampling.HasField("seed"):
@@ -93,7 +107,9 @@ def _check_audit(b, requests) -> None:
     """B's chain holds each as a completed request resumed from co-a (before it, at most a
     refused try while the node still wound down A's run of the same id: ALREADY_EXISTS)."""
     for req in requests:
-        records = [r for r in query(b.audit_dir, request_id=req.request_id) if r.get("type") == "request"]
+        records = [
+            r for r in query(b.audit_dir, request_id=req.request_id) if r.get("type") == "request"
+        ]
         (record,) = [r for r in records if r.get("outcome") == "completed"]
         assert all(r.get("code") == "ALREADY_EXISTS" for r in records if r is not record), records
         assert record["coordinator"] == "co-b", record
@@ -109,6 +125,7 @@ def test_kill_9_of_the_coordinator_mid_stream_sync_client_resumes_every_stream(p
     progress = [0] * len(requests)
 
     with FleetClient([a.address, b.address]) as client:
+
         def run(i):
             builder = ResultBuilder(requests[i].request_id)
             try:
@@ -139,7 +156,9 @@ def test_kill_9_of_the_coordinator_mid_stream_sync_client_resumes_every_stream(p
                 b.proc.kill()
                 b.proc.wait(10)
     message = str(err.value)
-    assert "lone-1" in message and "co-b" in message and "no other coordinator address" in message, message
+    assert (
+        "lone-1" in message and "co-b" in message and "no other coordinator address" in message
+    ), message
     assert f"{len(got)} tokens were delivered" in message and err.value.request_id == "lone-1"
 
 
@@ -153,6 +172,7 @@ def test_kill_9_of_the_coordinator_mid_stream_async_client_resumes_every_stream(
     # into results as generate() does (ResultBuilder).
     async def streamed():
         async with AsyncFleetClient([a.address, b.address]) as client:
+
             async def run(i):
                 builder = ResultBuilder(requests[i].request_id)
                 try:
@@ -204,36 +224,50 @@ def _chunk(ids, text, resume=None, final=False):
 def test_the_continuation_carries_the_prefix_the_budget_the_seed_and_the_weights():
     req = note(1, 10, request_id="unit-1")
     state = StreamState(req, max_failovers=3)
-    info = inference_pb2.ResumeInfo(seed=42, weights_digest=DIGEST, max_tokens=10, coordinator_id="co-a")
+    info = inference_pb2.ResumeInfo(
+        seed=42, weights_digest=DIGEST, max_tokens=10, coordinator_id="co-a"
+    )
     state.observe(_chunk([5, 6], "ab", info))
-    state.observe(_chunk([7], ""))   # a token whose text (part of a character) is held back
+    state.observe(_chunk([7], ""))  # a token whose text (part of a character) is held back
     state.broke(_Broken(), "127.0.0.1:1", ["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:1"], 1)
     r = state.request
     assert list(r.prefix_token_ids) == [5, 6, 7] and r.prefix_text_chars == 2 and r.max_tokens == 7
     assert r.sampling.seed == 42 and r.require_weights_digest == DIGEST
-    assert r.resumed_from_coordinator == "co-a" and r.request_id == "unit-1" and state.failovers == 1
+    assert (
+        r.resumed_from_coordinator == "co-a" and r.request_id == "unit-1" and state.failovers == 1
+    )
     final = state.observe(_chunk([8, 9], "cde", final=True))
     assert final.final.usage.completion_tokens == 5 and final.final.coordinator_failovers == 1
-    check_resumed_from(r)   # what the client sends passes the coordinator's check
+    check_resumed_from(r)  # what the client sends passes the coordinator's check
 
 
 def test_a_stream_without_resume_information_or_another_address_is_not_resumed_silently():
     req = note(1, 10, request_id="unit-2")
     state = StreamState(req, max_failovers=3)
-    state.observe(_chunk([5], "a"))   # from a node: no ResumeInfo
+    state.observe(_chunk([5], "a"))  # from a node: no ResumeInfo
     with pytest.raises(ResumeImpossibleError, match="unit-2.*no resume information"):
         state.broke(_Broken(), "t1", ["t1", "t2"], ["t1"], 1)
-    state.observe(_chunk([], "", inference_pb2.ResumeInfo(seed=1, weights_digest=DIGEST, max_tokens=10,
-                                                          coordinator_id="co-a")))
+    state.observe(
+        _chunk(
+            [],
+            "",
+            inference_pb2.ResumeInfo(
+                seed=1, weights_digest=DIGEST, max_tokens=10, coordinator_id="co-a"
+            ),
+        )
+    )
     with pytest.raises(ResumeImpossibleError, match="no other coordinator address"):
         state.broke(_Broken(), "t1", ["t1"], ["t1"], 1)
 
 
-@pytest.mark.parametrize("origin, prefix, fix", [
-    ("co a", [1], "must be a coordinator id"),
-    ("x" * 200, [1], "must be a coordinator id"),
-    ("co-a", [], "without prefix_token_ids"),
-])
+@pytest.mark.parametrize(
+    "origin, prefix, fix",
+    [
+        ("co a", [1], "must be a coordinator id"),
+        ("x" * 200, [1], "must be a coordinator id"),
+        ("co-a", [], "without prefix_token_ids"),
+    ],
+)
 def test_the_coordinator_checks_resumed_from_coordinator(origin, prefix, fix):
     req = note(1, 10, request_id="unit-3")
     req.resumed_from_coordinator = origin
@@ -254,8 +288,15 @@ def test_a_continuation_the_next_coordinator_refuses_ends_in_resume_impossible()
     from studiofleet_client.retry import Attempts, RetryPolicy, decide_retry
 
     state = StreamState(note(1, 10, request_id="unit-4"), max_failovers=3)
-    state.observe(_chunk([5], "a", inference_pb2.ResumeInfo(seed=1, weights_digest=DIGEST, max_tokens=10,
-                                                            coordinator_id="co-a")))
+    state.observe(
+        _chunk(
+            [5],
+            "a",
+            inference_pb2.ResumeInfo(
+                seed=1, weights_digest=DIGEST, max_tokens=10, coordinator_id="co-a"
+            ),
+        )
+    )
     attempts = Attempts(["t1", "t2"], 0, RetryPolicy(jitter=False), 30, "unit-4")
     attempts.begin()
     attempts.broke(_Broken(), state)
@@ -264,10 +305,16 @@ def test_a_continuation_the_next_coordinator_refuses_ends_in_resume_impossible()
     with pytest.raises(ResumeImpossibleError) as err:
         attempts.failed(_Refused(), received_chunk=False, stream=state)
     message = str(err.value)
-    assert "unit-4" in message and "co-a" in message and "no READY node serves the required weights" in message
+    assert (
+        "unit-4" in message
+        and "co-a" in message
+        and "no READY node serves the required weights" in message
+    )
     assert "1 tokens were delivered" in message and err.value.target == "t2"
     # While resuming, the node may still hold the dead coordinator's run of the id: wait and retry there.
-    again = decide_retry("ALREADY_EXISTS", received_chunk=False, attempt=1, time_left_s=10, resuming=True)
+    again = decide_retry(
+        "ALREADY_EXISTS", received_chunk=False, attempt=1, time_left_s=10, resuming=True
+    )
     assert again.retry and not again.next_target
     assert not decide_retry("ALREADY_EXISTS", received_chunk=False, attempt=1, time_left_s=10).retry
 
@@ -277,15 +324,16 @@ def test_the_coordinator_stamps_resume_information_on_its_first_chunk_and_after_
 
     req = note(1, 10, request_id="unit-5", seed=7)
     req.allow_restart = True
-    req.resumed_from_coordinator = "co-z"   # the audit's: never sent on to a node
+    req.resumed_from_coordinator = "co-z"  # the audit's: never sent on to a node
     run = Splice(req, clock=time.monotonic)
     run.routed("n1", DIGEST)
     first, second = _chunk([1], "a"), _chunk([2], "b")
     for chunk in (first, second):
         run.absorb(chunk)
         run.stamp_resume(chunk, "co-a")
-    assert first.resume == inference_pb2.ResumeInfo(seed=7, weights_digest=DIGEST, max_tokens=10,
-                                                    coordinator_id="co-a")
+    assert first.resume == inference_pb2.ResumeInfo(
+        seed=7, weights_digest=DIGEST, max_tokens=10, coordinator_id="co-a"
+    )
     assert not second.HasField("resume")
     run.restart("gone")
     other = "sha256:" + "cd" * 32

@@ -26,7 +26,9 @@ def coordinator(node, tmp_path_factory):
         yield co
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(requests())
 def test_live_coordinator_survives_arbitrary_requests(coordinator, req):
     final = served_or_refused(coordinator.inference, req)
@@ -38,9 +40,13 @@ def nearly_valid(draw) -> inference_pb2.GenerateRequest:
     """Requests that pass the coordinator's checks, so routing, node-side limits, resume
     fields and pinning are exercised, not only validation."""
     req = inference_pb2.GenerateRequest(
-        request_id=draw(st.one_of(st.just(""), st.text("abcdef-0123456789", min_size=1, max_size=20))),
+        request_id=draw(
+            st.one_of(st.just(""), st.text("abcdef-0123456789", min_size=1, max_size=20))
+        ),
         max_tokens=draw(st.integers(1, 12)),
-        stop=draw(st.lists(st.text(min_size=1, max_size=4).map(lambda t: t + MARK[:2]), max_size=2)),
+        stop=draw(
+            st.lists(st.text(min_size=1, max_size=4).map(lambda t: t + MARK[:2]), max_size=2)
+        ),
         prefix_token_ids=draw(st.lists(st.integers(0, 600), max_size=4)),
         require_weights_digest=draw(st.sampled_from(["", "", "", "sha256:" + "0" * 64])),
         priority=draw(st.sampled_from([0, 1, 2])),
@@ -56,7 +62,9 @@ def nearly_valid(draw) -> inference_pb2.GenerateRequest:
     return req
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(nearly_valid())
 def test_live_coordinator_routes_arbitrary_valid_requests(coordinator, req):
     test_live_coordinator_survives_arbitrary_requests.hypothesis.inner_test(coordinator, req)

@@ -6,18 +6,30 @@ import itertools
 import time
 
 from cluster.api import inference_pb2
-from coordinator import health_policy as hp
 from cluster.routing import Candidate, Want, pick
+from coordinator import health_policy as hp
 from coordinator.splice import Splice
 
-POLICY = hp.Policy(eject_after_failures=3, eject_base_s=2.0, eject_max_s=5.0, readmit_after_probes=3,
-                   ejection_decay_s=100.0)
+POLICY = hp.Policy(
+    eject_after_failures=3,
+    eject_base_s=2.0,
+    eject_max_s=5.0,
+    readmit_after_probes=3,
+    ejection_decay_s=100.0,
+)
 PROBE, REQUEST = hp.Source.PROBE, hp.Source.REQUEST
 
 
 def _fail(h, *, hard=False, now=0.0, last=False, source=PROBE):
-    return hp.on_failure(h, source=source, reason="probe timed out", hard=hard, now=now, last_healthy=last,
-                         policy=POLICY)
+    return hp.on_failure(
+        h,
+        source=source,
+        reason="probe timed out",
+        hard=hard,
+        now=now,
+        last_healthy=last,
+        policy=POLICY,
+    )
 
 
 def _ok(h, source=PROBE, now=0.0):
@@ -50,7 +62,9 @@ def test_a_node_that_answers_status_but_fails_requests_is_still_ejected():
     assert h.verdict is hp.Verdict.EJECTED
     assert "3 consecutive request failures" in h.reason
     h = _fail(_fail(_healthy(), source=REQUEST), source=REQUEST)
-    assert _ok(h, REQUEST).verdict is hp.Verdict.HEALTHY, "a completed request clears request failures"
+    assert _ok(h, REQUEST).verdict is hp.Verdict.HEALTHY, (
+        "a completed request clears request failures"
+    )
 
 
 def test_the_ejection_count_decays_after_a_long_healthy_spell():
@@ -98,9 +112,12 @@ def _cand(node_id, *, in_flight=0, tokens=0, queued=0, max_running=8, slots=16, 
 
 
 def test_least_outstanding_work_per_slot_wins():
-    nodes = [_cand("a", in_flight=2, tokens=800), _cand("b", in_flight=3, tokens=300),
-             _cand("c", in_flight=1, tokens=900, max_running=32)]
-    assert pick(nodes, Want()) == "c"   # 900/32 < 300/8 < 800/8
+    nodes = [
+        _cand("a", in_flight=2, tokens=800),
+        _cand("b", in_flight=3, tokens=300),
+        _cand("c", in_flight=1, tokens=900, max_running=32),
+    ]
+    assert pick(nodes, Want()) == "c"  # 900/32 < 300/8 < 800/8
     assert pick(nodes, Want(exclude=frozenset({"c"}))) == "b"
 
 
@@ -128,8 +145,12 @@ def test_session_affinity_is_sticky_and_load_bounded():
 
 
 def test_splice_resumes_after_the_delivered_tokens_with_the_same_settings():
-    req = inference_pb2.GenerateRequest(request_id="r1", prompt="Plan:", max_tokens=10,
-                                        sampling=inference_pb2.SamplingParams(temperature=0.7, seed=42))
+    req = inference_pb2.GenerateRequest(
+        request_id="r1",
+        prompt="Plan:",
+        max_tokens=10,
+        sampling=inference_pb2.SamplingParams(temperature=0.7, seed=42),
+    )
     clock = itertools.count(0.0, 0.01).__next__
     run = Splice(req, clock=clock)
     first = run.request_for_node("sha256:abc")
@@ -156,8 +177,9 @@ def test_splice_resumes_after_the_delivered_tokens_with_the_same_settings():
 
 
 def test_a_caller_prefix_with_its_text_offset_is_carried_into_a_resume():
-    req = inference_pb2.GenerateRequest(request_id="r2", prompt="Plan:", max_tokens=10, prefix_token_ids=[1, 2],
-                                        prefix_text_chars=4)
+    req = inference_pb2.GenerateRequest(
+        request_id="r2", prompt="Plan:", max_tokens=10, prefix_token_ids=[1, 2], prefix_text_chars=4
+    )
     run = Splice(req, clock=itertools.count(0.0, 0.01).__next__)
     run.routed("n1", "sha256:abc")
     run.absorb(inference_pb2.GenerateChunk(text="xyz", token_ids=[9]))
@@ -166,8 +188,13 @@ def test_a_caller_prefix_with_its_text_offset_is_carried_into_a_resume():
 
 
 def test_a_restart_voids_what_was_sent_and_asks_for_the_original_request():
-    req = inference_pb2.GenerateRequest(request_id="r3", prompt="Plan:", max_tokens=10, allow_restart=True,
-                                        sampling=inference_pb2.SamplingParams(temperature=0.7, seed=42))
+    req = inference_pb2.GenerateRequest(
+        request_id="r3",
+        prompt="Plan:",
+        max_tokens=10,
+        allow_restart=True,
+        sampling=inference_pb2.SamplingParams(temperature=0.7, seed=42),
+    )
     run = Splice(req, clock=itertools.count(0.0, 0.01).__next__)
     assert run.request_for_node("sha256:aaa").allow_restart is False, "coordinator only"
     run.routed("n1", "sha256:aaa")
@@ -178,13 +205,19 @@ def test_a_restart_voids_what_was_sent_and_asks_for_the_original_request():
     assert (voided.node, voided.digest, voided.tokens) == ("n1", "sha256:aaa", 3)
     assert run.digest == "" and not run.delivered and run.text_chars == 0 and run.excluded == {"n1"}
     fresh = run.request_for_node("sha256:bbb")
-    assert not fresh.prefix_token_ids and not fresh.HasField("prefix_text_chars") and fresh.max_tokens == 10
+    assert (
+        not fresh.prefix_token_ids
+        and not fresh.HasField("prefix_text_chars")
+        and fresh.max_tokens == 10
+    )
     assert fresh.require_weights_digest == "sha256:bbb" and fresh.sampling.seed == 42
     run.routed("n2", "sha256:bbb")
     first = inference_pb2.GenerateChunk(text="p", token_ids=[1])
     run.absorb(first)
     run.mark_restarted(first, "n2", "sha256:bbb")
-    assert first.restarted and run.digest == "sha256:bbb", "pinned to the new weights from its first token"
+    assert first.restarted and run.digest == "sha256:bbb", (
+        "pinned to the new weights from its first token"
+    )
     last = inference_pb2.GenerateChunk(text="q", token_ids=[2])
     last.final.finish_reason = inference_pb2.FINISH_REASON_STOP
     run.absorb(last)
@@ -192,17 +225,29 @@ def test_a_restart_voids_what_was_sent_and_asks_for_the_original_request():
     out = run.final(last)
     assert not out.restarted, "only the first chunk after the restart"
     f = out.final
-    assert (f.usage.completion_tokens, f.failovers, f.restarts, list(f.nodes)) == (2, 1, 1, ["n1", "n2"])
+    assert (f.usage.completion_tokens, f.failovers, f.restarts, list(f.nodes)) == (
+        2,
+        1,
+        1,
+        ["n1", "n2"],
+    )
     assert "restarted from the beginning on node n2" in f.message and "node n1 failed" in f.message
     assert "(3) were discarded" in f.message
     # The caller's own pins forbid a restart elsewhere.
-    pinned = inference_pb2.GenerateRequest(prompt="x", max_tokens=3, allow_restart=True,
-                                           require_weights_digest="sha256:aaa")
+    pinned = inference_pb2.GenerateRequest(
+        prompt="x", max_tokens=3, allow_restart=True, require_weights_digest="sha256:aaa"
+    )
     assert "require_weights_digest" in Splice(pinned, clock=time.monotonic).restart_refusal()
-    prefixed = inference_pb2.GenerateRequest(prompt="x", max_tokens=3, allow_restart=True, prefix_token_ids=[1])
+    prefixed = inference_pb2.GenerateRequest(
+        prompt="x", max_tokens=3, allow_restart=True, prefix_token_ids=[1]
+    )
     assert "prefix_token_ids" in Splice(prefixed, clock=time.monotonic).restart_refusal()
-    assert "allow_restart" in Splice(inference_pb2.GenerateRequest(prompt="x", max_tokens=3),
-                                     clock=time.monotonic).restart_refusal()
+    assert (
+        "allow_restart"
+        in Splice(
+            inference_pb2.GenerateRequest(prompt="x", max_tokens=3), clock=time.monotonic
+        ).restart_refusal()
+    )
 
 
 def test_a_stalled_attempt_is_evicted_and_a_flowing_one_is_not():

@@ -70,13 +70,22 @@ def _run_with(co, requests, on_progress):
     return results
 
 
-def test_kill_9_mid_stream_resumes_every_stream_on_another_node(start_node, start_coordinator, fleet_name):
+def test_kill_9_mid_stream_resumes_every_stream_on_another_node(
+    start_node, start_coordinator, fleet_name
+):
     nodes = [start_node(node_id=f"k{i}", fleet=fleet_name) for i in range(3)]
     co = start_coordinator(fleet=fleet_name)
     co.wait_routable(3)
     max_tokens = 160
-    requests = [note(i, max_tokens, request_id=f"kill-{i}", **({"temperature": 0.8, "seed": i} if i % 2 else {}))
-                for i in range(9)]
+    requests = [
+        note(
+            i,
+            max_tokens,
+            request_id=f"kill-{i}",
+            **({"temperature": 0.8, "seed": i} if i % 2 else {}),
+        )
+        for i in range(9)
+    ]
     reference = _reference(nodes[2], requests)
     watch = EventWatch(co)
     victim = nodes[0]
@@ -102,7 +111,9 @@ def test_kill_9_mid_stream_resumes_every_stream_on_another_node(start_node, star
     assert all(s.final.failovers == 0 for s in results if victim.node_id not in s.final.nodes)
 
 
-def test_a_node_that_ends_streams_itself_on_shutdown_hands_them_over(start_node, start_coordinator, fleet_name):
+def test_a_node_that_ends_streams_itself_on_shutdown_hands_them_over(
+    start_node, start_coordinator, fleet_name
+):
     leaving = start_node("--shutdown-grace-s", "0.3", node_id="leaving", fleet=fleet_name)
     staying = start_node(node_id="staying", fleet=fleet_name)
     co = start_coordinator(fleet=fleet_name)
@@ -122,8 +133,9 @@ def test_a_node_that_ends_streams_itself_on_shutdown_hands_them_over(start_node,
 
 
 @pytest.mark.parametrize("allow_restart", [False, True])
-def test_no_node_with_the_same_weights_left_fails_with_aborted(start_node, start_coordinator, other_model,
-                                                               allow_restart):
+def test_no_node_with_the_same_weights_left_fails_with_aborted(
+    start_node, start_coordinator, other_model, allow_restart
+):
     """Weights the caller required are never swapped, even with allow_restart."""
     only = start_node(node_id="pinned")
     other = start_node(node_id="other-weights", model=other_model)
@@ -159,8 +171,11 @@ def _kill_serving(co, nodes, min_tokens: int, max_tokens: int, timeout_s: float 
     """SIGKILL the node serving the one request once it has streamed `min_tokens`; (victim, survivor)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        busy = [n.status.node_id for n in co.nodes().nodes
-                if n.in_flight and n.outstanding_tokens <= max_tokens - min_tokens]
+        busy = [
+            n.status.node_id
+            for n in co.nodes().nodes
+            if n.in_flight and n.outstanding_tokens <= max_tokens - min_tokens
+        ]
         if busy:
             break
         assert time.monotonic() < deadline, "the request did not start streaming"
@@ -186,8 +201,9 @@ def _hmac(co, data: str) -> str:
     return hmac.new(key, data.encode(), hashlib.sha256).hexdigest()
 
 
-def test_without_allow_restart_a_stream_whose_weights_are_gone_is_aborted(start_node, start_coordinator,
-                                                                           other_model):
+def test_without_allow_restart_a_stream_whose_weights_are_gone_is_aborted(
+    start_node, start_coordinator, other_model
+):
     co, nodes = _two_weights(start_node, start_coordinator, other_model)
     req = note(21, 1500, request_id="gone-1", temperature=0.8, seed=11)
     results, threads = in_threads(lambda r: collect(co.inference, r), [req])
@@ -200,11 +216,16 @@ def test_without_allow_restart_a_stream_whose_weights_are_gone_is_aborted(start_
     assert "allow_restart" in details, "the message says what would have let it finish"
     assert len(s.ids) >= 5 and not s.restarted_at and s.final is None
     rec = _record(co, "gone-1")
-    assert (rec["outcome"], rec["code"], rec["restarts"]) == ("failed", "ABORTED", 0) and "voided" not in rec
+    assert (rec["outcome"], rec["code"], rec["restarts"]) == (
+        "failed",
+        "ABORTED",
+        0,
+    ) and "voided" not in rec
 
 
 def test_with_allow_restart_a_stream_whose_weights_are_gone_starts_over_on_other_weights(
-        start_node, start_coordinator, other_model):
+    start_node, start_coordinator, other_model
+):
     co, nodes = _two_weights(start_node, start_coordinator, other_model)
     watch = EventWatch(co)
     max_tokens = 300
@@ -223,11 +244,21 @@ def test_with_allow_restart_a_stream_whose_weights_are_gone_starts_over_on_other
     [(n_void, chars_void)] = s.restarted_at
     kept_ids, kept_text = s.ids[n_void:], s.text[chars_void:]
     f = s.final
-    assert n_void >= 5 and (f.restarts, f.failovers, list(f.nodes)) == (1, 1, [victim.node_id, survivor.node_id])
-    assert f.node_id == survivor.node_id and 0 < f.usage.completion_tokens == len(kept_ids) <= max_tokens
+    assert n_void >= 5 and (f.restarts, f.failovers, list(f.nodes)) == (
+        1,
+        1,
+        [victim.node_id, survivor.node_id],
+    )
+    assert (
+        f.node_id == survivor.node_id
+        and 0 < f.usage.completion_tokens == len(kept_ids) <= max_tokens
+    )
     assert f.model.weights_digest == survivor.status().model.weights_digest
     assert f"restarted from the beginning on node {survivor.node_id}" in f.message
-    assert f"after node {victim.node_id} failed" in f.message and f"({n_void}) were discarded" in f.message
+    assert (
+        f"after node {victim.node_id} failed" in f.message
+        and f"({n_void}) were discarded" in f.message
+    )
     # The kept stream is what the other weights produce from scratch for the same request and
     # seed (a node ignores allow_restart: it is the coordinator's).
     direct = inference_pb2.GenerateRequest()
@@ -235,11 +266,19 @@ def test_with_allow_restart_a_stream_whose_weights_are_gone_starts_over_on_other
     direct.request_id = "restart-1-direct"
     reference = collect(survivor.inference, direct)
     assert reference.error is None and reference.ids == kept_ids and reference.text == kept_text
-    assert (event.to_node_id, event.request_id, event.tokens_delivered) == (survivor.node_id, "restart-1", n_void)
+    assert (event.to_node_id, event.request_id, event.tokens_delivered) == (
+        survivor.node_id,
+        "restart-1",
+        n_void,
+    )
     # The audit record describes what the caller keeps, and what it was sent and told to drop.
     rec = _record(co, "restart-1")
-    assert (rec["outcome"], rec["restarts"], rec["failovers"], rec["completion_tokens"]) == ("completed", 1, 1,
-                                                                                           len(kept_ids))
+    assert (rec["outcome"], rec["restarts"], rec["failovers"], rec["completion_tokens"]) == (
+        "completed",
+        1,
+        1,
+        len(kept_ids),
+    )
     assert rec["completion_digest"].endswith(_hmac(co, kept_text))
     [voided] = rec["voided"]
     assert (voided["node"], voided["tokens"]) == (victim.node_id, n_void)
@@ -248,32 +287,74 @@ def test_with_allow_restart_a_stream_whose_weights_are_gone_starts_over_on_other
     assert rec["nodes"][0]["digest"] == voided["digest"] != rec["nodes"][1]["digest"]
 
 
-def test_the_client_library_keeps_only_the_text_after_a_restart(start_node, start_coordinator, other_model):
+def test_the_client_library_keeps_only_the_text_after_a_restart(
+    start_node, start_coordinator, other_model
+):
     co, nodes = _two_weights(start_node, start_coordinator, other_model)
     max_tokens = 300
-    options = dict(messages=[("user", "Write a SOAP note for a synthetic visit.")], max_tokens=max_tokens,
-                   temperature=0.8, seed=5)
-    with FleetClient(co.address, max_attempts=1, server_name=dns_name(Role.COORDINATOR, co.name)) as client:
-        results, threads = in_threads(lambda rid: client.generate(request_id=rid, allow_restart=True, timeout_s=60,
-                                                                  **options), ["lib-restart"])
+    options = dict(
+        messages=[("user", "Write a SOAP note for a synthetic visit.")],
+        max_tokens=max_tokens,
+        temperature=0.8,
+        seed=5,
+    )
+    with FleetClient(
+        co.address, max_attempts=1, server_name=dns_name(Role.COORDINATOR, co.name)
+    ) as client:
+        results, threads = in_threads(
+            lambda rid: client.generate(
+                request_id=rid, allow_restart=True, timeout_s=60, **options
+            ),
+            ["lib-restart"],
+        )
         victim, survivor = _kill_serving(co, nodes, 5, max_tokens)
         threads[0].join(60)
     (result,) = results
     assert result is not None, "generate raised (see the thread's traceback)"
-    assert (result.restarts, result.failovers, result.nodes) == (1, 1, [victim.node_id, survivor.node_id])
-    assert 0 < len(result.token_ids) == result.completion_tokens <= max_tokens and "restarted" in result.message
+    assert (result.restarts, result.failovers, result.nodes) == (
+        1,
+        1,
+        [victim.node_id, survivor.node_id],
+    )
+    assert (
+        0 < len(result.token_ids) == result.completion_tokens <= max_tokens
+        and "restarted" in result.message
+    )
     reference = collect(survivor.inference, build_request(request_id="lib-direct", **options))
     assert reference.error is None
-    assert result.token_ids == reference.ids and result.text == reference.text, "only the text after the restart"
+    assert result.token_ids == reference.ids and result.text == reference.text, (
+        "only the text after the restart"
+    )
 
 
-def test_fleetctl_generate_allow_restart_marks_the_restart_on_stderr(start_node, start_coordinator, other_model):
+def test_fleetctl_generate_allow_restart_marks_the_restart_on_stderr(
+    start_node, start_coordinator, other_model
+):
     co, nodes = _two_weights(start_node, start_coordinator, other_model)
     max_tokens = 300
-    cli = subprocess.Popen([sys.executable, "-m", "cluster.fleetctl.app", "generate", "--target", co.address,
-                            "--prompt", "Write a note", "--max-tokens", str(max_tokens), "--seed", "3",
-                            "--temperature", "0.8", "--allow-restart"],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.fleetctl.app",
+            "generate",
+            "--target",
+            co.address,
+            "--prompt",
+            "Write a note",
+            "--max-tokens",
+            str(max_tokens),
+            "--seed",
+            "3",
+            "--temperature",
+            "0.8",
+            "--allow-restart",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         victim, survivor = _kill_serving(co, nodes, 5, max_tokens)
         out, err = cli.communicate(timeout=60)
@@ -282,11 +363,16 @@ def test_fleetctl_generate_allow_restart_marks_the_restart_on_stderr(start_node,
     assert cli.returncode == 0, err
     marker = [line for line in err.splitlines() if "RESTARTED" in line]
     assert len(marker) == 1 and "void" in marker[0]
-    assert f"restarted from the beginning on node {survivor.node_id}" in err and f"on {survivor.node_id}:" in err
+    assert (
+        f"restarted from the beginning on node {survivor.node_id}" in err
+        and f"on {survivor.node_id}:" in err
+    )
 
 
 @pytest.mark.slow
-def test_a_stalled_node_is_ejected_its_streams_move_and_it_is_readmitted(start_node, start_coordinator, fleet_name):
+def test_a_stalled_node_is_ejected_its_streams_move_and_it_is_readmitted(
+    start_node, start_coordinator, fleet_name
+):
     stalled = start_node(node_id="stall", fleet=fleet_name)
     healthy = start_node(node_id="fine", fleet=fleet_name)
     co = start_coordinator(fleet=fleet_name)

@@ -34,18 +34,47 @@ RULE_TESTS = ROOT / "monitoring" / "prometheus" / "studiofleet-rules.test.yml"
 # Three shapes of node: a fast Mac-like one, a tiny-model-like one whose step grows 20 % per
 # running sequence with 8 slots, and a GPU-like one with 64 slots.
 FITS = {
-    "mac": (StepModel(decode_base_s=0.01, decode_per_seq_s=0.0005, prefill_base_s=0.02, prefill_per_token_s=0.0002),
-            16),
-    "tiny": (StepModel(decode_base_s=0.004, decode_per_seq_s=0.0008, decode_per_ctx_token_s=1e-7,
-                       prefill_base_s=0.005, prefill_per_token_s=0.00003), 8),
-    "gpu": (StepModel(decode_base_s=0.02, decode_per_seq_s=0.0002, prefill_base_s=0.03, prefill_per_token_s=0.00005),
-            64),
+    "mac": (
+        StepModel(
+            decode_base_s=0.01,
+            decode_per_seq_s=0.0005,
+            prefill_base_s=0.02,
+            prefill_per_token_s=0.0002,
+        ),
+        16,
+    ),
+    "tiny": (
+        StepModel(
+            decode_base_s=0.004,
+            decode_per_seq_s=0.0008,
+            decode_per_ctx_token_s=1e-7,
+            prefill_base_s=0.005,
+            prefill_per_token_s=0.00003,
+        ),
+        8,
+    ),
+    "gpu": (
+        StepModel(
+            decode_base_s=0.02,
+            decode_per_seq_s=0.0002,
+            prefill_base_s=0.03,
+            prefill_per_token_s=0.00005,
+        ),
+        64,
+    ),
 }
 
 
-def profile(fit: StepModel, slots: int, *, model_id: str = "m", node_id: str = "", name: str = "p") -> Profile:
-    return Profile(Info(name, "derived, for a test", sources=("tests/test_headroom.py",)), NodeFacts("mlx", "test", 1.0, node_id=node_id),
-                   ModelFacts(model_id), Limits(slots), fit)
+def profile(
+    fit: StepModel, slots: int, *, model_id: str = "m", node_id: str = "", name: str = "p"
+) -> Profile:
+    return Profile(
+        Info(name, "derived, for a test", sources=("tests/test_headroom.py",)),
+        NodeFacts("mlx", "test", 1.0, node_id=node_id),
+        ModelFacts(model_id),
+        Limits(slots),
+        fit,
+    )
 
 
 @pytest.mark.parametrize("shape", sorted(FITS))
@@ -63,7 +92,9 @@ def test_closed_form_p95_agrees_with_the_simulator(shape, load, tolerance):
         t += rng.expovariate(rate)
         requests.append(Request(t, 500, rng.randint(400, 600)))
     p = profile(fit, slots)
-    sim = simulate([NodeSpec(p, "a"), NodeSpec(p, "b")], requests, window=(0.1 * horizon, 0.9 * horizon))
+    sim = simulate(
+        [NodeSpec(p, "a"), NodeSpec(p, "b")], requests, window=(0.1 * horizon, 0.9 * horizon)
+    )
     simulated = sim.q(sim.totals, 0.95)
     predicted = fleet_p95_s(model, rate)
     assert abs(predicted - simulated) <= tolerance * simulated, (predicted, simulated)
@@ -94,8 +125,11 @@ def test_headroom_snapshot_and_its_line():
     over = headroom(nodes, h.sla_rate_per_s * 1.2, TokenMix(), 8.0)
     assert not over.sla_met and over.headroom_per_s < 0 and "OVER" in over.line()
     none = headroom([], 1.0, TokenMix(), 8.0, unprofiled=2)
-    assert not none.known and math.isnan(none.predicted_p95_s) and "no routable node has a capacity profile" in \
-        none.line()
+    assert (
+        not none.known
+        and math.isnan(none.predicted_p95_s)
+        and "no routable node has a capacity profile" in none.line()
+    )
 
 
 def test_arrival_meter_counts_a_sliding_window_and_measures_the_mix():
@@ -103,13 +137,17 @@ def test_arrival_meter_counts_a_sliding_window_and_measures_the_mix():
     meter = ArrivalMeter(60.0, clock=lambda: now[0])
     assert meter.rate_per_s() == 0.0 and meter.mix().source == "default"
     now[0] += 30.0
-    for i in range(30):   # 30 notes over the meter's first 30 s: 1 a second
-        meter.observe(1000.0 + i, 1000.0 + i + 2, completed=True, prompt_tokens=400 + i, completion_tokens=500)
-    meter.observe(1029.0, 1029.5, completed=False, counted=False)   # a refusal: not load
+    for i in range(30):  # 30 notes over the meter's first 30 s: 1 a second
+        meter.observe(
+            1000.0 + i, 1000.0 + i + 2, completed=True, prompt_tokens=400 + i, completion_tokens=500
+        )
+    meter.observe(1029.0, 1029.5, completed=False, counted=False)  # a refusal: not load
     assert meter.rate_per_s() == pytest.approx(1.0)
     mix = meter.mix()
-    assert mix.source == "measured" and mix.output_mean == 500 and mix.prompt_mean == 415   # 414.5, to 5 tokens
-    now[0] += 60.0   # the window moved past them all
+    assert (
+        mix.source == "measured" and mix.output_mean == 500 and mix.prompt_mean == 415
+    )  # 414.5, to 5 tokens
+    now[0] += 60.0  # the window moved past them all
     assert meter.rate_per_s() == 0.0 and meter.mix().source == "default"
 
 
@@ -119,10 +157,14 @@ def test_profiles_match_by_node_id_first_then_by_model_id():
     for_model = profile(fit, 4, model_id="qwen", name="for-the-model")
     other = profile(fit, slots, model_id="llama", name="other-model")
     assert match_profile([for_model, measured], "mac-01", "qwen") is measured
-    assert match_profile([measured, for_model], "mac-02", "qwen") is measured   # same model: first given
+    assert (
+        match_profile([measured, for_model], "mac-02", "qwen") is measured
+    )  # same model: first given
     assert match_profile([for_model, measured], "mac-02", "qwen") is for_model
     assert match_profile([other], "mac-01", "qwen") is None
-    live = LiveHeadroom([for_model], nodes=lambda: [RoutableNode("mac-01", "qwen", 8), RoutableNode("x", "llama")])
+    live = LiveHeadroom(
+        [for_model], nodes=lambda: [RoutableNode("mac-01", "qwen", 8), RoutableNode("x", "llama")]
+    )
     have, missing = live.models()
     assert [(m.node_id, m.max_running, m.profile) for m in have] == [("mac-01", 8, "for-the-model")]
     assert missing == 1
@@ -144,19 +186,30 @@ def test_the_alert_rule_fires_on_predicted_p95_over_the_sla():
     rules, tests = RULES.read_text(), RULE_TESTS.read_text()
     assert "alert: StudioFleetCapacitySLAAtRisk" in rules
     assert tests.count("alertname: StudioFleetCapacitySLAAtRisk") >= 2
-    checked = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False)
+    checked = subprocess.run(
+        [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    tested = subprocess.run([_promtool(), "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
-                            capture_output=True, text=True, check=False)
+    tested = subprocess.run(
+        [_promtool(), "test", "rules", RULE_TESTS.name],
+        cwd=RULE_TESTS.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
     for series in re.findall(r"studiofleet_capacity_\w+", rules):
-        assert series in ("studiofleet_capacity_predicted_p95_seconds", "studiofleet_capacity_sla_p95_seconds")
+        assert series in (
+            "studiofleet_capacity_predicted_p95_seconds",
+            "studiofleet_capacity_sla_p95_seconds",
+        )
 
 
 # -- the coordinator's series, on a real fleet ---------------------------------------------
 
-TINY_FIT = StepModel(decode_base_s=0.004, decode_per_seq_s=0.0008, prefill_base_s=0.005,
-                     prefill_per_token_s=0.00003)
+TINY_FIT = StepModel(
+    decode_base_s=0.004, decode_per_seq_s=0.0008, prefill_base_s=0.005, prefill_per_token_s=0.00003
+)
 
 
 def _scrape(co) -> dict:
@@ -165,11 +218,17 @@ def _scrape(co) -> dict:
 
     status, body, _ = co.http_get("/metrics", "prometheus", Role.MONITOR)
     assert status == 200, body
-    return {name: value for (name, labels), value in parse(body.decode()).items()
-            if name.startswith("studiofleet_capacity_") and (not labels or ("profiled", "yes") in labels)}
+    return {
+        name: value
+        for (name, labels), value in parse(body.decode()).items()
+        if name.startswith("studiofleet_capacity_")
+        and (not labels or ("profiled", "yes") in labels)
+    }
 
 
-def test_the_coordinator_exports_the_live_headroom_under_load(start_node, start_coordinator, tmp_path):
+def test_the_coordinator_exports_the_live_headroom_under_load(
+    start_node, start_coordinator, tmp_path
+):
     """A profile given to the coordinator for the node it was measured on; before any traffic
     the prediction is a lone note's time; after a burst of notes the rate is measured and the
     prediction, headroom, GetTraffic and `fleetctl top` agree with the closed form."""
@@ -178,15 +237,29 @@ def test_the_coordinator_exports_the_live_headroom_under_load(start_node, start_
     from tests.test_replay import fleetctl
 
     node = start_node("--max-running", "8", node_id="headroom-node")
-    path = profile(TINY_FIT, 8, model_id="some-other-id", node_id="headroom-node", name="tiny-measured").save(
-        tmp_path / "tiny.toml")
-    co = start_coordinator("--capacity-profile", str(path), "--sla-p95-s", "5", "--capacity-window-s", "60",
-                           nodes=[node.address], name="headroom-coordinator")
+    path = profile(
+        TINY_FIT, 8, model_id="some-other-id", node_id="headroom-node", name="tiny-measured"
+    ).save(tmp_path / "tiny.toml")
+    co = start_coordinator(
+        "--capacity-profile",
+        str(path),
+        "--sla-p95-s",
+        "5",
+        "--capacity-window-s",
+        "60",
+        nodes=[node.address],
+        name="headroom-coordinator",
+    )
     co.wait_routable(1)
     before = _scrape(co)
-    assert before["studiofleet_capacity_nodes"] == 1 and before["studiofleet_capacity_sla_p95_seconds"] == 5
+    assert (
+        before["studiofleet_capacity_nodes"] == 1
+        and before["studiofleet_capacity_sla_p95_seconds"] == 5
+    )
     assert before["studiofleet_capacity_arrivals_per_second"] == 0
-    lone = TINY_FIT.single_note_s(500, 590)   # the default mix (the clinic's note) before 20 notes ended
+    lone = TINY_FIT.single_note_s(
+        500, 590
+    )  # the default mix (the clinic's note) before 20 notes ended
     assert before["studiofleet_capacity_predicted_p95_seconds"] == pytest.approx(lone, rel=1e-6)
     assert before["studiofleet_capacity_headroom_ratio"] == 1.0
 
@@ -194,40 +267,63 @@ def test_the_coordinator_exports_the_live_headroom_under_load(start_node, start_
     assert all(r.final is not None for r in results)
     after = _scrape(co)
     rate = after["studiofleet_capacity_arrivals_per_second"]
-    assert 24 / 60 <= rate <= 24.0, rate    # 24 notes over at most the 60 s window, at least 1 s
+    assert 24 / 60 <= rate <= 24.0, rate  # 24 notes over at most the 60 s window, at least 1 s
     # 24 short notes ended: their measured mix (as the meter rounds it) replaces the default one.
     meter = ArrivalMeter(60.0)
     for r in results:
-        meter.observe(0, meter._since, completed=True, prompt_tokens=r.final.usage.prompt_tokens,
-                      completion_tokens=r.final.usage.completion_tokens)
+        meter.observe(
+            0,
+            meter._since,
+            completed=True,
+            prompt_tokens=r.final.usage.prompt_tokens,
+            completion_tokens=r.final.usage.completion_tokens,
+        )
     mix = meter.mix()
     assert mix.source == "measured" and mix.output_p95 <= 10
     assert after["studiofleet_capacity_predicted_p95_seconds"] < lone
     model = FleetModel.of([NodeModel("headroom-node", TINY_FIT, 8)], mix)
-    assert after["studiofleet_capacity_predicted_p95_seconds"] == pytest.approx(fleet_p95_s(model, rate), rel=0.05)
+    assert after["studiofleet_capacity_predicted_p95_seconds"] == pytest.approx(
+        fleet_p95_s(model, rate), rel=0.05
+    )
     assert after["studiofleet_capacity_sla_arrivals_per_second"] > rate
     assert 0 < after["studiofleet_capacity_headroom_ratio"] < 1
 
-    traffic = fleet_pb2_grpc.FleetStub(co.channel).GetTraffic(fleet_pb2.GetTrafficRequest(), timeout=10)
+    traffic = fleet_pb2_grpc.FleetStub(co.channel).GetTraffic(
+        fleet_pb2.GetTrafficRequest(), timeout=10
+    )
     h = traffic.headroom
-    assert h.known and h.profiled_nodes == 1 and h.unprofiled_nodes == 0 and h.sla_p95_s == 5 and h.mix == "measured"
-    assert h.predicted_p95_s == pytest.approx(after["studiofleet_capacity_predicted_p95_seconds"], rel=0.1)
+    assert (
+        h.known
+        and h.profiled_nodes == 1
+        and h.unprofiled_nodes == 0
+        and h.sla_p95_s == 5
+        and h.mix == "measured"
+    )
+    assert h.predicted_p95_s == pytest.approx(
+        after["studiofleet_capacity_predicted_p95_seconds"], rel=0.1
+    )
     top = fleetctl("top", "--once", "-c", co.address, "--tls-name", "operator")
     assert top.returncode == 0, top.stderr
     assert "capacity:" in top.stdout and "within the 5 s SLA" in top.stdout
 
     from cluster.security.identity import Role
+
     status, body, _ = co.http_get("/api/snapshot", "operator", Role.OPERATOR)
     assert status == 200, body
     import json
+
     card = json.loads(body)["capacity"]
     assert card["known"] and card["line"].startswith("capacity:") and card["sla_p95_s"] == 5
 
 
 def test_a_node_without_a_profile_is_counted_and_left_out(start_node, start_coordinator, tmp_path):
     node = start_node(node_id="unprofiled-node")
-    path = profile(TINY_FIT, 8, model_id="a-model-no-node-serves", name="elsewhere").save(tmp_path / "x.toml")
-    co = start_coordinator("--capacity-profile", str(path), nodes=[node.address], name="unprofiled-coordinator")
+    path = profile(TINY_FIT, 8, model_id="a-model-no-node-serves", name="elsewhere").save(
+        tmp_path / "x.toml"
+    )
+    co = start_coordinator(
+        "--capacity-profile", str(path), nodes=[node.address], name="unprofiled-coordinator"
+    )
     co.wait_routable(1)
     from cluster.metrics import parse
     from cluster.security.identity import Role
@@ -236,7 +332,9 @@ def test_a_node_without_a_profile_is_counted_and_left_out(start_node, start_coor
     samples = parse(body.decode())
     assert samples[("studiofleet_capacity_nodes", frozenset({("profiled", "no")}))] == 1
     assert samples[("studiofleet_capacity_nodes", frozenset({("profiled", "yes")}))] == 0
-    assert not [k for k in samples if k[0] == "studiofleet_capacity_predicted_p95_seconds"], "no prediction"
+    assert not [k for k in samples if k[0] == "studiofleet_capacity_predicted_p95_seconds"], (
+        "no prediction"
+    )
     assert "# TYPE studiofleet_capacity_predicted_p95_seconds gauge" in body.decode()
 
 
@@ -245,7 +343,19 @@ def test_a_coordinator_refuses_a_profile_it_cannot_read(tmp_path):
 
     bad = tmp_path / "bad.toml"
     bad.write_text("schema = 1\n[profile]\nname = 'x'\n")
-    out = subprocess.run([sys.executable, "-m", "coordinator.main", "--plaintext", "--no-mdns", "--capacity-profile",
-                          str(bad)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.main",
+            "--plaintext",
+            "--no-mdns",
+            "--capacity-profile",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2, out.stderr
     assert "--capacity-profile" in out.stderr and "bad.toml" in out.stderr

@@ -187,23 +187,33 @@ def test_no_import_cycles_among_project_modules():
 
 # What each layer may not import (DESIGN "Layout"): cluster/ knows no role, and the client
 # package imports nothing of the project (an app installs it alone).
-FORBIDDEN = {"cluster": ("coordinator", "node_agent"),
-             "studiofleet_client": ("cluster", "coordinator", "node_agent")}
+FORBIDDEN = {
+    "cluster": ("coordinator", "node_agent"),
+    "studiofleet_client": ("cluster", "coordinator", "node_agent"),
+}
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     out = []
     for module, imported in sorted(graph.items()):
         banned = FORBIDDEN.get(module.split(".")[0], ())
-        out += [f"{module} imports {target}" for target in sorted(imported) if target.split(".")[0] in banned]
+        out += [
+            f"{module} imports {target}"
+            for target in sorted(imported)
+            if target.split(".")[0] in banned
+        ]
     return out
 
 
 def test_layers_import_only_downwards():
-    assert layer_violations({"cluster.x": {"coordinator.y", "cluster.z"}}) == ["cluster.x imports coordinator.y"]
+    assert layer_violations({"cluster.x": {"coordinator.y", "cluster.z"}}) == [
+        "cluster.x imports coordinator.y"
+    ]
     found = layer_violations(import_graph())
-    assert not found, ("cluster/ is shared by every role and the client package is installed alone: move "
-                       "what both need down into cluster/ (or the client):\n" + "\n".join(found))
+    assert not found, (
+        "cluster/ is shared by every role and the client package is installed alone: move "
+        "what both need down into cluster/ (or the client):\n" + "\n".join(found)
+    )
 
 
 if __name__ == "__main__":

@@ -53,4 +53,4 @@ def test_guard_allows_threads_and_awaits():
         await asyncio.sleep(0)
 
     assert _guarded(fine) == []
-    time.sleep(0.001)   # no loop running here: not a blocking call on a loop
+    time.sleep(0.001)  # no loop running here: not a blocking call on a loop

@@ -17,12 +17,14 @@ from cluster.security.identity import Role
 from tests.fleet_helpers import collect, serving_coordinator
 from tests.procs import CoordinatorProcess
 
-MARK = "Zebulon-Quartz-7741"   # synthetic "PHI" that must never appear in metrics or logs
+MARK = "Zebulon-Quartz-7741"  # synthetic "PHI" that must never appear in metrics or logs
 
 
 @pytest.fixture(scope="module")
 def coordinator(node, tmp_path_factory):
-    with serving_coordinator(node, tmp_path_factory.mktemp("metrics-logs"), "metrics-coordinator") as proc:
+    with serving_coordinator(
+        node, tmp_path_factory.mktemp("metrics-logs"), "metrics-coordinator"
+    ) as proc:
         yield proc
 
 
@@ -45,10 +47,19 @@ def total(samples: dict, name: str, **labels) -> float:
 
 def test_requests_are_counted_once_by_outcome_with_their_latencies(coordinator, node):
     before_c, before_n = scrape(coordinator), scrape(node)
-    streams = [collect(coordinator.inference, build_request(prompt=f"Note {i}:", max_tokens=12, temperature=0.0,
-                                                            request_id=f"metrics-{i}")) for i in range(3)]
+    streams = [
+        collect(
+            coordinator.inference,
+            build_request(
+                prompt=f"Note {i}:", max_tokens=12, temperature=0.0, request_id=f"metrics-{i}"
+            ),
+        )
+        for i in range(3)
+    ]
     assert all(s.final is not None for s in streams)
-    bad = collect(coordinator.inference, build_request(prompt="x", max_tokens=10**6, request_id="metrics-bad"))
+    bad = collect(
+        coordinator.inference, build_request(prompt="x", max_tokens=10**6, request_id="metrics-bad")
+    )
     assert bad.error is not None and bad.error.code() == grpc.StatusCode.INVALID_ARGUMENT
     after_c, after_n = scrape(coordinator), scrape(node)
     tokens = sum(len(s.ids) for s in streams)
@@ -56,22 +67,38 @@ def test_requests_are_counted_once_by_outcome_with_their_latencies(coordinator, 
     def grew(after, before, name, **labels):
         return total(after, name, **labels) - total(before, name, **labels)
 
-    assert grew(after_c, before_c, "studiofleet_requests_total", outcome="completed", code="OK") == 3
-    assert grew(after_c, before_c, "studiofleet_requests_total", outcome="rejected", code="INVALID_ARGUMENT") == 1
+    assert (
+        grew(after_c, before_c, "studiofleet_requests_total", outcome="completed", code="OK") == 3
+    )
+    assert (
+        grew(
+            after_c,
+            before_c,
+            "studiofleet_requests_total",
+            outcome="rejected",
+            code="INVALID_ARGUMENT",
+        )
+        == 1
+    )
     assert grew(after_c, before_c, "studiofleet_request_ttft_seconds_count") == 3
     assert grew(after_c, before_c, "studiofleet_request_duration_seconds_count") == 4
     assert grew(after_c, before_c, "studiofleet_request_queue_seconds_count") == 3
     assert grew(after_c, before_c, "studiofleet_generation_tokens_total") == tokens
     # One inter-token observation per token after each request's first.
     assert grew(after_c, before_c, "studiofleet_request_inter_token_seconds_count") == tokens - 3
-    assert grew(after_c, before_c, "studiofleet_prompt_tokens_total") == sum(s.final.usage.prompt_tokens
-                                                                             for s in streams)
+    assert grew(after_c, before_c, "studiofleet_prompt_tokens_total") == sum(
+        s.final.usage.prompt_tokens for s in streams
+    )
     assert value(after_c, "studiofleet_nodes_routable") == 1
     assert value(after_c, "studiofleet_node_lifecycle", node=node.node_id, state="READY") == 1
     assert value(after_c, "studiofleet_node_health", node=node.node_id, verdict="HEALTHY") == 1
     assert value(after_c, "studiofleet_audit_enabled") == 1
     assert grew(after_c, before_c, "studiofleet_audit_records_total") >= 4
-    assert value(after_c, "studiofleet_requests_running") == value(after_c, "studiofleet_requests_queued") == 0
+    assert (
+        value(after_c, "studiofleet_requests_running")
+        == value(after_c, "studiofleet_requests_queued")
+        == 0
+    )
     # The node saw the three that reached it (the bad one never left the coordinator).
     assert grew(after_n, before_n, "studiofleet_node_requests_total", outcome="completed") == 3
     assert grew(after_n, before_n, "studiofleet_node_generation_tokens_total") == tokens
@@ -81,17 +108,30 @@ def test_requests_are_counted_once_by_outcome_with_their_latencies(coordinator, 
 
 
 def test_nodes_export_the_series_names_vllm_dashboards_read(node):
-    collect(node.inference, build_request(prompt="Note:", max_tokens=6, temperature=0.0, request_id="vllm-names"))
+    collect(
+        node.inference,
+        build_request(prompt="Note:", max_tokens=6, temperature=0.0, request_id="vllm-names"),
+    )
     s = scrape(node)
     model = {"model_name": node.status().model.model_id}
-    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+    for gauge in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+    ):
         assert (gauge, frozenset(model.items())) in s, gauge
     # The same observations under both names, not a second count.
-    assert value(s, "vllm:generation_tokens_total", **model) == total(s, "studiofleet_node_generation_tokens_total")
-    assert value(s, "vllm:time_to_first_token_seconds_count", **model) == \
-        total(s, "studiofleet_node_request_ttft_seconds_count") > 0
-    assert value(s, "vllm:e2e_request_latency_seconds_bucket", le="+Inf", **model) == \
-        total(s, "studiofleet_node_request_duration_seconds_count")
+    assert value(s, "vllm:generation_tokens_total", **model) == total(
+        s, "studiofleet_node_generation_tokens_total"
+    )
+    assert (
+        value(s, "vllm:time_to_first_token_seconds_count", **model)
+        == total(s, "studiofleet_node_request_ttft_seconds_count")
+        > 0
+    )
+    assert value(s, "vllm:e2e_request_latency_seconds_bucket", le="+Inf", **model) == total(
+        s, "studiofleet_node_request_duration_seconds_count"
+    )
 
 
 def test_the_monitoring_port_has_the_same_rules_as_grpc(coordinator, node):
@@ -107,15 +147,23 @@ def test_the_monitoring_port_has_the_same_rules_as_grpc(coordinator, node):
     assert node.http_get("/metrics", "prometheus", Role.MONITOR)[0] == 200
     assert node.http_get("/metrics", "app", Role.APP)[0] == 403
     assert node.http_get("/metrics", None)[0] == 401
-    assert node.http_get("/nothing-here", "prometheus", Role.MONITOR)[0] == 403   # default deny
+    assert node.http_get("/nothing-here", "prometheus", Role.MONITOR)[0] == 403  # default deny
     _, _, headers = node.http_get("/metrics", "prometheus", Role.MONITOR)
-    assert headers["Cache-Control"] == "no-store" and "default-src 'self'" in headers["Content-Security-Policy"]
+    assert (
+        headers["Cache-Control"] == "no-store"
+        and "default-src 'self'" in headers["Content-Security-Policy"]
+    )
 
 
 def test_content_never_reaches_metrics_or_logs_and_logs_are_json_lines(coordinator, node):
-    s = collect(coordinator.inference, build_request(
-        messages=[("user", f"Synthetic patient {MARK} reports a cough.")], max_tokens=8,
-        request_id="json-log-check"))
+    s = collect(
+        coordinator.inference,
+        build_request(
+            messages=[("user", f"Synthetic patient {MARK} reports a cough.")],
+            max_tokens=8,
+            request_id="json-log-check",
+        ),
+    )
     assert s.final is not None
     for daemon in (coordinator, node):
         status, body, _ = daemon.http_get("/metrics")
@@ -124,8 +172,14 @@ def test_content_never_reaches_metrics_or_logs_and_logs_are_json_lines(coordinat
         logs = daemon.stderr()
         assert MARK not in logs
         lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
-        assert lines and all({"ts", "level", "logger", "event", "msg"} <= set(line) for line in lines)
-        ends = [line for line in lines if line["event"] == "request.end" and line.get("request_id") == "json-log-check"]
+        assert lines and all(
+            {"ts", "level", "logger", "event", "msg"} <= set(line) for line in lines
+        )
+        ends = [
+            line
+            for line in lines
+            if line["event"] == "request.end" and line.get("request_id") == "json-log-check"
+        ]
         assert len(ends) == 1, f"one request.end line per request on {daemon.name}"
         assert ends[0]["outcome"] == "completed"
         if daemon is coordinator:
@@ -144,8 +198,10 @@ def test_a_coordinator_can_run_without_metrics_or_a_monitoring_port(node, tmp_pa
         none.wait_serving()
         assert none.http_address == ""
         r = collect(none.inference, build_request(prompt="x", max_tokens=3, request_id="no-http"))
-        assert r.final is not None and r.final.finish_reason in (inference_pb2.FINISH_REASON_LENGTH,
-                                                                 inference_pb2.FINISH_REASON_STOP)
+        assert r.final is not None and r.final.finish_reason in (
+            inference_pb2.FINISH_REASON_LENGTH,
+            inference_pb2.FINISH_REASON_STOP,
+        )
 
 
 def test_dashboard_links_work_once_and_sessions_idle_out():
@@ -160,20 +216,20 @@ def test_dashboard_links_work_once_and_sessions_idle_out():
     token = sessions.issue(dana)
     sid = sessions.redeem(token)
     assert sid and sessions.identity(sid) == dana
-    assert sessions.redeem(token) is None                       # single use
+    assert sessions.redeem(token) is None  # single use
     late = sessions.issue(dana)
     now[0] += TOKEN_TTL_S + 1
-    assert sessions.redeem(late) is None                        # expired unused
-    assert sessions.identity(sid) == dana                       # used within the idle timeout: kept
+    assert sessions.redeem(late) is None  # expired unused
+    assert sessions.identity(sid) == dana  # used within the idle timeout: kept
     now[0] += 899
     assert sessions.identity(sid) == dana
     now[0] += 901
-    assert sessions.identity(sid) is None                       # idle too long
+    assert sessions.identity(sid) is None  # idle too long
     other = sessions.redeem(sessions.issue(dana))
     for _ in range(5):
         now[0] += 800
         alive = sessions.identity(other)
-    assert alive is None                                        # past max_s even while in use
+    assert alive is None  # past max_s even while in use
     assert sessions.redeem("") is None and sessions.identity("") is None
 
 
@@ -184,7 +240,9 @@ def test_a_monitoring_port_in_use_is_a_clear_start_error(node, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = CoordinatorProcess("--http-listen", f"127.0.0.1:{port}", nodes=[node.address], name="clash")
+        proc = CoordinatorProcess(
+            "--http-listen", f"127.0.0.1:{port}", nodes=[node.address], name="clash"
+        )
         with pytest.raises(RuntimeError, match="exited before listening") as err:
             proc.start(tmp_path)
         assert f"cannot open the monitoring port 127.0.0.1:{port}" in str(err.value)

@@ -31,8 +31,13 @@ def engine(tiny_model):
 
 
 def _req(key, max_tokens=8):
-    return EngineRequest(key=key, prompt_tokens=[5, 6, 7, 8], prefix_len=0, max_tokens=max_tokens,
-                         sampling=SamplingSpec())
+    return EngineRequest(
+        key=key,
+        prompt_tokens=[5, 6, 7, 8],
+        prefix_len=0,
+        max_tokens=max_tokens,
+        sampling=SamplingSpec(),
+    )
 
 
 def _until_finished(eng, keys):
@@ -113,7 +118,9 @@ def test_engine_thread_death_is_reported(tiny_model):
     events: "queue.Queue" = queue.Queue()
     exits: "queue.Queue[str]" = queue.Queue()
     eng = MlxEngine(model_path=tiny_model, max_running=2)
-    eng.start(lambda batch: [events.put((k, ev)) for k, evs in batch for ev in evs], on_exit=exits.put)
+    eng.start(
+        lambda batch: [events.put((k, ev)) for k, evs in batch for ev in evs], on_exit=exits.put
+    )
     eng.load()
 
     def crash():

@@ -27,10 +27,22 @@ RULE_TESTS = ROOT / "monitoring" / "prometheus" / "studiofleet-rules.test.yml"
 EXAMPLE = ROOT / "monitoring" / "prometheus" / "prometheus.example.yml"
 GRAFANA = ROOT / "monitoring" / "grafana" / "studiofleet-dashboard.json"
 NAME = re.compile(r"\b(studiofleet_[a-z_]+|vllm:[a-z_]+|process_[a-z_]+|up)\b")
-SYNTHETIC = {"up"}   # written by Prometheus for each scrape, not exported by a daemon
-PANELS = ("Routable nodes", "Requests/s by outcome", "Tokens/s", "Time to first token", "Inter-token latency",
-          "End-to-end latency p95", "Queue depth", "In flight per node", "Node states",
-          "Failovers / retries / ejections (1h)", "Rollout progress", "Audit write failures (1h)", "Memory")
+SYNTHETIC = {"up"}  # written by Prometheus for each scrape, not exported by a daemon
+PANELS = (
+    "Routable nodes",
+    "Requests/s by outcome",
+    "Tokens/s",
+    "Time to first token",
+    "Inter-token latency",
+    "End-to-end latency p95",
+    "Queue depth",
+    "In flight per node",
+    "Node states",
+    "Failovers / retries / ejections (1h)",
+    "Rollout progress",
+    "Audit write failures (1h)",
+    "Memory",
+)
 HISTOGRAM_PARTS = ("_bucket", "_sum", "_count")
 
 
@@ -45,16 +57,33 @@ def tool(name: str) -> str:
 
 
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass():
-    checked = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True,
-                             check=False)
+    checked = subprocess.run(
+        [tool("promtool"), "check", "rules", str(RULES)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
-    tested = subprocess.run([tool("promtool"), "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
-                            capture_output=True, text=True, check=False)
+    tested = subprocess.run(
+        [tool("promtool"), "test", "rules", RULE_TESTS.name],
+        cwd=RULE_TESTS.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
     alerts = set(re.findall(r"alert: (\w+)", RULES.read_text()))
-    assert {"StudioFleetNodeDown", "StudioFleetNoReadyNode", "StudioFleetTTFTHigh", "StudioFleetQueueGrowing",
-            "StudioFleetErrorRate", "StudioFleetAuditWriteFailures"} <= alerts
-    assert alerts <= set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text())), "every alert has a unit test"
+    assert {
+        "StudioFleetNodeDown",
+        "StudioFleetNoReadyNode",
+        "StudioFleetTTFTHigh",
+        "StudioFleetQueueGrowing",
+        "StudioFleetErrorRate",
+        "StudioFleetAuditWriteFailures",
+    } <= alerts
+    assert alerts <= set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text())), (
+        "every alert has a unit test"
+    )
 
 
 def test_promtool_accepts_the_example_config(tmp_path):
@@ -65,9 +94,15 @@ def test_promtool_accepts_the_example_config(tmp_path):
     shutil.copy(RULES, tmp_path / RULES.name)
     config = tmp_path / "prometheus.yml"
     config.write_text(EXAMPLE.read_text().replace("/etc/prometheus/studiofleet/", f"{tmp_path}/"))
-    checked = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True,
-                             check=False)
-    assert checked.returncode == 0 and "1 rule files found" in checked.stdout, checked.stdout + checked.stderr
+    checked = subprocess.run(
+        [tool("promtool"), "check", "config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0 and "1 rule files found" in checked.stdout, (
+        checked.stdout + checked.stderr
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +111,9 @@ def coordinator(node, tmp_path_factory):
     with proc:
         proc.start(tmp_path_factory.mktemp("rules-logs"))
         proc.wait_routable(1)
-        assert collect(proc.inference, build_request(prompt="Note:", max_tokens=4, request_id="rules")).final
+        assert collect(
+            proc.inference, build_request(prompt="Note:", max_tokens=4, request_id="rules")
+        ).final
         yield proc
 
 
@@ -123,10 +160,19 @@ def test_promtool_check_metrics_finds_nothing_but_the_vllm_names(coordinator, no
     """promtool lints every name with a colon; the vLLM-compatible names have one on
     purpose (vLLM's own server fails the same lint). Anything else is a real problem."""
     for daemon in (coordinator, node):
-        out = subprocess.run([tool("promtool"), "check", "metrics"], input=scrape(daemon), capture_output=True,
-                             text=True, check=False)
+        out = subprocess.run(
+            [tool("promtool"), "check", "metrics"],
+            input=scrape(daemon),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         problems = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
-        other = [p for p in problems if not re.fullmatch(r"vllm:\w+ metric names should not contain ':'", p)]
+        other = [
+            p
+            for p in problems
+            if not re.fullmatch(r"vllm:\w+ metric names should not contain ':'", p)
+        ]
         assert not other, f"{daemon.name}: {other}"
         if daemon is node:
             assert problems, "the node exports vLLM's names"
@@ -138,8 +184,12 @@ def example_config(tls_dir: Path, coordinators: list[str], nodes: list[str]) -> 
     text = EXAMPLE.read_text().replace("/etc/prometheus/studiofleet/", f"{tls_dir}/")
     text = re.sub(r"(scrape_interval|evaluation_interval): 15s", r"\1: 1s", text)
     targets = iter([coordinators, nodes])
-    text, count = re.subn(r"- targets: \[.*\]", lambda _: f"- targets: {json.dumps(next(targets))}", text)
-    assert count == 2 and text.count(": 1s") == 2, "the example config's layout changed; update example_config"
+    text, count = re.subn(
+        r"- targets: \[.*\]", lambda _: f"- targets: {json.dumps(next(targets))}", text
+    )
+    assert count == 2 and text.count(": 1s") == 2, (
+        "the example config's layout changed; update example_config"
+    )
     return text
 
 
@@ -162,7 +212,7 @@ def _wait(what: str, check, timeout_s: float, period_s: float = 0.25):
             last = check()
             if last:
                 return last
-        except OSError as exc:   # Prometheus not up yet
+        except OSError as exc:  # Prometheus not up yet
             last = exc
         time.sleep(period_s)
     raise AssertionError(f"{what} not seen within {timeout_s}s; last: {last}")
@@ -183,45 +233,84 @@ def test_a_real_prometheus_scrapes_the_fleet_and_raises_node_down(start_node, tm
         # The shipped example config itself: its TLS settings (and the nodes' server_name)
         # must work against a real fleet. Only paths, addresses and intervals change.
         config = tmp_path / "prometheus.yml"
-        config.write_text(example_config(fleet_ca, [co.http_address], [n.http_address for n in nodes]))
-        checked = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True,
-                                 text=True, check=False)
+        config.write_text(
+            example_config(fleet_ca, [co.http_address], [n.http_address for n in nodes])
+        )
+        checked = subprocess.run(
+            [tool("promtool"), "check", "config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         port = _free_port()
         api = f"http://127.0.0.1:{port}"
         log = tmp_path / "prometheus.log"
         with open(log, "wb") as err:
-            proc = subprocess.Popen([prometheus, f"--config.file={config}",
-                                     f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                     f"--web.listen-address=127.0.0.1:{port}"],
-                                    stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         try:
-            _wait("Prometheus ready", lambda: urllib.request.urlopen(f"{api}/-/ready", timeout=2).status == 200, 60)
+            _wait(
+                "Prometheus ready",
+                lambda: urllib.request.urlopen(f"{api}/-/ready", timeout=2).status == 200,
+                60,
+            )
+
             def targets():
                 return _get(f"{api}/api/v1/targets")["data"]["activeTargets"]
-            _wait("3 targets up over mTLS", lambda: [t["health"] for t in targets()] == ["up"] * 3, 30)
+
+            _wait(
+                "3 targets up over mTLS", lambda: [t["health"] for t in targets()] == ["up"] * 3, 30
+            )
 
             for i in range(3):
-                assert collect(co.inference, build_request(prompt=f"Note {i}:", max_tokens=6,
-                                                           request_id=f"prom-{i}")).final is not None
+                assert (
+                    collect(
+                        co.inference,
+                        build_request(prompt=f"Note {i}:", max_tokens=6, request_id=f"prom-{i}"),
+                    ).final
+                    is not None
+                )
             query = urllib.parse.quote('sum(studiofleet_requests_total{outcome="completed"})')
-            _wait("the requests in Prometheus",
-                  lambda: (r := _get(f"{api}/api/v1/query?query={query}")["data"]["result"])
-                  and float(r[0]["value"][1]) >= 3, 20)
+            _wait(
+                "the requests in Prometheus",
+                lambda: (
+                    (r := _get(f"{api}/api/v1/query?query={query}")["data"]["result"])
+                    and float(r[0]["value"][1]) >= 3
+                ),
+                20,
+            )
 
             def active(name: str) -> list:
-                return [a for a in _get(f"{api}/api/v1/alerts")["data"]["alerts"]
-                        if a["labels"]["alertname"] == name and a["state"] in ("pending", "firing")]
+                return [
+                    a
+                    for a in _get(f"{api}/api/v1/alerts")["data"]["alerts"]
+                    if a["labels"]["alertname"] == name and a["state"] in ("pending", "firing")
+                ]
 
             # TTFTHigh aside: a cold first token on a slow CI machine may well take 2 s.
-            raised = [a for a in _get(f"{api}/api/v1/alerts")["data"]["alerts"]
-                      if a["state"] != "inactive" and a["labels"]["alertname"] != "StudioFleetTTFTHigh"]
+            raised = [
+                a
+                for a in _get(f"{api}/api/v1/alerts")["data"]["alerts"]
+                if a["state"] != "inactive" and a["labels"]["alertname"] != "StudioFleetTTFTHigh"
+            ]
             assert not raised, f"a healthy fleet raised alerts: {raised}"
             victim = nodes[0]
             victim.proc.kill()
             down = _wait("StudioFleetNodeDown", lambda: active("StudioFleetNodeDown"), 45)
-            assert any(victim.http_address == a["labels"].get("instance") or
-                       victim.node_id == a["labels"].get("node") for a in down), down
+            assert any(
+                victim.http_address == a["labels"].get("instance")
+                or victim.node_id == a["labels"].get("node")
+                for a in down
+            ), down
             assert not active("StudioFleetNoReadyNode"), "the other node is still READY"
             assert not active("StudioFleetAuditWriteFailures")
         finally:

@@ -46,8 +46,14 @@ class Fleet:
 
     def start_node(self, name: str, *args: str, wait: bool = True) -> NodeProcess:
         h = self.host(name)
-        node = NodeProcess(self.model, *(args or NODE_ARGS), node_id=name, fleet=self.name,
-                           listen=f"{h.ip}:{NODE_PORT}", wrapper=h.exec_argv([]))
+        node = NodeProcess(
+            self.model,
+            *(args or NODE_ARGS),
+            node_id=name,
+            fleet=self.name,
+            listen=f"{h.ip}:{NODE_PORT}",
+            wrapper=h.exec_argv([]),
+        )
         self.procs.append(node)
         node.start(self.logs)
         if wait:
@@ -55,10 +61,19 @@ class Fleet:
         self.nodes[name] = node
         return node
 
-    def start_coordinator(self, name: str, *args: str, port: int = 7800, nodes=()) -> CoordinatorProcess:
+    def start_coordinator(
+        self, name: str, *args: str, port: int = 7800, nodes=()
+    ) -> CoordinatorProcess:
         h = self.host("coord")
-        co = CoordinatorProcess(*args, fleet=None if nodes else self.name, nodes=nodes, name=name,
-                                listen=f"{h.ip}:{port}", mdns_interface=h.ip, wrapper=h.exec_argv([]))
+        co = CoordinatorProcess(
+            *args,
+            fleet=None if nodes else self.name,
+            nodes=nodes,
+            name=name,
+            listen=f"{h.ip}:{port}",
+            mdns_interface=h.ip,
+            wrapper=h.exec_argv([]),
+        )
         self.procs.append(co)
         co.start(self.logs)
         co.wait_serving()
@@ -144,8 +159,11 @@ def test_a_host_cut_off_is_ejected_in_bound_its_streams_move_and_it_returns(flee
     watch = EventWatch(co)
     live = [None] * len(requests)
     results, threads = in_threads(
-        lambda i: collect(co.inference, requests[i], on_chunk=lambda s, i=i: live.__setitem__(i, s)),
-        list(range(len(requests))))
+        lambda i: collect(
+            co.inference, requests[i], on_chunk=lambda s, i=i: live.__setitem__(i, s)
+        ),
+        list(range(len(requests))),
+    )
     try:
         deadline = time.monotonic() + 30
         while None in live or min(len(s.ids) for s in live) < 5:
@@ -167,7 +185,9 @@ def test_a_host_cut_off_is_ejected_in_bound_its_streams_move_and_it_returns(flee
         back_at = time.time()
         cut.link_up()
         readmitted = watch.wait_for(K.EVENT_KIND_READMITTED, "node2", timeout_s=30, after=back_at)
-        print(f"link up -> readmitted in {readmitted.time_unix_s - back_at:.2f}s ({readmitted.reason})")
+        print(
+            f"link up -> readmitted in {readmitted.time_unix_s - back_at:.2f}s ({readmitted.reason})"
+        )
     finally:
         cut.link_up()
         watch.close()
@@ -176,14 +196,25 @@ def test_a_host_cut_off_is_ejected_in_bound_its_streams_move_and_it_returns(flee
 
 def test_queue_full_and_bad_requests(fleet):
     bad = collect(fleet.coordinator.inference, note(1, 0, request_id="zero-tokens"))
-    assert bad.error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in bad.error.details()
+    assert (
+        bad.error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in bad.error.details()
+    )
     small = fleet.start_node("node4", "--max-running", "1", "--max-queued", "0")
-    co = fleet.start_coordinator("coord-small", "--queue-max-depth", "1", "--queue-max-wait-s", "30",
-                                 port=7810, nodes=[small.address])  # 7801: the first one's monitoring port
+    co = fleet.start_coordinator(
+        "coord-small",
+        "--queue-max-depth",
+        "1",
+        "--queue-max-wait-s",
+        "30",
+        port=7810,
+        nodes=[small.address],
+    )  # 7801: the first one's monitoring port
     co.wait_routable(1)
     hog = co.inference.Generate(note(2, 1500, request_id="hog"), timeout=60)
     next(hog)
-    queued, threads = in_threads(lambda r: collect(co.inference, r), [note(3, 4, request_id="queued")])
+    queued, threads = in_threads(
+        lambda r: collect(co.inference, r), [note(3, 4, request_id="queued")]
+    )
     wait_queued(co, 1)
     over = collect(co.inference, note(4, 4, request_id="over"))
     assert over.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -203,20 +234,29 @@ def test_kill_9_one_host_during_24_streams_loses_and_repeats_nothing(fleet):
     max_tokens = 200
 
     def request(i, prefix):
-        return note(i, max_tokens, request_id=f"{prefix}-{i}",
-                    **({"temperature": 0.7, "seed": 100 + i} if i % 3 == 0 else {}))
+        return note(
+            i,
+            max_tokens,
+            request_id=f"{prefix}-{i}",
+            **({"temperature": 0.7, "seed": 100 + i} if i % 3 == 0 else {}),
+        )
 
     requests = [request(i, "k24") for i in range(24)]
     # The uninterrupted run, through the same coordinator before anything breaks.
-    ref_streams, ref_threads = in_threads(lambda i: collect(co.inference, request(i, "ref")), list(range(24)))
+    ref_streams, ref_threads = in_threads(
+        lambda i: collect(co.inference, request(i, "ref")), list(range(24))
+    )
     for t in ref_threads:
         t.join(180)
     assert all(s.error is None and s.final.failovers == 0 for s in ref_streams)
     reference = {f"k24-{i}": s for i, s in enumerate(ref_streams)}
     live = [None] * len(requests)
     results, threads = in_threads(
-        lambda i: collect(co.inference, requests[i], on_chunk=lambda s, i=i: live.__setitem__(i, s)),
-        list(range(len(requests))))
+        lambda i: collect(
+            co.inference, requests[i], on_chunk=lambda s, i=i: live.__setitem__(i, s)
+        ),
+        list(range(len(requests))),
+    )
     deadline = time.monotonic() + 60
     while None in live or min(len(s.ids) for s in live) < 5:
         assert time.monotonic() < deadline, "streams did not start"

@@ -115,18 +115,24 @@ class Lines:
             except queue.Empty:
                 break
             if line is None:
-                self._q.put(None)   # keep EOF visible to later expect() calls
+                self._q.put(None)  # keep EOF visible to later expect() calls
                 break
             self.seen.append(line)
             if m := re.search(pattern, line):
                 return m
-        raise AssertionError(f"{self.what}: no line matching {pattern!r} within {timeout}s; "
-                             f"output (stdout+stderr)={self.seen[-40:]} rc={self.proc.poll()}")
+        raise AssertionError(
+            f"{self.what}: no line matching {pattern!r} within {timeout}s; "
+            f"output (stdout+stderr)={self.seen[-40:]} rc={self.proc.poll()}"
+        )
 
 
 def start(host, script: str, *args, what: str) -> tuple[subprocess.Popen, Lines]:
-    proc = host.popen([PY, "-u", "-c", script, *map(str, args)],
-                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = host.popen(
+        [PY, "-u", "-c", script, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc, Lines(proc, what)
 
 
@@ -176,7 +182,7 @@ def test_tcp_between_root_and_hosts(lab):
     h1, h2 = lab.hosts
     assert h1.ip != h2.ip and lab.root_ip and h1.ip.startswith(str(lab.subnet.network_address)[:-1])
     _, port = start_server(h1, "hello")
-    assert hello(h1.ip, port, timeout=5) == f"hello from {h1.ip}"          # root ns -> host1
+    assert hello(h1.ip, port, timeout=5) == f"hello from {h1.ip}"  # root ns -> host1
     out = h2.run([PY, "-c", CLIENT, h1.ip, port], timeout=15).stdout.strip()  # host2 -> host1
     assert out == f"hello from {h1.ip}"
     # The hosts really are separate stacks: host1's port is not open in host2's namespace.
@@ -204,7 +210,7 @@ def test_link_down_cuts_host_and_link_up_restores(lab):
     h1.link_down()
     try:
         t0 = time.monotonic()
-        with pytest.raises(OSError):   # timeout, or EHOSTUNREACH once ARP gives up
+        with pytest.raises(OSError):  # timeout, or EHOSTUNREACH once ARP gives up
             hello(h1.ip, port1, timeout=1.5)
         assert time.monotonic() - t0 < 2.5
         assert hello(h2.ip, port2, timeout=5) == f"hello from {h2.ip}"  # only host1's cable
@@ -235,9 +241,9 @@ def test_throttle_slows_host_egress(lab):
         h1.unthrottle()
     again = throughput(h1.ip, port, size, deadline_s=5)
     print(f"fast={fast:.0f} B/s slow={slow:.0f} B/s again={again:.0f} B/s")
-    assert slow < 64_000, slow           # 256 kbit/s = 32 kB/s plus the burst
+    assert slow < 64_000, slow  # 256 kbit/s = 32 kB/s plus the burst
     assert fast > 5 * slow and again > 5 * slow, (fast, slow, again)
-    h1.unthrottle()                      # idempotent
+    h1.unthrottle()  # idempotent
 
 
 def test_exit_removes_everything():
@@ -246,7 +252,9 @@ def test_exit_removes_everything():
         lab.add_host("b")
         sleeper = a.popen(["sleep", "300"])
         # A grandchild the lab did not start itself still dies with the namespace.
-        orphan = a.popen(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+        orphan = a.popen(
+            ["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True
+        )
         orphan_pid = int(orphan.stdout.readline())
         names = lab.namespaces
         assert len(names) == 3 and all(n in netns._list_netns() for n in names)
@@ -255,12 +263,18 @@ def test_exit_removes_everything():
             a.run(["false"])
         with pytest.raises(NetnsError, match="already exists"):
             lab.add_host("a")
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
     assert not any(n in listed for n in names), listed
     assert lab.prefix not in listed
-    links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True, check=True).stdout
+    links = subprocess.run(
+        ["ip", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
     assert lab.root_veth not in links
-    routes = subprocess.run(["ip", "route", "show"], capture_output=True, text=True, check=True).stdout
+    routes = subprocess.run(
+        ["ip", "route", "show"], capture_output=True, text=True, check=True
+    ).stdout
     assert str(lab.subnet) not in routes
     assert sleeper.returncode == -9
     orphan.stdout.close()
@@ -269,7 +283,7 @@ def test_exit_removes_everything():
     except FileNotFoundError:
         state = "gone"
     assert state in ("gone", "Z"), f"grandchild {orphan_pid} survived the lab: {state}"
-    lab.close()                              # twice is fine
+    lab.close()  # twice is fine
     with pytest.raises(NetnsError):
         a.popen(["true"])
 
@@ -291,7 +305,9 @@ def test_failed_setup_leaves_nothing(monkeypatch):
     assert lab.root_veth not in netns._list_links()
 
     lab2 = NetnsLab()
-    monkeypatch.setattr(NetnsLab, "_free_subnet", lambda self: (_ for _ in ()).throw(NetnsError("no subnet")))
+    monkeypatch.setattr(
+        NetnsLab, "_free_subnet", lambda self: (_ for _ in ()).throw(NetnsError("no subnet"))
+    )
     with pytest.raises(NetnsError, match="no subnet"):
         lab2.start()
     monkeypatch.undo()
@@ -312,8 +328,22 @@ def test_two_labs_get_distinct_subnets_and_cleanup_stale():
     subprocess.run(["ip", "netns", "add", stale_ns], check=True)
     subprocess.run(["ip", "netns", "add", mine], check=True)
     try:
-        subprocess.run(["ip", "link", "add", stale_link, "type", "veth", "peer", "name", "up0",
-                        "netns", stale_ns], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                stale_link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "up0",
+                "netns",
+                stale_ns,
+            ],
+            check=True,
+        )
         removed = cleanup_stale()
         assert stale_ns in removed and stale_link in removed
         assert stale_ns not in netns._list_netns() and stale_link not in netns._list_links()

@@ -24,10 +24,14 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=f"network namespaces un
 def new_model(tmp_path_factory):
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2-v2", TinyModelSpec(seed=7))
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-qwen2-v2", TinyModelSpec(seed=7)
+    )
 
 
-def test_a_rolling_update_across_hosts_pushes_weights_and_fails_no_request(tiny_model, new_model, tmp_path):
+def test_a_rolling_update_across_hosts_pushes_weights_and_fails_no_request(
+    tiny_model, new_model, tmp_path
+):
     new = weights_digest(new_model)
     with NetnsLab() as lab:
         f = Fleet(lab, tiny_model, tmp_path / "logs")
@@ -37,10 +41,14 @@ def test_a_rolling_update_across_hosts_pushes_weights_and_fails_no_request(tiny_
                 f.start_node(name, "--max-running", "8", "--max-queued", "16")
             co.wait_routable(3)
             load = Load(co)
-            load.wait_served(8)   # traffic is flowing before the rollout starts
-            fleet_pb2_grpc.FleetStub(co.channel).StartRollout(fleet_pb2.StartRolloutRequest(
-                target=fleet_pb2.RolloutTarget(model_path=str(new_model), version="v2"),
-                rollout_id="r-hosts"), timeout=60)
+            load.wait_served(8)  # traffic is flowing before the rollout starts
+            fleet_pb2_grpc.FleetStub(co.channel).StartRollout(
+                fleet_pb2.StartRolloutRequest(
+                    target=fleet_pb2.RolloutTarget(model_path=str(new_model), version="v2"),
+                    rollout_id="r-hosts",
+                ),
+                timeout=60,
+            )
             r = wait_rollout(co, "r-hosts")
             results = load.finish()
             assert r.state == fleet_pb2.ROLLOUT_STATE_SUCCEEDED, r
@@ -50,7 +58,11 @@ def test_a_rolling_update_across_hosts_pushes_weights_and_fails_no_request(tiny_
             for node in f.nodes.values():
                 st = node.status()
                 assert st.model.weights_digest == new and not st.cordoned
-                assert any(o.kind == "push" for o in st.operations), "weights arrived over the network"
-            print(f"rollout across 3 hosts: {len(results)} requests, 0 failed, least routable {load.min_routable}")
+                assert any(o.kind == "push" for o in st.operations), (
+                    "weights arrived over the network"
+                )
+            print(
+                f"rollout across 3 hosts: {len(results)} requests, 0 failed, least routable {load.min_routable}"
+            )
         finally:
             f.close()

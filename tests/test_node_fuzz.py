@@ -14,8 +14,11 @@ from cluster.api import inference_pb2
 from node_agent.validation import InvalidRequest, Limits, validate
 
 MARK = "QQ-FUZZ-PHI"
-CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                 grpc.StatusCode.ALREADY_EXISTS}
+CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
 
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32))
 texts = st.text(max_size=40).map(lambda t: t + MARK)
@@ -34,9 +37,17 @@ def requests(draw) -> inference_pb2.GenerateRequest:
     if draw(st.booleans()):
         req.prompt = draw(texts)
     elif draw(st.booleans()):
-        for role, content in draw(st.lists(st.tuples(
-                st.one_of(st.sampled_from(["system", "user", "assistant"]), st.text(max_size=20)), texts),
-                max_size=4)):
+        for role, content in draw(
+            st.lists(
+                st.tuples(
+                    st.one_of(
+                        st.sampled_from(["system", "user", "assistant"]), st.text(max_size=20)
+                    ),
+                    texts,
+                ),
+                max_size=4,
+            )
+        ):
             req.chat.messages.add(role=role, content=content)
     s = req.sampling
     for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
@@ -44,7 +55,7 @@ def requests(draw) -> inference_pb2.GenerateRequest:
         if value is not None:
             setattr(s, name, value)
     if draw(st.booleans()):
-        s.top_k = draw(st.integers(-2**31, 2**31 - 1))
+        s.top_k = draw(st.integers(-(2**31), 2**31 - 1))
     if draw(st.booleans()):
         s.seed = draw(st.integers(0, 2**64 - 1))
     return req
@@ -63,7 +74,9 @@ def test_validate_accepts_or_explains(req):
     assert valid.sampling.temperature >= 0 and 0 < valid.sampling.top_p <= 1
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(requests())
 def test_live_node_survives_arbitrary_requests(node, req):
     served_or_refused(node.inference, req)
@@ -78,7 +91,10 @@ def served_or_refused(stub, req):
         assert MARK not in (err.details() or "")
         return None
     assert chunks and chunks[-1].HasField("final")
-    assert chunks[-1].final.finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
+    assert chunks[-1].final.finish_reason in (
+        inference_pb2.FINISH_REASON_STOP,
+        inference_pb2.FINISH_REASON_LENGTH,
+    )
     return chunks[-1].final
 
 

@@ -30,7 +30,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 def test_health_serving_only_after_warm_up(start_node):
     # A long warm-up generation keeps the node in WARMING long enough to observe.
-    node = start_node(node_id="slow-warm", wait=False, env={"STUDIOFLEET_NODE_WARMUP_TOKENS": "1500"})
+    node = start_node(
+        node_id="slow-warm", wait=False, env={"STUDIOFLEET_NODE_WARMUP_TOKENS": "1500"}
+    )
     seen = []
     for resp in node.health_watch(timeout_s=60):
         st = node.status()
@@ -38,8 +40,11 @@ def test_health_serving_only_after_warm_up(start_node):
         if resp.status == SERVING:
             break
         # Not serving yet: the node says why, and refuses work with UNAVAILABLE.
-        assert st.lifecycle in (common_pb2.LIFECYCLE_STARTING, common_pb2.LIFECYCLE_LOADING,
-                                common_pb2.LIFECYCLE_WARMING)
+        assert st.lifecycle in (
+            common_pb2.LIFECYCLE_STARTING,
+            common_pb2.LIFECYCLE_LOADING,
+            common_pb2.LIFECYCLE_WARMING,
+        )
         with pytest.raises(grpc.RpcError) as err:
             list(node.inference.Generate(build_request(prompt="Plan:", max_tokens=2), timeout=10))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -71,25 +76,68 @@ def test_grpcurl_lists_and_calls_through_reflection(node, fleet_ca):
     exe = _grpcurl()
 
     def as_(name):
-        return ["-cacert", str(fleet_ca / "ca.pem"), "-cert", str(fleet_ca / f"{name}.pem"),
-                "-key", str(fleet_ca / f"{name}.key"), "-servername", "shared-node.node.studiofleet"]
+        return [
+            "-cacert",
+            str(fleet_ca / "ca.pem"),
+            "-cert",
+            str(fleet_ca / f"{name}.pem"),
+            "-key",
+            str(fleet_ca / f"{name}.key"),
+            "-servername",
+            "shared-node.node.studiofleet",
+        ]
 
-    listed = subprocess.run([exe, *as_("operator"), node.address, "list"], capture_output=True, text=True,
-                            timeout=30)
+    listed = subprocess.run(
+        [exe, *as_("operator"), node.address, "list"], capture_output=True, text=True, timeout=30
+    )
     assert listed.returncode == 0, listed.stderr
     assert {"studiofleet.v1.Inference", "studiofleet.v1.Node"} <= set(listed.stdout.split())
     body = json.dumps({"prompt": "Plan:", "maxTokens": 5, "requestId": "from-grpcurl"})
     generate = [node.address, "studiofleet.v1.Inference/Generate"]
-    called = subprocess.run([exe, *as_("harness-coordinator"), "-d", body, "-proto", str(PROTO), "-import-path", str(PROTO_ROOT),
-                             *generate], capture_output=True, text=True, timeout=30)
+    called = subprocess.run(
+        [
+            exe,
+            *as_("harness-coordinator"),
+            "-d",
+            body,
+            "-proto",
+            str(PROTO),
+            "-import-path",
+            str(PROTO_ROOT),
+            *generate,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert called.returncode == 0, called.stderr
     assert '"requestId": "from-grpcurl"' in called.stdout  # -proto prints JSON names
-    bad = subprocess.run([exe, *as_("harness-coordinator"), "-d", '{"prompt": "x"}', "-proto", str(PROTO),
-                          "-import-path", str(PROTO_ROOT), *generate], capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [
+            exe,
+            *as_("harness-coordinator"),
+            "-d",
+            '{"prompt": "x"}',
+            "-proto",
+            str(PROTO),
+            "-import-path",
+            str(PROTO_ROOT),
+            *generate,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "InvalidArgument" in bad.stderr and "max_tokens must be between" in bad.stderr
     # Reflection is an operator's tool: an app certificate is refused, by name.
-    denied = subprocess.run([exe, *as_("app"), node.address, "list"], capture_output=True, text=True, timeout=30)
-    assert denied.returncode != 0 and "PermissionDenied" in denied.stderr and "app/app" in denied.stderr
+    denied = subprocess.run(
+        [exe, *as_("app"), node.address, "list"], capture_output=True, text=True, timeout=30
+    )
+    assert (
+        denied.returncode != 0
+        and "PermissionDenied" in denied.stderr
+        and "app/app" in denied.stderr
+    )
 
 
 def test_sigterm_lets_in_flight_requests_finish(start_node):
@@ -97,8 +145,10 @@ def test_sigterm_lets_in_flight_requests_finish(start_node):
     started = threading.Barrier(5)
 
     def one(i):
-        call = node.inference.Generate(build_request(prompt=f"Note {i}:", max_tokens=300,
-                                                     request_id=f"inflight-{i}"), timeout=60)
+        call = node.inference.Generate(
+            build_request(prompt=f"Note {i}:", max_tokens=300, request_id=f"inflight-{i}"),
+            timeout=60,
+        )
         chunks = [next(call)]
         started.wait()
         chunks.extend(call)
@@ -111,7 +161,10 @@ def test_sigterm_lets_in_flight_requests_finish(start_node):
         results = [f.result(timeout=60) for f in futures]
     for chunks in results:
         final = chunks[-1].final
-        assert final.finish_reason in (inference_pb2.FINISH_REASON_LENGTH, inference_pb2.FINISH_REASON_STOP)
+        assert final.finish_reason in (
+            inference_pb2.FINISH_REASON_LENGTH,
+            inference_pb2.FINISH_REASON_STOP,
+        )
         assert final.usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
     assert node.wait_exit(30) == 0, node.stderr()
     assert "shutting down: 4 requests in flight" in node.stderr()
@@ -119,8 +172,9 @@ def test_sigterm_lets_in_flight_requests_finish(start_node):
 
 def test_sigterm_refuses_new_work_while_draining(start_node):
     node = start_node("--shutdown-grace-s", "30", node_id="draining")
-    call = node.inference.Generate(build_request(prompt="Long:", max_tokens=1500, request_id="keeps-going"),
-                                   timeout=60)
+    call = node.inference.Generate(
+        build_request(prompt="Long:", max_tokens=1500, request_id="keeps-going"), timeout=60
+    )
     next(call)
     node.signal(signal.SIGTERM)
     watch = node.health_watch(timeout_s=10)
@@ -136,11 +190,17 @@ def test_sigterm_refuses_new_work_while_draining(start_node):
 
 def test_sigterm_past_grace_ends_the_rest_with_a_cancelled_final_chunk(start_node):
     node = start_node("--shutdown-grace-s", "0.5", node_id="impatient")
-    calls = [node.inference.Generate(build_request(prompt=f"Long {i}:", max_tokens=2000,
-                                                   request_id=f"cut-{i}"), timeout=60) for i in range(3)]
+    calls = [
+        node.inference.Generate(
+            build_request(prompt=f"Long {i}:", max_tokens=2000, request_id=f"cut-{i}"), timeout=60
+        )
+        for i in range(3)
+    ]
     firsts = [next(call) for call in calls]
     node.signal(signal.SIGTERM)
-    node.wait_until(lambda s: s.lifecycle == common_pb2.LIFECYCLE_DRAINING, what="DRAINING after SIGTERM")
+    node.wait_until(
+        lambda s: s.lifecycle == common_pb2.LIFECYCLE_DRAINING, what="DRAINING after SIGTERM"
+    )
     for first, call in zip(firsts, calls):
         chunks = [first, *call]
         final = chunks[-1].final
@@ -157,7 +217,9 @@ def test_sigterm_past_grace_ends_the_rest_with_a_cancelled_final_chunk(start_nod
 
 def test_second_sigterm_skips_the_grace(start_node):
     node = start_node("--shutdown-grace-s", "60", node_id="twice")
-    call = node.inference.Generate(build_request(prompt="Long:", max_tokens=2000, request_id="cut"), timeout=60)
+    call = node.inference.Generate(
+        build_request(prompt="Long:", max_tokens=2000, request_id="cut"), timeout=60
+    )
     next(call)
     node.signal(signal.SIGTERM)
     node.wait_until(lambda s: s.lifecycle == common_pb2.LIFECYCLE_DRAINING, what="draining")
@@ -169,8 +231,21 @@ def test_second_sigterm_skips_the_grace(start_node):
 
 
 def test_bad_model_path_exits_with_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tmp_path / "missing"),
-                           "--listen", "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node_agent.main",
+            "--model",
+            str(tmp_path / "missing"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "is not a directory" in proc.stderr and "make-tiny" in proc.stderr
 
@@ -180,8 +255,11 @@ def test_unloadable_model_reports_failed(start_node, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "qwen2"}')
     node = start_node(node_id="broken", model=broken, wait=False)
-    st, _ = node.wait_until(lambda s: s.lifecycle == common_pb2.LIFECYCLE_FAILED, timeout_s=30,
-                            what="FAILED after a bad load")
+    st, _ = node.wait_until(
+        lambda s: s.lifecycle == common_pb2.LIFECYCLE_FAILED,
+        timeout_s=30,
+        what="FAILED after a bad load",
+    )
     assert "model load failed" in st.lifecycle_reason
     check = node.health_watch(timeout_s=5)
     assert next(check).status != SERVING

@@ -9,14 +9,32 @@ import pytest
 
 from node_agent.node_state import STATE_FILE, NodeState, OperationRecord
 
-OLD_FILE = {   # as an agent before OperationRecord wrote it
-    "cordoned": True, "cordon_reason": "maintenance", "drained": False, "configured_path": "/m",
-    "active": None, "previous": None, "fencing_token": 7, "audit_heads": {},
+OLD_FILE = {  # as an agent before OperationRecord wrote it
+    "cordoned": True,
+    "cordon_reason": "maintenance",
+    "drained": False,
+    "configured_path": "/m",
+    "active": None,
+    "previous": None,
+    "fencing_token": 7,
+    "audit_heads": {},
     "operations": [
-        {"operation_id": "op-1", "kind": "cordon", "state": "done", "message": "cordoned: no new requests",
-         "started": 1.5, "finished": 2.5},
-        {"operation_id": "op-2", "kind": "drain", "state": "running", "message": "", "started": 3.0,
-         "finished": 0.0},
+        {
+            "operation_id": "op-1",
+            "kind": "cordon",
+            "state": "done",
+            "message": "cordoned: no new requests",
+            "started": 1.5,
+            "finished": 2.5,
+        },
+        {
+            "operation_id": "op-2",
+            "kind": "drain",
+            "state": "running",
+            "message": "",
+            "started": 3.0,
+            "finished": 0.0,
+        },
     ],
 }
 
@@ -24,7 +42,9 @@ OLD_FILE = {   # as an agent before OperationRecord wrote it
 def test_an_older_file_loads_and_a_running_operation_reads_as_interrupted(tmp_path):
     (tmp_path / STATE_FILE).write_text(json.dumps(OLD_FILE))
     state = NodeState.load(tmp_path)
-    assert state.operations[0] == OperationRecord("op-1", "cordon", "done", "cordoned: no new requests", 1.5, 2.5)
+    assert state.operations[0] == OperationRecord(
+        "op-1", "cordon", "done", "cordoned: no new requests", 1.5, 2.5
+    )
     interrupted = state.operations[1]
     assert interrupted.state == "failed" and "interrupted" in interrupted.message
     assert state.cordoned and state.fencing_token == 7

@@ -15,8 +15,10 @@ from cluster.client import FleetClient, build_request
 # These tests call node agents directly, as the coordinator does.
 pytestmark = pytest.mark.usefixtures("as_node_caller")
 
-NOTE = [("system", "You are a clinical documentation assistant."),
-        ("user", "Write a SOAP note for a synthetic follow-up visit.")]
+NOTE = [
+    ("system", "You are a clinical documentation assistant."),
+    ("user", "Write a SOAP note for a synthetic follow-up visit."),
+]
 
 
 def _run(node, req, timeout=60):
@@ -39,8 +41,9 @@ def test_sixteen_concurrent_streams_complete_with_right_counts(node):
 
     def one(i):
         barrier.wait()
-        req = build_request(messages=NOTE, max_tokens=max_tokens[i], request_id=f"conc-{i}",
-                            temperature=0.7, seed=i)
+        req = build_request(
+            messages=NOTE, max_tokens=max_tokens[i], request_id=f"conc-{i}", temperature=0.7, seed=i
+        )
         return _run(node, req)
 
     with ThreadPoolExecutor(16) as pool:
@@ -72,7 +75,9 @@ def test_new_request_joins_the_running_batch(node):
     long_req = build_request(prompt="Progress note:", max_tokens=1500, request_id="long-one")
     call = node.inference.Generate(long_req, timeout=60)
     next(call)  # the long request is decoding
-    ids, _, final, _ = _run(node, build_request(prompt="Plan:", max_tokens=8, request_id="short-one"))
+    ids, _, final, _ = _run(
+        node, build_request(prompt="Plan:", max_tokens=8, request_id="short-one")
+    )
     assert len(ids) == final.usage.completion_tokens <= 8
     # The long one is still running when the short one is done.
     st = node.status()
@@ -82,8 +87,9 @@ def test_new_request_joins_the_running_batch(node):
 
 def test_same_seed_gives_same_tokens(node):
     def sample(seed, rid):
-        req = build_request(messages=NOTE, max_tokens=48, temperature=1.0, top_p=0.95,
-                            seed=seed, request_id=rid)
+        req = build_request(
+            messages=NOTE, max_tokens=48, temperature=1.0, top_p=0.95, seed=seed, request_id=rid
+        )
         return _run(node, req)
 
     a, _, fa, _ = sample(1234, "seed-a")
@@ -96,12 +102,29 @@ def test_same_seed_gives_same_tokens(node):
 
 def test_same_seed_same_tokens_inside_a_busy_batch(node):
     """Sampling depends on (seed, step) only, not on what else is in the batch."""
-    req = lambda rid: build_request(messages=NOTE, max_tokens=32, temperature=0.8, seed=7,  # noqa: E731
-                                    request_id=rid)
+
+    def req(rid):
+        return build_request(
+            messages=NOTE,
+            max_tokens=32,
+            temperature=0.8,
+            seed=7,  # noqa: E731
+            request_id=rid,
+        )
+
     alone, _, _, _ = _run(node, req("alone"))
-    noise = [node.inference.Generate(build_request(prompt=f"Other patient {i}", max_tokens=200,
-                                                   temperature=1.0, request_id=f"noise-{i}"), timeout=60)
-             for i in range(6)]
+    noise = [
+        node.inference.Generate(
+            build_request(
+                prompt=f"Other patient {i}",
+                max_tokens=200,
+                temperature=1.0,
+                request_id=f"noise-{i}",
+            ),
+            timeout=60,
+        )
+        for i in range(6)
+    ]
     for call in noise:
         next(call)
     busy, _, _, _ = _run(node, req("busy"))
@@ -111,20 +134,27 @@ def test_same_seed_same_tokens_inside_a_busy_batch(node):
 
 
 def test_unset_seed_is_reported_and_replays(node):
-    ids, _, final, _ = _run(node, build_request(prompt="Assessment:", max_tokens=24, temperature=1.0))
+    ids, _, final, _ = _run(
+        node, build_request(prompt="Assessment:", max_tokens=24, temperature=1.0)
+    )
     assert final.seed != 0
-    again, _, _, _ = _run(node, build_request(prompt="Assessment:", max_tokens=24, temperature=1.0,
-                                              seed=final.seed))
+    again, _, _, _ = _run(
+        node, build_request(prompt="Assessment:", max_tokens=24, temperature=1.0, seed=final.seed)
+    )
     assert again == ids
 
 
 def test_prefix_token_ids_resume_the_same_sequence(node):
     """Continuing after k generated tokens yields the uninterrupted run's remaining tokens."""
-    full, full_text, _, _ = _run(node, build_request(messages=NOTE, max_tokens=40, temperature=0.9,
-                                                     seed=5, request_id="whole"))
+    full, full_text, _, _ = _run(
+        node,
+        build_request(messages=NOTE, max_tokens=40, temperature=0.9, seed=5, request_id="whole"),
+    )
     assert len(full) == 40
     k = 15
-    req = build_request(messages=NOTE, max_tokens=40 - k, temperature=0.9, seed=5, request_id="resumed")
+    req = build_request(
+        messages=NOTE, max_tokens=40 - k, temperature=0.9, seed=5, request_id="resumed"
+    )
     req.prefix_token_ids.extend(full[:k])
     rest, _, final, _ = _run(node, req)
     assert final.usage.prefix_tokens == k
@@ -134,8 +164,14 @@ def test_prefix_token_ids_resume_the_same_sequence(node):
 def test_prefix_text_chars_splices_the_text_exactly(node):
     """A resumed stream sends the prefix's text the caller has not seen yet, then the rest:
     old text[:c] + new text equals the uninterrupted text, wherever the cut falls."""
-    chunks = list(node.inference.Generate(build_request(messages=NOTE, max_tokens=40, temperature=0.9,
-                                                        seed=9, request_id="whole-text"), timeout=60))
+    chunks = list(
+        node.inference.Generate(
+            build_request(
+                messages=NOTE, max_tokens=40, temperature=0.9, seed=9, request_id="whole-text"
+            ),
+            timeout=60,
+        )
+    )
     full = [t for c in chunks for t in c.token_ids]
     full_text = "".join(c.text for c in chunks)
     # What a caller holds when the node dies after k tokens: the chunks sent so far.
@@ -147,8 +183,9 @@ def test_prefix_text_chars_splices_the_text_exactly(node):
         seen_text += chunk.text
     k = len(seen)
     for chars in sorted({0, len(seen_text) // 2, len(seen_text)}):
-        req = build_request(messages=NOTE, max_tokens=40 - k, temperature=0.9, seed=9,
-                            request_id=f"splice-{chars}")
+        req = build_request(
+            messages=NOTE, max_tokens=40 - k, temperature=0.9, seed=9, request_id=f"splice-{chars}"
+        )
         req.prefix_token_ids.extend(seen)
         req.prefix_text_chars = chars
         rest, rest_text, _, _ = _run(node, req)
@@ -166,16 +203,22 @@ def test_prefix_text_chars_without_prefix_is_invalid(node):
 
 
 def test_stop_sequence_cuts_text_and_ends_stream(node):
-    ids, text, final, _ = _run(node, build_request(messages=NOTE, max_tokens=64, request_id="nostop"))
+    ids, text, final, _ = _run(
+        node, build_request(messages=NOTE, max_tokens=64, request_id="nostop")
+    )
     assert len(text) > 6
     stop = text[3:6]
-    _, cut, final, _ = _run(node, build_request(messages=NOTE, max_tokens=1500, stop=[stop],
-                                                request_id="withstop"))
+    _, cut, final, _ = _run(
+        node, build_request(messages=NOTE, max_tokens=1500, stop=[stop], request_id="withstop")
+    )
     assert final.finish_reason == inference_pb2.FINISH_REASON_STOP
     assert cut == text[: text.index(stop)]
     # The engine stops too: its slot is free long before 1500 tokens could be generated.
-    _, waited = node.wait_until(lambda s: s.load.engine_sequences == 0, timeout_s=2.0,
-                                what="engine slot freed after a stop sequence")
+    _, waited = node.wait_until(
+        lambda s: s.load.engine_sequences == 0,
+        timeout_s=2.0,
+        what="engine slot freed after a stop sequence",
+    )
     assert waited < 0.5
 
 
@@ -189,7 +232,9 @@ def test_client_generate_returns_metadata(node):
 
 
 def test_duplicate_request_id_in_flight_is_refused(node):
-    call = node.inference.Generate(build_request(prompt="Note:", max_tokens=1500, request_id="dup"), timeout=60)
+    call = node.inference.Generate(
+        build_request(prompt="Note:", max_tokens=1500, request_id="dup"), timeout=60
+    )
     next(call)
     with pytest.raises(grpc.RpcError) as err:
         _run(node, build_request(prompt="Note:", max_tokens=4, request_id="dup"))
@@ -198,14 +243,30 @@ def test_duplicate_request_id_in_flight_is_refused(node):
 
 
 def test_prompt_cache_reuses_a_shared_prefix_without_changing_tokens(node, start_node):
-    system = ("system", "Synthetic clinic 4471 house style: SOAP sections, short sentences, metric units.")
-    first = build_request(messages=[system, ("user", "Visit A: cough for three days.")], max_tokens=16,
-                          request_id="cache-a")
+    system = (
+        "system",
+        "Synthetic clinic 4471 house style: SOAP sections, short sentences, metric units.",
+    )
+    first = build_request(
+        messages=[system, ("user", "Visit A: cough for three days.")],
+        max_tokens=16,
+        request_id="cache-a",
+    )
     _, _, fa, _ = _run(node, first)
-    second = lambda rid: build_request(messages=[system, ("user", "Visit B: knee pain after a fall.")],  # noqa: E731
-                                       max_tokens=24, request_id=rid, temperature=0.8, seed=3)
+
+    def second(rid):
+        return build_request(
+            messages=[system, ("user", "Visit B: knee pain after a fall.")],  # noqa: E731
+            max_tokens=24,
+            request_id=rid,
+            temperature=0.8,
+            seed=3,
+        )
+
     ids_b, _, fb, _ = _run(node, second("cache-b"))
-    assert fb.usage.cached_prompt_tokens >= fa.usage.cached_prompt_tokens + 10, "the system prompt is reused"
+    assert fb.usage.cached_prompt_tokens >= fa.usage.cached_prompt_tokens + 10, (
+        "the system prompt is reused"
+    )
     assert fb.usage.cached_prompt_tokens < fb.usage.prompt_tokens
     st = node.status().load
     assert st.prompt_cache_entries >= 1 and st.prompt_cache_bytes > 0

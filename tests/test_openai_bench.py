@@ -19,22 +19,64 @@ PROMPTS, OUTPUT_LEN = 8, 24
 
 
 def test_vllm_bench_serve_runs_against_the_front_door_and_ignore_eos_is_honoured(
-        start_node, start_coordinator, tiny_model, vllm_python, tmp_path):
+    start_node, start_coordinator, tiny_model, vllm_python, tmp_path
+):
     node = start_node(node_id="bench-node")
     co = start_coordinator(nodes=[node.address])
     co.wait_routable(1)
-    token = fleet_pb2_grpc.FleetStub(co.channel).IssueApiToken(
-        fleet_pb2.IssueApiTokenRequest(name="vllm-bench", ttl_s=3600), timeout=10).secret
-    env = {**os.environ, "OPENAI_API_KEY": token, "SSL_CERT_FILE": str(co.tls_dir / "ca.pem"),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    token = (
+        fleet_pb2_grpc.FleetStub(co.channel)
+        .IssueApiToken(fleet_pb2.IssueApiTokenRequest(name="vllm-bench", ttl_s=3600), timeout=10)
+        .secret
+    )
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": token,
+        "SSL_CERT_FILE": str(co.tls_dir / "ca.pem"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
     base = co.openai_base_url.removesuffix("/v1")
     out = subprocess.run(
-        [vllm_python, str(ROOT / "tests" / "vllm_bench_cli.py"), "bench", "serve", "--backend", "openai",
-         "--base-url", base, "--model", tiny_model.name, "--tokenizer", str(tiny_model), "--dataset-name", "random",
-         "--random-input-len", "32", "--random-output-len", str(OUTPUT_LEN), "--num-prompts", str(PROMPTS),
-         "--max-concurrency", "4", "--seed", "3", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
-         "--result-filename", "bench.json"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        [
+            vllm_python,
+            str(ROOT / "tests" / "vllm_bench_cli.py"),
+            "bench",
+            "serve",
+            "--backend",
+            "openai",
+            "--base-url",
+            base,
+            "--model",
+            tiny_model.name,
+            "--tokenizer",
+            str(tiny_model),
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "32",
+            "--random-output-len",
+            str(OUTPUT_LEN),
+            "--num-prompts",
+            str(PROMPTS),
+            "--max-concurrency",
+            "4",
+            "--seed",
+            "3",
+            "--disable-tqdm",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+            "--result-filename",
+            "bench.json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["completed"] == PROMPTS and result.get("failed", 0) == 0, result
@@ -43,7 +85,9 @@ def test_vllm_bench_serve_runs_against_the_front_door_and_ignore_eos_is_honoured
     assert "Successful requests" in out.stdout
 
 
-def test_ignore_eos_generates_to_max_tokens_and_is_refused_with_a_schema(start_node, start_coordinator):
+def test_ignore_eos_generates_to_max_tokens_and_is_refused_with_a_schema(
+    start_node, start_coordinator
+):
     node = start_node(node_id="eos-node")
     co = start_coordinator(nodes=[node.address])
     co.wait_routable(1)

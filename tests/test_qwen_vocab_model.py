@@ -28,9 +28,16 @@ def loaded(qwen_tiny_model):
 
 def test_loads_with_qwen25_ids_and_embedding(qwen_tiny_model, loaded):
     model, tok = loaded
-    assert tok.encode("<|im_start|>user\nHello<|im_end|>", add_special_tokens=False) == [151644, 872, 198, 9707, 151645]
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "<|file_sep|>"]) \
-        == [151643, 151644, 151645, 151657, 151664]
+    assert tok.encode("<|im_start|>user\nHello<|im_end|>", add_special_tokens=False) == [
+        151644,
+        872,
+        198,
+        9707,
+        151645,
+    ]
+    assert tok.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "<|file_sep|>"]
+    ) == [151643, 151644, 151645, 151657, 151664]
     assert tok.eos_token_id == 151645 and len(tok._tokenizer) == 151665
     config = json.loads((qwen_tiny_model / "config.json").read_text())
     assert config["vocab_size"] == 151936 and config["tie_word_embeddings"]
@@ -40,14 +47,23 @@ def test_loads_with_qwen25_ids_and_embedding(qwen_tiny_model, loaded):
 
 def test_chat_template_renders_as_qwen25(loaded):
     _, tok = loaded
-    both = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}],
-                                   tokenize=False, add_generation_prompt=True)
-    assert both == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
-                    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    both = tok.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert both == (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+        "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    )
     # Without a system message Qwen2.5 supplies its own.
-    alone = tok.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=False)
-    assert alone == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-                     "<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n")
+    alone = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=False
+    )
+    assert alone == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n"
+    )
 
 
 def test_grammar_masks_over_the_real_vocabulary(loaded):
@@ -82,18 +98,36 @@ def test_a_node_serves_it_and_a_soap_note_completes(start_node, qwen_tiny_model,
     _, tok = loaded
     node = start_node("--max-running", "4", node_id="qwen-vocab-node", model=qwen_tiny_model)
     messages = [("system", SYSTEM), ("user", USER)]
-    rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True
+    )
 
-    free = collect(node.inference, build_request(messages=messages, max_tokens=8, temperature=0.0,
-                                                 request_id="qwen-vocab-free"), timeout_s=60)
+    free = collect(
+        node.inference,
+        build_request(
+            messages=messages, max_tokens=8, temperature=0.0, request_id="qwen-vocab-free"
+        ),
+        timeout_s=60,
+    )
     assert free.error is None, free.error
-    assert free.final.usage.prompt_tokens == len(rendered)   # Qwen2.5's count of the templated prompt
+    assert free.final.usage.prompt_tokens == len(
+        rendered
+    )  # Qwen2.5's count of the templated prompt
     assert 0 < free.final.usage.completion_tokens <= 8
     assert all(0 <= t < 151936 for t in free.ids)
 
-    note = collect(node.inference, build_request(messages=messages, max_tokens=1500, temperature=1.0, seed=3,
-                                                 note_template="soap-brief", request_id="qwen-vocab-note"),
-                   timeout_s=120)
+    note = collect(
+        node.inference,
+        build_request(
+            messages=messages,
+            max_tokens=1500,
+            temperature=1.0,
+            seed=3,
+            note_template="soap-brief",
+            request_id="qwen-vocab-note",
+        ),
+        timeout_s=120,
+    )
     assert note.error is None, note.error
     f = note.final
     assert f.finish_reason == inference_pb2.FINISH_REASON_STOP, f

@@ -11,7 +11,7 @@ import pytest
 from cluster.capacity.profile import PUBLISHED, load_profile, reference_profiles, resolve_profile
 
 SHIPPED = reference_profiles()
-EXPECTED = {   # stem -> the hardware/model the issue asks for
+EXPECTED = {  # stem -> the hardware/model the issue asks for
     "qwen2.5-72b-instruct-4bit-m2-ultra-mlx": ("mlx", "M2 Ultra", "Qwen2.5-72B"),
     "qwen2.5-72b-instruct-4bit-m3-ultra-mlx": ("mlx", "M3 Ultra", "Qwen2.5-72B"),
     "qwen2.5-32b-instruct-4bit-m2-ultra-mlx": ("mlx", "M2 Ultra", "Qwen2.5-32B"),
@@ -32,7 +32,7 @@ def test_a_shipped_profile_is_published_cited_and_within_its_claim(stem):
     assert prof.name == stem
     assert prof.info.provenance == PUBLISHED == "published, not measured here"
     assert prof.info.sources and all(s.strip() for s in prof.info.sources)
-    assert resolve_profile(stem) == prof   # planners find it by name
+    assert resolve_profile(stem) == prof  # planners find it by name
     claim = CLAIM.search(prof.info.notes)
     assert claim, f"{stem}: notes must state 'Expected single-stream decode: LO-HI tok/s'"
     lo, hi = float(claim[1]), float(claim[2])
@@ -46,7 +46,10 @@ def test_a_shipped_profile_is_published_cited_and_within_its_claim(stem):
 def test_the_72b_mac_profiles_hold_the_issues_12_to_20_tok_s():
     """Issue 21: memory bandwidth / ~41 GB of weights gives 12-20 tok/s per stream on an M2/M3 Ultra;
     so a 500-token note alone takes far longer than the clinic's 8 s on one Mac."""
-    for stem in ("qwen2.5-72b-instruct-4bit-m2-ultra-mlx", "qwen2.5-72b-instruct-4bit-m3-ultra-mlx"):
+    for stem in (
+        "qwen2.5-72b-instruct-4bit-m2-ultra-mlx",
+        "qwen2.5-72b-instruct-4bit-m3-ultra-mlx",
+    ):
         fit = load_profile(SHIPPED[stem]).fit
         assert 12 <= fit.stream_decode_tok_s() <= 20
         assert fit.single_note_s(500, 500) > 8 * 3

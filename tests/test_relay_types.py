@@ -20,24 +20,48 @@ def test_both_doors_and_the_audited_wrapper_are_call_contexts():
     assert issubclass(grpc.aio.ServicerContext, CallContext)
     assert isinstance(HttpCall("http:127.0.0.1:1"), CallContext)
     assert issubclass(AuditedCall, CallContext)
-    assert not hasattr(HttpCall("http:-"), "identity")   # the caller is handed over, never probed for
+    assert not hasattr(
+        HttpCall("http:-"), "identity"
+    )  # the caller is handed over, never probed for
 
 
 def test_an_http_call_ends_like_a_grpc_one():
     call = HttpCall("http:-")
     with pytest.raises(grpc.aio.AbortError):
-        asyncio.run(call.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
-                               trailing_metadata=(("grpc-retry-pushback-ms", "200"),)))
+        asyncio.run(
+            call.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "busy",
+                trailing_metadata=(("grpc-retry-pushback-ms", "200"),),
+            )
+        )
     assert call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     err = call.error()
     assert err.status == 429 and err.relayed
 
 
 def test_outcomes_are_the_recorded_words():
-    assert [o.value for o in Outcome] == ["completed", "failed", "cancelled", "deadline", "rejected", "refused",
-                                          "accepted", "denied", "ok"]
-    assert Outcome.FAILED == "failed" and str(Outcome.DEADLINE) == "deadline" and f"{Outcome.REFUSED}" == "refused"
-    assert "deadline" in FAILED_OUTCOMES and "refused" in REJECTED_OUTCOMES and "completed" not in FAILED_OUTCOMES
+    assert [o.value for o in Outcome] == [
+        "completed",
+        "failed",
+        "cancelled",
+        "deadline",
+        "rejected",
+        "refused",
+        "accepted",
+        "denied",
+        "ok",
+    ]
+    assert (
+        Outcome.FAILED == "failed"
+        and str(Outcome.DEADLINE) == "deadline"
+        and f"{Outcome.REFUSED}" == "refused"
+    )
+    assert (
+        "deadline" in FAILED_OUTCOMES
+        and "refused" in REJECTED_OUTCOMES
+        and "completed" not in FAILED_OUTCOMES
+    )
 
 
 def test_a_node_failure_is_frozen_and_penalises_by_default():

@@ -16,13 +16,34 @@ from tests.procs import ROOT
 
 # ~24 notes in 8 s: the busiest window of a 6,000-note day (8-18 h at 2x) is 5.9 notes a
 # minute; 30x compresses 4 minutes of it into 8 s. Short notes keep the test quick.
-TRAFFIC = ("--notes-per-day", "6000", "--hours", "8-18", "--peak-factor", "2", "--time-scale", "30",
-           "--duration", "8", "--prompt-tokens", "80:160", "--output-tokens", "16:48", "--seed", "7")
+TRAFFIC = (
+    "--notes-per-day",
+    "6000",
+    "--hours",
+    "8-18",
+    "--peak-factor",
+    "2",
+    "--time-scale",
+    "30",
+    "--duration",
+    "8",
+    "--prompt-tokens",
+    "80:160",
+    "--output-tokens",
+    "16:48",
+    "--seed",
+    "7",
+)
 
 
 def fleetctl(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.fleetctl.app", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def request_log(co, prefix: str, expected: int, timeout_s: float = 10.0) -> list:
@@ -31,7 +52,9 @@ def request_log(co, prefix: str, expected: int, timeout_s: float = 10.0) -> list
     stub = fleet_pb2_grpc.FleetStub(co.channel)
     deadline = time.monotonic() + timeout_s
     while True:
-        reply = stub.ListRequests(fleet_pb2.ListRequestsRequest(since_s=3600, limit=10_000), timeout=10)
+        reply = stub.ListRequests(
+            fleet_pb2.ListRequestsRequest(since_s=3600, limit=10_000), timeout=10
+        )
         rows = [r for r in reply.requests if r.request_id.startswith(prefix)]
         if len(rows) >= expected or time.monotonic() > deadline:
             return rows
@@ -52,7 +75,7 @@ def test_replay_completes_every_note_and_matches_the_request_log(fleet):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     m = report["measured"]
-    assert m["notes"] >= 10, report                       # the window really held traffic
+    assert m["notes"] >= 10, report  # the window really held traffic
     assert report["outcomes"] == {"completed": m["notes"]}, report["outcomes"]
     assert m["completed"] == m["notes"]
     assert 0 < m["ttft_p50_s"] <= m["p50_s"] <= m["p95_s"] <= m["p99_s"]
@@ -67,7 +90,9 @@ def test_replay_completes_every_note_and_matches_the_request_log(fleet):
     notes = [r for r in rows if not r.request_id.startswith(f"{run}-cal-")]
     calibration = [r for r in rows if r.request_id.startswith(f"{run}-cal-")]
     assert len(calibration) == report["calibration_requests"]
-    assert len(notes) == m["notes"], f"the request log has {len(notes)} of the run's {m['notes']} notes"
+    assert len(notes) == m["notes"], (
+        f"the request log has {len(notes)} of the run's {m['notes']} notes"
+    )
     by_outcome: dict = {}
     for r in notes:
         by_outcome[r.outcome] = by_outcome.get(r.outcome, 0) + 1
@@ -75,8 +100,9 @@ def test_replay_completes_every_note_and_matches_the_request_log(fleet):
     assert {r.caller for r in notes} == {"app/app"}
     # ignore_eos: each note generated exactly the output length drawn for it (16-48 tokens).
     assert all(16 <= r.completion_tokens <= 48 and r.finish_reason == "length" for r in notes)
-    assert sum(r.completion_tokens for r in notes) == pytest.approx(m["output_tokens_per_s"] * report["wall_s"],
-                                                                     rel=1e-6)
+    assert sum(r.completion_tokens for r in notes) == pytest.approx(
+        m["output_tokens_per_s"] * report["wall_s"], rel=1e-6
+    )
     assert len({r.nodes[-1] for r in notes}) == 2, "both nodes served notes"
 
 
@@ -86,11 +112,30 @@ def test_replay_with_a_prediction_shows_both_and_the_error(fleet, tmp_path):
     from cluster.capacity.profile import Info, Limits, ModelFacts, NodeFacts, Profile, StepModel
 
     co, _nodes = fleet
-    fit = StepModel(decode_base_s=0.004, decode_per_seq_s=0.0008, prefill_base_s=0.005, prefill_per_token_s=3e-5)
-    path = Profile(Info("tiny-made-up", "derived, for a test", sources=("tests/test_replay.py",)), NodeFacts("mlx", "test", 1.0), ModelFacts("tiny"),
-                   Limits(8), fit).save(tmp_path / "tiny.toml")
-    args = ("replay", "-c", co.address, *TRAFFIC[:-6], "--duration", "3", "--prompt-tokens", "60",
-            "--output-tokens", "8", "--predict-with", f"{path}=2")
+    fit = StepModel(
+        decode_base_s=0.004, decode_per_seq_s=0.0008, prefill_base_s=0.005, prefill_per_token_s=3e-5
+    )
+    path = Profile(
+        Info("tiny-made-up", "derived, for a test", sources=("tests/test_replay.py",)),
+        NodeFacts("mlx", "test", 1.0),
+        ModelFacts("tiny"),
+        Limits(8),
+        fit,
+    ).save(tmp_path / "tiny.toml")
+    args = (
+        "replay",
+        "-c",
+        co.address,
+        *TRAFFIC[:-6],
+        "--duration",
+        "3",
+        "--prompt-tokens",
+        "60",
+        "--output-tokens",
+        "8",
+        "--predict-with",
+        f"{path}=2",
+    )
     out = fleetctl(*args)
     assert out.returncode == 0, out.stderr
     assert "time per note p95" in out.stdout and "predicted" in out.stdout and " %" in out.stdout
@@ -102,18 +147,23 @@ def test_replay_with_a_prediction_shows_both_and_the_error(fleet, tmp_path):
     assert p["notes"] == m["notes"] == p["completed"] and 0 < p["p50_s"] <= p["p95_s"]
     # A lone 60+8-token note on that profile: the simulator cannot beat the fit's own bound.
     assert p["p50_s"] >= fit.single_note_s(60, 8) * 0.999
-    assert report["error_pct"]["p95_s"] == pytest.approx(100 * (p["p95_s"] - m["p95_s"]) / m["p95_s"], abs=0.05)
+    assert report["error_pct"]["p95_s"] == pytest.approx(
+        100 * (p["p95_s"] - m["p95_s"]) / m["p95_s"], abs=0.05
+    )
 
 
-@pytest.mark.parametrize("flags, flag", [
-    (("--time-scale", "0"), "--time-scale"),
-    (("--duration", "-1"), "--duration"),
-    (("--start", "25:00"), "--start"),
-    (("--output-tokens", "600:400"), "--output-tokens"),
-    (("--predict-with", "/nonexistent/profile.toml"), "--predict-with"),
-    (("--predict-with", "x.toml=zero"), "--predict-with"),
-    (("-o", "yaml"), "--output"),
-])
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (("--time-scale", "0"), "--time-scale"),
+        (("--duration", "-1"), "--duration"),
+        (("--start", "25:00"), "--start"),
+        (("--output-tokens", "600:400"), "--output-tokens"),
+        (("--predict-with", "/nonexistent/profile.toml"), "--predict-with"),
+        (("--predict-with", "x.toml=zero"), "--predict-with"),
+        (("-o", "yaml"), "--output"),
+    ],
+)
 def test_replay_refuses_bad_flags_naming_the_flag(flags, flag):
     out = fleetctl("replay", "-c", "127.0.0.1:1", *flags, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
@@ -121,6 +171,8 @@ def test_replay_refuses_bad_flags_naming_the_flag(flags, flag):
 
 
 def test_replay_names_the_coordinator_it_cannot_reach():
-    out = fleetctl("replay", "-c", "127.0.0.1:1", "--duration", "2", "--time-scale", "600", timeout=60)
+    out = fleetctl(
+        "replay", "-c", "127.0.0.1:1", "--duration", "2", "--time-scale", "600", timeout=60
+    )
     assert out.returncode == 3, out.stdout + out.stderr
     assert "127.0.0.1:1" in out.stderr

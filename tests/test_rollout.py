@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc
-from cluster.fleetctl.app import app
 from cluster.digest import weights_digest
+from cluster.fleetctl.app import app
 from tests.fleet_helpers import EventWatch, collect, note
 
 K = fleet_pb2
@@ -24,7 +24,9 @@ NODES = ("roll-a", "roll-b", "roll-c")
 def new_model(tmp_path_factory):
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2-v2", TinyModelSpec(seed=7))
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-qwen2-v2", TinyModelSpec(seed=7)
+    )
 
 
 @pytest.fixture
@@ -46,16 +48,24 @@ def fleetctl(co, *args: str):
 
 
 def rollout(co, rollout_id: str = "") -> fleet_pb2.Rollout:
-    return fleet_pb2_grpc.FleetStub(co.channel).GetRollout(fleet_pb2.GetRolloutRequest(rollout_id=rollout_id),
-                                                           timeout=5)
+    return fleet_pb2_grpc.FleetStub(co.channel).GetRollout(
+        fleet_pb2.GetRolloutRequest(rollout_id=rollout_id), timeout=5
+    )
 
 
 def wait_rollout(co, rollout_id: str, timeout_s: float = 180.0) -> fleet_pb2.Rollout:
     """Follow the event stream until the rollout's terminal event, then read the rollout."""
     watch = EventWatch(co)
     try:
-        watch.wait_until(lambda e: e.kind == K.EVENT_KIND_ROLLOUT and e.rollout_id == rollout_id
-                         and e.step in ("succeeded", "failed", "abort"), timeout_s, f"end of rollout {rollout_id}")
+        watch.wait_until(
+            lambda e: (
+                e.kind == K.EVENT_KIND_ROLLOUT
+                and e.rollout_id == rollout_id
+                and e.step in ("succeeded", "failed", "abort")
+            ),
+            timeout_s,
+            f"end of rollout {rollout_id}",
+        )
     finally:
         watch.close()
     return rollout(co, rollout_id)
@@ -71,7 +81,9 @@ class Load:
         self.results = []
         self._served = threading.Condition()
         self.min_routable = 99
-        self._threads = [threading.Thread(target=self._call, args=(i,), daemon=True) for i in range(callers)]
+        self._threads = [
+            threading.Thread(target=self._call, args=(i,), daemon=True) for i in range(callers)
+        ]
         self._threads.append(threading.Thread(target=self._sample, daemon=True))
         for t in self._threads:
             t.start()
@@ -79,8 +91,11 @@ class Load:
     def _call(self, caller: int) -> None:
         i = 0
         while not self.stop.is_set():
-            s = collect(self.co.inference, note(1000 * caller + i, 24, request_id=f"load-{caller}-{i}"),
-                        timeout_s=60)
+            s = collect(
+                self.co.inference,
+                note(1000 * caller + i, 24, request_id=f"load-{caller}-{i}"),
+                timeout_s=60,
+            )
             with self._served:
                 self.results.append(s)
                 self._served.notify_all()
@@ -89,8 +104,9 @@ class Load:
     def wait_served(self, count: int, timeout_s: float = 60.0) -> None:
         """Until `count` requests have ended: traffic is flowing before the test acts."""
         with self._served:
-            assert self._served.wait_for(lambda: len(self.results) >= count, timeout=timeout_s), \
+            assert self._served.wait_for(lambda: len(self.results) >= count, timeout=timeout_s), (
                 f"only {len(self.results)} of {count} requests ended in {timeout_s}s"
+            )
 
     def _sample(self) -> None:
         channel = self.co.dial()
@@ -112,15 +128,29 @@ def test_rolling_update_under_load_fails_no_request(three_nodes, start_coordinat
     co = fleet_with(start_coordinator, three_nodes)
     new = weights_digest(new_model)
     load = Load(co)
-    load.wait_served(8)   # traffic is flowing before the rollout starts
-    out = fleetctl(co, "rollout", "start", "--model", str(new_model), "--version", "v2", "--rollout-id", "r-load",
-                   "--wait")
+    load.wait_served(8)  # traffic is flowing before the rollout starts
+    out = fleetctl(
+        co,
+        "rollout",
+        "start",
+        "--model",
+        str(new_model),
+        "--version",
+        "v2",
+        "--rollout-id",
+        "r-load",
+        "--wait",
+    )
     results = load.finish()
     assert out.exit_code == 0, out.output
-    failed = [(s.request.request_id, s.error.code().name, s.error.details()) for s in results if s.error]
+    failed = [
+        (s.request.request_id, s.error.code().name, s.error.details()) for s in results if s.error
+    ]
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
     assert len(results) > 20
-    assert load.min_routable >= len(NODES) - 1, f"only {load.min_routable} nodes were serving at one point"
+    assert load.min_routable >= len(NODES) - 1, (
+        f"only {load.min_routable} nodes were serving at one point"
+    )
     print(f"rolling update: {len(results)} requests, 0 failed, least routable {load.min_routable}")
     r = rollout(co, "r-load")
     assert r.state == K.ROLLOUT_STATE_SUCCEEDED and [n.step for n in r.nodes] == ["done"] * 3
@@ -135,7 +165,9 @@ def test_rolling_update_under_load_fails_no_request(three_nodes, start_coordinat
     status = fleetctl(co, "rollout", "status", "r-load")
     assert status.exit_code == 0 and "succeeded (3/3 nodes done)" in status.output
     audited = _audited(co, "rollout.node", 3)
-    assert {(a["node_id"], a["outcome"], a["to_digest"]) for a in audited} == {(n, "done", new) for n in NODES}
+    assert {(a["node_id"], a["outcome"], a["to_digest"]) for a in audited} == {
+        (n, "done", new) for n in NODES
+    }
     assert all(a["caller"] == "operator" for a in audited + _audited(co, "rollout.start", 1))
 
 
@@ -153,7 +185,9 @@ def _audited(co, action: str, count: int, timeout_s: float = 10.0) -> list[dict]
 def _history(co) -> list:
     channel = co.dial()
     try:
-        call = fleet_pb2_grpc.FleetStub(channel).WatchEvents(fleet_pb2.WatchEventsRequest(replay=True), timeout=1)
+        call = fleet_pb2_grpc.FleetStub(channel).WatchEvents(
+            fleet_pb2.WatchEventsRequest(replay=True), timeout=1
+        )
         events = []
         try:
             for e in call:
@@ -166,46 +200,82 @@ def _history(co) -> list:
 
 
 def test_a_bad_digest_or_a_failed_gate_stops_the_rollout_and_puts_the_node_back(
-        three_nodes, start_coordinator, new_model, tiny_model):
+    three_nodes, start_coordinator, new_model, tiny_model
+):
     fail_b = f"{sys.executable} -c \"import os, sys; sys.exit(3 if os.environ['NODE_ID'] == 'roll-b' else 0)\""
     co = fleet_with(start_coordinator, three_nodes, "--rollout-gate-command", fail_b)
     old, new = weights_digest(tiny_model), weights_digest(new_model)
 
-    out = fleetctl(co, "rollout", "start", "--model", str(new_model), "--shared-path", "--digest",
-                   "sha256:" + "ab" * 32, "--rollout-id", "r-digest", "--wait")
+    out = fleetctl(
+        co,
+        "rollout",
+        "start",
+        "--model",
+        str(new_model),
+        "--shared-path",
+        "--digest",
+        "sha256:" + "ab" * 32,
+        "--rollout-id",
+        "r-digest",
+        "--wait",
+    )
     assert out.exit_code == 7, out.output
     r = rollout(co, "r-digest")
-    assert r.state == K.ROLLOUT_STATE_FAILED and [n.step for n in r.nodes] == ["failed", "pending", "pending"]
+    assert r.state == K.ROLLOUT_STATE_FAILED and [n.step for n in r.nodes] == [
+        "failed",
+        "pending",
+        "pending",
+    ]
     assert new[:19] in r.nodes[0].message, "the error names the digest the files really have"
     for n in three_nodes:
         st = n.status()
-        assert st.model.weights_digest == old and not st.cordoned and st.lifecycle == common_pb2.LIFECYCLE_READY
+        assert (
+            st.model.weights_digest == old
+            and not st.cordoned
+            and st.lifecycle == common_pb2.LIFECYCLE_READY
+        )
 
-    out = fleetctl(co, "rollout", "start", "--model", str(new_model), "--rollout-id", "r-gate", "--wait")
+    out = fleetctl(
+        co, "rollout", "start", "--model", str(new_model), "--rollout-id", "r-gate", "--wait"
+    )
     assert out.exit_code == 7, out.output
     r = rollout(co, "r-gate")
     assert [n.step for n in r.nodes] == ["done", "rolled_back", "pending"], r
     assert "command gate: gate command exited with 3" in r.nodes[1].message
     a, b, c = (n.status() for n in three_nodes)
     assert a.model.weights_digest == new
-    assert b.model.weights_digest == old and not b.cordoned and b.lifecycle == common_pb2.LIFECYCLE_READY
+    assert (
+        b.model.weights_digest == old
+        and not b.cordoned
+        and b.lifecycle == common_pb2.LIFECYCLE_READY
+    )
     assert c.model.weights_digest == old and not any(o.kind == "activate" for o in c.operations)
     co.wait_routable(3)
     assert collect(co.inference, note(1, 8)).error is None
 
 
 def test_a_restarted_coordinator_resumes_the_rollout_without_redoing_finished_nodes(
-        three_nodes, start_coordinator, new_model, tmp_path):
+    three_nodes, start_coordinator, new_model, tmp_path
+):
     co = fleet_with(start_coordinator, three_nodes)
     new = weights_digest(new_model)
     # A long request on roll-b (sent to the node directly) holds its drain open, so the
     # coordinator is killed while roll-b is mid-rollout, after roll-a finished.
-    holder = threading.Thread(target=lambda: collect(three_nodes[1].inference, note(0, 1800)), daemon=True)
+    holder = threading.Thread(
+        target=lambda: collect(three_nodes[1].inference, note(0, 1800)), daemon=True
+    )
     holder.start()
-    three_nodes[1].wait_until(lambda st: st.load.running == 1, timeout_s=30, what="a long request on roll-b")
+    three_nodes[1].wait_until(
+        lambda st: st.load.running == 1, timeout_s=30, what="a long request on roll-b"
+    )
     watch = EventWatch(co)
-    fleet_pb2_grpc.FleetStub(co.channel).StartRollout(fleet_pb2.StartRolloutRequest(
-        target=fleet_pb2.RolloutTarget(model_path=str(new_model), version="v2"), rollout_id="r-crash"), timeout=60)
+    fleet_pb2_grpc.FleetStub(co.channel).StartRollout(
+        fleet_pb2.StartRolloutRequest(
+            target=fleet_pb2.RolloutTarget(model_path=str(new_model), version="v2"),
+            rollout_id="r-crash",
+        ),
+        timeout=60,
+    )
     _wait_step(watch, "roll-a", "done")
     _wait_step(watch, "roll-b", "drain")
     watch.close()
@@ -220,10 +290,13 @@ def test_a_restarted_coordinator_resumes_the_rollout_without_redoing_finished_no
     for n in three_nodes:
         assert n.status().model.weights_digest == new
     a = three_nodes[0].status()
-    assert all(o.started_unix_s < killed_at for o in a.operations), \
+    assert all(o.started_unix_s < killed_at for o in a.operations), (
         f"node roll-a was touched again after the restart: {a.operations}"
+    )
     b = three_nodes[1].status()
-    assert sum(o.kind == "drain" for o in b.operations) == 1, "the drain under way was not started twice"
+    assert sum(o.kind == "drain" for o in b.operations) == 1, (
+        "the drain under way was not started twice"
+    )
 
 
 class KeepAlive:
@@ -233,7 +306,9 @@ class KeepAlive:
     def __init__(self, nodes, log_dir):
         self.restarts: list[str] = []
         self._stop = False
-        self._threads = [threading.Thread(target=self._watch, args=(n, log_dir), daemon=True) for n in nodes]
+        self._threads = [
+            threading.Thread(target=self._watch, args=(n, log_dir), daemon=True) for n in nodes
+        ]
         for t in self._threads:
             t.start()
 
@@ -250,8 +325,9 @@ class KeepAlive:
         self._stop = True
 
 
-def test_a_release_restart_rolls_through_the_fleet_without_failing_a_request(three_nodes, start_coordinator,
-                                                                              tmp_path):
+def test_a_release_restart_rolls_through_the_fleet_without_failing_a_request(
+    three_nodes, start_coordinator, tmp_path
+):
     co = fleet_with(start_coordinator, three_nodes)
     pids = [n.proc.pid for n in three_nodes]
     keepalive = KeepAlive(three_nodes, tmp_path / "logs")
@@ -276,7 +352,9 @@ def _hold(node, max_tokens: int = 1800) -> threading.Thread:
     """A long request sent to `node` directly: it holds that node's drain open for a while."""
     t = threading.Thread(target=lambda: collect(node.inference, note(0, max_tokens)), daemon=True)
     t.start()
-    node.wait_until(lambda st: st.load.running >= 1, timeout_s=30, what=f"a long request on {node.node_id}")
+    node.wait_until(
+        lambda st: st.load.running >= 1, timeout_s=30, what=f"a long request on {node.node_id}"
+    )
     return t
 
 
@@ -285,56 +363,95 @@ def test_pause_resume_and_abort(three_nodes, start_coordinator, new_model, tiny_
     stub = fleet_pb2_grpc.FleetStub(co.channel)
     holder = _hold(three_nodes[0])
     watch = EventWatch(co)
-    stub.StartRollout(fleet_pb2.StartRolloutRequest(
-        target=fleet_pb2.RolloutTarget(model_path=str(new_model)), rollout_id="r-pause"), timeout=60)
+    stub.StartRollout(
+        fleet_pb2.StartRolloutRequest(
+            target=fleet_pb2.RolloutTarget(model_path=str(new_model)), rollout_id="r-pause"
+        ),
+        timeout=60,
+    )
     _wait_step(watch, "roll-a", "drain")
     paused = fleetctl(co, "rollout", "pause", "r-pause")
     assert paused.exit_code == 0 and "paused" in paused.output
-    _wait_step(watch, "roll-a", "done")          # the node step under way finishes
+    _wait_step(watch, "roll-a", "done")  # the node step under way finishes
     holder.join(60)
     r = rollout(co, "r-pause")
-    assert r.state == K.ROLLOUT_STATE_PAUSED and [n.step for n in r.nodes] == ["done", "pending", "pending"]
-    assert fleetctl(co, "rollout", "pause", "r-pause").exit_code == 2, "pausing a paused rollout is refused"
+    assert r.state == K.ROLLOUT_STATE_PAUSED and [n.step for n in r.nodes] == [
+        "done",
+        "pending",
+        "pending",
+    ]
+    assert fleetctl(co, "rollout", "pause", "r-pause").exit_code == 2, (
+        "pausing a paused rollout is refused"
+    )
     assert fleetctl(co, "rollout", "resume").exit_code == 0
     assert wait_rollout(co, "r-pause").state == K.ROLLOUT_STATE_SUCCEEDED
 
     holder = _hold(three_nodes[0])
-    stub.StartRollout(fleet_pb2.StartRolloutRequest(
-        target=fleet_pb2.RolloutTarget(model_path=str(tiny_model)), rollout_id="r-abort"), timeout=60)
+    stub.StartRollout(
+        fleet_pb2.StartRolloutRequest(
+            target=fleet_pb2.RolloutTarget(model_path=str(tiny_model)), rollout_id="r-abort"
+        ),
+        timeout=60,
+    )
     _wait_step(watch, "roll-a", "drain", after="r-abort")
     assert fleetctl(co, "rollout", "abort").exit_code == 0
     out = fleetctl(co, "rollout", "status", "r-abort", "--watch")
     assert out.exit_code == 8, out.output
-    _wait_step(watch, "roll-a", "done", after="r-abort")   # the node step under way still finishes
+    _wait_step(watch, "roll-a", "done", after="r-abort")  # the node step under way still finishes
     watch.close()
     r = rollout(co, "r-abort")
     assert [n.step for n in r.nodes] == ["done", "pending", "pending"]
-    assert three_nodes[1].status().model.weights_digest == weights_digest(new_model), "untouched after the abort"
+    assert three_nodes[1].status().model.weights_digest == weights_digest(new_model), (
+        "untouched after the abort"
+    )
     holder.join(60)
 
 
 def test_a_standby_coordinator_on_the_same_database_takes_over_when_the_lease_expires(
-        three_nodes, start_coordinator, new_model):
+    three_nodes, start_coordinator, new_model
+):
     co = fleet_with(start_coordinator, three_nodes)
     holder = _hold(three_nodes[0])
     watch = EventWatch(co)
-    fleet_pb2_grpc.FleetStub(co.channel).StartRollout(fleet_pb2.StartRolloutRequest(
-        target=fleet_pb2.RolloutTarget(model_path=str(new_model)), rollout_id="r-standby"), timeout=60)
+    fleet_pb2_grpc.FleetStub(co.channel).StartRollout(
+        fleet_pb2.StartRolloutRequest(
+            target=fleet_pb2.RolloutTarget(model_path=str(new_model)), rollout_id="r-standby"
+        ),
+        timeout=60,
+    )
     _wait_step(watch, "roll-a", "drain")
     watch.close()
-    standby = start_coordinator("--state-db", str(co.state_db), "--coordinator-id", "standby",
-                                nodes=[n.address for n in three_nodes], name="standby")
+    standby = start_coordinator(
+        "--state-db",
+        str(co.state_db),
+        "--coordinator-id",
+        "standby",
+        nodes=[n.address for n in three_nodes],
+        name="standby",
+    )
     refused = fleetctl(standby, "rollout", "start", "--model", str(new_model))
     assert refused.exit_code == 2 and "rollout r-standby is running" in refused.output
-    assert rollout(standby, "r-standby").owner.startswith("coordinator@"), "the lease holder: cert@host/instance"
+    assert rollout(standby, "r-standby").owner.startswith("coordinator@"), (
+        "the lease holder: cert@host/instance"
+    )
     co.proc.kill()
     co.wait_exit(10)
-    r = wait_rollout(standby, "r-standby", timeout_s=120)   # after the 15 s lease runs out
+    r = wait_rollout(standby, "r-standby", timeout_s=120)  # after the 15 s lease runs out
     assert r.state == K.ROLLOUT_STATE_SUCCEEDED and r.owner.startswith("standby@"), r
     holder.join(60)
 
 
-def _wait_step(watch: EventWatch, node_id: str, step: str, timeout_s: float = 120.0, after: str = ""):
+def _wait_step(
+    watch: EventWatch, node_id: str, step: str, timeout_s: float = 120.0, after: str = ""
+):
     """The first rollout event with this node and step (of rollout `after` only, when given)."""
-    return watch.wait_until(lambda e: e.kind == K.EVENT_KIND_ROLLOUT and e.node_id == node_id and e.step == step
-                            and (not after or e.rollout_id == after), timeout_s, f"{step} step for {node_id}")
+    return watch.wait_until(
+        lambda e: (
+            e.kind == K.EVENT_KIND_ROLLOUT
+            and e.node_id == node_id
+            and e.step == step
+            and (not after or e.rollout_id == after)
+        ),
+        timeout_s,
+        f"{step} step for {node_id}",
+    )

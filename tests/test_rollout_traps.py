@@ -42,15 +42,26 @@ def _ids(co) -> set[str]:
     return {n.status.model.model_id for n in co.nodes().nodes}
 
 
-def test_a_rollout_keeps_the_model_id_and_a_rename_must_be_confirmed(start_node, start_coordinator, tiny_model,
-                                                                      v2_model, v3_model):
+def test_a_rollout_keeps_the_model_id_and_a_rename_must_be_confirmed(
+    start_node, start_coordinator, tiny_model, v2_model, v3_model
+):
     nodes = [start_node(node_id=n, wait=False) for n in ("keep-a", "keep-b")]
     co = fleet_with(start_coordinator, nodes)
     served = tiny_model.name
     assert _ids(co) == {served}
 
-    out = fleetctl(co, "rollout", "start", "--model", str(v2_model), "--version", "v2", "--rollout-id", "r-keep",
-                   "--wait")
+    out = fleetctl(
+        co,
+        "rollout",
+        "start",
+        "--model",
+        str(v2_model),
+        "--version",
+        "v2",
+        "--rollout-id",
+        "r-keep",
+        "--wait",
+    )
     assert out.exit_code == 0, out.output
     assert "(kept)" in out.output and "RENAME" not in out.output
     assert _ids(co) == {served}, "the rollout renamed the model its clients ask for"
@@ -61,12 +72,17 @@ def test_a_rollout_keeps_the_model_id_and_a_rename_must_be_confirmed(start_node,
     assert ok.final is not None and ok.error is None
     other = collect(co.inference, _pinned(f"{served}@v1"))
     assert other.error is not None and other.error.code() == grpc.StatusCode.UNAVAILABLE
-    token = fleet_pb2_grpc.FleetStub(co.channel).IssueApiToken(
-        fleet_pb2.IssueApiTokenRequest(name="pin-app", ttl_s=600), timeout=10).secret
+    token = (
+        fleet_pb2_grpc.FleetStub(co.channel)
+        .IssueApiToken(fleet_pb2.IssueApiTokenRequest(name="pin-app", ttl_s=600), timeout=10)
+        .secret
+    )
     context = ssl.create_default_context(cafile=str(co.tls_dir / "ca.pem"))
 
     def get(path):
-        req = urllib.request.Request(f"{co.openai_base_url}{path}", headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(
+            f"{co.openai_base_url}{path}", headers={"Authorization": f"Bearer {token}"}
+        )
         try:
             with urllib.request.urlopen(req, context=context, timeout=10) as reply:
                 return reply.status, json.loads(reply.read())
@@ -79,37 +95,78 @@ def test_a_rollout_keeps_the_model_id_and_a_rename_must_be_confirmed(start_node,
     # A different id is a rename: refused unless confirmed, by the coordinator itself too.
     stub = fleet_pb2_grpc.FleetStub(co.channel)
     with pytest.raises(grpc.RpcError) as err:
-        stub.StartRollout(fleet_pb2.StartRolloutRequest(target=fleet_pb2.RolloutTarget(
-            model_path=str(v3_model), model_id="tiny-renamed")), timeout=60)
+        stub.StartRollout(
+            fleet_pb2.StartRolloutRequest(
+                target=fleet_pb2.RolloutTarget(model_path=str(v3_model), model_id="tiny-renamed")
+            ),
+            timeout=60,
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "rename" in err.value.details() and "404" in err.value.details()
-    unconfirmed = fleetctl(co, "rollout", "start", "--model", str(v3_model), "--model-id", "tiny-renamed")
-    assert unconfirmed.exit_code == 2 and "RENAME" in unconfirmed.output and "--yes" in unconfirmed.output
+    unconfirmed = fleetctl(
+        co, "rollout", "start", "--model", str(v3_model), "--model-id", "tiny-renamed"
+    )
+    assert (
+        unconfirmed.exit_code == 2
+        and "RENAME" in unconfirmed.output
+        and "--yes" in unconfirmed.output
+    )
     assert _ids(co) == {served}
-    same = fleetctl(co, "rollout", "start", "--model", str(v2_model), "--model-id", "tiny-renamed", "--yes")
-    assert same.exit_code == 2 and "already serves these weights" in same.output   # no silent no-op rename
-    confirmed = fleetctl(co, "rollout", "start", "--model", str(v3_model), "--model-id", "tiny-renamed", "--yes",
-                         "--rollout-id", "r-rename", "--wait")
+    same = fleetctl(
+        co, "rollout", "start", "--model", str(v2_model), "--model-id", "tiny-renamed", "--yes"
+    )
+    assert (
+        same.exit_code == 2 and "already serves these weights" in same.output
+    )  # no silent no-op rename
+    confirmed = fleetctl(
+        co,
+        "rollout",
+        "start",
+        "--model",
+        str(v3_model),
+        "--model-id",
+        "tiny-renamed",
+        "--yes",
+        "--rollout-id",
+        "r-rename",
+        "--wait",
+    )
     assert confirmed.exit_code == 0, confirmed.output
     assert _ids(co) == {"tiny-renamed"}
 
 
-def test_a_drained_node_is_updated_first_and_a_blocked_wait_pauses_naming_it(start_node, start_coordinator,
-                                                                              v2_model):
+def test_a_drained_node_is_updated_first_and_a_blocked_wait_pauses_naming_it(
+    start_node, start_coordinator, v2_model
+):
     a, b = (start_node(node_id=n, wait=False) for n in ("held-a", "held-b"))
     co = fleet_with(start_coordinator, [a, b])
     assert fleetctl(co, "drain", "held-b").exit_code == 0
 
-    out = fleetctl(co, "rollout", "start", "--model", str(v2_model), "--rollout-id", "r-held", "--wait-timeout", "3",
-                   "--wait")
-    assert out.exit_code == 9, out.output             # paused, not waiting forever
+    out = fleetctl(
+        co,
+        "rollout",
+        "start",
+        "--model",
+        str(v2_model),
+        "--rollout-id",
+        "r-held",
+        "--wait-timeout",
+        "3",
+        "--wait",
+    )
+    assert out.exit_code == 9, out.output  # paused, not waiting forever
     r = rollout(co, "r-held")
     assert r.state == fleet_pb2.ROLLOUT_STATE_PAUSED
-    assert [n.node_id for n in r.nodes] == ["held-b", "held-a"]   # the drained one first: it costs no capacity
+    assert [n.node_id for n in r.nodes] == [
+        "held-b",
+        "held-a",
+    ]  # the drained one first: it costs no capacity
     done, waiting = r.nodes
     assert done.step == "done" and "left out of service" in done.message
     assert waiting.step == "wait"
-    assert "node held-b is cordoned" in r.message and "fleetctl uncordon held-b" in r.message   # still out
+    assert (
+        "node held-b is cordoned" in r.message and "fleetctl uncordon held-b" in r.message
+    )  # still out
     assert "fleetctl rollout resume r-held" in r.message
     status = fleetctl(co, "rollout", "status", "r-held")
     assert "fleetctl uncordon held-b" in status.output

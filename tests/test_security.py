@@ -21,11 +21,11 @@ from cryptography import x509
 from cluster.api import inference_pb2_grpc, node_pb2, node_pb2_grpc
 from cluster.client import FleetClient, build_request
 from cluster.client.errors import UnavailableError
+from cluster.localfleet import HARNESS_NODE_CALLER
 from cluster.security import ca
 from cluster.security.identity import ANY_NODE, Role, dns_name, identity_of
 from cluster.security.tls import ClientTLS, open_channel, served_serial
 from tests.procs import NodeProcess
-from cluster.localfleet import HARNESS_NODE_CALLER
 
 NODE_NAME = dns_name(Role.NODE, "shared-node")
 
@@ -36,11 +36,13 @@ def _status(channel, timeout=5):
 
 def _generate(channel, **kw):
     call = inference_pb2_grpc.InferenceStub(channel).Generate(
-        build_request(prompt="Plan:", max_tokens=kw.pop("max_tokens", 3), **kw), timeout=30)
+        build_request(prompt="Plan:", max_tokens=kw.pop("max_tokens", 3), **kw), timeout=30
+    )
     return list(call)
 
 
 # -- the CA ----------------------------------------------------------------------------
+
 
 def test_issued_certificates_carry_role_and_name(tmp_path):
     ca.init_ca(tmp_path, fleet="t")
@@ -52,22 +54,33 @@ def test_issued_certificates_carry_role_and_name(tmp_path):
     assert (ident.role, ident.name) == (Role.NODE, "mac-01")
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"mac-01.node.studiofleet", ANY_NODE, "mac-01.clinic.lan", "localhost"} <= set(
-        names.get_values_for_type(x509.DNSName))
-    assert (tmp_path / "mac-01.key").stat().st_mode & 0o077 == 0 and (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
-    app = identity_of(x509.load_pem_x509_certificate(ca.issue(tmp_path, Role.APP, "notes").cert_path.read_bytes()))
+        names.get_values_for_type(x509.DNSName)
+    )
+    assert (tmp_path / "mac-01.key").stat().st_mode & 0o077 == 0 and (
+        tmp_path / "ca.key"
+    ).stat().st_mode & 0o077 == 0
+    app = identity_of(
+        x509.load_pem_x509_certificate(ca.issue(tmp_path, Role.APP, "notes").cert_path.read_bytes())
+    )
     assert str(app) == "app/notes"
     for bad in ("bad name", "alice\n", "-x", ""):
         with pytest.raises(ValueError, match="must be 1-63"):
             ca.issue(tmp_path, Role.APP, bad)
-    with pytest.raises(ca.CAError, match="reserved"):   # no certificate may claim another identity's name
+    with pytest.raises(
+        ca.CAError, match="reserved"
+    ):  # no certificate may claim another identity's name
         ca.issue(tmp_path, Role.COORDINATOR, "co", sans=["mac-01.node.studiofleet"])
     assert ca.revoke(tmp_path, ident.serial) == 1 and ident.serial in ca.revoked_serials(tmp_path)
 
 
 def test_fleetctl_certs_init_issue_revoke_show(tmp_path):
     def fleetctl(*args):
-        return subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", *args], capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "cluster.fleetctl.app", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     d = tmp_path / "ca"
     assert fleetctl("certs", "init", str(d)).returncode == 0
@@ -75,7 +88,12 @@ def test_fleetctl_certs_init_issue_revoke_show(tmp_path):
     assert out.returncode == 0 and "operator/dana" in out.stdout, out.stderr
     shown = fleetctl("certs", "show", str(d / "dana.pem"), "--ca-dir", str(d))
     assert "operator/dana" in shown.stdout and "REVOKED" not in shown.stdout
-    assert fleetctl("certs", "revoke", "--ca-dir", str(d), "--name", "dana", "--reason", "left").returncode == 0
+    assert (
+        fleetctl(
+            "certs", "revoke", "--ca-dir", str(d), "--name", "dana", "--reason", "left"
+        ).returncode
+        == 0
+    )
     assert "REVOKED" in fleetctl("certs", "show", str(d / "dana.pem"), "--ca-dir", str(d)).stdout
     bad = fleetctl("certs", "issue", "--ca-dir", str(d), "--role", "wizard", "--name", "x")
     assert bad.returncode == 2
@@ -83,14 +101,21 @@ def test_fleetctl_certs_init_issue_revoke_show(tmp_path):
     verify = fleetctl("audit", "verify", str(d / "audit"))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     actions = fleetctl("audit", "query", str(d / "audit"), "-o", "json").stdout
-    assert actions.count('"certs.issue"') == 1 and '"certs.revoke"' in actions and '"certs.init"' in actions
+    assert (
+        actions.count('"certs.issue"') == 1
+        and '"certs.revoke"' in actions
+        and '"certs.init"' in actions
+    )
 
 
 # -- refusals at the handshake ------------------------------------------------------------
 
+
 def test_no_client_certificate_is_refused(node, fleet_ca):
     creds = grpc.ssl_channel_credentials((fleet_ca / "ca.pem").read_bytes())
-    with grpc.secure_channel(node.address, creds, options=[("grpc.ssl_target_name_override", NODE_NAME)]) as ch:
+    with grpc.secure_channel(
+        node.address, creds, options=[("grpc.ssl_target_name_override", NODE_NAME)]
+    ) as ch:
         with pytest.raises(grpc.RpcError) as err:
             _status(ch)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -108,18 +133,25 @@ def test_certificate_from_another_ca_is_refused_with_a_clear_error(node, tmp_pat
     ca.init_ca(other)
     ca.issue(other, Role.APP, "app")
     with pytest.raises(UnavailableError) as err:
-        with FleetClient(node.address, tls=ClientTLS(other, "app"), server_name=NODE_NAME, max_attempts=1) as c:
+        with FleetClient(
+            node.address, tls=ClientTLS(other, "app"), server_name=NODE_NAME, max_attempts=1
+        ) as c:
             c.generate(prompt="Plan:", max_tokens=2, timeout_s=10)
     assert "TLS handshake refused" in str(err.value) and "fleet's CA" in str(err.value)
 
 
 def test_expired_certificate_is_refused(node, fleet_ca, tmp_path):
-    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
     ca.issue(fleet_ca, Role.APP, "expired-app", days=1, not_before=old, out_dir=tmp_path)
     ca_pem = (fleet_ca / "ca.pem").read_bytes()
-    creds = grpc.ssl_channel_credentials(ca_pem, (tmp_path / "expired-app.key").read_bytes(),
-                                         (tmp_path / "expired-app.pem").read_bytes())
-    with grpc.secure_channel(node.address, creds, options=[("grpc.ssl_target_name_override", NODE_NAME)]) as ch:
+    creds = grpc.ssl_channel_credentials(
+        ca_pem,
+        (tmp_path / "expired-app.key").read_bytes(),
+        (tmp_path / "expired-app.pem").read_bytes(),
+    )
+    with grpc.secure_channel(
+        node.address, creds, options=[("grpc.ssl_target_name_override", NODE_NAME)]
+    ) as ch:
         with pytest.raises(grpc.RpcError) as err:
             _generate(ch)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -149,7 +181,10 @@ def test_tls_1_1_is_refused(node, fleet_ca):
     # The hello went out (a client unable to offer 1.1 fails locally with NO_PROTOCOLS_AVAILABLE)
     # and the server answered it with an alert or by hanging up.
     assert "NO_PROTOCOLS" not in str(err.value), err.value
-    assert isinstance(err.value, (ssl.SSLEOFError, ConnectionResetError)) or "VERSION" in str(err.value).upper()
+    assert (
+        isinstance(err.value, (ssl.SSLEOFError, ConnectionResetError))
+        or "VERSION" in str(err.value).upper()
+    )
     # The same client at TLS 1.2 gets through: the refusal was the version.
     ctx12 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx12.load_verify_locations(fleet_ca / "ca.pem")
@@ -163,23 +198,33 @@ def test_tls_1_1_is_refused(node, fleet_ca):
 
 # -- roles --------------------------------------------------------------------------------
 
+
 def test_roles_on_a_node(node, fleet_ca):
-    with open_channel(node.address, ClientTLS(fleet_ca, HARNESS_NODE_CALLER), server_name=NODE_NAME) as as_co:
+    with open_channel(
+        node.address, ClientTLS(fleet_ca, HARNESS_NODE_CALLER), server_name=NODE_NAME
+    ) as as_co:
         assert _generate(as_co)[-1].HasField("final") and _status(as_co).node_id == "shared-node"
     # An app goes through a coordinator (which audits it), never straight to a node.
     with open_channel(node.address, ClientTLS(fleet_ca, "app"), server_name=NODE_NAME) as as_app:
-        for call, allowed in ((_generate, "allowed: coordinator"), (_status, "allowed: coordinator, operator")):
+        for call, allowed in (
+            (_generate, "allowed: coordinator"),
+            (_status, "allowed: coordinator, operator"),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call(as_app)
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert "app/app" in err.value.details() and err.value.details().endswith(allowed)
-    with open_channel(node.address, ClientTLS(fleet_ca, "operator"), server_name=NODE_NAME) as as_operator:
+    with open_channel(
+        node.address, ClientTLS(fleet_ca, "operator"), server_name=NODE_NAME
+    ) as as_operator:
         assert _status(as_operator).node_id == "shared-node"
         with pytest.raises(grpc.RpcError) as err:
-            _generate(as_operator)   # operators run the fleet; they do not read notes
+            _generate(as_operator)  # operators run the fleet; they do not read notes
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     ca.issue(fleet_ca, Role.NODE, "impostor-node")
-    with open_channel(node.address, ClientTLS(fleet_ca, "impostor-node"), server_name=NODE_NAME) as as_node:
+    with open_channel(
+        node.address, ClientTLS(fleet_ca, "impostor-node"), server_name=NODE_NAME
+    ) as as_node:
         for call in (_status, _generate):
             with pytest.raises(grpc.RpcError) as err:
                 call(as_node)
@@ -206,6 +251,7 @@ def test_revoked_certificate_is_refused_within_seconds(start_node, fleet_ca, tmp
 
 # -- rotation -----------------------------------------------------------------------------
 
+
 def _served_serial(address: str, tls_dir, server_name: str) -> int:
     """The serial a daemon serves, read as an operator with the coordinator's own check."""
     return served_serial(address, ClientTLS(tls_dir, "operator"), server_name, timeout_s=10)
@@ -229,19 +275,53 @@ def test_rotation_without_restart_keeps_streams_running(start_node, fleet_ca):
 
 # -- start-up checks ------------------------------------------------------------------------
 
-def test_daemons_refuse_to_start_without_credentials_or_with_public_plaintext(tiny_model, tmp_path, monkeypatch):
+
+def test_daemons_refuse_to_start_without_credentials_or_with_public_plaintext(
+    tiny_model, tmp_path, monkeypatch
+):
     monkeypatch.delenv("STUDIOFLEET_TLS_DIR")
     base = [sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--no-mdns"]
-    none = subprocess.run([*base, "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    none = subprocess.run(
+        [*base, "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60
+    )
     assert none.returncode == 2 and "mTLS is on by default" in none.stderr
-    public = subprocess.run([*base, "--listen", "0.0.0.0:0", "--plaintext"], capture_output=True, text=True,
-                            timeout=60)
+    public = subprocess.run(
+        [*base, "--listen", "0.0.0.0:0", "--plaintext"], capture_output=True, text=True, timeout=60
+    )
     assert public.returncode == 2 and "loopback development only" in public.stderr
-    co = subprocess.run([sys.executable, "-m", "coordinator.main", "--no-mdns", "--listen", "127.0.0.1:0",
-                         "--plaintext", "--node", "10.1.2.3:7700"], capture_output=True, text=True, timeout=60)
+    co = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.main",
+            "--no-mdns",
+            "--listen",
+            "127.0.0.1:0",
+            "--plaintext",
+            "--node",
+            "10.1.2.3:7700",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert co.returncode == 2 and "10.1.2.3:7700 needs mTLS" in co.stderr
-    api = subprocess.run([sys.executable, "-m", "coordinator.main", "--no-mdns", "--listen", "127.0.0.1:0",
-                          "--plaintext", "--openai-listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
+    api = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.main",
+            "--no-mdns",
+            "--listen",
+            "127.0.0.1:0",
+            "--plaintext",
+            "--openai-listen",
+            "0.0.0.0:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert api.returncode == 2 and "--openai-listen on loopback only" in api.stderr
 
 
@@ -252,19 +332,55 @@ def test_plaintext_mode_says_so_loudly(start_node, tiny_model, tmp_path):
         proc.wait_serving()
         assert "PLAINTEXT MODE" in proc.stderr() and "never send PHI" in proc.stderr()
         with FleetClient(proc.address, plaintext=True) as client:
-            assert client.generate(prompt="Plan:", max_tokens=2, timeout_s=30).completion_tokens >= 1
+            assert (
+                client.generate(prompt="Plan:", max_tokens=2, timeout_s=30).completion_tokens >= 1
+            )
 
 
 def test_node_id_must_match_its_certificate(tiny_model, fleet_ca):
     ca.issue(fleet_ca, Role.NODE, "real-id")
-    out = subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--no-mdns",
-                          "--listen", "127.0.0.1:0", "--tls-dir", str(fleet_ca), "--tls-name", "real-id",
-                          "--node-id", "other-id"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node_agent.main",
+            "--model",
+            str(tiny_model),
+            "--no-mdns",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            str(fleet_ca),
+            "--tls-name",
+            "real-id",
+            "--node-id",
+            "other-id",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "does not match the certificate" in out.stderr
     ca.issue(fleet_ca, Role.APP, "an-app")
-    out = subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--no-mdns",
-                          "--listen", "127.0.0.1:0", "--tls-dir", str(fleet_ca), "--tls-name", "an-app"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node_agent.main",
+            "--model",
+            str(tiny_model),
+            "--no-mdns",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            str(fleet_ca),
+            "--tls-name",
+            "an-app",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "needs a node certificate" in out.stderr
 
 
@@ -282,6 +398,6 @@ def test_a_revocation_list_must_come_from_the_fleet_ca(tmp_path):
     (fleet / "crl.pem").write_bytes((other / "crl.pem").read_bytes())
     crl.refresh(force=True)
     assert crl.revoked(victim)
-    (fleet / "crl.pem").unlink()    # a vanished list does not un-revoke either
+    (fleet / "crl.pem").unlink()  # a vanished list does not un-revoke either
     crl.refresh(force=True)
     assert crl.revoked(victim)

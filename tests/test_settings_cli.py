@@ -8,7 +8,13 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from cluster.config import (AdmissionSection, CoordinatorSettings, HealthSection, NodeSettings, RolloutSection)
+from cluster.config import (
+    AdmissionSection,
+    CoordinatorSettings,
+    HealthSection,
+    NodeSettings,
+    RolloutSection,
+)
 from cluster.settings_cli import flag_name, help_text, options
 
 DAEMONS = [("node_agent.main", NodeSettings), ("coordinator.main", CoordinatorSettings)]
@@ -43,7 +49,9 @@ def test_every_setting_has_a_flag_with_help_and_its_default(module, settings_cls
     for name, field in settings_cls.model_fields.items():
         if name == "config_file":
             continue
-        assert field.description, f"{name} has no help: give it one on its field in cluster/config.py"
+        assert field.description, (
+            f"{name} has no help: give it one on its field in cluster/config.py"
+        )
         flag = flag_name(name, field).split("/")[0]
         assert flag in result.output, f"{flag} missing from --help"
     # The help text shown is the field's, default included: written once.
@@ -52,9 +60,25 @@ def test_every_setting_has_a_flag_with_help_and_its_default(module, settings_cls
 
 
 def test_flags_reach_the_settings(monkeypatch, tmp_path):
-    s = _captured("coordinator.main", monkeypatch, [
-        "--node", "127.0.0.1:7700", "--node", "127.0.0.1:7710", "--no-mdns", "--plaintext",
-        "--eject-max-s", "9", "--audit-witness-alert", "--rollout-lease-s", "4", "--state-db", str(tmp_path / "s.db")])
+    s = _captured(
+        "coordinator.main",
+        monkeypatch,
+        [
+            "--node",
+            "127.0.0.1:7700",
+            "--node",
+            "127.0.0.1:7710",
+            "--no-mdns",
+            "--plaintext",
+            "--eject-max-s",
+            "9",
+            "--audit-witness-alert",
+            "--rollout-lease-s",
+            "4",
+            "--state-db",
+            str(tmp_path / "s.db"),
+        ],
+    )
     assert s.nodes == ("127.0.0.1:7700", "127.0.0.1:7710")
     assert s.mdns is False and s.plaintext is True and s.audit_witness_refuse is False
     assert s.eject_max_s == 9.0 and s.rollout_lease_s == 4.0
@@ -63,18 +87,38 @@ def test_flags_reach_the_settings(monkeypatch, tmp_path):
 
     model = tmp_path / "m"
     model.mkdir()
-    n = _captured("node_agent.main", monkeypatch, ["--model", str(model), "--vllm-args", "--dtype 'b f'",
-                                                    "--warmup-tokens", "2", "--no-mdns"])
-    assert n.model_path == model and n.vllm_args == ("--dtype", "b f") and n.warmup_tokens == 2 and not n.mdns
+    n = _captured(
+        "node_agent.main",
+        monkeypatch,
+        [
+            "--model",
+            str(model),
+            "--vllm-args",
+            "--dtype 'b f'",
+            "--warmup-tokens",
+            "2",
+            "--no-mdns",
+        ],
+    )
+    assert (
+        n.model_path == model
+        and n.vllm_args == ("--dtype", "b f")
+        and n.warmup_tokens == 2
+        and not n.mdns
+    )
 
 
 def test_env_and_config_file_still_apply_below_flags(monkeypatch, tmp_path):
     cfg = tmp_path / "fleet.toml"
     cfg.write_text("[coordinator]\nqueue_max_depth = 7\npoll_interval_s = 0.5\n")
     monkeypatch.setenv("STUDIOFLEET_COORDINATOR_POLL_INTERVAL_S", "0.25")
-    s = _captured("coordinator.main", monkeypatch, ["--config", str(cfg), "--plaintext", "--queue-max-depth", "9"])
-    assert s.queue_max_depth == 9          # flag over file
-    assert s.poll_interval_s == 0.25       # env over file
+    s = _captured(
+        "coordinator.main",
+        monkeypatch,
+        ["--config", str(cfg), "--plaintext", "--queue-max-depth", "9"],
+    )
+    assert s.queue_max_depth == 9  # flag over file
+    assert s.poll_interval_s == 0.25  # env over file
 
 
 def test_a_bad_flag_value_is_refused_naming_the_setting(monkeypatch):
@@ -86,13 +130,15 @@ def test_a_bad_flag_value_is_refused_naming_the_setting(monkeypatch):
 
 
 def test_components_get_only_their_section():
-    s = CoordinatorSettings(plaintext=True, eject_max_s=9, queue_max_depth=3, rollout_smoke_requests=4)
+    s = CoordinatorSettings(
+        plaintext=True, eject_max_s=9, queue_max_depth=3, rollout_smoke_requests=4
+    )
     health = s.section(HealthSection)
     assert health.eject_max_s == 9 and not hasattr(health, "queue_max_depth")
     assert s.section(AdmissionSection).queue_max_depth == 3
     assert s.section(RolloutSection).rollout_smoke_requests == 4
     with pytest.raises(ValidationError):
-        health.eject_max_s = 1   # frozen
+        health.eject_max_s = 1  # frozen
     # Every coordinator setting but its own identity and ports belongs to exactly one section.
     sections = [HealthSection, AdmissionSection, RolloutSection]
     names = [n for sec in sections for n in sec.model_fields]

@@ -35,13 +35,24 @@ def differences(db: StateDB, *, legacy_keys: bool = False) -> list:
     NULL, which SQLite (unlike PostgreSQL) then lets hold NULL; the stores never write one,
     so those key columns are adopted as they are rather than rebuilt."""
     with db.engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        ctx = MigrationContext.configure(
+            conn, opts={"compare_type": True, "compare_server_default": True}
+        )
         found = []
         for diff in compare_metadata(ctx, metadata):
-            if not isinstance(diff, list) and diff[0] == "remove_table" and diff[1].name == VERSION_TABLE:
+            if (
+                not isinstance(diff, list)
+                and diff[0] == "remove_table"
+                and diff[1].name == VERSION_TABLE
+            ):
                 continue
-            if legacy_keys and isinstance(diff, list) and [d[0] for d in diff] == ["modify_nullable"] \
-                    and (diff[0][2], diff[0][3]) in (("api_tokens", "id"), ("rollouts", "id"), ("lease", "name")):
+            if (
+                legacy_keys
+                and isinstance(diff, list)
+                and [d[0] for d in diff] == ["modify_nullable"]
+                and (diff[0][2], diff[0][3])
+                in (("api_tokens", "id"), ("rollouts", "id"), ("lease", "name"))
+            ):
                 continue
             found.append(diff)
         return found
@@ -110,20 +121,34 @@ def test_the_sqlite_file_of_the_release_before_migrations_upgrades_in_place(tmp_
 
         store = RolloutStore(db)
         row = store.get("r-release")
-        assert (row.state, row.owner, row.started_by) == ("PAUSED", RELEASE["lease_holder"], "operator/alice")
+        assert (row.state, row.owner, row.started_by) == (
+            "PAUSED",
+            RELEASE["lease_holder"],
+            "operator/alice",
+        )
         assert row.target.weights_digest == "sha256:" + "2" * 64
-        assert [(n.node_id, n.step, n.kept_out) for n in row.nodes] == [("mac-01", "done", False),
-                                                                         ("mac-02", "pending", True)]
+        assert [(n.node_id, n.step, n.kept_out) for n in row.nodes] == [
+            ("mac-01", "done", False),
+            ("mac-02", "pending", True),
+        ]
         assert store.active().id == "r-release"
         holder, _, token = store.lease()
         assert (holder, token) == (RELEASE["lease_holder"], RELEASE["lease_token"])
         store.release(holder)
-        assert store.acquire("co-new", ttl_s=5).token == RELEASE["lease_token"] + 1   # the fence keeps growing
+        assert (
+            store.acquire("co-new", ttl_s=5).token == RELEASE["lease_token"] + 1
+        )  # the fence keeps growing
 
         log = RequestLog(db, retention_days=100000, clock=lambda: RELEASE["now"] + 10)
         try:
-            reply = log.list_reply(fleet_pb2.ListRequestsRequest(since_s=3600), slow_ttft_ms=1, slow_latency_ms=1)
-            assert sorted(r.request_id for r in reply.requests) == ["release-0", "release-1", "release-2"]
+            reply = log.list_reply(
+                fleet_pb2.ListRequestsRequest(since_s=3600), slow_ttft_ms=1, slow_latency_ms=1
+            )
+            assert sorted(r.request_id for r in reply.requests) == [
+                "release-0",
+                "release-1",
+                "release-2",
+            ]
             assert reply.requests[0].caller == "app/notes-app"
         finally:
             log.close()
@@ -155,7 +180,9 @@ def test_a_file_with_some_tables_and_older_columns_is_completed(tmp_path):
         assert RolloutStore(db).lease() is None or RolloutStore(db).lease()[0] == "old-co"
         assert RolloutStore(db).acquire("new-co", ttl_s=5).token == 1
         with db.engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT request_id, template FROM requests")).all() == [("old-1", "")]
+            assert conn.execute(sa.text("SELECT request_id, template FROM requests")).all() == [
+                ("old-1", "")
+            ]
     finally:
         db.close()
 
@@ -170,8 +197,12 @@ def test_a_database_a_newer_release_migrated_is_refused_with_what_to_do(tmp_path
 
 
 def test_urls_are_checked_and_never_show_their_password(tmp_path):
-    for bad in (f"mysql://fleet:{SECRET}@db/state", f"postgresql://fleet:{SECRET}@db", "sqlite://",
-                f"not a url {SECRET}"):
+    for bad in (
+        f"mysql://fleet:{SECRET}@db/state",
+        f"postgresql://fleet:{SECRET}@db",
+        "sqlite://",
+        f"not a url {SECRET}",
+    ):
         with pytest.raises(Exception) as err:
             CoordinatorSettings(state_url=bad)
         assert SECRET not in err.value.errors()[0]["msg"], bad
@@ -182,5 +213,7 @@ def test_urls_are_checked_and_never_show_their_password(tmp_path):
     started = time.monotonic()
     with pytest.raises(StateError) as err:
         StateDB(settings.state_url.get_secret_value())
-    assert SECRET not in str(err.value) and "postgresql+psycopg://fleet:***@127.0.0.1:1/state" in str(err.value)
+    assert SECRET not in str(
+        err.value
+    ) and "postgresql+psycopg://fleet:***@127.0.0.1:1/state" in str(err.value)
     assert time.monotonic() - started < 30

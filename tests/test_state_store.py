@@ -21,14 +21,16 @@ from tests.fleet_helpers import collect
 from tests.test_fleetctl import fleetctl as fleetctl_any
 from tests.test_openai_api import M, chat, fleetctl, issue, sdk
 
-PASSWORD = "pw-synthetic-7731"   # trust authentication ignores it; it must never be shown
+PASSWORD = "pw-synthetic-7731"  # trust authentication ignores it; it must never be shown
 
 
 def with_password(url: str) -> str:
     return url.replace("postgresql://fleet@", f"postgresql://fleet:{PASSWORD}@")
 
 
-def test_two_coordinators_on_one_postgresql_share_tokens_and_the_request_log(node, start_coordinator, pg_url):
+def test_two_coordinators_on_one_postgresql_share_tokens_and_the_request_log(
+    node, start_coordinator, pg_url
+):
     url = with_password(pg_url)
     a = start_coordinator("--state-url", url, nodes=[node.address], name="pg-a")
     b = start_coordinator("--state-url", url, nodes=[node.address], name="pg-b")
@@ -41,7 +43,9 @@ def test_two_coordinators_on_one_postgresql_share_tokens_and_the_request_log(nod
     listed = json.loads(fleetctl("tokens", "list", "--coordinator", b.address, "-o", "json").stdout)
     assert token_id in [t["id"] for t in listed]
 
-    revoked = fleetctl("tokens", "revoke", token_id, "--coordinator", b.address, "--reason", "rotated")
+    revoked = fleetctl(
+        "tokens", "revoke", token_id, "--coordinator", b.address, "--reason", "rotated"
+    )
     assert revoked.returncode == 0, revoked.stderr
     started = time.monotonic()
     with pytest.raises(openai.AuthenticationError) as gone:
@@ -49,11 +53,20 @@ def test_two_coordinators_on_one_postgresql_share_tokens_and_the_request_log(nod
     assert "revoked" in gone.value.message and time.monotonic() - started < 1.0
 
     for co, rid in ((a, "via-pg-a"), (b, "via-pg-b")):
-        done = collect(co.inference, build_request(messages=[("user", "Synthetic note.")], max_tokens=3,
-                                                   temperature=0.0, request_id=rid))
+        done = collect(
+            co.inference,
+            build_request(
+                messages=[("user", "Synthetic note.")],
+                max_tokens=3,
+                temperature=0.0,
+                request_id=rid,
+            ),
+        )
         assert done.final is not None, done.error
     for co in (a, b):
-        out = fleetctl_any("requests", "-c", co.address, "--tls-name", "operator", "--since", "1h", "-o", "json")
+        out = fleetctl_any(
+            "requests", "-c", co.address, "--tls-name", "operator", "--since", "1h", "-o", "json"
+        )
         assert out.returncode == 0, out.stderr
         ids = {r["request_id"] for r in json.loads(out.stdout)["requests"]}
         assert {"via-pg-a", "via-pg-b"} <= ids, (co.name, ids)
@@ -61,7 +74,9 @@ def test_two_coordinators_on_one_postgresql_share_tokens_and_the_request_log(nod
     for co in (a, b):
         co.stop()
         text = co.stderr_path.read_text()
-        assert PASSWORD not in text and f"fleet:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in text, co.name
+        assert PASSWORD not in text and f"fleet:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in text, (
+            co.name
+        )
 
 
 def test_the_rollout_lease_on_postgresql_has_one_holder_and_a_growing_fencing_token(pg_url):
@@ -72,9 +87,18 @@ def test_the_rollout_lease_on_postgresql_has_one_holder_and_a_growing_fencing_to
     assert first.held and first.token == 1
     refused = b.acquire("co-b", ttl_s=30)
     assert not refused.held and "co-a holds the rollout lease" in refused.refused
-    assert a.acquire("co-a", ttl_s=30).token == 1            # a renewal keeps the token
-    a.create(RolloutRow(id="r1", state="RUNNING", target=target, max_unavailable=1, drain_timeout_s=30,
-                        owner="co-a", nodes=[NodeRow("n1")]))
+    assert a.acquire("co-a", ttl_s=30).token == 1  # a renewal keeps the token
+    a.create(
+        RolloutRow(
+            id="r1",
+            state="RUNNING",
+            target=target,
+            max_unavailable=1,
+            drain_timeout_s=30,
+            owner="co-a",
+            nodes=[NodeRow("n1")],
+        )
+    )
     a.release("co-a")
     second = b.acquire("co-b", ttl_s=30)
     assert second.held and second.token == 2
@@ -101,7 +125,9 @@ def test_the_rollout_lease_on_postgresql_has_one_holder_and_a_growing_fencing_to
                     continue
                 assert lease.token >= seen
                 seen = lease.token
-                store.set_state("r1", "RUNNING", f"held by {me}", fence=lease)   # LeaseLost if shared
+                store.set_state(
+                    "r1", "RUNNING", f"held by {me}", fence=lease
+                )  # LeaseLost if shared
                 tokens.append((lease.token, me))
                 store.release(me)
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
@@ -126,11 +152,14 @@ def test_the_rollout_lease_on_postgresql_has_one_holder_and_a_growing_fencing_to
 def new_model(tmp_path_factory):
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2-pg", TinyModelSpec(seed=12))
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-qwen2-pg", TinyModelSpec(seed=12)
+    )
 
 
 def test_rollouts_through_two_coordinators_on_postgresql_hand_the_lease_and_its_fencing_token_on(
-        start_node, start_coordinator, new_model, tiny_model, pg_url):
+    start_node, start_coordinator, new_model, tiny_model, pg_url
+):
     from cluster.api import fleet_pb2 as K
     from tests.adversarial.test_lease_and_witness import run_rollout
 
@@ -139,7 +168,7 @@ def test_rollouts_through_two_coordinators_on_postgresql_hand_the_lease_and_its_
     b = start_coordinator("--state-url", pg_url, nodes=[node.address], name="pg-roll-b")
     a.wait_routable(1)
     b.wait_routable(1)
-    lease = RolloutStore(pg_url)   # its own engine: what a third coordinator would read
+    lease = RolloutStore(pg_url)  # its own engine: what a third coordinator would read
     try:
         first = run_rollout(a, new_model, "pg-r-a")
         assert first.state == K.ROLLOUT_STATE_SUCCEEDED, first
@@ -161,7 +190,9 @@ def test_rollouts_through_two_coordinators_on_postgresql_hand_the_lease_and_its_
 def test_a_coordinator_whose_database_is_unreachable_exits_naming_it_without_the_password(tmp_path):
     from tests.procs import CoordinatorProcess
 
-    co = CoordinatorProcess("--state-url", f"postgresql://fleet:{PASSWORD}@127.0.0.1:1/state", name="pg-down")
+    co = CoordinatorProcess(
+        "--state-url", f"postgresql://fleet:{PASSWORD}@127.0.0.1:1/state", name="pg-down"
+    )
     with co, pytest.raises(RuntimeError, match="exited before listening"):
         co.start(tmp_path / "logs")
     assert co.proc.wait(10) == 1
@@ -181,11 +212,25 @@ def test_the_request_log_on_postgresql_answers_as_on_sqlite(pg_url):
     log = RequestLog(pg_url, retention_days=30, clock=lambda: clock[0])
     try:
         on_sqlite.test_filters_since_slow_failed_caller_and_limit(log, clock)
-        log.record(replace(on_sqlite.summary(7, ended=clock[0] - 10), template="soap", output_format="json",
-                           schema_valid=True, quality_score=0.9, quality_parts={"sections": 1.0}))
-        reply = log.list_reply(fleet_pb2.ListRequestsRequest(since_s=60), slow_ttft_ms=1e9, slow_latency_ms=1e9)
+        log.record(
+            replace(
+                on_sqlite.summary(7, ended=clock[0] - 10),
+                template="soap",
+                output_format="json",
+                schema_valid=True,
+                quality_score=0.9,
+                quality_parts={"sections": 1.0},
+            )
+        )
+        reply = log.list_reply(
+            fleet_pb2.ListRequestsRequest(since_s=60), slow_ttft_ms=1e9, slow_latency_ms=1e9
+        )
         row = reply.requests[0]
-        assert (row.request_id, row.template, row.schema_valid, dict(row.quality_parts)) == \
-            ("r-7", "soap", True, {"sections": 1.0})
+        assert (row.request_id, row.template, row.schema_valid, dict(row.quality_parts)) == (
+            "r-7",
+            "soap",
+            True,
+            {"sections": 1.0},
+        )
     finally:
         log.close()

@@ -28,10 +28,18 @@ MIXED = {
         "pain_score": {"type": "integer", "minimum": 0, "maximum": 10},
         "disposition": {"enum": ["home", "admit", "refer"]},
         "follow_up": {"type": "boolean"},
-        "problems": {"type": "array", "items": {"type": "string", "maxLength": 20}, "minItems": 1, "maxItems": 3},
-        "vitals": {"type": "object", "properties": {"heart_rate": {"type": "integer", "minimum": 20,
-                                                                   "maximum": 250}},
-                   "required": ["heart_rate"], "additionalProperties": False},
+        "problems": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 20},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+        "vitals": {
+            "type": "object",
+            "properties": {"heart_rate": {"type": "integer", "minimum": 20, "maximum": 250}},
+            "required": ["heart_rate"],
+            "additionalProperties": False,
+        },
         "summary": {"type": "string", "minLength": 1, "maxLength": 60},
     },
     "required": ["pain_score", "disposition", "follow_up", "problems", "vitals", "summary"],
@@ -43,8 +51,12 @@ TRANSCRIPT = "Clinician: How is the cough? Patient: Better, no fever. Clinician:
 def _req(seed: int, **kw) -> inference_pb2.GenerateRequest:
     kw.setdefault("messages", [("user", "Summarise the synthetic visit as JSON.")])
     kw.setdefault("max_tokens", 400)
-    return build_request(seed=seed, temperature=1.0, request_id=f"structured-{seed}-{kw.get('note_template', 'x')}",
-                         **kw)
+    return build_request(
+        seed=seed,
+        temperature=1.0,
+        request_id=f"structured-{seed}-{kw.get('note_template', 'x')}",
+        **kw,
+    )
 
 
 def _many(node, requests):
@@ -63,7 +75,7 @@ def test_schema_constrained_output_is_valid_for_every_seed(node):
         f = s.final
         assert f.finish_reason == inference_pb2.FINISH_REASON_STOP, f
         assert f.structured.valid, (f.request_id, f.structured.rule, f.structured.path)
-        value = json.loads(s.text)   # what the caller streamed is the object itself
+        value = json.loads(s.text)  # what the caller streamed is the object itself
         assert value == json.loads(f.structured.json)
         jsonschema.validate(value, MIXED if "soap" not in f.structured.format else soap)
         assert f.quality.parts and f.quality.rubric == "notes-v1"
@@ -82,8 +94,11 @@ def test_a_resumed_request_continues_its_grammar_exactly(node):
     resumed_req.request_id = "structured-7-resumed"
     resumed = collect(node.inference, resumed_req)
     assert resumed.error is None, resumed.error
-    assert whole.ids[:cut] + resumed.ids == whole.ids          # same tokens as without the cut
-    assert resumed.final.structured.valid and resumed.final.structured.json == whole.final.structured.json
+    assert whole.ids[:cut] + resumed.ids == whole.ids  # same tokens as without the cut
+    assert (
+        resumed.final.structured.valid
+        and resumed.final.structured.json == whole.final.structured.json
+    )
     # A prefix the schema cannot have produced is refused, not decoded into nonsense.
     bad = _req(8, json_schema=MIXED)
     bad.prefix_token_ids[:] = whole.ids[1:cut]
@@ -98,10 +113,20 @@ BAD = [
     (dict(json_schema="{"), "not valid JSON"),
     (dict(json_schema='{"type": "integer", "minimum": 3, "maximum": 1}'), "cannot be enforced"),
     (dict(note_template="haiku"), "not a known note template"),
-    (dict(messages=None, template="discharge", variables={"transcript": "x"}), "not in the registry"),
+    (
+        dict(messages=None, template="discharge", variables={"transcript": "x"}),
+        "not in the registry",
+    ),
     (dict(messages=None, template="soap-note", variables={}), "needs the variable"),
-    (dict(messages=None, template="soap-note", template_version="qwen2/v9", variables={"transcript": "x"}),
-     "has no such version"),
+    (
+        dict(
+            messages=None,
+            template="soap-note",
+            template_version="qwen2/v9",
+            variables={"transcript": "x"},
+        ),
+        "has no such version",
+    ),
 ]
 
 
@@ -117,19 +142,45 @@ def test_a_bad_schema_or_template_is_invalid_argument_on_the_node(node, kw, says
 @pytest.mark.usefixtures("as_node_caller")
 def test_template_requests_record_their_version_and_a_truncated_note_is_a_typed_error(node):
     with FleetClient(node.address, server_name="node.studiofleet") as client:
-        r = client.generate(template="soap-brief", variables={"transcript": TRANSCRIPT}, seed=3, temperature=1.0,
-                            request_id="tpl-1", timeout_s=120)
+        r = client.generate(
+            template="soap-brief",
+            variables={"transcript": TRANSCRIPT},
+            seed=3,
+            temperature=1.0,
+            request_id="tpl-1",
+            timeout_s=120,
+        )
         assert r.template == "soap-brief@default/v1" and r.output_format == "soap-brief"
         assert set(r.output) == {"subjective", "objective", "assessment", "plan"}
-        assert set(r.quality.parts) == {"schema_valid", "sections", "not_truncated", "repetition", "length",
-                                        "no_refusal"}
-        pinned = client.generate(template="soap-note", template_version="qwen2/v1", note_template="soap-brief",
-                                 variables={"transcript": TRANSCRIPT}, max_tokens=400, seed=3, temperature=1.0,
-                                 request_id="tpl-2", timeout_s=120)
+        assert set(r.quality.parts) == {
+            "schema_valid",
+            "sections",
+            "not_truncated",
+            "repetition",
+            "length",
+            "no_refusal",
+        }
+        pinned = client.generate(
+            template="soap-note",
+            template_version="qwen2/v1",
+            note_template="soap-brief",
+            variables={"transcript": TRANSCRIPT},
+            max_tokens=400,
+            seed=3,
+            temperature=1.0,
+            request_id="tpl-2",
+            timeout_s=120,
+        )
         assert pinned.template == "soap-note@qwen2/v1" and pinned.output_format == "soap-brief"
         with pytest.raises(SchemaViolationError) as err:
-            client.generate(template="soap-brief", variables={"transcript": TRANSCRIPT}, max_tokens=6, seed=3,
-                            request_id="tpl-3", timeout_s=60)
+            client.generate(
+                template="soap-brief",
+                variables={"transcript": TRANSCRIPT},
+                max_tokens=6,
+                seed=3,
+                request_id="tpl-3",
+                timeout_s=60,
+            )
     e = err.value
     assert e.rule == "truncated" and "raise max_tokens" in e.message
     assert e.result.finish_reason == "length" and e.result.quality.parts["not_truncated"] == 0.0
@@ -138,7 +189,15 @@ def test_template_requests_record_their_version_and_a_truncated_note_is_a_typed_
     scrape = cm.parse(node.http_get("/metrics", "monitor", Role.MONITOR)[1].decode())
     assert _sample(scrape, "studiofleet_node_notes_total", format="soap-brief", valid="false") >= 1
     assert _sample(scrape, "studiofleet_node_notes_total", format="soap-brief", valid="true") >= 2
-    assert _sample(scrape, "studiofleet_node_note_subscore_sum_total", format="soap-brief", part="schema_valid") >= 2
+    assert (
+        _sample(
+            scrape,
+            "studiofleet_node_note_subscore_sum_total",
+            format="soap-brief",
+            part="schema_valid",
+        )
+        >= 2
+    )
     assert _sample(scrape, "studiofleet_node_note_quality_count", format="soap-brief") >= 3
 
 
@@ -149,17 +208,31 @@ def _sample(scrape: dict, name: str, **labels) -> float:
 def test_through_the_coordinator_notes_reach_the_request_log_and_metrics(node, start_coordinator):
     co = start_coordinator(nodes=[node.address])
     co.wait_routable(1)
-    req = build_request(template="soap-brief", variables={"transcript": TRANSCRIPT}, seed=5, temperature=1.0,
-                        request_id="co-note-1")
+    req = build_request(
+        template="soap-brief",
+        variables={"transcript": TRANSCRIPT},
+        seed=5,
+        temperature=1.0,
+        request_id="co-note-1",
+    )
     ok_run = collect(co.inference, req)
     assert ok_run.error is None, ok_run.error
     f = ok_run.final
     assert f.template == "soap-brief@default/v1" and f.structured.valid and f.quality.total > 0
-    bad_run = collect(co.inference, build_request(messages=[("user", "x")], max_tokens=8,
-                                                  json_schema='{"type": "strin"}', request_id="co-note-2"))
+    bad_run = collect(
+        co.inference,
+        build_request(
+            messages=[("user", "x")],
+            max_tokens=8,
+            json_schema='{"type": "strin"}',
+            request_id="co-note-2",
+        ),
+    )
     assert bad_run.error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid JSON Schema" in bad_run.error.details()
-    out = fleetctl("requests", "-c", co.address, "--tls-name", "operator", "--since", "10m", "-o", "json")
+    out = fleetctl(
+        "requests", "-c", co.address, "--tls-name", "operator", "--since", "10m", "-o", "json"
+    )
     assert out.returncode == 0, out.stderr
     rows = {row["request_id"]: row for row in json.loads(out.stdout)["requests"]}
     ok, bad = rows["co-note-1"], rows["co-note-2"]
@@ -176,14 +249,44 @@ def test_through_the_coordinator_notes_reach_the_request_log_and_metrics(node, s
 def test_fleetctl_generate_writes_a_structured_note_and_says_how_it_scored(node):
     from tests.test_fleetctl import AT_NODE
 
-    out = fleetctl("generate", *AT_NODE, "--target", node.address, "--template", "soap-brief", "--prompt",
-                   TRANSCRIPT, "--seed", "4", "--temperature", "1")
+    out = fleetctl(
+        "generate",
+        *AT_NODE,
+        "--target",
+        node.address,
+        "--template",
+        "soap-brief",
+        "--prompt",
+        TRANSCRIPT,
+        "--seed",
+        "4",
+        "--temperature",
+        "1",
+    )
     assert out.returncode == 0, out.stderr
     assert set(json.loads(out.stdout)) == {"subjective", "objective", "assessment", "plan"}
-    assert "-- template soap-brief@default/v1" in out.stderr and "-- soap-brief: valid; quality" in out.stderr
-    out = fleetctl("generate", *AT_NODE, "--target", node.address, "--prompt", "Summarise as JSON.",
-                   "--note-template", "soap-brief", "--max-tokens", "5", "-o", "json")
+    assert (
+        "-- template soap-brief@default/v1" in out.stderr
+        and "-- soap-brief: valid; quality" in out.stderr
+    )
+    out = fleetctl(
+        "generate",
+        *AT_NODE,
+        "--target",
+        node.address,
+        "--prompt",
+        "Summarise as JSON.",
+        "--note-template",
+        "soap-brief",
+        "--max-tokens",
+        "5",
+        "-o",
+        "json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["output"] is None and result["finish_reason"] == "length"
-    assert result["quality"]["parts"]["not_truncated"] == 0.0 and result["output_format"] == "soap-brief"
+    assert (
+        result["quality"]["parts"]["not_truncated"] == 0.0
+        and result["output_format"] == "soap-brief"
+    )

@@ -31,14 +31,17 @@ def feed_all(matcher, parts):
     return "".join(out), stopped
 
 
-@pytest.mark.parametrize("parts,stops,expected", [
-    (["Plan: rest", "\n\nNext"], ("\n\n",), ("Plan: rest", True)),
-    (["Plan: re", "st\n", "\nNext"], ("\n\n",), ("Plan: rest", True)),
-    (["a<", "|e", "nd|>b"], ("<|end|>",), ("a", True)),
-    (["a<", "b"], ("<|end|>",), ("a<b", False)),
-    (["abc"], (), ("abc", False)),
-    (["xSTOPy", "z"], ("STOP", "xS"), ("", True)),
-])
+@pytest.mark.parametrize(
+    "parts,stops,expected",
+    [
+        (["Plan: rest", "\n\nNext"], ("\n\n",), ("Plan: rest", True)),
+        (["Plan: re", "st\n", "\nNext"], ("\n\n",), ("Plan: rest", True)),
+        (["a<", "|e", "nd|>b"], ("<|end|>",), ("a", True)),
+        (["a<", "b"], ("<|end|>",), ("a<b", False)),
+        (["abc"], (), ("abc", False)),
+        (["xSTOPy", "z"], ("STOP", "xS"), ("", True)),
+    ],
+)
 def test_stop_matcher(parts, stops, expected):
     assert feed_all(StopMatcher(stops), parts) == expected
 
@@ -67,14 +70,17 @@ def test_validate_keeps_explicit_zero_seed():
     assert v.seed_given and v.sampling.seed == 0
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"max_tokens": 101}, "between 1 and 100"),
-    ({"stop": ["a", "b", "c"]}, "at most 2 stop"),
-    ({"prefix_token_ids": [50]}, "outside this model's vocabulary"),
-    ({"sampling": inference_pb2.SamplingParams(top_p=-0.1)}, "top_p"),
-    ({"sampling": inference_pb2.SamplingParams(temperature=math.inf)}, "finite"),
-    ({"request_id": "x" * 129}, "request_id"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"max_tokens": 101}, "between 1 and 100"),
+        ({"stop": ["a", "b", "c"]}, "at most 2 stop"),
+        ({"prefix_token_ids": [50]}, "outside this model's vocabulary"),
+        ({"sampling": inference_pb2.SamplingParams(top_p=-0.1)}, "top_p"),
+        ({"sampling": inference_pb2.SamplingParams(temperature=math.inf)}, "finite"),
+        ({"request_id": "x" * 129}, "request_id"),
+    ],
+)
 def test_validate_rejects(kw, needle):
     with pytest.raises(InvalidRequest, match=needle):
         validate(_req(**kw), LIMITS)
@@ -157,10 +163,26 @@ def test_fast_prompt_encoding_matches_transformers(tiny_model):
 
     _, tok = mlx_lm.load(str(tiny_model))
     fast = _encoder(tok)
-    for text in ("Synthetic visit: BP 132/84, é ü 中文", "<|im_start|>user\nhi<|im_end|>\n", "  a\n\n b  "):
+    for text in (
+        "Synthetic visit: BP 132/84, é ü 中文",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "  a\n\n b  ",
+    ):
         assert fast(text) == list(tok.encode(text, add_special_tokens=False))
-    req = ValidRequest("r", (("system", "Be brief."), ("user", "Cough for 3 days.")), None, SamplingSpec(),
-                       True, 5, (), (), "")
-    rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in req.messages],
-                                       add_generation_prompt=True, tokenize=False)
+    req = ValidRequest(
+        "r",
+        (("system", "Be brief."), ("user", "Cough for 3 days.")),
+        None,
+        SamplingSpec(),
+        True,
+        5,
+        (),
+        (),
+        "",
+    )
+    rendered = tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in req.messages],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert build_prompt_tokens(tok, req) == list(tok.encode(rendered, add_special_tokens=False))

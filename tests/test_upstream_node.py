@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.usefixtures("as_node_caller"), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED = "tiny-remote"
-KEY = "sk-synthetic-upstream-key-0123456789"   # synthetic; must never appear in output
+KEY = "sk-synthetic-upstream-key-0123456789"  # synthetic; must never appear in output
 
 
 def _tls(directory: Path) -> tuple[Path, Path, Path]:
@@ -40,26 +40,44 @@ def _tls(directory: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "upstream test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return paths
 
 
@@ -72,21 +90,41 @@ def remote(tiny_model, vllm_python, tmp_path_factory):
     ca, cert, key = _tls(directory)
     key_file = directory / "key"
     key_file.write_text(KEY + "\n")
-    server = VllmServer(python=vllm_python, state_dir=directory,
-                        extra_args=[*VLLM_ARGS.split(), "--api-key", KEY, "--ssl-keyfile", str(key),
-                                    "--ssl-certfile", str(cert)])
+    server = VllmServer(
+        python=vllm_python,
+        state_dir=directory,
+        extra_args=[
+            *VLLM_ARGS.split(),
+            "--api-key",
+            KEY,
+            "--ssl-keyfile",
+            str(key),
+            "--ssl-certfile",
+            str(cert),
+        ],
+    )
     server.port = free_port()
-    context = json.loads((tiny_model / "config.json").read_text()).get("max_position_embeddings") or 32768
+    context = (
+        json.loads((tiny_model / "config.json").read_text()).get("max_position_embeddings") or 32768
+    )
     cmd = server.command(tiny_model, SERVED, max_model_len=int(context), max_num_seqs=16)
     url = f"https://127.0.0.1:{server.port}"
     with open(directory / "vllm.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                                env={**os.environ, **CHILD_ENV, **VLLM_ENV})
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            env={**os.environ, **CHILD_ENV, **VLLM_ENV},
+        )
     try:
         tls = ssl.create_default_context(cafile=str(ca))
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            assert proc.poll() is None, f"the vLLM server exited: {(directory / 'vllm.log').read_text()[-2000:]}"
+            assert proc.poll() is None, (
+                f"the vLLM server exited: {(directory / 'vllm.log').read_text()[-2000:]}"
+            )
             try:
                 with urllib.request.urlopen(f"{url}/health", context=tls, timeout=2) as r:
                     if r.status == 200:
@@ -106,14 +144,27 @@ def remote(tiny_model, vllm_python, tmp_path_factory):
 
 
 def _upstream_args(url: str, ca: Path, key_file: Path, *extra: str) -> tuple[str, ...]:
-    return ("--engine", "upstream", "--upstream-url", url, "--upstream-model", SERVED,
-            "--upstream-key-file", str(key_file), "--upstream-ca-file", str(ca), *extra)
+    return (
+        "--engine",
+        "upstream",
+        "--upstream-url",
+        url,
+        "--upstream-model",
+        SERVED,
+        "--upstream-key-file",
+        str(key_file),
+        "--upstream-ca-file",
+        str(ca),
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def upstream_node(tiny_model, remote, tmp_path_factory):
     url, ca, key_file = remote
-    proc = NodeProcess(tiny_model, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="upstream-node")
+    proc = NodeProcess(
+        tiny_model, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="upstream-node"
+    )
     with proc:
         proc.start(tmp_path_factory.mktemp("upstream-logs"))
         proc.wait_serving(120)
@@ -132,10 +183,13 @@ def _run(node, req):
     return ids, final
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, seed=1234)],
-                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=0.0), dict(temperature=0.9, seed=1234)], ids=["greedy", "seeded"]
+)
 def test_tokens_equal_the_vllm_node_type_for_the_same_request(upstream_node, vllm_node, sampling):
-    req = build_request(prompt="Synthetic visit summary:", max_tokens=24, request_id="same-tokens", **sampling)
+    req = build_request(
+        prompt="Synthetic visit summary:", max_tokens=24, request_id="same-tokens", **sampling
+    )
     ids, final = _run(upstream_node, req)
     want, want_final = _run(vllm_node, req)
     assert ids == want and len(ids) > 0
@@ -144,7 +198,10 @@ def test_tokens_equal_the_vllm_node_type_for_the_same_request(upstream_node, vll
 
 
 def test_resume_with_prefix_token_ids_continues_exactly(upstream_node):
-    full, _ = _run(upstream_node, build_request(prompt="Plan:", max_tokens=20, temperature=0.0, request_id="r1"))
+    full, _ = _run(
+        upstream_node,
+        build_request(prompt="Plan:", max_tokens=20, temperature=0.0, request_id="r1"),
+    )
     assert len(full) == 20
     req = build_request(prompt="Plan:", max_tokens=12, temperature=0.0, request_id="r2")
     req.prefix_token_ids.extend(full[:8])
@@ -161,9 +218,25 @@ def test_status_names_the_engine_and_the_endpoint(upstream_node, remote):
 
 
 def _refused(tiny_model, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node_agent.main", "--model", str(tiny_model), "--listen",
-                           "127.0.0.1:0", "--no-mdns", "--state-dir", str(tmp_path / "state"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node_agent.main",
+            "--model",
+            str(tiny_model),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-mdns",
+            "--state-dir",
+            str(tmp_path / "state"),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_refuses_to_start_without_phi_allowed(tiny_model, tmp_path):
@@ -180,8 +253,9 @@ def test_refuses_to_start_with_an_unusable_key_file(tiny_model, tmp_path, case):
     ca.write_text("unused: the key file is checked first\n")
     if case == "empty":
         key_file.write_text("\n")
-    out = _refused(tiny_model, tmp_path, *_upstream_args("https://127.0.0.1:9", ca, key_file),
-                   "--phi-allowed")
+    out = _refused(
+        tiny_model, tmp_path, *_upstream_args("https://127.0.0.1:9", ca, key_file), "--phi-allowed"
+    )
     assert out.returncode == 2, out.stderr
     assert "--upstream-key-file" in out.stderr and str(key_file) in out.stderr
 
@@ -190,11 +264,18 @@ def test_a_wrong_key_keeps_the_node_loading_naming_the_key_file(tiny_model, remo
     url, ca, _ = remote
     wrong = tmp_path / "wrong-key"
     wrong.write_text("sk-synthetic-wrong-key")
-    with NodeProcess(tiny_model, *_upstream_args(url, ca, wrong, "--phi-allowed"), node_id="wrong-key") as proc:
+    with NodeProcess(
+        tiny_model, *_upstream_args(url, ca, wrong, "--phi-allowed"), node_id="wrong-key"
+    ) as proc:
         proc.start(tmp_path / "logs")
-        st, _ = proc.wait_until(lambda s: "HTTP 401" in s.lifecycle_reason, timeout_s=30, what="a 401 reason")
+        st, _ = proc.wait_until(
+            lambda s: "HTTP 401" in s.lifecycle_reason, timeout_s=30, what="a 401 reason"
+        )
         assert st.lifecycle == common_pb2.LIFECYCLE_LOADING
-        assert str(wrong) in st.lifecycle_reason and "sk-synthetic-wrong-key" not in st.lifecycle_reason
+        assert (
+            str(wrong) in st.lifecycle_reason
+            and "sk-synthetic-wrong-key" not in st.lifecycle_reason
+        )
         proc.stop()
         assert "sk-synthetic-wrong-key" not in proc.stderr()
 
@@ -202,9 +283,13 @@ def test_a_wrong_key_keeps_the_node_loading_naming_the_key_file(tiny_model, remo
 def test_an_unreachable_url_keeps_the_node_loading_and_retrying(tiny_model, remote, tmp_path):
     _, ca, key_file = remote
     url = f"https://127.0.0.1:{free_port()}"
-    with NodeProcess(tiny_model, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="unreachable") as proc:
+    with NodeProcess(
+        tiny_model, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="unreachable"
+    ) as proc:
         proc.start(tmp_path / "logs")
-        st, _ = proc.wait_until(lambda s: "(try 2)" in s.lifecycle_reason, timeout_s=30, what="a second try")
+        st, _ = proc.wait_until(
+            lambda s: "(try 2)" in s.lifecycle_reason, timeout_s=30, what="a second try"
+        )
         assert st.lifecycle == common_pb2.LIFECYCLE_LOADING
         assert "cannot be reached" in st.lifecycle_reason and url in st.lifecycle_reason
         assert proc.proc.poll() is None
@@ -236,13 +321,21 @@ class Gate:
         async def handle(request: web.Request) -> web.StreamResponse:
             if self.refuse is not None and request.path == "/v1/completions":
                 status, headers = self.refuse
-                return web.json_response({"error": {"type": "SyntheticError", "message": "synthetic"}},
-                                         status=status, headers=headers)
-            async with self._session.request(request.method, self.target + request.path_qs,
-                                             headers={k: v for k, v in request.headers.items() if k != "Host"},
-                                             data=await request.read()) as r:
-                out = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers.get(
-                    "Content-Type", "application/json")})
+                return web.json_response(
+                    {"error": {"type": "SyntheticError", "message": "synthetic"}},
+                    status=status,
+                    headers=headers,
+                )
+            async with self._session.request(
+                request.method,
+                self.target + request.path_qs,
+                headers={k: v for k, v in request.headers.items() if k != "Host"},
+                data=await request.read(),
+            ) as r:
+                out = web.StreamResponse(
+                    status=r.status,
+                    headers={"Content-Type": r.headers.get("Content-Type", "application/json")},
+                )
                 await out.prepare(request)
                 async for block in r.content.iter_any():
                     await out.write(block)
@@ -250,7 +343,9 @@ class Gate:
                 return out
 
         async def start() -> None:
-            self._session = ClientSession(connector=TCPConnector(ssl=ssl.create_default_context(cafile=str(self.ca))))
+            self._session = ClientSession(
+                connector=TCPConnector(ssl=ssl.create_default_context(cafile=str(self.ca)))
+            )
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", handle)
             self._runner = web.AppRunner(app)
@@ -278,9 +373,19 @@ class Gate:
 def gated_node(tiny_model, remote, tmp_path_factory):
     url, ca, key_file = remote
     gate = Gate(url, ca)
-    proc = NodeProcess(tiny_model, "--engine", "upstream", "--upstream-url", f"http://127.0.0.1:{gate.port}",
-                       "--upstream-model", SERVED, "--upstream-key-file", str(key_file), "--phi-allowed",
-                       node_id="gated-node")
+    proc = NodeProcess(
+        tiny_model,
+        "--engine",
+        "upstream",
+        "--upstream-url",
+        f"http://127.0.0.1:{gate.port}",
+        "--upstream-model",
+        SERVED,
+        "--upstream-key-file",
+        str(key_file),
+        "--phi-allowed",
+        node_id="gated-node",
+    )
     try:
         with proc:
             proc.start(tmp_path_factory.mktemp("gated-logs"))
@@ -292,11 +397,20 @@ def gated_node(tiny_model, remote, tmp_path_factory):
         gate.close()
 
 
-@pytest.mark.parametrize("status, headers, code, words", [
-    (429, {"Retry-After": "3"}, "RESOURCE_EXHAUSTED", "rate-limiting (HTTP 429); retry after 3s"),
-    (503, {}, "UNAVAILABLE", "failed (HTTP 503, SyntheticError)"),
-    (401, {}, "FAILED_PRECONDITION", "refused the key in"),
-], ids=["429", "503", "401"])
+@pytest.mark.parametrize(
+    "status, headers, code, words",
+    [
+        (
+            429,
+            {"Retry-After": "3"},
+            "RESOURCE_EXHAUSTED",
+            "rate-limiting (HTTP 429); retry after 3s",
+        ),
+        (503, {}, "UNAVAILABLE", "failed (HTTP 503, SyntheticError)"),
+        (401, {}, "FAILED_PRECONDITION", "refused the key in"),
+    ],
+    ids=["429", "503", "401"],
+)
 def test_upstream_refusals_map_to_grpc_statuses(gated_node, status, headers, code, words):
     import grpc
 
@@ -310,7 +424,11 @@ def test_upstream_refusals_map_to_grpc_statuses(gated_node, status, headers, cod
     finally:
         gate.refuse = None
     assert err.value.code().name == code
-    assert words in err.value.details() and "synthetic" not in err.value.details() and KEY not in err.value.details()
+    assert (
+        words in err.value.details()
+        and "synthetic" not in err.value.details()
+        and KEY not in err.value.details()
+    )
     pushback = dict(err.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
     assert pushback == ("3000" if status == 429 else None)
     if status == 401:

@@ -31,7 +31,8 @@ def fleet(vllm_node, start_node, start_coordinator, tmp_path):
 
 def _cordon(co, node_id: str, cordoned: bool) -> None:
     fleet_pb2_grpc.FleetStub(co.channel).CordonNode(
-        fleet_pb2.CordonNodeRequest(node_id=node_id, cordoned=cordoned, reason="test"), timeout=10)
+        fleet_pb2.CordonNodeRequest(node_id=node_id, cordoned=cordoned, reason="test"), timeout=10
+    )
 
 
 def _stream_on(co, nodes, target: str, request, kill_after: int = 20):
@@ -42,8 +43,9 @@ def _stream_on(co, nodes, target: str, request, kill_after: int = 20):
         _cordon(co, node_id, True)
     co.wait_routable(1)
     live = [None]
-    results, threads = in_threads(lambda _: collect(co.inference, request, on_chunk=lambda s: live.__setitem__(0, s)),
-                                  [0])
+    results, threads = in_threads(
+        lambda _: collect(co.inference, request, on_chunk=lambda s: live.__setitem__(0, s)), [0]
+    )
     try:
         deadline = time.monotonic() + 60
         while live[0] is None or len(live[0].ids) < kill_after:
@@ -60,7 +62,9 @@ def _stream_on(co, nodes, target: str, request, kill_after: int = 20):
 
 def test_the_coordinator_routes_across_mlx_and_vllm_nodes(fleet):
     co, nodes = fleet
-    results, threads = in_threads(lambda i: collect(co.inference, note(i, 12, request_id=f"mix-{i}")), list(range(24)))
+    results, threads = in_threads(
+        lambda i: collect(co.inference, note(i, 12, request_id=f"mix-{i}")), list(range(24))
+    )
     for t in threads:
         t.join(120)
     assert all(r.error is None and r.final.usage.completion_tokens == len(r.ids) for r in results)
@@ -79,7 +83,9 @@ def test_a_stream_resumes_across_engines_on_the_same_weights(fleet, tiny_model):
     assert s.error is None, s.error
     f = s.final
     assert list(f.nodes) == ["mlx-same", "vllm-node"] and f.failovers == 1
-    assert f.model.engine == "vllm", "finished on the vLLM node: the MLX node with other weights never resumes it"
+    assert f.model.engine == "vllm", (
+        "finished on the vLLM node: the MLX node with other weights never resumes it"
+    )
     assert f.usage.completion_tokens == max_tokens == len(s.ids)
     # Each token once: the spliced text is exactly the decoded token ids.
     assert s.text == AutoTokenizer.from_pretrained(tiny_model).decode(s.ids)
@@ -100,11 +106,22 @@ def test_a_rollout_can_take_one_engine_only(fleet):
     stub = fleet_pb2_grpc.FleetStub(co.channel)
     target = fleet_pb2.RolloutTarget(restart=True)
     with pytest.raises(grpc.RpcError) as err:
-        stub.StartRollout(fleet_pb2.StartRolloutRequest(target=target, engine="vllm", node_ids=["mlx-same"]), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "known: vllm-node" in err.value.details()
+        stub.StartRollout(
+            fleet_pb2.StartRolloutRequest(target=target, engine="vllm", node_ids=["mlx-same"]),
+            timeout=10,
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "known: vllm-node" in err.value.details()
+    )
     with pytest.raises(grpc.RpcError) as err:
-        stub.StartRollout(fleet_pb2.StartRolloutRequest(target=target, engine="tensorrt"), timeout=10)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no verified tensorrt nodes" in err.value.details()
+        stub.StartRollout(
+            fleet_pb2.StartRolloutRequest(target=target, engine="tensorrt"), timeout=10
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and "no verified tensorrt nodes" in err.value.details()
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.StartRollout(fleet_pb2.StartRolloutRequest(target=target, engine="mlx\nx"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

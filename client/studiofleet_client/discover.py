@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 from studiofleet_client.errors import FleetError, UnavailableError
 
-SERVICE_TYPE = "_sf-coordinator._tcp.local."   # coordinator/announce.py announces this
+SERVICE_TYPE = "_sf-coordinator._tcp.local."  # coordinator/announce.py announces this
 DEFAULT_TIMEOUT_S = 3.0
 
 
@@ -36,13 +36,18 @@ class Coordinator:
 
     coordinator_id: str
     address: str
-    openai_address: str   # HOST:PORT of its OpenAI front door, "" when it runs none
+    openai_address: str  # HOST:PORT of its OpenAI front door, "" when it runs none
     fleet: str
     tls: bool
 
 
-def browse_coordinators(fleet: str = "default", *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                        interface: Optional[str] = None, want: Optional[int] = None) -> list[Coordinator]:
+def browse_coordinators(
+    fleet: str = "default",
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    interface: Optional[str] = None,
+    want: Optional[int] = None,
+) -> list[Coordinator]:
     """Coordinators of `fleet` announced within `timeout_s` (sooner once `want` are found),
     sorted by id. `interface`: an IPv4 address to browse on (default: all)."""
     if timeout_s <= 0:
@@ -58,7 +63,8 @@ def browse_coordinators(fleet: str = "default", *, timeout_s: float = DEFAULT_TI
     except ImportError:
         raise DiscoveryUnavailableError(
             "finding coordinators over mDNS needs zeroconf: pip install 'studiofleet-client[discovery]' "
-            "(or give the coordinators' addresses)") from None
+            "(or give the coordinators' addresses)"
+        ) from None
     import threading
 
     found: dict[str, Coordinator] = {}
@@ -70,7 +76,9 @@ def browse_coordinators(fleet: str = "default", *, timeout_s: float = DEFAULT_TI
             names.add(name)
             changed.set()
 
-    zc = Zeroconf(interfaces=[interface] if interface else InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    zc = Zeroconf(
+        interfaces=[interface] if interface else InterfaceChoice.All, ip_version=IPVersion.V4Only
+    )
     try:
         browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
         deadline = time.monotonic() + timeout_s
@@ -88,17 +96,28 @@ def browse_coordinators(fleet: str = "default", *, timeout_s: float = DEFAULT_TI
     return sorted(found.values(), key=lambda c: (c.coordinator_id, c.address))
 
 
-def discover_coordinators(fleet: str = "default", *, static: Iterable[str] = (), timeout_s: float = DEFAULT_TIMEOUT_S,
-                          interface: Optional[str] = None, want: Optional[int] = None) -> list[str]:
+def discover_coordinators(
+    fleet: str = "default",
+    *,
+    static: Iterable[str] = (),
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    interface: Optional[str] = None,
+    want: Optional[int] = None,
+) -> list[str]:
     """The addresses FleetClient / AsyncFleetClient take: `static` first, in order, then
     those discovered for `fleet` (without repeats). UnavailableError when there is none at all;
     DiscoveryUnavailableError when browsing is needed and zeroconf is not installed."""
     targets = list(dict.fromkeys(static))
-    targets += [c.address for c in browse_coordinators(fleet, timeout_s=timeout_s, interface=interface, want=want)
-                if c.address not in targets]
+    targets += [
+        c.address
+        for c in browse_coordinators(fleet, timeout_s=timeout_s, interface=interface, want=want)
+        if c.address not in targets
+    ]
     if not targets:
-        raise UnavailableError(f"no coordinator of fleet {fleet!r} announced itself within {timeout_s:g} s and none was "
-                         "given; check the fleet name and that multicast reaches this host, or pass addresses")
+        raise UnavailableError(
+            f"no coordinator of fleet {fleet!r} announced itself within {timeout_s:g} s and none was "
+            "given; check the fleet name and that multicast reaches this host, or pass addresses"
+        )
     return targets
 
 
@@ -114,9 +133,13 @@ def _resolve(zc, name: str, fleet: str, timeout_ms: int) -> Optional[Coordinator
         return None
     host = addresses[0]
     openai = txt.get("openai", "")
-    return Coordinator(coordinator_id=txt["id"], address=f"{host}:{info.port}",
-                       openai_address=f"{host}:{openai}" if openai.isdigit() and openai != "0" else "",
-                       fleet=txt.get("fleet", "default"), tls=txt.get("tls", "1") != "0")
+    return Coordinator(
+        coordinator_id=txt["id"],
+        address=f"{host}:{info.port}",
+        openai_address=f"{host}:{openai}" if openai.isdigit() and openai != "0" else "",
+        fleet=txt.get("fleet", "default"),
+        tls=txt.get("tls", "1") != "0",
+    )
 
 
 def _routable_first(addresses: Sequence[str]) -> list[str]:

@@ -44,7 +44,7 @@ class FleetError(Exception):
     def __init__(self, message: str, *, retry_after_ms: Optional[int] = None):
         super().__init__(message)
         self.message = message
-        self.details = message          # the server's (or the client's) own words, without context
+        self.details = message  # the server's (or the client's) own words, without context
         self.retry_after_ms = retry_after_ms
         self.target = ""
         self.request_id = ""
@@ -79,8 +79,10 @@ class PermissionDeniedError(FleetError):
 
 ROLE_HINTS = {
     "app": "use an app certificate (--tls-name APP; issue one with `fleetctl certs issue --role app --name APP`)",
-    "operator": ("use an operator certificate (--tls-name NAME; issue one with "
-                 "`fleetctl certs issue --role operator --name NAME`)"),
+    "operator": (
+        "use an operator certificate (--tls-name NAME; issue one with "
+        "`fleetctl certs issue --role operator --name NAME`)"
+    ),
     "coordinator": "call through the coordinator (nodes take this call from coordinators only)",
     "monitor": "use a monitor certificate or token (--role monitor)",
 }
@@ -90,21 +92,27 @@ class OverloadedError(FleetError):
     """The fleet is at capacity; `retry_after_ms` says when to try again."""
 
     code = "RESOURCE_EXHAUSTED"
-    next_step = ("retry after retry_after_ms, send fewer requests at once, or use "
-                 "priority='batch' for background work")
+    next_step = (
+        "retry after retry_after_ms, send fewer requests at once, or use "
+        "priority='batch' for background work"
+    )
 
 
 class UnavailableError(FleetError):
     code = "UNAVAILABLE"
-    next_step = ("check that a node or coordinator is serving at the addresses tried, "
-                 "or give the client more addresses")
+    next_step = (
+        "check that a node or coordinator is serving at the addresses tried, "
+        "or give the client more addresses"
+    )
 
 
 class GenerationInterruptedError(UnavailableError):
     """The node ended the stream early (shutdown, engine failure); `partial` holds what
     was generated, so the request can be resumed elsewhere with its token ids."""
 
-    next_step = "resume elsewhere with partial.token_ids as prefix_token_ids, or retry the whole request"
+    next_step = (
+        "resume elsewhere with partial.token_ids as prefix_token_ids, or retry the whole request"
+    )
 
     def __init__(self, message: str, *, partial=None, finish_reason: str = ""):
         super().__init__(message)
@@ -150,7 +158,9 @@ class SchemaViolationError(FleetError):
     where (a JSON pointer); `result` is the whole result, quality score included."""
 
     code = "SCHEMA_VIOLATION"
-    next_step = "raise max_tokens if it was truncated; otherwise review the schema or the prompt template"
+    next_step = (
+        "raise max_tokens if it was truncated; otherwise review the schema or the prompt template"
+    )
 
     def __init__(self, message: str, *, rule: str = "", path: str = "", result=None):
         super().__init__(message)
@@ -161,9 +171,18 @@ class SchemaViolationError(FleetError):
 
 _BY_CODE = {
     cls.code: cls
-    for cls in (InvalidRequestError, UnauthenticatedError, PermissionDeniedError, OverloadedError,
-                UnavailableError, DeadlineExceededError, RequestCancelledError, PreconditionError,
-                DuplicateRequestError, ResumeImpossibleError)
+    for cls in (
+        InvalidRequestError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        OverloadedError,
+        UnavailableError,
+        DeadlineExceededError,
+        RequestCancelledError,
+        PreconditionError,
+        DuplicateRequestError,
+        ResumeImpossibleError,
+    )
 }
 
 
@@ -178,8 +197,14 @@ def pushback_ms(err: grpc.RpcError) -> Optional[int]:
     return value
 
 
-def from_rpc_error(err: grpc.RpcError, *, target: str = "", request_id: str = "", attempts: int = 0,
-                   targets_tried: Sequence[str] = ()) -> FleetError:
+def from_rpc_error(
+    err: grpc.RpcError,
+    *,
+    target: str = "",
+    request_id: str = "",
+    attempts: int = 0,
+    targets_tried: Sequence[str] = (),
+) -> FleetError:
     """Map a gRPC error to the tree; with `target`, the message also says where, which
     request, and what to do next."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
@@ -188,27 +213,46 @@ def from_rpc_error(err: grpc.RpcError, *, target: str = "", request_id: str = ""
     cls = _BY_CODE.get(code.name, FleetError)
     refusal = tls_refusal(details or "") if code == grpc.StatusCode.UNAVAILABLE else None
     if refusal:
-        details = (f"TLS handshake refused: {refusal}. Check that this client's certificate is from the fleet's "
-                   f"CA, unexpired and not revoked ({details})")
+        details = (
+            f"TLS handshake refused: {refusal}. Check that this client's certificate is from the fleet's "
+            f"CA, unexpired and not revoked ({details})"
+        )
     elif code == grpc.StatusCode.UNAVAILABLE and "Connection refused" in (details or ""):
-        details = (f"nothing answers at {target or 'the address given'} (connection refused): the daemon is not "
-                   "running there, or listens on another port; check the address (-c, STUDIOFLEET_COORDINATOR "
-                   "or the config file)")
+        details = (
+            f"nothing answers at {target or 'the address given'} (connection refused): the daemon is not "
+            "running there, or listens on another port; check the address (-c, STUDIOFLEET_COORDINATOR "
+            "or the config file)"
+        )
     exc = cls(details or code.name, retry_after_ms=pushback_ms(err))
     if cls is FleetError:
         exc.code = code.name
     if target:
-        add_context(exc, target=target, request_id=request_id, attempts=attempts, targets_tried=targets_tried)
+        add_context(
+            exc,
+            target=target,
+            request_id=request_id,
+            attempts=attempts,
+            targets_tried=targets_tried,
+        )
     return exc
 
 
-def add_context(exc: FleetError, *, target: str, request_id: str, attempts: int = 0,
-                targets_tried: Sequence[str] = ()) -> FleetError:
+def add_context(
+    exc: FleetError,
+    *,
+    target: str,
+    request_id: str,
+    attempts: int = 0,
+    targets_tried: Sequence[str] = (),
+) -> FleetError:
     """Record where the call went and rewrite `message` to name it and the next step."""
     exc.target, exc.request_id, exc.attempts = target, request_id, attempts
     exc.targets_tried = list(dict.fromkeys(targets_tried or [target]))
-    where = f"target {target}" if len(exc.targets_tried) <= 1 else \
-        f"targets {', '.join(exc.targets_tried)} (last {target})"
+    where = (
+        f"target {target}"
+        if len(exc.targets_tried) <= 1
+        else f"targets {', '.join(exc.targets_tried)} (last {target})"
+    )
     tries = f", {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
     step = exc.next_step
     if isinstance(exc, OverloadedError) and exc.retry_after_ms is not None:

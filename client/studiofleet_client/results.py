@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from studiofleet_client.api import inference_pb2
-from studiofleet_client.errors import FleetError, GenerationInterruptedError, SchemaViolationError, add_context
+from studiofleet_client.errors import (
+    FleetError,
+    GenerationInterruptedError,
+    SchemaViolationError,
+    add_context,
+)
 
 __all__ = ["GenerateResult", "Quality", "ResultBuilder", "build_request", "with_request_id"]
 
@@ -29,7 +34,7 @@ _PRIORITIES = {
 class GenerateResult:
     """A whole completion with the final record's metadata."""
 
-    text: str = field(repr=False)           # content: never in a repr, a log or a failed assert
+    text: str = field(repr=False)  # content: never in a repr, a log or a failed assert
     token_ids: list[int] = field(repr=False)
     finish_reason: str
     request_id: str
@@ -47,16 +52,18 @@ class GenerateResult:
     client_total_ms: float = 0.0
     message: str = ""
     chunks: int = field(default=0, repr=False)
-    failovers: int = 0                                 # times the coordinator moved the request
-    nodes: list[str] = field(default_factory=list)     # nodes that served it, in order
-    restarts: int = 0                                  # times it started over on other weights (text: the last run's)
-    target: str = ""                                   # the address that answered
-    attempts: int = 1                                  # client attempts, this one included
-    coordinator_failovers: int = 0                     # times the client resumed it on another coordinator
-    output: object = field(default=None, repr=False)   # the validated object (output_format requests)
-    output_format: str = ""                            # note template, or json_schema:<digest>
-    quality: Optional["Quality"] = None                # the note's score (output_format/template requests)
-    template: str = ""                                 # prompt template version used, e.g. soap-note@qwen2/v2
+    failovers: int = 0  # times the coordinator moved the request
+    nodes: list[str] = field(default_factory=list)  # nodes that served it, in order
+    restarts: int = 0  # times it started over on other weights (text: the last run's)
+    target: str = ""  # the address that answered
+    attempts: int = 1  # client attempts, this one included
+    coordinator_failovers: int = 0  # times the client resumed it on another coordinator
+    output: object = field(
+        default=None, repr=False
+    )  # the validated object (output_format requests)
+    output_format: str = ""  # note template, or json_schema:<digest>
+    quality: Optional["Quality"] = None  # the note's score (output_format/template requests)
+    template: str = ""  # prompt template version used, e.g. soap-note@qwen2/v2
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("chunks", "output")}
@@ -65,6 +72,7 @@ class GenerateResult:
 @dataclass(frozen=True)
 class Quality:
     """A note's quality score: the weighted total and each named sub-score (0..1)."""
+
     total: float
     parts: dict[str, float]
     details: dict[str, str]
@@ -72,8 +80,12 @@ class Quality:
 
     @classmethod
     def from_proto(cls, q: inference_pb2.QualityScore) -> "Quality":
-        return cls(q.total, {p.name: p.score for p in q.parts}, {p.name: p.detail for p in q.parts if p.detail},
-                   q.rubric)
+        return cls(
+            q.total,
+            {p.name: p.score for p in q.parts},
+            {p.name: p.detail for p in q.parts if p.detail},
+            q.rubric,
+        )
 
 
 def build_request(
@@ -107,16 +119,27 @@ def build_request(
     carries the validated object (`output`) and a quality score, or generate raises
     SchemaViolationError."""
     sampling = inference_pb2.SamplingParams()
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                        ("min_p", min_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):
+    for name, value in (
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("top_k", top_k),
+        ("min_p", min_p),
+        ("repetition_penalty", repetition_penalty),
+        ("seed", seed),
+    ):
         if value is not None:
             setattr(sampling, name, value)
     if priority is not None and priority not in _PRIORITIES:
         raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, got {priority!r}")
     req = inference_pb2.GenerateRequest(
-        request_id=request_id, sampling=sampling, max_tokens=max_tokens, stop=list(stop),
-        priority=_PRIORITIES.get(priority, inference_pb2.PRIORITY_UNSPECIFIED), session_key=session_key,
-        allow_restart=allow_restart)
+        request_id=request_id,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop=list(stop),
+        priority=_PRIORITIES.get(priority, inference_pb2.PRIORITY_UNSPECIFIED),
+        session_key=session_key,
+        allow_restart=allow_restart,
+    )
     if messages is not None:
         req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in messages)
     elif prompt is not None:
@@ -126,7 +149,9 @@ def build_request(
         req.template.version = template_version
         req.template.variables.update(variables or {})
     if json_schema is not None:
-        req.output_format.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        req.output_format.json_schema = (
+            json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        )
     elif note_template is not None:
         req.output_format.note_template = note_template
     return req
@@ -170,8 +195,12 @@ class ResultBuilder:
         GenerationInterruptedError (with the partial result) if the node ended it early."""
         final = self._final
         if final is None:
-            raise add_context(FleetError("the stream ended without a final chunk"), target=target,
-                              request_id=self.request_id, attempts=attempts)
+            raise add_context(
+                FleetError("the stream ended without a final chunk"),
+                target=target,
+                request_id=self.request_id,
+                attempts=attempts,
+            )
         result = GenerateResult(
             text="".join(self._text),
             token_ids=list(self._ids),
@@ -202,17 +231,32 @@ class ResultBuilder:
         if final.HasField("quality"):
             result.quality = Quality.from_proto(final.quality)
         if result.finish_reason in ("cancelled", "error"):
-            exc = GenerationInterruptedError(final.message or f"generation ended: {result.finish_reason}",
-                                             partial=result, finish_reason=result.finish_reason)
-            raise add_context(exc, target=target, request_id=result.request_id or self.request_id,
-                              attempts=attempts)
+            exc = GenerationInterruptedError(
+                final.message or f"generation ended: {result.finish_reason}",
+                partial=result,
+                finish_reason=result.finish_reason,
+            )
+            raise add_context(
+                exc,
+                target=target,
+                request_id=result.request_id or self.request_id,
+                attempts=attempts,
+            )
         if final.HasField("structured"):
             st = final.structured
             result.output_format = st.format
             if not st.valid:
-                exc = SchemaViolationError(f"the completion is not a valid {st.format}: {st.error}", rule=st.rule,
-                                           path=st.path, result=result)
-                raise add_context(exc, target=target, request_id=result.request_id or self.request_id,
-                                  attempts=attempts)
+                exc = SchemaViolationError(
+                    f"the completion is not a valid {st.format}: {st.error}",
+                    rule=st.rule,
+                    path=st.path,
+                    result=result,
+                )
+                raise add_context(
+                    exc,
+                    target=target,
+                    request_id=result.request_id or self.request_id,
+                    attempts=attempts,
+                )
             result.output = json.loads(st.json)
         return result

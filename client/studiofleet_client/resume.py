@@ -32,19 +32,19 @@ class StreamState:
 
     def __init__(self, request: inference_pb2.GenerateRequest, *, max_failovers: int):
         self.original = request
-        self.request = request            # what the next attempt sends
+        self.request = request  # what the next attempt sends
         self.max_failovers = max_failovers
         self.info: Optional[inference_pb2.ResumeInfo] = None
         self.ids: list[int] = []
-        self.text_chars = 0               # code points received
+        self.text_chars = 0  # code points received
         self.failovers = 0
-        self.breaks: list[str] = []       # "coordinator X after N tokens (why)", for messages
+        self.breaks: list[str] = []  # "coordinator X after N tokens (why)", for messages
 
     def observe(self, chunk: inference_pb2.GenerateChunk) -> inference_pb2.GenerateChunk:
         """Count a chunk the caller gets; after a failover the final chunk is rewritten to
         describe the whole request (completion tokens, the caller's prefix, the failovers
         and a note naming each break)."""
-        if chunk.restarted:   # the coordinator started over on other weights: all before is void
+        if chunk.restarted:  # the coordinator started over on other weights: all before is void
             self.ids.clear()
             self.text_chars = 0
         if chunk.HasField("resume"):
@@ -61,20 +61,33 @@ class StreamState:
             f.message = f"{f.message}; {note}" if f.message else note
         return chunk
 
-    def broke(self, err: grpc.RpcError, target: str, targets: list[str], tried: list[str], attempts: int) -> None:
+    def broke(
+        self, err: grpc.RpcError, target: str, targets: list[str], tried: list[str], attempts: int
+    ) -> None:
         """The stream broke after chunks arrived: make `request` its continuation, or raise
         the error that says why it cannot be continued."""
-        exc = from_rpc_error(err, target=target, request_id=self.original.request_id, attempts=attempts,
-                             targets_tried=tried)
+        exc = from_rpc_error(
+            err,
+            target=target,
+            request_id=self.original.request_id,
+            attempts=attempts,
+            targets_tried=tried,
+        )
         if exc.code not in RESUMABLE:
             raise exc from None
         n = len(self.ids)
-        origin = self.info.coordinator_id if self.info is not None and self.info.coordinator_id else target
+        origin = (
+            self.info.coordinator_id
+            if self.info is not None and self.info.coordinator_id
+            else target
+        )
         cause = f"coordinator {origin} at {target} after {n} tokens ({exc.details})"
         why = ""
         if self.info is None:
-            why = ("the server sent no resume information (a node agent, or a coordinator older than this client); "
-                   "call a coordinator")
+            why = (
+                "the server sent no resume information (a node agent, or a coordinator older than this client); "
+                "call a coordinator"
+            )
         elif len(targets) < 2:
             why = "the client has no other coordinator address to resume on; give it several"
         elif self.failovers >= self.max_failovers:
@@ -82,26 +95,46 @@ class StreamState:
         elif self.info.max_tokens <= n:
             why = "every token of its budget had arrived, but not the final chunk"
         if why:
-            raise self._impossible(f"the stream broke in {cause} and cannot be resumed: {why}", target, tried,
-                                   attempts, exc)
+            raise self._impossible(
+                f"the stream broke in {cause} and cannot be resumed: {why}",
+                target,
+                tried,
+                attempts,
+                exc,
+            )
         self.breaks.append(cause)
         self.failovers += 1
         self.request = self._continuation()
 
-    def failed_resume(self, exc: FleetError, target: str, tried: list[str], attempts: int) -> FleetError:
+    def failed_resume(
+        self, exc: FleetError, target: str, tried: list[str], attempts: int
+    ) -> FleetError:
         """An attempt to resume it failed for good (no retry left): the error to raise."""
         if not self.failovers:
             return exc
-        return self._impossible(f"the stream broke in {self.breaks[-1]} and resuming it failed: {exc.details}",
-                                target, tried, attempts, exc)
+        return self._impossible(
+            f"the stream broke in {self.breaks[-1]} and resuming it failed: {exc.details}",
+            target,
+            tried,
+            attempts,
+            exc,
+        )
 
-    def _impossible(self, message: str, target: str, tried: list[str], attempts: int,
-                    cause: FleetError) -> ResumeImpossibleError:
-        exc = ResumeImpossibleError(f"request {self.original.request_id}: {message}; {len(self.ids)} tokens were "
-                                    "delivered and no more will be")
+    def _impossible(
+        self, message: str, target: str, tried: list[str], attempts: int, cause: FleetError
+    ) -> ResumeImpossibleError:
+        exc = ResumeImpossibleError(
+            f"request {self.original.request_id}: {message}; {len(self.ids)} tokens were "
+            "delivered and no more will be"
+        )
         exc.cause = cause
-        return add_context(exc, target=target, request_id=self.original.request_id, attempts=attempts,
-                           targets_tried=tried)
+        return add_context(
+            exc,
+            target=target,
+            request_id=self.original.request_id,
+            attempts=attempts,
+            targets_tried=tried,
+        )
 
     def _continuation(self) -> inference_pb2.GenerateRequest:
         """The original request continued after the token ids received, as the coordinator

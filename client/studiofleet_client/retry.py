@@ -48,20 +48,30 @@ class RetryPolicy:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.max_coordinator_failovers < 0:
-            raise ValueError(f"max_coordinator_failovers must be 0 or more, got {self.max_coordinator_failovers}")
+            raise ValueError(
+                f"max_coordinator_failovers must be 0 or more, got {self.max_coordinator_failovers}"
+            )
 
 
 @dataclass(frozen=True)
 class RetryDecision:
     retry: bool
     delay_s: float = 0.0
-    next_target: bool = False   # move on to the next address (round robin)
+    next_target: bool = False  # move on to the next address (round robin)
     reason: str = ""
 
 
-def decide_retry(code: Union[str, grpc.StatusCode], *, received_chunk: bool, attempt: int,
-                 time_left_s: Optional[float], pushback_ms: Optional[int] = None,
-                 policy: RetryPolicy = RetryPolicy(), jitter: float = 1.0, resuming: bool = False) -> RetryDecision:
+def decide_retry(
+    code: Union[str, grpc.StatusCode],
+    *,
+    received_chunk: bool,
+    attempt: int,
+    time_left_s: Optional[float],
+    pushback_ms: Optional[int] = None,
+    policy: RetryPolicy = RetryPolicy(),
+    jitter: float = 1.0,
+    resuming: bool = False,
+) -> RetryDecision:
     """Whether to make another attempt after attempt number `attempt` (1-based) failed.
 
     `time_left_s` is what remains of the overall deadline (None: no deadline); `jitter`
@@ -70,27 +80,39 @@ def decide_retry(code: Union[str, grpc.StatusCode], *, received_chunk: bool, att
     """
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     if received_chunk:
-        return RetryDecision(False, reason="chunks were already received; a retry would repeat tokens")
+        return RetryDecision(
+            False, reason="chunks were already received; a retry would repeat tokens"
+        )
     if name == "UNAVAILABLE" or (resuming and name == "ALREADY_EXISTS"):
-        delay = min(policy.initial_backoff_s * policy.backoff_multiplier ** max(attempt - 1, 0),
-                    policy.max_backoff_s) * min(max(jitter, 0.0), 1.0)
+        delay = min(
+            policy.initial_backoff_s * policy.backoff_multiplier ** max(attempt - 1, 0),
+            policy.max_backoff_s,
+        ) * min(max(jitter, 0.0), 1.0)
         next_target = name == "UNAVAILABLE"
     elif name == "RESOURCE_EXHAUSTED":
         if pushback_ms is None:
             return RetryDecision(False, reason="overloaded and the server gave no retry hint")
         delay = pushback_ms / 1000.0
         if delay > policy.max_pushback_s:
-            return RetryDecision(False, reason=f"the server asks to wait {pushback_ms} ms, "
-                                               f"more than the client's {policy.max_pushback_s:g} s cap")
+            return RetryDecision(
+                False,
+                reason=f"the server asks to wait {pushback_ms} ms, "
+                f"more than the client's {policy.max_pushback_s:g} s cap",
+            )
         next_target = False
     else:
         return RetryDecision(False, reason=f"{name} is not retryable")
     if attempt >= policy.max_attempts:
         return RetryDecision(False, reason=f"all {policy.max_attempts} attempts used")
     if time_left_s is not None and delay + policy.min_attempt_s > time_left_s:
-        return RetryDecision(False, reason=f"waiting {delay:.3f} s would not leave time for another "
-                                           f"attempt before the deadline ({time_left_s:.3f} s left)")
-    return RetryDecision(True, delay_s=delay, next_target=next_target, reason=f"{name}: attempt {attempt + 1}")
+        return RetryDecision(
+            False,
+            reason=f"waiting {delay:.3f} s would not leave time for another "
+            f"attempt before the deadline ({time_left_s:.3f} s left)",
+        )
+    return RetryDecision(
+        True, delay_s=delay, next_target=next_target, reason=f"{name}: attempt {attempt + 1}"
+    )
 
 
 class Deadline:
@@ -112,8 +134,12 @@ def parse_targets(targets: Union[str, Sequence[str]]) -> list[str]:
     return out
 
 
-def client_setup(targets: Union[str, Sequence[str]], channel, retry_policy: Optional["RetryPolicy"],
-                 max_attempts: Optional[int]) -> tuple[list[str], "RetryPolicy"]:
+def client_setup(
+    targets: Union[str, Sequence[str]],
+    channel,
+    retry_policy: Optional["RetryPolicy"],
+    max_attempts: Optional[int],
+) -> tuple[list[str], "RetryPolicy"]:
     """The addresses and retry policy both clients start from; `channel` needs one address."""
     addresses = parse_targets(targets)
     if channel is not None and len(addresses) != 1:
@@ -128,13 +154,19 @@ class Attempts:
     """The bookkeeping of one call across attempts: which address, how many tries, how
     much time is left, and the error to raise when no retry is left."""
 
-    def __init__(self, targets: Sequence[str], start: int, policy: RetryPolicy,
-                 timeout_s: Optional[float], request_id: str):
+    def __init__(
+        self,
+        targets: Sequence[str],
+        start: int,
+        policy: RetryPolicy,
+        timeout_s: Optional[float],
+        request_id: str,
+    ):
         self.targets, self.index, self.policy = list(targets), start % len(targets), policy
         self.deadline = Deadline(timeout_s)
         self.request_id = request_id
         self.attempt = 0
-        self.phase_start = 0   # attempts before the current stream's resume (retries count from it)
+        self.phase_start = 0  # attempts before the current stream's resume (retries count from it)
         self.tried: list[str] = []
 
     @property
@@ -147,16 +179,29 @@ class Attempts:
         self.tried.append(self.target)
         return self.deadline.remaining()
 
-    def failed(self, err: grpc.RpcError, *, received_chunk: bool, stream: Optional[StreamState] = None) -> float:
+    def failed(
+        self, err: grpc.RpcError, *, received_chunk: bool, stream: Optional[StreamState] = None
+    ) -> float:
         """The delay before the next attempt; raises the mapped FleetError if there is none
         (ResumeImpossibleError when the attempt was to resume `stream` after a failover)."""
-        exc = from_rpc_error(err, target=self.target, request_id=self.request_id,
-                             attempts=self.attempt, targets_tried=self.tried)
+        exc = from_rpc_error(
+            err,
+            target=self.target,
+            request_id=self.request_id,
+            attempts=self.attempt,
+            targets_tried=self.tried,
+        )
         resuming = stream is not None and stream.failovers > 0
-        decision = decide_retry(exc.code, received_chunk=received_chunk, attempt=self.attempt - self.phase_start,
-                                time_left_s=self.deadline.remaining(), pushback_ms=exc.retry_after_ms,
-                                policy=self.policy, jitter=random.random() if self.policy.jitter else 1.0,
-                                resuming=resuming)
+        decision = decide_retry(
+            exc.code,
+            received_chunk=received_chunk,
+            attempt=self.attempt - self.phase_start,
+            time_left_s=self.deadline.remaining(),
+            pushback_ms=exc.retry_after_ms,
+            policy=self.policy,
+            jitter=random.random() if self.policy.jitter else 1.0,
+            resuming=resuming,
+        )
         exc.retry_decision = decision
         if not decision.retry:
             if resuming:

@@ -10,8 +10,8 @@ from typing import Iterator, Optional, Sequence, Union
 import grpc
 
 from studiofleet_client.api import inference_pb2, inference_pb2_grpc
-from studiofleet_client.results import GenerateResult, ResultBuilder, build_request, with_request_id
 from studiofleet_client.connect import resolve_tls
+from studiofleet_client.results import GenerateResult, ResultBuilder, build_request, with_request_id
 from studiofleet_client.resume import StreamState
 from studiofleet_client.retry import Attempts, RetryPolicy, client_setup
 from studiofleet_client.tls import ClientTLS, open_channel
@@ -37,15 +37,29 @@ class FleetClient:
     the moves. Safe to share between threads.
     """
 
-    def __init__(self, targets: Union[str, Sequence[str]], *, channel: Optional[grpc.Channel] = None,
-                 max_attempts: Optional[int] = None, retry_policy: Optional[RetryPolicy] = None,
-                 channel_options: Sequence[tuple] = (), tls: Optional[ClientTLS] = None,
-                 plaintext: bool = False, server_name: Optional[str] = None):
+    def __init__(
+        self,
+        targets: Union[str, Sequence[str]],
+        *,
+        channel: Optional[grpc.Channel] = None,
+        max_attempts: Optional[int] = None,
+        retry_policy: Optional[RetryPolicy] = None,
+        channel_options: Sequence[tuple] = (),
+        tls: Optional[ClientTLS] = None,
+        plaintext: bool = False,
+        server_name: Optional[str] = None,
+    ):
         self.targets, self.retry_policy = client_setup(targets, channel, retry_policy, max_attempts)
         self._tls = None if channel is not None else resolve_tls(tls, plaintext)
         self._server_name = server_name
-        self._channels = [channel] if channel is not None else [
-            open_channel(t, self._tls, server_name=server_name, options=channel_options) for t in self.targets]
+        self._channels = (
+            [channel]
+            if channel is not None
+            else [
+                open_channel(t, self._tls, server_name=server_name, options=channel_options)
+                for t in self.targets
+            ]
+        )
         self._stubs = [inference_pb2_grpc.InferenceStub(c) for c in self._channels]
         self._preferred = 0
         self._lock = threading.Lock()
@@ -65,8 +79,9 @@ class FleetClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def stream(self, request: inference_pb2.GenerateRequest, *,
-               timeout_s: Optional[float] = None) -> Iterator[inference_pb2.GenerateChunk]:
+    def stream(
+        self, request: inference_pb2.GenerateRequest, *, timeout_s: Optional[float] = None
+    ) -> Iterator[inference_pb2.GenerateChunk]:
         """Iterate over the chunks as they arrive; raises a FleetError subclass on failure.
         The deadline starts now. A request without request_id gets one here, so every
         attempt and error names it. Stop early with `contextlib.closing(...)` to cancel at once.
@@ -76,13 +91,16 @@ class FleetClient:
         request = with_request_id(request)
         return self._stream(request, self._attempts(request, timeout_s))
 
-    def _attempts(self, request: inference_pb2.GenerateRequest, timeout_s: Optional[float]) -> Attempts:
+    def _attempts(
+        self, request: inference_pb2.GenerateRequest, timeout_s: Optional[float]
+    ) -> Attempts:
         with self._lock:
             start = self._preferred
         return Attempts(self.targets, start, self.retry_policy, timeout_s, request.request_id)
 
-    def _stream(self, request: inference_pb2.GenerateRequest,
-                attempts: Attempts) -> Iterator[inference_pb2.GenerateChunk]:
+    def _stream(
+        self, request: inference_pb2.GenerateRequest, attempts: Attempts
+    ) -> Iterator[inference_pb2.GenerateChunk]:
         stream = StreamState(request, max_failovers=self.retry_policy.max_coordinator_failovers)
         while True:
             timeout = attempts.begin()
@@ -99,16 +117,23 @@ class FleetClient:
                     yield stream.observe(chunk)
                 return
             except grpc.RpcError as err:
-                if received:   # mid-stream: continue it on the next coordinator, or raise why not
+                if received:  # mid-stream: continue it on the next coordinator, or raise why not
                     attempts.broke(err, stream)
                 else:
-                    delay = attempts.failed(err, received_chunk=False, stream=stream)  # raises if none is left
+                    delay = attempts.failed(
+                        err, received_chunk=False, stream=stream
+                    )  # raises if none is left
             finally:
                 call.cancel()
             time.sleep(delay)
 
-    def generate(self, request: Optional[inference_pb2.GenerateRequest] = None, *,
-                 timeout_s: Optional[float] = None, **kwargs) -> GenerateResult:
+    def generate(
+        self,
+        request: Optional[inference_pb2.GenerateRequest] = None,
+        *,
+        timeout_s: Optional[float] = None,
+        **kwargs,
+    ) -> GenerateResult:
         """Run one request to the end and return its text and metadata; raises
         GenerationInterruptedError (with the partial result) if the node ended it early.
         Without `request`, the keyword arguments go to build_request (allow_restart among

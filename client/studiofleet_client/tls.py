@@ -26,8 +26,16 @@ log = logging.getLogger(__name__)
 
 ENV_DIR, ENV_NAME = "STUDIOFLEET_TLS_DIR", "STUDIOFLEET_TLS_NAME"
 
-__all__ = ["ENV_DIR", "ENV_NAME", "ClientTLS", "TLSConfigError", "TLSFiles", "is_loopback", "open_channel",
-           "tls_refusal"]
+__all__ = [
+    "ENV_DIR",
+    "ENV_NAME",
+    "ClientTLS",
+    "TLSConfigError",
+    "TLSFiles",
+    "is_loopback",
+    "open_channel",
+    "tls_refusal",
+]
 
 
 class TLSConfigError(ValueError):
@@ -71,9 +79,11 @@ class TLSFiles:
         try:
             return self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes()
         except FileNotFoundError as exc:
-            raise TLSConfigError(f"TLS file {exc.filename} is missing; issue it with `fleetctl certs issue "
-                                 f"--role {role_hint} --name {self.name}` and copy ca.pem, crl.pem, "
-                                 f"{self.name}.pem and {self.name}.key into {self.directory}") from None
+            raise TLSConfigError(
+                f"TLS file {exc.filename} is missing; issue it with `fleetctl certs issue "
+                f"--role {role_hint} --name {self.name}` and copy ca.pem, crl.pem, "
+                f"{self.name}.pem and {self.name}.key into {self.directory}"
+            ) from None
 
     def load(self, role: Any = None) -> tuple[bytes, bytes, bytes, Any]:
         """(ca, key, cert, identity): present, parseable, and the key belongs to the
@@ -83,14 +93,20 @@ class TLSFiles:
         try:
             ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
         except (ssl.SSLError, ValueError) as exc:
-            raise TLSConfigError(f"{self.ca} does not parse as a PEM certificate ({exc}); copy the fleet's ca.pem "
-                                 "again") from None
+            raise TLSConfigError(
+                f"{self.ca} does not parse as a PEM certificate ({exc}); copy the fleet's ca.pem "
+                "again"
+            ) from None
         try:
             ctx.load_cert_chain(self.cert, self.key)
         except ssl.SSLError as exc:
             if "KEY_VALUES_MISMATCH" in str(exc):
-                raise TLSConfigError(f"{self.key} does not belong to {self.cert}; re-issue the pair") from None
-            raise TLSConfigError(f"TLS files for {self.name} in {self.directory} do not parse ({exc})") from None
+                raise TLSConfigError(
+                    f"{self.key} does not belong to {self.cert}; re-issue the pair"
+                ) from None
+            raise TLSConfigError(
+                f"TLS files for {self.name} in {self.directory} do not parse ({exc})"
+            ) from None
         return ca, key, cert, self.name
 
 
@@ -102,7 +118,9 @@ class ClientTLS:
 
     def __init__(self, directory: Path | str, name: str, role: Any = None):
         self.files = self.files_type(Path(directory), name)
-        self._stamp = self.files.stamp()   # before reading: a change during the read is seen next time
+        self._stamp = (
+            self.files.stamp()
+        )  # before reading: a change during the read is seen next time
         ca, key, cert, self.identity = self.files.load(role)
         self._creds = grpc.ssl_channel_credentials(ca, key, cert)
         self._role = role
@@ -114,7 +132,9 @@ class ClientTLS:
         if not directory:
             return None
         if not name:
-            raise TLSConfigError(f"{ENV_DIR} is set but {ENV_NAME} is not; set it to the certificate name to use")
+            raise TLSConfigError(
+                f"{ENV_DIR} is set but {ENV_NAME} is not; set it to the certificate name to use"
+            )
         return cls(directory, name)
 
     def changed(self) -> bool:
@@ -127,7 +147,12 @@ class ClientTLS:
                 ca, key, cert, ident = self.files.load(self._role)
                 self._creds, self.identity = grpc.ssl_channel_credentials(ca, key, cert), ident
             except (TLSConfigError, OSError, TypeError) as exc:  # keep the pair that works
-                log.error("certificate reload for %s skipped: %s: %s", self.identity, type(exc).__name__, exc)
+                log.error(
+                    "certificate reload for %s skipped: %s: %s",
+                    self.identity,
+                    type(exc).__name__,
+                    exc,
+                )
         return self._creds
 
 
@@ -135,7 +160,9 @@ def tls_refusal(details: str) -> str | None:
     """Why a TLS handshake failed, in words, from a gRPC error's details; None if it was not TLS."""
     text = details or ""
     if "Hostname Verification" in text or "No match found for server name" in text:
-        return "its certificate does not name the server expected (a node id it claims, or the host)"
+        return (
+            "its certificate does not name the server expected (a node id it claims, or the host)"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text.lower():
         return "its certificate was not issued by this fleet's CA, or has expired"
     if "Ssl handshake failed" in text or "SSL_ERROR" in text or "TSI_" in text:
@@ -153,17 +180,25 @@ def is_loopback(host_port: str) -> bool:
         return False
 
 
-def open_channel(address: str, tls: ClientTLS | None, *, server_name: str | None = None,
-                 options: Sequence[tuple] = (), aio: bool = False,
-                 credentials: grpc.ChannelCredentials | None = None):
+def open_channel(
+    address: str,
+    tls: ClientTLS | None,
+    *,
+    server_name: str | None = None,
+    options: Sequence[tuple] = (),
+    aio: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
+):
     """A channel to `address`: mTLS with `tls`, plaintext (loopback only) with None.
     `server_name` is the certificate name to expect instead of the address's host;
     `credentials`, if given, are tls.credentials() already read (off an event loop)."""
     opts = list(options)
     if tls is None:
         if not is_loopback(address):
-            raise TLSConfigError(f"refusing a plaintext connection to {address}: plaintext is for loopback "
-                                 "development only; give TLS credentials (--tls-dir/--tls-name)")
+            raise TLSConfigError(
+                f"refusing a plaintext connection to {address}: plaintext is for loopback "
+                "development only; give TLS credentials (--tls-dir/--tls-name)"
+            )
         return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(address, options=opts)
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))

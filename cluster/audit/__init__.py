@@ -18,6 +18,17 @@ from cluster.audit.log import AuditLog, AuditStats
 from cluster.audit.query import parse_when, query, query_chains
 
 __all__ = [
-    "AuditError", "AuditKeys", "AuditLog", "AuditStats", "AuditWriteError", "KeyedDigest", "Problem",
-    "VerifyReport", "load_public_key", "parse_when", "query", "query_chains", "verify",
+    "AuditError",
+    "AuditKeys",
+    "AuditLog",
+    "AuditStats",
+    "AuditWriteError",
+    "KeyedDigest",
+    "Problem",
+    "VerifyReport",
+    "load_public_key",
+    "parse_when",
+    "query",
+    "query_chains",
+    "verify",
 ]

@@ -102,12 +102,18 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
-        raise AuditError(f"public key {path} not found: pass the log's signing.pub (its key directory)") from None
+        raise AuditError(
+            f"public key {path} not found: pass the log's signing.pub (its key directory)"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise AuditError(f"public key {path} cannot be read ({type(exc).__name__}): "
-                         "pass the PEM file signing.pub from the log's key directory") from None
+        raise AuditError(
+            f"public key {path} cannot be read ({type(exc).__name__}): "
+            "pass the PEM file signing.pub from the log's key directory"
+        ) from None
     if not isinstance(key, Ed25519PublicKey):
-        raise AuditError(f"public key {path} is not an Ed25519 key: pass the audit log's signing.pub")
+        raise AuditError(
+            f"public key {path} is not an Ed25519 key: pass the audit log's signing.pub"
+        )
     return key
 
 
@@ -135,7 +141,10 @@ def parse_line(raw: bytes) -> tuple[Optional[dict], str]:
         return None, "not a JSON object"
     try:
         good = isinstance(record.get("hash"), str) and record_hash(record) == record["hash"]
-    except (ValueError, TypeError):  # e.g. a lone surrogate ("\ud800") cannot be re-encoded: tampered
+    except (
+        ValueError,
+        TypeError,
+    ):  # e.g. a lone surrogate ("\ud800") cannot be re-encoded: tampered
         good = False
     return (record, "") if good else (record, HASH_FAULT)
 
@@ -167,10 +176,14 @@ def clean_fields(record: dict) -> dict:
         raise TypeError(f"an audit record is a dict of fields, not a {type(record).__name__}")
     reserved = [k for k in RESERVED_FIELDS if k in record]
     if reserved:
-        raise ValueError(f"record fields {', '.join(reserved)} are set by the audit log; leave them out")
+        raise ValueError(
+            f"record fields {', '.join(reserved)} are set by the audit log; leave them out"
+        )
     if record.get("type") not in CALLER_TYPES:
-        raise ValueError("record type must be 'request' or 'admin' (the log writes checkpoint, open and "
-                         "recovered records itself)")
+        raise ValueError(
+            "record type must be 'request' or 'admin' (the log writes checkpoint, open and "
+            "recovered records itself)"
+        )
     out = {}
     for key, value in record.items():
         if not isinstance(key, str):
@@ -179,7 +192,9 @@ def clean_fields(record: dict) -> dict:
     try:
         canonical(out)
     except UnicodeEncodeError:
-        raise ValueError("a record field name or string is not valid Unicode (a lone surrogate)") from None
+        raise ValueError(
+            "a record field name or string is not valid Unicode (a lone surrogate)"
+        ) from None
     return out
 
 
@@ -188,7 +203,9 @@ def _copy(value, name: str):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"record field {name!r} holds a non-finite number; JSON cannot carry it")
+            raise ValueError(
+                f"record field {name!r} holds a non-finite number; JSON cannot carry it"
+            )
         return value
     if isinstance(value, (list, tuple)):
         return [_copy(v, name) for v in value]
@@ -196,8 +213,10 @@ def _copy(value, name: str):
         if not all(isinstance(k, str) for k in value):
             raise TypeError(f"record field {name!r} holds a dict with a non-str key")
         return {k: _copy(v, name) for k, v in value.items()}
-    raise TypeError(f"record field {name!r} holds a {type(value).__name__}; audit fields are str, int, float, "
-                    "bool, None, lists and dicts")
+    raise TypeError(
+        f"record field {name!r} holds a {type(value).__name__}; audit fields are str, int, float, "
+        "bool, None, lists and dicts"
+    )
 
 
 def read_head(directory: Path) -> Optional[dict]:
@@ -208,8 +227,14 @@ def read_head(directory: Path) -> Optional[dict]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise AuditError(f"{path} cannot be read ({type(exc).__name__}): it was altered or damaged") from None
-    if not (isinstance(doc, dict) and isinstance(doc.get("seq"), int) and isinstance(doc.get("hash"), str)):
+        raise AuditError(
+            f"{path} cannot be read ({type(exc).__name__}): it was altered or damaged"
+        ) from None
+    if not (
+        isinstance(doc, dict)
+        and isinstance(doc.get("seq"), int)
+        and isinstance(doc.get("hash"), str)
+    ):
         raise AuditError(f"{path} lacks seq or hash: it was altered or damaged")
     return doc
 
@@ -233,15 +258,20 @@ class VerifyReport:
     first_bad: Optional[Problem] = None
     warnings: list[str] = field(default_factory=list)
     head_seq: Optional[int] = None
-    witness_seq: Optional[int] = None   # the newest record a witness's signed HEAD names
+    witness_seq: Optional[int] = None  # the newest record a witness's signed HEAD names
 
 
 class _Walk:
     """Walks the records in order, keeping what the next record must link to."""
 
-    def __init__(self, public_key: Ed25519PublicKey, head: Optional[dict], progress,
-                 anchors: Optional[dict[int, list[tuple[str, str]]]] = None):
-        self.anchors = anchors or {}    # seq -> [(hash, witness name)]: witnesses' signed HEADs
+    def __init__(
+        self,
+        public_key: Ed25519PublicKey,
+        head: Optional[dict],
+        progress,
+        anchors: Optional[dict[int, list[tuple[str, str]]]] = None,
+    ):
+        self.anchors = anchors or {}  # seq -> [(hash, witness name)]: witnesses' signed HEADs
         self.key = public_key
         self.key_fp = fingerprint(public_key)
         self.head = head
@@ -266,7 +296,9 @@ class _Walk:
                 if record is None:
                     self.fail(path.name, lineno, self._fault_reason(fault))
                     return False
-                if not self.record(record, fault, path.name, lineno, missing_before if lineno == 1 else []):
+                if not self.record(
+                    record, fault, path.name, lineno, missing_before if lineno == 1 else []
+                ):
                     return False
                 offset += len(raw)
         return True
@@ -274,8 +306,10 @@ class _Walk:
     def _fault_reason(self, fault: str) -> str:
         head_seq = self.head["seq"] if self.head else 0
         if fault.startswith("incomplete") and head_seq >= self.expected:
-            return (f"record {self.expected} is cut short ({fault}): the file was truncated; the signed HEAD "
-                    f"says records up to {head_seq} were written")
+            return (
+                f"record {self.expected} is cut short ({fault}): the file was truncated; the signed HEAD "
+                f"says records up to {head_seq} were written"
+            )
         return f"line is {fault}: the file was altered or cut"
 
     def _torn_tail(self, path: Path, lineno: int, offset: int, fault: str) -> bool:
@@ -291,7 +325,8 @@ class _Walk:
         self.report.warnings.append(
             f"{path.name}: the last {size - offset} bytes (from line {lineno}, offset {offset}) are not a "
             f"complete record ({fault}): a write torn by a crash. HEAD ends at record {self.head['seq']}, "
-            "so these bytes were never acknowledged; opening the log truncates them")
+            "so these bytes were never acknowledged; opening the log truncates them"
+        )
         return True
 
     def record(self, rec: dict, fault: str, name: str, line: int, missing_files: list[str]) -> bool:
@@ -304,27 +339,43 @@ class _Walk:
             self.fail(name, line, self._seq_reason(seq, rec.get("prev"), missing_files))
             return False
         if rec.get("prev") != self.prev:
-            self.fail(name, line, f"prev does not match the hash of record {seq - 1}: record {seq - 1} "
-                                  "or this record was altered, or a record was removed or inserted here")
+            self.fail(
+                name,
+                line,
+                f"prev does not match the hash of record {seq - 1}: record {seq - 1} "
+                "or this record was altered, or a record was removed or inserted here",
+            )
             return False
         if fault:
             self.fail(name, line, fault)
             return False
         kind = rec.get("type")
         if kind not in RECORD_TYPES:
-            self.fail(name, line, "type is not one of " + ", ".join(RECORD_TYPES) + ": the record was altered")
+            self.fail(
+                name,
+                line,
+                "type is not one of " + ", ".join(RECORD_TYPES) + ": the record was altered",
+            )
             return False
         if kind == "checkpoint" and not self._checkpoint(rec, name, line):
             return False
         if self.head is not None and seq == self.head["seq"] and rec["hash"] != self.head["hash"]:
-            self.fail(name, line, f"record {seq} differs from the one the signed HEAD names: a record at or "
-                                  f"before it was altered and the chain rehashed (after checkpoint "
-                                  f"{self.last_checkpoint or 'none'})")
+            self.fail(
+                name,
+                line,
+                f"record {seq} differs from the one the signed HEAD names: a record at or "
+                f"before it was altered and the chain rehashed (after checkpoint "
+                f"{self.last_checkpoint or 'none'})",
+            )
             return False
         for want, who in self.anchors.get(seq, ()):
             if rec["hash"] != want:
-                self.fail(name, line, f"record {seq} differs from the one witness {who}'s signed HEAD names: the "
-                                      "chain was cut back to before it and rewritten from there")
+                self.fail(
+                    name,
+                    line,
+                    f"record {seq} differs from the one witness {who}'s signed HEAD names: the "
+                    "chain was cut back to before it and rewritten from there",
+                )
                 return False
         self.prev = rec["hash"]
         self.expected += 1
@@ -344,23 +395,39 @@ class _Walk:
             return f"{head}: record {e} was deleted or moved"
         if seq > e:
             return f"{head}: records {e}-{seq - 1} were deleted or moved"
-        return f"{head}: record {seq} appears again or out of order (records reordered or duplicated)"
+        return (
+            f"{head}: record {seq} appears again or out of order (records reordered or duplicated)"
+        )
 
     def _checkpoint(self, rec: dict, name: str, line: int) -> bool:
         seq = rec["seq"]
         covers = [self.last_checkpoint + 1, seq - 1]
         if rec.get("head") != rec["prev"]:
-            self.fail(name, line, "checkpoint head differs from its prev: the checkpoint was altered")
+            self.fail(
+                name, line, "checkpoint head differs from its prev: the checkpoint was altered"
+            )
         elif rec.get("covers") != covers:
-            self.fail(name, line, f"checkpoint covers {rec.get('covers')} but the records since the previous "
-                                  f"checkpoint are {covers[0]}-{covers[1]}: the checkpoint was altered")
+            self.fail(
+                name,
+                line,
+                f"checkpoint covers {rec.get('covers')} but the records since the previous "
+                f"checkpoint are {covers[0]}-{covers[1]}: the checkpoint was altered",
+            )
         elif rec.get("key") != self.key_fp:
-            self.fail(name, line, f"checkpoint was signed by key {rec.get('key')}, not by the given public key "
-                                  f"{self.key_fp}: pass the key the log was written with")
+            self.fail(
+                name,
+                line,
+                f"checkpoint was signed by key {rec.get('key')}, not by the given public key "
+                f"{self.key_fp}: pass the key the log was written with",
+            )
         elif not signature_ok(self.key, rec.get("sig"), checkpoint_message(seq, rec["prev"])):
-            self.fail(name, line, f"checkpoint signature does not verify: a record after checkpoint "
-                                  f"{self.last_checkpoint or '(none)'} and before record {seq} was altered "
-                                  "and the chain rehashed")
+            self.fail(
+                name,
+                line,
+                f"checkpoint signature does not verify: a record after checkpoint "
+                f"{self.last_checkpoint or '(none)'} and before record {seq} was altered "
+                "and the chain rehashed",
+            )
         else:
             self.last_checkpoint = seq
             self.report.checkpoints += 1
@@ -378,26 +445,42 @@ def _missing_between(before: Optional[int], number: int) -> list[str]:
     return [file_name(n) for n in range(start, number)]
 
 
-def witness_anchors(key: Ed25519PublicKey, witnesses, warnings: list[str]) -> dict[int, list[tuple[str, str]]]:
+def witness_anchors(
+    key: Ed25519PublicKey, witnesses, warnings: list[str]
+) -> dict[int, list[tuple[str, str]]]:
     """seq -> [(hash, witness name)] for each witness HEAD (`(name, {seq, hash, sig, key})`)
     signed by `key`; the others are named in `warnings` and not used."""
     anchors: dict[int, list[tuple[str, str]]] = {}
     fp = fingerprint(key)
     for name, doc in witnesses:
-        if not (isinstance(doc, dict) and isinstance(doc.get("seq"), int) and isinstance(doc.get("hash"), str)):
+        if not (
+            isinstance(doc, dict)
+            and isinstance(doc.get("seq"), int)
+            and isinstance(doc.get("hash"), str)
+        ):
             warnings.append(f"witness {name}: not a HEAD (seq and hash); not used")
         elif doc.get("key") != fp:
-            warnings.append(f"witness {name}: its HEAD was signed by key {doc.get('key')}, not {fp}; not used")
+            warnings.append(
+                f"witness {name}: its HEAD was signed by key {doc.get('key')}, not {fp}; not used"
+            )
         elif not signature_ok(key, doc.get("sig"), head_message(doc["seq"], doc["hash"])):
-            warnings.append(f"witness {name}: its HEAD (record {doc['seq']}) has a signature that does not "
-                            "verify; not used")
+            warnings.append(
+                f"witness {name}: its HEAD (record {doc['seq']}) has a signature that does not "
+                "verify; not used"
+            )
         else:
             anchors.setdefault(doc["seq"], []).append((doc["hash"], name))
     return anchors
 
 
-def verify(directory: Path, public_key: Optional[Path] = None, *,
-           progress: Optional[Callable[[int], None]] = None, witnesses=(), min_seq: int = 0) -> VerifyReport:
+def verify(
+    directory: Path,
+    public_key: Optional[Path] = None,
+    *,
+    progress: Optional[Callable[[int], None]] = None,
+    witnesses=(),
+    min_seq: int = 0,
+) -> VerifyReport:
     """Check every record, checkpoint and the HEAD of the chain in `directory`.
 
     `public_key` defaults to `DIRECTORY-keys/signing.pub` (keys.default_key_dir); pass a copy you trust (the key
@@ -414,7 +497,9 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
     directory = Path(directory)
     if not directory.is_dir():
         raise AuditError(f"{directory} is not a directory: pass the audit log's directory")
-    key = load_public_key(public_key if public_key is not None else default_key_dir(directory) / "signing.pub")
+    key = load_public_key(
+        public_key if public_key is not None else default_key_dir(directory) / "signing.pub"
+    )
     try:
         head, head_error = read_head(directory), ""
     except AuditError as exc:  # an unreadable HEAD is a finding, not a usage error
@@ -440,24 +525,44 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
     if head_error:
         walk.fail(HEAD_NAME, 0, head_error)
     elif head is None:
-        walk.fail(HEAD_NAME, 0, f"HEAD is missing: the end of the chain (record {walk.expected - 1}) is not "
-                                "signed, so a cut tail cannot be ruled out")
+        walk.fail(
+            HEAD_NAME,
+            0,
+            f"HEAD is missing: the end of the chain (record {walk.expected - 1}) is not "
+            "signed, so a cut tail cannot be ruled out",
+        )
     elif head.get("key") != walk.key_fp:
-        walk.fail(HEAD_NAME, 0, f"HEAD was signed by key {head.get('key')}, not by the given public key "
-                                f"{walk.key_fp}: pass the key the log was written with")
+        walk.fail(
+            HEAD_NAME,
+            0,
+            f"HEAD was signed by key {head.get('key')}, not by the given public key "
+            f"{walk.key_fp}: pass the key the log was written with",
+        )
     elif not signature_ok(key, head.get("sig"), head_message(head["seq"], head["hash"])):
-        walk.fail(HEAD_NAME, 0, f"HEAD signature does not verify: HEAD (record {head['seq']}) was altered",
-                  seq=head["seq"])
+        walk.fail(
+            HEAD_NAME,
+            0,
+            f"HEAD signature does not verify: HEAD (record {head['seq']}) was altered",
+            seq=head["seq"],
+        )
     elif head["seq"] > walk.expected - 1:
-        gone = "" if any(p.name == head.get("file") for _, p in files) else f"; {head.get('file')} is missing"
-        walk.fail(last_name, _count_lines(files[-1][1]) + 1,
-                  f"the chain ends at record {walk.expected - 1} but the signed HEAD says record {head['seq']} "
-                  f"was written and acknowledged: records {walk.expected}-{head['seq']} are missing "
-                  f"(truncated or deleted{gone})")
+        gone = (
+            ""
+            if any(p.name == head.get("file") for _, p in files)
+            else f"; {head.get('file')} is missing"
+        )
+        walk.fail(
+            last_name,
+            _count_lines(files[-1][1]) + 1,
+            f"the chain ends at record {walk.expected - 1} but the signed HEAD says record {head['seq']} "
+            f"was written and acknowledged: records {walk.expected}-{head['seq']} are missing "
+            f"(truncated or deleted{gone})",
+        )
     elif head["seq"] < walk.expected - 1:
         report.warnings.append(
             f"records {head['seq'] + 1}-{walk.expected - 1} follow the signed HEAD (record {head['seq']}): written, "
-            "but the writer stopped before acknowledging them, so their removal could not be detected")
+            "but the writer stopped before acknowledging them, so their removal could not be detected"
+        )
     if report.ok:
         _check_reach(walk, files[-1][1], min_seq)
     return report
@@ -466,10 +571,19 @@ def verify(directory: Path, public_key: Optional[Path] = None, *,
 def _check_reach(walk: _Walk, last_file: Path, min_seq: int) -> None:
     """The chain must reach the newest record a witness names, and `min_seq`."""
     last = walk.expected - 1
-    reach = [(seq, f"witness {', '.join(who for _, who in walk.anchors[seq])} holds a signed HEAD for it")
-             for seq in walk.anchors] + ([(min_seq, f"--min-seq is {min_seq}")] if min_seq else [])
+    reach = [
+        (
+            seq,
+            f"witness {', '.join(who for _, who in walk.anchors[seq])} holds a signed HEAD for it",
+        )
+        for seq in walk.anchors
+    ] + ([(min_seq, f"--min-seq is {min_seq}")] if min_seq else [])
     seq, why = max(reach, default=(0, ""))
     if seq > last:
-        walk.fail(last_file.name, _count_lines(last_file) + 1,
-                  f"the chain ends at record {last} but {why}: records {last + 1}-{seq} were cut from the chain "
-                  "(an older HEAD was put back, so the HEAD file alone cannot show it)", seq=last + 1)
+        walk.fail(
+            last_file.name,
+            _count_lines(last_file) + 1,
+            f"the chain ends at record {last} but {why}: records {last + 1}-{seq} were cut from the chain "
+            "(an older HEAD was put back, so the HEAD file alone cannot show it)",
+            seq=last + 1,
+        )

@@ -71,29 +71,46 @@ class AuditKeys:
         make_private_dir(key_dir)
         _create_once(key_dir / HMAC_FILE, secrets.token_bytes(HMAC_KEY_BYTES), 0o600)
         fresh = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         _create_once(key_dir / SIGNING_FILE, fresh, 0o600)
         hmac_key = _read_private(key_dir / HMAC_FILE)
         if len(hmac_key) != HMAC_KEY_BYTES:
-            raise AuditError(f"{key_dir / HMAC_FILE} holds {len(hmac_key)} bytes, not {HMAC_KEY_BYTES}: restore "
-                             "it from backup (a new key makes existing digests unmatchable)")
+            raise AuditError(
+                f"{key_dir / HMAC_FILE} holds {len(hmac_key)} bytes, not {HMAC_KEY_BYTES}: restore "
+                "it from backup (a new key makes existing digests unmatchable)"
+            )
         try:
-            signing = serialization.load_pem_private_key(_read_private(key_dir / SIGNING_FILE), password=None)
+            signing = serialization.load_pem_private_key(
+                _read_private(key_dir / SIGNING_FILE), password=None
+            )
         except ValueError:
-            raise AuditError(f"{key_dir / SIGNING_FILE} is not a readable PEM private key: restore it from "
-                             "backup") from None
+            raise AuditError(
+                f"{key_dir / SIGNING_FILE} is not a readable PEM private key: restore it from "
+                "backup"
+            ) from None
         if not isinstance(signing, Ed25519PrivateKey):
-            raise AuditError(f"{key_dir / SIGNING_FILE} is not an Ed25519 key: restore the audit signing key")
+            raise AuditError(
+                f"{key_dir / SIGNING_FILE} is not an Ed25519 key: restore the audit signing key"
+            )
         keys = cls(hmac_key, signing)
         keys._ensure_public(key_dir / PUBLIC_FILE)
         return keys
 
     def _ensure_public(self, path: Path) -> None:
-        pem = self.public_key.public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-        if not _create_once(path, pem, 0o644) and fingerprint(load_public_key(path)) != self.fingerprint:
-            raise AuditError(f"{path} does not match {path.with_name(SIGNING_FILE)}: delete {path.name} "
-                             "to have it written again from the private key")
+        pem = self.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if (
+            not _create_once(path, pem, 0o644)
+            and fingerprint(load_public_key(path)) != self.fingerprint
+        ):
+            raise AuditError(
+                f"{path} does not match {path.with_name(SIGNING_FILE)}: delete {path.name} "
+                "to have it written again from the private key"
+            )
 
     def digest(self, data: Union[bytes, str]) -> str:
         """`hmac-sha256:<key_id>:<hex>`: matches equal values without letting a short value be
@@ -122,7 +139,9 @@ def make_private_dir(path: Path) -> None:
 def _read_private(path: Path) -> bytes:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AuditError(f"{path} is open to group or others (mode {stat.S_IMODE(mode):04o}): chmod 600 it")
+        raise AuditError(
+            f"{path} is open to group or others (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
+        )
     return path.read_bytes()
 
 

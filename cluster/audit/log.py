@@ -17,7 +17,7 @@ import time
 import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,7 +45,9 @@ from cluster.audit.records import CheckpointRecord, OpenRecord, RecoveredRecord
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None)  # macOS: plain fsync does not flush the drive's cache
+_FULLFSYNC = getattr(
+    fcntl, "F_FULLFSYNC", None
+)  # macOS: plain fsync does not flush the drive's cache
 
 
 @dataclass
@@ -56,7 +58,7 @@ class AuditStats:
     batches: int = 0
     write_errors: int = 0
     last_error: str = ""
-    failing: str = ""   # why the last batch failed (no paths); "" while writes succeed
+    failing: str = ""  # why the last batch failed (no paths); "" while writes succeed
 
 
 @dataclass
@@ -83,9 +85,17 @@ class AuditLog:
     `submit()` is thread-safe; `write()` runs on an event loop; `open()` and `close()` block.
     """
 
-    def __init__(self, directory: Path, *, keys: AuditKeys, source: str, checkpoint_every: int = 1000,
-                 checkpoint_interval_s: float = 60.0, max_file_bytes: int = 64 << 20,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        keys: AuditKeys,
+        source: str,
+        checkpoint_every: int = 1000,
+        checkpoint_interval_s: float = 60.0,
+        max_file_bytes: int = 64 << 20,
+        clock: Callable[[], float] = time.time,
+    ):
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1; got {checkpoint_every}")
         if not checkpoint_interval_s > 0:
@@ -115,8 +125,11 @@ class AuditLog:
         self._head_written = 0
         self._retry_at = 0.0
         self._failing = False
-        self._reserve = len(encode_record(self._checkpoint_fields(10**18, ZERO_HASH, [10**18, 10**18]),
-                                          10**18, ZERO_HASH)[1])
+        self._reserve = len(
+            encode_record(
+                self._checkpoint_fields(10**18, ZERO_HASH, [10**18, 10**18]), 10**18, ZERO_HASH
+            )[1]
+        )
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -137,14 +150,19 @@ class AuditLog:
         """Recover the tail after a crash, write an `open` record and start the writer thread."""
         with self._cond:
             if self._state != "new":
-                raise AuditError(f"audit log {self.directory} was already opened; create a new AuditLog")
+                raise AuditError(
+                    f"audit log {self.directory} was already opened; create a new AuditLog"
+                )
             self._state = "opening"
         try:
             make_private_dir(self.directory)
             mode = self.directory.stat().st_mode & 0o777
             if mode & 0o077:
-                logger.warning("audit: %s is open to group or others (mode %04o): chmod 700 it",
-                               self.directory, mode)
+                logger.warning(
+                    "audit: %s is open to group or others (mode %04o): chmod 700 it",
+                    self.directory,
+                    mode,
+                )
             self._lock_fd = _lock(self.directory)
             self._dir_fd = os.open(self.directory, os.O_RDONLY)
             recovered = self._recover()
@@ -153,8 +171,10 @@ class AuditLog:
             with self._cond:
                 self._state = "closed"
             if isinstance(exc, OSError):
-                raise AuditError(f"cannot open the audit log in {self.directory}: [Errno {exc.errno}] "
-                                 f"{exc.strerror} ({exc.filename}); fix its permissions or free space") from None
+                raise AuditError(
+                    f"cannot open the audit log in {self.directory}: [Errno {exc.errno}] "
+                    f"{exc.strerror} ({exc.filename}); fix its permissions or free space"
+                ) from None
             raise
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         with self._cond:
@@ -162,8 +182,17 @@ class AuditLog:
         self._thread.start()
         try:
             first = [self._enqueue(recovered.to_dict())] if recovered else []
-            first.append(self._enqueue(OpenRecord(self._now(), self._source, os.getpid(), self._keys.fingerprint,
-                                                  FORMAT_VERSION).to_dict()))
+            first.append(
+                self._enqueue(
+                    OpenRecord(
+                        self._now(),
+                        self._source,
+                        os.getpid(),
+                        self._keys.fingerprint,
+                        FORMAT_VERSION,
+                    ).to_dict()
+                )
+            )
             for future in first:
                 future.result(timeout=timeout_s)
         except BaseException:
@@ -181,7 +210,9 @@ class AuditLog:
         """The record as written (with seq and hash), once durable. If the caller is cancelled
         while waiting, the record is still written: an audit trail must not depend on it."""
         inner = asyncio.wrap_future(self.submit(record))
-        inner.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if we are cancelled
+        inner.add_done_callback(
+            lambda f: f.cancelled() or f.exception()
+        )  # retrieved even if we are cancelled
         return await asyncio.shield(inner)
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -196,8 +227,10 @@ class AuditLog:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
             if thread.is_alive():
-                raise AuditError(f"the audit writer for {self.directory} did not finish within {timeout_s:g} s "
-                                 "(storage stalled?): records still queued are not durable")
+                raise AuditError(
+                    f"the audit writer for {self.directory} did not finish within {timeout_s:g} s "
+                    "(storage stalled?): records still queued are not durable"
+                )
         with self._cond:
             self._state = "closed"
 
@@ -211,14 +244,16 @@ class AuditLog:
     # -- queue -------------------------------------------------------------------------------
 
     def _now(self) -> str:
-        return datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return datetime.fromtimestamp(self._clock(), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     def _enqueue(self, fields: dict) -> Future:
         future: Future = Future()
         with self._cond:
             if self._state != "open":
-                raise AuditError(f"audit log {self.directory} is {self._state}: open() it before writing, "
-                                 "and write nothing after close()")
+                raise AuditError(
+                    f"audit log {self.directory} is {self._state}: open() it before writing, "
+                    "and write nothing after close()"
+                )
             self._queue.append(_Item(fields, future))
             self._cond.notify()
         return future
@@ -264,21 +299,33 @@ class AuditLog:
                     done, error = [], exc
                     self._cut_back(start, size, file_no)
         except Exception as exc:  # a bug: fail this batch, keep the writer alive for the next
-            logger.error("audit writer: unexpected %s in a batch of %d records\n%s", type(exc).__name__,
-                         len(items), "".join(traceback.format_tb(exc.__traceback__)))
-            done, error = [], AuditWriteError(f"audit writer for {self.directory} failed ({type(exc).__name__})")
+            logger.error(
+                "audit writer: unexpected %s in a batch of %d records\n%s",
+                type(exc).__name__,
+                len(items),
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            done, error = (
+                [],
+                AuditWriteError(f"audit writer for {self.directory} failed ({type(exc).__name__})"),
+            )
             self._failing = True
             self.stats.failing = f"unexpected {type(exc).__name__} in the writer"
         if error is not None:
-            self._retry_at = time.monotonic() + 1.0  # an idle checkpoint retries after a pause, not in a spin
+            self._retry_at = (
+                time.monotonic() + 1.0
+            )  # an idle checkpoint retries after a pause, not in a spin
         elif self._failing:
-            logger.warning("audit: writes to %s succeed again (%d errors so far)", self.directory,
-                           self.stats.write_errors)
+            logger.warning(
+                "audit: writes to %s succeed again (%d errors so far)",
+                self.directory,
+                self.stats.write_errors,
+            )
             self._failing = False
             self.stats.failing = ""
         for item, record in done:
             item.future.set_result(record)
-        for item in items[len(done):]:
+        for item in items[len(done) :]:
             item.future.set_exception(error)
 
     def _append(self, items: list[_Item], final: bool) -> tuple[list, Optional[AuditWriteError]]:
@@ -291,7 +338,10 @@ class AuditLog:
         try:
             for item in items:
                 record, line = encode_record(item.fields, self._tip.seq + 1, self._tip.hash)
-                if self._size + len(buf) > 0 and self._size + len(buf) + len(line) + self._reserve > self._max_bytes:
+                if (
+                    self._size + len(buf) > 0
+                    and self._size + len(buf) + len(line) + self._reserve > self._max_bytes
+                ):
                     if self._tip.since_checkpoint:
                         self._checkpoint(buf)
                     self._flush(buf, start)
@@ -304,8 +354,12 @@ class AuditLog:
                 if self._tip.since_checkpoint >= self._every:
                     self._checkpoint(buf)
             wait = self._checkpoint_wait()
-            if (self._tip.since_checkpoint or self._failing) and (final or (wait is not None and wait <= 0)):
-                self._checkpoint(buf)   # while failing, a checkpoint (perhaps covering nothing) probes the disk
+            if (self._tip.since_checkpoint or self._failing) and (
+                final or (wait is not None and wait <= 0)
+            ):
+                self._checkpoint(
+                    buf
+                )  # while failing, a checkpoint (perhaps covering nothing) probes the disk
             if buf:
                 self._flush(buf, start)
         except AuditWriteError as exc:  # _flush went back to `start`
@@ -319,14 +373,24 @@ class AuditLog:
         buf += line
         t = self._tip
         checkpoint = record["type"] == "checkpoint"
-        self._tip = _Tip(record["seq"], record["hash"], file_name(self._file_no),
-                         0 if checkpoint else t.since_checkpoint + 1,
-                         record["seq"] + 1 if checkpoint else t.checkpoint_from,
-                         time.monotonic() if checkpoint else t.checkpoint_at)
+        self._tip = _Tip(
+            record["seq"],
+            record["hash"],
+            file_name(self._file_no),
+            0 if checkpoint else t.since_checkpoint + 1,
+            record["seq"] + 1 if checkpoint else t.checkpoint_from,
+            time.monotonic() if checkpoint else t.checkpoint_at,
+        )
 
     def _checkpoint_fields(self, seq: int, prev: str, covers: list[int]) -> dict:
-        return CheckpointRecord(self._now(), self._source, prev, covers, self._keys.sign(checkpoint_message(seq, prev)),
-                                self._keys.fingerprint).to_dict()
+        return CheckpointRecord(
+            self._now(),
+            self._source,
+            prev,
+            covers,
+            self._keys.sign(checkpoint_message(seq, prev)),
+            self._keys.fingerprint,
+        ).to_dict()
 
     def _checkpoint(self, buf: bytearray) -> None:
         seq, prev = self._tip.seq + 1, self._tip.hash
@@ -345,7 +409,7 @@ class AuditLog:
                 self._needs_truncate = False
             view = memoryview(buf)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             _fsync(self._fd)
         except OSError as exc:
             self._needs_truncate = self._fd is not None
@@ -361,8 +425,12 @@ class AuditLog:
         and fsynced): they stay beyond HEAD until a later HEAD covers them."""
         self.stats.records_written -= self._tip.seq - start.seq
         if self._file_no != file_no:
-            logger.error("audit: records %d-%d were appended across a file rotation and HEAD could not cover "
-                         "them; they were not acknowledged", start.seq + 1, self._tip.seq)
+            logger.error(
+                "audit: records %d-%d were appended across a file rotation and HEAD could not cover "
+                "them; they were not acknowledged",
+                start.seq + 1,
+                self._tip.seq,
+            )
             return
         self._tip, self._size = start, size
         try:
@@ -372,8 +440,13 @@ class AuditLog:
             self._needs_truncate = True
 
     def _rotate(self) -> None:
-        logger.info("audit: %s reached %d bytes; the chain continues in %s at record %d",
-                    file_name(self._file_no), self._size, file_name(self._file_no + 1), self._tip.seq + 1)
+        logger.info(
+            "audit: %s reached %d bytes; the chain continues in %s at record %d",
+            file_name(self._file_no),
+            self._size,
+            file_name(self._file_no + 1),
+            self._tip.seq + 1,
+        )
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
@@ -392,8 +465,13 @@ class AuditLog:
         turns the records after it into a warning. Every batch still replaces it, so a process
         crash (which keeps the page cache) loses nothing and a cut tail is caught."""
         t = self._tip
-        doc = {"file": t.file, "seq": t.seq, "hash": t.hash, "sig": self._keys.sign(head_message(t.seq, t.hash)),
-               "key": self._keys.fingerprint}
+        doc = {
+            "file": t.file,
+            "seq": t.seq,
+            "hash": t.hash,
+            "sig": self._keys.sign(head_message(t.seq, t.hash)),
+            "key": self._keys.fingerprint,
+        }
         tmp = self.directory / (HEAD_NAME + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -405,14 +483,20 @@ class AuditLog:
                 os.close(fd)
             os.replace(tmp, self.directory / HEAD_NAME)
         except OSError as exc:
-            raise self._error(f"{tmp} could not be written, so HEAD cannot cover records up to {t.seq}: they "
-                              "are cut off again and not acknowledged", exc, "HEAD") from None
+            raise self._error(
+                f"{tmp} could not be written, so HEAD cannot cover records up to {t.seq}: they "
+                "are cut off again and not acknowledged",
+                exc,
+                "HEAD",
+            ) from None
         self._head_written = t.seq
         if not durable:
             return
         try:
             os.fsync(self._dir_fd)
-        except OSError as exc:  # the records are durable; HEAD may revert to the previous one after a crash
+        except (
+            OSError
+        ) as exc:  # the records are durable; HEAD may revert to the previous one after a crash
             self._error(f"fsync of {self.directory} after replacing HEAD", exc)
 
     def _error(self, what: str, exc: OSError, part: str = "") -> AuditWriteError:
@@ -434,48 +518,80 @@ class AuditLog:
         Returns a `recovered` record when bytes were cut."""
         files = list_files(self.directory)
         head = read_head(self.directory)
-        if head is not None and not (head.get("key") == self._keys.fingerprint and signature_ok(
-                self._keys.public_key, head.get("sig"), head_message(head["seq"], head["hash"]))):
-            raise AuditError(f"{self.directory / HEAD_NAME} is not signed by this log's key "
-                             f"{self._keys.fingerprint}: pass the key directory the log was written with, "
-                             f"or run `fleetctl audit verify {self.directory}`")
+        if head is not None and not (
+            head.get("key") == self._keys.fingerprint
+            and signature_ok(
+                self._keys.public_key, head.get("sig"), head_message(head["seq"], head["hash"])
+            )
+        ):
+            raise AuditError(
+                f"{self.directory / HEAD_NAME} is not signed by this log's key "
+                f"{self._keys.fingerprint}: pass the key directory the log was written with, "
+                f"or run `fleetctl audit verify {self.directory}`"
+            )
         if not files:
             if head is not None:
-                raise AuditError(f"{self.directory} has a HEAD at record {head['seq']} ({head.get('file')}) but no "
-                                 "audit files: they were deleted or moved; restore them before writing again")
+                raise AuditError(
+                    f"{self.directory} has a HEAD at record {head['seq']} ({head.get('file')}) but no "
+                    "audit files: they were deleted or moved; restore them before writing again"
+                )
             return None
         self._file_no, path = files[-1]
         data = path.read_bytes()
         good_end, last, fault = last_whole_record(data)
-        for _, earlier in reversed(files[:-1]):  # the last file holds no whole record: look further back
+        for _, earlier in reversed(
+            files[:-1]
+        ):  # the last file holds no whole record: look further back
             if last is not None:
                 break
             earlier_data = earlier.read_bytes()
             end, last, _ = last_whole_record(earlier_data)
             if end != len(earlier_data):
-                raise AuditError(f"{earlier.name} ends with bytes that are not a whole record, and a crash cannot "
-                                 f"leave those before the last file: run `fleetctl audit verify {self.directory}`")
+                raise AuditError(
+                    f"{earlier.name} ends with bytes that are not a whole record, and a crash cannot "
+                    f"leave those before the last file: run `fleetctl audit verify {self.directory}`"
+                )
         last_seq = last["seq"] if last else 0
-        if head is not None and (last_seq < head["seq"] or (last_seq == head["seq"] and last["hash"] != head["hash"])):
+        if head is not None and (
+            last_seq < head["seq"] or (last_seq == head["seq"] and last["hash"] != head["hash"])
+        ):
             raise AuditError(
                 f"{path.name} ends at record {last_seq} but the signed HEAD says record {head['seq']} "
                 f"({head.get('file')}) was written and acknowledged: records are missing or altered. That is "
                 f"truncation or tampering, not a crash: run `fleetctl audit verify {self.directory}` and restore "
-                "the files from backup before writing again")
+                "the files from backup before writing again"
+            )
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         recovered = None
         if good_end < len(data):
             os.ftruncate(self._fd, good_end)
             _fsync(self._fd)
-            recovered = RecoveredRecord(self._now(), self._source, path.name, good_end, len(data) - good_end,
-                                        f"the last line was not a whole record ({fault}): a write torn by a crash, "
-                                        "never acknowledged")
-            logger.warning("audit: %s: cut %d bytes at offset %d after a crash (%s); nothing acknowledged was lost",
-                           path.name, len(data) - good_end, good_end, fault)
+            recovered = RecoveredRecord(
+                self._now(),
+                self._source,
+                path.name,
+                good_end,
+                len(data) - good_end,
+                f"the last line was not a whole record ({fault}): a write torn by a crash, "
+                "never acknowledged",
+            )
+            logger.warning(
+                "audit: %s: cut %d bytes at offset %d after a crash (%s); nothing acknowledged was lost",
+                path.name,
+                len(data) - good_end,
+                good_end,
+                fault,
+            )
         self._size = good_end
         last_checkpoint = _last_checkpoint(files, data[:good_end])
-        self._tip = _Tip(last_seq, last["hash"] if last else ZERO_HASH, path.name, last_seq - last_checkpoint,
-                         last_checkpoint + 1, time.monotonic())
+        self._tip = _Tip(
+            last_seq,
+            last["hash"] if last else ZERO_HASH,
+            path.name,
+            last_seq - last_checkpoint,
+            last_checkpoint + 1,
+            time.monotonic(),
+        )
         self._head_written = head["seq"] if head else 0
         return recovered
 
@@ -505,8 +621,10 @@ def _lock(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise AuditError(f"{directory} is being written by another AuditLog (its LOCK is held): one writer per "
-                         "directory; give each process its own audit directory") from None
+        raise AuditError(
+            f"{directory} is being written by another AuditLog (its LOCK is held): one writer per "
+            "directory; give each process its own audit directory"
+        ) from None
     return fd
 
 

@@ -30,8 +30,10 @@ def parse_when(text: str, *, now: Optional[datetime] = None) -> datetime:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{text!r} is neither a duration (45s, 30m, 1h, 7d, 2w) nor an ISO 8601 time "
-                         "(2025-01-31T09:00:00Z)") from None
+        raise ValueError(
+            f"{text!r} is neither a duration (45s, 30m, 1h, 7d, 2w) nor an ISO 8601 time "
+            "(2025-01-31T09:00:00Z)"
+        ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
@@ -42,9 +44,16 @@ def _stamp(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def query(directory: Path, since: Optional[datetime] = None, until: Optional[datetime] = None,
-          caller: Optional[str] = None, request_id: Optional[str] = None, action: Optional[str] = None,
-          type_: Optional[str] = None, merge: bool = True) -> Iterator[dict]:
+def query(
+    directory: Path,
+    since: Optional[datetime] = None,
+    until: Optional[datetime] = None,
+    caller: Optional[str] = None,
+    request_id: Optional[str] = None,
+    action: Optional[str] = None,
+    type_: Optional[str] = None,
+    merge: bool = True,
+) -> Iterator[dict]:
     """Records with `since <= time < until` whose `caller`, `request_id`, `action` and `type`
     equal those given (None matches anything). Naive datetimes are taken as UTC.
 
@@ -58,8 +67,16 @@ def query(directory: Path, since: Optional[datetime] = None, until: Optional[dat
         raise AuditError(f"{directory} is not a directory: pass the audit log's directory")
     lo = _stamp(since) if since else None
     hi = _stamp(until) if until else None
-    wanted = {k: v for k, v in (("caller", caller), ("request_id", request_id), ("action", action),
-                                ("type", type_)) if v is not None}
+    wanted = {
+        k: v
+        for k, v in (
+            ("caller", caller),
+            ("request_id", request_id),
+            ("action", action),
+            ("type", type_),
+        )
+        if v is not None
+    }
     records = _read(directory)
     for record in _merged(records) if merge else records:
         t = record.get("time")
@@ -82,7 +99,9 @@ def query_chains(directories: Sequence[Path], **filters) -> list[dict]:
     for rank, directory in enumerate(directories):
         for order, record in enumerate(query(directory, **filters)):
             t = record.get("time")
-            tagged.append((t if isinstance(t, str) else "", rank, order, {**record, "chain": str(directory)}))
+            tagged.append(
+                (t if isinstance(t, str) else "", rank, order, {**record, "chain": str(directory)})
+            )
     tagged.sort(key=lambda item: item[:3])
     return [record for *_, record in tagged]
 
@@ -102,7 +121,9 @@ def _read(directory: Path) -> Iterator[dict]:
 def _key(record: dict) -> Optional[tuple]:
     """What links an accepted record to its end; None for records that are never split."""
     kind = record.get("type")
-    ident = record.get("request_id" if kind == "request" else "operation_id" if kind == "admin" else "")
+    ident = record.get(
+        "request_id" if kind == "request" else "operation_id" if kind == "admin" else ""
+    )
     if not isinstance(ident, str) or not ident:
         return None
     return kind, record.get("action"), record.get("coordinator"), record.get("caller"), ident
@@ -112,12 +133,16 @@ def _merged(records: Iterator[dict]) -> Iterator[dict]:
     pending: dict[tuple, list[dict]] = {}
 
     def orphans() -> Iterator[dict]:
-        left = sorted((r for waiting in pending.values() for r in waiting), key=lambda r: r.get("seq") or 0)
+        left = sorted(
+            (r for waiting in pending.values() for r in waiting), key=lambda r: r.get("seq") or 0
+        )
         pending.clear()
         yield from left
 
     for record in records:
-        if record.get("type") == "open":   # one writer per directory: what the last one left open stays so
+        if (
+            record.get("type") == "open"
+        ):  # one writer per directory: what the last one left open stays so
             yield from orphans()
         key = _key(record)
         if key is not None and record.get("outcome") == "accepted":
@@ -128,6 +153,10 @@ def _merged(records: Iterator[dict]) -> Iterator[dict]:
             accepted = waiting.pop(0)
             if not waiting:
                 del pending[key]
-            record = {**record, "accepted_seq": accepted.get("seq"), "accepted_time": accepted.get("time")}
+            record = {
+                **record,
+                "accepted_seq": accepted.get("seq"),
+                "accepted_time": accepted.get("time"),
+            }
         yield record
     yield from orphans()

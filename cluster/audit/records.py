@@ -15,7 +15,7 @@ class OpenRecord:
     time: str
     source: str
     pid: int
-    key: str        # the signing key's fingerprint
+    key: str  # the signing key's fingerprint
     format: int
 
     def to_dict(self) -> dict:

@@ -35,24 +35,38 @@ from dataclasses import dataclass, field
 from cluster.api import fleet_pb2
 from cluster.capacity.profile import Profile, StepModel
 
-__all__ = ["ArrivalMeter", "FleetModel", "Headroom", "LiveHeadroom", "NodeModel", "RoutableNode", "TokenMix",
-           "fleet_p95_s", "from_proto", "headroom", "match_profile", "sla_rate_per_s", "to_proto"]
+__all__ = [
+    "ArrivalMeter",
+    "FleetModel",
+    "Headroom",
+    "LiveHeadroom",
+    "NodeModel",
+    "RoutableNode",
+    "TokenMix",
+    "fleet_p95_s",
+    "from_proto",
+    "headroom",
+    "match_profile",
+    "sla_rate_per_s",
+    "to_proto",
+]
 
 DEFAULT_SLA_P95_S = 8.0
 DEFAULT_WINDOW_S = 300.0
-MIN_NOTES_FOR_MIX = 20          # below this many completed notes in the window, the default mix
-MIX_STEP = 5                    # tokens: the measured mix is rounded to this
+MIN_NOTES_FOR_MIX = 20  # below this many completed notes in the window, the default mix
+MIX_STEP = 5  # tokens: the measured mix is rounded to this
 
 
 @dataclass(frozen=True)
 class TokenMix:
     """The notes' token counts: means, 95th percentiles, and the cached prefix."""
+
     prompt_mean: float = 500.0
     prompt_p95: float = 500.0
     output_mean: float = 500.0
-    output_p95: float = 590.0     # uniform 400:600 (the clinic's field report)
+    output_p95: float = 590.0  # uniform 400:600 (the clinic's field report)
     cached_prefix: float = 0.0
-    source: str = "default"       # "default" or "measured"
+    source: str = "default"  # "default" or "measured"
 
     @property
     def output_cv2(self) -> float:
@@ -64,18 +78,19 @@ class TokenMix:
 @dataclass(frozen=True)
 class NodeModel:
     """One routable node as the prediction sees it."""
+
     node_id: str
     fit: StepModel
     max_running: int
-    profile: str = ""             # the profile's name
-    source: str = ""              # "node" (its NodeStatus) or "coordinator" (--capacity-profile)
+    profile: str = ""  # the profile's name
+    source: str = ""  # "node" (its NodeStatus) or "coordinator" (--capacity-profile)
 
 
 @dataclass(frozen=True)
 class _NodeState:
-    service_s: float              # mean time per note on the node at its rate
-    service_p95_s: float          # ... for a 95th-percentile note
-    busy: float                   # mean running sequences
+    service_s: float  # mean time per note on the node at its rate
+    service_p95_s: float  # ... for a 95th-percentile note
+    busy: float  # mean running sequences
     stable: bool
 
 
@@ -89,8 +104,10 @@ def _node_state(node: NodeModel, rate: float, mix: TokenMix) -> _NodeState:
         return _NodeState(math.inf, math.inf, c, False)
     stretch = 1.0 / (1.0 - share)
     ctx = mix.prompt_mean + mix.output_mean / 2.0
-    per_seq = fit.decode_per_seq_s + fit.decode_per_ctx_token_s * ctx      # what each running sequence adds
-    alone = fit.decode_base_s + fit.decode_per_ctx_token_s * ctx           # the step with one sequence
+    per_seq = (
+        fit.decode_per_seq_s + fit.decode_per_ctx_token_s * ctx
+    )  # what each running sequence adds
+    alone = fit.decode_base_s + fit.decode_per_ctx_token_s * ctx  # the step with one sequence
     # A note shares its steps with the others running meanwhile: on average l * T of them
     # (Poisson arrivals see time averages), capped by the other slots.
     denom = 1.0 - stretch * mix.output_mean * per_seq * rate
@@ -124,13 +141,14 @@ def _capacity_rate(node: NodeModel, mix: TokenMix) -> float:
 @dataclass(frozen=True)
 class FleetModel:
     """The routable, profiled nodes and their capacity shares at a token mix."""
+
     nodes: tuple[NodeModel, ...]
     mix: TokenMix
     capacities: tuple[float, ...]
 
     @classmethod
     def of(cls, nodes: Sequence[NodeModel], mix: TokenMix) -> FleetModel:
-        caps: dict[tuple, float] = {}   # nodes of one profile and size share one computation
+        caps: dict[tuple, float] = {}  # nodes of one profile and size share one computation
         for n in nodes:
             key = (n.fit, n.max_running)
             if key not in caps:
@@ -150,7 +168,10 @@ def fleet_p95_s(model: FleetModel, rate: float) -> float:
     total = model.capacity_per_s
     if rate >= total:
         return math.inf
-    states = [_node_state(n, rate * cap / total, model.mix) for n, cap in zip(model.nodes, model.capacities, strict=True)]
+    states = [
+        _node_state(n, rate * cap / total, model.mix)
+        for n, cap in zip(model.nodes, model.capacities, strict=True)
+    ]
     if not all(s.stable for s in states):
         return math.inf
     slowest = max(s.service_p95_s for s in states)
@@ -163,7 +184,7 @@ def fleet_p95_s(model: FleetModel, rate: float) -> float:
     p_wait = _erlang_c(servers, load)
     if p_wait <= 0.05:
         return slowest
-    drain = (servers - load) * rate / load            # (c * mu - lambda), mu = rate / load per slot
+    drain = (servers - load) * rate / load  # (c * mu - lambda), mu = rate / load per slot
     cs2 = model.mix.output_cv2
     return slowest + math.log(p_wait / 0.05) / drain * (1.0 + cs2) / 2.0
 
@@ -174,7 +195,7 @@ def sla_rate_per_s(model: FleetModel, sla_p95_s: float) -> float:
     if not model.nodes or fleet_p95_s(model, 0.0) > sla_p95_s:
         return 0.0
     lo, hi = 0.0, model.capacity_per_s
-    for _ in range(30):   # 1e-9 of the capacity
+    for _ in range(30):  # 1e-9 of the capacity
         mid = (lo + hi) / 2.0
         lo, hi = (mid, hi) if fleet_p95_s(model, mid) <= sla_p95_s else (lo, mid)
     return lo
@@ -183,12 +204,13 @@ def sla_rate_per_s(model: FleetModel, sla_p95_s: float) -> float:
 @dataclass(frozen=True)
 class Headroom:
     """What the coordinator exports: the rate now, the predicted p95 at it, and the room left."""
-    known: bool                    # at least one routable node has a profile
+
+    known: bool  # at least one routable node has a profile
     arrival_rate_per_s: float
-    predicted_p95_s: float         # inf: the fleet cannot keep up with this rate
+    predicted_p95_s: float  # inf: the fleet cannot keep up with this rate
     sla_p95_s: float
-    sla_rate_per_s: float          # the rate at which the predicted p95 reaches the SLA
-    capacity_per_s: float          # the rate that fills every slot
+    sla_rate_per_s: float  # the rate at which the predicted p95 reaches the SLA
+    capacity_per_s: float  # the rate that fills every slot
     profiled_nodes: int
     unprofiled_nodes: int
     mix: TokenMix = field(default_factory=TokenMix)
@@ -202,7 +224,11 @@ class Headroom:
     @property
     def headroom_ratio(self) -> float:
         """The share of the SLA rate still free: 1 idle, 0 at the SLA, negative past it."""
-        return 1.0 - self.arrival_rate_per_s / self.sla_rate_per_s if self.sla_rate_per_s > 0 else -math.inf
+        return (
+            1.0 - self.arrival_rate_per_s / self.sla_rate_per_s
+            if self.sla_rate_per_s > 0
+            else -math.inf
+        )
 
     @property
     def sla_met(self) -> bool:
@@ -214,9 +240,11 @@ class Headroom:
             return "capacity: no routable node has a capacity profile (fleet-node/fleet-coordinator --capacity-profile)"
         p95 = "overloaded" if math.isinf(self.predicted_p95_s) else f"{self.predicted_p95_s:.1f} s"
         verdict = "within" if self.sla_met else "OVER"
-        text = (f"capacity: {self.arrival_rate_per_s * 60:.1f} notes/min now, predicted p95 {p95} "
-                f"({verdict} the {self.sla_p95_s:g} s SLA); SLA holds to {self.sla_rate_per_s * 60:.1f} notes/min, "
-                f"headroom {self.headroom_per_s * 60:+.1f} notes/min")
+        text = (
+            f"capacity: {self.arrival_rate_per_s * 60:.1f} notes/min now, predicted p95 {p95} "
+            f"({verdict} the {self.sla_p95_s:g} s SLA); SLA holds to {self.sla_rate_per_s * 60:.1f} notes/min, "
+            f"headroom {self.headroom_per_s * 60:+.1f} notes/min"
+        )
         if self.unprofiled_nodes:
             text += f"; {self.unprofiled_nodes} routable node(s) without a profile left out"
         return text
@@ -225,35 +253,77 @@ class Headroom:
 def to_proto(h: Headroom) -> fleet_pb2.Headroom:
     """Traffic.headroom, as GetTraffic answers it."""
     if not h.known:
-        return fleet_pb2.Headroom(known=False, arrival_rate_per_s=h.arrival_rate_per_s, sla_p95_s=h.sla_p95_s,
-                                  unprofiled_nodes=h.unprofiled_nodes, window_s=h.window_s, mix=h.mix.source)
-    return fleet_pb2.Headroom(known=True, arrival_rate_per_s=h.arrival_rate_per_s, predicted_p95_s=h.predicted_p95_s,
-                              sla_p95_s=h.sla_p95_s, sla_rate_per_s=h.sla_rate_per_s,
-                              capacity_per_s=h.capacity_per_s, profiled_nodes=h.profiled_nodes,
-                              unprofiled_nodes=h.unprofiled_nodes, window_s=h.window_s, mix=h.mix.source)
+        return fleet_pb2.Headroom(
+            known=False,
+            arrival_rate_per_s=h.arrival_rate_per_s,
+            sla_p95_s=h.sla_p95_s,
+            unprofiled_nodes=h.unprofiled_nodes,
+            window_s=h.window_s,
+            mix=h.mix.source,
+        )
+    return fleet_pb2.Headroom(
+        known=True,
+        arrival_rate_per_s=h.arrival_rate_per_s,
+        predicted_p95_s=h.predicted_p95_s,
+        sla_p95_s=h.sla_p95_s,
+        sla_rate_per_s=h.sla_rate_per_s,
+        capacity_per_s=h.capacity_per_s,
+        profiled_nodes=h.profiled_nodes,
+        unprofiled_nodes=h.unprofiled_nodes,
+        window_s=h.window_s,
+        mix=h.mix.source,
+    )
 
 
 def from_proto(msg: fleet_pb2.Headroom) -> Headroom:
-    return Headroom(msg.known, msg.arrival_rate_per_s, msg.predicted_p95_s if msg.known else math.nan,
-                    msg.sla_p95_s, msg.sla_rate_per_s, msg.capacity_per_s, msg.profiled_nodes, msg.unprofiled_nodes,
-                    TokenMix(source=msg.mix or "default"), msg.window_s)
+    return Headroom(
+        msg.known,
+        msg.arrival_rate_per_s,
+        msg.predicted_p95_s if msg.known else math.nan,
+        msg.sla_p95_s,
+        msg.sla_rate_per_s,
+        msg.capacity_per_s,
+        msg.profiled_nodes,
+        msg.unprofiled_nodes,
+        TokenMix(source=msg.mix or "default"),
+        msg.window_s,
+    )
 
 
 @functools.lru_cache(maxsize=16)
-def _fleet(nodes: tuple[NodeModel, ...], mix: TokenMix, sla_p95_s: float) -> tuple[FleetModel, float]:
+def _fleet(
+    nodes: tuple[NodeModel, ...], mix: TokenMix, sla_p95_s: float
+) -> tuple[FleetModel, float]:
     """The fleet model and its SLA rate: they change only with the fleet or the token mix, so
     a scrape at a steady fleet costs one evaluation of the closed form."""
     model = FleetModel.of(nodes, mix)
     return model, sla_rate_per_s(model, sla_p95_s)
 
 
-def headroom(nodes: Sequence[NodeModel], rate: float, mix: TokenMix, sla_p95_s: float, *,
-             unprofiled: int = 0, window_s: float = DEFAULT_WINDOW_S) -> Headroom:
+def headroom(
+    nodes: Sequence[NodeModel],
+    rate: float,
+    mix: TokenMix,
+    sla_p95_s: float,
+    *,
+    unprofiled: int = 0,
+    window_s: float = DEFAULT_WINDOW_S,
+) -> Headroom:
     if not nodes:
         return Headroom(False, rate, math.nan, sla_p95_s, 0.0, 0.0, 0, unprofiled, mix, window_s)
     model, sla_rate = _fleet(tuple(nodes), mix, sla_p95_s)
-    return Headroom(True, rate, fleet_p95_s(model, rate), sla_p95_s, sla_rate, model.capacity_per_s, len(nodes),
-                    unprofiled, mix, window_s)
+    return Headroom(
+        True,
+        rate,
+        fleet_p95_s(model, rate),
+        sla_p95_s,
+        sla_rate,
+        model.capacity_per_s,
+        len(nodes),
+        unprofiled,
+        mix,
+        window_s,
+    )
 
 
 class ArrivalMeter:
@@ -261,18 +331,28 @@ class ArrivalMeter:
     in it. Fed with each ended request (thread-safe: the request log's sink runs on the loop,
     scrapes read from the metrics thread)."""
 
-    def __init__(self, window_s: float = DEFAULT_WINDOW_S, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, window_s: float = DEFAULT_WINDOW_S, *, clock: Callable[[], float] = time.time
+    ):
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, not {window_s}")
         self.window_s = window_s
         self._clock = clock
         self._since = clock()
         self._arrivals: deque[float] = deque()
-        self._notes: deque[tuple[float, int, int]] = deque()   # (ended_at, prompt, completion)
+        self._notes: deque[tuple[float, int, int]] = deque()  # (ended_at, prompt, completion)
         self._lock = threading.Lock()
 
-    def observe(self, started_at: float, ended_at: float, *, completed: bool, counted: bool = True,
-                prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def observe(
+        self,
+        started_at: float,
+        ended_at: float,
+        *,
+        completed: bool,
+        counted: bool = True,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:
         """One ended request: `counted` False for the caller's own refusals (not load)."""
         with self._lock:
             if counted:
@@ -308,9 +388,14 @@ class ArrivalMeter:
         outputs = sorted(c for _, _, c in notes)
         q = lambda xs: xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]  # noqa: E731
         step = lambda v: MIX_STEP * round(v / MIX_STEP)  # noqa: E731 - a steady mix is one cache entry
-        return TokenMix(prompt_mean=step(sum(prompts) / len(prompts)), prompt_p95=step(q(prompts)),
-                        output_mean=step(sum(outputs) / len(outputs)), output_p95=step(q(outputs)),
-                        cached_prefix=default.cached_prefix, source="measured")
+        return TokenMix(
+            prompt_mean=step(sum(prompts) / len(prompts)),
+            prompt_p95=step(q(prompts)),
+            output_mean=step(sum(outputs) / len(outputs)),
+            output_p95=step(q(outputs)),
+            cached_prefix=default.cached_prefix,
+            source="measured",
+        )
 
 
 def match_profile(profiles: Sequence[Profile], node_id: str, model_id: str) -> Profile | None:
@@ -328,9 +413,10 @@ def match_profile(profiles: Sequence[Profile], node_id: str, model_id: str) -> P
 @dataclass(frozen=True)
 class RoutableNode:
     """What the live prediction needs of a routable node (the coordinator's fleet view)."""
+
     node_id: str
     model_id: str
-    max_running: int = 0          # its slots as it reports them; 0: the profile's
+    max_running: int = 0  # its slots as it reports them; 0: the profile's
 
 
 class LiveHeadroom:
@@ -340,10 +426,17 @@ class LiveHeadroom:
     evaluation of the closed form once the fleet and mix are cached) and may be cached for
     `cache_s` (0: computed on every call)."""
 
-    def __init__(self, profiles: Sequence[Profile], *, nodes: Callable[[], Iterable[RoutableNode]],
-                 sla_p95_s: float = DEFAULT_SLA_P95_S, window_s: float = DEFAULT_WINDOW_S,
-                 default_mix: TokenMix = TokenMix(), clock: Callable[[], float] = time.time,
-                 cache_s: float = 0.0):
+    def __init__(
+        self,
+        profiles: Sequence[Profile],
+        *,
+        nodes: Callable[[], Iterable[RoutableNode]],
+        sla_p95_s: float = DEFAULT_SLA_P95_S,
+        window_s: float = DEFAULT_WINDOW_S,
+        default_mix: TokenMix = TokenMix(),
+        clock: Callable[[], float] = time.time,
+        cache_s: float = 0.0,
+    ):
         if not (sla_p95_s > 0 and math.isfinite(sla_p95_s)):
             raise ValueError(f"sla_p95_s must be a number of seconds > 0, not {sla_p95_s}")
         self.profiles = tuple(profiles)
@@ -359,9 +452,14 @@ class LiveHeadroom:
     def observe(self, summary) -> None:
         """A RequestSummary-like ended request (started_at, ended_at, outcome, tokens)."""
         outcome = str(summary.outcome)
-        self.meter.observe(summary.started_at, summary.ended_at, completed=outcome == "completed",
-                           counted=outcome not in REFUSALS, prompt_tokens=summary.prompt_tokens,
-                           completion_tokens=summary.completion_tokens)
+        self.meter.observe(
+            summary.started_at,
+            summary.ended_at,
+            completed=outcome == "completed",
+            counted=outcome not in REFUSALS,
+            prompt_tokens=summary.prompt_tokens,
+            completion_tokens=summary.completion_tokens,
+        )
 
     def models(self) -> tuple[list[NodeModel], int]:
         """The routable nodes with a profile, and how many routable nodes have none."""
@@ -371,21 +469,38 @@ class LiveHeadroom:
             if p is None:
                 missing += 1
                 continue
-            have.append(NodeModel(node.node_id, p.fit, node.max_running or p.limits.max_running, p.name,
-                                  "coordinator"))
+            have.append(
+                NodeModel(
+                    node.node_id,
+                    p.fit,
+                    node.max_running or p.limits.max_running,
+                    p.name,
+                    "coordinator",
+                )
+            )
         return have, missing
 
     def snapshot(self) -> Headroom:
         now = self._clock()
         with self._lock:
-            if self._cache_s > 0 and self._cached is not None and now - self._cached[0] < self._cache_s:
+            if (
+                self._cache_s > 0
+                and self._cached is not None
+                and now - self._cached[0] < self._cache_s
+            ):
                 return self._cached[1]
         have, missing = self.models()
-        result = headroom(have, self.meter.rate_per_s(), self.meter.mix(self._default_mix), self.sla_p95_s,
-                          unprofiled=missing, window_s=self.meter.window_s)
+        result = headroom(
+            have,
+            self.meter.rate_per_s(),
+            self.meter.mix(self._default_mix),
+            self.sla_p95_s,
+            unprofiled=missing,
+            window_s=self.meter.window_s,
+        )
         with self._lock:
             self._cached = (now, result)
         return result
 
 
-REFUSALS = ("rejected", "refused", "denied")   # the caller's own refusals: not load on the fleet
+REFUSALS = ("rejected", "refused", "denied")  # the caller's own refusals: not load on the fleet

@@ -28,8 +28,16 @@ from cluster.client import AsyncFleetClient, build_request
 from cluster.client.errors import FleetError
 from cluster.metrics import percentile
 
-__all__ = ["Measured", "NoteOutcome", "PlannedNote", "PromptBuilder", "ReplayReport", "plan_notes", "run_notes",
-           "summarize"]
+__all__ = [
+    "Measured",
+    "NoteOutcome",
+    "PlannedNote",
+    "PromptBuilder",
+    "ReplayReport",
+    "plan_notes",
+    "run_notes",
+    "summarize",
+]
 
 SYSTEM = "You are a clinical documentation assistant. Write a concise SOAP note from the visit transcript."
 # Made-up visit sentences: no patient, no PHI. Prompts are built from these.
@@ -47,7 +55,7 @@ SENTENCES = (
     "Care coordinator to confirm transport for the next appointment.",
     "Return sooner if symptoms worsen or new symptoms appear.",
 )
-PAD = " and"           # a one-word filler whose cost is measured, for the last few tokens
+PAD = " and"  # a one-word filler whose cost is measured, for the last few tokens
 CALIBRATION_TIMEOUT_S = 60.0
 
 
@@ -55,21 +63,23 @@ CALIBRATION_TIMEOUT_S = 60.0
 class PlannedNote:
     """One note of the replayed traffic: when it is sent (real seconds after the start)
     and the token counts the workload drew for it."""
+
     index: int
     at_s: float
     prompt_tokens: int
     output_tokens: int
-    cached_tokens: int = 0        # the shared prefix the node's prompt cache is expected to hold
+    cached_tokens: int = 0  # the shared prefix the node's prompt cache is expected to hold
 
 
 @dataclass
 class NoteOutcome:
     """How one note went, as the client saw it (times in seconds from its send)."""
+
     index: int
     request_id: str
-    sent_s: float                 # real seconds after the start that it was actually sent
-    late_s: float                 # how far behind its planned time the driver sent it
-    outcome: str                  # "completed", or the gRPC status name it failed with
+    sent_s: float  # real seconds after the start that it was actually sent
+    late_s: float  # how far behind its planned time the driver sent it
+    outcome: str  # "completed", or the gRPC status name it failed with
     ttft_s: float | None = None
     total_s: float | None = None
     prompt_tokens: int = 0
@@ -91,7 +101,7 @@ class PromptBuilder:
     def __init__(self, *, shared_prefix_tokens: int = 0, request_prefix: str = "cal"):
         self.shared_prefix_tokens = shared_prefix_tokens
         self.system = SYSTEM
-        self.base_tokens = 0                       # template + system + the visit header
+        self.base_tokens = 0  # template + system + the visit header
         self.sentence_tokens: list[int] = []
         self.pad_tokens = 1
         self._prefix = request_prefix
@@ -99,16 +109,23 @@ class PromptBuilder:
 
     async def calibrate(self, client: AsyncFleetClient) -> int:
         """Measure the costs; returns the number of calibration requests sent."""
+
         async def count(system: str, user: str) -> int:
             self._calls += 1
-            req = build_request(messages=[("system", system), ("user", user)], max_tokens=1,
-                                request_id=f"{self._prefix}-{self._calls}", temperature=0.0)
+            req = build_request(
+                messages=[("system", system), ("user", user)],
+                max_tokens=1,
+                request_id=f"{self._prefix}-{self._calls}",
+                temperature=0.0,
+            )
             result = await client.generate(req, timeout_s=CALIBRATION_TIMEOUT_S)
             return result.prompt_tokens
 
         header = self._header(0)
         base = await count(self.system, header)
-        costs = await asyncio.gather(*(count(self.system, header + " " + s) for s in [*SENTENCES, PAD.strip()]))
+        costs = await asyncio.gather(
+            *(count(self.system, header + " " + s) for s in [*SENTENCES, PAD.strip()])
+        )
         self.sentence_tokens = [max(1, c - base) for c in costs[:-1]]
         self.pad_tokens = max(1, costs[-1] - base)
         self.base_tokens = base
@@ -150,15 +167,28 @@ class PromptBuilder:
         return [("system", self.system), ("user", self._header(index) + body)]
 
 
-def note_request(builder: PromptBuilder, note: PlannedNote, request_id: str) -> inference_pb2.GenerateRequest:
-    req = build_request(messages=builder.messages(note.index, note.prompt_tokens), max_tokens=note.output_tokens,
-                        request_id=request_id, temperature=0.7, seed=note.index)
-    req.sampling.ignore_eos = True   # the sampled output length, whatever the model writes
+def note_request(
+    builder: PromptBuilder, note: PlannedNote, request_id: str
+) -> inference_pb2.GenerateRequest:
+    req = build_request(
+        messages=builder.messages(note.index, note.prompt_tokens),
+        max_tokens=note.output_tokens,
+        request_id=request_id,
+        temperature=0.7,
+        seed=note.index,
+    )
+    req.sampling.ignore_eos = True  # the sampled output length, whatever the model writes
     return req
 
 
-async def _one(client: AsyncFleetClient, req: inference_pb2.GenerateRequest, note: PlannedNote, sent_s: float,
-               late_s: float, timeout_s: float) -> NoteOutcome:
+async def _one(
+    client: AsyncFleetClient,
+    req: inference_pb2.GenerateRequest,
+    note: PlannedNote,
+    sent_s: float,
+    late_s: float,
+    timeout_s: float,
+) -> NoteOutcome:
     out = NoteOutcome(note.index, req.request_id, sent_s, late_s, "completed")
     started = time.perf_counter()
     final = None
@@ -176,7 +206,10 @@ async def _one(client: AsyncFleetClient, req: inference_pb2.GenerateRequest, not
         out.completion_tokens = final.usage.completion_tokens
         out.cached_prompt_tokens = final.usage.cached_prompt_tokens
         out.node_id = final.nodes[-1] if final.nodes else final.node_id
-        if final.finish_reason in (inference_pb2.FINISH_REASON_CANCELLED, inference_pb2.FINISH_REASON_ERROR):
+        if final.finish_reason in (
+            inference_pb2.FINISH_REASON_CANCELLED,
+            inference_pb2.FINISH_REASON_ERROR,
+        ):
             out.outcome = "INTERRUPTED"
     elif out.outcome == "completed":
         out.outcome = "NO_FINAL"
@@ -186,6 +219,7 @@ async def _one(client: AsyncFleetClient, req: inference_pb2.GenerateRequest, not
 @dataclass
 class Progress:
     """What the driver has done so far (handed to the progress callback)."""
+
     planned: int
     sent: int = 0
     ended: int = 0
@@ -193,10 +227,16 @@ class Progress:
     elapsed_s: float = 0.0
 
 
-async def run_notes(client: AsyncFleetClient, builder: PromptBuilder, notes: Sequence[PlannedNote], *,
-                    run_id: str, timeout_s: float,
-                    on_progress: Callable[[Progress], None] | None = None,
-                    progress_every_s: float = 0.5) -> tuple[list[NoteOutcome], float]:
+async def run_notes(
+    client: AsyncFleetClient,
+    builder: PromptBuilder,
+    notes: Sequence[PlannedNote],
+    *,
+    run_id: str,
+    timeout_s: float,
+    on_progress: Callable[[Progress], None] | None = None,
+    progress_every_s: float = 0.5,
+) -> tuple[list[NoteOutcome], float]:
     """Send each note at its planned time (open loop: nothing waits for earlier notes),
     wait for all to end; returns the outcomes in note order and the wall time in seconds."""
     loop = asyncio.get_running_loop()
@@ -206,7 +246,11 @@ async def run_notes(client: AsyncFleetClient, builder: PromptBuilder, notes: Seq
 
     def done(task: asyncio.Task) -> None:
         progress.ended += 1
-        if not task.cancelled() and task.exception() is None and task.result().outcome != "completed":
+        if (
+            not task.cancelled()
+            and task.exception() is None
+            and task.result().outcome != "completed"
+        ):
             progress.failed += 1
 
     async def report() -> None:
@@ -223,7 +267,9 @@ async def run_notes(client: AsyncFleetClient, builder: PromptBuilder, notes: Seq
                 await asyncio.sleep(wait)
             now = loop.time() - start
             req = note_request(builder, note, f"{run_id}-{note.index:05d}")
-            task = asyncio.ensure_future(_one(client, req, note, now, max(0.0, now - note.at_s), timeout_s))
+            task = asyncio.ensure_future(
+                _one(client, req, note, now, max(0.0, now - note.at_s), timeout_s)
+            )
             task.add_done_callback(done)
             tasks.append(task)
             progress.sent += 1
@@ -241,6 +287,7 @@ async def run_notes(client: AsyncFleetClient, builder: PromptBuilder, notes: Seq
 @dataclass
 class Measured:
     """Time per note, first token and throughput, from the client's side (or predicted)."""
+
     notes: int
     completed: int
     p50_s: float
@@ -257,18 +304,18 @@ class ReplayReport:
     run_id: str
     coordinator: str
     time_scale: float
-    window_start_s: float          # the day's window replayed: seconds after midnight
-    window_s: float                # its length in day seconds (real: window_s / time_scale)
+    window_start_s: float  # the day's window replayed: seconds after midnight
+    window_s: float  # its length in day seconds (real: window_s / time_scale)
     wall_s: float
     measured: Measured
-    outcomes: dict[str, int]       # completed / the gRPC status each failed with -> count
+    outcomes: dict[str, int]  # completed / the gRPC status each failed with -> count
     prompt_tokens_planned_mean: float
     prompt_tokens_sent_mean: float
     calibration_requests: int
-    send_late_p99_s: float         # how far the driver lagged its schedule (a busy client skews results)
+    send_late_p99_s: float  # how far the driver lagged its schedule (a busy client skews results)
     predicted: Measured | None = None
     error_pct: dict[str, float] = field(default_factory=dict)
-    fleet: list[str] = field(default_factory=list)   # the --predict-with profiles, FILE=COUNT
+    fleet: list[str] = field(default_factory=list)  # the --predict-with profiles, FILE=COUNT
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -280,16 +327,31 @@ def summarize(outcomes: Sequence[NoteOutcome], wall_s: float) -> Measured:
     totals = [o.total_s for o in ok if o.total_s is not None]
     ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
     wall = max(wall_s, 1e-9)
-    return Measured(notes=len(outcomes), completed=len(ok), p50_s=percentile(totals, 0.50),
-                    p95_s=percentile(totals, 0.95), p99_s=percentile(totals, 0.99),
-                    ttft_p50_s=percentile(ttfts, 0.50), ttft_p95_s=percentile(ttfts, 0.95),
-                    notes_per_s=len(ok) / wall, output_tokens_per_s=sum(o.completion_tokens for o in ok) / wall)
+    return Measured(
+        notes=len(outcomes),
+        completed=len(ok),
+        p50_s=percentile(totals, 0.50),
+        p95_s=percentile(totals, 0.95),
+        p99_s=percentile(totals, 0.99),
+        ttft_p50_s=percentile(ttfts, 0.50),
+        ttft_p95_s=percentile(ttfts, 0.95),
+        notes_per_s=len(ok) / wall,
+        output_tokens_per_s=sum(o.completion_tokens for o in ok) / wall,
+    )
 
 
 def error_pct(predicted: Measured, measured: Measured) -> dict[str, float]:
     """(predicted - measured) / measured in percent, for each figure both have."""
     out = {}
-    for name in ("p50_s", "p95_s", "p99_s", "ttft_p50_s", "ttft_p95_s", "notes_per_s", "output_tokens_per_s"):
+    for name in (
+        "p50_s",
+        "p95_s",
+        "p99_s",
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "notes_per_s",
+        "output_tokens_per_s",
+    ):
         m, p = getattr(measured, name), getattr(predicted, name)
         if m > 0:
             out[name] = round(100.0 * (p - m) / m, 1)
@@ -305,8 +367,14 @@ def new_run_id() -> str:
     return f"replay-{uuid.uuid4().hex[:8]}"
 
 
-def plan_notes(workload: Workload, *, time_scale: float, duration_s: float, seed: int,
-               start_s: float | None = None) -> tuple[list[PlannedNote], float, float]:
+def plan_notes(
+    workload: Workload,
+    *,
+    time_scale: float,
+    duration_s: float,
+    seed: int,
+    start_s: float | None = None,
+) -> tuple[list[PlannedNote], float, float]:
     """The notes of the day's window [start, start + duration * time_scale) (the busiest
     window when `start_s` is None), on the real clock: (notes, window start, window length)."""
     if not (time_scale > 0 and math.isfinite(time_scale)):
@@ -317,24 +385,47 @@ def plan_notes(workload: Workload, *, time_scale: float, duration_s: float, seed
     if start_s is None:
         start_s = workload.busiest_window(min(length, DAY_S))[0]
     drawn = workload.requests(random.Random(seed), start_s, start_s + length)
-    notes = [PlannedNote(i, (r.at_s - start_s) / time_scale, r.prompt_tokens, r.output_tokens, r.cached_tokens)
-             for i, r in enumerate(drawn)]
+    notes = [
+        PlannedNote(
+            i, (r.at_s - start_s) / time_scale, r.prompt_tokens, r.output_tokens, r.cached_tokens
+        )
+        for i, r in enumerate(drawn)
+    ]
     return notes, start_s, length
 
 
-def build_report(run_id: str, coordinator: str, outcomes: Sequence[NoteOutcome], wall_s: float,
-                 notes: Sequence[PlannedNote], *, time_scale: float, window_start_s: float, window_s: float,
-                 calibration_requests: int) -> ReplayReport:
+def build_report(
+    run_id: str,
+    coordinator: str,
+    outcomes: Sequence[NoteOutcome],
+    wall_s: float,
+    notes: Sequence[PlannedNote],
+    *,
+    time_scale: float,
+    window_start_s: float,
+    window_s: float,
+    calibration_requests: int,
+) -> ReplayReport:
     sent = [o.prompt_tokens for o in outcomes if o.prompt_tokens]
     return ReplayReport(
-        run_id=run_id, coordinator=coordinator, time_scale=time_scale, window_start_s=window_start_s,
-        window_s=window_s, wall_s=wall_s, measured=summarize(outcomes, wall_s), outcomes=outcome_counts(outcomes),
+        run_id=run_id,
+        coordinator=coordinator,
+        time_scale=time_scale,
+        window_start_s=window_start_s,
+        window_s=window_s,
+        wall_s=wall_s,
+        measured=summarize(outcomes, wall_s),
+        outcomes=outcome_counts(outcomes),
         prompt_tokens_planned_mean=sum(n.prompt_tokens for n in notes) / max(1, len(notes)),
-        prompt_tokens_sent_mean=sum(sent) / max(1, len(sent)), calibration_requests=calibration_requests,
-        send_late_p99_s=percentile([o.late_s for o in outcomes], 0.99))
+        prompt_tokens_sent_mean=sum(sent) / max(1, len(sent)),
+        calibration_requests=calibration_requests,
+        send_late_p99_s=percentile([o.late_s for o in outcomes], 0.99),
+    )
 
 
-def parse_fleet(specs: Sequence[str], bad: Callable[[str, str], Exception]) -> list[tuple[Profile, int]]:
+def parse_fleet(
+    specs: Sequence[str], bad: Callable[[str, str], Exception]
+) -> list[tuple[Profile, int]]:
     """PROFILE[=COUNT] specs (a file or a shipped profile's name) -> [(profile, count)];
     raises bad("--predict-with", message) on nonsense."""
     fleet = []
@@ -345,8 +436,10 @@ def parse_fleet(specs: Sequence[str], bad: Callable[[str, str], Exception]) -> l
             if count < 1:
                 raise ValueError
         except ValueError:
-            raise bad("--predict-with", f"COUNT must be a whole number >= 1, not {count_text!r} in {spec!r}") \
-                from None
+            raise bad(
+                "--predict-with",
+                f"COUNT must be a whole number >= 1, not {count_text!r} in {spec!r}",
+            ) from None
         try:
             fleet.append((resolve_profile(name), count))
         except ProfileError as exc:
@@ -358,23 +451,37 @@ def predict(fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote]) 
     """The planner's prediction (cluster.capacity.simulate) for these very notes, at the
     times they were planned, on the fleet the profiles describe; figures as `summarize`
     computes them from a run (throughput over first send to last end)."""
-    requests = [Request(n.at_s, n.prompt_tokens, n.output_tokens, n.cached_tokens)
-                for n in sorted(notes, key=lambda n: n.at_s)]
+    requests = [
+        Request(n.at_s, n.prompt_tokens, n.output_tokens, n.cached_tokens)
+        for n in sorted(notes, key=lambda n: n.at_s)
+    ]
     end = max((n.at_s for n in notes), default=0.0) + 1e-6
     result = simulate(fleet_of(fleet), requests, window=(0.0, end))
     by_arrival = sorted(notes, key=lambda n: n.at_s)
-    done = [(n, total) for n, total in zip(by_arrival, result.totals, strict=True) if math.isfinite(total)]
+    done = [
+        (n, total)
+        for n, total in zip(by_arrival, result.totals, strict=True)
+        if math.isfinite(total)
+    ]
     wall = max((n.at_s + total for n, total in done), default=0.0)
     totals = [total for _, total in done]
     ttfts = [t for t in result.ttfts if math.isfinite(t)]
-    return Measured(notes=len(notes), completed=len(done), p50_s=percentile(totals, 0.50),
-                    p95_s=percentile(totals, 0.95), p99_s=percentile(totals, 0.99),
-                    ttft_p50_s=percentile(ttfts, 0.50), ttft_p95_s=percentile(ttfts, 0.95),
-                    notes_per_s=len(done) / max(wall, 1e-9),
-                    output_tokens_per_s=sum(n.output_tokens for n, _ in done) / max(wall, 1e-9))
+    return Measured(
+        notes=len(notes),
+        completed=len(done),
+        p50_s=percentile(totals, 0.50),
+        p95_s=percentile(totals, 0.95),
+        p99_s=percentile(totals, 0.99),
+        ttft_p50_s=percentile(ttfts, 0.50),
+        ttft_p95_s=percentile(ttfts, 0.95),
+        notes_per_s=len(done) / max(wall, 1e-9),
+        output_tokens_per_s=sum(n.output_tokens for n, _ in done) / max(wall, 1e-9),
+    )
 
 
-def add_prediction(report: ReplayReport, fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote]) -> None:
+def add_prediction(
+    report: ReplayReport, fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote]
+) -> None:
     """Put the planner's prediction and its error beside the measurement."""
     report.predicted = predict(fleet, notes)
     report.error_pct = error_pct(report.predicted, report.measured)

@@ -8,9 +8,25 @@ import sys
 
 import typer
 
-from cluster.fleetctl import (audit_cmd, certs_cmd, demo_cmd, eval_cmd, generate_cmd, model_cmd, monitor_cmd,
-                              node_cmd, nodes_cmd, ops_cmd, plan_cmd, profile_cmd, replay_cmd, requests_cmd,
-                              rollout_cmd, service_cmd, tokens_cmd)
+from cluster.fleetctl import (
+    audit_cmd,
+    certs_cmd,
+    demo_cmd,
+    eval_cmd,
+    generate_cmd,
+    model_cmd,
+    monitor_cmd,
+    node_cmd,
+    nodes_cmd,
+    ops_cmd,
+    plan_cmd,
+    profile_cmd,
+    replay_cmd,
+    requests_cmd,
+    rollout_cmd,
+    service_cmd,
+    tokens_cmd,
+)
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(model_cmd.app, name="model")

@@ -14,8 +14,8 @@ import typer
 
 from cluster.config import FleetctlSettings
 from cluster.config_file import ConfigFileError
-from cluster.security.tls import ENV_DIR, ENV_NAME, ClientTLS, TLSConfigError, open_channel
 from cluster.fleetctl.exits import EXIT_BAD_INPUT
+from cluster.security.tls import ENV_DIR, ENV_NAME, ClientTLS, TLSConfigError, open_channel
 
 ENV_CONFIG, ENV_COORDINATOR = "STUDIOFLEET_CONFIG", "STUDIOFLEET_COORDINATOR"
 DEFAULT_COORDINATOR = "127.0.0.1:7800"
@@ -45,18 +45,31 @@ def coordinator_address(value: Optional[str]) -> str:
     return value or file_settings().coordinator or DEFAULT_COORDINATOR
 
 
-COORDINATOR = typer.Option(None, "--coordinator", "-c", envvar=ENV_COORDINATOR, callback=coordinator_address,
-                           metavar="HOST:PORT",
-                           help=f"HOST:PORT of the coordinator. [default: coordinator in [fleetctl] of the config "
-                                f"file, else {DEFAULT_COORDINATOR}]")
-TLS_DIR = typer.Option(None, "--tls-dir", envvar=ENV_DIR,
-                       help="Directory with ca.pem and your NAME.pem/NAME.key.")
-TLS_NAME = typer.Option(None, "--tls-name", envvar=ENV_NAME,
-                        help="Your certificate's name (operator role for admin commands, app for generate).")
+COORDINATOR = typer.Option(
+    None,
+    "--coordinator",
+    "-c",
+    envvar=ENV_COORDINATOR,
+    callback=coordinator_address,
+    metavar="HOST:PORT",
+    help=f"HOST:PORT of the coordinator. [default: coordinator in [fleetctl] of the config "
+    f"file, else {DEFAULT_COORDINATOR}]",
+)
+TLS_DIR = typer.Option(
+    None, "--tls-dir", envvar=ENV_DIR, help="Directory with ca.pem and your NAME.pem/NAME.key."
+)
+TLS_NAME = typer.Option(
+    None,
+    "--tls-name",
+    envvar=ENV_NAME,
+    help="Your certificate's name (operator role for admin commands, app for generate).",
+)
 PLAINTEXT = typer.Option(False, "--plaintext", help="No TLS: a loopback development fleet only.")
 
 
-def credentials(tls_dir: Optional[Path], tls_name: Optional[str], plaintext: bool) -> Optional[ClientTLS]:
+def credentials(
+    tls_dir: Optional[Path], tls_name: Optional[str], plaintext: bool
+) -> Optional[ClientTLS]:
     """The caller's ClientTLS (None for plaintext); exits 2 with the fix when unusable. What
     flags and env leave unset comes from [fleetctl]; its `plaintext` only when neither gave TLS."""
     if not plaintext and not (tls_dir and tls_name):
@@ -66,9 +79,12 @@ def credentials(tls_dir: Optional[Path], tls_name: Optional[str], plaintext: boo
     if plaintext:
         return None
     if not tls_dir or not tls_name:
-        typer.echo(f"fleetctl: no credentials: give --tls-dir and --tls-name (or {ENV_DIR} and {ENV_NAME}, or "
-                   f"tls_dir and tls_name in [fleetctl] of the config file); --plaintext for a loopback "
-                   "development fleet", err=True)
+        typer.echo(
+            f"fleetctl: no credentials: give --tls-dir and --tls-name (or {ENV_DIR} and {ENV_NAME}, or "
+            f"tls_dir and tls_name in [fleetctl] of the config file); --plaintext for a loopback "
+            "development fleet",
+            err=True,
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     try:
         return ClientTLS(tls_dir, tls_name)

@@ -21,14 +21,27 @@ ENDED_EARLY = (inference_pb2.FINISH_REASON_CANCELLED, inference_pb2.FINISH_REASO
 
 def generate(
     coordinator: str = COORDINATOR,
-    target: Optional[str] = typer.Option(None, "--target", metavar="HOST:PORT", help="HOST:PORT of one node agent to call directly "
-                                         "(with --node). [default: the coordinator, as -c gives it]"),
-    prompt: Optional[str] = typer.Option(None, help="Prompt text (sent as one user chat message unless --raw); "
-                                                    "real patient text belongs in --prompt-file, not argv."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file, or "
-                                               "'-' for stdin: it stays out of `ps` and shell history."),
-    max_tokens: Optional[int] = typer.Option(None, help="Tokens to generate. [default: 64; with --template, the "
-                                                        "template's budget]"),
+    target: Optional[str] = typer.Option(
+        None,
+        "--target",
+        metavar="HOST:PORT",
+        help="HOST:PORT of one node agent to call directly "
+        "(with --node). [default: the coordinator, as -c gives it]",
+    ),
+    prompt: Optional[str] = typer.Option(
+        None,
+        help="Prompt text (sent as one user chat message unless --raw); "
+        "real patient text belongs in --prompt-file, not argv.",
+    ),
+    prompt_file: Optional[Path] = typer.Option(
+        None,
+        "--prompt-file",
+        help="Read the prompt from this file, or "
+        "'-' for stdin: it stays out of `ps` and shell history.",
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None, help="Tokens to generate. [default: 64; with --template, the template's budget]"
+    ),
     raw: bool = typer.Option(False, help="Send the prompt as raw text, without the chat template."),
     system: Optional[str] = typer.Option(None, help="System message to put before the prompt."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0 = greedy)."),
@@ -37,26 +50,50 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
     stop: List[str] = typer.Option([], help="Stop sequence (repeatable)."),
     request_id: str = typer.Option("", help="Request id to trace in node logs."),
-    allow_restart: bool = typer.Option(False, "--allow-restart", help="If the weights a started stream runs on "
-                                       "are gone from the fleet, let the coordinator start it over on other "
-                                       "weights (the text before the restart is void) instead of failing."),
-    template: Optional[str] = typer.Option(None, "--template", help="A prompt template (e.g. soap-note); the prompt "
-                                           "text becomes its `transcript` variable (README 'Clinical notes')."),
-    template_version: str = typer.Option("", "--template-version", help="Pin a template version, e.g. qwen2/v1."),
-    note_template: Optional[str] = typer.Option(None, "--note-template", help="Constrain the output to a note "
-                                                "template: soap, soap-brief, care-coordination."),
-    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Constrain the output to the JSON "
-                                               "Schema in this file."),
+    allow_restart: bool = typer.Option(
+        False,
+        "--allow-restart",
+        help="If the weights a started stream runs on "
+        "are gone from the fleet, let the coordinator start it over on other "
+        "weights (the text before the restart is void) instead of failing.",
+    ),
+    template: Optional[str] = typer.Option(
+        None,
+        "--template",
+        help="A prompt template (e.g. soap-note); the prompt "
+        "text becomes its `transcript` variable (README 'Clinical notes').",
+    ),
+    template_version: str = typer.Option(
+        "", "--template-version", help="Pin a template version, e.g. qwen2/v1."
+    ),
+    note_template: Optional[str] = typer.Option(
+        None,
+        "--note-template",
+        help="Constrain the output to a note template: soap, soap-brief, care-coordination.",
+    ),
+    json_schema: Optional[Path] = typer.Option(
+        None, "--json-schema", help="Constrain the output to the JSON Schema in this file."
+    ),
     timeout_s: float = typer.Option(120.0, help="Deadline for the whole request."),
-    output: str = typer.Option("text", "--output", "-o", help="text (stream) or json (one object)."),
-    node: bool = typer.Option(False, "--node", help="TARGET is a node agent, not a coordinator (nodes serve "
-                              "coordinators only: use a coordinator-role certificate)."),
-    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+    output: str = typer.Option(
+        "text", "--output", "-o", help="text (stream) or json (one object)."
+    ),
+    node: bool = typer.Option(
+        False,
+        "--node",
+        help="TARGET is a node agent, not a coordinator (nodes serve "
+        "coordinators only: use a coordinator-role certificate).",
+    ),
+    tls_dir: Optional[Path] = TLS_DIR,
+    tls_name: Optional[str] = TLS_NAME,
+    plaintext: bool = PLAINTEXT,
 ) -> None:
     """Stream a completion to the terminal, or print one JSON object with text, counts and timings."""
     if node and not target:
-        typer.echo("fleetctl: --node calls one node agent directly: give its address with --target HOST:PORT",
-                   err=True)
+        typer.echo(
+            "fleetctl: --node calls one node agent directly: give its address with --target HOST:PORT",
+            err=True,
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     target = target or coordinator
     if (prompt is None) == (prompt_file is None):
@@ -72,15 +109,27 @@ def generate(
     except OSError as exc:
         typer.echo(f"fleetctl: --json-schema: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    req = build_request(prompt=prompt if raw and template is None else None, messages=messages,
-                        max_tokens=max_tokens if max_tokens is not None else (0 if template is not None else 64),
-                        request_id=request_id, temperature=temperature, top_p=top_p, top_k=top_k,
-                        seed=seed, stop=stop, allow_restart=allow_restart,
-                        template=template, template_version=template_version,
-                        variables={"transcript": prompt} if template is not None else None,
-                        json_schema=schema, note_template=note_template)
+    req = build_request(
+        prompt=prompt if raw and template is None else None,
+        messages=messages,
+        max_tokens=max_tokens if max_tokens is not None else (0 if template is not None else 64),
+        request_id=request_id,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+        allow_restart=allow_restart,
+        template=template,
+        template_version=template_version,
+        variables={"transcript": prompt} if template is not None else None,
+        json_schema=schema,
+        note_template=note_template,
+    )
     tls = credentials(tls_dir, tls_name, plaintext)
-    with FleetClient(target, tls=tls, plaintext=tls is None, server_name=ANY_NODE if node and tls else None) as client:
+    with FleetClient(
+        target, tls=tls, plaintext=tls is None, server_name=ANY_NODE if node and tls else None
+    ) as client:
         try:
             if output == "json":
                 try:
@@ -89,8 +138,11 @@ def generate(
                     result = err.result
                 out = result.as_dict()
                 if result.quality is not None:
-                    out["quality"] = {"total": result.quality.total, "parts": result.quality.parts,
-                                      "rubric": result.quality.rubric}
+                    out["quality"] = {
+                        "total": result.quality.total,
+                        "parts": result.quality.parts,
+                        "rubric": result.quality.rubric,
+                    }
                 out["output"] = result.output
                 typer.echo(json.dumps(out))
                 return
@@ -99,8 +151,11 @@ def generate(
                 if chunk.restarted:
                     sys.stdout.write("\n")
                     sys.stdout.flush()
-                    typer.echo("fleetctl: -- RESTARTED on other weights: the text above is void; "
-                               "the completion starts over below --", err=True)
+                    typer.echo(
+                        "fleetctl: -- RESTARTED on other weights: the text above is void; "
+                        "the completion starts over below --",
+                        err=True,
+                    )
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 if chunk.HasField("final"):
@@ -113,21 +168,25 @@ def generate(
         typer.echo(f"\nfleetctl: {target}: {final.message or 'generation ended early'}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE)
     if final is not None:
-        if final.message:   # e.g. a restart on other weights
+        if final.message:  # e.g. a restart on other weights
             typer.echo(f"\nfleetctl: {target}: {final.message}", err=True)
         t, u = final.timings, final.usage
         typer.echo(
             f"\n-- {final.request_id} on {final.node_id}: {u.completion_tokens} tokens, "
             f"finish={inference_finish(final.finish_reason)}, ttft {t.time_to_first_token_ms:.0f} ms, "
             f"{t.decode_tokens_per_s:.1f} tok/s, total {t.total_ms:.0f} ms, "
-            f"model {final.model.model_id} {final.model.weights_digest[:19]}", err=True)
+            f"model {final.model.model_id} {final.model.weights_digest[:19]}",
+            err=True,
+        )
         if final.template:
             typer.echo(f"-- template {final.template}", err=True)
         if final.HasField("structured"):
             st = final.structured
             verdict = "valid" if st.valid else f"INVALID: {st.error}"
             parts = ", ".join(f"{p.name} {p.score:.2f}" for p in final.quality.parts)
-            typer.echo(f"-- {st.format}: {verdict}; quality {final.quality.total:.3f} ({parts})", err=True)
+            typer.echo(
+                f"-- {st.format}: {verdict}; quality {final.quality.total:.3f} ({parts})", err=True
+            )
 
 
 def inference_finish(value: int) -> str:

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help="Model files on this machine.")
+app = typer.Typer(
+    rich_markup_mode=None,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Model files on this machine.",
+)
 
 QWEN_VOCAB = "qwen2.5"
 
@@ -16,18 +21,35 @@ def _vocab(value: str) -> str:
     """--vocab: a size to train a small BPE to, or 'qwen2.5'."""
     if value == QWEN_VOCAB or (value.isdigit() and 0 < int(value) <= 1_000_000):
         return value
-    raise typer.BadParameter(f"expected a vocabulary size (1 to 1000000) or '{QWEN_VOCAB}', got {value!r}")
+    raise typer.BadParameter(
+        f"expected a vocabulary size (1 to 1000000) or '{QWEN_VOCAB}', got {value!r}"
+    )
 
 
 @app.command("make-tiny")
 def make_tiny(
     out_dir: Path = typer.Argument(..., help="Directory to write the model into."),
-    hidden: int | None = typer.Option(None, show_default=False, help="Hidden size. [default: 128; 64 with --vocab qwen2.5]"),
+    hidden: int | None = typer.Option(
+        None, show_default=False, help="Hidden size. [default: 128; 64 with --vocab qwen2.5]"
+    ),
     layers: int = typer.Option(2, help="Transformer layers."),
-    heads: int | None = typer.Option(None, show_default=False, help="Attention heads (head_dim = hidden / heads). [default: hidden / 64]"),
+    heads: int | None = typer.Option(
+        None,
+        show_default=False,
+        help="Attention heads (head_dim = hidden / heads). [default: hidden / 64]",
+    ),
     kv_heads: int = typer.Option(1, help="Key/value heads."),
-    intermediate: int = typer.Option(0, show_default=False, help="MLP (feed-forward) width; 0 means 2 x --hidden. [default: 0, i.e. 2 x hidden]"),
-    vocab: str = typer.Option("512", callback=_vocab, metavar="SIZE|qwen2.5", help="Tokenizer: a vocabulary size trains a small BPE on synthetic text; 'qwen2.5' uses Qwen2.5's real tokenizer and chat template (151,936 embedding rows, built offline)."),
+    intermediate: int = typer.Option(
+        0,
+        show_default=False,
+        help="MLP (feed-forward) width; 0 means 2 x --hidden. [default: 0, i.e. 2 x hidden]",
+    ),
+    vocab: str = typer.Option(
+        "512",
+        callback=_vocab,
+        metavar="SIZE|qwen2.5",
+        help="Tokenizer: a vocabulary size trains a small BPE on synthetic text; 'qwen2.5' uses Qwen2.5's real tokenizer and chat template (151,936 embedding rows, built offline).",
+    ),
     context: int = typer.Option(2048, help="max_position_embeddings."),
     seed: int = typer.Option(0, help="Weight seed: same seed, same weights digest."),
 ) -> None:
@@ -40,12 +62,21 @@ def make_tiny(
     qwen = vocab == QWEN_VOCAB
     hidden = hidden or (64 if qwen else 128)
     heads = heads or max(1, hidden // 64)
-    shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                 num_key_value_heads=kv_heads, intermediate_size=intermediate or 2 * hidden,
-                 max_position_embeddings=context, seed=seed)
+    shape = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate or 2 * hidden,
+        max_position_embeddings=context,
+        seed=seed,
+    )
     spec = qwen25_spec(**shape) if qwen else TinyModelSpec(vocab_size=int(vocab), **shape)
     if qwen:
-        typer.echo(f"fleetctl: make-tiny: building Qwen2.5's tokenizer ({spec.vocab_size} embedding rows)...", err=True)
+        typer.echo(
+            f"fleetctl: make-tiny: building Qwen2.5's tokenizer ({spec.vocab_size} embedding rows)...",
+            err=True,
+        )
     try:
         path = make_tiny_model(out_dir, spec)
     except ValueError as exc:

@@ -31,17 +31,24 @@ EVENTS_SHOWN = 8
 def dashboard(
     coordinator: str = COORDINATOR,
     open_browser: bool = typer.Option(False, "--open", help="Open it in this machine's browser."),
-    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+    tls_dir: Optional[Path] = TLS_DIR,
+    tls_name: Optional[str] = TLS_NAME,
+    plaintext: bool = PLAINTEXT,
 ) -> None:
     """Print a one-time link that opens the coordinator's dashboard as you (operator role).
     It works once, within a minute; the session it opens ends after 15 idle minutes."""
     with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
         try:
-            link = fleet_pb2_grpc.FleetStub(channel).OpenDashboard(fleet_pb2.OpenDashboardRequest(), timeout=10)
+            link = fleet_pb2_grpc.FleetStub(channel).OpenDashboard(
+                fleet_pb2.OpenDashboardRequest(), timeout=10
+            )
         except grpc.RpcError as err:
             raise fail(from_rpc_error(err), coordinator) from None
     typer.echo(link.url)
-    typer.echo(f"(works once, within {link.expires_in_s:.0f} s; the browser must trust the fleet CA)", err=True)
+    typer.echo(
+        f"(works once, within {link.expires_in_s:.0f} s; the browser must trust the fleet CA)",
+        err=True,
+    )
     if open_browser:
         import webbrowser
 
@@ -52,7 +59,9 @@ def sparkline(values: list[float]) -> str:
     top = max(values, default=0.0)
     if top <= 0:
         return SPARKS[0] * len(values)
-    return "".join(SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5))] for v in values)
+    return "".join(
+        SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5))] for v in values
+    )
 
 
 class _Events(threading.Thread):
@@ -68,7 +77,7 @@ class _Events(threading.Thread):
             for ev in self._call:
                 self.recent.append(ev)
         except grpc.RpcError:
-            pass   # cancelled on exit, or the coordinator went away: the frame says so
+            pass  # cancelled on exit, or the coordinator went away: the frame says so
 
     def stop(self) -> None:
         self._call.cancel()
@@ -92,20 +101,30 @@ def frame(stub: fleet_pb2_grpc.FleetStub, events: list, coordinator: str) -> Gro
     b = traffic.buckets
     last = [x for x in b[-5:] if x.requests]
     summary = Text.assemble(
-        (f"{coordinator}  ", "bold"), f"{sum(n.routable for n in listing.nodes)}/{len(listing.nodes)} nodes routable  ",
+        (f"{coordinator}  ", "bold"),
+        f"{sum(n.routable for n in listing.nodes)}/{len(listing.nodes)} nodes routable  ",
         f"running {traffic.running}  queued {traffic.queued}  {traffic.tokens_per_s:.0f} tok/s (last min)  ",
         f"TTFT p95 {max((x.ttft_p95_ms for x in last), default=0):.0f} ms (last 5 min)  ",
-        (datetime.now().strftime("%H:%M:%S"), "dim"))
+        (datetime.now().strftime("%H:%M:%S"), "dim"),
+    )
     charts = Table.grid(padding=(0, 1))
     charts.add_row("tokens/s  ", sparkline([x.tokens / traffic.bucket_s for x in b]))
     charts.add_row("requests  ", sparkline([x.requests for x in b]))
     charts.add_row("errors    ", sparkline([x.errors for x in b]))
     charts.add_row("TTFT p95  ", sparkline([x.ttft_p95_ms for x in b]))
     charts.add_row("", Text("last hour, one character a minute", style="dim"))
-    recent = Text("\n".join(event_line(ev) for ev in reversed(events)) or "no events yet", style="dim")
+    recent = Text(
+        "\n".join(event_line(ev) for ev in reversed(events)) or "no events yet", style="dim"
+    )
     capacity = capacity_line(traffic)
-    return Group(summary, *([capacity] if capacity else []), fleet_table(listing), charts,
-                 Text("recent events", style="bold"), recent)
+    return Group(
+        summary,
+        *([capacity] if capacity else []),
+        fleet_table(listing),
+        charts,
+        Text("recent events", style="bold"),
+        recent,
+    )
 
 
 def capacity_line(traffic: fleet_pb2.Traffic) -> Text | None:
@@ -120,8 +139,12 @@ def top(
     coordinator: str = COORDINATOR,
     interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes."),
     once: bool = typer.Option(False, "--once", help="Print one frame and exit (scripts, tests)."),
-    iterations: int = typer.Option(0, "--iterations", hidden=True, help="Stop after this many refreshes."),
-    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+    iterations: int = typer.Option(
+        0, "--iterations", hidden=True, help="Stop after this many refreshes."
+    ),
+    tls_dir: Optional[Path] = TLS_DIR,
+    tls_name: Optional[str] = TLS_NAME,
+    plaintext: bool = PLAINTEXT,
 ) -> None:
     """The fleet at a glance, refreshing: nodes, load, tokens/s, latency and recent events
     (what the dashboard shows). Ctrl-C to leave. Each refresh is one ListNodes and one
@@ -139,11 +162,14 @@ def top(
         # KeyboardInterrupt wherever the main thread happens to be (inside a gRPC call
         # it may not surface at all): the screen is restored and top exits 0.
         leave = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: leave.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, lambda *_: leave.set())
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         events = _Events(stub)
         events.start()
         try:
-            if not console.is_terminal:   # piped: one frame after another, for a log
+            if not console.is_terminal:  # piped: one frame after another, for a log
                 done = 0
                 while not leave.is_set() and (not iterations or done < iterations):
                     console.print(frame(stub, list(events.recent), coordinator), "")
@@ -151,8 +177,12 @@ def top(
                     if not iterations or done < iterations:
                         leave.wait(interval)
                 return
-            with Live(frame(stub, list(events.recent), coordinator), console=console, auto_refresh=False,
-                      screen=True) as live:
+            with Live(
+                frame(stub, list(events.recent), coordinator),
+                console=console,
+                auto_refresh=False,
+                screen=True,
+            ) as live:
                 done = 1
                 while (not iterations or done < iterations) and not leave.wait(interval):
                     live.update(frame(stub, list(events.recent), coordinator), refresh=True)

@@ -17,8 +17,12 @@ from cluster.fleetctl.exits import fail
 from cluster.fleetctl.ops_cmd import engine_rows, lifecycle, operation_rows, show
 from cluster.security.identity import ANY_NODE
 
-app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True,
-                  help="One node: `show ID` through the coordinator, `status --target` from the node itself.")
+app = typer.Typer(
+    rich_markup_mode=None,
+    add_completion=False,
+    no_args_is_help=True,
+    help="One node: `show ID` through the coordinator, `status --target` from the node itself.",
+)
 app.command("show")(show)
 
 
@@ -27,13 +31,17 @@ def status(
     target: str = typer.Option(..., help="HOST:PORT of the node agent."),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
     timeout_s: float = typer.Option(5.0),
-    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+    tls_dir: Optional[Path] = TLS_DIR,
+    tls_name: Optional[str] = TLS_NAME,
+    plaintext: bool = PLAINTEXT,
 ) -> None:
     """The node's lifecycle, model, capacity, load and memory (operator certificate)."""
     # Any node of this fleet may answer at TARGET: its certificate names its own id.
     with dial(target, credentials(tls_dir, tls_name, plaintext), ANY_NODE) as channel:
         try:
-            st = node_pb2_grpc.NodeStub(channel).GetStatus(node_pb2.GetStatusRequest(), timeout=timeout_s)
+            st = node_pb2_grpc.NodeStub(channel).GetStatus(
+                node_pb2.GetStatusRequest(), timeout=timeout_s
+            )
         except grpc.RpcError as err:
             raise fail(from_rpc_error(err), target) from None
     if output == "json":
@@ -47,17 +55,25 @@ def status(
         ("engine", st.model.engine_version),
         ("context", f"{st.model.context_length} tokens"),
         ("capacity", f"{st.capacity.max_running} running, {st.capacity.max_queued} queued"),
-        ("load", f"{st.load.running} running, {st.load.queued} queued, {st.load.decode_tokens_per_s:.1f} tok/s"),
-        ("requests", f"{st.load.requests_accepted_total} accepted, {st.load.requests_completed_total} completed, "
-                     f"{st.load.requests_cancelled_total} cancelled, {st.load.requests_deadline_total} deadline, "
-                     f"{st.load.requests_failed_total} failed, {st.load.requests_rejected_total} rejected"),
-        ("memory", f"{st.memory.available_bytes / gib:.1f} / {st.memory.total_bytes / gib:.1f} GiB free, "
-                   f"engine {st.memory.engine_active_bytes / gib:.2f} GiB"
-                   + (" (unified)" if st.memory.unified else "")),
+        (
+            "load",
+            f"{st.load.running} running, {st.load.queued} queued, {st.load.decode_tokens_per_s:.1f} tok/s",
+        ),
+        (
+            "requests",
+            f"{st.load.requests_accepted_total} accepted, {st.load.requests_completed_total} completed, "
+            f"{st.load.requests_cancelled_total} cancelled, {st.load.requests_deadline_total} deadline, "
+            f"{st.load.requests_failed_total} failed, {st.load.requests_rejected_total} rejected",
+        ),
+        (
+            "memory",
+            f"{st.memory.available_bytes / gib:.1f} / {st.memory.total_bytes / gib:.1f} GiB free, "
+            f"engine {st.memory.engine_active_bytes / gib:.2f} GiB"
+            + (" (unified)" if st.memory.unified else ""),
+        ),
         ("uptime", f"{st.uptime_s:.0f} s"),
         *engine_rows(st),
         *operation_rows(st),
     ]
     for key, value in rows:
         typer.echo(f"{key:<9} {value}")
-

@@ -24,23 +24,59 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
     flight" is the coordinator's own count (exact now; a node's running/queued counts are
     as of its last status poll, so they stay in -o json); tok/s is the node's recent decode
     rate, 0 when it is idle."""
-    t = Table(title=f"fleet: {sum(n.routable for n in listing.nodes)}/{len(listing.nodes)} routable, "
-                    f"{listing.in_flight} in flight, {listing.queued} queued")
-    for col in ("node", "address", "source", "state", "health", "route", "model", "engine", "digest",
-                "in flight", "tok/s", "routed", "failovers", "reason"):
-        t.add_column(col, no_wrap=col != "reason", overflow="fold" if col == "reason" else "ellipsis",
-                     min_width=20 if col == "reason" else None,
-                     justify="right" if col in ("in flight", "tok/s", "routed", "failovers") else "left")
+    t = Table(
+        title=f"fleet: {sum(n.routable for n in listing.nodes)}/{len(listing.nodes)} routable, "
+        f"{listing.in_flight} in flight, {listing.queued} queued"
+    )
+    for col in (
+        "node",
+        "address",
+        "source",
+        "state",
+        "health",
+        "route",
+        "model",
+        "engine",
+        "digest",
+        "in flight",
+        "tok/s",
+        "routed",
+        "failovers",
+        "reason",
+    ):
+        t.add_column(
+            col,
+            no_wrap=col != "reason",
+            overflow="fold" if col == "reason" else "ellipsis",
+            min_width=20 if col == "reason" else None,
+            justify="right" if col in ("in flight", "tok/s", "routed", "failovers") else "left",
+        )
     for n in listing.nodes:
         st = n.status
-        state = common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_") if n.HasField("status") else "-"
+        state = (
+            common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_")
+            if n.HasField("status")
+            else "-"
+        )
         health = fleet_pb2.NodeHealth.Name(n.health).removeprefix("NODE_HEALTH_")
         if n.health == fleet_pb2.NODE_HEALTH_EJECTED:
             health += f" {n.ejected_for_s:.0f}s"
-        t.add_row(st.node_id or "?", n.address, n.source, state + (" (cordoned)" if st.cordoned else ""),
-                  health, "yes" if n.routable else "no", st.model.model_id or "-", st.model.engine or "-",
-                  st.model.weights_digest[7:19] or "-", str(n.in_flight), f"{st.load.decode_tokens_per_s:.0f}", str(n.routed_total),
-                  str(n.failovers_total), n.health_reason)
+        t.add_row(
+            st.node_id or "?",
+            n.address,
+            n.source,
+            state + (" (cordoned)" if st.cordoned else ""),
+            health,
+            "yes" if n.routable else "no",
+            st.model.model_id or "-",
+            st.model.engine or "-",
+            st.model.weights_digest[7:19] or "-",
+            str(n.in_flight),
+            f"{st.load.decode_tokens_per_s:.0f}",
+            str(n.routed_total),
+            str(n.failovers_total),
+            n.health_reason,
+        )
     return t
 
 
@@ -56,12 +92,16 @@ def nodes(
     coordinator: str = COORDINATOR,
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
     timeout_s: float = typer.Option(5.0),
-    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+    tls_dir: Optional[Path] = TLS_DIR,
+    tls_name: Optional[str] = TLS_NAME,
+    plaintext: bool = PLAINTEXT,
 ) -> None:
     """Every node the coordinator knows: lifecycle, health verdict, load and traffic."""
     with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
         try:
-            listing = fleet_pb2_grpc.FleetStub(channel).ListNodes(fleet_pb2.ListNodesRequest(), timeout=timeout_s)
+            listing = fleet_pb2_grpc.FleetStub(channel).ListNodes(
+                fleet_pb2.ListNodesRequest(), timeout=timeout_s
+            )
         except grpc.RpcError as err:
             raise fail(from_rpc_error(err), coordinator) from None
     if output == "json":
@@ -72,10 +112,18 @@ def nodes(
 
 def events(
     coordinator: str = COORDINATOR,
-    replay: bool = typer.Option(True, "--replay/--no-replay", help="Start with the recent history."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until interrupted."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json (one object per line)."),
-    tls_dir: Optional[Path] = TLS_DIR, tls_name: Optional[str] = TLS_NAME, plaintext: bool = PLAINTEXT,
+    replay: bool = typer.Option(
+        True, "--replay/--no-replay", help="Start with the recent history."
+    ),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep printing new events until interrupted."
+    ),
+    output: str = typer.Option(
+        "text", "--output", "-o", help="text or json (one object per line)."
+    ),
+    tls_dir: Optional[Path] = TLS_DIR,
+    tls_name: Optional[str] = TLS_NAME,
+    plaintext: bool = PLAINTEXT,
 ) -> None:
     """Joins, state changes, ejections, readmissions, departures, failovers and restarts."""
     with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:

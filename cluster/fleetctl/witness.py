@@ -22,8 +22,9 @@ class WitnessError(Exception):
     """A witness could not be read; the message names it and the fix."""
 
 
-def gather(witnesses: list[str], tls_dir: Optional[Path], tls_name: Optional[str],
-           plaintext: bool) -> list[tuple[str, dict]]:
+def gather(
+    witnesses: list[str], tls_dir: Optional[Path], tls_name: Optional[str], plaintext: bool
+) -> list[tuple[str, dict]]:
     """(witness name, HEAD document) for every HEAD each witness holds."""
     heads: list[tuple[str, dict]] = []
     tls = None
@@ -43,11 +44,15 @@ def gather(witnesses: list[str], tls_dir: Optional[Path], tls_name: Optional[str
 def _from_file(path: Path) -> list[dict]:
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
-            raise WitnessError(f"witness {path}: larger than {MAX_FILE_BYTES} bytes; give a HEAD file or "
-                               "`fleetctl node status -o json` output")
+            raise WitnessError(
+                f"witness {path}: larger than {MAX_FILE_BYTES} bytes; give a HEAD file or "
+                "`fleetctl node status -o json` output"
+            )
         doc = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise WitnessError(f"witness {path} cannot be read as JSON ({type(exc).__name__})") from None
+        raise WitnessError(
+            f"witness {path} cannot be read as JSON ({type(exc).__name__})"
+        ) from None
     docs = doc.get("audit_heads", []) if isinstance(doc, dict) and "audit_heads" in doc else [doc]
     return [_normal(d) for d in docs if isinstance(d, dict)]
 
@@ -55,11 +60,15 @@ def _from_file(path: Path) -> list[dict]:
 def _from_node(address: str, tls) -> list[tuple[str, dict]]:
     with dial(address, tls, ANY_NODE) as channel:
         try:
-            st = node_pb2_grpc.NodeStub(channel).GetStatus(node_pb2.GetStatusRequest(), timeout=TIMEOUT_S)
+            st = node_pb2_grpc.NodeStub(channel).GetStatus(
+                node_pb2.GetStatusRequest(), timeout=TIMEOUT_S
+            )
         except grpc.RpcError as err:
             raise WitnessError(f"witness {address}: {err.code().name}: {err.details()}") from None
     name = f"node {st.node_id or address}"
-    return [(name, _normal(MessageToDict(h, preserving_proto_field_name=True))) for h in st.audit_heads]
+    return [
+        (name, _normal(MessageToDict(h, preserving_proto_field_name=True))) for h in st.audit_heads
+    ]
 
 
 def _normal(doc: dict) -> dict:

@@ -49,7 +49,7 @@ class Suite:
     version: int
     prompt_template: str
     cases: tuple[Case, ...]
-    digest: str            # of the file: two runs on different suite files are not comparable
+    digest: str  # of the file: two runs on different suite files are not comparable
 
 
 def load_suite(path: Path) -> Suite:
@@ -61,33 +61,48 @@ def load_suite(path: Path) -> Suite:
         raise SuiteError(f"suite {path}: cannot read it ({exc})") from None
     template = data.get("prompt_template", "")
     if template not in prompts.REGISTRY:
-        raise SuiteError(f"suite {path}: prompt_template {template!r} is not one of {', '.join(prompts.names())}")
+        raise SuiteError(
+            f"suite {path}: prompt_template {template!r} is not one of {', '.join(prompts.names())}"
+        )
     cases, seen = [], set()
     for i, c in enumerate(data.get("case", [])):
         cid = c.get("id", "")
         if not isinstance(cid, str) or not _ID.match(cid) or cid in seen:
-            raise SuiteError(f"suite {path}: case {i + 1} needs a unique id of a-z 0-9 - (<= 40 characters)")
+            raise SuiteError(
+                f"suite {path}: case {i + 1} needs a unique id of a-z 0-9 - (<= 40 characters)"
+            )
         if not str(c.get("transcript", "")).strip():
             raise SuiteError(f"suite {path}: case {cid} has no transcript")
         seen.add(cid)
-        cases.append(Case(cid, str(c.get("specialty", "")), str(c["transcript"]).strip(),
-                          tuple(str(m).lower() for m in c.get("must_mention", ()))))
+        cases.append(
+            Case(
+                cid,
+                str(c.get("specialty", "")),
+                str(c["transcript"]).strip(),
+                tuple(str(m).lower() for m in c.get("must_mention", ())),
+            )
+        )
     if not cases:
         raise SuiteError(f"suite {path}: it has no [[case]] entries")
-    return Suite(str(data.get("name", path.stem)), int(data.get("version", 1)), template, tuple(cases),
-                 "sha256:" + hashlib.sha256(raw).hexdigest())
+    return Suite(
+        str(data.get("name", path.stem)),
+        int(data.get("version", 1)),
+        template,
+        tuple(cases),
+        "sha256:" + hashlib.sha256(raw).hexdigest(),
+    )
 
 
 @dataclass
 class CaseResult:
     id: str
-    ok: bool                         # a completed note (valid or not); False: the request failed
-    quality: float = 0.0             # 0 when the request failed
+    ok: bool  # a completed note (valid or not); False: the request failed
+    quality: float = 0.0  # 0 when the request failed
     parts: dict[str, float] = field(default_factory=dict)
     schema_valid: bool = False
-    rule: str = ""                   # the schema rule that failed, if any
+    rule: str = ""  # the schema rule that failed, if any
     finish_reason: str = ""
-    error: str = ""                  # why the request failed (status and message; never note text)
+    error: str = ""  # why the request failed (status and message; never note text)
     mentions: Optional[float] = None  # share of must_mention phrases found in the note
     latency_ms: float = 0.0
     ttft_ms: float = 0.0
@@ -102,8 +117,8 @@ class Report:
     suite_digest: str
     target: str
     label: str
-    template: str = ""               # prompt template version(s) used
-    model: str = ""                  # model id and weights digest that served the notes
+    template: str = ""  # prompt template version(s) used
+    model: str = ""  # model id and weights digest that served the notes
     rubric: str = RUBRIC
     seed: int = 0
     started_at: float = 0.0
@@ -123,8 +138,10 @@ class Report:
             "score": round(statistics.fmean(r.quality for r in c), 4) if c else 0.0,
             "schema_valid": round(sum(r.schema_valid for r in c) / len(c), 4) if c else 0.0,
             "truncated": sum(r.finish_reason == "length" for r in c),
-            "parts": {k: round(statistics.fmean(r.parts.get(k, 0.0) for r in done), 4)
-                      for k in sorted({k for r in done for k in r.parts})},
+            "parts": {
+                k: round(statistics.fmean(r.parts.get(k, 0.0) for r in done), 4)
+                for k in sorted({k for r in done for k in r.parts})
+            },
             "mentions": round(statistics.fmean(mentions), 4) if mentions else None,
             "latency_p50_ms": round(percentile(lat, 0.5), 1),
             "latency_p95_ms": round(percentile(lat, 0.95), 1),
@@ -142,8 +159,15 @@ class Report:
         return cls(**data)
 
 
-def case_request(suite: Suite, case: Case, *, template: str = "", version: str = "", seed: int = 0,
-                 run_id: str = "eval") -> inference_pb2.GenerateRequest:
+def case_request(
+    suite: Suite,
+    case: Case,
+    *,
+    template: str = "",
+    version: str = "",
+    seed: int = 0,
+    run_id: str = "eval",
+) -> inference_pb2.GenerateRequest:
     """The request for one case: the suite's template (or `template`), a fixed seed, the
     template's own budget (max_tokens 0) and greedy decoding, so runs are comparable."""
     req = inference_pb2.GenerateRequest(request_id=f"{run_id}/{case.id}", max_tokens=0)
@@ -170,11 +194,23 @@ async def final_of(chunks: AsyncIterator[inference_pb2.GenerateChunk]) -> infere
     return final
 
 
-async def run_suite(suite: Suite, generate: Generate, *, target: str, label: str = "", template: str = "",
-                    version: str = "", seed: int = 0, concurrency: int = 4, run_id: str = "eval",
-                    progress: Optional[Callable[[int, int, CaseResult], None]] = None) -> Report:
+async def run_suite(
+    suite: Suite,
+    generate: Generate,
+    *,
+    target: str,
+    label: str = "",
+    template: str = "",
+    version: str = "",
+    seed: int = 0,
+    concurrency: int = 4,
+    run_id: str = "eval",
+    progress: Optional[Callable[[int, int, CaseResult], None]] = None,
+) -> Report:
     """Every case through `generate`, `concurrency` at a time; a failed request scores 0."""
-    report = Report(suite.name, suite.version, suite.digest, target, label, seed=seed, started_at=time.time())
+    report = Report(
+        suite.name, suite.version, suite.digest, target, label, seed=seed, started_at=time.time()
+    )
     results: dict[str, CaseResult] = {}
     templates, models = set(), set()
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -185,10 +221,18 @@ async def run_suite(suite: Suite, generate: Generate, *, target: str, label: str
         async with gate:
             t0 = time.perf_counter()
             try:
-                final = await generate(case_request(suite, case, template=template, version=version, seed=seed,
-                                                    run_id=run_id))
+                final = await generate(
+                    case_request(
+                        suite, case, template=template, version=version, seed=seed, run_id=run_id
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - a failed case scores 0 and says why
-                r = CaseResult(case.id, False, error=_describe(exc), latency_ms=(time.perf_counter() - t0) * 1000)
+                r = CaseResult(
+                    case.id,
+                    False,
+                    error=_describe(exc),
+                    latency_ms=(time.perf_counter() - t0) * 1000,
+                )
             else:
                 r = _case_result(case, final, (time.perf_counter() - t0) * 1000)
                 templates.add(final.template)
@@ -209,9 +253,15 @@ async def run_suite(suite: Suite, generate: Generate, *, target: str, label: str
 
 def _case_result(case: Case, f: inference_pb2.FinalInfo, latency_ms: float) -> CaseResult:
     finish = inference_pb2.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower()
-    r = CaseResult(case.id, finish in ("stop", "length"), finish_reason=finish, latency_ms=round(latency_ms, 1),
-                   ttft_ms=round(f.timings.time_to_first_token_ms, 1), completion_tokens=f.usage.completion_tokens,
-                   node_id=f.node_id)
+    r = CaseResult(
+        case.id,
+        finish in ("stop", "length"),
+        finish_reason=finish,
+        latency_ms=round(latency_ms, 1),
+        ttft_ms=round(f.timings.time_to_first_token_ms, 1),
+        completion_tokens=f.usage.completion_tokens,
+        node_id=f.node_id,
+    )
     if not r.ok:
         r.error = f"the node ended it: {f.message}"[:300]
         return r
@@ -237,15 +287,28 @@ def compare(a: Report, b: Report) -> tuple[list[tuple[str, str, str, str]], list
     makes the two runs not comparable."""
     warn = []
     if a.suite_digest != b.suite_digest:
-        warn.append(f"the runs used different suite files ({a.suite} {a.suite_digest[:19]} vs "
-                    f"{b.suite} {b.suite_digest[:19]})")
+        warn.append(
+            f"the runs used different suite files ({a.suite} {a.suite_digest[:19]} vs "
+            f"{b.suite} {b.suite_digest[:19]})"
+        )
     if a.rubric != b.rubric:
         warn.append(f"the runs were scored by different rubrics ({a.rubric} vs {b.rubric})")
     if a.seed != b.seed:
         warn.append(f"the runs used different seeds ({a.seed} vs {b.seed})")
     sa, sb = a.summary, b.summary
-    rows = [("model", a.model or "-", b.model or "-", ""), ("template", a.template or "-", b.template or "-", "")]
-    for key in ("score", "schema_valid", "truncated", "mentions", "latency_p50_ms", "latency_p95_ms", "tokens_per_s"):
+    rows = [
+        ("model", a.model or "-", b.model or "-", ""),
+        ("template", a.template or "-", b.template or "-", ""),
+    ]
+    for key in (
+        "score",
+        "schema_valid",
+        "truncated",
+        "mentions",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "tokens_per_s",
+    ):
         rows.append((key, _fmt(sa[key]), _fmt(sb[key]), _delta(sa[key], sb[key])))
     for part in sorted(set(sa["parts"]) | set(sb["parts"])):
         va, vb = sa["parts"].get(part), sb["parts"].get(part)
@@ -253,8 +316,14 @@ def compare(a: Report, b: Report) -> tuple[list[tuple[str, str, str, str]], list
     by_b = {c.id: c for c in b.cases}
     for ca in a.cases:
         cb = by_b.get(ca.id)
-        rows.append((f"case {ca.id}", _fmt(ca.quality), _fmt(cb.quality) if cb else "-",
-                     _delta(ca.quality, cb.quality) if cb else ""))
+        rows.append(
+            (
+                f"case {ca.id}",
+                _fmt(ca.quality),
+                _fmt(cb.quality) if cb else "-",
+                _delta(ca.quality, cb.quality) if cb else "",
+            )
+        )
     return rows, warn
 
 
@@ -271,7 +340,9 @@ def _delta(a, b) -> str:
     return f"{d:+.3f}" if isinstance(d, float) else f"{d:+d}"
 
 
-def gate_verdict(candidate: Report, baseline: Optional[Report], *, margin: float, min_score: float) -> Optional[str]:
+def gate_verdict(
+    candidate: Report, baseline: Optional[Report], *, margin: float, min_score: float
+) -> Optional[str]:
     """None if `candidate` may serve; else why not (scores only)."""
     s = candidate.summary
     if s["score"] < min_score:
@@ -279,7 +350,9 @@ def gate_verdict(candidate: Report, baseline: Optional[Report], *, margin: float
     if baseline is not None:
         b = baseline.summary
         if s["score"] < b["score"] - margin:
-            return (f"suite {candidate.suite} scored {s['score']:.3f} against {b['score']:.3f} for the current "
-                    f"version (margin {margin:.3f}); schema-valid {s['schema_valid']:.0%} vs {b['schema_valid']:.0%}, "
-                    f"truncated {s['truncated']} vs {b['truncated']}")
+            return (
+                f"suite {candidate.suite} scored {s['score']:.3f} against {b['score']:.3f} for the current "
+                f"version (margin {margin:.3f}); schema-valid {s['schema_valid']:.0%} vs {b['schema_valid']:.0%}, "
+                f"truncated {s['truncated']} vs {b['truncated']}"
+            )
     return None

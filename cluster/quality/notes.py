@@ -24,8 +24,8 @@ from typing import Optional
 from cluster.invalid_request import InvalidRequest, guarded
 
 MAX_SCHEMA_BYTES = 64 * 1024
-MAX_SCHEMA_DEPTH = 64          # JSON nesting levels (a property is two: properties, its schema)
-COMPILE_TIMEOUT_S = 5.0        # a 64 KiB schema checks in ~0.5 s
+MAX_SCHEMA_DEPTH = 64  # JSON nesting levels (a property is two: properties, its schema)
+COMPILE_TIMEOUT_S = 5.0  # a 64 KiB schema checks in ~0.5 s
 _CACHED = 256
 
 
@@ -46,25 +46,43 @@ class NoteTemplate:
     name: str
     description: str
     schema: dict
-    sections: tuple[str, ...]          # required and non-empty for a good note
-    length: tuple[int, int]            # characters of section text a good note has (min, max)
+    sections: tuple[str, ...]  # required and non-empty for a good note
+    length: tuple[int, int]  # characters of section text a good note has (min, max)
 
 
-NOTE_TEMPLATES: dict[str, NoteTemplate] = {t.name: t for t in (
-    NoteTemplate("soap", "SOAP note: subjective, objective, assessment, plan",
-                 _sections(1500, SOAP), SOAP, (200, 6000)),
-    NoteTemplate("soap-brief", "Short SOAP note for follow-ups (each section at most 160 characters)",
-                 _sections(160, SOAP), SOAP, (40, 700)),
-    NoteTemplate("care-coordination", "Care-coordination call summary: reason, actions, follow-up",
-                 _sections(600, ("reason", "actions", "follow_up")), ("reason", "actions", "follow_up"),
-                 (60, 1800)),
-)}
+NOTE_TEMPLATES: dict[str, NoteTemplate] = {
+    t.name: t
+    for t in (
+        NoteTemplate(
+            "soap",
+            "SOAP note: subjective, objective, assessment, plan",
+            _sections(1500, SOAP),
+            SOAP,
+            (200, 6000),
+        ),
+        NoteTemplate(
+            "soap-brief",
+            "Short SOAP note for follow-ups (each section at most 160 characters)",
+            _sections(160, SOAP),
+            SOAP,
+            (40, 700),
+        ),
+        NoteTemplate(
+            "care-coordination",
+            "Care-coordination call summary: reason, actions, follow-up",
+            _sections(600, ("reason", "actions", "follow_up")),
+            ("reason", "actions", "follow_up"),
+            (60, 1800),
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
 class OutputSpec:
     """A checked output format: what the node constrains decoding to and the scorer expects."""
-    format: str                        # template name or "json_schema:<digest12>"
+
+    format: str  # template name or "json_schema:<digest12>"
     schema: dict = field(repr=False)
     schema_text: str = field(repr=False)  # canonical JSON, what grammar engines compile
     sections: tuple[str, ...] = ()
@@ -75,8 +93,10 @@ def note_template(name: str) -> NoteTemplate:
     try:
         return NOTE_TEMPLATES[name]
     except KeyError:
-        raise InvalidRequest("output_format.note_template is not a known note template; "
-                             f"use one of {', '.join(sorted(NOTE_TEMPLATES))} or send a json_schema") from None
+        raise InvalidRequest(
+            "output_format.note_template is not a known note template; "
+            f"use one of {', '.join(sorted(NOTE_TEMPLATES))} or send a json_schema"
+        ) from None
 
 
 def resolve(output_format) -> Optional[OutputSpec]:
@@ -91,8 +111,10 @@ def resolve(output_format) -> Optional[OutputSpec]:
     return schema_spec(output_format.json_schema)
 
 
-_checkers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # event loop -> SchemaChecker
-_checked: "collections.OrderedDict[str, OutputSpec]" = collections.OrderedDict()   # for resolve_async
+_checkers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # event loop -> SchemaChecker
+_checked: "collections.OrderedDict[str, OutputSpec]" = (
+    collections.OrderedDict()
+)  # for resolve_async
 
 
 async def resolve_async(output_format) -> Optional[OutputSpec]:
@@ -103,11 +125,11 @@ async def resolve_async(output_format) -> Optional[OutputSpec]:
     from cluster.quality.schema_worker import CheckerBusy, CheckTimeout, SchemaChecker
 
     text = output_format.json_schema
-    spec = _checked.get(text)   # only schemas that passed every check
+    spec = _checked.get(text)  # only schemas that passed every check
     if spec is not None:
         _checked.move_to_end(text)
         return spec
-    _check_bytes(text)   # the nesting is checked in the worker (check_text)
+    _check_bytes(text)  # the nesting is checked in the worker (check_text)
     loop = asyncio.get_running_loop()
     checker = _checkers.get(loop)
     if checker is None:
@@ -115,11 +137,15 @@ async def resolve_async(output_format) -> Optional[OutputSpec]:
     try:
         error = await checker.check(text)
     except CheckTimeout:
-        raise InvalidRequest(f"output_format.json_schema took longer than {COMPILE_TIMEOUT_S:g} s to check; "
-                             "simplify the schema") from None
+        raise InvalidRequest(
+            f"output_format.json_schema took longer than {COMPILE_TIMEOUT_S:g} s to check; "
+            "simplify the schema"
+        ) from None
     except CheckerBusy:
-        raise InvalidRequest(f"{checker.max_waiting} new output_format.json_schema are already waiting to be "
-                             "checked here; retry shortly (a schema seen before is not checked again)") from None
+        raise InvalidRequest(
+            f"{checker.max_waiting} new output_format.json_schema are already waiting to be "
+            "checked here; retry shortly (a schema seen before is not checked again)"
+        ) from None
     if error:
         raise InvalidRequest(error)
     spec = guarded(_build)(_parse(text))
@@ -142,7 +168,9 @@ def schema_spec(text: str) -> OutputSpec:
 
 def _check_bytes(text: str) -> None:
     if len(text.encode()) > MAX_SCHEMA_BYTES:
-        raise InvalidRequest(f"output_format.json_schema is larger than {MAX_SCHEMA_BYTES // 1024} KiB")
+        raise InvalidRequest(
+            f"output_format.json_schema is larger than {MAX_SCHEMA_BYTES // 1024} KiB"
+        )
 
 
 def _check_size(text: str) -> None:
@@ -167,8 +195,10 @@ def _check_size(text: str) -> None:
         elif ch in "]}":
             depth -= 1
     if deepest > MAX_SCHEMA_DEPTH:
-        raise InvalidRequest(f"output_format.json_schema is nested more than {MAX_SCHEMA_DEPTH} levels deep; "
-                             "flatten it (use $defs and $ref for repeated parts)")
+        raise InvalidRequest(
+            f"output_format.json_schema is nested more than {MAX_SCHEMA_DEPTH} levels deep; "
+            "flatten it (use $defs and $ref for repeated parts)"
+        )
 
 
 @functools.lru_cache(maxsize=_CACHED)
@@ -188,20 +218,28 @@ def _parse(text: str) -> dict:
     try:
         schema = json.loads(text)
     except ValueError as exc:
-        raise InvalidRequest(f"output_format.json_schema is not valid JSON ({exc.msg} at line {exc.lineno} "
-                             f"column {exc.colno})") from None
+        raise InvalidRequest(
+            f"output_format.json_schema is not valid JSON ({exc.msg} at line {exc.lineno} "
+            f"column {exc.colno})"
+        ) from None
     if not isinstance(schema, dict):
-        raise InvalidRequest("output_format.json_schema must be a JSON object (a schema), not "
-                             f"{type(schema).__name__}")
+        raise InvalidRequest(
+            "output_format.json_schema must be a JSON object (a schema), not "
+            f"{type(schema).__name__}"
+        )
     return schema
 
 
 def _build(schema: dict) -> OutputSpec:
     """The OutputSpec of a checked schema (cheap: no checking)."""
     canonical = _canonical(schema)
-    digest = hashlib.sha256(json.dumps(schema, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        json.dumps(schema, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()[:12]
     required = tuple(schema.get("required", ())) if schema.get("type") == "object" else ()
-    return OutputSpec(f"json_schema:{digest}", schema, canonical, tuple(r for r in required if isinstance(r, str)))
+    return OutputSpec(
+        f"json_schema:{digest}", schema, canonical, tuple(r for r in required if isinstance(r, str))
+    )
 
 
 def check_schema(schema: dict) -> None:
@@ -213,19 +251,31 @@ def check_schema(schema: dict) -> None:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = schema_path(exc.path) if exc.path else "the top level"
-        raise InvalidRequest(f"output_format.json_schema is not a valid JSON Schema: the meta-schema's "
-                             f"{_keyword(exc.validator)!r} rule fails at {where}") from None
+        raise InvalidRequest(
+            f"output_format.json_schema is not a valid JSON Schema: the meta-schema's "
+            f"{_keyword(exc.validator)!r} rule fails at {where}"
+        ) from None
     error = grammar_error(_canonical(schema))
     if error:
-        raise InvalidRequest(f"output_format.json_schema cannot be enforced while decoding: {grammar_problem(error)}; "
-                             "simplify the schema (README 'Clinical notes' lists what is supported)")
+        raise InvalidRequest(
+            f"output_format.json_schema cannot be enforced while decoding: {grammar_problem(error)}; "
+            "simplify the schema (README 'Clinical notes' lists what is supported)"
+        )
 
 
 def _keywords() -> frozenset:
     import jsonschema
 
-    return frozenset(jsonschema.Draft202012Validator.VALIDATORS) | {"$defs", "definitions", "$schema", "$id",
-                                                                    "title", "description", "default", "examples"}
+    return frozenset(jsonschema.Draft202012Validator.VALIDATORS) | {
+        "$defs",
+        "definitions",
+        "$schema",
+        "$id",
+        "title",
+        "description",
+        "default",
+        "examples",
+    }
 
 
 def _keyword(part) -> str:
@@ -240,8 +290,11 @@ def schema_path(path) -> str:
     return "/" + "/".join(_keyword(p) for p in path)
 
 
-_GRAMMAR_PROBLEMS = (   # llguidance's message -> what we say (its message may quote the schema)
-    ("regex parse error", "a pattern is not a regular expression it supports (no look-around or back-references)"),
+_GRAMMAR_PROBLEMS = (  # llguidance's message -> what we say (its message may quote the schema)
+    (
+        "regex parse error",
+        "a pattern is not a regular expression it supports (no look-around or back-references)",
+    ),
     ("Unknown format", "a string format it does not know"),
     ("Unsatisfiable", "no value can satisfy it (contradictory bounds or types)"),
     ("does not exist", "a $ref points to nothing"),
@@ -255,7 +308,9 @@ _GRAMMAR_PROBLEMS = (   # llguidance's message -> what we say (its message may q
 
 def grammar_problem(error: str) -> str:
     """A fixed description of a grammar compiler error: never its text."""
-    return next((said for key, said in _GRAMMAR_PROBLEMS if key in error), "the grammar compiler refused it")
+    return next(
+        (said for key, said in _GRAMMAR_PROBLEMS if key in error), "the grammar compiler refused it"
+    )
 
 
 def grammar(schema_text: str) -> str:
@@ -263,7 +318,8 @@ def grammar(schema_text: str) -> str:
     import llguidance
 
     return llguidance.LLMatcher.grammar_from_json_schema(
-        schema_text, defaults={"whitespace_flexible": False})
+        schema_text, defaults={"whitespace_flexible": False}
+    )
 
 
 def limits():
@@ -307,13 +363,23 @@ def check_output(spec: OutputSpec, text: str, finish: str) -> Checked:
         value = json.loads(text)
     except ValueError as exc:
         if finish == "length":
-            return Checked(False, rule="truncated", error=f"the output hit max_tokens before the {spec.format} "
-                           "object was complete; raise max_tokens")
-        return Checked(False, rule="json", error=f"the output is not JSON ({exc.msg} at character {exc.pos})")
+            return Checked(
+                False,
+                rule="truncated",
+                error=f"the output hit max_tokens before the {spec.format} "
+                "object was complete; raise max_tokens",
+            )
+        return Checked(
+            False, rule="json", error=f"the output is not JSON ({exc.msg} at character {exc.pos})"
+        )
     validator = jsonschema.Draft202012Validator(spec.schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     if error is None:
         return Checked(True, value=value)
     path = "/" + "/".join(str(p) for p in error.absolute_path)
-    return Checked(False, rule=str(error.validator), path=path,
-                   error=f"the output breaks the schema's {error.validator!r} rule at {path}")
+    return Checked(
+        False,
+        rule=str(error.validator),
+        path=path,
+        error=f"the output breaks the schema's {error.validator!r} rule at {path}",
+    )

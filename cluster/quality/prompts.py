@@ -21,12 +21,12 @@ MAX_VARIABLE_CHARS = 200_000
 
 @dataclass(frozen=True)
 class PromptVersion:
-    template: str          # e.g. "soap-note"
-    family: str            # e.g. "qwen2", or "default"
-    version: str           # e.g. "v2"
+    template: str  # e.g. "soap-note"
+    family: str  # e.g. "qwen2", or "default"
+    version: str  # e.g. "v2"
     system: str
-    user: str              # str.format fields are the variables, e.g. {transcript}
-    note: str              # the note template (output format) it asks for
+    user: str  # str.format fields are the variables, e.g. {transcript}
+    note: str  # the note template (output format) it asks for
     # The completion budget when the request leaves max_tokens at 0: room for the longest
     # note the note template's schema allows (a brief note is at most ~700 characters).
     max_tokens: int
@@ -47,7 +47,8 @@ class PromptVersion:
 
 _SOAP_SYSTEM_V1 = (
     "You are a clinical documentation assistant. Write a SOAP note from the encounter "
-    "transcript. Use only facts stated in the transcript. Reply with JSON only.")
+    "transcript. Use only facts stated in the transcript. Reply with JSON only."
+)
 _SOAP_SYSTEM_V2 = (
     "You are a clinical documentation assistant for a care-management team. From the "
     "encounter transcript, write a SOAP note as a JSON object with the keys subjective, "
@@ -55,12 +56,14 @@ _SOAP_SYSTEM_V2 = (
     "own account. Objective: vital signs, examination and results. Assessment: the "
     "clinician's conclusions. Plan: treatment, orders, education and follow-up. Use only "
     "facts stated in the transcript; write 'not documented' for anything missing. "
-    "Never add patient identifiers.")
+    "Never add patient identifiers."
+)
 _SOAP_USER = "Encounter transcript:\n\n{transcript}\n\nWrite the SOAP note as JSON."
 _BRIEF_USER = "Encounter transcript:\n\n{transcript}\n\nWrite a brief SOAP note as JSON, one or two sentences per section."
 _COORD_SYSTEM = (
     "You summarise care-coordination calls for the care team as a JSON object with the keys "
-    "reason, actions and follow_up. Use only facts stated in the call.")
+    "reason, actions and follow_up. Use only facts stated in the call."
+)
 _COORD_USER = "Call transcript:\n\n{transcript}\n\nWrite the summary as JSON."
 
 _VERSIONS = (
@@ -69,7 +72,9 @@ _VERSIONS = (
     PromptVersion("soap-note", "qwen2", "v2", _SOAP_SYSTEM_V2, _SOAP_USER, "soap", 1200),
     PromptVersion("soap-note", "llama", "v1", _SOAP_SYSTEM_V2, _SOAP_USER, "soap", 1200),
     PromptVersion("soap-brief", "default", "v1", _SOAP_SYSTEM_V2, _BRIEF_USER, "soap-brief", 1000),
-    PromptVersion("care-coordination", "default", "v1", _COORD_SYSTEM, _COORD_USER, "care-coordination", 800),
+    PromptVersion(
+        "care-coordination", "default", "v1", _COORD_SYSTEM, _COORD_USER, "care-coordination", 800
+    ),
 )
 
 REGISTRY: dict[str, dict[str, list[PromptVersion]]] = {}
@@ -95,11 +100,15 @@ def check(name: str, version: str, variables: dict[str, str]) -> None:
         raise InvalidRequest(f"template {name} needs the variable(s) {', '.join(missing)}")
     extra = len(set(variables) - needed)
     if extra:
-        raise InvalidRequest(f"template {name} takes only the variable(s) {', '.join(sorted(needed))}; "
-                             f"the request has {extra} other(s)")
-    for key in sorted(needed):   # registry names: safe to name
+        raise InvalidRequest(
+            f"template {name} takes only the variable(s) {', '.join(sorted(needed))}; "
+            f"the request has {extra} other(s)"
+        )
+    for key in sorted(needed):  # registry names: safe to name
         if len(variables[key]) > MAX_VARIABLE_CHARS:
-            raise InvalidRequest(f"template variable {key} is longer than {MAX_VARIABLE_CHARS} characters")
+            raise InvalidRequest(
+                f"template variable {key} is longer than {MAX_VARIABLE_CHARS} characters"
+            )
         if not variables[key].strip():
             raise InvalidRequest(f"template variable {key} is empty")
 
@@ -136,24 +145,32 @@ def select(name: str, version: str, family: str) -> PromptVersion:
         return _pinned(name, version, families)
     versions = families.get(family) or families.get("default")
     if not versions:
-        raise InvalidRequest(f"template {name} has no version for model family {family!r} and no default; "
-                             f"pin one of {', '.join(_ids(families))} with version")
+        raise InvalidRequest(
+            f"template {name} has no version for model family {family!r} and no default; "
+            f"pin one of {', '.join(_ids(families))} with version"
+        )
     return versions[-1]
 
 
 def _families(name: str) -> dict[str, list[PromptVersion]]:
     families = REGISTRY.get(name)
     if families is None:
-        raise InvalidRequest(f"template.name is not in the registry; use one of {', '.join(names())}")
+        raise InvalidRequest(
+            f"template.name is not in the registry; use one of {', '.join(names())}"
+        )
     return families
 
 
 def _pinned(name: str, version: str, families: dict[str, list[PromptVersion]]) -> PromptVersion:
     family, _, ver = version.partition("/")
-    found: Optional[PromptVersion] = next((v for v in families.get(family, ()) if v.version == ver), None)
+    found: Optional[PromptVersion] = next(
+        (v for v in families.get(family, ()) if v.version == ver), None
+    )
     if found is None:
-        raise InvalidRequest(f"template {name} has no such version (template.version); use one of "
-                             f"{', '.join(_ids(families))}")
+        raise InvalidRequest(
+            f"template {name} has no such version (template.version); use one of "
+            f"{', '.join(_ids(families))}"
+        )
     return found
 
 

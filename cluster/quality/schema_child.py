@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
-
-from cluster.quality.notes import check_text
 from cluster.invalid_request import InvalidRequest
+from cluster.quality.notes import check_text
 
 
 def main() -> None:

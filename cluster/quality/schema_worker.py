@@ -36,7 +36,7 @@ class SchemaChecker:
         self._waiting = 0
 
     async def check(self, text: str) -> str:
-        """"" or the refusal message; CheckTimeout past the limit, CheckerBusy when full."""
+        """ "" or the refusal message; CheckTimeout past the limit, CheckerBusy when full."""
         if self._waiting >= self.max_waiting:
             raise CheckerBusy()
         self._waiting += 1
@@ -60,15 +60,22 @@ class SchemaChecker:
             if not line:
                 raise RuntimeError("the schema checker exited")
             return json.loads(line)["error"]
-        except BaseException:   # cancelled (time limit, caller gone) or the child died: never reuse it
+        except (
+            BaseException
+        ):  # cancelled (time limit, caller gone) or the child died: never reuse it
             self._kill()
             raise
 
     async def _started(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cluster.quality.schema_child", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=1 << 20)
+                sys.executable,
+                "-m",
+                "cluster.quality.schema_child",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 20,
+            )
         return self._proc
 
     def _kill(self) -> None:
@@ -83,4 +90,3 @@ class SchemaChecker:
         self._kill()
         if proc is not None:
             await proc.wait()
-

@@ -27,11 +27,26 @@ WEIGHTS = {
 
 # Phrases a model uses to decline; matched case-insensitively on word boundaries.
 REFUSAL_MARKERS = (
-    "i cannot", "i can't", "i can not", "i am unable", "i'm unable", "i won't", "i will not",
-    "as an ai", "as a language model", "i'm sorry, but", "i am sorry, but", "cannot assist",
-    "can't assist", "cannot help with", "not able to provide", "unable to provide",
+    "i cannot",
+    "i can't",
+    "i can not",
+    "i am unable",
+    "i'm unable",
+    "i won't",
+    "i will not",
+    "as an ai",
+    "as a language model",
+    "i'm sorry, but",
+    "i am sorry, but",
+    "cannot assist",
+    "can't assist",
+    "cannot help with",
+    "not able to provide",
+    "unable to provide",
 )
-_REFUSAL = re.compile(r"\b(?:" + "|".join(re.escape(m) for m in REFUSAL_MARKERS) + r")\b", re.IGNORECASE)
+_REFUSAL = re.compile(
+    r"\b(?:" + "|".join(re.escape(m) for m in REFUSAL_MARKERS) + r")\b", re.IGNORECASE
+)
 _WORD = re.compile(r"\w+", re.UNICODE)
 _NGRAM = 3
 # Distinct word trigrams / all trigrams: prose is ~0.95+, a model stuck in a loop far less.
@@ -61,11 +76,19 @@ def score_note(spec: OutputSpec, checked: Checked, text: str, finish: str) -> Sc
     sections = _section_texts(spec, checked)
     body = " ".join(sections.values()) if sections else text
     parts = [
-        Part("schema_valid", 1.0 if checked.valid else 0.0, WEIGHTS["schema_valid"],
-             "" if checked.valid else f"{checked.rule} {checked.path}".strip()),
+        Part(
+            "schema_valid",
+            1.0 if checked.valid else 0.0,
+            WEIGHTS["schema_valid"],
+            "" if checked.valid else f"{checked.rule} {checked.path}".strip(),
+        ),
         _sections_part(spec, sections),
-        Part("not_truncated", 0.0 if finish == "length" else 1.0, WEIGHTS["not_truncated"],
-             "hit max_tokens" if finish == "length" else ""),
+        Part(
+            "not_truncated",
+            0.0 if finish == "length" else 1.0,
+            WEIGHTS["not_truncated"],
+            "hit max_tokens" if finish == "length" else "",
+        ),
         _repetition_part(body),
         _length_part(spec, body),
         _refusal_part(text),
@@ -76,7 +99,9 @@ def score_note(spec: OutputSpec, checked: Checked, text: str, finish: str) -> Sc
 def _total(parts: list[Part]) -> Score:
     weight = sum(p.weight for p in parts)
     total = sum(p.score * p.weight for p in parts) / weight if weight else 0.0
-    return Score(round(total, 4), tuple(Part(p.name, round(p.score, 4), p.weight, p.detail) for p in parts))
+    return Score(
+        round(total, 4), tuple(Part(p.name, round(p.score, 4), p.weight, p.detail) for p in parts)
+    )
 
 
 def _section_texts(spec: OutputSpec, checked: Checked) -> dict[str, str]:
@@ -91,10 +116,17 @@ def _section_texts(spec: OutputSpec, checked: Checked) -> dict[str, str]:
 def _sections_part(spec: OutputSpec, sections: dict[str, str]) -> Part:
     expected = spec.sections
     if not expected:
-        return Part("sections", 1.0 if sections else 0.0, WEIGHTS["sections"], "" if sections else "no sections")
+        return Part(
+            "sections",
+            1.0 if sections else 0.0,
+            WEIGHTS["sections"],
+            "" if sections else "no sections",
+        )
     missing = [n for n in expected if not sections.get(n, "").strip()]
     detail = f"missing or empty: {', '.join(missing)}" if missing else ""
-    return Part("sections", (len(expected) - len(missing)) / len(expected), WEIGHTS["sections"], detail)
+    return Part(
+        "sections", (len(expected) - len(missing)) / len(expected), WEIGHTS["sections"], detail
+    )
 
 
 def _length_part(spec: OutputSpec, body: str) -> Part:
@@ -111,7 +143,7 @@ def _length_part(spec: OutputSpec, body: str) -> Part:
 
 def _repetition_part(body: str) -> Part:
     words = [w.lower() for w in _WORD.findall(body)]
-    grams = [tuple(words[i:i + _NGRAM]) for i in range(len(words) - _NGRAM + 1)]
+    grams = [tuple(words[i : i + _NGRAM]) for i in range(len(words) - _NGRAM + 1)]
     if len(grams) < 4:
         return Part("repetition", 1.0, WEIGHTS["repetition"], "")
     distinct = len(set(grams)) / len(grams)
@@ -122,4 +154,9 @@ def _repetition_part(body: str) -> Part:
 
 def _refusal_part(text: str) -> Part:
     hits = len(_REFUSAL.findall(text))
-    return Part("no_refusal", 0.0 if hits else 1.0, WEIGHTS["no_refusal"], f"{hits} refusal marker(s)" if hits else "")
+    return Part(
+        "no_refusal",
+        0.0 if hits else 1.0,
+        WEIGHTS["no_refusal"],
+        f"{hits} refusal marker(s)" if hits else "",
+    )

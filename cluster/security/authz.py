@@ -9,7 +9,6 @@ mode there is no certificate: every caller is DEVELOPER and everything is allowe
 
 from __future__ import annotations
 
-
 import contextlib
 import functools
 import inspect
@@ -26,9 +25,15 @@ from cluster.security.tls import Revocations
 log = logging.getLogger(__name__)
 
 ALL_ROLES = frozenset(Role)
-HEALTH = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List")
-REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-              "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+HEALTH = (
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+)
+REFLECTION = (
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+)
 
 # Denials: (identity or None, method, status code name, reason) -> None, or an awaitable
 # the refusal waits for (the coordinator's audit record).
@@ -61,8 +66,15 @@ def caller(context) -> Optional[Identity]:
 
 
 class Authorizer(grpc.aio.ServerInterceptor):
-    def __init__(self, table: Mapping[str, frozenset], *, revocations: Optional[Revocations],
-                 plaintext: bool = False, on_denied: Optional[OnDenied] = None, where: str = "this server"):
+    def __init__(
+        self,
+        table: Mapping[str, frozenset],
+        *,
+        revocations: Optional[Revocations],
+        plaintext: bool = False,
+        on_denied: Optional[OnDenied] = None,
+        where: str = "this server",
+    ):
         self._table = policy(table)
         self._revocations = revocations
         self._plaintext = plaintext
@@ -75,17 +87,26 @@ class Authorizer(grpc.aio.ServerInterceptor):
             return DEVELOPER
         ident = caller(context)
         if ident is None:
-            raise _Denied(None, grpc.StatusCode.UNAUTHENTICATED,
-                          f"{self._where} requires a client certificate with a StudioFleet identity "
-                          "(URI SAN studiofleet://ROLE/NAME); issue one with `fleetctl certs issue`")
+            raise _Denied(
+                None,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{self._where} requires a client certificate with a StudioFleet identity "
+                "(URI SAN studiofleet://ROLE/NAME); issue one with `fleetctl certs issue`",
+            )
         if self._revocations is not None and self._revocations.revoked(ident.serial):
-            raise _Denied(ident, grpc.StatusCode.UNAUTHENTICATED,
-                          f"certificate of {ident} (serial {ident.serial:x}) was revoked; ask an operator "
-                          "for a new one")
+            raise _Denied(
+                ident,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"certificate of {ident} (serial {ident.serial:x}) was revoked; ask an operator "
+                "for a new one",
+            )
         if ident.not_after is not None and ident.not_after.timestamp() < time.time():
-            raise _Denied(ident, grpc.StatusCode.UNAUTHENTICATED,
-                          f"certificate of {ident} expired at {ident.not_after:%Y-%m-%d %H:%M} UTC; "
-                          "re-issue it and reconnect")
+            raise _Denied(
+                ident,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"certificate of {ident} expired at {ident.not_after:%Y-%m-%d %H:%M} UTC; "
+                "re-issue it and reconnect",
+            )
         return ident
 
     def peer(self, context) -> Identity:
@@ -102,16 +123,21 @@ class Authorizer(grpc.aio.ServerInterceptor):
         allowed = self._table.get(method, frozenset())
         if ident.role not in allowed:
             who = ", ".join(sorted(r.value for r in allowed)) or "no role"
-            raise _Denied(ident, grpc.StatusCode.PERMISSION_DENIED,
-                          f"{ident} ({ident.role.value}) may not call {method} on {self._where}; "
-                          f"allowed: {who}")
+            raise _Denied(
+                ident,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{ident} ({ident.role.value}) may not call {method} on {self._where}; "
+                f"allowed: {who}",
+            )
         return ident
 
     async def _refuse(self, context, method: str, denied: "_Denied") -> None:
-        log.warning("denied caller=%s method=%s code=%s", denied.identity or "-", method, denied.code.name)
+        log.warning(
+            "denied caller=%s method=%s code=%s", denied.identity or "-", method, denied.code.name
+        )
         if self._on_denied is not None:
             recorded = self._on_denied(denied.identity, method, denied.code.name, denied.message)
-            if inspect.isawaitable(recorded):   # e.g. the audit record: down before the caller hears
+            if inspect.isawaitable(recorded):  # e.g. the audit record: down before the caller hears
                 await recorded
         await context.abort(denied.code, denied.message)
 
@@ -127,13 +153,16 @@ class Authorizer(grpc.aio.ServerInterceptor):
         replaced by one that refuses every caller (default deny holds for kinds too)."""
         kinds = [k for k in _KINDS if getattr(handler, k, None)]
         if len(kinds) != 1:
-            log.error("refusing %s: its handler has no known call kind (%s)", method, kinds or "none")
+            log.error(
+                "refusing %s: its handler has no known call kind (%s)", method, kinds or "none"
+            )
             return grpc.unary_unary_rpc_method_handler(self._unknown_kind(method))
         kind = kinds[0]
         inner = getattr(handler, kind)
         wrap = self._guard_streaming if kind.endswith("_stream") else self._guard_unary
         return getattr(grpc, f"{kind}_rpc_method_handler")(
-            wrap(inner, method), handler.request_deserializer, handler.response_serializer)
+            wrap(inner, method), handler.request_deserializer, handler.response_serializer
+        )
 
     async def _admit(self, context, method: str) -> None:
         """Returns when the caller may call `method`; else the refusal aborts the call."""
@@ -160,6 +189,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
         admit = self._admit
 
         if inspect.iscoroutinefunction(inner):
+
             async def writer(request, context):
                 await admit(context, method)
                 await inner(request, context)
@@ -168,7 +198,9 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
         async def generator(request, context):
             await admit(context, method)
-            async with contextlib.aclosing(inner(request, context)) as items:  # its finally runs now
+            async with contextlib.aclosing(
+                inner(request, context)
+            ) as items:  # its finally runs now
                 async for item in items:
                     yield item
 
@@ -176,9 +208,11 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
     def _unknown_kind(self, method: str):
         async def refuse(request, context):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"{method} on {self._where} has no authorization rule for its call kind; "
-                                "refused for every caller")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} on {self._where} has no authorization rule for its call kind; "
+                "refused for every caller",
+            )
 
         return refuse
 

@@ -20,7 +20,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cluster.security.identity import ANY_NODE, Identity, Role, check_name, dns_name, identity_of, uri
+from cluster.security.identity import (
+    ANY_NODE,
+    Identity,
+    Role,
+    check_name,
+    dns_name,
+    identity_of,
+    uri,
+)
 
 CA_DAYS = 3650
 LEAF_DAYS = 90
@@ -41,7 +49,7 @@ class Issued:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -56,8 +64,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert) -> bytes:
@@ -68,23 +77,46 @@ def init_ca(directory: Path, *, fleet: str = "default", days: int = CA_DAYS) -> 
     """Create a new CA in `directory` (refuses to overwrite one); returns ca.pem's path."""
     directory = Path(directory)
     if (directory / "ca.key").exists() or (directory / "ca.pem").exists():
-        raise CAError(f"{directory} already holds a CA; use another directory, or `fleetctl certs issue` "
-                      "to issue from this one")
+        raise CAError(
+            f"{directory} already holds a CA; use another directory, or `fleetctl certs issue` "
+            "to issue from this one"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "StudioFleet"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"StudioFleet CA ({fleet})")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "StudioFleet"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"StudioFleet CA ({fleet})"),
+        ]
+    )
     now = _now()
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     _write(directory / "ca.key", _key_pem(key), 0o600)
     _write(directory / "ca.pem", _cert_pem(cert), 0o644)
     _write_crl(directory, key, cert, [])
@@ -97,19 +129,26 @@ def load_ca(directory: Path):
         cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
         key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     except FileNotFoundError as exc:
-        raise CAError(f"{directory} holds no CA ({exc.filename} is missing); create one with "
-                      "`fleetctl certs init DIR`") from None
+        raise CAError(
+            f"{directory} holds no CA ({exc.filename} is missing); create one with "
+            "`fleetctl certs init DIR`"
+        ) from None
     return key, cert
 
 
 def _sans(role: Role, name: str, extra: Sequence[str]) -> list:
-    out: list = [x509.UniformResourceIdentifier(uri(role, name)), x509.DNSName(dns_name(role, name))]
+    out: list = [
+        x509.UniformResourceIdentifier(uri(role, name)),
+        x509.DNSName(dns_name(role, name)),
+    ]
     if role is Role.NODE:
         out.append(x509.DNSName(ANY_NODE))
     for host in extra:  # the fleet's own names are derived from role + name, never given
         if host.lower().rstrip(".").endswith("studiofleet"):
-            raise CAError(f"--san {host}: names under .studiofleet are reserved for identities; "
-                          "give the host's own DNS name or IP")
+            raise CAError(
+                f"--san {host}: names under .studiofleet are reserved for identities; "
+                "give the host's own DNS name or IP"
+            )
     hosts = list(extra) + (list(LOOPBACK_SANS) if role in SERVING_ROLES else [])
     for host in dict.fromkeys(hosts):
         try:
@@ -119,8 +158,16 @@ def _sans(role: Role, name: str, extra: Sequence[str]) -> list:
     return out
 
 
-def issue(directory: Path, role: Role, name: str, *, days: int = LEAF_DAYS, sans: Sequence[str] = (),
-          out_dir: Optional[Path] = None, not_before: Optional[dt.datetime] = None) -> Issued:
+def issue(
+    directory: Path,
+    role: Role,
+    name: str,
+    *,
+    days: int = LEAF_DAYS,
+    sans: Sequence[str] = (),
+    out_dir: Optional[Path] = None,
+    not_before: Optional[dt.datetime] = None,
+) -> Issued:
     """A certificate for `role`/`name` signed by the CA in `directory`, written to
     `out_dir` (default: the CA directory) as NAME.pem and NAME.key. Re-issuing a name
     (rotation) replaces the pair atomically; daemons pick the new one up without restart."""
@@ -131,25 +178,52 @@ def issue(directory: Path, role: Role, name: str, *, days: int = LEAF_DAYS, sans
     ca_key, ca_cert = load_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or (_now() - dt.timedelta(minutes=5))
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if role in SERVING_ROLES else [])
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-                                     x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(x509.SubjectAlternativeName(_sans(role, name, sans)), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + (
+        [ExtendedKeyUsageOID.SERVER_AUTH] if role in SERVING_ROLES else []
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_sans(role, name, sans)), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     out = Path(out_dir or directory)
     out.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = out / f"{name}.key", out / f"{name}.pem"
-    _write(key_path, _key_pem(key), 0o600)   # the key first: a reloading daemon checks the pair matches
+    _write(
+        key_path, _key_pem(key), 0o600
+    )  # the key first: a reloading daemon checks the pair matches
     _write(cert_path, _cert_pem(cert), 0o644)
     return Issued(identity_of(cert), cert_path, key_path)
 
@@ -184,13 +258,22 @@ def _write_crl(directory: Path, key, cert, serials: Sequence[int]) -> None:
     """Each list carries a CRL number one past the previous list's, so daemons can tell a
     newer list from an older one put back (they keep the newest they have seen)."""
     now = _now()
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(cert.subject)
-               .last_update(now).next_update(now + dt.timedelta(days=CRL_DAYS))
-               .add_extension(x509.CRLNumber(crl_number(directory / "crl.pem") + 1), critical=False))
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(crl_number(directory / "crl.pem") + 1), critical=False)
+    )
     for serial in serials:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
-    _write(directory / "crl.pem", builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), 0o644)
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    _write(
+        directory / "crl.pem",
+        builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM),
+        0o644,
+    )
 
 
 def read_certificate(path: Path) -> x509.Certificate:

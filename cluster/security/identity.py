@@ -19,11 +19,11 @@ ANY_NODE = "node.studiofleet"
 
 
 class Role(str, enum.Enum):
-    APP = "app"                  # clinical applications: inference only
-    OPERATOR = "operator"        # people and scripts running the fleet: admin operations
+    APP = "app"  # clinical applications: inference only
+    OPERATOR = "operator"  # people and scripts running the fleet: admin operations
     COORDINATOR = "coordinator"  # the coordinator, calling nodes
-    NODE = "node"                # a node agent: its identity only, calls nothing
-    MONITOR = "monitor"          # a metrics scraper (Prometheus): /metrics only
+    NODE = "node"  # a node agent: its identity only, calls nothing
+    MONITOR = "monitor"  # a metrics scraper (Prometheus): /metrics only
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,10 @@ DEVELOPER = Identity(Role.OPERATOR, "plaintext-developer")
 
 def check_name(name: str) -> str:
     if not NAME_RE.fullmatch(name or ""):
-        raise ValueError(f"certificate name {name!r} must be 1-63 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
+        raise ValueError(
+            f"certificate name {name!r} must be 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -64,7 +66,7 @@ def dns_name(role: Role, name: str) -> str:
 def parse_uri(value: str) -> Optional[Identity]:
     if not value.startswith(URI_SCHEME):
         return None
-    role, _, name = value[len(URI_SCHEME):].partition("/")
+    role, _, name = value[len(URI_SCHEME) :].partition("/")
     try:
         return Identity(Role(role), check_name(name))
     except ValueError:
@@ -77,9 +79,22 @@ def identity_of(cert: x509.Certificate) -> Identity:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         sans = []
-    found = [i for i in (parse_uri(u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
-                         if sans) if i is not None] if sans else []
+    found = (
+        [
+            i
+            for i in (
+                parse_uri(u)
+                for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+                if sans
+            )
+            if i is not None
+        ]
+        if sans
+        else []
+    )
     if len(found) != 1:
-        raise ValueError(f"certificate {cert.subject.rfc4514_string()} carries {len(found)} StudioFleet "
-                         "identities (URI SAN studiofleet://ROLE/NAME); issue it with `fleetctl certs issue`")
+        raise ValueError(
+            f"certificate {cert.subject.rfc4514_string()} carries {len(found)} StudioFleet "
+            "identities (URI SAN studiofleet://ROLE/NAME); issue it with `fleetctl certs issue`"
+        )
     return Identity(found[0].role, found[0].name, cert.serial_number, cert.not_valid_after_utc)

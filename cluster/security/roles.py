@@ -14,18 +14,42 @@ NODE_TABLE = {
     f"/{NODE_SERVICE}/GetStatus": frozenset({COORDINATOR, OPERATOR}),
     # Operations: coordinators run rollouts and forward operators' commands; an operator
     # may also act on a node directly (a host with no coordinator reachable).
-    **{f"/{NODE_SERVICE}/{m}": frozenset({COORDINATOR, OPERATOR})
-       for m in ("Cordon", "Drain", "StageModel", "BeginPush", "PushWeights", "Activate", "Restart")},
+    **{
+        f"/{NODE_SERVICE}/{m}": frozenset({COORDINATOR, OPERATOR})
+        for m in (
+            "Cordon",
+            "Drain",
+            "StageModel",
+            "BeginPush",
+            "PushWeights",
+            "Activate",
+            "Restart",
+        )
+    },
 }
 
 COORDINATOR_TABLE = {
     f"/{INFERENCE_SERVICE}/Generate": frozenset({APP}),
     f"/{FLEET_SERVICE}/ListNodes": frozenset({OPERATOR}),
     f"/{FLEET_SERVICE}/WatchEvents": frozenset({OPERATOR}),
-    **{f"/{FLEET_SERVICE}/{m}": frozenset({OPERATOR})
-       for m in ("CordonNode", "DrainNode", "StartRollout", "GetRollout", "PauseRollout", "ResumeRollout",
-                 "AbortRollout", "ListRequests", "GetTraffic", "OpenDashboard", "IssueApiToken",
-                 "RevokeApiToken", "ListApiTokens")},
+    **{
+        f"/{FLEET_SERVICE}/{m}": frozenset({OPERATOR})
+        for m in (
+            "CordonNode",
+            "DrainNode",
+            "StartRollout",
+            "GetRollout",
+            "PauseRollout",
+            "ResumeRollout",
+            "AbortRollout",
+            "ListRequests",
+            "GetTraffic",
+            "OpenDashboard",
+            "IssueApiToken",
+            "RevokeApiToken",
+            "ListApiTokens",
+        )
+    },
 }
 
 # The monitoring HTTP(S) port (cluster/http_server.py), by path prefix, longest first.

@@ -21,8 +21,8 @@ from cluster.state_url import parse, redact
 from coordinator.state.errors import StateError
 from coordinator.state.migrate import upgrade
 
-SQLITE_TIMEOUT_S = 10.0        # a writer waits this long for another's transaction (busy timeout)
-CONNECT_TIMEOUT_S = 10         # PostgreSQL: a connection attempt gives up after this
+SQLITE_TIMEOUT_S = 10.0  # a writer waits this long for another's transaction (busy timeout)
+CONNECT_TIMEOUT_S = 10  # PostgreSQL: a connection attempt gives up after this
 
 
 class StateDB:
@@ -33,26 +33,38 @@ class StateDB:
         if isinstance(url, Path):
             url = f"sqlite:///{url}"
         self.url = parse(str(url))
-        self.shown = redact(self.url)      # what logs and errors say
+        self.shown = redact(self.url)  # what logs and errors say
         self.backend = "sqlite" if self.url.drivername == "sqlite" else "postgresql"
         self.path: Path | None = Path(self.url.database) if self.backend == "sqlite" else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(self.url, hide_parameters=True,
-                                           connect_args={"timeout": SQLITE_TIMEOUT_S,
-                                                                   "check_same_thread": False})
+            self.engine = sa.create_engine(
+                self.url,
+                hide_parameters=True,
+                connect_args={"timeout": SQLITE_TIMEOUT_S, "check_same_thread": False},
+            )
             _sqlite_transactions(self.engine)
         else:
-            self.engine = sa.create_engine(self.url, hide_parameters=True, pool_pre_ping=True, pool_size=4, max_overflow=8,
-                                           connect_args={"connect_timeout": CONNECT_TIMEOUT_S,
-                                                         "application_name": "studiofleet-coordinator"})
+            self.engine = sa.create_engine(
+                self.url,
+                hide_parameters=True,
+                pool_pre_ping=True,
+                pool_size=4,
+                max_overflow=8,
+                connect_args={
+                    "connect_timeout": CONNECT_TIMEOUT_S,
+                    "application_name": "studiofleet-coordinator",
+                },
+            )
         try:
             upgrade(self)
         except sa.exc.SQLAlchemyError as exc:
             self.engine.dispose()
-            raise StateError(f"state database {self.shown}: cannot open or migrate it "
-                             f"({type(exc.orig or exc).__name__}: {_first_line(exc)}); check that it is "
-                             "reachable and that this user may create tables") from None
+            raise StateError(
+                f"state database {self.shown}: cannot open or migrate it "
+                f"({type(exc.orig or exc).__name__}: {_first_line(exc)}); check that it is "
+                "reachable and that this user may create tables"
+            ) from None
 
     @classmethod
     def of(cls, target: StateDB | str | Path) -> tuple[StateDB, bool]:
@@ -94,4 +106,6 @@ def _sqlite_transactions(engine: Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN")
+        conn.exec_driver_sql(
+            "BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN"
+        )

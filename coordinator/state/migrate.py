@@ -23,11 +23,11 @@ import sqlalchemy as sa
 from coordinator.state.errors import StateError
 
 log = logging.getLogger("coordinator.state")
-logging.getLogger("alembic").setLevel(logging.WARNING)   # our own line says what changed
+logging.getLogger("alembic").setLevel(logging.WARNING)  # our own line says what changed
 
 VERSION_TABLE = "studiofleet_schema_version"
 SCRIPTS = Path(__file__).parent / "migrations"
-PG_LOCK_KEY = 0x5346_5354_4154_45   # pg_advisory_xact_lock: "SFSTATE"
+PG_LOCK_KEY = 0x5346_5354_4154_45  # pg_advisory_xact_lock: "SFSTATE"
 # The newest revision in migrations/versions/ (the migrations test checks they agree): a
 # database already there is opened without importing Alembic (0.6 s of every start).
 HEAD = "0001"
@@ -57,7 +57,9 @@ def current(connection) -> str | None:
     """The revision the database is at (None: empty, or from before migrations)."""
     from alembic.runtime.migration import MigrationContext
 
-    return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    return MigrationContext.configure(
+        connection, opts={"version_table": VERSION_TABLE}
+    ).get_current_revision()
 
 
 def _stored(connection) -> str | None:
@@ -83,8 +85,10 @@ def upgrade(db, target: str = "head") -> None:
             return
         known = {s.revision for s in scripts().walk_revisions()}
         if at is not None and at not in known:
-            raise StateError(f"state database {db.shown} is at schema revision {at}, which this coordinator "
-                             f"does not know (its newest is {head()}): a newer release migrated it; run that "
-                             "release here too")
+            raise StateError(
+                f"state database {db.shown} is at schema revision {at}, which this coordinator "
+                f"does not know (its newest is {head()}): a newer release migrated it; run that "
+                "release here too"
+            )
         command.upgrade(config(conn), target)
         log.info("state database %s: schema revision %s -> %s", db.shown, at or "none", want)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 REAL = sa.Double().with_variant(sa.REAL(), "sqlite")
-EMPTY = sa.text("''")   # DEFAULT '' (a text clause: Alembic compares a plain "" wrongly)
-BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # SQLite's INTEGER is 64-bit already
+EMPTY = sa.text("''")  # DEFAULT '' (a text clause: Alembic compares a plain "" wrongly)
+BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite's INTEGER is 64-bit already
 
 metadata = sa.MetaData()
 
 api_tokens = sa.Table(
-    "api_tokens", metadata,
+    "api_tokens",
+    metadata,
     sa.Column("id", sa.Text, primary_key=True),
     sa.Column("hash", sa.Text, nullable=False),
     sa.Column("name", sa.Text, nullable=False),
@@ -30,7 +31,8 @@ api_tokens = sa.Table(
 )
 
 rollouts = sa.Table(
-    "rollouts", metadata,
+    "rollouts",
+    metadata,
     sa.Column("id", sa.Text, primary_key=True),
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("target", sa.Text, nullable=False),
@@ -45,7 +47,8 @@ rollouts = sa.Table(
 )
 
 rollout_nodes = sa.Table(
-    "rollout_nodes", metadata,
+    "rollout_nodes",
+    metadata,
     sa.Column("rollout_id", sa.Text, primary_key=True),
     sa.Column("node_id", sa.Text, primary_key=True),
     sa.Column("position", sa.Integer, nullable=False),
@@ -59,7 +62,8 @@ rollout_nodes = sa.Table(
 
 # The rollout lease: one row per lease name; `token` is the fencing token (rollout_store.py).
 lease = sa.Table(
-    "lease", metadata,
+    "lease",
+    metadata,
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("holder", sa.Text, nullable=False),
     sa.Column("expires", REAL, nullable=False),
@@ -68,7 +72,8 @@ lease = sa.Table(
 
 # The request log (request_log.py): metadata only, no column for a prompt or a completion.
 requests = sa.Table(
-    "requests", metadata,
+    "requests",
+    metadata,
     sa.Column("request_id", sa.Text, nullable=False),
     sa.Column("caller", sa.Text, nullable=False),
     sa.Column("priority", sa.Text, nullable=False),

@@ -58,7 +58,11 @@ def _upstream(settings: NodeSettings) -> Engine:
     )
 
 
-ENGINES: dict[str, Callable[[NodeSettings], Engine]] = {"mlx": _mlx, "vllm": _vllm, "upstream": _upstream}
+ENGINES: dict[str, Callable[[NodeSettings], Engine]] = {
+    "mlx": _mlx,
+    "vllm": _vllm,
+    "upstream": _upstream,
+}
 
 
 def make_engine(settings: NodeSettings) -> Engine:

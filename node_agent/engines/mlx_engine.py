@@ -83,7 +83,11 @@ class MlxEngine:
         self._key_of: dict[int, str] = {}
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._rate_tokens = 0
-        self._rate_seen: tuple[int, float, float] = (0, 0.0, 0.0)   # (tokens, first, newest) at the last snapshot
+        self._rate_seen: tuple[int, float, float] = (
+            0,
+            0.0,
+            0.0,
+        )  # (tokens, first, newest) at the last snapshot
         self._stats_at = 0.0
         self._stats_counts = (0, 0)
         self._stats = EngineStats()
@@ -100,8 +104,12 @@ class MlxEngine:
     def alive(self) -> bool:
         return self._thread is not None and not self._closed.is_set()
 
-    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None,
-              on_serving: Optional[Callable[[bool, str], None]] = None) -> None:
+    def start(
+        self,
+        emit: Emit,
+        on_exit: Optional[Callable[[str], None]] = None,
+        on_serving: Optional[Callable[[bool, str], None]] = None,
+    ) -> None:
         """Start the engine thread; `on_exit(reason)` is called if it stops on its own.
         (MLX runs in-process: there is no server to restart, so `on_serving` is unused.)"""
         self._emit = emit
@@ -135,7 +143,7 @@ class MlxEngine:
         s, (tokens, first, last) = self._stats, self._rate_seen
         now = time.monotonic()
         if not tokens or now - last > _RATE_WINDOW_S:
-            return s   # the snapshot's rate is 0: only this reading computes it
+            return s  # the snapshot's rate is 0: only this reading computes it
         return replace(s, decode_tokens_per_s=tokens / max(now - first, 1e-3))
 
     def close(self) -> None:
@@ -219,7 +227,9 @@ class MlxEngine:
         from mlx_lm.utils import get_total_parameters
 
         if not (self._path / "config.json").is_file():
-            raise FileNotFoundError(f"{self._path} has no config.json; is it an MLX model directory?")
+            raise FileNotFoundError(
+                f"{self._path} has no config.json; is it an MLX model directory?"
+            )
         config = json.loads((self._path / "config.json").read_text())
         model, tokenizer = mlx_lm.load(str(self._path))
         digest = weights_digest(self._path)
@@ -252,8 +262,11 @@ class MlxEngine:
     def _new_prompt_cache(self):
         from mlx_lm.models.cache import LRUPromptCache
 
-        return LRUPromptCache(max_size=self._cache_entries, max_bytes=self._cache_bytes) \
-            if self._cache_entries > 0 else None
+        return (
+            LRUPromptCache(max_size=self._cache_entries, max_bytes=self._cache_bytes)
+            if self._cache_entries > 0
+            else None
+        )
 
     def _reuse(self, tokens: list[int]) -> tuple[Optional[list], list[int]]:
         """The longest cached prefix of `tokens` (a KV cache copy) and the tokens left to prefill."""
@@ -273,7 +286,9 @@ class MlxEngine:
         from mlx_lm.generate import BatchGenerator, StopSequences
 
         eos = [[t] for t in self._tokenizer.eos_token_ids]
-        self._eos_stop = StopSequences(eos)   # each insert names its stops: these, or none for ignore_eos
+        self._eos_stop = StopSequences(
+            eos
+        )  # each insert names its stops: these, or none for ignore_eos
         self._no_stop = StopSequences(None)
         return BatchGenerator(
             self._model,
@@ -290,7 +305,9 @@ class MlxEngine:
         if self._gen is None:
             while self._waiting:
                 req = self._waiting.popleft()
-                self._emit([(req.key, [EngineEvent(EventKind.FAILED, message="no model is loaded")])])
+                self._emit(
+                    [(req.key, [EngineEvent(EventKind.FAILED, message="no model is loaded")])]
+                )
             return
         batch = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         try:
@@ -315,13 +332,20 @@ class MlxEngine:
             [rest for _, rest in reused],
             max_tokens=[r.max_tokens for r in batch],
             caches=[cache for cache, _ in reused],
-            all_tokens=[list(r.prompt_tokens[: len(r.prompt_tokens) - len(rest)]) for r, (_, rest) in
-                        zip(batch, reused)],
+            all_tokens=[
+                list(r.prompt_tokens[: len(r.prompt_tokens) - len(rest)])
+                for r, (_, rest) in zip(batch, reused)
+            ],
             samplers=[make_sampler(r.sampling, start_step=r.prefix_len) for r in batch],
             logits_processors=[self._processors(r) for r in batch],
-            stop_sequences=[self._no_stop if r.sampling.ignore_eos else self._eos_stop for r in batch],
+            stop_sequences=[
+                self._no_stop if r.sampling.ignore_eos else self._eos_stop for r in batch
+            ],
         )
-        return [(uid, len(r.prompt_tokens) - len(rest)) for uid, r, (_, rest) in zip(uids, batch, reused)]
+        return [
+            (uid, len(r.prompt_tokens) - len(rest))
+            for uid, r, (_, rest) in zip(uids, batch, reused)
+        ]
 
     def _processors(self, r: EngineRequest) -> Optional[list]:
         """Sampling's processors, then the schema mask last (nothing may unmask a token)."""
@@ -334,7 +358,11 @@ class MlxEngine:
         try:
             _, responses = self._gen.next()
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the node alive
-            log.error("mlx engine step failed; failing %d running requests: %s", len(self._key_of), without_text(exc))
+            log.error(
+                "mlx engine step failed; failing %d running requests: %s",
+                len(self._key_of),
+                without_text(exc),
+            )
             self._fail_running(f"the engine failed during generation ({type(exc).__name__})")
             return
         if not responses:
@@ -349,7 +377,9 @@ class MlxEngine:
                 del self._key_of[r.uid]
                 del self._uid_of[key]
                 if self._prompt_cache is not None and r.prompt_cache is not None:
-                    self._prompt_cache.insert_cache(self._digest, list(r.all_tokens), r.prompt_cache)
+                    self._prompt_cache.insert_cache(
+                        self._digest, list(r.all_tokens), r.prompt_cache
+                    )
         self._rate.append((time.monotonic(), len(responses)))
         self._rate_tokens += len(responses)
         self._emit(list(out.items()))
@@ -389,7 +419,9 @@ class MlxEngine:
             if kind == "load":
                 arg.set_exception(EngineClosed("the MLX engine stopped before loading"))
             elif kind == "submit":
-                self._emit([(arg.key, [EngineEvent(EventKind.FAILED, message="the engine stopped")])])
+                self._emit(
+                    [(arg.key, [EngineEvent(EventKind.FAILED, message="the engine stopped")])]
+                )
 
     def _publish_stats(self) -> None:
         """Refresh the stats snapshot when counts change, else at most every _STATS_PERIOD_S."""
@@ -403,14 +435,24 @@ class MlxEngine:
         self._stats_at = now
         while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
             self._rate_tokens -= self._rate.popleft()[1]
-        self._rate_seen = (self._rate_tokens, self._rate[0][0], self._rate[-1][0]) if self._rate else (0, now, now)
-        self._stats = EngineStats(   # decode_tokens_per_s stays 0 here: stats() computes it when read
-            running=len(self._key_of),
-            waiting=len(self._waiting),
-            active_memory_bytes=mx.get_active_memory(),
-            peak_memory_bytes=mx.get_peak_memory(),
-            prompt_cache_entries=len(self._prompt_cache) if self._prompt_cache is not None else 0,
-            prompt_cache_bytes=self._prompt_cache.nbytes if self._prompt_cache is not None else 0,
-            cached_prompt_tokens_total=self._cached_total,
-            recommended_working_set_bytes=self._working_set,
+        self._rate_seen = (
+            (self._rate_tokens, self._rate[0][0], self._rate[-1][0])
+            if self._rate
+            else (0, now, now)
+        )
+        self._stats = (
+            EngineStats(  # decode_tokens_per_s stays 0 here: stats() computes it when read
+                running=len(self._key_of),
+                waiting=len(self._waiting),
+                active_memory_bytes=mx.get_active_memory(),
+                peak_memory_bytes=mx.get_peak_memory(),
+                prompt_cache_entries=len(self._prompt_cache)
+                if self._prompt_cache is not None
+                else 0,
+                prompt_cache_bytes=self._prompt_cache.nbytes
+                if self._prompt_cache is not None
+                else 0,
+                cached_prompt_tokens_total=self._cached_total,
+                recommended_working_set_bytes=self._working_set,
+            )
         )

@@ -57,16 +57,22 @@ class KeyFileError(ValueError):
 
 def read_key(path: Optional[Path]) -> str:
     if path is None:
-        raise KeyFileError(f"{KEY_FLAG} is required with --engine upstream: a file holding the endpoint's key")
+        raise KeyFileError(
+            f"{KEY_FLAG} is required with --engine upstream: a file holding the endpoint's key"
+        )
     try:
         key = Path(path).read_text().strip()
     except OSError as exc:
-        raise KeyFileError(f"{KEY_FLAG} {path} cannot be read ({type(exc).__name__}); "
-                           "point it at a readable file holding the endpoint's key") from None
+        raise KeyFileError(
+            f"{KEY_FLAG} {path} cannot be read ({type(exc).__name__}); "
+            "point it at a readable file holding the endpoint's key"
+        ) from None
     if not key:
         raise KeyFileError(f"{KEY_FLAG} {path} is empty; write the endpoint's key into it")
     if any(c.isspace() for c in key):
-        raise KeyFileError(f"{KEY_FLAG} {path} holds more than one word; it must hold the key alone")
+        raise KeyFileError(
+            f"{KEY_FLAG} {path} holds more than one word; it must hold the key alone"
+        )
     return key
 
 
@@ -84,10 +90,14 @@ def http_failure(status: int, body: bytes, key_file: Path, retry_after: Optional
         hint = f"; retry after {retry_after:g}s" if retry_after is not None else "; retry later"
         return f"the upstream endpoint is rate-limiting (HTTP 429){hint}"
     if status in (401, 403):
-        return (f"the upstream endpoint refused the key in {key_file} (HTTP {status}); "
-                f"put a valid key in that file ({KEY_FLAG})")
+        return (
+            f"the upstream endpoint refused the key in {key_file} (HTTP {status}); "
+            f"put a valid key in that file ({KEY_FLAG})"
+        )
     if status >= 500:
-        return f"the upstream endpoint failed (HTTP {status}{error_type(body)}); retry on another node"
+        return (
+            f"the upstream endpoint failed (HTTP {status}{error_type(body)}); retry on another node"
+        )
     return f"the upstream endpoint refused the request (HTTP {status}{error_type(body)})"
 
 
@@ -106,10 +116,23 @@ class UpstreamEngine:
     name = "upstream"
     server_enforces_schema = True
 
-    def __init__(self, *, model_path: Path, model_id: Optional[str] = None, max_running: int = 32,
-                 max_context_tokens: Optional[int] = None, url: str, served_model: str, key_file: Path,
-                 kind: str = "vllm", digest: str = "", ca_file: Optional[Path] = None,
-                 max_backoff_s: float = 30.0, connect_timeout_s: float = 10.0, read_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        *,
+        model_path: Path,
+        model_id: Optional[str] = None,
+        max_running: int = 32,
+        max_context_tokens: Optional[int] = None,
+        url: str,
+        served_model: str,
+        key_file: Path,
+        kind: str = "vllm",
+        digest: str = "",
+        ca_file: Optional[Path] = None,
+        max_backoff_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 120.0,
+    ):
         if kind != "vllm":
             raise ValueError(f"upstream kind {kind!r} is not supported yet; use vllm")
         self._path = Path(model_path)
@@ -144,8 +167,8 @@ class UpstreamEngine:
         self._flush_due = False
         self._serving = False
         self._up_since = 0.0
-        self._last_error = ""            # the last request the endpoint failed or refused, as one line
-        self._rate: collections.deque[float] = collections.deque()   # token arrival times
+        self._last_error = ""  # the last request the endpoint failed or refused, as one line
+        self._rate: collections.deque[float] = collections.deque()  # token arrival times
 
     # -- called from other threads -------------------------------------------------
 
@@ -157,8 +180,12 @@ class UpstreamEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
 
-    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None,
-              on_serving: Optional[Callable[[bool, str], None]] = None) -> None:
+    def start(
+        self,
+        emit: Emit,
+        on_exit: Optional[Callable[[str], None]] = None,
+        on_serving: Optional[Callable[[bool, str], None]] = None,
+    ) -> None:
         self._emit, self._on_exit, self._on_serving = emit, on_exit, on_serving
         self._thread = threading.Thread(target=self._run, name="upstream-engine", daemon=True)
         self._thread.start()
@@ -192,9 +219,17 @@ class UpstreamEngine:
         times = [t for t in list(self._rate) if now - t <= _RATE_WINDOW_S]
         rate = len(times) / _RATE_WINDOW_S if times else 0.0
         return EngineStats(
-            running=len(self._running), waiting=len(self._waiting), decode_tokens_per_s=rate,
-            server=ServerInfo(pid=0, url=self._url, restarts=0, last_exit=self._last_error,
-                              up_s=now - self._up_since if self._serving else 0.0))
+            running=len(self._running),
+            waiting=len(self._waiting),
+            decode_tokens_per_s=rate,
+            server=ServerInfo(
+                pid=0,
+                url=self._url,
+                restarts=0,
+                last_exit=self._last_error,
+                up_s=now - self._up_since if self._serving else 0.0,
+            ),
+        )
 
     def close(self) -> None:
         with self._gate:
@@ -237,8 +272,10 @@ class UpstreamEngine:
             tls = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else True),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout,
-                                          sock_read=self._read_timeout))
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+            ),
+        )
 
     async def _load_task(self) -> ModelFacts:
         # A task of its own, so that close() can end a load still waiting for the endpoint.
@@ -253,12 +290,16 @@ class UpstreamEngine:
 
         path = self._path
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; point --model at a directory with the "
-                                    "served model's config.json and tokenizer")
+            raise FileNotFoundError(
+                f"{path} has no config.json; point --model at a directory with the "
+                "served model's config.json and tokenizer"
+            )
         config = json.loads((path / "config.json").read_text())
         self._serving = False
         self._fail_all("the model was replaced")
-        tokenizer = await asyncio.to_thread(load_tokenizer, path, eos_token_ids=config.get("eos_token_id"))
+        tokenizer = await asyncio.to_thread(
+            load_tokenizer, path, eos_token_ids=config.get("eos_token_id")
+        )
         digest = self._digest or await asyncio.to_thread(weights_digest, path)
         parameters = await asyncio.to_thread(stored_parameters, path)
         context = int(config.get("max_position_embeddings") or 32768)
@@ -269,11 +310,17 @@ class UpstreamEngine:
         version = await self._reach()
         self._serving, self._up_since = True, time.monotonic()
         return ModelFacts(
-            model_id=self._model_id, weights_digest=digest, context_length=context, vocab_size=vocab,
+            model_id=self._model_id,
+            weights_digest=digest,
+            context_length=context,
+            vocab_size=vocab,
             decodable_vocab_size=min(vocab, len(tokenizer._tokenizer)),
-            eos_token_ids=frozenset(tokenizer.eos_token_ids), engine=self.name,
-            engine_version=f"upstream vllm {version} at {self._url}", parameters=parameters,
-            quantization=quantization_of(config))
+            eos_token_ids=frozenset(tokenizer.eos_token_ids),
+            engine=self.name,
+            engine_version=f"upstream vllm {version} at {self._url}",
+            parameters=parameters,
+            quantization=quantization_of(config),
+        )
 
     async def _reach(self) -> str:
         """Wait until the endpoint lists the served model; each failed try is reported
@@ -285,7 +332,7 @@ class UpstreamEngine:
                 if attempt:
                     self._notify(True, f"the upstream endpoint {self._url} answers")
                 return await self._version()
-            delay = min(self._max_backoff, 2.0 ** attempt)
+            delay = min(self._max_backoff, 2.0**attempt)
             attempt += 1
             log.warning("%s; trying again in %gs (try %d)", why, delay, attempt)
             self._notify(False, f"{why}; trying again in {delay:g}s (try {attempt})")
@@ -300,21 +347,27 @@ class UpstreamEngine:
         except KeyFileError as exc:
             return str(exc)
         try:
-            async with self._session.get(f"{self._url}/v1/models", headers=self._headers(),
-                                         timeout=aiohttp.ClientTimeout(total=self._connect_timeout)) as r:
+            async with self._session.get(
+                f"{self._url}/v1/models",
+                headers=self._headers(),
+                timeout=aiohttp.ClientTimeout(total=self._connect_timeout),
+            ) as r:
                 body = await r.read()
                 if r.status != 200:
-                    return f"upstream {self._url}: " + http_failure(r.status, body, self._key_file,
-                                                                    retry_after_s(r.headers.get("Retry-After")))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    return f"upstream {self._url}: " + http_failure(
+                        r.status, body, self._key_file, retry_after_s(r.headers.get("Retry-After"))
+                    )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return f"the upstream endpoint {self._url} cannot be reached ({type(exc).__name__})"
         try:
             names = {m.get("id") for m in json.loads(body).get("data", ())}
         except (ValueError, AttributeError):
             return f"the upstream endpoint {self._url} answered /v1/models with something that is not a model list"
         if self._served_model not in names:
-            return (f"the upstream endpoint {self._url} does not serve model {self._served_model!r} "
-                    "(--upstream-model); it lists " + ", ".join(sorted(str(n) for n in names)[:5]))
+            return (
+                f"the upstream endpoint {self._url} does not serve model {self._served_model!r} "
+                "(--upstream-model); it lists " + ", ".join(sorted(str(n) for n in names)[:5])
+            )
         return None
 
     async def _version(self) -> str:
@@ -351,7 +404,10 @@ class UpstreamEngine:
         if self._closed.is_set():
             self._event(req.key, EngineEvent(EventKind.FAILED, message="the engine stopped"))
         elif not self._serving:
-            self._event(req.key, EngineEvent(EventKind.FAILED, message="the upstream endpoint is not reached yet"))
+            self._event(
+                req.key,
+                EngineEvent(EventKind.FAILED, message="the upstream endpoint is not reached yet"),
+            )
         else:
             self._waiting.append(req)
             self._pump()
@@ -380,25 +436,40 @@ class UpstreamEngine:
         key = req.key
         body = completion_body(req, self._served_model, self._eos)
         try:
-            async with self._session.post(f"{self._url}/v1/completions", data=body,
-                                          headers=self._headers()) as resp:
+            async with self._session.post(
+                f"{self._url}/v1/completions", data=body, headers=self._headers()
+            ) as resp:
                 if resp.status != 200:
                     retry = retry_after_s(resp.headers.get("Retry-After"))
                     failure = http_failure(resp.status, await resp.read(), self._key_file, retry)
                     if resp.status in (401, 403):
                         self._reread_key()  # a fixed key file is used from the next request on
-                    return self._fail(key, failure, error=True, status=http_status(resp.status),
-                                      retry_after_ms=int(retry * 1000) if retry is not None else 0)
+                    return self._fail(
+                        key,
+                        failure,
+                        error=True,
+                        status=http_status(resp.status),
+                        retry_after_ms=int(retry * 1000) if retry is not None else 0,
+                    )
                 finished = False
                 async for msg in stream_messages(resp):
                     finished = finished or self._relay(key, msg)
             if not finished:
-                self._fail(key, "the upstream endpoint ended the stream without finishing the request", error=True)
+                self._fail(
+                    key,
+                    "the upstream endpoint ended the stream without finishing the request",
+                    error=True,
+                )
         except asyncio.CancelledError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            self._fail(key, f"lost the connection to the upstream endpoint ({type(exc).__name__}); "
-                            "retry on another node", error=True, status="UNAVAILABLE")
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            self._fail(
+                key,
+                f"lost the connection to the upstream endpoint ({type(exc).__name__}); "
+                "retry on another node",
+                error=True,
+                status="UNAVAILABLE",
+            )
         finally:
             if self._running.get(key) is asyncio.current_task():
                 del self._running[key]
@@ -420,16 +491,27 @@ class UpstreamEngine:
             self._running.pop(key, None)
         return done
 
-    def _fail(self, key: str, message: str, *, error: bool = False, status: str = "",
-              retry_after_ms: int = 0) -> None:
+    def _fail(
+        self,
+        key: str,
+        message: str,
+        *,
+        error: bool = False,
+        status: str = "",
+        retry_after_ms: int = 0,
+    ) -> None:
         """Fail one request; `status` (a gRPC status name) ends the call with it when
         nothing was streamed yet (a mid-stream failure ends with an error final)."""
         if error:
             self._last_error = message
             log.warning("request %s: %s", key, message)
         if self._running.pop(key, None) is not None:
-            self._event(key, EngineEvent(EventKind.FAILED, message=message, status=status,
-                                         retry_after_ms=retry_after_ms))
+            self._event(
+                key,
+                EngineEvent(
+                    EventKind.FAILED, message=message, status=status, retry_after_ms=retry_after_ms
+                ),
+            )
 
     def _fail_all(self, message: str) -> None:
         for key, task in list(self._running.items()):

@@ -50,12 +50,12 @@ from node_agent.engines.vllm_server import ServerError, VllmServer, describe_exi
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 5.0
-HEALTH_FAILURES = 3           # consecutive failed /health checks before the server is restarted
+HEALTH_FAILURES = 3  # consecutive failed /health checks before the server is restarted
 METRICS_INTERVAL_S = 1.0
 GPU_INTERVAL_S = 5.0
-STABLE_AFTER_S = 300.0        # up this long: the restart backoff starts again from its first step
+STABLE_AFTER_S = 300.0  # up this long: the restart backoff starts again from its first step
 _RATE_WINDOW_S = 10.0
-KEEPALIVE_S = 1.0   # aiohttp drops a connection idle 1-2 s; uvicorn's keep-alive is 5 s
+KEEPALIVE_S = 1.0  # aiohttp drops a connection idle 1-2 s; uvicorn's keep-alive is 5 s
 
 
 class VllmEngine:
@@ -64,16 +64,32 @@ class VllmEngine:
     name = "vllm"
     server_enforces_schema = True
 
-    def __init__(self, *, model_path: Path, model_id: Optional[str] = None, max_running: int = 32,
-                 max_context_tokens: Optional[int] = None, state_dir: Path, python: str = "",
-                 extra_args: Sequence[str] = (), port: int = 0, startup_timeout_s: float = 600.0,
-                 restart_max_backoff_s: float = 60.0, health_interval_s: float = HEALTH_INTERVAL_S):
+    def __init__(
+        self,
+        *,
+        model_path: Path,
+        model_id: Optional[str] = None,
+        max_running: int = 32,
+        max_context_tokens: Optional[int] = None,
+        state_dir: Path,
+        python: str = "",
+        extra_args: Sequence[str] = (),
+        port: int = 0,
+        startup_timeout_s: float = 600.0,
+        restart_max_backoff_s: float = 60.0,
+        health_interval_s: float = HEALTH_INTERVAL_S,
+    ):
         self._path = Path(model_path)
         self._model_id = model_id or self._path.name
         self._max_running = max_running
         self._max_context = max_context_tokens
-        self._server = VllmServer(python=python, extra_args=extra_args, state_dir=state_dir, port=port,
-                                  startup_timeout_s=startup_timeout_s)
+        self._server = VllmServer(
+            python=python,
+            extra_args=extra_args,
+            state_dir=state_dir,
+            port=port,
+            startup_timeout_s=startup_timeout_s,
+        )
         self._max_backoff = restart_max_backoff_s
         self._health_interval = health_interval_s
         self._tokenizer = None
@@ -92,8 +108,8 @@ class VllmEngine:
         self._running: dict[str, asyncio.Task] = {}
         self._out: dict[str, list[EngineEvent]] = {}
         self._flush_due = False
-        self._serving = False            # the server answers and holds the loaded model
-        self._down_reason = ""           # why it is not serving, while restarting
+        self._serving = False  # the server answers and holds the loaded model
+        self._down_reason = ""  # why it is not serving, while restarting
         self._exited: Optional[asyncio.Event] = None
         self._planned_stop = False
         self._kill_reason = ""
@@ -106,7 +122,9 @@ class VllmEngine:
         self._rate: collections.deque[tuple[float, float]] = collections.deque()
         self._gpus: tuple = ()
         self._version = ""
-        self._served: Optional[tuple[Path, str, int]] = None   # (path, served name, context) of the loaded model
+        self._served: Optional[tuple[Path, str, int]] = (
+            None  # (path, served name, context) of the loaded model
+        )
 
     # -- called from other threads -------------------------------------------------
 
@@ -118,8 +136,12 @@ class VllmEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
 
-    def start(self, emit: Emit, on_exit: Optional[Callable[[str], None]] = None,
-              on_serving: Optional[Callable[[bool, str], None]] = None) -> None:
+    def start(
+        self,
+        emit: Emit,
+        on_exit: Optional[Callable[[str], None]] = None,
+        on_serving: Optional[Callable[[bool, str], None]] = None,
+    ) -> None:
         self._emit, self._on_exit, self._on_serving = emit, on_exit, on_serving
         self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._thread.start()
@@ -157,9 +179,13 @@ class VllmEngine:
             cached_prompt_tokens_total=int(m.prefix_cache_hits_total),
             kv_cache_usage=m.kv_cache_usage,
             gpus=self._gpus,
-            server=ServerInfo(pid=server.pid if self._serving else 0, url=server.base_url if server.port else "",
-                              restarts=self._restarts, last_exit=self._last_exit,
-                              up_s=now - self._up_since if self._serving else 0.0),
+            server=ServerInfo(
+                pid=server.pid if self._serving else 0,
+                url=server.base_url if server.port else "",
+                restarts=self._restarts,
+                last_exit=self._last_exit,
+                up_s=now - self._up_since if self._serving else 0.0,
+            ),
         )
 
     def close(self) -> None:
@@ -219,8 +245,11 @@ class VllmEngine:
         # Idle connections are dropped before the server's keep-alive (uvicorn: 5 s) ends
         # them: a request sent on a connection the server is closing would fail.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, use_dns_cache=False, keepalive_timeout=KEEPALIVE_S),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            connector=aiohttp.TCPConnector(
+                limit=0, use_dns_cache=False, keepalive_timeout=KEEPALIVE_S
+            ),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
         self._background.append(asyncio.get_running_loop().create_task(self._poll_stats()))
 
     async def _load(self) -> ModelFacts:
@@ -228,11 +257,15 @@ class VllmEngine:
 
         path, model_id = self._path, self._model_id
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
+            raise FileNotFoundError(
+                f"{path} has no config.json; is it a Hugging Face model directory?"
+            )
         config = json.loads((path / "config.json").read_text())
         await self._stop_server("the model was replaced")
         # As mlx_lm.load does it, so both engines stop on the same tokens.
-        tokenizer = await asyncio.to_thread(load_tokenizer, path, eos_token_ids=config.get("eos_token_id"))
+        tokenizer = await asyncio.to_thread(
+            load_tokenizer, path, eos_token_ids=config.get("eos_token_id")
+        )
         digest = await asyncio.to_thread(weights_digest, path)
         parameters = await asyncio.to_thread(stored_parameters, path)
         context = int(config.get("max_position_embeddings") or 32768)
@@ -261,12 +294,16 @@ class VllmEngine:
         self._exited.clear()
         self._planned_stop = False
         self._kill_reason = ""
-        await self._server.start(self._session, path, model_id, max_model_len=context,
-                                 max_num_seqs=self._max_running)
+        await self._server.start(
+            self._session, path, model_id, max_model_len=context, max_num_seqs=self._max_running
+        )
         self._serving, self._down_reason, self._up_since = True, "", time.monotonic()
         loop = asyncio.get_running_loop()
         self._background = [t for t in self._background if not t.done()]
-        self._background += [loop.create_task(self._watch()), loop.create_task(self._check_health())]
+        self._background += [
+            loop.create_task(self._watch()),
+            loop.create_task(self._check_health()),
+        ]
 
     async def _server_version(self) -> str:
         try:
@@ -300,12 +337,14 @@ class VllmEngine:
         self._serving, self._down_reason, self._last_exit = False, why, why
         self._fail_all(f"{why}; the node is restarting it")
         await server.stop()  # its engine-core and workers may have outlived it
-        self._restart_task = asyncio.get_running_loop().create_task(self._restart(why, stable=uptime > STABLE_AFTER_S))
+        self._restart_task = asyncio.get_running_loop().create_task(
+            self._restart(why, stable=uptime > STABLE_AFTER_S)
+        )
 
     async def _restart(self, why: str, *, stable: bool) -> None:
         attempt = 0 if stable else min(self._restarts, 6)
         while not self._closed.is_set():
-            delay = min(self._max_backoff, 2.0 ** attempt)
+            delay = min(self._max_backoff, 2.0**attempt)
             self._restarts += 1
             self._notify(False, f"{why}; restarting it in {delay:g}s (restart {self._restarts})")
             await asyncio.sleep(delay)
@@ -318,7 +357,10 @@ class VllmEngine:
                 attempt += 1
                 continue
             self._restart_task = None
-            self._notify(True, f"the vLLM server is serving again (pid {self._server.pid}, restart {self._restarts})")
+            self._notify(
+                True,
+                f"the vLLM server is serving again (pid {self._server.pid}, restart {self._restarts})",
+            )
             return
 
     async def _check_health(self) -> None:
@@ -334,11 +376,13 @@ class VllmEngine:
             try:
                 async with self._session.get(f"{server.base_url}/health", timeout=timeout) as r:
                     failures = 0 if r.status == 200 else failures + 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 failures += 1
             if failures >= HEALTH_FAILURES:
-                self._kill_reason = (f"the vLLM server (pid {server.pid}) failed {failures} health checks "
-                                     f"{self._health_interval:g}s apart")
+                self._kill_reason = (
+                    f"the vLLM server (pid {server.pid}) failed {failures} health checks "
+                    f"{self._health_interval:g}s apart"
+                )
                 log.error("%s; killing it", self._kill_reason)
                 server.kill_group_now()
                 return
@@ -359,9 +403,11 @@ class VllmEngine:
             if not self._serving:
                 continue
             try:
-                async with self._session.get(f"{self._server.base_url}/metrics", timeout=timeout) as r:
+                async with self._session.get(
+                    f"{self._server.base_url}/metrics", timeout=timeout
+                ) as r:
                     self._metrics = parse_metrics(await r.text())
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 continue
             self._rate.append((now, self._metrics.generation_tokens_total))
             while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
@@ -386,7 +432,10 @@ class VllmEngine:
             self._event(req.key, EngineEvent(EventKind.FAILED, message="the engine stopped"))
         elif not self._serving:
             why = self._down_reason or "no model is loaded"
-            self._event(req.key, EngineEvent(EventKind.FAILED, message=f"the vLLM server is not serving: {why}"))
+            self._event(
+                req.key,
+                EngineEvent(EventKind.FAILED, message=f"the vLLM server is not serving: {why}"),
+            )
         else:
             self._waiting.append(req)
             self._pump()
@@ -416,8 +465,11 @@ class VllmEngine:
         try:
             async with await self._post(req) as resp:
                 if resp.status != 200:
-                    return self._fail(key, f"the vLLM server refused the request (HTTP {resp.status}"
-                                           f"{error_type(await resp.read())})")
+                    return self._fail(
+                        key,
+                        f"the vLLM server refused the request (HTTP {resp.status}"
+                        f"{error_type(await resp.read())})",
+                    )
                 finished = False
                 async for msg in stream_messages(resp):
                     finished = finished or self._relay(key, msg)
@@ -425,7 +477,7 @@ class VllmEngine:
                 self._fail(key, "the vLLM server ended the stream without finishing the request")
         except asyncio.CancelledError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             self._fail(key, await self._lost(exc))
         finally:
             if self._running.get(key) is asyncio.current_task():
@@ -441,11 +493,16 @@ class VllmEngine:
         body = completion_body(req, self._served[1], self._eos)
         for attempt in (1, 2):
             try:
-                return await self._session.post(url, data=body, headers={"Content-Type": "application/json"})
+                return await self._session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}
+                )
             except aiohttp.ServerDisconnectedError:
                 if attempt == 2 or self._exited.is_set():
                     raise
-                log.info("vLLM server closed a pooled connection under request %s; sending it again", req.key)
+                log.info(
+                    "vLLM server closed a pooled connection under request %s; sending it again",
+                    req.key,
+                )
 
     def _relay(self, key: str, msg: dict) -> bool:
         """One streamed completion chunk as token events; True once the request finished."""
@@ -463,7 +520,7 @@ class VllmEngine:
         """Why a stream broke: the server's exit if it died, else the connection error."""
         try:
             await asyncio.wait_for(self._exited.wait(), timeout=2.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return f"lost the connection to the vLLM server ({type(exc).__name__})"
         return f"{self._down_reason or 'the vLLM server stopped'}; the node is restarting it"
 
@@ -490,4 +547,3 @@ class VllmEngine:
         if self._out:
             out, self._out = self._out, {}
             self._emit(list(out.items()))
-

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class VllmMetrics:
     running: int = 0
     waiting: int = 0
-    kv_cache_usage: float = 0.0          # 0..1
+    kv_cache_usage: float = 0.0  # 0..1
     generation_tokens_total: float = 0.0
     prefix_cache_hits_total: float = 0.0  # prompt tokens served from vLLM's prefix cache
 

@@ -15,9 +15,16 @@ def completion_body(req: EngineRequest, served_name: str, eos_token_ids: Iterabl
     prefix tokens is exact), token ids back, our EOS ids, and only the sampling fields
     that change anything."""
     s = req.sampling
-    body = {"model": served_name, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
-            "stream": True, "return_token_ids": True, "temperature": s.temperature,
-            "stop_token_ids": [] if s.ignore_eos else list(eos_token_ids), "request_id": req.key}
+    body = {
+        "model": served_name,
+        "prompt": list(req.prompt_tokens),
+        "max_tokens": req.max_tokens,
+        "stream": True,
+        "return_token_ids": True,
+        "temperature": s.temperature,
+        "stop_token_ids": [] if s.ignore_eos else list(eos_token_ids),
+        "request_id": req.key,
+    }
     if s.ignore_eos:
         body["ignore_eos"] = True
     if not s.greedy:  # vLLM seeds a generator per request: same seed, same tokens
@@ -44,10 +51,14 @@ def chunk_events(msg: dict) -> tuple[list[EngineEvent], bool, Optional[str]]:
     if finish is not None and finish not in _FINISH:
         return [], True, f"the vLLM server ended the request ({finish})"
     last = len(ids) - 1
-    events = [EngineEvent(EventKind.TOKEN, token, _FINISH[finish] if finish and i == last else None)
-              for i, token in enumerate(ids)]
+    events = [
+        EngineEvent(EventKind.TOKEN, token, _FINISH[finish] if finish and i == last else None)
+        for i, token in enumerate(ids)
+    ]
     if finish is not None and not ids:
-        events.append(EngineEvent(EventKind.TOKEN, -1, _FINISH[finish]))  # a finish with no new token
+        events.append(
+            EngineEvent(EventKind.TOKEN, -1, _FINISH[finish])
+        )  # a finish with no new token
     return events, finish is not None, None
 
 

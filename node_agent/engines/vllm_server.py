@@ -24,18 +24,26 @@ from typing import Optional, Sequence
 log = logging.getLogger(__name__)
 
 # The child must never phone home (vLLM usage stats) or reach a model hub.
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-             "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+}
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PID_FILE = "vllm-server.pid"
 LOG_FILE = "vllm-server.log"
 _HEALTH_POLL_S = 0.25
 # Sets PR_SET_PDEATHSIG (1) = SIGTERM (15) in the child, then execs the server: the child
 # hears of the agent's death even when the agent is SIGKILLed (Linux only).
-_PDEATHSIG_EXEC = ("import ctypes, os, sys\n"
-                   "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, 15)\n"
-                   "except Exception:\n    pass\n"
-                   "os.execv(sys.argv[1], sys.argv[1:])")
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, sys\n"
+    "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, 15)\n"
+    "except Exception:\n    pass\n"
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 class ServerError(RuntimeError):
@@ -48,7 +56,10 @@ def has_vllm(python: str, timeout_s: float = 60.0) -> bool:
     import subprocess
 
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    return subprocess.run([python, "-c", probe], capture_output=True, timeout=timeout_s).returncode == 0
+    return (
+        subprocess.run([python, "-c", probe], capture_output=True, timeout=timeout_s).returncode
+        == 0
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,8 +82,16 @@ def describe_exit(code: Optional[int]) -> str:
 class VllmServer:
     """One child `python -m vllm.entrypoints.openai.api_server`; start, watch, stop."""
 
-    def __init__(self, *, python: str, extra_args: Sequence[str] = (), state_dir: Path,
-                 port: int = 0, startup_timeout_s: float = 600.0, stop_grace_s: float = 15.0):
+    def __init__(
+        self,
+        *,
+        python: str,
+        extra_args: Sequence[str] = (),
+        state_dir: Path,
+        port: int = 0,
+        startup_timeout_s: float = 600.0,
+        stop_grace_s: float = 15.0,
+    ):
         self.python = python or sys.executable
         self.extra_args = list(extra_args)
         self.state_dir = Path(state_dir)
@@ -96,36 +115,68 @@ class VllmServer:
     def log_path(self) -> Path:
         return self.state_dir / LOG_FILE
 
-    def command(self, model_path: Path, served_name: str, *, max_model_len: int, max_num_seqs: int) -> list[str]:
-        return [self.python, "-m", SERVER_MODULE, "--model", str(model_path), "--served-model-name", served_name,
-                "--host", self.host, "--port", str(self.port), "--max-model-len", str(max_model_len),
-                "--max-num-seqs", str(max_num_seqs),
-                # Schema-constrained JSON with vLLM's llguidance backend: the same JSON Schema
-                # compiler as MLX nodes and the coordinator's check, so a schema accepted anywhere
-                # is enforced alike everywhere; no free whitespace (a server setting, not a request's).
-                "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}',
-                *self.extra_args]
+    def command(
+        self, model_path: Path, served_name: str, *, max_model_len: int, max_num_seqs: int
+    ) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            SERVER_MODULE,
+            "--model",
+            str(model_path),
+            "--served-model-name",
+            served_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(max_model_len),
+            "--max-num-seqs",
+            str(max_num_seqs),
+            # Schema-constrained JSON with vLLM's llguidance backend: the same JSON Schema
+            # compiler as MLX nodes and the coordinator's check, so a schema accepted anywhere
+            # is enforced alike everywhere; no free whitespace (a server setting, not a request's).
+            "--structured-outputs-config",
+            '{"backend": "guidance", "disable_any_whitespace": true}',
+            *self.extra_args,
+        ]
 
-    async def start(self, session, model_path: Path, served_name: str, *, max_model_len: int,
-                    max_num_seqs: int) -> None:
+    async def start(
+        self, session, model_path: Path, served_name: str, *, max_model_len: int, max_num_seqs: int
+    ) -> None:
         """Start the child and wait until /health answers 200; raises ServerError (child stopped)."""
         await asyncio.to_thread(self.kill_stale)
         self.port = self._want_port or free_port(self.host)
-        cmd = self.command(model_path, served_name, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+        cmd = self.command(
+            model_path, served_name, max_model_len=max_model_len, max_num_seqs=max_num_seqs
+        )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **CHILD_ENV}
-        launcher = [self.python, "-c", _PDEATHSIG_EXEC, self.python] if sys.platform == "linux" else [self.python]
+        launcher = (
+            [self.python, "-c", _PDEATHSIG_EXEC, self.python]
+            if sys.platform == "linux"
+            else [self.python]
+        )
         log.info("starting vLLM server on %s: %s", self.base_url, shlex.join(cmd))
         with open(self.log_path, "ab") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n".encode())
             out.flush()
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *launcher, *cmd[1:], stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    env=env, start_new_session=True)
+                    *launcher,
+                    *cmd[1:],
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    env=env,
+                    start_new_session=True,
+                )
             except OSError as exc:
-                raise ServerError(f"cannot run {self.python} ({exc.strerror}); set vllm_python to the Python "
-                                  "of a virtualenv with vLLM installed") from None
+                raise ServerError(
+                    f"cannot run {self.python} ({exc.strerror}); set vllm_python to the Python "
+                    "of a virtualenv with vLLM installed"
+                ) from None
         self.started_at = time.monotonic()
         (self.state_dir / PID_FILE).write_text(str(self.proc.pid))
         try:
@@ -140,19 +191,29 @@ class VllmServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self.proc.returncode is not None:
-                raise ServerError(f"the vLLM server {describe_exit(self.proc.returncode)} during start-up; "
-                                  f"its log ({self.log_path}) ends: {self.log_tail()}")
+                raise ServerError(
+                    f"the vLLM server {describe_exit(self.proc.returncode)} during start-up; "
+                    f"its log ({self.log_path}) ends: {self.log_tail()}"
+                )
             try:
-                async with session.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                async with session.get(
+                    f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=2)
+                ) as r:
                     if r.status == 200:
-                        log.info("vLLM server pid %d ready on %s after %.1fs", self.proc.pid, self.base_url,
-                                 time.monotonic() - self.started_at)
+                        log.info(
+                            "vLLM server pid %d ready on %s after %.1fs",
+                            self.proc.pid,
+                            self.base_url,
+                            time.monotonic() - self.started_at,
+                        )
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             if time.monotonic() > deadline:
-                raise ServerError(f"the vLLM server did not answer /health within {self.startup_timeout_s:g}s; "
-                                  f"raise vllm_startup_timeout_s or see {self.log_path}: {self.log_tail()}")
+                raise ServerError(
+                    f"the vLLM server did not answer /health within {self.startup_timeout_s:g}s; "
+                    f"raise vllm_startup_timeout_s or see {self.log_path}: {self.log_tail()}"
+                )
             await asyncio.sleep(_HEALTH_POLL_S)
 
     async def wait_exit(self) -> int:
@@ -167,8 +228,12 @@ class VllmServer:
             _killpg(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), timeout=self.stop_grace_s)
-            except asyncio.TimeoutError:
-                log.warning("vLLM server pid %d ignored SIGTERM for %.0fs; killing it", proc.pid, self.stop_grace_s)
+            except TimeoutError:
+                log.warning(
+                    "vLLM server pid %d ignored SIGTERM for %.0fs; killing it",
+                    proc.pid,
+                    self.stop_grace_s,
+                )
         # The server exiting is not enough: its engine-core and workers share the group.
         _killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):

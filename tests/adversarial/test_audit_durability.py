@@ -54,8 +54,12 @@ def tmpfs(tmp_path):
     """A 1 MiB tmpfs: a disk that really fills up (the tests run as root)."""
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=700", "tmpfs", str(mnt)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -85,11 +89,13 @@ def test_a_head_write_failure_fails_the_batch_and_the_writer_recovers_on_its_own
     log = open_log(directory)
     try:
         log.submit({"type": "request", "request_id": "before"}).result(10)
-        (directory / "HEAD.tmp").mkdir()   # HEAD can no longer be replaced (root ignores permissions)
+        (
+            directory / "HEAD.tmp"
+        ).mkdir()  # HEAD can no longer be replaced (root ignores permissions)
         with pytest.raises(AuditWriteError, match="HEAD"):
             log.submit({"type": "request", "request_id": "uncovered"}).result(10)
         assert "HEAD" in log.failing and log.stats.write_errors >= 1
-        report = verify(directory)   # nothing was left beyond HEAD that could be cut undetected
+        report = verify(directory)  # nothing was left beyond HEAD that could be cut undetected
         assert report.ok and not report.warnings, report
         assert "uncovered" not in [r.get("request_id") for r in query(directory)]
         (directory / "HEAD.tmp").rmdir()
@@ -112,20 +118,41 @@ def test_query_shows_a_requests_accepted_and_end_records_as_one(tmp_path):
         log.submit({**base, "request_id": "done", "outcome": "completed", "code": "OK"}).result(10)
     finally:
         log.close()
-    log = open_log(directory)   # the writer that left `killed` open is gone
+    log = open_log(directory)  # the writer that left `killed` open is gone
     log.close()
     raw = [(r["request_id"], r["outcome"]) for r in query(directory, type_="request", merge=False)]
     assert raw == [("done", "accepted"), ("killed", "accepted"), ("done", "completed")]
     [done] = query(directory, request_id="done")
-    assert done["outcome"] == "completed" and done["accepted_seq"] < done["seq"] and done["accepted_time"]
+    assert (
+        done["outcome"] == "completed"
+        and done["accepted_seq"] < done["seq"]
+        and done["accepted_time"]
+    )
     [killed] = query(directory, request_id="killed")
     assert killed["outcome"] == "accepted"
-    out = subprocess.run([sys.executable, "-m", "cluster.fleetctl.app", "audit", "query", str(directory),
-                          "--request-id", "done", "-o", "json"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.fleetctl.app",
+            "audit",
+            "query",
+            str(directory),
+            "--request-id",
+            "done",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 1, out
 
 
-def test_a_full_audit_disk_lets_no_token_out_and_the_coordinator_refuses_until_it_recovers(node, tmpfs):
+def test_a_full_audit_disk_lets_no_token_out_and_the_coordinator_refuses_until_it_recovers(
+    node, tmpfs
+):
     audit_dir = tmpfs / "audit"
     co = CoordinatorProcess("--audit-dir", str(audit_dir), nodes=[node.address], name="full-disk")
     with co:
@@ -142,7 +169,9 @@ def test_a_full_audit_disk_lets_no_token_out_and_the_coordinator_refuses_until_i
 
         filler = _fill(tmpfs)
         first = collect(co.inference, note(2, 40, request_id="full-1"))
-        assert first.error is not None and first.error.code() == grpc.StatusCode.UNAVAILABLE, first.error
+        assert first.error is not None and first.error.code() == grpc.StatusCode.UNAVAILABLE, (
+            first.error
+        )
         assert not first.ids and not first.text, "tokens left before their audit record was durable"
         assert "No space left on device" in first.error.details()
         # Now refused at once, naming the cause; /metrics says so; admin calls do not act.
@@ -154,9 +183,12 @@ def test_a_full_audit_disk_lets_no_token_out_and_the_coordinator_refuses_until_i
         with co.dial("operator", Role.OPERATOR) as channel:
             _cordon_is_refused(fleet_pb2_grpc.FleetStub(channel), node)
 
-
-        filler.unlink()   # the writer retries on its own; requests are taken again
-        _wait(lambda: _gauge(co, "studiofleet_audit_writer_failing") == 0.0, 15, "the audit writer did not recover")
+        filler.unlink()  # the writer retries on its own; requests are taken again
+        _wait(
+            lambda: _gauge(co, "studiofleet_audit_writer_failing") == 0.0,
+            15,
+            "the audit writer did not recover",
+        )
         again = collect(co.inference, note(4, 4, request_id="full-again"))
         assert again.final is not None, again.error
         co.stop()
@@ -169,14 +201,20 @@ def test_a_full_audit_disk_lets_no_token_out_and_the_coordinator_refuses_until_i
 def _cordon_is_refused(admin, node) -> None:
     try:
         with pytest.raises(grpc.RpcError) as cordon:
-            admin.CordonNode(fleet_pb2.CordonNodeRequest(node_id=node.node_id, cordoned=True, reason="disk test"),
-                             timeout=10)
+            admin.CordonNode(
+                fleet_pb2.CordonNodeRequest(
+                    node_id=node.node_id, cordoned=True, reason="disk test"
+                ),
+                timeout=10,
+            )
         assert cordon.value.code() == grpc.StatusCode.UNAVAILABLE, cordon.value
         assert "audit record could not be written" in cordon.value.details()
         assert not node.status().cordoned, "the cordon acted without a durable record"
     finally:
         if node.status().cordoned:
-            admin.CordonNode(fleet_pb2.CordonNodeRequest(node_id=node.node_id, cordoned=False), timeout=10)
+            admin.CordonNode(
+                fleet_pb2.CordonNodeRequest(node_id=node.node_id, cordoned=False), timeout=10
+            )
 
 
 def test_a_coordinator_killed_mid_stream_leaves_the_accepted_record(node, tmp_path):
@@ -193,7 +231,9 @@ def test_a_coordinator_killed_mid_stream_leaves_the_accepted_record(node, tmp_pa
     assert rec["outcome"] == "accepted" and (rec["caller"], rec["role"]) == ("app", "app")
     assert rec["nodes"][0]["node"] == node.node_id and rec["nodes"][0]["digest"]
     key = (default_key_dir(co.audit_dir) / "hmac.key").read_bytes()
-    assert rec["prompt_digest"].endswith(hmac.new(key, canonical_input(req), hashlib.sha256).hexdigest())
+    assert rec["prompt_digest"].endswith(
+        hmac.new(key, canonical_input(req), hashlib.sha256).hexdigest()
+    )
     assert verify(co.audit_dir).ok
 
 
@@ -207,10 +247,10 @@ def test_a_failure_status_leaves_only_after_its_audit_record(coordinator):
     for i in range(10):
         rid = f"abort-{i}"
         req = note(10 + i, 4, request_id=rid)
-        req.model = "no-such-model"   # READY nodes serve another: UNAVAILABLE from the relay's abort
+        req.model = "no-such-model"  # READY nodes serve another: UNAVAILABLE from the relay's abort
         s = collect(coordinator.inference, req)
         assert s.error is not None and s.error.code() == grpc.StatusCode.UNAVAILABLE, s.error
-        found = list(query(coordinator.audit_dir, request_id=rid))   # at once: no waiting
+        found = list(query(coordinator.audit_dir, request_id=rid))  # at once: no waiting
         assert [(r["outcome"], r["code"]) for r in found] == [("failed", "UNAVAILABLE")], (i, found)
 
 
@@ -224,15 +264,21 @@ def _admin_calls(admin, coordinator) -> None:
     for _ in range(5):
         before = listed()
         admin.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10)
-        assert listed() == before + 1   # at once: the record was down before the reply
+        assert listed() == before + 1  # at once: the record was down before the reply
     with pytest.raises(grpc.RpcError):
         admin.GetRollout(fleet_pb2.GetRolloutRequest(rollout_id="r-none"), timeout=10)
     [rec] = query(coordinator.audit_dir, action="rollout.get")
     assert rec["caller"] == "operator" and rec["rollout_id"] == "r-none" and rec["code"] != "OK"
-    reply = admin.CordonNode(fleet_pb2.CordonNodeRequest(node_id=coordinator_node(coordinator), cordoned=False,
-                                                         reason="audit test"), timeout=10)
+    reply = admin.CordonNode(
+        fleet_pb2.CordonNodeRequest(
+            node_id=coordinator_node(coordinator), cordoned=False, reason="audit test"
+        ),
+        timeout=10,
+    )
     [op] = query(coordinator.audit_dir, action="node.uncordon")
-    assert op["outcome"] == "ok" and op["accepted_seq"] < op["seq"] and reply.node_id == op["node_id"]
+    assert (
+        op["outcome"] == "ok" and op["accepted_seq"] < op["seq"] and reply.node_id == op["node_id"]
+    )
 
 
 def coordinator_node(co) -> str:

@@ -31,15 +31,19 @@ from cluster.security.roles import COORDINATOR_TABLE, NODE_TABLE
 from tests.procs import CoordinatorProcess, NodeProcess
 
 BAD = "not valid!"
-ADMITTED_BUT_REFUSED_BY_THE_HANDLER = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+ADMITTED_BUT_REFUSED_BY_THE_HANDLER = {
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
 
 
 @dataclass(frozen=True)
 class Caller:
     """How a test caller presents itself: a role certificate, or a broken credential."""
+
     label: str
-    role: Optional[Role] = None       # a valid certificate of this role
-    kind: str = "role"                # role | revoked | expired | foreign | none
+    role: Optional[Role] = None  # a valid certificate of this role
+    kind: str = "role"  # role | revoked | expired | foreign | none
 
 
 CALLERS = [Caller(r.value, role=r) for r in Role] + [
@@ -75,8 +79,14 @@ def _credentials(daemon, caller: Caller, tmp_path) -> Optional[grpc.ChannelCrede
         name, directory = "matrix-revoked", ca_dir
     elif caller.kind == "expired":
         name, directory = "matrix-expired", tmp_path
-        ca.issue(ca_dir, Role.OPERATOR, name, days=1, out_dir=tmp_path,
-                 not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10))
+        ca.issue(
+            ca_dir,
+            Role.OPERATOR,
+            name,
+            days=1,
+            out_dir=tmp_path,
+            not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10),
+        )
     elif caller.kind == "foreign":
         name, directory = "matrix-foreign", tmp_path / "other-ca"
         ca.init_ca(directory)
@@ -85,8 +95,9 @@ def _credentials(daemon, caller: Caller, tmp_path) -> Optional[grpc.ChannelCrede
         name, directory = f"matrix-{caller.role.value}", ca_dir
         if not (ca_dir / f"{name}.pem").exists():
             ca.issue(ca_dir, caller.role, name)
-    return grpc.ssl_channel_credentials(root, (directory / f"{name}.key").read_bytes(),
-                                        (directory / f"{name}.pem").read_bytes())
+    return grpc.ssl_channel_credentials(
+        root, (directory / f"{name}.key").read_bytes(), (directory / f"{name}.pem").read_bytes()
+    )
 
 
 def _served_methods(daemon) -> list:
@@ -94,8 +105,11 @@ def _served_methods(daemon) -> list:
     its own reflection service (as an operator) and resolved in the generated descriptors."""
     with daemon.dial() as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                 timeout=10))
+        replies = list(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
     names = [s.name for s in replies[0].list_services_response.service]
     assert len(names) >= 3, names
     pool = descriptor_pool.Default()
@@ -128,15 +142,22 @@ def _call(channel, path: str, method) -> grpc.StatusCode:
     try:
         if method.client_streaming and method.server_streaming:
             call = channel.stream_stream(path, request_serializer=ser, response_deserializer=de)(
-                iter([request]), timeout=3)
+                iter([request]), timeout=3
+            )
             next(iter(call), None)
         elif method.client_streaming:
-            channel.stream_unary(path, request_serializer=ser, response_deserializer=de)(iter([request]), timeout=5)
+            channel.stream_unary(path, request_serializer=ser, response_deserializer=de)(
+                iter([request]), timeout=5
+            )
         elif method.server_streaming:
-            call = channel.unary_stream(path, request_serializer=ser, response_deserializer=de)(request, timeout=3)
+            call = channel.unary_stream(path, request_serializer=ser, response_deserializer=de)(
+                request, timeout=3
+            )
             next(iter(call), None)
         else:
-            channel.unary_unary(path, request_serializer=ser, response_deserializer=de)(request, timeout=5)
+            channel.unary_unary(path, request_serializer=ser, response_deserializer=de)(
+                request, timeout=5
+            )
     except grpc.RpcError as err:
         return err.code()
     return grpc.StatusCode.OK
@@ -149,22 +170,31 @@ def test_every_method_answers_every_caller_as_the_role_table_says(daemons, which
     rules = policy(table)
     methods = _served_methods(daemon)
     unlisted = [path for path, _ in methods if path not in rules]
-    assert not unlisted, f"{which} serves methods with no role-table entry (default deny, but say so): {unlisted}"
+    assert not unlisted, (
+        f"{which} serves methods with no role-table entry (default deny, but say so): {unlisted}"
+    )
     kinds = {(m.client_streaming, m.server_streaming) for _, m in methods}
-    assert (True, False) in kinds or which == "coordinator", "the node must serve a client-streaming method"
+    assert (True, False) in kinds or which == "coordinator", (
+        "the node must serve a client-streaming method"
+    )
     target = dns_name(daemon.role, daemon.name)
     creds = _credentials(daemon, caller, tmp_path)
     wrong = []
-    with grpc.secure_channel(daemon.address, creds, options=[("grpc.ssl_target_name_override", target)]) as ch:
+    with grpc.secure_channel(
+        daemon.address, creds, options=[("grpc.ssl_target_name_override", target)]
+    ) as ch:
         for path, method in methods:
             code = _call(ch, path, method)
             if caller.kind in ("expired", "foreign", "none"):
-                want_ok = code == grpc.StatusCode.UNAVAILABLE        # refused at the TLS handshake
+                want_ok = code == grpc.StatusCode.UNAVAILABLE  # refused at the TLS handshake
                 want = "UNAVAILABLE (handshake refused)"
             elif caller.kind == "revoked":
                 want_ok, want = code == grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"
             elif caller.role in rules[path]:
-                want_ok = code not in ADMITTED_BUT_REFUSED_BY_THE_HANDLER and code != grpc.StatusCode.UNAVAILABLE
+                want_ok = (
+                    code not in ADMITTED_BUT_REFUSED_BY_THE_HANDLER
+                    and code != grpc.StatusCode.UNAVAILABLE
+                )
                 want = "admitted"
             else:
                 want_ok, want = code == grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"
