@@ -1,5 +1,5 @@
 """The OpenAI-compatible front door vs gRPC: the same load through the same coordinator
-and node, one run (README "OpenAI-compatible API"; goal: >= 0.9x gRPC's throughput).
+and node, one run (docs/openai-api.md; goal: >= 0.9x gRPC's throughput).
 
 Per concurrency level, `streams` callers each send requests back to back (a synthetic
 note prompt, 64 tokens, greedy) over three paths, interleaved per repeat with the order

@@ -1,4 +1,4 @@
-"""Refusals on an HTTP(S) port, per source (README "Security"): how many are recorded one
+"""Refusals on an HTTP(S) port, per source (docs/security.md): how many are recorded one
 by one, and when a source's unauthenticated attempts are answered 429 instead.
 
 Per client address and window (`window_s`, from a source's first refusal): the first

@@ -1,4 +1,4 @@
-"""Connection limits of an HTTP(S) port (README "Security"): every connection gets a
+"""Connection limits of an HTTP(S) port (docs/security.md): every connection gets a
 deadline, and the port holds a bounded number of them, so slow or idle clients cannot
 take the file descriptors the gRPC port needs.
 

@@ -1,5 +1,5 @@
 """A daemon's monitoring port: HTTPS (aiohttp) beside its gRPC port, with the same
-certificates and the same rules (README "Monitoring").
+certificates and the same rules (docs/monitoring.md).
 
 - TLS with the daemon's own certificate pair, re-read on the next handshake after the
   files change (as gRPC's dynamic credentials); 1.2 minimum.

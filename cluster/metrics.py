@@ -1,6 +1,6 @@
 """What both daemons' Prometheus metrics share: a registry of their own (never the
 library's global one), process and host memory, build info, the latency buckets, and
-the text exposition. Names and labels are listed in README "Monitoring"; labels are low
+the text exposition. Names and labels are listed in docs/monitoring.md; labels are low
 cardinality by rule: outcomes, status codes, states, node ids (bounded by the fleet),
 never request ids or anything a caller wrote.
 """

@@ -339,7 +339,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         await self._record(context, ident, peer, action, done=not read, **details)
         return self._rollouts.to_proto(row)
 
-    # -- monitoring (README "Monitoring") ----------------------------------------------
+    # -- monitoring (docs/monitoring.md) ----------------------------------------------
     async def ListRequests(self, request, context) -> fleet_pb2.ListRequestsResponse:
         await self._record(
             context,

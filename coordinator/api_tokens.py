@@ -1,4 +1,4 @@
-"""Bearer tokens for the OpenAI-compatible front door (README "OpenAI-compatible API").
+"""Bearer tokens for the OpenAI-compatible front door (docs/openai-api.md).
 
 `fleetctl tokens issue NAME` asks the coordinator (Fleet.IssueApiToken, operator only,
 audited) for a token: `sft_<id>.<secret>`. The caller sees the secret once; the

@@ -3,7 +3,7 @@ before its first token leaves, and the record that ends it (linked by request_id
 refused before it reached a node has only the latter); per admin call its record, durable
 before the call acts or answers. Keyed digests of content, never the content itself.
 
-Record fields (README "Audit"): type, action, time (added by the log), request_id, caller,
+Record fields (docs/security.md): type, action, time (added by the log), request_id, caller,
 role, peer, coordinator, outcome, code, nodes (every hop, in order, with model@version
 and weights digest), failovers, retries, restarts, prompt/completion token counts, latency,
 finish_reason, prompt_digest and completion_digest (HMAC-SHA256 under the audit key), and

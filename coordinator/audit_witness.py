@@ -1,4 +1,4 @@
-"""Nodes as witnesses of this coordinator's audit chain (README "Audit").
+"""Nodes as witnesses of this coordinator's audit chain (docs/security.md).
 
 Every status poll carries the chain's signed HEAD; each node keeps the newest one per
 signing key (node_agent/audit_witness.py). A chain cut back and given an older HEAD looks

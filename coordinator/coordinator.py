@@ -259,7 +259,7 @@ class Coordinator:
         return port
 
     async def _start_http(self) -> None:
-        """/metrics and the dashboard on the monitoring port (README "Monitoring")."""
+        """/metrics and the dashboard on the monitoring port (docs/monitoring.md)."""
         s = self.settings
         listen = http_address(s.listen, s.http_listen)
         if listen is None:
@@ -285,7 +285,7 @@ class Coordinator:
         await self.http.start()
 
     async def _start_api(self) -> None:
-        """The OpenAI-compatible front door (README "OpenAI-compatible API")."""
+        """The OpenAI-compatible front door (docs/openai-api.md)."""
         s = self.settings
         listen = http_address(s.listen, s.openai_listen, 2)
         if listen is None:

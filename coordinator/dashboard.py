@@ -1,4 +1,4 @@
-"""The dashboard on the coordinator's monitoring port (README "Monitoring"): one page
+"""The dashboard on the coordinator's monitoring port (docs/monitoring.md): one page
 (`static/`), and `/api/snapshot`, the JSON it polls every 2 s: the nodes as `fleetctl
 nodes` shows them (the same `describe`), the last hour's traffic from the request log,
 recent fleet events and the latest rollout. Metadata only: no prompt or completion is

@@ -1,4 +1,4 @@
-"""The coordinator's Prometheus metrics (README "Monitoring").
+"""The coordinator's Prometheus metrics (docs/monitoring.md).
 
 Counted as requests end (one `request_ended` per accepted or refused request, the same
 moment its audit record and request-log row are made) and as fleet events go out; the

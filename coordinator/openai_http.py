@@ -1,4 +1,4 @@
-"""The OpenAI-compatible front door (README "OpenAI-compatible API"): `POST
+"""The OpenAI-compatible front door (docs/openai-api.md): `POST
 /v1/chat/completions`, `POST /v1/completions` and `GET /v1/models` on a port of the
 coordinator's own, so an application written for a hosted API moves here by changing its
 base URL.

@@ -1,5 +1,5 @@
 """OpenAI's chat completions and completions bodies <-> StudioFleet's GenerateRequest and
-chunks (README "OpenAI-compatible API"). Pure functions: no I/O, no relay.
+chunks (docs/openai-api.md). Pure functions: no I/O, no relay.
 
 What a request may carry is listed field by field. A field StudioFleet honours maps onto
 the request; one it accepts and does not use is ignored (never logged: `user` and
@@ -226,8 +226,8 @@ def _check_fields(body: dict, known: frozenset, defaults: dict) -> None:
             )
         # By position: any other name is the caller's text, never echoed.
         raise bad(
-            f"Unrecognized request argument supplied (the body's key #{i + 1}); the README's OpenAI "
-            "section lists the supported ones",
+            f"Unrecognized request argument supplied (the body's key #{i + 1}); docs/openai-api.md "
+            "lists the supported ones",
             code="unknown_parameter",
         )
     for name, allowed in defaults.items():

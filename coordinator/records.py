@@ -1,4 +1,4 @@
-"""The coordinator's audit records, typed (README "Audit" lists their fields).
+"""The coordinator's audit records, typed (docs/security.md lists their fields).
 
 A record becomes the audit log's dict of fields only at the boundary, `to_dict` (called
 by coordinator/audit_trail.py as it writes), with exactly the keys the chain has always

@@ -1,5 +1,5 @@
 """The request log: every request's metadata in the coordinator's state database
-(coordinator/state/: SQLite or PostgreSQL, shared by coordinators on one database), kept `retention_days`, for `fleetctl requests` and the dashboard (README "Monitoring").
+(coordinator/state/: SQLite or PostgreSQL, shared by coordinators on one database), kept `retention_days`, for `fleetctl requests` and the dashboard (docs/monitoring.md).
 
 Metadata only: who, when, the queue / first-token / decode breakdown, tokens, nodes,
 failovers and the outcome. No prompt, no completion: the schema has no column for them.

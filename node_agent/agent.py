@@ -192,7 +192,7 @@ class NodeAgent:
         return self.port
 
     async def _start_http(self) -> None:
-        """/metrics on the monitoring port (README "Monitoring"), same certificates and roles."""
+        """/metrics on the monitoring port (docs/monitoring.md), same certificates and roles."""
         from cluster.config import http_address
 
         listen = http_address(self.settings.listen, self.settings.http_listen)

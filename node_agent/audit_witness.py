@@ -1,4 +1,4 @@
-"""The node as a witness of its coordinators' audit chains (README "Audit").
+"""The node as a witness of its coordinators' audit chains (docs/security.md).
 
 Each status poll from a coordinator carries that coordinator's newest signed audit HEAD.
 The node keeps the newest one per signing key, saved with its state, and reports them in

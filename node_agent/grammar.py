@@ -1,4 +1,4 @@
-"""Schema-constrained decoding on MLX nodes, with llguidance (README "Clinical notes" says
+"""Schema-constrained decoding on MLX nodes, with llguidance (docs/clinical-notes.md says
 why llguidance rather than xgrammar or outlines-core; bench/grammar_engines.py measures it).
 
 `Grammars` wraps one loaded model's tokenizer for llguidance (built once, ~1 s for a

@@ -1,4 +1,4 @@
-"""The node agent's Prometheus metrics (README "Monitoring").
+"""The node agent's Prometheus metrics (docs/monitoring.md).
 
 Request histograms and counters are fed as each request ends (`RequestRegistry`'s
 observers: one terminal outcome each, warm-up canaries excluded); the gauges (running,

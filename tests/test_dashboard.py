@@ -1,5 +1,5 @@
 """The coordinator's dashboard in a real browser (Debian's Chromium driven by Playwright),
-its access rules, and `fleetctl top` / `fleetctl dashboard` (README "Monitoring")."""
+its access rules, and `fleetctl top` / `fleetctl dashboard` (docs/monitoring.md)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_the_dashboard_shows_the_fleet_live_and_follows_a_cordon(fleet):
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
         # The test CA is not in Chromium's trust store; a real operator's browser trusts
-        # the fleet CA (README "Dashboard"). Everything else about TLS is real.
+        # the fleet CA (docs/monitoring.md). Everything else about TLS is real.
         page = browser.new_context(
             ignore_https_errors=True, viewport={"width": 1400, "height": 1000}
         ).new_page()

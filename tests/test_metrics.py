@@ -1,6 +1,6 @@
 """Prometheus /metrics on the coordinator and the node agent, and the JSON log lines:
 real daemons, a real HTTPS monitoring port with the fleet's certificates, parsed with
-prometheus_client's own text parser (README "Monitoring")."""
+prometheus_client's own text parser (docs/monitoring.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The alert rules and Grafana dashboard in monitoring/, checked with the real promtool,
 and a real Prometheus server (Debian's package) scraping a test fleet over HTTPS with a
-`monitor` certificate and evaluating the rules (README "Monitoring")."""
+`monitor` certificate and evaluating the rules (docs/monitoring.md)."""
 
 from __future__ import annotations
 

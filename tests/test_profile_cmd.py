@@ -59,9 +59,10 @@ def held_out_run(address: str, limits: measure.NodeLimits) -> list:
     return asyncio.run(run())
 
 
-@pytest.mark.timeout(
-    420
-)  # up to two profiles and held-out runs of about a minute each on a busy host
+# Up to two profiles and held-out runs of about a minute each on a busy host; it times the
+# machine, so it runs alone (scripts/test), not beside another test file.
+@pytest.mark.serial
+@pytest.mark.timeout(420)
 def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, tmp_path, as_node_caller):
     # The machine is shared: another process's CPU time slows every step for seconds at a
     # time. A held-out run is only compared with a profile when the profile's own REFERENCE

@@ -1,5 +1,5 @@
 """The coordinator's request log: real SQLite files, and `fleetctl requests` against a
-real coordinator and node (README "Monitoring")."""
+real coordinator and node (docs/monitoring.md)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from cluster.security.identity import ANY_NODE
 
 app = typer.Typer(
     rich_markup_mode=None,
-    help="Evaluate note quality on a suite of synthetic encounters (README 'Clinical notes').",
+    help="Evaluate note quality on a suite of synthetic encounters (docs/clinical-notes.md).",
     no_args_is_help=True,
 )
 

@@ -61,7 +61,7 @@ def generate(
         None,
         "--template",
         help="A prompt template (e.g. soap-note); the prompt "
-        "text becomes its `transcript` variable (README 'Clinical notes').",
+        "text becomes its `transcript` variable (docs/clinical-notes.md).",
     ),
     template_version: str = typer.Option(
         "", "--template-version", help="Pin a template version, e.g. qwen2/v1."

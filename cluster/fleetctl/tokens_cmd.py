@@ -1,5 +1,5 @@
 """`fleetctl tokens issue|list|revoke`: bearer tokens for the coordinator's
-OpenAI-compatible API (README "OpenAI-compatible API"). The coordinator keeps only a hash;
+OpenAI-compatible API (docs/openai-api.md). The coordinator keeps only a hash;
 the token itself is printed once, by `issue`."""
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ def check_schema(schema: dict) -> None:
     if error:
         raise InvalidRequest(
             f"output_format.json_schema cannot be enforced while decoding: {grammar_problem(error)}; "
-            "simplify the schema (README 'Clinical notes' lists what is supported)"
+            "simplify the schema (docs/clinical-notes.md lists what is supported)"
         )
 
 

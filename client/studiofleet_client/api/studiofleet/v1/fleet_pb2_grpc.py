@@ -142,7 +142,7 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartRollout(self, request, context):
-        """Rolling updates (README "Rollouts"): one at a time per coordinator state database.
+        """Rolling updates (docs/operations.md): one at a time per coordinator state database.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,7 +174,7 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRequests(self, request, context):
-        """Monitoring (README "Monitoring"): the request log (metadata only, never content),
+        """Monitoring (docs/monitoring.md): the request log (metadata only, never content),
         the last hour's traffic as the dashboard and `fleetctl top` draw it, and a one-time
         link that opens the dashboard in a browser as the operator who asked for it.
         """
@@ -195,7 +195,7 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IssueApiToken(self, request, context):
-        """Bearer tokens for the OpenAI-compatible front door (README "OpenAI-compatible API").
+        """Bearer tokens for the OpenAI-compatible front door (docs/openai-api.md).
         The secret is returned once, by IssueApiToken; the coordinator keeps only its hash.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -87,7 +87,7 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cordon(self, request, context):
-        """Operations (README "Fleet operations"). Each carries an operation id: repeating an id
+        """Operations (docs/operations.md). Each carries an operation id: repeating an id
         returns that operation's record instead of running it again. Cordon and drain state
         persist on the node across agent restarts.
         Cordon (cordoned=true): no new requests; in-flight ones continue. Uncordon also ends
