@@ -132,6 +132,8 @@ class Coordinator:
                 self.state, retention_days=settings.request_log_retention_days
             )
             self.monitor.sinks.append(self.request_log.record)
+            if self.metrics is not None:
+                self.metrics.watch_request_log(self.request_log)
         self.http = None  # the monitoring port (start)
         self.api = None  # the OpenAI-compatible front door (start)
         self.tokens = None  # its bearer tokens (coordinator/api_tokens.py)

@@ -156,6 +156,10 @@ class CoordinatorMetrics:
             r.register(_Headroom(headroom))
         events.listeners.append(self._event)
 
+    def watch_request_log(self, request_log) -> None:
+        """Export the request log's lost rows (it is made after the metrics)."""
+        self.registry.register(_RequestLog(request_log))
+
     def request_ended(self, s: RequestSummary) -> None:
         self.requests.labels(s.outcome, s.code).inc()
         self.duration.observe(s.duration_s)
@@ -306,6 +310,22 @@ class _Live(Collector):
             "1 while the audit log cannot be written: the "
             "coordinator refuses new requests (UNAVAILABLE) and admin calls until it can.",
             value=1.0 if log is not None and log.failing else 0.0,
+        )
+
+
+class _RequestLog(Collector):
+    """Request log rows the state database did not take (a full write queue, the database
+    down): counted, logged and alerted; the audit chain still has every request."""
+
+    def __init__(self, request_log):
+        self._log = request_log
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "studiofleet_request_log_rows_lost",
+            "Request log rows lost (queue full or state database failing); the audit chain "
+            "still has those requests.",
+            value=float(self._log.dropped),
         )
 
 

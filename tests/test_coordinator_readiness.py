@@ -168,6 +168,33 @@ def test_database_lost_then_back(own_postgres, start_node, start_coordinator):
     )
     assert again[-1].HasField("final")
 
+    # The stream that ended while the database was gone: its request log row was written
+    # once the database came back, or its loss is counted (and alerted:
+    # StudioFleetRequestLogLosingRows); never lost without a trace.
+    import sqlalchemy as sa
+
+    rid = chunks[-1].final.request_id
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            with engine.connect() as db:
+                logged = db.execute(
+                    sa.text("SELECT count(*) FROM requests WHERE request_id = :r"), {"r": rid}
+                ).scalar()
+            _, body, _ = co.http_get("/metrics")
+            lost = next(
+                float(line.split()[1])
+                for line in body.decode().splitlines()
+                if line.startswith("studiofleet_request_log_rows_lost_total ")
+            )
+            if logged == 1 or lost >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # polling the writer's outcome, with a deadline
+    finally:
+        engine.dispose()
+    assert logged == 1 or lost >= 1, f"request {rid}: neither in the request log nor counted lost"
+
 
 # -- HAProxy in front of two coordinators, as docs/ha.md configures it -----------------------
 
