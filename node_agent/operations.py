@@ -170,15 +170,21 @@ class Operations:
         return [to_proto(r) for r in self.state.operations[-n:]]
 
     def _background(self, rec: OperationRecord, work: Callable[[], Awaitable[str]]) -> asyncio.Task:
-        """Run `work` (which returns the done message or raises OperationError) and end the record."""
+        """Run `work` (which returns the done message or raises OperationError) and end the
+        record, unless `work` ended it itself (a restart must, before the agent exits)."""
 
         async def run() -> None:
             try:
-                await self._end(rec, True, await work())
+                message = await work()
+                if rec.state == "running":
+                    await self._end(rec, True, message)
             except OperationError as exc:
                 await self._end(rec, False, str(exc))
             except asyncio.CancelledError:  # the record is saved even if cancelled again
-                await asyncio.shield(self._end(rec, False, "interrupted: the agent is stopping"))
+                if rec.state == "running":
+                    await asyncio.shield(
+                        self._end(rec, False, "interrupted: the agent is stopping")
+                    )
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded, never lost
                 log.exception("node=%s operation=%s failed", self.node_id, rec.operation_id)
@@ -404,9 +410,12 @@ class Operations:
         async def work() -> str:
             if self._lifecycle.state in (State.READY, State.DRAINING):
                 await asyncio.shield(await self._start_drain(drain_timeout_s, "restart"))
-            # The record is saved (done) before the exit: a retry of this id does not restart again.
+            # The record is saved (done) before the exit: a retry of this id does not restart
+            # again. Ended here, not by _background, whose save the stopping agent would cancel.
+            message = f"restarting (exit {RESTART_EXIT_CODE}) for the service manager to start the installed release"
+            await self._end(rec, True, message)
             self._request_restart()
-            return f"restarting (exit {RESTART_EXIT_CODE}) for the service manager to start the installed release"
+            return message
 
         self._background(rec, work)
         return rec
