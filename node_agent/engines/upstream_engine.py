@@ -20,15 +20,12 @@ import collections
 import json
 import logging
 import ssl
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from cluster.digest import weights_digest
 from node_agent.engine import (
-    Emit,
-    EngineClosed,
     EngineEvent,
     EngineRequest,
     EngineStats,
@@ -38,6 +35,7 @@ from node_agent.engine import (
     quantization_of,
     stored_parameters,
 )
+from node_agent.engines.loop_engine import LoopEngine
 from node_agent.engines.vllm_protocol import (
     chunk_events,
     completion_body,
@@ -110,10 +108,11 @@ def http_status(status: int) -> str:
     return "UNAVAILABLE" if status >= 500 else ""
 
 
-class UpstreamEngine:
+class UpstreamEngine(LoopEngine):
     """Engine over a remote vLLM OpenAI endpoint; construct, `start(emit)`, then `load()`."""
 
     name = "upstream"
+    what = "upstream engine"
     server_enforces_schema = True
 
     def __init__(
@@ -137,7 +136,7 @@ class UpstreamEngine:
             raise ValueError(f"upstream kind {kind!r} is not supported yet; use vllm")
         self._path = Path(model_path)
         self._model_id = model_id or self._path.name
-        self._max_running = max_running
+        self._init_loop(max_running)
         self._max_context = max_context_tokens
         self._url = url.rstrip("/")
         self._served_model = served_model
@@ -148,48 +147,12 @@ class UpstreamEngine:
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s
         self._key = ""
-        self._tokenizer = None
-        self._eos: tuple[int, ...] = ()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._ready = threading.Event()
-        self._closed = threading.Event()
-        self._gate = threading.Lock()
-        self._emit: Optional[Emit] = None
-        self._on_exit: Optional[Callable[[str], None]] = None
-        self._on_serving: Optional[Callable[[bool, str], None]] = None
-        # Loop-thread state.
-        self._session = None
         self._loading: Optional[asyncio.Task] = None
-        self._waiting: collections.deque[EngineRequest] = collections.deque()
-        self._running: dict[str, asyncio.Task] = {}
-        self._out: dict[str, list[EngineEvent]] = {}
-        self._flush_due = False
-        self._serving = False
         self._up_since = 0.0
         self._last_error = ""  # the last request the endpoint failed or refused, as one line
         self._rate: collections.deque[float] = collections.deque()  # token arrival times
 
     # -- called from other threads -------------------------------------------------
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
-
-    def start(
-        self,
-        emit: Emit,
-        on_exit: Optional[Callable[[str], None]] = None,
-        on_serving: Optional[Callable[[bool, str], None]] = None,
-    ) -> None:
-        self._emit, self._on_exit, self._on_serving = emit, on_exit, on_serving
-        self._thread = threading.Thread(target=self._run, name="upstream-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait()
 
     def load(self, model_path: Optional[Path] = None, model_id: Optional[str] = None) -> ModelFacts:
         """Read the local model's tokenizer and config, then wait (retrying with backoff)
@@ -197,22 +160,7 @@ class UpstreamEngine:
         if model_path is not None:
             self._path = Path(model_path)
             self._model_id = model_id or self._path.name
-        with self._gate:
-            if self._closed.is_set() or self._loop is None:
-                raise EngineClosed("the upstream engine is not running")
-            fut = asyncio.run_coroutine_threadsafe(self._load_task(), self._loop)
-        return fut.result()
-
-    def submit(self, request: EngineRequest) -> None:
-        with self._gate:
-            if self._closed.is_set() or self._loop is None:
-                raise EngineClosed("the upstream engine is not running")
-            self._loop.call_soon_threadsafe(self._enqueue, request)
-
-    def cancel(self, key: str) -> None:
-        with self._gate:
-            if not self._closed.is_set() and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._cancel, key)
+        return self._call(self._load_task()).result()
 
     def stats(self) -> EngineStats:
         now = time.monotonic()
@@ -245,24 +193,6 @@ class UpstreamEngine:
         self._thread.join(timeout=10)
 
     # -- engine thread ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        reason = ""
-        loop = self._loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(self._open())
-            self._ready.set()
-            loop.run_forever()
-        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
-            reason = f"the upstream engine thread crashed ({type(exc).__name__})"
-            log.error("upstream engine thread crashed: %s", type(exc).__name__)
-        finally:
-            self._ready.set()
-            with self._gate:
-                self._closed.set()
-            if reason and self._on_exit is not None:
-                self._on_exit(reason)
-            loop.close()
 
     async def _open(self) -> None:
         import aiohttp
@@ -386,10 +316,6 @@ class UpstreamEngine:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
 
-    def _notify(self, serving: bool, why: str) -> None:
-        if self._on_serving is not None:
-            self._on_serving(serving, why)
-
     async def _shutdown(self) -> None:
         self._serving = False
         if self._loading is not None:
@@ -400,35 +326,8 @@ class UpstreamEngine:
 
     # -- requests --------------------------------------------------------------------
 
-    def _enqueue(self, req: EngineRequest) -> None:
-        if self._closed.is_set():
-            self._event(req.key, EngineEvent(EventKind.FAILED, message="the engine stopped"))
-        elif not self._serving:
-            self._event(
-                req.key,
-                EngineEvent(EventKind.FAILED, message="the upstream endpoint is not reached yet"),
-            )
-        else:
-            self._waiting.append(req)
-            self._pump()
-
-    def _pump(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting and len(self._running) < self._max_running:
-            req = self._waiting.popleft()
-            self._running[req.key] = loop.create_task(self._generate(req))
-            self._event(req.key, EngineEvent(EventKind.ADMITTED))
-
-    def _cancel(self, key: str) -> None:
-        task = self._running.pop(key, None)
-        if task is not None:
-            task.cancel()  # closes the stream: the endpoint aborts the request
-            self._pump()
-            return
-        for req in self._waiting:
-            if req.key == key:
-                self._waiting.remove(req)
-                return
+    def _not_serving(self) -> str:
+        return "the upstream endpoint is not reached yet"
 
     async def _generate(self, req: EngineRequest) -> None:
         import aiohttp
@@ -512,23 +411,3 @@ class UpstreamEngine:
                     EventKind.FAILED, message=message, status=status, retry_after_ms=retry_after_ms
                 ),
             )
-
-    def _fail_all(self, message: str) -> None:
-        for key, task in list(self._running.items()):
-            task.cancel()
-            self._event(key, EngineEvent(EventKind.FAILED, message=message))
-        self._running.clear()
-        while self._waiting:
-            self._event(self._waiting.popleft().key, EngineEvent(EventKind.FAILED, message=message))
-
-    def _event(self, key: str, event: EngineEvent) -> None:
-        self._out.setdefault(key, []).append(event)
-        if not self._flush_due:
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_due = False
-        if self._out:
-            out, self._out = self._out, {}
-            self._emit(list(out.items()))

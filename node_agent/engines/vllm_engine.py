@@ -19,16 +19,12 @@ import asyncio
 import collections
 import json
 import logging
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from cluster.digest import weights_digest
 from node_agent.engine import (
-    Emit,
-    EngineClosed,
     EngineEvent,
     EngineRequest,
     EngineStats,
@@ -38,6 +34,7 @@ from node_agent.engine import (
     quantization_of,
     stored_parameters,
 )
+from node_agent.engines.loop_engine import LoopEngine
 from node_agent.engines.vllm_metrics import VllmMetrics, parse_metrics
 from node_agent.engines.vllm_protocol import (
     chunk_events,
@@ -58,10 +55,11 @@ _RATE_WINDOW_S = 10.0
 KEEPALIVE_S = 1.0  # aiohttp drops a connection idle 1-2 s; uvicorn's keep-alive is 5 s
 
 
-class VllmEngine:
+class VllmEngine(LoopEngine):
     """Engine over a vLLM server child; construct, `start(emit)`, then `load()`."""
 
     name = "vllm"
+    what = "vLLM engine"
     server_enforces_schema = True
 
     def __init__(
@@ -81,7 +79,7 @@ class VllmEngine:
     ):
         self._path = Path(model_path)
         self._model_id = model_id or self._path.name
-        self._max_running = max_running
+        self._init_loop(max_running)
         self._max_context = max_context_tokens
         self._server = VllmServer(
             python=python,
@@ -92,23 +90,6 @@ class VllmEngine:
         )
         self._max_backoff = restart_max_backoff_s
         self._health_interval = health_interval_s
-        self._tokenizer = None
-        self._eos: tuple[int, ...] = ()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._ready = threading.Event()
-        self._closed = threading.Event()
-        self._gate = threading.Lock()
-        self._emit: Optional[Emit] = None
-        self._on_exit: Optional[Callable[[str], None]] = None
-        self._on_serving: Optional[Callable[[bool, str], None]] = None
-        # Loop-thread state.
-        self._session = None
-        self._waiting: collections.deque[EngineRequest] = collections.deque()
-        self._running: dict[str, asyncio.Task] = {}
-        self._out: dict[str, list[EngineEvent]] = {}
-        self._flush_due = False
-        self._serving = False  # the server answers and holds the loaded model
         self._down_reason = ""  # why it is not serving, while restarting
         self._exited: Optional[asyncio.Event] = None
         self._planned_stop = False
@@ -128,25 +109,6 @@ class VllmEngine:
 
     # -- called from other threads -------------------------------------------------
 
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
-
-    def start(
-        self,
-        emit: Emit,
-        on_exit: Optional[Callable[[str], None]] = None,
-        on_serving: Optional[Callable[[bool, str], None]] = None,
-    ) -> None:
-        self._emit, self._on_exit, self._on_serving = emit, on_exit, on_serving
-        self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-
     def load(self, model_path: Optional[Path] = None, model_id: Optional[str] = None) -> ModelFacts:
         """(Re)start the server on this model (another than at construction when given);
         blocks until it answers. The agent calls it only with nothing in flight."""
@@ -154,14 +116,6 @@ class VllmEngine:
             self._path = Path(model_path)
             self._model_id = model_id or self._path.name
         return self._call(self._load()).result()
-
-    def submit(self, request: EngineRequest) -> None:
-        self._send(self._enqueue, request)
-
-    def cancel(self, key: str) -> None:
-        with self._gate:
-            if not self._closed.is_set() and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._cancel, key)
 
     def stats(self) -> EngineStats:
         m = self._metrics
@@ -203,40 +157,8 @@ class VllmEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
-    def _send(self, fn, arg) -> None:
-        with self._gate:
-            if self._closed.is_set() or self._loop is None:
-                raise EngineClosed("the vLLM engine is not running")
-            self._loop.call_soon_threadsafe(fn, arg)
-
-    def _call(self, coro) -> Future:
-        with self._gate:
-            if self._closed.is_set() or self._loop is None:
-                coro.close()
-                raise EngineClosed("the vLLM engine is not running")
-            return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
-    # -- engine thread ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        reason = ""
-        loop = self._loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(self._open())
-            self._ready.set()
-            loop.run_forever()
-        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
-            reason = f"the vLLM engine thread crashed ({type(exc).__name__})"
-            log.error("vllm engine thread crashed: %s", type(exc).__name__)
-        finally:
-            self._ready.set()
-            with self._gate:
-                self._closed.set()
-            if reason:
-                self._server.kill_group_now()
-                if self._on_exit is not None:
-                    self._on_exit(reason)
-            loop.close()
+    def _crashed(self) -> None:
+        self._server.kill_group_now()
 
     async def _open(self) -> None:
         import aiohttp
@@ -413,10 +335,6 @@ class VllmEngine:
             while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
                 self._rate.popleft()
 
-    def _notify(self, serving: bool, why: str) -> None:
-        if self._on_serving is not None:
-            self._on_serving(serving, why)
-
     async def _shutdown(self) -> None:
         await self._stop_server("the node is shutting down")
         for task in self._background:
@@ -427,36 +345,8 @@ class VllmEngine:
 
     # -- requests --------------------------------------------------------------------
 
-    def _enqueue(self, req: EngineRequest) -> None:
-        if self._closed.is_set():
-            self._event(req.key, EngineEvent(EventKind.FAILED, message="the engine stopped"))
-        elif not self._serving:
-            why = self._down_reason or "no model is loaded"
-            self._event(
-                req.key,
-                EngineEvent(EventKind.FAILED, message=f"the vLLM server is not serving: {why}"),
-            )
-        else:
-            self._waiting.append(req)
-            self._pump()
-
-    def _pump(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting and len(self._running) < self._max_running:
-            req = self._waiting.popleft()
-            self._running[req.key] = loop.create_task(self._generate(req))
-            self._event(req.key, EngineEvent(EventKind.ADMITTED))
-
-    def _cancel(self, key: str) -> None:
-        task = self._running.pop(key, None)
-        if task is not None:
-            task.cancel()  # closes the stream: vLLM aborts the request
-            self._pump()
-            return
-        for req in self._waiting:
-            if req.key == key:
-                self._waiting.remove(req)
-                return
+    def _not_serving(self) -> str:
+        return f"the vLLM server is not serving: {self._down_reason or 'no model is loaded'}"
 
     async def _generate(self, req: EngineRequest) -> None:
         import aiohttp
@@ -527,23 +417,3 @@ class VllmEngine:
     def _fail(self, key: str, message: str) -> None:
         if self._running.pop(key, None) is not None:
             self._event(key, EngineEvent(EventKind.FAILED, message=message))
-
-    def _fail_all(self, message: str) -> None:
-        for key, task in list(self._running.items()):
-            task.cancel()
-            self._event(key, EngineEvent(EventKind.FAILED, message=message))
-        self._running.clear()
-        while self._waiting:
-            self._event(self._waiting.popleft().key, EngineEvent(EventKind.FAILED, message=message))
-
-    def _event(self, key: str, event: EngineEvent) -> None:
-        self._out.setdefault(key, []).append(event)
-        if not self._flush_due:
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_due = False
-        if self._out:
-            out, self._out = self._out, {}
-            self._emit(list(out.items()))
