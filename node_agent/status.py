@@ -100,6 +100,7 @@ def build_status(
         engine_server=_engine_server(stats.server),
         fencing_token=ops.state.fencing_token,
         audit_heads=audit_witness.to_proto(ops.state),
+        phi_allowed=s.phi_allowed,
     )
 
 
