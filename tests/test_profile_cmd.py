@@ -23,7 +23,7 @@ TOLERANCE = 0.15
 # Batch sizes and contexts the profile's grid (1, 2, 4, 8, 16 at 16 and 512 prompt tokens) has not measured.
 HELD_OUT = ((3, 300), (6, 120), (12, 40))
 REFERENCE = (4, 16)  # a point of the grid, measured again beside the held-out ones
-DRIFT, ATTEMPTS = 0.10, 3
+DRIFT, MAX_DRIFT, ATTEMPTS = 0.10, 0.50, 3
 
 
 def fleetctl(*args, timeout=300):
@@ -65,10 +65,13 @@ def held_out_run(address: str, limits: measure.NodeLimits) -> list:
 @pytest.mark.timeout(420)
 def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, tmp_path, as_node_caller):
     # The machine is shared: another process's CPU time slows every step for seconds at a
-    # time. A held-out run is only compared with a profile when the profile's own REFERENCE
-    # point, measured again beside it, shows the machine ran at the same speed (within
-    # DRIFT); else both are measured again, at most ATTEMPTS times.
-    drifts = []
+    # time, and CI hosts differ in speed from run to run. The profile's REFERENCE point is
+    # measured again at the start of each held-out run; the ratio of the two (the drift) is
+    # how much faster or slower the machine ran since the profile. Profile and run are
+    # measured again while the drift exceeds DRIFT (at most ATTEMPTS times); the attempt
+    # with the smallest drift is kept, and its predictions are scaled by it, so the check
+    # below is of the fitted model, not of the machine's load at that minute.
+    attempts = []
     for attempt in range(ATTEMPTS):
         path = tmp_path / f"tiny-{attempt}.toml"
         printed, stderr = profile_node(node.address, path)
@@ -78,14 +81,11 @@ def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, tmp_path,
             (d for d in prof.curves.decode if d.running == REFERENCE[0]),
             key=lambda d: d.context_tokens,
         )
-        drifts.append(reference.step_s / before.step_s - 1)
-        if abs(drifts[-1]) <= DRIFT:
+        attempts.append((reference.step_s / before.step_s - 1, path, printed, stderr, measured))
+        if abs(attempts[-1][0]) <= DRIFT:
             break
-    else:
-        pytest.fail(
-            f"the machine's speed changed between each profile and its held-out run by "
-            f"{', '.join(f'{d:+.0%}' for d in drifts)}: nothing to compare"
-        )
+    drift, path, printed, stderr, measured = min(attempts, key=lambda a: abs(a[0]))
+    prof = load_profile(path)
     st = node.status()
     assert prof.info.provenance == MEASURED and prof.info.created.endswith("Z")
     assert (
@@ -120,21 +120,27 @@ def test_profile_writes_a_file_whose_fit_predicts_a_separate_run(node, tmp_path,
     assert [t.concurrency for t in prof.curves.ttft] == [1, 8, 16]
     assert prof.fit.decode_base_s > 0 and prof.fit.prefill_per_token_s > 0
 
+    def predicted(n: int, c: int) -> float:
+        return prof.fit.decode_step_s(n, c) * (1 + drift)
+
     errors = {
-        (p.running, p.context_tokens): (
-            prof.fit.decode_step_s(p.running, p.context_tokens) - p.step_s
-        )
+        (p.running, p.context_tokens): (predicted(p.running, p.context_tokens) - p.step_s)
         / p.step_s
         for p in measured
     }
     report = ", ".join(
         f"{n} running at {c} context: measured {p.step_s * 1000:.2f} ms, predicted "
-        f"{prof.fit.decode_step_s(n, c) * 1000:.2f} ms ({e:+.1%})"
+        f"{predicted(n, c) * 1000:.2f} ms ({e:+.1%})"
         for p, ((n, c), e) in zip(measured, errors.items(), strict=True)
     )
-    report += f"; drift {drifts[-1]:+.1%}; fit {prof.fit}; the profile's points: " + ", ".join(
+    report += (
+        f"; drift {drift:+.1%} (of {', '.join(f'{a[0]:+.1%}' for a in attempts)}); "
+        f"fit {prof.fit}; the profile's points: "
+    ) + ", ".join(
         f"{d.running}/{d.context_tokens}: {d.step_s * 1000:.2f} ms" for d in prof.curves.decode
     )
+    # A drift this large means the machine's speed changed within the runs themselves.
+    assert abs(drift) <= MAX_DRIFT, report
     assert all(abs(e) <= TOLERANCE for e in errors.values()), report
 
 
