@@ -374,7 +374,11 @@ class NodeAgent:
         )
         outcome = Outcome.FAILED
         try:
-            self.engine.submit(EngineRequest(stream.key, tokens, 0, req.max_tokens, req.sampling))
+            self.engine.submit(
+                EngineRequest(
+                    stream.key, tokens, 0, req.max_tokens, req.sampling, messages=req.messages
+                )
+            )
             while stream.finish is None:
                 await asyncio.wait_for(stream.next_chunk(), timeout=WARMUP_TIMEOUT_S)
             outcome = Outcome.COMPLETED

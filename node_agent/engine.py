@@ -49,6 +49,9 @@ class EngineRequest:
     # server enforces it (vLLM structured outputs).
     matcher: object = field(default=None, repr=False)
     schema: str = field(default="", repr=False)
+    # The request's chat messages ((role, content), template rendered) or None for a raw
+    # prompt: for engines that send text, not token ids (the upstream engine's openai kind).
+    messages: Optional[tuple[tuple[str, str], ...]] = field(default=None, repr=False)
 
 
 class EngineClosed(RuntimeError):

@@ -113,6 +113,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     sampling=req.sampling,
                     matcher=matcher,
                     schema=req.output.schema_text if req.output is not None else "",
+                    messages=req.messages,
                 )
             )
             while True:
