@@ -36,6 +36,15 @@ DIGEST_FORMAT = re.compile(
     r"sha256:[0-9a-f]{64}"
 )  # what weights_digest returns; check with fullmatch
 _CHUNK = 8 << 20
+# A node whose generations happen on a hosted API that returns text, not token ids (the
+# upstream engine's openai kind, docs/upstream.md) reports "remote:" + provider + model:
+# not weights anyone can hash, and no continuation on it or from it is exact.
+REMOTE_PREFIX = "remote:"
+
+
+def is_remote(digest: str) -> bool:
+    """A remote: digest: no stream pinned to it can be continued exactly anywhere."""
+    return digest.startswith(REMOTE_PREFIX)
 
 
 def digest_files(model_dir: Path) -> list[Path]:

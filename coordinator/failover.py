@@ -25,6 +25,7 @@ import grpc
 
 from cluster.api import fleet_pb2, inference_pb2
 from cluster.config import AdmissionSection
+from cluster.digest import is_remote
 from cluster.logs import fields
 from cluster.routing import Want
 from cluster.validation import serves
@@ -262,7 +263,10 @@ class Failover:
         """A node with a place reserved for the request's next call; or the call ends."""
         routable = self._fleet.routable()
         model = run.request.model
-        if not any(
+        # A continuation (tokens delivered, or the caller's own prefix) of a stream pinned to a
+        # remote: digest has no node to go to: a hosted API cannot continue token ids exactly.
+        stuck = bool(run.delivered or run.base_prefix) and is_remote(run.digest)
+        if stuck or not any(
             e.node_id not in run.excluded
             and (not run.digest or e.digest == run.digest)
             and serves(e.model_id, e.status.model.version, model)
