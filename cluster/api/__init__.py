@@ -6,6 +6,7 @@ from studiofleet_client.api import (
     FLEET_SERVICE,
     INFERENCE_SERVICE,
     NODE_SERVICE,
+    SHADOW_SERVICE,
     SMOKE_METADATA_KEY,
     common_pb2,
     fleet_pb2,
@@ -14,6 +15,8 @@ from studiofleet_client.api import (
     inference_pb2_grpc,
     node_pb2,
     node_pb2_grpc,
+    shadow_pb2,
+    shadow_pb2_grpc,
 )
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "FLEET_SERVICE",
     "INFERENCE_SERVICE",
     "NODE_SERVICE",
+    "SHADOW_SERVICE",
     "SMOKE_METADATA_KEY",
     "common_pb2",
     "fleet_pb2",
@@ -29,4 +33,6 @@ __all__ = [
     "inference_pb2_grpc",
     "node_pb2",
     "node_pb2_grpc",
+    "shadow_pb2",
+    "shadow_pb2_grpc",
 ]

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 ZERO_HASH = "0" * 64
-CALLER_TYPES = ("request", "admin")
+CALLER_TYPES = ("request", "admin", "shadow")  # shadow: a copy of a live request (docs/shadow.md)
 RECORD_TYPES = CALLER_TYPES + ("checkpoint", "open", "recovered")
 RESERVED_FIELDS = ("seq", "time", "prev", "hash")
 HEAD_NAME = "HEAD"
@@ -181,7 +181,7 @@ def clean_fields(record: dict) -> dict:
         )
     if record.get("type") not in CALLER_TYPES:
         raise ValueError(
-            "record type must be 'request' or 'admin' (the log writes checkpoint, open and "
+            "record type must be 'request', 'admin' or 'shadow' (the log writes checkpoint, open and "
             "recovered records itself)"
         )
     out = {}

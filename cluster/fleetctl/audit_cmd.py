@@ -226,7 +226,7 @@ def query_cmd(
         None, "--action", help="e.g. generate, drain, break-glass."
     ),
     type_: Optional[str] = typer.Option(
-        None, "--type", help="request, admin, checkpoint, open or recovered."
+        None, "--type", help="request, admin, shadow, checkpoint, open or recovered."
     ),
     output: str = typer.Option(
         "table", "--output", "-o", help="table or json (one record per line)."

@@ -2,7 +2,7 @@
 added by authz.policy). app -> inference only; operator -> admin; coordinator -> node
 operations; node -> nothing but its own identity."""
 
-from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, NODE_SERVICE
+from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, NODE_SERVICE, SHADOW_SERVICE
 from cluster.security.identity import Role
 
 APP, OPERATOR, COORDINATOR, MONITOR = Role.APP, Role.OPERATOR, Role.COORDINATOR, Role.MONITOR
@@ -49,6 +49,11 @@ COORDINATOR_TABLE = {
             "RevokeApiToken",
             "ListApiTokens",
         )
+    },
+    # Shadow evaluation (docs/shadow.md): start, stop and read its report.
+    **{
+        f"/{SHADOW_SERVICE}/{m}": frozenset({OPERATOR})
+        for m in ("StartShadow", "StopShadow", "GetShadow")
     },
 }
 
