@@ -101,6 +101,11 @@ class Admission:
         self._abandon(waiter)
         raise WaitExpired(loop.time() - start, len(self._fleet.routable()))
 
+    def try_acquire(self, want: Want, tokens: int) -> Optional[NodeEntry]:
+        """A place now, or None: never a wait, and nothing while requests are queued (best-effort
+        work, such as shadow copies, must not go ahead of them; docs/shadow.md)."""
+        return None if self.depth else self._place(want, tokens)
+
     def _abandon(self, waiter: _Waiter) -> None:
         """The waiter leaves the queue; a place it was given meanwhile goes back."""
         if waiter.future.done() and not waiter.future.cancelled():
