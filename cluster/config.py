@@ -168,6 +168,8 @@ _TLS_DIR = "Directory with ca.pem, crl.pem and NAME.pem/NAME.key (also STUDIOFLE
 _PLAINTEXT = "No TLS, no roles: loopback development only."
 _LISTEN = "HOST:PORT to serve on; port 0 picks a free one."
 _FLEET = r"^[A-Za-z0-9_.-]{1,32}$"
+# A traffic class name (cluster/traffic.py); empty: the default by engine.
+NODE_CLASS_PATTERN = r"^([a-z0-9][a-z0-9_-]{0,31})?$"
 
 
 class NodeSettings(HttpPortSection, FileSettings):
@@ -192,6 +194,14 @@ class NodeSettings(HttpPortSection, FileSettings):
         "mlx",
         "Engine plug-in: mlx (mlx-lm in-process), vllm (a supervised vLLM "
         "server) or upstream (a remote endpoint).",
+    )
+    node_class: str = setting(
+        "",
+        "Traffic class the coordinator's traffic policy sees this node in (docs/traffic.md): "
+        "lower-case letters, digits, '-' or '_', e.g. macs.",
+        metavar="NAME",
+        default_text="upstream for --engine upstream, else local",
+        pattern=NODE_CLASS_PATTERN,
     )
     max_running: int = setting(32, "Sequences decoded together.", ge=1, le=1024)
     max_queued: int = setting(

@@ -101,6 +101,7 @@ def build_status(
         fencing_token=ops.state.fencing_token,
         audit_heads=audit_witness.to_proto(ops.state),
         phi_allowed=s.phi_allowed,
+        node_class=s.node_class,
     )
 
 

@@ -48,6 +48,8 @@ COORDINATOR_TABLE = {
             "IssueApiToken",
             "RevokeApiToken",
             "ListApiTokens",
+            "SetTrafficPolicy",
+            "GetTrafficPolicies",
         )
     },
     # Shadow evaluation (docs/shadow.md): start, stop and read its report.

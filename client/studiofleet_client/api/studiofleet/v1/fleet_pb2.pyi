@@ -34,6 +34,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_ROLLOUT: _ClassVar[EventKind]
     EVENT_KIND_RESTART: _ClassVar[EventKind]
     EVENT_KIND_AUDIT: _ClassVar[EventKind]
+    EVENT_KIND_TRAFFIC: _ClassVar[EventKind]
 
 class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -64,6 +65,7 @@ EVENT_KIND_OPERATION: EventKind
 EVENT_KIND_ROLLOUT: EventKind
 EVENT_KIND_RESTART: EventKind
 EVENT_KIND_AUDIT: EventKind
+EVENT_KIND_TRAFFIC: EventKind
 ROLLOUT_STATE_UNSPECIFIED: RolloutState
 ROLLOUT_STATE_RUNNING: RolloutState
 ROLLOUT_STATE_PAUSED: RolloutState
@@ -397,20 +399,22 @@ class TrafficBucket(_message.Message):
     def __init__(self, start: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., tokens: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p95_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., rejected: _Optional[int] = ...) -> None: ...
 
 class Traffic(_message.Message):
-    __slots__ = ("bucket_s", "buckets", "running", "queued", "tokens_per_s", "headroom")
+    __slots__ = ("bucket_s", "buckets", "running", "queued", "tokens_per_s", "headroom", "classes")
     BUCKET_S_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     HEADROOM_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     bucket_s: int
     buckets: _containers.RepeatedCompositeFieldContainer[TrafficBucket]
     running: int
     queued: int
     tokens_per_s: float
     headroom: Headroom
-    def __init__(self, bucket_s: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[TrafficBucket, _Mapping]]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., headroom: _Optional[_Union[Headroom, _Mapping]] = ...) -> None: ...
+    classes: _containers.RepeatedCompositeFieldContainer[TrafficClass]
+    def __init__(self, bucket_s: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[TrafficBucket, _Mapping]]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., headroom: _Optional[_Union[Headroom, _Mapping]] = ..., classes: _Optional[_Iterable[_Union[TrafficClass, _Mapping]]] = ...) -> None: ...
 
 class Headroom(_message.Message):
     __slots__ = ("known", "arrival_rate_per_s", "predicted_p95_s", "sla_p95_s", "sla_rate_per_s", "capacity_per_s", "profiled_nodes", "unprofiled_nodes", "window_s", "mix")
@@ -505,3 +509,98 @@ class ListApiTokensResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[ApiToken]
     def __init__(self, tokens: _Optional[_Iterable[_Union[ApiToken, _Mapping]]] = ...) -> None: ...
+
+class TrafficPolicy(_message.Message):
+    __slots__ = ("model", "weights", "overflow")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights: _containers.ScalarMap[str, int]
+    overflow: str
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[_Mapping[str, int]] = ..., overflow: _Optional[str] = ...) -> None: ...
+
+class SetTrafficPolicyRequest(_message.Message):
+    __slots__ = ("policy", "clear")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    policy: TrafficPolicy
+    clear: bool
+    def __init__(self, policy: _Optional[_Union[TrafficPolicy, _Mapping]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class GetTrafficPoliciesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TrafficClass(_message.Message):
+    __slots__ = ("node_class", "routed_total", "routed_recent", "share", "routable_nodes", "window_s")
+    NODE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_RECENT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    ROUTABLE_NODES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    node_class: str
+    routed_total: int
+    routed_recent: int
+    share: float
+    routable_nodes: int
+    window_s: float
+    def __init__(self, node_class: _Optional[str] = ..., routed_total: _Optional[int] = ..., routed_recent: _Optional[int] = ..., share: _Optional[float] = ..., routable_nodes: _Optional[int] = ..., window_s: _Optional[float] = ...) -> None: ...
+
+class TrafficPolicyState(_message.Message):
+    __slots__ = ("policy", "set_by", "set_unix_s", "overflow_active", "overflow_signal", "predicted_p95_s", "queue_wait_s", "overflow_share", "arrival_rate_per_s", "sla_rate_per_s", "overflow_since_unix_s", "overflow_episodes", "overflow_routed_total", "fallbacks_total", "reason")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SET_BY_FIELD_NUMBER: _ClassVar[int]
+    SET_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_P95_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_SHARE_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_RATE_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SLA_RATE_PER_S_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_SINCE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_EPISODES_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_ROUTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    policy: TrafficPolicy
+    set_by: str
+    set_unix_s: float
+    overflow_active: bool
+    overflow_signal: str
+    predicted_p95_s: float
+    queue_wait_s: float
+    overflow_share: float
+    arrival_rate_per_s: float
+    sla_rate_per_s: float
+    overflow_since_unix_s: float
+    overflow_episodes: int
+    overflow_routed_total: int
+    fallbacks_total: int
+    reason: str
+    def __init__(self, policy: _Optional[_Union[TrafficPolicy, _Mapping]] = ..., set_by: _Optional[str] = ..., set_unix_s: _Optional[float] = ..., overflow_active: _Optional[bool] = ..., overflow_signal: _Optional[str] = ..., predicted_p95_s: _Optional[float] = ..., queue_wait_s: _Optional[float] = ..., overflow_share: _Optional[float] = ..., arrival_rate_per_s: _Optional[float] = ..., sla_rate_per_s: _Optional[float] = ..., overflow_since_unix_s: _Optional[float] = ..., overflow_episodes: _Optional[int] = ..., overflow_routed_total: _Optional[int] = ..., fallbacks_total: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class TrafficPolicies(_message.Message):
+    __slots__ = ("policies", "classes", "sla_p95_s", "overflow_window_s", "overflow_hold_s", "overflow_queue_wait_s")
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    SLA_P95_S_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[TrafficPolicyState]
+    classes: _containers.RepeatedCompositeFieldContainer[TrafficClass]
+    sla_p95_s: float
+    overflow_window_s: float
+    overflow_hold_s: float
+    overflow_queue_wait_s: float
+    def __init__(self, policies: _Optional[_Iterable[_Union[TrafficPolicyState, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[TrafficClass, _Mapping]]] = ..., sla_p95_s: _Optional[float] = ..., overflow_window_s: _Optional[float] = ..., overflow_hold_s: _Optional[float] = ..., overflow_queue_wait_s: _Optional[float] = ...) -> None: ...

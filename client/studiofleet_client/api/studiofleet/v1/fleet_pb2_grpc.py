@@ -109,6 +109,16 @@ class FleetStub:
                 request_serializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensRequest.SerializeToString,
                 response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensResponse.FromString,
                 _registered_method=True)
+        self.SetTrafficPolicy = channel.unary_unary(
+                '/studiofleet.v1.Fleet/SetTrafficPolicy',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.SetTrafficPolicyRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.TrafficPolicies.FromString,
+                _registered_method=True)
+        self.GetTrafficPolicies = channel.unary_unary(
+                '/studiofleet.v1.Fleet/GetTrafficPolicies',
+                request_serializer=studiofleet_dot_v1_dot_fleet__pb2.GetTrafficPoliciesRequest.SerializeToString,
+                response_deserializer=studiofleet_dot_v1_dot_fleet__pb2.TrafficPolicies.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -214,6 +224,20 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTrafficPolicy(self, request, context):
+        """Traffic policy (docs/traffic.md): per model id, weights across node classes and overflow
+        to a class only while the local fleet is predicted to miss the SLA. Audited; no restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrafficPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -291,6 +315,16 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.ListApiTokens,
                     request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensRequest.FromString,
                     response_serializer=studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensResponse.SerializeToString,
+            ),
+            'SetTrafficPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrafficPolicy,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.SetTrafficPolicyRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.TrafficPolicies.SerializeToString,
+            ),
+            'GetTrafficPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrafficPolicies,
+                    request_deserializer=studiofleet_dot_v1_dot_fleet__pb2.GetTrafficPoliciesRequest.FromString,
+                    response_serializer=studiofleet_dot_v1_dot_fleet__pb2.TrafficPolicies.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -698,6 +732,60 @@ class Fleet:
             '/studiofleet.v1.Fleet/ListApiTokens',
             studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensRequest.SerializeToString,
             studiofleet_dot_v1_dot_fleet__pb2.ListApiTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrafficPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/SetTrafficPolicy',
+            studiofleet_dot_v1_dot_fleet__pb2.SetTrafficPolicyRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.TrafficPolicies.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrafficPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studiofleet.v1.Fleet/GetTrafficPolicies',
+            studiofleet_dot_v1_dot_fleet__pb2.GetTrafficPoliciesRequest.SerializeToString,
+            studiofleet_dot_v1_dot_fleet__pb2.TrafficPolicies.FromString,
             options,
             channel_credentials,
             insecure,

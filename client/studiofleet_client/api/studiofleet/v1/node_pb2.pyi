@@ -139,7 +139,7 @@ class EngineServer(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., url: _Optional[str] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., up_s: _Optional[float] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations", "engine_server", "fencing_token", "audit_heads", "chip", "cpu_cores", "phi_allowed")
+    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations", "engine_server", "fencing_token", "audit_heads", "chip", "cpu_cores", "phi_allowed", "node_class")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class NodeStatus(_message.Message):
     CHIP_FIELD_NUMBER: _ClassVar[int]
     CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     PHI_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    NODE_CLASS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lifecycle: _common_pb2.Lifecycle
     lifecycle_reason: str
@@ -186,7 +187,8 @@ class NodeStatus(_message.Message):
     chip: str
     cpu_cores: int
     phi_allowed: bool
-    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ..., fencing_token: _Optional[int] = ..., audit_heads: _Optional[_Iterable[_Union[_common_pb2.AuditHead, _Mapping]]] = ..., chip: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., phi_allowed: _Optional[bool] = ...) -> None: ...
+    node_class: str
+    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ..., fencing_token: _Optional[int] = ..., audit_heads: _Optional[_Iterable[_Union[_common_pb2.AuditHead, _Mapping]]] = ..., chip: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., phi_allowed: _Optional[bool] = ..., node_class: _Optional[str] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("operation_id", "kind", "state", "message", "started_unix_s", "finished_unix_s")
