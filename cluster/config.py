@@ -272,11 +272,14 @@ class NodeSettings(HttpPortSection, FileSettings):
         None, "upstream engine: file holding the endpoint's bearer key."
     )
     upstream_kind: str = setting(
-        "vllm", "upstream engine: vllm (token ids in and out; exact resume).", pattern="^vllm$"
+        "vllm",
+        "upstream engine: vllm (token ids in and out; exact resume) or openai (a hosted "
+        "API: chat messages in, text out; never resumed exactly).",
+        pattern="^(vllm|openai)$",
     )
     upstream_digest: str = setting(
         "",
-        "upstream engine: the served model's weights digest (sha256:...).",
+        "upstream engine, vllm kind: the served model's weights digest (sha256:...).",
         default_text="the --model directory's",
         pattern=r"^(sha256:[0-9a-f]{64})?$",
     )

@@ -147,6 +147,11 @@ def upstream_problem(settings) -> Optional[str]:
         read_key(settings.upstream_key_file)
     except KeyFileError as exc:
         return str(exc)
+    if settings.upstream_kind == "openai" and settings.upstream_digest:
+        return (
+            "--upstream-digest applies to --upstream-kind vllm only: an openai-kind node's "
+            "digest is remote:<provider>/<model> and it never takes part in an exact resume"
+        )
     if settings.upstream_ca_file is not None and not settings.upstream_ca_file.is_file():
         return f"--upstream-ca-file {settings.upstream_ca_file} is not a file; point it at a PEM CA bundle"
     return None
