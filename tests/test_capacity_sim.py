@@ -23,7 +23,14 @@ from cluster.capacity.profile import (
     parse_profile,
     resolve_profile,
 )
-from cluster.capacity.simulate import CoordinatorLimits, NodeSpec, _span, _steps_within, simulate
+from cluster.capacity.simulate import (
+    CoordinatorLimits,
+    NodeSpec,
+    _span,
+    _steps_within,
+    fleet_of,
+    simulate,
+)
 from cluster.capacity.workload import (
     ArrivalShape,
     Request,
@@ -193,6 +200,40 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_decodes():
     assert res.totals[1] == pytest.approx(first + 9 * 0.01 - 0.505)
     # A gained a token in every one of those steps: 1 + 40 + 3 + 9 by B's end, 947 more after.
     assert res.totals[0] == pytest.approx(first + 9 * 0.01 + 947 * 0.01)
+
+
+def test_nodes_sharing_a_host_share_its_compute():
+    # Two 8-slot nodes on one host, saturated: each step takes twice its profiled time while both
+    # are busy, so the pair finishes what one node alone would (the bound above), not twice it.
+    node = profile(8, decode_base_s=0.010, decode_per_seq_s=0.002)
+    bound = 8 / (100 * node.fit.decode_step_s(8))
+    rng = random.Random(5)
+    t, reqs = 0.0, []
+    while t < 400.0:
+        t += rng.expovariate(4 * bound)
+        reqs.append(Request(t, 0, 100))
+    shared = fleet_of([(node, 2)], nodes_per_host=2, max_queued=100_000)
+    assert [s.host for s in shared] == ["host-1", "host-1"]
+    res = simulate(shared, reqs, window=(100.0, 300.0), limits=UNBOUNDED)
+    assert res.throughput_per_s == pytest.approx(bound, rel=0.02)
+    apart = simulate(fleet_of([(node, 2)], max_queued=100_000), reqs, window=(100.0, 300.0))
+    assert apart.throughput_per_s == pytest.approx(2 * bound, rel=0.02)
+    with pytest.raises(ValueError, match="nodes per host"):
+        fleet_of([(node, 2)], nodes_per_host=0)
+
+
+def test_a_note_slows_while_its_hosts_other_node_is_busy_and_speeds_up_after():
+    # A: 100 tokens from 0 s on n1; B: 20 tokens from 0.2 s on n2, the same host. Alone, a step is
+    # 10 ms. A runs 20 steps alone (to 0.2 s), then both run at 20 ms a step: B's 20 tokens end at
+    # 0.6 s, by when A has 40 tokens; A's last 60 run alone again: 0.6 + 0.6 = 1.2 s.
+    node = profile(1, decode_base_s=0.010)
+    fleet = [NodeSpec(node, "n1", host="h"), NodeSpec(node, "n2", host="h")]
+    a, b = Request(0.0, 0, 100), Request(0.2, 0, 20)
+    res = simulate(fleet, [a, b], window=(0.0, 1.0))
+    assert res.totals == pytest.approx([1.2, 0.4])
+    # On hosts of their own, neither slows the other.
+    apart = simulate([NodeSpec(node, "n1"), NodeSpec(node, "n2")], [a, b], window=(0.0, 1.0))
+    assert apart.totals == pytest.approx([1.0, 0.2])
 
 
 def test_steps_within_inverts_span():

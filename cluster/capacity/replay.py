@@ -447,16 +447,19 @@ def parse_fleet(
     return fleet
 
 
-def predict(fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote]) -> Measured:
+def predict(
+    fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote], nodes_per_host: int = 1
+) -> Measured:
     """The planner's prediction (cluster.capacity.simulate) for these very notes, at the
-    times they were planned, on the fleet the profiles describe; figures as `summarize`
-    computes them from a run (throughput over first send to last end)."""
+    times they were planned, on the fleet the profiles describe (`nodes_per_host` nodes
+    sharing each host's compute); figures as `summarize` computes them from a run
+    (throughput over first send to last end)."""
     requests = [
         Request(n.at_s, n.prompt_tokens, n.output_tokens, n.cached_tokens)
         for n in sorted(notes, key=lambda n: n.at_s)
     ]
     end = max((n.at_s for n in notes), default=0.0) + 1e-6
-    result = simulate(fleet_of(fleet), requests, window=(0.0, end))
+    result = simulate(fleet_of(fleet, nodes_per_host), requests, window=(0.0, end))
     by_arrival = sorted(notes, key=lambda n: n.at_s)
     done = [
         (n, total)
@@ -480,9 +483,12 @@ def predict(fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote]) 
 
 
 def add_prediction(
-    report: ReplayReport, fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote]
+    report: ReplayReport,
+    fleet: Sequence[tuple[Profile, int]],
+    notes: Sequence[PlannedNote],
+    nodes_per_host: int = 1,
 ) -> None:
     """Put the planner's prediction and its error beside the measurement."""
-    report.predicted = predict(fleet, notes)
+    report.predicted = predict(fleet, notes, nodes_per_host)
     report.error_pct = error_pct(report.predicted, report.measured)
     report.fleet = [f"{p.path or p.name}={count}" for p, count in fleet]

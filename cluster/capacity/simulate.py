@@ -11,6 +11,12 @@ it finishes included; the profile's StepModel gives the step's time. Between adm
 completions a node's batch does not change, so the simulator
 runs those steps as one event (interrupted at the next step boundary when a note arrives
 for a free slot), which keeps a busy day to a few events per note.
+
+Nodes that share one host (`NodeSpec.host`: a test rig of several agents on one machine; a
+Mac or a GPU runs one node) share its compute: a step that starts while k nodes of the host
+are busy takes k times its profiled time (processor sharing, for a node that alone keeps
+every core busy, as MLX on CPU does). When a node of the host starts or stops being busy,
+the others re-plan at their next step boundary.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class NodeSpec:
     max_queued: int = NODE_MAX_QUEUED  # the node's own queue beyond its running slots
     prefill_batch: int = PREFILL_BATCH  # prompts prefilled together (the prompt batch)
     prefill_chunk: int = PREFILL_STEP  # prompt tokens of each prompt prefilled in one step
+    host: str = ""  # nodes with the same host share its compute ("" = a host of its own)
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,35 @@ class CoordinatorLimits:
     load_factor: float = LOAD_FACTOR
 
 
-def fleet_of(counts: Sequence[tuple[Profile, int]], **node_kw) -> list[NodeSpec]:
-    """NodeSpecs for (profile, count) pairs, named profile-name/1, /2, ..."""
-    return [NodeSpec(p, f"{p.name}/{i + 1}", **node_kw) for p, n in counts for i in range(n)]
+def fleet_of(
+    counts: Sequence[tuple[Profile, int]], nodes_per_host: int = 1, **node_kw
+) -> list[NodeSpec]:
+    """NodeSpecs for (profile, count) pairs, named profile-name/1, /2, ...; with
+    `nodes_per_host` > 1, consecutive nodes share hosts of that many nodes each."""
+    if nodes_per_host < 1:
+        raise ValueError(f"nodes per host must be >= 1, not {nodes_per_host}")
+    specs: list[NodeSpec] = []
+    for p, n in counts:
+        for i in range(n):
+            host = f"host-{len(specs) // nodes_per_host + 1}" if nodes_per_host > 1 else ""
+            specs.append(NodeSpec(p, f"{p.name}/{i + 1}", host=host, **node_kw))
+    return specs
+
+
+class _Host:
+    """The nodes of one host and which of them are busy (have sequences to step)."""
+
+    def __init__(self):
+        self.nodes: list[_Node] = []
+        self.busy: set[int] = set()
+
+    def set_busy(self, node: _Node, busy: bool) -> None:
+        if (node.index in self.busy) == busy:
+            return
+        (self.busy.add if busy else self.busy.discard)(node.index)
+        for other in self.nodes:  # their step times change: re-plan at the next step boundary
+            if other is not node and other.index in self.busy:
+                other.nudge()
 
 
 class _Seq:
@@ -103,8 +136,9 @@ class _Node:
         spec: NodeSpec,
         window: tuple[float, float],
         on_done: Callable[[_Node, _Seq], None],
+        host: _Host | None = None,
     ):
-        self.env, self.index, self.spec = env, index, spec
+        self.env, self.index, self.spec, self.host = env, index, spec, host
         self.fit = spec.profile.fit
         self.max_running = spec.profile.limits.max_running
         self.slots = self.max_running + spec.max_queued
@@ -141,8 +175,42 @@ class _Node:
 
     def enqueue(self, seq: _Seq) -> None:
         self.queue.append(seq)
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Something changed (an arrival, a co-located node's load): wake the node, which
+        re-plans at its next step boundary."""
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
+
+    def _scale(self) -> int:
+        """How many times longer than profiled a step starting now takes: the busy nodes
+        sharing this node's host (itself included)."""
+        return max(1, len(self.host.busy)) if self.host is not None else 1
+
+    def _steps(self, lead: float, k: int, a: float, b: float, interruptible: bool):
+        """Run a first step of `lead` seconds (0: none) and then k steps (the j-th taking
+        a + b*j) as one event; woken (interruptible), stop at the next step boundary instead.
+        Returns how many steps ran, the lead counted."""
+        env, t0 = self.env, self.env.now
+        total = lead + _span(k, a, b)
+        if not interruptible:
+            yield env.timeout(total)
+            return k + (1 if lead else 0)
+        self.wake = env.event()
+        yield env.timeout(total) | self.wake
+        self.wake = None
+        elapsed = env.now - t0
+        if elapsed >= total - _EPS:
+            return k + (1 if lead else 0)
+        if lead and elapsed < lead - _EPS:
+            steps, end = 1, t0 + lead
+        else:
+            m = min(k, _steps_within(elapsed - lead, a, b) + 1)
+            steps, end = m + (1 if lead else 0), t0 + lead + _span(m, a, b)
+        if end > env.now + _EPS:
+            yield env.timeout(end - env.now)
+        return steps
 
     def _outstanding_now(self) -> int:
         if self._macro is None:
@@ -182,11 +250,17 @@ class _Node:
 
     def _run(self):
         env, fit, chunk = self.env, self.fit, self.spec.prefill_chunk
+        shared = self.host is not None and len(self.host.nodes) > 1
         while True:
-            if not self.running and not self.prefilling and not self.queue:
+            while not self.running and not self.prefilling and not self.queue:
+                if self.host is not None:
+                    self.host.set_busy(self, False)
                 self.wake = env.event()
                 yield self.wake
                 self.wake = None
+            if self.host is not None:
+                self.host.set_busy(self, True)
+            scale = self._scale()
             # Admit waiting prompts into the prompt batch while slots are free.
             while (
                 self.queue
@@ -219,7 +293,7 @@ class _Node:
                     self.running.extend(joining)
                 n = len(self.running)
                 ctx = sum(s.ctx for s in self.running)
-                lead = prefill + fit.decode_step_s(n, ctx)
+                lead = scale * (prefill + fit.decode_step_s(n, ctx))
                 t0 = env.now
                 if self.prefilling or n < self.max_running:
                     yield env.timeout(lead)
@@ -227,39 +301,30 @@ class _Node:
                     self._advance(1)
                     continue
                 # A full batch cannot change before its next completion: run this step and the
-                # decode steps after it as one event.
+                # decode steps after it as one event (re-planned early only when the host's
+                # load changes).
                 k = min(s.remaining for s in self.running) - 1
-                a = fit.decode_step_s(n, ctx + n)
-                b = fit.decode_per_ctx_token_s * n
+                a = scale * fit.decode_step_s(n, ctx + n)
+                b = scale * fit.decode_per_ctx_token_s * n
                 self._macro = (t0, n, a, b, lead)
-                yield env.timeout(lead + _span(k, a, b))
+                steps = yield from self._steps(lead, k, a, b, interruptible=shared)
                 self._macro = None
                 first = t0 + lead
                 for s in self.running:
                     if s.first_at != s.first_at:
                         s.first_at = first
                 self._account(t0, env.now, n)
-                self._advance(k + 1)
+                self._advance(steps)
                 continue
-            # Decode steps with an unchanged batch until the next sequence finishes: step j takes a + b*j.
+            # Decode steps with an unchanged batch until the next sequence finishes: step j takes
+            # a + b*j; an arrival for a free slot (or a change in the host's load) cuts it short.
             n = len(self.running)
             k = min(s.remaining for s in self.running)
-            a = fit.decode_step_s(n, sum(s.ctx for s in self.running))
-            b = fit.decode_per_ctx_token_s * n
-            total = _span(k, a, b)
+            a = scale * fit.decode_step_s(n, sum(s.ctx for s in self.running))
+            b = scale * fit.decode_per_ctx_token_s * n
             t0 = env.now
             self._macro = (t0, n, a, b, 0.0)
-            if free > 0:  # an arrival may join at the next step boundary
-                self.wake = env.event()
-                yield env.timeout(total) | self.wake
-                self.wake = None
-                steps = min(k, _steps_within(env.now - t0, a, b) + 1)
-                end = t0 + _span(steps, a, b)
-                if end > env.now + _EPS:
-                    yield env.timeout(end - env.now)
-            else:
-                yield env.timeout(total)
-                steps = k
+            steps = yield from self._steps(0.0, k, a, b, interruptible=free > 0 or shared)
             self._macro = None
             self._account(t0, env.now, n)
             self._advance(steps)
@@ -417,7 +482,14 @@ def simulate(
                 all_done.succeed()
 
     coord.on_end = on_end
-    coord.nodes = [_Node(env, i, spec, window, coord.release) for i, spec in enumerate(fleet)]
+    hosts: dict[str, _Host] = {spec.host: _Host() for spec in fleet if spec.host}
+    coord.nodes = [
+        _Node(env, i, spec, window, coord.release, hosts.get(spec.host))
+        for i, spec in enumerate(fleet)
+    ]
+    for node in coord.nodes:
+        if node.host is not None:
+            node.host.nodes.append(node)
     coord.by_id = {n.spec.node_id: n for n in coord.nodes}
     if len(coord.by_id) != len(coord.nodes):
         raise ValueError("node ids in a fleet must be unique")

@@ -77,6 +77,13 @@ def replay(
         "COUNT nodes of it; repeatable): the planner's prediction for "
         "the same traffic is shown beside the measurement.",
     ),
+    nodes_per_host: int = typer.Option(
+        1,
+        "--nodes-per-host",
+        metavar="N",
+        help="For --predict-with: the fleet's nodes run N to a host and share its compute "
+        "(a test rig of several agents on one machine; a Mac or a GPU runs one node).",
+    ),
     timeout_s: float = typer.Option(300.0, "--timeout-s", help="Deadline for each note."),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
     tls_dir: Path | None = TLS_DIR,
@@ -98,6 +105,8 @@ def replay(
         raise _bad("--time-scale", f"must be a number > 0, not {time_scale:g}")
     if not (0 < duration <= 86_400):
         raise _bad("--duration", f"must be 0 < seconds <= 86400, not {duration:g}")
+    if nodes_per_host < 1:
+        raise _bad("--nodes-per-host", f"must be a whole number >= 1, not {nodes_per_host}")
     start_s = _clock(start)
     workload = wo.workload_from_flags(
         "replay",
@@ -141,7 +150,7 @@ def replay(
     except FleetError as err:
         raise fail(err, coordinator) from None
     if fleet is not None:
-        rp.add_prediction(report, fleet, notes)
+        rp.add_prediction(report, fleet, notes, nodes_per_host)
     if output == "json":
         typer.echo(json.dumps(report.as_dict()))
         return
