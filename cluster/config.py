@@ -435,6 +435,11 @@ class RolloutSection(BaseModel):
     rollout_eval_template: str = setting(
         "", "Prompt template for the eval gate instead of the suite's (e.g. soap-brief)."
     )
+    rollout_shadow_gate: bool = setting(
+        False,
+        "Shadow gate: a node rejoins only if the latest shadow run compared exactly its new "
+        "weights with live traffic and passed (docs/shadow.md).",
+    )
 
 
 class MonitoringSection(BaseModel):

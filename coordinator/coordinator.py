@@ -12,7 +12,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from cluster.api import FLEET_SERVICE, INFERENCE_SERVICE, fleet_pb2_grpc, inference_pb2_grpc
+from cluster.api import (
+    FLEET_SERVICE,
+    INFERENCE_SERVICE,
+    SHADOW_SERVICE,
+    fleet_pb2_grpc,
+    inference_pb2_grpc,
+    shadow_pb2_grpc,
+)
 from cluster.config import (
     AdmissionSection,
     CoordinatorSettings,
@@ -36,6 +43,8 @@ from coordinator.relay import Relay
 from coordinator.request_summary import Monitor
 from coordinator.rollout_store import RolloutStore
 from coordinator.rollouts import Rollouts, lease_holder
+from coordinator.shadow import Shadow
+from coordinator.shadow_admin import ShadowAdmin
 from coordinator.state import StateDB, url_for
 
 log = logging.getLogger(__name__)
@@ -73,6 +82,14 @@ class Coordinator:
             load_factor=settings.affinity_load_factor,
         )
         self.monitor = Monitor()
+        # Copies of sampled live requests to a candidate model (docs/shadow.md).
+        self.shadow = Shadow(
+            fleet=self.fleet,
+            admission=self.admission,
+            audit=self.audit,
+            coordinator_id=settings.coordinator_id,
+        )
+        self.monitor.sinks.append(self.shadow.live_ended)
         self.headroom = live_headroom(settings, self.fleet)  # docs/capacity.md "Live headroom"
         self.monitor.sinks.append(self.headroom.observe)
         self.relay = Relay(
@@ -84,6 +101,7 @@ class Coordinator:
             identify=self.authz.peer,
             audit=self.audit,
             monitor=self.monitor,
+            shadow=self.shadow,
         )
         # Rollouts and their lease, API tokens, the request log (docs/state.md); migrated on open.
         self.state = StateDB(url_for(settings.state_url, settings.state_db))
@@ -95,7 +113,7 @@ class Coordinator:
             probe_timeout_s=settings.probe_timeout_s,
             fleet=self.fleet,
             events=self.events,
-            gates=default_gates(rollout),
+            gates=default_gates(rollout, shadow=self.shadow),
             store=RolloutStore(self.state),
             audit=self.audit,
         )
@@ -218,11 +236,18 @@ class Coordinator:
             ),
             server,
         )
+        shadow_pb2_grpc.add_ShadowServicer_to_server(
+            ShadowAdmin(
+                shadow=self.shadow, fleet=self.fleet, identify=self.authz.peer, audit=self.audit
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
                 INFERENCE_SERVICE,
                 FLEET_SERVICE,
+                SHADOW_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -342,6 +367,7 @@ class Coordinator:
             *([self._server.stop(grace)] if self._server is not None else []),
             *([self.api.close(grace)] if self.api is not None else []),
         )
+        await self.shadow.close()  # every request has ended: no copy outlives them
         if self.discovery is not None:
             await self.discovery.close()
         await self.rollouts.close()

@@ -3,8 +3,8 @@
 A gate is `async check(ctx) -> Optional[str]` (None passes; a string is why it failed),
 and may have `async prepare(ctx)`, run on each node before it is drained (while it still
 serves the current version). The rollout runs the smoke gate, then the eval gate (the
-quality suite against the current version's score) and the operator's command gate when
-configured.
+quality suite against the current version's score), the shadow gate (a shadow run's verdict
+on real traffic) and the operator's command gate when configured.
 """
 
 from __future__ import annotations
@@ -211,7 +211,39 @@ class EvalGate:
         return why
 
 
-def default_gates(settings: RolloutSection) -> list[Gate]:
+class ShadowGate:
+    """A shadow run's report as the evidence (docs/shadow.md): the node rejoins only if this
+    coordinator's latest shadow run compared exactly the weights the node now serves against
+    the live model on real traffic, and its verdict is pass (scores within its margin over at
+    least its minimum of samples, per template)."""
+
+    name = "shadow"
+
+    def __init__(self, shadow):
+        self._shadow = shadow  # coordinator/shadow.py
+
+    async def check(self, ctx: GateContext) -> Optional[str]:
+        if not ctx.weights_digest:
+            return None  # a release restart: the weights do not change
+        report = self._shadow.report()
+        if not report.shadow_id:
+            return (
+                "no shadow run on this coordinator to take as evidence (a restart forgets it); "
+                "serve the new weights on a candidate node and run `fleetctl shadow start`"
+            )
+        digests = {d for t in report.by_template for d in t.candidate.digests}
+        if digests != {ctx.weights_digest}:
+            shown = ", ".join(sorted(d[:19] for d in digests)) or "none yet"
+            return (
+                f"shadow run {report.shadow_id} compared weights {shown}, not exactly "
+                f"{ctx.weights_digest[:19]}"
+            )
+        if report.verdict != "pass":
+            return f"shadow run {report.shadow_id}: {report.verdict}: {report.reason}"
+        return None
+
+
+def default_gates(settings: RolloutSection, shadow=None) -> list[Gate]:
     gates: list[Gate] = [SmokeGate(settings.rollout_smoke_requests)]
     if settings.rollout_eval_suite:
         gates.append(
@@ -222,6 +254,8 @@ def default_gates(settings: RolloutSection) -> list[Gate]:
                 template=settings.rollout_eval_template,
             )
         )
+    if settings.rollout_shadow_gate and shadow is not None:
+        gates.append(ShadowGate(shadow))
     if settings.rollout_gate_command:
         gates.append(CommandGate(settings.rollout_gate_command, settings.rollout_gate_timeout_s))
     return gates

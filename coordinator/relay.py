@@ -54,6 +54,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
         identify: Callable[[object], Identity],
         audit: AuditTrail,
         monitor: Optional[Monitor] = None,
+        shadow=None,
     ):
         self._s = settings
         self._me = coordinator_id
@@ -69,6 +70,7 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             audit=audit,
         )
         self._monitor = monitor or Monitor()
+        self._shadow = shadow  # coordinator/shadow.py: copies a sample to a candidate model
         self._per_caller: dict[str, int] = {}
         self.in_flight = 0
 
@@ -170,6 +172,8 @@ class Relay(inference_pb2_grpc.InferenceServicer):
             req.sampling.seed = secrets.randbits(63)
         if req.resumed_from_coordinator:  # a client's failover from another coordinator
             audit.resumed(req.resumed_from_coordinator, len(req.prefix_token_ids))
+        if self._shadow is not None:
+            self._shadow.offer(req)  # best effort; the caller never sees the copy (docs/shadow.md)
         run = Splice(req, clock=time.monotonic, completion_digest=self._audit.completion_digest())
         context = AuditedCall(
             context, audit, lambda: RunFacts.of(run)
