@@ -33,6 +33,7 @@ class Candidate:
     routed_total: int = 0
     model: str = ""  # ModelInfo.model_id
     version: str = ""  # ModelInfo.version
+    node_class: str = ""  # its traffic class (cluster/traffic.py class_of)
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,20 @@ class Want:
     exclude: frozenset[str] = frozenset()  # nodes that already failed this request
     session_key: str = field(default="", repr=False)  # may derive from a patient's identity
     model: str = ""  # required model id, or ID@VERSION ("" = any; see serves)
+    node_class: str = ""  # required traffic class ("" = any; the traffic policy's choice)
 
 
 def eligible(c: Candidate, want: Want) -> bool:
+    return serving(c, want) and c.in_flight < c.slots
+
+
+def serving(c: Candidate, want: Want) -> bool:
+    """The node could take the request if it had room: eligible but for its load."""
     return (
         c.node_id not in want.exclude
         and (not want.digest or c.digest == want.digest)
         and serves(c.model, c.version, want.model)
-        and c.in_flight < c.slots
+        and (not want.node_class or c.node_class == want.node_class)
     )
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 from cluster.api import common_pb2, node_pb2
 from cluster.routing import Candidate
+from cluster.traffic import class_of
 from coordinator import health_policy as hp
 from coordinator.ledger import NodeLoad
 from coordinator.node_link import NodeLink
@@ -95,6 +96,12 @@ class NodeEntry:
         return self.status.model.model_id if self.status else ""
 
     @property
+    def node_class(self) -> str:
+        """Its traffic class (docs/traffic.md); "" before its status is read."""
+        st = self.status
+        return class_of(st.node_class, st.model.engine) if st is not None else ""
+
+    @property
     def ready(self) -> bool:
         v = self.view
         st = v.status
@@ -118,4 +125,5 @@ class NodeEntry:
             load.routed_total,
             st.model.model_id,
             st.model.version,
+            class_of(st.node_class, st.model.engine),
         )
