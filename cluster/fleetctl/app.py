@@ -25,6 +25,7 @@ from cluster.fleetctl import (
     requests_cmd,
     rollout_cmd,
     service_cmd,
+    shadow_cmd,
     tokens_cmd,
 )
 
@@ -37,6 +38,7 @@ app.add_typer(rollout_cmd.app, name="rollout")
 app.add_typer(service_cmd.app, name="service")
 app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(tokens_cmd.app, name="tokens")
+app.add_typer(shadow_cmd.app, name="shadow")
 app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)
 app.command("nodes")(nodes_cmd.nodes)
