@@ -295,6 +295,33 @@ class NodeSettings(HttpPortSection, FileSettings):
         flag_only=True,
         default_text="",
     )
+    # Node groups (docs/node-groups.md): one model sharded over several agents with
+    # mlx.distributed; rank 0 serves requests, the other ranks follow its steps.
+    group: Annotated[tuple[str, ...], NoDecode] = setting(
+        (),
+        "Node group: every rank's address for the collective backend, in rank order "
+        "(HOST:PORT,HOST:PORT,...); the same list on every rank.",
+        metavar="HOST:PORT,...",
+        cli_type=str,
+        default_text="no group",
+    )
+    rank: int = setting(0, "Node group: this agent's place in --group (rank 0 serves).", ge=0)
+    group_backend: str = setting(
+        "ring",
+        "Node group: mlx.distributed backend: ring (TCP), jaccl (RDMA over Thunderbolt 5) or mpi.",
+        pattern="^(ring|jaccl|mpi)$",
+    )
+    group_mode: str = setting(
+        "tensor",
+        "Node group: tensor (each layer split across ranks) or pipeline (layers divided).",
+        pattern="^(tensor|pipeline)$",
+    )
+    group_timeout_s: float = setting(
+        10.0,
+        "Node group: a rank silent this long (no heartbeat, or a step stuck in a "
+        "collective) fails the group.",
+        gt=0,
+    )
     mdns: bool = setting(True, "Announce over mDNS for zero-config discovery.")
     fleet: str = setting(
         "default",
@@ -324,6 +351,42 @@ class NodeSettings(HttpPortSection, FileSettings):
     @classmethod
     def _split_args(cls, v):
         return tuple(shlex.split(v)) if isinstance(v, str) else v
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _split_group(cls, v):
+        if isinstance(v, str):
+            v = tuple(a.strip() for a in v.split(",") if a.strip())
+        return v
+
+    @field_validator("group")
+    @classmethod
+    def _check_group(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for address in v:
+            try:
+                _, port = split_host_port(address)
+            except ValueError as exc:
+                raise ValueError(f"--group: {exc}") from None
+            if not port:
+                raise ValueError(f"--group: {address!r} needs a real port, not 0")
+        if len(v) == 1:
+            raise ValueError("--group needs two or more ranks' addresses (HOST:PORT,HOST:PORT)")
+        if len(set(v)) != len(v):
+            raise ValueError("--group lists an address twice; each rank needs its own")
+        return v
+
+    @model_validator(mode="after")
+    def _check_rank(self):
+        if self.group and self.rank >= len(self.group):
+            raise ValueError(
+                f"--rank {self.rank} is outside --group's {len(self.group)} ranks (0-"
+                f"{len(self.group) - 1})"
+            )
+        if not self.group and self.rank:
+            raise ValueError("--rank needs --group (every rank's address, in rank order)")
+        if self.group and self.engine != "mlx":
+            raise ValueError(f"--group needs --engine mlx (got {self.engine})")
+        return self
 
 
 class HealthSection(BaseModel):
@@ -498,6 +561,54 @@ class CapacitySection(BaseModel):
     )
 
 
+class TrafficRule(BaseModel):
+    """One model's traffic policy in the config file ([coordinator.traffic."MODEL"])."""
+
+    model_config = _SECTION
+
+    weights: dict[str, int]  # node class -> weight
+    overflow: str = ""  # the class that takes overflow
+
+
+class TrafficSection(BaseModel):
+    """The traffic policy (docs/traffic.md): per model id (or "*"), weights across node
+    classes and overflow to a class while the local ones would miss --sla-p95-s. What the
+    file sets is the policy at start; `fleetctl traffic set` changes it while running."""
+
+    model_config = _SECTION
+
+    traffic: dict[str, TrafficRule] = setting(
+        {},
+        'Per model id (or "*"): [coordinator.traffic."MODEL"] weights = {local = 90, '
+        'upstream = 10}, overflow = "upstream" (config file only).',
+        cli=False,
+    )
+    traffic_overflow_window_s: float = setting(
+        30.0, "Seconds of arrivals the overflow controller's rate is measured over.", gt=0
+    )
+    traffic_overflow_hold_s: float = setting(
+        5.0, "Overflow stops after the local classes have been clear this long.", ge=0
+    )
+    traffic_overflow_queue_wait_s: float = setting(
+        1.0,
+        "Without a capacity profile for the local nodes: a local request waiting in the "
+        "admission queue longer than this starts overflow.",
+        gt=0,
+    )
+
+    @field_validator("traffic")
+    @classmethod
+    def _policies(cls, value: dict[str, TrafficRule]) -> dict[str, TrafficRule]:
+        from cluster.traffic import Policy, PolicyError
+
+        for model, rule in value.items():
+            try:
+                Policy.parse(model, rule.weights, rule.overflow)
+            except PolicyError as exc:
+                raise ValueError(f"traffic policy for {model[:80]!r}: {exc}") from None
+        return value
+
+
 class OpenAISection(BaseModel):
     """The OpenAI-compatible front door (docs/openai-api.md); bearer tokens in --state-db."""
 
@@ -525,6 +636,7 @@ class CoordinatorSettings(
     RolloutSection,
     MonitoringSection,
     CapacitySection,
+    TrafficSection,
     OpenAISection,
     HttpPortSection,
     FileSettings,
