@@ -139,7 +139,7 @@ class EngineServer(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., url: _Optional[str] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ..., up_s: _Optional[float] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations", "engine_server", "fencing_token", "audit_heads", "chip", "cpu_cores", "phi_allowed", "node_class")
+    __slots__ = ("node_id", "lifecycle", "lifecycle_reason", "cordoned", "model", "capacity", "load", "memory", "uptime_s", "agent_version", "api_version", "hostname", "cpu_load_1m", "staged", "previous_model", "drain_deadline_left_s", "operations", "engine_server", "fencing_token", "audit_heads", "chip", "cpu_cores", "phi_allowed", "node_class", "group")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class NodeStatus(_message.Message):
     CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     PHI_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     NODE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lifecycle: _common_pb2.Lifecycle
     lifecycle_reason: str
@@ -188,7 +189,42 @@ class NodeStatus(_message.Message):
     cpu_cores: int
     phi_allowed: bool
     node_class: str
-    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ..., fencing_token: _Optional[int] = ..., audit_heads: _Optional[_Iterable[_Union[_common_pb2.AuditHead, _Mapping]]] = ..., chip: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., phi_allowed: _Optional[bool] = ..., node_class: _Optional[str] = ...) -> None: ...
+    group: NodeGroup
+    def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ..., fencing_token: _Optional[int] = ..., audit_heads: _Optional[_Iterable[_Union[_common_pb2.AuditHead, _Mapping]]] = ..., chip: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., phi_allowed: _Optional[bool] = ..., node_class: _Optional[str] = ..., group: _Optional[_Union[NodeGroup, _Mapping]] = ...) -> None: ...
+
+class NodeGroup(_message.Message):
+    __slots__ = ("size", "rank", "mode", "backend", "ranks")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    rank: int
+    mode: str
+    backend: str
+    ranks: _containers.RepeatedCompositeFieldContainer[GroupRank]
+    def __init__(self, size: _Optional[int] = ..., rank: _Optional[int] = ..., mode: _Optional[str] = ..., backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[GroupRank, _Mapping]]] = ...) -> None: ...
+
+class GroupRank(_message.Message):
+    __slots__ = ("rank", "address", "hostname", "health", "last_heard_s", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARD_S_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    address: str
+    hostname: str
+    health: str
+    last_heard_s: float
+    memory_total_bytes: int
+    memory_available_bytes: int
+    process_rss_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., hostname: _Optional[str] = ..., health: _Optional[str] = ..., last_heard_s: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("operation_id", "kind", "state", "message", "started_unix_s", "finished_unix_s")
