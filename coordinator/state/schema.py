@@ -100,3 +100,39 @@ requests = sa.Table(
     sa.Index("requests_ended", "ended_at"),
     sa.Index("requests_caller", "caller", "ended_at"),
 )
+
+# Dashboard login links and browser sessions (coordinator/session_store.py), by the SHA-256
+# of their secret (never the secret): the operator each acts as, and its clocks.
+dashboard_links = sa.Table(
+    "dashboard_links",
+    metadata,
+    sa.Column("digest", sa.Text, primary_key=True),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("serial", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("not_after", REAL),
+    sa.Column("expires", REAL, nullable=False),
+)
+
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    sa.Column("digest", sa.Text, primary_key=True),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("serial", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("not_after", REAL),
+    sa.Column("created", REAL, nullable=False),
+    sa.Column("last_used", REAL, nullable=False),
+)
+
+# The eval gate's baseline scores (coordinator/baseline_store.py): the current version's
+# report per rollout, scores and case ids only (never a note), as evaluation.Report JSON.
+eval_baselines = sa.Table(
+    "eval_baselines",
+    metadata,
+    sa.Column("rollout_id", sa.Text, primary_key=True),
+    sa.Column("digest", sa.Text, primary_key=True),
+    sa.Column("report", sa.Text, nullable=False),
+    sa.Column("created", REAL, nullable=False),
+)
