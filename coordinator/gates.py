@@ -23,6 +23,7 @@ from cluster.api import SMOKE_METADATA_KEY, inference_pb2
 from cluster.client import build_request
 from cluster.config import RolloutSection
 from cluster.quality import evaluation
+from coordinator.baseline_store import MemoryBaselines
 from coordinator.node_link import NodeLink
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class EvalGate:
         template: str = "",
         concurrency: int = 4,
         timeout_s: float = 300.0,
+        baselines=None,
     ):
         self._suite = evaluation.load_suite(
             suite_path
@@ -148,9 +150,8 @@ class EvalGate:
         self._template = template
         self._concurrency = concurrency
         self._timeout = timeout_s
-        self.baselines: dict[
-            tuple[str, str], evaluation.Report
-        ] = {}  # (rollout, from digest) -> report
+        # (rollout, digest) -> report; in the state database (baseline_store.py) when given
+        self.baselines = baselines if baselines is not None else MemoryBaselines()
 
     async def _run(self, ctx: GateContext, what: str) -> evaluation.Report:
         async def generate(req: inference_pb2.GenerateRequest) -> inference_pb2.FinalInfo:
@@ -182,28 +183,24 @@ class EvalGate:
     async def prepare(self, ctx: GateContext) -> Optional[str]:
         """Score the current version on this node (still serving it), once per rollout."""
         key = (ctx.rollout_id, ctx.weights_digest)
-        if key in self.baselines:
+        if await self.baselines.has(*key):
             return None
-        # One rollout runs at a time: earlier rollouts' baselines are not needed again.
-        self.baselines = {k: r for k, r in self.baselines.items() if k[0] == ctx.rollout_id}
         report = await self._run(ctx, "baseline")
         if not any(c.ok for c in report.cases):
             return (
                 f"the baseline run on the current version failed every case ({report.cases[0].error}); "
                 "fix the node or the suite, then start the rollout again"
             )
-        self.baselines[key] = report
+        await self.baselines.put(*key, report)
         return None
 
     async def check(self, ctx: GateContext) -> Optional[str]:
-        baseline = next(
-            (r for (rid, _), r in self.baselines.items() if rid == ctx.rollout_id), None
-        )
+        baseline = await self.baselines.get(ctx.rollout_id)
         report = await self._run(ctx, "candidate")
         why = evaluation.gate_verdict(report, baseline, margin=self._margin, min_score=self._min)
         if why is None and baseline is None:
             log.warning(
-                "rollout=%s node=%s eval gate had no baseline (coordinator restarted mid-rollout?); "
+                "rollout=%s node=%s eval gate found no baseline recorded for this rollout; "
                 "checked the floor only",
                 ctx.rollout_id,
                 ctx.node_id,
@@ -243,7 +240,7 @@ class ShadowGate:
         return None
 
 
-def default_gates(settings: RolloutSection, shadow=None) -> list[Gate]:
+def default_gates(settings: RolloutSection, shadow=None, baselines=None) -> list[Gate]:
     gates: list[Gate] = [SmokeGate(settings.rollout_smoke_requests)]
     if settings.rollout_eval_suite:
         gates.append(
@@ -252,6 +249,7 @@ def default_gates(settings: RolloutSection, shadow=None) -> list[Gate]:
                 margin=settings.rollout_eval_margin,
                 min_score=settings.rollout_eval_min_score,
                 template=settings.rollout_eval_template,
+                baselines=baselines,
             )
         )
     if settings.rollout_shadow_gate and shadow is not None:
