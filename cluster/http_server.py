@@ -7,7 +7,8 @@ certificates and the same rules (docs/monitoring.md).
   the StudioFleet identity of its client certificate (checked against the fleet CA, the
   revocation list and its expiry on every request), or, on the coordinator, a dashboard
   session a browser got from a one-time link (`fleetctl dashboard`), which acts as the
-  operator who asked for it and idles out (HIPAA automatic logoff).
+  operator who asked for it and idles out (HIPAA automatic logoff; cluster/dashboard_sessions.py,
+  kept in the coordinator's state database: 503 while it does not answer).
 - No certificate: 401; wrong role: 403; both say what to do. Refusals are logged (and, on
   the coordinator, audited) with the client's address and nothing the caller sent but the
   path; past a small burst per source they are counted and recorded once per window, and a
@@ -21,19 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
 import logging
-import secrets
 import ssl
 import time
-from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Optional
 
 from aiohttp import web
 from cryptography import x509
 
 from cluster.config import split_host_port
+from cluster.dashboard_sessions import TOKEN_TTL_S, DashboardSessions, SessionsUnavailable
 from cluster.http_denials import DenialLedger, Held
 from cluster.http_guard import ConnectionGuard, GuardedSite, HttpLimits
 from cluster.logs import fields
@@ -45,7 +44,6 @@ SESSION_COOKIE = "studiofleet_session"
 BACKGROUND_HEADER = (
     "X-StudioFleet-Background"  # "1": a poll, not the user: the session's idle clock runs on
 )
-TOKEN_TTL_S = 60.0
 RECHECK_S = 1.0
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -57,69 +55,6 @@ SECURITY_HEADERS = {
 }
 # (identity, action, code, reason, peer=..., and count=/window_s= for a window's record)
 OnDenied = Callable[..., Optional[Awaitable[None]]]
-
-
-@dataclass
-class _Session:
-    identity: Identity
-    created: float
-    last_used: float
-
-
-class DashboardSessions:
-    """One-time login tokens and the browser sessions they open (coordinator only).
-
-    A token is good for TOKEN_TTL_S and one use; a session ends after `idle_s` without a
-    request, or after `max_s` whatever happens. Both live in memory only: a restarted
-    coordinator asks operators to open the link again."""
-
-    def __init__(
-        self, idle_s: float, max_s: float = 12 * 3600.0, clock: Callable[[], float] = time.monotonic
-    ):
-        self.idle_s, self.max_s, self._clock = idle_s, max_s, clock
-        self._tokens: dict[str, tuple[Identity, float]] = {}
-        self._sessions: dict[str, _Session] = {}
-
-    def issue(self, identity: Identity) -> str:
-        self._expire()
-        token = secrets.token_urlsafe(32)
-        self._tokens[token] = (identity, self._clock() + TOKEN_TTL_S)
-        return token
-
-    def redeem(self, token: str) -> Optional[str]:
-        """A new session id for a valid, unused token; None otherwise."""
-        self._expire()
-        found = next((t for t in self._tokens if hmac.compare_digest(t, token)), None)
-        if found is None:
-            return None
-        identity, _ = self._tokens.pop(found)
-        sid = secrets.token_urlsafe(32)
-        now = self._clock()
-        self._sessions[sid] = _Session(identity, now, now)
-        return sid
-
-    def identity(self, sid: str, *, touch: bool = True) -> Optional[Identity]:
-        """The session's operator; `touch` (a user's request, not a background poll)
-        restarts its idle clock."""
-        self._expire()
-        session = self._sessions.get(sid)
-        if session is None:
-            return None
-        if touch:
-            session.last_used = self._clock()
-        return session.identity
-
-    def end(self, sid: str) -> None:
-        self._sessions.pop(sid, None)
-
-    def _expire(self) -> None:
-        now = self._clock()
-        for token, (_, until) in list(self._tokens.items()):
-            if until < now:
-                del self._tokens[token]
-        for sid, s in list(self._sessions.items()):
-            if now - s.last_used > self.idle_s or now - s.created > self.max_s:
-                del self._sessions[sid]
 
 
 class MonitorHTTP:
@@ -297,10 +232,13 @@ class MonitorHTTP:
             entry, allowed = self._allowed(request.path)
             ident = self._certificate(request)
             if ident is None and self.sessions is not None:
-                ident = self.sessions.identity(
-                    request.cookies.get(SESSION_COOKIE, ""),
-                    touch=request.headers.get(BACKGROUND_HEADER) != "1",
-                )
+                try:
+                    ident = await self.sessions.identity(
+                        request.cookies.get(SESSION_COOKIE, ""),
+                        touch=request.headers.get(BACKGROUND_HEADER) != "1",
+                    )
+                except SessionsUnavailable as exc:
+                    return _unavailable(request, exc)
             refusal = self._limited(request, self._check(ident, allowed, entry))
             if refusal is not None:
                 status, message, headers = refusal
@@ -438,11 +376,14 @@ class MonitorHTTP:
             response = _error(*refusal[:2], browser=True)
             response.headers.update(refusal[2])
             return response
-        sid = (
-            self.sessions.redeem(request.query.get("token", ""))
-            if self.sessions is not None
-            else None
-        )
+        try:
+            sid = (
+                await self.sessions.redeem(request.query.get("token", ""))
+                if self.sessions is not None
+                else None
+            )
+        except SessionsUnavailable as exc:
+            return _unavailable(request, exc)
         if sid is None:
             await self._denied(request, None, "/login", *refusal[:2])
             return _error(*refusal[:2], browser=True)
@@ -456,12 +397,15 @@ class MonitorHTTP:
             samesite="Strict",
             path="/",
         )
-        log.info("dashboard session opened for %s", self.sessions.identity(sid))
+        log.info("dashboard session opened for %s", await self.sessions.identity(sid, touch=False))
         return response
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         if self.sessions is not None:
-            self.sessions.end(request.cookies.get(SESSION_COOKIE, ""))
+            try:
+                await self.sessions.end(request.cookies.get(SESSION_COOKIE, ""))
+            except SessionsUnavailable as exc:
+                return _unavailable(request, exc)
         response = web.HTTPSeeOther("/")
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
@@ -471,6 +415,12 @@ def source_of(request: web.Request) -> str:
     """The client's address (no port): the unit of per-source limits."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return str(peer[0]) if peer else "-"
+
+
+def _unavailable(request: web.Request, exc: SessionsUnavailable) -> web.Response:
+    response = _error(503, str(exc), browser="text/html" in request.headers.get("Accept", ""))
+    response.headers.update(SECURITY_HEADERS)
+    return response
 
 
 def _error(status: int, message: str, *, browser: bool) -> web.Response:

@@ -85,7 +85,7 @@ def traffic(
     return out
 
 
-def dashboard_link(http, identity: Identity) -> fleet_pb2.DashboardLink:
+async def dashboard_link(http, identity: Identity) -> fleet_pb2.DashboardLink:
     """A one-time login URL for `identity` on the monitoring port's dashboard. A port bound
     to every interface is named by this host's fully qualified name (set --http-listen to a
     name the browser resolves)."""
@@ -94,7 +94,7 @@ def dashboard_link(http, identity: Identity) -> fleet_pb2.DashboardLink:
     host, _, port = http.address.rpartition(":")
     if host.strip("[]") in ("0.0.0.0", "::", ""):
         host = socket.getfqdn()
-    token = http.sessions.issue(identity)
+    token = await http.sessions.issue(identity)
     return fleet_pb2.DashboardLink(
         url=f"{http.scheme}://{host}:{port}/login?token={token}", expires_in_s=TOKEN_TTL_S
     )
@@ -394,7 +394,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
                 "start it with --http-listen HOST:PORT",
             )
         await self._record(context, ident, context.peer(), "fleet.open_dashboard")
-        return dashboard_link(http, ident)
+        return await dashboard_link(http, ident)
 
     # -- API tokens for the OpenAI-compatible front door ---------------------------------
     async def IssueApiToken(self, request, context) -> fleet_pb2.ApiTokenIssued:

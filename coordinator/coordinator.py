@@ -33,6 +33,7 @@ from cluster.security.roles import COORDINATOR_HTTP_TABLE, COORDINATOR_TABLE
 from coordinator.admin import FleetAdmin
 from coordinator.admission import Admission
 from coordinator.audit_trail import AuditTrail
+from coordinator.baseline_store import BaselineStore
 from coordinator.discovery import MdnsDiscovery
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
@@ -113,7 +114,7 @@ class Coordinator:
             probe_timeout_s=settings.probe_timeout_s,
             fleet=self.fleet,
             events=self.events,
-            gates=default_gates(rollout, shadow=self.shadow),
+            gates=default_gates(rollout, shadow=self.shadow, baselines=BaselineStore(self.state)),
             store=RolloutStore(self.state),
             audit=self.audit,
         )
@@ -294,13 +295,14 @@ class Coordinator:
         from cluster.http_guard import HttpLimits
         from cluster.http_server import DashboardSessions, MonitorHTTP
         from coordinator import dashboard
+        from coordinator.session_store import SessionStore
 
         self.http = MonitorHTTP(
             listen=listen,
             security=self.security,
             table=COORDINATOR_HTTP_TABLE,
             where=f"coordinator {s.coordinator_id}",
-            sessions=DashboardSessions(s.dashboard_idle_timeout_s),
+            sessions=DashboardSessions(s.dashboard_idle_timeout_s, book=SessionStore(self.state)),
             on_denied=self._denied,
             limits=HttpLimits.of(s),
         )

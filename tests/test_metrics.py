@@ -4,6 +4,7 @@ prometheus_client's own text parser (docs/monitoring.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -206,31 +207,11 @@ def test_a_coordinator_can_run_without_metrics_or_a_monitoring_port(node, tmp_pa
 
 def test_dashboard_links_work_once_and_sessions_idle_out():
     """HIPAA automatic logoff: a session ends after the idle timeout or its maximum age;
-    a login link works once and only for a minute."""
-    from cluster.http_server import TOKEN_TTL_S, DashboardSessions
-    from cluster.security.identity import Identity
+    a login link works once and only for a minute (in memory; in the state database:
+    tests/test_state_sessions.py runs the same checks on SQLite and PostgreSQL)."""
+    from tests.test_state_sessions import links_and_sessions
 
-    now = [1000.0]
-    sessions = DashboardSessions(idle_s=900, max_s=3600, clock=lambda: now[0])
-    dana = Identity(Role.OPERATOR, "dana", serial=7)
-    token = sessions.issue(dana)
-    sid = sessions.redeem(token)
-    assert sid and sessions.identity(sid) == dana
-    assert sessions.redeem(token) is None  # single use
-    late = sessions.issue(dana)
-    now[0] += TOKEN_TTL_S + 1
-    assert sessions.redeem(late) is None  # expired unused
-    assert sessions.identity(sid) == dana  # used within the idle timeout: kept
-    now[0] += 899
-    assert sessions.identity(sid) == dana
-    now[0] += 901
-    assert sessions.identity(sid) is None  # idle too long
-    other = sessions.redeem(sessions.issue(dana))
-    for _ in range(5):
-        now[0] += 800
-        alive = sessions.identity(other)
-    assert alive is None  # past max_s even while in use
-    assert sessions.redeem("") is None and sessions.identity("") is None
+    asyncio.run(links_and_sessions(None))
 
 
 def test_a_monitoring_port_in_use_is_a_clear_start_error(node, tmp_path):

@@ -102,6 +102,44 @@ def test_two_coordinators_opening_one_empty_postgresql_at_once_migrate_it_once(p
         db.close()
 
 
+def test_a_database_of_the_previous_revision_upgrades_in_place(empty_url, monkeypatch):
+    """A database a coordinator of the previous release (revision 0001: no dashboard sessions
+    or eval baselines in the database) made gains those tables, its rows kept."""
+    import asyncio
+
+    from coordinator.baseline_store import BaselineStore
+    from coordinator.session_store import SessionStore
+    from coordinator.state import engine, migrate
+    from tests.test_state_sessions import DANA, _report
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "upgrade", lambda db: migrate.upgrade(db, "0001"))
+        old = StateDB(empty_url)
+    try:
+        with old.engine.connect() as conn:
+            assert current(conn) == "0001"
+            assert not sa.inspect(conn).has_table("dashboard_sessions")
+        _, secret = TokenStore(old).issue("notes-app")
+        RolloutStore(old).acquire("old-co", ttl_s=5)
+    finally:
+        old.close()
+
+    db = StateDB(empty_url)
+    try:
+        with db.engine.connect() as conn:
+            assert current(conn) == head()
+        assert differences(db) == []
+        assert TokenStore(db).verify(secret).identity.name == "notes-app"
+        assert RolloutStore(db).lease()[0] == "old-co"
+        sessions, baselines = SessionStore(db), BaselineStore(db)
+        sessions.add_session("k", DANA, time.time())
+        assert sessions.session("k", time.time(), 60, 3600, True) == DANA
+        asyncio.run(baselines.put("r1", "sha256:x", _report(0.7)))
+        assert asyncio.run(baselines.get("r1")).summary["score"] == 0.7
+    finally:
+        db.close()
+
+
 def test_the_sqlite_file_of_the_release_before_migrations_upgrades_in_place(tmp_path):
     path = tmp_path / "coordinator.db"
     shutil.copy(FIXTURES / "release-92239ae.db", path)
