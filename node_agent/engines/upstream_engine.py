@@ -1,16 +1,19 @@
-"""The upstream engine: a remote OpenAI-compatible vLLM endpoint as a fleet node.
+"""The upstream engine: a remote OpenAI-compatible endpoint as a fleet node.
 
-The same client as the vLLM engine (vllm_protocol.py: streaming /v1/completions with the
-prompt as token ids and `return_token_ids`, so a resume is exact) without supervising a
-server: the endpoint is remote (http or https, the system's or a given CA), reached with
-a bearer key read from a file. The agent keeps everything else (validation, templates,
-tokens, stops, admission, audit, drain), so --model still names a local directory with
-config.json and the tokenizer; the weights may be absent there.
+Two kinds. `vllm`: the same client as the vLLM engine (vllm_protocol.py: streaming
+/v1/completions with the prompt as token ids and `return_token_ids`, so a resume is exact)
+without supervising a server. `openai`: a hosted API, chat messages in and text out
+(upstream_openai.py), never part of an exact resume. The endpoint is remote (http or
+https, the system's or a given CA), reached with a bearer key read from a file. The agent
+keeps everything else (validation, templates, tokens, stops, admission, audit, drain), so
+--model still names a local directory with config.json and the tokenizer; the weights may
+be absent there.
 
-At start the endpoint must answer GET /v1/models listing the served model; until it does,
-the engine keeps trying with backoff and tells the agent why (the node stays LOADING with
-that reason). Upstream errors fail the request with a message that says what happened and
-never holds the key, the prompt or the endpoint's error text (it may quote the input).
+At start the endpoint must answer GET /v1/models listing the served model (and, for the
+vllm kind, pass the token check of upstream_check.py); until it does, the engine keeps trying
+with backoff and tells the agent why (the node stays LOADING with that reason). Upstream
+errors fail the request with a message that says what happened and never holds the key,
+the prompt or the endpoint's error text (it may quote the input).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from node_agent.engine import (
     quantization_of,
     stored_parameters,
 )
+from node_agent.engines import upstream_openai
 from node_agent.engines.loop_engine import LoopEngine
+from node_agent.engines.upstream_check import token_check
 from node_agent.engines.vllm_protocol import (
     chunk_events,
     completion_body,
@@ -46,6 +51,7 @@ from node_agent.engines.vllm_protocol import (
 log = logging.getLogger(__name__)
 
 KEY_FLAG = "--upstream-key-file"
+KINDS = ("vllm", "openai")
 _RATE_WINDOW_S = 10.0
 
 
@@ -80,6 +86,13 @@ def retry_after_s(value: Optional[str]) -> Optional[float]:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+def retry_hint_s(headers) -> Optional[float]:
+    """The endpoint's retry hint: `retry-after-ms` (OpenAI's and our front door's, finer)
+    when it sends one, else `Retry-After`."""
+    ms = retry_after_s(headers.get("retry-after-ms"))
+    return ms / 1000.0 if ms is not None else retry_after_s(headers.get("Retry-After"))
 
 
 def http_failure(status: int, body: bytes, key_file: Path, retry_after: Optional[float]) -> str:
@@ -132,8 +145,9 @@ class UpstreamEngine(LoopEngine):
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 120.0,
     ):
-        if kind != "vllm":
-            raise ValueError(f"upstream kind {kind!r} is not supported yet; use vllm")
+        if kind not in KINDS:
+            raise ValueError(f"upstream kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+        self._kind = kind
         self._path = Path(model_path)
         self._model_id = model_id or self._path.name
         self._init_loop(max_running)
@@ -147,10 +161,12 @@ class UpstreamEngine(LoopEngine):
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s
         self._key = ""
+        self._key_stale = False  # the endpoint refused the key: read the file again
         self._loading: Optional[asyncio.Task] = None
         self._up_since = 0.0
         self._last_error = ""  # the last request the endpoint failed or refused, as one line
         self._rate: collections.deque[float] = collections.deque()  # token arrival times
+        self._encode = self._decode = self._spans = None  # the local tokenizer's
 
     # -- called from other threads -------------------------------------------------
 
@@ -230,13 +246,17 @@ class UpstreamEngine(LoopEngine):
         tokenizer = await asyncio.to_thread(
             load_tokenizer, path, eos_token_ids=config.get("eos_token_id")
         )
-        digest = self._digest or await asyncio.to_thread(weights_digest, path)
+        if self._kind == "openai":
+            digest = upstream_openai.remote_digest(self._url, self._served_model)
+        else:
+            digest = self._digest or await asyncio.to_thread(weights_digest, path)
         parameters = await asyncio.to_thread(stored_parameters, path)
         context = int(config.get("max_position_embeddings") or 32768)
         if self._max_context:
             context = min(context, self._max_context)
         vocab = int(config.get("vocab_size") or len(tokenizer.vocab))
         self._tokenizer, self._eos = tokenizer, tuple(sorted(tokenizer.eos_token_ids))
+        self._encode, self._decode, self._spans = upstream_openai.codec(tokenizer)
         version = await self._reach()
         self._serving, self._up_since = True, time.monotonic()
         return ModelFacts(
@@ -247,7 +267,7 @@ class UpstreamEngine(LoopEngine):
             decodable_vocab_size=min(vocab, len(tokenizer._tokenizer)),
             eos_token_ids=frozenset(tokenizer.eos_token_ids),
             engine=self.name,
-            engine_version=f"upstream vllm {version} at {self._url}",
+            engine_version=f"upstream {self._kind} {version} at {self._url}",
             parameters=parameters,
             quantization=quantization_of(config),
         )
@@ -258,6 +278,15 @@ class UpstreamEngine(LoopEngine):
         attempt = 0
         while True:
             why = await self._probe()
+            if why is None and self._kind == "vllm":
+                why = await token_check(
+                    self._session,
+                    self._url,
+                    self._served_model,
+                    self._headers(),
+                    self._encode,
+                    self._eos,
+                )
             if why is None:
                 if attempt:
                     self._notify(True, f"the upstream endpoint {self._url} answers")
@@ -285,7 +314,7 @@ class UpstreamEngine(LoopEngine):
                 body = await r.read()
                 if r.status != 200:
                     return f"upstream {self._url}: " + http_failure(
-                        r.status, body, self._key_file, retry_after_s(r.headers.get("Retry-After"))
+                        r.status, body, self._key_file, retry_hint_s(r.headers)
                     )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return f"the upstream endpoint {self._url} cannot be reached ({type(exc).__name__})"
@@ -329,20 +358,36 @@ class UpstreamEngine(LoopEngine):
     def _not_serving(self) -> str:
         return "the upstream endpoint is not reached yet"
 
+    def _http_call(self, req: EngineRequest):
+        """(path, body, reader) of the request's streaming call for this kind; the reader's
+        `read(msg)` gives (events, finished, failure) and `cut` says it ended the call."""
+        if self._kind == "openai":
+            path, body = upstream_openai.request_body(req, self._served_model, self._decode)
+            tokens = upstream_openai.TextTokens(self._encode, self._decode, self._spans)
+            return path, body, upstream_openai.TextReader(tokens, req.max_tokens)
+        return "/v1/completions", completion_body(req, self._served_model, self._eos), _TokenReader
+
     async def _generate(self, req: EngineRequest) -> None:
         import aiohttp
 
         key = req.key
-        body = completion_body(req, self._served_model, self._eos)
+        refused = upstream_openai.refusal(req) if self._kind == "openai" else None
+        if refused is not None:
+            self._fail(key, refused, status="FAILED_PRECONDITION")  # frees its slot
+            return self._pump()
+        if self._key_stale:
+            self._key_stale = False
+            self._reread_key()  # after a 401/403: a fixed key file is used from now on
+        path, body, reader = self._http_call(req)
         try:
             async with self._session.post(
-                f"{self._url}/v1/completions", data=body, headers=self._headers()
+                f"{self._url}{path}", data=body, headers=self._headers()
             ) as resp:
                 if resp.status != 200:
-                    retry = retry_after_s(resp.headers.get("Retry-After"))
+                    retry = retry_hint_s(resp.headers)
                     failure = http_failure(resp.status, await resp.read(), self._key_file, retry)
                     if resp.status in (401, 403):
-                        self._reread_key()  # a fixed key file is used from the next request on
+                        self._key_stale = True  # read the file again before the next request
                     return self._fail(
                         key,
                         failure,
@@ -352,7 +397,9 @@ class UpstreamEngine(LoopEngine):
                     )
                 finished = False
                 async for msg in stream_messages(resp):
-                    finished = finished or self._relay(key, msg)
+                    finished = finished or self._relay(key, reader.read(msg))
+                    if reader.cut:  # ended here at max_tokens: closing the call aborts it
+                        break
             if not finished:
                 self._fail(
                     key,
@@ -374,10 +421,10 @@ class UpstreamEngine(LoopEngine):
                 del self._running[key]
                 self._pump()
 
-    def _relay(self, key: str, msg: dict) -> bool:
-        events, done, failure = chunk_events(msg)
+    def _relay(self, key: str, read: tuple[list[EngineEvent], bool, Optional[str]]) -> bool:
+        events, done, failure = read
         if failure is not None:
-            self._fail(key, failure.replace("the vLLM server", "the upstream endpoint"), error=True)
+            self._fail(key, failure, error=True)
             return True
         now = time.monotonic()
         for event in events:
@@ -411,3 +458,16 @@ class UpstreamEngine(LoopEngine):
                     EventKind.FAILED, message=message, status=status, retry_after_ms=retry_after_ms
                 ),
             )
+
+
+class _TokenReader:
+    """The vllm kind's streamed chunks as events (token ids come back as they are)."""
+
+    cut = False
+
+    @staticmethod
+    def read(msg: dict) -> tuple[list[EngineEvent], bool, Optional[str]]:
+        events, done, failure = chunk_events(msg)
+        if failure is not None:
+            failure = failure.replace("the vLLM server", "the upstream endpoint")
+        return events, done, failure
