@@ -70,7 +70,7 @@ def fleet_nodes(fleet: Fleet) -> list[fleet_pb2.FleetNode]:
 
 
 def traffic(
-    request_log, relay, window_s: int = 3600, bucket_s: int = 60, headroom=None
+    request_log, relay, window_s: int = 3600, bucket_s: int = 60, headroom=None, control=None
 ) -> fleet_pb2.Traffic:
     """The last `window_s` in buckets (from the request log, empty without one), the load
     now and the live headroom: what `fleetctl top` (GetTraffic) and the dashboard draw."""
@@ -82,6 +82,8 @@ def traffic(
     out.running, out.queued = relay.load()
     if headroom is not None:
         out.headroom.CopyFrom(to_proto(headroom.snapshot()))
+    if control is not None:  # coordinator/traffic.TrafficControl (docs/traffic.md)
+        out.classes.extend(control.classes())
     return out
 
 
@@ -116,8 +118,10 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
         http=None,
         tokens=None,
         headroom=None,
+        traffic=None,
     ):
         self._s = settings
+        self._traffic = traffic  # coordinator/traffic.TrafficControl
         self._headroom = headroom  # cluster.capacity.headroom.LiveHeadroom
         self._tokens = tokens  # coordinator/api_tokens.TokenStore; None with --openai-listen off
         self._request_log = request_log  # None: --no-request-log
@@ -375,7 +379,19 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "need 1 <= bucket_s <= window_s <= 86400 and at most 1440 buckets",
             )
-        return traffic(self._request_log, self._relay, window, bucket, self._headroom)
+        return traffic(
+            self._request_log, self._relay, window, bucket, self._headroom, self._traffic
+        )
+
+    # -- the traffic policy (docs/traffic.md) ----------------------------------------------
+    async def SetTrafficPolicy(self, request, context) -> fleet_pb2.TrafficPolicies:
+        from coordinator.traffic_admin import set_policy
+
+        return await set_policy(self, self._traffic, request, context)
+
+    async def GetTrafficPolicies(self, request, context) -> fleet_pb2.TrafficPolicies:
+        # Not audited: the policy and aggregate counts, polled every few seconds by `fleetctl top`.
+        return self._traffic.to_proto()
 
     async def OpenDashboard(self, request, context) -> fleet_pb2.DashboardLink:
         ident = self._identify(context)

@@ -44,11 +44,21 @@ class _Waiter:
     want: Want = field(compare=False)
     tokens: int = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    since: float = field(compare=False, default=0.0)  # loop time it joined the queue
 
 
 class Admission:
-    def __init__(self, *, fleet: Fleet, max_depth: int, max_wait_s: float, load_factor: float):
+    def __init__(
+        self,
+        *,
+        fleet: Fleet,
+        max_depth: int,
+        max_wait_s: float,
+        load_factor: float,
+        traffic=None,
+    ):
         self._fleet = fleet
+        self._traffic = traffic  # coordinator/traffic.TrafficControl (docs/traffic.md)
         self._max_depth = max_depth
         self._max_wait_s = max_wait_s
         self._load_factor = load_factor
@@ -59,14 +69,22 @@ class Admission:
     def depth(self) -> int:
         return sum(1 for w in self._heap if not w.future.done())
 
-    def _place(self, want: Want, tokens: int) -> Optional[NodeEntry]:
+    def waiting(self):
+        """(want, loop time it joined) of each request waiting in the queue."""
+        return [(w.want, w.since) for w in self._heap if not w.future.done()]
+
+    def _place(self, want: Want, tokens: int, live: bool = True) -> Optional[NodeEntry]:
+        """Reserve a place on the node `pick` chooses (`live`: counted in the traffic shares)."""
         entries = {e.node_id: e for e in self._fleet.routable()}
-        node_id = pick(
-            [e.candidate() for e in entries.values()], want, load_factor=self._load_factor
-        )
+        candidates = [e.candidate() for e in entries.values()]
+        node_id = pick(candidates, want, load_factor=self._load_factor)
+        if node_id is None and want.node_class and self._traffic is not None:
+            node_id = self._traffic.elsewhere(candidates, want, self._load_factor)
         if node_id is None:
             return None
         entry = entries[node_id]
+        if self._traffic is not None and live:
+            self._traffic.placed(entry.node_class)
         load = entry.load
         load.in_flight += 1
         load.outstanding_tokens += tokens
@@ -76,7 +94,10 @@ class Admission:
     async def acquire(
         self, want: Want, *, priority: int, tokens: int, timeout_s: Optional[float]
     ) -> NodeEntry:
-        """A node with a reserved place; raises QueueFull or WaitExpired."""
+        """A node with a reserved place; raises QueueFull or WaitExpired. A new request (not a
+        retry or resume) goes to the class the traffic policy chooses; the others to any."""
+        if self._traffic is not None and priority != RESUME and not want.exclude:
+            want = self._traffic.route(want)
         if not self._heap:
             entry = self._place(want, tokens)
             if entry is not None:
@@ -84,7 +105,7 @@ class Admission:
         if priority != RESUME and self.depth >= self._max_depth:
             raise QueueFull()
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(priority, next(self._seq), want, tokens, loop.create_future())
+        waiter = _Waiter(priority, next(self._seq), want, tokens, loop.create_future(), loop.time())
         heapq.heappush(self._heap, waiter)
         self.dispatch()
         wait = self._max_wait_s if timeout_s is None else min(self._max_wait_s, timeout_s)
@@ -104,7 +125,7 @@ class Admission:
     def try_acquire(self, want: Want, tokens: int) -> Optional[NodeEntry]:
         """A place now, or None: never a wait, and nothing while requests are queued (best-effort
         work, such as shadow copies, must not go ahead of them; docs/shadow.md)."""
-        return None if self.depth else self._place(want, tokens)
+        return None if self.depth else self._place(want, tokens, live=False)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """The waiter leaves the queue; a place it was given meanwhile goes back."""

@@ -25,6 +25,7 @@ from cluster.config import (
     CoordinatorSettings,
     HealthSection,
     RolloutSection,
+    TrafficSection,
     http_address,
 )
 from cluster.daemon import SERVER_OPTIONS
@@ -47,6 +48,7 @@ from coordinator.rollouts import Rollouts, lease_holder
 from coordinator.shadow import Shadow
 from coordinator.shadow_admin import ShadowAdmin
 from coordinator.state import StateDB, url_for
+from coordinator.traffic import TrafficControl
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,23 @@ class Coordinator:
             revocations=security.server.revocations if security.server else None,
             witness=self.witness,
         )
+        # Node classes and overflow (docs/traffic.md); it reads the queue and the live headroom.
+        self.traffic = TrafficControl(
+            settings=settings.section(TrafficSection),
+            sla_p95_s=settings.sla_p95_s,
+            profiles=lambda: self.headroom.profiles,
+            fleet=self.fleet,
+            events=self.events,
+            waiting=lambda: self.admission.waiting(),
+            on_overflow=lambda: self.admission.dispatch(),
+            mix=lambda: self.headroom.meter.mix(),
+        )
         self.admission = Admission(
             fleet=self.fleet,
             max_depth=settings.queue_max_depth,
             max_wait_s=settings.queue_max_wait_s,
             load_factor=settings.affinity_load_factor,
+            traffic=self.traffic,
         )
         self.monitor = Monitor()
         # Copies of sampled live requests to a candidate model (docs/shadow.md).
@@ -132,6 +146,7 @@ class Coordinator:
                 headroom=self.headroom,
             )
             self.monitor.sinks.append(self.metrics.request_ended)
+            self.metrics.registry.register(self.traffic.collector())
         # Ready: the state database answers and a node is routable (docs/ha.md "Readiness").
         self.readiness = Readiness(
             state=self.state,
@@ -234,6 +249,7 @@ class Coordinator:
                 http=lambda: self.http,
                 tokens=self.tokens,
                 headroom=self.headroom,
+                traffic=self.traffic,
             ),
             server,
         )
@@ -280,6 +296,7 @@ class Coordinator:
                 )
                 self.discovery = None
         self.rollouts.resume_pending()
+        self.traffic.start()
         if s.mdns and s.mdns_announce:
             from coordinator.announce import announce
 
@@ -373,6 +390,7 @@ class Coordinator:
         if self.discovery is not None:
             await self.discovery.close()
         await self.rollouts.close()
+        await self.traffic.close()
         await self.fleet.close()
         if self.http is not None:
             await self.http.close()

@@ -103,6 +103,32 @@ def snapshot(co: Source) -> dict:
         "events": [_event(e) for e in co.events.history()[-EVENTS:]][::-1],
         "rollout": _rollout(co),
         "capacity": _capacity(co.headroom.snapshot()),
+        "traffic_classes": _classes(getattr(co, "traffic", None)),
+    }
+
+
+def _classes(control) -> dict:
+    """Each node class's share of the last minute's placements, and the overflow switches
+    (docs/traffic.md)."""
+    if control is None:
+        return {"classes": [], "overflow": []}
+    policies = control.to_proto().policies
+    return {
+        "classes": [
+            {
+                "node_class": c.node_class,
+                "share": round(c.share, 4),
+                "routed_recent": c.routed_recent,
+                "routed_total": c.routed_total,
+                "routable_nodes": c.routable_nodes,
+            }
+            for c in control.classes()
+        ],
+        "overflow": [
+            {"model": p.policy.model, "to": p.policy.overflow, "active": p.overflow_active}
+            for p in policies
+            if p.policy.overflow
+        ],
     }
 
 

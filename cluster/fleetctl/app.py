@@ -27,6 +27,7 @@ from cluster.fleetctl import (
     service_cmd,
     shadow_cmd,
     tokens_cmd,
+    traffic_cmd,
 )
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
@@ -38,6 +39,7 @@ app.add_typer(rollout_cmd.app, name="rollout")
 app.add_typer(service_cmd.app, name="service")
 app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(tokens_cmd.app, name="tokens")
+app.add_typer(traffic_cmd.app, name="traffic")
 app.add_typer(shadow_cmd.app, name="shadow")
 app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)

@@ -117,9 +117,11 @@ def frame(stub: fleet_pb2_grpc.FleetStub, events: list, coordinator: str) -> Gro
         "\n".join(event_line(ev) for ev in reversed(events)) or "no events yet", style="dim"
     )
     capacity = capacity_line(traffic)
+    shares = traffic_line(stub, traffic)
     return Group(
         summary,
         *([capacity] if capacity else []),
+        *([shares] if shares else []),
         fleet_table(listing),
         charts,
         Text("recent events", style="bold"),
@@ -133,6 +135,30 @@ def capacity_line(traffic: fleet_pb2.Traffic) -> Text | None:
         return None
     h = headroom.from_proto(traffic.headroom)
     return Text(h.line(), style="dim" if not h.known else ("green" if h.sla_met else "bold red"))
+
+
+def traffic_line(stub: fleet_pb2_grpc.FleetStub, traffic: fleet_pb2.Traffic) -> Text | None:
+    """Each node class's share of the last minute's requests and any overflow on
+    (docs/traffic.md); red while overflow is on."""
+    from cluster.fleetctl.traffic_cmd import classes_line
+
+    try:
+        policies = stub.GetTrafficPolicies(fleet_pb2.GetTrafficPoliciesRequest(), timeout=5)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.UNIMPLEMENTED:  # an older coordinator: no policy
+            raise
+        policies = fleet_pb2.TrafficPolicies()
+    on = [p for p in policies.policies if p.overflow_active]
+    text = classes_line(traffic.classes)
+    if on:
+        text += (
+            ("; " if text else "")
+            + "overflow ON: "
+            + ", ".join(f"{p.policy.model} -> {p.policy.overflow}" for p in on)
+        )
+    if not text:
+        return None
+    return Text(text, style="bold red" if on else "")
 
 
 def top(

@@ -161,6 +161,17 @@ function renderCapacity(c) {
   card.className = c.sla_met ? "card" : "card over";
 }
 
+// Each node class's share of the last minute's requests, and overflow (docs/traffic.md).
+function renderClasses(t) {
+  const card = document.getElementById("classes");
+  const used = t.classes.filter((c) => c.routed_recent > 0);
+  setText("t-classes", used.length ? used.map((c) => c.node_class + " " + Math.round(c.share * 100) + "%").join(" · ") : "–");
+  const on = t.overflow.filter((o) => o.active);
+  setText("t-overflow", t.overflow.length === 0 ? "no overflow policy" :
+    on.length ? "overflow ON: " + on.map((o) => o.model + " → " + o.to).join(", ") : "overflow off");
+  card.className = on.length ? "card over" : "card";
+}
+
 function render(s) {
   setText("coordinator", s.coordinator);
   setText("t-routable", s.totals.routable + " / " + s.totals.nodes);
@@ -168,6 +179,7 @@ function render(s) {
   setText("t-queued", s.totals.queued);
   setText("t-tps", s.totals.request_log ? s.totals.tokens_per_s : "request log off");
   renderCapacity(s.capacity);
+  renderClasses(s.traffic_classes);
   renderNodes(s.nodes);
   chart("c-tps", s.traffic, [{ key: "tokens_per_s", cls: "tps" }], false);
   chart("c-req", s.traffic, [], true);
