@@ -267,7 +267,11 @@ class NodeSettings(HttpPortSection, FileSettings):
         "no credentials: the key goes in --upstream-key-file).",
         pattern=r"^(https?://[^\s/?#@]+(/[^\s?#@]*)?)?$",
     )
-    upstream_model: str = setting("", "upstream engine: the model name the endpoint serves.")
+    upstream_model: str = setting(
+        "",
+        "upstream engine: the model name the endpoint serves.",
+        pattern=r"^[\x21-\x7e]{0,120}$",  # printable, no spaces: it is in the openai kind's digest
+    )
     upstream_key_file: Optional[Path] = setting(
         None, "upstream engine: file holding the endpoint's bearer key."
     )

@@ -70,9 +70,11 @@ MAX_TEXT_CHARS = 1 << 20  # a prompt, or all chat message contents together
 MAX_MESSAGES = 1024
 MAX_NAME_LEN = 64  # template name and version, variable keys, note template
 MAX_VARIABLES = 16
-MAX_DIGEST_LEN = 80  # sha256:<64 hex>
+MAX_DIGEST_LEN = 200  # sha256:<64 hex>, or remote:<host[:port]>/<model> (upstream nodes)
 MAX_SESSION_KEY_LEN = 256
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A weights digest, or an openai-kind upstream node's remote:<host[:port]>/<model>
+# (docs/upstream.md): a request may be pinned to either.
+_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|remote:[A-Za-z0-9.:\[\]-]+/[\x21-\x7e]+)$")
 
 
 def _cap(name: str, value: str, cap: int) -> None:
@@ -88,8 +90,8 @@ def check_sizes(request: inference_pb2.GenerateRequest) -> None:
     _cap("require_weights_digest", request.require_weights_digest, MAX_DIGEST_LEN)
     if request.require_weights_digest and not _DIGEST_RE.match(request.require_weights_digest):
         raise InvalidRequest(
-            "require_weights_digest must be sha256: and 64 lowercase hex digits, as "
-            "`fleetctl nodes` shows the digests served"
+            "require_weights_digest must be sha256: and 64 lowercase hex digits (or an "
+            "upstream node's remote:HOST/MODEL), as `fleetctl nodes` shows the digests served"
         )
     _cap("session_key", request.session_key, MAX_SESSION_KEY_LEN)
     kind = request.WhichOneof("input")
