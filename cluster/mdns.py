@@ -30,9 +30,13 @@ class Advert:
     state: str = ""  # lifecycle name, e.g. "ready"
     fleet: str = DEFAULT_FLEET
     api: str = API_VERSION
+    # A node group (docs/node-groups.md), announced by rank 0 only: ranks, mode, backend.
+    group_size: int = 0
+    group_mode: str = ""
+    group_backend: str = ""
 
     def txt(self) -> dict[str, str]:
-        return {
+        txt = {
             "id": self.node_id,
             "engine": self.engine,
             "model": self.model_id[:_MAX_FIELD],
@@ -41,6 +45,13 @@ class Advert:
             "fleet": self.fleet,
             "api": self.api,
         }
+        if self.group_size:
+            txt.update(
+                group=str(self.group_size),
+                group_mode=self.group_mode,
+                group_backend=self.group_backend,
+            )
+        return txt
 
     @classmethod
     def from_txt(cls, props: dict) -> Optional["Advert"]:
@@ -61,6 +72,9 @@ class Advert:
             state=text.get("state", ""),
             fleet=text.get("fleet", DEFAULT_FLEET),
             api=text.get("api", ""),
+            group_size=int(text["group"]) if text.get("group", "").isdigit() else 0,
+            group_mode=text.get("group_mode", ""),
+            group_backend=text.get("group_backend", ""),
         )
 
 

@@ -110,6 +110,11 @@ class NodeAgent:
         )
 
     @property
+    def follower(self) -> bool:
+        """A node group's rank other than 0: it serves health and status only."""
+        return bool(getattr(self.engine, "follower", False))
+
+    @property
     def cordoned(self) -> bool:
         return self.ops.state.cordoned
 
@@ -187,7 +192,9 @@ class NodeAgent:
                 lambda: loop.create_task(self.engine_serving(up, reason))
             ),
         )
-        if self.settings.mdns:  # in the background: mDNS probing takes ~1 s, loading need not wait
+        # In the background: mDNS probing takes ~1 s, loading need not wait. In a node group
+        # only rank 0 announces: the group is one node.
+        if self.settings.mdns and not self.follower:
             self._announcing = loop.create_task(self._announce())
         return self.port
 
@@ -231,6 +238,9 @@ class NodeAgent:
             digest=info.weights_digest[:19],
             state=self.lifecycle.state.value,
             fleet=self.settings.fleet,
+            group_size=len(self.settings.group),
+            group_mode=self.settings.group_mode if self.settings.group else "",
+            group_backend=self.settings.group_backend if self.settings.group else "",
         )
 
     async def _announce(self) -> None:
@@ -321,6 +331,11 @@ class NodeAgent:
                 tokenizer, vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids
             ),
         )
+        if self.follower:  # rank 0's canary runs through every rank (token parity)
+            rank = f"rank {self.settings.rank} of the node group"
+            await self.enter(State.WARMING, f"{rank}: shard loaded")
+            await self.enter(State.READY, f"{rank}: shard loaded; rank 0 serves requests")
+            return True
         if not await self._warm(
             f"warming up {facts.model_id} {facts.weights_digest[:19]}", "warm-up generation"
         ):
@@ -429,7 +444,7 @@ class NodeAgent:
         await self._set_health(state)
 
     async def _set_health(self, state: State) -> None:
-        serving = state is State.READY and not self.stopping
+        serving = state is State.READY and not self.stopping and not self.follower
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving

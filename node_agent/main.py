@@ -84,7 +84,12 @@ def run(config: Optional[Path], flags: dict) -> None:
                 f"model {settings.model_path} is not a directory; point it at a local MLX model "
                 "(make one with `fleetctl model make-tiny DIR`)"
             )
-        return engine_problem(settings) or security_problem(settings) or state_problem(settings)
+        return (
+            engine_problem(settings)
+            or group_problem(settings)
+            or security_problem(settings)
+            or state_problem(settings)
+        )
 
     run_daemon(
         "fleet-node",
@@ -127,6 +132,15 @@ def engine_problem(settings) -> Optional[str]:
                 "vllm; CPU: scripts/bootstrap-vllm) and pass its python with --vllm-python"
             )
     return None
+
+
+def group_problem(settings) -> Optional[str]:
+    """A node group this machine cannot form, as one line naming the fix; None if fine."""
+    if not settings.group:
+        return None
+    from node_agent.group import backend_problem
+
+    return backend_problem(settings.group_backend)
 
 
 def upstream_problem(settings) -> Optional[str]:

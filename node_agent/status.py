@@ -100,6 +100,7 @@ def build_status(
         engine_server=_engine_server(stats.server),
         fencing_token=ops.state.fencing_token,
         audit_heads=audit_witness.to_proto(ops.state),
+        group=engine.group_status() if hasattr(engine, "group_status") else None,
         phi_allowed=s.phi_allowed,
         node_class=s.node_class,
     )

@@ -11,7 +11,14 @@ from node_agent.engine import Engine
 def _mlx(settings: NodeSettings) -> Engine:
     from node_agent.engines.mlx_engine import MlxEngine
 
-    return MlxEngine(
+    kind, extra = MlxEngine, {}
+    if settings.group:  # one rank of a node group (docs/node-groups.md)
+        from node_agent.group import GroupSpec
+        from node_agent.group_engine import GroupMlxEngine
+
+        kind, extra = GroupMlxEngine, {"group": GroupSpec.from_settings(settings)}
+    return kind(
+        **extra,
         model_path=settings.model_path,
         model_id=settings.model_id,
         max_running=settings.max_running,

@@ -231,8 +231,8 @@ class MlxEngine:
                 f"{self._path} has no config.json; is it an MLX model directory?"
             )
         config = json.loads((self._path / "config.json").read_text())
-        model, tokenizer = mlx_lm.load(str(self._path))
-        digest = weights_digest(self._path)
+        model, tokenizer = self._load_model()
+        digest = self._model_digest()
         context = int(config.get("max_position_embeddings") or 32768)
         if self._max_context:
             context = min(context, self._max_context)
@@ -258,6 +258,15 @@ class MlxEngine:
             parameters=int(get_total_parameters(model)),
             quantization=quantization_of(config),
         )
+
+    def _load_model(self):
+        """(model, tokenizer) from self._path; a node group loads its shard instead."""
+        import mlx_lm
+
+        return mlx_lm.load(str(self._path))
+
+    def _model_digest(self) -> str:
+        return weights_digest(self._path)
 
     def _new_prompt_cache(self):
         from mlx_lm.models.cache import LRUPromptCache
@@ -358,12 +367,7 @@ class MlxEngine:
         try:
             _, responses = self._gen.next()
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the node alive
-            log.error(
-                "mlx engine step failed; failing %d running requests: %s",
-                len(self._key_of),
-                without_text(exc),
-            )
-            self._fail_running(f"the engine failed during generation ({type(exc).__name__})")
+            self._step_failed(exc)
             return
         if not responses:
             return
@@ -383,6 +387,16 @@ class MlxEngine:
         self._rate.append((time.monotonic(), len(responses)))
         self._rate_tokens += len(responses)
         self._emit(list(out.items()))
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step raised: fail the running requests and go on with a fresh generator (a
+        node group cannot go on: its ranks' states would differ)."""
+        log.error(
+            "mlx engine step failed; failing %d running requests: %s",
+            len(self._key_of),
+            without_text(exc),
+        )
+        self._fail_running(f"the engine failed during generation ({type(exc).__name__})")
 
     def _drop(self, key: str) -> None:
         uid = self._uid_of.pop(key, None)

@@ -1,0 +1,444 @@
+"""The MLX engine of one rank in a node group (docs/node-groups.md).
+
+Every rank runs the same engine loop on its own shard. Rank 0 takes requests; at each loop
+turn it shares what it took (new requests' tokens and sampling, cancels, loads, close) with
+the other ranks through the collective, so every rank inserts, removes and steps the same
+way and the model's collectives line up. Each turn the ranks also compare a running hash of
+what they sampled (token parity): a rank that differs fails the group.
+
+Every collective of ours runs on mlx-lm's generation stream, the one the model's own run on:
+on another stream it could interleave with the look-ahead step mlx-lm leaves in flight and
+mix collectives across machines (wrong logits, nothing logged). A failure (a collective
+error, a rank silent past --group-timeout-s, a step stuck that long) ends every in-flight
+request with a failure naming the rank, and the process exits with GROUP_FAILED_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Optional
+
+from cluster.api import node_pb2
+from cluster.validation import Sampling
+from node_agent.engine import EngineClosed, EngineEvent, EngineRequest, EventKind
+from node_agent.engines.mlx_engine import MlxEngine
+from node_agent.group import (
+    GROUP_FAILED_EXIT_CODE,
+    GroupSpec,
+    die_with_parent,
+    form,
+    layout_digest,
+)
+from node_agent.group_heartbeat import Heartbeat
+from node_agent.telemetry import host_memory
+
+log = logging.getLogger(__name__)
+
+EXIT_AFTER_S = 3.0  # FAILED stays visible (GetStatus) this long before the process exits
+_HASH_PARTS = 3  # the 63-bit parity hash as three 21-bit int32 parts (all_sum stays exact)
+
+
+class GroupFailed(RuntimeError):
+    """The group cannot go on; the message names the rank and the cause."""
+
+
+class GroupMlxEngine(MlxEngine):
+    def __init__(self, *, group: GroupSpec, **kwargs):
+        super().__init__(**kwargs)
+        self.group_spec = group
+        self.follower = group.rank > 0
+        self._group = None
+        self._heartbeat: Optional[Heartbeat] = None
+        self._failed = ""
+        self._failed_rank: Optional[int] = None
+        self._fail_lock = threading.Lock()
+        self._busy_since = 0.0  # when the engine thread entered a collective or a step
+        self._busy_what = ""
+        self._parity = hashlib.blake2b(digest_size=8)
+        self._raw_emit = None
+        self._parked: list[Future] = []  # a follower's load() calls, answered by rank 0's load
+        self._loaded = None  # a follower's last load: ModelFacts or the exception
+        self.collective_s = 0.0  # seconds spent in our own collectives (share, parity)
+        self.step_s = 0.0  # seconds spent in model steps
+        die_with_parent()
+
+    # -- called from other threads -------------------------------------------------
+
+    def start(self, emit, on_exit=None, on_serving=None) -> None:
+        self._raw_emit = emit if not self.follower else (lambda batch: None)
+
+        def counted(batch):
+            for key, events in batch:
+                for e in events:
+                    part = f"{key}|{e.kind.value}|{e.token}|{e.finish}|{e.cached_tokens};"
+                    self._parity.update(part.encode())
+            self._raw_emit(batch)
+
+        super().start(counted, on_exit, on_serving)
+
+    def submit(self, request: EngineRequest) -> None:
+        if self.follower:
+            raise EngineClosed(
+                f"rank {self.group_spec.rank} of a node group serves no requests; send them to "
+                f"rank 0 ({self.group_spec.addresses[0]})"
+            )
+        super().submit(request)
+
+    def group_status(self) -> node_pb2.NodeGroup:
+        spec, hb = self.group_spec, self._heartbeat
+        ranks = []
+        for r in range(spec.size):
+            rank = node_pb2.GroupRank(rank=r, address=spec.addresses[r])
+            if r == spec.rank:
+                mem = host_memory()
+                info = {
+                    "host": socket.gethostname(),
+                    "total": mem.total_bytes,
+                    "avail": mem.available_bytes,
+                    "rss": mem.process_rss_bytes,
+                }
+                rank.health = "ok" if self._group is not None else "joining"
+            elif hb is None:
+                info, rank.health = {}, "joining"
+            elif r in hb.watched():
+                info, rank.last_heard_s = hb.info(r), hb.age(r)
+                rank.health = "silent" if rank.last_heard_s > 2 * hb.period_s else "ok"
+            else:
+                info = {}  # a follower watches rank 0 only
+            if self._failed and r in (self._failed_rank, spec.rank):
+                rank.health = "failed" if r == self._failed_rank else rank.health
+            rank.hostname = str(info.get("host", ""))
+            rank.memory_total_bytes = int(info.get("total", 0))
+            rank.memory_available_bytes = int(info.get("avail", 0))
+            rank.process_rss_bytes = int(info.get("rss", 0))
+            ranks.append(rank)
+        return node_pb2.NodeGroup(
+            size=spec.size, rank=spec.rank, mode=spec.mode, backend=spec.backend, ranks=ranks
+        )
+
+    # -- engine thread: the shared loop --------------------------------------------
+
+    def _take(self, block: bool) -> list:
+        if self._group is None:
+            self._join()
+        if self.follower:
+            closing = False
+            for kind, arg in super()._take(block=False):
+                if kind == "load":
+                    self._park(arg)
+                elif kind == "close":
+                    closing = True
+            if closing:  # leaving fails the group on the other ranks: that is what it means
+                return [("close", None)]
+            items = self._decode(self._share(None))
+            if any(kind == "close" for kind, _ in items):
+                self._fail_group(0, "shut down, which ends the group")
+            return items
+        items = self._encode(super()._take(block))
+        try:
+            self._share([wire for wire, _ in items] or None)
+        except GroupFailed:
+            self._fail_taken([item for _, item in items])
+            raise
+        return [item for _, item in items]
+
+    def _fail_taken(self, items: list) -> None:
+        """Commands taken from the inbox when the group failed: answer them too."""
+        failed = EngineEvent(EventKind.FAILED, message=self._failed)
+        for kind, arg in items:
+            if kind == "submit":
+                self._raw_emit([(arg.key, [failed])])
+            elif kind == "load":
+                arg.set_exception(GroupFailed(self._failed))
+
+    def _encode(self, items: list) -> list[tuple[list, tuple]]:
+        """Rank 0's commands as (wire form for the followers, the command itself)."""
+        out = []
+        for kind, arg in items:
+            if kind == "submit":
+                if arg.matcher is not None:  # the mask lives on rank 0 only: not shareable yet
+                    self._raw_emit([(arg.key, [EngineEvent(EventKind.FAILED, message=_NO_SCHEMA)])])
+                    continue
+                wire = [
+                    "submit",
+                    arg.key,
+                    list(arg.prompt_tokens),
+                    arg.prefix_len,
+                    arg.max_tokens,
+                    dataclasses.asdict(arg.sampling),
+                ]
+            elif kind == "cancel":
+                wire = ["cancel", arg]
+            elif kind == "load":
+                wire = ["load", str(self._path), self._model_id]
+            else:
+                wire = [kind]
+            out.append((wire, (kind, arg)))
+        return out
+
+    @staticmethod
+    def _decode(wire: Optional[list]) -> list:
+        items = []
+        for item in wire or ():
+            kind = item[0]
+            if kind == "submit":
+                _, key, tokens, prefix_len, max_tokens, sampling = item
+                request = EngineRequest(key, tokens, prefix_len, max_tokens, Sampling(**sampling))
+                items.append(("submit", request))
+            elif kind == "cancel":
+                items.append(("cancel", item[1]))
+            elif kind == "load":
+                items.append(("load", (item[1], item[2])))
+            else:
+                items.append((kind, None))
+        return items
+
+    def _admit(self) -> None:
+        super()._admit()
+        self._check_parity()
+
+    def _step(self) -> None:
+        self._busy("a model step")
+        start = time.monotonic()
+        try:
+            super()._step()
+        finally:
+            self._busy_since = 0.0
+            self.step_s += time.monotonic() - start
+
+    def _step_failed(self, exc: Exception) -> None:
+        self._collective_failed(exc)
+
+    # -- engine thread: loading ----------------------------------------------------
+
+    def _load(self, arg) -> None:
+        if isinstance(arg, Future):  # rank 0: the agent's own load()
+            super()._load(arg)
+            return
+        path, model_id = arg  # a follower: rank 0's load, shared
+        self._path, self._model_id = Path(path), model_id
+        try:
+            self._loaded = self._do_load()
+        except GroupFailed:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the group cannot go on without this rank
+            self._loaded = exc
+            self._fail_group(self.group_spec.rank, f"could not load its shard ({exc})")
+            raise GroupFailed(self._failed) from exc
+        for fut in self._parked:
+            fut.set_result(self._loaded)
+        self._parked.clear()
+
+    def _park(self, fut: Future) -> None:
+        if self._loaded is None:
+            self._parked.append(fut)
+        elif isinstance(self._loaded, BaseException):
+            fut.set_exception(self._loaded)
+        else:
+            fut.set_result(self._loaded)
+
+    def _load_model(self):
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+        from mlx_lm.utils import sharded_load
+
+        mx.synchronize(generation_stream)  # nothing of the last generation may still be in flight
+        spec = self.group_spec
+        if spec.mode == "pipeline" and not (self._path / "model.safetensors.index.json").is_file():
+            raise FileNotFoundError(
+                f"{self._path} has no model.safetensors.index.json, which --group-mode pipeline "
+                "needs to pick each rank's layers; use tensor mode or add the index"
+            )
+        if spec.mode == "tensor":
+            config = json.loads((self._path / "config.json").read_text())
+            for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+                value = int(config.get(name) or 0)
+                if value % spec.size:
+                    raise ValueError(
+                        f"{name} {value} of {self._path.name} does not divide among "
+                        f"{spec.size} ranks: tensor mode needs it to; use --group-mode pipeline"
+                    )
+        key = "tensor_group" if spec.mode == "tensor" else "pipeline_group"
+        return sharded_load(str(self._path), **{key: self._group})
+
+    def _model_digest(self) -> str:
+        return layout_digest(super()._model_digest(), self.group_spec)
+
+    def _new_prompt_cache(self):
+        """Kept prompts are evicted by count only: each rank holds a different shard's bytes,
+        and a byte limit could evict differently on different ranks (different prefills)."""
+        from mlx_lm.models.cache import LRUPromptCache
+
+        if self._cache_entries <= 0:
+            return None
+        return LRUPromptCache(max_size=self._cache_entries, max_bytes=1 << 62)
+
+    # -- engine thread: collectives ------------------------------------------------
+
+    def _join(self) -> None:
+        spec = self.group_spec
+        log.info(
+            "node group: rank %d of %d waiting for every rank to join (%s, %s)",
+            spec.rank,
+            spec.size,
+            spec.backend,
+            spec.mode,
+        )
+        self._heartbeat = Heartbeat(spec, on_silent=self._fail_group, tick=self._watch)
+        self._heartbeat.start()
+        while not self._heartbeat.rendezvous(1.0):
+            if self._inbox_closing():
+                raise GroupFailed(f"rank {spec.rank} stopped before the group formed")
+        self._group = form(spec)
+        self._heartbeat.arm()
+        log.info("node group formed: rank %d of %d", spec.rank, spec.size)
+
+    def _inbox_closing(self) -> bool:
+        """A close sent while the group forms (other commands wait in the inbox)."""
+        items = MlxEngine._take(self, block=False)
+        for item in items:
+            self._inbox.put(item)
+        return any(kind == "close" for kind, _ in items)
+
+    def _all_sum(self, x):
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        self._busy("a collective")
+        start = time.monotonic()
+        try:
+            y = mx.distributed.all_sum(x, group=self._group, stream=generation_stream)
+            mx.eval(y)
+            return y
+        except RuntimeError as exc:
+            self._collective_failed(exc)
+        finally:
+            self._busy_since = 0.0
+            self.collective_s += time.monotonic() - start
+
+    def _share(self, wire: Optional[list]) -> Optional[list]:
+        """Rank 0's `wire` on every rank (None when rank 0 had nothing); JSON, never pickle."""
+        import mlx.core as mx
+        import numpy as np
+
+        data = json.dumps(wire).encode() if wire is not None and not self.follower else b""
+        n = int(self._all_sum(mx.array([len(data)], dtype=mx.int32)).item())
+        if n == 0:
+            return None
+        buf = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((n,), mx.uint8)
+        return json.loads(bytes(np.array(self._all_sum(buf), dtype=np.uint8)))
+
+    def _check_parity(self) -> None:
+        """Every rank's running hash of its events, compared: the same or the group fails."""
+        import mlx.core as mx
+
+        spec = self.group_spec
+        mine = int.from_bytes(self._parity.digest(), "little") >> 1
+        parts = [(mine >> (21 * i)) & ((1 << 21) - 1) for i in range(_HASH_PARTS)]
+        vec = [0] * (_HASH_PARTS * spec.size)
+        vec[_HASH_PARTS * spec.rank : _HASH_PARTS * (spec.rank + 1)] = parts
+        got = self._all_sum(mx.array(vec, dtype=mx.int32)).tolist()
+        hashes = [tuple(got[_HASH_PARTS * r : _HASH_PARTS * (r + 1)]) for r in range(spec.size)]
+        differ = [r for r in range(spec.size) if hashes[r] != hashes[0]]
+        if differ:
+            self._fail_group(
+                differ[0],
+                "sampled other tokens than rank 0 (token-parity check); its shard "
+                "or software differs",
+            )
+            raise GroupFailed(self._failed)
+
+    def _busy(self, what: str) -> None:
+        self._busy_what = what
+        self._busy_since = time.monotonic()
+
+    def _collective_failed(self, exc: Exception) -> None:
+        """A step or collective raised (e.g. a peer closed its link): name the peer whose
+        heartbeat stopped, if one did."""
+        hb = self._heartbeat
+        rank = None
+        if hb is not None:
+            deadline = time.monotonic() + min(self.group_spec.timeout_s, 5 * hb.period_s)
+            while True:
+                stale = hb.stale(2 * hb.period_s)
+                if stale or time.monotonic() > deadline:
+                    break
+                time.sleep(hb.period_s / 2)
+            rank = stale[0] if stale else None
+        cause = "went silent" if rank is not None else "failed"
+        self._fail_group(rank, f"{cause}: a step or collective raised ({exc})")
+        raise GroupFailed(self._failed) from exc
+
+    def _watch(self) -> None:
+        """Heartbeat thread, every period: a step or collective stuck past the deadline."""
+        since = self._busy_since
+        if not since or self._failed:
+            return
+        waited = time.monotonic() - since
+        if waited > self.group_spec.timeout_s:
+            hb = self._heartbeat
+            stale = hb.stale(2 * hb.period_s) if hb is not None else []
+            self._fail_group(
+                stale[0] if stale else None,
+                f"left {self._busy_what} waiting {waited:.1f}s "
+                f"(--group-timeout-s {self.group_spec.timeout_s:g})",
+            )
+
+    # -- any thread: failing -----------------------------------------------------------
+
+    def _fail_group(self, rank: Optional[int], cause: str) -> None:
+        """Once: name the rank and cause, end every request, tell the agent, exit soon."""
+        spec = self.group_spec
+        with self._fail_lock:
+            if self._failed:
+                return
+            who = spec.describe(rank) if rank is not None else "a peer of this rank"
+            self._failed_rank = rank
+            self._failed = (
+                f"node group failed: {who} {cause}; rank {spec.rank} exits (code "
+                f"{GROUP_FAILED_EXIT_CODE}) for its service manager to restart it, and the "
+                "group forms again when every rank is back"
+            )
+        log.error("%s", self._failed)
+        with self._gate:
+            self._closed.set()
+        keys = self._keys_in_flight()
+        if keys and self._raw_emit is not None:
+            event = EngineEvent(EventKind.FAILED, message=self._failed)
+            self._raw_emit([(k, [event]) for k in keys])
+        for fut in self._parked:
+            fut.set_exception(GroupFailed(self._failed))
+        if self._on_exit is not None:
+            self._on_exit(self._failed)
+        timer = threading.Timer(EXIT_AFTER_S, os._exit, (GROUP_FAILED_EXIT_CODE,))
+        timer.daemon = True
+        timer.start()
+
+    def _keys_in_flight(self) -> list[str]:
+        """Admitted, waiting and not yet taken requests; read from another thread, so retried."""
+        keys: list[str] = []
+        for _ in range(5):
+            try:
+                keys = list(self._uid_of) + [r.key for r in list(self._waiting)]
+                break
+            except RuntimeError:  # changed while read
+                continue
+        while not self._inbox.empty():
+            kind, arg = self._inbox.get_nowait()
+            if kind == "submit":
+                keys.append(arg.key)
+            elif kind == "load":
+                arg.set_exception(GroupFailed(self._failed))
+        return keys
+
+
+_NO_SCHEMA = "node groups do not serve schema-constrained output yet; send it to a single node"

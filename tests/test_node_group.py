@@ -1,0 +1,196 @@
+"""Node groups (docs/node-groups.md): two real `fleet-node` ranks sharing one tiny model over
+mlx.distributed's ring backend on loopback, compared token for token with a single node, and
+failing as one unit when a rank dies or stops answering."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import threading
+import time
+from contextlib import ExitStack, closing
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.api import common_pb2, inference_pb2
+from node_agent.group import GROUP_FAILED_EXIT_CODE
+from tests.fleet_helpers import collect, in_threads, note
+from tests.procs import NodeProcess
+
+TIMEOUT_S = 3.0  # --group-timeout-s in these tests: the documented detection deadline
+FAILED = common_pb2.Lifecycle.Value("LIFECYCLE_FAILED")
+READY = common_pb2.Lifecycle.Value("LIFECYCLE_READY")
+
+
+@pytest.fixture(scope="module")
+def group_model(tmp_path_factory) -> Path:
+    """The tiny model with two KV heads, so tensor mode splits them over two ranks."""
+    from cluster.tinymodel import TinyModelSpec, make_tiny_model
+
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-group", TinyModelSpec(num_key_value_heads=2)
+    )
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports free for both TCP (the ring backend) and UDP (the heartbeat)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with closing(socket.socket()) as tcp, closing(socket.socket(type=socket.SOCK_DGRAM)) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            if port not in ports:
+                ports.append(port)
+    return ports
+
+
+def start_group(stack: ExitStack, model: Path, logs: Path, mode: str, *extra: str):
+    """Two ranks, started together; returns them once rank 0 serves and rank 1 is READY."""
+    group = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
+    ranks = []
+    for rank in range(2):
+        proc = NodeProcess(
+            model,
+            "--group",
+            group,
+            "--rank",
+            str(rank),
+            "--group-mode",
+            mode,
+            "--group-timeout-s",
+            str(TIMEOUT_S),
+            *extra,
+            node_id=f"group-{mode}-{rank}",
+        )
+        stack.enter_context(proc)
+        proc.start(logs)
+        ranks.append(proc)
+    ranks[0].wait_serving(timeout_s=90)
+    ranks[1].wait_until(lambda s: s.lifecycle == READY, timeout_s=30, what="rank 1 READY")
+    return ranks
+
+
+def streams(stub, count: int, max_tokens: int, tag: str, **kw) -> list:
+    out, threads = in_threads(
+        lambda i: collect(stub, note(i, max_tokens, request_id=f"{tag}-{i}", **kw), 120),
+        list(range(count)),
+    )
+    for t in threads:
+        t.join(timeout=150)
+    return out
+
+
+def assert_same_tokens(group_streams, single_streams) -> None:
+    for g, s in zip(group_streams, single_streams):
+        assert g.error is None and s.error is None, (g.error, s.error)
+        assert g.final.finish_reason == s.final.finish_reason != inference_pb2.FINISH_REASON_ERROR
+        assert g.ids and g.ids == s.ids
+
+
+def check_parity_with_single(stack, model, logs, mode) -> None:
+    rank0, rank1 = start_group(stack, model, logs, mode)
+    single = stack.enter_context(NodeProcess(model, node_id=f"single-{mode}"))
+    single.start(logs)
+    single.wait_serving()
+    # Greedy and seeded sampling, 8 streams at once on each.
+    for kw in ({}, {"temperature": 0.9, "top_p": 0.95}):
+        seeded = {**kw, "seed": 1234} if kw else kw
+        got = streams(rank0.inference, 8, 12, f"g-{mode}-{bool(kw)}", **seeded)
+        want = streams(single.inference, 8, 12, f"s-{mode}-{bool(kw)}", **seeded)
+        assert_same_tokens(got, want)
+    st = rank0.status()
+    assert st.group.size == 2 and st.group.mode == mode and st.group.backend == "ring"
+    assert [r.health for r in st.group.ranks] == ["ok", "ok"]
+    assert st.group.ranks[1].hostname and st.group.ranks[1].memory_total_bytes > 0
+    # The group's digest is the model's plus the layout: never the single node's.
+    assert st.model.weights_digest != single.status().model.weights_digest
+    # Rank 1 serves health and status only: NOT_SERVING, and inference is refused.
+    health = health_pb2_grpc.HealthStub(rank1.channel).Check(
+        health_pb2.HealthCheckRequest(service=""), timeout=5
+    )
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    refused = collect(rank1.inference, note(0, 4, request_id="to-rank-1"), 30)
+    assert refused.error is not None or (
+        refused.final.finish_reason == inference_pb2.FINISH_REASON_ERROR
+    )
+
+
+@pytest.mark.allow_blocking("drives node processes")
+def test_tensor_group_matches_a_single_node(group_model, tmp_path):
+    with ExitStack() as stack:
+        check_parity_with_single(stack, group_model, tmp_path / "logs", "tensor")
+
+
+@pytest.mark.allow_blocking("drives node processes")
+def test_pipeline_group_matches_a_single_node(group_model, tmp_path):
+    with ExitStack() as stack:
+        check_parity_with_single(stack, group_model, tmp_path / "logs", "pipeline")
+
+
+def wait_failed(rank0: NodeProcess, timeout_s: float) -> tuple[str, float]:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            st = rank0.status()
+        except grpc.RpcError:
+            break  # exited already: the reason is in its log
+        if st.lifecycle == FAILED:
+            return st.lifecycle_reason, time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"rank 0 not FAILED within {timeout_s}s: {rank0.stderr()[-2000:]}")
+
+
+@pytest.mark.allow_blocking("drives node processes")
+def test_killing_rank_1_fails_the_group_and_ends_streams(group_model, tmp_path):
+    with ExitStack() as stack:
+        rank0, rank1 = start_group(stack, group_model, tmp_path / "logs", "tensor")
+        started = [threading.Event() for _ in range(8)]
+
+        def one(i: int):
+            def seen(s) -> None:
+                if s.ids:
+                    started[i].set()
+
+            return collect(rank0.inference, note(i, 400, request_id=f"k-{i}"), 120, seen)
+
+        out, threads = in_threads(one, list(range(8)))
+        for event in started:
+            assert event.wait(60), "a stream did not start"
+        rank1.proc.kill()
+        reason, _ = wait_failed(rank0, 20)
+        assert "rank 1 (127.0.0.1:" in reason, reason
+        for t in threads:
+            t.join(timeout=30)
+        for s in out:
+            assert s.final is not None, s.error
+            assert s.final.finish_reason == inference_pb2.FINISH_REASON_ERROR
+            assert "rank 1" in s.final.message and "another node" in s.final.message
+        assert rank0.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
+        assert rank1.proc.poll() is not None
+
+
+@pytest.mark.allow_blocking("drives node processes")
+def test_a_stopped_rank_is_detected_within_the_deadline(group_model, tmp_path):
+    with ExitStack() as stack:
+        rank0, rank1 = start_group(stack, group_model, tmp_path / "logs", "tensor")
+        rank1.signal(signal.SIGSTOP)
+        try:
+            reason, waited = wait_failed(rank0, TIMEOUT_S + 10)
+            assert "rank 1 (127.0.0.1:" in reason, reason
+            assert waited < TIMEOUT_S + 3, waited
+            assert rank0.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
+        finally:
+            rank1.signal(signal.SIGCONT)
+        # Resumed, rank 1 finds rank 0 gone and leaves too: no rank is left behind.
+        try:
+            assert rank1.wait_exit(timeout_s=TIMEOUT_S + 20) == GROUP_FAILED_EXIT_CODE
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 1 still runs: {rank1.stderr()[-2000:]}")
