@@ -263,8 +263,8 @@ def step(state: Overflow, p: Pressure, now: float, *, hold_s: float) -> Overflow
 class Spiller:
     """Sends `share` of a stream of decisions one way, deterministically (an accumulator)."""
 
-    def __init__(self) -> None:
-        self._acc = 0.0
+    def __init__(self, start: float = 0.0) -> None:
+        self._acc = start  # 1.0: the first decision with any share goes that way
 
     def take(self, share: float) -> bool:
         if share <= 0:

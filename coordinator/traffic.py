@@ -211,7 +211,7 @@ class TrafficControl:
             return
         if run.overflow.on:
             run.overflow_since_unix = time.time()
-            run.spiller = Spiller()
+            run.spiller = Spiller(start=1.0)  # the first local-bound request overflows at once
         self._events.emit(
             fleet_pb2.EVENT_KIND_TRAFFIC,
             reason=f"overflow for {policy.model} to {policy.overflow} {run.overflow.reason}",
