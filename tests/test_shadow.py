@@ -120,6 +120,9 @@ def test_every_live_request_is_copied_and_only_the_live_output_reaches_the_calle
     assert "soap-brief" in table.stdout and "schema-valid" in table.stdout
     assert "latency p95 ms" in table.stdout and "verdict: insufficient" in table.stdout
     assert _ctl(co, "shadow", "report", "--check").returncode == 1
+    top = _ctl(co, "top", "--once")
+    assert top.returncode == 0, top.stderr
+    assert f"shadow {r.shadow_id}: 1 of requests to {CANDIDATE}, {n + 1} copied" in top.stdout
     stopped = _ctl(co, "shadow", "stop", "-o", "json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["active"] is False
     again = _ctl(co, "shadow", "stop")
@@ -177,6 +180,8 @@ def test_the_fraction_samples_about_that_share_and_copies_never_queue(fleet):
         _model(build_request(prompt="x", max_tokens=200, request_id=f"busy-{i}"), LIVE)
         for i in range(8)
     ]
+    for r in reqs:
+        r.sampling.ignore_eos = True
     results, threads = in_threads(lambda r: collect(co.inference, r), reqs)
     for t in threads:
         t.join(60)
@@ -192,7 +197,8 @@ def test_stop_cancels_copies_under_way(fleet):
     stub.StartShadow(
         shadow_pb2.StartShadowRequest(model=CANDIDATE, fraction=1.0, timeout_s=120), timeout=10
     )
-    live_req = _model(build_request(prompt="long", max_tokens=400, request_id="long-1"), LIVE)
+    live_req = _model(build_request(prompt="long", max_tokens=1500, request_id="long-1"), LIVE)
+    live_req.sampling.ignore_eos = True  # its copy runs for seconds, whatever the weights say
     call = co.inference.Generate(live_req, timeout=60)
     next(iter(call))  # the live stream has started: its copy is under way
     _wait(co, lambda r: r.in_flight == 1, "the copy under way", timeout_s=10)

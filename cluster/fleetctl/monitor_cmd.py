@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from cluster.api import fleet_pb2, fleet_pb2_grpc
+from cluster.api import fleet_pb2, fleet_pb2_grpc, shadow_pb2, shadow_pb2_grpc
 from cluster.capacity import headroom
 from cluster.client.errors import from_rpc_error
 from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
@@ -95,7 +95,7 @@ def _history(stub: fleet_pb2_grpc.FleetStub) -> list:
     return list(out)
 
 
-def frame(stub: fleet_pb2_grpc.FleetStub, events: list, coordinator: str) -> Group:
+def frame(stub: fleet_pb2_grpc.FleetStub, events: list, coordinator: str, shadow=None) -> Group:
     listing = stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=5)
     traffic = stub.GetTraffic(fleet_pb2.GetTrafficRequest(window_s=3600, bucket_s=60), timeout=5)
     b = traffic.buckets
@@ -118,10 +118,12 @@ def frame(stub: fleet_pb2_grpc.FleetStub, events: list, coordinator: str) -> Gro
     )
     capacity = capacity_line(traffic)
     shares = traffic_line(stub, traffic)
+    shadowing = shadow_line(shadow) if shadow is not None else None
     return Group(
         summary,
         *([capacity] if capacity else []),
         *([shares] if shares else []),
+        *([shadowing] if shadowing else []),
         fleet_table(listing),
         charts,
         Text("recent events", style="bold"),
@@ -161,6 +163,24 @@ def traffic_line(stub: fleet_pb2_grpc.FleetStub, traffic: fleet_pb2.Traffic) -> 
     return Text(text, style="bold red" if on else "")
 
 
+def shadow_line(stub) -> Text | None:
+    """The shadow run, while one is active (docs/shadow.md); nothing from an older coordinator."""
+    try:
+        r = stub.GetShadow(shadow_pb2.GetShadowRequest(), timeout=5)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return None
+    if not r.active:
+        return None
+    return Text(
+        f"shadow {r.shadow_id}: {r.fraction:g} of requests to {r.model}, {r.sent} copied, "
+        f"{r.dropped_busy + r.dropped_no_node + r.dropped_phi} dropped, {r.in_flight} running; "
+        f"verdict {r.verdict}",
+        style="red" if r.verdict == "fail" else "dim",
+    )
+
+
 def top(
     coordinator: str = COORDINATOR,
     interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes."),
@@ -173,14 +193,15 @@ def top(
     plaintext: bool = PLAINTEXT,
 ) -> None:
     """The fleet at a glance, refreshing: nodes, load, tokens/s, latency and recent events
-    (what the dashboard shows). Ctrl-C to leave. Each refresh is one ListNodes and one
-    GetTraffic call; ListNodes calls are audited like any other."""
+    (what the dashboard shows). Ctrl-C to leave. Each refresh is one ListNodes, one
+    GetTraffic and one GetShadow call; ListNodes and GetShadow calls are audited like any other."""
     console = Console(width=200) if once or iterations else Console()
     with dial(coordinator, credentials(tls_dir, tls_name, plaintext)) as channel:
         stub = fleet_pb2_grpc.FleetStub(channel)
+        shadow = shadow_pb2_grpc.ShadowStub(channel)
         if once:
             try:
-                console.print(frame(stub, _history(stub), coordinator))
+                console.print(frame(stub, _history(stub), coordinator, shadow))
             except grpc.RpcError as err:
                 raise fail(from_rpc_error(err), coordinator) from None
             return
@@ -198,20 +219,20 @@ def top(
             if not console.is_terminal:  # piped: one frame after another, for a log
                 done = 0
                 while not leave.is_set() and (not iterations or done < iterations):
-                    console.print(frame(stub, list(events.recent), coordinator), "")
+                    console.print(frame(stub, list(events.recent), coordinator, shadow), "")
                     done += 1
                     if not iterations or done < iterations:
                         leave.wait(interval)
                 return
             with Live(
-                frame(stub, list(events.recent), coordinator),
+                frame(stub, list(events.recent), coordinator, shadow),
                 console=console,
                 auto_refresh=False,
                 screen=True,
             ) as live:
                 done = 1
                 while (not iterations or done < iterations) and not leave.wait(interval):
-                    live.update(frame(stub, list(events.recent), coordinator), refresh=True)
+                    live.update(frame(stub, list(events.recent), coordinator, shadow), refresh=True)
                     done += 1
         except grpc.RpcError as err:
             raise fail(from_rpc_error(err), coordinator) from None
