@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.api import common_pb2
+from cluster.api import common_pb2, inference_pb2
 from cluster.client import build_request
 from node_agent.engines.vllm_server import CHILD_ENV, VllmServer, free_port
 from tests.procs import NodeProcess
@@ -435,3 +435,102 @@ def test_upstream_refusals_map_to_grpc_statuses(gated_node, status, headers, cod
         assert str(key_file) in err.value.details()
     st = node.status()
     assert words in st.engine_server.last_exit and st.lifecycle == common_pb2.LIFECYCLE_READY
+
+
+def test_the_token_check_refuses_an_endpoint_whose_tokenizer_differs(remote, tmp_path):
+    """--model with another tokenizer than the endpoint's: the node stays LOADING saying so
+    (a resume would splice token ids that mean other text)."""
+    from cluster.tinymodel import TinyModelSpec, make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other-vocab", TinyModelSpec(vocab_size=320))
+    url, ca, key_file = remote
+    with NodeProcess(
+        other, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="other-vocab"
+    ) as proc:
+        proc.start(tmp_path / "logs")
+        st, _ = proc.wait_until(
+            lambda s: "tokenizes text differently" in s.lifecycle_reason,
+            timeout_s=60,
+            what="the token check's refusal",
+        )
+        assert st.lifecycle == common_pb2.LIFECYCLE_LOADING and "--model" in st.lifecycle_reason
+        proc.stop()
+
+
+def test_a_killed_mlx_stream_resumes_exactly_on_the_upstream_node(
+    remote, start_node, start_coordinator
+):
+    """An MLX node and a vllm-kind upstream node declaring the MLX node's digest, behind a
+    coordinator; the MLX node is killed (SIGKILL) mid-stream. The stream completes on the
+    upstream node, each token once, and its continuation is exactly what the endpoint
+    draws after the MLX node's tokens (the contract's exact resume), which on the tiny
+    model is also the MLX node's own uninterrupted greedy run."""
+    from cluster.api import fleet_pb2, fleet_pb2_grpc
+    from tests.fleet_helpers import EventWatch, collect, in_threads, note
+
+    url, ca, key_file = remote
+    mlx = start_node(node_id="mlx-source")
+    digest = mlx.status().model.weights_digest
+    up = start_node(
+        *_upstream_args(url, ca, key_file, "--phi-allowed", "--upstream-digest", digest),
+        node_id="upstream-target",
+    )
+    assert up.status().model.weights_digest == digest
+    co = start_coordinator(nodes=[mlx.address, up.address], name="mlx-to-upstream")
+    co.wait_routable(2)
+    n = 1500
+    req = note(3, n, request_id="mlx-to-upstream")
+    req.sampling.ignore_eos = True
+    fleet = fleet_pb2_grpc.FleetStub(co.channel)
+
+    def cordon(on: bool) -> None:
+        fleet.CordonNode(
+            fleet_pb2.CordonNodeRequest(node_id=up.node_id, cordoned=on, reason="test"),
+            timeout=10,
+        )
+
+    direct = inference_pb2.GenerateRequest()
+    direct.CopyFrom(req)
+    direct.request_id = "mlx-uninterrupted"
+    mlx_run = collect(mlx.inference, direct)  # the MLX node's own uninterrupted greedy tokens
+    assert mlx_run.error is None and len(mlx_run.ids) == n
+    watch = EventWatch(co)
+    cordon(True)  # the stream starts on the MLX node
+    try:
+        co.wait_routable(1)
+        live = [None]
+        results, threads = in_threads(
+            lambda _: collect(co.inference, req, on_chunk=lambda s: live.__setitem__(0, s)), [0]
+        )
+        deadline = time.monotonic() + 60
+        while live[0] is None or len(live[0].ids) < 20:
+            assert time.monotonic() < deadline, f"the stream did not start: {results}"
+            time.sleep(0.005)
+    finally:
+        cordon(False)
+    co.wait_routable(2)
+    mlx.proc.kill()
+    threads[0].join(180)
+    s = results[0]
+    k = watch.wait_for(fleet_pb2.EVENT_KIND_FAILOVER, mlx.node_id, timeout_s=10).tokens_delivered
+    watch.close()
+    assert s.error is None, s.error
+    f = s.final
+    assert list(f.nodes) == [mlx.node_id, up.node_id] and f.failovers == 1
+    assert f.model.engine == "upstream" and f.model.weights_digest == digest
+    assert len(s.ids) == f.usage.completion_tokens == n and 20 <= k < n
+    # The continuation is exactly the endpoint's greedy tokens after the MLX node's k.
+    rest = build_request(
+        messages=[(m.role, m.content) for m in req.chat.messages],
+        max_tokens=n - k,
+        temperature=0.0,
+        request_id="mlx-to-upstream-rest",
+    )
+    rest.sampling.ignore_eos = True
+    rest.prefix_token_ids.extend(s.ids[:k])
+    ids, _ = _run(up, rest)
+    assert ids == s.ids[k:]
+    # MLX and vLLM (float32 on a CPU) draw the same greedy tokens on the tiny model, so the
+    # spliced stream is also the MLX node's uninterrupted run (two engines' numerics: if a
+    # change of either makes them differ, the resume above is still exact).
+    assert s.ids == mlx_run.ids, f"MLX and vLLM greedy tokens part after the resume at {k}"
