@@ -583,10 +583,30 @@ class TrafficSection(BaseModel):
 
     traffic: dict[str, TrafficRule] = setting(
         {},
-        'Per model id (or "*"): [coordinator.traffic."MODEL"] weights = {local = 90, '
-        'upstream = 10}, overflow = "upstream" (config file only).',
-        cli=False,
+        "A model's traffic policy (repeatable): 'MODEL: CLASS=WEIGHT ... [overflow=CLASS]', "
+        "MODEL a model id or '*'; in the config file [coordinator.traffic.\"MODEL\"].",
+        metavar="'MODEL: CLASS=WEIGHT...'",
+        cli_type=list[str],
+        default_text="none",
     )
+
+    @field_validator("traffic", mode="before")
+    @classmethod
+    def _traffic_flags(cls, value):
+        """--traffic 'MODEL: macs=90 upstream=10 overflow=upstream' (repeatable)."""
+        if not isinstance(value, (list, tuple)):
+            return value
+        from cluster.traffic import PolicyError, parse_spec
+
+        out = {}
+        for text in value:
+            try:
+                model, weights, overflow = parse_spec(text)
+            except PolicyError as exc:
+                raise ValueError(f"--traffic {text[:80]!r}: {exc}") from None
+            out[model] = {"weights": weights, "overflow": overflow}
+        return out
+
     traffic_overflow_window_s: float = setting(
         30.0, "Seconds of arrivals the overflow controller's rate is measured over.", gt=0
     )

@@ -124,6 +124,18 @@ def parse_weights(words: list[str]) -> dict[str, int]:
     return out
 
 
+def parse_spec(text: str) -> tuple[str, dict[str, int], str]:
+    """'MODEL: macs=90 upstream=10 overflow=upstream' -> (model, weights, overflow), as
+    fleet-coordinator --traffic takes it; raises PolicyError."""
+    model, sep, rest = text.rpartition(":")
+    if not sep:
+        raise PolicyError("model", f"{text[:80]!r} is not 'MODEL: CLASS=WEIGHT ...'")
+    words = rest.replace(",", " ").split()
+    overflow = [w.partition("=")[2] for w in words if w.startswith("overflow=")]
+    weights = parse_weights([w for w in words if not w.startswith("overflow=")])
+    return model.strip(), weights, overflow[-1] if overflow else ""
+
+
 def model_key(model: str) -> str:
     """The policy key of a request's model (GenerateRequest.model): its id without @VERSION."""
     return model.partition("@")[0]

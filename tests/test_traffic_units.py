@@ -158,3 +158,21 @@ def test_the_queue_signal_clears_only_with_room_locally():
     s = step(s, room, 6.0, hold_s=2)
     s = step(s, room, 8.0, hold_s=2)
     assert not s.on
+
+
+def test_the_coordinators_traffic_flag_takes_policies(monkeypatch):
+    """fleet-coordinator --traffic 'MODEL: CLASS=WEIGHT ... overflow=CLASS' (repeatable)."""
+    from tests.test_settings_cli import _captured
+
+    s = _captured(
+        "coordinator.main",
+        monkeypatch,
+        ["--plaintext", "--no-mdns", "--traffic", "*: macs=90, upstream=10 overflow=upstream"],
+    )
+    rule = s.traffic["*"]
+    assert rule.weights == {"macs": 90, "upstream": 10} and rule.overflow == "upstream"
+    from cluster.traffic import parse_spec
+
+    assert parse_spec("org/model:v1: a=1") == ("org/model:v1", {"a": 1}, "")
+    with pytest.raises(PolicyError):
+        parse_spec("no colon here")
