@@ -323,8 +323,8 @@ class NodeSettings(HttpPortSection, FileSettings):
     group_timeout_s: float = setting(
         10.0,
         "Node group: a rank silent this long (no heartbeat, or a step stuck in a "
-        "collective) fails the group.",
-        gt=0,
+        "collective) fails the group; above the longest step (a prefill chunk).",
+        ge=2.0,
     )
     mdns: bool = setting(True, "Announce over mDNS for zero-config discovery.")
     fleet: str = setting(
