@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import grpc
@@ -14,7 +15,6 @@ import pytest
 
 from cluster.api import shadow_pb2, shadow_pb2_grpc
 from cluster.client import build_request
-from cluster.routing import Want
 from cluster.security.identity import Role
 from coordinator.gates import GateContext, ShadowGate
 from coordinator.shadow import Shadow, ShadowConfig, ShadowRefused, remote_unsafe
@@ -249,7 +249,31 @@ def test_config_checks_and_a_remote_node_without_phi_allowed_gets_no_copy():
 
     assert remote_unsafe(Entry("upstream", False))
     assert not remote_unsafe(Entry("upstream", True)) and not remote_unsafe(Entry("mlx", False))
-    assert Want().model == ""  # (the router's Want is what excludes them)
+    # A start is refused when every node serving the candidate is such a remote endpoint.
+    from coordinator.shadow_admin import ShadowAdmin
+
+    class Fleet:
+        def __init__(self, *entries):
+            self.entries = entries
+
+        def routable(self):
+            return list(self.entries)
+
+    def entry(node_id, engine, phi):
+        e = Entry(engine, phi)
+        e.node_id, e.model_id = node_id, CANDIDATE
+        e.status.model.model_id = CANDIDATE
+        return e
+
+    def refusal(*entries):
+        admin = ShadowAdmin(shadow=None, fleet=Fleet(*entries), identify=None, audit=None)
+        return admin._unservable(CANDIDATE)
+
+    why = refusal(entry("api-1", "upstream", False))
+    assert "api-1" in why and "--phi-allowed" in why
+    assert refusal(entry("api-1", "upstream", True)) == ""
+    assert refusal(entry("api-1", "upstream", False), entry("mac-1", "mlx", False)) == ""
+    assert "no READY node serves" in refusal()
 
 
 def _shadow_with(digest: str, cand_score: float, n: int) -> Shadow:
@@ -291,6 +315,19 @@ def test_afterwards_each_request_ended_once_and_the_canary_appears_nowhere(fleet
     _, metrics, _ = co.http_get("/metrics")
     report = _ctl(co, "shadow", "report", "-o", "json")
     assert report.returncode == 0, report.stderr
+    # A copy under way when the coordinator shuts down is cancelled and recorded, not leaked.
+    _stub(co).StartShadow(
+        shadow_pb2.StartShadowRequest(model=CANDIDATE, fraction=1.0, timeout_s=120), timeout=10
+    )
+    last = _model(build_request(prompt="long", max_tokens=1500, request_id="long-2"), LIVE)
+    last.sampling.ignore_eos = True
+    call = co.inference.Generate(last, timeout=60)
+    next(iter(call))
+    call.cancel()  # the caller leaves; its copy goes on until the coordinator stops it
+    _wait(co, lambda r: r.in_flight == 1, "the copy under way", timeout_s=10)
+    co.signal(signal.SIGTERM)
+    assert co.wait_exit(30) == 0
+    assert "Task was destroyed" not in co.stderr() and "never retrieved" not in co.stderr()
     co.stop()
     live.stop()
     cand.stop()
@@ -305,6 +342,7 @@ def test_afterwards_each_request_ended_once_and_the_canary_appears_nowhere(fleet
     copies = [x for x in records if x.get("type") == "shadow"]
     assert len(copies) >= 8 and all(x["request_id"] in ends for x in copies)
     assert {x["outcome"] for x in copies} >= {"completed", "cancelled"}
+    assert [x["outcome"] for x in copies if x["request_id"] == "long-2"] == ["cancelled"]
     assert all("quality_score" in x for x in copies if x["template"] == "soap-brief")
     assert {x["action"] for x in records if x.get("type") == "admin"} >= {
         "shadow.start",
