@@ -10,9 +10,9 @@ it as the agent does, and time mlx-lm's BatchGenerator step at batch C, then the
 that step makes, alone (tensor parallel: two all_sums of [C, 1, hidden] per layer, chained,
 on the generation stream) plus the group's own two per loop turn (the shared commands and the
 token-parity hash). Their share of the group's step is where the time goes; one process
-without a group gives the baseline step. On a CPU the group is slower: each rank still
-computes half of every layer at the same FLOP rate, and TCP adds latency per all_sum. On
-Macs over Thunderbolt 5 RDMA (JACCL) the collective share is what shrinks.
+without a group gives the baseline step. On the Linux build machine two ranks use two CPU
+cores where one MLX process computes on one thread, so the group can come out faster there;
+that does not carry to Macs. The collectives' share of the step is the figure that does.
 
     .venv/bin/python bench/node_group.py            # ~2 min on the 2-core build machine
 """
