@@ -36,6 +36,8 @@ def other_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(tiny_model, other_model, tmp_path_factory):
+    """A live node, a candidate node on other weights, and a coordinator whose rollouts take
+    a shadow run's verdict as evidence."""
     logs = tmp_path_factory.mktemp("shadow-logs")
     live = NodeProcess(tiny_model, "--model-id", LIVE, node_id="shadow-live")
     cand = NodeProcess(other_model, "--model-id", CANDIDATE, node_id="shadow-cand")
@@ -45,7 +47,9 @@ def fleet(tiny_model, other_model, tmp_path_factory):
             n.start(logs)
         for n in (live, cand):
             n.wait_serving()
-        co = CoordinatorProcess(nodes=[live.address, cand.address], name="shadow-co")
+        co = CoordinatorProcess(
+            "--rollout-shadow-gate", nodes=[live.address, cand.address], name="shadow-co"
+        )
         co.start(logs)
         co.wait_serving()
         co.wait_routable(2)
@@ -307,6 +311,48 @@ def test_the_rollout_gate_takes_a_shadow_report_as_evidence():
 
     names = [g.name for g in default_gates(RolloutSection(rollout_shadow_gate=True), shadow=none)]
     assert names == ["smoke", "shadow"]
+
+
+def test_a_rollout_takes_the_shadow_verdict_as_its_evidence(fleet, other_model):
+    """The live node rolls to the candidate's weights only once a shadow run passed on them."""
+    from cluster.api import fleet_pb2
+    from cluster.digest import weights_digest
+    from tests.test_rollout import fleetctl as fleetctl_in_process
+    from tests.test_rollout import rollout
+
+    co, live, _, _ = fleet
+    old, new = live.status().model.weights_digest, weights_digest(other_model)
+    stub = _stub(co)
+
+    def shadow(min_samples: int, first: int) -> None:
+        stub.StartShadow(
+            shadow_pb2.StartShadowRequest(
+                model=CANDIDATE, fraction=1.0, min_samples=min_samples, margin=1.0
+            ),
+            timeout=10,
+        )
+        for i in range(first, first + 3):
+            assert collect(co.inference, _model(note(i), LIVE)).final is not None
+        _wait(co, lambda r: r.in_flight == 0 and r.sent == 3, "copies done")
+
+    def roll(rollout_id: str):
+        return fleetctl_in_process(
+            co, "rollout", "start", "--model", str(other_model), "--node", "shadow-live",
+            "--rollout-id", rollout_id, "--wait",
+        )  # fmt: skip
+
+    shadow(min_samples=50, first=200)  # 3 samples: insufficient
+    out = roll("r-shadow-short")
+    assert out.exit_code == 7, out.output
+    why = rollout(co, "r-shadow-short").nodes[0].message
+    assert "shadow gate: shadow run" in why and "insufficient" in why, why
+    assert live.status().model.weights_digest == old  # rolled back
+    shadow(min_samples=3, first=300)
+    assert stub.GetShadow(shadow_pb2.GetShadowRequest(), timeout=10).verdict == "pass"
+    out = roll("r-shadow-pass")
+    assert out.exit_code == 0, out.output
+    assert rollout(co, "r-shadow-pass").state == fleet_pb2.ROLLOUT_STATE_SUCCEEDED
+    assert live.status().model.weights_digest == new
 
 
 def test_afterwards_each_request_ended_once_and_the_canary_appears_nowhere(fleet):
