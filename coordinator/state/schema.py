@@ -136,3 +136,16 @@ eval_baselines = sa.Table(
     sa.Column("report", sa.Text, nullable=False),
     sa.Column("created", REAL, nullable=False),
 )
+
+# The traffic policies operators set (coordinator/traffic_store.py; docs/traffic.md): one row
+# per model id or "*", the weights as JSON ("" once cleared), so coordinators sharing the
+# database follow one policy and a restarted one keeps it.
+traffic_policies = sa.Table(
+    "traffic_policies",
+    metadata,
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("weights", sa.Text, nullable=False),
+    sa.Column("overflow", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("set_by", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("set_at", REAL, nullable=False),
+)
