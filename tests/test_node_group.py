@@ -148,35 +148,65 @@ def wait_failed(rank0: NodeProcess, timeout_s: float) -> tuple[str, float]:
     raise AssertionError(f"rank 0 not FAILED within {timeout_s}s: {rank0.stderr()[-2000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.allow_blocking("drives node processes")
-def test_killing_rank_1_fails_the_group_and_ends_streams(group_model, tmp_path):
+def test_killing_rank_1_fails_the_group_and_streams_move_on(
+    group_model, tmp_path, start_coordinator
+):
+    """kill -9 rank 1 while streams run, through a coordinator with a single node beside
+    the group (its digest differs: streams restart there, allow_restart) and straight to
+    rank 0 (error finals naming rank 1); no rank remains; restarted, the group re-forms."""
+    logs = tmp_path / "logs"
     with ExitStack() as stack:
-        rank0, rank1 = start_group(stack, group_model, tmp_path / "logs", "tensor")
-        started = [threading.Event() for _ in range(8)]
+        rank0, rank1 = start_group(stack, group_model, logs, "tensor")
+        single = stack.enter_context(NodeProcess(group_model, node_id="beside-the-group"))
+        single.start(logs)
+        single.wait_serving()
+        co = start_coordinator(nodes=[rank0.address, single.address])
+        co.wait_routable(2)
+        started = [threading.Event() for _ in range(10)]
 
         def one(i: int):
             def seen(s) -> None:
                 if s.ids:
                     started[i].set()
 
-            return collect(rank0.inference, note(i, 400, request_id=f"k-{i}"), 120, seen)
+            if i < 8:  # through the coordinator
+                request = note(i, 300, request_id=f"co-{i}", allow_restart=True)
+                return collect(co.inference, request, 120, seen)
+            return collect(rank0.inference, note(i, 300, request_id=f"direct-{i}"), 120, seen)
 
-        out, threads = in_threads(one, list(range(8)))
+        out, threads = in_threads(one, list(range(10)))
         for event in started:
             assert event.wait(60), "a stream did not start"
+        assert rank0.status().load.running > 0, "no stream runs on the group"
         rank1.proc.kill()
         reason, _ = wait_failed(rank0, 20)
         assert "rank 1 (127.0.0.1:" in reason, reason
         for t in threads:
-            t.join(timeout=30)
-        for s in out:
+            t.join(timeout=120)
+        for s in out[:8]:
+            assert s.error is None, s.error
+            assert s.final.finish_reason != inference_pb2.FINISH_REASON_ERROR, s.final.message
+        for s in out[8:]:
             assert s.final is not None, s.error
             assert s.final.finish_reason == inference_pb2.FINISH_REASON_ERROR
             assert "rank 1" in s.final.message and "another node" in s.final.message
+        # No rank is left behind: rank 0 exits for its service manager, rank 1 is dead.
         assert rank0.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
         assert rank1.proc.poll() is not None
+        # The service manager restarts both; the group forms again and serves.
+        for proc in (rank0, rank1):
+            proc.restart(logs)
+        rank0.wait_serving(timeout_s=90)
+        co.wait_routable(2, timeout_s=60)
+        again = collect(co.inference, note(0, 8, request_id="after-reform"), 60)
+        assert again.final is not None and again.final.finish_reason != (
+            inference_pb2.FINISH_REASON_ERROR
+        )
 
 
+@pytest.mark.slow
 @pytest.mark.allow_blocking("drives node processes")
 def test_a_stopped_rank_is_detected_within_the_deadline(group_model, tmp_path):
     with ExitStack() as stack:
