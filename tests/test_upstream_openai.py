@@ -342,3 +342,66 @@ def _kill_mid_stream(co, nodes, allow: bool):
     victim.proc.kill()
     threads[0].join(120)
     return results[0], victim
+
+
+# -- the text-to-tokens reader, without sockets ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_model):
+    from mlx_lm.utils import load_tokenizer
+
+    from node_agent.engines.upstream_openai import codec
+
+    return codec(load_tokenizer(tiny_model))
+
+
+@pytest.mark.parametrize("spans", [True, False], ids=["offsets", "decoded-prefix"])
+def test_streamed_text_becomes_ids_that_decode_to_it(codec, spans):
+    import random
+
+    from node_agent.engines.upstream_openai import TextTokens
+
+    encode, decode, offsets = codec
+    rng = random.Random(7)
+    for _ in range(50):
+        text = decode([rng.randrange(0, 500) for _ in range(80)])
+        tokens, ids, at, early = TextTokens(encode, decode, offsets if spans else None), [], 0, 0
+        while at < len(text):
+            n = rng.randint(1, 6)
+            got = tokens.feed(text[at : at + n])
+            ids, at = ids + got, at + n
+            early += len(got) if at < len(text) else 0
+        ids += tokens.flush()
+        assert decode(ids) == decode(encode(text))  # the text, up to the tokenizer's normalization
+        assert early > 0  # sent as it came, not all at the end
+
+
+def test_the_reader_cuts_at_max_tokens_and_names_no_text(codec):
+    from node_agent.engine import EventKind
+    from node_agent.engines.upstream_openai import TextReader, TextTokens
+
+    def chunk(content=None, finish=None):
+        return {"choices": [{"delta": {"content": content}, "finish_reason": finish}]}
+
+    reader = TextReader(TextTokens(*codec), max_tokens=5)
+    events = []
+    for word in ["Synthetic", " assessment", " and", " plan", " text", " more", " words"]:
+        got, done, failure = reader.read(chunk(word))
+        events += got
+        if done:
+            break
+    assert done and failure is None and reader.cut
+    assert [e.finish for e in events][-1] == "length" and len(events) == 5
+    assert all(e.kind is EventKind.TOKEN for e in events)
+
+    reader = TextReader(TextTokens(*codec), max_tokens=50)
+    assert reader.read({"choices": [], "usage": {"completion_tokens": 3}}) == ([], False, None)
+    got, done, _ = reader.read(chunk("Plan: rest.", "stop"))
+    assert done and got[-1].finish == "stop" and not reader.cut
+    _, done, failure = TextReader(TextTokens(*codec), 50).read(chunk(None, "content_filter"))
+    assert done and failure == "the upstream endpoint ended the request (content_filter)"
+    _, done, failure = TextReader(TextTokens(*codec), 50).read(
+        {"error": {"type": "BadRequestError", "message": "synthetic text echoed back"}}
+    )
+    assert done and failure == "the upstream endpoint failed the request, BadRequestError"
