@@ -190,7 +190,14 @@ class Shadow:
 
     # -- the relay's side ---------------------------------------------------------------
     def offer(self, req: inference_pb2.GenerateRequest) -> None:
-        """A live request, accepted and about to run: maybe copy it to the candidate."""
+        """A live request, accepted and about to run: maybe copy it to the candidate. Never
+        raises: whatever happens to the copy, the live request goes on."""
+        try:
+            self._offer(req)
+        except Exception as exc:  # noqa: BLE001 - a copy never fails the caller's request
+            log.error("shadow: request=%s not copied: %s", req.request_id, type(exc).__name__)
+
+    def _offer(self, req: inference_pb2.GenerateRequest) -> None:
         run = self.run
         if run is None or not run.active or req.prefix_token_ids:
             return  # a stream continued from elsewhere carries another model's tokens
