@@ -49,6 +49,7 @@ from coordinator.shadow import Shadow
 from coordinator.shadow_admin import ShadowAdmin
 from coordinator.state import StateDB, url_for
 from coordinator.traffic import TrafficControl
+from coordinator.traffic_store import TrafficStore
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Coordinator:
         )
         # Rollouts and their lease, API tokens, the request log (docs/state.md); migrated on open.
         self.state = StateDB(url_for(settings.state_url, settings.state_db))
+        self.traffic.store = TrafficStore(self.state)  # policies set with fleetctl traffic
         log.info("coordinator=%s state database %s", settings.coordinator_id, self.state.shown)
         rollout = settings.section(RolloutSection)
         self.rollouts = Rollouts(
@@ -296,7 +298,7 @@ class Coordinator:
                 )
                 self.discovery = None
         self.rollouts.resume_pending()
-        self.traffic.start()
+        await self.traffic.start()
         if s.mdns and s.mdns_announce:
             from coordinator.announce import announce
 

@@ -40,6 +40,7 @@ from cluster.traffic import (
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25  # the overflow switches are evaluated this often, and on every new request
+SYNC_S = 2.0  # policies other coordinators set are read from the state database this often
 EVALUATE_EVERY_S = 0.05  # ... at most this often per policy
 SHARE_WINDOW_S = 60.0  # `fleetctl top` and the dashboard show each class's share over this
 
@@ -74,6 +75,7 @@ class TrafficControl:
         waiting: Callable[[], Iterable[tuple[Want, float]]],
         on_overflow: Callable[[], None],
         mix: Callable[[], object],
+        store=None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._s = settings
@@ -90,16 +92,20 @@ class TrafficControl:
         self.routed: Counter[str] = Counter()  # placements per node class
         self._recent: deque[tuple[float, str]] = deque()
         self._task: Optional[asyncio.Task] = None
+        self.store = (
+            store  # coordinator/traffic_store.TrafficStore (set before start); None: memory
+        )
+        self._synced: dict[str, float] = {}  # model -> set_at of the row installed from the store
         for model, rule in settings.traffic.items():
             self._install(Policy.parse(model, rule.weights, rule.overflow), "config")
 
     # -- policies ---------------------------------------------------------------------
-    def _install(self, policy: Policy, who: str) -> None:
+    def _install(self, policy: Policy, who: str, set_at: Optional[float] = None) -> None:
         old = self._runs.get(policy.model)
         run = _Run(
             policy,
             who,
-            time.time(),
+            set_at if set_at is not None else time.time(),
             meter=old.meter if old else ArrivalMeter(self._s.traffic_overflow_window_s),
             chooser=Chooser(policy),
         )
@@ -111,24 +117,53 @@ class TrafficControl:
         self._runs[policy.model] = run
         self.policies[policy.model] = policy
 
-    def set(self, policy: Policy, who: str) -> None:
+    async def change(self, model: str, policy: Optional[Policy], who: str) -> None:
+        """Set (or, `policy` None, clear) a model's policy: saved to the state database first
+        (raises its error), then in effect here at the next request, and on the coordinators
+        sharing the database within SYNC_S."""
+        set_at = time.time()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.save, model, policy, who, set_at)
+            self._synced[model] = set_at
+        if policy is None:
+            self.clear(model, who)
+        else:
+            self.set(policy, who, set_at)
+
+    def set(self, policy: Policy, who: str, set_at: Optional[float] = None, how: str = "") -> None:
         """Install (or replace) a model's policy now: the next request follows it."""
-        self._install(policy, who)
+        self._install(policy, who, set_at)
         self._events.emit(
             fleet_pb2.EVENT_KIND_TRAFFIC,
-            reason=f"traffic policy for {policy.model} set to {policy.spec()} by {who}",
+            reason=f"traffic policy for {policy.model} set to {policy.spec()} by {who}{how}",
         )
 
-    def clear(self, model: str, who: str) -> bool:
+    def clear(self, model: str, who: str, how: str = "") -> bool:
         """Remove a model's policy; False if it had none."""
         if self._runs.pop(model, None) is None:
             return False
         del self.policies[model]
         self._events.emit(
-            fleet_pb2.EVENT_KIND_TRAFFIC, reason=f"traffic policy for {model} removed by {who}"
+            fleet_pb2.EVENT_KIND_TRAFFIC,
+            reason=f"traffic policy for {model} removed by {who}{how}",
         )
         self._on_overflow()  # requests waiting for a class of it may go anywhere now
         return True
+
+    async def sync(self) -> None:
+        """Take up the policies set through any coordinator sharing the state database (they
+        override the config file's for their model; a cleared one is removed)."""
+        if self.store is None:
+            return
+        for row in await asyncio.to_thread(self.store.load):
+            if self._synced.get(row.model) == row.set_at:
+                continue
+            self._synced[row.model] = row.set_at
+            how = " (from the state database)"
+            if row.policy is not None:
+                self.set(row.policy, row.set_by, row.set_at, how)
+            else:
+                self.clear(row.model, row.set_by, how)
 
     # -- routing (called by Admission) ---------------------------------------------------
     def route(self, want: Want) -> Want:
@@ -263,9 +298,14 @@ class TrafficControl:
         )
 
     async def run(self) -> None:
-        """Evaluate every policy's switch each tick, so it also turns off with no requests."""
+        """Evaluate every policy's switch each tick, so it also turns off with no requests;
+        read the state database's policies every SYNC_S."""
+        synced = self._clock()
         while True:
             await asyncio.sleep(TICK_S)  # a period, not synchronisation
+            if self._clock() - synced >= SYNC_S:
+                synced = self._clock()
+                await self._sync_logged()
             for run in list(self._runs.values()):
                 try:
                     self._evaluate(run, self._clock())
@@ -274,7 +314,21 @@ class TrafficControl:
                         "traffic policy for %s: overflow evaluation failed", run.policy.model
                     )
 
-    def start(self) -> None:
+    async def _sync_logged(self) -> None:
+        try:
+            await self.sync()
+        except Exception as exc:  # noqa: BLE001 - the database may be away; policies stay as they are
+            log.warning(
+                "traffic policies not read from the state database (%s: %s); keeping the ones in "
+                "effect, retrying in %.0f s",
+                type(exc).__name__,
+                exc,
+                SYNC_S,
+            )
+
+    async def start(self) -> None:
+        """Take up the state database's policies, then run the switches."""
+        await self._sync_logged()
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def close(self) -> None:

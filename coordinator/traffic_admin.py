@@ -4,6 +4,7 @@ the next request follows it, no restart."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import grpc
@@ -12,6 +13,7 @@ from cluster.api import fleet_pb2
 from cluster.traffic import MODEL_RE, Policy, PolicyError
 
 ACTION = "traffic.set"
+log = logging.getLogger(__name__)
 
 
 async def set_policy(admin, control, request, context) -> fleet_pb2.TrafficPolicies:
@@ -53,9 +55,15 @@ async def set_policy(admin, control, request, context) -> fleet_pb2.TrafficPolic
     if policy is not None:
         details["policy"] = policy.spec()
     await admin._record(context, ident, peer, ACTION, outcome="accepted", code="", **details)
-    if policy is None:
-        control.clear(p.model, who)
-    else:
-        control.set(policy, who)
+    try:
+        await control.change(p.model, policy, who)
+    except Exception as exc:  # noqa: BLE001 - the state database: say so, never UNKNOWN
+        log.error("%s: the state database did not take the policy: %s", ACTION, exc)
+        await admin._failed(ident, peer, ACTION, outcome="failed", code="UNAVAILABLE", **details)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the traffic policy for {p.model[:80]!r} was not changed: the state database did "
+            f"not take it ({type(exc).__name__}); check it (docs/state.md) and retry",
+        )
     await admin._record(context, ident, peer, ACTION, done=True, **details)
     return control.to_proto()

@@ -256,3 +256,37 @@ def test_overflow_only_while_the_local_class_would_miss_the_sla(nodes, tmp_path,
         .overflow_episodes
         == 1
     )
+
+
+def test_coordinators_sharing_a_state_database_follow_one_policy(
+    nodes, tmp_path, start_coordinator
+):
+    """A policy set through one coordinator is taken up by its pair (same --state-db) within
+    a few seconds, and a coordinator started afterwards starts with it; a clear reaches both."""
+    db = str(tmp_path / "shared.db")
+    addresses = [n.address for n in nodes.values()]
+    a = start_coordinator("--state-db", db, nodes=addresses, name="pair-a")
+    b = start_coordinator("--state-db", db, nodes=addresses, name="pair-b")
+    a.wait_routable(2)
+    b.wait_routable(2)
+    done = fleetctl("traffic", "set", "*", "burst=1", "-c", a.address, "--tls-name", "operator")
+    assert done.returncode == 0, done.stderr
+
+    def policies(co) -> dict:
+        got = _stub(co).GetTrafficPolicies(fleet_pb2.GetTrafficPoliciesRequest(), timeout=10)
+        return {p.policy.model: (dict(p.policy.weights), p.set_by) for p in got.policies}
+
+    deadline = time.monotonic() + 10
+    while policies(b) != {"*": ({"burst": 1}, "operator")}:
+        assert time.monotonic() < deadline, f"pair-b did not take up the policy: {policies(b)}"
+        time.sleep(0.1)
+    assert _served(_parallel(b, "pair", 6)) == {"burst-1": 6}
+    late = start_coordinator("--state-db", db, nodes=addresses, name="pair-late")
+    assert policies(late) == {"*": ({"burst": 1}, "operator")}
+
+    gone = fleetctl("traffic", "clear", "*", "-c", b.address, "--tls-name", "operator")
+    assert gone.returncode == 0, gone.stderr
+    deadline = time.monotonic() + 10
+    while policies(a):
+        assert time.monotonic() < deadline, f"pair-a kept a cleared policy: {policies(a)}"
+        time.sleep(0.1)
