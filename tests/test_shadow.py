@@ -327,7 +327,11 @@ def test_a_rollout_takes_the_shadow_verdict_as_its_evidence(fleet, other_model):
     def shadow(min_samples: int, first: int) -> None:
         stub.StartShadow(
             shadow_pb2.StartShadowRequest(
-                model=CANDIDATE, fraction=1.0, min_samples=min_samples, margin=1.0
+                model=CANDIDATE,
+                fraction=1.0,
+                min_samples=min_samples,
+                margin=1.0,
+                max_in_flight=16,
             ),
             timeout=10,
         )
