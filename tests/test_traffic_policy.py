@@ -28,10 +28,15 @@ SLOW_FIT = StepModel(decode_base_s=0.03, decode_per_seq_s=0.015, prefill_base_s=
 
 @pytest.fixture(scope="module")
 def nodes(tiny_model, tmp_path_factory):
-    """A node in class `macs` and one in class `burst`, shared by the module's tests."""
+    """A node in class `macs` (two places: a burst waits in the coordinator's queue) and one
+    in class `burst`, shared by the module's tests."""
     logs = tmp_path_factory.mktemp("traffic-logs")
     procs = [
-        NodeProcess(tiny_model, "--node-class", "macs", "--max-running", "2", node_id="mac-1"),
+        NodeProcess(
+            tiny_model,
+            *("--node-class", "macs", "--max-running", "2", "--max-queued", "0"),
+            node_id="mac-1",
+        ),
         NodeProcess(tiny_model, "--node-class", "burst", node_id="burst-1"),
     ]
     try:
@@ -290,3 +295,42 @@ def test_coordinators_sharing_a_state_database_follow_one_policy(
     while policies(a):
         assert time.monotonic() < deadline, f"pair-a kept a cleared policy: {policies(a)}"
         time.sleep(0.1)
+
+
+def test_without_a_profile_the_queue_wait_starts_and_stops_overflow(
+    nodes, tmp_path, start_coordinator
+):
+    """No capacity profile: overflow turns on when a macs-bound request has waited past
+    --traffic-overflow-queue-wait-s, the waiting ones go to burst, and it turns off once no
+    request waits and macs has room again for the hold."""
+    co = start_coordinator(
+        "--traffic",
+        "*: macs=100 overflow=burst",
+        "--traffic-overflow-queue-wait-s",
+        "0.3",
+        "--traffic-overflow-hold-s",
+        "1",
+        nodes=[n.address for n in nodes.values()],
+        name="queue-co",
+    )
+    co.wait_routable(2)
+    assert _served([collect(co.inference, note(i, 8, request_id=f"q0-{i}")) for i in range(3)]) == {
+        "mac-1": 3
+    }
+    served = _served(_parallel(co, "qburst", 16, workers=16, max_tokens=200))
+    assert served["burst-1"] > 0 and served["mac-1"] >= 2, served
+    p = _stub(co).GetTrafficPolicies(fleet_pb2.GetTrafficPoliciesRequest(), timeout=10).policies[0]
+    assert p.overflow_signal == "queue" and p.overflow_episodes == 1
+    assert p.overflow_routed_total == served["burst-1"]
+    deadline = time.monotonic() + 15
+    while (
+        _stub(co)
+        .GetTrafficPolicies(fleet_pb2.GetTrafficPoliciesRequest(), timeout=10)
+        .policies[0]
+        .overflow_active
+    ):
+        assert time.monotonic() < deadline, "overflow did not turn off once the queue cleared"
+        time.sleep(0.1)
+    assert _served([collect(co.inference, note(i, 8, request_id=f"q1-{i}")) for i in range(3)]) == {
+        "mac-1": 3
+    }
