@@ -92,9 +92,8 @@ class TrafficControl:
         self.routed: Counter[str] = Counter()  # placements per node class
         self._recent: deque[tuple[float, str]] = deque()
         self._task: Optional[asyncio.Task] = None
-        self.store = (
-            store  # coordinator/traffic_store.TrafficStore (set before start); None: memory
-        )
+        # coordinator/traffic_store.TrafficStore (may be set before start); None: memory only
+        self.store = store
         self._synced: dict[str, float] = {}  # model -> set_at of the row installed from the store
         for model, rule in settings.traffic.items():
             self._install(Policy.parse(model, rule.weights, rule.overflow), "config")
