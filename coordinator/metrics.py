@@ -260,7 +260,7 @@ class _Live(Collector):
         yield from self._audit_health()
 
     def _rollout(self) -> Iterable[Metric]:
-        row = self._rollouts.store.get("") if self._rollouts is not None else None
+        row = self._rollouts.latest if self._rollouts is not None else None
         state = row.state if row is not None else "NONE"
         yield state_family(
             "studiofleet_rollout_state",

@@ -15,6 +15,7 @@ has taken the lease over, this runner's calls are refused by the nodes and it st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -66,8 +67,10 @@ class Runner:
         wake: asyncio.Event,
         fence: Lease,
         audit=None,
+        poll_s: float = 5.0,
     ):
         self.r = row
+        self._poll_s = poll_s  # paused: how often the state is read again
         self.fence = fence  # the lease this runner acts under
         self._token = fence.token
         self._audit = audit
@@ -82,17 +85,20 @@ class Runner:
         r = self.r
         try:
             while True:
-                fresh = self._store.get(r.id)
+                fresh = await asyncio.to_thread(self._store.get, r.id)
                 r.state, r.message = fresh.state, fresh.message
                 if r.state == "PAUSED":
+                    # Resumed here (wake), or through another coordinator on the database
+                    # (read again at the lease's pace).
                     self._wake.clear()
-                    await self._wake.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._poll_s)
                     continue
                 if r.state != "RUNNING":
                     return
                 pending = [n for n in r.nodes if n.step not in TERMINAL_STEPS]
                 if not pending:
-                    self._finish("SUCCEEDED", f"{len(r.nodes)} nodes on {_target(r.target)}")
+                    await self._finish("SUCCEEDED", f"{len(r.nodes)} nodes on {_target(r.target)}")
                     return
                 batch = pending[: r.max_unavailable]
                 results = await asyncio.gather(
@@ -103,7 +109,7 @@ class Runner:
                         raise out
                 failed = [n for n, ok in zip(batch, results) if ok is False]
                 if failed:
-                    self._finish(
+                    await self._finish(
                         "FAILED",
                         "; ".join(f"node {n.node_id}: {n.message}" for n in failed)
                         + "; the nodes not yet updated were left as they were",
@@ -111,7 +117,7 @@ class Runner:
                     return
                 blocked = [str(b) for b in results if isinstance(b, Blocked)]
                 if blocked:
-                    self._pause(
+                    await self._pause(
                         "; ".join(blocked) + f"; then `fleetctl rollout resume {r.id}` "
                         f"(or `fleetctl rollout abort {r.id}`)"
                     )
@@ -121,15 +127,15 @@ class Runner:
             log.error("rollout=%s stopped: %s", r.id, exc)
         except Exception as exc:  # noqa: BLE001 - recorded; a rollout never vanishes silently
             log.exception("rollout=%s internal error", r.id)
-            self._finish(
+            await self._finish(
                 "FAILED",
                 f"internal error in the coordinator ({type(exc).__name__}: {exc}); "
                 "see its log, then start a new rollout",
             )
 
-    def _finish(self, state: str, message: str) -> None:
+    async def _finish(self, state: str, message: str) -> None:
         self.r.state, self.r.message = state, message
-        self._store.set_state(self.r.id, state, message, fence=self.fence)
+        await asyncio.to_thread(self._store.set_state, self.r.id, state, message, fence=self.fence)
         self._events.emit(
             K.EVENT_KIND_ROLLOUT,
             reason=f"{state.lower()}: {message}",
@@ -137,21 +143,23 @@ class Runner:
             step=state.lower(),
         )
 
-    def _pause(self, message: str) -> None:
+    async def _pause(self, message: str) -> None:
         """Stop starting nodes until an operator resumes (a wait ran out: see Blocked)."""
         self.r.state, self.r.message = "PAUSED", f"paused: {message}"
-        self._store.set_state(self.r.id, "PAUSED", self.r.message, fence=self.fence)
+        await asyncio.to_thread(
+            self._store.set_state, self.r.id, "PAUSED", self.r.message, fence=self.fence
+        )
         self._events.emit(
             K.EVENT_KIND_ROLLOUT, reason=self.r.message, rollout_id=self.r.id, step="pause"
         )
         log.warning("rollout=%s %s", self.r.id, self.r.message)
 
-    def _step(self, n: NodeRow, step: str, message: str) -> None:
+    async def _step(self, n: NodeRow, step: str, message: str) -> None:
         n.step, n.message = step, message
         n.started = n.started or time.time()
         if step in TERMINAL_STEPS:
             n.finished = time.time()
-        self._store.set_step(self.r.id, n, fence=self.fence)
+        await asyncio.to_thread(self._store.set_step, self.r.id, n, fence=self.fence)
         self._events.emit(
             K.EVENT_KIND_ROLLOUT, node_id=n.node_id, reason=message, rollout_id=self.r.id, step=step
         )
@@ -193,10 +201,10 @@ class Runner:
                 await self._stage(n, entry)
                 failure = await self._prepare_gates(n, entry)
                 if failure:
-                    self._step(n, "failed", f"{failure}; the node was left as it was")
+                    await self._step(n, "failed", f"{failure}; the node was left as it was")
                     return False
                 await self._drain(n, entry)
-                self._step(n, "activate", f"activating {_target(t)}")
+                await self._step(n, "activate", f"activating {_target(t)}")
                 try:
                     await wait_op(
                         lambda: entry.link.ops.Activate(
@@ -212,19 +220,19 @@ class Runner:
                     )
                 except OpFailed as exc:  # the node went back to its previous weights by itself
                     await self._uncordon(n, entry, "rollback")
-                    self._step(
+                    await self._step(
                         n, "rolled_back", f"{exc}; the node serves its previous weights again"
                     )
                     return False
             elif n.kept_out or (not st.cordoned and st.lifecycle == READY):
-                self._step(n, "done", f"already on {t.weights_digest[:19]}")
+                await self._step(n, "done", f"already on {t.weights_digest[:19]}")
                 return True
             failure = await self._gate(n, entry)
             if failure:
                 await self._roll_back(n, entry, failure)
                 return False
             if n.kept_out:  # the operator took it out before the rollout: it stays out
-                self._step(
+                await self._step(
                     n,
                     "done",
                     f"updated to {_target(t)}; left out of service as it was found "
@@ -232,7 +240,7 @@ class Runner:
                 )
                 return True
             await self._uncordon(n, entry, "rejoin")
-            self._step(n, "done", f"serving {_target(t)}")
+            await self._step(n, "done", f"serving {_target(t)}")
             return True
         except OpFailed as exc:
             message = str(exc)
@@ -244,7 +252,7 @@ class Runner:
                     message += "; the node was uncordoned and serves as before"
                 except OpFailed as again:
                     message += f"; uncordoning it failed too ({again}): uncordon it by hand"
-            self._step(n, "failed", message)
+            await self._step(n, "failed", message)
             return False
 
     async def _entry(self, node_id: str) -> NodeEntry:
@@ -262,7 +270,7 @@ class Runner:
 
     async def _stage(self, n: NodeRow, entry: NodeEntry) -> None:
         t = self.r.target
-        self._step(
+        await self._step(
             n, "stage", f"staging {_target(t)} ({'shared path' if t.shared_path else 'push'})"
         )
         op = self._op(n, "stage")
@@ -313,7 +321,7 @@ class Runner:
 
     async def _drain(self, n: NodeRow, entry: NodeEntry) -> None:
         await self._wait_capacity(n)
-        self._step(n, "drain", f"draining (deadline {self.r.drain_timeout_s:g}s)")
+        await self._step(n, "drain", f"draining (deadline {self.r.drain_timeout_s:g}s)")
         await wait_op(
             lambda: entry.link.ops.Drain(
                 node_pb2.DrainRequest(
@@ -344,7 +352,7 @@ class Runner:
             if time.monotonic() > deadline:
                 raise Blocked(f"{why} (waited {self.r.wait_timeout_s:g}s)")
             if why != shown:
-                self._step(n, "wait", why)
+                await self._step(n, "wait", why)
                 shown = why
             await asyncio.sleep(0.2)
 
@@ -381,14 +389,16 @@ class Runner:
             prepare = getattr(gate, "prepare", None)
             if prepare is None:
                 continue
-            self._step(n, "gate", f"{gate.name}: scoring the current version {n.from_digest[:19]}")
+            await self._step(
+                n, "gate", f"{gate.name}: scoring the current version {n.from_digest[:19]}"
+            )
             why = await prepare(ctx)
             if why:
                 return f"{gate.name} gate: {why}"
         return None
 
     async def _gate(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
-        self._step(n, "gate", ", ".join(g.name for g in self._gates))
+        await self._step(n, "gate", ", ".join(g.name for g in self._gates))
         ctx = GateContext(
             self.r.id, n.node_id, entry.address, entry.link, self.r.target.weights_digest
         )
@@ -418,7 +428,7 @@ class Runner:
             await asyncio.sleep(0.05)
 
     async def _roll_back(self, n: NodeRow, entry: NodeEntry, failure: str) -> None:
-        self._step(n, "rollback", f"{failure}; going back to {n.from_digest[:19]}")
+        await self._step(n, "rollback", f"{failure}; going back to {n.from_digest[:19]}")
         try:
             await wait_op(
                 lambda: entry.link.ops.Drain(
@@ -448,20 +458,20 @@ class Runner:
                 )
             await self._uncordon(n, entry, "rollback-uncordon")
         except OpFailed as exc:
-            self._step(
+            await self._step(
                 n,
                 "failed",
                 f"{failure}; rollback failed too: {exc}; the node stays cordoned, "
                 "fix it by hand (fleetctl node status)",
             )
             return
-        self._step(n, "rolled_back", f"{failure}; back on {n.from_digest[:19]} and serving")
+        await self._step(n, "rolled_back", f"{failure}; back on {n.from_digest[:19]} and serving")
 
     async def _restart(self, n: NodeRow, entry: NodeEntry) -> None:
         """A release restart: drain, ask the agent to exit for its service manager, wait for
         the new process to come back (drained: its drain is kept across the restart)."""
         await self._drain(n, entry)
-        self._step(n, "restart", "restarting the node agent")
+        await self._step(n, "restart", "restarting the node agent")
         asked = time.monotonic()
         await wait_op(
             lambda: entry.link.ops.Restart(

@@ -78,7 +78,8 @@ class RolloutRow:
 
 
 class RolloutStore:
-    """Called from the event loop (writes are few and small). Every write that acts under
+    """Blocking: the coordinator calls it in a thread (asyncio.to_thread), never on its
+    event loop, since a PostgreSQL across the network may be slow. Every write that acts under
     the lease checks it in the same transaction, holding the lease row (SQLite: BEGIN
     IMMEDIATE; PostgreSQL: SELECT ... FOR UPDATE), so a lease change and a fenced write
     never interleave."""

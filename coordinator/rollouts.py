@@ -87,38 +87,70 @@ class Rollouts:
         self._lease_task: Optional[asyncio.Task] = None
         self._standby_task: Optional[asyncio.Task] = None
         self._wake = asyncio.Event()
+        self._latest: Optional[RolloutRow] = None
 
     @property
     def holder(self) -> str:
         return self._me
 
+    @property
+    def latest(self) -> Optional[RolloutRow]:
+        """The latest rollout as last read, for /metrics and the dashboard, which must not
+        wait on the database: this coordinator's running one as it goes, else as read at
+        start, on each command and every third of the lease's term (the standby's pace)."""
+        runner = self._runner
+        if runner is not None and (
+            self._latest is None or runner.r.created >= self._latest.created
+        ):
+            return runner.r
+        return self._latest
+
+    def _saw(self, row: Optional[RolloutRow]) -> None:
+        if row is not None and (self._latest is None or row.created >= self._latest.created):
+            self._latest = row
+
     # -- lifecycle --------------------------------------------------------------------
     def resume_pending(self) -> None:
-        """At start: pick up a rollout a previous coordinator left running or paused."""
-        row = self.store.active()
+        """At start: pick up a rollout a previous coordinator left running or paused (read
+        off the event loop, as every state database call here), then stand by."""
+        self._standby_task = asyncio.get_running_loop().create_task(self._standby())
+
+    async def _resume_pending(self) -> None:
+        row = await asyncio.to_thread(self.store.active)
+        self._saw(await asyncio.to_thread(self.store.get, ""))
         if row is not None:
             log.info(
                 "rollout=%s %s: resuming (left by %s)", row.id, row.state, row.owner or "unknown"
             )
             self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
-        self._standby_task = asyncio.get_running_loop().create_task(self._standby())
+
+    def _survey(self) -> tuple[Optional[RolloutRow], Optional[tuple], Optional[RolloutRow]]:
+        """(the active rollout, the lease, the latest rollout): the standby's reads, in a thread."""
+        return self.store.active(), self.store.lease(), self.store.get("")
 
     async def _standby(self) -> None:
         """While running: take over a running rollout whose holder died (another coordinator
         on this database, killed mid-rollout: its lease ran out and nobody renews it)."""
+        try:
+            await self._resume_pending()
+        except Exception as exc:  # noqa: BLE001 - the database is down: the loop below looks again
+            log.warning(
+                "rollout resume at start: state database unreadable (%s); looking again",
+                type(exc).__name__,
+            )
         while True:
             await asyncio.sleep(self._s.rollout_lease_s / 3)  # the lease's own pace
-            if self._lease_task is not None and not self._lease_task.done():
-                continue  # this coordinator runs (or waits for) a rollout already
             try:
-                row = self.store.active()
-                lease = self.store.lease()
+                row, lease, latest = await asyncio.to_thread(self._survey)
             except Exception as exc:  # noqa: BLE001 - the state database is down: readiness says so; look again
                 log.warning(
                     "rollout standby: state database unreadable (%s); looking again",
                     type(exc).__name__,
                 )
                 continue
+            self._saw(latest)
+            if self._lease_task is not None and not self._lease_task.done():
+                continue  # this coordinator runs (or waits for) a rollout already
             if (
                 row is None
                 or row.state != "RUNNING"
@@ -136,23 +168,24 @@ class Rollouts:
         for task in (self._task, self._lease_task, self._standby_task):
             if task is not None:
                 task.cancel()
-        self.store.release(self._me)
-        self.store.close()
+        await asyncio.to_thread(self.store.release, self._me)
+        await asyncio.to_thread(self.store.close)
 
     async def _hold_lease(self, row: RolloutRow) -> None:
         """Take the lease (waiting while another live coordinator holds it), run, renew."""
         ttl = self._s.rollout_lease_s
-        while not (lease := self.store.acquire(self._me, ttl)).held:
+        while not (lease := await asyncio.to_thread(self.store.acquire, self._me, ttl)).held:
             log.warning("rollout=%s waiting: %s", row.id, lease.refused)
             await asyncio.sleep(ttl / 3)  # the lease's own pace: a third of its time-to-live
         # Read the plan again now that it is ours: while this coordinator waited, the holder
         # may have recorded more steps, or ended the rollout (then there is nothing to run).
-        row = self.store.get(row.id)
+        row = await asyncio.to_thread(self.store.get, row.id)
         if row is None or row.state not in ACTIVE:
-            self.store.release(self._me)
+            await asyncio.to_thread(self.store.release, self._me)
             return
         log.info("rollout=%s lease held by %s (fencing token %d)", row.id, self._me, lease.token)
-        self.store.set_owner(row.id, self._me)
+        await asyncio.to_thread(self.store.set_owner, row.id, self._me)
+        row.owner = self._me
         self._launch(row, lease)
         while self._task is not None and not self._task.done():
             await asyncio.wait(
@@ -160,9 +193,8 @@ class Rollouts:
             )  # renew every third of the ttl; free it at the end
             if self._task.done():
                 break
-            if (
-                self.store.acquire(self._me, ttl).token != lease.token
-            ):  # only after we stalled past the ttl
+            renewed = await asyncio.to_thread(self.store.acquire, self._me, ttl)
+            if renewed.token != lease.token:  # only after we stalled past the ttl
                 log.error(
                     "rollout=%s lost the lease (fencing token %d); stopping here",
                     row.id,
@@ -170,7 +202,7 @@ class Rollouts:
                 )
                 self._task.cancel()
                 return
-        self.store.release(self._me)
+        await asyncio.to_thread(self.store.release, self._me)
 
     def _launch(self, row: RolloutRow, lease: Lease) -> None:
         self._runner = Runner(
@@ -182,6 +214,7 @@ class Rollouts:
             wake=self._wake,
             audit=self._audit,
             fence=lease,
+            poll_s=self._s.rollout_lease_s / 3,
         )
         self._task = asyncio.get_running_loop().create_task(self._runner.run())
 
@@ -195,11 +228,11 @@ class Rollouts:
             raise RolloutRefused(
                 grpc.StatusCode.INVALID_ARGUMENT, "rollout_id must be 1-64 of [A-Za-z0-9._-]"
             )
-        if self.store.get(rid) is not None:
+        if await asyncio.to_thread(self.store.get, rid) is not None:
             raise RolloutRefused(
                 grpc.StatusCode.ALREADY_EXISTS, f"rollout {rid} exists; choose another id"
             )
-        active = self.store.active()
+        active = await asyncio.to_thread(self.store.active)
         if active is not None:
             raise RolloutRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -236,7 +269,7 @@ class Rollouts:
         nodes = sorted(
             nodes, key=lambda n: (n not in out, self._serving(n))
         )  # then any other not serving
-        lease = self.store.acquire(self._me, self._s.rollout_lease_s)
+        lease = await asyncio.to_thread(self.store.acquire, self._me, self._s.rollout_lease_s)
         if not lease.held:
             raise RolloutRefused(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{lease.refused}; try again later"
@@ -252,17 +285,17 @@ class Rollouts:
             nodes=[NodeRow(n, kept_out=n in out) for n in nodes],
             wait_timeout_s=wait_timeout,
         )
-        self.store.create(row)
+        await asyncio.to_thread(self.store.create, row)
         self._events.emit(
             fleet_pb2.EVENT_KIND_ROLLOUT,
             reason=f"started by {started_by}: {len(nodes)} nodes, max unavailable {k}",
             rollout_id=rid,
             step="start",
         )
-        self._lease_task = asyncio.get_running_loop().create_task(
-            self._hold_lease(self.store.get(rid))
-        )
-        return self.store.get(rid)
+        row = await asyncio.to_thread(self.store.get, rid)
+        self._saw(row)
+        self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
+        return row
 
     async def _check_target(self, t: fleet_pb2.RolloutTarget) -> None:
         bad = lambda msg: RolloutRefused(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
@@ -381,8 +414,14 @@ class Rollouts:
             )
         return wanted
 
-    def control(self, rollout_id: str, action: str) -> RolloutRow:
-        row = self.store.get(rollout_id) if rollout_id else self.store.active()
+    async def control(self, rollout_id: str, action: str) -> RolloutRow:
+        """Pause, resume or abort, through any coordinator on the database: the state is
+        recorded there, and the runner (here or on another coordinator) reads it before each
+        node it starts, and every third of the lease's term while paused."""
+        if rollout_id:
+            row = await asyncio.to_thread(self.store.get, rollout_id)
+        else:
+            row = await asyncio.to_thread(self.store.active)
         if row is None:
             raise RolloutRefused(
                 grpc.StatusCode.NOT_FOUND, f"no rollout {rollout_id or 'is running'}"
@@ -403,19 +442,30 @@ class Rollouts:
             "resume": "resumed",
             "abort": f"aborted: {under_way}no new node starts",
         }[action]
-        self.store.set_state(row.id, state, message)
+        await asyncio.to_thread(self.store.set_state, row.id, state, message)
         self._events.emit(
             fleet_pb2.EVENT_KIND_ROLLOUT, reason=message, rollout_id=row.id, step=action
         )
         self._wake.set()
-        if action == "resume" and (self._task is None or self._task.done()):
-            self._lease_task = asyncio.get_running_loop().create_task(
-                self._hold_lease(self.store.get(row.id))
-            )
-        return self.store.get(row.id)
+        row = await asyncio.to_thread(self.store.get, row.id)
+        self._saw(row)
+        if action == "resume" and await self._runs_nowhere():
+            # Its runner's coordinator is gone (or it never ran here): this one takes it on.
+            self._lease_task = asyncio.get_running_loop().create_task(self._hold_lease(row))
+        return row
 
-    def get(self, rollout_id: str) -> RolloutRow:
-        row = self.store.get(rollout_id)
+    async def _runs_nowhere(self) -> bool:
+        """No runner here, none waiting for the lease here, and no live lease elsewhere (a
+        live holder's runner reads the resume from the database itself)."""
+        if self._task is not None and not self._task.done():
+            return False
+        if self._lease_task is not None and not self._lease_task.done():
+            return False
+        lease = await asyncio.to_thread(self.store.lease)
+        return lease is None or lease[0] == self._me or lease[1] <= time.time()
+
+    async def get(self, rollout_id: str) -> RolloutRow:
+        row = await asyncio.to_thread(self.store.get, rollout_id)
         if row is None:
             raise RolloutRefused(
                 grpc.StatusCode.NOT_FOUND,

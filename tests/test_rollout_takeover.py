@@ -1,8 +1,9 @@
 """A rollout outlives the coordinator that started it (issue 24): two real coordinators
 on one real PostgreSQL (tests/pg.py) over two real node agents (mTLS, separate processes).
 A starts a rollout and is killed (SIGKILL) mid-rollout; B, already running, takes the
-lease over once it lapses and finishes the rollout; A restarted cannot act on any node,
-and a node refuses a call carrying A's old fencing token."""
+lease over once it lapses and finishes the rollout, paused through B and resumed through
+A (whose runner is gone); A restarted cannot act on any node, and a node refuses a call
+carrying A's old fencing token."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from cluster.api import fleet_pb2, fleet_pb2_grpc, node_pb2
+from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc, node_pb2
 from cluster.digest import weights_digest
 from coordinator.rollout_store import TERMINAL_STEPS, RolloutStore
 from tests.adversarial.test_lease_and_witness import as_coordinator
@@ -82,6 +83,15 @@ def test_a_standby_coordinator_takes_a_killed_coordinators_rollout_over_and_fenc
             "tk-a's drain under A",
         )
         watch.close()
+        # The node has begun the drain A asked for (A reports the step before its call):
+        # a call cut by the kill before the node began would leave its record RUNNING.
+        first.wait_until(
+            lambda st: (
+                st.lifecycle in (common_pb2.LIFECYCLE_DRAINING, common_pb2.LIFECYCLE_DRAINED)
+            ),
+            timeout_s=30,
+            what="tk-a draining for A",
+        )
         holder_a, _, token_a = db.lease()
         assert holder_a.startswith("tk-co-a@") and token_a >= 1
         assert first.status().fencing_token == token_a  # A staged tk-a under its token
@@ -127,7 +137,12 @@ def test_a_standby_coordinator_takes_a_killed_coordinators_rollout_over_and_fenc
     assert db.get(RID).state == "PAUSED" and db.lease()[:3:2] == (holder_b, token_b), db.get(RID)
     for n in nodes:
         assert [o.operation_id for o in n.status().operations] == paused[n.node_id], n.node_id
-    stub_b.ResumeRollout(fleet_pb2.RolloutControl(rollout_id=RID), timeout=10)
+    # Resumed through A, which does not run it: B's paused runner reads the resume from the
+    # database (at the lease's pace) and goes on; A, the lease alive under B, starts nothing.
+    resumed = fleet_pb2_grpc.FleetStub(a.channel).ResumeRollout(
+        fleet_pb2.RolloutControl(rollout_id=RID), timeout=10
+    )
+    assert resumed.state == K.ROLLOUT_STATE_RUNNING and resumed.owner == holder_b, resumed
 
     r = wait_rollout(b, RID, timeout_s=90)
     assert r.state == K.ROLLOUT_STATE_SUCCEEDED, r
