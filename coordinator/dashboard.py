@@ -197,7 +197,7 @@ def _event(e: fleet_pb2.FleetEvent) -> dict:
 
 
 def _rollout(co: Source) -> dict | None:
-    row = co.rollouts.store.get("") if co.rollouts is not None else None
+    row = co.rollouts.latest if co.rollouts is not None else None
     if row is None:
         return None
     steps: dict[str, int] = {}
