@@ -234,9 +234,10 @@ class GroupMlxEngine(MlxEngine):
             self._loaded = exc
             self._fail_group(self.group_spec.rank, f"could not load its shard ({exc})")
             raise GroupFailed(self._failed) from exc
-        for fut in self._parked:
-            fut.set_result(self._loaded)
-        self._parked.clear()
+        parked, self._parked = self._parked, []
+        for fut in parked:
+            if not fut.done():
+                fut.set_result(self._loaded)
 
     def _park(self, fut: Future) -> None:
         if self._loaded is None:
@@ -270,6 +271,13 @@ class GroupMlxEngine(MlxEngine):
         key = "tensor_group" if spec.mode == "tensor" else "pipeline_group"
         return sharded_load(str(self._path), **{key: self._group})
 
+    def _do_load(self):
+        facts = super()._do_load()
+        # Silence counts from the first load on: loading (imports, reading weights, the
+        # load's own barrier) can keep a rank from answering for a while on a busy host.
+        self._heartbeat.arm()
+        return facts
+
     def _model_digest(self) -> str:
         return layout_digest(super()._model_digest(), self.group_spec)
 
@@ -293,13 +301,15 @@ class GroupMlxEngine(MlxEngine):
             spec.backend,
             spec.mode,
         )
+        import mlx_lm.generate  # noqa: F401 - seconds of imports, done before the group waits
+        import mlx_lm.utils  # noqa: F401
+
         self._heartbeat = Heartbeat(spec, on_silent=self._fail_group, tick=self._watch)
         self._heartbeat.start()
         while not self._heartbeat.rendezvous(1.0):
             if self._inbox_closing():
                 raise GroupFailed(f"rank {spec.rank} stopped before the group formed")
         self._group = form(spec)
-        self._heartbeat.arm()
         log.info("node group formed: rank %d of %d", spec.rank, spec.size)
 
     def _inbox_closing(self) -> bool:
@@ -415,8 +425,10 @@ class GroupMlxEngine(MlxEngine):
         if keys and self._raw_emit is not None:
             event = EngineEvent(EventKind.FAILED, message=self._failed)
             self._raw_emit([(k, [event]) for k in keys])
-        for fut in self._parked:
-            fut.set_exception(GroupFailed(self._failed))
+        parked, self._parked = self._parked, []
+        for fut in parked:
+            if not fut.done():
+                fut.set_exception(GroupFailed(self._failed))
         if self._on_exit is not None:
             self._on_exit(self._failed)
         timer = threading.Timer(EXIT_AFTER_S, os._exit, (GROUP_FAILED_EXIT_CODE,))

@@ -74,9 +74,10 @@ class Heartbeat:
         return self.everyone.wait(timeout_s)
 
     def arm(self) -> None:
-        """The group formed: from now on a rank silent past the timeout fails it."""
-        self._last = dict.fromkeys(self._last, time.monotonic())
-        self._armed = True
+        """The group loaded: from now on a rank silent past the timeout fails it."""
+        if not self._armed:
+            self._last = dict.fromkeys(self._last, time.monotonic())
+            self._armed = True
 
     def close(self) -> None:
         self._stop.set()

@@ -95,23 +95,32 @@ def assert_same_tokens(group_streams, single_streams) -> None:
         assert g.ids and g.ids == s.ids
 
 
-def check_parity_with_single(stack, model, logs, mode) -> None:
+SAMPLINGS = ({}, {"temperature": 0.9, "top_p": 0.95, "seed": 1234})  # greedy, seeded
+
+
+@pytest.fixture(scope="module")
+def reference(group_model, tmp_path_factory):
+    """What a single node generates for 8 concurrent notes, greedy and seeded; its digest."""
+    with NodeProcess(group_model, node_id="single-reference") as single:
+        single.start(tmp_path_factory.mktemp("reference-logs"))
+        single.wait_serving()
+        want = [
+            streams(single.inference, 8, 12, f"ref-{i}", **kw) for i, kw in enumerate(SAMPLINGS)
+        ]
+        return want, single.status().model.weights_digest
+
+
+def check_parity_with_single(stack, model, logs, mode, reference):
     rank0, rank1 = start_group(stack, model, logs, mode)
-    single = stack.enter_context(NodeProcess(model, node_id=f"single-{mode}"))
-    single.start(logs)
-    single.wait_serving()
-    # Greedy and seeded sampling, 8 streams at once on each.
-    for kw in ({}, {"temperature": 0.9, "top_p": 0.95}):
-        seeded = {**kw, "seed": 1234} if kw else kw
-        got = streams(rank0.inference, 8, 12, f"g-{mode}-{bool(kw)}", **seeded)
-        want = streams(single.inference, 8, 12, f"s-{mode}-{bool(kw)}", **seeded)
-        assert_same_tokens(got, want)
+    want, single_digest = reference
+    for i, kw in enumerate(SAMPLINGS):
+        assert_same_tokens(streams(rank0.inference, 8, 12, f"g-{mode}-{i}", **kw), want[i])
     st = rank0.status()
     assert st.group.size == 2 and st.group.mode == mode and st.group.backend == "ring"
     assert [r.health for r in st.group.ranks] == ["ok", "ok"]
     assert st.group.ranks[1].hostname and st.group.ranks[1].memory_total_bytes > 0
     # The group's digest is the model's plus the layout: never the single node's.
-    assert st.model.weights_digest != single.status().model.weights_digest
+    assert st.model.weights_digest != single_digest
     # Rank 1 serves health and status only: NOT_SERVING, and inference is refused.
     health = health_pb2_grpc.HealthStub(rank1.channel).Check(
         health_pb2.HealthCheckRequest(service=""), timeout=5
@@ -121,18 +130,38 @@ def check_parity_with_single(stack, model, logs, mode) -> None:
     assert refused.error is not None or (
         refused.final.finish_reason == inference_pb2.FINISH_REASON_ERROR
     )
+    return rank0, rank1
 
 
 @pytest.mark.allow_blocking("drives node processes")
-def test_tensor_group_matches_a_single_node(group_model, tmp_path):
+def test_tensor_group_matches_a_single_node(group_model, tmp_path, reference):
     with ExitStack() as stack:
-        check_parity_with_single(stack, group_model, tmp_path / "logs", "tensor")
+        check_parity_with_single(stack, group_model, tmp_path / "logs", "tensor", reference)
 
 
+@pytest.mark.slow
 @pytest.mark.allow_blocking("drives node processes")
-def test_pipeline_group_matches_a_single_node(group_model, tmp_path):
+def test_pipeline_group_matches_a_single_node_and_a_stopped_rank_fails_it(
+    group_model, tmp_path, reference
+):
+    """Same tokens in pipeline mode; then rank 1 stops answering (SIGSTOP): rank 0 fails the
+    group within the deadline, and rank 1, resumed, finds rank 0 gone and leaves too."""
     with ExitStack() as stack:
-        check_parity_with_single(stack, group_model, tmp_path / "logs", "pipeline")
+        rank0, rank1 = check_parity_with_single(
+            stack, group_model, tmp_path / "logs", "pipeline", reference
+        )
+        rank1.signal(signal.SIGSTOP)
+        try:
+            reason, waited = wait_failed(rank0, TIMEOUT_S + 10)
+            assert "rank 1 (127.0.0.1:" in reason, reason
+            assert waited < TIMEOUT_S + 3, waited
+            assert rank0.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
+        finally:
+            rank1.signal(signal.SIGCONT)
+        try:
+            assert rank1.wait_exit(timeout_s=TIMEOUT_S + 20) == GROUP_FAILED_EXIT_CODE
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 1 still runs: {rank1.stderr()[-2000:]}")
 
 
 def wait_failed(rank0: NodeProcess, timeout_s: float) -> tuple[str, float]:
@@ -204,23 +233,3 @@ def test_killing_rank_1_fails_the_group_and_streams_move_on(
         assert again.final is not None and again.final.finish_reason != (
             inference_pb2.FINISH_REASON_ERROR
         )
-
-
-@pytest.mark.slow
-@pytest.mark.allow_blocking("drives node processes")
-def test_a_stopped_rank_is_detected_within_the_deadline(group_model, tmp_path):
-    with ExitStack() as stack:
-        rank0, rank1 = start_group(stack, group_model, tmp_path / "logs", "tensor")
-        rank1.signal(signal.SIGSTOP)
-        try:
-            reason, waited = wait_failed(rank0, TIMEOUT_S + 10)
-            assert "rank 1 (127.0.0.1:" in reason, reason
-            assert waited < TIMEOUT_S + 3, waited
-            assert rank0.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
-        finally:
-            rank1.signal(signal.SIGCONT)
-        # Resumed, rank 1 finds rank 0 gone and leaves too: no rank is left behind.
-        try:
-            assert rank1.wait_exit(timeout_s=TIMEOUT_S + 20) == GROUP_FAILED_EXIT_CODE
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 1 still runs: {rank1.stderr()[-2000:]}")
