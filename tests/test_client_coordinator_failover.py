@@ -1,6 +1,7 @@
 """Coordinator failover in the client library: coordinator A killed (SIGKILL) mid-stream.
 
-Two real coordinators over one node; the client is given both addresses and starts on A.
+Two real coordinators over one node; the client is given both addresses and starts on A;
+24 streams at once, through the sync client and through the asyncio client (issue 24).
 Once every stream has its first tokens A is killed: every stream must complete on B with
 each token once, equal (token ids and text) to the same request uninterrupted (greedy or
 seeded), count one coordinator failover, and B's audit chain must hold it as a request
@@ -164,7 +165,7 @@ def test_kill_9_of_the_coordinator_mid_stream_sync_client_resumes_every_stream(p
 
 def test_kill_9_of_the_coordinator_mid_stream_async_client_resumes_every_stream(pair):
     node, a, b = pair
-    requests = _requests("async", 12)
+    requests = _requests("async", 24)
     reference = _reference(b, requests)
     progress = [0] * len(requests)
 
