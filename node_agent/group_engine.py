@@ -65,6 +65,7 @@ class GroupMlxEngine(MlxEngine):
         self._busy_what = ""
         self._parity = hashlib.blake2b(digest_size=8)
         self._raw_emit = None
+        self._held: Optional[list] = None  # a step's events, until the ranks agreed on them
         self._parked: list[Future] = []  # a follower's load() calls, answered by rank 0's load
         self._loaded = None  # a follower's last load: ModelFacts or the exception
         self.collective_s = 0.0  # seconds spent in our own collectives (share, parity)
@@ -81,7 +82,10 @@ class GroupMlxEngine(MlxEngine):
                 for e in events:
                     part = f"{key}|{e.kind.value}|{e.token}|{e.finish}|{e.cached_tokens};"
                     self._parity.update(part.encode())
-            self._raw_emit(batch)
+            if self._held is not None:
+                self._held.extend(batch)
+            else:
+                self._raw_emit(batch)
 
         super().start(counted, on_exit, on_serving)
 
@@ -207,13 +211,19 @@ class GroupMlxEngine(MlxEngine):
         self._check_parity()
 
     def _step(self) -> None:
+        """A model step; its tokens leave only after every rank sampled the same ones."""
         self._busy("a model step")
         start = time.monotonic()
+        self._held = []
         try:
             super()._step()
         finally:
+            held, self._held = self._held, None
             self._busy_since = 0.0
             self.step_s += time.monotonic() - start
+        if held:
+            self._check_parity()
+            self._raw_emit(held)
 
     def _step_failed(self, exc: Exception) -> None:
         self._collective_failed(exc)
@@ -224,8 +234,11 @@ class GroupMlxEngine(MlxEngine):
         if isinstance(arg, Future):  # rank 0: the agent's own load()
             super()._load(arg)
             return
-        path, model_id = arg  # a follower: rank 0's load, shared
-        self._path, self._model_id = Path(path), model_id
+        # A follower loads its own copy: the path its agent asked for (--model or its
+        # activated model), else rank 0's; the ranks compare digests once loaded.
+        path, model_id = arg
+        if self._path is None or not self._parked and self._loaded is not None:
+            self._path, self._model_id = Path(path), model_id
         try:
             self._loaded = self._do_load()
         except GroupFailed:
@@ -273,6 +286,11 @@ class GroupMlxEngine(MlxEngine):
 
     def _do_load(self):
         facts = super()._do_load()
+        # Every rank must hold the same model: each computes its own embedding and head.
+        self._check_same(
+            hashlib.blake2b(facts.weights_digest.encode(), digest_size=8).digest(),
+            f"loaded other weights than rank 0 (its digest {facts.weights_digest[:19]})",
+        )
         # Silence counts from the first load on: loading (imports, reading weights, the
         # load's own barrier) can keep a rank from answering for a while on a busy host.
         self._heartbeat.arm()
@@ -349,10 +367,18 @@ class GroupMlxEngine(MlxEngine):
 
     def _check_parity(self) -> None:
         """Every rank's running hash of its events, compared: the same or the group fails."""
+        self._check_same(
+            self._parity.digest(),
+            "sampled other tokens than rank 0 (token-parity check); its shard or software differs",
+        )
+
+    def _check_same(self, digest: bytes, differs: str) -> None:
+        """Every rank's `digest` (8 bytes) compared with rank 0's; the first that differs
+        fails the group with `differs` as the cause."""
         import mlx.core as mx
 
         spec = self.group_spec
-        mine = int.from_bytes(self._parity.digest(), "little") >> 1
+        mine = int.from_bytes(digest[:8], "little") >> 1
         parts = [(mine >> (21 * i)) & ((1 << 21) - 1) for i in range(_HASH_PARTS)]
         vec = [0] * (_HASH_PARTS * spec.size)
         vec[_HASH_PARTS * spec.rank : _HASH_PARTS * (spec.rank + 1)] = parts
@@ -360,11 +386,7 @@ class GroupMlxEngine(MlxEngine):
         hashes = [tuple(got[_HASH_PARTS * r : _HASH_PARTS * (r + 1)]) for r in range(spec.size)]
         differ = [r for r in range(spec.size) if hashes[r] != hashes[0]]
         if differ:
-            self._fail_group(
-                differ[0],
-                "sampled other tokens than rank 0 (token-parity check); its shard "
-                "or software differs",
-            )
+            self._fail_group(differ[0], differs)
             raise GroupFailed(self._failed)
 
     def _busy(self, what: str) -> None:

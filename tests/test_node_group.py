@@ -52,13 +52,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_group(stack: ExitStack, model: Path, logs: Path, mode: str, *extra: str):
+def start_group(
+    stack: ExitStack, model: Path, logs: Path, mode: str, *extra: str, wait: bool = True, models=()
+):
     """Two ranks, started together; returns them once rank 0 serves and rank 1 is READY."""
     group = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
     ranks = []
     for rank in range(2):
         proc = NodeProcess(
-            model,
+            models[rank] if models else model,
             "--group",
             group,
             "--rank",
@@ -73,6 +75,8 @@ def start_group(stack: ExitStack, model: Path, logs: Path, mode: str, *extra: st
         stack.enter_context(proc)
         proc.start(logs)
         ranks.append(proc)
+    if not wait:
+        return ranks
     ranks[0].wait_serving(timeout_s=90)
     ranks[1].wait_until(lambda s: s.lifecycle == READY, timeout_s=30, what="rank 1 READY")
     return ranks
@@ -162,6 +166,22 @@ def test_pipeline_group_matches_a_single_node_and_a_stopped_rank_fails_it(
             assert rank1.wait_exit(timeout_s=TIMEOUT_S + 20) == GROUP_FAILED_EXIT_CODE
         except subprocess.TimeoutExpired:
             pytest.fail(f"rank 1 still runs: {rank1.stderr()[-2000:]}")
+
+
+@pytest.mark.allow_blocking("drives node processes")
+def test_a_rank_with_other_weights_fails_the_group(group_model, tmp_path):
+    """Each rank computes its own embedding and head: ranks must load the same model."""
+    from cluster.tinymodel import TinyModelSpec, make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", TinyModelSpec(num_key_value_heads=2, seed=1))
+    with ExitStack() as stack:
+        rank0, rank1 = start_group(
+            stack, group_model, tmp_path / "logs", "tensor", wait=False, models=(group_model, other)
+        )
+        reason, _ = wait_failed(rank0, 60)
+        assert "rank 1 (127.0.0.1:" in reason and "other weights" in reason, reason
+        assert rank0.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
+        assert rank1.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
 
 
 def wait_failed(rank0: NodeProcess, timeout_s: float) -> tuple[str, float]:
