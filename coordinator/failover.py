@@ -350,7 +350,11 @@ class Failover:
         refusal = run.restart_refusal()
         others = any(e.node_id not in run.excluded for e in routable)
         if refusal or not others:
-            why = f"no other READY node serves weights {digest}"
+            why = (
+                f"its tokens came from a hosted API ({run.digest}), which cannot continue a stream"
+                if is_remote(run.digest)
+                else f"no other READY node serves weights {digest}"
+            )
             if others:
                 why += f"; {refusal}"
             elif not refusal:

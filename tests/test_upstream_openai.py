@@ -315,6 +315,7 @@ def test_a_stream_on_a_remote_digest_is_never_resumed_by_digest(
                 assert s.error is not None and s.error.code() == grpc.StatusCode.ABORTED
                 assert "allow_restart" in s.error.details(), s.error.details()
                 assert "prefix_token_ids" not in s.error.details()  # no resume was tried
+                assert "came from a hosted API (remote:" in s.error.details()
                 co.wait_routable(2)
             else:
                 assert s.error is None, s.error
