@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Callable, Optional, Protocol
 from cluster.security.identity import Identity
 
 TOKEN_TTL_S = 60.0
-MAX_SECRET = 128  # a link token or a session id is 43 characters; longer is not one of ours
+# A link token or a session id (secrets.token_urlsafe(32)); anything else is not looked up.
+SECRET = re.compile(r"[A-Za-z0-9_-]{43}")
 PURGE_S = 30.0  # expired links and sessions are deleted at most this often
 
 
@@ -145,7 +147,7 @@ class DashboardSessions:
 
     async def redeem(self, token: str) -> Optional[str]:
         """A new session id for a valid, unused token; None otherwise."""
-        if not token or len(token) > MAX_SECRET:
+        if not SECRET.fullmatch(token or ""):
             return None
         now = self._clock()
         await self._purge(now)
@@ -159,12 +161,12 @@ class DashboardSessions:
     async def identity(self, sid: str, *, touch: bool = True) -> Optional[Identity]:
         """The session's operator; `touch` (a user's request, not a background poll)
         restarts its idle clock."""
-        if not sid or len(sid) > MAX_SECRET:
+        if not SECRET.fullmatch(sid or ""):
             return None
         return await self._call(
             self.book.session, digest(sid), self._clock(), self.idle_s, self.max_s, touch
         )
 
     async def end(self, sid: str) -> None:
-        if sid and len(sid) <= MAX_SECRET:
+        if SECRET.fullmatch(sid or ""):
             await self._call(self.book.end, digest(sid))

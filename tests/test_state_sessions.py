@@ -51,6 +51,8 @@ async def links_and_sessions(book) -> None:
     assert alive is None  # past max_s even while in use
     assert await sessions.redeem("") is None and await sessions.identity("") is None
     assert await sessions.identity("x" * 10_000) is None
+    assert await sessions.identity("A" * 43) is None  # well formed, unknown
+    assert await sessions.redeem(sid) is None  # a session id is not a link
     ended = await sessions.redeem(await sessions.issue(DANA))
     await sessions.end(ended)
     assert await sessions.identity(ended) is None
