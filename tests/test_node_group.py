@@ -15,8 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
 
 from cluster.api import common_pb2, inference_pb2
+from cluster.fleetctl.nodes_cmd import fleet_table
 from node_agent.group import GROUP_FAILED_EXIT_CODE
 from tests.fleet_helpers import collect, in_threads, note
 from tests.procs import NodeProcess
@@ -212,7 +214,13 @@ def test_killing_rank_1_fails_the_group_and_streams_move_on(
         single.start(logs)
         single.wait_serving()
         co = start_coordinator(nodes=[rank0.address, single.address])
-        co.wait_routable(2)
+        listing = co.wait_routable(2)
+        # The group is one row for the coordinator, its ranks beneath it in `fleetctl nodes`.
+        group_row = next(n for n in listing.nodes if n.status.node_id == "group-tensor-0")
+        assert [r.rank for r in group_row.status.group.ranks] == [0, 1]
+        console = Console(width=200, record=True)
+        console.print(fleet_table(listing))
+        assert "rank 1" in console.export_text()
         started = [threading.Event() for _ in range(10)]
 
         def one(i: int):

@@ -77,6 +77,8 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
             str(n.failovers_total),
             n.health_reason,
         )
+        for r in st.group.ranks:  # a node group: its ranks beneath it (docs/node-groups.md)
+            t.add_row(f"  rank {r.rank}", r.address, "group", r.health, *[""] * 9, r.hostname)
     return t
 
 

@@ -51,6 +51,25 @@ def engine_rows(st: node_pb2.NodeStatus) -> list[tuple[str, str]]:
         )
         for g in st.memory.gpus
     ]
+    return rows + group_rows(st)
+
+
+def group_rows(st: node_pb2.NodeStatus) -> list[tuple[str, str]]:
+    """A node group's backend and its ranks (docs/node-groups.md), if it is one."""
+    if not st.HasField("group"):
+        return []
+    g, gib = st.group, 1 << 30
+    rows = [("group", f"{g.size} ranks, {g.mode} parallel over {g.backend}; this is rank {g.rank}")]
+    for r in g.ranks:
+        heard = f", heard {r.last_heard_s:.1f} s ago" if r.last_heard_s else ""
+        memory = (
+            f", {r.memory_available_bytes / gib:.1f} / {r.memory_total_bytes / gib:.1f} GiB free"
+            if r.memory_total_bytes
+            else ""
+        )
+        rows.append(
+            (f"rank {r.rank}", f"{r.address} {r.hostname or '?'} {r.health}{heard}{memory}")
+        )
     return rows
 
 
