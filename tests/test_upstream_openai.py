@@ -6,6 +6,7 @@ the coordinator never resuming a stream by a `remote:` digest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import subprocess
@@ -50,14 +51,37 @@ def issue(co, name: str) -> str:
 @pytest.fixture(scope="module")
 def front(node, tmp_path_factory):
     """The remote endpoint: a coordinator's OpenAI front door over the module's MLX node,
-    one request at a time per caller (a second concurrent one gets 429)."""
-    co = CoordinatorProcess("--max-concurrent-per-caller", "1", nodes=[node.address], name="front")
+    one request at a time per caller (a second concurrent one gets 429), answering 503
+    after 3 s when no node can take a request."""
+    co = CoordinatorProcess(
+        "--max-concurrent-per-caller",
+        "1",
+        "--queue-max-wait-s",
+        "3",
+        nodes=[node.address],
+        name="front",
+    )
     with co:
         co.start(tmp_path_factory.mktemp("front-logs"))
         co.wait_serving()
         co.wait_routable(1)
         assert co.openai_scheme == "https"
         yield co
+
+
+@contextlib.contextmanager
+def cordoned(front):
+    """The front door's only node cordoned (no request of it can run) for the block."""
+    assert fleetctl("cordon", "shared-node", "--coordinator", front.address).returncode == 0
+    try:
+        deadline = time.monotonic() + 30
+        while any(n.routable for n in front.nodes().nodes):
+            assert time.monotonic() < deadline, "the cordon did not reach the front door"
+            time.sleep(0.05)
+        yield
+    finally:
+        assert fleetctl("uncordon", "shared-node", "--coordinator", front.address).returncode == 0
+        front.wait_routable(1)
 
 
 def _args(co, key_file, *extra: str) -> tuple[str, ...]:
@@ -194,32 +218,41 @@ def test_a_429_from_the_endpoint_is_resource_exhausted_with_its_retry_hint(upstr
                 )
             )
 
-    assert fleetctl("cordon", "shared-node", "--coordinator", front.address).returncode == 0
     waiting = threading.Thread(target=hold)
-    try:
-        deadline = time.monotonic() + 30
-        while any(n.routable for n in front.nodes().nodes):
-            assert time.monotonic() < deadline, "the cordon did not reach the front door"
-            time.sleep(0.05)
+    with cordoned(front):
         waiting.start()
+        deadline = time.monotonic() + 30
         while value(scrape(front), "studiofleet_requests_queued") < 1:
             assert time.monotonic() < deadline, "the held request never queued"
             time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as err:
             _run(proc, build_request(messages=NOTE, max_tokens=4, request_id="oa-429"))
-    finally:
-        assert fleetctl("uncordon", "shared-node", "--coordinator", front.address).returncode == 0
-        waiting.join(60)
-    assert held and held[0].status_code == 200  # the held request ran once the node was back
+    waiting.join(60)
+    assert held and held[0].status_code in (200, 503)  # ran once the node was back, or gave up
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = err.value.details()
     assert "rate-limiting (HTTP 429); retry after 0.5s" in details, details
     assert dict(err.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "500"
     st = proc.status()
     assert "HTTP 429" in st.engine_server.last_exit and st.lifecycle == common_pb2.LIFECYCLE_READY
-    front.wait_routable(1)
     ok, _ = _run(proc, build_request(messages=NOTE, max_tokens=4, request_id="oa-after-429"))
     assert ok
+
+
+def test_a_5xx_from_the_endpoint_is_unavailable_without_its_text(upstream, front):
+    """No node behind the front door can take the request: it answers 503 after its queue
+    wait; the node ends the call UNAVAILABLE (the coordinator's passive health counts it)."""
+    proc, _ = upstream
+    with cordoned(front):
+        with pytest.raises(grpc.RpcError) as err:
+            _run(proc, build_request(messages=NOTE, max_tokens=4, request_id="oa-503"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.value.details()
+    assert (
+        "the upstream endpoint failed (HTTP 503" in details and "retry on another node" in details
+    )
+    assert "READY" not in details  # the endpoint's own message is never quoted
+    assert "HTTP 503" in proc.status().engine_server.last_exit
 
 
 def test_a_revoked_key_is_a_401_naming_the_key_file_and_a_new_key_is_picked_up(upstream, front):
