@@ -65,6 +65,7 @@ class GroupMlxEngine(MlxEngine):
         self._busy_what = ""
         self._parity = hashlib.blake2b(digest_size=8)
         self._raw_emit = None
+        self._grammars = None  # a follower's, for schema-constrained requests
         self._held: Optional[list] = None  # a step's events, until the ranks agreed on them
         self._parked: list[Future] = []  # a follower's load() calls, answered by rank 0's load
         self._loaded = None  # a follower's last load: ModelFacts or the exception
@@ -169,9 +170,6 @@ class GroupMlxEngine(MlxEngine):
         out = []
         for kind, arg in items:
             if kind == "submit":
-                if arg.matcher is not None:  # the mask lives on rank 0 only: not shareable yet
-                    self._raw_emit([(arg.key, [EngineEvent(EventKind.FAILED, message=_NO_SCHEMA)])])
-                    continue
                 wire = [
                     "submit",
                     arg.key,
@@ -179,6 +177,7 @@ class GroupMlxEngine(MlxEngine):
                     arg.prefix_len,
                     arg.max_tokens,
                     dataclasses.asdict(arg.sampling),
+                    arg.schema if arg.matcher is not None else "",  # each rank masks alike
                 ]
             elif kind == "cancel":
                 wire = ["cancel", arg]
@@ -189,14 +188,16 @@ class GroupMlxEngine(MlxEngine):
             out.append((wire, (kind, arg)))
         return out
 
-    @staticmethod
-    def _decode(wire: Optional[list]) -> list:
+    def _decode(self, wire: Optional[list]) -> list:
         items = []
         for item in wire or ():
             kind = item[0]
             if kind == "submit":
-                _, key, tokens, prefix_len, max_tokens, sampling = item
-                request = EngineRequest(key, tokens, prefix_len, max_tokens, Sampling(**sampling))
+                _, key, tokens, prefix_len, max_tokens, sampling, schema = item
+                matcher = self._matcher(schema, tokens[len(tokens) - prefix_len :])
+                request = EngineRequest(
+                    key, tokens, prefix_len, max_tokens, Sampling(**sampling), matcher=matcher
+                )
                 items.append(("submit", request))
             elif kind == "cancel":
                 items.append(("cancel", item[1]))
@@ -205,6 +206,18 @@ class GroupMlxEngine(MlxEngine):
             else:
                 items.append((kind, None))
         return items
+
+    def _matcher(self, schema: str, prefix: list[int]):
+        """A follower's grammar matcher for a constrained request, as rank 0 built its own."""
+        if not schema:
+            return None
+        from cluster.quality.notes import OutputSpec
+        from node_agent.grammar import Grammars
+
+        if self._grammars is None:
+            eos = frozenset(self._tokenizer.eos_token_ids)
+            self._grammars = Grammars(self._tokenizer, vocab_size=self._vocab, eos_token_ids=eos)
+        return self._grammars.matcher(OutputSpec("", {}, schema), prefix)
 
     def _admit(self) -> None:
         super()._admit()
@@ -286,6 +299,7 @@ class GroupMlxEngine(MlxEngine):
 
     def _do_load(self):
         facts = super()._do_load()
+        self._grammars = None  # built again for the new tokenizer when first needed
         # Every rank must hold the same model: each computes its own embedding and head.
         self._check_same(
             hashlib.blake2b(facts.weights_digest.encode(), digest_size=8).digest(),
@@ -473,6 +487,3 @@ class GroupMlxEngine(MlxEngine):
             elif kind == "load":
                 arg.set_exception(GroupFailed(self._failed))
         return keys
-
-
-_NO_SCHEMA = "node groups do not serve schema-constrained output yet; send it to a single node"

@@ -101,7 +101,9 @@ def assert_same_tokens(group_streams, single_streams) -> None:
         assert g.ids and g.ids == s.ids
 
 
-SAMPLINGS = ({}, {"temperature": 0.9, "top_p": 0.95, "seed": 1234})  # greedy, seeded
+SCHEMA = {"type": "object", "properties": {"plan": {"type": "string"}}, "required": ["plan"]}
+# Greedy, seeded sampling, and schema-constrained (every rank applies the same mask).
+SAMPLINGS = ({}, {"temperature": 0.9, "top_p": 0.95, "seed": 1234}, {"json_schema": SCHEMA})
 
 
 @pytest.fixture(scope="module")
