@@ -144,7 +144,13 @@ def check_parity_with_single(stack, model, logs, mode, reference):
 @pytest.mark.allow_blocking("drives node processes")
 def test_tensor_group_matches_a_single_node(group_model, tmp_path, reference):
     with ExitStack() as stack:
-        check_parity_with_single(stack, group_model, tmp_path / "logs", "tensor", reference)
+        rank0, rank1 = check_parity_with_single(
+            stack, group_model, tmp_path / "logs", "tensor", reference
+        )
+        # Rank 0 shutting down ends the group: the other rank leaves for its service manager.
+        rank0.signal(signal.SIGTERM)
+        assert rank0.wait_exit(timeout_s=30) == 0
+        assert rank1.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
 
 
 @pytest.mark.slow
