@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack, closing
@@ -269,3 +270,55 @@ def test_killing_rank_1_fails_the_group_and_streams_move_on(
         assert again.final is not None and again.final.finish_reason != (
             inference_pb2.FINISH_REASON_ERROR
         )
+
+
+def test_group_settings_are_checked():
+    from pydantic import ValidationError
+
+    from cluster.config import NodeSettings
+
+    ok = NodeSettings(model_path=Path("m"), group="10.0.0.1:7790, 10.0.0.2:7790", rank=1)
+    assert ok.group == ("10.0.0.1:7790", "10.0.0.2:7790") and ok.rank == 1
+    for kw, words in (
+        ({"group": "10.0.0.1:7790"}, "two or more"),
+        ({"group": "10.0.0.1,10.0.0.2:1"}, "--group: expected HOST:PORT"),
+        ({"group": "a:1,b:0"}, "needs a real port"),
+        ({"group": "a:1,a:1"}, "twice"),
+        ({"group": "a:1,b:1", "rank": 2}, "--rank 2 is outside"),
+        ({"rank": 1}, "--rank needs --group"),
+        ({"group": "a:1,b:1", "engine": "vllm"}, "--group needs --engine mlx"),
+        ({"group": "a:1,b:1", "group_backend": "nccl"}, "group_backend"),
+        ({"group": "a:1,b:1", "group_timeout_s": 0.5}, "group_timeout_s"),
+    ):
+        with pytest.raises(ValidationError, match=words):
+            NodeSettings(model_path=Path("m"), **kw)
+
+
+def test_the_cli_refuses_a_backend_this_mlx_lacks(tmp_path):
+    from node_agent.group import backend_problem
+
+    assert backend_problem("ring") is None
+    problem = backend_problem("mpi")
+    if problem is None:
+        pytest.skip("this MLX build has MPI")
+    assert "--group-backend mpi" in problem and "ring" in problem
+    run = subprocess.run(
+        [sys.executable, "-m", "node_agent.main", "--model", str(tmp_path), "--plaintext"]
+        + ["--group", "127.0.0.1:1,127.0.0.1:2", "--group-backend", "mpi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "--group-backend mpi" in run.stderr, run.stderr
+
+
+def test_only_a_group_announces_its_shape():
+    from cluster.mdns import Advert
+
+    single = Advert(node_id="n1")
+    assert "group" not in single.txt()
+    group = Advert(node_id="g0", group_size=2, group_mode="tensor", group_backend="ring")
+    txt = group.txt()
+    assert (txt["group"], txt["group_mode"], txt["group_backend"]) == ("2", "tensor", "ring")
+    back = Advert.from_txt({k.encode(): v.encode() for k, v in txt.items()})
+    assert (back.group_size, back.group_mode, back.group_backend) == (2, "tensor", "ring")
