@@ -197,11 +197,25 @@ class Operations:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _to_the_end(self, work: Awaitable[OperationRecord]) -> OperationRecord:
+        """Run an operation's first part, once its record exists, as a task of its own: a
+        caller that goes away mid-call (a coordinator killed) cancels its wait, not the
+        operation, so the record never stays running with nothing left to end it (a retry
+        of the same id would find it running for ever)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if orphaned
+        return await asyncio.shield(task)
+
     # -- cordon and drain -------------------------------------------------------------
     async def cordon(self, op_id: str, cordoned: bool, reason: str) -> OperationRecord:
         rec, new = self._begin(op_id, "cordon" if cordoned else "uncordon")
         if not new:
             return rec
+        return await self._to_the_end(self._cordon(rec, cordoned, reason))
+
+    async def _cordon(self, rec: OperationRecord, cordoned: bool, reason: str) -> OperationRecord:
         self.state.cordoned, self.state.cordon_reason = cordoned, reason if cordoned else ""
         if not cordoned:
             self.state.drained = False
@@ -221,6 +235,11 @@ class Operations:
         rec, new = self._begin(op_id, "drain")
         if not new:
             return rec
+        return await self._to_the_end(self._drain_op(rec, timeout_s, reason))
+
+    async def _drain_op(
+        self, rec: OperationRecord, timeout_s: float, reason: str
+    ) -> OperationRecord:
         state = self._lifecycle.state
         if state is State.DRAINED:
             return await self._end(rec, True, "already drained")
