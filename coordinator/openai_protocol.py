@@ -12,6 +12,7 @@ field, never its value: values are the caller's text (the one exception is an un
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -456,9 +457,14 @@ def usage(final: inference_pb2.FinalInfo) -> dict:
 
 
 def fingerprint(final: inference_pb2.FinalInfo) -> Optional[str]:
-    """The weights served (with `seed`: the same answer again on the same weights)."""
-    digest = final.model.weights_digest.removeprefix("sha256:")[:16]
-    return f"fp_{digest}" if digest else None
+    """The weights served (with `seed`: the same answer again on the same weights): the
+    digest's first 16 hex digits; a hosted API's `remote:<host>/<model>` is hashed first."""
+    digest = final.model.weights_digest
+    if not digest:
+        return None
+    if not digest.startswith("sha256:"):
+        digest = hashlib.sha256(digest.encode()).hexdigest()
+    return f"fp_{digest.removeprefix('sha256:')[:16]}"
 
 
 def extension(final: inference_pb2.FinalInfo) -> dict:

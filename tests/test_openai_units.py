@@ -181,3 +181,16 @@ def test_tokens_are_stored_hashed_expire_and_revoke(tmp_path):
         store.revoke("sft_" + leaked.split(".")[1])
     assert leaked.split(".")[1][:8] not in str(odd.value)
     store.close()
+
+
+def test_fingerprint_is_the_digests_hex_and_a_remote_digest_is_hashed():
+    from cluster.api import common_pb2, inference_pb2
+    from coordinator.openai_protocol import fingerprint
+
+    def final(digest: str):
+        return inference_pb2.FinalInfo(model=common_pb2.ModelInfo(weights_digest=digest))
+
+    assert fingerprint(final("sha256:" + "ab" * 32)) == "fp_" + "ab" * 8
+    remote = fingerprint(final("remote:api.example:443/some-model"))
+    assert remote.startswith("fp_") and len(remote) == 19 and "example" not in remote
+    assert fingerprint(final("")) is None
