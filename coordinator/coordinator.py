@@ -149,6 +149,7 @@ class Coordinator:
             )
             self.monitor.sinks.append(self.metrics.request_ended)
             self.metrics.registry.register(self.traffic.collector())
+            self.metrics.registry.register(self.shadow.collector())
         # Ready: the state database answers and a node is routable (docs/ha.md "Readiness").
         self.readiness = Readiness(
             state=self.state,

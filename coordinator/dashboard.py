@@ -104,6 +104,28 @@ def snapshot(co: Source) -> dict:
         "rollout": _rollout(co),
         "capacity": _capacity(co.headroom.snapshot()),
         "traffic_classes": _classes(getattr(co, "traffic", None)),
+        "shadow": _shadow(getattr(co, "shadow", None)),
+    }
+
+
+def _shadow(shadow) -> dict | None:
+    """The latest shadow run (docs/shadow.md): candidate, share, copies and the verdict so far;
+    None before the first start. Counts and scores only: a copy's text is never kept."""
+    if shadow is None or shadow.run is None:
+        return None
+    r = shadow.report()
+    return {
+        "id": r.shadow_id,
+        "active": r.active,
+        "model": r.model,
+        "fraction": r.fraction,
+        "templates": list(r.templates),
+        "sent": r.sent,
+        "dropped": r.dropped_busy + r.dropped_no_node + r.dropped_phi,
+        "in_flight": r.in_flight,
+        "verdict": r.verdict,
+        "reason": r.reason,
+        "since": r.started_unix_s,
     }
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from cluster.api import inference_pb2, shadow_pb2
 from cluster.quality import prompts
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MARGIN, DEFAULT_MIN_SAMPLES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT_S = 0.05, 20, 2, 300.0
 REMOTE_ENGINE = "upstream"
+# The label values of /metrics (fixed sets: never a model id or anything a caller sent).
+COPY_OUTCOMES = (Ended.COMPLETED, Ended.FAILED, Ended.CANCELLED)
+DROP_REASONS = ("busy", "no_node", "phi")
 
 
 class ShadowRefused(Exception):
@@ -154,6 +159,9 @@ class Shadow:
         self._clock = clock
         self.run: Optional[ShadowRun] = None
         self._sampled: dict[str, _Sampled] = {}  # live request id -> its copy's run
+        # Since the process started, over every run (the /metrics counters).
+        self.copies_total: dict[str, int] = dict.fromkeys(COPY_OUTCOMES, 0)
+        self.dropped_total: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
 
     # -- control ----------------------------------------------------------------------
     async def start(self, config: ShadowConfig, started_by: str) -> ShadowRun:
@@ -213,23 +221,23 @@ class Shadow:
             e for e in self._fleet.routable() if serves(e.model_id, e.status.model.version, c.model)
         ]
         if not serving:
-            run.dropped_no_node += 1
+            self._drop(run, "no_node")
             return
         unsafe = frozenset(e.node_id for e in serving if remote_unsafe(e))
         if len(unsafe) == len(serving):
-            run.dropped_phi += 1
+            self._drop(run, "phi")
             return
         if len(run.tasks) >= c.max_in_flight or self._audit.failing:
-            run.dropped_busy += 1
+            self._drop(run, "busy")
             return
         tokens = req.max_tokens
         entry = self._admission.try_acquire(Want(model=c.model, exclude=unsafe), tokens)
         if entry is None:
-            run.dropped_busy += 1
+            self._drop(run, "busy")
             return
         if entry.load.in_flight > max(1, entry.status.capacity.max_running):
             self._admission.release(entry, tokens)  # it would wait in the node's own queue
-            run.dropped_busy += 1
+            self._drop(run, "busy")
             return
         run.sent += 1
         self._sampled[req.request_id] = _Sampled(run, template)
@@ -238,6 +246,10 @@ class Shadow:
         )
         run.tasks.add(task)
         task.add_done_callback(run.tasks.discard)
+
+    def _drop(self, run: ShadowRun, reason: str) -> None:
+        setattr(run, f"dropped_{reason}", getattr(run, f"dropped_{reason}") + 1)
+        self.dropped_total[reason] += 1
 
     def live_ended(self, s: RequestSummary) -> None:
         """A monitor sink: the live side of a sampled request (its summary holds no content)."""
@@ -333,6 +345,7 @@ class Shadow:
         outcome = Ended.COMPLETED if completed else Ended.FAILED
         if code == "CANCELLED":
             outcome = Ended.CANCELLED
+        self.copies_total[outcome] += 1
         details = {
             "shadow_id": run.id,
             "request_id": live_id,  # the live request this copies (its own records are apart)
@@ -368,6 +381,9 @@ class Shadow:
             latency,
         )
 
+    def collector(self) -> Collector:
+        return _Metrics(self)
+
     # -- the report -------------------------------------------------------------------
     def report(self) -> shadow_pb2.ShadowReport:
         run = self.run
@@ -402,6 +418,42 @@ class Shadow:
             reason=why,
             coordinator_id=self._me,
         )
+
+
+class _Metrics(Collector):
+    """The shadow runs' series (docs/shadow.md "Metrics"), read at scrape time. Labels come
+    from fixed sets; the candidate's model id is in the report, not in a label."""
+
+    def __init__(self, shadow: Shadow):
+        self._s = shadow
+
+    def describe(self):
+        return ()
+
+    def collect(self):
+        s, run = self._s, self._s.run
+        copies = CounterMetricFamily(
+            "studiofleet_shadow_copies",
+            "Shadow copies that ended, by outcome (completed, failed, cancelled).",
+            labels=["outcome"],
+        )
+        for outcome, n in s.copies_total.items():
+            copies.add_metric([str(outcome)], n)
+        dropped = CounterMetricFamily(
+            "studiofleet_shadow_dropped",
+            "Sampled requests not copied: busy (no free place, max in flight, live requests "
+            "waiting, audit failing), no_node (no READY candidate), phi (only undeclared remotes).",
+            labels=["reason"],
+        )
+        for reason, n in s.dropped_total.items():
+            dropped.add_metric([reason], n)
+        active = GaugeMetricFamily(
+            "studiofleet_shadow_active", "1 while a shadow run is active on this coordinator."
+        )
+        active.add_metric([], 1.0 if run is not None and run.active else 0.0)
+        in_flight = GaugeMetricFamily("studiofleet_shadow_in_flight", "Shadow copies running now.")
+        in_flight.add_metric([], len(run.tasks) if run is not None else 0)
+        yield from (copies, dropped, active, in_flight)
 
 
 def _label(entry: Optional[NodeEntry]) -> tuple[str, str]:

@@ -142,6 +142,22 @@ def test_the_dashboard_shows_the_fleet_live_and_follows_a_cordon(fleet):
                 "return [r.top, r.bottom, window.innerHeight]; })()"
             )
             assert 0 <= box[0] and box[1] <= box[2], f"footer out of view at 600 px: {box}"
+            # A shadow run shows in its card without a reload (docs/shadow.md).
+            assert page.inner_text("#t-shadow-sub") == "no shadow run"
+            model = nodes[1].status().model.model_id
+            out = fleetctl("shadow", "start", "--model", model, "--fraction", "1", "-c", co.address,
+                           *OPERATOR)  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            req = build_request(prompt="Note:", max_tokens=4, request_id="dash-shadow-1")
+            req.model = model
+            assert collect(co.inference, req).final is not None
+            # (a selector, not wait_for_function: the page's CSP forbids eval once it waits)
+            page.wait_for_selector("#t-shadow-sub:has-text('1 sent, 0 dropped')", timeout=10_000)
+            assert page.inner_text("#t-shadow") == "insufficient"
+            assert model in page.inner_text("#t-shadow-sub")
+            assert "100%" in page.inner_text("#t-shadow-sub")
+            assert fleetctl("shadow", "stop", "-c", co.address, *OPERATOR).returncode == 0
+            page.wait_for_selector("#t-shadow:has-text('(stopped)')", timeout=10_000)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
             raise

@@ -117,6 +117,20 @@ def test_every_live_request_is_copied_and_only_the_live_output_reaches_the_calle
     assert set(row.candidate.parts) >= {"schema_valid", "sections", "not_truncated"}
     assert row.candidate.latency_p50_ms > 0 and row.live.latency_p50_ms > 0
     assert row.verdict == "insufficient"  # 7 samples, under the default 20
+    # /metrics and the dashboard: counts by fixed labels, never the candidate or a prompt.
+    series = _series(co)
+    assert series['studiofleet_shadow_copies_total{outcome="completed"}'] == n + 1
+    assert series['studiofleet_shadow_copies_total{outcome="failed"}'] == 0
+    assert series['studiofleet_shadow_dropped_total{reason="busy"}'] == 0
+    assert series["studiofleet_shadow_active"] == 1 and series["studiofleet_shadow_in_flight"] == 0
+    assert not [k for k in series if k.startswith("studiofleet_shadow") and CANDIDATE in k]
+    status, body, _ = co.http_get("/api/snapshot")
+    card = json.loads(body)["shadow"]
+    assert status == 200 and card["id"] == r.shadow_id and card["active"] is True
+    assert (card["model"], card["fraction"], card["sent"], card["dropped"]) == (
+        CANDIDATE, 1.0, n + 1, 0
+    )  # fmt: skip
+    assert card["verdict"] == "insufficient" and card["since"] == r.started_unix_s
     assert cand.status().load.requests_completed_total >= n + 1
     # The report as an operator reads it.
     table = _ctl(co, "shadow", "report")
@@ -129,6 +143,7 @@ def test_every_live_request_is_copied_and_only_the_live_output_reaches_the_calle
     assert f"shadow {r.shadow_id}: 1 of requests to {CANDIDATE}, {n + 1} copied" in top.stdout
     stopped = _ctl(co, "shadow", "stop", "-o", "json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["active"] is False
+    assert _series(co)["studiofleet_shadow_active"] == 0
     again = _ctl(co, "shadow", "stop")
     assert again.returncode == 2 and "no shadow run is active" in again.stderr
     # Counted apart from callers' requests: the request log and metrics saw n + 2 requests.
@@ -149,6 +164,16 @@ def test_every_live_request_is_copied_and_only_the_live_output_reaches_the_calle
     )
     assert total == n + 2, "shadow copies are not callers' requests"
     assert CANARY not in metrics.decode()
+
+
+def _series(co) -> dict[str, float]:
+    _, body, _ = co.http_get("/metrics")
+    return {
+        k: float(v)
+        for k, v in (
+            line.rsplit(" ", 1) for line in body.decode().splitlines() if line[:1] not in "#"
+        )
+    }
 
 
 def _model(req, model: str):

@@ -172,6 +172,22 @@ function renderClasses(t) {
   card.className = on.length ? "card over" : "card";
 }
 
+// The latest shadow run (docs/shadow.md): the verdict so far, red on fail.
+function renderShadow(r) {
+  const card = document.getElementById("shadow");
+  if (!r) {
+    setText("t-shadow", "–");
+    setText("t-shadow-sub", "no shadow run");
+    card.className = "card";
+    return;
+  }
+  setText("t-shadow", r.verdict + (r.active ? "" : " (stopped)"));
+  setText("t-shadow-sub", r.model + " · " + Math.round(r.fraction * 1000) / 10 + "% · " + r.sent + " sent, " +
+    r.dropped + " dropped");
+  card.title = r.id + ": " + r.reason;
+  card.className = r.verdict === "fail" ? "card over" : "card";
+}
+
 function render(s) {
   setText("coordinator", s.coordinator);
   setText("t-routable", s.totals.routable + " / " + s.totals.nodes);
@@ -180,6 +196,7 @@ function render(s) {
   setText("t-tps", s.totals.request_log ? s.totals.tokens_per_s : "request log off");
   renderCapacity(s.capacity);
   renderClasses(s.traffic_classes);
+  renderShadow(s.shadow);
   renderNodes(s.nodes);
   chart("c-tps", s.traffic, [{ key: "tokens_per_s", cls: "tps" }], false);
   chart("c-req", s.traffic, [], true);
