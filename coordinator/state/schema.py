@@ -149,3 +149,22 @@ traffic_policies = sa.Table(
     sa.Column("set_by", sa.Text, nullable=False, server_default=EMPTY),
     sa.Column("set_at", REAL, nullable=False),
 )
+
+# Shadow runs (coordinator/shadow_store.py; docs/shadow.md): each run's definition, one row
+# per run (`stopped_at` 0 while active), so a restarted coordinator resumes the latest and
+# its pair takes it up. The templates are a JSON list. No scores and no request content.
+shadow_runs = sa.Table(
+    "shadow_runs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("fraction", REAL, nullable=False),
+    sa.Column("templates", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("margin", REAL, nullable=False),
+    sa.Column("min_samples", sa.Integer, nullable=False),
+    sa.Column("max_in_flight", sa.Integer, nullable=False),
+    sa.Column("timeout_s", REAL, nullable=False),
+    sa.Column("started_by", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("started_at", REAL, nullable=False),
+    sa.Column("stopped_at", REAL, nullable=False, server_default=sa.text("0")),
+)
