@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from cluster.api import node_pb2
+from cluster.digest import DIGEST_FORMAT
 from cluster.validation import Sampling
 from node_agent.engine import EngineClosed, EngineEvent, EngineRequest, EventKind
 from node_agent.engines.mlx_engine import MlxEngine
@@ -51,9 +52,16 @@ class GroupFailed(RuntimeError):
     """The group cannot go on; the message names the rank and the cause."""
 
 
+class NotOnEveryRank(FileNotFoundError):
+    """A model to load is missing on some rank: no rank switches."""
+
+
 class GroupMlxEngine(MlxEngine):
-    def __init__(self, *, group: GroupSpec, **kwargs):
+    def __init__(self, *, group: GroupSpec, staging_root: Optional[Path] = None, **kwargs):
         super().__init__(**kwargs)
+        self._staging = staging_root  # a follower finds its own staged copies here
+        self._paths: dict[str, Path] = {}  # a follower: rank 0's model path -> its own copy
+        self.model_digest = ""  # the model's own digest (staged and activated by it)
         self.group_spec = group
         self.follower = group.rank > 0
         self._group = None
@@ -247,15 +255,17 @@ class GroupMlxEngine(MlxEngine):
         if isinstance(arg, Future):  # rank 0: the agent's own load()
             super()._load(arg)
             return
-        # A follower loads its own copy: the path its agent asked for (--model or its
-        # activated model), else rank 0's; the ranks compare digests once loaded.
         path, model_id = arg
-        if self._path is None or not self._parked and self._loaded is not None:
-            self._path, self._model_id = Path(path), model_id
+        before = self._path
+        self._path, self._model_id = self._resolve(path), model_id
         try:
             self._loaded = self._do_load()
         except GroupFailed:
             raise
+        except NotOnEveryRank as exc:  # nothing switched: rank 0 reports it, the group goes on
+            log.warning("node group: load not taken: %s", exc)
+            self._path = before
+            return
         except BaseException as exc:  # noqa: BLE001 - the group cannot go on without this rank
             self._loaded = exc
             self._fail_group(self.group_spec.rank, f"could not load its shard ({exc})")
@@ -264,6 +274,22 @@ class GroupMlxEngine(MlxEngine):
         for fut in parked:
             if not fut.done():
                 fut.set_result(self._loaded)
+
+    def _resolve(self, path: str) -> Path:
+        """A follower's own copy of the model rank 0 loads from `path`: the one it loaded
+        for that path before (going back), its own staged copy (a staged model's directory
+        is named by its digest), the path its agent asked for at start, else `path` itself."""
+        if path in self._paths:
+            return self._paths[path]
+        name = Path(path).name
+        if self._staging is not None and DIGEST_FORMAT.fullmatch(f"sha256:{name}"):
+            mine = self._staging / name  # staged here too, or missing: never rank 0's files
+        elif self._loaded is None:
+            mine = self._path  # the first load: this agent's --model or activated model
+        else:
+            mine = Path(path)
+        self._paths[path] = mine
+        return mine
 
     def _park(self, fut: Future) -> None:
         if self._loaded is None:
@@ -298,6 +324,13 @@ class GroupMlxEngine(MlxEngine):
         return sharded_load(str(self._path), **{key: self._group})
 
     def _do_load(self):
+        # All ranks switch or none: each says whether it has the files before any loads.
+        missing = self._ranks_without((self._path / "config.json").is_file())
+        if missing:
+            raise NotOnEveryRank(
+                f"{self.group_spec.describe(missing[0])} has no copy of {self._path.name}: "
+                "stage the model on every rank of the group, then activate it"
+            )
         facts = super()._do_load()
         self._grammars = None  # built again for the new tokenizer when first needed
         # Every rank must hold the same model: each computes its own embedding and head.
@@ -311,7 +344,8 @@ class GroupMlxEngine(MlxEngine):
         return facts
 
     def _model_digest(self) -> str:
-        return layout_digest(super()._model_digest(), self.group_spec)
+        self.model_digest = super()._model_digest()
+        return layout_digest(self.model_digest, self.group_spec)
 
     def _new_prompt_cache(self):
         """Kept prompts are evicted by count only: each rank holds a different shard's bytes,
@@ -385,6 +419,15 @@ class GroupMlxEngine(MlxEngine):
             self._parity.digest(),
             "sampled other tokens than rank 0 (token-parity check); its shard or software differs",
         )
+
+    def _ranks_without(self, have: bool) -> list[int]:
+        """The ranks that answered False (every rank asks at the same point)."""
+        import mlx.core as mx
+
+        vec = [0] * self.group_spec.size
+        vec[self.group_spec.rank] = int(not have)
+        got = self._all_sum(mx.array(vec, dtype=mx.int32)).tolist()
+        return [r for r, lacking in enumerate(got) if lacking]
 
     def _check_same(self, digest: bytes, differs: str) -> None:
         """Every rank's `digest` (8 bytes) compared with rank 0's; the first that differs

@@ -16,7 +16,13 @@ def _mlx(settings: NodeSettings) -> Engine:
         from node_agent.group import GroupSpec
         from node_agent.group_engine import GroupMlxEngine
 
-        kind, extra = GroupMlxEngine, {"group": GroupSpec.from_settings(settings)}
+        kind, extra = (
+            GroupMlxEngine,
+            {
+                "group": GroupSpec.from_settings(settings),
+                "staging_root": settings.state_dir / "models",
+            },
+        )
     return kind(
         **extra,
         model_path=settings.model_path,
