@@ -47,6 +47,7 @@ from coordinator.rollout_store import RolloutStore
 from coordinator.rollouts import Rollouts, lease_holder
 from coordinator.shadow import Shadow
 from coordinator.shadow_admin import ShadowAdmin
+from coordinator.shadow_store import ShadowStore
 from coordinator.state import StateDB, url_for
 from coordinator.traffic import TrafficControl
 from coordinator.traffic_store import TrafficStore
@@ -122,6 +123,7 @@ class Coordinator:
         # Rollouts and their lease, API tokens, the request log (docs/state.md); migrated on open.
         self.state = StateDB(url_for(settings.state_url, settings.state_db))
         self.traffic.store = TrafficStore(self.state)  # policies set with fleetctl traffic
+        self.shadow.store = ShadowStore(self.state)  # the shadow run's definition
         log.info("coordinator=%s state database %s", settings.coordinator_id, self.state.shown)
         rollout = settings.section(RolloutSection)
         self.rollouts = Rollouts(
@@ -300,6 +302,7 @@ class Coordinator:
                 self.discovery = None
         self.rollouts.resume_pending()
         await self.traffic.start()
+        await self.shadow.start_sync()  # resumes a run the state database has active
         if s.mdns and s.mdns_announce:
             from coordinator.announce import announce
 

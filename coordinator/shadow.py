@@ -36,6 +36,7 @@ from coordinator.records import Caller, CallRecord
 from coordinator.request_summary import Outcome as Ended
 from coordinator.request_summary import RequestSummary
 from coordinator.shadow_report import Outcome, Pair, templates_proto
+from coordinator.shadow_store import Row as StoredRun
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ REMOTE_ENGINE = "upstream"
 # The label values of /metrics (fixed sets: never a model id or anything a caller sent).
 COPY_OUTCOMES = (Ended.COMPLETED, Ended.FAILED, Ended.CANCELLED)
 DROP_REASONS = ("busy", "no_node", "phi")
+SYNC_S = 2.0  # runs started or stopped through another coordinator are taken up this often
 
 
 class ShadowRefused(Exception):
@@ -109,6 +111,7 @@ class ShadowRun:
     started_by: str
     started_at: float
     stopped_at: float = 0.0
+    figures_since: float = 0.0  # this coordinator's counts and scores start here (0: started_at)
     eligible: int = 0
     sampled: int = 0
     sent: int = 0
@@ -159,17 +162,25 @@ class Shadow:
         self._clock = clock
         self.run: Optional[ShadowRun] = None
         self._sampled: dict[str, _Sampled] = {}  # live request id -> its copy's run
+        # coordinator/shadow_store.ShadowStore (set before start_sync); None: memory only
+        self.store = None
+        self._synced: Optional[tuple[str, float]] = None  # (run id, stopped_at) last taken up
+        self._task: Optional[asyncio.Task] = None
         # Since the process started, over every run (the /metrics counters).
         self.copies_total: dict[str, int] = dict.fromkeys(COPY_OUTCOMES, 0)
         self.dropped_total: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
 
     # -- control ----------------------------------------------------------------------
     async def start(self, config: ShadowConfig, started_by: str) -> ShadowRun:
-        """A new run, replacing the one in progress (its copies are cancelled)."""
-        await self.stop()
-        self.run = ShadowRun(
-            f"shadow-{secrets.token_hex(6)}", config, started_by, started_at=self._clock()
-        )
+        """A new run, replacing the one in progress (its copies are cancelled). Saved to the
+        state database first (raises its error, and nothing changes), then in effect here, and
+        on the coordinators sharing the database within SYNC_S."""
+        run = ShadowRun(f"shadow-{secrets.token_hex(6)}", config, started_by, self._clock())
+        if self.store is not None:
+            await asyncio.to_thread(self.store.started, _row(run))
+        await self._halt(run.started_at)
+        self.run = run
+        self._synced = (run.id, 0.0)
         log.info(
             "shadow=%s started by %s: model=%s fraction=%g templates=%s max_in_flight=%d",
             self.run.id,
@@ -182,18 +193,99 @@ class Shadow:
         return self.run
 
     async def stop(self) -> Optional[ShadowRun]:
-        """Stop the active run (if any): no new copies; those under way are cancelled."""
+        """Stop the active run (if any): no new copies; those under way are cancelled. Saved
+        to the state database first (raises its error, and the run goes on)."""
         run = self.run
         if run is None or not run.active:
             return run
-        run.stopped_at = self._clock()
-        await _cancel(run.tasks)
-        log.info("shadow=%s stopped: %d copies sent", run.id, run.sent)
+        at = self._clock()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.stopped, run.id, at)
+        self._synced = (run.id, at)
+        await self._halt(at)
         return run
 
+    async def _halt(self, at: float, how: str = "") -> None:
+        """Stop the active run here only (the state database is not told)."""
+        run = self.run
+        if run is None or not run.active:
+            return
+        run.stopped_at = at
+        await _cancel(run.tasks)
+        log.info("shadow=%s stopped%s: %d copies sent", run.id, how, run.sent)
+
+    async def sync(self) -> None:
+        """Take up the latest run in the state database: started before this coordinator
+        (re)started, or started or stopped through another coordinator sharing it."""
+        if self.store is None:
+            return
+        row = await asyncio.to_thread(self.store.latest)
+        if row is None or self._synced == (row.id, row.stopped_at):
+            return
+        self._synced = (row.id, row.stopped_at)
+        how = " (from the state database)"
+        run = self.run
+        if run is not None and run.id == row.id:
+            if row.stopped_at:
+                await self._halt(row.stopped_at, how)
+            return
+        await self._halt(row.started_at, how)
+        config = ShadowConfig(
+            model=row.model,
+            fraction=row.fraction,
+            templates=row.templates,
+            margin=row.margin,
+            min_samples=row.min_samples,
+            max_in_flight=row.max_in_flight,
+            timeout_s=row.timeout_s,
+        )
+        self.run = ShadowRun(
+            row.id,
+            config,
+            row.started_by,
+            row.started_at,
+            stopped_at=row.stopped_at,
+            figures_since=self._clock(),
+        )
+        log.info(
+            "shadow=%s taken up from the state database (%s, started by %s): model=%s fraction=%g",
+            row.id,
+            "stopped" if row.stopped_at else "active",
+            row.started_by,
+            row.model,
+            row.fraction,
+        )
+
+    async def _sync_logged(self) -> None:
+        try:
+            await self.sync()
+        except Exception as exc:  # noqa: BLE001 - the database may be away; the run stays as it is
+            log.warning(
+                "shadow runs not read from the state database (%s: %s); keeping the run in "
+                "effect, retrying in %.0f s",
+                type(exc).__name__,
+                exc,
+                SYNC_S,
+            )
+
+    async def start_sync(self) -> None:
+        """Take up the state database's run, then follow it every SYNC_S."""
+        await self._sync_logged()
+
+        async def follow() -> None:
+            while True:
+                await asyncio.sleep(SYNC_S)  # a period, not synchronisation
+                await self._sync_logged()
+
+        self._task = asyncio.get_running_loop().create_task(follow(), name="shadow sync")
+
     async def close(self) -> None:
-        """The coordinator is shutting down: no copy outlives it."""
-        await self.stop()
+        """The coordinator is shutting down: no copy outlives it. The run stays active in the
+        state database, so the coordinator resumes it when it starts again."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._halt(self._clock(), " (coordinator shutting down)")
         self._sampled.clear()
 
     # -- the relay's side ---------------------------------------------------------------
@@ -406,6 +498,7 @@ class Shadow:
             started_by=run.started_by,
             started_unix_s=run.started_at,
             stopped_unix_s=run.stopped_at,
+            figures_since_unix_s=run.figures_since or run.started_at,
             eligible=run.eligible,
             sampled=run.sampled,
             sent=run.sent,
@@ -454,6 +547,23 @@ class _Metrics(Collector):
         in_flight = GaugeMetricFamily("studiofleet_shadow_in_flight", "Shadow copies running now.")
         in_flight.add_metric([], len(run.tasks) if run is not None else 0)
         yield from (copies, dropped, active, in_flight)
+
+
+def _row(run: ShadowRun) -> StoredRun:
+    c = run.config
+    return StoredRun(
+        run.id,
+        c.model,
+        c.fraction,
+        c.templates,
+        c.margin,
+        c.min_samples,
+        c.max_in_flight,
+        c.timeout_s,
+        run.started_by,
+        run.started_at,
+        0.0,
+    )
 
 
 def _label(entry: Optional[NodeEntry]) -> tuple[str, str]:

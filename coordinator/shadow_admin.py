@@ -77,9 +77,26 @@ class ShadowAdmin(shadow_pb2_grpc.ShadowServicer):
                 **fields,
             )
         await self._record(context, ident, "shadow.start", outcome="accepted", code="", **fields)
-        run = await self._shadow.start(config, ident.name if ident else "plaintext operator")
+        try:
+            run = await self._shadow.start(config, ident.name if ident else "plaintext operator")
+        except Exception as exc:  # noqa: BLE001 - the state database: say so, never UNKNOWN
+            await self._unsaved(context, ident, "shadow.start", exc, **fields)
         await self._record(context, ident, "shadow.start", done=True, shadow_id=run.id, **fields)
         return self._shadow.report()
+
+    async def _unsaved(self, context, ident, action: str, exc: Exception, **fields) -> None:
+        """The state database did not take the change: nothing changed; audited, then aborts."""
+        log.error("%s: the state database did not take it: %s", action, exc)
+        await self._audit.write_or_log(
+            self._audit.admin_record(
+                ident, context.peer(), action, outcome="failed", code="UNAVAILABLE", **fields
+            )
+        )
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{action} was not carried out: the state database did not take it "
+            f"({type(exc).__name__}); check it (docs/state.md) and retry",
+        )
 
     def _unservable(self, model: str) -> str:
         """Why no copy could go anywhere now ("" when some READY node could take one)."""
@@ -117,7 +134,10 @@ class ShadowAdmin(shadow_pb2_grpc.ShadowServicer):
         await self._record(
             context, ident, "shadow.stop", outcome="accepted", code="", operation_id=op
         )
-        await self._shadow.stop()
+        try:
+            await self._shadow.stop()
+        except Exception as exc:  # noqa: BLE001 - the state database: say so, never UNKNOWN
+            await self._unsaved(context, ident, "shadow.stop", exc, operation_id=op)
         await self._record(
             context, ident, "shadow.stop", done=True, operation_id=op, shadow_id=run.id
         )

@@ -384,6 +384,73 @@ def test_a_rollout_takes_the_shadow_verdict_as_its_evidence(fleet, other_model):
     assert live.status().model.weights_digest == new
 
 
+def test_a_run_outlives_a_restart_and_reaches_the_pair_on_the_same_state_database(
+    fleet, tmp_path, start_coordinator
+):
+    """The run's definition is in the state database: the other coordinator of a pair takes it
+    up and copies its own traffic, a restarted coordinator resumes it (its report says from
+    when its figures start), and a stop through either reaches both."""
+    _, live, cand, _ = fleet
+    db = str(tmp_path / "pair.db")
+    nodes = [live.address, cand.address]
+    a = start_coordinator("--state-db", db, nodes=nodes, name="shadow-pair-a")
+    b = start_coordinator("--state-db", db, nodes=nodes, name="shadow-pair-b")
+    for co in (a, b):
+        co.wait_routable(2)
+    out = _ctl(a, "shadow", "start", "--model", CANDIDATE, "--fraction", "1", "--margin", "0.2",
+               "--template", "soap-brief", "--max-in-flight", "16")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    started = _stub(a).GetShadow(shadow_pb2.GetShadowRequest(), timeout=10)
+    assert started.figures_since_unix_s == started.started_unix_s
+    on_b = _wait(b, lambda r: r.shadow_id == started.shadow_id, "pair-b took the run up", 10)
+    assert on_b.active and (on_b.model, on_b.fraction, on_b.margin) == (CANDIDATE, 1.0, 0.2)
+    assert list(on_b.templates) == ["soap-brief"] and on_b.max_in_flight == 16
+    assert (on_b.started_by, on_b.started_unix_s) == ("operator", started.started_unix_s)
+    assert on_b.figures_since_unix_s > on_b.started_unix_s
+    for i in range(2):
+        assert collect(b.inference, _model(note(400 + i), LIVE)).final is not None
+    r = _wait(b, lambda r: r.sent == 2 and r.in_flight == 0, "pair-b's copies done")
+    assert r.by_template[0].candidate.scored == 2
+
+    a.stop()  # SIGTERM: its copies end, the run stays active in the database
+    a2 = start_coordinator("--state-db", db, nodes=nodes, name="shadow-pair-a2")
+    resumed = _stub(a2).GetShadow(shadow_pb2.GetShadowRequest(), timeout=10)
+    assert resumed.shadow_id == started.shadow_id and resumed.active
+    assert resumed.started_unix_s == started.started_unix_s
+    assert resumed.figures_since_unix_s > started.started_unix_s and resumed.sent == 0
+    shown = _ctl(a2, "shadow", "show")
+    assert shown.returncode == 0 and "figures since" in shown.stdout, shown.stdout
+    a2.wait_routable(2)
+    assert collect(a2.inference, _model(note(410), LIVE)).final is not None
+    _wait(a2, lambda r: r.sent == 1 and r.in_flight == 0, "the resumed run copies")
+
+    assert _ctl(b, "shadow", "stop").returncode == 0
+    gone = _wait(a2, lambda r: not r.active, "the stop through pair-b reached a2", 10)
+    assert gone.shadow_id == started.shadow_id and gone.stopped_unix_s > 0
+
+
+def test_a_start_the_state_database_does_not_take_changes_nothing():
+    class Audit:
+        failing = ""
+
+    class Broken:
+        def started(self, row):
+            raise OSError("disk I/O error")
+
+        def stopped(self, run_id, at):
+            raise OSError("disk I/O error")
+
+    s = Shadow(fleet=None, admission=None, audit=Audit(), coordinator_id="c")
+    first = asyncio.run(s.start(ShadowConfig(model=CANDIDATE, fraction=0.5), "op"))
+    s.store = Broken()
+    with pytest.raises(OSError):
+        asyncio.run(s.start(ShadowConfig(model="other", fraction=1.0), "op"))
+    assert s.run is first and first.active
+    with pytest.raises(OSError):
+        asyncio.run(s.stop())
+    assert s.run is first and first.active
+
+
 def test_afterwards_each_request_ended_once_and_the_canary_appears_nowhere(fleet):
     """Runs last: stops the fleet, then reads everything it wrote."""
     co, live, cand, logs = fleet

@@ -140,6 +140,53 @@ def test_a_database_of_the_previous_revision_upgrades_in_place(empty_url, monkey
         db.close()
 
 
+def test_a_database_at_revision_0003_gains_shadow_runs_in_place(empty_url, monkeypatch):
+    """A database of the traffic-policy revision (0003) gains the shadow_runs table (0004),
+    its traffic policies kept; the shadow store then keeps a run's definition."""
+    import dataclasses
+
+    from cluster.traffic import Policy
+    from coordinator.shadow_store import Row, ShadowStore
+    from coordinator.state import engine, migrate
+    from coordinator.traffic_store import TrafficStore
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "upgrade", lambda db: migrate.upgrade(db, "0003"))
+        old = StateDB(empty_url)
+    try:
+        with old.engine.connect() as conn:
+            assert current(conn) == "0003"
+            assert not sa.inspect(conn).has_table("shadow_runs")
+        policy = Policy.parse("notes", {"macs": 90, "upstream": 10}, "upstream")
+        TrafficStore(old).save("notes", policy, "dana", 100.0)
+    finally:
+        old.close()
+
+    db = StateDB(empty_url)
+    try:
+        with db.engine.connect() as conn:
+            assert current(conn) == head()
+        assert differences(db) == []
+        (row,) = TrafficStore(db).load()
+        assert (row.policy, row.set_by, row.set_at) == (policy, "dana", 100.0)
+        shadows = ShadowStore(db)
+        assert shadows.latest() is None
+        run = Row("shadow-1", "cand", 0.05, frozenset({"soap-note"}), 0.1, 20, 2, 300.0, "dana",
+                  200.0, 0.0)  # fmt: skip
+        shadows.started(run)
+        assert shadows.latest() == run
+        shadows.started(dataclasses.replace(run, id="shadow-2", started_at=300.0))
+        latest = shadows.latest()
+        assert latest.id == "shadow-2" and latest.stopped_at == 0.0
+        shadows.stopped("shadow-2", 350.0)
+        assert shadows.latest().stopped_at == 350.0
+        with db.engine.connect() as conn:  # the replaced run was marked stopped as it was
+            first = conn.execute(sa.text("SELECT stopped_at FROM shadow_runs WHERE id='shadow-1'"))
+            assert first.scalar() == 300.0
+    finally:
+        db.close()
+
+
 def test_the_sqlite_file_of_the_release_before_migrations_upgrades_in_place(tmp_path):
     path = tmp_path / "coordinator.db"
     shutil.copy(FIXTURES / "release-92239ae.db", path)

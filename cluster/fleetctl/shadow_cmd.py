@@ -211,6 +211,11 @@ def _summary(r: shadow_pb2.ShadowReport) -> None:
         f"{r.margin:g}, min samples {r.min_samples}, max in flight {r.max_in_flight}; started "
         f"{_when(r.started_unix_s)} by {r.started_by}"
     )
+    if r.figures_since_unix_s > r.started_unix_s:
+        typer.echo(
+            f"figures since {_when(r.figures_since_unix_s)}: when coordinator {r.coordinator_id} "
+            "took the run up from the state database (a restart, or a start through its pair)"
+        )
     typer.echo(
         f"requests: {r.eligible} eligible, {r.sampled} sampled, {r.sent} copied, dropped "
         f"{r.dropped_busy} (candidate busy) {r.dropped_no_node} (no node) {r.dropped_phi} "
