@@ -176,3 +176,33 @@ def test_the_coordinators_traffic_flag_takes_policies(monkeypatch):
     assert parse_spec("org/model:v1: a=1") == ("org/model:v1", {"a": 1}, "")
     with pytest.raises(PolicyError):
         parse_spec("no colon here")
+
+
+def test_fleetctl_nodes_shows_each_nodes_traffic_class():
+    """The named class, else the derived one (upstream engine: upstream; the rest: local)."""
+    import io
+
+    from rich.console import Console
+
+    from cluster.api import common_pb2, fleet_pb2, node_pb2
+    from cluster.fleetctl.nodes_cmd import fleet_table
+
+    def node(node_id: str, engine: str, node_class: str = "") -> fleet_pb2.FleetNode:
+        return fleet_pb2.FleetNode(
+            address=f"{node_id}.lan:7700",
+            status=node_pb2.NodeStatus(
+                node_id=node_id, node_class=node_class, model=common_pb2.ModelInfo(engine=engine)
+            ),
+        )
+
+    listing = fleet_pb2.ListNodesResponse(
+        nodes=[node("mac-1", "mlx", "macs"), node("api-1", "upstream"), node("gpu-1", "vllm")]
+    )
+    console = Console(width=250, file=io.StringIO())
+    console.print(fleet_table(listing))
+    text = console.file.getvalue()
+    rows = {line.split()[1]: line for line in text.splitlines() if ".lan" in line}
+    assert "class" in text
+    for node_id, cls in (("mac-1", "macs"), ("api-1", "upstream"), ("gpu-1", "local")):
+        cells = [c.strip() for c in rows[node_id].split("│")]
+        assert cls in cells, (node_id, cells)

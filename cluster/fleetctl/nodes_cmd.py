@@ -17,10 +17,12 @@ from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc
 from cluster.client.errors import from_rpc_error
 from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
 from cluster.fleetctl.exits import fail
+from cluster.traffic import class_of
 
 
 def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
-    """One row per node: its own state, the coordinator's verdict, and the traffic. "in
+    """One row per node: its own state, the coordinator's verdict, and the traffic ("class":
+    its traffic class, docs/traffic.md). "in
     flight" is the coordinator's own count (exact now; a node's running/queued counts are
     as of its last status poll, so they stay in -o json); tok/s is the node's recent decode
     rate, 0 when it is idle."""
@@ -37,6 +39,7 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
         "route",
         "model",
         "engine",
+        "class",
         "digest",
         "in flight",
         "tok/s",
@@ -70,6 +73,7 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
             "yes" if n.routable else "no",
             st.model.model_id or "-",
             st.model.engine or "-",
+            class_of(st.node_class, st.model.engine) if n.HasField("status") else "-",
             st.model.weights_digest[7:19] or "-",
             str(n.in_flight),
             f"{st.load.decode_tokens_per_s:.0f}",
@@ -78,7 +82,7 @@ def fleet_table(listing: fleet_pb2.ListNodesResponse) -> Table:
             n.health_reason,
         )
         for r in st.group.ranks:  # a node group: its ranks beneath it (docs/node-groups.md)
-            t.add_row(f"  rank {r.rank}", r.address, "group", r.health, *[""] * 9, r.hostname)
+            t.add_row(f"  rank {r.rank}", r.address, "group", r.health, *[""] * 10, r.hostname)
     return t
 
 
