@@ -143,11 +143,12 @@ def check_parity_with_single(stack, model, logs, mode, reference):
 
 
 @pytest.mark.allow_blocking("drives node processes")
-def test_tensor_group_matches_a_single_node(group_model, tmp_path, reference):
+def test_tensor_group_matches_a_single_node_and_activates_as_one(group_model, tmp_path, reference):
     with ExitStack() as stack:
         rank0, rank1 = check_parity_with_single(
             stack, group_model, tmp_path / "logs", "tensor", reference
         )
+        check_activation(rank0, rank1, tmp_path)
         # Rank 0 shutting down ends the group: the other rank leaves for its service manager.
         rank0.signal(signal.SIGTERM)
         assert rank0.wait_exit(timeout_s=30) == 0
@@ -203,9 +204,7 @@ def wait_op(node, call, timeout_s: float = 90.0):
     return call()
 
 
-@pytest.mark.slow
-@pytest.mark.allow_blocking("drives node processes")
-def test_activation_switches_every_rank_or_none(group_model, tmp_path):
+def check_activation(rank0, rank1, tmp_path) -> None:
     """A model staged on rank 0 only is refused with the rank named and nothing switches;
     staged on every rank, activation switches the whole group."""
     from cluster.digest import weights_digest
@@ -214,41 +213,39 @@ def test_activation_switches_every_rank_or_none(group_model, tmp_path):
 
     v2 = make_tiny_model(tmp_path / "v2", TinyModelSpec(num_key_value_heads=2, seed=7))
     new = weights_digest(v2)
-    with ExitStack() as stack:
-        rank0, rank1 = start_group(stack, group_model, tmp_path / "logs", "tensor")
-        old = rank0.status().model.weights_digest
-        stubs = [node_pb2_grpc.NodeStub(r.channel) for r in (rank0, rank1)]
+    old = rank0.status().model.weights_digest
+    stubs = [node_pb2_grpc.NodeStub(r.channel) for r in (rank0, rank1)]
 
-        def stage(i: int):
-            request = node_pb2.StageModelRequest(
-                operation_id=f"stage-{i}", source_path=str(v2), version="v2", expected_digest=new
-            )
-            return wait_op((rank0, rank1)[i], lambda: stubs[i].StageModel(request, timeout=5))
+    def stage(i: int):
+        request = node_pb2.StageModelRequest(
+            operation_id=f"stage-{i}", source_path=str(v2), version="v2", expected_digest=new
+        )
+        return wait_op((rank0, rank1)[i], lambda: stubs[i].StageModel(request, timeout=5))
 
-        def activate(op: str):
-            request = node_pb2.ActivateRequest(operation_id=op, weights_digest=new)
-            return wait_op(rank0, lambda: stubs[0].Activate(request, timeout=5))
+    def activate(op: str):
+        request = node_pb2.ActivateRequest(operation_id=op, weights_digest=new)
+        return wait_op(rank0, lambda: stubs[0].Activate(request, timeout=5))
 
-        assert stage(0).operation.state == node_pb2.OPERATION_STATE_DONE
-        drain = node_pb2.DrainRequest(operation_id="drain")
-        wait_op(rank0, lambda: stubs[0].Drain(drain, timeout=5))
-        refused = activate("activate-1")
-        assert refused.operation.state == node_pb2.OPERATION_STATE_FAILED
-        assert "rank 1 (127.0.0.1:" in refused.operation.message, refused.operation.message
-        assert "has no copy" in refused.operation.message
-        st = rank0.status()
-        assert st.model.weights_digest == old and [r.health for r in st.group.ranks] == ["ok"] * 2
-        assert stage(1).operation.state == node_pb2.OPERATION_STATE_DONE
-        drain = node_pb2.DrainRequest(operation_id="drain-2")
-        wait_op(rank0, lambda: stubs[0].Drain(drain, timeout=5))
-        done = activate("activate-2")
-        assert done.operation.state == node_pb2.OPERATION_STATE_DONE, done.operation.message
-        spec = GroupSpec(("a:1", "b:1"), 0, "ring", "tensor", 10.0)
-        assert done.status.model.weights_digest == layout_digest(new, spec)
-        uncordon = node_pb2.CordonRequest(operation_id="uncordon", cordoned=False)
-        stubs[0].Cordon(uncordon, timeout=5)
-        s = collect(rank0.inference, note(0, 8, request_id="on-v2"), 60)
-        assert s.final is not None and s.final.finish_reason != inference_pb2.FINISH_REASON_ERROR
+    assert stage(0).operation.state == node_pb2.OPERATION_STATE_DONE
+    drain = node_pb2.DrainRequest(operation_id="drain")
+    wait_op(rank0, lambda: stubs[0].Drain(drain, timeout=5))
+    refused = activate("activate-1")
+    assert refused.operation.state == node_pb2.OPERATION_STATE_FAILED
+    assert "rank 1 (127.0.0.1:" in refused.operation.message, refused.operation.message
+    assert "has no copy" in refused.operation.message
+    st = rank0.status()
+    assert st.model.weights_digest == old and [r.health for r in st.group.ranks] == ["ok"] * 2
+    assert stage(1).operation.state == node_pb2.OPERATION_STATE_DONE
+    drain = node_pb2.DrainRequest(operation_id="drain-2")
+    wait_op(rank0, lambda: stubs[0].Drain(drain, timeout=5))
+    done = activate("activate-2")
+    assert done.operation.state == node_pb2.OPERATION_STATE_DONE, done.operation.message
+    spec = GroupSpec(("a:1", "b:1"), 0, "ring", "tensor", 10.0)
+    assert done.status.model.weights_digest == layout_digest(new, spec)
+    uncordon = node_pb2.CordonRequest(operation_id="uncordon", cordoned=False)
+    stubs[0].Cordon(uncordon, timeout=5)
+    s = collect(rank0.inference, note(0, 8, request_id="on-v2"), 60)
+    assert s.final is not None and s.final.finish_reason != inference_pb2.FINISH_REASON_ERROR
 
 
 def wait_failed(rank0: NodeProcess, timeout_s: float) -> tuple[str, float]:
@@ -294,9 +291,9 @@ def test_killing_rank_1_fails_the_group_and_streams_move_on(
                     started[i].set()
 
             if i < 8:  # through the coordinator
-                request = note(i, 300, request_id=f"co-{i}", allow_restart=True)
+                request = note(i, 150, request_id=f"co-{i}", allow_restart=True)
                 return collect(co.inference, request, 120, seen)
-            return collect(rank0.inference, note(i, 300, request_id=f"direct-{i}"), 120, seen)
+            return collect(rank0.inference, note(i, 150, request_id=f"direct-{i}"), 120, seen)
 
         out, threads = in_threads(one, list(range(10)))
         for event in started:
