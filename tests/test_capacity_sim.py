@@ -391,3 +391,65 @@ def test_token_spec_parsing():
         ArrivalShape.hours(8, 8, 2.0)
     with pytest.raises(WorkloadError):
         Workload(-5, ArrivalShape.hours(8, 18, 2.0), TokenDist(1, 1), TokenDist(1, 1))
+
+
+def test_a_traffic_policy_splits_notes_by_weight_and_each_class_queues_on_its_own():
+    """Weights macs=3 upstream=1 over Poisson arrivals (mean service 1 s on one-slot nodes):
+    each class gets exactly its weight's share (the coordinator's own Chooser), its notes wait
+    as in a FIFO queue of its own nodes note for note (the recursion over the notes its class
+    was given), and each class's utilisation is its share of the load, lambda w_c / (n_c mu)."""
+    from cluster.traffic import Chooser, Policy
+
+    rate, n = 2.0, 40_000
+    reqs = poisson_requests(random.Random(3), rate, n, 1000.0)
+    policy = Policy.parse("*", {"macs": 3, "upstream": 1})
+    node = profile(1, decode_base_s=0.001)
+    fleet = [NodeSpec(node, f"mac-{i}", max_queued=0, node_class="macs") for i in range(3)]
+    fleet.append(NodeSpec(node, "api-1", max_queued=0, node_class="upstream"))
+    warm = n // 20
+    window = (reqs[warm].at_s, reqs[-1].at_s + 1e-9)
+    res = simulate(fleet, reqs, window=window, limits=UNBOUNDED, traffic=policy)
+    assert not res.refused and res.notes == n - warm and res.fallbacks == 0
+
+    chooser = Chooser(policy)
+    chosen = [chooser.next() for _ in reqs]
+    servers = {"macs": 3, "upstream": 1}
+    expected: dict[int, float] = {}
+    for cls, count in servers.items():
+        mine = [i for i, c in enumerate(chosen) if c == cls]
+        for i, wait in zip(mine, fifo_waits(count, [reqs[i] for i in mine], 0.001)):
+            expected[i] = wait
+    assert res.waits == pytest.approx([expected[i] for i in range(warm, n)], abs=1e-6)
+    served = [chosen[i] for i in range(warm, n)]
+    assert all(
+        fleet[node_index].node_class == cls for node_index, cls in zip(res.served_by, served)
+    )
+
+    span = window[1] - window[0]
+    by_class = {c.node_class: c for c in res.by_class()}
+    assert set(by_class) == {"macs", "upstream"}
+    for cls, weight in (("macs", 0.75), ("upstream", 0.25)):
+        use = by_class[cls]
+        assert use.nodes == servers[cls] and use.served == served.count(cls)
+        assert use.share == pytest.approx(weight, abs=1e-3)
+        work = sum(reqs[i].output_tokens * 0.001 for i in range(warm, n) if chosen[i] == cls)
+        assert use.busy == pytest.approx(work / (servers[cls] * span), rel=0.02)
+        assert use.busy == pytest.approx(rate * weight / servers[cls], rel=0.05)  # rho = 0.5
+        assert use.p95_s >= use.p50_s > 0
+
+
+def test_a_class_without_nodes_falls_back_and_no_policy_routes_as_before():
+    from cluster.traffic import Policy
+
+    reqs = poisson_requests(random.Random(4), 0.5, 2_000, 200.0)
+    fleet = [NodeSpec(profile(2), f"mac-{i}", node_class="macs") for i in range(2)]
+    window = (reqs[100].at_s, reqs[-1].at_s + 1e-9)
+    plain = simulate(fleet, reqs, window=window)
+    policy = Policy.parse("*", {"macs": 1, "gpu": 1})  # no gpu node: half fall back to macs
+    split = simulate(fleet, reqs, window=window, traffic=policy)
+    assert split.fallbacks == 1_000
+    assert split.totals == pytest.approx(plain.totals)
+    assert [c.node_class for c in split.by_class()] == ["macs"]
+    assert split.by_class()[0].share == 1.0
+    # Without --node-class a profile's class follows its engine (cluster.traffic.class_of).
+    assert NodeSpec(profile(1), "n").traffic_class == "local"

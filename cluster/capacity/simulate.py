@@ -17,6 +17,12 @@ Mac or a GPU runs one node) share its compute: a step that starts while k nodes 
 are busy takes k times its profiled time (processor sharing, for a node that alone keeps
 every core busy, as MLX on CPU does). When a node of the host starts or stops being busy,
 the others re-plan at their next step boundary.
+
+With a traffic policy (cluster.traffic.Policy, docs/traffic.md) each note is given a node
+class as the coordinator gives it: the policy's own Chooser (smooth weighted round robin),
+then the router's `pick` among that class's nodes; a class with no node at all falls back in
+`fallback_order`; a class whose nodes are busy keeps the note waiting, while notes for other
+classes go ahead of it. Overflow is not simulated (see docs/traffic.md "Planning").
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from cluster.capacity.profile import Profile
 from cluster.capacity.workload import Request
 from cluster.config import CoordinatorSettings, NodeSettings
 from cluster.metrics import percentile
-from cluster.routing import Candidate, Want, pick
+from cluster.routing import Candidate, Want, pick, serving
+from cluster.traffic import Chooser, Policy, class_of, fallback_order
 
 _ANY = Want()
 _EPS = 1e-9
@@ -62,6 +69,11 @@ class NodeSpec:
     prefill_batch: int = PREFILL_BATCH  # prompts prefilled together (the prompt batch)
     prefill_chunk: int = PREFILL_STEP  # prompt tokens of each prompt prefilled in one step
     host: str = ""  # nodes with the same host share its compute ("" = a host of its own)
+    node_class: str = ""  # its traffic class ("" = by engine: upstream or local; class_of)
+
+    @property
+    def traffic_class(self) -> str:
+        return class_of(self.node_class, self.profile.node.engine)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class _Seq:
         "done_at",
         "refused",
         "prefill_left",
+        "want",
     )
 
     def __init__(self, req: Request, measured: bool):
@@ -126,6 +139,7 @@ class _Seq:
         self.placed_at = self.admitted_at = self.first_at = self.done_at = math.nan
         self.refused = ""
         self.prefill_left = 0
+        self.want = _ANY  # the node class the traffic policy chose (_ANY without one)
 
 
 class _Node:
@@ -171,6 +185,7 @@ class _Node:
             self.max_running,
             self.slots,
             self.routed_total,
+            node_class=self.spec.traffic_class,
         )
 
     def enqueue(self, seq: _Seq) -> None:
@@ -355,19 +370,24 @@ class _Coordinator:
     """coordinator.admission's policy: place now if nobody waits and a node has room (router.pick),
     else wait FIFO up to `queue_max_depth` deep and `queue_max_wait_s` long."""
 
-    def __init__(self, env: simpy.Environment, limits: CoordinatorLimits):
-        self.env, self.limits = env, limits
+    def __init__(
+        self, env: simpy.Environment, limits: CoordinatorLimits, traffic: Policy | None = None
+    ):
+        self.env, self.limits, self.traffic = env, limits, traffic
+        self.chooser = Chooser(traffic) if traffic is not None else None
         self.nodes: list[_Node] = []
         self.by_id: dict[str, _Node] = {}
         self.waiting: deque[_Seq] = deque()
         self.max_waiting = 0
+        self.fallbacks = 0
 
     def _place(self, seq: _Seq) -> bool:
         if not any(n.in_flight < n.slots for n in self.nodes):
             return False  # pick's own answer when every node is full, without building candidates
-        node_id = pick(
-            [n.candidate() for n in self.nodes], _ANY, load_factor=self.limits.load_factor
-        )
+        candidates = [n.candidate() for n in self.nodes]
+        node_id = pick(candidates, seq.want, load_factor=self.limits.load_factor)
+        if node_id is None and self.traffic is not None:
+            node_id = self._elsewhere(candidates, seq.want)
         if node_id is None:
             return False
         node = self.by_id[node_id]
@@ -378,6 +398,29 @@ class _Coordinator:
         seq.placed_at = self.env.now
         node.enqueue(seq)
         return True
+
+    def _elsewhere(self, candidates: list[Candidate], want: Want) -> str | None:
+        """coordinator.traffic's fallback: a class with no node that could serve the note at
+        all sends it to the other classes in fallback_order; a busy class keeps it waiting."""
+        if any(serving(c, want) for c in candidates):
+            return None
+        for cls in fallback_order(self.traffic, want.node_class, False):
+            node_id = pick(candidates, Want(node_class=cls), load_factor=self.limits.load_factor)
+            if node_id is not None:
+                self.fallbacks += 1
+                return node_id
+        return None
+
+    def _dispatch(self) -> None:
+        """Place waiting notes in arrival order while nodes have room: without a policy the
+        first that does not fit stops it (every note wants the same nodes); with one, notes
+        for another class go ahead (coordinator.admission.dispatch)."""
+        if self.traffic is None:
+            while self.waiting and self._place(self.waiting[0]):
+                self.waiting.popleft()
+            return
+        if self.waiting:
+            self.waiting = deque(s for s in self.waiting if not self._place(s))
 
     def _expire(self) -> None:
         now = self.env.now
@@ -391,6 +434,8 @@ class _Coordinator:
 
     def arrive(self, seq: _Seq) -> None:
         self._expire()
+        if self.chooser is not None:
+            seq.want = Want(node_class=self.chooser.next())
         if not self.waiting and self._place(seq):
             return
         if len(self.waiting) >= self.limits.queue_max_depth:
@@ -398,13 +443,14 @@ class _Coordinator:
             return
         self.waiting.append(seq)
         self.max_waiting = max(self.max_waiting, len(self.waiting))
+        if self.traffic is not None:
+            self._dispatch()  # its class may have room while others' notes wait
 
     def release(self, node: _Node, seq: _Seq) -> None:
         node.in_flight -= 1
         self.on_end(seq)
         self._expire()
-        while self.waiting and self._place(self.waiting[0]):
-            self.waiting.popleft()
+        self._dispatch()
 
     on_end: Callable[[_Seq], None]
 
@@ -417,6 +463,32 @@ class NodeUse:
     mean_running: float  # time-averaged sequences in the batch
     occupancy: float  # mean_running / max_running
     served: int  # measured notes it served
+    node_class: str = ""  # its traffic class
+
+
+@dataclass(frozen=True)
+class ClassUse:
+    """One traffic class over the window: its share of the measured notes it served, the
+    time per note there, and its nodes' mean busy fraction."""
+
+    node_class: str
+    nodes: int
+    served: int
+    share: float  # of the measured notes served anywhere
+    p50_s: float
+    p95_s: float
+    busy: float  # mean over its nodes
+
+    def as_dict(self) -> dict:
+        return {
+            "node_class": self.node_class,
+            "nodes": self.nodes,
+            "served": self.served,
+            "share": round(self.share, 4),
+            "p50_s": self.p50_s if math.isfinite(self.p50_s) else None,
+            "p95_s": self.p95_s if math.isfinite(self.p95_s) else None,
+            "busy": round(self.busy, 4),
+        }
 
 
 @dataclass
@@ -435,6 +507,30 @@ class SimResult:
     wall_s: float = 0.0  # the simulation's own run time
     max_coordinator_queue: int = 0
     completed_in_window: int = 0
+    served_by: list[int | None] | None = None  # per measured note: its node's index (None: refused)
+    fallbacks: int = 0  # notes placed outside the class the traffic policy chose
+
+    def by_class(self) -> list[ClassUse]:
+        """Each traffic class's share, time per note and busy fraction (ordered by class)."""
+        served_by = self.served_by or []
+        classes = sorted({n.node_class for n in self.nodes})
+        done = sum(1 for i in served_by if i is not None)
+        out = []
+        for cls in classes:
+            members = {i for i, n in enumerate(self.nodes) if n.node_class == cls}
+            times = [t for t, i in zip(self.totals, served_by) if i is not None and i in members]
+            out.append(
+                ClassUse(
+                    cls,
+                    len(members),
+                    len(times),
+                    len(times) / done if done else 0.0,
+                    percentile(times, 0.50) if times else math.nan,
+                    percentile(times, 0.95) if times else math.nan,
+                    sum(self.nodes[i].busy for i in members) / len(members),
+                )
+            )
+        return out
 
     @property
     def notes(self) -> int:
@@ -459,14 +555,16 @@ def simulate(
     *,
     window: tuple[float, float],
     limits: CoordinatorLimits = CoordinatorLimits(),
+    traffic: Policy | None = None,
 ) -> SimResult:
     """Run `requests` (sorted by arrival) through the fleet; statistics are kept for the notes
-    arriving inside `window` and for node use inside it. Runs until every such note has ended."""
+    arriving inside `window` and for node use inside it. Runs until every such note has ended.
+    `traffic`: the coordinator's traffic policy for these notes (weights across node classes)."""
     if not fleet:
         raise ValueError("a fleet needs at least one node")
     started = time.perf_counter()
     env = simpy.Environment(initial_time=min([window[0]] + [r.at_s for r in requests[:1]]))
-    coord = _Coordinator(env, limits)
+    coord = _Coordinator(env, limits, traffic)
     seqs = [_Seq(r, window[0] <= r.at_s < window[1]) for r in requests]
     pending = sum(1 for s in seqs if s.measured)
     all_done = env.event()
@@ -525,6 +623,7 @@ def simulate(
             n.seq_s / span,
             n.seq_s / span / n.max_running,
             served[n.index],
+            n.spec.traffic_class,
         )
         for n in coord.nodes
     ]
@@ -539,4 +638,6 @@ def simulate(
         wall_s=time.perf_counter() - started,
         max_coordinator_queue=coord.max_waiting,
         completed_in_window=completed_in_window,
+        served_by=[None if s.refused else s.node for s in measured],
+        fallbacks=coord.fallbacks,
     )
