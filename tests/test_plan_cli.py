@@ -225,3 +225,46 @@ def test_an_overloaded_fleet_reports_refusals_as_never_in_strict_json(tmp_path):
     refused = sum(doc["fleet"]["refused"].values())
     assert refused > 0.05 * doc["fleet"]["notes"]
     assert doc["fleet"]["time_per_note_s"]["p95"] is None and doc["fleet"]["meets_sla"] is False
+
+
+def test_plan_routes_the_fleet_by_a_traffic_policy(tmp_path):
+    """--traffic with profiles tagged by --node-class: each class's share is its weight's (the
+    coordinator's own round robin), and the report has each class's p95 and busy fraction."""
+    mac = make_profile(tmp_path, "mac", FAST)
+    api = make_profile(tmp_path, "api", FAST)
+    args = ("--profile", f"{mac}=2", "--profile", f"{api}=1", "--node-class", "mac=macs",
+            "--node-class", "api=upstream", "--traffic", "notes: macs=90 upstream=10",
+            *SMALL_DAY, "--no-search")  # fmt: skip
+    res = plan(*args, "-o", "json")
+    assert res.exit_code == 0, res.output
+    f = json.loads(res.stdout)["fleet"]
+    assert f["traffic_policy"] == "macs=90 upstream=10" and f["traffic_fallbacks"] == 0
+    by = {c["node_class"]: c for c in f["traffic_classes"]}
+    assert by["macs"]["nodes"] == 2 and by["upstream"]["nodes"] == 1
+    assert by["macs"]["share"] == pytest.approx(0.9, abs=0.01)
+    assert by["upstream"]["share"] == pytest.approx(0.1, abs=0.01)
+    assert by["macs"]["served"] + by["upstream"]["served"] == f["notes"]
+    for c in by.values():
+        assert 0 < c["p50_s"] <= c["p95_s"] and 0 < c["busy"] < 1
+    # Per node, the 2 macs carry 45% each and the upstream 10%: their busy fractions follow.
+    assert by["macs"]["busy"] > 2 * by["upstream"]["busy"]
+    text = plan(*args)
+    assert text.exit_code == 0, text.output
+    assert "traffic policy macs=90 upstream=10" in text.stdout and "class macs" in text.stdout
+
+
+@pytest.mark.parametrize(
+    "args, flag, words",
+    [
+        (("--traffic", "*: local=1 upstream=1 overflow=upstream"), "--traffic", "not simulated"),
+        (("--traffic", "*: local=lots"), "--traffic", "CLASS=WEIGHT"),
+        (("--traffic", "*: local=1", "--node-class", "nope=macs"), "--node-class", "PROFILE"),
+        (("--traffic", "*: local=1", "--node-class", "mac=Macs!"), "--node-class", "lower-case"),
+        (("--node-class", "mac=macs"), "--node-class", "give --traffic"),
+    ],
+)
+def test_plan_refuses_a_bad_traffic_policy_naming_the_flag(tmp_path, args, flag, words):
+    mac = make_profile(tmp_path, "mac", FAST)
+    res = plan("--profile", mac, *SMALL_DAY, "--no-search", *args)
+    assert res.exit_code == 2, res.output
+    assert flag in res.output and words in res.output, res.output

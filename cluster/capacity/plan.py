@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from cluster.capacity.profile import (
     Profile,
@@ -21,6 +21,7 @@ from cluster.capacity.profile import (
 from cluster.capacity.simulate import CoordinatorLimits, SimResult, fleet_of, simulate
 from cluster.capacity.workload import Request, Workload
 from cluster.metrics import percentile
+from cluster.traffic import Policy
 
 Progress = Callable[[str], None]
 SLA_QUANTILE = 0.95
@@ -113,6 +114,8 @@ class FleetOutcome:
     nodes: tuple
     throughput_per_h: float
     wall_s: float
+    classes: tuple = ()  # simulate.ClassUse per traffic class, with a traffic policy
+    fallbacks: int = 0  # notes placed outside the class the policy chose (no node in it)
 
     @property
     def size(self) -> int:
@@ -141,6 +144,14 @@ class FleetOutcome:
                 }
                 for u in self.nodes
             ],
+            **(
+                {
+                    "traffic_classes": [c.as_dict() for c in self.classes],
+                    "traffic_fallbacks": self.fallbacks,
+                }
+                if self.classes
+                else {}
+            ),
         }
 
 
@@ -149,12 +160,22 @@ def outcome(
     requests: Sequence[Request],
     window: Window,
     limits: CoordinatorLimits = DEFAULT_LIMITS,
+    *,
+    traffic: Policy | None = None,
+    classes: Mapping[str, str] | None = None,
 ) -> FleetOutcome:
+    """The fleet simulated on `requests`; with `traffic`, the coordinator's traffic policy
+    routes them across node classes (`classes`: profile name -> class; a profile not named
+    is in the class its engine gives it) and the outcome has each class's figures."""
+    specs = fleet_of(fleet)
+    if classes:
+        specs = [replace(s, node_class=classes.get(s.profile.name, "")) for s in specs]
     r: SimResult = simulate(
-        fleet_of(fleet),
+        specs,
         requests,
         window=(window.measure_from_s, window.measure_to_s),
         limits=limits,
+        traffic=traffic,
     )
     return FleetOutcome(
         tuple((p.name, n) for p, n in fleet),
@@ -166,6 +187,8 @@ def outcome(
         tuple(r.nodes),
         r.throughput_per_s * 3600,
         r.wall_s,
+        tuple(r.by_class()) if traffic is not None else (),
+        r.fallbacks,
     )
 
 

@@ -19,6 +19,7 @@ from cluster.capacity.profile import Profile, ProfileError, resolve_profile
 from cluster.capacity.workload import Workload
 from cluster.fleetctl import workload_opts as wo
 from cluster.fleetctl.exits import EXIT_BAD_INPUT
+from cluster.traffic import CLASS_RE, Policy, PolicyError, parse_spec
 
 CMD = "plan"
 COST_VOLUME_POINTS = 8
@@ -59,6 +60,45 @@ def parse_fleet(specs: list[str]) -> list[tuple[Profile, int]]:
         have = fleet.get(prof.name)
         fleet[prof.name] = (prof, count + (have[1] if have else 0))
     return list(fleet.values())
+
+
+def parse_traffic(
+    spec: str | None, tags: list[str], fleet: list[tuple[Profile, int]]
+) -> tuple[Policy | None, dict[str, str]]:
+    """--traffic 'MODEL: CLASS=WEIGHT ...' (as fleet-coordinator takes it) and --node-class
+    PROFILE=CLASS ...: the policy to simulate and each named profile's class."""
+    names = {p.name for p, _ in fleet}
+    classes: dict[str, str] = {}
+    for tag in tags:
+        name, sep, cls = tag.rpartition("=")
+        if not sep or name not in names:
+            raise _bad(
+                "--node-class",
+                f"expected PROFILE=CLASS with PROFILE one of {', '.join(sorted(names))}, "
+                f"not {tag[:80]!r}",
+            )
+        if not CLASS_RE.match(cls):
+            raise _bad(
+                "--node-class",
+                f"class {cls[:40]!r} must be 1-32 lower-case letters, digits, - or _",
+            )
+        classes[name] = cls
+    if spec is None:
+        if classes:
+            raise _bad("--node-class", "node classes need a policy to route by: give --traffic")
+        return None, classes
+    try:
+        model, weights, overflow = parse_spec(spec)
+        policy = Policy.parse(model, weights, overflow)
+    except PolicyError as exc:
+        raise _bad("--traffic", f"{exc.field}: {exc}") from None
+    if policy.overflow:
+        raise _bad(
+            "--traffic",
+            'overflow is not simulated (docs/traffic.md "Planning"): give the weights only, '
+            "and size the local classes for the SLA on their own",
+        )
+    return policy, classes
 
 
 def _nonneg(flag: str, value: float | None, positive: bool = False) -> None:
@@ -143,6 +183,20 @@ def plan(
         metavar="DIR",
         help="Write capacity-p95 and capacity-cost charts (PNG and SVG) here.",
     ),
+    traffic: str | None = typer.Option(
+        None,
+        "--traffic",
+        metavar="'MODEL: CLASS=WEIGHT ...'",
+        help="Route the given fleet's notes by this traffic policy (as fleet-coordinator "
+        "--traffic takes it; weights only) and report each class's share and p95.",
+    ),
+    node_class: list[str] = typer.Option(
+        [],
+        "--node-class",
+        metavar="PROFILE=CLASS",
+        help="The traffic class of a profile's nodes (default: upstream for the upstream "
+        "engine, else local). Repeat for each profile.",
+    ),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
 ) -> None:
     """Plan a fleet: simulate the day's busiest hours on the given nodes (SimPy: Poisson
@@ -179,6 +233,7 @@ def plan(
         shared_prefix_tokens=shared_prefix_tokens,
     )
     fleet = parse_fleet(profile)
+    policy, classes = parse_traffic(traffic, node_class, fleet)
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
         raise _bad("--plot-dir", f"{plot_dir} exists and is not a directory")
 
@@ -205,6 +260,8 @@ def plan(
         api=api,
         plot_dir=plot_dir,
         progress=progress,
+        traffic=policy,
+        classes=classes,
     )
     if output == "json":
         typer.echo(json.dumps(_json_safe(report), indent=2, allow_nan=False))
@@ -224,6 +281,8 @@ def build_report(
     api: costmod.ApiPrice,
     plot_dir: Path | None,
     progress: planmod.Progress,
+    traffic: Policy | None = None,
+    classes: dict[str, str] | None = None,
 ) -> dict:
     """Everything the plan says, as plain data (the -o json document)."""
     window = planmod.busiest_window(workload, window_hours)
@@ -231,7 +290,7 @@ def build_report(
     progress(f"{len(requests)} notes drawn for {window.describe()}")
     size = sum(n for _, n in fleet)
     progress(f"simulating the given fleet ({_fleet_text(fleet)})")
-    given = planmod.outcome(fleet, requests, window)
+    given = planmod.outcome(fleet, requests, window, traffic=traffic, classes=classes)
     progress(f"  given fleet: p95 {_s(given.time_per_note.p95)} per note")
     bounds = {p.name: planmod.single_note_bound(p, workload, sla_s, seed) for p, _ in fleet}
     searches: list[planmod.Search] = []
@@ -289,7 +348,12 @@ def build_report(
             "seed": seed,
         },
         "sla_p95_s": sla_s,
-        "fleet": {**given.as_dict(), "size": size, "meets_sla": given.meets(sla_s)},
+        "fleet": {
+            **given.as_dict(),
+            "size": size,
+            "meets_sla": given.meets(sla_s),
+            **({"traffic_policy": traffic.spec()} if traffic is not None else {}),
+        },
         "single_note_bounds": {name: b.as_dict() for name, b in bounds.items()},
         "searches": [s.as_dict() for s in searches],
         "what_would_meet_sla": levers,
@@ -478,6 +542,16 @@ def render(doc: dict) -> str:
             f"  {n['node']:<48} busy {n['busy'] * 100:5.1f}%  batch {n['mean_running']:5.2f} running "
             f"({n['slot_occupancy'] * 100:4.1f}% of slots)  {n['notes']} notes"
         )
+    if "traffic_classes" in f:
+        lines.append(
+            f"  traffic policy {f['traffic_policy']}; {f['traffic_fallbacks']} notes fell back "
+            "(their class had no node)"
+        )
+        for c in f["traffic_classes"]:
+            lines.append(
+                f"  class {c['node_class']:<16} {c['nodes']} nodes  {c['share'] * 100:5.1f}% of "
+                f"notes  p50 {_s(c['p50_s'])}  p95 {_s(c['p95_s'])}  busy {c['busy'] * 100:5.1f}%"
+            )
     verdict = "meets" if f["meets_sla"] else "does NOT meet"
     lines.append(
         f"  p95 time per note {_s(f['time_per_note_s']['p95'])}: {verdict} the {sla:g} s target"
