@@ -18,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from cluster.capacity.headroom import NodeModel, TokenMix
 
 LOCAL, UPSTREAM = "local", "upstream"
 ANY_MODEL = "*"
@@ -188,6 +191,8 @@ def fallback_order(policy: Policy, chosen: str, overflow_on: bool) -> tuple[str,
 # -- overflow ---------------------------------------------------------------------------------
 
 HEADROOM, QUEUE = "headroom", "queue"
+TICK_S = 0.25  # the overflow switches are evaluated this often, and on every new request
+EVALUATE_EVERY_S = 0.05  # ... at most this often per policy
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,46 @@ class Pressure:
             f"oldest local request waited {self.queue_wait_s:.2f} s (limit {self.queue_limit_s:g} s), "
             f"{self.spare_slots} local places free"
         )
+
+
+def pressure_of(
+    policy: Policy,
+    *,
+    sla_p95_s: float,
+    rate_per_s: float,
+    models: Sequence[NodeModel],
+    mix: TokenMix,
+    queue_wait_s: float,
+    queue_limit_s: float,
+    spare_slots: int,
+) -> Pressure:
+    """The policy's local classes now, from what the caller measured: the policy's arrival
+    rate, the capacity models of its routable local nodes that have a profile, the token mix,
+    the oldest local request's wait and the places free on local nodes. With any model, the
+    live headroom's prediction at the local classes' share of the rate (HEADROOM); else the
+    queue's wait (QUEUE). The coordinator and the capacity planner both call this."""
+    local_rate = rate_per_s * policy.local_share
+    if models:
+        from cluster.capacity.headroom import headroom
+
+        h = headroom(models, local_rate, mix, sla_p95_s)
+        return Pressure(
+            HEADROOM,
+            sla_p95_s,
+            predicted_p95_s=h.predicted_p95_s,
+            arrival_rate_per_s=rate_per_s,
+            local_rate_per_s=local_rate,
+            sla_rate_per_s=h.sla_rate_per_s,
+        )
+    return Pressure(
+        QUEUE,
+        sla_p95_s,
+        arrival_rate_per_s=rate_per_s,
+        local_rate_per_s=local_rate,
+        queue_wait_s=queue_wait_s,
+        queue_limit_s=queue_limit_s,
+        spare_slots=spare_slots,
+    )
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cluster.api import fleet_pb2
-from cluster.capacity.headroom import ArrivalMeter, NodeModel, headroom, match_profile
+from cluster.capacity.headroom import ArrivalMeter, NodeModel, TokenMix, match_profile
 from cluster.config import TrafficSection
 from cluster.routing import Candidate, Want, pick, serving
 from cluster.traffic import (
+    EVALUATE_EVERY_S,
     HEADROOM,
-    QUEUE,
+    TICK_S,
     Chooser,
     Overflow,
     Policy,
@@ -34,14 +35,13 @@ from cluster.traffic import (
     class_for_session,
     fallback_order,
     policy_for,
+    pressure_of,
     step,
 )
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.25  # the overflow switches are evaluated this often, and on every new request
 SYNC_S = 2.0  # policies other coordinators set are read from the state database this often
-EVALUATE_EVERY_S = 0.05  # ... at most this often per policy
 SHARE_WINDOW_S = 60.0  # `fleetctl top` and the dashboard show each class's share over this
 
 
@@ -261,39 +261,30 @@ class TrafficControl:
             for e in self._fleet.routable()
             if e.node_class in policy.local and (policy.model == "*" or e.model_id == policy.model)
         ]
-        rate = meter.rate_per_s()
-        local_rate = rate * policy.local_share
         models = []
         for e in local:
             prof = match_profile(self._profiles(), e.node_id, e.model_id)
             if prof is not None:
                 slots = e.status.capacity.max_running or prof.limits.max_running
                 models.append(NodeModel(e.node_id, prof.fit, slots, prof.name, "coordinator"))
-        if models:
-            h = headroom(models, local_rate, self._mix(), self.sla_p95_s)
-            return Pressure(
-                HEADROOM,
-                self.sla_p95_s,
-                predicted_p95_s=h.predicted_p95_s,
-                arrival_rate_per_s=rate,
-                local_rate_per_s=local_rate,
-                sla_rate_per_s=h.sla_rate_per_s,
-            )
-        loop_now = asyncio.get_running_loop().time()
-        waits = [
-            loop_now - since
-            for want, since in self._waiting()
-            if want.node_class in policy.local and policy_for(self.policies, want.model) is policy
-        ]
-        spare = sum(max(0, c.slots - c.in_flight) for c in (e.candidate() for e in local))
-        return Pressure(
-            QUEUE,
-            self.sla_p95_s,
-            arrival_rate_per_s=rate,
-            local_rate_per_s=local_rate,
+        waits = []
+        if not models:
+            loop_now = asyncio.get_running_loop().time()
+            waits = [
+                loop_now - since
+                for want, since in self._waiting()
+                if want.node_class in policy.local
+                and policy_for(self.policies, want.model) is policy
+            ]
+        return pressure_of(
+            policy,
+            sla_p95_s=self.sla_p95_s,
+            rate_per_s=meter.rate_per_s(),
+            models=models,
+            mix=self._mix() if models else TokenMix(),
             queue_wait_s=max(waits, default=0.0),
             queue_limit_s=self._s.traffic_overflow_queue_wait_s,
-            spare_slots=spare,
+            spare_slots=sum(max(0, c.slots - c.in_flight) for c in (e.candidate() for e in local)),
         )
 
     async def run(self) -> None:
