@@ -447,9 +447,78 @@ def test_a_class_without_nodes_falls_back_and_no_policy_routes_as_before():
     plain = simulate(fleet, reqs, window=window)
     policy = Policy.parse("*", {"macs": 1, "gpu": 1})  # no gpu node: half fall back to macs
     split = simulate(fleet, reqs, window=window, traffic=policy)
-    assert split.fallbacks == 1_000
+    assert split.fallbacks == 950  # the gpu picks among the 1,900 measured notes
     assert split.totals == pytest.approx(plain.totals)
     assert [c.node_class for c in split.by_class()] == ["macs"]
     assert split.by_class()[0].share == 1.0
     # Without --node-class a profile's class follows its engine (cluster.traffic.class_of).
     assert NodeSpec(profile(1), "n").traffic_class == "local"
+
+
+def _constant_day(rate: float, hours: float, seed: int, tokens: int = 100) -> list[Request]:
+    rng, t, out = random.Random(seed), 0.0, []
+    while t < hours * 3600:
+        t += rng.expovariate(rate)
+        out.append(Request(t, 0, tokens))
+    return out
+
+
+@pytest.mark.parametrize("load", [0.5, 2.0])
+def test_overflow_on_the_headroom_signal_sends_the_excess_over_the_sla_rate(load):
+    """macs=100 upstream=0 overflow=upstream with the live headroom's signal: the share of
+    notes that overflow is 1 - (the rate the SLA holds to) / (the arrival rate), the closed
+    form the coordinator's controller aims at (docs/traffic.md "Overflow"); none below it."""
+    from cluster.capacity.headroom import NodeModel, TokenMix, headroom
+    from cluster.capacity.simulate import OverflowSettings
+    from cluster.traffic import Policy
+
+    mac, api = profile(4, decode_base_s=0.02, decode_per_seq_s=0.005), profile(16)
+    fleet = [NodeSpec(mac, "mac-1", node_class="macs")]
+    fleet += [NodeSpec(api, f"api-{i}", node_class="upstream") for i in (1, 2)]
+    sla = 6.0
+    mix = TokenMix(0, 0, 100, 100, source="measured")  # every note: no prompt, 100 tokens
+    sla_rate = headroom([NodeModel("mac-1", mac.fit, 4)], 1.0, mix, sla).sla_rate_per_s
+    reqs = _constant_day(load * sla_rate, 1.5, seed=7)
+    res = simulate(
+        fleet,
+        reqs,
+        window=(900.0, 1.5 * 3600 - 300),
+        limits=UNBOUNDED,
+        traffic=Policy.parse("*", {"macs": 100, "upstream": 0}, "upstream"),
+        overflow=OverflowSettings(sla_p95_s=sla),
+    )
+    by_class = {c.node_class: c for c in res.by_class()}
+    spilled = by_class["upstream"].share
+    assert spilled == pytest.approx(max(0.0, 1.0 - 1.0 / load), abs=0.03)
+    if load > 1:
+        assert res.overflow_routed == by_class["upstream"].served and by_class["macs"].p95_s <= sla
+    else:
+        assert spilled < 0.01
+
+
+def test_overflow_on_the_queue_signal_bounds_each_local_notes_wait():
+    """Without profiles (the QUEUE signal) a local note waits in the coordinator's queue at
+    most --traffic-overflow-queue-wait-s plus one tick of the switch: past it overflow is on
+    and the waiting notes go to the overflow class."""
+    from cluster.capacity.simulate import OverflowSettings
+    from cluster.traffic import TICK_S, Policy
+
+    node = profile(1, decode_base_s=0.01)  # 1 s per 100-token note, one at a time
+    fleet = [NodeSpec(node, f"mac-{i}", max_queued=0, node_class="macs") for i in (1, 2)]
+    fleet += [NodeSpec(profile(16), "api-1", node_class="upstream")]
+    reqs = _constant_day(2.4, 0.5, seed=9)  # 1.2 erlangs a mac: they cannot keep up
+    settings = OverflowSettings(queue_wait_s=0.5, hold_s=2.0, signal="queue")
+    res = simulate(
+        fleet,
+        reqs,
+        window=(300.0, 1500.0),
+        limits=UNBOUNDED,
+        traffic=Policy.parse("*", {"macs": 1, "upstream": 0}, "upstream"),
+        overflow=settings,
+    )
+    local = [w for w, i in zip(res.waits, res.served_by) if i in (0, 1)]
+    assert res.overflow_routed > 0 and res.overflow_episodes >= 1
+    assert max(local) <= settings.queue_wait_s + TICK_S + 1e-6
+    by_class = {c.node_class: c for c in res.by_class()}
+    # The macs carry at most 2 notes/s: at least the excess goes upstream (bursts add more).
+    assert by_class["upstream"].share >= 1.0 - 2.0 / 2.4 - 0.02

@@ -253,10 +253,36 @@ def test_plan_routes_the_fleet_by_a_traffic_policy(tmp_path):
     assert "traffic policy macs=90 upstream=10" in text.stdout and "class macs" in text.stdout
 
 
+def test_plan_simulates_overflow_past_the_sla(tmp_path):
+    """One slow Mac with overflow to a fast upstream: past the SLA's rate the excess overflows
+    (the coordinator's switch on the live headroom's signal); well within it nothing does."""
+    mac = make_profile(tmp_path, "mac", SLOW)
+    api = make_profile(tmp_path, "api", FAST, max_running=16)
+
+    def run(notes_per_day: str, sla_s: str) -> dict:
+        res = plan("--profile", mac, "--profile", api, "--node-class", "mac=macs",
+                   "--node-class", "api=upstream", "--traffic", "*: macs=1 overflow=upstream",
+                   "--notes-per-day", notes_per_day, "--window-hours", "1", "--sla-p95-s", sla_s,
+                   "--no-search", "-o", "json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)["fleet"]
+
+    busy = run("6000", "60")
+    by = {c["node_class"]: c for c in busy["traffic_classes"]}
+    assert busy["traffic_overflow_episodes"] >= 1 and busy["traffic_overflow_routed"] > 0
+    assert by["upstream"]["served"] == busy["traffic_overflow_routed"]
+    assert by["macs"]["p95_s"] <= 60 * 1.2
+    # 300 notes a day leave the Mac's 8 slots idle but for a few notes at a time; a note alone
+    # takes ~45 s, so a 600 s SLA holds at any rate the 30 s window could measure.
+    quiet = run("300", "600")
+    assert quiet["traffic_overflow_routed"] == 0 and quiet["traffic_overflow_episodes"] == 0
+    assert {c["node_class"]: c["served"] for c in quiet["traffic_classes"]}["upstream"] == 0
+
+
 @pytest.mark.parametrize(
     "args, flag, words",
     [
-        (("--traffic", "*: local=1 upstream=1 overflow=upstream"), "--traffic", "not simulated"),
+        (("--traffic", "*: upstream=1 overflow=upstream"), "--traffic", "another class"),
         (("--traffic", "*: local=lots"), "--traffic", "CLASS=WEIGHT"),
         (("--traffic", "*: local=1", "--node-class", "nope=macs"), "--node-class", "PROFILE"),
         (("--traffic", "*: local=1", "--node-class", "mac=Macs!"), "--node-class", "lower-case"),

@@ -18,7 +18,14 @@ from cluster.capacity.profile import (
     load_profile,
     reference_profiles,
 )
-from cluster.capacity.simulate import CoordinatorLimits, SimResult, fleet_of, simulate
+from cluster.capacity.simulate import (
+    SLA_P95_S,
+    CoordinatorLimits,
+    OverflowSettings,
+    SimResult,
+    fleet_of,
+    simulate,
+)
 from cluster.capacity.workload import Request, Workload
 from cluster.metrics import percentile
 from cluster.traffic import Policy
@@ -116,6 +123,8 @@ class FleetOutcome:
     wall_s: float
     classes: tuple = ()  # simulate.ClassUse per traffic class, with a traffic policy
     fallbacks: int = 0  # notes placed outside the class the policy chose (no node in it)
+    overflow_routed: int = 0  # notes the overflow switch sent to the overflow class
+    overflow_episodes: int = 0
 
     @property
     def size(self) -> int:
@@ -148,6 +157,8 @@ class FleetOutcome:
                 {
                     "traffic_classes": [c.as_dict() for c in self.classes],
                     "traffic_fallbacks": self.fallbacks,
+                    "traffic_overflow_routed": self.overflow_routed,
+                    "traffic_overflow_episodes": self.overflow_episodes,
                 }
                 if self.classes
                 else {}
@@ -163,10 +174,12 @@ def outcome(
     *,
     traffic: Policy | None = None,
     classes: Mapping[str, str] | None = None,
+    sla_p95_s: float = SLA_P95_S,
 ) -> FleetOutcome:
     """The fleet simulated on `requests`; with `traffic`, the coordinator's traffic policy
     routes them across node classes (`classes`: profile name -> class; a profile not named
-    is in the class its engine gives it) and the outcome has each class's figures."""
+    is in the class its engine gives it) and the outcome has each class's figures; overflow
+    runs on the live headroom's signal against `sla_p95_s`."""
     specs = fleet_of(fleet)
     if classes:
         specs = [replace(s, node_class=classes.get(s.profile.name, "")) for s in specs]
@@ -176,6 +189,7 @@ def outcome(
         window=(window.measure_from_s, window.measure_to_s),
         limits=limits,
         traffic=traffic,
+        overflow=OverflowSettings(sla_p95_s=sla_p95_s),
     )
     return FleetOutcome(
         tuple((p.name, n) for p, n in fleet),
@@ -189,6 +203,8 @@ def outcome(
         r.wall_s,
         tuple(r.by_class()) if traffic is not None else (),
         r.fallbacks,
+        r.overflow_routed,
+        r.overflow_episodes,
     )
 
 

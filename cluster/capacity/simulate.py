@@ -22,7 +22,12 @@ With a traffic policy (cluster.traffic.Policy, docs/traffic.md) each note is giv
 class as the coordinator gives it: the policy's own Chooser (smooth weighted round robin),
 then the router's `pick` among that class's nodes; a class with no node at all falls back in
 `fallback_order`; a class whose nodes are busy keeps the note waiting, while notes for other
-classes go ahead of it. Overflow is not simulated (see docs/traffic.md "Planning").
+classes go ahead of it. A policy with an overflow class runs the coordinator's overflow switch
+on the simulated clock (`pressure_of`, `step`, `Spiller`; evaluated every TICK_S and on each
+arrival): with the HEADROOM signal the live headroom's prediction over the local nodes'
+profiles at the arrival rate measured over the overflow window, with QUEUE the oldest local
+note's wait. While it is on, the excess share goes to the overflow class and a local-bound
+note that finds every local node full goes there instead of waiting.
 """
 
 from __future__ import annotations
@@ -35,12 +40,26 @@ from dataclasses import dataclass
 
 import simpy
 
+from cluster.capacity.headroom import DEFAULT_WINDOW_S, ArrivalMeter, NodeModel, TokenMix
 from cluster.capacity.profile import Profile
 from cluster.capacity.workload import Request
 from cluster.config import CoordinatorSettings, NodeSettings
 from cluster.metrics import percentile
 from cluster.routing import Candidate, Want, pick, serving
-from cluster.traffic import Chooser, Policy, class_of, fallback_order
+from cluster.traffic import (
+    EVALUATE_EVERY_S,
+    HEADROOM,
+    QUEUE,
+    TICK_S,
+    Chooser,
+    Overflow,
+    Policy,
+    Spiller,
+    class_of,
+    fallback_order,
+    pressure_of,
+    step,
+)
 
 _ANY = Want()
 _EPS = 1e-9
@@ -57,6 +76,10 @@ PREFILL_STEP = _default(NodeSettings, "prefill_step_size")
 QUEUE_MAX_DEPTH = _default(CoordinatorSettings, "queue_max_depth")
 QUEUE_MAX_WAIT_S = _default(CoordinatorSettings, "queue_max_wait_s")
 LOAD_FACTOR = _default(CoordinatorSettings, "affinity_load_factor")
+SLA_P95_S = _default(CoordinatorSettings, "sla_p95_s")
+OVERFLOW_WINDOW_S = _default(CoordinatorSettings, "traffic_overflow_window_s")
+OVERFLOW_HOLD_S = _default(CoordinatorSettings, "traffic_overflow_hold_s")
+OVERFLOW_QUEUE_WAIT_S = _default(CoordinatorSettings, "traffic_overflow_queue_wait_s")
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,22 @@ class CoordinatorLimits:
     queue_max_depth: float = QUEUE_MAX_DEPTH
     queue_max_wait_s: float = QUEUE_MAX_WAIT_S
     load_factor: float = LOAD_FACTOR
+
+
+@dataclass(frozen=True)
+class OverflowSettings:
+    """The coordinator's overflow settings (docs/traffic.md) and which signal it would use:
+    HEADROOM when it runs with --capacity-profile for the local nodes, else QUEUE."""
+
+    sla_p95_s: float = SLA_P95_S
+    window_s: float = OVERFLOW_WINDOW_S
+    hold_s: float = OVERFLOW_HOLD_S
+    queue_wait_s: float = OVERFLOW_QUEUE_WAIT_S
+    signal: str = HEADROOM
+
+    def __post_init__(self):
+        if self.signal not in (HEADROOM, QUEUE):
+            raise ValueError(f"signal must be {HEADROOM} or {QUEUE}, not {self.signal!r}")
 
 
 def fleet_of(
@@ -371,15 +410,75 @@ class _Coordinator:
     else wait FIFO up to `queue_max_depth` deep and `queue_max_wait_s` long."""
 
     def __init__(
-        self, env: simpy.Environment, limits: CoordinatorLimits, traffic: Policy | None = None
+        self,
+        env: simpy.Environment,
+        limits: CoordinatorLimits,
+        traffic: Policy | None = None,
+        overflow: OverflowSettings = OverflowSettings(),
     ):
-        self.env, self.limits, self.traffic = env, limits, traffic
+        self.env, self.limits, self.traffic, self.cfg = env, limits, traffic, overflow
         self.chooser = Chooser(traffic) if traffic is not None else None
         self.nodes: list[_Node] = []
         self.by_id: dict[str, _Node] = {}
         self.waiting: deque[_Seq] = deque()
         self.max_waiting = 0
         self.fallbacks = 0
+        # The overflow switch, as coordinator.traffic runs it (only with an overflow class).
+        self.spills = traffic is not None and bool(traffic.overflow)
+        self.switch, self.spiller, self.pressure = Overflow(), Spiller(), None
+        self.evaluated_at = -math.inf
+        self.overflow_routed = 0  # measured notes only
+        self.overflow_episodes = 0  # ... that began inside the window
+        self.window = (-math.inf, math.inf)
+        clock = lambda: env.now  # noqa: E731
+        self.meter = ArrivalMeter(overflow.window_s, clock=clock)  # the policy's arrivals
+        self.mixer = ArrivalMeter(DEFAULT_WINDOW_S, clock=clock)  # the live headroom's token mix
+
+    def evaluate(self, *, force: bool = False) -> None:
+        """The overflow switch after looking at the local classes now (coordinator.traffic's
+        _evaluate over the simulated fleet)."""
+        now, policy, cfg = self.env.now, self.traffic, self.cfg
+        if not force and now - self.evaluated_at < EVALUATE_EVERY_S:
+            return
+        self.evaluated_at = now
+        local = [n for n in self.nodes if n.spec.traffic_class in policy.local]
+        models = (
+            [NodeModel(n.spec.node_id, n.fit, n.max_running, n.spec.profile.name) for n in local]
+            if cfg.signal == HEADROOM
+            else []
+        )
+        waits = [now - s.req.at_s for s in self.waiting if s.want.node_class in policy.local]
+        self.pressure = pressure_of(
+            policy,
+            sla_p95_s=cfg.sla_p95_s,
+            rate_per_s=self.meter.rate_per_s(),
+            models=models,
+            mix=self.mixer.mix() if models else TokenMix(),
+            queue_wait_s=max(waits, default=0.0),
+            queue_limit_s=cfg.queue_wait_s,
+            spare_slots=sum(max(0, n.slots - n.in_flight) for n in local),
+        )
+        was = self.switch
+        self.switch = step(was, self.pressure, now, hold_s=cfg.hold_s)
+        if self.switch.on and not was.on:
+            self.spiller = Spiller(start=1.0)  # the first local-bound note overflows at once
+            self.overflow_episodes += self.window[0] <= now < self.window[1]
+            self._dispatch()  # the waiting ones may go to the overflow class now
+
+    def route(self, seq: _Seq) -> None:
+        """A new note's class: the policy's round robin, or the overflow class for the excess."""
+        cls = self.chooser.next()
+        policy = self.traffic
+        if self.spills:
+            now = self.env.now
+            self.meter.observe(now, now, completed=False)
+            self.evaluate()
+            p = self.pressure
+            if self.switch.on and cls in policy.local and p is not None:
+                if self.spiller.take(p.share):
+                    cls = policy.overflow
+                    self.overflow_routed += seq.measured
+        seq.want = Want(node_class=cls)
 
     def _place(self, seq: _Seq) -> bool:
         if not any(n.in_flight < n.slots for n in self.nodes):
@@ -387,7 +486,7 @@ class _Coordinator:
         candidates = [n.candidate() for n in self.nodes]
         node_id = pick(candidates, seq.want, load_factor=self.limits.load_factor)
         if node_id is None and self.traffic is not None:
-            node_id = self._elsewhere(candidates, seq.want)
+            node_id = self._elsewhere(candidates, seq)
         if node_id is None:
             return False
         node = self.by_id[node_id]
@@ -399,15 +498,23 @@ class _Coordinator:
         node.enqueue(seq)
         return True
 
-    def _elsewhere(self, candidates: list[Candidate], want: Want) -> str | None:
+    def _elsewhere(self, candidates: list[Candidate], seq: _Seq) -> str | None:
         """coordinator.traffic's fallback: a class with no node that could serve the note at
         all sends it to the other classes in fallback_order; a busy class keeps it waiting."""
+        policy, want = self.traffic, seq.want
+        if self.switch.on and want.node_class in policy.local:
+            node_id = pick(
+                candidates, Want(node_class=policy.overflow), load_factor=self.limits.load_factor
+            )
+            if node_id is not None:
+                self.overflow_routed += seq.measured
+                return node_id
         if any(serving(c, want) for c in candidates):
             return None
-        for cls in fallback_order(self.traffic, want.node_class, False):
+        for cls in fallback_order(policy, want.node_class, self.switch.on):
             node_id = pick(candidates, Want(node_class=cls), load_factor=self.limits.load_factor)
             if node_id is not None:
-                self.fallbacks += 1
+                self.fallbacks += seq.measured
                 return node_id
         return None
 
@@ -435,7 +542,7 @@ class _Coordinator:
     def arrive(self, seq: _Seq) -> None:
         self._expire()
         if self.chooser is not None:
-            seq.want = Want(node_class=self.chooser.next())
+            self.route(seq)
         if not self.waiting and self._place(seq):
             return
         if len(self.waiting) >= self.limits.queue_max_depth:
@@ -448,6 +555,16 @@ class _Coordinator:
 
     def release(self, node: _Node, seq: _Seq) -> None:
         node.in_flight -= 1
+        if self.spills:
+            now = self.env.now
+            self.mixer.observe(
+                now,
+                now,
+                completed=True,
+                counted=False,
+                prompt_tokens=seq.req.prompt_tokens,
+                completion_tokens=seq.req.output_tokens,
+            )
         self.on_end(seq)
         self._expire()
         self._dispatch()
@@ -508,7 +625,9 @@ class SimResult:
     max_coordinator_queue: int = 0
     completed_in_window: int = 0
     served_by: list[int | None] | None = None  # per measured note: its node's index (None: refused)
-    fallbacks: int = 0  # notes placed outside the class the traffic policy chose
+    fallbacks: int = 0  # measured notes placed outside the class the traffic policy chose
+    overflow_routed: int = 0  # measured notes sent to the overflow class because of overflow
+    overflow_episodes: int = 0  # times overflow turned on inside the window
 
     def by_class(self) -> list[ClassUse]:
         """Each traffic class's share, time per note and busy fraction (ordered by class)."""
@@ -556,15 +675,18 @@ def simulate(
     window: tuple[float, float],
     limits: CoordinatorLimits = CoordinatorLimits(),
     traffic: Policy | None = None,
+    overflow: OverflowSettings = OverflowSettings(),
 ) -> SimResult:
     """Run `requests` (sorted by arrival) through the fleet; statistics are kept for the notes
     arriving inside `window` and for node use inside it. Runs until every such note has ended.
-    `traffic`: the coordinator's traffic policy for these notes (weights across node classes)."""
+    `traffic`: the coordinator's traffic policy for these notes (weights across node classes,
+    and overflow under `overflow`'s settings)."""
     if not fleet:
         raise ValueError("a fleet needs at least one node")
     started = time.perf_counter()
     env = simpy.Environment(initial_time=min([window[0]] + [r.at_s for r in requests[:1]]))
-    coord = _Coordinator(env, limits, traffic)
+    coord = _Coordinator(env, limits, traffic, overflow)
+    coord.window = window
     seqs = [_Seq(r, window[0] <= r.at_s < window[1]) for r in requests]
     pending = sum(1 for s in seqs if s.measured)
     all_done = env.event()
@@ -599,6 +721,14 @@ def simulate(
             coord.arrive(s)
 
     env.process(arrivals())
+
+    def ticks():  # coordinator.traffic's run(): the switch also turns off with no arrivals
+        while True:
+            yield env.timeout(TICK_S)
+            coord.evaluate()
+
+    if coord.spills:
+        env.process(ticks())
     if pending:
         env.run(until=all_done)
     measured = [s for s in seqs if s.measured]
@@ -640,4 +770,6 @@ def simulate(
         completed_in_window=completed_in_window,
         served_by=[None if s.refused else s.node for s in measured],
         fallbacks=coord.fallbacks,
+        overflow_routed=coord.overflow_routed,
+        overflow_episodes=coord.overflow_episodes,
     )

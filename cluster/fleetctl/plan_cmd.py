@@ -92,12 +92,6 @@ def parse_traffic(
         policy = Policy.parse(model, weights, overflow)
     except PolicyError as exc:
         raise _bad("--traffic", f"{exc.field}: {exc}") from None
-    if policy.overflow:
-        raise _bad(
-            "--traffic",
-            'overflow is not simulated (docs/traffic.md "Planning"): give the weights only, '
-            "and size the local classes for the SLA on their own",
-        )
     return policy, classes
 
 
@@ -188,7 +182,8 @@ def plan(
         "--traffic",
         metavar="'MODEL: CLASS=WEIGHT ...'",
         help="Route the given fleet's notes by this traffic policy (as fleet-coordinator "
-        "--traffic takes it; weights only) and report each class's share and p95.",
+        "--traffic takes it; overflow on the live headroom's signal, SLA --sla-p95-s) and "
+        "report each class's share and p95.",
     ),
     node_class: list[str] = typer.Option(
         [],
@@ -290,7 +285,9 @@ def build_report(
     progress(f"{len(requests)} notes drawn for {window.describe()}")
     size = sum(n for _, n in fleet)
     progress(f"simulating the given fleet ({_fleet_text(fleet)})")
-    given = planmod.outcome(fleet, requests, window, traffic=traffic, classes=classes)
+    given = planmod.outcome(
+        fleet, requests, window, traffic=traffic, classes=classes, sla_p95_s=sla_s
+    )
     progress(f"  given fleet: p95 {_s(given.time_per_note.p95)} per note")
     bounds = {p.name: planmod.single_note_bound(p, workload, sla_s, seed) for p, _ in fleet}
     searches: list[planmod.Search] = []
@@ -546,6 +543,12 @@ def render(doc: dict) -> str:
         lines.append(
             f"  traffic policy {f['traffic_policy']}; {f['traffic_fallbacks']} notes fell back "
             "(their class had no node)"
+            + (
+                f"; overflow turned on {f['traffic_overflow_episodes']} times and took "
+                f"{f['traffic_overflow_routed']} notes"
+                if "overflow=" in f["traffic_policy"]
+                else ""
+            )
         )
         for c in f["traffic_classes"]:
             lines.append(
