@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 EXIT_AFTER_S = 3.0  # FAILED stays visible (GetStatus) this long before the process exits
 _HASH_PARTS = 3  # the 63-bit parity hash as three 21-bit int32 parts (all_sum stays exact)
+_PARITY_DIFFERS = (
+    "sampled other tokens than rank 0 (token-parity check); its shard or software differs"
+)
 
 
 class GroupFailed(RuntimeError):
@@ -74,7 +77,8 @@ class GroupMlxEngine(MlxEngine):
         self._parity = hashlib.blake2b(digest_size=8)
         self._raw_emit = None
         self._grammars = None  # a follower's, for schema-constrained requests
-        self._held: Optional[list] = None  # a step's events, until the ranks agreed on them
+        self._held: Optional[list] = None  # the events of the step under way
+        self._pending: list = []  # events not sent until the ranks agreed on them
         self._parked: list[Future] = []  # a follower's load() calls, answered by rank 0's load
         self._loaded = None  # a follower's last load: ModelFacts or the exception
         self.collective_s = 0.0  # seconds spent in our own collectives (share, parity)
@@ -92,7 +96,9 @@ class GroupMlxEngine(MlxEngine):
                     part = f"{key}|{e.kind.value}|{e.token}|{e.finish}|{e.cached_tokens};"
                     self._parity.update(part.encode())
             if self._held is not None:
-                self._held.extend(batch)
+                self._held.extend(batch)  # a step's tokens
+            elif self._pending:
+                self._pending.extend(batch)  # keep the order behind tokens not yet sent
             else:
                 self._raw_emit(batch)
 
@@ -156,7 +162,7 @@ class GroupMlxEngine(MlxEngine):
             if any(kind == "close" for kind, _ in items):
                 self._fail_group(0, "shut down, which ends the group")
             return items
-        items = self._encode(super()._take(block))
+        items = self._encode(super()._take(block and not self._pending))
         try:
             self._share([wire for wire, _ in items] or None)
         except GroupFailed:
@@ -227,12 +233,8 @@ class GroupMlxEngine(MlxEngine):
             self._grammars = Grammars(self._tokenizer, vocab_size=self._vocab, eos_token_ids=eos)
         return self._grammars.matcher(OutputSpec("", {}, schema), prefix)
 
-    def _admit(self) -> None:
-        super()._admit()
-        self._check_parity()
-
     def _step(self) -> None:
-        """A model step; its tokens leave only after every rank sampled the same ones."""
+        """A model step; its events wait for the next turn's parity check (in `_share`)."""
         self._busy("a model step")
         start = time.monotonic()
         self._held = []
@@ -242,9 +244,7 @@ class GroupMlxEngine(MlxEngine):
             held, self._held = self._held, None
             self._busy_since = 0.0
             self.step_s += time.monotonic() - start
-        if held:
-            self._check_parity()
-            self._raw_emit(held)
+        self._pending.extend(held)
 
     def _step_failed(self, exc: Exception) -> None:
         self._collective_failed(exc)
@@ -402,23 +402,24 @@ class GroupMlxEngine(MlxEngine):
             self.collective_s += time.monotonic() - start
 
     def _share(self, wire: Optional[list]) -> Optional[list]:
-        """Rank 0's `wire` on every rank (None when rank 0 had nothing); JSON, never pickle."""
+        """Rank 0's `wire` on every rank (None when rank 0 had nothing); JSON, never pickle.
+        The same collective compares the ranks' parity hashes (token parity) and then sends
+        the events held back until they agreed: one small collective per turn."""
         import mlx.core as mx
         import numpy as np
 
         data = json.dumps(wire).encode() if wire is not None and not self.follower else b""
-        n = int(self._all_sum(mx.array([len(data)], dtype=mx.int32)).item())
+        got = self._all_sum(mx.array([len(data), *self._parity_vector()], dtype=mx.int32))
+        got = got.tolist()
+        self._compare(got[1:], _PARITY_DIFFERS)
+        pending, self._pending = self._pending, []
+        if pending:
+            self._raw_emit(pending)
+        n = int(got[0])
         if n == 0:
             return None
         buf = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((n,), mx.uint8)
         return json.loads(bytes(np.array(self._all_sum(buf), dtype=np.uint8)))
-
-    def _check_parity(self) -> None:
-        """Every rank's running hash of its events, compared: the same or the group fails."""
-        self._check_same(
-            self._parity.digest(),
-            "sampled other tokens than rank 0 (token-parity check); its shard or software differs",
-        )
 
     def _ranks_without(self, have: bool) -> list[int]:
         """The ranks that answered False (every rank asks at the same point)."""
@@ -434,14 +435,23 @@ class GroupMlxEngine(MlxEngine):
         fails the group with `differs` as the cause."""
         import mlx.core as mx
 
+        got = self._all_sum(mx.array(self._parity_vector(digest), dtype=mx.int32)).tolist()
+        self._compare(got, differs)
+
+    def _parity_vector(self, digest: Optional[bytes] = None) -> list[int]:
+        """This rank's 8-byte `digest` (default: the parity hash) in its slot, zeros elsewhere."""
         spec = self.group_spec
-        mine = int.from_bytes(digest[:8], "little") >> 1
+        mine = int.from_bytes((digest or self._parity.digest())[:8], "little") >> 1
         parts = [(mine >> (21 * i)) & ((1 << 21) - 1) for i in range(_HASH_PARTS)]
         vec = [0] * (_HASH_PARTS * spec.size)
         vec[_HASH_PARTS * spec.rank : _HASH_PARTS * (spec.rank + 1)] = parts
-        got = self._all_sum(mx.array(vec, dtype=mx.int32)).tolist()
-        hashes = [tuple(got[_HASH_PARTS * r : _HASH_PARTS * (r + 1)]) for r in range(spec.size)]
-        differ = [r for r in range(spec.size) if hashes[r] != hashes[0]]
+        return vec
+
+    def _compare(self, got: list[int], differs: str) -> None:
+        """Every rank's slot against rank 0's; the first that differs fails the group."""
+        size = self.group_spec.size
+        hashes = [tuple(got[_HASH_PARTS * r : _HASH_PARTS * (r + 1)]) for r in range(size)]
+        differ = [r for r in range(size) if hashes[r] != hashes[0]]
         if differ:
             self._fail_group(differ[0], differs)
             raise GroupFailed(self._failed)
