@@ -480,8 +480,8 @@ class GroupMlxEngine(MlxEngine):
     def _watch(self) -> None:
         """Heartbeat thread, every period: a step or collective stuck past the deadline."""
         since = self._busy_since
-        if not since or self._failed:
-            return
+        if not since or self._failed or not self._heartbeat.armed:
+            return  # before the first load, ranks may wait long for each other (loading)
         waited = time.monotonic() - since
         if waited > self.group_spec.timeout_s:
             hb = self._heartbeat

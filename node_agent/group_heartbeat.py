@@ -79,6 +79,10 @@ class Heartbeat:
             self._last = dict.fromkeys(self._last, time.monotonic())
             self._armed = True
 
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -24,7 +24,7 @@ from node_agent.group import GROUP_FAILED_EXIT_CODE
 from tests.fleet_helpers import collect, in_threads, note
 from tests.procs import NodeProcess
 
-TIMEOUT_S = 3.0  # --group-timeout-s in these tests: the documented detection deadline
+TIMEOUT_S = 5.0  # --group-timeout-s in these tests: the documented detection deadline
 FAILED = common_pb2.Lifecycle.Value("LIFECYCLE_FAILED")
 READY = common_pb2.Lifecycle.Value("LIFECYCLE_READY")
 
