@@ -44,6 +44,7 @@ from node_agent.telemetry import host_memory
 
 log = logging.getLogger(__name__)
 
+LOAD_FACTOR = 60  # until the group has loaded, a collective may wait 60x --group-timeout-s
 EXIT_AFTER_S = 3.0  # FAILED stays visible (GetStatus) this long before the process exits
 _HASH_PARTS = 3  # the 63-bit parity hash as three 21-bit int32 parts (all_sum stays exact)
 _PARITY_DIFFERS = (
@@ -480,16 +481,17 @@ class GroupMlxEngine(MlxEngine):
     def _watch(self) -> None:
         """Heartbeat thread, every period: a step or collective stuck past the deadline."""
         since = self._busy_since
-        if not since or self._failed or not self._heartbeat.armed:
-            return  # before the first load, ranks may wait long for each other (loading)
+        if not since or self._failed:
+            return
         waited = time.monotonic() - since
-        if waited > self.group_spec.timeout_s:
+        # Before the first load a rank may wait long for a peer still loading its weights.
+        deadline = self.group_spec.timeout_s * (1 if self._heartbeat.armed else LOAD_FACTOR)
+        if waited > deadline:
             hb = self._heartbeat
             stale = hb.stale(2 * hb.period_s) if hb is not None else []
             self._fail_group(
                 stale[0] if stale else None,
-                f"left {self._busy_what} waiting {waited:.1f}s "
-                f"(--group-timeout-s {self.group_spec.timeout_s:g})",
+                f"left {self._busy_what} waiting {waited:.1f}s (deadline {deadline:g}s)",
             )
 
     # -- any thread: failing -----------------------------------------------------------
