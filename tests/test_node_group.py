@@ -4,6 +4,7 @@ failing as one unit when a rank dies or stops answering."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -375,3 +376,45 @@ def test_only_a_group_announces_its_shape():
     assert (txt["group"], txt["group_mode"], txt["group_backend"]) == ("2", "tensor", "ring")
     back = Advert.from_txt({k.encode(): v.encode() for k, v in txt.items()})
     assert (back.group_size, back.group_mode, back.group_backend) == (2, "tensor", "ring")
+
+
+@pytest.mark.allow_blocking("drives a process tree")
+def test_a_rank_dies_with_the_process_that_started_it(group_model, tmp_path):
+    """PR_SET_PDEATHSIG: a rank (here waiting for its peers) ends when its supervisor is
+    killed, so no rank outlives it holding its port and weights."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signals are Linux's")
+    group = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
+    rank = [sys.executable, "-m", "node_agent.main", "--model", str(group_model), "--plaintext"]
+    rank += ["--listen", "127.0.0.1:0", "--no-mdns", "--group", group, "--rank", "0"]
+    rank += ["--state-dir", str(tmp_path / "state")]
+    supervisor = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen({rank!r}, stdout=subprocess.PIPE, text=True)\n"
+        "print(p.pid, flush=True)\n"
+        "p.stdout.readline()\n"  # the rank's listening line: it runs, waiting for rank 1
+        "print('up', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    sup = subprocess.Popen([sys.executable, "-c", supervisor], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(sup.stdout.readline())
+        assert sup.stdout.readline().strip() == "up"
+        sup.kill()
+        sup.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+            assert time.monotonic() < deadline, "the rank outlived its supervisor"
+            time.sleep(0.05)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        if "pid" in locals() and Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)  # a failed check leaves nothing behind either
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
