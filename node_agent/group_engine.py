@@ -82,8 +82,6 @@ class GroupMlxEngine(MlxEngine):
         self._pending: list = []  # events not sent until the ranks agreed on them
         self._parked: list[Future] = []  # a follower's load() calls, answered by rank 0's load
         self._loaded = None  # a follower's last load: ModelFacts or the exception
-        self.collective_s = 0.0  # seconds spent in our own collectives (share, parity)
-        self.step_s = 0.0  # seconds spent in model steps
         die_with_parent()
 
     # -- called from other threads -------------------------------------------------
@@ -237,14 +235,12 @@ class GroupMlxEngine(MlxEngine):
     def _step(self) -> None:
         """A model step; its events wait for the next turn's parity check (in `_share`)."""
         self._busy("a model step")
-        start = time.monotonic()
         self._held = []
         try:
             super()._step()
         finally:
             held, self._held = self._held, None
             self._busy_since = 0.0
-            self.step_s += time.monotonic() - start
         self._pending.extend(held)
 
     def _step_failed(self, exc: Exception) -> None:
@@ -391,7 +387,6 @@ class GroupMlxEngine(MlxEngine):
         from mlx_lm.generate import generation_stream
 
         self._busy("a collective")
-        start = time.monotonic()
         try:
             y = mx.distributed.all_sum(x, group=self._group, stream=generation_stream)
             mx.eval(y)
@@ -400,7 +395,6 @@ class GroupMlxEngine(MlxEngine):
             self._collective_failed(exc)
         finally:
             self._busy_since = 0.0
-            self.collective_s += time.monotonic() - start
 
     def _share(self, wire: Optional[list]) -> Optional[list]:
         """Rank 0's `wire` on every rank (None when rank 0 had nothing); JSON, never pickle.
