@@ -125,8 +125,8 @@ class GroupMlxEngine(MlxEngine):
                     "rss": mem.process_rss_bytes,
                 }
                 rank.health = "ok" if self._group is not None else "joining"
-            elif hb is None:
-                info, rank.health = {}, "joining"
+            elif hb is None or self._group is None:
+                info, rank.health = {}, "ok" if self._heard(r) else "joining"
             elif r in hb.watched():
                 info, rank.last_heard_s = hb.info(r), hb.age(r)
                 rank.health = "silent" if rank.last_heard_s > 2 * hb.period_s else "ok"
@@ -369,11 +369,28 @@ class GroupMlxEngine(MlxEngine):
 
         self._heartbeat = Heartbeat(spec, on_silent=self._fail_group, tick=self._watch)
         self._heartbeat.start()
+        waited = 0
         while not self._heartbeat.rendezvous(1.0):
             if self._inbox_closing():
                 raise GroupFailed(f"rank {spec.rank} stopped before the group formed")
+            waited += 1
+            if waited in (2, 30) or waited % 300 == 0:  # said again now and then, not each second
+                missing = [r for r in range(spec.size) if r != spec.rank and not self._heard(r)]
+                self._progress(
+                    f"node group: rank {spec.rank} waiting {waited}s for "
+                    + (", ".join(spec.describe(r) for r in missing) or "every rank")
+                    + " to join; start their agents with the same --group"
+                )
         self._group = form(spec)
         log.info("node group formed: rank %d of %d", spec.rank, spec.size)
+        self._progress(f"node group formed ({spec.size} ranks); loading this rank's shard")
+
+    def _heard(self, rank: int) -> bool:
+        return self._heartbeat is not None and rank in self._heartbeat.heard
+
+    @staticmethod
+    def _progress(why: str) -> None:
+        log.info("%s", why)  # GetStatus shows the same: ranks not yet heard are "joining"
 
     def _inbox_closing(self) -> bool:
         """A close sent while the group forms (other commands wait in the inbox)."""

@@ -80,6 +80,11 @@ class Heartbeat:
             self._armed = True
 
     @property
+    def heard(self) -> set[int]:
+        """The ranks heard from since start (the rendezvous)."""
+        return set(self._heard)
+
+    @property
     def armed(self) -> bool:
         return self._armed
 
