@@ -3,8 +3,9 @@
 Every rank runs the same engine loop on its own shard. Rank 0 takes requests; at each loop
 turn it shares what it took (new requests' tokens and sampling, cancels, loads, close) with
 the other ranks through the collective, so every rank inserts, removes and steps the same
-way and the model's collectives line up. Each turn the ranks also compare a running hash of
-what they sampled (token parity): a rank that differs fails the group.
+way and the model's collectives line up. The same collective compares a running hash of what
+each rank sampled (token parity), and a step's tokens leave rank 0 only once all agreed: a
+rank that differs fails the group.
 
 Every collective of ours runs on mlx-lm's generation stream, the one the model's own run on:
 on another stream it could interleave with the look-ahead step mlx-lm leaves in flight and
@@ -132,8 +133,8 @@ class GroupMlxEngine(MlxEngine):
                 rank.health = "silent" if rank.last_heard_s > 2 * hb.period_s else "ok"
             else:
                 info = {}  # a follower watches rank 0 only
-            if self._failed and r in (self._failed_rank, spec.rank):
-                rank.health = "failed" if r == self._failed_rank else rank.health
+            if self._failed and r == self._failed_rank:
+                rank.health = "failed"
             rank.hostname = str(info.get("host", ""))
             rank.memory_total_bytes = int(info.get("total", 0))
             rank.memory_available_bytes = int(info.get("avail", 0))
@@ -262,6 +263,11 @@ class GroupMlxEngine(MlxEngine):
         except NotOnEveryRank as exc:  # nothing switched: rank 0 reports it, the group goes on
             log.warning("node group: load not taken: %s", exc)
             self._path = before
+            if self._loaded is None:  # the first load: this rank's agent waits for its answer
+                parked, self._parked = self._parked, []
+                for fut in parked:
+                    if not fut.done():
+                        fut.set_exception(exc)
             return
         except BaseException as exc:  # noqa: BLE001 - the group cannot go on without this rank
             self._loaded = exc
@@ -302,32 +308,54 @@ class GroupMlxEngine(MlxEngine):
         from mlx_lm.utils import sharded_load
 
         mx.synchronize(generation_stream)  # nothing of the last generation may still be in flight
-        spec = self.group_spec
-        if spec.mode == "pipeline" and not (self._path / "model.safetensors.index.json").is_file():
-            raise FileNotFoundError(
-                f"{self._path} has no model.safetensors.index.json, which --group-mode pipeline "
-                "needs to pick each rank's layers; use tensor mode or add the index"
+        key = "tensor_group" if self.group_spec.mode == "tensor" else "pipeline_group"
+        return sharded_load(str(self._path), **{key: self._group})
+
+    def _shard_problem(self) -> Optional[str]:
+        """Why this rank cannot load its shard of self._path, as one line; None if it can."""
+        spec, path = self.group_spec, self._path
+        if not (path / "config.json").is_file():
+            return (
+                f"{spec.describe(spec.rank)} has no copy of {path.name}: stage the model on "
+                "every rank of the group, then activate it"
+            )
+        if spec.mode == "pipeline" and not (path / "model.safetensors.index.json").is_file():
+            return (
+                f"{path} has no model.safetensors.index.json, which --group-mode pipeline needs "
+                "to pick each rank's layers; use tensor mode or add the index"
             )
         if spec.mode == "tensor":
-            config = json.loads((self._path / "config.json").read_text())
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except (OSError, ValueError) as exc:
+                return f"{path}/config.json cannot be read ({type(exc).__name__})"
             for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
                 value = int(config.get(name) or 0)
                 if value % spec.size:
-                    raise ValueError(
-                        f"{name} {value} of {self._path.name} does not divide among "
-                        f"{spec.size} ranks: tensor mode needs it to; use --group-mode pipeline"
+                    return (
+                        f"{name} {value} of {path.name} does not divide among {spec.size} "
+                        "ranks: tensor mode needs it to; use --group-mode pipeline"
                     )
-        key = "tensor_group" if spec.mode == "tensor" else "pipeline_group"
-        return sharded_load(str(self._path), **{key: self._group})
+        return None
 
     def _do_load(self):
-        # All ranks switch or none: each says whether it has the files before any loads.
-        missing = self._ranks_without((self._path / "config.json").is_file())
-        if missing:
-            raise NotOnEveryRank(
-                f"{self.group_spec.describe(missing[0])} has no copy of {self._path.name}: "
-                "stage the model on every rank of the group, then activate it"
-            )
+        # All ranks switch or none: each says whether it can before any rank loads.
+        problem = self._shard_problem()
+        have = (self._path / "config.json").is_file()
+        codes = self._ranks_say(0 if problem is None else 1 if not have else 2)
+        if problem is not None:
+            raise NotOnEveryRank(problem)
+        for rank, code in enumerate(codes):
+            if code:
+                why = (
+                    "has no copy of it: stage the model on every rank of the group, then "
+                    "activate it"
+                    if code == 1
+                    else "cannot shard it (its log says why)"
+                )
+                raise NotOnEveryRank(
+                    f"{self.group_spec.describe(rank)} {why}; nothing switched ({self._path.name})"
+                )
         facts = super()._do_load()
         self._grammars = None  # built again for the new tokenizer when first needed
         # Every rank must hold the same model: each computes its own embedding and head.
@@ -433,14 +461,13 @@ class GroupMlxEngine(MlxEngine):
         buf = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((n,), mx.uint8)
         return json.loads(bytes(np.array(self._all_sum(buf), dtype=np.uint8)))
 
-    def _ranks_without(self, have: bool) -> list[int]:
-        """The ranks that answered False (every rank asks at the same point)."""
+    def _ranks_say(self, code: int) -> list[int]:
+        """Every rank's small answer, in rank order (every rank asks at the same point)."""
         import mlx.core as mx
 
         vec = [0] * self.group_spec.size
-        vec[self.group_spec.rank] = int(not have)
-        got = self._all_sum(mx.array(vec, dtype=mx.int32)).tolist()
-        return [r for r, lacking in enumerate(got) if lacking]
+        vec[self.group_spec.rank] = code
+        return [int(c) for c in self._all_sum(mx.array(vec, dtype=mx.int32)).tolist()]
 
     def _check_same(self, digest: bytes, differs: str) -> None:
         """Every rank's `digest` (8 bytes) compared with rank 0's; the first that differs

@@ -197,6 +197,23 @@ def test_a_rank_with_other_weights_fails_the_group(group_model, tmp_path):
         assert rank1.wait_exit(timeout_s=20) == GROUP_FAILED_EXIT_CODE
 
 
+@pytest.mark.allow_blocking("drives node processes")
+def test_a_model_a_mode_cannot_shard_is_refused_on_every_rank(group_model, tmp_path):
+    """Pipeline mode without a weight index: every rank says so and none loads; the ranks
+    stay up (FAILED, with the reason) instead of failing the group over and over."""
+    import shutil
+
+    model = tmp_path / "no-index"
+    shutil.copytree(group_model, model)
+    (model / "model.safetensors.index.json").unlink()
+    with ExitStack() as stack:
+        ranks = start_group(stack, model, tmp_path / "logs", "pipeline", wait=False)
+        for proc in ranks:
+            st, _ = proc.wait_until(lambda s: s.lifecycle == FAILED, 60, "FAILED")
+            assert "model.safetensors.index.json" in st.lifecycle_reason, st.lifecycle_reason
+        assert all(proc.proc.poll() is None for proc in ranks)
+
+
 def wait_op(node, call, timeout_s: float = 90.0):
     """Re-issue an operation (same id: returns its record) until it is no longer running."""
     running = node_pb2.OPERATION_STATE_RUNNING
