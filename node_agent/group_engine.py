@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -176,7 +177,7 @@ class GroupMlxEngine(MlxEngine):
         for kind, arg in items:
             if kind == "submit":
                 self._raw_emit([(arg.key, [failed])])
-            elif kind == "load":
+            elif kind == "load" and not arg.done():
                 arg.set_exception(GroupFailed(self._failed))
 
     def _encode(self, items: list) -> list[tuple[list, tuple]]:
@@ -573,10 +574,12 @@ class GroupMlxEngine(MlxEngine):
                 break
             except RuntimeError:  # changed while read
                 continue
-        while not self._inbox.empty():
-            kind, arg = self._inbox.get_nowait()
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return keys
             if kind == "submit":
                 keys.append(arg.key)
-            elif kind == "load":
+            elif kind == "load" and not arg.done():
                 arg.set_exception(GroupFailed(self._failed))
-        return keys
