@@ -11,6 +11,7 @@ import pytest
 from cluster.api import inference_pb2
 from cluster.localfleet import CoordinatorProcess
 from tests.fleet_helpers import collect, note
+from tests.group_helpers import make_group_model
 from tests.netns import NetnsLab, netns_unavailable
 from tests.procs import NodeProcess
 
@@ -22,12 +23,7 @@ GROUP_PORT = 7790
 
 @pytest.fixture(scope="module")
 def group_model(tmp_path_factory):
-    """The tiny model with two KV heads, so tensor mode splits them over two ranks."""
-    from cluster.tinymodel import TinyModelSpec, make_tiny_model
-
-    return make_tiny_model(
-        tmp_path_factory.mktemp("models") / "tiny-group", TinyModelSpec(num_key_value_heads=2)
-    )
+    return make_group_model(tmp_path_factory.mktemp("models") / "tiny-group")
 
 
 @pytest.mark.slow
