@@ -84,6 +84,8 @@ class GroupMlxEngine(MlxEngine):
         self._pending: list = []  # events not sent until the ranks agreed on them
         self._parked: list[Future] = []  # a follower's load() calls, answered by rank 0's load
         self._loaded = None  # a follower's last load: ModelFacts or the exception
+        # A follower's agent: (op_id, source, model_id, version, expected) -> stage it there.
+        self.on_stage = None
         die_with_parent()
 
     # -- called from other threads -------------------------------------------------
@@ -104,6 +106,11 @@ class GroupMlxEngine(MlxEngine):
                 self._raw_emit(batch)
 
         super().start(counted, on_exit, on_serving)
+
+    def share_stage(self, op_id: str, source: str, model_id: str, version: str, expected: str):
+        """Rank 0: have every other rank stage the same source path on its own host (its
+        agent runs the staging, digest-checked, as if told directly)."""
+        self._send(("stage", [op_id, source, model_id, version, expected]))
 
     def submit(self, request: EngineRequest) -> None:
         if self.follower:
@@ -196,6 +203,8 @@ class GroupMlxEngine(MlxEngine):
                 ]
             elif kind == "cancel":
                 wire = ["cancel", arg]
+            elif kind == "stage":
+                wire = ["stage", *arg]
             elif kind == "load":
                 wire = ["load", str(self._path), self._model_id]
             else:
@@ -216,6 +225,9 @@ class GroupMlxEngine(MlxEngine):
                 items.append(("submit", request))
             elif kind == "cancel":
                 items.append(("cancel", item[1]))
+            elif kind == "stage":  # staged by this rank's agent, off the engine thread
+                if self.on_stage is not None:
+                    self.on_stage(*item[1:6])
             elif kind == "load":
                 items.append(("load", (item[1], item[2])))
             else:

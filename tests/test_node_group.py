@@ -131,8 +131,10 @@ def wait_op(node, call, timeout_s: float = 90.0):
 
 
 def check_activation(rank0, rank1, tmp_path) -> None:
-    """A model staged on rank 0 only is refused with the rank named and nothing switches;
-    staged on every rank, activation switches the whole group."""
+    """Staging on rank 0 stages on every rank; a rank without its copy refuses activation
+    (named) and nothing switches; with every copy, activation switches the whole group."""
+    import shutil
+
     from cluster.digest import weights_digest
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
     from node_agent.group import GroupSpec, layout_digest
@@ -153,6 +155,13 @@ def check_activation(rank0, rank1, tmp_path) -> None:
         return wait_op(rank0, lambda: stubs[0].Activate(request, timeout=5))
 
     assert stage(0).operation.state == node_pb2.OPERATION_STATE_DONE
+    staged = node_pb2.STAGE_STATE_STAGED
+    rank1.wait_until(
+        lambda st: any(m.weights_digest == new and m.state == staged for m in st.staged),
+        60,
+        "rank 1 staged what rank 0 was told to stage",
+    )
+    shutil.rmtree(rank1.state_dir / "models" / new[7:])  # as if rank 1 had lost its copy
     drain = node_pb2.DrainRequest(operation_id="drain")
     wait_op(rank0, lambda: stubs[0].Drain(drain, timeout=5))
     refused = activate("activate-1")
