@@ -149,7 +149,12 @@ class GroupMlxEngine(MlxEngine):
             rank.process_rss_bytes = int(info.get("rss", 0))
             ranks.append(rank)
         return node_pb2.NodeGroup(
-            size=spec.size, rank=spec.rank, mode=spec.mode, backend=spec.backend, ranks=ranks
+            size=spec.size,
+            rank=spec.rank,
+            mode=spec.mode,
+            backend=spec.backend,
+            ranks=ranks,
+            model_digest=self.model_digest,
         )
 
     # -- engine thread: the shared loop --------------------------------------------

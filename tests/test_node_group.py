@@ -177,6 +177,7 @@ def check_activation(rank0, rank1, tmp_path) -> None:
     assert done.operation.state == node_pb2.OPERATION_STATE_DONE, done.operation.message
     spec = GroupSpec(("a:1", "b:1"), 0, "ring", "tensor", 10.0)
     assert done.status.model.weights_digest == layout_digest(new, spec)
+    assert done.status.group.model_digest == new
     uncordon = node_pb2.CordonRequest(operation_id="uncordon", cordoned=False)
     stubs[0].Cordon(uncordon, timeout=5)
     s = collect(rank0.inference, note(0, 8, request_id="on-v2"), 60)

@@ -193,18 +193,20 @@ class NodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., lifecycle: _Optional[_Union[_common_pb2.Lifecycle, str]] = ..., lifecycle_reason: _Optional[str] = ..., cordoned: _Optional[bool] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., memory: _Optional[_Union[Memory, _Mapping]] = ..., uptime_s: _Optional[float] = ..., agent_version: _Optional[str] = ..., api_version: _Optional[str] = ..., hostname: _Optional[str] = ..., cpu_load_1m: _Optional[float] = ..., staged: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ..., previous_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drain_deadline_left_s: _Optional[float] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., engine_server: _Optional[_Union[EngineServer, _Mapping]] = ..., fencing_token: _Optional[int] = ..., audit_heads: _Optional[_Iterable[_Union[_common_pb2.AuditHead, _Mapping]]] = ..., chip: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., phi_allowed: _Optional[bool] = ..., node_class: _Optional[str] = ..., group: _Optional[_Union[NodeGroup, _Mapping]] = ...) -> None: ...
 
 class NodeGroup(_message.Message):
-    __slots__ = ("size", "rank", "mode", "backend", "ranks")
+    __slots__ = ("size", "rank", "mode", "backend", "ranks", "model_digest")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     size: int
     rank: int
     mode: str
     backend: str
     ranks: _containers.RepeatedCompositeFieldContainer[GroupRank]
-    def __init__(self, size: _Optional[int] = ..., rank: _Optional[int] = ..., mode: _Optional[str] = ..., backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[GroupRank, _Mapping]]] = ...) -> None: ...
+    model_digest: str
+    def __init__(self, size: _Optional[int] = ..., rank: _Optional[int] = ..., mode: _Optional[str] = ..., backend: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[GroupRank, _Mapping]]] = ..., model_digest: _Optional[str] = ...) -> None: ...
 
 class GroupRank(_message.Message):
     __slots__ = ("rank", "address", "hostname", "health", "last_heard_s", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes")
