@@ -225,7 +225,12 @@ class GroupMlxEngine(MlxEngine):
                 _, key, tokens, prefix_len, max_tokens, sampling, schema = item
                 matcher = self._matcher(schema, tokens[len(tokens) - prefix_len :])
                 request = EngineRequest(
-                    key, tokens, prefix_len, max_tokens, Sampling(**sampling), matcher=matcher
+                    key=key,
+                    prompt_tokens=tokens,
+                    prefix_len=prefix_len,
+                    max_tokens=max_tokens,
+                    sampling=Sampling(**sampling),
+                    matcher=matcher,
                 )
                 items.append(("submit", request))
             elif kind == "cancel":
