@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -376,15 +377,19 @@ class CoordinatorProcess(DaemonProcess):
         )
 
     def wait_routable(self, count: int, timeout_s: float = 30.0) -> fleet_pb2.ListNodesResponse:
-        """Follow the event stream until `count` nodes are routable (no polling loop)."""
+        """Follow the event stream until `count` nodes are routable (no polling loop). The
+        stream replays the coordinator's recent history first: a change made after the first
+        listing but before the subscription reached the coordinator is in it, so it is not
+        missed; events older than this call are skipped without listing again."""
+        since = time.time() - 1.0  # the host's one clock; a second's slack for rounding
         events = fleet_pb2_grpc.FleetStub(self.channel).WatchEvents(
-            fleet_pb2.WatchEventsRequest(), timeout=timeout_s
+            fleet_pb2.WatchEventsRequest(replay=True), timeout=timeout_s
         )
         try:
             listing = self.nodes()
             while sum(n.routable for n in listing.nodes) < count:
-                next(events)
-                listing = self.nodes()
+                if next(events).time_unix_s >= since:
+                    listing = self.nodes()
             return listing
         except (grpc.RpcError, StopIteration) as err:
             raise TimeoutError(

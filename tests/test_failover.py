@@ -118,7 +118,9 @@ def test_a_node_that_ends_streams_itself_on_shutdown_hands_them_over(
     staying = start_node(node_id="staying", fleet=fleet_name)
     co = start_coordinator(fleet=fleet_name)
     co.wait_routable(2)
-    max_tokens = 400
+    # Long enough that no stream on "leaving" can finish between its start and the SIGTERM's
+    # grace running out, however slowly a loaded machine delivers the signal (400 could).
+    max_tokens = 1200
     requests = [note(i, max_tokens, request_id=f"term-{i}") for i in range(4)]
     reference = _reference(staying, requests)
 
