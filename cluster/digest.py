@@ -122,3 +122,31 @@ def _write_cache(model_dir: Path, digest: str, fingerprint: list) -> None:
             break
         except OSError:
             continue
+
+
+# -- node groups (docs/node-groups.md) ---------------------------------------------------
+# A group's ModelInfo.weights_digest is the model's digest combined with how it is sharded
+# (its tokens may differ from one process's); what is staged and activated is the model's own
+# digest, which the group reports in NodeStatus.group.model_digest.
+
+
+def layout_digest(model_digest: str, mode: str, size: int) -> str:
+    """The weights digest a group of `size` ranks in `mode` reports for `model_digest`."""
+    layout = f"{model_digest}|group:{mode}:{size}"
+    return "sha256:" + hashlib.sha256(layout.encode()).hexdigest()
+
+
+def model_digest(status) -> str:
+    """The model's own digest a node (NodeStatus) serves: what StageModel and Activate name,
+    and what a rollout's target is compared with. A group's is in group.model_digest."""
+    if status.HasField("group") and status.group.size:
+        return status.group.model_digest
+    return status.model.weights_digest
+
+
+def served_digest(model: str, group=None) -> str:
+    """The weights digest a node's generations report (their final's ModelInfo) while it
+    serves `model`: for a group (its NodeStatus.group) the digest with the layout."""
+    if model and group is not None and group.size:
+        return layout_digest(model, group.mode, group.size)
+    return model

@@ -19,9 +19,10 @@ from typing import Optional, Protocol
 
 import grpc
 
-from cluster.api import SMOKE_METADATA_KEY, inference_pb2
+from cluster.api import SMOKE_METADATA_KEY, inference_pb2, node_pb2
 from cluster.client import build_request
 from cluster.config import RolloutSection
+from cluster.digest import served_digest
 from cluster.quality import evaluation
 from coordinator.baseline_store import MemoryBaselines
 from coordinator.node_link import NodeLink
@@ -38,7 +39,14 @@ class GateContext:
     node_id: str
     address: str
     link: NodeLink
-    weights_digest: str  # what the node must now serve ("" for a release restart)
+    weights_digest: str  # the model the node must now serve ("" for a release restart)
+    group: Optional[node_pb2.NodeGroup] = None  # a node group's shape; None for a single node
+
+    @property
+    def served_digest(self) -> str:
+        """What the node's generations report while it serves weights_digest (a node group's
+        digest adds its layout: docs/node-groups.md)."""
+        return served_digest(self.weights_digest, self.group)
 
 
 class Gate(Protocol):
@@ -78,10 +86,10 @@ class SmokeGate:
             if final is None or final.finish_reason not in _OK or tokens == 0:
                 why = final.message if final is not None else "no final chunk"
                 return f"smoke request {i} ended without a completion ({why})"
-            if ctx.weights_digest and final.model.weights_digest != ctx.weights_digest:
+            if ctx.weights_digest and final.model.weights_digest != ctx.served_digest:
                 return (
                     f"smoke request {i} was served by weights {final.model.weights_digest[:19]}, "
-                    f"not {ctx.weights_digest[:19]}"
+                    f"not {ctx.served_digest[:19]}"
                 )
         return None
 
@@ -229,11 +237,11 @@ class ShadowGate:
                 "serve the new weights on a candidate node and run `fleetctl shadow start`"
             )
         digests = {d for t in report.by_template for d in t.candidate.digests}
-        if digests != {ctx.weights_digest}:
+        if digests != {ctx.served_digest}:
             shown = ", ".join(sorted(d[:19] for d in digests)) or "none yet"
             return (
                 f"shadow run {report.shadow_id} compared weights {shown}, not exactly "
-                f"{ctx.weights_digest[:19]}"
+                f"{ctx.served_digest[:19]}"
             )
         if report.verdict != "pass":
             return f"shadow run {report.shadow_id}: {report.verdict}: {report.reason}"

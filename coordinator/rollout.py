@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from cluster.api import common_pb2, fleet_pb2, node_pb2
+from cluster.digest import model_digest
 from cluster.wording import plural
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet, NodeEntry
@@ -193,11 +194,12 @@ class Runner:
         try:
             entry = await self._entry(n.node_id)
             st = await entry.link.status(CALL_TIMEOUT_S)
+            serving = model_digest(st)  # a node group's is the model's own, not its layout's
             if not n.from_digest:
-                n.from_digest = st.model.weights_digest
+                n.from_digest = serving
             if t.restart:
                 await self._restart(n, entry)
-            elif st.model.weights_digest != t.weights_digest:
+            elif serving != t.weights_digest:
                 await self._stage(n, entry)
                 failure = await self._prepare_gates(n, entry)
                 if failure:
@@ -298,6 +300,12 @@ class Runner:
                 on_status=seen,
             )
             return
+        if entry.status is not None and entry.status.group.size:
+            raise OpFailed(
+                f"node {n.node_id} is a node group of {entry.status.group.size} ranks: pushed "
+                "weights would reach rank 0 only; put the model at one path on every rank's "
+                "host and start the rollout with --shared-path (docs/node-groups.md)"
+            )
         manifest = await asyncio.to_thread(
             manifest_for,
             Path(t.model_path),
@@ -384,7 +392,9 @@ class Runner:
     async def _prepare_gates(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
         """Gates that measure the current version first (the eval gate's baseline), on the
         node while it still serves it."""
-        ctx = GateContext(self.r.id, n.node_id, entry.address, entry.link, n.from_digest)
+        ctx = GateContext(
+            self.r.id, n.node_id, entry.address, entry.link, n.from_digest, _group(entry)
+        )
         for gate in self._gates:
             prepare = getattr(gate, "prepare", None)
             if prepare is None:
@@ -400,7 +410,12 @@ class Runner:
     async def _gate(self, n: NodeRow, entry: NodeEntry) -> Optional[str]:
         await self._step(n, "gate", ", ".join(g.name for g in self._gates))
         ctx = GateContext(
-            self.r.id, n.node_id, entry.address, entry.link, self.r.target.weights_digest
+            self.r.id,
+            n.node_id,
+            entry.address,
+            entry.link,
+            self.r.target.weights_digest,
+            _group(entry),
         )
         for gate in self._gates:
             why = await gate.check(ctx)
@@ -502,3 +517,8 @@ def _target(t: fleet_pb2.RolloutTarget) -> str:
     if t.restart:
         return "a restarted release"
     return f"{t.model_id} {t.version} {t.weights_digest[:19]}".replace("  ", " ")
+
+
+def _group(entry: NodeEntry) -> Optional[node_pb2.NodeGroup]:
+    """A node group's shape (what its generations' digest adds to the model's); None if single."""
+    return entry.status.group if entry.status is not None and entry.status.group.size else None

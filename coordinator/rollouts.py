@@ -25,7 +25,7 @@ import grpc
 
 from cluster.api import fleet_pb2
 from cluster.config import RolloutSection
-from cluster.digest import DIGEST_FORMAT, weights_digest
+from cluster.digest import DIGEST_FORMAT, model_digest, weights_digest
 from coordinator import health_policy as hp
 from coordinator.events import EventLog
 from coordinator.fleet import Fleet
@@ -368,7 +368,10 @@ class Rollouts:
         same = [
             n
             for n in nodes
-            if renamed and (e := self._fleet.by_id(n)) is not None and e.digest == t.weights_digest
+            if renamed
+            and (e := self._fleet.by_id(n)) is not None
+            and e.status is not None
+            and model_digest(e.status) == t.weights_digest
         ]
         if same:
             raise RolloutRefused(

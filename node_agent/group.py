@@ -10,7 +10,6 @@ once all are back (docs/node-groups.md).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
+from cluster import digest
 from cluster.config import split_host_port
 
 GROUP_FAILED_EXIT_CODE = 70  # EX_SOFTWARE: the service manager restarts the agent
@@ -103,8 +103,7 @@ def form(spec: GroupSpec):
 def layout_digest(model_digest: str, spec: GroupSpec) -> str:
     """The group's weights digest: the model's plus how it is sharded, since a sharded model's
     tokens may differ from one process's (a stream resumes only where tokens are the same)."""
-    layout = f"{model_digest}|group:{spec.mode}:{spec.size}"
-    return "sha256:" + hashlib.sha256(layout.encode()).hexdigest()
+    return digest.layout_digest(model_digest, spec.mode, spec.size)
 
 
 def die_with_parent() -> None:
