@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 import grpc
 import typer
 
+from cluster.client.errors import from_rpc_error
 from cluster.config import FleetctlSettings
 from cluster.config_file import ConfigFileError
-from cluster.fleetctl.exits import EXIT_BAD_INPUT
+from cluster.fleetctl.exits import EXIT_BAD_INPUT, fail
 from cluster.security.tls import ENV_DIR, ENV_NAME, ClientTLS, TLSConfigError, open_channel
 
 ENV_CONFIG, ENV_COORDINATOR = "STUDIOFLEET_CONFIG", "STUDIOFLEET_COORDINATOR"
 DEFAULT_COORDINATOR = "127.0.0.1:7800"
+T = TypeVar("T")
 
 
 def config_path(env: Mapping[str, str] = os.environ) -> Optional[Path]:
@@ -99,3 +101,13 @@ def dial(target: str, tls: Optional[ClientTLS], server_name: Optional[str] = Non
     except TLSConfigError as exc:
         typer.echo(f"fleetctl: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def call(target: str, tls: Optional[ClientTLS], fn: Callable[[grpc.Channel], T]) -> T:
+    """Dial `target`, run `fn` on the channel (an RPC or a few) and close it; a gRPC error
+    becomes fleetctl's exit, its message naming the target and what to do."""
+    with dial(target, tls) as channel:
+        try:
+            return fn(channel)
+        except grpc.RpcError as err:
+            raise fail(from_rpc_error(err), target) from None

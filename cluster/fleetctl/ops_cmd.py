@@ -9,14 +9,19 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 
 from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc, node_pb2
-from cluster.client.errors import from_rpc_error
-from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
-from cluster.fleetctl.exits import EXIT_ERROR, EXIT_NOT_FOUND, fail
+from cluster.fleetctl.connect import (
+    COORDINATOR,
+    PLAINTEXT,
+    TLS_DIR,
+    TLS_NAME,
+    call,
+    credentials,
+)
+from cluster.fleetctl.exits import EXIT_ERROR, EXIT_NOT_FOUND
 from cluster.wording import plural
 
 OUTPUT = typer.Option("table", "--output", "-o", help="table or json.")
@@ -94,11 +99,7 @@ def operation_rows(st: node_pb2.NodeStatus) -> list[tuple[str, str]]:
 
 
 def _call(coordinator: str, tls, fn: Callable[[fleet_pb2_grpc.FleetStub], object]):
-    with dial(coordinator, tls) as channel:
-        try:
-            return fn(fleet_pb2_grpc.FleetStub(channel))
-        except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator) from None
+    return call(coordinator, tls, lambda channel: fn(fleet_pb2_grpc.FleetStub(channel)))
 
 
 def _emit(reply: fleet_pb2.NodeOperationReply, output: str) -> None:

@@ -9,16 +9,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from cluster.api import shadow_pb2, shadow_pb2_grpc
-from cluster.client.errors import from_rpc_error
-from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
-from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_ERROR, fail
+from cluster.fleetctl.connect import (
+    COORDINATOR,
+    PLAINTEXT,
+    TLS_DIR,
+    TLS_NAME,
+    call,
+    credentials,
+)
+from cluster.fleetctl.exits import EXIT_BAD_INPUT, EXIT_ERROR
 from cluster.quality import prompts
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
@@ -31,11 +36,11 @@ def _bad_input(message: str) -> typer.Exit:
 
 
 def _call(coordinator: str, creds, method: str, request) -> shadow_pb2.ShadowReport:
-    with dial(coordinator, creds) as channel:
-        try:
-            return getattr(shadow_pb2_grpc.ShadowStub(channel), method)(request, timeout=30)
-        except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator) from None
+    return call(
+        coordinator,
+        creds,
+        lambda channel: getattr(shadow_pb2_grpc.ShadowStub(channel), method)(request, timeout=30),
+    )
 
 
 def _check_output(output: str) -> None:

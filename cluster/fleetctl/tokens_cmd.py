@@ -10,16 +10,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc
-from cluster.client.errors import from_rpc_error
-from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
-from cluster.fleetctl.exits import EXIT_BAD_INPUT, fail
+from cluster.fleetctl.connect import (
+    COORDINATOR,
+    PLAINTEXT,
+    TLS_DIR,
+    TLS_NAME,
+    call,
+    credentials,
+)
+from cluster.fleetctl.exits import EXIT_BAD_INPUT
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -37,11 +42,11 @@ def parse_ttl(text: str) -> float:
 
 
 def _call(coordinator: str, creds, method: str, request):
-    with dial(coordinator, creds) as channel:
-        try:
-            return getattr(fleet_pb2_grpc.FleetStub(channel), method)(request, timeout=10)
-        except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator) from None
+    return call(
+        coordinator,
+        creds,
+        lambda channel: getattr(fleet_pb2_grpc.FleetStub(channel), method)(request, timeout=10),
+    )
 
 
 def _when(unix_s: float) -> str:

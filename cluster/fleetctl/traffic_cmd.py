@@ -10,16 +10,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from cluster.api import fleet_pb2, fleet_pb2_grpc
-from cluster.client.errors import from_rpc_error
-from cluster.fleetctl.connect import COORDINATOR, PLAINTEXT, TLS_DIR, TLS_NAME, credentials, dial
-from cluster.fleetctl.exits import EXIT_BAD_INPUT, fail
+from cluster.fleetctl.connect import (
+    COORDINATOR,
+    PLAINTEXT,
+    TLS_DIR,
+    TLS_NAME,
+    call,
+    credentials,
+)
+from cluster.fleetctl.exits import EXIT_BAD_INPUT
 from cluster.traffic import MODEL_RE, Policy, PolicyError, parse_weights
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=__doc__)
@@ -27,11 +32,11 @@ _NAMES = {"model": "MODEL", "weights": "CLASS=WEIGHT", "overflow": "--overflow"}
 
 
 def _call(coordinator: str, creds, method: str, request):
-    with dial(coordinator, creds) as channel:
-        try:
-            return getattr(fleet_pb2_grpc.FleetStub(channel), method)(request, timeout=10)
-        except grpc.RpcError as err:
-            raise fail(from_rpc_error(err), coordinator) from None
+    return call(
+        coordinator,
+        creds,
+        lambda channel: getattr(fleet_pb2_grpc.FleetStub(channel), method)(request, timeout=10),
+    )
 
 
 def _bad(exc: PolicyError) -> typer.Exit:
