@@ -139,17 +139,7 @@ class FleetAdmin(fleet_pb2_grpc.FleetServicer):
     ) -> None:
         """The call's record, durable before it goes on; else UNAVAILABLE naming the cause
         (`done`: the call has already acted, and the message says so)."""
-        try:
-            await self._audit.admin(ident, peer, action, **fields)
-        except Exception as exc:  # noqa: BLE001 - AuditWriteError, or the log closed
-            log.error("%s: its audit record could not be written: %s", action, exc)
-            what = "was carried out, but its outcome" if done else "was refused: its"
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"{action} {what} audit record could not be written "
-                f"({self._audit.failing or 'audit log closed'}); retry later (operators: check the "
-                "coordinator's audit directory and disk)",
-            )
+        await self._audit.admin_or_abort(context, ident, peer, action, done=done, **fields)
 
     async def _failed(self, ident, peer, action: str, **fields) -> None:
         """The record of a call that ends in an error: durable (or logged) before the error goes out."""

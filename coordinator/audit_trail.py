@@ -128,6 +128,23 @@ class AuditTrail:
         """An admin call's record, durable when it returns; raises the log's AuditWriteError."""
         await self.write(self.admin_record(ident, peer, action, **fields))
 
+    async def admin_or_abort(
+        self, context, ident: Optional[Identity], peer: str, action: str, *, done=False, **fields
+    ) -> None:
+        """An admin call's record, durable before the call goes on; else the call ends
+        UNAVAILABLE naming the cause (`done`: the call has already acted, and it says so)."""
+        try:
+            await self.admin(ident, peer, action, **fields)
+        except Exception as exc:  # noqa: BLE001 - AuditWriteError, or the log closed
+            log.error("%s: its audit record could not be written: %s", action, exc)
+            what = "was carried out, but its outcome" if done else "was refused: its"
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{action} {what} audit record could not be written "
+                f"({self.failing or 'audit log closed'}); retry later (operators: check the "
+                "coordinator's audit directory and disk)",
+            )
+
     async def denied(
         self,
         ident: Optional[Identity],

@@ -27,17 +27,9 @@ class ShadowAdmin(shadow_pb2_grpc.ShadowServicer):
 
     async def _record(self, context, ident, action: str, *, done: bool = False, **fields) -> None:
         """Durable before the call goes on; else UNAVAILABLE naming the cause."""
-        try:
-            await self._audit.admin(ident, context.peer(), action, **fields)
-        except Exception as exc:  # noqa: BLE001 - AuditWriteError, or the log closed
-            log.error("%s: its audit record could not be written: %s", action, exc)
-            what = "was carried out, but its outcome" if done else "was refused: its"
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"{action} {what} audit record could not be written "
-                f"({self._audit.failing or 'audit log closed'}); retry later (operators: check the "
-                "coordinator's audit directory and disk)",
-            )
+        await self._audit.admin_or_abort(
+            context, ident, context.peer(), action, done=done, **fields
+        )
 
     async def _refuse(self, context, ident, action: str, code, message: str, **fields) -> None:
         await self._audit.write_or_log(
