@@ -1,8 +1,9 @@
 """What a fleet costs a day against what the same notes cost on a hosted API
 (docs/capacity.md "The cost model": every default below is cited there).
 
-A node costs its price spread over `amortize_months` (or its rent), its power at
-`power_w` around the clock, and its hosting; the API costs its list price per million
+A machine costs its price spread over `amortize_months` (or its rent), its power at
+`power_w` around the clock, and its hosting; a node is one machine, a node group (a
+profile's [group]) all of its machines, each priced alike; the API costs its list price per million
 input and output tokens. Break-even is the volume at which the API's bill equals the
 fleet's (a fleet's cost does not fall with volume; the API's does).
 """
@@ -39,7 +40,8 @@ DEFAULT_USD_PER_KWH = 0.13
 
 @dataclass(frozen=True)
 class NodeCost:
-    """One node's costs; None = not known (counted as 0 and reported as missing)."""
+    """One node's costs; None = not known (counted as 0 and reported as missing). The prices
+    are per machine; a node group of `machines` machines costs that many times each part."""
 
     node_cost_usd: float | None = None
     amortize_months: float = DEFAULT_AMORTIZE_MONTHS
@@ -47,17 +49,19 @@ class NodeCost:
     usd_per_kwh: float = DEFAULT_USD_PER_KWH
     hosting_usd_month: float = 0.0
     rent_usd_hour: float | None = None
+    machines: int = 1
 
     @property
     def priced(self) -> bool:
         return self.node_cost_usd is not None or self.rent_usd_hour is not None
 
     def per_day(self) -> dict[str, float]:
-        """$/day by part: capital (or rent), power, hosting."""
-        capital = (self.node_cost_usd or 0.0) / (self.amortize_months * DAYS_PER_MONTH)
-        rent = (self.rent_usd_hour or 0.0) * 24.0
-        power = (self.power_w or 0.0) / 1000.0 * 24.0 * self.usd_per_kwh
-        hosting = self.hosting_usd_month / DAYS_PER_MONTH
+        """$/day by part: capital (or rent), power, hosting; every machine of a group counted."""
+        k = self.machines
+        capital = k * (self.node_cost_usd or 0.0) / (self.amortize_months * DAYS_PER_MONTH)
+        rent = k * (self.rent_usd_hour or 0.0) * 24.0
+        power = k * (self.power_w or 0.0) / 1000.0 * 24.0 * self.usd_per_kwh
+        hosting = k * self.hosting_usd_month / DAYS_PER_MONTH
         return {
             "capital": capital,
             "rent": rent,
@@ -77,9 +81,10 @@ def node_cost(
     hosting_usd_month: float | None = None,
     rent_usd_hour: float | None = None,
 ) -> NodeCost:
-    """The profile's [cost] table (if any) with the given flags over it."""
+    """The profile's [cost] table (if any) with the given flags over it; prices are per machine,
+    and a node group's profile counts its `machines`."""
     base = profile.cost
-    c = NodeCost()
+    c = NodeCost(machines=profile.machines)
     if base is not None:
         c = replace(
             c,

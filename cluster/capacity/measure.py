@@ -24,9 +24,11 @@ import numpy as np
 from cluster.api import inference_pb2, node_pb2
 from cluster.capacity.profile import (
     ENGINES,
+    GROUP_LINKS,
     MEASURED,
     Curves,
     DecodePoint,
+    GroupFacts,
     Info,
     Limits,
     Memory,
@@ -533,9 +535,27 @@ def limits_of(st: node_pb2.NodeStatus) -> NodeLimits:
     )
 
 
+def group_of(st: node_pb2.NodeStatus) -> GroupFacts | None:
+    """The node group a status describes (NodeStatus.group, docs/node-groups.md), or None for a
+    single node. The profile is measured at rank 0, which serves the group's requests."""
+    if not st.HasField("group") or st.group.size < 2:
+        return None
+    g = st.group
+    hosts = tuple(r.hostname or r.address for r in sorted(g.ranks, key=lambda r: r.rank))
+    return GroupFacts(
+        size=g.size,
+        mode=g.mode,
+        backend=g.backend,
+        link=GROUP_LINKS.get(g.backend, ""),
+        hosts=hosts if len(hosts) == g.size else (),
+    )
+
+
 def profile_name(st: node_pb2.NodeStatus) -> str:
-    """model-node-engine, in file-name-safe characters."""
-    raw = f"{st.model.model_id}-{st.node_id}-{st.model.engine}".lower()
+    """model-node-engine (with -groupN-MODE-BACKEND for a node group), in file-name-safe characters."""
+    group = group_of(st)
+    layout = f"-group{group.size}-{group.mode}-{group.backend}" if group else ""
+    raw = f"{st.model.model_id}-{st.node_id}-{st.model.engine}{layout}".lower()
     return re.sub(r"[^a-z0-9._-]+", "-", raw).strip("-.") or "profile"
 
 
@@ -562,6 +582,7 @@ def build_profile(
         (g.memory_used_bytes for g in after.memory.gpus), default=0
     )
     m = fitted.model
+    group = group_of(before)
     notes = [
         f"Measured by fleetctl profile {through}: {len(measured.prefill)} prefill, {len(measured.decode)} decode and "
         f"{len(measured.ttft)} time-to-first-token points; synthetic prompts; times at the caller; "
@@ -575,6 +596,15 @@ def build_profile(
         f"per-stream decode bound {1 / m.decode_base_s:.1f} tok/s; memory in GiB (2^30 bytes): weights = the "
         "engine's active memory at idle less its prompt cache, peak = the engine's peak after the run.",
         *fitted.notes,
+        *(
+            [
+                f"node group: {group.describe()}, ranks on {', '.join(group.hosts) or 'hosts not reported'}; "
+                "measured at rank 0 like any node: the fit is the group's, memory_gb is rank 0's host, "
+                "and costs count every machine."
+            ]
+            if group
+            else []
+        ),
     ]
     return Profile(
         info=Info(
@@ -589,7 +619,7 @@ def build_profile(
             chip=chip,
             memory_gb=round(before.memory.total_bytes / GIB, 2),
             node_id=before.node_id,
-            group_size=1,
+            group_size=group.size if group else 1,
         ),
         model=ModelFacts(
             id=before.model.model_id,
@@ -606,4 +636,5 @@ def build_profile(
             prefill=fitted.prefill, decode=tuple(measured.decode), ttft=tuple(measured.ttft)
         ),
         memory=Memory(weights_gb=round(weights / GIB, 4), peak_gb=round(peak / GIB, 4)),
+        group=group,
     )

@@ -408,9 +408,12 @@ def what_would(
             f"a per-stream decode rate >= {need:.0f} tok/s ({factor:.1f}x this profile's "
             f"{bound.stream_tok_s:.1f}) with the prefill unchanged"
         )
+        have = profile.machines
         out.append(
             f"more parallelism per note: a node group (tensor parallelism over several machines, "
-            f"group_size >= {max(2, math.ceil(factor))} even at ideal scaling), measured with fleetctl profile"
+            f"group_size >= {max(2, math.ceil(factor * have))} even at ideal scaling"
+            + (f", against this group's {have}" if have > 1 else "")
+            + "), measured with fleetctl profile"
         )
     shipped = shipped if shipped is not None else load_reference_profiles()
     better, closest = [], []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,14 @@ MEASURED = "measured"
 PUBLISHED = "published, not measured here"
 DERIVED_PREFIX = "derived"
 ENGINES = ("mlx", "vllm", "upstream")
+GROUP_MODES = ("tensor", "pipeline")
+GROUP_BACKENDS = ("ring", "jaccl", "mpi")
+# What a backend's collectives travel over (docs/node-groups.md), for a profile's [group] link.
+GROUP_LINKS = {
+    "jaccl": "Thunderbolt 5 RDMA",
+    "ring": "TCP (Ethernet or Thunderbolt IP)",
+    "mpi": "MPI",
+}
 PROFILES_PACKAGE = "cluster.capacity"
 PROFILES_DIR = "profiles"
 
@@ -103,6 +111,23 @@ class NodeFacts:
 
 
 @dataclass(frozen=True)
+class GroupFacts:
+    """A node group ([group] table): `size` machines serve one model as one routing target
+    (docs/node-groups.md); the fit is the group's, and costs count every machine."""
+
+    size: int
+    mode: str  # tensor | pipeline
+    backend: str  # ring | jaccl | mpi
+    link: str = ""  # what the collectives travel over
+    hosts: tuple[str, ...] = ()  # each rank's host, in rank order (measured profiles)
+
+    def describe(self) -> str:
+        return f"{self.size} machines, {self.mode} parallel over {self.backend}" + (
+            f" ({self.link})" if self.link else ""
+        )
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     id: str
     digest: str = ""
@@ -157,7 +182,7 @@ class Memory:
 class Cost:
     """Optional per-profile cost defaults ([cost] table); flags override them."""
 
-    node_cost_usd: float | None = None  # purchase price of one node (a group: all its machines)
+    node_cost_usd: float | None = None  # purchase price of one machine (a group costs size x)
     amortize_months: float | None = None
     power_w: float | None = None  # average draw while serving
     hosting_usd_month: float | None = None  # rack space, network, support per node
@@ -175,7 +200,13 @@ class Profile:
     curves: Curves = Curves()
     memory: Memory = Memory()
     cost: Cost | None = None
+    group: GroupFacts | None = None
     path: str | None = field(default=None, compare=False)  # where it was read from
+
+    @property
+    def machines(self) -> int:
+        """The machines one routing target of this profile takes (a group's size, else 1)."""
+        return self.group.size if self.group is not None else self.node.group_size
 
     @property
     def name(self) -> str:
@@ -196,6 +227,8 @@ class Profile:
             "notes": self.info.notes,
         }
         doc["node"] = _plain(self.node)
+        if self.group is not None:
+            doc["group"] = {k: v for k, v in _plain(self.group).items() if v != [] and v != ""}
         doc["model"] = _plain(self.model)
         doc["limits"] = _plain(self.limits)
         doc["fit"] = _plain(self.fit)
@@ -341,6 +374,33 @@ def parse_profile(doc: Mapping[str, Any], where: str) -> Profile:
         group_size=n.get("group_size", "int", 1, minimum=1),
     )
 
+    group = None
+    if "group" in doc:
+        g = top.sub("group")
+        g.only({x.name for x in fields(GroupFacts)})
+        group = GroupFacts(
+            size=g.get("size", "int", minimum=2),
+            mode=g.get("mode", "str"),
+            backend=g.get("backend", "str"),
+            link=g.get("link", "str", ""),
+            hosts=g.get("hosts", "strs", ()),
+        )
+        if group.mode not in GROUP_MODES:
+            raise g.fail("mode", f"must be one of {', '.join(GROUP_MODES)}, not {group.mode!r}")
+        if group.backend not in GROUP_BACKENDS:
+            raise g.fail(
+                "backend", f"must be one of {', '.join(GROUP_BACKENDS)}, not {group.backend!r}"
+            )
+        if group.hosts and len(group.hosts) != group.size:
+            raise g.fail("hosts", f"lists {len(group.hosts)} hosts for a group of {group.size}")
+        if "group_size" not in n.table:
+            node = replace(node, group_size=group.size)
+        elif node.group_size != group.size:
+            raise n.fail(
+                "group_size",
+                f"is {node.group_size} but [group] size is {group.size}: make them agree",
+            )
+
     m = top.sub("model")
     model = ModelFacts(
         id=m.get("id", "str"),
@@ -415,6 +475,7 @@ def parse_profile(doc: Mapping[str, Any], where: str) -> Profile:
         curves=curves,
         memory=memory,
         cost=cost,
+        group=group,
         path=where,
     )
 

@@ -137,7 +137,9 @@ def plan(
         help="Hours of the busiest part of the day to simulate and measure (0.25-24).",
     ),
     node_cost_usd: float | None = typer.Option(
-        None, "--node-cost-usd", help="Purchase price of one node (overrides the profile's [cost])."
+        None,
+        "--node-cost-usd",
+        help="Purchase price of one machine (overrides the profile's [cost]); a node group counts each.",
     ),
     amortize_months: float | None = typer.Option(
         None,
@@ -145,7 +147,7 @@ def plan(
         help=f"Months to spread the price over (default {costmod.DEFAULT_AMORTIZE_MONTHS:g}).",
     ),
     power_w: float | None = typer.Option(
-        None, "--power-w", help="Average power of one node, watts."
+        None, "--power-w", help="Average power of one machine, watts (a node group: each machine)."
     ),
     usd_per_kwh: float | None = typer.Option(
         None,
@@ -155,10 +157,12 @@ def plan(
     hosting_usd_month: float | None = typer.Option(
         None,
         "--hosting-usd-month",
-        help="Rack space, network and support per node per month (default 0).",
+        help="Rack space, network and support per machine per month (default 0).",
     ),
     rent_usd_hour: float | None = typer.Option(
-        None, "--rent-usd-hour", help="A rented node's price per hour instead of a purchase price."
+        None,
+        "--rent-usd-hour",
+        help="A rented machine's price per hour instead of a purchase price.",
     ),
     api_usd_per_m_input: float = typer.Option(
         costmod.DEFAULT_API_USD_PER_M_INPUT,
@@ -325,6 +329,7 @@ def build_report(
             target = s.sla_s if s.smallest else s.relaxed_sla_s
             smallest_costs[s.profile] = {
                 "count": count,
+                "machines": count * next(p.machines for p, _ in fleet if p.name == s.profile),
                 "sla_p95_s": target,
                 **price([(s.profile, count)]).as_dict(),
             }
@@ -348,6 +353,8 @@ def build_report(
         "fleet": {
             **given.as_dict(),
             "size": size,
+            "machines": sum(p.machines * n for p, n in fleet),
+            "groups": [_group_doc(p, n) for p, n in fleet if p.group is not None],
             "meets_sla": given.meets(sla_s),
             **({"traffic_policy": traffic.spec()} if traffic is not None else {}),
         },
@@ -482,6 +489,21 @@ def _plots(
     return paths
 
 
+def _group_doc(p: Profile, count: int) -> dict:
+    """A node-group profile in the plan: what one routing target is, and the machines it takes."""
+    g = p.group
+    return {
+        "profile": p.name,
+        "size": g.size,
+        "mode": g.mode,
+        "backend": g.backend,
+        "link": g.link,
+        "chip": p.node.chip,
+        "count": count,
+        "machines": count * g.size,
+    }
+
+
 def _json_safe(value):
     """JSON has no inf or NaN: None stands for them (a refused note's time, an undefined ratio)."""
     if isinstance(value, float):
@@ -515,6 +537,12 @@ def render(doc: dict) -> str:
     lines.append("")
     fleet_text = " + ".join(f"{x['count']} x {x['profile']}" for x in f["fleet"])
     lines.append(f"Fleet: {fleet_text}")
+    for g in f.get("groups", []):
+        lines.append(
+            f"  {g['profile']} is a node group: {g['size']} x {g['chip']}, {g['mode']} parallel over "
+            f"{g['backend']}" + (f" ({g['link']})" if g["link"] else "") + f", one routing target; "
+            f"{g['count']} such = {g['machines']} machines"
+        )
     lines.append(f"  {'':<16}{'p50':>9}{'p95':>9}{'p99':>9}{'mean':>9}")
     for label, key in (
         ("time per note", "time_per_note_s"),
@@ -598,6 +626,14 @@ def render(doc: dict) -> str:
         f"Cost of this fleet: ${fc['fleet_usd_day']:.2f}/day ({parts or 'nothing priced'}), "
         f"${fc['fleet_usd_per_1000_notes']:.2f} per 1,000 notes"
     )
+    if f.get("machines", f["size"]) != f["size"]:
+        per = ", ".join(
+            f"{name} ${d['total']:.2f}/day" for name, d in c["node_usd_day"].items() if d["total"]
+        )
+        lines.append(
+            f"  {f['machines']} machines in all: a node group costs its size x one machine's price, "
+            f"power and hosting" + (f" (per routing target: {per})" if per else "")
+        )
     for item in fc["not_priced"]:
         lines.append(f"  not priced: {item}")
     lines.append(
@@ -614,7 +650,13 @@ def render(doc: dict) -> str:
     for name, sc in c["smallest_fleets"].items():
         be = sc["break_even_notes_day"]
         lines.append(
-            f"Smallest fleet of {name} for p95 <= {sc['sla_p95_s']:g} s ({sc['count']} nodes): "
+            f"Smallest fleet of {name} for p95 <= {sc['sla_p95_s']:g} s ({sc['count']} nodes"
+            + (
+                f", {sc['machines']} machines"
+                if sc.get("machines", sc["count"]) != sc["count"]
+                else ""
+            )
+            + "): "
             f"${sc['fleet_usd_day']:.2f}/day, ${sc['fleet_usd_per_1000_notes']:.2f} per 1,000 notes"
             + (f", break-even {be:,.0f} notes/day" if be is not None else "")
         )

@@ -247,6 +247,14 @@ def _unreachable(err: grpc.RpcError, target: str, kind: str) -> typer.Exit:
 
 
 def _check_ready(st: node_pb2.NodeStatus, target: str) -> None:
+    if st.HasField("group") and st.group.size > 1 and st.group.rank != 0:
+        first = next((r for r in st.group.ranks if r.rank == 0), None)
+        where = f" on {first.hostname or first.address}" if first else ""
+        raise _stop(
+            f"{target} is rank {st.group.rank} of node group {st.node_id}, which serves no requests: "
+            f"profile the group at its rank 0{where} (its node agent's gRPC address), which serves "
+            "them for the whole group"
+        )
     state = common_pb2.Lifecycle.Name(st.lifecycle).removeprefix("LIFECYCLE_")
     if st.lifecycle != common_pb2.LIFECYCLE_READY or st.cordoned:
         raise _stop(
@@ -269,6 +277,10 @@ def _summary(prof: Profile, fitted: measure.Fitted) -> None:
         f"profile {prof.name}: {prof.model.id} ({prof.model.digest[:19]}) on {prof.node.node_id}, "
         f"{prof.node.engine}, max {prof.limits.max_running} running, context {prof.limits.max_context_tokens}"
     )
+    if prof.group is not None:
+        typer.echo(
+            f"node group   {prof.group.describe()}; ranks {', '.join(prof.group.hosts) or '-'}"
+        )
     typer.echo(
         f"decode step  {f.decode_base_s * 1000:.3f} ms + {f.decode_per_seq_s * 1000:.4f} ms per extra "
         f"sequence + {f.decode_per_ctx_token_s * 1e6:.4f} us per context token  (largest residual "
