@@ -195,7 +195,7 @@ class NodeAgent:
         if hasattr(self.engine, "share_stage"):  # a node group stages on every rank
             from node_agent.group_ops import wire_group_staging
 
-            wire_group_staging(self.engine, self.ops, loop)
+            wire_group_staging(self.engine, self.ops, self.staging, loop)
         # In the background: mDNS probing takes ~1 s, loading need not wait. In a node group
         # only rank 0 announces: the group is one node.
         if self.settings.mdns and not self.follower:

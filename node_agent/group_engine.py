@@ -84,8 +84,10 @@ class GroupMlxEngine(MlxEngine):
         self._pending: list = []  # events not sent until the ranks agreed on them
         self._parked: list[Future] = []  # a follower's load() calls, answered by rank 0's load
         self._loaded = None  # a follower's last load: ModelFacts or the exception
-        # A follower's agent: (op_id, source, model_id, version, expected) -> stage it there.
+        # A follower's agent: (op_id, source, model_id, version, expected) -> stage it there;
+        # and how the stages it was passed went ({op_id: [state, message]}), for its heartbeat.
         self.on_stage = None
+        self.stage_report = dict
         die_with_parent()
 
     # -- called from other threads -------------------------------------------------
@@ -111,6 +113,21 @@ class GroupMlxEngine(MlxEngine):
         """Rank 0: have every other rank stage the same source path on its own host (its
         agent runs the staging, digest-checked, as if told directly)."""
         self._send(("stage", [op_id, source, model_id, version, expected]))
+
+    def staged_on(self, rank: int, op_id: str) -> Optional[tuple[str, str]]:
+        """Rank 0: how stage `op_id` went on follower `rank` ("running", "done" or "failed",
+        and its message), as its last heartbeat said; None if it has not started it."""
+        hb = self._heartbeat
+        stages = hb.info(rank).get("stages") if hb is not None else None
+        got = stages.get(op_id) if isinstance(stages, dict) else None
+        if isinstance(got, list) and len(got) == 2 and all(isinstance(x, str) for x in got):
+            return got[0], got[1]
+        return None
+
+    @property
+    def failure(self) -> str:
+        """Why the group failed; empty while it has not."""
+        return self._failed
 
     def submit(self, request: EngineRequest) -> None:
         if self.follower:
@@ -418,7 +435,12 @@ class GroupMlxEngine(MlxEngine):
         import mlx_lm.generate  # noqa: F401 - seconds of imports, done before the group waits
         import mlx_lm.utils  # noqa: F401
 
-        self._heartbeat = Heartbeat(spec, on_silent=self._fail_group, tick=self._watch)
+        self._heartbeat = Heartbeat(
+            spec,
+            on_silent=self._fail_group,
+            tick=self._watch,
+            stages=lambda: self.stage_report(),
+        )
         self._heartbeat.start()
         waited = 0
         while not self._heartbeat.rendezvous(1.0):

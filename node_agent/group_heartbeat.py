@@ -2,7 +2,8 @@
 stuck in a collective still answers here, and a rank that is stopped or cut off does not.
 
 UDP on each rank's --group port (the collective backend uses TCP on it). Rank 0 pings every
-follower each period; a follower answers with its host and memory. Rank 0 calls a follower
+follower each period; a follower answers with its host and memory, and how the stages rank 0
+passed on to it went (node_agent/group_ops.py: rank 0's stage ends once every rank's has). Rank 0 calls a follower
 silent after `timeout_s` without an answer, a follower calls rank 0 silent after as long
 without a ping. Datagrams carry no request content; each is accepted only from the address
 the group lists for its sender.
@@ -39,10 +40,12 @@ class Heartbeat:
         *,
         on_silent: Callable[[int, str], None],
         tick: Callable[[], None] = lambda: None,
+        stages: Callable[[], dict] = dict,
     ):
         self._spec = spec
         self._on_silent = on_silent
         self._tick = tick
+        self._stages = stages  # a follower's: {operation id: [state, message]}, sent in each pong
         self.period_s = period_of(spec.timeout_s)
         addresses = [a[0].rpartition(":") for a in _ring_hostfile(spec.addresses)]
         self._peers = [(h.strip("[]"), int(p)) for h, _, p in addresses]
@@ -167,9 +170,10 @@ class Heartbeat:
                     "total": mem.total_bytes,
                     "avail": mem.available_bytes,
                     "rss": mem.process_rss_bytes,
+                    "stages": self._stages(),
                 },
             )
         elif body.get("kind") == "pong":
             self._info[sender] = {
-                k: body[k] for k in ("host", "total", "avail", "rss") if k in body
+                k: body[k] for k in ("host", "total", "avail", "rss", "stages") if k in body
             }

@@ -88,6 +88,12 @@ class Operations:
         self._busy: Optional[str] = None  # the model operation under way (stage runs beside)
         self._tasks: set[asyncio.Task] = set()
         self._saving = asyncio.Lock()  # one state-file write at a time, in order
+        # A node group (node_agent/group_ops.py): the model's own digest it serves (what is
+        # staged and activated; its ModelInfo's adds the layout), and on rank 0 the other
+        # ranks' staging, awaited with its own: (op_id, source, model_id, version, expected)
+        # -> what to add to the done message, or OperationError naming the rank.
+        self.serving_digest: Callable[[], str] = lambda: self._model_info().weights_digest
+        self.stage_on_other_ranks: Optional[Callable[..., Awaitable[str]]] = None
 
     # -- fencing ----------------------------------------------------------------------
     async def fence(self, token: int) -> None:
@@ -309,19 +315,30 @@ class Operations:
         if new:
 
             async def work() -> str:
-                try:
-                    info = await asyncio.to_thread(
-                        self._staging.stage_from_path,
-                        source,
-                        model_id=model_id,
-                        version=version,
-                        expected_digest=expected,
+                others = None
+                if self.stage_on_other_ranks is not None:
+                    others = asyncio.ensure_future(
+                        self.stage_on_other_ranks(op_id, source, model_id, version, expected)
                     )
-                except (StagingError, OSError) as exc:
-                    raise OperationError(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}"
-                    ) from None
-                return f"staged {info.model_id} {info.version} {info.digest[:19]}"
+                    others.add_done_callback(lambda t: t.cancelled() or t.exception())
+                try:
+                    try:
+                        info = await asyncio.to_thread(
+                            self._staging.stage_from_path,
+                            source,
+                            model_id=model_id,
+                            version=version,
+                            expected_digest=expected,
+                        )
+                    except (StagingError, OSError) as exc:
+                        raise OperationError(
+                            grpc.StatusCode.FAILED_PRECONDITION, f"staging {source} failed: {exc}"
+                        ) from None
+                    elsewhere = await others if others is not None else ""
+                finally:
+                    if others is not None:
+                        others.cancel()
+                return f"staged {info.model_id} {info.version} {info.digest[:19]}{elsewhere}"
 
             self._background(rec, work)
         return rec
@@ -369,7 +386,7 @@ class Operations:
         except OperationError:
             self.state.operations.remove(rec)
             raise
-        if target.digest and target.digest == self._model_info().weights_digest:
+        if target.digest and target.digest == self.serving_digest():
             return await self._end(
                 rec, True, f"already serving {target.model_id} {target.digest[:19]}"
             )
@@ -399,7 +416,7 @@ class Operations:
 
     async def _activate(self, target: ModelRef) -> str:
         now = self._model_info()
-        old = replace(self.serving(), digest=now.weights_digest, version=now.version)
+        old = replace(self.serving(), digest=self.serving_digest(), version=now.version)
         try:
             if await self._load_and_warm(target):
                 self.state.previous, self.state.active, self.state.drained = old, target, False
