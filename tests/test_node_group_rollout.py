@@ -110,6 +110,25 @@ def test_rolling_update_of_a_group_and_a_node_under_load_fails_no_request(
         # The model it went back from is recorded by its own digest: --previous finds it.
         assert st.previous_model.weights_digest == old
 
+        # Rolled out again, the group is found on the target by the model's own digest.
+        again = fleetctl(
+            co,
+            "rollout",
+            "start",
+            "--model",
+            str(new_model),
+            "--version",
+            "v2",
+            "--shared-path",
+            "--digest",
+            new,
+            "--rollout-id",
+            "r-again",
+            "--wait",
+        )
+        assert again.exit_code == 0, again.output
+        assert all(n.message.startswith("already on") for n in rollout(co, "r-again").nodes)
+
         stub = node_pb2_grpc.NodeStub(rank0.channel)
         stub.Drain(node_pb2.DrainRequest(operation_id="back-drain"), timeout=5)
         rank0.wait_until(lambda s: s.lifecycle == DRAINED, 30, "drained")
