@@ -68,6 +68,9 @@ def test_make_tiny_then_generate_json_and_status(tmp_path):
         assert doc["completion_tokens"] == len(doc["token_ids"]) <= 12
         assert doc["weights_digest"].startswith("sha256:")
         assert doc["time_to_first_token_ms"] > 0
+        # `fleetctl model digest` gives the digest the node reports for the same files.
+        digest = fleetctl("model", "digest", str(tmp_path / "m"))
+        assert digest.returncode == 0 and digest.stdout.strip() == doc["weights_digest"]
 
         streamed = fleetctl(
             "generate",
@@ -127,3 +130,12 @@ def test_make_tiny_then_generate_json_and_status(tmp_path):
         "node", "status", "--tls-name", "operator", "--target", node.address, "--timeout-s", "2"
     )
     assert gone.returncode == 3 and "UNAVAILABLE" in gone.stderr
+
+
+def test_model_digest_refuses_what_is_not_a_model(tmp_path):
+    missing = fleetctl("model", "digest", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "is not a directory" in missing.stderr
+    empty = fleetctl("model", "digest", str(tmp_path))
+    assert empty.returncode == 2 and "has no model files" in empty.stderr
+    bad = fleetctl("model", "digest", str(tmp_path), "-o", "yaml")
+    assert bad.returncode == 2 and "--output" in bad.stderr

@@ -84,3 +84,37 @@ def make_tiny(
         raise typer.Exit(2) from None
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     typer.echo(json.dumps({"path": str(path), "bytes": size, "spec": spec.__dict__}))
+
+
+@app.command("digest")
+def digest(
+    model_dir: Path = typer.Argument(
+        ..., metavar="DIR", help="A model directory (config.json and *.safetensors)."
+    ),
+    output: str = typer.Option("text", "--output", "-o", help="text or json."),
+) -> None:
+    """Print the weights digest a node reports for DIR (sha256:...): what rollouts target
+    (target.weights_digest), what an upstream node declares (--upstream-digest), and what a
+    stream resumes on. Hashes every weights file (minutes for 40 GB), then caches the result."""
+    from cluster.digest import digest_files, weights_digest
+
+    if output not in ("text", "json"):
+        typer.echo(
+            f"fleetctl: model digest: --output must be text or json, not {output!r}", err=True
+        )
+        raise typer.Exit(2)
+    if not model_dir.is_dir():
+        typer.echo(f"fleetctl: model digest: {model_dir} is not a directory", err=True)
+        raise typer.Exit(2)
+    try:
+        files = digest_files(model_dir)
+        value = weights_digest(model_dir)
+    except (FileNotFoundError, OSError) as exc:
+        typer.echo(f"fleetctl: model digest: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if output == "json":
+        typer.echo(
+            json.dumps({"path": str(model_dir), "weights_digest": value, "files": len(files)})
+        )
+    else:
+        typer.echo(value)
