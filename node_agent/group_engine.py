@@ -376,6 +376,19 @@ class GroupMlxEngine(MlxEngine):
                         f"{name} {value} of {path.name} does not divide among {spec.size} "
                         "ranks: tensor mode needs it to; use --group-mode pipeline"
                     )
+            # A quantized layer split along its input (o_proj, down_proj) must split into
+            # whole quantization groups: Qwen2.5-72B's 29,568-wide MLP in groups of 64 does
+            # not split four ways, and the load would fail inside the split.
+            group_size = int((config.get("quantization") or {}).get("group_size") or 0)
+            for name in ("hidden_size", "intermediate_size"):
+                value = int(config.get(name) or 0)
+                if group_size and (value // spec.size) % group_size:
+                    return (
+                        f"{name} {value} of {path.name} in quantization groups of {group_size} "
+                        f"does not split into whole groups among {spec.size} ranks: tensor mode "
+                        "needs it to; use a checkpoint quantized with a smaller group size, "
+                        "fewer ranks, or --group-mode pipeline"
+                    )
         return None
 
     def _do_load(self):

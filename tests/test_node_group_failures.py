@@ -165,3 +165,36 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_tensor_mode_refuses_a_quantized_split_into_partial_groups(tmp_path):
+    """Qwen2.5-72B-Instruct-4bit's shape (hidden 8,192, MLP 29,568, quantization groups of
+    64): two ranks split it into whole groups, four do not (29,568 / 4 = 7,392 = 115.5
+    groups), which mlx refuses inside the load; the check says so before any rank loads.
+    The check reads only config.json, so no weights are made here."""
+    import json
+    from types import SimpleNamespace
+
+    from node_agent.group import GroupSpec
+    from node_agent.group_engine import GroupMlxEngine
+
+    config = {
+        "hidden_size": 8192,
+        "intermediate_size": 29568,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "quantization": {"group_size": 64, "bits": 4},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    def problem(size: int):
+        spec = GroupSpec(tuple(f"10.0.0.{i}:5000" for i in range(size)), 0, "ring", "tensor", 10)
+        return GroupMlxEngine._shard_problem(SimpleNamespace(group_spec=spec, _path=tmp_path))
+
+    assert problem(2) is None
+    four = problem(4)
+    assert four and "intermediate_size 29568" in four and "quantization groups of 64" in four
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config, "quantization": {"group_size": 32, "bits": 4}})
+    )
+    assert problem(4) is None  # 7,392 / 32 = 231 whole groups
