@@ -41,22 +41,23 @@ from cluster.tinymodel import make_tiny_model  # noqa: E402
 GOAL_P95_ERROR_PCT = 10.0
 
 
-async def profile_node(node: NodeProcess, via: CoordinatorProcess | None) -> Profile:
-    """`fleetctl profile --quick`, in process: through `via`, a coordinator of this node alone
-    (the path the replayed notes take), or with None straight to the node (`--node`)."""
-    before = node.status()
-    limits = measure.limits_of(before)
+def _client(node: NodeProcess, via: CoordinatorProcess | None) -> AsyncFleetClient:
+    """Through `via`, a coordinator of this node alone (the path the replayed notes take), or
+    with None straight to the node (`--node`)."""
     if via is None:
-        client = AsyncFleetClient(
+        return AsyncFleetClient(
             node.address,
             tls=node.credentials(HARNESS_NODE_CALLER, Role.COORDINATOR),
             server_name=ANY_NODE,
         )
-    else:
-        client = AsyncFleetClient(
-            via.address, tls=via.credentials(HARNESS_APP, Role.APP), max_attempts=1
-        )
-    async with client:
+    return AsyncFleetClient(via.address, tls=via.credentials(HARNESS_APP, Role.APP), max_attempts=1)
+
+
+async def profile_node(node: NodeProcess, via: CoordinatorProcess | None) -> Profile:
+    """`fleetctl profile --quick`, in process (see _client for the path)."""
+    before = node.status()
+    limits = measure.limits_of(before)
+    async with _client(node, via) as client:
         prober = measure.Prober(
             client, limits, node_id="" if via is None else before.node_id, timeout_s=120
         )
@@ -71,6 +72,29 @@ async def profile_node(node: NodeProcess, via: CoordinatorProcess | None) -> Pro
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         through=f"directly on {node.address}" if via is None else f"through {via.address}",
     )
+
+
+async def host_parallelism(pairs, running: int, context: int = 512, steps: int = 40):
+    """How many of this host's nodes run at full speed at once: each node's decode step with
+    `running` sequences alone, then all nodes' at the same time; P = nodes x alone / together
+    (1: one node alone keeps the host busy; the number of nodes: they do not slow each other).
+    Returns (P, the steps alone, the steps together)."""
+
+    async def step(node, via) -> float:
+        async with _client(node, via) as client:
+            prober = measure.Prober(
+                client,
+                measure.limits_of(node.status()),
+                node_id="" if via is None else node.node_id,
+                timeout_s=120,
+            )
+            await prober.calibrate()
+            return (await prober.decode_point(running, context, steps)).step_s
+
+    alone = [await step(n, v) for n, v in pairs]
+    together = await asyncio.gather(*(step(n, v) for n, v in pairs))
+    slowdown = sum(t / a for t, a in zip(together, alone, strict=True)) / len(pairs)
+    return min(float(len(pairs)), max(1.0, len(pairs) / slowdown)), alone, together
 
 
 async def calibrate(coordinator: CoordinatorProcess) -> rp.PromptBuilder:
@@ -91,6 +115,7 @@ async def replay_at(
     seed: int,
     fleet,
     nodes_per_host: int,
+    parallel: float,
 ) -> rp.ReplayReport:
     """`fleetctl replay --predict-with`, in process: `seconds` of the workload's arrivals."""
     notes, start, length = rp.plan_notes(
@@ -111,7 +136,7 @@ async def replay_at(
         window_s=length,
         calibration_requests=0,
     )
-    rp.add_prediction(report, fleet, notes, nodes_per_host)
+    rp.add_prediction(report, fleet, notes, nodes_per_host, parallel)
     return report
 
 
@@ -121,6 +146,7 @@ async def lone_notes(
     workload,
     fleet,
     nodes_per_host: int,
+    parallel: float,
     count: int = 5,
 ) -> tuple[float, float]:
     """`count` notes one at a time (nothing else in flight): the mean measured time per note
@@ -139,7 +165,7 @@ async def lone_notes(
             )
             if outcomes[0].outcome == "completed":
                 measured.append(outcomes[0].total_s)
-                predicted.append(rp.predict(fleet, [note], nodes_per_host).p50_s)
+                predicted.append(rp.predict(fleet, [note], nodes_per_host, parallel).p50_s)
     return sum(measured) / max(1, len(measured)), sum(predicted) / max(1, len(predicted))
 
 
@@ -164,6 +190,13 @@ def main() -> int:
         default=0,
         help="how many nodes the planner puts on one host, sharing its compute (default: all of "
         "them, since they all run on this machine; 1 models each node on a host of its own)",
+    )
+    ap.add_argument(
+        "--host-parallelism",
+        type=float,
+        default=None,
+        help="how many of a host's nodes run at full speed at once (default: measured, from "
+        "each node's decode step alone and all at once)",
     )
     ap.add_argument(
         "--profile-through",
@@ -233,6 +266,18 @@ def main() -> int:
                     profiles = list(asyncio.run(together()))
                 else:
                     profiles = [asyncio.run(profile_node(n, v)) for n, v in pairs]
+                if per_host > 1 and args.host_parallelism is None:
+                    parallel, alone, together = asyncio.run(
+                        host_parallelism(pairs[:per_host], args.max_running)
+                    )
+                    print(
+                        f"host parallelism {parallel:.2f}: {args.max_running}-sequence decode "
+                        f"steps {', '.join(f'{a * 1e3:.2f}' for a in alone)} ms alone, "
+                        f"{', '.join(f'{t * 1e3:.2f}' for t in together)} ms all at once",
+                        flush=True,
+                    )
+                else:
+                    parallel = args.host_parallelism or 1.0
             finally:
                 for via in vias:
                     via.stop()
@@ -256,12 +301,17 @@ def main() -> int:
                 prompt_tokens=args.prompt_tokens,
                 output_tokens=args.output_tokens,
             )
-            # Nodes sharing a host share its compute: a host does what its average node does alone.
+            # Nodes sharing a host share its compute: a host does what its average node does
+            # alone, times how many it runs at full speed at once.
             hosts = [profiles[i : i + per_host] for i in range(0, len(profiles), per_host)]
-            capacity = sum(sum(node_notes_per_s(p, shape) for p in h) / len(h) for h in hosts)
+            capacity = sum(
+                sum(node_notes_per_s(p, shape) for p in h) / len(h) * min(parallel, len(h))
+                for h in hosts
+            )
             print(
                 f"planner's capacity: {capacity:.2f} notes/s (prompt {args.prompt_tokens}, output "
-                f"{args.output_tokens} tokens; {per_host} node(s) per host sharing its compute); "
+                f"{args.output_tokens} tokens; {per_host} node(s) per host sharing its compute, "
+                f"{parallel:.2f} at full speed); "
                 f"{args.seconds:g} s of Poisson arrivals per load",
                 flush=True,
             )
@@ -270,7 +320,7 @@ def main() -> int:
                 if i == 0:  # calibrate prompts once, then a few lone notes
                     builder = asyncio.run(calibrate(coordinator))
                     lone_m, lone_p = asyncio.run(
-                        lone_notes(coordinator, builder, shape, fleet, per_host)
+                        lone_notes(coordinator, builder, shape, fleet, per_host, parallel)
                     )
                     print(
                         f"lone notes (one at a time): measured {lone_m:.2f} s, predicted {lone_p:.2f} s "
@@ -287,7 +337,14 @@ def main() -> int:
                 )
                 report = asyncio.run(
                     replay_at(
-                        coordinator, builder, workload, args.seconds, args.seed + i, fleet, per_host
+                        coordinator,
+                        builder,
+                        workload,
+                        args.seconds,
+                        args.seed + i,
+                        fleet,
+                        per_host,
+                        parallel,
                     )
                 )
                 mix = TokenMix(

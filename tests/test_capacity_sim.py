@@ -218,6 +218,12 @@ def test_nodes_sharing_a_host_share_its_compute():
     assert res.throughput_per_s == pytest.approx(bound, rel=0.02)
     apart = simulate(fleet_of([(node, 2)], max_queued=100_000), reqs, window=(100.0, 300.0))
     assert apart.throughput_per_s == pytest.approx(2 * bound, rel=0.02)
+    # A host that runs 1.5 nodes at full speed: both busy, each step takes 2 / 1.5 times longer.
+    partly = fleet_of([(node, 2)], nodes_per_host=2, host_parallelism=1.5, max_queued=100_000)
+    res = simulate(partly, reqs, window=(100.0, 300.0), limits=UNBOUNDED)
+    assert res.throughput_per_s == pytest.approx(1.5 * bound, rel=0.02)
+    with pytest.raises(ValueError, match="host parallelism"):
+        fleet_of([(node, 2)], nodes_per_host=2, host_parallelism=0)
     with pytest.raises(ValueError, match="nodes per host"):
         fleet_of([(node, 2)], nodes_per_host=0)
 

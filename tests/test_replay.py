@@ -163,6 +163,7 @@ def test_replay_with_a_prediction_shows_both_and_the_error(fleet, tmp_path):
         (("--predict-with", "x.toml=zero"), "--predict-with"),
         (("-o", "yaml"), "--output"),
         (("--nodes-per-host", "0"), "--nodes-per-host"),
+        (("--host-parallelism", "0"), "--host-parallelism"),
     ],
 )
 def test_replay_refuses_bad_flags_naming_the_flag(flags, flag):

@@ -448,18 +448,22 @@ def parse_fleet(
 
 
 def predict(
-    fleet: Sequence[tuple[Profile, int]], notes: Sequence[PlannedNote], nodes_per_host: int = 1
+    fleet: Sequence[tuple[Profile, int]],
+    notes: Sequence[PlannedNote],
+    nodes_per_host: int = 1,
+    host_parallelism: float = 1.0,
 ) -> Measured:
     """The planner's prediction (cluster.capacity.simulate) for these very notes, at the
     times they were planned, on the fleet the profiles describe (`nodes_per_host` nodes
-    sharing each host's compute); figures as `summarize` computes them from a run
-    (throughput over first send to last end)."""
+    sharing each host's compute, `host_parallelism` of them at full speed); figures as
+    `summarize` computes them from a run (throughput over first send to last end)."""
     requests = [
         Request(n.at_s, n.prompt_tokens, n.output_tokens, n.cached_tokens)
         for n in sorted(notes, key=lambda n: n.at_s)
     ]
     end = max((n.at_s for n in notes), default=0.0) + 1e-6
-    result = simulate(fleet_of(fleet, nodes_per_host), requests, window=(0.0, end))
+    specs = fleet_of(fleet, nodes_per_host, host_parallelism)
+    result = simulate(specs, requests, window=(0.0, end))
     by_arrival = sorted(notes, key=lambda n: n.at_s)
     done = [
         (n, total)
@@ -487,8 +491,9 @@ def add_prediction(
     fleet: Sequence[tuple[Profile, int]],
     notes: Sequence[PlannedNote],
     nodes_per_host: int = 1,
+    host_parallelism: float = 1.0,
 ) -> None:
     """Put the planner's prediction and its error beside the measurement."""
-    report.predicted = predict(fleet, notes, nodes_per_host)
+    report.predicted = predict(fleet, notes, nodes_per_host, host_parallelism)
     report.error_pct = error_pct(report.predicted, report.measured)
     report.fleet = [f"{p.path or p.name}={count}" for p, count in fleet]

@@ -14,9 +14,10 @@ for a free slot), which keeps a busy day to a few events per note.
 
 Nodes that share one host (`NodeSpec.host`: a test rig of several agents on one machine; a
 Mac or a GPU runs one node) share its compute: a step that starts while k nodes of the host
-are busy takes k times its profiled time (processor sharing, for a node that alone keeps
-every core busy, as MLX on CPU does). When a node of the host starts or stops being busy,
-the others re-plan at their next step boundary.
+are busy takes max(1, k / P) times its profiled time, P being how many nodes the host runs
+at full speed at once (`host_parallelism`, measured: 1 when one node alone keeps the whole
+host busy). When a node of the host starts or stops being busy, the others re-plan at their
+next step boundary.
 
 With a traffic policy (cluster.traffic.Policy, docs/traffic.md) each note is given a node
 class as the coordinator gives it: the policy's own Chooser (smooth weighted round robin),
@@ -92,6 +93,7 @@ class NodeSpec:
     prefill_batch: int = PREFILL_BATCH  # prompts prefilled together (the prompt batch)
     prefill_chunk: int = PREFILL_STEP  # prompt tokens of each prompt prefilled in one step
     host: str = ""  # nodes with the same host share its compute ("" = a host of its own)
+    host_parallelism: float = 1.0  # nodes that host runs at full speed at once
     node_class: str = ""  # its traffic class ("" = by engine: upstream or local; class_of)
 
     @property
@@ -123,24 +125,35 @@ class OverflowSettings:
 
 
 def fleet_of(
-    counts: Sequence[tuple[Profile, int]], nodes_per_host: int = 1, **node_kw
+    counts: Sequence[tuple[Profile, int]],
+    nodes_per_host: int = 1,
+    host_parallelism: float = 1.0,
+    **node_kw,
 ) -> list[NodeSpec]:
     """NodeSpecs for (profile, count) pairs, named profile-name/1, /2, ...; with
-    `nodes_per_host` > 1, consecutive nodes share hosts of that many nodes each."""
+    `nodes_per_host` > 1, consecutive nodes share hosts of that many nodes each, each host
+    running `host_parallelism` of them at full speed at once."""
     if nodes_per_host < 1:
         raise ValueError(f"nodes per host must be >= 1, not {nodes_per_host}")
+    if not host_parallelism > 0:
+        raise ValueError(f"host parallelism must be > 0, not {host_parallelism}")
     specs: list[NodeSpec] = []
     for p, n in counts:
         for i in range(n):
             host = f"host-{len(specs) // nodes_per_host + 1}" if nodes_per_host > 1 else ""
-            specs.append(NodeSpec(p, f"{p.name}/{i + 1}", host=host, **node_kw))
+            specs.append(
+                NodeSpec(
+                    p, f"{p.name}/{i + 1}", host=host, host_parallelism=host_parallelism, **node_kw
+                )
+            )
     return specs
 
 
 class _Host:
     """The nodes of one host and which of them are busy (have sequences to step)."""
 
-    def __init__(self):
+    def __init__(self, parallelism: float):
+        self.parallelism = parallelism
         self.nodes: list[_Node] = []
         self.busy: set[int] = set()
 
@@ -237,10 +250,12 @@ class _Node:
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
 
-    def _scale(self) -> int:
+    def _scale(self) -> float:
         """How many times longer than profiled a step starting now takes: the busy nodes
-        sharing this node's host (itself included)."""
-        return max(1, len(self.host.busy)) if self.host is not None else 1
+        sharing this node's host (itself included) over how many it runs at full speed."""
+        if self.host is None:
+            return 1.0
+        return max(1.0, len(self.host.busy) / self.host.parallelism)
 
     def _steps(self, lead: float, k: int, a: float, b: float, interruptible: bool):
         """Run a first step of `lead` seconds (0: none) and then k steps (the j-th taking
@@ -702,7 +717,10 @@ def simulate(
                 all_done.succeed()
 
     coord.on_end = on_end
-    hosts: dict[str, _Host] = {spec.host: _Host() for spec in fleet if spec.host}
+    hosts: dict[str, _Host] = {}
+    for spec in fleet:
+        if spec.host and spec.host not in hosts:
+            hosts[spec.host] = _Host(spec.host_parallelism)
     coord.nodes = [
         _Node(env, i, spec, window, coord.release, hosts.get(spec.host))
         for i, spec in enumerate(fleet)

@@ -84,6 +84,14 @@ def replay(
         help="For --predict-with: the fleet's nodes run N to a host and share its compute "
         "(a test rig of several agents on one machine; a Mac or a GPU runs one node).",
     ),
+    host_parallelism: float = typer.Option(
+        1.0,
+        "--host-parallelism",
+        metavar="P",
+        help="With --nodes-per-host: how many of a host's nodes run at full speed at once "
+        "(a node's step time alone x nodes busy / its step time while they all run); 1: one "
+        "node alone keeps the whole host busy.",
+    ),
     timeout_s: float = typer.Option(300.0, "--timeout-s", help="Deadline for each note."),
     output: str = typer.Option("table", "--output", "-o", help="table or json."),
     tls_dir: Path | None = TLS_DIR,
@@ -107,6 +115,8 @@ def replay(
         raise _bad("--duration", f"must be 0 < seconds <= 86400, not {duration:g}")
     if nodes_per_host < 1:
         raise _bad("--nodes-per-host", f"must be a whole number >= 1, not {nodes_per_host}")
+    if not (host_parallelism > 0 and math.isfinite(host_parallelism)):
+        raise _bad("--host-parallelism", f"must be a number > 0, not {host_parallelism:g}")
     start_s = _clock(start)
     workload = wo.workload_from_flags(
         "replay",
@@ -150,7 +160,7 @@ def replay(
     except FleetError as err:
         raise fail(err, coordinator) from None
     if fleet is not None:
-        rp.add_prediction(report, fleet, notes, nodes_per_host)
+        rp.add_prediction(report, fleet, notes, nodes_per_host, host_parallelism)
     if output == "json":
         typer.echo(json.dumps(report.as_dict()))
         return
