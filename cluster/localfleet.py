@@ -222,6 +222,16 @@ class DaemonProcess:
         self.stop()
         if "--listen" in self.args and self.address:
             self.args[self.args.index("--listen") + 1] = self.address
+        # Its HTTP ports too: by default they follow the gRPC port (+1, +2), and a port the
+        # first start was given by the kernel may have gone to another process since.
+        for flag, address in (
+            ("--http-listen", self.http_address),
+            ("--openai-listen", self.openai_address),
+        ):
+            if address and flag in self.args:
+                self.args[self.args.index(flag) + 1] = address
+            elif address:
+                self.args += [flag, address]
         return self.start(log_dir, timeout_s)
 
     def signal(self, sig: int) -> None:
