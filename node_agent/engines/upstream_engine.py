@@ -38,9 +38,16 @@ from node_agent.engine import (
     quantization_of,
     stored_parameters,
 )
-from node_agent.engines import upstream_openai
 from node_agent.engines.loop_engine import LoopEngine
 from node_agent.engines.upstream_check import token_check
+from node_agent.engines.upstream_openai import (
+    TextReader,
+    TextTokens,
+    codec,
+    refusal,
+    remote_digest,
+    request_body,
+)
 from node_agent.engines.vllm_protocol import (
     chunk_events,
     completion_body,
@@ -247,7 +254,7 @@ class UpstreamEngine(LoopEngine):
             load_tokenizer, path, eos_token_ids=config.get("eos_token_id")
         )
         if self._kind == "openai":
-            digest = upstream_openai.remote_digest(self._url, self._served_model)
+            digest = remote_digest(self._url, self._served_model)
         else:
             digest = self._digest or await asyncio.to_thread(weights_digest, path)
         parameters = await asyncio.to_thread(stored_parameters, path)
@@ -256,7 +263,7 @@ class UpstreamEngine(LoopEngine):
             context = min(context, self._max_context)
         vocab = int(config.get("vocab_size") or len(tokenizer.vocab))
         self._tokenizer, self._eos = tokenizer, tuple(sorted(tokenizer.eos_token_ids))
-        self._encode, self._decode, self._spans = upstream_openai.codec(tokenizer)
+        self._encode, self._decode, self._spans = codec(tokenizer)
         version = await self._reach()
         self._serving, self._up_since = True, time.monotonic()
         return ModelFacts(
@@ -362,16 +369,16 @@ class UpstreamEngine(LoopEngine):
         """(path, body, reader) of the request's streaming call for this kind; the reader's
         `read(msg)` gives (events, finished, failure) and `cut` says it ended the call."""
         if self._kind == "openai":
-            path, body = upstream_openai.request_body(req, self._served_model, self._decode)
-            tokens = upstream_openai.TextTokens(self._encode, self._decode, self._spans)
-            return path, body, upstream_openai.TextReader(tokens, req.max_tokens)
+            path, body = request_body(req, self._served_model, self._decode)
+            tokens = TextTokens(self._encode, self._decode, self._spans)
+            return path, body, TextReader(tokens, req.max_tokens)
         return "/v1/completions", completion_body(req, self._served_model, self._eos), _TokenReader
 
     async def _generate(self, req: EngineRequest) -> None:
         import aiohttp
 
         key = req.key
-        refused = upstream_openai.refusal(req) if self._kind == "openai" else None
+        refused = refusal(req) if self._kind == "openai" else None
         if refused is not None:
             self._fail(key, refused, status="FAILED_PRECONDITION")  # frees its slot
             return self._pump()
