@@ -198,7 +198,11 @@ class Operations:
                     rec, False, f"internal error ({type(exc).__name__}: {exc}); see the node log"
                 )
 
-        task = asyncio.get_running_loop().create_task(run())
+        return self._spawn(run())
+
+    def _spawn(self, work: Awaitable) -> asyncio.Task:
+        """A task held until it ends, so the loop cannot drop it half done."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -208,9 +212,7 @@ class Operations:
         caller that goes away mid-call (a coordinator killed) cancels its wait, not the
         operation, so the record never stays running with nothing left to end it (a retry
         of the same id would find it running for ever)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._spawn(work)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if orphaned
         return await asyncio.shield(task)
 
