@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 class LoopEngine:
     """Subclasses set `name`, `what` (for messages: "vLLM engine") and implement `_open`,
-    `_generate(req)` and `_not_serving()`; `_crashed()` runs if the thread dies."""
+    `_generate(req)`, `_not_serving()` and `_shutdown()` (on the thread, at close, within
+    `_shutdown_timeout_s()`); `_crashed()` runs if the thread dies or the shutdown fails."""
 
     name: str
     what: str
@@ -85,6 +86,24 @@ class LoopEngine:
                 raise EngineClosed(f"the {self.what} is not running")
             return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
+    def close(self) -> None:
+        """Fail what is left, run `_shutdown` on the engine thread and stop it; idempotent."""
+        with self._gate:
+            if self._thread is None or self._closed.is_set():
+                return
+            self._closed.set()
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        try:
+            fut.result(timeout=self._shutdown_timeout_s())
+        except Exception as exc:  # noqa: BLE001 - the loop is stopped below in any case
+            log.error("%s shutdown did not finish cleanly: %s", self.what, type(exc).__name__)
+            self._crashed()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def _shutdown_timeout_s(self) -> float:
+        return 15.0
+
     # -- engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
@@ -115,6 +134,9 @@ class LoopEngine:
 
     def _not_serving(self) -> str:
         """Why a request arriving now cannot be sent (the engine is not serving)."""
+        raise NotImplementedError
+
+    async def _shutdown(self) -> None:
         raise NotImplementedError
 
     def _crashed(self) -> None:

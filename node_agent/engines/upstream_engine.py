@@ -202,19 +202,6 @@ class UpstreamEngine(LoopEngine):
             ),
         )
 
-    def close(self) -> None:
-        with self._gate:
-            if self._thread is None or self._closed.is_set():
-                return
-            self._closed.set()
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        try:
-            fut.result(timeout=15)
-        except Exception as exc:  # noqa: BLE001 - the loop is stopped below in any case
-            log.error("upstream engine shutdown did not finish cleanly: %s", type(exc).__name__)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
     # -- engine thread ---------------------------------------------------------------
 
     async def _open(self) -> None:

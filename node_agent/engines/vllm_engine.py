@@ -142,20 +142,9 @@ class VllmEngine(LoopEngine):
             ),
         )
 
-    def close(self) -> None:
-        """Fail what is left, stop the server (SIGTERM, then SIGKILL) and the thread; idempotent."""
-        with self._gate:
-            if self._thread is None or self._closed.is_set():
-                return
-            self._closed.set()
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        try:
-            fut.result(timeout=self._server.stop_grace_s + 15)
-        except Exception as exc:  # noqa: BLE001 - the group is killed below in any case
-            log.error("vLLM engine shutdown did not finish cleanly: %s", type(exc).__name__)
-            self._server.kill_group_now()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+    def _shutdown_timeout_s(self) -> float:
+        """close() stops the server (SIGTERM, then SIGKILL after its grace)."""
+        return self._server.stop_grace_s + 15
 
     def _crashed(self) -> None:
         self._server.kill_group_now()
