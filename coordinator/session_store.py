@@ -88,7 +88,10 @@ class SessionStore:
     def session(
         self, key: str, now: float, idle_s: float, max_s: float, touch: bool
     ) -> Optional[Identity]:
-        with self._begin() as db:
+        # Immediate: this read may write (touch, expire). A page's script, stylesheet and
+        # poll check one session at once; on SQLite's WAL a deferred read that then writes
+        # fails at once (SQLITE_BUSY) when another wrote first, where BEGIN IMMEDIATE waits.
+        with self._begin(immediate=True) as db:
             r = db.execute(
                 sa.select(
                     DS.c.role, DS.c.name, DS.c.serial, DS.c.not_after, DS.c.created, DS.c.last_used

@@ -128,6 +128,39 @@ def test_two_stores_on_one_database_share_sessions_and_keep_only_hashes(state_ur
         db_b.close()
 
 
+def test_a_page_and_its_assets_checking_one_session_at_once_all_get_through(state_url):
+    """A browser loads the page's script and stylesheet and polls at the same moment: each
+    request checks (and touches) the one session. On SQLite's WAL a read that then writes
+    lost to a concurrent writer at once (SQLITE_BUSY, no busy wait): a 503 for the script
+    and a dashboard stuck at "connecting" (seen under load in CI)."""
+    stores = [SessionStore(state_url) for _ in range(2)]
+    try:
+        now = 7000.0
+        stores[0].add_session("k", DANA, now)
+        barrier = threading.Barrier(8)
+        results: list = []
+
+        def check(i: int) -> None:
+            store = stores[i % 2]
+            barrier.wait()
+            for j in range(20):
+                try:
+                    results.append(store.session("k", now + i + j / 100, 900, 3600, touch=True))
+                except Exception as exc:  # noqa: BLE001 - the failure under test
+                    results.append(exc)
+
+        threads = [threading.Thread(target=check, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        failed = [r for r in results if r != DANA]
+        assert len(results) == 160 and not failed, failed[:3]
+    finally:
+        for s in stores:
+            s.close()
+
+
 def _report(score: float) -> evaluation.Report:
     return evaluation.Report(
         suite="synthetic",

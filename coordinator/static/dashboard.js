@@ -5,6 +5,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const POLL_TIMEOUT_MS = 10000;
 const BACKGROUND_HEADER = "X-StudioFleet-Background";
 let userActive = false;
 for (const kind of ["pointerdown", "keydown", "wheel", "touchstart"]) {
@@ -217,7 +218,10 @@ async function poll() {
   try {
     const headers = userActive ? {} : { [BACKGROUND_HEADER]: "1" };
     userActive = false;
-    const reply = await fetch("/api/snapshot", { credentials: "same-origin", cache: "no-store", headers });
+    // A poll that hangs (a dropped connection) must not stop the page: give up and retry.
+    const reply = await fetch("/api/snapshot", {
+      credentials: "same-origin", cache: "no-store", headers, signal: AbortSignal.timeout(POLL_TIMEOUT_MS),
+    });
     if (reply.status === 401 || reply.status === 403) {
       status("session expired or not allowed: run `fleetctl dashboard` for a new link", "down");
       return;   // stop polling; a new link opens a new session
