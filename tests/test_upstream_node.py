@@ -306,6 +306,7 @@ class Gate:
 
         self.target, self.ca = target, ca
         self.refuse: tuple[int, dict] | None = None
+        self.drop = 0  # the next `drop` completions: connection closed, nothing answered
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -319,6 +320,11 @@ class Gate:
         from aiohttp import ClientSession, TCPConnector, web
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            if self.drop and request.path == "/v1/completions":
+                self.drop -= 1  # what a keep-alive ending as the request arrives looks like
+                await request.read()
+                request.transport.close()
+                return web.Response()  # never sent: the connection is gone
             if self.refuse is not None and request.path == "/v1/completions":
                 status, headers = self.refuse
                 return web.json_response(
@@ -435,6 +441,32 @@ def test_upstream_refusals_map_to_grpc_statuses(gated_node, status, headers, cod
         assert str(key_file) in err.value.details()
     st = node.status()
     assert words in st.engine_server.last_exit and st.lifecycle == common_pb2.LIFECYCLE_READY
+
+
+def test_a_connection_closed_before_any_answer_is_tried_once_more(gated_node):
+    """The endpoint closes the connection a request went out on, answering nothing (its
+    keep-alive ending as a pooled connection is reused): the agent sends the request once
+    more on a new connection and the caller sees nothing; a second close in a row is the
+    request's failure, UNAVAILABLE, naming what happened."""
+    import grpc
+
+    node, gate, _ = gated_node
+    want, _ = _run(node, build_request(prompt="Plan:", max_tokens=6, request_id="drop-ref"))
+    gate.drop = 1
+    ids, final = _run(node, build_request(prompt="Plan:", max_tokens=6, request_id="drop-once"))
+    assert gate.drop == 0 and ids == want
+    assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    gate.drop = 2
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _run(node, build_request(prompt="Plan:", max_tokens=6, request_id="drop-twice"))
+    finally:
+        gate.drop = 0
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "lost the connection to the upstream endpoint" in err.value.details()
+    assert (
+        _run(node, build_request(prompt="Plan:", max_tokens=6, request_id="drop-after"))[0] == want
+    )
 
 
 def test_the_token_check_refuses_an_endpoint_whose_tokenizer_differs(remote, tmp_path):

@@ -49,9 +49,11 @@ from node_agent.engines.upstream_openai import (
     request_body,
 )
 from node_agent.engines.vllm_protocol import (
+    KEEPALIVE_S,
     chunk_events,
     completion_body,
     error_type,
+    post_once_more,
     stream_messages,
 )
 
@@ -211,7 +213,9 @@ class UpstreamEngine(LoopEngine):
         if self._url.startswith("https://"):
             tls = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else True),
+            connector=aiohttp.TCPConnector(
+                limit=0, ssl=tls if tls is not None else True, keepalive_timeout=KEEPALIVE_S
+            ),
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
             ),
@@ -374,8 +378,13 @@ class UpstreamEngine(LoopEngine):
             self._reread_key()  # after a 401/403: a fixed key file is used from now on
         path, body, reader = self._http_call(req)
         try:
-            async with self._session.post(
-                f"{self._url}{path}", data=body, headers=self._headers()
+            async with await post_once_more(
+                self._session,
+                f"{self._url}{path}",
+                body,
+                self._headers(),
+                key,
+                give_up=self._closed.is_set,
             ) as resp:
                 if resp.status != 200:
                     retry = retry_hint_s(resp.headers)

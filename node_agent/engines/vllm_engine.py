@@ -37,9 +37,11 @@ from node_agent.engine import (
 from node_agent.engines.loop_engine import LoopEngine
 from node_agent.engines.vllm_metrics import VllmMetrics, parse_metrics
 from node_agent.engines.vllm_protocol import (
+    KEEPALIVE_S,
     chunk_events,
     completion_body,
     error_type,
+    post_once_more,
     stream_messages,
 )
 from node_agent.engines.vllm_server import ServerError, VllmServer, describe_exit
@@ -52,7 +54,6 @@ METRICS_INTERVAL_S = 1.0
 GPU_INTERVAL_S = 5.0
 STABLE_AFTER_S = 300.0  # up this long: the restart backoff starts again from its first step
 _RATE_WINDOW_S = 10.0
-KEEPALIVE_S = 1.0  # aiohttp drops a connection idle 1-2 s; uvicorn's keep-alive is 5 s
 
 
 class VllmEngine(LoopEngine):
@@ -364,24 +365,14 @@ class VllmEngine(LoopEngine):
                 self._pump()
 
     async def _post(self, req: EngineRequest):
-        """POST the completion; a pooled connection the server closed as it was reused (no
-        response at all) is retried once on a new one: the server never saw the request."""
-        import aiohttp
-
-        url = f"{self._server.base_url}/v1/completions"
-        body = completion_body(req, self._served[1], self._eos)
-        for attempt in (1, 2):
-            try:
-                return await self._session.post(
-                    url, data=body, headers={"Content-Type": "application/json"}
-                )
-            except aiohttp.ServerDisconnectedError:
-                if attempt == 2 or self._exited.is_set():
-                    raise
-                log.info(
-                    "vLLM server closed a pooled connection under request %s; sending it again",
-                    req.key,
-                )
+        return await post_once_more(
+            self._session,
+            f"{self._server.base_url}/v1/completions",
+            completion_body(req, self._served[1], self._eos),
+            {"Content-Type": "application/json"},
+            req.key,
+            give_up=self._exited.is_set,
+        )
 
     def _relay(self, key: str, msg: dict) -> bool:
         """One streamed completion chunk as token events; True once the request finished."""

@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import json
-from typing import Iterable, Optional
+import logging
+from typing import Callable, Iterable, Optional
 
 from node_agent.engine import EngineEvent, EngineRequest, EventKind
 
+log = logging.getLogger(__name__)
+
 _FINISH = {"stop": "stop", "length": "length"}
+# aiohttp drops a connection idle 1-2 s, before the server's keep-alive ends it (uvicorn's,
+# under vLLM's server: 5 s), so a request seldom meets a connection that is closing.
+KEEPALIVE_S = 1.0
+
+
+async def post_once_more(
+    session, url: str, body: bytes, headers: dict, key: str, give_up: Callable[[], bool]
+):
+    """POST a completion and return its response (headers read). A pooled connection that
+    the server closed as it was reused (its keep-alive ending at that moment) fails before
+    any answer: the request is sent once more on a new connection, unless `give_up()` (the
+    server is gone). The server aborts a request whose connection closes, so nothing runs
+    twice; a second failure is the request's."""
+    import aiohttp
+
+    try:
+        return await session.post(url, data=body, headers=headers)
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        if give_up():
+            raise
+        log.info(
+            "request %s: the server closed a pooled connection before answering (%s); "
+            "sending it again on a new connection",
+            key,
+            type(exc).__name__,
+        )
+    return await session.post(url, data=body, headers=headers)
 
 
 def completion_body(req: EngineRequest, served_name: str, eos_token_ids: Iterable[int]) -> bytes:
