@@ -11,11 +11,14 @@ of it, then measures, interleaved per repeat so machine noise hits both alike:
 at 1 and 16 concurrent streams: aggregate output tokens/s, TTFT p50 (from sending the
 request to its first token, as each client saw it), and the upstream node agent's own CPU
 time per token it relayed (psutil, over its rounds only), which machine noise does not
-move. Needs vLLM (scripts/bootstrap-vllm).
+move. The endpoint runs on CPUs of its own (the upper half; `--endpoint-cpus shared` puts
+everything on every CPU), as a remote endpoint has its own hardware. Needs vLLM
+(scripts/bootstrap-vllm).
 The overflow controller's reaction time is measured by bench/upstream_overflow.py.
 
     .venv/bin/python bench/upstream.py                  # ~3 min on 2 cores
     .venv/bin/python bench/upstream.py --repeats 3 --max-tokens 128
+    .venv/bin/python bench/upstream.py --endpoint-cpus shared
 """
 
 from __future__ import annotations
@@ -61,8 +64,27 @@ class KeyedDirect(DirectClient):
         )
 
 
-def start_endpoint(args, model_dir: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
-    """The vLLM server as a remote endpoint would run it (a key; plain http on loopback)."""
+def split_cpus(spec: str) -> tuple[set[int], set[int]]:
+    """(the endpoint's CPUs, the agent's and the callers'): `shared` puts everything on every
+    CPU; `auto` gives the endpoint the upper half (a remote endpoint has cores of its own);
+    a list such as `1` or `2,3` names the endpoint's."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if spec == "shared" or len(allowed) < 2:
+        return set(allowed), set(allowed)
+    if spec == "auto":
+        endpoint = set(allowed[len(allowed) // 2 :])
+    else:
+        endpoint = {int(c) for c in spec.split(",")}
+        if not endpoint < set(allowed):
+            raise SystemExit(f"--endpoint-cpus {spec}: not a proper subset of CPUs {allowed}")
+    return endpoint, set(allowed) - endpoint
+
+
+def start_endpoint(
+    args, model_dir: Path, workdir: Path, cpus: set[int]
+) -> tuple[subprocess.Popen, str]:
+    """The vLLM server as a remote endpoint would run it (a key; plain http on loopback), on
+    `cpus` (its OpenMP threads bound to them)."""
     server = VllmServer(
         python=args.vllm_python,
         state_dir=workdir,
@@ -77,7 +99,13 @@ def start_endpoint(args, model_dir: Path, workdir: Path) -> tuple[subprocess.Pop
         stderr=log,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        env={**os.environ, **CHILD_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env={
+            **os.environ,
+            **CHILD_ENV,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(cpus))),
+        },
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
     )
     url = f"http://127.0.0.1:{server.port}"
     deadline = time.monotonic() + 600
@@ -115,7 +143,15 @@ def main() -> int:
         "--vllm-args", default="--dtype float32 --enforce-eager --no-enable-prefix-caching"
     )
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "upstream")
+    parser.add_argument(
+        "--endpoint-cpus",
+        default="auto",
+        help="the endpoint's CPUs: auto (the upper half; the agent and the callers get the rest, "
+        "as a remote endpoint has cores of its own), shared (everything on every CPU), or a "
+        "list such as 1 or 2,3",
+    )
     args = parser.parse_args()
+    endpoint_cpus, caller_cpus = split_cpus(args.endpoint_cpus)
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = args.workdir / "tiny"
     if not (model_dir / "config.json").exists():
@@ -123,7 +159,12 @@ def main() -> int:
     key_file = args.workdir / "key"
     key_file.write_text(KEY + "\n")
     print("starting the vLLM endpoint (~30 s)", flush=True)
-    endpoint, url = start_endpoint(args, model_dir, args.workdir)
+    endpoint, url = start_endpoint(args, model_dir, args.workdir, endpoint_cpus)
+    os.sched_setaffinity(0, caller_cpus)  # this process and the node agent it starts
+    print(
+        f"CPUs: endpoint {sorted(endpoint_cpus)}, node agent and callers {sorted(caller_cpus)}",
+        flush=True,
+    )
     node = NodeProcess(
         model_dir,
         *("--engine", "upstream", "--upstream-kind", "vllm", "--phi-allowed"),
