@@ -155,6 +155,8 @@ def test_profile_refuses_bad_input_and_names_the_target(tmp_path):
     assert out.returncode == 2 and "--out" in out.stderr and str(tmp_path / "no") in out.stderr
     reps = fleetctl("profile", *AT_NODE, "--target", "127.0.0.1:9", "--repeats", "0")
     assert reps.returncode == 2 and "--repeats" in reps.stderr
+    hot = fleetctl("profile", *AT_NODE, "--target", "127.0.0.1:9", "--temperature", "3")
+    assert hot.returncode == 2 and "--temperature must be 0 to 2" in hot.stderr
     gone = fleetctl(
         "profile", *AT_NODE, "--target", "127.0.0.1:9", timeout=60
     )  # discard port: nothing listens
@@ -218,5 +220,6 @@ def test_profile_through_a_coordinator_of_one_node(node, tmp_path):
         assert res.returncode == 0, res.stderr
     prof = load_profile(out)
     assert prof.node.node_id == "shared-node" and "through the coordinator" in prof.info.notes
+    assert "sampling: temperature 0.7, seeded" in prof.info.notes  # the notes' sampling
     assert "decode step" in res.stdout and "ms per extra sequence" in res.stdout
     assert prof.fit.decode_base_s > 0

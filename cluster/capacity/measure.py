@@ -202,8 +202,10 @@ class Prober:
         node_id: str = "",
         timeout_s: float = 300.0,
         seed: int = 0,
+        temperature: float = 0.0,
     ):
         self._client = client
+        self.temperature = temperature  # > 0: seeded sampling, as the workload's requests
         self._limits = limits
         self._node_id = node_id
         self._timeout_s = timeout_s
@@ -228,7 +230,12 @@ class Prober:
         self.tokens_per_word = max(0.25, (s.final.usage.prompt_tokens - 4) / words)
 
     async def stream(self, prompt: str, max_tokens: int) -> _Stream:
-        req = build_request(prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+        req = build_request(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            seed=self._rng.getrandbits(31) if self.temperature > 0 else None,
+        )
         req.sampling.ignore_eos = True
         arrivals: list[tuple[float, int]] = []
         final = None
@@ -568,6 +575,7 @@ def build_profile(
     command: str,
     created: str,
     through: str,
+    temperature: float = 0.0,
 ) -> Profile:
     """The measured profile: facts from NodeStatus (`before` the run, memory peaks from
     `after`), the curves, the fit, and how it was made."""
@@ -591,6 +599,12 @@ def build_profile(
         "decode step that yields that token; the fixed part (tokenizing, the RPC) is in prefill_base_s.",
         "decode: the gap between tokens of one stream while `running` ignore_eos streams all decode; "
         "context_tokens is their prompt plus generated tokens, summed, at the middle of that window.",
+        (
+            f"sampling: temperature {temperature:g}, seeded per request (as fleetctl replay's notes; "
+            "sampling costs more per sequence than greedy decoding)"
+            if temperature > 0
+            else "sampling: greedy (temperature 0); a workload that samples decodes slower per sequence"
+        ),
         f"fit: least squares of relative error with Huber weights, coefficients >= 0; largest residual {fitted.decode_max_error:.1%} "
         f"(decode), {fitted.prefill_max_error:.1%} (prefill).",
         f"per-stream decode bound {1 / m.decode_base_s:.1f} tok/s; memory in GiB (2^30 bytes): weights = the "

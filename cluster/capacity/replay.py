@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from cluster.api import inference_pb2
 from cluster.capacity.profile import Profile, ProfileError, resolve_profile
 from cluster.capacity.simulate import fleet_of, simulate
-from cluster.capacity.workload import DAY_S, Request, Workload
+from cluster.capacity.workload import DAY_S, NOTE_TEMPERATURE, Request, Workload
 from cluster.client import AsyncFleetClient, build_request
 from cluster.client.errors import FleetError
 from cluster.metrics import percentile
@@ -174,7 +174,7 @@ def note_request(
         messages=builder.messages(note.index, note.prompt_tokens),
         max_tokens=note.output_tokens,
         request_id=request_id,
-        temperature=0.7,
+        temperature=NOTE_TEMPERATURE,
         seed=note.index,
     )
     req.sampling.ignore_eos = True  # the sampled output length, whatever the model writes

@@ -7,7 +7,9 @@ slot) or queues it FIFO (bounded depth and wait, as coordinator.admission does),
 node batches continuously as mlx-lm's BatchGenerator does: a step prefills the next chunk
 (`prefill_chunk` tokens) of every prompt in the prompt batch (up to `prefill_batch` prompts,
 in free slots) and decodes one token for every running sequence, the prompts whose prefill
-it finishes included; the profile's StepModel gives the step's time. Between admissions and
+it finishes included; the profile's StepModel gives the step's time, its context term taken
+as the running count times the longest context on MLX (mlx-lm left-pads its batch cache) and
+as the sum on vLLM (paged). Between admissions and
 completions a node's batch does not change, so the simulator
 runs those steps as one event (interrupted at the next step boundary when a note arrives
 for a free slot), which keeps a busy day to a few events per note.
@@ -206,6 +208,10 @@ class _Node:
     ):
         self.env, self.index, self.spec, self.host = env, index, spec, host
         self.fit = spec.profile.fit
+        # mlx-lm's batch KV cache is left-padded: every running sequence attends over the
+        # batch's longest context, so a step costs as n x the longest, not the sum (the
+        # profile measures equal contexts, where the two agree). vLLM pages: the sum.
+        self.padded = spec.profile.node.engine == "mlx"
         self.max_running = spec.profile.limits.max_running
         self.slots = self.max_running + spec.max_queued
         self.queue: deque[_Seq] = deque()
@@ -361,7 +367,7 @@ class _Node:
                         s.ctx = s.req.prompt_tokens
                     self.running.extend(joining)
                 n = len(self.running)
-                ctx = sum(s.ctx for s in self.running)
+                ctx = self._context()
                 lead = scale * (prefill + fit.decode_step_s(n, ctx))
                 t0 = env.now
                 if self.prefilling or n < self.max_running:
@@ -389,7 +395,7 @@ class _Node:
             # a + b*j; an arrival for a free slot (or a change in the host's load) cuts it short.
             n = len(self.running)
             k = min(s.remaining for s in self.running)
-            a = scale * fit.decode_step_s(n, sum(s.ctx for s in self.running))
+            a = scale * fit.decode_step_s(n, self._context())
             b = scale * fit.decode_per_ctx_token_s * n
             t0 = env.now
             self._macro = (t0, n, a, b, 0.0)
@@ -397,6 +403,14 @@ class _Node:
             self._macro = None
             self._account(t0, env.now, n)
             self._advance(steps)
+
+    def _context(self) -> float:
+        """The context a decode step of the running batch attends over (see `padded`)."""
+        if not self.running:
+            return 0.0
+        if self.padded:
+            return len(self.running) * max(s.ctx for s in self.running)
+        return float(sum(s.ctx for s in self.running))
 
 
 def _span(m: int, a: float, b: float) -> float:

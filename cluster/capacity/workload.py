@@ -16,6 +16,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# A replayed note samples (seeded, so a rerun writes the same note); `fleetctl profile`
+# measures with the same sampling by default, since seeded sampling costs more per sequence
+# than greedy decoding (docs/capacity.md).
+NOTE_TEMPERATURE = 0.7
+
 DAY_S = 86_400.0
 MINUTES = 1440
 DEFAULT_NOTES_PER_DAY = 6000.0  # the field report's clinic

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cluster.api import common_pb2, fleet_pb2, fleet_pb2_grpc, node_pb2, node_pb2_grpc
 from cluster.capacity import measure
 from cluster.capacity.profile import Profile, ProfileError, load_profile
+from cluster.capacity.workload import NOTE_TEMPERATURE
 from cluster.client import AsyncFleetClient
 from cluster.client.errors import FleetError, from_rpc_error
 from cluster.config import split_host_port
@@ -62,6 +63,13 @@ def profile(
         "[default: 3, 2 with --quick]",
     ),
     timeout_s: float = typer.Option(300.0, "--timeout-s", help="Deadline per request."),
+    temperature: float = typer.Option(
+        NOTE_TEMPERATURE,
+        "--temperature",
+        help="The sampling temperature of the measured requests (seeded when over 0): the "
+        "workload's, since sampling costs more per sequence than greedy decoding; the default is "
+        "fleetctl replay's notes'. 0: greedy.",
+    ),
     operator_tls_name: str | None = typer.Option(
         None,
         "--operator-tls-name",
@@ -86,6 +94,8 @@ def profile(
         raise _stop(f"--target: {exc}") from None
     if repeats is not None and not 1 <= repeats <= 9:
         raise _stop(f"--repeats must be 1 to 9, not {repeats}")
+    if not 0 <= temperature <= 2:
+        raise _stop(f"--temperature must be 0 to 2, not {temperature:g}")
     if not 0 < timeout_s <= 3600:
         raise _stop(f"--timeout-s must be over 0 and at most 3600, not {timeout_s}")
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
@@ -121,7 +131,11 @@ def profile(
             target, tls=tls, plaintext=tls is None, server_name=ANY_NODE if node and tls else None
         ) as client:
             prober = measure.Prober(
-                client, limits, node_id="" if node else before.node_id, timeout_s=timeout_s
+                client,
+                limits,
+                node_id="" if node else before.node_id,
+                timeout_s=timeout_s,
+                temperature=temperature,
             )
             return await measure.measure(prober, sizes, advance)
 
@@ -162,6 +176,7 @@ def profile(
         command=_command_line(),
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         through=through,
+        temperature=temperature,
     )
     path = out or Path(f"{prof.name}.toml")
     try:
