@@ -4,10 +4,13 @@ about 30 %, 60 % and 90 % of the planner's predicted capacity and print predicte
 measured p50 and p95 time per note and throughput, with the error in percent. The live
 headroom's closed form (what the coordinator exports) is printed beside the simulator's p95.
 Goal: the simulator's p95 error <= 10 % at all three loads. mTLS on every hop, as in
-production; everything on this machine.
+production; everything on this machine. Where the machine has a CPU for each node and one to
+spare, each node runs on a CPU of its own and the coordinators and callers on the rest (a rack's
+shape: a Mac per node, the coordinator on the control host); `--node-cpus shared` otherwise.
 
-    .venv/bin/python bench/capacity.py                  # ~4 min on 2 cores
-    .venv/bin/python bench/capacity.py --seconds 20     # shorter windows, noisier
+    .venv/bin/python bench/capacity.py --nodes 1        # on 2 CPUs: the node on one, the rest on the other (~5 min)
+    .venv/bin/python bench/capacity.py                  # 2 nodes: on 2 CPUs every process shares both
+    .venv/bin/python bench/capacity.py --seconds 45     # shorter windows, noisier p95s
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from cluster.capacity import replay as rp  # noqa: E402
 from cluster.capacity.headroom import FleetModel, NodeModel, TokenMix, fleet_p95_s  # noqa: E402
 from cluster.capacity.plan import node_notes_per_s  # noqa: E402
 from cluster.capacity.profile import Profile  # noqa: E402
-from cluster.capacity.workload import build_workload  # noqa: E402
+from cluster.capacity.workload import NOTE_TEMPERATURE, build_workload  # noqa: E402
 from cluster.client import AsyncFleetClient  # noqa: E402
 from cluster.localfleet import HARNESS_APP, HARNESS_NODE_CALLER, CoordinatorProcess, NodeProcess  # noqa: E402
 from cluster.security.ca import init_ca  # noqa: E402
@@ -53,15 +56,21 @@ def _client(node: NodeProcess, via: CoordinatorProcess | None) -> AsyncFleetClie
     return AsyncFleetClient(via.address, tls=via.credentials(HARNESS_APP, Role.APP), max_attempts=1)
 
 
-async def profile_node(node: NodeProcess, via: CoordinatorProcess | None) -> Profile:
-    """`fleetctl profile --quick`, in process (see _client for the path)."""
+async def profile_node(
+    node: NodeProcess, via: CoordinatorProcess | None, quick: bool = True
+) -> Profile:
+    """`fleetctl profile [--quick]`, in process (see _client for the path)."""
     before = node.status()
     limits = measure.limits_of(before)
     async with _client(node, via) as client:
         prober = measure.Prober(
-            client, limits, node_id="" if via is None else before.node_id, timeout_s=120
+            client,
+            limits,
+            node_id="" if via is None else before.node_id,
+            timeout_s=120,
+            temperature=NOTE_TEMPERATURE,  # the replayed notes' sampling
         )
-        measured = await measure.measure(prober, measure.plan_sizes(limits, quick=True))
+        measured = await measure.measure(prober, measure.plan_sizes(limits, quick=quick))
     fitted = measure.fit(measured)
     return measure.build_profile(
         before,
@@ -71,6 +80,7 @@ async def profile_node(node: NodeProcess, via: CoordinatorProcess | None) -> Pro
         command="bench/capacity.py",
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         through=f"directly on {node.address}" if via is None else f"through {via.address}",
+        temperature=NOTE_TEMPERATURE,
     )
 
 
@@ -87,6 +97,7 @@ async def host_parallelism(pairs, running: int, context: int = 512, steps: int =
                 measure.limits_of(node.status()),
                 node_id="" if via is None else node.node_id,
                 timeout_s=120,
+                temperature=NOTE_TEMPERATURE,
             )
             await prober.calibrate()
             return (await prober.decode_point(running, context, steps)).step_s
@@ -173,7 +184,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--max-running", type=int, default=8, help="each node's slots")
-    ap.add_argument("--seconds", type=float, default=45.0, help="real seconds of arrivals per load")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=90.0,
+        help="real seconds of arrivals per load (90: about 60, 110 and 175 notes on one tiny "
+        "node, enough for a p95 near capacity)",
+    )
     ap.add_argument("--prompt-tokens", default="500")
     ap.add_argument("--output-tokens", default="400:600")
     ap.add_argument("--loads", default="0.3,0.6,0.9", help="fractions of the planner's capacity")
@@ -205,11 +222,28 @@ def main() -> int:
         help="profile each node through a coordinator of that node alone (the path the replayed "
         "notes take: the relay's cost per token is in the fit) or directly",
     )
+    ap.add_argument(
+        "--node-cpus",
+        choices=("auto", "shared"),
+        default="auto",
+        help="auto: where this machine has a CPU for each node and one to spare, each node runs "
+        "on a CPU of its own and the coordinator and callers on the rest (a node on a host of its "
+        "own, the coordinator on the control host, as in a rack); shared: everything on every CPU",
+    )
+    ap.add_argument(
+        "--full-profile",
+        action="store_true",
+        help="profile as `fleetctl profile` does (longer contexts, more points) rather than --quick",
+    )
     args = ap.parse_args()
     # SIGTERM (a timeout) unwinds like Ctrl-C, so the finally below stops every daemon started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     loads = [float(x) for x in args.loads.split(",")]
-    per_host = args.nodes_per_host or args.nodes
+    allowed = sorted(os.sched_getaffinity(0))
+    pinned = args.node_cpus == "auto" and len(allowed) > args.nodes
+    node_cpus = [{allowed[-(i + 1)]} for i in range(args.nodes)] if pinned else []
+    rest = set(allowed) - set().union(*node_cpus) if pinned else set(allowed)
+    per_host = args.nodes_per_host or (1 if pinned else args.nodes)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         work = Path(tmp)
@@ -231,8 +265,12 @@ def main() -> int:
         ]
         coordinator = None
         try:
-            for node in nodes:
+            for i, node in enumerate(nodes):
+                if pinned:  # the node (and every thread it starts) inherits this CPU
+                    os.sched_setaffinity(0, node_cpus[i])
                 node.start(logs)
+            os.sched_setaffinity(0, rest)  # this process and the coordinators it starts
+            for node in nodes:
                 node.wait_serving()
             coordinator = CoordinatorProcess(
                 nodes=[n.address for n in nodes], name="cap-coordinator", tls_dir=certs
@@ -242,6 +280,16 @@ def main() -> int:
             print(
                 f"fleet: {args.nodes} tiny-model nodes ({args.max_running} slots each) behind a coordinator, mTLS; "
                 f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them)",
+                flush=True,
+            )
+            print(
+                "CPUs: "
+                + (
+                    ", ".join(f"{n.node_id} on {sorted(c)}" for n, c in zip(nodes, node_cpus))
+                    + f", coordinators and callers on {sorted(rest)}"
+                    if pinned
+                    else "every process on every CPU"
+                ),
                 flush=True,
             )
             vias = []
@@ -261,11 +309,15 @@ def main() -> int:
                 ):  # nodes sharing this host's cores, profiled as they serve: together
 
                     async def together():
-                        return await asyncio.gather(*(profile_node(n, v) for n, v in pairs))
+                        return await asyncio.gather(
+                            *(profile_node(n, v, not args.full_profile) for n, v in pairs)
+                        )
 
                     profiles = list(asyncio.run(together()))
                 else:
-                    profiles = [asyncio.run(profile_node(n, v)) for n, v in pairs]
+                    profiles = [
+                        asyncio.run(profile_node(n, v, not args.full_profile)) for n, v in pairs
+                    ]
                 if per_host > 1 and args.host_parallelism is None:
                     parallel, alone, together = asyncio.run(
                         host_parallelism(pairs[:per_host], args.max_running)
