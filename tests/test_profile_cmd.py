@@ -12,6 +12,7 @@ import pytest
 
 from cluster.capacity import measure
 from cluster.capacity.profile import MEASURED, load_profile
+from cluster.capacity.workload import NOTE_TEMPERATURE
 from cluster.client import AsyncFleetClient
 from cluster.localfleet import HARNESS_APP, HARNESS_NODE_CALLER, HARNESS_OPERATOR
 from cluster.security.identity import ANY_NODE
@@ -51,7 +52,8 @@ def held_out_run(address: str, limits: measure.NodeLimits) -> list:
 
     async def run():
         async with AsyncFleetClient(address, server_name=ANY_NODE) as client:
-            prober = measure.Prober(client, limits, seed=7)
+            # The profile's sampling (fleetctl profile's default): sampled steps are slower.
+            prober = measure.Prober(client, limits, seed=7, temperature=NOTE_TEMPERATURE)
             await prober.calibrate()
             await prober.decode_point(16, 16, 4)  # warm-up, as the profile does
             return await measure.decode_curve(prober, (REFERENCE, *HELD_OUT), 24, 3, 0.3)
