@@ -22,35 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 sys.path.insert(0, str(ROOT))
 
-
-def free_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        with closing(socket.socket()) as tcp, closing(socket.socket(type=socket.SOCK_DGRAM)) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            if port not in ports:
-                ports.append(port)
-    return ports
-
+from cluster.localfleet import free_ports  # noqa: E402
 
 # -- inside a step: bare ranks -----------------------------------------------------------
 

@@ -8,10 +8,12 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,6 +27,23 @@ from cluster.security.tls import ENV_DIR, ClientTLS, open_channel
 HARNESS_OPERATOR, HARNESS_APP = "operator", "app"  # the certificates this harness calls with
 # Nodes serve inference to coordinators only: the harness calls a node as one.
 HARNESS_NODE_CALLER = "harness-coordinator"
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` loopback ports free for both TCP and UDP: a node group's ranks (the ring backend's
+    TCP and the heartbeat's UDP on one port each)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with closing(socket.socket()) as tcp, closing(socket.socket(type=socket.SOCK_DGRAM)) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            if port not in ports:
+                ports.append(port)
+    return ports
 
 
 def ensure_cert(tls_dir: Path, role: Role, name: str) -> None:

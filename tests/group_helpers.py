@@ -3,35 +3,19 @@ two real `fleet-node` ranks started together, and waiting for a group to fail.""
 
 from __future__ import annotations
 
-import socket
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 
 from cluster.api import common_pb2
+from cluster.localfleet import free_ports
 from tests.procs import NodeProcess
 
 TIMEOUT_S = 5.0  # --group-timeout-s in these tests: the documented detection deadline
 FAILED = common_pb2.Lifecycle.Value("LIFECYCLE_FAILED")
 READY = common_pb2.Lifecycle.Value("LIFECYCLE_READY")
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports free for both TCP (the ring backend) and UDP (the heartbeat)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        with closing(socket.socket()) as tcp, closing(socket.socket(type=socket.SOCK_DGRAM)) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            if port not in ports:
-                ports.append(port)
-    return ports
 
 
 def start_group(
