@@ -4,12 +4,16 @@ about 30 %, 60 % and 90 % of the planner's predicted capacity and print predicte
 measured p50 and p95 time per note and throughput, with the error in percent. The live
 headroom's closed form (what the coordinator exports) is printed beside the simulator's p95.
 Goal: the simulator's p95 error <= 10 % at all three loads. mTLS on every hop, as in
-production; everything on this machine. Where the machine has a CPU for each node and one to
-spare, each node runs on a CPU of its own and the coordinators and callers on the rest (a rack's
-shape: a Mac per node, the coordinator on the control host); `--node-cpus shared` otherwise.
+production; everything on this machine. The model is the Qwen-vocab tiny model (`fleetctl
+model make-tiny --vocab qwen2.5`; --vocab trained: the 512-token one), whose steps are long
+beside the relay's CPU per token, as a 72B's are. Each node runs on a CPU of its own where
+the machine has one per node (`--node-cpus shared`: every process on every CPU), the
+coordinator and callers on the rest or, with no CPU to spare, on all of them; the nodes still
+share this machine's memory bandwidth and caches, so the planner takes them for one host
+and measures how many it runs at full speed at once (host parallelism).
 
-    .venv/bin/python bench/capacity.py --nodes 1        # on 2 CPUs: the node on one, the rest on the other (~5 min)
-    .venv/bin/python bench/capacity.py                  # 2 nodes: on 2 CPUs every process shares both
+    .venv/bin/python bench/capacity.py                  # 2 nodes, ~7 min on 2 CPUs
+    .venv/bin/python bench/capacity.py --nodes 1        # one node (~5 min)
     .venv/bin/python bench/capacity.py --seconds 45     # shorter windows, noisier p95s
 """
 
@@ -39,7 +43,7 @@ from cluster.client import AsyncFleetClient  # noqa: E402
 from cluster.localfleet import HARNESS_APP, HARNESS_NODE_CALLER, CoordinatorProcess, NodeProcess  # noqa: E402
 from cluster.security.ca import init_ca  # noqa: E402
 from cluster.security.identity import ANY_NODE, Role  # noqa: E402
-from cluster.tinymodel import make_tiny_model  # noqa: E402
+from cluster.tinymodel import TinyModelSpec, make_tiny_model, qwen25_spec  # noqa: E402
 
 GOAL_P95_ERROR_PCT = 10.0
 
@@ -192,7 +196,13 @@ def main() -> int:
         "node, enough for a p95 near capacity)",
     )
     ap.add_argument("--prompt-tokens", default="500")
-    ap.add_argument("--output-tokens", default="400:600")
+    ap.add_argument(
+        "--output-tokens",
+        default="100:150",
+        help="the notes' output lengths (default 100:150, not the clinic's 400:600: the Qwen-vocab "
+        "tiny model decodes one note at ~50-100 tokens/s, so 500-token notes would leave too few "
+        "notes in a window for a p95)",
+    )
     ap.add_argument("--loads", default="0.3,0.6,0.9", help="fractions of the planner's capacity")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
@@ -226,9 +236,18 @@ def main() -> int:
         "--node-cpus",
         choices=("auto", "shared"),
         default="auto",
-        help="auto: where this machine has a CPU for each node and one to spare, each node runs "
-        "on a CPU of its own and the coordinator and callers on the rest (a node on a host of its "
-        "own, the coordinator on the control host, as in a rack); shared: everything on every CPU",
+        help="auto: where this machine has a CPU for each node, each node runs on a CPU of its "
+        "own and the coordinator and callers on the rest (on all CPUs when none is left); "
+        "shared: everything on every CPU",
+    )
+    ap.add_argument(
+        "--vocab",
+        choices=("qwen2.5", "trained"),
+        default="qwen2.5",
+        help="the tiny model's vocabulary: qwen2.5 (`fleetctl model make-tiny --vocab qwen2.5`, "
+        "Qwen2.5's tokenizer and 151,936-row embedding, so clinical text has its real token counts "
+        "and a step's logits its real width) or trained (the 512-token test vocabulary, whose "
+        "steps are so short that relaying the tokens costs about as much CPU as making them)",
     )
     ap.add_argument(
         "--full-profile",
@@ -240,14 +259,17 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     loads = [float(x) for x in args.loads.split(",")]
     allowed = sorted(os.sched_getaffinity(0))
-    pinned = args.node_cpus == "auto" and len(allowed) > args.nodes
+    pinned = args.node_cpus == "auto" and len(allowed) >= args.nodes
     node_cpus = [{allowed[-(i + 1)]} for i in range(args.nodes)] if pinned else []
-    rest = set(allowed) - set().union(*node_cpus) if pinned else set(allowed)
-    per_host = args.nodes_per_host or (1 if pinned else args.nodes)
+    # With no CPU to spare, the coordinators and callers share the nodes' (the relay's CPU per
+    # token, small beside a step of the Qwen-vocab model, then slows the nodes a little).
+    rest = (set(allowed) - set().union(*node_cpus) or set(allowed)) if pinned else set(allowed)
+    per_host = args.nodes_per_host or args.nodes  # one machine: its memory and caches are shared
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         work = Path(tmp)
-        model = make_tiny_model(work / "model")
+        spec = qwen25_spec() if args.vocab == "qwen2.5" else TinyModelSpec()
+        model = make_tiny_model(work / "model", spec)
         certs = work / "ca"
         init_ca(certs, fleet="bench")
         logs = work / "logs"
@@ -278,7 +300,7 @@ def main() -> int:
             coordinator.start(logs)
             coordinator.wait_routable(args.nodes)
             print(
-                f"fleet: {args.nodes} tiny-model nodes ({args.max_running} slots each) behind a coordinator, mTLS; "
+                f"fleet: {args.nodes} tiny-model nodes ({args.vocab} vocabulary) ({args.max_running} slots each) behind a coordinator, mTLS; "
                 f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share them)",
                 flush=True,
             )
