@@ -279,9 +279,48 @@ def test_plan_simulates_overflow_past_the_sla(tmp_path):
     assert {c["node_class"]: c["served"] for c in quiet["traffic_classes"]}["upstream"] == 0
 
 
+def test_plan_simulates_overflow_on_the_queue_signal(tmp_path):
+    """--overflow-signal queue (a coordinator without --capacity-profile): overflow starts
+    only once notes wait in the coordinator's queue, i.e. after the Mac's own queue is full,
+    so the Mac's p95 is far past what the headroom signal keeps it to; the report names it."""
+    mac = make_profile(tmp_path, "mac", SLOW)
+    api = make_profile(tmp_path, "api", FAST, max_running=16)
+    args = ("--profile", mac, "--profile", api, "--node-class", "mac=macs",
+            "--node-class", "api=upstream", "--traffic", "*: macs=1 overflow=upstream",
+            "--notes-per-day", "20000", "--window-hours", "1", "--sla-p95-s", "60",
+            "--no-search", "--overflow-signal", "queue", "--overflow-queue-wait-s", "5")  # fmt: skip
+    res = plan(*args, "-o", "json")
+    assert res.exit_code == 0, res.output
+    f = json.loads(res.stdout)["fleet"]
+    assert f["traffic_overflow_signal"] == "queue" and f["traffic_overflow_queue_wait_s"] == 5
+    assert f["traffic_overflow_episodes"] >= 1 and f["traffic_overflow_routed"] > 0
+    by = {c["node_class"]: c for c in f["traffic_classes"]}
+    assert by["upstream"]["served"] == f["traffic_overflow_routed"]
+    headroom = plan(*args[:-4], "-o", "json")  # the same day on the headroom signal
+    assert headroom.exit_code == 0, headroom.output
+    h = json.loads(headroom.stdout)["fleet"]
+    assert h["traffic_overflow_signal"] == "headroom" and "traffic_overflow_queue_wait_s" not in h
+    on_headroom = {c["node_class"]: c for c in h["traffic_classes"]}
+    assert on_headroom["macs"]["p95_s"] <= 60 * 1.2 < 3 * 60 < by["macs"]["p95_s"]
+    assert h["traffic_overflow_routed"] > f["traffic_overflow_routed"]
+    text = plan(*args)
+    assert text.exit_code == 0 and "on the queue signal, waits over 5 s" in text.stdout, text.output
+
+
 @pytest.mark.parametrize(
     "args, flag, words",
     [
+        (("--overflow-signal", "queue"), "--overflow-signal", "give --traffic"),
+        (
+            ("--traffic", "*: local=1 overflow=upstream", "--overflow-signal", "fast"),
+            "--overflow-signal",
+            "headroom or queue",
+        ),
+        (
+            ("--traffic", "*: local=1 overflow=upstream", "--overflow-queue-wait-s", "-1"),
+            "--overflow-queue-wait-s",
+            "> 0",
+        ),
         (("--traffic", "*: upstream=1 overflow=upstream"), "--traffic", "another class"),
         (("--traffic", "*: local=lots"), "--traffic", "CLASS=WEIGHT"),
         (("--traffic", "*: local=1", "--node-class", "nope=macs"), "--node-class", "PROFILE"),

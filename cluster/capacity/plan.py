@@ -175,11 +175,12 @@ def outcome(
     traffic: Policy | None = None,
     classes: Mapping[str, str] | None = None,
     sla_p95_s: float = SLA_P95_S,
+    overflow: OverflowSettings | None = None,
 ) -> FleetOutcome:
     """The fleet simulated on `requests`; with `traffic`, the coordinator's traffic policy
     routes them across node classes (`classes`: profile name -> class; a profile not named
     is in the class its engine gives it) and the outcome has each class's figures; overflow
-    runs on the live headroom's signal against `sla_p95_s`."""
+    runs as `overflow` says (default: the live headroom's signal against `sla_p95_s`)."""
     specs = fleet_of(fleet)
     if classes:
         specs = [replace(s, node_class=classes.get(s.profile.name, "")) for s in specs]
@@ -189,7 +190,7 @@ def outcome(
         window=(window.measure_from_s, window.measure_to_s),
         limits=limits,
         traffic=traffic,
-        overflow=OverflowSettings(sla_p95_s=sla_p95_s),
+        overflow=overflow or OverflowSettings(sla_p95_s=sla_p95_s),
     )
     return FleetOutcome(
         tuple((p.name, n) for p, n in fleet),

@@ -16,10 +16,11 @@ import typer
 from cluster.capacity import costs as costmod
 from cluster.capacity import plan as planmod
 from cluster.capacity.profile import Profile, ProfileError, resolve_profile
+from cluster.capacity.simulate import OVERFLOW_QUEUE_WAIT_S, OverflowSettings
 from cluster.capacity.workload import Workload
 from cluster.fleetctl import workload_opts as wo
 from cluster.fleetctl.exits import EXIT_BAD_INPUT
-from cluster.traffic import CLASS_RE, Policy, PolicyError, parse_spec
+from cluster.traffic import CLASS_RE, HEADROOM, QUEUE, Policy, PolicyError, parse_spec
 
 CMD = "plan"
 COST_VOLUME_POINTS = 8
@@ -186,8 +187,23 @@ def plan(
         "--traffic",
         metavar="'MODEL: CLASS=WEIGHT ...'",
         help="Route the given fleet's notes by this traffic policy (as fleet-coordinator "
-        "--traffic takes it; overflow on the live headroom's signal, SLA --sla-p95-s) and "
+        "--traffic takes it; overflow on --overflow-signal, SLA --sla-p95-s) and "
         "report each class's share and p95.",
+    ),
+    overflow_signal: str = typer.Option(
+        "headroom",
+        "--overflow-signal",
+        metavar="headroom|queue",
+        help="What turns overflow on, as the coordinator decides: headroom (it runs with "
+        "--capacity-profile: the local nodes' predicted p95 at the arrival rate against "
+        "--sla-p95-s) or queue (without profiles: the oldest local note's wait in its queue).",
+    ),
+    overflow_queue_wait_s: float = typer.Option(
+        OVERFLOW_QUEUE_WAIT_S,
+        "--overflow-queue-wait-s",
+        metavar="S",
+        help="With --overflow-signal queue: a local note waiting longer than this starts "
+        "overflow (the coordinator's --traffic-overflow-queue-wait-s).",
     ),
     node_class: list[str] = typer.Option(
         [],
@@ -233,6 +249,24 @@ def plan(
     )
     fleet = parse_fleet(profile)
     policy, classes = parse_traffic(traffic, node_class, fleet)
+    if overflow_signal not in (HEADROOM, QUEUE):
+        raise _bad("--overflow-signal", f"must be headroom or queue, not {overflow_signal!r}")
+    if not (overflow_queue_wait_s > 0 and math.isfinite(overflow_queue_wait_s)):
+        raise _bad(
+            "--overflow-queue-wait-s",
+            f"must be a number of seconds > 0, not {overflow_queue_wait_s:g}",
+        )
+    if (policy is None or not policy.overflow) and (
+        overflow_signal != HEADROOM or overflow_queue_wait_s != OVERFLOW_QUEUE_WAIT_S
+    ):
+        raise _bad(
+            "--overflow-signal",
+            "there is no overflow to signal: give --traffic with an overflow class "
+            "('MODEL: local=100 upstream=0 overflow=upstream')",
+        )
+    overflow = OverflowSettings(
+        sla_p95_s=sla_p95_s, queue_wait_s=overflow_queue_wait_s, signal=overflow_signal
+    )
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
         raise _bad("--plot-dir", f"{plot_dir} exists and is not a directory")
 
@@ -261,6 +295,7 @@ def plan(
         progress=progress,
         traffic=policy,
         classes=classes,
+        overflow=overflow,
     )
     if output == "json":
         typer.echo(json.dumps(_json_safe(report), indent=2, allow_nan=False))
@@ -282,6 +317,7 @@ def build_report(
     progress: planmod.Progress,
     traffic: Policy | None = None,
     classes: dict[str, str] | None = None,
+    overflow: OverflowSettings | None = None,
 ) -> dict:
     """Everything the plan says, as plain data (the -o json document)."""
     window = planmod.busiest_window(workload, window_hours)
@@ -290,7 +326,13 @@ def build_report(
     size = sum(n for _, n in fleet)
     progress(f"simulating the given fleet ({_fleet_text(fleet)})")
     given = planmod.outcome(
-        fleet, requests, window, traffic=traffic, classes=classes, sla_p95_s=sla_s
+        fleet,
+        requests,
+        window,
+        traffic=traffic,
+        classes=classes,
+        sla_p95_s=sla_s,
+        overflow=overflow,
     )
     progress(f"  given fleet: p95 {_s(given.time_per_note.p95)} per note")
     bounds = {p.name: planmod.single_note_bound(p, workload, sla_s, seed) for p, _ in fleet}
@@ -357,6 +399,18 @@ def build_report(
             "groups": [_group_doc(p, n) for p, n in fleet if p.group is not None],
             "meets_sla": given.meets(sla_s),
             **({"traffic_policy": traffic.spec()} if traffic is not None else {}),
+            **(
+                {
+                    "traffic_overflow_signal": overflow.signal,
+                    **(
+                        {"traffic_overflow_queue_wait_s": overflow.queue_wait_s}
+                        if overflow.signal == QUEUE
+                        else {}
+                    ),
+                }
+                if traffic is not None and traffic.overflow and overflow is not None
+                else {}
+            ),
         },
         "single_note_bounds": {name: b.as_dict() for name, b in bounds.items()},
         "searches": [s.as_dict() for s in searches],
@@ -572,7 +626,13 @@ def render(doc: dict) -> str:
             f"  traffic policy {f['traffic_policy']}; {f['traffic_fallbacks']} notes fell back "
             "(their class had no node)"
             + (
-                f"; overflow turned on {f['traffic_overflow_episodes']} times and took "
+                f"; overflow (on the {f.get('traffic_overflow_signal', HEADROOM)} signal"
+                + (
+                    f", waits over {f['traffic_overflow_queue_wait_s']:g} s"
+                    if "traffic_overflow_queue_wait_s" in f
+                    else ""
+                )
+                + f") turned on {f['traffic_overflow_episodes']} times and took "
                 f"{f['traffic_overflow_routed']} notes"
                 if "overflow=" in f["traffic_policy"]
                 else ""
