@@ -233,7 +233,7 @@ class ShadowGate:
         report = self._shadow.report()
         if not report.shadow_id:
             return (
-                "no shadow run on this coordinator to take as evidence (a restart forgets it); "
+                "no shadow run on this coordinator to take as evidence (one kept only in memory is forgotten at a restart); "
                 "serve the new weights on a candidate node and run `fleetctl shadow start`"
             )
         digests = {d for t in report.by_template for d in t.candidate.digests}

@@ -1,7 +1,9 @@
 """Shadow evaluation (docs/shadow.md): a sample of live requests is also sent to nodes
 serving a candidate model. The caller gets only the live output; of the copy the coordinator
 reads only the node's final record (quality score, schema check, timings) and drops every
-token as it arrives. Both sides' outcomes go to the run's report (coordinator/shadow_report.py).
+token as it arrives. Both sides' outcomes go to the run's report (coordinator/shadow_report.py)
+and, with a state database, to its shadow_outcomes table, from which every coordinator of the
+run reads the others' (so each reports the pooled scores).
 
 Copies are best effort: only to READY nodes serving the candidate, only while nothing waits
 in the admission queue, at most `max_in_flight` at once, never queued on a node; anything
@@ -46,6 +48,11 @@ REMOTE_ENGINE = "upstream"
 COPY_OUTCOMES = (Ended.COMPLETED, Ended.FAILED, Ended.CANCELLED)
 DROP_REASONS = ("busy", "no_node", "phi")
 SYNC_S = 2.0  # runs started or stopped through another coordinator are taken up this often
+# Outcomes not yet written (the database away) are kept up to this many, the oldest dropped.
+PENDING_MAX = 10_000
+# Rows are read from (newest id seen - LOOKBACK_IDS): a transaction of the other coordinator
+# that took its ids earlier but committed later is still read (ids seen are skipped).
+LOOKBACK_IDS = 1_000
 
 
 class ShadowRefused(Exception):
@@ -111,7 +118,7 @@ class ShadowRun:
     started_by: str
     started_at: float
     stopped_at: float = 0.0
-    figures_since: float = 0.0  # this coordinator's counts and scores start here (0: started_at)
+    figures_since: float = 0.0  # the scores start here (0: started_at; later only without a database)
     eligible: int = 0
     sampled: int = 0
     sent: int = 0
@@ -165,6 +172,11 @@ class Shadow:
         # coordinator/shadow_store.ShadowStore (set before start_sync); None: memory only
         self.store = None
         self._synced: Optional[tuple[str, float]] = None  # (run id, stopped_at) last taken up
+        # This process, in the outcome rows it writes (a restarted coordinator reads its own
+        # earlier rows back as any other's).
+        self._instance = f"{coordinator_id}/{secrets.token_hex(4)}"
+        self._pending: list[tuple[str, str, str, str, Outcome, float]] = []
+        self._read: tuple[str, int, set[int]] = ("", 0, set())  # run id, newest id, ids seen
         self._task: Optional[asyncio.Task] = None
         # Since the process started, over every run (the /metrics counters).
         self.copies_total: dict[str, int] = dict.fromkeys(COPY_OUTCOMES, 0)
@@ -245,7 +257,7 @@ class Shadow:
             row.started_by,
             row.started_at,
             stopped_at=row.stopped_at,
-            figures_since=self._clock(),
+            figures_since=row.started_at,  # every coordinator's outcomes are in the database
         )
         log.info(
             "shadow=%s taken up from the state database (%s, started by %s): model=%s fraction=%g",
@@ -259,12 +271,15 @@ class Shadow:
     async def _sync_logged(self) -> None:
         try:
             await self.sync()
+            if self.store is not None:
+                await self._exchange()
         except Exception as exc:  # noqa: BLE001 - the database may be away; the run stays as it is
             log.warning(
-                "shadow runs not read from the state database (%s: %s); keeping the run in "
-                "effect, retrying in %.0f s",
+                "shadow runs and outcomes not synced with the state database (%s: %s); keeping "
+                "the run in effect and %d outcomes to write, retrying in %.0f s",
                 type(exc).__name__,
                 exc,
+                len(self._pending),
                 SYNC_S,
             )
 
@@ -287,6 +302,12 @@ class Shadow:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._halt(self._clock(), " (coordinator shutting down)")
         self._sampled.clear()
+        if self.store is not None and self._pending:
+            try:  # the last outcomes, for the pair's report and this one's after a restart
+                await asyncio.to_thread(self.store.add_outcomes, self._pending[:])
+                self._pending.clear()
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                log.warning("shadow: %d outcomes not written (%s)", len(self._pending), exc)
 
     # -- the relay's side ---------------------------------------------------------------
     def offer(self, req: inference_pb2.GenerateRequest) -> None:
@@ -354,7 +375,10 @@ class Shadow:
             entry.model_id, entry.status.model.version, sampled.run.config.model
         ):
             return  # the live request itself ran on the candidate: no comparison
-        sampled.run.pair(sampled.template).live.add(
+        self._record(
+            sampled.run,
+            sampled.template,
+            "live",
             Outcome(
                 completed=s.outcome == Ended.COMPLETED,
                 latency_ms=s.duration_s * 1000.0,
@@ -364,8 +388,43 @@ class Shadow:
                 parts=tuple(sorted(s.quality_parts.items())),
                 model=model,
                 digest=digest,
-            )
+            ),
         )
+
+    def _record(self, run: ShadowRun, template: str, side: str, outcome: Outcome) -> None:
+        """One side of a sampled request: into the run's tallies here, and (with a state
+        database) into shadow_outcomes at the next sync, for every coordinator's report."""
+        getattr(run.pair(template), side).add(outcome)
+        if self.store is None:
+            return
+        self._pending.append((run.id, self._instance, template, side, outcome, self._clock()))
+        if len(self._pending) > PENDING_MAX:
+            del self._pending[: len(self._pending) - PENDING_MAX]
+
+    async def _exchange(self) -> None:
+        """Write this coordinator's new outcomes; read the run's others (every coordinator
+        sharing the database, and this one's before a restart) into its tallies."""
+        if self._pending:
+            batch = self._pending[:]
+            await asyncio.to_thread(self.store.add_outcomes, batch)
+            del self._pending[: len(batch)]
+        run = self.run
+        if run is None:
+            return
+        run_id, newest, seen = self._read
+        if run_id != run.id:
+            newest, seen = 0, set()
+        rows = await asyncio.to_thread(self.store.outcomes, run.id, max(0, newest - LOOKBACK_IDS))
+        if self.run is not run:
+            return
+        for r in rows:
+            if r.id in seen:
+                continue
+            seen.add(r.id)
+            newest = max(newest, r.id)
+            if r.instance != self._instance and r.side in ("live", "candidate"):
+                getattr(run.pair(r.template), r.side).add(r.outcome)
+        self._read = (run.id, newest, {i for i in seen if i > newest - LOOKBACK_IDS})
 
     # -- one copy ---------------------------------------------------------------------
     async def _copy(
@@ -431,8 +490,11 @@ class Shadow:
             if score is not None
             else ()
         )
-        run.pair(template).candidate.add(
-            Outcome(completed, latency, ttft, score, valid, parts, model, digest)
+        self._record(
+            run,
+            template,
+            "candidate",
+            Outcome(completed, latency, ttft, score, valid, parts, model, digest),
         )
         outcome = Ended.COMPLETED if completed else Ended.FAILED
         if code == "CANCELLED":
@@ -499,6 +561,7 @@ class Shadow:
             started_unix_s=run.started_at,
             stopped_unix_s=run.stopped_at,
             figures_since_unix_s=run.figures_since or run.started_at,
+            figures_pooled=self.store is not None,
             eligible=run.eligible,
             sampled=run.sampled,
             sent=run.sent,

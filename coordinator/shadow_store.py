@@ -1,9 +1,10 @@
 """Shadow runs' definitions (`fleetctl shadow start|stop`; docs/shadow.md) in the state
 database (coordinator/state/: SQLite or PostgreSQL): a restarted coordinator resumes the
 latest run, and coordinators sharing the database run the same one. One row per run, its
-settings, who started it and when, and when it stopped (0 while active). Scores and timings
-stay in each coordinator's memory. The methods block: callers run them in a thread, off the
-event loop."""
+settings, who started it and when, and when it stopped (0 while active). And each sampled
+request's two sides' scores and timings (table shadow_outcomes, no content), written by the
+coordinator that relayed it and read by every coordinator of the run, so each reports the
+pooled figures. The methods block: callers run them in a thread, off the event loop."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Optional, Union
 
 import sqlalchemy as sa
 
+from coordinator.shadow_report import Outcome
 from coordinator.state import StateDB
+from coordinator.state.schema import shadow_outcomes as O
 from coordinator.state.schema import shadow_runs as T
 
 KEEP = 50  # runs kept; older rows are deleted as a new run starts
@@ -33,6 +36,16 @@ class Row:
     started_by: str
     started_at: float
     stopped_at: float  # 0: active
+
+
+@dataclass(frozen=True)
+class StoredOutcome:
+    id: int
+    run_id: str
+    instance: str  # the coordinator process that wrote it
+    template: str
+    side: str  # "live" or "candidate"
+    outcome: Outcome
 
 
 class ShadowStore:
@@ -64,6 +77,7 @@ class ShadowStore:
             )
             old = sa.select(T.c.id).order_by(T.c.started_at.desc()).offset(KEEP)
             db.execute(T.delete().where(T.c.id.in_(old.scalar_subquery())))
+            db.execute(O.delete().where(O.c.run_id.not_in(sa.select(T.c.id).scalar_subquery())))
 
     def stopped(self, run_id: str, at: float) -> None:
         with self._state.begin() as db:
@@ -94,3 +108,55 @@ class ShadowStore:
             r.started_at,
             r.stopped_at,
         )
+
+    def add_outcomes(self, rows: list[tuple[str, str, str, str, Outcome, float]]) -> None:
+        """(run id, instance, template, side, outcome, when) each, in one transaction."""
+        if not rows:
+            return
+        with self._state.begin() as db:
+            db.execute(
+                O.insert(),
+                [
+                    dict(
+                        run_id=run_id,
+                        instance=instance[:200],
+                        template=template[:200],
+                        side=side,
+                        completed=int(o.completed),
+                        latency_ms=o.latency_ms,
+                        ttft_ms=o.ttft_ms,
+                        score=o.score,
+                        schema_valid=None if o.schema_valid is None else int(o.schema_valid),
+                        parts=json.dumps(dict(o.parts)) if o.parts else "",
+                        model=o.model[:200],
+                        digest=o.digest[:200],
+                        at=at,
+                    )
+                    for run_id, instance, template, side, o, at in rows
+                ],
+            )
+
+    def outcomes(self, run_id: str, after_id: int = 0) -> list[StoredOutcome]:
+        """The run's outcomes with an id above `after_id`, oldest first."""
+        with self._state.begin() as db:
+            rows = db.execute(
+                sa.select(O).where(O.c.run_id == run_id, O.c.id > after_id).order_by(O.c.id)
+            ).all()
+        out = []
+        for r in rows:
+            try:
+                parts = tuple(sorted((str(k), float(v)) for k, v in json.loads(r.parts).items()))
+            except (ValueError, TypeError, AttributeError):
+                parts = ()
+            outcome = Outcome(
+                completed=bool(r.completed),
+                latency_ms=r.latency_ms,
+                ttft_ms=r.ttft_ms,
+                score=r.score,
+                schema_valid=None if r.schema_valid is None else bool(r.schema_valid),
+                parts=parts,
+                model=r.model,
+                digest=r.digest,
+            )
+            out.append(StoredOutcome(r.id, r.run_id, r.instance, r.template, r.side, outcome))
+        return out

@@ -387,9 +387,10 @@ def test_a_rollout_takes_the_shadow_verdict_as_its_evidence(fleet, other_model):
 def test_a_run_outlives_a_restart_and_reaches_the_pair_on_the_same_state_database(
     fleet, tmp_path, start_coordinator
 ):
-    """The run's definition is in the state database: the other coordinator of a pair takes it
-    up and copies its own traffic, a restarted coordinator resumes it (its report says from
-    when its figures start), and a stop through either reaches both."""
+    """The run's definition and its outcomes are in the state database: the other coordinator
+    of a pair takes the run up and copies its own traffic, each reports the pooled scores (its
+    request counts its own), a restarted coordinator resumes the run with every score so far,
+    and a stop through either reaches both."""
     _, live, cand, _ = fleet
     db = str(tmp_path / "pair.db")
     nodes = [live.address, cand.address]
@@ -401,32 +402,42 @@ def test_a_run_outlives_a_restart_and_reaches_the_pair_on_the_same_state_databas
                "--template", "soap-brief", "--max-in-flight", "16")  # fmt: skip
     assert out.returncode == 0, out.stderr
     started = _stub(a).GetShadow(shadow_pb2.GetShadowRequest(), timeout=10)
-    assert started.figures_since_unix_s == started.started_unix_s
+    assert started.figures_since_unix_s == started.started_unix_s and started.figures_pooled
     on_b = _wait(b, lambda r: r.shadow_id == started.shadow_id, "pair-b took the run up", 10)
     assert on_b.active and (on_b.model, on_b.fraction, on_b.margin) == (CANDIDATE, 1.0, 0.2)
     assert list(on_b.templates) == ["soap-brief"] and on_b.max_in_flight == 16
     assert (on_b.started_by, on_b.started_unix_s) == ("operator", started.started_unix_s)
-    assert on_b.figures_since_unix_s > on_b.started_unix_s
+    assert on_b.figures_since_unix_s == on_b.started_unix_s and on_b.figures_pooled
     for i in range(2):
         assert collect(b.inference, _model(note(400 + i), LIVE)).final is not None
     r = _wait(b, lambda r: r.sent == 2 and r.in_flight == 0, "pair-b's copies done")
     assert r.by_template[0].candidate.scored == 2
+    # pair-a relayed none of them: its counts are its own, the scores are pooled.
+    on_a = _wait(a, lambda r: r.by_template and r.by_template[0].live.scored == 2
+                 and r.by_template[0].candidate.scored == 2, "pair-b's scores on pair-a", 10)  # fmt: skip
+    assert (
+        on_a.sent == 0
+        and on_a.by_template[0].candidate.digests == r.by_template[0].candidate.digests
+    )
 
     a.stop()  # SIGTERM: its copies end, the run stays active in the database
     a2 = start_coordinator("--state-db", db, nodes=nodes, name="shadow-pair-a2")
-    resumed = _stub(a2).GetShadow(shadow_pb2.GetShadowRequest(), timeout=10)
+    resumed = _wait(a2, lambda r: r.by_template and r.by_template[0].candidate.scored == 2,
+                    "the restarted coordinator reads the scores so far", 10)  # fmt: skip
     assert resumed.shadow_id == started.shadow_id and resumed.active
     assert resumed.started_unix_s == started.started_unix_s
-    assert resumed.figures_since_unix_s > started.started_unix_s and resumed.sent == 0
+    assert resumed.figures_since_unix_s == started.started_unix_s and resumed.sent == 0
     shown = _ctl(a2, "shadow", "show")
-    assert shown.returncode == 0 and "figures since" in shown.stdout, shown.stdout
+    assert shown.returncode == 0 and "every coordinator's" in shown.stdout, shown.stdout
     a2.wait_routable(2)
     assert collect(a2.inference, _model(note(410), LIVE)).final is not None
     _wait(a2, lambda r: r.sent == 1 and r.in_flight == 0, "the resumed run copies")
+    _wait(b, lambda r: r.by_template[0].candidate.scored == 3, "a2's score on pair-b", 10)
 
     assert _ctl(b, "shadow", "stop").returncode == 0
     gone = _wait(a2, lambda r: not r.active, "the stop through pair-b reached a2", 10)
     assert gone.shadow_id == started.shadow_id and gone.stopped_unix_s > 0
+    assert gone.by_template[0].candidate.scored == 3  # nothing counted twice
 
 
 def test_a_start_the_state_database_does_not_take_changes_nothing():
@@ -449,6 +460,50 @@ def test_a_start_the_state_database_does_not_take_changes_nothing():
     with pytest.raises(OSError):
         asyncio.run(s.stop())
     assert s.run is first and first.active
+
+
+def test_outcomes_wait_while_the_state_database_is_away_and_are_written_once(tmp_path):
+    """Two coordinators' Shadows on one real SQLite state database: each reads the other's
+    outcomes into its report; while the database refuses writes, one keeps its outcomes (its
+    report still has them) and writes each exactly once when the database is back."""
+    from coordinator.shadow_store import ShadowStore
+
+    class Audit:
+        failing = ""
+
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    a, b = (Shadow(fleet=None, admission=None, audit=Audit(), coordinator_id=n) for n in "ab")
+    a.store, b.store = ShadowStore(db), ShadowStore(db)
+    asyncio.run(a.start(ShadowConfig(model=CANDIDATE, fraction=1.0, min_samples=1), "op"))
+    asyncio.run(b.sync())
+    scored = Outcome(True, 100.0, 10.0, 0.8, True, (("sections", 1.0),), LIVE, "sha256:a")
+    a._record(a.run, "soap-brief", "live", scored)
+    asyncio.run(a._exchange())
+    asyncio.run(b._exchange())
+    assert b.report().by_template[0].live.scored == 1
+
+    real = b.store.add_outcomes
+
+    def away(rows):
+        raise OSError("database is locked")
+
+    b.store.add_outcomes = away
+    b._record(b.run, "soap-brief", "candidate", scored)
+    b._record(b.run, "soap-brief", "candidate", scored)
+    asyncio.run(b._sync_logged())  # logged, not raised; kept
+    assert len(b._pending) == 2 and b.report().by_template[0].candidate.scored == 2
+    asyncio.run(a._exchange())
+    assert not a.report().by_template[0].candidate.scored
+    b.store.add_outcomes = real
+    for _ in range(2):
+        asyncio.run(b._sync_logged())
+        asyncio.run(a._exchange())
+    assert not b._pending
+    assert a.report().by_template[0].candidate.scored == 2
+    assert b.report().by_template[0].candidate.scored == 2  # its own, not read back again
+    assert len(a.store.outcomes(a.run.id)) == 3
+    a.store.close()
+    b.store.close()
 
 
 def test_afterwards_each_request_ended_once_and_the_canary_appears_nowhere(fleet):

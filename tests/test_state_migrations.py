@@ -187,6 +187,63 @@ def test_a_database_at_revision_0003_gains_shadow_runs_in_place(empty_url, monke
         db.close()
 
 
+def test_a_database_at_revision_0004_gains_shadow_outcomes_in_place(empty_url, monkeypatch):
+    """A database of the shadow-runs revision (0004) gains shadow_outcomes (0005), its run
+    kept; outcomes round-trip (NULLs as None, sub-scores as pairs), read from an id on, and
+    go with their run when it is pruned."""
+    from coordinator import shadow_store
+    from coordinator.shadow_report import Outcome
+    from coordinator.shadow_store import Row, ShadowStore
+    from coordinator.state import engine, migrate
+
+    run = Row("shadow-1", "cand", 0.05, frozenset(), 0.1, 20, 2, 300.0, "dana", 200.0, 0.0)
+    with monkeypatch.context() as m:
+        m.setattr(engine, "upgrade", lambda db: migrate.upgrade(db, "0004"))
+        old = StateDB(empty_url)
+    try:
+        with old.engine.connect() as conn:
+            assert current(conn) == "0004"
+            assert not sa.inspect(conn).has_table("shadow_outcomes")
+        with old.begin() as conn:  # as a coordinator of revision 0004 wrote it
+            conn.execute(
+                sa.text(
+                    "INSERT INTO shadow_runs (id, model, fraction, templates, margin, min_samples,"
+                    " max_in_flight, timeout_s, started_by, started_at, stopped_at) VALUES"
+                    " ('shadow-1', 'cand', 0.05, '[]', 0.1, 20, 2, 300.0, 'dana', 200.0, 0.0)"
+                )
+            )
+    finally:
+        old.close()
+
+    db = StateDB(empty_url)
+    try:
+        with db.engine.connect() as conn:
+            assert current(conn) == head()
+        assert differences(db) == []
+        store = ShadowStore(db)
+        assert store.latest() == run
+        scored = Outcome(
+            True, 120.5, 30.0, 0.8, True, (("length", 0.5), ("sections", 1.0)), "m@1", "sha256:a"
+        )
+        failed = Outcome(False, 40.0)
+        store.add_outcomes([("shadow-1", "co-a/1", "soap-note", "live", scored, 201.0),
+                            ("shadow-1", "co-b/2", "soap-note", "candidate", failed, 202.0)])  # fmt: skip
+        got = store.outcomes("shadow-1")
+        assert [(o.instance, o.template, o.side, o.outcome) for o in got] == [
+            ("co-a/1", "soap-note", "live", scored),
+            ("co-b/2", "soap-note", "candidate", failed),
+        ]
+        assert [o.outcome for o in store.outcomes("shadow-1", after_id=got[0].id)] == [failed]
+        assert store.outcomes("shadow-other") == []
+        monkeypatch.setattr(shadow_store, "KEEP", 1)  # the next start prunes run 1, and its rows
+        store.started(
+            Row("shadow-2", "cand", 0.05, frozenset(), 0.1, 20, 2, 300.0, "dana", 300.0, 0.0)
+        )
+        assert store.outcomes("shadow-1") == []
+    finally:
+        db.close()
+
+
 def test_the_sqlite_file_of_the_release_before_migrations_upgrades_in_place(tmp_path):
     path = tmp_path / "coordinator.db"
     shutil.copy(FIXTURES / "release-92239ae.db", path)

@@ -216,7 +216,12 @@ def _summary(r: shadow_pb2.ShadowReport) -> None:
         f"{r.margin:g}, min samples {r.min_samples}, max in flight {r.max_in_flight}; started "
         f"{_when(r.started_unix_s)} by {r.started_by}"
     )
-    if r.figures_since_unix_s > r.started_unix_s:
+    if r.figures_pooled:
+        typer.echo(
+            "scores and latencies: every coordinator's sharing the state database; request "
+            f"counts: coordinator {r.coordinator_id}'s"
+        )
+    elif r.figures_since_unix_s > r.started_unix_s:
         typer.echo(
             f"figures since {_when(r.figures_since_unix_s)}: when coordinator {r.coordinator_id} "
             "took the run up from the state database (a restart, or a start through its pair)"

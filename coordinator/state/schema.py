@@ -168,3 +168,28 @@ shadow_runs = sa.Table(
     sa.Column("started_at", REAL, nullable=False),
     sa.Column("stopped_at", REAL, nullable=False, server_default=sa.text("0")),
 )
+
+# Shadow outcomes (coordinator/shadow_store.py; docs/shadow.md): one row per side (live or
+# candidate) of each sampled request, written by whichever coordinator relayed it, so every
+# coordinator sharing the database reports the run's pooled figures. Scores and timings
+# only: never request content. `instance` is the writing process (name/random), so a
+# coordinator skips its own rows while following; `parts` is a JSON object of sub-scores;
+# a NULL is what the outcome did not have (no score, no schema, no first token).
+shadow_outcomes = sa.Table(
+    "shadow_outcomes",
+    metadata,
+    sa.Column("id", BIGINT, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text, nullable=False, index=True),
+    sa.Column("instance", sa.Text, nullable=False),
+    sa.Column("template", sa.Text, nullable=False),
+    sa.Column("side", sa.Text, nullable=False),
+    sa.Column("completed", sa.Integer, nullable=False),
+    sa.Column("latency_ms", REAL, nullable=False),
+    sa.Column("ttft_ms", REAL, nullable=True),
+    sa.Column("score", REAL, nullable=True),
+    sa.Column("schema_valid", sa.Integer, nullable=True),
+    sa.Column("parts", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("model", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("digest", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("at", REAL, nullable=False),
+)

@@ -80,7 +80,7 @@ class ShadowTemplate(_message.Message):
     def __init__(self, template: _Optional[str] = ..., live: _Optional[_Union[ShadowSide, _Mapping]] = ..., candidate: _Optional[_Union[ShadowSide, _Mapping]] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShadowReport(_message.Message):
-    __slots__ = ("shadow_id", "active", "model", "fraction", "templates", "margin", "min_samples", "max_in_flight", "timeout_s", "started_by", "started_unix_s", "stopped_unix_s", "eligible", "sampled", "sent", "dropped_busy", "dropped_no_node", "dropped_phi", "in_flight", "by_template", "verdict", "reason", "coordinator_id", "figures_since_unix_s")
+    __slots__ = ("shadow_id", "active", "model", "fraction", "templates", "margin", "min_samples", "max_in_flight", "timeout_s", "started_by", "started_unix_s", "stopped_unix_s", "eligible", "sampled", "sent", "dropped_busy", "dropped_no_node", "dropped_phi", "in_flight", "by_template", "verdict", "reason", "coordinator_id", "figures_since_unix_s", "figures_pooled")
     SHADOW_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class ShadowReport(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     FIGURES_SINCE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_POOLED_FIELD_NUMBER: _ClassVar[int]
     shadow_id: str
     active: bool
     model: str
@@ -129,4 +130,5 @@ class ShadowReport(_message.Message):
     reason: str
     coordinator_id: str
     figures_since_unix_s: float
-    def __init__(self, shadow_id: _Optional[str] = ..., active: _Optional[bool] = ..., model: _Optional[str] = ..., fraction: _Optional[float] = ..., templates: _Optional[_Iterable[str]] = ..., margin: _Optional[float] = ..., min_samples: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., timeout_s: _Optional[float] = ..., started_by: _Optional[str] = ..., started_unix_s: _Optional[float] = ..., stopped_unix_s: _Optional[float] = ..., eligible: _Optional[int] = ..., sampled: _Optional[int] = ..., sent: _Optional[int] = ..., dropped_busy: _Optional[int] = ..., dropped_no_node: _Optional[int] = ..., dropped_phi: _Optional[int] = ..., in_flight: _Optional[int] = ..., by_template: _Optional[_Iterable[_Union[ShadowTemplate, _Mapping]]] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., figures_since_unix_s: _Optional[float] = ...) -> None: ...
+    figures_pooled: bool
+    def __init__(self, shadow_id: _Optional[str] = ..., active: _Optional[bool] = ..., model: _Optional[str] = ..., fraction: _Optional[float] = ..., templates: _Optional[_Iterable[str]] = ..., margin: _Optional[float] = ..., min_samples: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., timeout_s: _Optional[float] = ..., started_by: _Optional[str] = ..., started_unix_s: _Optional[float] = ..., stopped_unix_s: _Optional[float] = ..., eligible: _Optional[int] = ..., sampled: _Optional[int] = ..., sent: _Optional[int] = ..., dropped_busy: _Optional[int] = ..., dropped_no_node: _Optional[int] = ..., dropped_phi: _Optional[int] = ..., in_flight: _Optional[int] = ..., by_template: _Optional[_Iterable[_Union[ShadowTemplate, _Mapping]]] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., figures_since_unix_s: _Optional[float] = ..., figures_pooled: _Optional[bool] = ...) -> None: ...
