@@ -287,6 +287,13 @@ class NodeSettings(HttpPortSection, FileSettings):
         default_text="the --model directory's",
         pattern=r"^(sha256:[0-9a-f]{64})?$",
     )
+    upstream_weights_check: str = setting(
+        "auto",
+        "upstream engine, vllm kind: auto runs the weights in --model here, where they are "
+        "the digest's and fit in a quarter of the free memory, and requires the endpoint's "
+        "greedy tokens to equal theirs; off takes the endpoint's weights on trust.",
+        pattern="^(auto|off)$",
+    )
     upstream_ca_file: Optional[Path] = setting(
         None, "upstream engine: CA bundle for an https endpoint.", default_text="the system's"
     )

@@ -214,6 +214,8 @@ def test_status_names_the_engine_and_the_endpoint(upstream_node, remote):
     st = upstream_node.status()
     assert st.lifecycle == common_pb2.LIFECYCLE_READY
     assert st.model.engine == "upstream" and remote[0] in st.model.engine_version
+    # --model holds the endpoint's weights: they ran here and the endpoint's tokens matched.
+    assert st.model.engine_version.endswith(", weights checked")
     assert st.engine_server.url == remote[0] and st.engine_server.pid == 0
 
 
@@ -486,6 +488,38 @@ def test_the_token_check_refuses_an_endpoint_whose_tokenizer_differs(remote, tmp
             what="the token check's refusal",
         )
         assert st.lifecycle == common_pb2.LIFECYCLE_LOADING and "--model" in st.lifecycle_reason
+        proc.stop()
+
+
+def test_the_weights_check_refuses_an_endpoint_serving_other_weights(remote, tmp_path):
+    """--model holds other weights (another seed) with the endpoint's tokenizer: the node's
+    digest is theirs, the endpoint's greedy tokens are not theirs, so the node stays LOADING
+    saying so; with --upstream-weights-check off it serves on trust and its status says so."""
+    from cluster.tinymodel import TinyModelSpec, make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other-weights", TinyModelSpec(seed=7))
+    url, ca, key_file = remote
+    with NodeProcess(
+        other, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="other-weights"
+    ) as proc:
+        proc.start(tmp_path / "logs")
+        st, _ = proc.wait_until(
+            lambda s: "continues the check text differently" in s.lifecycle_reason,
+            timeout_s=90,
+            what="the weights check's refusal",
+        )
+        assert st.lifecycle == common_pb2.LIFECYCLE_LOADING
+        assert "--upstream-weights-check off" in st.lifecycle_reason
+        proc.stop()
+    with NodeProcess(
+        other,
+        *_upstream_args(url, ca, key_file, "--phi-allowed", "--upstream-weights-check", "off"),
+        node_id="weights-on-trust",
+    ) as proc:
+        proc.start(tmp_path / "logs-off")
+        proc.wait_serving(timeout_s=90)
+        st = proc.status()
+        assert st.model.engine_version.endswith(", weights not checked (off)")
         proc.stop()
 
 

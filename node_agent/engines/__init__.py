@@ -66,6 +66,7 @@ def _upstream(settings: NodeSettings) -> Engine:
         key_file=settings.upstream_key_file,
         kind=settings.upstream_kind,
         digest=settings.upstream_digest,
+        weights_check=settings.upstream_weights_check,
         ca_file=settings.upstream_ca_file,
         max_backoff_s=settings.upstream_max_backoff_s,
     )

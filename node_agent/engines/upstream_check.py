@@ -2,8 +2,9 @@
 
 Before an upstream node of the vllm kind serves, the endpoint must (1) spell a synthetic
 text with the same token ids as the tokenizer in --model (when it answers /tokenize), and
-(2) give the same greedy continuation of those ids twice. Exact resume needs both. It does
-not prove the served weights are the declared digest's: no reference run is made here.
+(2) give the same greedy continuation of those ids twice. Exact resume needs both. Where
+the weights are on this host, (3) that continuation must also be theirs
+(upstream_reference).
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ async def token_check(
     headers: dict[str, str],
     encode: Callable[[str], list[int]],
     eos: tuple[int, ...],
+    reference: Optional[list[int]] = None,
 ) -> Optional[str]:
-    """None if the endpoint passes, else why not (one line naming what to do)."""
+    """None if the endpoint passes, else why not (one line naming what to do). With
+    `reference` (the declared weights' own greedy tokens, upstream_reference), the
+    endpoint's greedy run must also be those ids."""
     import aiohttp
 
     local = encode(CHECK_TEXT)
@@ -76,7 +80,20 @@ async def token_check(
             "cannot resume exactly on it; turn prefix caching off there, or use "
             "--upstream-kind openai"
         )
-    log.info("upstream %s passed the token check (%d greedy tokens twice)", url, len(runs[0]))
+    if reference is not None and runs[0][: len(reference)] != reference:
+        same = next((i for i, (a, b) in enumerate(zip(runs[0], reference)) if a != b), 0)
+        return (
+            f"{where} continues the check text differently from the weights in --model "
+            f"(greedy tokens agree for {same} of {len(reference)}): it serves other weights "
+            "than the node's digest names; point --model (or --upstream-digest) at the "
+            "weights it serves, or turn the check off with --upstream-weights-check off"
+        )
+    log.info(
+        "upstream %s passed the token check (%d greedy tokens twice%s)",
+        url,
+        len(runs[0]),
+        ", equal to the weights' own" if reference is not None else "",
+    )
     return None
 
 
