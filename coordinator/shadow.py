@@ -118,7 +118,9 @@ class ShadowRun:
     started_by: str
     started_at: float
     stopped_at: float = 0.0
-    figures_since: float = 0.0  # the scores start here (0: started_at; later only without a database)
+    figures_since: float = (
+        0.0  # the scores start here (0: started_at; later only without a database)
+    )
     eligible: int = 0
     sampled: int = 0
     sent: int = 0
