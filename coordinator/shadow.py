@@ -118,9 +118,8 @@ class ShadowRun:
     started_by: str
     started_at: float
     stopped_at: float = 0.0
-    figures_since: float = (
-        0.0  # the scores start here (0: started_at; later only without a database)
-    )
+    # The scores start here (0: started_at; later only on a coordinator without a database).
+    figures_since: float = 0.0
     eligible: int = 0
     sampled: int = 0
     sent: int = 0
