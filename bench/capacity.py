@@ -10,7 +10,8 @@ beside the relay's CPU per token, as a 72B's are. Each node runs on a CPU of its
 the machine has one per node (`--node-cpus shared`: every process on every CPU), the
 coordinator and callers on the rest or, with no CPU to spare, on all of them; the nodes still
 share this machine's memory bandwidth and caches, so the planner takes them for one host
-and measures how many it runs at full speed at once (host parallelism).
+and the bench measures how many it runs at full speed at once (host parallelism, from a
+note on each node alone and then on all at once). Each load prints the CPU each process used.
 
     .venv/bin/python bench/capacity.py                  # 2 nodes, ~7 min on 2 CPUs
     .venv/bin/python bench/capacity.py --nodes 1        # one node (~5 min)
@@ -112,6 +113,45 @@ async def host_parallelism(pairs, running: int, context: int = 512, steps: int =
     return min(float(len(pairs)), max(1.0, len(pairs) / slowdown)), alone, together
 
 
+async def note_parallelism(
+    coordinator: CoordinatorProcess,
+    builder: rp.PromptBuilder,
+    workload,
+    nodes: int,
+    rounds: int = 3,
+):
+    """How many of this host's nodes run at full speed at once, from whole notes (a prompt's
+    prefill and its decode, as the replay sends them): each round, `nodes` notes one at a
+    time, then the same notes all at once (the router gives each node one); P = nodes /
+    mean(together / alone) per note. Returns (P, mean note alone, mean note together)."""
+    import random
+
+    rng = random.Random(7)
+    tls = coordinator.credentials(HARNESS_APP, Role.APP)
+    alone: list[float] = []
+    together: list[float] = []
+    async with AsyncFleetClient(coordinator.address, tls=tls, max_attempts=1) as client:
+        for r in range(rounds):
+            notes = [rp.PlannedNote(i, 0.0, *workload.sample_tokens(rng)) for i in range(nodes)]
+            for note in notes:
+                out, _ = await rp.run_notes(
+                    client, builder, [note], run_id=f"{rp.new_run_id()}-p{r}", timeout_s=120
+                )
+                alone.append(out[0].total_s)
+            out, _ = await rp.run_notes(
+                client, builder, notes, run_id=f"{rp.new_run_id()}-p{r}-all", timeout_s=120
+            )
+            if any(o.outcome != "completed" for o in out):
+                raise RuntimeError(f"a note failed while measuring host parallelism: {out}")
+            together += [o.total_s for o in out]
+    slowdown = sum(t / a for t, a in zip(together, alone, strict=True)) / len(alone)
+    return (
+        min(float(nodes), max(1.0, nodes / slowdown)),
+        sum(alone) / len(alone),
+        sum(together) / len(together),
+    )
+
+
 async def calibrate(coordinator: CoordinatorProcess) -> rp.PromptBuilder:
     """Prompts of the wanted lengths for the fleet's tokenizer (as fleetctl replay does)."""
     builder = rp.PromptBuilder(request_prefix=f"{rp.new_run_id()}-cal")
@@ -184,6 +224,17 @@ async def lone_notes(
     return sum(measured) / max(1, len(measured)), sum(predicted) / max(1, len(predicted))
 
 
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, threads included) each process has used so far."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        t = psutil.Process(pid).cpu_times()
+        out[name] = t.user + t.system
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=2)
@@ -224,6 +275,13 @@ def main() -> int:
         default=None,
         help="how many of a host's nodes run at full speed at once (default: measured, from "
         "each node's decode step alone and all at once)",
+    )
+    ap.add_argument(
+        "--parallelism-from",
+        choices=("notes", "decode"),
+        default="notes",
+        help="measure host parallelism from whole notes (prefill and decode, one per node alone "
+        "and then all at once, through the fleet's coordinator) or from 8-sequence decode steps",
     )
     ap.add_argument(
         "--profile-through",
@@ -340,7 +398,10 @@ def main() -> int:
                     profiles = [
                         asyncio.run(profile_node(n, v, not args.full_profile)) for n, v in pairs
                     ]
-                if per_host > 1 and args.host_parallelism is None:
+                # From whole notes needs the fleet's coordinator to give each node one at once:
+                # every node on one host. Otherwise from decode steps, per host.
+                by_notes = args.parallelism_from == "notes" and per_host == args.nodes
+                if per_host > 1 and args.host_parallelism is None and not by_notes:
                     parallel, alone, together = asyncio.run(
                         host_parallelism(pairs[:per_host], args.max_running)
                     )
@@ -375,6 +436,16 @@ def main() -> int:
                 prompt_tokens=args.prompt_tokens,
                 output_tokens=args.output_tokens,
             )
+            builder = asyncio.run(calibrate(coordinator))
+            if per_host > 1 and args.host_parallelism is None and by_notes:
+                parallel, alone_s, together_s = asyncio.run(
+                    note_parallelism(coordinator, builder, shape, per_host)
+                )
+                print(
+                    f"host parallelism {parallel:.2f}: notes {alone_s:.2f} s alone, "
+                    f"{together_s:.2f} s {per_host} at once (one per node), 3 rounds",
+                    flush=True,
+                )
             # Nodes sharing a host share its compute: a host does what its average node does
             # alone, times how many it runs at full speed at once.
             hosts = [profiles[i : i + per_host] for i in range(0, len(profiles), per_host)]
@@ -389,10 +460,9 @@ def main() -> int:
                 f"{args.seconds:g} s of Poisson arrivals per load",
                 flush=True,
             )
-            rows, builder = [], None
+            rows = []
             for i, load in enumerate(loads):
-                if i == 0:  # calibrate prompts once, then a few lone notes
-                    builder = asyncio.run(calibrate(coordinator))
+                if i == 0:  # a few lone notes first
                     lone_m, lone_p = asyncio.run(
                         lone_notes(coordinator, builder, shape, fleet, per_host, parallel)
                     )
@@ -409,6 +479,9 @@ def main() -> int:
                     prompt_tokens=args.prompt_tokens,
                     output_tokens=args.output_tokens,
                 )
+                procs = {n.node_id: n.proc.pid for n in nodes}
+                procs.update(coordinator=coordinator.proc.pid, client=os.getpid())
+                cpu0, t_cpu = _cpu(procs), time.monotonic()
                 report = asyncio.run(
                     replay_at(
                         coordinator,
@@ -436,6 +509,13 @@ def main() -> int:
                     rate,
                 )
                 rows.append((load, rate, report, closed))
+                used = {k: v - cpu0[k] for k, v in _cpu(procs).items()}
+                wall = max(time.monotonic() - t_cpu, 1e-9)
+                print(
+                    "  CPU while replaying (share of one CPU): "
+                    + ", ".join(f"{k} {v / wall:.0%}" for k, v in used.items()),
+                    flush=True,
+                )
                 m = report.measured
                 print(
                     f"load {load:.0%}: {m.completed}/{m.notes} notes completed, {report.outcomes}, driver lag p99 "
