@@ -65,13 +65,34 @@ def empty_url(request, tmp_path) -> str:
     return request.getfixturevalue("pg_url")
 
 
+def _at_revision(url: str, revision: str) -> StateDB:
+    """The database at `url` migrated only as far as `revision` (an older coordinator's)."""
+    from coordinator.state import engine, migrate
+
+    real = engine.upgrade
+    engine.upgrade = lambda db: migrate.upgrade(db, revision)
+    try:
+        db = StateDB(url)
+    finally:
+        engine.upgrade = real
+    with db.engine.connect() as conn:
+        assert current(conn) == revision
+    return db
+
+
+def _at_head(url: str) -> StateDB:
+    """The database at `url` opened by this coordinator: at the newest revision, as schema.py."""
+    db = StateDB(url)
+    with db.engine.connect() as conn:
+        assert current(conn) == head()
+    assert differences(db) == []
+    return db
+
+
 def test_an_empty_database_gets_the_newest_schema(empty_url):
     assert HEAD == head(), "migrate.HEAD names the newest file in migrations/versions/"
-    db = StateDB(empty_url)
+    db = _at_head(empty_url)
     try:
-        with db.engine.connect() as conn:
-            assert current(conn) == head()
-        assert differences(db) == []
         # Opening it again (another coordinator, a restart) changes nothing.
         StateDB(empty_url).close()
         tokens = TokenStore(db)
@@ -102,33 +123,26 @@ def test_two_coordinators_opening_one_empty_postgresql_at_once_migrate_it_once(p
         db.close()
 
 
-def test_a_database_of_the_previous_revision_upgrades_in_place(empty_url, monkeypatch):
+def test_a_database_of_the_previous_revision_upgrades_in_place(empty_url):
     """A database a coordinator of the previous release (revision 0001: no dashboard sessions
     or eval baselines in the database) made gains those tables, its rows kept."""
     import asyncio
 
     from coordinator.baseline_store import BaselineStore
     from coordinator.session_store import SessionStore
-    from coordinator.state import engine, migrate
     from tests.test_state_sessions import DANA, _report
 
-    with monkeypatch.context() as m:
-        m.setattr(engine, "upgrade", lambda db: migrate.upgrade(db, "0001"))
-        old = StateDB(empty_url)
+    old = _at_revision(empty_url, "0001")
     try:
         with old.engine.connect() as conn:
-            assert current(conn) == "0001"
             assert not sa.inspect(conn).has_table("dashboard_sessions")
         _, secret = TokenStore(old).issue("notes-app")
         RolloutStore(old).acquire("old-co", ttl_s=5)
     finally:
         old.close()
 
-    db = StateDB(empty_url)
+    db = _at_head(empty_url)
     try:
-        with db.engine.connect() as conn:
-            assert current(conn) == head()
-        assert differences(db) == []
         assert TokenStore(db).verify(secret).identity.name == "notes-app"
         assert RolloutStore(db).lease()[0] == "old-co"
         sessions, baselines = SessionStore(db), BaselineStore(db)
@@ -140,33 +154,26 @@ def test_a_database_of_the_previous_revision_upgrades_in_place(empty_url, monkey
         db.close()
 
 
-def test_a_database_at_revision_0003_gains_shadow_runs_in_place(empty_url, monkeypatch):
+def test_a_database_at_revision_0003_gains_shadow_runs_in_place(empty_url):
     """A database of the traffic-policy revision (0003) gains the shadow_runs table (0004),
     its traffic policies kept; the shadow store then keeps a run's definition."""
     import dataclasses
 
     from cluster.traffic import Policy
     from coordinator.shadow_store import Row, ShadowStore
-    from coordinator.state import engine, migrate
     from coordinator.traffic_store import TrafficStore
 
-    with monkeypatch.context() as m:
-        m.setattr(engine, "upgrade", lambda db: migrate.upgrade(db, "0003"))
-        old = StateDB(empty_url)
+    old = _at_revision(empty_url, "0003")
     try:
         with old.engine.connect() as conn:
-            assert current(conn) == "0003"
             assert not sa.inspect(conn).has_table("shadow_runs")
         policy = Policy.parse("notes", {"macs": 90, "upstream": 10}, "upstream")
         TrafficStore(old).save("notes", policy, "dana", 100.0)
     finally:
         old.close()
 
-    db = StateDB(empty_url)
+    db = _at_head(empty_url)
     try:
-        with db.engine.connect() as conn:
-            assert current(conn) == head()
-        assert differences(db) == []
         (row,) = TrafficStore(db).load()
         assert (row.policy, row.set_by, row.set_at) == (policy, "dana", 100.0)
         shadows = ShadowStore(db)
@@ -194,15 +201,11 @@ def test_a_database_at_revision_0004_gains_shadow_outcomes_in_place(empty_url, m
     from coordinator import shadow_store
     from coordinator.shadow_report import Outcome
     from coordinator.shadow_store import Row, ShadowStore
-    from coordinator.state import engine, migrate
 
     run = Row("shadow-1", "cand", 0.05, frozenset(), 0.1, 20, 2, 300.0, "dana", 200.0, 0.0)
-    with monkeypatch.context() as m:
-        m.setattr(engine, "upgrade", lambda db: migrate.upgrade(db, "0004"))
-        old = StateDB(empty_url)
+    old = _at_revision(empty_url, "0004")
     try:
         with old.engine.connect() as conn:
-            assert current(conn) == "0004"
             assert not sa.inspect(conn).has_table("shadow_outcomes")
         with old.begin() as conn:  # as a coordinator of revision 0004 wrote it
             conn.execute(
@@ -215,11 +218,8 @@ def test_a_database_at_revision_0004_gains_shadow_outcomes_in_place(empty_url, m
     finally:
         old.close()
 
-    db = StateDB(empty_url)
+    db = _at_head(empty_url)
     try:
-        with db.engine.connect() as conn:
-            assert current(conn) == head()
-        assert differences(db) == []
         store = ShadowStore(db)
         assert store.latest() == run
         scored = Outcome(

@@ -471,24 +471,30 @@ def test_a_connection_closed_before_any_answer_is_tried_once_more(gated_node):
     )
 
 
+def _kept_loading(remote, model: Path, tmp_path: Path, words: str):
+    """An upstream node on `model` in front of the endpoint: it stays LOADING with a reason
+    holding `words` (a check refused the endpoint). Returns that status."""
+    url, ca, key_file = remote
+    with NodeProcess(
+        model, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id=model.name
+    ) as proc:
+        proc.start(tmp_path / f"logs-{model.name}")
+        st, _ = proc.wait_until(
+            lambda s: words in s.lifecycle_reason, timeout_s=90, what=f"the refusal ({words})"
+        )
+        assert st.lifecycle == common_pb2.LIFECYCLE_LOADING
+        proc.stop()
+    return st
+
+
 def test_the_token_check_refuses_an_endpoint_whose_tokenizer_differs(remote, tmp_path):
     """--model with another tokenizer than the endpoint's: the node stays LOADING saying so
     (a resume would splice token ids that mean other text)."""
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
 
     other = make_tiny_model(tmp_path / "other-vocab", TinyModelSpec(vocab_size=320))
-    url, ca, key_file = remote
-    with NodeProcess(
-        other, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="other-vocab"
-    ) as proc:
-        proc.start(tmp_path / "logs")
-        st, _ = proc.wait_until(
-            lambda s: "tokenizes text differently" in s.lifecycle_reason,
-            timeout_s=60,
-            what="the token check's refusal",
-        )
-        assert st.lifecycle == common_pb2.LIFECYCLE_LOADING and "--model" in st.lifecycle_reason
-        proc.stop()
+    st = _kept_loading(remote, other, tmp_path, "tokenizes text differently")
+    assert "--model" in st.lifecycle_reason
 
 
 def test_the_weights_check_refuses_an_endpoint_serving_other_weights(remote, tmp_path):
@@ -498,19 +504,9 @@ def test_the_weights_check_refuses_an_endpoint_serving_other_weights(remote, tmp
     from cluster.tinymodel import TinyModelSpec, make_tiny_model
 
     other = make_tiny_model(tmp_path / "other-weights", TinyModelSpec(seed=7))
+    st = _kept_loading(remote, other, tmp_path, "continues the check text differently")
+    assert "--upstream-weights-check off" in st.lifecycle_reason
     url, ca, key_file = remote
-    with NodeProcess(
-        other, *_upstream_args(url, ca, key_file, "--phi-allowed"), node_id="other-weights"
-    ) as proc:
-        proc.start(tmp_path / "logs")
-        st, _ = proc.wait_until(
-            lambda s: "continues the check text differently" in s.lifecycle_reason,
-            timeout_s=90,
-            what="the weights check's refusal",
-        )
-        assert st.lifecycle == common_pb2.LIFECYCLE_LOADING
-        assert "--upstream-weights-check off" in st.lifecycle_reason
-        proc.stop()
     with NodeProcess(
         other,
         *_upstream_args(url, ca, key_file, "--phi-allowed", "--upstream-weights-check", "off"),
