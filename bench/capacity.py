@@ -27,129 +27,29 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from cluster.capacity import measure  # noqa: E402
+from bench.capacity_rig import (  # noqa: E402
+    cpu_seconds,
+    host_parallelism,
+    note_parallelism,
+    profile_node,
+)
 from cluster.capacity import replay as rp  # noqa: E402
 from cluster.capacity.headroom import FleetModel, NodeModel, TokenMix, fleet_p95_s  # noqa: E402
 from cluster.capacity.plan import node_notes_per_s  # noqa: E402
-from cluster.capacity.profile import Profile  # noqa: E402
-from cluster.capacity.workload import NOTE_TEMPERATURE, build_workload  # noqa: E402
+from cluster.capacity.workload import build_workload  # noqa: E402
 from cluster.client import AsyncFleetClient  # noqa: E402
-from cluster.localfleet import HARNESS_APP, HARNESS_NODE_CALLER, CoordinatorProcess, NodeProcess  # noqa: E402
+from cluster.localfleet import HARNESS_APP, CoordinatorProcess, NodeProcess  # noqa: E402
 from cluster.security.ca import init_ca  # noqa: E402
-from cluster.security.identity import ANY_NODE, Role  # noqa: E402
+from cluster.security.identity import Role  # noqa: E402
 from cluster.tinymodel import TinyModelSpec, make_tiny_model, qwen25_spec  # noqa: E402
 
 GOAL_P95_ERROR_PCT = 10.0
-
-
-def _client(node: NodeProcess, via: CoordinatorProcess | None) -> AsyncFleetClient:
-    """Through `via`, a coordinator of this node alone (the path the replayed notes take), or
-    with None straight to the node (`--node`)."""
-    if via is None:
-        return AsyncFleetClient(
-            node.address,
-            tls=node.credentials(HARNESS_NODE_CALLER, Role.COORDINATOR),
-            server_name=ANY_NODE,
-        )
-    return AsyncFleetClient(via.address, tls=via.credentials(HARNESS_APP, Role.APP), max_attempts=1)
-
-
-async def profile_node(
-    node: NodeProcess, via: CoordinatorProcess | None, quick: bool = True
-) -> Profile:
-    """`fleetctl profile [--quick]`, in process (see _client for the path)."""
-    before = node.status()
-    limits = measure.limits_of(before)
-    async with _client(node, via) as client:
-        prober = measure.Prober(
-            client,
-            limits,
-            node_id="" if via is None else before.node_id,
-            timeout_s=120,
-            temperature=NOTE_TEMPERATURE,  # the replayed notes' sampling
-        )
-        measured = await measure.measure(prober, measure.plan_sizes(limits, quick=quick))
-    fitted = measure.fit(measured)
-    return measure.build_profile(
-        before,
-        node.status(),
-        measured,
-        fitted,
-        command="bench/capacity.py",
-        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        through=f"directly on {node.address}" if via is None else f"through {via.address}",
-        temperature=NOTE_TEMPERATURE,
-    )
-
-
-async def host_parallelism(pairs, running: int, context: int = 512, steps: int = 40):
-    """How many of this host's nodes run at full speed at once: each node's decode step with
-    `running` sequences alone, then all nodes' at the same time; P = nodes x alone / together
-    (1: one node alone keeps the host busy; the number of nodes: they do not slow each other).
-    Returns (P, the steps alone, the steps together)."""
-
-    async def step(node, via) -> float:
-        async with _client(node, via) as client:
-            prober = measure.Prober(
-                client,
-                measure.limits_of(node.status()),
-                node_id="" if via is None else node.node_id,
-                timeout_s=120,
-                temperature=NOTE_TEMPERATURE,
-            )
-            await prober.calibrate()
-            return (await prober.decode_point(running, context, steps)).step_s
-
-    alone = [await step(n, v) for n, v in pairs]
-    together = await asyncio.gather(*(step(n, v) for n, v in pairs))
-    slowdown = sum(t / a for t, a in zip(together, alone, strict=True)) / len(pairs)
-    return min(float(len(pairs)), max(1.0, len(pairs) / slowdown)), alone, together
-
-
-async def note_parallelism(
-    coordinator: CoordinatorProcess,
-    builder: rp.PromptBuilder,
-    workload,
-    nodes: int,
-    rounds: int = 3,
-):
-    """How many of this host's nodes run at full speed at once, from whole notes (a prompt's
-    prefill and its decode, as the replay sends them): each round, `nodes` notes one at a
-    time, then the same notes all at once (the router gives each node one); P = nodes /
-    mean(together / alone) per note. Returns (P, mean note alone, mean note together)."""
-    import random
-
-    rng = random.Random(7)
-    tls = coordinator.credentials(HARNESS_APP, Role.APP)
-    alone: list[float] = []
-    together: list[float] = []
-    async with AsyncFleetClient(coordinator.address, tls=tls, max_attempts=1) as client:
-        for r in range(rounds):
-            notes = [rp.PlannedNote(i, 0.0, *workload.sample_tokens(rng)) for i in range(nodes)]
-            for note in notes:
-                out, _ = await rp.run_notes(
-                    client, builder, [note], run_id=f"{rp.new_run_id()}-p{r}", timeout_s=120
-                )
-                alone.append(out[0].total_s)
-            out, _ = await rp.run_notes(
-                client, builder, notes, run_id=f"{rp.new_run_id()}-p{r}-all", timeout_s=120
-            )
-            if any(o.outcome != "completed" for o in out):
-                raise RuntimeError(f"a note failed while measuring host parallelism: {out}")
-            together += [o.total_s for o in out]
-    slowdown = sum(t / a for t, a in zip(together, alone, strict=True)) / len(alone)
-    return (
-        min(float(nodes), max(1.0, nodes / slowdown)),
-        sum(alone) / len(alone),
-        sum(together) / len(together),
-    )
 
 
 async def calibrate(coordinator: CoordinatorProcess) -> rp.PromptBuilder:
@@ -222,17 +122,6 @@ async def lone_notes(
                 measured.append(outcomes[0].total_s)
                 predicted.append(rp.predict(fleet, [note], nodes_per_host, parallel).p50_s)
     return sum(measured) / max(1, len(measured)), sum(predicted) / max(1, len(predicted))
-
-
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system, threads included) each process has used so far."""
-    import psutil
-
-    out = {}
-    for name, pid in pids.items():
-        t = psutil.Process(pid).cpu_times()
-        out[name] = t.user + t.system
-    return out
 
 
 def main() -> int:
@@ -481,7 +370,7 @@ def main() -> int:
                 )
                 procs = {n.node_id: n.proc.pid for n in nodes}
                 procs.update(coordinator=coordinator.proc.pid, client=os.getpid())
-                cpu0, t_cpu = _cpu(procs), time.monotonic()
+                cpu0, t_cpu = cpu_seconds(procs), time.monotonic()
                 report = asyncio.run(
                     replay_at(
                         coordinator,
@@ -509,7 +398,7 @@ def main() -> int:
                     rate,
                 )
                 rows.append((load, rate, report, closed))
-                used = {k: v - cpu0[k] for k, v in _cpu(procs).items()}
+                used = {k: v - cpu0[k] for k, v in cpu_seconds(procs).items()}
                 wall = max(time.monotonic() - t_cpu, 1e-9)
                 print(
                     "  CPU while replaying (share of one CPU): "

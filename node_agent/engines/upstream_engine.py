@@ -39,7 +39,7 @@ from node_agent.engine import (
     stored_parameters,
 )
 from node_agent.engines.loop_engine import LoopEngine
-from node_agent.engines.upstream_check import CHECK_TEXT, CHECK_TOKENS, token_check
+from node_agent.engines.upstream_check import CHECK_TEXT, token_check
 from node_agent.engines.upstream_openai import (
     TextReader,
     TextTokens,
@@ -48,8 +48,7 @@ from node_agent.engines.upstream_openai import (
     remote_digest,
     request_body,
 )
-from node_agent.engines.upstream_reference import plan as reference_plan
-from node_agent.engines.upstream_reference import reference_tokens
+from node_agent.engines.upstream_reference import weights_reference
 from node_agent.engines.vllm_protocol import (
     KEEPALIVE_S,
     chunk_events,
@@ -260,9 +259,11 @@ class UpstreamEngine(LoopEngine):
         vocab = int(config.get("vocab_size") or len(tokenizer.vocab))
         self._tokenizer, self._eos = tokenizer, tuple(sorted(tokenizer.eos_token_ids))
         self._encode, self._decode, self._spans = codec(tokenizer)
-        checked = ""
+        checked, self._reference = "", None
         if self._kind == "vllm":
-            checked = await self._reference_run(path, digest)
+            self._reference, checked = await weights_reference(
+                path, digest, self._encode(CHECK_TEXT), enabled=self._weights_check != "off"
+            )
         version = await self._reach()
         self._serving, self._up_since = True, time.monotonic()
         return ModelFacts(
@@ -277,36 +278,6 @@ class UpstreamEngine(LoopEngine):
             parameters=parameters,
             quantization=quantization_of(config),
         )
-
-    async def _reference_run(self, path: Path, digest: str) -> str:
-        """The weights check's reference (upstream_reference): the weights in --model run
-        here for the token check's greedy tokens, where they are the digest's and fit.
-        Returns what the status's engine line says of it."""
-        self._reference = None
-        if self._weights_check == "off":
-            log.info("upstream weights check: off (--upstream-weights-check off)")
-            return ", weights not checked (off)"
-        why = await asyncio.to_thread(reference_plan, path, digest)
-        if why is None:
-            try:
-                prompt = self._encode(CHECK_TEXT)
-                self._reference = await reference_tokens(path, prompt, CHECK_TOKENS)
-            except (RuntimeError, OSError, ValueError, TimeoutError) as exc:
-                why = f"the reference run failed ({exc})"
-        if why is not None:
-            log.warning(
-                "upstream weights check not made: %s; the endpoint's weights are taken on "
-                "trust as %s",
-                why,
-                digest,
-            )
-            return ", weights not checked"
-        log.info(
-            "upstream weights check: reference of %d greedy tokens from %s",
-            len(self._reference),
-            path,
-        )
-        return ", weights checked"
 
     async def _reach(self) -> str:
         """Wait until the endpoint lists the served model; each failed try is reported

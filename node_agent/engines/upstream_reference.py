@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from node_agent.engines.upstream_check import CHECK_TOKENS
+
 log = logging.getLogger(__name__)
 
 # The weights are run only if they take at most this share of the memory available now.
@@ -75,6 +77,33 @@ async def reference_tokens(model_dir: Path, prompt: list[int], max_tokens: int) 
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the reference run exited {proc.returncode}: {last[0][:200]}")
     return [int(t) for t in json.loads(out)]
+
+
+async def weights_reference(
+    model_dir: Path, digest: str, prompt: list[int], *, enabled: bool = True
+) -> tuple[Optional[list[int]], str]:
+    """The weights' own greedy tokens for the token check's `prompt` where they can run here
+    (None elsewhere, logged with why), and what the status's engine line says of it."""
+    if not enabled:
+        log.info("upstream weights check: off (--upstream-weights-check off)")
+        return None, ", weights not checked (off)"
+    why = await asyncio.to_thread(plan, model_dir, digest)
+    if why is None:
+        try:
+            tokens = await reference_tokens(model_dir, prompt, CHECK_TOKENS)
+        except (RuntimeError, OSError, ValueError, TimeoutError) as exc:
+            why = f"the reference run failed ({exc})"
+    if why is not None:
+        log.warning(
+            "upstream weights check not made: %s; the endpoint's weights are taken on trust as %s",
+            why,
+            digest,
+        )
+        return None, ", weights not checked"
+    log.info(
+        "upstream weights check: reference of %d greedy tokens from %s", len(tokens), model_dir
+    )
+    return tokens, ", weights checked"
 
 
 def _run(model_dir: str, max_tokens: int, prompt: list[int]) -> list[int]:
