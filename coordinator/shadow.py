@@ -176,7 +176,7 @@ class Shadow:
         # This process, in the outcome rows it writes (a restarted coordinator reads its own
         # earlier rows back as any other's).
         self._instance = f"{coordinator_id}/{secrets.token_hex(4)}"
-        self._pending: list[tuple[str, str, str, str, Outcome, float]] = []
+        self._pending: list[tuple[str, str, str, Outcome, float]] = []  # not yet written
         self._read: tuple[str, int, set[int]] = ("", 0, set())  # run id, newest id, ids seen
         self._task: Optional[asyncio.Task] = None
         # Since the process started, over every run (the /metrics counters).
@@ -303,10 +303,9 @@ class Shadow:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._halt(self._clock(), " (coordinator shutting down)")
         self._sampled.clear()
-        if self.store is not None and self._pending:
+        if self.store is not None:
             try:  # the last outcomes, for the pair's report and this one's after a restart
-                await asyncio.to_thread(self.store.add_outcomes, self._pending[:])
-                self._pending.clear()
+                await self._flush()
             except Exception as exc:  # noqa: BLE001 - shutting down regardless
                 log.warning("shadow: %d outcomes not written (%s)", len(self._pending), exc)
 
@@ -398,17 +397,21 @@ class Shadow:
         getattr(run.pair(template), side).add(outcome)
         if self.store is None:
             return
-        self._pending.append((run.id, self._instance, template, side, outcome, self._clock()))
+        self._pending.append((run.id, template, side, outcome, self._clock()))
         if len(self._pending) > PENDING_MAX:
             del self._pending[: len(self._pending) - PENDING_MAX]
+
+    async def _flush(self) -> None:
+        """Write the outcomes recorded since the last write (kept if the database fails)."""
+        if self._pending:
+            batch = self._pending[:]
+            await asyncio.to_thread(self.store.add_outcomes, self._instance, batch)
+            del self._pending[: len(batch)]
 
     async def _exchange(self) -> None:
         """Write this coordinator's new outcomes; read the run's others (every coordinator
         sharing the database, and this one's before a restart) into its tallies."""
-        if self._pending:
-            batch = self._pending[:]
-            await asyncio.to_thread(self.store.add_outcomes, batch)
-            del self._pending[: len(batch)]
+        await self._flush()
         run = self.run
         if run is None:
             return

@@ -109,8 +109,9 @@ class ShadowStore:
             r.stopped_at,
         )
 
-    def add_outcomes(self, rows: list[tuple[str, str, str, str, Outcome, float]]) -> None:
-        """(run id, instance, template, side, outcome, when) each, in one transaction."""
+    def add_outcomes(self, instance: str, rows: list[tuple[str, str, str, Outcome, float]]) -> None:
+        """The coordinator process `instance`'s outcomes, each (run id, template, side,
+        outcome, when), in one transaction."""
         if not rows:
             return
         with self._state.begin() as db:
@@ -132,7 +133,7 @@ class ShadowStore:
                         digest=o.digest[:200],
                         at=at,
                     )
-                    for run_id, instance, template, side, o, at in rows
+                    for run_id, template, side, o, at in rows
                 ],
             )
 

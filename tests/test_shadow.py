@@ -484,7 +484,7 @@ def test_outcomes_wait_while_the_state_database_is_away_and_are_written_once(tmp
 
     real = b.store.add_outcomes
 
-    def away(rows):
+    def away(instance, rows):
         raise OSError("database is locked")
 
     b.store.add_outcomes = away

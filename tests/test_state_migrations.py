@@ -226,8 +226,8 @@ def test_a_database_at_revision_0004_gains_shadow_outcomes_in_place(empty_url, m
             True, 120.5, 30.0, 0.8, True, (("length", 0.5), ("sections", 1.0)), "m@1", "sha256:a"
         )
         failed = Outcome(False, 40.0)
-        store.add_outcomes([("shadow-1", "co-a/1", "soap-note", "live", scored, 201.0),
-                            ("shadow-1", "co-b/2", "soap-note", "candidate", failed, 202.0)])  # fmt: skip
+        store.add_outcomes("co-a/1", [("shadow-1", "soap-note", "live", scored, 201.0)])
+        store.add_outcomes("co-b/2", [("shadow-1", "soap-note", "candidate", failed, 202.0)])
         got = store.outcomes("shadow-1")
         assert [(o.instance, o.template, o.side, o.outcome) for o in got] == [
             ("co-a/1", "soap-note", "live", scored),
