@@ -81,7 +81,10 @@ async def token_check(
             "--upstream-kind openai"
         )
     if reference is not None and runs[0][: len(reference)] != reference:
-        same = next((i for i, (a, b) in enumerate(zip(runs[0], reference)) if a != b), 0)
+        same = next(
+            (i for i, (a, b) in enumerate(zip(runs[0], reference)) if a != b),
+            min(len(runs[0]), len(reference)),
+        )
         return (
             f"{where} continues the check text differently from the weights in --model "
             f"(greedy tokens agree for {same} of {len(reference)}): it serves other weights "
