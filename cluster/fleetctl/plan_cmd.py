@@ -303,6 +303,16 @@ def plan(
         typer.echo(render(report))
 
 
+def _overflow_doc(traffic: Policy | None, overflow: OverflowSettings | None) -> dict:
+    """What turns the policy's overflow on, for the report (nothing without overflow)."""
+    if traffic is None or not traffic.overflow or overflow is None:
+        return {}
+    doc: dict = {"traffic_overflow_signal": overflow.signal}
+    if overflow.signal == QUEUE:
+        doc["traffic_overflow_queue_wait_s"] = overflow.queue_wait_s
+    return doc
+
+
 def build_report(
     fleet: list[tuple[Profile, int]],
     workload: Workload,
@@ -399,18 +409,7 @@ def build_report(
             "groups": [_group_doc(p, n) for p, n in fleet if p.group is not None],
             "meets_sla": given.meets(sla_s),
             **({"traffic_policy": traffic.spec()} if traffic is not None else {}),
-            **(
-                {
-                    "traffic_overflow_signal": overflow.signal,
-                    **(
-                        {"traffic_overflow_queue_wait_s": overflow.queue_wait_s}
-                        if overflow.signal == QUEUE
-                        else {}
-                    ),
-                }
-                if traffic is not None and traffic.overflow and overflow is not None
-                else {}
-            ),
+            **_overflow_doc(traffic, overflow),
         },
         "single_note_bounds": {name: b.as_dict() for name, b in bounds.items()},
         "searches": [s.as_dict() for s in searches],
