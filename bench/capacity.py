@@ -162,8 +162,8 @@ def main() -> int:
         "--host-parallelism",
         type=float,
         default=None,
-        help="how many of a host's nodes run at full speed at once (default: measured, from "
-        "each node's decode step alone and all at once)",
+        help="how many of a host's nodes run at full speed at once (default: measured, as "
+        "--parallelism-from says)",
     )
     ap.add_argument(
         "--parallelism-from",

@@ -31,7 +31,7 @@ def client_for(node: NodeProcess, via: CoordinatorProcess | None) -> AsyncFleetC
 async def profile_node(
     node: NodeProcess, via: CoordinatorProcess | None, quick: bool = True
 ) -> Profile:
-    """`fleetctl profile [--quick]`, in process (see _client for the path)."""
+    """`fleetctl profile [--quick]`, in process (see client_for for the path)."""
     before = node.status()
     limits = measure.limits_of(before)
     async with client_for(node, via) as client:
@@ -56,11 +56,16 @@ async def profile_node(
     )
 
 
+def parallelism(nodes: int, alone: list[float], together: list[float]) -> float:
+    """P = nodes / the mean slowdown (together / alone, pairwise), within [1, nodes]: 1 when
+    one node alone keeps the host busy, `nodes` when they do not slow each other."""
+    slowdown = sum(t / a for t, a in zip(together, alone, strict=True)) / len(alone)
+    return min(float(nodes), max(1.0, nodes / slowdown))
+
+
 async def host_parallelism(pairs, running: int, context: int = 512, steps: int = 40):
     """How many of this host's nodes run at full speed at once: each node's decode step with
-    `running` sequences alone, then all nodes' at the same time; P = nodes x alone / together
-    (1: one node alone keeps the host busy; the number of nodes: they do not slow each other).
-    Returns (P, the steps alone, the steps together)."""
+    `running` sequences alone, then all nodes' at the same time (`parallelism`). Returns (P, the steps alone, the steps together)."""
 
     async def step(node, via) -> float:
         async with client_for(node, via) as client:
@@ -76,8 +81,7 @@ async def host_parallelism(pairs, running: int, context: int = 512, steps: int =
 
     alone = [await step(n, v) for n, v in pairs]
     together = await asyncio.gather(*(step(n, v) for n, v in pairs))
-    slowdown = sum(t / a for t, a in zip(together, alone, strict=True)) / len(pairs)
-    return min(float(len(pairs)), max(1.0, len(pairs) / slowdown)), alone, together
+    return parallelism(len(pairs), alone, together), alone, together
 
 
 async def note_parallelism(
@@ -89,8 +93,8 @@ async def note_parallelism(
 ):
     """How many of this host's nodes run at full speed at once, from whole notes (a prompt's
     prefill and its decode, as the replay sends them): each round, `nodes` notes one at a
-    time, then the same notes all at once (the router gives each node one); P = nodes /
-    mean(together / alone) per note. Returns (P, mean note alone, mean note together)."""
+    time, then the same notes all at once (the router gives each node one; `parallelism`).
+    Returns (P, mean note alone, mean note together)."""
     import random
 
     rng = random.Random(7)
@@ -111,9 +115,8 @@ async def note_parallelism(
             if any(o.outcome != "completed" for o in out):
                 raise RuntimeError(f"a note failed while measuring host parallelism: {out}")
             together += [o.total_s for o in out]
-    slowdown = sum(t / a for t, a in zip(together, alone, strict=True)) / len(alone)
     return (
-        min(float(nodes), max(1.0, nodes / slowdown)),
+        parallelism(nodes, alone, together),
         sum(alone) / len(alone),
         sum(together) / len(together),
     )
